@@ -1,0 +1,5 @@
+import sys
+
+from taskctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,326 @@
+"""`Client`: a blocking client of taskd's control socket, one typed method per call.
+
+Plain sockets, no asyncio, so that a command-line call starts in milliseconds. One
+`Client` holds one connection and is not meant to be shared between threads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import socket
+import time
+from typing import Any
+
+import msgspec
+
+from taskctl.errors import DaemonUnavailable, JobFailed, PermissionDenied, ProtocolError, error_for
+from taskd.models import Job, Status, TaskInfo, parse_duration
+from taskd.protocol import (
+    HEADER,
+    METHODS,
+    PROTOCOL_VERSION,
+    CancelParams,
+    EnqueueManyParams,
+    EnqueueManyResult,
+    EnqueueParams,
+    EnqueueResult,
+    HelloParams,
+    HelloResult,
+    JobParams,
+    JobsParams,
+    ListTasksParams,
+    Params,
+    PruneParams,
+    PruneResult,
+    RawReply,
+    ReloadParams,
+    ReloadResult,
+    Request,
+    RetryParams,
+    RunParams,
+    RunResult,
+    StatusParams,
+    WaitParams,
+    client_socket_path,
+    encode_frame,
+)
+
+CLIENT_MAX_FRAME = 256 * 1024 * 1024
+CLIENT_NAME = "taskctl/0.1.0"
+
+_reply_decoder = msgspec.msgpack.Decoder(RawReply)
+_result_decoders = {name: msgspec.msgpack.Decoder(spec[1]) for name, spec in METHODS.items()}
+
+
+def encode_payload(payload: Any) -> msgspec.Raw:
+    """A Python value as the msgpack payload of a request."""
+    return msgspec.Raw(msgspec.msgpack.encode(payload))
+
+
+def seconds(value: float | str | dt.timedelta | None) -> float | None:
+    """Seconds from a number, a duration string ("5m") or a timedelta."""
+    if value is None or isinstance(value, float | int):
+        return value
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return parse_duration(value)
+
+
+def timestamp(value: float | dt.datetime | None) -> float | None:
+    """A Unix timestamp from a number or a datetime (naive datetimes are local time)."""
+    return value.timestamp() if isinstance(value, dt.datetime) else value
+
+
+def enqueue_params(
+    task: str,
+    payload: Any = None,
+    *,
+    delay: float | str | dt.timedelta | None = None,
+    run_at: float | dt.datetime | None = None,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    key: str | None = None,
+) -> EnqueueParams:
+    """The params of one enqueue; also what `enqueue_many` takes a list of."""
+    return EnqueueParams(
+        task=task,
+        payload=encode_payload(payload),
+        delay=seconds(delay),
+        run_at=timestamp(run_at),
+        priority=priority,
+        max_attempts=max_attempts,
+        key=key,
+    )
+
+
+def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> Any:
+    """The result of a reply frame, or the exception its error stands for."""
+    try:
+        reply = _reply_decoder.decode(reply_body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"taskd sent a reply this client cannot read: {exc}") from None
+    if reply.error is not None:
+        raise error_for(reply.error.code, reply.error.message, reply.error.data)
+    if expected_id is not None and reply.id != expected_id:
+        raise ProtocolError(f"reply for request {reply.id}, expected {expected_id}")
+    try:
+        return _result_decoders[method].decode(reply.result)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
+
+
+def unavailable(path: str, exc: OSError) -> Exception:
+    """The exception for a failed connect, saying what to do about it."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(
+            f"no permission to use {path}; ask an administrator to add you to the socket's "
+            "group (socket_group) or to allow_users in taskd.toml"
+        )
+    reason = exc.strerror or str(exc)
+    return DaemonUnavailable(
+        f"cannot reach taskd at {path}: {reason}. Is taskd running? Start it with `taskd` "
+        "(or `systemctl start taskd`), or point --socket / $TASKD_SOCKET at its socket"
+    )
+
+
+class Client:
+    """A blocking connection to taskd. Use as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float | None = None,
+        connect_timeout: float = 0.0,
+    ) -> None:
+        self.socket_path = socket_path or client_socket_path()
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+        self._next_id = 1
+        self.server: HelloResult | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def connect(self) -> HelloResult:
+        """Connect and say hello; other methods do this on first use."""
+        self._sock = self._open_socket()
+        hello = HelloParams(protocol=PROTOCOL_VERSION, client=CLIENT_NAME)
+        result: HelloResult = self._exchange("hello", hello)
+        self.server = result
+        return result
+
+    def _open_socket(self) -> socket.socket:
+        """Connect, retrying for `connect_timeout` seconds while taskd is still starting."""
+        deadline = time.monotonic() + self._connect_timeout
+        pause = 0.01
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._timeout)
+            try:
+                sock.connect(self.socket_path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                starting = exc.errno in (errno.ENOENT, errno.ECONNREFUSED)
+                if not starting or time.monotonic() + pause > deadline:
+                    raise unavailable(self.socket_path, exc) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    def call(self, method: str, params: Params) -> Any:
+        """Send one request and return its decoded result; raises TaskdError subclasses."""
+        if self._sock is None:
+            self.connect()
+        return self._exchange(method, params)
+
+    def _exchange(self, method: str, params: Params) -> Any:
+        sock = self._sock
+        assert sock is not None
+        request_id = self._next_id
+        self._next_id += 1
+        try:
+            sock.sendall(encode_frame(Request(request_id, method, _raw(params))))
+            body = self._read_frame(sock)
+        except TimeoutError:
+            self.close()
+            raise DaemonUnavailable(f"taskd at {self.socket_path} did not answer in time") from None
+        except OSError as exc:
+            self.close()
+            raise ProtocolError(f"connection to taskd lost: {exc.strerror or exc}") from None
+        return decode_result(method, body, request_id)
+
+    def _read_frame(self, sock: socket.socket) -> bytes:
+        (size,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+        if size > CLIENT_MAX_FRAME:
+            raise ProtocolError(f"taskd announced a reply of {size} bytes; refusing it")
+        return _recv_exactly(sock, size)
+
+    # -- one method per call ---------------------------------------------------------------
+
+    def list_tasks(self) -> list[TaskInfo]:
+        result: list[TaskInfo] = self.call("list_tasks", ListTasksParams())
+        return result
+
+    def run(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        key: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Any:
+        """Run (or join) the task, wait, and return its result; raises JobFailed if it fails."""
+        outcome = self.run_job(task, payload, key=key, max_attempts=max_attempts)
+        if outcome.job.status != "succeeded":
+            raise JobFailed(outcome.job)
+        return outcome.job.result
+
+    def run_job(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        key: str | None = None,
+        max_attempts: int | None = None,
+        detach: bool = False,
+    ) -> RunResult:
+        """Run (or join) the task; the finished job (or, with `detach`, the pending one)."""
+        params = RunParams(task, encode_payload(payload), key, detach, max_attempts)
+        result: RunResult = self.call("run", params)
+        return result
+
+    def enqueue(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        delay: float | str | dt.timedelta | None = None,
+        run_at: float | dt.datetime | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        key: str | None = None,
+    ) -> EnqueueResult:
+        """Add a job to the queue; `duplicate` says an active job with this key was returned."""
+        params = enqueue_params(
+            task,
+            payload,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            max_attempts=max_attempts,
+            key=key,
+        )
+        result: EnqueueResult = self.call("enqueue", params)
+        return result
+
+    def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
+        """Enqueue a batch in one round trip and one transaction (build items with
+        `taskctl.enqueue_params`); nothing is enqueued if one is invalid."""
+        result: EnqueueManyResult = self.call("enqueue_many", EnqueueManyParams(jobs))
+        return result.jobs
+
+    def job(self, job_id: int) -> Job:
+        result: Job = self.call("job", JobParams(job_id))
+        return result
+
+    def jobs(
+        self, *, status: list[str] | None = None, task: str | None = None, limit: int = 50
+    ) -> list[Job]:
+        result: list[Job] = self.call(
+            "jobs", msgspec.convert({"status": status, "task": task, "limit": limit}, JobsParams)
+        )
+        return result
+
+    def wait(self, job_id: int, timeout: float | str | None = None) -> Job:
+        """The job once it has ended; raises WaitTimeout after `timeout`."""
+        result: Job = self.call("wait", WaitParams(job_id, seconds(timeout)))
+        return result
+
+    def cancel(self, job_id: int) -> Job:
+        result: Job = self.call("cancel", CancelParams(job_id))
+        return result
+
+    def retry(self, job_id: int) -> Job:
+        result: Job = self.call("retry", RetryParams(job_id))
+        return result
+
+    def status(self) -> Status:
+        result: Status = self.call("status", StatusParams())
+        return result
+
+    def prune(self, older_than: float | str | None = None) -> int:
+        result: PruneResult = self.call("prune", PruneParams(seconds(older_than)))
+        return result.deleted
+
+    def reload(self) -> ReloadResult:
+        result: ReloadResult = self.call("reload", ReloadParams())
+        return result
+
+
+def _raw(params: Params) -> msgspec.Raw:
+    return msgspec.Raw(msgspec.msgpack.encode(params))
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    if size == 0:
+        return b""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        count = sock.recv_into(view[received:], size - received)
+        if count == 0:
+            raise ProtocolError("taskd closed the connection in the middle of a reply")
+        received += count
+    return bytes(buffer)

@@ -1,0 +1,191 @@
+"""Output of taskctl: plain-text tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from taskd.models import Job, Status, TaskInfo, format_duration
+
+TIME_FIELDS = ("created_at", "run_at", "started_at", "finished_at", "at", "next_due_at")
+
+
+def iso(timestamp: float | None) -> str | None:
+    """A Unix timestamp as ISO-8601 in UTC with its offset."""
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def local_time(timestamp: float | None, now: float | None = None) -> str:
+    """A short local time: HH:MM:SS today, else the date too."""
+    if timestamp is None:
+        return "-"
+    moment = dt.datetime.fromtimestamp(timestamp)
+    today = dt.datetime.fromtimestamp(now if now is not None else time.time()).date()
+    return moment.strftime("%H:%M:%S" if moment.date() == today else "%Y-%m-%d %H:%M:%S")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Structs as dicts with their times in ISO-8601; everything else as it is."""
+    if isinstance(value, msgspec.Struct):
+        return {
+            name: iso(item)
+            if name in TIME_FIELDS and isinstance(item, float)
+            else to_jsonable(item)
+            for name, item in msgspec.structs.asdict(value).items()
+        }
+    if isinstance(value, list):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_jsonable(item) for key, item in value.items()}
+    return value
+
+
+def print_json(value: Any) -> None:
+    data = msgspec.json.encode(to_jsonable(value))
+    if sys.stdout.isatty():
+        data = msgspec.json.format(data, indent=2)
+    sys.stdout.buffer.write(data + b"\n")
+    sys.stdout.flush()
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], len(cell))
+    lines = []
+    for row in (headers, *rows):
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def tasks_table(tasks: list[TaskInfo]) -> str:
+    if not tasks:
+        return "no tasks loaded: put a Python file with a @define_task function in the tasks folder"
+    rows = [[t.name, ", ".join(t.schedules) or "-", t.description] for t in tasks]
+    return table(["NAME", "SCHEDULES", "DESCRIPTION"], rows)
+
+
+def jobs_table(jobs: list[Job]) -> str:
+    if not jobs:
+        return "no jobs"
+    now = time.time()
+    rows = [
+        [
+            str(job.id),
+            job.task,
+            job.status,
+            f"{job.attempts}/{job.max_attempts}",
+            local_time(job.created_at, now),
+            _short(job.error or "", 60),
+        ]
+        for job in jobs
+    ]
+    return table(["ID", "TASK", "STATUS", "ATTEMPTS", "CREATED", "ERROR"], rows)
+
+
+def job_detail(job: Job) -> str:
+    now = time.time()
+    lines = [
+        f"job {job.id}: {job.task}  {job.status}",
+        f"  origin:    {job.origin}" + (f" (from job {job.parent_id})" if job.parent_id else ""),
+        f"  attempts:  {job.attempts} of {job.max_attempts}"
+        + (f", interrupted {job.crashes} times" if job.crashes else ""),
+        f"  priority:  {job.priority}" + (f"   key: {job.key}" if job.key else ""),
+        f"  created:   {local_time(job.created_at, now)}",
+    ]
+    if job.status == "pending":
+        lines.append(f"  runs at:   {local_time(job.run_at, now)}")
+    if job.started_at is not None:
+        lines.append(f"  started:   {local_time(job.started_at, now)}")
+    if job.finished_at is not None:
+        took = (
+            f" (took {format_duration(job.finished_at - job.started_at)})" if job.started_at else ""
+        )
+        lines.append(f"  finished:  {local_time(job.finished_at, now)}{took}")
+    if job.worker:
+        lines.append(f"  worker:    {job.worker}")
+    lines.append(f"  payload:   {_json(job.payload)}")
+    if job.status == "succeeded":
+        lines.append(f"  result:    {_json(job.result)}")
+    if job.error:
+        lines.append(f"  error:     {job.error}")
+    for error in job.errors:
+        when = local_time(error.at, now)
+        lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {error.message}")
+        if error.traceback:
+            lines.extend("      " + line for line in error.traceback.rstrip().splitlines())
+    return "\n".join(lines)
+
+
+def status_detail(status: Status) -> str:
+    counts = ", ".join(
+        f"{status.counts.get(s, 0)} {s}"
+        for s in ("pending", "running", "succeeded", "failed", "cancelled")
+    )
+    lines = [
+        f"taskd {status.version}, pid {status.pid}, up {format_duration(status.uptime)}",
+        f"  database:  {status.database}",
+        f"  socket:    {status.socket}",
+        f"  tasks:     {status.tasks_dir}",
+        f"  workers:   {len(status.running)} of {status.workers} busy",
+        f"  jobs:      {counts}",
+    ]
+    if status.oldest_pending_age is not None:
+        lines.append(f"  oldest due job has waited {format_duration(status.oldest_pending_age)}")
+    if status.next_due_at is not None:
+        lines.append(f"  next delayed job due at {local_time(status.next_due_at)}")
+    if status.tasks:
+        rows = [
+            [
+                t.task,
+                *(
+                    str(t.counts.get(s, 0))
+                    for s in ("pending", "running", "succeeded", "failed", "cancelled")
+                ),
+                format_duration(t.oldest_pending_age) if t.oldest_pending_age is not None else "-",
+            ]
+            for t in status.tasks
+        ]
+        lines += [
+            "",
+            table(
+                ["TASK", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "OLDEST"], rows
+            ),
+        ]
+    if status.running:
+        lines += ["", "running:"]
+        now = time.time()
+        for job in status.running:
+            since = format_duration(now - job.started_at) if job.started_at else "?"
+            lines.append(f"  job {job.id} {job.task} attempt {job.attempts}, for {since}")
+    return "\n".join(lines)
+
+
+def result_text(value: Any) -> str:
+    """A task's result as JSON, indented when a person reads it."""
+    data = msgspec.json.encode(value)
+    if sys.stdout.isatty():
+        data = msgspec.json.format(data, indent=2)
+    return data.decode()
+
+
+def _json(value: Any) -> str:
+    try:
+        return _short(msgspec.json.encode(value).decode(), 200)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _short(text: str, width: int) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,5 @@
+import sys
+
+from taskd.cli import main
+
+sys.exit(main())

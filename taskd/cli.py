@@ -1,0 +1,147 @@
+"""`taskd`: parse the command line, set up logging, run the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+import taskd
+from taskd.config import Config, ConfigError, Paths, config_path_from_environment, load_config
+from taskd.config import resolve_paths as resolve_config_paths
+
+EX_CONFIG = 78  # sysexits: configuration error; the unit does not restart on it
+
+DESCRIPTION = """\
+taskd runs the tasks in a tasks folder: on request from taskctl or the Python client, from
+a durable job queue, and on cron schedules. Every execution is a job in its SQLite database.
+
+Flags override taskd.toml, which comes from --config, $TASKD_CONFIG, or taskd.toml in
+systemd's $CONFIGURATION_DIRECTORY. Signals: SIGTERM/SIGINT stop (running jobs get
+grace_period to finish, then go back to the queue); SIGHUP reloads the configuration and
+the tasks folder.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskd",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 stopped cleanly, 1 failed, 2 usage error, 78 bad configuration"
+        " or task files",
+    )
+    parser.add_argument("--config", metavar="FILE", help="configuration file (taskd.toml)")
+    parser.add_argument("--tasks", metavar="DIR", help="tasks folder (default: ./tasks)")
+    parser.add_argument("--database", metavar="PATH", help="SQLite database file")
+    parser.add_argument("--socket", metavar="PATH", help="control socket to listen on")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="load the configuration and the tasks, report problems, and exit",
+    )
+    parser.add_argument("--version", action="version", version=f"taskd {taskd.__version__}")
+    return parser
+
+
+class ConfigSource:
+    """Reads taskd.toml and applies the command-line flags on top, now and at each reload."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._file = args.config or config_path_from_environment()
+        cwd = Path.cwd()
+        # Flags are relative to where taskd was started; the file's paths to the file.
+        self._overrides = {
+            name: str((cwd / value).resolve()) if name != "log_level" else value
+            for name in ("tasks", "database", "socket", "log_level")
+            if (value := getattr(args, name)) is not None
+        }
+
+    def __call__(self) -> tuple[Config, Paths]:
+        config, base = load_config(self._file)
+        if self._overrides:
+            config = msgspec.structs.replace(config, **self._overrides)
+        return config, resolve_config_paths(config, base)
+
+
+class _JournalFormatter(logging.Formatter):
+    """`<priority>` prefixes that journald turns into log levels; it adds the time itself."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 2)
+        return f"<{priority}>{super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    source = ConfigSource(args)
+    try:
+        config, paths = source()
+    except ConfigError as exc:
+        print(f"taskd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level)
+    if args.check:
+        return check(config, paths)
+
+    import uvloop
+
+    from taskd.daemon import Daemon, StartupError
+
+    daemon = Daemon(source, config, paths)
+    try:
+        status = uvloop.run(daemon.run())
+    except StartupError as exc:
+        logging.getLogger("taskd").error("cannot start: %s", exc)
+        return exc.exit_code
+    if (threads := daemon.threads_alive()) > 0:
+        # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
+        # waiting for the threads could take forever.
+        logging.getLogger("taskd").warning(
+            "%d task threads are still running; exiting without them", threads
+        )
+        logging.shutdown()
+        os._exit(status)
+    return status
+
+
+def check(config: Config, paths: Paths) -> int:
+    """`taskd --check`: would this configuration start?"""
+    from taskd.access import AccessPolicy
+    from taskd.tasks import TaskLoadError, load_tasks
+
+    try:
+        registry = load_tasks(paths.tasks, config.task)
+        AccessPolicy.from_config(config)
+    except (TaskLoadError, ConfigError) as exc:
+        print(f"taskd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"configuration ok: {len(registry)} tasks in {paths.tasks}")
+    for task in registry:
+        print(f"  {task.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

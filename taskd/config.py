@@ -1,0 +1,179 @@
+"""taskd.toml: the daemon's configuration, declared once as a frozen Struct, and default paths."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from taskd.models import parse_duration
+from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the problem."""
+
+
+class Seconds(float):
+    """A duration in the configuration: seconds as a number, or a string such as "5m"."""
+
+
+class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-task overrides of what `define_task` set, in a `[task."name"]` table."""
+
+    timeout: Seconds | None = None
+    max_attempts: int | None = None
+    backoff: Seconds | None = None
+    max_backoff: Seconds | None = None
+    concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("max_attempts", "concurrency"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"{field} must be at least 1, got {value}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be more than 0 seconds, got {self.timeout}")
+
+
+class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How long finished jobs are kept before the background pruning deletes them."""
+
+    succeeded: Seconds = Seconds(7 * 86400)
+    failed: Seconds = Seconds(30 * 86400)
+    cancelled: Seconds = Seconds(30 * 86400)
+
+
+class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A `[[schedule]]` table: the long form of a `[scheduled_tasks]` entry."""
+
+    cron: str
+    tasks: list[str] | str
+    id: str | None = None
+    timezone: str | None = None
+    payload: dict[str, Any] | None = None
+    catch_up: Literal["skip", "latest", "all"] = "skip"
+    max_catch_up: int = 10
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_catch_up < 1:
+            raise ValueError(f"max_catch_up must be at least 1, got {self.max_catch_up}")
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything taskd.toml can say. Relative paths are relative to the file's folder."""
+
+    tasks: str = "tasks"
+    database: str | None = None
+    socket: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = 16
+    grace_period: Seconds = Seconds(30)
+    lease: Seconds = Seconds(60)
+    quarantine_after: int = 3
+    max_frame_size: int = DEFAULT_MAX_FRAME
+    max_connections: int = 256
+    read_timeout: Seconds = Seconds(30)
+    timezone: str = "UTC"
+    retention: Retention = Retention()
+    task: dict[str, TaskOptions] = {}
+    scheduled_tasks: dict[str, list[str] | str] = {}
+    schedule: list[Schedule] = []
+    socket_group: str | None = None
+    allow_users: list[str | int] = []
+    allow_groups: list[str | int] = []
+    readonly_users: list[str | int] = []
+    readonly_groups: list[str | int] = []
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.quarantine_after < 1:
+            raise ValueError(f"quarantine_after must be at least 1, got {self.quarantine_after}")
+        if not 1024 <= self.max_frame_size <= 1 << 31:
+            raise ValueError("max_frame_size must be between 1024 and 2147483648 bytes")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
+        if self.lease < 1:
+            raise ValueError(f"lease must be at least 1 second, got {self.lease}")
+        if self.read_timeout <= 0:
+            raise ValueError("read_timeout must be more than 0 seconds")
+
+
+def _decode_hook(kind: type, value: Any) -> Any:
+    if kind is Seconds:
+        if isinstance(value, str):
+            return Seconds(parse_duration(value))
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return Seconds(value)
+        raise ValueError(f'expected a duration such as 30 or "5m", got {value!r}')
+    raise NotImplementedError(kind)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
+    """The configuration in `path` (or the defaults) and the folder relative paths start from.
+
+    Raises ConfigError naming the file, the setting and the problem.
+    """
+    if path is None:
+        return Config(), Path.cwd()
+    file = Path(path)
+    try:
+        text = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {file}: {exc.strerror}") from None
+    try:
+        config = msgspec.toml.decode(text, type=Config, dec_hook=_decode_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    except msgspec.DecodeError:
+        try:  # tomllib's message says where the syntax is wrong
+            tomllib.loads(text.decode("utf-8", "replace"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{file}: invalid TOML") from None
+    return config, file.resolve().parent
+
+
+def config_path_from_environment() -> str | None:
+    """`$TASKD_CONFIG`, else taskd.toml in systemd's `$CONFIGURATION_DIRECTORY`, if present."""
+    if explicit := os.environ.get("TASKD_CONFIG"):
+        return explicit
+    if directory := os.environ.get("CONFIGURATION_DIRECTORY"):
+        candidate = os.path.join(directory.split(":")[0], "taskd.toml")
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def state_directory() -> Path:
+    """Where the database lives by default: systemd's StateDirectory, /var/lib/taskd or XDG."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    if os.getuid() == 0:
+        return Path("/var/lib/taskd")
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(xdg) / "taskd"
+
+
+class Paths(msgspec.Struct, frozen=True):
+    """The resolved absolute paths the daemon uses."""
+
+    tasks: Path
+    database: Path
+    socket: Path
+
+
+def resolve_paths(config: Config, base: Path) -> Paths:
+    """Absolute paths from the configuration, relative ones taken from `base`."""
+    database = base / config.database if config.database else state_directory() / "taskd.db"
+    socket = base / config.socket if config.socket else Path(default_socket_path())
+    return Paths(
+        tasks=Path(os.path.abspath(base / config.tasks)),
+        database=Path(os.path.abspath(database)),
+        socket=Path(os.path.abspath(socket)),
+    )

@@ -1,0 +1,279 @@
+"""The daemon: the one place where the parts are built, wired together, started and stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import taskd
+from taskd.access import AccessPolicy, group_id
+from taskd.background import Background
+from taskd.config import Config, ConfigError, Paths
+from taskd.executor import Executor, worker_id
+from taskd.protocol import ErrorCode, ReloadResult, RpcError
+from taskd.server import ControlServer, SocketInUse, bind_socket
+from taskd.service import DaemonInfo, Service, retention_cutoffs
+from taskd.store import Store, StoreError
+from taskd.store.sqlite import SqliteStore
+from taskd.submit import Submitter
+from taskd.systemd import Notifier, inherited_sockets, pick_control_socket, watchdog_interval
+from taskd.tasks import TaskLoadError, TaskRegistry, load_tasks
+
+logger = logging.getLogger(__name__)
+
+PRUNE_INTERVAL = 3600.0
+# Settings the running daemon cannot change; a reload that changes them warns.
+RESTART_ONLY = ("database", "socket", "workers", "max_frame_size", "max_connections", "lease")
+
+ConfigLoader = Callable[[], tuple[Config, Paths]]
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Daemon:
+    """Lifecycle: `startup()`, serve until a stop signal, `shutdown()`."""
+
+    def __init__(self, load_config: ConfigLoader, config: Config, paths: Paths) -> None:
+        self._load_config = load_config
+        self.config = config
+        self.paths = paths
+        self.registry: TaskRegistry | None = None
+        self.notifier = Notifier()
+        self._background = Background()
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._store: Store | None = None
+        self._executor: Executor | None = None
+        self._server: ControlServer | None = None
+        self._listener: socket.socket | None = None
+        self._socket_lock: int | None = None
+        self._started_at = time.time()
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        try:
+            await self.startup()
+        except StartupError:
+            await self.shutdown()
+            raise
+        stopped = asyncio.create_task(self._stop.wait())
+        crashed = asyncio.create_task(self._background.failed.wait())
+        await asyncio.wait([stopped, crashed], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        crashed.cancel()
+        await self.shutdown()
+        return 1 if self._background.failed.is_set() else 0
+
+    def _registry(self) -> TaskRegistry:
+        assert self.registry is not None
+        return self.registry
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        config, paths = self.config, self.paths
+        try:
+            self.registry = load_tasks(paths.tasks, config.task)
+            access = AccessPolicy.from_config(config)
+            socket_group = group_id(config.socket_group) if config.socket_group else None
+        except (TaskLoadError, ConfigError) as exc:
+            raise StartupError(str(exc), exit_code=78) from None
+        self._store = await self._open_store(paths)
+        recovered = await self._store.recover(time.time(), config.quarantine_after, everything=True)
+        if recovered:
+            failed = sum(job.status == "failed" for job in recovered)
+            logger.warning(
+                "%d jobs were running when taskd last stopped without finishing them: %d back "
+                "in the queue, %d failed (out of attempts or quarantined)",
+                len(recovered),
+                len(recovered) - failed,
+                failed,
+            )
+        submitter = Submitter(self._store, self._registry)
+        self._executor = Executor(
+            self._store,
+            self._registry,
+            submitter,
+            owner=worker_id(),
+            workers=config.workers,
+            lease=config.lease,
+            quarantine_after=config.quarantine_after,
+        )
+        service = Service(
+            store=self._store,
+            registry=self._registry,
+            submitter=submitter,
+            executor=self._executor,
+            info=DaemonInfo(
+                version=taskd.__version__,
+                pid=os.getpid(),
+                started_at=self._started_at,
+                database=self._store.description,
+                socket=str(paths.socket),
+                tasks_dir=str(paths.tasks),
+                workers=config.workers,
+            ),
+            retention=lambda: self.config.retention,
+            reload=self.reload,
+            schedules_of=dict,
+        )
+        self._server = ControlServer(
+            service.handle,
+            access,
+            server_name=f"taskd/{taskd.__version__}",
+            max_frame=config.max_frame_size,
+            max_connections=config.max_connections,
+            read_timeout=config.read_timeout,
+        )
+        await self._server.start(self._listen(paths, socket_group))
+        self._background.spawn(self._executor.run(), "executor")
+        self._background.spawn(self._executor.keep_leases(), "leases")
+        self._background.spawn(self._prune_forever(), "pruner")
+        if (interval := watchdog_interval()) is not None:
+            self._background.spawn(self._watchdog(interval), "watchdog")
+        self.notifier.ready(self._summary())
+        logger.info(
+            "taskd %s ready (pid %d): %d tasks from %s, %s, socket %s",
+            taskd.__version__,
+            os.getpid(),
+            len(self.registry),
+            paths.tasks,
+            self._store.description,
+            paths.socket,
+        )
+
+    async def _open_store(self, paths: Paths) -> Store:
+        try:
+            paths.database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StartupError(f"cannot create {paths.database.parent}: {exc.strerror}") from None
+        store = SqliteStore(paths.database)
+        try:
+            await store.open()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        return store
+
+    def _listen(self, paths: Paths, socket_group: int | None) -> socket.socket:
+        inherited = pick_control_socket(inherited_sockets())
+        if inherited is not None:
+            logger.info("serving the socket systemd passed in")
+            self._listener = inherited
+            return inherited
+        mode = 0o660 if socket_group is not None else 0o600
+        try:
+            self._listener, self._socket_lock = bind_socket(paths.socket, mode, socket_group)
+        except SocketInUse as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {paths.socket}: {exc}") from None
+        return self._listener
+
+    def _summary(self) -> str:
+        running = len(self._executor.running_jobs()) if self._executor else 0
+        return f"{len(self._registry())} tasks, {running} jobs running"
+
+    # -- background loops ----------------------------------------------------------------
+
+    async def _prune_forever(self) -> None:
+        assert self._store is not None
+        while True:
+            try:
+                deleted = await self._store.prune(
+                    retention_cutoffs(self.config.retention, time.time())
+                )
+            except StoreError as exc:
+                logger.error("pruning old jobs failed: %s", exc)
+            else:
+                if deleted:
+                    logger.info("pruned %d finished jobs past their retention", deleted)
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a loop blocked by a task stops the pings.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # -- reload --------------------------------------------------------------------------
+
+    def _reload_in_background(self) -> None:
+        async def reload() -> None:
+            with contextlib.suppress(RpcError):  # logged; the old configuration stays
+                await self.reload()
+
+        self._background.spawn(reload(), "reload")
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the configuration and the tasks folder; on any error keep the old ones."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                config, paths = self._load_config()
+                registry = load_tasks(paths.tasks, config.task)
+                access = AccessPolicy.from_config(config)
+            except (ConfigError, TaskLoadError) as exc:
+                logger.error("reload failed, the running configuration stays: %s", exc)
+                raise RpcError(
+                    ErrorCode.RELOAD_FAILED,
+                    f"reload failed; the running configuration stays in place:\n{exc}",
+                ) from None
+            finally:
+                self.notifier.ready(self._summary())
+            for setting in RESTART_ONLY:
+                if getattr(config, setting) != getattr(self.config, setting):
+                    logger.warning("%s changed; it takes effect at the next restart", setting)
+            self.config, self.registry = config, registry
+            self.paths = Paths(
+                tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
+            )
+            if self._server is not None:
+                self._server.set_access(access)
+            logging.getLogger().setLevel(config.log_level.upper())
+            self.notifier.status(self._summary())
+            logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
+            return ReloadResult(tasks=len(registry), schedules=0)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let running jobs finish (then return them), close the store."""
+        self.notifier.stopping()
+        logger.info("stopping")
+        if self._server is not None:
+            self._server.stop_accepting()
+        if self._executor is not None:
+            await self._executor.drain(self.config.grace_period)
+        if self._server is not None:
+            await self._server.close()
+        await self._background.close()
+        if self._store is not None:
+            await self._store.close()
+        if self._socket_lock is not None:
+            try:
+                self.paths.socket.unlink(missing_ok=True)
+            except OSError as exc:
+                logger.warning("cannot remove %s: %s", self.paths.socket, exc.strerror)
+            os.close(self._socket_lock)
+            self._socket_lock = None
+        self.notifier.close()
+        logger.info("stopped")
+
+    def threads_alive(self) -> int:
+        return self._executor.threads_alive() if self._executor is not None else 0

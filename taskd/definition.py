@@ -1,0 +1,217 @@
+"""What a task file uses: `define_task`, `TaskContext`, and the `Retry`/`Fail` signals."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from taskd.models import parse_duration
+
+if TYPE_CHECKING:  # logging costs milliseconds that taskctl, which imports taskd, does not pay
+    import logging
+
+
+class Retry(Exception):
+    """Raise in a task to try it again after `in_` (seconds or "30s"), or after the backoff.
+
+    The attempt counts: when the job has no attempts left it fails with this message.
+    """
+
+    def __init__(
+        self, message: str = "the task asked to be retried", *, in_: float | str | None = None
+    ):
+        super().__init__(message)
+        self.delay = None if in_ is None else _seconds(in_, "Retry(in_=...)")
+
+
+class Fail(Exception):
+    """Raise in a task to fail the job now, without the retries it has left."""
+
+
+class TaskRuntime(Protocol):
+    """What a running task can ask of the daemon; the executor provides it."""
+
+    async def run_task(self, parent_id: int, name: str, payload: Any, key: str | None) -> Any: ...
+
+    async def enqueue(
+        self, parent_id: int, name: str, payload: Any, options: dict[str, Any]
+    ) -> int: ...
+
+
+class TaskContext:
+    """Passed to a task as its second argument: who it is, and a way to start other tasks."""
+
+    __slots__ = ("_runtime", "attempt", "job_id", "logger", "max_attempts", "name")
+
+    def __init__(
+        self, name: str, job_id: int, attempt: int, max_attempts: int, runtime: TaskRuntime
+    ) -> None:
+        self.name = name
+        self.job_id = job_id
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.logger = task_logger(name, job_id)
+        self._runtime = runtime
+
+    async def run_task(self, name: str, payload: Any = None, *, key: str | None = None) -> Any:
+        """Run (or join) task `name` like `taskctl run`, wait, and return its result.
+
+        Raises taskd.TaskFailed when that job fails.
+        """
+        return await self._runtime.run_task(self.job_id, name, payload, key)
+
+    async def enqueue(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        delay: float | str | None = None,
+        run_at: float | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        key: str | None = None,
+    ) -> int:
+        """Enqueue task `name` like `taskctl enqueue` and return the job id."""
+        options = {
+            "delay": None if delay is None else _seconds(delay, "delay"),
+            "run_at": run_at,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "key": key,
+        }
+        return await self._runtime.enqueue(self.job_id, name, payload, options)
+
+    def __repr__(self) -> str:
+        return f"<TaskContext {self.name} job={self.job_id} attempt={self.attempt}>"
+
+
+def task_logger(name: str, job_id: int) -> logging.LoggerAdapter[logging.Logger]:
+    """A logger named for the task whose lines start with the job id."""
+    import logging
+
+    return _job_logger_class()(logging.getLogger(f"taskd.task.{name}"), {"job_id": job_id})
+
+
+@functools.cache
+def _job_logger_class() -> type[logging.LoggerAdapter[logging.Logger]]:
+    import logging
+
+    class JobLogger(logging.LoggerAdapter[logging.Logger]):
+        def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+            job_id = self.extra["job_id"] if self.extra else "?"
+            return f"job {job_id}: {msg}", kwargs
+
+    return JobLogger
+
+
+class TaskFailed(Exception):
+    """A task started with `ctx.run_task` failed; `job_id` and `error` tell which and why."""
+
+    def __init__(self, job_id: int, task: str, error: str | None) -> None:
+        super().__init__(f"task {task} (job {job_id}) failed: {error}")
+        self.job_id = job_id
+        self.task = task
+        self.error = error
+
+
+class TaskDefinition:
+    """A function made into a task by `define_task`, with the options it was given."""
+
+    __slots__ = (
+        "backoff",
+        "concurrency",
+        "description",
+        "fn",
+        "max_attempts",
+        "max_backoff",
+        "name",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None,
+        description: str | None,
+        timeout: float | str | None,
+        max_attempts: int | None,
+        backoff: float | str | None,
+        max_backoff: float | str | None,
+        concurrency: int | None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"define_task() needs a function, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name
+        doc = (fn.__doc__ or "").strip().splitlines()
+        self.description = description if description is not None else (doc[0] if doc else "")
+        self.timeout = _positive(timeout, "timeout")
+        self.backoff = None if backoff is None else _seconds(backoff, "backoff")
+        self.max_backoff = None if max_backoff is None else _seconds(max_backoff, "max_backoff")
+        self.max_attempts = _at_least_one(max_attempts, "max_attempts")
+        self.concurrency = _at_least_one(concurrency, "concurrency")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<TaskDefinition {self.name or self.fn.__qualname__}>"
+
+
+def define_task(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout: float | str | None = None,
+    max_attempts: int | None = None,
+    backoff: float | str | None = None,
+    max_backoff: float | str | None = None,
+    concurrency: int | None = None,
+) -> Any:
+    """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
+
+    The function takes `(payload, ctx)`, `(payload)` or nothing; the payload is validated
+    against the first parameter's annotation. `async def` runs on the daemon's event loop,
+    a plain `def` in its thread pool.
+    """
+
+    def wrap(function: Callable[..., Any]) -> TaskDefinition:
+        return TaskDefinition(
+            function,
+            name=name,
+            description=description,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            concurrency=concurrency,
+        )
+
+    return wrap if fn is None else wrap(fn)
+
+
+def _seconds(value: float | str, what: str) -> float:
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{what} must be seconds >= 0 or a duration such as '30s', got {value!r}")
+    return float(value)
+
+
+def _positive(value: float | str | None, what: str) -> float | None:
+    if value is None:
+        return None
+    seconds = _seconds(value, what)
+    if seconds <= 0:
+        raise ValueError(f"{what} must be more than 0 seconds, got {value!r}")
+    return seconds
+
+
+def _at_least_one(value: int | None, what: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return value

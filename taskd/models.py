@@ -1,0 +1,164 @@
+"""Data shapes shared by the daemon and its clients, and the units they are written in.
+
+Standard library and msgspec only: taskctl imports this module.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+JobStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[JobStatus, ...] = ("pending", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES: tuple[JobStatus, ...] = ("pending", "running")
+FINISHED_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
+
+# What created a job: `taskctl run`/Client.run, `enqueue`, a cron tick, or a task calling another.
+JobOrigin = Literal["run", "enqueue", "schedule", "task"]
+
+# The unique key a `run` uses unless it is given one: at most one active run per task.
+RUN_KEY = "@run"
+
+
+class AttemptError(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The error of one failed or interrupted attempt."""
+
+    attempt: int
+    kind: Literal["error", "timeout", "interrupted", "cancelled"]
+    message: str
+    at: float
+    traceback: str | None = None
+
+
+class Job(msgspec.Struct, omit_defaults=True):
+    """One execution of a task, as the job store records it.
+
+    `payload` and `result` hold msgpack values; inside the daemon they are `msgspec.Raw`
+    so that they travel without being decoded and encoded again.
+    """
+
+    id: int
+    task: str
+    status: JobStatus
+    origin: JobOrigin
+    created_at: float
+    run_at: float
+    payload: Any = None
+    result: Any = None
+    error: str | None = None
+    attempts: int = 0
+    max_attempts: int = 1
+    priority: int = 0
+    key: str | None = None
+    crashes: int = 0
+    parent_id: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    errors: list[AttemptError] = []
+
+
+class TaskInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A task as the daemon loaded it from the tasks folder."""
+
+    name: str
+    description: str
+    file: str
+    schedules: list[str] = []
+    timeout: float | None = None
+    max_attempts: int | None = None
+    backoff: float | None = None
+    max_backoff: float | None = None
+    concurrency: int | None = None
+    payload_schema: dict[str, Any] | None = None
+
+
+class TaskCounts(msgspec.Struct, frozen=True):
+    """Jobs of one task by status, and the age of its oldest due pending job."""
+
+    task: str
+    counts: dict[str, int]
+    oldest_pending_age: float | None = None
+    next_due_at: float | None = None
+
+
+class Status(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What `taskctl status` shows."""
+
+    version: str
+    pid: int
+    started_at: float
+    uptime: float
+    database: str
+    socket: str
+    tasks_dir: str
+    workers: int
+    counts: dict[str, int]
+    running: list[Job] = []
+    tasks: list[TaskCounts] = []
+    oldest_pending_age: float | None = None
+    next_due_at: float | None = None
+
+
+class Peer(msgspec.Struct, frozen=True):
+    """Who is on the other end of a control connection (from SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+    access: Literal["full", "readonly"] = "full"
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} uid {self.uid}"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as `90`, `30s`, `5m`, `2h`, `1h30m`, `7d` or `250ms`.
+
+    Raises ValueError with a message meant for the person who wrote it.
+    """
+    spec = text.strip().lower()
+    try:
+        seconds = float(spec)
+    except ValueError:
+        pass
+    else:
+        if seconds < 0 or seconds != seconds or seconds == float("inf"):
+            raise ValueError(f"invalid duration {text!r}: must be a finite number >= 0")
+        return seconds
+    pos, total = 0, 0.0
+    while pos < len(spec):
+        match = _DURATION.match(spec, pos)
+        if match is None:
+            raise ValueError(
+                f"invalid duration {text!r}: use a number of seconds or units such as "
+                "250ms, 30s, 5m, 2h, 7d, 1w (combined as in 1h30m)"
+            )
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if not spec:
+        raise ValueError("invalid duration '': it is empty")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """A short human form of a duration: 850ms, 12s, 5m30s, 2h5m, 3d4h."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    parts: list[str] = []
+    remaining = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if remaining >= size:
+            parts.append(f"{remaining // size}{unit}")
+            remaining %= size
+        if len(parts) == 2:
+            break
+    return "".join(parts)

@@ -1,0 +1,268 @@
+"""The wire protocol of taskd's control socket (documented in contrib/protocol.md).
+
+A frame is a 4-byte big-endian length followed by that many bytes of msgpack. The client
+sends `Request` frames ({"id", "method", "params"}), the daemon answers each with a `Reply`
+frame carrying the same id and either a `result` or an `error` ({"code", "message"}).
+The first request on a connection must be `hello`.
+
+Standard library and msgspec only: taskctl imports this module and must start fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from typing import Any
+
+import msgspec
+
+from taskd.models import Job, JobStatus, Status, TaskInfo
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+HEADER = struct.Struct(">I")
+EMPTY_MAP = msgspec.Raw(b"\x80")
+NIL = msgspec.Raw(b"\xc0")
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable error codes of replies; clients branch on these, never on messages."""
+
+    BAD_FRAME = "bad_frame"  # not msgpack, or not a request map; the daemon closes the connection
+    FRAME_TOO_LARGE = "frame_too_large"  # over the size limit; the daemon closes the connection
+    HELLO_REQUIRED = "hello_required"  # the first request was not `hello`
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # hello asked for a protocol we do not speak
+    UNKNOWN_METHOD = "unknown_method"
+    INVALID_PARAMS = "invalid_params"  # params of the wrong shape or type
+    UNKNOWN_TASK = "unknown_task"
+    UNKNOWN_JOB = "unknown_job"
+    UNKNOWN_SCHEDULE = "unknown_schedule"
+    PAYLOAD_INVALID = "payload_invalid"  # the payload does not match the task's schema
+    CONFLICT = "conflict"  # the job is not in a state that allows this (e.g. retry a running job)
+    TIMEOUT = "timeout"  # a wait ran out before the job ended
+    PERMISSION_DENIED = "permission_denied"
+    RELOAD_FAILED = "reload_failed"  # the old configuration keeps running
+    BUSY = "busy"  # too many requests in flight on this connection
+    SHUTTING_DOWN = "shutting_down"
+    STORE_ERROR = (
+        "store_error"  # the job store failed (disk full, locked); nothing was acknowledged
+    )
+    INTERNAL = "internal"
+
+
+class Request(msgspec.Struct, frozen=True):
+    """A request envelope; `params` is decoded later with the method's own type."""
+
+    id: int
+    method: str
+    params: msgspec.Raw = EMPTY_MAP
+
+
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+    code: str
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class RpcError(Exception):
+    """An error reply: raised by the daemon's handlers, and by clients that receive one."""
+
+    def __init__(self, code: ErrorCode | str, message: str, data: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+        self.data = data
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(self.code, self.message, self.data)
+
+
+class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A reply envelope as the daemon writes it: `result` or `error`, never both.
+
+    `id` is null when the request was too broken to read its id.
+    """
+
+    id: int | None
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class RawReply(msgspec.Struct, frozen=True):
+    """A reply envelope as a client reads it; `result` is decoded with the method's type."""
+
+    id: int | None
+    result: msgspec.Raw = NIL
+    error: ErrorBody | None = None
+
+
+# Params and results, one pair per method. Times are Unix timestamps in seconds (float),
+# durations are seconds (float); payloads and results are any msgpack value.
+
+
+class Params(msgspec.Struct, forbid_unknown_fields=True):
+    """Base of all params; unknown fields are refused so that typos are not ignored."""
+
+
+class HelloParams(Params):
+    protocol: int
+    client: str = ""
+
+
+class HelloResult(msgspec.Struct, frozen=True):
+    protocol: int
+    server: str
+    pid: int
+    access: str  # "full" or "readonly"
+
+
+class ListTasksParams(Params):
+    pass
+
+
+class RunParams(Params):
+    task: str
+    payload: msgspec.Raw = NIL
+    key: str | None = None
+    detach: bool = False
+    max_attempts: int | None = None
+
+
+class RunResult(msgspec.Struct, frozen=True):
+    job: Job
+    joined: bool  # true when the run joined an execution that was already pending or running
+
+
+class EnqueueParams(Params):
+    task: str
+    payload: msgspec.Raw = NIL
+    delay: float | None = None
+    run_at: float | None = None
+    priority: int = 0
+    max_attempts: int | None = None
+    key: str | None = None
+
+
+class EnqueueResult(msgspec.Struct, frozen=True):
+    job_id: int
+    duplicate: bool  # true when an active job with the same task and key already existed
+
+
+class EnqueueManyParams(Params):
+    jobs: list[EnqueueParams]
+
+
+class EnqueueManyResult(msgspec.Struct, frozen=True):
+    jobs: list[EnqueueResult]
+
+
+class JobParams(Params):
+    id: int
+
+
+class JobsParams(Params):
+    status: list[JobStatus] | None = None
+    task: str | None = None
+    limit: int = 50
+
+
+class WaitParams(Params):
+    id: int
+    timeout: float | None = None
+
+
+class CancelParams(Params):
+    id: int
+
+
+class RetryParams(Params):
+    id: int
+
+
+class StatusParams(Params):
+    pass
+
+
+class PruneParams(Params):
+    older_than: float | None = None
+
+
+class PruneResult(msgspec.Struct, frozen=True):
+    deleted: int
+
+
+class ReloadParams(Params):
+    pass
+
+
+class ReloadResult(msgspec.Struct, frozen=True):
+    tasks: int
+    schedules: int
+
+
+# Method name -> (params type, result type, changes state). Read-only peers may call only
+# the methods that do not change state.
+METHODS: dict[str, tuple[type[Params], Any, bool]] = {
+    "hello": (HelloParams, HelloResult, False),
+    "list_tasks": (ListTasksParams, list[TaskInfo], False),
+    "run": (RunParams, RunResult, True),
+    "enqueue": (EnqueueParams, EnqueueResult, True),
+    "enqueue_many": (EnqueueManyParams, EnqueueManyResult, True),
+    "job": (JobParams, Job, False),
+    "jobs": (JobsParams, list[Job], False),
+    "wait": (WaitParams, Job, False),
+    "cancel": (CancelParams, Job, True),
+    "retry": (RetryParams, Job, True),
+    "status": (StatusParams, Status, False),
+    "prune": (PruneParams, PruneResult, True),
+    "reload": (ReloadParams, ReloadResult, True),
+}
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_frame(message: Any) -> bytes:
+    """One frame: the length prefix and the msgpack body."""
+    buffer = bytearray(HEADER.size)
+    _encoder.encode_into(message, buffer, HEADER.size)
+    HEADER.pack_into(buffer, 0, len(buffer) - HEADER.size)
+    return bytes(buffer)
+
+
+SYSTEM_SOCKET = "/run/taskd/taskd.sock"
+
+
+def default_socket_path() -> str:
+    """The socket taskd listens on when it is not told otherwise.
+
+    `$TASKD_SOCKET`; under systemd `$RUNTIME_DIRECTORY/taskd.sock`; for root
+    /run/taskd/taskd.sock; for other users `$XDG_RUNTIME_DIR/taskd/taskd.sock`, or
+    /tmp/taskd-UID/taskd.sock without an XDG runtime directory.
+    """
+    if explicit := os.environ.get("TASKD_SOCKET"):
+        return explicit
+    if runtime := os.environ.get("RUNTIME_DIRECTORY"):
+        return os.path.join(runtime.split(":")[0], "taskd.sock")
+    uid = os.getuid()
+    if uid == 0:
+        return SYSTEM_SOCKET
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(xdg, "taskd", "taskd.sock")
+    return f"/tmp/taskd-{uid}/taskd.sock"
+
+
+def client_socket_path() -> str:
+    """The socket a client calls by default: the daemon's default, else the system daemon's.
+
+    A user without a daemon of their own talks to the system-wide one.
+    """
+    path = default_socket_path()
+    if (
+        "TASKD_SOCKET" not in os.environ
+        and not os.path.exists(path)
+        and os.path.exists(SYSTEM_SOCKET)
+    ):
+        return SYSTEM_SOCKET
+    return path

@@ -1,0 +1,324 @@
+"""The control socket: frames in, checks, dispatch to a handler, replies out.
+
+Every byte from a client is untrusted. A request that cannot be read gets an error reply;
+a stream that cannot be trusted any more (oversized or truncated frame, a client too slow
+to finish one) is closed. Nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from taskd.access import AccessPolicy, peer_of
+from taskd.models import Peer
+from taskd.protocol import (
+    HEADER,
+    METHODS,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    HelloParams,
+    HelloResult,
+    Params,
+    Reply,
+    Request,
+    RpcError,
+    encode_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[str, Params, Peer], Awaitable[Any]]
+MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
+
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError)
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_params_decoders = {name: msgspec.msgpack.Decoder(spec[0]) for name, spec in METHODS.items()}
+
+
+class SocketInUse(Exception):
+    """Another daemon serves this socket, or the path cannot be used safely."""
+
+
+def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket, int]:
+    """Listen on a new Unix socket at `path`; returns the socket and a held lock fd.
+
+    The lock (`<path>.lock`) tells a second daemon that this socket is taken, and lets a
+    socket file left by a crashed daemon be replaced without a race.
+    """
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o750 if group is not None else 0o700)
+        if group is not None:
+            os.chown(folder, -1, group)
+    info = folder.stat()
+    if info.st_mode & stat.S_IWOTH:
+        raise SocketInUse(
+            f"the socket's folder {folder} is writable by every user, so another user could "
+            "replace the socket; put it in a folder of its own (e.g. /run/taskd)"
+        )
+    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise SocketInUse(
+            f"another taskd is already serving {path}; stop it first, or give this one "
+            "another --socket"
+        ) from None
+    try:
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise SocketInUse(f"{path} exists and is not a socket; remove it or pick another")
+            logger.info("replacing stale socket %s left by a daemon that did not stop", path)
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The mask makes the file as closed as `mode` from the moment it exists.
+        old_mask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_mask)
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
+        sock.listen(512)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return sock, lock_fd
+
+
+class _Connection:
+    __slots__ = ("greeted", "in_flight", "peer", "writer")
+
+    def __init__(self, peer: Peer, writer: asyncio.StreamWriter) -> None:
+        self.peer = peer
+        self.writer = writer
+        self.greeted = False
+        self.in_flight: set[asyncio.Task[None]] = set()
+
+
+class ControlServer:
+    """Serves the control protocol on a listening Unix socket."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        access: AccessPolicy,
+        *,
+        server_name: str,
+        max_frame: int,
+        max_connections: int,
+        read_timeout: float,
+    ) -> None:
+        self._handler = handler
+        self._access = access
+        self._server_name = server_name
+        self._max_frame = max_frame
+        self._max_connections = max_connections
+        self._read_timeout = read_timeout
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._closing = False
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16)
+
+    def set_access(self, access: AccessPolicy) -> None:
+        """Use a new access policy for connections from now on (after a reload)."""
+        self._access = access
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; open connections are still served."""
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self) -> None:
+        """Stop accepting, answer what is in flight with `shutting_down`, close every stream."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            for task in list(connection.in_flight):
+                task.cancel()
+        for connection in list(self._connections):
+            if connection.in_flight:
+                await asyncio.wait(connection.in_flight)
+            connection.writer.close()
+        if self._server is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, uid, gid = peer_of(sock)
+        except OSError:
+            writer.close()
+            return
+        peer = self._access.check(pid, uid, gid)
+        if peer is None:
+            logger.warning("refused control connection from uid %d (pid %d): not allowed", uid, pid)
+            await self._refuse(writer, ErrorCode.PERMISSION_DENIED, f"uid {uid} may not use taskd")
+            return
+        if self._closing or len(self._connections) >= self._max_connections:
+            await self._refuse(
+                writer, ErrorCode.BUSY, "taskd has too many open connections; try again later"
+            )
+            return
+        connection = _Connection(peer, writer)
+        self._connections.add(connection)
+        try:
+            await self._read_requests(reader, connection)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client hung up, possibly mid-frame
+        except TimeoutError:
+            logger.debug("closing connection from %s: it sent no hello in time", peer)
+        finally:
+            self._connections.discard(connection)
+            for task in connection.in_flight:
+                task.cancel()  # the client is gone; its waits are pointless
+            writer.close()
+
+    async def _refuse(self, writer: asyncio.StreamWriter, code: ErrorCode, message: str) -> None:
+        with suppress(ConnectionError, OSError):
+            writer.write(encode_frame(Reply(None, error=RpcError(code, message).body())))
+            await asyncio.wait_for(writer.drain(), 1.0)
+        writer.close()
+
+    async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
+        while not self._closing:
+            # Before hello a client gets `read_timeout` to speak at all; afterwards it may sit
+            # idle between requests, but never stall in the middle of a frame.
+            header_timeout = None if connection.greeted else self._read_timeout
+            header = await asyncio.wait_for(reader.readexactly(HEADER.size), header_timeout)
+            (size,) = HEADER.unpack(header)
+            if size > self._max_frame:
+                message = f"frame of {size} bytes is over the limit of {self._max_frame}; closing"
+                self._send_error(connection, None, ErrorCode.FRAME_TOO_LARGE, message)
+                return
+            try:
+                body = await asyncio.wait_for(reader.readexactly(size), self._read_timeout)
+            except TimeoutError:
+                message = f"frame not completed within {self._read_timeout:g}s; closing"
+                self._send_error(connection, None, ErrorCode.BAD_FRAME, message)
+                return
+            self._dispatch(connection, body)
+            await connection.writer.drain()
+
+    def _dispatch(self, connection: _Connection, body: bytes) -> None:
+        try:
+            request = _request_decoder.decode(body)
+        except _DECODE_ERRORS as exc:
+            message = f"not a request ({{id, method, params}} in msgpack): {exc}"
+            self._send_error(connection, None, ErrorCode.BAD_FRAME, message)
+            return
+        try:
+            params = self._admit(connection, request)
+        except RpcError as exc:
+            self._send(connection, Reply(request.id, error=exc.body()))
+            return
+        if isinstance(params, HelloParams):
+            connection.greeted = True
+            hello = HelloResult(
+                PROTOCOL_VERSION, self._server_name, os.getpid(), connection.peer.access
+            )
+            self._send(connection, Reply(request.id, result=hello))
+            return
+        task = asyncio.create_task(self._call(connection, request.id, request.method, params))
+        connection.in_flight.add(task)
+        task.add_done_callback(connection.in_flight.discard)
+
+    def _admit(self, connection: _Connection, request: Request) -> Params:
+        """The request's params, if this connection may make it now; else RpcError."""
+        spec = METHODS.get(request.method)
+        if spec is None:
+            raise RpcError(
+                ErrorCode.UNKNOWN_METHOD,
+                f"unknown method {request.method!r}; methods: {', '.join(METHODS)}",
+            )
+        try:
+            params = _params_decoders[request.method].decode(request.params)
+        except _DECODE_ERRORS as exc:
+            raise RpcError(
+                ErrorCode.INVALID_PARAMS, f"invalid params for {request.method}: {exc}"
+            ) from None
+        if isinstance(params, HelloParams):
+            if params.protocol != PROTOCOL_VERSION:
+                raise RpcError(
+                    ErrorCode.UNSUPPORTED_PROTOCOL,
+                    f"this taskd speaks protocol {PROTOCOL_VERSION}, the client "
+                    f"{params.protocol}; use a taskctl of the same version",
+                )
+            return params
+        if not connection.greeted:
+            raise RpcError(ErrorCode.HELLO_REQUIRED, "the first request must be hello")
+        changes_state = spec[2]
+        if changes_state and connection.peer.access != "full":
+            raise RpcError(
+                ErrorCode.PERMISSION_DENIED,
+                f"{request.method} changes state; uid {connection.peer.uid} has read-only access",
+            )
+        if len(connection.in_flight) >= MAX_IN_FLIGHT:
+            raise RpcError(
+                ErrorCode.BUSY, f"more than {MAX_IN_FLIGHT} requests in flight on one connection"
+            )
+        return params
+
+    async def _call(
+        self, connection: _Connection, request_id: int, method: str, params: Params
+    ) -> None:
+        try:
+            result = await self._handler(method, params, connection.peer)
+        except RpcError as exc:
+            self._send(connection, Reply(request_id, error=exc.body()))
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            message = "taskd is stopping; the job itself is kept in the queue"
+            self._send_error(connection, request_id, ErrorCode.SHUTTING_DOWN, message)
+        except Exception as exc:
+            logger.exception("%s from %s failed", method, connection.peer)
+            self._send_error(connection, request_id, ErrorCode.INTERNAL, f"internal error: {exc!r}")
+        else:
+            self._send(connection, Reply(request_id, result=result))
+        with suppress(ConnectionError, OSError):
+            await connection.writer.drain()
+
+    def _send_error(
+        self, connection: _Connection, request_id: int | None, code: ErrorCode, message: str
+    ) -> None:
+        self._send(connection, Reply(request_id, error=RpcError(code, message).body()))
+
+    def _send(self, connection: _Connection, reply: Reply) -> None:
+        if connection.writer.is_closing():
+            return
+        try:
+            frame = encode_frame(reply)
+        except (TypeError, ValueError, OverflowError) as exc:
+            logger.exception("cannot encode the reply to request %s", reply.id)
+            message = f"the reply could not be encoded: {exc}"
+            self._send_error(connection, reply.id, ErrorCode.INTERNAL, message)
+            return
+        if len(frame) - HEADER.size > self._max_frame:
+            message = f"the reply would be {len(frame)} bytes, over the limit of {self._max_frame}"
+            self._send_error(connection, reply.id, ErrorCode.FRAME_TOO_LARGE, message)
+            return
+        connection.writer.write(frame)

@@ -1,0 +1,239 @@
+"""What each control method does, over the store, the tasks, the submitter and the executor.
+
+Domain exceptions become error replies with stable codes here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from taskd.config import Retention
+from taskd.executor import Executor
+from taskd.models import FINISHED_STATUSES, Job, JobStatus, Peer, Status, TaskInfo
+from taskd.protocol import (
+    CancelParams,
+    EnqueueManyParams,
+    EnqueueManyResult,
+    EnqueueParams,
+    EnqueueResult,
+    ErrorCode,
+    JobParams,
+    JobsParams,
+    ListTasksParams,
+    Params,
+    PruneParams,
+    PruneResult,
+    ReloadParams,
+    ReloadResult,
+    RetryParams,
+    RpcError,
+    RunParams,
+    RunResult,
+    StatusParams,
+    WaitParams,
+)
+from taskd.store import InvalidTransition, JobFilter, JobNotFound, Store, StoreError
+from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter, UnknownTask
+from taskd.tasks import TaskRegistry
+
+MAX_LIST = 10_000
+
+
+class DaemonInfo(msgspec.Struct, frozen=True):
+    version: str
+    pid: int
+    started_at: float
+    database: str
+    socket: str
+    tasks_dir: str
+    workers: int
+
+
+class Service:
+    """The control methods; `handle` is the control server's handler."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        registry: Callable[[], TaskRegistry],
+        submitter: Submitter,
+        executor: Executor,
+        info: DaemonInfo,
+        retention: Callable[[], Retention],
+        reload: Callable[[], Awaitable[ReloadResult]],
+        schedules_of: Callable[[], Mapping[str, list[str]]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._submitter = submitter
+        self._executor = executor
+        self._info = info
+        self._retention = retention
+        self._reload = reload
+        self._schedules_of = schedules_of
+        self._clock = clock
+
+    async def handle(self, method: str, params: Params, peer: Peer) -> Any:
+        try:
+            return await self._dispatch(params, peer)
+        except UnknownTask as exc:
+            raise RpcError(ErrorCode.UNKNOWN_TASK, str(exc), {"task": exc.name}) from None
+        except PayloadInvalid as exc:
+            raise RpcError(ErrorCode.PAYLOAD_INVALID, str(exc)) from None
+        except InvalidRequest as exc:
+            raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        except JobNotFound as exc:
+            raise RpcError(ErrorCode.UNKNOWN_JOB, str(exc), {"id": exc.job_id}) from None
+        except InvalidTransition as exc:
+            raise RpcError(ErrorCode.CONFLICT, str(exc)) from None
+        except StoreError as exc:
+            raise RpcError(ErrorCode.STORE_ERROR, str(exc)) from None
+
+    async def _dispatch(self, params: Params, peer: Peer) -> Any:
+        match params:
+            case ListTasksParams():
+                return self.list_tasks()
+            case RunParams():
+                return await self.run(params)
+            case EnqueueParams():
+                (result,) = await self.enqueue([params])
+                return result
+            case EnqueueManyParams():
+                return EnqueueManyResult(await self.enqueue(params.jobs))
+            case JobParams():
+                return await self.job(params.id)
+            case JobsParams():
+                return await self.jobs(params)
+            case WaitParams():
+                return await self.wait(params)
+            case CancelParams():
+                return await self.cancel(params.id)
+            case RetryParams():
+                return await self._store.retry(params.id, self._clock())
+            case StatusParams():
+                return await self.status()
+            case PruneParams():
+                return await self.prune(params)
+            case ReloadParams():
+                return await self._reload()
+        raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no handler for {type(params).__name__}")
+
+    def list_tasks(self) -> list[TaskInfo]:
+        schedules = self._schedules_of()
+        return [task.info(schedules.get(task.name)) for task in self._registry()]
+
+    async def run(self, params: RunParams) -> RunResult:
+        request = JobRequest(
+            task=params.task,
+            payload=bytes(params.payload),
+            origin="run",
+            single_flight=True,
+            key=params.key,
+            max_attempts=params.max_attempts,
+        )
+        (inserted,) = await self._submitter.submit([request])
+        if params.detach:
+            job = await self.job(inserted.job_id)
+        else:
+            job = await self._submitter.wait(inserted.job_id)
+        return RunResult(job=job, joined=inserted.duplicate)
+
+    async def enqueue(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
+        requests = [
+            JobRequest(
+                task=p.task,
+                payload=bytes(p.payload),
+                origin="enqueue",
+                delay=p.delay,
+                run_at=p.run_at,
+                priority=p.priority,
+                max_attempts=p.max_attempts,
+                key=p.key,
+            )
+            for p in jobs
+        ]
+        inserted = await self._submitter.submit(requests)
+        return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
+
+    async def job(self, job_id: int) -> Job:
+        job = await self._store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    async def jobs(self, params: JobsParams) -> list[Job]:
+        if not 1 <= params.limit <= MAX_LIST:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_LIST}, got {params.limit}")
+        query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)
+        return await self._store.list_jobs(query)
+
+    async def wait(self, params: WaitParams) -> Job:
+        if params.timeout is not None and params.timeout < 0:
+            raise InvalidRequest("timeout must not be negative")
+        try:
+            return await self._submitter.wait(params.id, params.timeout)
+        except TimeoutError:
+            job = await self.job(params.id)
+            raise RpcError(
+                ErrorCode.TIMEOUT,
+                f"job {params.id} is still {job.status} after {params.timeout:g}s",
+                {"status": job.status},
+            ) from None
+
+    async def cancel(self, job_id: int) -> Job:
+        job = await self._store.cancel(job_id, self._clock())
+        self._executor.cancel(job_id)
+        return job
+
+    async def status(self) -> Status:
+        now = self._clock()
+        per_task = await self._store.counts(now)
+        totals: dict[str, int] = {}
+        for entry in per_task:
+            for status, count in entry.counts.items():
+                totals[status] = totals.get(status, 0) + count
+        ages = [t.oldest_pending_age for t in per_task if t.oldest_pending_age is not None]
+        due = [t.next_due_at for t in per_task if t.next_due_at is not None]
+        info = self._info
+        return Status(
+            version=info.version,
+            pid=info.pid,
+            started_at=info.started_at,
+            uptime=now - info.started_at,
+            database=info.database,
+            socket=info.socket,
+            tasks_dir=info.tasks_dir,
+            workers=info.workers,
+            counts=totals,
+            running=self._executor.running_jobs(),
+            tasks=per_task,
+            oldest_pending_age=max(ages) if ages else None,
+            next_due_at=min(due) if due else None,
+        )
+
+    async def prune(self, params: PruneParams) -> PruneResult:
+        now = self._clock()
+        if params.older_than is not None:
+            if params.older_than < 0:
+                raise InvalidRequest("older_than must not be negative")
+            cutoffs: dict[JobStatus, float] = {
+                status: now - params.older_than for status in FINISHED_STATUSES
+            }
+        else:
+            cutoffs = retention_cutoffs(self._retention(), now)
+        return PruneResult(deleted=await self._store.prune(cutoffs))
+
+
+def retention_cutoffs(retention: Retention, now: float) -> dict[JobStatus, float]:
+    """Finished jobs older than these times are pruned."""
+    return {
+        "succeeded": now - retention.succeeded,
+        "failed": now - retention.failed,
+        "cancelled": now - retention.cancelled,
+    }

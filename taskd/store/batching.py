@@ -1,0 +1,125 @@
+"""Group commit: one writer task commits the writes that arrive together in one transaction.
+
+Each caller submits a write (a batch operation and its items) and gets its results only
+after the transaction that holds them has committed. Writes of the same operation that
+meet in a batch are merged into one call, so fifty concurrent enqueues become one INSERT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+BatchOperation = Callable[[list[Any]], Awaitable[list[Any]]]
+
+
+class _Write(Generic[Item, Result]):
+    __slots__ = ("future", "items", "operation")
+
+    def __init__(
+        self,
+        operation: Callable[[list[Item]], Awaitable[list[Result]]],
+        items: Sequence[Item],
+        future: asyncio.Future[list[Result]],
+    ) -> None:
+        self.operation = operation
+        self.items = items
+        self.future = future
+
+
+class GroupCommit:
+    """Serialises all writes through one task and commits them in batches."""
+
+    def __init__(
+        self,
+        transaction: Callable[[], AbstractAsyncContextManager[None]],
+        max_items: int = 2000,
+    ) -> None:
+        self._transaction = transaction
+        self._max_items = max_items
+        self._queue: asyncio.Queue[_Write[Any, Any] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="taskd-group-commit")
+
+    async def stop(self) -> None:
+        """Commit what was submitted before, then stop."""
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+            self._task = None
+
+    async def submit(
+        self, operation: Callable[[list[Item]], Awaitable[list[Result]]], items: Sequence[Item]
+    ) -> list[Result]:
+        """Run `operation` on `items` in the next transaction; return after it commits."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("the store is closed")
+        future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(operation, items, future))
+        # Shielded: a caller that gives up must not leave a half-reported write behind.
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch, size = [first], len(first.items)
+            while size < self._max_items and not self._queue.empty():
+                write = self._queue.get_nowait()
+                if write is None:
+                    stopping = True
+                    break
+                batch.append(write)
+                size += len(write.items)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Write[Any, Any]]) -> None:
+        try:
+            results = await self._apply(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+                return
+            # One write spoilt the batch: give every write a transaction of its own, so that
+            # only the bad one fails.
+            logger.debug("batch of %d writes failed (%s); retrying one by one", len(batch), exc)
+            for write in batch:
+                await self._commit([write])
+            return
+        for write, result in zip(batch, results, strict=True):
+            if not write.future.done():
+                write.future.set_result(result)
+
+    async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
+        groups: dict[BatchOperation, list[int]] = {}
+        for index, write in enumerate(batch):
+            groups.setdefault(write.operation, []).append(index)
+        results: list[list[Any]] = [[] for _ in batch]
+        async with self._transaction():
+            for operation, indexes in groups.items():
+                merged = [item for i in indexes for item in batch[i].items]
+                output = await operation(merged)
+                if len(output) != len(merged):
+                    raise RuntimeError(f"{operation!r} returned {len(output)} of {len(merged)}")
+                start = 0
+                for i in indexes:
+                    count = len(batch[i].items)
+                    results[i] = output[start : start + count]
+                    start += count
+        return results
+
+
+def _fail(write: _Write[Any, Any], exc: BaseException) -> None:
+    if not write.future.done():
+        write.future.set_exception(exc)

@@ -1,0 +1,266 @@
+"""The tasks folder: file paths to task names, loading files by path, payload schemas."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import traceback
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from taskd.config import TaskOptions
+from taskd.definition import TaskContext, TaskDefinition
+from taskd.models import TaskInfo
+
+MODULE_PREFIX = "taskd_tasks."
+
+
+class TaskLoadError(Exception):
+    """The tasks folder cannot be loaded; the message names each file and its problem."""
+
+
+def task_name(relative: Path) -> str:
+    """The name a path gives: jobs/send-email.py -> jobs:send-email, db/index.py -> db."""
+    parts = list(relative.with_suffix("").parts)
+    if parts[-1] == "index" and len(parts) > 1:
+        parts.pop()
+    return ":".join(parts)
+
+
+def is_hidden(name: str) -> bool:
+    """Files and folders starting with `_` or `.` hold helpers, not tasks."""
+    return name.startswith(("_", "."))
+
+
+def discover(directory: Path) -> list[Path]:
+    """Every task file under `directory`, sorted, skipping hidden files and folders."""
+    found: list[Path] = []
+    for path in sorted(directory.rglob("*.py")):
+        relative = path.relative_to(directory)
+        if not any(is_hidden(part) for part in relative.parts):
+            found.append(path)
+    return found
+
+
+class Task:
+    """A loaded task: its function, how to call it, and how to check its payload."""
+
+    __slots__ = (
+        "backoff",
+        "concurrency",
+        "description",
+        "file",
+        "fn",
+        "is_async",
+        "max_attempts",
+        "max_backoff",
+        "name",
+        "payload_decoder",
+        "payload_type",
+        "takes_context",
+        "takes_payload",
+        "timeout",
+    )
+
+    def __init__(self, name: str, file: Path, definition: TaskDefinition, options: TaskOptions):
+        self.name = name
+        self.file = file
+        self.fn = definition.fn
+        self.description = definition.description or ""
+        self.timeout = _first(options.timeout, definition.timeout)
+        self.max_attempts = _first(options.max_attempts, definition.max_attempts)
+        self.backoff = _first(options.backoff, definition.backoff)
+        self.max_backoff = _first(options.max_backoff, definition.max_backoff)
+        self.concurrency = _first(options.concurrency, definition.concurrency)
+        self.is_async = inspect.iscoroutinefunction(self.fn)
+        self.takes_payload, self.takes_context, self.payload_type = _call_shape(self.fn)
+        try:
+            self.payload_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+                self.payload_type
+            )
+        except TypeError as exc:
+            raise TaskLoadError(
+                f"payload annotation {self.payload_type!r} is not a type msgspec validates: {exc}"
+            ) from None
+
+    def decode_payload(self, payload: bytes) -> Any:
+        """The payload as the task's annotation types it; raises msgspec.ValidationError."""
+        return self.payload_decoder.decode(payload)
+
+    def call(self, payload: Any, ctx: TaskContext) -> Any:
+        """Call the task function with the arguments it takes."""
+        if self.takes_payload and self.takes_context:
+            return self.fn(payload, ctx)
+        if self.takes_payload:
+            return self.fn(payload)
+        if self.takes_context:
+            return self.fn(ctx)
+        return self.fn()
+
+    def info(self, schedules: list[str] | None = None) -> TaskInfo:
+        return TaskInfo(
+            name=self.name,
+            description=self.description,
+            file=str(self.file),
+            schedules=schedules or [],
+            timeout=self.timeout,
+            max_attempts=self.max_attempts,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            concurrency=self.concurrency,
+            payload_schema=_json_schema(self.payload_type),
+        )
+
+
+class TaskRegistry:
+    """The tasks loaded from one scan of the tasks folder; a reload builds a new one."""
+
+    def __init__(self, directory: Path, tasks: Mapping[str, Task]) -> None:
+        self.directory = directory
+        self._tasks = dict(sorted(tasks.items()))
+
+    def get(self, name: str) -> Task | None:
+        return self._tasks.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def names(self) -> list[str]:
+        return list(self._tasks)
+
+
+def load_tasks(directory: Path, options: Mapping[str, TaskOptions] | None = None) -> TaskRegistry:
+    """Load every task file under `directory`; all problems are reported together."""
+    if not directory.is_dir():
+        raise TaskLoadError(f"tasks folder {directory} does not exist or is not a folder")
+    options = options or {}
+    _forget_modules(directory)
+    if str(directory) not in sys.path:  # lets task files import helpers such as `_lib.py`
+        sys.path.insert(0, str(directory))
+    tasks: dict[str, Task] = {}
+    errors: list[str] = []
+    for path in discover(directory):
+        try:
+            task = _load_file(directory, path, options)
+        except TaskLoadError as exc:
+            errors.append(f"{path}: {exc}")
+            continue
+        if (other := tasks.get(task.name)) is not None:
+            errors.append(f"{path}: task name {task.name!r} is already taken by {other.file}")
+            continue
+        tasks[task.name] = task
+    for name in options:
+        if name not in tasks:
+            errors.append(f'configuration [task."{name}"] names no task in {directory}')
+    if errors:
+        raise TaskLoadError("\n".join(errors))
+    return TaskRegistry(directory, tasks)
+
+
+def _load_file(directory: Path, path: Path, options: Mapping[str, TaskOptions]) -> Task:
+    default_name = task_name(path.relative_to(directory))
+    if default_name == "index":
+        raise TaskLoadError("index.py at the top of the tasks folder gives no task name")
+    module_name = MODULE_PREFIX + default_name
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TaskLoadError("cannot be loaded as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(module_name, None)
+        raise TaskLoadError(f"failed to import: {_describe(exc, path)}") from None
+    definitions = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, TaskDefinition)
+        and getattr(value.fn, "__module__", None) == module_name
+    ]
+    if len(definitions) != 1:
+        found = ", ".join(d.fn.__name__ for d in definitions) or "none"
+        raise TaskLoadError(
+            f"a task file must define exactly one task with @define_task, found {len(definitions)}"
+            f" ({found})"
+        )
+    definition = definitions[0]
+    name = definition.name or default_name
+    if not name or any(ch.isspace() for ch in name):
+        raise TaskLoadError(f"invalid task name {name!r}: it must be non-empty without spaces")
+    return Task(name, path, definition, options.get(name, TaskOptions()))
+
+
+def _call_shape(fn: Callable[..., Any]) -> tuple[bool, bool, Any]:
+    """Whether `fn` takes a payload and a context, and the payload's type."""
+    try:
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError, ValueError) as exc:
+        raise TaskLoadError(f"cannot read the signature of {fn.__name__}: {exc}") from None
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    required_other = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    ]
+    if len(positional) > 2 or required_other:
+        raise TaskLoadError(
+            f"{fn.__name__} must take (payload, ctx), (payload), (ctx) or no arguments"
+        )
+    if len(positional) == 2:
+        return True, True, hints.get(positional[0].name, Any)
+    if len(positional) == 1:
+        annotation = hints.get(positional[0].name, Any)
+        if annotation is TaskContext:
+            return False, True, Any
+        return True, False, annotation
+    return False, False, Any
+
+
+def _json_schema(payload_type: Any) -> dict[str, Any] | None:
+    if payload_type is Any:
+        return None
+    try:
+        return msgspec.json.schema(payload_type)
+    except (TypeError, ValueError):
+        return None
+
+
+def _describe(exc: BaseException, path: Path) -> str:
+    """The exception and the line of the task file where it was raised."""
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == str(path):
+            where = f" (line {frame.lineno})"
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _forget_modules(directory: Path) -> None:
+    """Drop task and helper modules of an earlier load so that a reload reads files afresh."""
+    prefix = str(directory) + "/"
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None) or ""
+        if name.startswith(MODULE_PREFIX) or file.startswith(prefix):
+            del sys.modules[name]
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)

@@ -1,0 +1,34 @@
+"""taskctl must start fast: it loads the wire protocol, never the daemon's machinery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = {"asyncio", "uvloop", "aiosqlite", "sqlite3", "croniter", "logging", "concurrent.futures"}
+ALLOWED_TASKD = {"taskd", "taskd.protocol", "taskd.models", "taskd.definition"}
+
+
+def loaded_modules(statement: str) -> set[str]:
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return set(json.loads(output.stdout))
+
+
+def test_taskctl_cli_imports_only_the_protocol() -> None:
+    modules = loaded_modules("import taskctl.cli")
+    assert not HEAVY & modules, HEAVY & modules
+    assert {m for m in modules if m.split(".")[0] == "taskd"} <= ALLOWED_TASKD
+
+
+def test_task_api_is_cheap_to_import() -> None:
+    modules = loaded_modules("from taskd import define_task, TaskContext, Retry, Fail")
+    assert not HEAVY & modules, HEAVY & modules
+
+
+def test_async_client_is_loaded_on_demand() -> None:
+    assert "asyncio" not in loaded_modules("import taskctl")
+    assert "taskctl.aio" in loaded_modules("from taskctl import AsyncClient")

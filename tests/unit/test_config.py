@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from taskd.config import ConfigError, load_config, resolve_paths
+
+
+def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+    file = tmp_path / "taskd.toml"
+    file.write_text(text)
+    return load_config(file)
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    config, base = load(tmp_path, 'database = "data/t.db"\nsocket = "/run/x/t.sock"\n')
+    assert config.workers == 16 and config.grace_period == 30 and config.lease == 60
+    paths = resolve_paths(config, base)
+    assert paths.database == tmp_path / "data" / "t.db"
+    assert str(paths.socket) == "/run/x/t.sock"
+    assert paths.tasks == tmp_path / "tasks"
+
+
+def test_durations_accept_numbers_and_units(tmp_path: Path) -> None:
+    config, _ = load(tmp_path, 'grace_period = "2m"\nlease = 90\n[retention]\nsucceeded = "1d"\n')
+    assert (config.grace_period, config.lease, config.retention.succeeded) == (120, 90, 86400)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("workers = 0", "workers must be at least 1"),
+        ('workers = "many"', "Expected `int`, got `str` - at `$.workers`"),
+        ("wrokers = 3", "unknown field `wrokers`"),
+        ('grace_period = "soon"', "invalid duration 'soon'"),
+        ("grace_period = true", "$.grace_period"),
+        ('log_level = "loud"', "$.log_level"),
+        ("[task.x]\nconcurrency = 0", "concurrency must be at least 1"),
+        ("workers = [", "invalid TOML"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text)
+    assert message in str(caught.value)
+    assert str(tmp_path / "taskd.toml") in str(caught.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "absent.toml")

@@ -1,0 +1,206 @@
+"""Discovery, naming, loading and payload validation of task files."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from taskd.config import TaskOptions
+from taskd.tasks import TaskLoadError, discover, load_tasks, task_name
+from tests.support import FIXTURE_TASKS
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("hello.py", "hello"),
+        ("scheduled/cleanup.py", "scheduled:cleanup"),
+        ("jobs/send-email.py", "jobs:send-email"),
+        ("db/index.py", "db"),
+        ("a/b/c/index.py", "a:b:c"),
+        ("index-builder.py", "index-builder"),
+    ],
+)
+def test_task_name_from_path(path: str, name: str) -> None:
+    assert task_name(Path(path)) == name
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for relative, text in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+TASK = """
+from taskd import define_task
+
+@define_task
+async def run(payload):
+    return payload
+"""
+
+
+def test_discover_skips_helpers_and_hidden(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "a.py": TASK,
+            "_lib.py": "",
+            ".hidden.py": "",
+            "_private/b.py": TASK,
+            ".git/c.py": TASK,
+            "sub/d.py": TASK,
+            "notes.txt": "",
+        },
+    )
+    found = [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path)]
+    assert found == ["a.py", "sub/d.py"]
+
+
+def test_fixture_folder_loads_with_expected_names() -> None:
+    registry = load_tasks(FIXTURE_TASKS)
+    assert "nested:deep:send-it" in registry
+    assert "db" in registry
+    assert "_helper" not in registry
+    assert registry.get("nested:deep:send-it").description.startswith("Nested path")  # type: ignore[union-attr]
+
+
+def test_name_option_overrides_path(tmp_path: Path) -> None:
+    write(tmp_path, {"x.py": TASK.replace("@define_task", "@define_task(name='custom:name')")})
+    assert load_tasks(tmp_path).names() == ["custom:name"]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"a.py": "x = 1\n"}, "exactly one task"),
+        ({"a.py": TASK + TASK.replace("def run", "def other")}, "found 2"),
+        ({"a.py": "import no_such_module_here\n"}, "ModuleNotFoundError"),
+        ({"a.py": "def broken(:\n"}, "SyntaxError"),
+        ({"a.py": "raise RuntimeError('at import')\n"}, "RuntimeError: at import (line 1)"),
+        (
+            {"a.py": TASK, "b/index.py": TASK.replace("@define_task", "@define_task(name='a')")},
+            "already taken",
+        ),
+        ({"a.py": TASK.replace("(payload)", "(a, b, c)")}, "must take"),
+        ({"a.py": TASK.replace("@define_task", "@define_task(timeout=-1)")}, "timeout"),
+        ({"a.py": TASK.replace("(payload)", "(payload: 'Missing')")}, "cannot read the signature"),
+    ],
+)
+def test_broken_task_files_are_reported_with_file_and_cause(
+    tmp_path: Path, files: dict[str, str], expected: str
+) -> None:
+    write(tmp_path, files)
+    with pytest.raises(TaskLoadError) as caught:
+        load_tasks(tmp_path)
+    message = str(caught.value)
+    assert expected in message
+    assert str(tmp_path) in message
+
+
+def test_all_problems_are_reported_together(tmp_path: Path) -> None:
+    write(tmp_path, {"a.py": "x = 1\n", "b.py": "def broken(:\n", "c.py": TASK})
+    with pytest.raises(TaskLoadError) as caught:
+        load_tasks(tmp_path)
+    assert "a.py" in str(caught.value) and "b.py" in str(caught.value)
+
+
+def test_missing_folder_and_unknown_override(tmp_path: Path) -> None:
+    with pytest.raises(TaskLoadError, match="does not exist"):
+        load_tasks(tmp_path / "nope")
+    write(tmp_path, {"a.py": TASK})
+    with pytest.raises(TaskLoadError, match=r'\[task."zzz"\] names no task'):
+        load_tasks(tmp_path, {"zzz": TaskOptions()})
+
+
+def test_config_options_override_definition(tmp_path: Path) -> None:
+    write(
+        tmp_path, {"a.py": TASK.replace("@define_task", "@define_task(concurrency=2, timeout=5)")}
+    )
+    task = load_tasks(tmp_path, {"a": TaskOptions(concurrency=7)}).get("a")
+    assert task is not None
+    assert (task.concurrency, task.timeout) == (7, 5.0)
+
+
+PAYLOAD_KINDS = """
+import dataclasses
+from typing import TypedDict
+import msgspec
+from taskd import define_task, TaskContext
+
+class S(msgspec.Struct):
+    to: str
+    count: int = 1
+
+class T(TypedDict):
+    to: str
+
+@dataclasses.dataclass
+class D:
+    to: str
+
+@define_task
+async def task(payload: {kind}, ctx: TaskContext):
+    return payload
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "good", "bad", "field"),
+    [
+        ("S", {"to": "x"}, {"to": 3}, "$.to"),
+        ("T", {"to": "x"}, {"to": [1]}, "$.to"),
+        ("D", {"to": "x"}, {}, "to"),
+        ("dict", {"any": 1}, [1], "object"),
+        ("dict[str, int]", {"a": 1}, {"a": "b"}, "$[...]"),
+        ("None", None, {"a": 1}, "null"),
+    ],
+)
+def test_payload_validation_names_the_field(
+    tmp_path: Path, kind: str, good: object, bad: object, field: str
+) -> None:
+    write(tmp_path, {"t.py": PAYLOAD_KINDS.replace("{kind}", kind)})
+    task = load_tasks(tmp_path).get("t")
+    assert task is not None
+    task.decode_payload(msgspec.msgpack.encode(good))
+    with pytest.raises(msgspec.ValidationError) as caught:
+        task.decode_payload(msgspec.msgpack.encode(bad))
+    assert field in str(caught.value)
+
+
+def test_unannotated_payload_accepts_anything_and_shapes_are_detected(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "any.py": TASK,
+            "none.py": "from taskd import define_task\n@define_task\ndef f():\n    return 1\n",
+            "ctx.py": "from taskd import define_task, TaskContext\n"
+            "@define_task\nasync def f(ctx: TaskContext):\n    return ctx.name\n",
+        },
+    )
+    registry = load_tasks(tmp_path)
+    any_task, none_task, ctx_task = registry.get("any"), registry.get("none"), registry.get("ctx")
+    assert any_task and none_task and ctx_task
+    assert any_task.decode_payload(msgspec.msgpack.encode([1, "x"])) == [1, "x"]
+    assert (none_task.takes_payload, none_task.takes_context, none_task.is_async) == (
+        False,
+        False,
+        False,
+    )
+    assert (ctx_task.takes_payload, ctx_task.takes_context, ctx_task.is_async) == (
+        False,
+        True,
+        True,
+    )
+
+
+def test_reload_reads_changed_files(tmp_path: Path) -> None:
+    write(tmp_path, {"a.py": TASK.replace("@define_task", "@define_task(description='one')")})
+    assert load_tasks(tmp_path).get("a").description == "one"  # type: ignore[union-attr]
+    write(tmp_path, {"a.py": TASK.replace("@define_task", "@define_task(description='two')")})
+    assert load_tasks(tmp_path).get("a").description == "two"  # type: ignore[union-attr]
