@@ -64,6 +64,15 @@ class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_catch_up must be at least 1, got {self.max_catch_up}")
 
 
+class SqliteOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[sqlite]`: how the embedded store trades durability for speed."""
+
+    # "full" syncs every commit to disk: an acknowledged job survives a power cut.
+    # "normal" survives a crash of taskd (kill -9) but may lose the last commits on power loss.
+    synchronous: Literal["full", "normal"] = "full"
+    busy_timeout: Seconds = Seconds(5)  # how long a write waits for a lock held by another
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything taskd.toml can say. Relative paths are relative to the file's folder."""
 
@@ -80,6 +89,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_timeout: Seconds = Seconds(30)
     timezone: str = "UTC"
     retention: Retention = Retention()
+    sqlite: SqliteOptions = SqliteOptions()
     task: dict[str, TaskOptions] = {}
     scheduled_tasks: dict[str, list[str] | str] = {}
     schedule: list[Schedule] = []

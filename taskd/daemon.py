@@ -29,7 +29,15 @@ logger = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
 # Settings the running daemon cannot change; a reload that changes them warns.
-RESTART_ONLY = ("database", "socket", "workers", "max_frame_size", "max_connections", "lease")
+RESTART_ONLY = (
+    "database",
+    "socket",
+    "workers",
+    "max_frame_size",
+    "max_connections",
+    "lease",
+    "sqlite",
+)
 
 ConfigLoader = Callable[[], tuple[Config, Paths]]
 
@@ -163,7 +171,12 @@ class Daemon:
             paths.database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StartupError(f"cannot create {paths.database.parent}: {exc.strerror}") from None
-        store = SqliteStore(paths.database)
+        options = self.config.sqlite
+        store = SqliteStore(
+            paths.database,
+            synchronous=options.synchronous.upper(),
+            busy_timeout=options.busy_timeout,
+        )
         try:
             await store.open()
         except StoreError as exc:

@@ -90,6 +90,7 @@ class Executor:
     async def run(self, *, until_idle: bool = False) -> None:
         """Claim and start jobs until `stop()`; with `until_idle`, also return once nothing
         is running and nothing is due (the deterministic mode tests use)."""
+        claim_failures = 0
         while not self._stopping:
             next_due: float | None = None
             free = self.workers - self._busy
@@ -100,8 +101,12 @@ class Executor:
                         self.owner, free, self._task_slots(), now + self._lease, now
                     )
                 except StoreError as exc:
-                    logger.error("cannot claim jobs: %s; trying again when nudged", exc)
+                    claim_failures += 1
+                    pause = min(2.0**claim_failures, 30.0)
+                    logger.error("cannot claim jobs: %s; trying again in %gs", exc, pause)
+                    next_due = self._clock() + pause
                 else:
+                    claim_failures = 0
                     for job in claimed.jobs:
                         self._start(job)
                     next_due = claimed.next_due
@@ -175,21 +180,21 @@ class Executor:
         except (TypeError, ValueError, OverflowError) as exc:
             message = f"the result ({type(result).__name__}) cannot be encoded: {exc}"
             return self._failure(job, task, "error", message, final=True)
-        return Outcome(job.id, job.attempts, self.owner, "succeeded", self._clock(), result=encoded)
+        return Outcome(job.id, job.epoch, self.owner, "succeeded", self._clock(), result=encoded)
 
     async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(task.timeout) as deadline:
-            try:
+        deadline = asyncio.timeout(task.timeout)
+        try:
+            async with deadline:
                 if task.is_async:
                     return await task.call(payload, ctx)
                 call = functools.partial(task.call, payload, ctx)
                 return await loop.run_in_executor(self._threads, call)
-            except TimeoutError:
-                if deadline.expired():
-                    raise _TimedOut from None
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        except TimeoutError:
+            if deadline.expired():  # ours, not a TimeoutError the task raised itself
+                raise _TimedOut from None
+            raise
 
     def _cancelled(self, job: Job, reason: CancelReason) -> Outcome:
         now = self._clock()
@@ -197,11 +202,9 @@ class Executor:
             logger.info(
                 "job %d %s: returned to the queue, the daemon is stopping", job.id, job.task
             )
-            return Outcome(
-                job.id, job.attempts, self.owner, "pending", now, run_at=now, release=True
-            )
+            return Outcome(job.id, job.epoch, self.owner, "pending", now, run_at=now, release=True)
         error = AttemptError(job.attempts, "cancelled", "cancelled by request", now)
-        return Outcome(job.id, job.attempts, self.owner, "cancelled", now, error=error)
+        return Outcome(job.id, job.epoch, self.owner, "cancelled", now, error=error)
 
     def _failure(
         self,
@@ -220,7 +223,7 @@ class Executor:
         where = f"job {job.id} {job.task} attempt {job.attempts}/{job.max_attempts}"
         if final or task is None or job.attempts >= job.max_attempts:
             logger.error("%s failed: %s%s", where, message, _indent(trace))
-            return Outcome(job.id, job.attempts, self.owner, "failed", now, error=error)
+            return Outcome(job.id, job.epoch, self.owner, "failed", now, error=error)
         if delay is None:
             delay = backoff_delay(
                 job.attempts,
@@ -230,7 +233,7 @@ class Executor:
             )
         logger.warning("%s failed, retrying in %.1fs: %s%s", where, delay, message, _indent(trace))
         return Outcome(
-            job.id, job.attempts, self.owner, "pending", now, error=error, run_at=now + delay
+            job.id, job.epoch, self.owner, "pending", now, error=error, run_at=now + delay
         )
 
     async def _report(self, job: Job, outcome: Outcome) -> None:

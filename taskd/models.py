@@ -57,6 +57,7 @@ class Job(msgspec.Struct, omit_defaults=True):
     started_at: float | None = None
     finished_at: float | None = None
     worker: str | None = None
+    epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []
 
 

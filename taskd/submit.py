@@ -19,6 +19,7 @@ from taskd.store import Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
 MAX_PRIORITY = 2**31
+NIL = b"\xc0"  # msgpack nil: the payload of a request that gave none
 MAX_KEY_LENGTH = 1024
 
 
@@ -74,7 +75,8 @@ class Submitter:
         try:
             task.decode_payload(request.payload)
         except msgspec.ValidationError as exc:
-            raise PayloadInvalid(f"payload rejected by task {task.name}: {exc}") from None
+            hint = " (no payload was given; this task needs one)" if request.payload == NIL else ""
+            raise PayloadInvalid(f"payload rejected by task {task.name}: {exc}{hint}") from None
         except msgspec.DecodeError as exc:
             raise PayloadInvalid(
                 f"payload for task {task.name} is not valid msgpack: {exc}"

@@ -64,7 +64,12 @@ class Taskd:
             "--log-level", "debug",
         ]  # fmt: skip
 
-    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> Taskd:
+    def start(
+        self,
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], Any] | None = None,
+    ) -> Taskd:
         notify_path = self.root / "notify.sock"
         notify_path.unlink(missing_ok=True)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -73,7 +78,11 @@ class Taskd:
         environment.pop("TASKD_SOCKET", None)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=environment
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                preexec_fn=preexec_fn,
             )
         try:
             self.wait_for_notification("READY=1", timeout)

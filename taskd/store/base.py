@@ -53,13 +53,14 @@ class Inserted(msgspec.Struct, frozen=True):
 class Outcome(msgspec.Struct, frozen=True):
     """What one attempt of a claimed job came to, as its worker reports it.
 
-    `attempt` and `owner` fence the write: it applies only while the job is still running
-    the attempt this worker claimed. `status` "pending" schedules a retry at `run_at`;
-    `release` gives the job back without counting the attempt (graceful stop).
+    `epoch` (the job's claim count when this worker claimed it) and `owner` fence the
+    write: it applies only while the job is still running that claim. `status` "pending"
+    schedules a retry at `run_at`; `release` gives the job back without counting the
+    attempt (graceful stop).
     """
 
     job_id: int
-    attempt: int
+    epoch: int
     owner: str
     status: Literal["succeeded", "failed", "pending", "cancelled"]
     finished_at: float

@@ -87,11 +87,13 @@ MIGRATIONS = [
         last_job_id INTEGER
     );
     """,
+    # The fencing token: counts claims and, unlike attempts, is never reset by a retry.
+    "ALTER TABLE jobs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
 ]
 
 COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
-    " crashes, parent_id, run_at, created_at, started_at, finished_at, lease_owner"
+    " crashes, parent_id, run_at, created_at, started_at, finished_at, lease_owner, epoch"
 )
 INSERT_COLUMNS = (
     "id, task, status, origin, payload, priority, run_at, max_attempts, key, parent_id, created_at"
@@ -124,11 +126,21 @@ def _row_to_job(row: Sequence[Any]) -> Job:
         started_at=row[15],
         finished_at=row[16],
         worker=row[17],
+        epoch=row[18],
     )
 
 
 def _marks(count: int) -> str:
     return ", ".join("?" * count)
+
+
+def _hint(exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return " (another process holds a lock on the database; nothing was written, try again)"
+    if "disk" in text or "full" in text:
+        return " (check the free space and the file system; nothing was written)"
+    return ""
 
 
 def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
@@ -141,7 +153,7 @@ def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
         except sqlite3.Error as exc:
             store = args[0]
             assert isinstance(store, SqliteStore)
-            raise StoreError(f"job store {store.path}: {exc}") from exc
+            raise StoreError(f"job store {store.path}: {exc}{_hint(exc)}") from exc
 
     return wrapper
 
@@ -375,7 +387,8 @@ class SqliteStore:
                 picked.append(job_id)
             if picked:
                 rows = await writer.execute_fetchall(
-                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?,"
+                    "UPDATE jobs SET status = 'running', attempts = attempts + 1,"
+                    " epoch = epoch + 1, started_at = ?,"
                     " lease_owner = ?, lease_expires = ?"
                     f" WHERE status = 'pending' AND id IN ({_marks(len(picked))})"
                     f" RETURNING {COLUMNS}",
@@ -413,7 +426,7 @@ class SqliteStore:
         for outcome in outcomes:
             params += (
                 outcome.job_id,
-                outcome.attempt,
+                outcome.epoch,
                 outcome.owner,
                 outcome.status,
                 outcome.result,
@@ -428,18 +441,25 @@ class SqliteStore:
             "   ELSE coalesce(v.error, jobs.error) END,"
             " run_at = coalesce(v.run_at, jobs.run_at), attempts = jobs.attempts - v.release,"
             " finished_at = v.finished_at, lease_owner = NULL, lease_expires = NULL"
-            " FROM (SELECT column1 AS id, column2 AS attempt, column3 AS owner, column4 AS status,"
+            " FROM (SELECT column1 AS id, column2 AS epoch, column3 AS owner, column4 AS status,"
             "   column5 AS result, column6 AS error, column7 AS run_at, column8 AS finished_at,"
             "   column9 AS release FROM (VALUES "
             + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(outcomes))
-            + ")) AS v WHERE jobs.id = v.id AND jobs.attempts = v.attempt"
+            + ")) AS v WHERE jobs.id = v.id AND jobs.epoch = v.epoch"
             " AND jobs.lease_owner = v.owner AND jobs.status = 'running'"
             f" RETURNING {COLUMNS}",
             params,
         )
         updated = {row[0]: _row_to_job(row) for row in rows}
         errors = [
-            (o.job_id, o.attempt, o.error.kind, o.error.message, o.error.traceback, o.error.at)
+            (
+                o.job_id,
+                o.error.attempt,
+                o.error.kind,
+                o.error.message,
+                o.error.traceback,
+                o.error.at,
+            )
             for o in outcomes
             if o.error is not None and o.job_id in updated
         ]

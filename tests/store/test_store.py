@@ -20,7 +20,7 @@ from taskd.store import (
     Store,
     StoreError,
 )
-from taskd.store.sqlite import SqliteStore
+from taskd.store.sqlite import MIGRATIONS, SqliteStore
 
 NOW = 1_000_000.0
 PAYLOAD = msgspec.msgpack.encode({"x": 1})
@@ -38,9 +38,9 @@ async def claim(store: Store, limit: int = 10, now: float = NOW, owner: str = "w
     return await store.claim(owner, limit, slots, now + 60, now)
 
 
-def succeeded(job_id: int, attempt: int = 1, owner: str = "w1", result: object = "ok") -> Outcome:
+def succeeded(job_id: int, epoch: int = 1, owner: str = "w1", result: object = "ok") -> Outcome:
     return Outcome(
-        job_id, attempt, owner, "succeeded", NOW + 1, result=msgspec.msgpack.encode(result)
+        job_id, epoch, owner, "succeeded", NOW + 1, result=msgspec.msgpack.encode(result)
     )
 
 
@@ -159,15 +159,29 @@ async def test_fencing_refuses_stale_and_foreign_outcomes(store: Store) -> None:
     assert [job.id for job in recovered] == [job_id]
     await claim(store, owner="w2", now=NOW + 121)
     stale, foreign = await store.finish(
-        [succeeded(job_id, attempt=1, owner="w1"), succeeded(job_id, attempt=2, owner="w1")]
+        [succeeded(job_id, epoch=1, owner="w1"), succeeded(job_id, epoch=2, owner="w1")]
     )
     assert stale is None and foreign is None
     job = await store.get(job_id)
-    assert job is not None and job.status == "running" and job.attempts == 2
-    (current,) = await store.finish([succeeded(job_id, attempt=2, owner="w2")])
+    assert job is not None and job.status == "running" and (job.attempts, job.epoch) == (2, 2)
+    (current,) = await store.finish([succeeded(job_id, epoch=2, owner="w2")])
     assert current is not None and current.status == "succeeded"
-    (late,) = await store.finish([succeeded(job_id, attempt=2, owner="w2")])
+    (late,) = await store.finish([succeeded(job_id, epoch=2, owner="w2")])
     assert late is None  # an outcome is recorded once
+
+
+async def test_fencing_survives_a_retry_that_resets_attempts(store: Store) -> None:
+    (inserted,) = await store.insert([new()], NOW)
+    job_id = inserted.job_id
+    await claim(store)
+    await store.cancel(job_id, NOW)  # the worker's thread may still be running attempt 1
+    await store.retry(job_id, NOW)
+    (again,) = (await claim(store)).jobs  # attempt 1 again, by the same worker
+    assert (again.attempts, again.epoch) == (1, 2)
+    (late,) = await store.finish([succeeded(job_id, epoch=1)])
+    assert late is None  # the old thread's late result must not land on the new attempt
+    (current,) = await store.finish([succeeded(job_id, epoch=2)])
+    assert current is not None and current.status == "succeeded"
 
 
 async def test_release_gives_the_attempt_back(store: Store) -> None:
@@ -303,6 +317,24 @@ async def test_corrupt_or_newer_database_is_refused_clearly(tmp_path: Path) -> N
         connection.execute("PRAGMA user_version = 99")
     with pytest.raises(StoreError, match="newer than this taskd"):
         await SqliteStore(newer).open()
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+        connection.execute(
+            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at)"
+            " VALUES ('t', 'pending', 'enqueue', x'c0', 3, ?, ?)",
+            (NOW, NOW),
+        )
+    store = SqliteStore(path)
+    await store.open()
+    (job,) = (await claim(store)).jobs
+    assert (job.task, job.epoch) == ("t", 1)
+    await store.close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 async def test_data_survives_reopen(tmp_path: Path) -> None:

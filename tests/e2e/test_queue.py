@@ -1,0 +1,409 @@
+"""The durable queue through taskctl and the client: retries, keys, order, cancel, crashes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from taskctl import Client, DaemonUnavailable, PayloadInvalid, ProtocolError, enqueue_params
+from tests.support import Taskd, wait_until
+
+
+def job(daemon: Taskd, job_id: int) -> dict:  # type: ignore[type-arg]
+    shown = daemon.ctl("--json", "job", str(job_id))
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)  # type: ignore[no-any-return]
+
+
+def enqueue(daemon: Taskd, *args: str) -> int:
+    done = daemon.ctl("enqueue", *args)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_enqueue_runs_and_wait_prints_the_result(taskd: Taskd) -> None:
+    job_id = enqueue(taskd, "email", "--payload", '{"to": "q@example.com", "subject": "s"}')
+    waited = taskd.ctl("wait", str(job_id))
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["to"] == "q@example.com"
+    shown = job(taskd, job_id)
+    assert shown["origin"] == "enqueue" and shown["max_attempts"] == 3
+
+
+def test_enqueue_validates_the_payload_before_storing(taskd: Taskd) -> None:
+    refused = taskd.ctl("enqueue", "email", "--payload", '{"to": []}')
+    assert refused.returncode == 65 and "$.to" in refused.stderr
+    assert json.loads(taskd.ctl("--json", "jobs").stdout) == []
+
+
+def test_retries_with_backoff_then_success(taskd: Taskd, short_tmp: Path) -> None:
+    log = short_tmp / "attempts.txt"
+    job_id = enqueue(
+        taskd, "flaky", "--payload", json.dumps({"log": str(log), "succeed_on": 3}),
+        "--max-attempts", "5",
+    )  # fmt: skip
+    waited = taskd.ctl("wait", str(job_id), "--timeout", "20s")
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout.strip() == "3"
+    times = [float(line.split()[2]) for line in log.read_text().splitlines()]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # backoff 0.2 s: 0.2 s then 0.4 s, each plus up to 10% jitter (and a little scheduling).
+    assert 0.2 <= gaps[0] < 0.2 * 1.1 + 0.15, gaps
+    assert 0.4 <= gaps[1] < 0.4 * 1.1 + 0.15, gaps
+    shown = job(taskd, job_id)
+    assert shown["attempts"] == 3 and shown["status"] == "succeeded" and shown["error"] is None
+    assert [e["message"] for e in shown["errors"]] == [
+        "RuntimeError: attempt 1 failed",
+        "RuntimeError: attempt 2 failed",
+    ]
+    assert "retrying in 0." in taskd.log
+
+
+def test_out_of_attempts_fails_with_every_error_kept(taskd: Taskd, short_tmp: Path) -> None:
+    log = short_tmp / "attempts.txt"
+    payload = json.dumps({"log": str(log)})
+    job_id = enqueue(taskd, "flaky", "--payload", payload, "--max-attempts", "2")
+    waited = taskd.ctl("wait", str(job_id))
+    assert waited.returncode == 1
+    assert "failed after 2 attempts: RuntimeError: attempt 2 failed" in waited.stderr
+    shown = job(taskd, job_id)
+    assert shown["status"] == "failed" and len(shown["errors"]) == 2
+    assert all("Traceback" in e["traceback"] for e in shown["errors"])
+    human = taskd.ctl("job", str(job_id)).stdout
+    assert "attempt 1 error" in human and "attempt 2 error" in human
+
+
+def test_retry_and_fail_signals_from_the_task(taskd: Taskd) -> None:
+    job_id = enqueue(taskd, "signals", "--payload", '{"in": 0.3}', "--max-attempts", "5")
+    with taskd.client() as client:
+        done = client.wait(job_id, timeout=20)
+    assert done.status == "failed" and done.attempts == 2  # Fail stops the remaining attempts
+    assert done.error == "Fail: giving up on purpose"
+    assert done.started_at is not None
+    first = job(taskd, job_id)["errors"][0]
+    assert first["message"] == "Retry: the task asked to be retried"
+
+
+def test_timeout_fails_the_attempt(taskd: Taskd) -> None:
+    failed = taskd.ctl("run", "timeout", "--payload", '{"seconds": 5}')
+    assert failed.returncode == 1
+    assert "timed out after 0.3 s" in failed.stderr
+    jobs = json.loads(taskd.ctl("--json", "jobs", "--task", "timeout").stdout)
+    assert job(taskd, jobs[0]["id"])["errors"][0]["kind"] == "timeout"
+
+
+def test_unique_key_returns_the_existing_job(taskd: Taskd) -> None:
+    first = taskd.ctl("--json", "enqueue", "echo", "--key", "invoice-7", "--delay", "1h")
+    second = taskd.ctl("--json", "enqueue", "echo", "--key", "invoice-7", "--payload", "2")
+    assert first.returncode == second.returncode == 0
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a == {"id": a["id"], "duplicate": False}
+    assert b == {"id": a["id"], "duplicate": True}
+    human = taskd.ctl("enqueue", "echo", "--key", "invoice-7")
+    assert human.stdout.strip() == str(a["id"]) and "already pending" in human.stderr
+    other = json.loads(taskd.ctl("--json", "enqueue", "echo", "--key", "invoice-8").stdout)
+    assert not other["duplicate"] and other["id"] != a["id"]
+
+
+def test_priority_then_due_time_order(taskd_factory: type[Taskd], short_tmp: Path) -> None:
+    daemon = taskd_factory(config="workers = 1\n").start()
+    started = short_tmp / "started.txt"
+    blocker = daemon.ctl("enqueue", "slow", "--payload",
+                         json.dumps({"seconds": 0.5, "started": str(started)}))  # fmt: skip
+    assert blocker.returncode == 0
+    wait_until(started.exists, what="the blocking job to start")
+    log = short_tmp / "order.txt"
+    ids = {}
+    for label, args in [
+        ("p5", ["--priority", "5"]),
+        ("p0-first", []),
+        ("pminus3", ["--priority", "-3"]),
+        ("p0-second", []),
+        ("delayed-urgent", ["--priority", "-9", "--delay", "1s"]),
+    ]:
+        payload = json.dumps({"log": str(log), "seconds": 0})
+        ids[label] = enqueue(daemon, "work", "--payload", payload, *args)
+    at = time.time() + 1.5
+    from datetime import datetime
+
+    stamp = datetime.fromtimestamp(at).astimezone().isoformat()
+    ids["at"] = enqueue(daemon, "work", "--payload", json.dumps({"log": str(log)}), "--at", stamp)
+    with daemon.client() as client:
+        for job_id in ids.values():
+            client.wait(job_id, timeout=20)
+        at_job = client.job(ids["at"])
+        delayed = client.job(ids["delayed-urgent"])
+    ran = [int(line) for line in log.read_text().split()]
+    by_id = {v: k for k, v in ids.items()}
+    assert [by_id[i] for i in ran] == [
+        "pminus3", "p0-first", "p0-second", "p5", "delayed-urgent", "at",
+    ]  # fmt: skip
+    assert at_job.started_at is not None and at_job.started_at >= at
+    assert delayed.started_at is not None and delayed.started_at >= delayed.created_at + 1
+    assert daemon.stop() == 0
+
+
+def test_concurrency_limits_from_config(taskd_factory: type[Taskd], short_tmp: Path) -> None:
+    daemon = taskd_factory(config='workers = 8\n[task."slow"]\nconcurrency = 2\n').start()
+    started = short_tmp / "started.txt"
+    payload = json.dumps({"seconds": 0.4, "started": str(started)})
+    with daemon.client() as client:
+        ids = [client.enqueue("slow", json.loads(payload)).job_id for _ in range(6)]
+        for job_id in ids:
+            client.wait(job_id, timeout=30)
+        jobs = [client.job(i) for i in ids]
+    # At no instant were more than two of them running.
+    events = sorted([(j.started_at, 1) for j in jobs] + [(j.finished_at, -1) for j in jobs])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak == 2
+    assert daemon.stop() == 0
+
+
+def test_cancel_pending_running_and_finished(taskd: Taskd, short_tmp: Path) -> None:
+    later = enqueue(taskd, "echo", "--delay", "1h")
+    assert taskd.ctl("cancel", str(later)).returncode == 0
+    assert job(taskd, later)["status"] == "cancelled"
+    started = short_tmp / "started.txt"
+    record = short_tmp / "record.txt"
+    payload = json.dumps({"seconds": 30, "started": str(started), "record": str(record)})
+    running = enqueue(taskd, "slow", "--payload", payload)
+    wait_until(started.exists, what="the job to start")
+    cancelled = taskd.ctl("--json", "cancel", str(running))
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
+    waited = taskd.ctl("wait", str(running), "--timeout", "5s")
+    assert waited.returncode == 1 and "cancelled" in waited.stderr
+    again = taskd.ctl("cancel", str(running))
+    assert again.returncode == 3 and "is cancelled and cannot be cancelled" in again.stderr
+    assert taskd.ctl("cancel", "424242").returncode == 4
+    # The coroutine was cancelled: it never reached its end.
+    assert not record.exists()
+    # A thread cannot be interrupted; it is marked cancelled and its late result ignored.
+    thread_job = enqueue(taskd, "blocking", "--payload", '{"seconds": 0.5}')
+    wait_until(lambda: job(taskd, thread_job)["status"] == "running", what="the thread job")
+    assert taskd.ctl("cancel", str(thread_job)).returncode == 0
+    time.sleep(0.7)  # let the thread finish: its result must not overwrite the cancellation
+    assert job(taskd, thread_job)["status"] == "cancelled"
+
+
+def test_retry_puts_a_failed_job_back(taskd: Taskd, short_tmp: Path) -> None:
+    log = short_tmp / "attempts.txt"
+    payload = json.dumps({"log": str(log), "succeed_on": 2})
+    job_id = enqueue(taskd, "flaky", "--payload", payload, "--max-attempts", "1")
+    assert taskd.ctl("wait", str(job_id)).returncode == 1
+    retried = taskd.ctl("retry", str(job_id))
+    assert retried.returncode == 0 and "pending again" in retried.stdout
+    # attempts were reset to 0: the next attempt is number 1 again, and fails again...
+    assert taskd.ctl("wait", str(job_id)).returncode == 1
+    assert taskd.ctl("retry", str(job_id), "--json").returncode == 2  # --json goes first
+    assert taskd.ctl("--json", "retry", str(job_id)).returncode == 0
+    assert json.loads(taskd.ctl("--json", "wait", str(job_id)).stdout)["status"] == "failed"
+    shown = job(taskd, job_id)
+    assert len(shown["errors"]) == 3 and [e["attempt"] for e in shown["errors"]] == [1, 1, 1]
+    assert taskd.ctl("retry", str(enqueue(taskd, "echo", "--delay", "1h"))).returncode == 3
+
+
+def test_wait_timeout_exit_124(taskd: Taskd) -> None:
+    job_id = enqueue(taskd, "echo", "--delay", "1h")
+    waited = taskd.ctl("wait", str(job_id), "--timeout", "200ms")
+    assert waited.returncode == 124 and "still pending" in waited.stderr
+
+
+def test_sigterm_returns_unfinished_jobs_to_pending(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    daemon = taskd_factory(config='grace_period = "300ms"\n').start()
+    started = short_tmp / "started.txt"
+    payload = json.dumps({"seconds": 30, "started": str(started)})
+    job_id = enqueue(daemon, "slow", "--payload", payload)
+    queued = enqueue(daemon, "echo", "--delay", "1h")
+    wait_until(started.exists, what="the job to start")
+    assert daemon.stop() == 0
+    with sqlite3.connect(daemon.database) as db:
+        rows = dict(db.execute("SELECT id, status || ':' || attempts FROM jobs").fetchall())
+    assert rows[job_id] == "pending:0"  # back in the queue, the attempt not counted
+    assert rows[queued] == "pending:0"
+    assert "returned to the queue, the daemon is stopping" in daemon.log
+
+
+def test_prune_and_status(taskd: Taskd) -> None:
+    for n in range(3):
+        taskd.ctl("run", "echo", "--payload", str(n), "--key", f"k{n}")
+    enqueue(taskd, "echo", "--delay", "1h")
+    status = json.loads(taskd.ctl("--json", "status").stdout)
+    assert status["counts"] == {"succeeded": 3, "pending": 1}
+    echo = next(t for t in status["tasks"] if t["task"] == "echo")
+    assert echo["next_due_at"] is not None
+    assert "next delayed job due at" in taskd.ctl("status").stdout
+    assert taskd.ctl("prune").stdout.strip() == "deleted 0 finished jobs"  # within retention
+    pruned = json.loads(taskd.ctl("--json", "prune", "--older-than", "0s").stdout)
+    assert pruned == {"deleted": 3}
+    assert len(json.loads(taskd.ctl("--json", "jobs").stdout)) == 1
+
+
+def test_enqueue_many_is_one_transaction(taskd: Taskd) -> None:
+    with taskd.client() as client:
+        results = client.enqueue_many(
+            [enqueue_params("echo", n) for n in range(100)] + [enqueue_params("echo", key="u")] * 2
+        )
+        assert len({r.job_id for r in results}) == 101 and results[-1].duplicate
+        with pytest.raises(PayloadInvalid, match=r"\$.to"):
+            client.enqueue_many([enqueue_params("echo", 1), enqueue_params("email", {"to": 1})])
+        assert len(client.jobs(limit=1000)) == 101  # the bad batch stored nothing
+
+
+def test_quarantine_after_repeated_crashes(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory().start()
+    job_id = enqueue(daemon, "crash", "--payload", "{}", "--max-attempts", "10")
+    for _ in range(3):
+        assert daemon.process is not None
+        assert daemon.process.wait(30) == 3, daemon.log  # the task killed its daemon
+        daemon.close()
+        daemon.start()  # recovers the job; it runs and crashes again, until quarantined
+    shown = job(daemon, job_id)
+    assert shown["status"] == "failed" and shown["error"] == "quarantined after 3 crashes"
+    assert shown["crashes"] == 3
+    assert [e["kind"] for e in shown["errors"]] == ["interrupted"] * 3
+    assert daemon.running and daemon.stop() == 0
+
+
+def test_database_locked_gives_an_error_and_the_daemon_recovers(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config='[sqlite]\nbusy_timeout = "300ms"\n').start()
+    locker = sqlite3.connect(daemon.database, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        refused = daemon.ctl("enqueue", "echo")
+        assert refused.returncode == 75, refused.stderr
+        assert "database is locked" in refused.stderr
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert daemon.running
+    job_id = enqueue(daemon, "echo", "--payload", '"after"')
+    assert daemon.ctl("wait", str(job_id)).stdout.strip() == '"after"'
+    assert len(json.loads(daemon.ctl("--json", "jobs").stdout)) == 1  # the refused one is absent
+    assert daemon.stop() == 0
+
+
+def test_disk_full_refuses_the_write_and_keeps_serving(taskd_factory: type[Taskd]) -> None:
+    # A file-size limit on the daemon makes its database writes fail as on a full disk.
+    limit = 3_000_000
+    daemon = taskd_factory().start(
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    )
+    big = json.dumps("x" * 400_000)
+    outcomes = [
+        daemon.ctl("enqueue", "echo", "--payload", "-", "--delay", "1h", input=big)
+        for _ in range(10)
+    ]
+    accepted = [int(o.stdout) for o in outcomes if o.returncode == 0]
+    refused = [o for o in outcomes if o.returncode != 0]
+    assert accepted and refused
+    assert all(o.returncode == 75 and "check the free space" in o.stderr for o in refused)
+    assert daemon.running
+    jobs = json.loads(daemon.ctl("--json", "jobs").stdout)
+    assert sorted(job["id"] for job in jobs) == sorted(accepted)  # refused ones were not stored
+    assert all(len(job["payload"]) == 400_000 for job in jobs)  # accepted ones are intact
+    assert daemon.stop() == 0
+
+
+def test_kill_9_loses_no_acknowledged_job(taskd_factory: type[Taskd], short_tmp: Path) -> None:
+    """Enqueue while jobs run, kill -9 mid-way, restart: every acknowledged job succeeds."""
+    daemon = taskd_factory(config="workers = 16\n").start()
+    log = short_tmp / "executions.txt"
+    acked: list[int] = []
+    stop_enqueuing = threading.Event()
+
+    def producer() -> None:
+        n = 0
+        with Client(str(daemon.socket)) as client:
+            try:
+                while not stop_enqueuing.is_set():
+                    batch = [
+                        enqueue_params("work", {"log": str(log), "n": n + i}) for i in range(25)
+                    ]
+                    acked.extend(r.job_id for r in client.enqueue_many(batch))
+                    n += 25
+            except (DaemonUnavailable, ProtocolError, ConnectionError):
+                pass  # the daemon died under us: what was acknowledged is what counts
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    wait_until(lambda: len(acked) >= 3000 and log.exists() and log.stat().st_size > 4000,
+               timeout=60, what="jobs enqueued and running")  # fmt: skip
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait(10)
+    stop_enqueuing.set()
+    thread.join(30)
+    daemon.close()
+    with sqlite3.connect(daemon.database) as db:
+        running_at_kill = {
+            row[0] for row in db.execute("SELECT id FROM jobs WHERE status='running'")
+        }
+        stored = {row[0] for row in db.execute("SELECT id FROM jobs")}
+    assert set(acked) <= stored  # acknowledged means committed
+
+    restart_began = time.monotonic()
+    daemon.start()
+    ready_after = time.monotonic() - restart_began
+    with daemon.client() as client:
+
+        def drained() -> bool:
+            counts = client.status().counts
+            return counts.get("pending", 0) + counts.get("running", 0) == 0
+
+        wait_until(drained, timeout=120, what="the queue to drain")
+        statuses = Counter(j.status for j in client.jobs(limit=10_000))
+    executions = Counter(int(line) for line in log.read_text().split())
+    lost = [job_id for job_id in acked if executions[job_id] == 0]
+    duplicated = {job_id for job_id, count in executions.items() if count > 1}
+    print(
+        f"\ncrash test: {len(acked)} jobs acknowledged, {len(stored)} stored, "
+        f"{len(running_at_kill)} running at the kill, {len(lost)} lost, "
+        f"{len(duplicated)} executed twice, restart to READY {ready_after:.2f}s"
+    )
+    assert lost == []
+    assert statuses == Counter({"succeeded": len(stored)})
+    assert duplicated <= running_at_kill
+    assert f"{len(running_at_kill)} jobs were running when taskd last stopped" in daemon.log
+    assert daemon.stop() == 0
+
+
+def test_client_library_enqueue_and_wait(taskd: Taskd) -> None:
+    code = f"""
+import asyncio
+from taskctl import AsyncClient, Client, JobFailed, UnknownTask
+with Client({str(taskd.socket)!r}) as client:
+    job = client.enqueue("echo", {{"n": 1}}, delay="100ms", priority=-1)
+    assert client.wait(job.job_id, timeout=10).result == {{"n": 1}}
+    try:
+        client.run("fail", 1)
+    except JobFailed as exc:
+        assert exc.job.error == "ValueError: boom: 1"
+async def main():
+    async with AsyncClient({str(taskd.socket)!r}) as client:
+        results = await asyncio.gather(*(client.run("echo", n, key=str(n)) for n in range(20)))
+        assert results == list(range(20)), results
+        try:
+            await client.enqueue("nope")
+        except UnknownTask:
+            print("ok")
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
