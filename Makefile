@@ -39,5 +39,9 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
+# Measurements quoted in the issues' closing notes; each script prints what it measured.
+bench: install
+	$(BIN)/python tests/bench/cli_latency.py
+
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

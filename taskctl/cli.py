@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import enum
 import sys
 from collections.abc import Callable
@@ -111,6 +110,8 @@ def duration(text: str) -> float:
 
 def moment(text: str) -> float:
     """--at: an ISO-8601 time; without an offset it is local time."""
+    import datetime as dt
+
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:

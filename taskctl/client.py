@@ -6,11 +6,10 @@ Plain sockets, no asyncio, so that a command-line call starts in milliseconds. O
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -46,11 +45,21 @@ from taskd.protocol import (
     encode_frame,
 )
 
+if TYPE_CHECKING:  # datetime costs a millisecond or two that `taskctl list` need not pay
+    import datetime as dt
+
 CLIENT_MAX_FRAME = 256 * 1024 * 1024
 CLIENT_NAME = "taskctl/0.1.0"
 
 _reply_decoder = msgspec.msgpack.Decoder(RawReply)
-_result_decoders = {name: msgspec.msgpack.Decoder(spec[1]) for name, spec in METHODS.items()}
+_result_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}  # built on first use: start-up
+
+
+def _result_decoder(method: str) -> msgspec.msgpack.Decoder[Any]:
+    decoder = _result_decoders.get(method)
+    if decoder is None:
+        decoder = _result_decoders[method] = msgspec.msgpack.Decoder(METHODS[method][1])
+    return decoder
 
 
 def encode_payload(payload: Any) -> msgspec.Raw:
@@ -62,14 +71,14 @@ def seconds(value: float | str | dt.timedelta | None) -> float | None:
     """Seconds from a number, a duration string ("5m") or a timedelta."""
     if value is None or isinstance(value, float | int):
         return value
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    return parse_duration(value)
+    if isinstance(value, str):
+        return parse_duration(value)
+    return value.total_seconds()
 
 
 def timestamp(value: float | dt.datetime | None) -> float | None:
     """A Unix timestamp from a number or a datetime (naive datetimes are local time)."""
-    return value.timestamp() if isinstance(value, dt.datetime) else value
+    return value if value is None or isinstance(value, float | int) else value.timestamp()
 
 
 def enqueue_params(
@@ -105,7 +114,7 @@ def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> An
     if expected_id is not None and reply.id != expected_id:
         raise ProtocolError(f"reply for request {reply.id}, expected {expected_id}")
     try:
-        return _result_decoders[method].decode(reply.result)
+        return _result_decoder(method).decode(reply.result)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
 
