@@ -7,7 +7,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 from taskd.config import Config, ConfigError
@@ -76,28 +76,23 @@ class AccessPolicy:
 
 
 def _uids(names: Iterable[str | int], setting: str) -> set[int]:
-    ids = set()
-    for name in names:
-        if isinstance(name, int):
-            ids.add(name)
-            continue
-        try:
-            ids.add(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            raise ConfigError(f"{setting}: no user named {name!r} on this machine") from None
-    return ids
+    return _ids(names, setting, "user", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def _gids(names: Iterable[str | int], setting: str) -> set[int]:
+    return _ids(names, setting, "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _ids(
+    names: Iterable[str | int], setting: str, kind: str, lookup: Callable[[str], int]
+) -> set[int]:
+    """Numeric ids for user or group names; a name the machine does not know is an error."""
     ids = set()
     for name in names:
-        if isinstance(name, int):
-            ids.add(name)
-            continue
         try:
-            ids.add(grp.getgrnam(name).gr_gid)
+            ids.add(name if isinstance(name, int) else lookup(name))
         except KeyError:
-            raise ConfigError(f"{setting}: no group named {name!r} on this machine") from None
+            raise ConfigError(f"{setting}: no {kind} named {name!r} on this machine") from None
     return ids
 
 
