@@ -147,6 +147,7 @@ class Scheduler:
                 self._schedule_next(entry)
             self._entries = entries
             await self._save(entries.values())
+            logger.info("schedules: %d", len(entries))
 
     async def replace(self, specs: Sequence[ScheduleSpec]) -> None:
         """A reload: the new schedules. Those whose id survives keep their state; new,
@@ -166,9 +167,18 @@ class Scheduler:
                 else:
                     state.covered_until = _later(state.covered_until, now)
                     self._schedule_next(entry)
-            for removed in self._entries.keys() - entries.keys():
-                if (task := self._catching_up.get(removed)) is not None:
+            removed = self._entries.keys() - entries.keys()
+            for key in removed:
+                if (task := self._catching_up.get(key)) is not None:
                     task.cancel()
+            kept = len(entries.keys() & self._entries.keys())
+            logger.info(
+                "schedules: %d (%d kept, %d new, %d removed)",
+                len(entries),
+                kept,
+                len(entries) - kept,
+                len(removed),
+            )
             self._entries = entries
             await self._save(entries.values())
         self._wake.set()
