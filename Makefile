@@ -39,5 +39,10 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
+# Scheduler tick lateness (idle and with a busy queue) and idle CPU with 100 schedules;
+# about five minutes. Fewer ticks: make bench BENCH_ARGS="--ticks 30 --cpu-seconds 10"
+bench: install
+	$(BIN)/python -m tests.bench.cron_lateness $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
