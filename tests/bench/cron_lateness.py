@@ -127,9 +127,15 @@ def lateness(ticks: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of the process: utime + stime (10 ms resolution), and the sum over its
+    threads of the nanosecond run time in /proc/PID/task/*/schedstat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    nanoseconds = sum(
+        int(path.read_text().split()[0]) for path in Path(f"/proc/{pid}/task").glob("*/schedstat")
+    )
+    return ticks, nanoseconds / 1e9
 
 
 def idle_cpu(seconds: float, count: int = 100) -> None:
@@ -146,13 +152,15 @@ def idle_cpu(seconds: float, count: int = 100) -> None:
             time.sleep(2)  # let start-up settle
             assert daemon.process is not None
             pid = daemon.process.pid
-            before, started = cpu_seconds(pid), time.monotonic()
+            (ticks_before, ns_before), started = cpu_seconds(pid), time.monotonic()
             time.sleep(seconds)
-            used, elapsed = cpu_seconds(pid) - before, time.monotonic() - started
-            print(
-                f"idle CPU with {count} schedules: {used:.2f} s of CPU in {elapsed:.0f} s = "
-                f"{100 * used / elapsed:.3f}% of one core"
-            )
+            (ticks_after, ns_after), elapsed = cpu_seconds(pid), time.monotonic() - started
+            print(f"idle CPU with {count} schedules over {elapsed:.0f} s:")
+            for name, used in (
+                ("utime+stime", ticks_after - ticks_before),
+                ("schedstat  ", ns_after - ns_before),
+            ):
+                print(f"  {name} {used * 1000:8.2f} ms = {100 * used / elapsed:.4f}% of one core")
         finally:
             daemon.stop()
     finally:
@@ -161,7 +169,7 @@ def idle_cpu(seconds: float, count: int = 100) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ticks", type=int, default=120, help="ticks per measurement")
+    parser.add_argument("--ticks", type=int, default=120, help="ticks per measurement (0: none)")
     parser.add_argument("--cpu-seconds", type=float, default=60, help="idle CPU window")
     parser.add_argument("--flood", metavar="SOCKET", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -169,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         flood(args.flood)
         return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
-    lateness(args.ticks)
+    if args.ticks > 0:
+        lateness(args.ticks)
     if args.cpu_seconds > 0:
         idle_cpu(args.cpu_seconds)
 
