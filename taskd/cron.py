@@ -12,10 +12,13 @@ turns wall-clock matches into instants (Unix seconds) in a time zone, with this 
   run is as close to the intended time as the clock allows, never before it, and ticks keep
   their order.
 - A wall time that a fall-back transition repeats (02:30 in Berlin on the last Sunday of
-  October) fires once, at its first occurrence: a daily job runs once a day. Schedules whose
-  hour field is `*` (they run every hour: `*/15 * * * *`, `@hourly`, every second) keep
-  their rhythm through the repeated hour and fire in both passes, like cronie's wildcard
-  jobs; otherwise an every-minute schedule would stop for an hour.
+  October) fires once, at its first occurrence: a daily job runs once a day.
+- Schedules whose hour field is `*` run every hour (`*/15 * * * *`, `@hourly`, every
+  second) and follow real time instead, like cronie's wildcard jobs: they fire in both passes
+  of a repeated hour (otherwise an every-minute schedule would stop for an hour), and wall
+  times in a gap are simply not there (`59 * * * *` fires at 01:59 CET, then 03:59 CEST, an
+  hour later, not also at 03:00). So `@hourly` fires once per real hour: 23 times on the
+  spring-forward day, 25 on the fall-back day.
 
 croniter 7 handles time-zone-aware datetimes itself but fires a daily 02:30 twice on the
 fall-back day, so only its naive wall-clock matching is used here.
@@ -167,7 +170,7 @@ def next_tick(cron: Cron, zone: dt.tzinfo, after: float) -> float:
             return candidate
         new_offset = _offset(zone, change)
         if new_offset > offset:  # spring forward: wall times in the gap do not exist
-            if wall < _wall(change, new_offset):
+            if wall < _wall(change, new_offset) and not cron.every_hour:
                 return change
             floor = _wall(change, new_offset) - ALMOST
         else:  # fall back: wall times from the transition's new wall time come again

@@ -70,8 +70,9 @@ def test_next_ticks_in_utc(expression: str, start: str, expected: list[str]) -> 
 
 
 # The DST rule: a wall time skipped by spring-forward fires once, at the first instant after
-# the gap; a wall time repeated by fall-back fires once, at its first occurrence, unless the
-# schedule runs every hour (hour field *), which keeps its rhythm through the repeated hour.
+# the gap; a wall time repeated by fall-back fires once, at its first occurrence. Schedules
+# that run every hour (hour field *) follow real time instead: they fire in both passes of a
+# repeated hour, and wall times in a gap are simply not there.
 DST = [
     # Europe/Berlin: 2026-03-29 02:00 CET -> 03:00 CEST; 2026-10-25 03:00 CEST -> 02:00 CET.
     (
@@ -91,6 +92,18 @@ DST = [
         "*/20 * * * *",
         "2026-03-29T01:30",
         ["2026-03-29T01:40:00+01:00", "2026-03-29T03:00:00+02:00", "2026-03-29T03:20:00+02:00"],
+    ),
+    (
+        "Europe/Berlin",
+        "59 * * * *",  # every hour: the missing 02:59 is not moved to 03:00
+        "2026-03-29T01:00",
+        ["2026-03-29T01:59:00+01:00", "2026-03-29T03:59:00+02:00"],
+    ),
+    (
+        "Europe/Berlin",
+        "*/20 2 * * *",  # particular hour, all in the gap: once, at its end
+        "2026-03-29T00:00",
+        ["2026-03-29T03:00:00+02:00", "2026-03-30T02:00:00+02:00"],
     ),
     (
         "Europe/Berlin",
@@ -166,12 +179,25 @@ DST = [
         "2026-10-03T12:00",
         ["2026-10-04T03:00:00+11:00", "2026-10-05T02:30:00+11:00"],
     ),
-    # Australia/Lord_Howe shifts by 30 minutes.
+    # Australia/Lord_Howe shifts by 30 minutes: 2026-04-05 02:00 +11 -> 01:30 +10:30,
+    # 2026-10-04 02:00 +10:30 -> 02:30 +11.
     (
         "Australia/Lord_Howe",
         "0,30 * * * *",
         "2026-04-05T01:10",
         ["2026-04-05T01:30:00+11:00", "2026-04-05T01:30:00+10:30", "2026-04-05T02:00:00+10:30"],
+    ),
+    (
+        "Australia/Lord_Howe",
+        "15 * * * *",
+        "2026-10-04T01:00",
+        ["2026-10-04T01:15:00+10:30", "2026-10-04T03:15:00+11:00"],
+    ),
+    (
+        "Australia/Lord_Howe",
+        "15 2 * * *",
+        "2026-10-03T12:00",
+        ["2026-10-04T02:30:00+11:00", "2026-10-05T02:15:00+11:00"],
     ),
 ]
 
