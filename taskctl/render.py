@@ -108,7 +108,9 @@ def schedules_table(schedules: list[ScheduleInfo]) -> str:
             s.cron,
             s.timezone,
             ", ".join(s.tasks),
-            "at start-up" if s.cron == "@startup" and s.enabled else local_time(s.next_tick, now),
+            "at start-up"
+            if s.cron == "@startup" and s.enabled and not s.paused
+            else local_time(s.next_tick, now),
             local_time(s.last_tick, now),
             _outcome(s),
             str(s.coalesced),
