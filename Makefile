@@ -40,8 +40,10 @@ test: lint
 	$(BIN)/pytest
 
 # Measurements quoted in the issues' closing notes; each script prints what it measured.
+# The scheduler's takes about five minutes; fewer ticks: make bench CRON_ARGS="--ticks 30"
 bench: install
 	$(BIN)/python tests/bench/cli_latency.py
+	$(BIN)/python -m tests.bench.cron_lateness $(CRON_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

@@ -18,7 +18,7 @@ from taskctl.client import (
     unavailable,
 )
 from taskctl.errors import JobFailed, ProtocolError, TaskdError
-from taskd.models import Job, Status, TaskInfo
+from taskd.models import Job, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -33,15 +33,19 @@ from taskd.protocol import (
     JobsParams,
     ListTasksParams,
     Params,
+    PauseScheduleParams,
     PruneParams,
     PruneResult,
     ReloadParams,
     ReloadResult,
     Request,
+    ResumeScheduleParams,
     RetryParams,
     RunParams,
     RunResult,
+    SchedulesParams,
     StatusParams,
+    TriggerScheduleParams,
     WaitParams,
     client_socket_path,
     encode_frame,
@@ -249,4 +253,24 @@ class AsyncClient:
 
     async def reload(self) -> ReloadResult:
         result: ReloadResult = await self.call("reload", ReloadParams())
+        return result
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule with its next and last tick, last outcome and coalesced count."""
+        result: list[ScheduleInfo] = await self.call("schedules", SchedulesParams())
+        return result
+
+    async def pause_schedule(self, schedule: str) -> ScheduleInfo:
+        """Stop a schedule (by id, or by its cron expression) ticking until resumed."""
+        result: ScheduleInfo = await self.call("pause_schedule", PauseScheduleParams(schedule))
+        return result
+
+    async def resume_schedule(self, schedule: str) -> ScheduleInfo:
+        """Let a paused schedule tick again from now (missed ticks are not caught up)."""
+        result: ScheduleInfo = await self.call("resume_schedule", ResumeScheduleParams(schedule))
+        return result
+
+    async def trigger_schedule(self, schedule: str) -> ScheduleInfo:
+        """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
+        result: ScheduleInfo = await self.call("trigger_schedule", TriggerScheduleParams(schedule))
         return result

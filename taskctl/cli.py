@@ -279,6 +279,50 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+def cmd_schedules(client: Client, args: argparse.Namespace) -> Exit:
+    schedules = client.schedules()
+    if args.json:
+        _render().print_json(schedules)
+    else:
+        print(_render().schedules_table(schedules))
+    return Exit.OK
+
+
+def cmd_schedules_pause(client: Client, args: argparse.Namespace) -> Exit:
+    schedule = client.pause_schedule(" ".join(args.schedule))
+    if args.json:
+        _render().print_json(schedule)
+    else:
+        print(f'schedule "{schedule.id}" is paused (until `taskctl schedules resume`)')
+    return Exit.OK
+
+
+def cmd_schedules_resume(client: Client, args: argparse.Namespace) -> Exit:
+    schedule = client.resume_schedule(" ".join(args.schedule))
+    if args.json:
+        _render().print_json(schedule)
+    else:
+        next_tick = _render().local_time(schedule.next_tick)
+        print(f'schedule "{schedule.id}" is active; next tick {next_tick}')
+    return Exit.OK
+
+
+def cmd_schedules_trigger(client: Client, args: argparse.Namespace) -> Exit:
+    schedule = client.trigger_schedule(" ".join(args.schedule))
+    if args.json:
+        _render().print_json(schedule)
+        return Exit.OK
+    for job in schedule.last_jobs:
+        if job.joined:
+            print(f"{job.task}: joined job {job.id}, which was already pending or running")
+        else:
+            print(f"{job.task}: started job {job.id}")
+    if len(schedule.last_jobs) < len(schedule.tasks):
+        print("taskctl: some tasks could not be started; see taskd's log", file=sys.stderr)
+        return Exit.TEMPFAIL
+    return Exit.OK
+
+
 def _job_exit(job: Any) -> Exit:
     if job.status == "succeeded":
         return Exit.OK
@@ -383,6 +427,30 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", type=duration, metavar="DUR")
 
     command("reload", cmd_reload, "re-read taskd.toml and the tasks folder (like SIGHUP)")
+
+    schedules = command(
+        "schedules",
+        cmd_schedules,
+        "list the schedules (next and last tick, last outcome, coalesced ticks); "
+        "or pause, resume or trigger one",
+    )
+    actions = schedules.add_subparsers(dest="action", metavar="[ACTION]")
+    for name, handler, help in (
+        ("pause", cmd_schedules_pause, "stop a schedule ticking (remembered across restarts)"),
+        ("resume", cmd_schedules_resume, "let a paused schedule tick again, from now on"),
+        ("trigger", cmd_schedules_trigger, "fire a schedule now; its regular ticks stay"),
+    ):
+        action = actions.add_parser(
+            name,
+            help=help,
+            usage=f"taskctl schedules {name} [-h] ID|CRON",
+            description=f"{help}. Name the schedule by its id or by its cron expression "
+            "(quoted, so that the shell keeps it whole).",
+            epilog=EXIT_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        action.add_argument("schedule", nargs="+", metavar="ID|CRON")
+        action.set_defaults(handler=handler)
     return parser
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from taskctl.errors import DaemonUnavailable, JobFailed, PermissionDenied, ProtocolError, error_for
-from taskd.models import Job, Status, TaskInfo, parse_duration
+from taskd.models import Job, ScheduleInfo, Status, TaskInfo, parse_duration
 from taskd.protocol import (
     HEADER,
     METHODS,
@@ -30,16 +30,20 @@ from taskd.protocol import (
     JobsParams,
     ListTasksParams,
     Params,
+    PauseScheduleParams,
     PruneParams,
     PruneResult,
     RawReply,
     ReloadParams,
     ReloadResult,
     Request,
+    ResumeScheduleParams,
     RetryParams,
     RunParams,
     RunResult,
+    SchedulesParams,
     StatusParams,
+    TriggerScheduleParams,
     WaitParams,
     client_socket_path,
     encode_frame,
@@ -314,6 +318,26 @@ class Client:
 
     def reload(self) -> ReloadResult:
         result: ReloadResult = self.call("reload", ReloadParams())
+        return result
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule with its next and last tick, last outcome and coalesced count."""
+        result: list[ScheduleInfo] = self.call("schedules", SchedulesParams())
+        return result
+
+    def pause_schedule(self, schedule: str) -> ScheduleInfo:
+        """Stop a schedule (by id, or by its cron expression) ticking until resumed."""
+        result: ScheduleInfo = self.call("pause_schedule", PauseScheduleParams(schedule))
+        return result
+
+    def resume_schedule(self, schedule: str) -> ScheduleInfo:
+        """Let a paused schedule tick again from now (missed ticks are not caught up)."""
+        result: ScheduleInfo = self.call("resume_schedule", ResumeScheduleParams(schedule))
+        return result
+
+    def trigger_schedule(self, schedule: str) -> ScheduleInfo:
+        """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
+        result: ScheduleInfo = self.call("trigger_schedule", TriggerScheduleParams(schedule))
         return result
 
 

@@ -10,9 +10,20 @@ from typing import Any
 
 import msgspec
 
-from taskd.models import Job, Status, TaskInfo, format_duration
+from taskd.models import Job, ScheduleInfo, Status, TaskInfo, format_duration
 
-TIME_FIELDS = ("created_at", "run_at", "started_at", "finished_at", "at", "next_due_at")
+TIME_FIELDS = (
+    "created_at",
+    "run_at",
+    "started_at",
+    "finished_at",
+    "at",
+    "next_due_at",
+    "next_run_at",
+    "next_tick",
+    "last_tick",
+    "fired_at",
+)
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -71,8 +82,53 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def tasks_table(tasks: list[TaskInfo]) -> str:
     if not tasks:
         return "no tasks loaded: put a Python file with a @define_task function in the tasks folder"
-    rows = [[t.name, ", ".join(t.schedules) or "-", t.description] for t in tasks]
-    return table(["NAME", "SCHEDULES", "DESCRIPTION"], rows)
+    now = time.time()
+    rows = [
+        [
+            t.name,
+            ", ".join(t.schedules) or "-",
+            local_time(t.next_run_at, now),
+            t.description,
+        ]
+        for t in tasks
+    ]
+    return table(["NAME", "SCHEDULES", "NEXT RUN", "DESCRIPTION"], rows)
+
+
+def schedules_table(schedules: list[ScheduleInfo]) -> str:
+    if not schedules:
+        return (
+            "no schedules: add [scheduled_tasks] or [[schedule]] tables to taskd.toml, then "
+            "run `taskctl reload`"
+        )
+    now = time.time()
+    rows = [
+        [
+            s.id,
+            s.cron,
+            s.timezone,
+            ", ".join(s.tasks),
+            "at start-up"
+            if s.cron == "@startup" and s.enabled and not s.paused
+            else local_time(s.next_tick, now),
+            local_time(s.last_tick, now),
+            _outcome(s),
+            str(s.coalesced),
+            "disabled" if not s.enabled else "paused" if s.paused else "active",
+        ]
+        for s in schedules
+    ]
+    headers = ["ID", "CRON", "TIMEZONE", "TASKS", "NEXT", "LAST", "OUTCOME", "COALESCED", "STATE"]
+    return table(headers, rows)
+
+
+def _outcome(schedule: ScheduleInfo) -> str:
+    if schedule.last_outcome is None:
+        return "-"
+    jobs = ", ".join(str(job.id) for job in schedule.last_jobs)
+    joined = ", joined" if any(job.joined for job in schedule.last_jobs) else ""
+    plural = "s" if len(schedule.last_jobs) > 1 else ""
+    return f"{schedule.last_outcome} (job{plural} {jobs}{joined})"
 
 
 def jobs_table(jobs: list[Job]) -> str:

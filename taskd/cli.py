@@ -129,17 +129,24 @@ def main(argv: list[str] | None = None) -> int:
 def check(config: Config, paths: Paths) -> int:
     """`taskd --check`: would this configuration start?"""
     from taskd.access import AccessPolicy
+    from taskd.schedules import load_schedules
     from taskd.tasks import TaskLoadError, load_tasks
 
     try:
         registry = load_tasks(paths.tasks, config.task)
+        schedules = load_schedules(config, registry)
         AccessPolicy.from_config(config)
     except (TaskLoadError, ConfigError) as exc:
         print(f"taskd: {exc}", file=sys.stderr)
         return EX_CONFIG
-    print(f"configuration ok: {len(registry)} tasks in {paths.tasks}")
+    print(f"configuration ok: {len(registry)} tasks in {paths.tasks}, {len(schedules)} schedules")
     for task in registry:
         print(f"  {task.name}")
+    for schedule in schedules:
+        name = f'"{schedule.id}"' + (
+            f" {schedule.expression}" if schedule.id != schedule.expression else ""
+        )
+        print(f"  schedule {name} ({schedule.timezone}): {', '.join(schedule.tasks)}")
     return 0
 
 

@@ -17,6 +17,8 @@ from taskd.background import Background
 from taskd.config import Config, ConfigError, Paths
 from taskd.executor import Executor, worker_id
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
+from taskd.scheduler import Scheduler
+from taskd.schedules import load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket
 from taskd.service import DaemonInfo, Service, retention_cutoffs
 from taskd.store import Store, StoreError
@@ -64,6 +66,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._store: Store | None = None
         self._executor: Executor | None = None
+        self._scheduler: Scheduler | None = None
         self._server: ControlServer | None = None
         self._listener: socket.socket | None = None
         self._socket_lock: int | None = None
@@ -98,6 +101,7 @@ class Daemon:
         config, paths = self.config, self.paths
         try:
             self.registry = load_tasks(paths.tasks, config.task)
+            schedules = load_schedules(config, self.registry)
             access = AccessPolicy.from_config(config)
             socket_group = group_id(config.socket_group) if config.socket_group else None
         except (TaskLoadError, ConfigError) as exc:
@@ -123,6 +127,8 @@ class Daemon:
             lease=config.lease,
             quarantine_after=config.quarantine_after,
         )
+        self._scheduler = Scheduler(self._store, submitter, started_at=self._started_at)
+        await self._scheduler.load(schedules)
         service = Service(
             store=self._store,
             registry=self._registry,
@@ -139,7 +145,7 @@ class Daemon:
             ),
             retention=lambda: self.config.retention,
             reload=self.reload,
-            schedules_of=dict,
+            scheduler=self._scheduler,
         )
         self._server = ControlServer(
             service.handle,
@@ -152,6 +158,7 @@ class Daemon:
         await self._server.start(self._listen(paths, socket_group))
         self._background.spawn(self._executor.run(), "executor")
         self._background.spawn(self._executor.keep_leases(), "leases")
+        self._background.spawn(self._scheduler.run(), "scheduler")
         self._background.spawn(self._prune_forever(), "pruner")
         if (interval := watchdog_interval()) is not None:
             self._background.spawn(self._watchdog(interval), "watchdog")
@@ -240,6 +247,7 @@ class Daemon:
             try:
                 config, paths = self._load_config()
                 registry = load_tasks(paths.tasks, config.task)
+                schedules = load_schedules(config, registry)
                 access = AccessPolicy.from_config(config)
             except (ConfigError, TaskLoadError) as exc:
                 logger.error("reload failed, the running configuration stays: %s", exc)
@@ -258,10 +266,12 @@ class Daemon:
             )
             if self._server is not None:
                 self._server.set_access(access)
+            if self._scheduler is not None:
+                await self._scheduler.replace(schedules)
             logging.getLogger().setLevel(config.log_level.upper())
             self.notifier.status(self._summary())
             logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
-            return ReloadResult(tasks=len(registry), schedules=0)
+            return ReloadResult(tasks=len(registry), schedules=len(schedules))
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -271,6 +281,8 @@ class Daemon:
         logger.info("stopping")
         if self._server is not None:
             self._server.stop_accepting()
+        if self._scheduler is not None:
+            await self._scheduler.stop()
         if self._executor is not None:
             await self._executor.drain(self.config.grace_period)
         if self._server is not None:

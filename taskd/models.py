@@ -67,13 +67,48 @@ class TaskInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str
     description: str
     file: str
-    schedules: list[str] = []
+    schedules: list[str] = []  # the expressions of the schedules that start this task
+    next_run_at: float | None = None  # the next tick of those schedules (paused ones left out)
     timeout: float | None = None
     max_attempts: int | None = None
     backoff: float | None = None
     max_backoff: float | None = None
     concurrency: int | None = None
     payload_schema: dict[str, Any] | None = None
+
+
+class FiredJob(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The job one task of a schedule got at a firing; `joined` when the firing coalesced
+    into that task's run that was still pending or running."""
+
+    task: str
+    id: int
+    joined: bool = False
+    status: JobStatus | None = None  # filled in when shown; None once the job is pruned
+
+
+class ScheduleInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A schedule as `taskctl schedules` shows it. Times are Unix seconds.
+
+    `last_tick` is the scheduled time of the latest tick fired; `fired_at` when the schedule
+    last fired (a tick, a catch-up or a trigger); `last_outcome` sums up the status of
+    `last_jobs`; `coalesced` counts the firings of a task that joined its unfinished run.
+    """
+
+    id: str
+    cron: str
+    timezone: str
+    tasks: list[str]
+    catch_up: Literal["skip", "latest", "all"] = "skip"
+    max_catch_up: int = 10
+    enabled: bool = True
+    paused: bool = False
+    next_tick: float | None = None
+    last_tick: float | None = None
+    fired_at: float | None = None
+    last_outcome: str | None = None
+    last_jobs: list[FiredJob] = []
+    coalesced: int = 0
 
 
 class TaskCounts(msgspec.Struct, frozen=True):

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.models import Job, JobStatus, Status, TaskInfo
+from taskd.models import Job, JobStatus, ScheduleInfo, Status, TaskInfo
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
@@ -201,6 +201,22 @@ class ReloadResult(msgspec.Struct, frozen=True):
     schedules: int
 
 
+class SchedulesParams(Params):
+    pass
+
+
+class PauseScheduleParams(Params):
+    schedule: str  # its id, or its cron expression if no other schedule has the same
+
+
+class ResumeScheduleParams(Params):
+    schedule: str
+
+
+class TriggerScheduleParams(Params):
+    schedule: str
+
+
 # Method name -> (params type, result type, changes state). Read-only peers may call only
 # the methods that do not change state.
 METHODS: dict[str, tuple[type[Params], Any, bool]] = {
@@ -217,6 +233,10 @@ METHODS: dict[str, tuple[type[Params], Any, bool]] = {
     "status": (StatusParams, Status, False),
     "prune": (PruneParams, PruneResult, True),
     "reload": (ReloadParams, ReloadResult, True),
+    "schedules": (SchedulesParams, list[ScheduleInfo], False),
+    "pause_schedule": (PauseScheduleParams, ScheduleInfo, True),
+    "resume_schedule": (ResumeScheduleParams, ScheduleInfo, True),
+    "trigger_schedule": (TriggerScheduleParams, ScheduleInfo, True),
 }
 
 

@@ -6,7 +6,7 @@ Domain exceptions become error replies with stable codes here, and nowhere else.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -25,17 +25,22 @@ from taskd.protocol import (
     JobsParams,
     ListTasksParams,
     Params,
+    PauseScheduleParams,
     PruneParams,
     PruneResult,
     ReloadParams,
     ReloadResult,
+    ResumeScheduleParams,
     RetryParams,
     RpcError,
     RunParams,
     RunResult,
+    SchedulesParams,
     StatusParams,
+    TriggerScheduleParams,
     WaitParams,
 )
+from taskd.scheduler import AmbiguousSchedule, Scheduler, UnknownSchedule
 from taskd.store import InvalidTransition, JobFilter, JobNotFound, Store, StoreError
 from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter, UnknownTask
 from taskd.tasks import TaskRegistry
@@ -66,7 +71,7 @@ class Service:
         info: DaemonInfo,
         retention: Callable[[], Retention],
         reload: Callable[[], Awaitable[ReloadResult]],
-        schedules_of: Callable[[], Mapping[str, list[str]]],
+        scheduler: Scheduler,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -76,7 +81,7 @@ class Service:
         self._info = info
         self._retention = retention
         self._reload = reload
-        self._schedules_of = schedules_of
+        self._scheduler = scheduler
         self._clock = clock
 
     async def handle(self, method: str, params: Params, peer: Peer) -> Any:
@@ -84,6 +89,11 @@ class Service:
             return await self._dispatch(params, peer)
         except UnknownTask as exc:
             raise RpcError(ErrorCode.UNKNOWN_TASK, str(exc), {"task": exc.name}) from None
+        except UnknownSchedule as exc:
+            data = {"schedule": exc.reference}
+            raise RpcError(ErrorCode.UNKNOWN_SCHEDULE, str(exc), data) from None
+        except AmbiguousSchedule as exc:
+            raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
         except PayloadInvalid as exc:
             raise RpcError(ErrorCode.PAYLOAD_INVALID, str(exc)) from None
         except InvalidRequest as exc:
@@ -122,11 +132,19 @@ class Service:
                 return await self.prune(params)
             case ReloadParams():
                 return await self._reload()
+            case SchedulesParams():
+                return await self._scheduler.schedules()
+            case PauseScheduleParams():
+                return await self._scheduler.pause(params.schedule)
+            case ResumeScheduleParams():
+                return await self._scheduler.resume(params.schedule)
+            case TriggerScheduleParams():
+                return await self._scheduler.trigger(params.schedule)
         raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no handler for {type(params).__name__}")
 
     def list_tasks(self) -> list[TaskInfo]:
-        schedules = self._schedules_of()
-        return [task.info(schedules.get(task.name)) for task in self._registry()]
+        schedules = self._scheduler.task_schedules()
+        return [task.info(*schedules.get(task.name, ([], None))) for task in self._registry()]
 
     async def run(self, params: RunParams) -> RunResult:
         request = JobRequest(

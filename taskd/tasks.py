@@ -102,12 +102,15 @@ class Task:
             return self.fn(ctx)
         return self.fn()
 
-    def info(self, schedules: list[str] | None = None) -> TaskInfo:
+    def info(
+        self, schedules: list[str] | None = None, next_run_at: float | None = None
+    ) -> TaskInfo:
         return TaskInfo(
             name=self.name,
             description=self.description,
             file=str(self.file),
             schedules=schedules or [],
+            next_run_at=next_run_at,
             timeout=self.timeout,
             max_attempts=self.max_attempts,
             backoff=self.backoff,

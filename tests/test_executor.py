@@ -12,6 +12,7 @@ import pytest
 
 from taskd.executor import Executor
 from taskd.protocol import RunParams
+from taskd.scheduler import Scheduler
 from taskd.service import DaemonInfo, Service
 from taskd.store import JobFilter
 from taskd.store.sqlite import SqliteStore
@@ -35,7 +36,7 @@ class Stack:
             info=DaemonInfo("t", 1, time.time(), "sqlite", "s", "t", workers),
             retention=lambda: None,  # type: ignore[arg-type, return-value]
             reload=None,  # type: ignore[arg-type]
-            schedules_of=dict,
+            scheduler=Scheduler(store, self.submitter),
         )  # fmt: skip
 
     def run_params(self, task: str, payload: object) -> RunParams:

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from taskd.models import AttemptError, Job, JobOrigin, JobStatus, TaskCounts
+from taskd.models import AttemptError, FiredJob, Job, JobOrigin, JobStatus, TaskCounts
 from taskd.store.events import JobEvents
 
 
@@ -84,13 +84,21 @@ class JobFilter(msgspec.Struct, frozen=True):
 
 
 class ScheduleState(msgspec.Struct):
-    """What the store remembers of a schedule across restarts."""
+    """What the store remembers of a schedule across restarts.
+
+    `last_tick` is the latest tick fired (a tick is never fired twice); `covered_until` is
+    the instant up to which every tick has been dealt with (fired, or deliberately not:
+    paused, or dropped by catch_up), so that ticks after it and before a start-up are the
+    missed ones. `last_jobs` are the jobs of the latest firing, one per task.
+    """
 
     id: str
     last_tick: float | None = None
     paused: bool = False
     coalesced: int = 0
-    last_job_id: int | None = None
+    covered_until: float | None = None
+    fired_at: float | None = None
+    last_jobs: list[FiredJob] = []
 
 
 class Store(Protocol):

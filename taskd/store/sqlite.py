@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 import aiosqlite
 import msgspec
 
-from taskd.models import AttemptError, Job, JobStatus, TaskCounts
+from taskd.models import AttemptError, FiredJob, Job, JobStatus, TaskCounts
 from taskd.store.base import (
     Claimed,
     Inserted,
@@ -89,7 +89,17 @@ MIGRATIONS = [
     """,
     # The fencing token: counts claims and, unlike attempts, is never reset by a retry.
     "ALTER TABLE jobs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+    # The scheduler: what has been dealt with, when it last fired, and the jobs of its
+    # latest firing (JSON: [{"task", "id", "joined"}]). They replace last_job_id, which
+    # nothing wrote before this version (and SQLite before 3.35 cannot drop a column).
+    """
+    ALTER TABLE schedules ADD COLUMN covered_until REAL;
+    ALTER TABLE schedules ADD COLUMN fired_at REAL;
+    ALTER TABLE schedules ADD COLUMN last_jobs TEXT NOT NULL DEFAULT '[]';
+    UPDATE schedules SET covered_until = last_tick;
+    """,
 ]
+SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 
 COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
@@ -101,6 +111,8 @@ INSERT_COLUMNS = (
 INSERT_ROW = "(?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)"
 INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
 FINISHED = ("succeeded", "failed", "cancelled")
+
+_fired_jobs = msgspec.json.Decoder(list[FiredJob])
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -617,11 +629,23 @@ class SqliteStore:
     async def _save_schedules_batch(self, states: list[ScheduleState]) -> list[None]:
         writer = self._connection(self._writer)
         await writer.executemany(
-            "INSERT INTO schedules (id, last_tick, paused, coalesced, last_job_id)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET last_tick = excluded.last_tick,"
+            f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET last_tick = excluded.last_tick,"
             " paused = excluded.paused, coalesced = excluded.coalesced,"
-            " last_job_id = excluded.last_job_id",
-            [(s.id, s.last_tick, int(s.paused), s.coalesced, s.last_job_id) for s in states],
+            " covered_until = excluded.covered_until, fired_at = excluded.fired_at,"
+            " last_jobs = excluded.last_jobs",
+            [
+                (
+                    s.id,
+                    s.last_tick,
+                    int(s.paused),
+                    s.coalesced,
+                    s.covered_until,
+                    s.fired_at,
+                    msgspec.json.encode(s.last_jobs).decode(),
+                )
+                for s in states
+            ],
         )
         return [None] * len(states)
 
@@ -702,9 +726,13 @@ class SqliteStore:
     async def schedule_states(self) -> list[ScheduleState]:
         return [
             ScheduleState(
-                id=r[0], last_tick=r[1], paused=bool(r[2]), coalesced=r[3], last_job_id=r[4]
+                id=r[0],
+                last_tick=r[1],
+                paused=bool(r[2]),
+                coalesced=r[3],
+                covered_until=r[4],
+                fired_at=r[5],
+                last_jobs=_fired_jobs.decode(r[6]),
             )
-            for r in await self._read(
-                "SELECT id, last_tick, paused, coalesced, last_job_id FROM schedules"
-            )
+            for r in await self._read(f"SELECT {SCHEDULE_COLUMNS} FROM schedules")
         ]

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from taskd.models import AttemptError
+from taskd.models import AttemptError, FiredJob
 from taskd.store import (
     InvalidTransition,
     JobFilter,
@@ -289,9 +289,15 @@ async def test_events_wake_waiters_after_commit(store: Store) -> None:
 
 async def test_schedule_state_persists(store: Store) -> None:
     await store.save_schedule_states([ScheduleState("s1", last_tick=NOW, paused=True, coalesced=2)])
-    await store.save_schedule_states([ScheduleState("s1", last_tick=NOW + 60, coalesced=3)])
-    (state,) = await store.schedule_states()
-    assert (state.id, state.last_tick, state.paused, state.coalesced) == ("s1", NOW + 60, False, 3)
+    jobs = [FiredJob("a", 7), FiredJob("b", 8, joined=True)]
+    updated = ScheduleState(
+        "s1", last_tick=NOW + 60, coalesced=3, covered_until=NOW + 61, fired_at=NOW + 60.5,
+        last_jobs=jobs,
+    )  # fmt: skip
+    await store.save_schedule_states([updated, ScheduleState("s2")])
+    states = {state.id: state for state in await store.schedule_states()}
+    assert states["s1"] == updated
+    assert states["s2"] == ScheduleState("s2")
 
 
 # -- SQLite-specific: the file and its lock ------------------------------------------------
@@ -328,11 +334,16 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
             " VALUES ('t', 'pending', 'enqueue', x'c0', 3, ?, ?)",
             (NOW, NOW),
         )
+        connection.execute("INSERT INTO schedules (id, last_tick, paused) VALUES ('x', 5.0, 1)")
     store = SqliteStore(path)
     await store.open()
-    (job,) = (await claim(store)).jobs
-    assert (job.task, job.epoch) == ("t", 1)
-    await store.close()
+    try:
+        (job,) = (await claim(store)).jobs
+        assert (job.task, job.epoch) == ("t", 1)
+        (state,) = await store.schedule_states()
+        assert state == ScheduleState("x", last_tick=5.0, paused=True, covered_until=5.0)
+    finally:
+        await store.close()
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 

@@ -9,7 +9,7 @@ import pytest
 
 from taskctl.client import decode_result
 from taskctl.errors import PayloadInvalid, ProtocolError, UnknownTask, error_for
-from taskd.models import AttemptError, Job, Status, TaskCounts, TaskInfo
+from taskd.models import AttemptError, FiredJob, Job, ScheduleInfo, Status, TaskCounts, TaskInfo
 from taskd.protocol import (
     HEADER,
     METHODS,
@@ -24,6 +24,7 @@ from taskd.protocol import (
     JobParams,
     JobsParams,
     ListTasksParams,
+    PauseScheduleParams,
     PruneParams,
     PruneResult,
     RawReply,
@@ -31,11 +32,14 @@ from taskd.protocol import (
     ReloadResult,
     Reply,
     Request,
+    ResumeScheduleParams,
     RetryParams,
     RpcError,
     RunParams,
     RunResult,
+    SchedulesParams,
     StatusParams,
+    TriggerScheduleParams,
     WaitParams,
     encode_frame,
 )
@@ -47,7 +51,15 @@ JOB = Job(
     key="k", started_at=3.0, finished_at=4.0,
     errors=[AttemptError(1, "error", "ValueError: boom", 3.5, "Traceback ...")],
 )  # fmt: skip
-TASK = TaskInfo(name="hello", description="d", file="/t/hello.py", schedules=["* * * * *"])
+TASK = TaskInfo(
+    name="hello", description="d", file="/t/hello.py", schedules=["* * * * *"], next_run_at=60.0
+)
+SCHEDULE = ScheduleInfo(
+    id="nightly", cron="30 2 * * *", timezone="Europe/Berlin", tasks=["a", "b"], catch_up="all",
+    max_catch_up=3, paused=True, next_tick=100.0, last_tick=50.0, fired_at=50.5,
+    last_outcome="failed", coalesced=4,
+    last_jobs=[FiredJob("a", 7, joined=True, status="failed"), FiredJob("b", 8, status=None)],
+)  # fmt: skip
 STATUS = Status(
     version="0.1.0", pid=1, started_at=1.0, uptime=2.0, database="sqlite:/x", socket="/s",
     tasks_dir="/t", workers=4, counts={"pending": 2}, running=[JOB],
@@ -74,6 +86,13 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "status": (StatusParams(), STATUS),
     "prune": (PruneParams(older_than=60.0), PruneResult(3)),
     "reload": (ReloadParams(), ReloadResult(tasks=3, schedules=1)),
+    "schedules": (
+        SchedulesParams(),
+        [SCHEDULE, ScheduleInfo("@startup", "@startup", "UTC", ["a"])],
+    ),
+    "pause_schedule": (PauseScheduleParams(schedule="nightly"), SCHEDULE),
+    "resume_schedule": (ResumeScheduleParams(schedule="*/5 * * * *"), SCHEDULE),
+    "trigger_schedule": (TriggerScheduleParams(schedule="nightly"), SCHEDULE),
 }
 
 

@@ -1,0 +1,257 @@
+"""Schedules in the real daemon: ticks in the job store, coalescing, catch-up, control."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import math
+import time
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from taskd.models import Job
+from tests.support import Taskd, wait_until
+
+
+def jobs_of(daemon: Taskd, task: str) -> list[Job]:
+    """The task's jobs, oldest first, read through the client."""
+    with daemon.client() as client:
+        return list(reversed(client.jobs(task=task, limit=1000)))
+
+
+def tick_of(job: Job) -> float:
+    return dt.datetime.fromisoformat(job.payload["scheduled_time"]).timestamp()
+
+
+def schedules(daemon: Taskd) -> dict[str, dict[str, Any]]:
+    listed = daemon.ctl("--json", "schedules")
+    assert listed.returncode == 0, listed.stderr
+    return {entry["id"]: entry for entry in json.loads(listed.stdout)}
+
+
+def instant(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def test_every_second_schedule_fires_each_tick_with_its_own_time(
+    taskd_factory: type[Taskd],
+) -> None:
+    config = 'timezone = "Europe/Berlin"\n[scheduled_tasks]\n"* * * * * *" = "echo"\n'
+    daemon = taskd_factory(config=config).start()
+    wait_until(lambda: len(jobs_of(daemon, "echo")) >= 3, timeout=10, what="three ticks")
+    listed = daemon.ctl("--json", "jobs", "--task", "echo")
+    jobs = sorted(json.loads(listed.stdout), key=lambda job: job["id"])
+    ticks = [dt.datetime.fromisoformat(job["payload"]["scheduled_time"]) for job in jobs]
+    berlin = ZoneInfo("Europe/Berlin")
+    for job, tick in zip(jobs, ticks, strict=True):
+        assert job["origin"] == "schedule" and job["payload"]["cron"] == "* * * * * *"
+        assert tick.microsecond == 0 and tick.utcoffset() == tick.astimezone(berlin).utcoffset()
+        lateness = instant(job["created_at"]) - tick.timestamp()
+        assert 0 <= lateness < 0.5, (job, lateness)
+    assert [b.timestamp() - a.timestamp() for a, b in itertools.pairwise(ticks)] == [1.0] * (
+        len(ticks) - 1
+    )  # one job per tick, each with its own scheduled_time
+    wait_until(lambda: jobs_of(daemon, "echo")[0].status == "succeeded", what="the first run")
+    first = jobs_of(daemon, "echo")[0]
+    assert first.result == first.payload
+
+    (echo,) = [t for t in json.loads(daemon.ctl("--json", "list").stdout) if t["name"] == "echo"]
+    assert (
+        echo["schedules"] == ["* * * * * *"]
+        and instant(echo["next_run_at"]) > ticks[-1].timestamp()
+    )
+    assert "NEXT RUN" in daemon.ctl("list").stdout
+    entry = schedules(daemon)["* * * * * *"]
+    assert (entry["cron"], entry["timezone"], entry["tasks"]) == (
+        "* * * * * *",
+        "Europe/Berlin",
+        ["echo"],
+    )
+    assert entry["paused"] is False and entry["coalesced"] == 0
+    assert entry["last_outcome"] in ("succeeded", "running", "pending")
+    assert instant(entry["next_tick"]) > instant(entry["last_tick"]) >= ticks[-1].timestamp()
+    table = daemon.ctl("schedules").stdout
+    assert "COALESCED" in table and "Europe/Berlin" in table
+    assert daemon.stop() == 0
+
+
+def test_a_slow_task_on_a_fast_schedule_runs_back_to_back_without_overlap(
+    taskd_factory: type[Taskd],
+) -> None:
+    config = (
+        'grace_period = "100ms"\n'  # stopping need not wait for the last 3-second run
+        '[[schedule]]\nid = "slow"\ncron = "* * * * * *"\ntasks = "slow"\n'
+        "payload = { seconds = 3 }\n"
+    )
+    daemon = taskd_factory(config=config).start()
+
+    def second_run_started() -> bool:
+        jobs = jobs_of(daemon, "slow")
+        return len(jobs) >= 2 and jobs[1].started_at is not None
+
+    wait_until(second_run_started, timeout=15, what="the second run")
+    jobs = jobs_of(daemon, "slow")
+    first, second = jobs[0], jobs[1]
+    assert first.finished_at is not None and second.started_at is not None
+    assert first.finished_at <= second.started_at  # never two at once
+    assert first.finished_at - first.started_at >= 3  # type: ignore[operator]
+    assert tick_of(second) > first.finished_at - 1  # the first tick after the run ended
+    assert sum(job.status == "running" for job in jobs) <= 1
+    entry = schedules(daemon)["slow"]
+    assert entry["coalesced"] >= 2  # the ticks during the first run joined it
+    assert "joined it" in daemon.log
+    assert daemon.stop() == 0
+
+
+CATCH_UP = """
+[[schedule]]
+id = "skip"
+cron = "* * * * * *"
+tasks = "echo"
+
+[[schedule]]
+id = "latest"
+cron = "* * * * * *"
+tasks = "db"
+catch_up = "latest"
+
+[[schedule]]
+id = "all"
+cron = "* * * * * *"
+tasks = "nested:deep:send-it"
+catch_up = "all"
+max_catch_up = 3
+"""
+TASK_OF = {"skip": "echo", "latest": "db", "all": "nested:deep:send-it"}
+
+
+def test_catch_up_after_a_stop_across_missed_ticks(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config=CATCH_UP).start()
+    for task in TASK_OF.values():
+        wait_until(lambda task=task: jobs_of(daemon, task), timeout=10, what=f"a tick of {task}")
+    assert daemon.stop() == 0
+    time.sleep(4.2)  # at least four ticks pass while taskd is down
+    restarted_at = time.time()
+    daemon.start()
+    with daemon.client() as client:
+        up_since = client.status().started_at  # ticks up to here were missed
+    expected_catch_up = {"skip": 0, "latest": 1, "all": 3}
+    for name, task in TASK_OF.items():
+
+        def settled(task: str = task, count: int = expected_catch_up[name]) -> bool:
+            late = [t for t in map(tick_of, jobs_of(daemon, task)) if t > up_since]
+            early = [j for j in jobs_of(daemon, task) if j.created_at > restarted_at]
+            return len(late) >= 1 and len(early) - len(late) >= count
+
+        wait_until(settled, timeout=10, what=f"{name} to catch up")
+    for name, task in TASK_OF.items():
+        jobs = jobs_of(daemon, task)
+        before = [tick_of(job) for job in jobs if job.created_at < restarted_at]
+        after = [tick_of(job) for job in jobs if job.created_at > restarted_at]
+        missed = [float(t) for t in range(math.floor(max(before)) + 1, math.floor(up_since) + 1)]
+        assert len(missed) >= 4, (name, missed)
+        caught_up = [tick for tick in after if tick <= up_since]
+        assert caught_up == {"skip": [], "latest": missed[-1:], "all": missed[-3:]}[name], name
+        regular = [tick for tick in after if tick > up_since]
+        assert regular[0] == math.floor(up_since) + 1  # then every tick, as before
+        assert regular == [regular[0] + n for n in range(len(regular))]
+    assert "catch_up = skip: not firing them" in daemon.log
+    assert "catch_up = all: firing 3 of them" in daemon.log
+    assert daemon.stop() == 0
+
+
+def test_pause_survives_a_restart_and_resume_does_not_catch_up(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory(config='[scheduled_tasks]\n"* * * * * *" = "echo"\n').start()
+    wait_until(lambda: jobs_of(daemon, "echo"), timeout=10, what="a tick")
+    paused = daemon.ctl("schedules", "pause", "* * * * * *")
+    assert paused.returncode == 0, paused.stderr
+    assert 'schedule "* * * * * *" is paused' in paused.stdout
+    count = len(jobs_of(daemon, "echo"))
+    assert daemon.stop() == 0
+    daemon.start()
+    entry = schedules(daemon)["* * * * * *"]
+    assert entry["paused"] is True and entry["next_tick"] is None
+    assert "paused" in daemon.ctl("schedules").stdout
+    time.sleep(1.5)  # a tick would have come round by now
+    assert len(jobs_of(daemon, "echo")) == count
+    resumed_at = time.time()
+    resumed = daemon.ctl("schedules", "resume", "*", "*", "*", "*", "*", "*")  # unquoted works
+    assert resumed.returncode == 0 and "is active; next tick" in resumed.stdout
+    wait_until(lambda: len(jobs_of(daemon, "echo")) > count, timeout=10, what="a tick")
+    assert all(tick_of(job) > resumed_at for job in jobs_of(daemon, "echo")[count:])
+    assert daemon.stop() == 0
+
+
+def test_trigger_fires_now_and_unknown_schedules_exit_4(taskd_factory: type[Taskd]) -> None:
+    config = '[[schedule]]\nid = "new-year"\ncron = "0 0 1 1 *"\ntasks = ["echo", "db"]\n'
+    daemon = taskd_factory(config=config).start()
+    before = schedules(daemon)["new-year"]
+    triggered = daemon.ctl("schedules", "trigger", "new-year")
+    assert triggered.returncode == 0, triggered.stderr
+    assert "echo: started job" in triggered.stdout and "db: started job" in triggered.stdout
+    (job,) = jobs_of(daemon, "echo")
+    assert job.payload["cron"] == "0 0 1 1 *" and abs(tick_of(job) - time.time()) < 10
+    after = schedules(daemon)["new-year"]
+    assert after["next_tick"] == before["next_tick"] and after["last_tick"] is None
+    assert after["fired_at"] is not None and {j["task"] for j in after["last_jobs"]} == {
+        "echo", "db",
+    }  # fmt: skip
+    by_expression = daemon.ctl("--json", "schedules", "trigger", "0 0 1 1 *")
+    assert by_expression.returncode == 0 and json.loads(by_expression.stdout)["id"] == "new-year"
+    for action in ("pause", "resume", "trigger"):
+        unknown = daemon.ctl("schedules", action, "no-such-schedule")
+        assert unknown.returncode == 4, unknown.stderr
+        assert 'no schedule with the id or expression "no-such-schedule"' in unknown.stderr
+    assert daemon.stop() == 0
+
+
+def test_reload_replaces_schedules_and_a_bad_one_keeps_the_old(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory(config='[scheduled_tasks]\n"@hourly" = "echo"\n"@startup" = "db"\n')
+    daemon.start()
+    wait_until(lambda: jobs_of(daemon, "db"), timeout=10, what="the @startup run")
+    for broken, message in (
+        ('"61 * * * *" = "echo"', '"61 * * * *": the minute field "61" is not valid'),
+        ('"@daily" = "ecoh"', 'names unknown task "ecoh"; did you mean "echo"?'),
+        ('"@daily" = "email"', "task email cannot accept this schedule's payload"),
+    ):
+        daemon.config_file.write_text(f"[scheduled_tasks]\n{broken}\n")
+        refused = daemon.ctl("reload")
+        assert refused.returncode == 78, refused.stderr
+        assert message in refused.stderr and "running configuration stays" in refused.stderr
+        assert list(schedules(daemon)) == ["@hourly", "@startup"]
+    daemon.config_file.write_text(
+        '[scheduled_tasks]\n"@hourly" = "echo"\n"@startup" = "db"\n"*/5 * * * *" = "echo"\n'
+    )
+    reloaded = daemon.ctl("reload")
+    assert reloaded.returncode == 0 and "3 schedules" in reloaded.stdout
+    assert list(schedules(daemon)) == ["@hourly", "@startup", "*/5 * * * *"]
+    assert len(jobs_of(daemon, "db")) == 1  # @startup fires at start-up, not at reload
+    assert daemon.stop() == 0
+    daemon.start()
+    wait_until(lambda: len(jobs_of(daemon, "db")) == 2, timeout=10, what="@startup again")
+    assert [job.payload["cron"] for job in jobs_of(daemon, "db")] == ["@startup", "@startup"]
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('[scheduled_tasks]\n"*/5 * * *" = "echo"', '"*/5 * * *": 4 fields: use 5'),
+        ('[scheduled_tasks]\n"@daily" = "nope"', 'names unknown task "nope"'),
+        ('timezone = "Mars/Base"\n', 'unknown time zone "Mars/Base"'),
+    ],
+)
+def test_a_bad_schedule_stops_startup(
+    taskd_factory: type[Taskd], config: str, message: str
+) -> None:
+    daemon = taskd_factory(config=config)
+    with pytest.raises(AssertionError, match="exited with 78"):
+        daemon.start()
+    assert message in daemon.log
