@@ -125,6 +125,7 @@ class Executor:
         self._running[job.id] = _Running(job, handle)
         self._busy += 1
         self._busy_by_task[job.task] += 1
+        self._store.events.changed()
 
     async def _execute(self, job: Job) -> None:
         try:

@@ -1,16 +1,23 @@
-"""systemd integration without libsystemd: sd_notify, the watchdog, socket activation."""
+"""systemd integration without libsystemd: sd_notify, the watchdog, socket activation.
+
+Everything systemd passes in the environment (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) is read
+once and removed, so that tasks and the processes they start do not act in taskd's name.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import stat
 import time
+from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+STATUS_INTERVAL = 1.0  # seconds: STATUS= is sent at most this often
 
 
 class Notifier:
@@ -54,6 +61,16 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+    async def keep_watchdog(self, interval: float) -> None:
+        """Ping the watchdog every `interval` seconds until cancelled.
+
+        The pings come from the event loop itself, so a task that blocks the loop stops
+        them, and systemd restarts a daemon that has stopped responding.
+        """
+        while True:
+            self.watchdog()
+            await asyncio.sleep(interval)
 
     def close(self) -> None:
         if self._socket is not None:
@@ -109,13 +126,65 @@ def inherited_sockets() -> list[tuple[str, socket.socket]]:
 
 
 def pick_control_socket(sockets: list[tuple[str, socket.socket]]) -> socket.socket | None:
-    """The inherited Unix stream socket to serve: the one named `control`, else the first."""
+    """The inherited Unix stream socket to serve: the one named `control`, else the first.
+
+    The other inherited sockets are closed: taskd has no use for them.
+    """
     candidates = [
         (name, sock)
         for name, sock in sockets
         if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
     ]
-    for name, sock in candidates:
-        if name == "control":
-            return sock
-    return candidates[0][1] if candidates else None
+    chosen = next((sock for name, sock in candidates if name == "control"), None)
+    if chosen is None and candidates:
+        chosen = candidates[0][1]
+    for name, sock in sockets:
+        if sock is not chosen:
+            logger.warning(
+                "ignoring the socket %r systemd passed in: not a Unix stream socket named control",
+                name,
+            )
+            sock.close()
+    return chosen
+
+
+class StatusUpdates:
+    """Keeps systemd's `STATUS=` line current: sent when told that something changed, at
+    most once per `interval` seconds, and never while nothing changes."""
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        summary: Callable[[], Awaitable[str]],
+        interval: float = STATUS_INTERVAL,
+    ) -> None:
+        self._notifier = notifier
+        self._summary = summary
+        self._interval = interval
+        self._changed = asyncio.Event()
+        self._last: str | None = None
+
+    def changed(self) -> None:
+        """Something the summary shows may have changed (a job was queued, started, ended)."""
+        self._changed.set()
+
+    def sent(self, text: str) -> None:
+        """The summary went out with another message (READY=1): no need to repeat it."""
+        self._last = text
+
+    async def run(self) -> None:
+        """Send updates until cancelled; waits on `changed()`, so it sleeps while idle."""
+        if not self._notifier.enabled:
+            return
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                text = await self._summary()
+            except Exception as exc:  # the status line is cosmetic: never let it stop taskd
+                logger.warning("cannot compute the status for systemd: %s", exc)
+            else:
+                if text != self._last:
+                    self._notifier.status(text)
+                    self._last = text
+            await asyncio.sleep(self._interval)  # the rate limit; changes meanwhile wait

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,19 +40,42 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         pause = min(pause * 2, 0.1)
 
 
-class Taskd:
-    """One taskd process on a temporary folder; readiness comes from its sd_notify READY=1."""
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
-    def __init__(self, root: Path, tasks: Path = FIXTURE_TASKS, config: str = "") -> None:
+
+class Taskd:
+    """One taskd process on a temporary folder; readiness comes from its sd_notify READY=1.
+
+    It receives taskd's sd_notify datagrams on a socket of its own (a path, or an abstract
+    `@name` with `abstract_notify`). With `activation` taskd runs under
+    systemd-socket-activate, which creates the socket and starts taskd at the first
+    connection, passing the socket as a file descriptor named `control`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        tasks: Path = FIXTURE_TASKS,
+        config: str = "",
+        *,
+        socket_path: Path | None = None,
+        log_level: str = "debug",
+        activation: bool = False,
+        abstract_notify: bool = False,
+    ) -> None:
         self.root = root
         self.tasks = tasks
-        self.socket = root / "taskd.sock"
+        self.socket = socket_path or root / "taskd.sock"
         self.database = root / "taskd.db"
         self.config_file = root / "taskd.toml"
         self.log_file = root / "taskd.log"
         self.config_file.write_text(config)
+        self.log_level = log_level
+        self.activation = activation
+        self.abstract_notify = abstract_notify
         self.process: subprocess.Popen[bytes] | None = None
         self.notifications: list[str] = []
+        self.received_at: list[float] = []  # time.monotonic() of each notification
         self._notify: socket.socket | None = None
 
     def command(self) -> list[str]:
@@ -61,29 +85,66 @@ class Taskd:
             "--tasks", str(self.tasks),
             "--database", str(self.database),
             "--socket", str(self.socket),
-            "--log-level", "debug",
+            "--log-level", self.log_level,
         ]  # fmt: skip
 
-    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> Taskd:
+    def _bind_notify_socket(self) -> str:
+        """Listen for sd_notify datagrams; the NOTIFY_SOCKET value that reaches us."""
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if self.abstract_notify:
+            name = f"taskd-test-{os.getpid()}-{id(self)}"
+            self._notify.bind(b"\0" + name.encode())
+            return f"@{name}"
         notify_path = self.root / "notify.sock"
         notify_path.unlink(missing_ok=True)
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(notify_path))
-        environment = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **(env or {})}
+        return str(notify_path)
+
+    def start(
+        self, timeout: float = 30.0, env: dict[str, str] | None = None, *, wait: bool = True
+    ) -> Taskd:
+        """Start taskd and wait for READY=1 (with `wait=False`, return at once; under
+        socket activation, once the socket exists, since taskd starts at the first call)."""
+        variables = {"NOTIFY_SOCKET": self._bind_notify_socket(), **(env or {})}
+        command = self.command()
+        environment = {**os.environ, **variables}
         environment.pop("TASKD_SOCKET", None)
+        if self.activation:
+            assert SOCKET_ACTIVATE, "systemd-socket-activate is not installed"
+            # It passes taskd only the variables named with -E (and PATH, HOME, ...); its
+            # own environment keeps no NOTIFY_SOCKET, so that it cannot report for taskd.
+            settings = [f"--setenv={name}={value}" for name, value in variables.items()]
+            command = [SOCKET_ACTIVATE, f"--listen={self.socket}", "--fdname=control",
+                       *settings, *command]  # fmt: skip
+            environment.pop("NOTIFY_SOCKET", None)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=environment
+                command, stdout=log, stderr=subprocess.STDOUT, env=environment
             )
         try:
-            self.wait_for_notification("READY=1", timeout)
+            if self.activation:
+                wait_until(self.socket.exists, timeout, "systemd-socket-activate's socket")
+            elif wait:
+                self.wait_for_notification("READY=1", timeout)
         except BaseException:
             self.close()
             raise
         return self
 
+    def _receive(self, timeout: float) -> str | None:
+        assert self._notify is not None
+        self._notify.settimeout(timeout)
+        try:
+            message = self._notify.recv(4096).decode()
+        except TimeoutError:
+            return None
+        self.notifications.append(message)
+        self.received_at.append(time.monotonic())
+        return message
+
     def wait_for_notification(self, field: str, timeout: float = 30.0) -> str:
-        """The next sd_notify message that contains `field`."""
+        """The next sd_notify message that contains `field` (a line such as READY=1, or
+        the start of one, such as STATUS=)."""
         assert self._notify is not None and self.process is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -94,14 +155,25 @@ class Taskd:
                 raise AssertionError(
                     f"taskd exited with {self.process.returncode} before {field}; log:\n{self.log}"
                 )
-            self._notify.settimeout(min(remaining, 0.5))
-            try:
-                message = self._notify.recv(4096).decode()
-            except TimeoutError:
-                continue
-            self.notifications.append(message)
-            if field in message.split("\n"):
+            message = self._receive(min(remaining, 0.5))
+            if message is not None and any(
+                line == field or (field.endswith("=") and line.startswith(field))
+                for line in message.split("\n")
+            ):
                 return message
+
+    def collect_notifications(self, seconds: float) -> list[tuple[float, str]]:
+        """Every notification that arrives in the next `seconds`, with its arrival time.
+
+        For measuring a rate (watchdog pings) or checking that nothing is sent while idle.
+        """
+        deadline = time.monotonic() + seconds
+        collected = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self._receive(remaining)
+            if message is not None:
+                collected.append((self.received_at[-1], message))
+        return collected
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; the exit status."""
@@ -115,6 +187,8 @@ class Taskd:
         if self.process.poll() is None:
             self.process.send_signal(signum)
         code = self.process.wait(timeout)
+        while self._notify is not None and self._receive(0.0001) is not None:
+            pass  # keep what it said on the way out (STOPPING=1)
         self.close()
         return code
 
