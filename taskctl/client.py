@@ -190,7 +190,12 @@ class Client:
         request_id = self._next_id
         self._next_id += 1
         try:
-            sock.sendall(encode_frame(Request(request_id, method, _raw(params))))
+            try:
+                sock.sendall(encode_frame(Request(request_id, method, _raw(params))))
+            except OSError:
+                # taskd may have refused the connection (permission, too many connections)
+                # and hung up before the request was sent: its answer is still to be read.
+                sock.settimeout(1.0)
             body = self._read_frame(sock)
         except TimeoutError:
             self.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.access import AccessPolicy, peer_of
+from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
 from taskd.models import Peer
 from taskd.protocol import (
     HEADER,
@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, Params, Peer], Awaitable[Any]]
 MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
+ACCESS_HINT = (
+    "ask the administrator of taskd to add the user to allow_users, or one of its groups to "
+    "allow_groups (readonly_users/readonly_groups for read-only access), in taskd.toml, "
+    "then reload taskd"
+)
 
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError)
 _request_decoder = msgspec.msgpack.Decoder(Request)
@@ -83,8 +88,9 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
             logger.info("replacing stale socket %s left by a daemon that did not stop", path)
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The mask makes the file as closed as `mode` from the moment it exists.
-        old_mask = os.umask(0o777 & ~mode)
+        # The file is born 0600 (owner only) and opened up to `mode` only once it has its
+        # group: at no moment can anyone else connect.
+        old_mask = os.umask(0o177)
         try:
             sock.bind(str(path))
         finally:
@@ -170,13 +176,15 @@ class ControlServer:
         sock = writer.get_extra_info("socket")
         try:
             pid, uid, gid = peer_of(sock)
+            peer = self._access.check(pid, uid, gid, lambda: peer_groups(sock, pid, gid))
         except OSError:
             writer.close()
             return
-        peer = self._access.check(pid, uid, gid)
         if peer is None:
-            logger.warning("refused control connection from uid %d (pid %d): not allowed", uid, pid)
-            await self._refuse(writer, ErrorCode.PERMISSION_DENIED, f"uid {uid} may not use taskd")
+            who = user_name(uid)
+            logger.warning("refused control connection from %s, pid %d: not allowed", who, pid)
+            message = f"permission denied: {who} may not use this taskd; {ACCESS_HINT}"
+            await self._refuse(writer, ErrorCode.PERMISSION_DENIED, message)
             return
         if self._closing or len(self._connections) >= self._max_connections:
             await self._refuse(
@@ -272,9 +280,14 @@ class ControlServer:
             raise RpcError(ErrorCode.HELLO_REQUIRED, "the first request must be hello")
         changes_state = spec[2]
         if changes_state and connection.peer.access != "full":
+            who = user_name(connection.peer.uid)
+            logger.info(
+                "refused %s from %s, pid %d: read-only", request.method, who, connection.peer.pid
+            )
             raise RpcError(
                 ErrorCode.PERMISSION_DENIED,
-                f"{request.method} changes state; uid {connection.peer.uid} has read-only access",
+                f"permission denied: {request.method} changes state, and {who} has read-only "
+                f"access to taskd; {ACCESS_HINT}",
             )
         if len(connection.in_flight) >= MAX_IN_FLIGHT:
             raise RpcError(
