@@ -106,7 +106,7 @@ def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> An
         raise ProtocolError(f"reply for request {reply.id}, expected {expected_id}")
     try:
         return _result_decoders[method].decode(reply.result)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
 
 

@@ -149,7 +149,7 @@ class Executor:
             return self._failure(job, None, "error", f"task {job.task} is not loaded", final=True)
         try:
             payload = task.decode_payload(bytes(job.payload))
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError, RecursionError) as exc:
             message = f"payload no longer matches the task's schema: {exc}"
             return self._failure(job, task, "error", message, final=True)
         ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self)
@@ -173,7 +173,7 @@ class Executor:
             return self._failure(job, task, "error", _describe(exc), exc=exc)
         try:
             encoded = msgspec.msgpack.encode(result)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             message = f"the result ({type(result).__name__}) cannot be encoded: {exc}"
             return self._failure(job, task, "error", message, final=True)
         return Outcome(job.id, job.attempts, self.owner, "succeeded", self._clock(), result=encoded)

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from taskctl import Client
+from taskd.protocol import PROTOCOL_VERSION, Request, encode_frame
 
 FIXTURE_TASKS = Path(__file__).parent / "fixtures" / "tasks"
 BIN = Path(sys.executable).parent
@@ -221,3 +225,64 @@ class Taskd:
 
     def client(self) -> Client:
         return Client(str(self.socket))
+
+
+class RawConnection:
+    """A control connection that sends whatever bytes a test likes and reads replies."""
+
+    def __init__(self, path: Path, *, hello: bool = True, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._next_id = 1
+        if hello:
+            assert "result" in self.call("hello", {"protocol": PROTOCOL_VERSION})
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def request(self, method: str, params: object = None) -> bytes:
+        """A well-formed request frame (params as msgpack; None means none)."""
+        raw = msgspec.Raw(msgspec.msgpack.encode({} if params is None else params))
+        request = Request(self._next_id, method, raw)
+        self._next_id += 1
+        return encode_frame(request)
+
+    def call(self, method: str, params: object = None) -> dict[str, Any]:
+        self.sock.sendall(self.request(method, params))
+        return self.reply()
+
+    def reply(self) -> dict[str, Any]:
+        header = self.sock.recv(4, socket.MSG_WAITALL)
+        if len(header) < 4:
+            raise ConnectionError("taskd closed the connection")
+        (size,) = struct.unpack(">I", header)
+        reply: dict[str, Any] = msgspec.msgpack.decode(self.sock.recv(size, socket.MSG_WAITALL))
+        return reply
+
+    def closed_by_taskd(self) -> bool:
+        """True once taskd has closed its end (after any replies still unread)."""
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return False
+        return True
+
+
+def frame(body: bytes) -> bytes:
+    """A frame around any body: the length prefix tells the truth."""
+    return struct.pack(">I", len(body)) + body
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of a process (VmRSS in /proc/PID/status), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
