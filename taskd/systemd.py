@@ -21,16 +21,23 @@ STATUS_INTERVAL = 1.0  # seconds: STATUS= is sent at most this often
 
 
 class Notifier:
-    """Sends sd_notify(3) messages to `$NOTIFY_SOCKET`; does nothing when it is unset."""
+    """Sends sd_notify(3) messages to `$NOTIFY_SOCKET`; does nothing when it is unset.
+
+    Sending never blocks: if the receiver does not read (systemd busy or hung, a queue of
+    only max_dgram_qlen datagrams), messages are dropped rather than stalling the event loop.
+    """
 
     def __init__(self, address: str | None = None) -> None:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
         self._address: str | bytes | None = None
         self._socket: socket.socket | None = None
+        self._dropped = 0
         if address:
             # "@name" is an abstract socket: a leading NUL byte on the wire.
             self._address = b"\0" + address[1:].encode() if address.startswith("@") else address
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         os.environ.pop("NOTIFY_SOCKET", None)  # tasks must not talk to systemd in our name
 
     @property
@@ -43,8 +50,20 @@ class Notifier:
         message = "\n".join(fields).encode()
         try:
             self._socket.sendto(message, self._address)
+        except BlockingIOError:
+            self._dropped += 1
+            if self._dropped == 1:
+                logger.warning(
+                    "sd_notify: nobody reads %s; dropping %r and what follows until it does",
+                    os.fsdecode(self._address).replace("\0", "@"),
+                    fields,
+                )
         except OSError as exc:
             logger.warning("sd_notify %r failed: %s", fields, exc)
+        else:
+            if self._dropped:
+                logger.warning("sd_notify: %d messages were dropped", self._dropped)
+                self._dropped = 0
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")

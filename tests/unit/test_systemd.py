@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,4 +224,26 @@ async def test_a_failing_summary_is_logged_and_the_updates_go_on(
     assert [text for _, text in notifier.sent] == ["STATUS=back"]
     assert not runner.done()
     runner.cancel()
+    notifier.close()
+
+
+def test_a_receiver_that_does_not_read_never_blocks_the_sender(
+    receiver: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, sock = receiver
+    notifier = Notifier(path)
+    started = time.monotonic()
+    for n in range(200):  # far more than the queue holds (net.unix.max_dgram_qlen)
+        notifier.status(str(n))
+    assert time.monotonic() - started < 1.0
+    assert caplog.text.count("nobody reads") == 1
+    while True:  # systemd catches up: the next message gets through, the loss is told
+        sock.settimeout(0.01)
+        try:
+            sock.recv(4096)
+        except TimeoutError:
+            break
+    notifier.status("back")
+    assert sock.recv(4096) == b"STATUS=back"
+    assert "messages were dropped" in caplog.text
     notifier.close()
