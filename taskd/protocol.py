@@ -37,7 +37,7 @@ Duration = Annotated[float, msgspec.Meta(ge=0)]
 class ErrorCode(enum.StrEnum):
     """Stable error codes of replies; clients branch on these, never on messages."""
 
-    BAD_FRAME = "bad_frame"  # not msgpack, or not a request map; the daemon closes the connection
+    BAD_FRAME = "bad_frame"  # not msgpack or not a request map; or a frame too slow (then closed)
     FRAME_TOO_LARGE = "frame_too_large"  # over the size limit; the daemon closes the connection
     HELLO_REQUIRED = "hello_required"  # the first request was not `hello`
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # hello asked for a protocol we do not speak
@@ -51,7 +51,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"  # a wait ran out before the job ended
     PERMISSION_DENIED = "permission_denied"
     RELOAD_FAILED = "reload_failed"  # the old configuration keeps running
-    BUSY = "busy"  # too many requests in flight on this connection
+    BUSY = "busy"  # too many requests in flight, or connections (then closed)
     SHUTTING_DOWN = "shutting_down"
     STORE_ERROR = (
         "store_error"  # the job store failed (disk full, locked); nothing was acknowledged

@@ -192,7 +192,7 @@ def test_watchdog_is_pinged_at_half_its_interval(taskd_factory: type[Taskd]) -> 
     pings = watchdog_times(daemon)[first:]
     assert 6 <= len(pings) <= 9, pings  # every 0.2 s: 7 or 8 in 1.5 s
     gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
-    assert all(0.1 < gap < 0.35 for gap in gaps), gaps
+    assert all(0.1 < gap < 0.4 for gap in gaps), gaps
 
 
 def test_watchdog_meant_for_another_process_is_left_alone(taskd_factory: type[Taskd]) -> None:
