@@ -214,7 +214,8 @@ class Daemon:
             with contextlib.suppress(StoreError):
                 counts = await self._store.counts(time.time())
                 queued = str(sum(task.counts.get("pending", 0) for task in counts))
-        return f"{running} running, {queued} queued, {len(self._registry())} tasks loaded"
+        tasks = len(self._registry())
+        return f"{running} running, {queued} queued, {tasks} task{'s' if tasks != 1 else ''} loaded"
 
     def _ready(self, summary: str) -> None:
         self.notifier.ready(summary)

@@ -93,7 +93,7 @@ def test_start_reload_and_stop_are_reported(
     assert daemon.process is not None
     ready = fields(daemon.notifications[-1])
     assert ready["READY"] == "1" and ready["MAINPID"] == str(daemon.process.pid)
-    assert ready["STATUS"] == "0 running, 0 queued, 1 tasks loaded"
+    assert ready["STATUS"] == "0 running, 0 queued, 1 task loaded"
 
     (tasks / "slow.py").write_text(SLOW)
     before = monotonic_usec()
