@@ -119,7 +119,7 @@ def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> An
         raise ProtocolError(f"reply for request {reply.id}, expected {expected_id}")
     try:
         return _result_decoder(method).decode(reply.result)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
 
 
@@ -203,7 +203,12 @@ class Client:
         request_id = self._next_id
         self._next_id += 1
         try:
-            sock.sendall(encode_frame(Request(request_id, method, _raw(params))))
+            try:
+                sock.sendall(encode_frame(Request(request_id, method, _raw(params))))
+            except OSError:
+                # taskd may have refused the connection (permission, too many connections)
+                # and hung up before the request was sent: its answer is still to be read.
+                sock.settimeout(1.0)
             body = self._read_frame(sock)
         except TimeoutError:
             self.close()

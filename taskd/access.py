@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -15,6 +16,9 @@ from taskd.models import Peer
 
 Access = Literal["full", "readonly"]
 _UCRED = struct.Struct("3i")
+# SO_PEERGROUPS (Linux 4.13) is missing from the socket module; its value is fixed by the ABI.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_MAX_PEER_GROUPS_BYTES = 1024  # what socket.getsockopt accepts at most: 256 groups
 
 
 def peer_of(sock: socket.socket) -> tuple[int, int, int]:
@@ -24,8 +28,23 @@ def peer_of(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def peer_groups(sock: socket.socket, pid: int, gid: int) -> set[int]:
+    """The primary and supplementary groups of the peer, as they were when it connected.
+
+    SO_PEERGROUPS reads the credentials the kernel recorded at connect(), so the answer
+    cannot be about another process that reused the pid. Kernels without it, and peers in
+    more than 256 groups, fall back to /proc.
+    """
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_PEER_GROUPS_BYTES)
+    except OSError:
+        return groups_of(pid, gid)
+    count = len(data) // 4
+    return {gid, *struct.unpack(f"{count}I", data[: count * 4])}
+
+
 def groups_of(pid: int, gid: int) -> set[int]:
-    """The primary and supplementary groups of a running process."""
+    """The primary and supplementary groups of a running process, from /proc."""
     groups = {gid}
     try:
         with open(f"/proc/{pid}/status") as status:
@@ -36,6 +55,15 @@ def groups_of(pid: int, gid: int) -> set[int]:
     except (OSError, ValueError):
         pass
     return groups
+
+
+@functools.lru_cache(maxsize=256)
+def user_name(uid: int) -> str:
+    """`uid 1000 (ada)` for log lines and messages; the bare uid if it has no name."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 class AccessPolicy:
@@ -63,14 +91,21 @@ class AccessPolicy:
             readonly_groups=_gids(config.readonly_groups, "readonly_groups"),
         )
 
-    def check(self, pid: int, uid: int, gid: int) -> Peer | None:
-        """The peer with its access level, or None if it may not connect."""
+    def check(
+        self, pid: int, uid: int, gid: int, groups: Callable[[], set[int]] | None = None
+    ) -> Peer | None:
+        """The peer with its access level, or None if it may not connect.
+
+        `groups` gives the peer's groups; it is called only when a group could matter.
+        """
         if uid in self.full_users:
             return Peer(pid, uid, gid, "full")
-        groups = groups_of(pid, gid) if (self.full_groups or self.readonly_groups) else {gid}
-        if groups & self.full_groups:
+        member_of = {gid}
+        if self.full_groups or self.readonly_groups:
+            member_of = groups() if groups is not None else groups_of(pid, gid)
+        if member_of & self.full_groups:
             return Peer(pid, uid, gid, "full")
-        if uid in self.readonly_users or groups & self.readonly_groups:
+        if uid in self.readonly_users or member_of & self.readonly_groups:
             return Peer(pid, uid, gid, "readonly")
         return None
 

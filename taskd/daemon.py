@@ -24,7 +24,13 @@ from taskd.service import DaemonInfo, Service, retention_cutoffs
 from taskd.store import Store, StoreError
 from taskd.store.sqlite import SqliteStore
 from taskd.submit import Submitter
-from taskd.systemd import Notifier, inherited_sockets, pick_control_socket, watchdog_interval
+from taskd.systemd import (
+    Notifier,
+    StatusUpdates,
+    inherited_sockets,
+    pick_control_socket,
+    watchdog_interval,
+)
 from taskd.tasks import TaskLoadError, TaskRegistry, load_tasks
 
 logger = logging.getLogger(__name__)
@@ -34,9 +40,11 @@ PRUNE_INTERVAL = 3600.0
 RESTART_ONLY = (
     "database",
     "socket",
+    "socket_group",
     "workers",
     "max_frame_size",
     "max_connections",
+    "read_timeout",
     "lease",
     "sqlite",
 )
@@ -60,7 +68,11 @@ class Daemon:
         self.config = config
         self.paths = paths
         self.registry: TaskRegistry | None = None
+        # Taken out of the environment before any task file is imported.
         self.notifier = Notifier()
+        self._watchdog_interval = watchdog_interval()
+        self._inherited = inherited_sockets()
+        self._status = StatusUpdates(self.notifier, self._summary)
         self._background = Background()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -107,6 +119,7 @@ class Daemon:
         except (TaskLoadError, ConfigError) as exc:
             raise StartupError(str(exc), exit_code=78) from None
         self._store = await self._open_store(paths)
+        self._store.events.on_change(self._status.changed)
         recovered = await self._store.recover(time.time(), config.quarantine_after, everything=True)
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)
@@ -160,9 +173,10 @@ class Daemon:
         self._background.spawn(self._executor.keep_leases(), "leases")
         self._background.spawn(self._scheduler.run(), "scheduler")
         self._background.spawn(self._prune_forever(), "pruner")
-        if (interval := watchdog_interval()) is not None:
-            self._background.spawn(self._watchdog(interval), "watchdog")
-        self.notifier.ready(self._summary())
+        if self._watchdog_interval is not None:
+            self._background.spawn(self.notifier.keep_watchdog(self._watchdog_interval), "watchdog")
+        self._background.spawn(self._status.run(), "status")
+        self._ready(await self._summary())
         logger.info(
             "taskd %s ready (pid %d): %d tasks from %s, %s, socket %s",
             taskd.__version__,
@@ -191,7 +205,7 @@ class Daemon:
         return store
 
     def _listen(self, paths: Paths, socket_group: int | None) -> socket.socket:
-        inherited = pick_control_socket(inherited_sockets())
+        inherited = pick_control_socket(self._inherited)
         if inherited is not None:
             logger.info("serving the socket systemd passed in")
             self._listener = inherited
@@ -205,9 +219,20 @@ class Daemon:
             raise StartupError(f"cannot listen on {paths.socket}: {exc}") from None
         return self._listener
 
-    def _summary(self) -> str:
+    async def _summary(self) -> str:
+        """The STATUS= line systemd shows: running jobs, queue depth, tasks loaded."""
         running = len(self._executor.running_jobs()) if self._executor else 0
-        return f"{len(self._registry())} tasks, {running} jobs running"
+        queued = "?"
+        if self._store is not None:
+            with contextlib.suppress(StoreError):
+                counts = await self._store.counts(time.time())
+                queued = str(sum(task.counts.get("pending", 0) for task in counts))
+        tasks = len(self._registry())
+        return f"{running} running, {queued} queued, {tasks} task{'s' if tasks != 1 else ''} loaded"
+
+    def _ready(self, summary: str) -> None:
+        self.notifier.ready(summary)
+        self._status.sent(summary)
 
     # -- background loops ----------------------------------------------------------------
 
@@ -225,15 +250,13 @@ class Daemon:
                     logger.info("pruned %d finished jobs past their retention", deleted)
             await asyncio.sleep(PRUNE_INTERVAL)
 
-    async def _watchdog(self, interval: float) -> None:
-        # Pinged from the event loop itself: a loop blocked by a task stops the pings.
-        while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
-
     # -- reload --------------------------------------------------------------------------
 
     def _reload_in_background(self) -> None:
+        if self._server is None:
+            logger.warning("SIGHUP ignored: taskd is still starting")
+            return
+
         async def reload() -> None:
             with contextlib.suppress(RpcError):  # logged; the old configuration stays
                 await self.reload()
@@ -245,33 +268,37 @@ class Daemon:
         async with self._reload_lock:
             self.notifier.reloading()
             try:
-                config, paths = self._load_config()
-                registry = load_tasks(paths.tasks, config.task)
-                schedules = load_schedules(config, registry)
-                access = AccessPolicy.from_config(config)
-            except (ConfigError, TaskLoadError) as exc:
-                logger.error("reload failed, the running configuration stays: %s", exc)
-                raise RpcError(
-                    ErrorCode.RELOAD_FAILED,
-                    f"reload failed; the running configuration stays in place:\n{exc}",
-                ) from None
+                return await self._reload()
             finally:
-                self.notifier.ready(self._summary())
-            for setting in RESTART_ONLY:
-                if getattr(config, setting) != getattr(self.config, setting):
-                    logger.warning("%s changed; it takes effect at the next restart", setting)
-            self.config, self.registry = config, registry
-            self.paths = Paths(
-                tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
-            )
-            if self._server is not None:
-                self._server.set_access(access)
-            if self._scheduler is not None:
-                await self._scheduler.replace(schedules)
-            logging.getLogger().setLevel(config.log_level.upper())
-            self.notifier.status(self._summary())
-            logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
-            return ReloadResult(tasks=len(registry), schedules=len(schedules))
+                # systemd waits for READY=1 after RELOADING=1, whatever the outcome.
+                self._ready(await self._summary())
+
+    async def _reload(self) -> ReloadResult:
+        try:
+            config, paths = self._load_config()
+            registry = load_tasks(paths.tasks, config.task)
+            schedules = load_schedules(config, registry)
+            access = AccessPolicy.from_config(config)
+        except (ConfigError, TaskLoadError) as exc:
+            logger.error("reload failed, the running configuration stays: %s", exc)
+            raise RpcError(
+                ErrorCode.RELOAD_FAILED,
+                f"reload failed; the running configuration stays in place:\n{exc}",
+            ) from None
+        for setting in RESTART_ONLY:
+            if getattr(config, setting) != getattr(self.config, setting):
+                logger.warning("%s changed; it takes effect at the next restart", setting)
+        self.config, self.registry = config, registry
+        self.paths = Paths(
+            tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
+        )
+        if self._server is not None:
+            self._server.set_access(access)
+        if self._scheduler is not None:
+            await self._scheduler.replace(schedules)
+        logging.getLogger().setLevel(config.log_level.upper())
+        logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
+        return ReloadResult(tasks=len(registry), schedules=len(schedules))
 
     # -- stop ----------------------------------------------------------------------------
 

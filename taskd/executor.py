@@ -130,6 +130,7 @@ class Executor:
         self._running[job.id] = _Running(job, handle)
         self._busy += 1
         self._busy_by_task[job.task] += 1
+        self._store.events.changed()
 
     async def _execute(self, job: Job) -> None:
         try:
@@ -153,7 +154,7 @@ class Executor:
             return self._failure(job, None, "error", f"task {job.task} is not loaded", final=True)
         try:
             payload = task.decode_payload(bytes(job.payload))
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError, RecursionError) as exc:
             message = f"payload no longer matches the task's schema: {exc}"
             return self._failure(job, task, "error", message, final=True)
         ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self)
@@ -177,7 +178,7 @@ class Executor:
             return self._failure(job, task, "error", _describe(exc), exc=exc)
         try:
             encoded = msgspec.msgpack.encode(result)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             message = f"the result ({type(result).__name__}) cannot be encoded: {exc}"
             return self._failure(job, task, "error", message, final=True)
         return Outcome(job.id, job.epoch, self.owner, "succeeded", self._clock(), result=encoded)

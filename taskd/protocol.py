@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import os
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,12 +24,20 @@ DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 HEADER = struct.Struct(">I")
 EMPTY_MAP = msgspec.Raw(b"\x80")
 NIL = msgspec.Raw(b"\xc0")
+# Until `hello` has been answered a connection may send only frames up to this size.
+MAX_HELLO_FRAME = 64 * 1024
+
+# msgpack integers go up to 2**64-1, the job store's up to 2**63-1; params say so, so that an
+# out-of-range number is an `invalid_params` naming the field rather than a failure deep down.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# Durations in params: not negative, and never NaN.
+Duration = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class ErrorCode(enum.StrEnum):
     """Stable error codes of replies; clients branch on these, never on messages."""
 
-    BAD_FRAME = "bad_frame"  # not msgpack, or not a request map; the daemon closes the connection
+    BAD_FRAME = "bad_frame"  # not msgpack or not a request map; or a frame too slow (then closed)
     FRAME_TOO_LARGE = "frame_too_large"  # over the size limit; the daemon closes the connection
     HELLO_REQUIRED = "hello_required"  # the first request was not `hello`
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # hello asked for a protocol we do not speak
@@ -43,7 +51,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"  # a wait ran out before the job ended
     PERMISSION_DENIED = "permission_denied"
     RELOAD_FAILED = "reload_failed"  # the old configuration keeps running
-    BUSY = "busy"  # too many requests in flight on this connection
+    BUSY = "busy"  # too many requests in flight, or connections (then closed)
     SHUTTING_DOWN = "shutting_down"
     STORE_ERROR = (
         "store_error"  # the job store failed (disk full, locked); nothing was acknowledged
@@ -126,7 +134,7 @@ class RunParams(Params):
     payload: msgspec.Raw = NIL
     key: str | None = None
     detach: bool = False
-    max_attempts: int | None = None
+    max_attempts: Int64 | None = None
 
 
 class RunResult(msgspec.Struct, frozen=True):
@@ -137,10 +145,10 @@ class RunResult(msgspec.Struct, frozen=True):
 class EnqueueParams(Params):
     task: str
     payload: msgspec.Raw = NIL
-    delay: float | None = None
+    delay: Duration | None = None
     run_at: float | None = None
-    priority: int = 0
-    max_attempts: int | None = None
+    priority: Int64 = 0
+    max_attempts: Int64 | None = None
     key: str | None = None
 
 
@@ -158,26 +166,26 @@ class EnqueueManyResult(msgspec.Struct, frozen=True):
 
 
 class JobParams(Params):
-    id: int
+    id: Int64
 
 
 class JobsParams(Params):
     status: list[JobStatus] | None = None
     task: str | None = None
-    limit: int = 50
+    limit: Int64 = 50
 
 
 class WaitParams(Params):
-    id: int
-    timeout: float | None = None
+    id: Int64
+    timeout: Duration | None = None
 
 
 class CancelParams(Params):
-    id: int
+    id: Int64
 
 
 class RetryParams(Params):
-    id: int
+    id: Int64
 
 
 class StatusParams(Params):
@@ -185,7 +193,7 @@ class StatusParams(Params):
 
 
 class PruneParams(Params):
-    older_than: float | None = None
+    older_than: Duration | None = None
 
 
 class PruneResult(msgspec.Struct, frozen=True):

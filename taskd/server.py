@@ -8,6 +8,7 @@ to finish one) is closed. Nothing a client sends can stop the server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import logging
 import os
@@ -20,10 +21,12 @@ from typing import Any
 
 import msgspec
 
-from taskd.access import AccessPolicy, peer_of
+from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
 from taskd.models import Peer
 from taskd.protocol import (
+    DEFAULT_MAX_FRAME,
     HEADER,
+    MAX_HELLO_FRAME,
     METHODS,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -40,6 +43,15 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, Params, Peer], Awaitable[Any]]
 MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
+# Bodies of frames over MAX_HELLO_FRAME bytes are received within a budget shared by all
+# connections, so that many clients each sending a frame just under max_frame_size cannot
+# make the daemon hold max_connections x max_frame_size bytes.
+LARGE_FRAME_BUDGET = 4 * DEFAULT_MAX_FRAME
+ACCESS_HINT = (
+    "ask the administrator of taskd to add the user to allow_users, or one of its groups to "
+    "allow_groups (readonly_users/readonly_groups for read-only access), in taskd.toml, "
+    "then reload taskd"
+)
 
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError)
 _request_decoder = msgspec.msgpack.Decoder(Request)
@@ -83,8 +95,9 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
             logger.info("replacing stale socket %s left by a daemon that did not stop", path)
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The mask makes the file as closed as `mode` from the moment it exists.
-        old_mask = os.umask(0o777 & ~mode)
+        # The file is born 0600 (owner only) and opened up to `mode` only once it has its
+        # group: at no moment can anyone else connect.
+        old_mask = os.umask(0o177)
         try:
             sock.bind(str(path))
         finally:
@@ -99,12 +112,63 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
     return sock, lock_fd
 
 
-class _Connection:
-    __slots__ = ("greeted", "in_flight", "peer", "writer")
+class _StreamBroken(Exception):
+    """The frame boundaries can no longer be trusted: answer with this error, then close."""
 
-    def __init__(self, peer: Peer, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _ReceiveBudget:
+    """Bytes of large frame bodies being received at once, over all connections, capped."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self, size: int) -> float:
+        """Reserve `size` bytes, waiting while others hold the budget; the seconds waited."""
+        if size <= MAX_HELLO_FRAME:
+            return 0.0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waited = False
+        while self._used and self._used + size > self._limit:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with suppress(ValueError):
+                    self._waiters.remove(waiter)
+            waited = True
+        self._used += size
+        return loop.time() - started if waited else 0.0
+
+    def release(self, size: int) -> None:
+        if size <= MAX_HELLO_FRAME:
+            return
+        self._used -= size
+        while self._waiters:  # each waiter checks again whether its frame fits now
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+
+class _Connection:
+    __slots__ = ("greeted", "in_flight", "opened", "peer", "writer")
+
+    def __init__(self, peer: Peer, writer: asyncio.StreamWriter, opened: float) -> None:
         self.peer = peer
         self.writer = writer
+        self.opened = opened
         self.greeted = False
         self.in_flight: set[asyncio.Task[None]] = set()
 
@@ -131,6 +195,7 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._closing = False
+        self._budget = _ReceiveBudget(max(LARGE_FRAME_BUDGET, max_frame))
 
     @property
     def connections(self) -> int:
@@ -170,27 +235,27 @@ class ControlServer:
         sock = writer.get_extra_info("socket")
         try:
             pid, uid, gid = peer_of(sock)
+            peer = self._access.check(pid, uid, gid, lambda: peer_groups(sock, pid, gid))
         except OSError:
             writer.close()
             return
-        peer = self._access.check(pid, uid, gid)
         if peer is None:
-            logger.warning("refused control connection from uid %d (pid %d): not allowed", uid, pid)
-            await self._refuse(writer, ErrorCode.PERMISSION_DENIED, f"uid {uid} may not use taskd")
+            who = user_name(uid)
+            logger.warning("refused control connection from %s, pid %d: not allowed", who, pid)
+            message = f"permission denied: {who} may not use this taskd; {ACCESS_HINT}"
+            await self._refuse(writer, ErrorCode.PERMISSION_DENIED, message)
             return
         if self._closing or len(self._connections) >= self._max_connections:
             await self._refuse(
                 writer, ErrorCode.BUSY, "taskd has too many open connections; try again later"
             )
             return
-        connection = _Connection(peer, writer)
+        connection = _Connection(peer, writer, asyncio.get_running_loop().time())
         self._connections.add(connection)
         try:
             await self._read_requests(reader, connection)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client hung up, possibly mid-frame
-        except TimeoutError:
-            logger.debug("closing connection from %s: it sent no hello in time", peer)
         finally:
             self._connections.discard(connection)
             for task in connection.in_flight:
@@ -205,23 +270,56 @@ class ControlServer:
 
     async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         while not self._closing:
-            # Before hello a client gets `read_timeout` to speak at all; afterwards it may sit
-            # idle between requests, but never stall in the middle of a frame.
-            header_timeout = None if connection.greeted else self._read_timeout
-            header = await asyncio.wait_for(reader.readexactly(HEADER.size), header_timeout)
-            (size,) = HEADER.unpack(header)
-            if size > self._max_frame:
-                message = f"frame of {size} bytes is over the limit of {self._max_frame}; closing"
-                self._send_error(connection, None, ErrorCode.FRAME_TOO_LARGE, message)
-                return
             try:
-                body = await asyncio.wait_for(reader.readexactly(size), self._read_timeout)
-            except TimeoutError:
-                message = f"frame not completed within {self._read_timeout:g}s; closing"
-                self._send_error(connection, None, ErrorCode.BAD_FRAME, message)
+                body = await self._read_frame(reader, connection)
+            except _StreamBroken as exc:
+                logger.debug("closing connection from %s: %s", connection.peer, exc.message)
+                self._send_error(connection, None, exc.code, exc.message)
                 return
             self._dispatch(connection, body)
             await connection.writer.drain()
+
+    async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
+        """The body of the next frame; _StreamBroken if it is too large or too slow."""
+        loop = asyncio.get_running_loop()
+        if connection.greeted:
+            # A client may stay silent between requests for as long as it likes, but a
+            # frame it has started must be complete within read_timeout.
+            first = await reader.readexactly(1)
+            deadline = loop.time() + self._read_timeout
+            limit = self._max_frame
+        else:
+            # Until hello, the connection gets read_timeout in all to say it.
+            first = b""
+            deadline = connection.opened + self._read_timeout
+            limit = min(self._max_frame, MAX_HELLO_FRAME)
+        try:
+            async with asyncio.timeout_at(deadline):
+                header = first + await reader.readexactly(HEADER.size - len(first))
+        except TimeoutError:
+            raise self._too_slow(connection) from None
+        (size,) = HEADER.unpack(header)
+        if size > limit:
+            if connection.greeted:
+                message = f"frame of {size} bytes is over the limit of {limit}; closing"
+            else:
+                message = f"frame of {size} bytes before hello (limit {limit}); closing"
+            raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
+        waited = await self._budget.acquire(size)
+        try:
+            async with asyncio.timeout_at(deadline + waited):
+                return await reader.readexactly(size)
+        except TimeoutError:
+            raise self._too_slow(connection) from None
+        finally:
+            self._budget.release(size)
+
+    def _too_slow(self, connection: _Connection) -> _StreamBroken:
+        if connection.greeted:
+            message = f"frame not completed within {self._read_timeout:g}s; closing"
+        else:
+            message = f"no hello within {self._read_timeout:g}s of connecting; closing"
+        return _StreamBroken(ErrorCode.BAD_FRAME, message)
 
     def _dispatch(self, connection: _Connection, body: bytes) -> None:
         try:
@@ -272,9 +370,14 @@ class ControlServer:
             raise RpcError(ErrorCode.HELLO_REQUIRED, "the first request must be hello")
         changes_state = spec[2]
         if changes_state and connection.peer.access != "full":
+            who = user_name(connection.peer.uid)
+            logger.info(
+                "refused %s from %s, pid %d: read-only", request.method, who, connection.peer.pid
+            )
             raise RpcError(
                 ErrorCode.PERMISSION_DENIED,
-                f"{request.method} changes state; uid {connection.peer.uid} has read-only access",
+                f"permission denied: {request.method} changes state, and {who} has read-only "
+                f"access to taskd; {ACCESS_HINT}",
             )
         if len(connection.in_flight) >= MAX_IN_FLIGHT:
             raise RpcError(
@@ -312,7 +415,7 @@ class ControlServer:
             return
         try:
             frame = encode_frame(reply)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             logger.exception("cannot encode the reply to request %s", reply.id)
             message = f"the reply could not be encoded: {exc}"
             self._send_error(connection, reply.id, ErrorCode.INTERNAL, message)

@@ -7,6 +7,7 @@ through here, so payloads are validated once, in one way, before anything is sto
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,9 +78,13 @@ class Submitter:
         except msgspec.ValidationError as exc:
             hint = " (no payload was given; this task needs one)" if request.payload == NIL else ""
             raise PayloadInvalid(f"payload rejected by task {task.name}: {exc}{hint}") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeError) as exc:
             raise PayloadInvalid(
                 f"payload for task {task.name} is not valid msgpack: {exc}"
+            ) from None
+        except RecursionError:
+            raise PayloadInvalid(
+                f"payload for task {task.name} is nested too deeply to decode"
             ) from None
         if abs(request.priority) > MAX_PRIORITY:
             raise InvalidRequest(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
@@ -90,8 +95,8 @@ class Submitter:
             raise InvalidRequest(f"key must have 1 to {MAX_KEY_LENGTH} characters")
         if request.delay is not None and not 0 <= request.delay < 10 * 365 * 86400:
             raise InvalidRequest(f"delay must be between 0 and 10 years, got {request.delay}")
-        if request.run_at is not None and request.run_at != request.run_at:
-            raise InvalidRequest("run_at is not a number")
+        if request.run_at is not None and not math.isfinite(request.run_at):
+            raise InvalidRequest(f"run_at must be a time in seconds, got {request.run_at}")
         run_at = request.run_at if request.run_at is not None else now + (request.delay or 0.0)
         return NewJob(
             task=task.name,

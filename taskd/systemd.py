@@ -1,29 +1,43 @@
-"""systemd integration without libsystemd: sd_notify, the watchdog, socket activation."""
+"""systemd integration without libsystemd: sd_notify, the watchdog, socket activation.
+
+Everything systemd passes in the environment (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) is read
+once and removed, so that tasks and the processes they start do not act in taskd's name.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import stat
 import time
+from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+STATUS_INTERVAL = 1.0  # seconds: STATUS= is sent at most this often
 
 
 class Notifier:
-    """Sends sd_notify(3) messages to `$NOTIFY_SOCKET`; does nothing when it is unset."""
+    """Sends sd_notify(3) messages to `$NOTIFY_SOCKET`; does nothing when it is unset.
+
+    Sending never blocks: if the receiver does not read (systemd busy or hung, a queue of
+    only max_dgram_qlen datagrams), messages are dropped rather than stalling the event loop.
+    """
 
     def __init__(self, address: str | None = None) -> None:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
         self._address: str | bytes | None = None
         self._socket: socket.socket | None = None
+        self._dropped = 0
         if address:
             # "@name" is an abstract socket: a leading NUL byte on the wire.
             self._address = b"\0" + address[1:].encode() if address.startswith("@") else address
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         os.environ.pop("NOTIFY_SOCKET", None)  # tasks must not talk to systemd in our name
 
     @property
@@ -36,8 +50,20 @@ class Notifier:
         message = "\n".join(fields).encode()
         try:
             self._socket.sendto(message, self._address)
+        except BlockingIOError:
+            self._dropped += 1
+            if self._dropped == 1:
+                logger.warning(
+                    "sd_notify: nobody reads %s; dropping %r and what follows until it does",
+                    os.fsdecode(self._address).replace("\0", "@"),
+                    fields,
+                )
         except OSError as exc:
             logger.warning("sd_notify %r failed: %s", fields, exc)
+        else:
+            if self._dropped:
+                logger.warning("sd_notify: %d messages were dropped", self._dropped)
+                self._dropped = 0
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
@@ -54,6 +80,16 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+    async def keep_watchdog(self, interval: float) -> None:
+        """Ping the watchdog every `interval` seconds until cancelled.
+
+        The pings come from the event loop itself, so a task that blocks the loop stops
+        them, and systemd restarts a daemon that has stopped responding.
+        """
+        while True:
+            self.watchdog()
+            await asyncio.sleep(interval)
 
     def close(self) -> None:
         if self._socket is not None:
@@ -109,13 +145,65 @@ def inherited_sockets() -> list[tuple[str, socket.socket]]:
 
 
 def pick_control_socket(sockets: list[tuple[str, socket.socket]]) -> socket.socket | None:
-    """The inherited Unix stream socket to serve: the one named `control`, else the first."""
+    """The inherited Unix stream socket to serve: the one named `control`, else the first.
+
+    The other inherited sockets are closed: taskd has no use for them.
+    """
     candidates = [
         (name, sock)
         for name, sock in sockets
         if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
     ]
-    for name, sock in candidates:
-        if name == "control":
-            return sock
-    return candidates[0][1] if candidates else None
+    chosen = next((sock for name, sock in candidates if name == "control"), None)
+    if chosen is None and candidates:
+        chosen = candidates[0][1]
+    for name, sock in sockets:
+        if sock is not chosen:
+            logger.warning(
+                "ignoring the socket %r systemd passed in: not a Unix stream socket named control",
+                name,
+            )
+            sock.close()
+    return chosen
+
+
+class StatusUpdates:
+    """Keeps systemd's `STATUS=` line current: sent when told that something changed, at
+    most once per `interval` seconds, and never while nothing changes."""
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        summary: Callable[[], Awaitable[str]],
+        interval: float = STATUS_INTERVAL,
+    ) -> None:
+        self._notifier = notifier
+        self._summary = summary
+        self._interval = interval
+        self._changed = asyncio.Event()
+        self._last: str | None = None
+
+    def changed(self) -> None:
+        """Something the summary shows may have changed (a job was queued, started, ended)."""
+        self._changed.set()
+
+    def sent(self, text: str) -> None:
+        """The summary went out with another message (READY=1): no need to repeat it."""
+        self._last = text
+
+    async def run(self) -> None:
+        """Send updates until cancelled; waits on `changed()`, so it sleeps while idle."""
+        if not self._notifier.enabled:
+            return
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                text = await self._summary()
+            except Exception as exc:  # the status line is cosmetic: never let it stop taskd
+                logger.warning("cannot compute the status for systemd: %s", exc)
+            else:
+                if text != self._last:
+                    self._notifier.status(text)
+                    self._last = text
+            await asyncio.sleep(self._interval)  # the rate limit; changes meanwhile wait

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -13,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from taskctl import Client
+from taskd.protocol import PROTOCOL_VERSION, Request, encode_frame
 
 FIXTURE_TASKS = Path(__file__).parent / "fixtures" / "tasks"
 BIN = Path(sys.executable).parent
@@ -39,19 +44,42 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         pause = min(pause * 2, 0.1)
 
 
-class Taskd:
-    """One taskd process on a temporary folder; readiness comes from its sd_notify READY=1."""
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
-    def __init__(self, root: Path, tasks: Path = FIXTURE_TASKS, config: str = "") -> None:
+
+class Taskd:
+    """One taskd process on a temporary folder; readiness comes from its sd_notify READY=1.
+
+    It receives taskd's sd_notify datagrams on a socket of its own (a path, or an abstract
+    `@name` with `abstract_notify`). With `activation` taskd runs under
+    systemd-socket-activate, which creates the socket and starts taskd at the first
+    connection, passing the socket as a file descriptor named `control`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        tasks: Path = FIXTURE_TASKS,
+        config: str = "",
+        *,
+        socket_path: Path | None = None,
+        log_level: str = "debug",
+        activation: bool = False,
+        abstract_notify: bool = False,
+    ) -> None:
         self.root = root
         self.tasks = tasks
-        self.socket = root / "taskd.sock"
+        self.socket = socket_path or root / "taskd.sock"
         self.database = root / "taskd.db"
         self.config_file = root / "taskd.toml"
         self.log_file = root / "taskd.log"
         self.config_file.write_text(config)
+        self.log_level = log_level
+        self.activation = activation
+        self.abstract_notify = abstract_notify
         self.process: subprocess.Popen[bytes] | None = None
         self.notifications: list[str] = []
+        self.received_at: list[float] = []  # time.monotonic() of each notification
         self._notify: socket.socket | None = None
 
     def command(self) -> list[str]:
@@ -61,38 +89,75 @@ class Taskd:
             "--tasks", str(self.tasks),
             "--database", str(self.database),
             "--socket", str(self.socket),
-            "--log-level", "debug",
+            "--log-level", self.log_level,
         ]  # fmt: skip
+
+    def _bind_notify_socket(self) -> str:
+        """Listen for sd_notify datagrams; the NOTIFY_SOCKET value that reaches us."""
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if self.abstract_notify:
+            name = f"taskd-test-{os.getpid()}-{id(self)}"
+            self._notify.bind(b"\0" + name.encode())
+            return f"@{name}"
+        notify_path = self.root / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        self._notify.bind(str(notify_path))
+        return str(notify_path)
 
     def start(
         self,
         timeout: float = 30.0,
         env: dict[str, str] | None = None,
+        *,
+        wait: bool = True,
         preexec_fn: Callable[[], Any] | None = None,
     ) -> Taskd:
-        notify_path = self.root / "notify.sock"
-        notify_path.unlink(missing_ok=True)
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(str(notify_path))
-        environment = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **(env or {})}
+        """Start taskd and wait for READY=1 (with `wait=False`, return at once; under
+        socket activation, once the socket exists, since taskd starts at the first call)."""
+        variables = {"NOTIFY_SOCKET": self._bind_notify_socket(), **(env or {})}
+        command = self.command()
+        environment = {**os.environ, **variables}
         environment.pop("TASKD_SOCKET", None)
+        if self.activation:
+            assert SOCKET_ACTIVATE, "systemd-socket-activate is not installed"
+            # It passes taskd only the variables named with -E (and PATH, HOME, ...); its
+            # own environment keeps no NOTIFY_SOCKET, so that it cannot report for taskd.
+            settings = [f"--setenv={name}={value}" for name, value in variables.items()]
+            command = [SOCKET_ACTIVATE, f"--listen={self.socket}", "--fdname=control",
+                       *settings, *command]  # fmt: skip
+            environment.pop("NOTIFY_SOCKET", None)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                self.command(),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environment,
                 preexec_fn=preexec_fn,
             )
         try:
-            self.wait_for_notification("READY=1", timeout)
+            if self.activation:
+                wait_until(self.socket.exists, timeout, "systemd-socket-activate's socket")
+            elif wait:
+                self.wait_for_notification("READY=1", timeout)
         except BaseException:
             self.close()
             raise
         return self
 
+    def _receive(self, timeout: float) -> str | None:
+        assert self._notify is not None
+        self._notify.settimeout(timeout)
+        try:
+            message = self._notify.recv(4096).decode()
+        except TimeoutError:
+            return None
+        self.notifications.append(message)
+        self.received_at.append(time.monotonic())
+        return message
+
     def wait_for_notification(self, field: str, timeout: float = 30.0) -> str:
-        """The next sd_notify message that contains `field`."""
+        """The next sd_notify message that contains `field` (a line such as READY=1, or
+        the start of one, such as STATUS=)."""
         assert self._notify is not None and self.process is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -103,14 +168,25 @@ class Taskd:
                 raise AssertionError(
                     f"taskd exited with {self.process.returncode} before {field}; log:\n{self.log}"
                 )
-            self._notify.settimeout(min(remaining, 0.5))
-            try:
-                message = self._notify.recv(4096).decode()
-            except TimeoutError:
-                continue
-            self.notifications.append(message)
-            if field in message.split("\n"):
+            message = self._receive(min(remaining, 0.5))
+            if message is not None and any(
+                line == field or (field.endswith("=") and line.startswith(field))
+                for line in message.split("\n")
+            ):
                 return message
+
+    def collect_notifications(self, seconds: float) -> list[tuple[float, str]]:
+        """Every notification that arrives in the next `seconds`, with its arrival time.
+
+        For measuring a rate (watchdog pings) or checking that nothing is sent while idle.
+        """
+        deadline = time.monotonic() + seconds
+        collected = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self._receive(remaining)
+            if message is not None:
+                collected.append((self.received_at[-1], message))
+        return collected
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; the exit status."""
@@ -124,6 +200,8 @@ class Taskd:
         if self.process.poll() is None:
             self.process.send_signal(signum)
         code = self.process.wait(timeout)
+        while self._notify is not None and self._receive(0.0001) is not None:
+            pass  # keep what it said on the way out (STOPPING=1)
         self.close()
         return code
 
@@ -156,3 +234,64 @@ class Taskd:
 
     def client(self) -> Client:
         return Client(str(self.socket))
+
+
+class RawConnection:
+    """A control connection that sends whatever bytes a test likes and reads replies."""
+
+    def __init__(self, path: Path, *, hello: bool = True, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._next_id = 1
+        if hello:
+            assert "result" in self.call("hello", {"protocol": PROTOCOL_VERSION})
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def request(self, method: str, params: object = None) -> bytes:
+        """A well-formed request frame (params as msgpack; None means none)."""
+        raw = msgspec.Raw(msgspec.msgpack.encode({} if params is None else params))
+        request = Request(self._next_id, method, raw)
+        self._next_id += 1
+        return encode_frame(request)
+
+    def call(self, method: str, params: object = None) -> dict[str, Any]:
+        self.sock.sendall(self.request(method, params))
+        return self.reply()
+
+    def reply(self) -> dict[str, Any]:
+        header = self.sock.recv(4, socket.MSG_WAITALL)
+        if len(header) < 4:
+            raise ConnectionError("taskd closed the connection")
+        (size,) = struct.unpack(">I", header)
+        reply: dict[str, Any] = msgspec.msgpack.decode(self.sock.recv(size, socket.MSG_WAITALL))
+        return reply
+
+    def closed_by_taskd(self) -> bool:
+        """True once taskd has closed its end (after any replies still unread)."""
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return False
+        return True
+
+
+def frame(body: bytes) -> bytes:
+    """A frame around any body: the length prefix tells the truth."""
+    return struct.pack(">I", len(body)) + body
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of a process (VmRSS in /proc/PID/status), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")

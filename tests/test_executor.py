@@ -14,7 +14,7 @@ from taskd.executor import Executor
 from taskd.protocol import RunParams
 from taskd.scheduler import Scheduler
 from taskd.service import DaemonInfo, Service
-from taskd.store import JobFilter
+from taskd.store import JobFilter, NewJob
 from taskd.store.sqlite import SqliteStore
 from taskd.submit import JobRequest, Submitter
 from taskd.tasks import TaskRegistry, load_tasks
@@ -133,3 +133,15 @@ async def test_until_idle_processes_what_is_due_and_returns(tmp_path: Path) -> N
     assert [job.status for job in jobs] == ["succeeded"] * 20
     await stack.executor.drain(1)
     await store.close()
+
+
+async def test_a_stored_payload_that_cannot_be_decoded_fails_its_job(stack: Stack) -> None:
+    # Written past the submitter (say, by an older taskd): the job fails, it does not hang.
+    rows = [
+        NewJob("echo", b"\x91" * 100_000 + b"\xc0", "enqueue", time.time(), 1),
+        NewJob("echo", b"\xa2\xff\xfe", "enqueue", time.time(), 1),
+    ]
+    inserted = await stack.store.insert(rows, time.time())
+    for row in inserted:
+        job = await asyncio.wait_for(stack.submitter.wait(row.job_id), 10)
+        assert job.status == "failed" and "payload no longer matches" in (job.error or "")

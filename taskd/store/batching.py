@@ -21,17 +21,19 @@ BatchOperation = Callable[[list[Any]], Awaitable[list[Any]]]
 
 
 class _Write(Generic[Item, Result]):
-    __slots__ = ("future", "items", "operation")
+    __slots__ = ("after_commit", "future", "items", "operation")
 
     def __init__(
         self,
         operation: Callable[[list[Item]], Awaitable[list[Result]]],
         items: Sequence[Item],
         future: asyncio.Future[list[Result]],
+        after_commit: Callable[[list[Result]], None] | None,
     ) -> None:
         self.operation = operation
         self.items = items
         self.future = future
+        self.after_commit = after_commit
 
 
 class GroupCommit:
@@ -58,13 +60,21 @@ class GroupCommit:
             self._task = None
 
     async def submit(
-        self, operation: Callable[[list[Item]], Awaitable[list[Result]]], items: Sequence[Item]
+        self,
+        operation: Callable[[list[Item]], Awaitable[list[Result]]],
+        items: Sequence[Item],
+        after_commit: Callable[[list[Result]], None] | None = None,
     ) -> list[Result]:
-        """Run `operation` on `items` in the next transaction; return after it commits."""
+        """Run `operation` on `items` in the next transaction; return after it commits.
+
+        `after_commit` gets the results as soon as they are committed, even if the caller
+        has stopped waiting (a client that hung up): what others must be told about the
+        write (work to do, a job ended) is never lost with the caller.
+        """
         if self._task is None or self._task.done():
             raise RuntimeError("the store is closed")
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(operation, items, future))
+        self._queue.put_nowait(_Write(operation, items, future, after_commit))
         # Shielded: a caller that gives up must not leave a half-reported write behind.
         return await asyncio.shield(future)
 
@@ -100,6 +110,11 @@ class GroupCommit:
         for write, result in zip(batch, results, strict=True):
             if not write.future.done():
                 write.future.set_result(result)
+            if write.after_commit is not None:
+                try:
+                    write.after_commit(result)
+                except Exception:
+                    logger.exception("telling others about a committed write failed")
 
     async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
         groups: dict[BatchOperation, list[int]] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from taskd.models import Job
 
@@ -18,6 +19,16 @@ class JobEvents:
     def __init__(self) -> None:
         self._waiters: dict[int, list[asyncio.Future[Job]]] = {}
         self._work = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever jobs are added, started or ended (it must be cheap)."""
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        """Tell the listeners that the queue or the running jobs changed."""
+        for listener in self._listeners:
+            listener()
 
     def watch(self, job_id: int) -> asyncio.Future[Job]:
         """A future that gets the job once it has finished.
@@ -44,10 +55,12 @@ class JobEvents:
         for future in self._waiters.pop(job.id, ()):
             if not future.done():
                 future.set_result(job)
+        self.changed()
 
     def nudge(self) -> None:
         """Tell the executor to look at the queue again: jobs were added, a slot freed."""
         self._work.set()
+        self.changed()
 
     async def wait_for_nudge(self, timeout: float | None) -> None:
         """Return when nudged or after `timeout` seconds, whichever comes first."""

@@ -294,10 +294,12 @@ class SqliteStore:
     async def insert(self, jobs: Sequence[NewJob], now: float) -> list[Inserted]:
         if not jobs:
             return []
-        result = await self._commits.submit(self._insert_batch, [(job, now) for job in jobs])
-        if any(not inserted.duplicate for inserted in result):
+        items = [(job, now) for job in jobs]
+        return await self._commits.submit(self._insert_batch, items, self._after_insert)
+
+    def _after_insert(self, inserted: list[Inserted]) -> None:
+        if any(not row.duplicate for row in inserted):
             self.events.nudge()
-        return result
 
     async def _insert_batch(self, items: list[tuple[NewJob, float]]) -> list[Inserted]:
         writer = self._connection(self._writer)
@@ -422,7 +424,9 @@ class SqliteStore:
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Job | None]:
         if not outcomes:
             return []
-        jobs = await self._commits.submit(self._finish_batch, list(outcomes))
+        return await self._commits.submit(self._finish_batch, list(outcomes), self._after_finish)
+
+    def _after_finish(self, jobs: list[Job | None]) -> None:
         for job in jobs:
             if job is None:
                 continue
@@ -430,7 +434,6 @@ class SqliteStore:
                 self.events.finished(job)
             else:
                 self.events.nudge()
-        return jobs
 
     async def _finish_batch(self, outcomes: list[Outcome]) -> list[Job | None]:
         writer = self._connection(self._writer)
@@ -497,14 +500,17 @@ class SqliteStore:
     @_translate_errors
     async def recover(self, now: float, quarantine_after: int, *, everything: bool) -> list[Job]:
         (jobs,) = await self._commits.submit(
-            self._recover_batch, [(now, quarantine_after, everything)]
+            self._recover_batch, [(now, quarantine_after, everything)], self._after_recover
         )
+        return jobs
+
+    def _after_recover(self, results: list[list[Job]]) -> None:
+        jobs = [job for recovered in results for job in recovered]
         for job in jobs:
             if job.status in FINISHED:
                 self.events.finished(job)
         if jobs:
             self.events.nudge()
-        return jobs
 
     async def _recover_batch(self, items: list[tuple[float, int, bool]]) -> list[list[Job]]:
         writer = self._connection(self._writer)
@@ -538,8 +544,9 @@ class SqliteStore:
 
     @_translate_errors
     async def cancel(self, job_id: int, now: float) -> Job:
-        (job,) = await self._commits.submit(self._cancel_batch, [(job_id, now)])
-        self.events.finished(job)
+        (job,) = await self._commits.submit(
+            self._cancel_batch, [(job_id, now)], lambda jobs: self.events.finished(jobs[0])
+        )
         return job
 
     async def _cancel_batch(self, items: list[tuple[int, float]]) -> list[Job]:
@@ -559,8 +566,9 @@ class SqliteStore:
 
     @_translate_errors
     async def retry(self, job_id: int, now: float) -> Job:
-        (job,) = await self._commits.submit(self._retry_batch, [(job_id, now)])
-        self.events.nudge()
+        (job,) = await self._commits.submit(
+            self._retry_batch, [(job_id, now)], lambda _: self.events.nudge()
+        )
         return job
 
     async def _retry_batch(self, items: list[tuple[int, float]]) -> list[Job]:

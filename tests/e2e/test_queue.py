@@ -343,7 +343,12 @@ def test_kill_9_loses_no_acknowledged_job(taskd_factory: type[Taskd], short_tmp:
 
     thread = threading.Thread(target=producer)
     thread.start()
-    wait_until(lambda: len(acked) >= 3000 and log.exists() and log.stat().st_size > 2000,
+
+    def running_now() -> int:
+        with sqlite3.connect(f"file:{daemon.database}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT count(*) FROM jobs WHERE status='running'").fetchone()[0])
+
+    wait_until(lambda: len(acked) >= 3000 and log.exists() and running_now() >= 8,
                timeout=60, what="jobs enqueued and running")  # fmt: skip
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGKILL)

@@ -359,3 +359,21 @@ async def test_data_survives_reopen(tmp_path: Path) -> None:
     assert second.job_id == first.job_id + 1
     assert await store.get(first.job_id) is not None
     await store.close()
+
+
+async def test_others_are_told_of_a_write_whose_caller_gave_up(store: Store) -> None:
+    # A client that hangs up right after `enqueue` cancels the request's task while the
+    # insert is in flight; the job is committed all the same, so the executor must hear.
+    store.events.nudge()
+    await store.events.wait_for_nudge(0)  # start from a cleared nudge
+    caller = asyncio.create_task(store.insert([new()], NOW))
+    await asyncio.sleep(0)  # the write is queued
+    caller.cancel()
+    await asyncio.wait_for(store.events.wait_for_nudge(None), 5)
+    (job,) = await store.list_jobs(JobFilter())
+    # Likewise a cancel whose caller gave up still wakes the job's waiters.
+    waiter = store.events.watch(job.id)
+    canceller = asyncio.create_task(store.cancel(job.id, NOW))
+    await asyncio.sleep(0)
+    canceller.cancel()
+    assert (await asyncio.wait_for(waiter, 5)).status == "cancelled"

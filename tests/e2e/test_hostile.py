@@ -1,0 +1,223 @@
+"""Every byte on the control socket is untrusted: each kind of bad input gets a clear error or
+a clean disconnect, memory stays bounded, and the daemon goes on serving everyone else."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from tests.support import RawConnection, Taskd, frame, rss_kib, short_tempdir, wait_until
+
+MAX_FRAME = 65536
+READ_TIMEOUT = 0.5
+MAX_CONNECTIONS = 50
+CONFIG = f"""
+max_frame_size = {MAX_FRAME}
+read_timeout = "{READ_TIMEOUT}s"
+max_connections = {MAX_CONNECTIONS}
+"""
+
+encode = msgspec.msgpack.encode
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Taskd]:
+    """One daemon for the whole module: what one test throws at it must not hurt the next."""
+    root = short_tempdir()
+    running = Taskd(root, config=CONFIG, log_level="info").start()
+    yield running
+    assert running.stop() == 0, running.log
+    assert "Traceback" not in running.log, running.log
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def request(method: Any, params: bytes = b"\x80", request_id: bytes = b"\x07") -> bytes:
+    """A request body built by hand, so that any part of it can be wrong."""
+    method_bytes = method if isinstance(method, bytes) else encode(method)
+    return b"\x83\xa2id" + request_id + b"\xa6method" + method_bytes + b"\xa6params" + params
+
+
+def nested(depth: int) -> bytes:
+    return b"\x91" * depth + b"\xc0"  # [[[...[nil]...]]]
+
+
+def run_params(payload: bytes, task: bytes = b"\xa4echo") -> bytes:
+    return b"\x82\xa4task" + task + b"\xa7payload" + payload
+
+
+INT64_LIMIT = "Expected `int` <= 9223372036854775807"
+# (body, error code or "result", a fragment of the message)
+CASES: dict[str, tuple[bytes, str, str]] = {
+    "empty frame": (b"", "bad_frame", "not a request"),
+    "not msgpack": (b"\xc1\xc1\xc1", "bad_frame", "not a request"),
+    "truncated msgpack": (request("jobs")[:-3], "bad_frame", "not a request"),
+    "trailing bytes": (request("jobs") + b"\x00", "bad_frame", "trailing"),
+    "a list, not a map": (encode([1, "jobs", {}]), "bad_frame", "Expected `object`"),
+    "a bare string": (encode("jobs"), "bad_frame", "Expected `object`"),
+    "id is a string": (request("jobs", request_id=b"\xa1x"), "bad_frame", "$.id"),
+    "method is missing": (b"\x81\xa2id\x01", "bad_frame", "missing required field `method`"),
+    "unknown method": (request("explode"), "unknown_method", "unknown method 'explode'"),
+    "params is a list": (request("jobs", encode([1])), "invalid_params", "Expected `object`"),
+    "params of the wrong type": (request("job", encode({"id": "x"})), "invalid_params", "$.id"),
+    "unknown param": (request("status", encode({"x": 1})), "invalid_params", "unknown field"),
+    "nested 60000 deep": (nested(60_000), "bad_frame", "Expected `object`"),
+    "params nested 5000 deep": (request("jobs", nested(5000)), "bad_frame", "recursion"),
+    "payload nested 5000 deep": (request("run", run_params(nested(5000))), "bad_frame", "recur"),
+    "payload nested 500 deep is fine": (request("run", run_params(nested(500))), "result", ""),
+    "method not UTF-8": (request(b"\xa2\xff\xfe"), "bad_frame", "utf-8"),
+    "task not UTF-8": (
+        request("run", run_params(b"\xc0", b"\xa2\xc3\x28")),
+        "invalid_params",
+        "utf-8",
+    ),
+    "payload not UTF-8": (request("run", run_params(b"\xa2\xff\xfe")), "payload_invalid", "utf-8"),
+    "key not UTF-8": (
+        request("enqueue", b"\x82\xa4task\xa4echo\xa3key\xa1\xff"),
+        "invalid_params",
+        "utf-8",
+    ),
+    "request id 2**64-1": (request("jobs", request_id=b"\xcf" + b"\xff" * 8), "result", ""),
+    "job id 2**64-1": (request("job", encode({"id": 2**64 - 1})), "invalid_params", INT64_LIMIT),
+    "job id -2**63": (request("job", encode({"id": -(2**63)})), "unknown_job", "no job with id"),
+    "priority 2**64-1": (
+        request("enqueue", encode({"task": "echo", "priority": 2**64 - 1})),
+        "invalid_params",
+        "$.priority",
+    ),
+    "max_attempts 2**63": (
+        request("run", encode({"task": "echo", "max_attempts": 2**63})),
+        "invalid_params",
+        "$.max_attempts",
+    ),
+    "cancel 2**64-1": (request("cancel", encode({"id": 2**64 - 1})), "invalid_params", "$.id"),
+    "payload with 2**64-1": (request("run", run_params(b"\xcf" + b"\xff" * 8)), "result", ""),
+    "wait timeout NaN": (
+        request("wait", encode({"id": 1, "timeout": float("nan")})),
+        "invalid_params",
+        ">= 0.0",
+    ),
+    "delay infinite": (
+        request("enqueue", encode({"task": "echo", "delay": float("inf")})),
+        "invalid_params",
+        "delay must be",
+    ),
+    "run_at infinite": (
+        request("enqueue", encode({"task": "echo", "run_at": float("inf")})),
+        "invalid_params",
+        "run_at must be",
+    ),
+    "prune NaN": (request("prune", encode({"older_than": float("nan")})), "invalid_params", ">="),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_requests_get_a_clear_error_and_the_connection_goes_on(
+    daemon: Taskd, case: str
+) -> None:
+    body, expected, fragment = CASES[case]
+    with RawConnection(daemon.socket) as connection:
+        connection.sock.sendall(frame(body))
+        reply = connection.reply()
+        if expected == "result":
+            assert "result" in reply, reply
+        else:
+            assert reply["error"]["code"] == expected, reply
+            assert fragment in reply["error"]["message"], reply
+        # The frame boundaries held: the same connection answers the next request.
+        assert connection.call("jobs", {"limit": 1})["id"] > 1
+
+
+def test_frames_over_the_limit_are_refused_and_the_connection_closed(daemon: Taskd) -> None:
+    with RawConnection(daemon.socket) as connection:
+        connection.sock.sendall(frame(b"\x00" * (MAX_FRAME + 1)))
+        reply = connection.reply()
+        assert reply["error"]["code"] == "frame_too_large" and reply["id"] is None
+        assert f"over the limit of {MAX_FRAME}" in reply["error"]["message"]
+        assert connection.closed_by_taskd()
+    with RawConnection(daemon.socket) as connection:
+        connection.sock.sendall(struct.pack(">I", 0xFFFFFFFF))  # announces 4 GiB, sends nothing
+        assert connection.reply()["error"]["code"] == "frame_too_large"
+        assert connection.closed_by_taskd()
+    with RawConnection(daemon.socket, hello=False) as connection:
+        connection.sock.sendall(struct.pack(">I", 100_000))  # before hello: 64 KiB at most
+        error = connection.reply()["error"]
+        assert error["code"] == "frame_too_large" and "before hello" in error["message"]
+        assert connection.closed_by_taskd()
+
+
+@pytest.mark.parametrize("sent", [b"\x00\x00", struct.pack(">I", 100) + b"x" * 10])
+def test_a_client_that_stalls_mid_frame_is_cut_off(daemon: Taskd, sent: bytes) -> None:
+    with RawConnection(daemon.socket) as connection:
+        time.sleep(READ_TIMEOUT * 1.5)  # idle between requests is fine, however long
+        assert connection.call("jobs", {"limit": 1})["id"] == 2
+        connection.sock.sendall(sent)  # half a header, or a tenth of a body
+        started = time.monotonic()
+        error = connection.reply()["error"]
+        waited = time.monotonic() - started
+        assert error["code"] == "bad_frame" and "not completed within 0.5s" in error["message"]
+        assert READ_TIMEOUT * 0.8 < waited < READ_TIMEOUT + 2.0
+        assert connection.closed_by_taskd()
+
+
+def test_a_client_that_never_says_hello_is_cut_off(daemon: Taskd) -> None:
+    with RawConnection(daemon.socket, hello=False) as connection:
+        error = connection.reply()["error"]
+        assert error["code"] == "bad_frame" and "no hello within 0.5s" in error["message"]
+        assert connection.closed_by_taskd()
+
+
+def test_thousands_of_idle_connections(daemon: Taskd) -> None:
+    assert daemon.process is not None
+    before = rss_kib(daemon.process.pid)
+    with RawConnection(daemon.socket) as keeper:  # greeted before the flood
+        idle = []
+        for _ in range(2000):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(daemon.socket))  # blocking: waits while the backlog is full
+            sock.settimeout(10)
+            idle.append(RawConnectionFromSocket(sock))
+        # The daemon keeps serving the connections it has while the flood goes on.
+        assert "result" in keeper.call("status")
+        codes: dict[str, int] = {}
+        for connection in idle:
+            code = connection.reply()["error"]["code"]
+            codes[code] = codes.get(code, 0) + 1
+            assert connection.closed_by_taskd()
+            connection.sock.close()
+        # At most max_connections were let in (the keeper holds one); they were dropped
+        # after read_timeout without a hello. The rest were told `busy` and closed at once.
+        assert codes.get("bad_frame", 0) <= MAX_CONNECTIONS - 1
+        assert codes["busy"] >= 2000 - (MAX_CONNECTIONS - 1)
+        assert sum(codes.values()) == 2000
+        assert "result" in keeper.call("jobs", {"limit": 1})
+    # And newcomers get in again.
+    wait_until(lambda: daemon.ctl("list").returncode == 0, what="a new client to be served")
+    assert rss_kib(daemon.process.pid) - before < 20 * 1024, "memory grew by over 20 MiB"
+
+
+def test_a_connection_cannot_have_unbounded_requests_in_flight(daemon: Taskd) -> None:
+    enqueued = daemon.ctl("enqueue", "echo", "--delay", "1h")
+    assert enqueued.returncode == 0, enqueued.stderr
+    job_id = int(enqueued.stdout)
+    with RawConnection(daemon.socket) as connection:
+        waits = b"".join(connection.request("wait", {"id": job_id}) for _ in range(200))
+        connection.sock.sendall(waits)  # 200 waits that will not end soon
+        busy = [connection.reply() for _ in range(200 - 128)]
+        assert all(reply["error"]["code"] == "busy" for reply in busy), busy[0]
+        assert "128 requests in flight" in busy[0]["error"]["message"]
+    assert daemon.ctl("cancel", str(job_id)).returncode == 0
+
+
+class RawConnectionFromSocket(RawConnection):
+    """A RawConnection around a socket that is already connected (and said nothing)."""
+
+    def __init__(self, sock: socket.socket) -> None:  # no connect, no hello
+        self.sock = sock
+        self._next_id = 1

@@ -1,0 +1,33 @@
+"""Requests that the submitter refuses before anything is stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskd.store import Store
+from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter
+from taskd.tasks import load_tasks
+from tests.support import FIXTURE_TASKS
+
+REGISTRY = load_tasks(FIXTURE_TASKS)
+SUBMITTER = Submitter(Store.__new__(Store), lambda: REGISTRY)  # prepare() never stores
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x91" * 100_000 + b"\xc0", "nested too deeply"),
+        (b"\xa2\xff\xfe", "not valid msgpack: 'utf-8' codec can't decode"),
+        (b"\xc1", "not valid msgpack"),
+        (b"\x92\x01", "not valid msgpack"),
+    ],
+)
+def test_payloads_that_cannot_be_decoded(payload: bytes, message: str) -> None:
+    with pytest.raises(PayloadInvalid, match=message):
+        SUBMITTER.prepare(JobRequest("echo", payload, "run"), 0.0)
+
+
+@pytest.mark.parametrize("run_at", [float("nan"), float("inf"), float("-inf")])
+def test_run_at_must_be_a_time(run_at: float) -> None:
+    with pytest.raises(InvalidRequest, match="run_at must be a time"):
+        SUBMITTER.prepare(JobRequest("echo", b"\xc0", "enqueue", run_at=run_at), 0.0)
