@@ -225,8 +225,7 @@ class Daemon:
         queued = "?"
         if self._store is not None:
             with contextlib.suppress(StoreError):
-                counts = await self._store.counts(time.time())
-                queued = str(sum(task.counts.get("pending", 0) for task in counts))
+                queued = str(await self._store.queue_depth())
         tasks = len(self._registry())
         return f"{running} running, {queued} queued, {tasks} task{'s' if tasks != 1 else ''} loaded"
 

@@ -79,6 +79,11 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
             f"the socket's folder {folder} is writable by every user, so another user could "
             "replace the socket; put it in a folder of its own (e.g. /run/taskd)"
         )
+    if info.st_uid not in (0, os.getuid()):
+        raise SocketInUse(
+            f"the socket's folder {folder} belongs to uid {info.st_uid}, not to taskd's user, "
+            "so its owner could replace the socket; use a folder of taskd's own"
+        )
     lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

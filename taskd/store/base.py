@@ -151,6 +151,9 @@ class Store(Protocol):
     async def counts(self, now: float) -> list[TaskCounts]:
         """Jobs per task and status, and per task the oldest due pending job's age."""
 
+    async def queue_depth(self) -> int:
+        """How many jobs are pending (cheap: for status lines updated as jobs come and go)."""
+
     async def next_due(self) -> float | None:
         """When the earliest pending job is due, or None if there is none."""
 

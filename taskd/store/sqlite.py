@@ -724,6 +724,14 @@ class SqliteStore:
         return result
 
     @_translate_errors
+    async def queue_depth(self) -> int:
+        # The partial index holds only pending jobs: counting them never scans the history.
+        rows = await self._read(
+            "SELECT count(*) FROM jobs INDEXED BY jobs_pending_due WHERE status = 'pending'"
+        )
+        return int(rows[0][0])
+
+    @_translate_errors
     async def next_due(self) -> float | None:
         rows = await self._read(
             "SELECT run_at FROM jobs WHERE status = 'pending' ORDER BY run_at LIMIT 1"

@@ -74,6 +74,19 @@ def test_a_folder_writable_by_everyone_is_refused(
 
 
 @needs_root
+def test_a_folder_owned_by_another_user_is_refused(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    theirs = short_tmp / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, pwd.getpwnam("nobody").pw_uid, -1)  # they could swap our socket
+    daemon = taskd_factory(socket_path=theirs / "taskd.sock")
+    with pytest.raises(AssertionError, match="exited with 1"):
+        daemon.start()
+    assert f"the socket's folder {theirs} belongs to uid" in daemon.log
+
+
+@needs_root
 def test_only_allowed_users_get_in_and_readonly_users_only_read(shared_daemon: Taskd) -> None:
     shared_daemon.start()
     # Not listed: refused, told how to get access, and the attempt is logged.

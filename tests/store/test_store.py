@@ -272,6 +272,7 @@ async def test_list_counts_prune(store: Store) -> None:
     assert counts["a"].oldest_pending_age == 4
     assert counts["b"].next_due_at == NOW + 9
     assert await store.next_due() == NOW
+    assert await store.queue_depth() == 2
     assert await store.prune({"succeeded": NOW}) == 0
     assert await store.prune({"succeeded": NOW + 2}) == 1
     assert await store.get(ids[0]) is None
