@@ -146,11 +146,7 @@ def statuses(text: str) -> list[str]:
 
 def cmd_list(client: Client, args: argparse.Namespace) -> Exit:
     tasks = client.list_tasks()
-    if args.json:
-        _render().print_json(tasks)
-    else:
-        print(_render().tasks_table(tasks))
-    return Exit.OK
+    return _show(args, tasks, lambda: _render().tasks_table(tasks))
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
@@ -207,21 +203,13 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
     job = client.job(args.id)
-    if args.json:
-        _render().print_json(job)
-    else:
-        print(_render().job_detail(job))
-    return Exit.OK
+    return _show(args, job, lambda: _render().job_detail(job))
 
 
 def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
     wanted = [name for group in args.status or [] for name in group] or None
     jobs = client.jobs(status=wanted, task=args.task, limit=args.limit)
-    if args.json:
-        _render().print_json(jobs)
-    else:
-        print(_render().jobs_table(jobs))
-    return Exit.OK
+    return _show(args, jobs, lambda: _render().jobs_table(jobs))
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> Exit:
@@ -236,65 +224,47 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> Exit:
     job = client.cancel(args.id)
-    if args.json:
-        _render().print_json(job)
-    else:
-        print(f"job {job.id} {job.task} cancelled")
-    return Exit.OK
+    return _show(args, job, lambda: f"job {job.id} {job.task} cancelled")
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> Exit:
     job = client.retry(args.id)
-    if args.json:
-        _render().print_json(job)
-    else:
-        print(f"job {job.id} {job.task} is pending again with {job.max_attempts} attempts")
-    return Exit.OK
+    return _show(
+        args,
+        job,
+        lambda: f"job {job.id} {job.task} is pending again with {job.max_attempts} attempts",
+    )
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> Exit:
     status = client.status()
-    if args.json:
-        _render().print_json(status)
-    else:
-        print(_render().status_detail(status))
-    return Exit.OK
+    return _show(args, status, lambda: _render().status_detail(status))
 
 
 def cmd_prune(client: Client, args: argparse.Namespace) -> Exit:
     deleted = client.prune(args.older_than)
-    if args.json:
-        _render().print_json({"deleted": deleted})
-    else:
-        print(f"deleted {deleted} finished jobs")
-    return Exit.OK
+    return _show(args, {"deleted": deleted}, lambda: f"deleted {deleted} finished jobs")
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:
     result = client.reload()
-    if args.json:
-        _render().print_json(result)
-    else:
-        print(f"reloaded: {result.tasks} tasks, {result.schedules} schedules")
-    return Exit.OK
+    return _show(
+        args, result, lambda: f"reloaded: {result.tasks} tasks, {result.schedules} schedules"
+    )
 
 
 def cmd_schedules(client: Client, args: argparse.Namespace) -> Exit:
     schedules = client.schedules()
-    if args.json:
-        _render().print_json(schedules)
-    else:
-        print(_render().schedules_table(schedules))
-    return Exit.OK
+    return _show(args, schedules, lambda: _render().schedules_table(schedules))
 
 
 def cmd_schedules_pause(client: Client, args: argparse.Namespace) -> Exit:
     schedule = client.pause_schedule(" ".join(args.schedule))
-    if args.json:
-        _render().print_json(schedule)
-    else:
-        print(f'schedule "{schedule.id}" is paused (until `taskctl schedules resume`)')
-    return Exit.OK
+    return _show(
+        args,
+        schedule,
+        lambda: f'schedule "{schedule.id}" is paused (until `taskctl schedules resume`)',
+    )
 
 
 def cmd_schedules_resume(client: Client, args: argparse.Namespace) -> Exit:
@@ -320,6 +290,15 @@ def cmd_schedules_trigger(client: Client, args: argparse.Namespace) -> Exit:
     if len(schedule.last_jobs) < len(schedule.tasks):
         print("taskctl: some tasks could not be started; see taskd's log", file=sys.stderr)
         return Exit.TEMPFAIL
+    return Exit.OK
+
+
+def _show(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> Exit:
+    """Print `value` as JSON with --json, else the text made for people."""
+    if args.json:
+        _render().print_json(value)
+    else:
+        print(text())
     return Exit.OK
 
 
