@@ -20,6 +20,9 @@ from taskd.store import Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
 MAX_PRIORITY = 2**31
+# Runs (taskctl run, ctx.run_task, cron ticks) have a caller or a clock waiting for them:
+# they go ahead of enqueued jobs of the default priority 0.
+RUN_PRIORITY = -10
 NIL = b"\xc0"  # msgpack nil: the payload of a request that gave none
 MAX_KEY_LENGTH = 1024
 
@@ -48,7 +51,7 @@ class JobRequest(msgspec.Struct, frozen=True):
     single_flight: bool = False
     delay: float | None = None
     run_at: float | None = None
-    priority: int = 0
+    priority: int | None = None  # default: RUN_PRIORITY for runs, 0 for enqueued jobs
     max_attempts: int | None = None
     key: str | None = None
     parent_id: int | None = None
@@ -86,7 +89,10 @@ class Submitter:
             raise PayloadInvalid(
                 f"payload for task {task.name} is nested too deeply to decode"
             ) from None
-        if abs(request.priority) > MAX_PRIORITY:
+        priority = request.priority
+        if priority is None:
+            priority = RUN_PRIORITY if request.single_flight else 0
+        if abs(priority) > MAX_PRIORITY:
             raise InvalidRequest(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
         if request.max_attempts is not None and request.max_attempts < 1:
             raise InvalidRequest(f"max_attempts must be at least 1, got {request.max_attempts}")
@@ -105,7 +111,7 @@ class Submitter:
             run_at=run_at,
             max_attempts=request.max_attempts
             or default_attempts(request.single_flight, task.max_attempts),
-            priority=request.priority,
+            priority=priority,
             key=key,
             parent_id=request.parent_id,
         )

@@ -154,6 +154,24 @@ def test_priority_then_due_time_order(taskd_factory: type[Taskd], short_tmp: Pat
     assert daemon.stop() == 0
 
 
+def test_runs_go_ahead_of_queued_jobs(taskd_factory: type[Taskd], short_tmp: Path) -> None:
+    daemon = taskd_factory(config="workers = 1\n").start()
+    started = short_tmp / "started.txt"
+    log = short_tmp / "order.txt"
+    enqueue(daemon, "slow", "--payload", json.dumps({"seconds": 0.3, "started": str(started)}))
+    wait_until(started.exists, what="the blocking job to start")
+    queued = [enqueue(daemon, "work", "--payload", json.dumps({"log": str(log)})) for _ in range(5)]
+    ran = daemon.ctl("--json", "run", "work", "--payload", json.dumps({"log": str(log)}))
+    assert ran.returncode == 0, ran.stderr
+    run_id = json.loads(ran.stdout)["id"]
+    assert json.loads(ran.stdout)["priority"] == -10
+    with daemon.client() as client:
+        for job_id in queued:
+            client.wait(job_id, timeout=20)
+    assert [int(line) for line in log.read_text().split()] == [run_id, *queued]
+    assert daemon.stop() == 0
+
+
 def test_concurrency_limits_from_config(taskd_factory: type[Taskd], short_tmp: Path) -> None:
     daemon = taskd_factory(config='workers = 8\n[task."slow"]\nconcurrency = 2\n').start()
     started = short_tmp / "started.txt"
