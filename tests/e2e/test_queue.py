@@ -215,7 +215,8 @@ def test_cancel_pending_running_and_finished(taskd: Taskd, short_tmp: Path) -> N
     thread_job = enqueue(taskd, "blocking", "--payload", '{"seconds": 0.5}')
     wait_until(lambda: job(taskd, thread_job)["status"] == "running", what="the thread job")
     assert taskd.ctl("cancel", str(thread_job)).returncode == 0
-    time.sleep(0.7)  # let the thread finish: its result must not overwrite the cancellation
+    late = f"job {thread_job} blocking: outcome of attempt 1 not recorded"
+    wait_until(lambda: late in taskd.log, what="the thread's late result to be refused")
     assert job(taskd, thread_job)["status"] == "cancelled"
 
 
