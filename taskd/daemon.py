@@ -23,7 +23,7 @@ from taskd.server import ControlServer, SocketInUse, bind_socket
 from taskd.service import DaemonInfo, Service, retention_cutoffs
 from taskd.store import Store, StoreError
 from taskd.store.sqlite import SqliteStore
-from taskd.submit import Submitter
+from taskd.submit import Submitter, max_payload_size
 from taskd.systemd import (
     Notifier,
     StatusUpdates,
@@ -130,7 +130,8 @@ class Daemon:
                 len(recovered) - failed,
                 failed,
             )
-        submitter = Submitter(self._store, self._registry)
+        max_payload = max_payload_size(config.max_frame_size)
+        submitter = Submitter(self._store, self._registry, max_payload=max_payload)
         self._executor = Executor(
             self._store,
             self._registry,
@@ -139,6 +140,7 @@ class Daemon:
             workers=config.workers,
             lease=config.lease,
             quarantine_after=config.quarantine_after,
+            max_result=max_payload,
         )
         self._scheduler = Scheduler(self._store, submitter, started_at=self._started_at)
         await self._scheduler.load(schedules)

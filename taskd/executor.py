@@ -26,14 +26,19 @@ import msgspec
 from taskd.definition import Fail, Retry, TaskContext, TaskFailed
 from taskd.models import AttemptError, Job
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
+from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.store import Outcome, Store, StoreError
-from taskd.submit import JobRequest, Submitter, encode_payload
+from taskd.submit import JobRequest, Submitter, encode_payload, max_payload_size
 from taskd.tasks import Task, TaskRegistry
 
 logger = logging.getLogger(__name__)
 
 CancelReason = Literal["cancel", "shutdown"]
 REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
+# An attempt's error is kept with the job: its message and traceback are bounded, so that
+# a job's errors fit in a reply (the most relevant frames of a traceback are the last).
+MAX_ERROR_MESSAGE = 4096
+MAX_TRACEBACK = 16384
 
 
 def worker_id() -> str:
@@ -67,9 +72,11 @@ class Executor:
         workers: int,
         lease: float,
         quarantine_after: int,
+        max_result: int = max_payload_size(DEFAULT_MAX_FRAME),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._max_result = max_result
         self._registry = registry
         self._submitter = submitter
         self.owner = owner
@@ -181,6 +188,12 @@ class Executor:
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             message = f"the result ({type(result).__name__}) cannot be encoded: {exc}"
             return self._failure(job, task, "error", message, final=True)
+        if len(encoded) > self._max_result:
+            message = (
+                f"the result of {len(encoded)} bytes is over the limit of {self._max_result} "
+                "(a quarter of max_frame_size); return a reference to the data instead"
+            )
+            return self._failure(job, task, "error", message, final=True)
         return Outcome(job.id, job.epoch, self.owner, "succeeded", self._clock(), result=encoded)
 
     async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
@@ -220,6 +233,11 @@ class Executor:
     ) -> Outcome:
         now = self._clock()
         trace = "".join(traceback.format_exception(exc)) if exc is not None else None
+        if trace is not None and len(trace) > MAX_TRACEBACK:
+            trace = "...\n" + trace[-MAX_TRACEBACK:]
+        message = (
+            message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE] + "…"
+        )
         error = AttemptError(job.attempts, kind, message, now, trace)
         where = f"job {job.id} {job.task} attempt {job.attempts}/{job.max_attempts}"
         if final or task is None or job.attempts >= job.max_attempts:

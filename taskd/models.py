@@ -22,7 +22,7 @@ JobOrigin = Literal["run", "enqueue", "schedule", "task"]
 RUN_KEY = "@run"
 
 
-class AttemptError(msgspec.Struct, frozen=True, omit_defaults=True):
+class AttemptError(msgspec.Struct, frozen=True):
     """The error of one failed or interrupted attempt."""
 
     attempt: int
@@ -32,7 +32,7 @@ class AttemptError(msgspec.Struct, frozen=True, omit_defaults=True):
     traceback: str | None = None
 
 
-class Job(msgspec.Struct, omit_defaults=True):
+class Job(msgspec.Struct):
     """One execution of a task, as the job store records it.
 
     `payload` and `result` hold msgpack values; inside the daemon they are `msgspec.Raw`
@@ -58,10 +58,10 @@ class Job(msgspec.Struct, omit_defaults=True):
     finished_at: float | None = None
     worker: str | None = None
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
-    errors: list[AttemptError] = []
+    errors: list[AttemptError] = []  # filled by the `job` method only
 
 
-class TaskInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+class TaskInfo(msgspec.Struct, frozen=True):
     """A task as the daemon loaded it from the tasks folder."""
 
     name: str
@@ -77,7 +77,7 @@ class TaskInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     payload_schema: dict[str, Any] | None = None
 
 
-class FiredJob(msgspec.Struct, frozen=True, omit_defaults=True):
+class FiredJob(msgspec.Struct, frozen=True):
     """The job one task of a schedule got at a firing; `joined` when the firing coalesced
     into that task's run that was still pending or running."""
 
@@ -87,7 +87,7 @@ class FiredJob(msgspec.Struct, frozen=True, omit_defaults=True):
     status: JobStatus | None = None  # filled in when shown; None once the job is pruned
 
 
-class ScheduleInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+class ScheduleInfo(msgspec.Struct, frozen=True):
     """A schedule as `taskctl schedules` shows it. Times are Unix seconds.
 
     `last_tick` is the scheduled time of the latest tick fired; `fired_at` when the schedule
@@ -120,7 +120,7 @@ class TaskCounts(msgspec.Struct, frozen=True):
     next_due_at: float | None = None
 
 
-class Status(msgspec.Struct, frozen=True, omit_defaults=True):
+class Status(msgspec.Struct, frozen=True):
     """What `taskctl status` shows."""
 
     version: str

@@ -553,6 +553,12 @@ class SqliteStore:
         writer = self._connection(self._writer)
         jobs = []
         for job_id, now in items:
+            # A running attempt ends here: it is recorded like any other attempt's end.
+            await writer.execute(
+                "INSERT INTO job_errors SELECT id, attempts, 'cancelled', 'cancelled by request',"
+                " NULL, ? FROM jobs WHERE id = ? AND status = 'running'",
+                (now, job_id),
+            )
             rows = await writer.execute_fetchall(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?,"
                 " error = 'cancelled by request', lease_owner = NULL, lease_expires = NULL"
