@@ -13,7 +13,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.support import RawConnection, Taskd, frame, rss_kib, short_tempdir, wait_until
+from tests.support import (
+    RawConnection,
+    Taskd,
+    frame,
+    hello_after_refusal,
+    rss_kib,
+    short_tempdir,
+    wait_until,
+)
 
 MAX_FRAME = 65536
 READ_TIMEOUT = 0.5
@@ -186,6 +194,12 @@ CASES: dict[str, tuple[bytes, str, int | None, str]] = {
         "key",
     ),
     "limit 0": (request("jobs", encode({"limit": 0})), "invalid_params", 7, "limit"),
+    "payload over a quarter of max_frame_size": (
+        request("run", run_params(encode("x" * (MAX_FRAME // 4)))),
+        "payload_invalid",
+        7,
+        f"over the limit of {MAX_FRAME // 4}",
+    ),
     "prune NaN": (
         request("prune", encode({"older_than": float("nan")})),
         "invalid_params",
@@ -318,3 +332,39 @@ class RawConnectionFromSocket(RawConnection):
     def __init__(self, sock: socket.socket) -> None:  # no connect, no hello
         self.sock = sock
         self._next_id = 1
+
+
+def test_a_busy_client_that_talks_first_still_reads_why(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config="max_connections = 1\n").start()
+    with RawConnection(daemon.socket):  # takes the only place
+        reply = hello_after_refusal(daemon.socket)
+    assert reply["id"] is None and reply["error"]["code"] == "busy", reply
+    assert daemon.ctl("list").returncode == 0
+
+
+def test_a_result_over_the_limit_fails_the_job_and_every_job_fits_a_reply(daemon: Taskd) -> None:
+    with RawConnection(daemon.socket) as connection:
+        ran = connection.call("run", {"task": "big", "payload": {"bytes": MAX_FRAME // 4}})
+        job = ran["result"]["job"]
+        assert job["status"] == "failed" and f"over the limit of {MAX_FRAME // 4}" in job["error"]
+        fits = connection.call("run", {"task": "big", "payload": {"bytes": MAX_FRAME // 4 - 16}})
+        assert fits["result"]["job"]["status"] == "succeeded"
+        # The largest payload and the largest result together still make a readable job.
+        payload = {"bytes": MAX_FRAME // 4 - 16, "padding": "p" * (MAX_FRAME // 4 - 64)}
+        done = connection.call("run", {"task": "big", "payload": payload})["result"]["job"]
+        shown = connection.call("job", {"id": done["id"]})
+        assert shown["result"]["payload"] == payload and len(shown["result"]["result"]) > 16000
+
+
+def test_a_refused_batch_names_the_item(daemon: Taskd) -> None:
+    jobs = [{"task": "echo"}, {"task": "echo", "max_attempts": 2}, {"task": "no-such-task"}]
+    with RawConnection(daemon.socket) as connection:
+        newest = connection.call("jobs", {"limit": 1})["result"]
+        reply = connection.call("enqueue_many", {"jobs": jobs})
+        error = reply["error"]
+        assert error["code"] == "unknown_task" and error["message"].startswith("jobs[2]: ")
+        assert error["data"] == {"task": "no-such-task", "index": 2}
+        jobs[2] = {"task": "echo", "delay": 5.0, "run_at": 2e9}
+        error = connection.call("enqueue_many", {"jobs": jobs})["error"]
+        assert error["code"] == "invalid_params" and error["data"] == {"index": 2}
+        assert connection.call("jobs", {"limit": 1})["result"] == newest  # nothing was stored
