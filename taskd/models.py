@@ -33,11 +33,11 @@ class AttemptError(msgspec.Struct, frozen=True):
 
 
 class Job(msgspec.Struct):
-    """One execution of a task, as the job store records it.
+    """One execution of a task, as the job store records it (contrib/protocol.md: "The Job
+    object"). `payload` and `result` are any msgpack value."""
 
-    `payload` and `result` hold msgpack values; inside the daemon they are `msgspec.Raw`
-    so that they travel without being decoded and encoded again.
-    """
+    # Inside the daemon `payload` and `result` are msgspec.Raw, so that they travel without
+    # being decoded and encoded again.
 
     id: int
     task: str

@@ -54,6 +54,18 @@ Key = Annotated[
     ),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST)]
+Payload = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(description="any msgpack value, passed to the task; absent: {}, as in Nitro"),
+]
+
+
+def _empty_map() -> msgspec.Raw:
+    return EMPTY_MAP
+
+
+# Absent payloads and params are {}: a factory, because the JSON Schema cannot show a Raw.
+EMPTY_MAP_FIELD: Any = msgspec.field(default_factory=_empty_map)
 
 
 class ErrorCode(enum.StrEnum):
@@ -89,7 +101,7 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     id: int
     method: str
-    params: msgspec.Raw = EMPTY_MAP
+    params: Annotated[msgspec.Raw, msgspec.Meta(description="absent or nil: {}")] = EMPTY_MAP_FIELD
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -156,7 +168,7 @@ class ListTasksParams(Params):
 
 class RunParams(Params):
     task: str
-    payload: msgspec.Raw = EMPTY_MAP  # absent: {}, as in Nitro
+    payload: Payload = EMPTY_MAP_FIELD
     key: Key | None = None
     detach: bool = False
     max_attempts: Attempts | None = None
@@ -169,7 +181,7 @@ class RunResult(msgspec.Struct, frozen=True):
 
 class EnqueueParams(Params):
     task: str
-    payload: msgspec.Raw = EMPTY_MAP  # absent: {}, as in Nitro
+    payload: Payload = EMPTY_MAP_FIELD
     delay: Duration | None = None  # or run_at, not both
     run_at: Timestamp | None = None
     priority: Priority = 0
