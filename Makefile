@@ -51,10 +51,12 @@ test-oldest:
 schema: install
 	$(BIN)/python -m taskd.schema > contrib/protocol.schema.json
 
-# Measurements quoted in the issues' closing notes; each script prints what it measured.
-# The scheduler's takes about five minutes; fewer ticks: make bench CRON_ARGS="--ticks 30"
+# Measurements quoted in the issues' closing notes, each next to a peer measured in the same
+# run: tests/bench/compare.py writes its table to tests/bench/RESULTS.md (about 15 minutes;
+# quicker: make bench BENCH_ARGS="--repeat 1 --scale 0.2"); cron_lateness.py adds the tick
+# lateness under load and the idle CPU (fewer ticks: CRON_ARGS="--ticks 30").
 bench: install
-	$(BIN)/python tests/bench/cli_latency.py
+	$(BIN)/python -m tests.bench.compare $(BENCH_ARGS)
 	$(BIN)/python -m tests.bench.cron_lateness $(CRON_ARGS)
 
 clean:

@@ -21,6 +21,7 @@ from collections import deque
 from pathlib import Path
 
 from taskctl import Client, enqueue_params
+from tests.bench.workload import BenchTaskd
 from tests.support import Taskd, short_tempdir, wait_until
 
 TICK_TASK = """from taskd import define_task
@@ -41,11 +42,6 @@ FLOOD_BATCH = 500
 FLOOD_BACKLOG = 4  # batches kept in the queue: about 2000 jobs waiting at any time
 
 
-class BenchTaskd(Taskd):
-    def command(self) -> list[str]:
-        return [arg if arg != "debug" else "info" for arg in super().command()]
-
-
 def make_tasks(root: Path) -> Path:
     tasks = root / "tasks"
     tasks.mkdir()
@@ -62,14 +58,16 @@ def percentile(values: list[float], fraction: float) -> float:
 def tick_jobs(client: Client, since: float) -> list[tuple[float, float, float | None]]:
     """(scheduled_time, created_at, started_at) of the tick jobs scheduled after `since`."""
     rows = []
-    for job in client.jobs(task="tick", limit=10_000):
+    for job in client.jobs(task="tick", limit=10_000, payloads=True):
         scheduled = dt.datetime.fromisoformat(job.payload["scheduled_time"]).timestamp()
         if scheduled > since:
             rows.append((scheduled, job.created_at, job.started_at))
     return sorted(rows)
 
 
-def measure(daemon: Taskd, ticks: int, label: str) -> None:
+def measure(daemon: Taskd, ticks: int, label: str) -> list[float]:
+    """Print the lateness of the next `ticks` ticks; the milliseconds from each tick to the
+    start of its task's body."""
     since = time.time() + 1  # whole ticks measured from the next one on
     with daemon.client() as client:
 
@@ -87,6 +85,38 @@ def measure(daemon: Taskd, ticks: int, label: str) -> None:
             f"  {name} median {statistics.median(values):7.2f} ms   p99 "
             f"{percentile(values, 0.99):7.2f} ms   max {max(values):7.2f} ms"
         )
+    return started
+
+
+def started_lateness(ticks: int) -> list[float]:
+    """Milliseconds from each of `ticks` every-second ticks to its task's start, idle."""
+    root = short_tempdir()
+    try:
+        config = '[scheduled_tasks]\n"* * * * * *" = "tick"\n'
+        daemon = BenchTaskd(root, tasks=make_tasks(root), config=config).start()
+        try:
+            return measure(daemon, ticks, "idle")
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def uvloop_lateness(ticks: int) -> list[float]:
+    """The floor: a bare uvloop loop sleeping until each whole second, in milliseconds late."""
+    import asyncio
+
+    import uvloop
+
+    async def run() -> list[float]:
+        late = []
+        for _ in range(ticks):
+            tick = float(int(time.time()) + 1)
+            await asyncio.sleep(tick - time.time())
+            late.append((time.time() - tick) * 1000)
+        return late
+
+    return uvloop.run(run())
 
 
 def flood(socket: str) -> None:

@@ -1,0 +1,240 @@
+"""taskd next to huey (and to the floors under both) in one run on this machine.
+
+    .venv/bin/python -m tests.bench.compare [--repeat 3] [--scale 1.0] [--quick]
+
+Each scenario runs `--repeat` times, alternating taskd and its peer so that the machine's
+load touches both alike; the table gives medians and the ratio taskd / peer (higher is
+better for rates, lower for times). taskd is driven from another process through
+taskctl's clients, as a real caller drives it. The table is printed and written to
+tests/bench/RESULTS.md with the CPU count and the date. `--scale` multiplies the job counts;
+the smoke test in `make test` runs every scenario at a tiny scale for correctness only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taskctl import enqueue_params
+from tests.bench.workload import bench_daemon
+from tests.support import TASKCTL, Taskd
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def drive(scenario: str, **options: Any) -> dict[str, Any]:
+    """Run one driver in a process of its own; what it measured."""
+    args = [sys.executable, "-m", "tests.bench.drivers", scenario]
+    for name, value in options.items():
+        args += [f"--{name}", str(value)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{scenario} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def rate(result: dict[str, Any]) -> float:
+    return float(result["jobs"] / result["seconds"])
+
+
+@dataclass
+class Row:
+    """One line of the table: samples of taskd and of its reference, and the goal."""
+
+    name: str
+    unit: str  # "jobs/s" (higher is better) or "ms" (lower is better)
+    peer: str
+    goal: str
+    taskd: list[float] = field(default_factory=list)
+    reference: list[float] = field(default_factory=list)
+
+    def cells(self) -> list[str]:
+        ours = statistics.median(self.taskd) if self.taskd else None
+        theirs = statistics.median(self.reference) if self.reference else None
+        ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
+        return [self.name, _number(ours, self.unit), self.peer, _number(theirs, self.unit),
+                ratio, self.goal]  # fmt: skip
+
+
+def _number(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f} {unit}" if unit == "jobs/s" else f"{value:.2f} {unit}"
+
+
+class Bench:
+    def __init__(self, scale: float, repeat: int, synchronous: str) -> None:
+        self.scale = scale
+        self.repeat = repeat
+        self.config = f'workers = 16\n[sqlite]\nsynchronous = "{synchronous}"\n'
+        self.synchronous = synchronous
+        self.rows: list[Row] = []
+
+    def jobs(self, count: int) -> int:
+        return max(16, int(count * self.scale))
+
+    def row(self, *args: str) -> Row:
+        self.rows.append(Row(*args))
+        return self.rows[-1]
+
+    def throughput(self) -> None:
+        sync = self.synchronous
+        single = self.row(f"durable enqueue, 1 connection ({sync})", "jobs/s", "-", "report")
+        many = self.row(
+            f"durable enqueue, 16 connections ({sync})", "jobs/s", "huey enqueue, in-process",
+            ">= 3x",
+        )  # fmt: skip
+        batch = self.row(
+            f"enqueue_many, 1,000 per request ({sync})", "jobs/s",
+            "sqlite3 executemany, same rows", ">= 0.5x",
+        )  # fmt: skip
+        drain = self.row(
+            f"no-op drain, 16 workers ({sync})", "jobs/s", "huey, 1 thread worker", ">= 5x"
+        )
+        drain4 = self.row(
+            f"no-op drain, 16 workers ({sync})", "jobs/s", "huey, 4 thread workers", "-"
+        )
+        for _ in range(self.repeat):
+            with bench_daemon(self.config) as daemon:
+                socket = str(daemon.socket)
+                single.taskd.append(rate(drive("taskd-enqueue", socket=socket,
+                                                jobs=self.jobs(2000), connections=1)))  # fmt: skip
+                many.taskd.append(rate(drive("taskd-enqueue", socket=socket,
+                                              jobs=self.jobs(20000), connections=16)))  # fmt: skip
+                batch.taskd.append(rate(drive("taskd-enqueue-many", socket=socket,
+                                               jobs=self.jobs(100_000), batch=1000)))  # fmt: skip
+            many.reference.append(rate(drive("huey-enqueue", jobs=self.jobs(5000))))
+            batch.reference.append(rate(drive("sqlite-floor", jobs=self.jobs(100_000), batch=1000)))
+            with bench_daemon(self.config) as daemon:
+                result = drive("taskd-drain", socket=str(daemon.socket), jobs=self.jobs(10_000))
+                drain.taskd.append(rate(result))
+                drain4.taskd.append(rate(result))
+            drain.reference.append(rate(drive("huey-drain", jobs=self.jobs(5000), workers=1)))
+            drain4.reference.append(rate(drive("huey-drain", jobs=self.jobs(5000), workers=4)))
+
+    def backlog(self, size: int) -> None:
+        """Other work next to a backlog of due jobs of a task with concurrency = 1."""
+        enqueues = self.row(
+            f"single enqueues next to {size:,} due jobs of a concurrency-1 task",
+            "jobs/s", "the same, no backlog", "within 1.5x",
+        )  # fmt: skip
+        drains = self.row(
+            f"no-op drain next to {size:,} due jobs of a concurrency-1 task",
+            "jobs/s", "the same, no backlog", "within 1.5x",
+        )  # fmt: skip
+        for with_backlog in (False, True):
+            with bench_daemon(self.config) as daemon:
+                if with_backlog:
+                    fill_backlog(daemon, size)
+                socket = str(daemon.socket)
+                samples = (enqueues.taskd, drains.taskd) if with_backlog else (
+                    enqueues.reference, drains.reference
+                )  # fmt: skip
+                samples[0].append(rate(drive("taskd-enqueue", socket=socket,
+                                             jobs=self.jobs(1000), connections=1)))  # fmt: skip
+                samples[1].append(rate(drive("taskd-drain", socket=socket,
+                                             jobs=self.jobs(5000))))  # fmt: skip
+
+    def command_latency(self, runs: int) -> None:
+        listing = self.row("`taskctl list`, whole process", "ms", "python -c 'import msgspec'",
+                           "<= 1.25x")  # fmt: skip
+        running = self.row("`taskctl run` of a no-op task, whole process", "ms",
+                           "python -c 'import msgspec'", "<= 1.25x")  # fmt: skip
+        with bench_daemon(self.config) as daemon:
+            taskctl = [TASKCTL or sys.executable, "--socket", str(daemon.socket)]
+            if TASKCTL is None:
+                taskctl[1:1] = ["-m", "taskctl"]
+            floor = [sys.executable, "-c", "import msgspec"]
+            commands: list[tuple[list[str], list[float]]] = [
+                ([*taskctl, "list"], listing.taskd),
+                ([*taskctl, "run", "noop"], running.taskd),
+                (floor, listing.reference),
+            ]
+            for command, _ in commands:
+                timed(command)  # the page cache is warm for all
+            for _ in range(runs):
+                for command, samples in commands:
+                    samples.append(timed(command) * 1000)
+            running.reference = listing.reference
+
+    def table(self) -> str:
+        header = ["scenario", "taskd", "peer or floor", "peer", "taskd / peer", "goal"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row.cells()) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def fill_backlog(daemon: Taskd, size: int) -> None:
+    with daemon.client() as client:
+        for first in range(0, size, 1000):
+            count = min(1000, size - first)
+            client.enqueue_many([enqueue_params("limited", n) for n in range(count)])
+
+
+def timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def cron_rows(bench: Bench, ticks: int) -> None:
+    from tests.bench import cron_lateness
+
+    late = bench.row("every-second tick to task body, median", "ms", "bare uvloop loop",
+                     "<= 1.5 ms")  # fmt: skip
+    p99 = bench.row("every-second tick to task body, p99", "ms", "bare uvloop loop", "<= 3 ms")
+    started = cron_lateness.started_lateness(ticks)
+    late.taskd.append(statistics.median(started))
+    p99.taskd.append(cron_lateness.percentile(started, 0.99))
+    floor = cron_lateness.uvloop_lateness(ticks)
+    late.reference.append(statistics.median(floor))
+    p99.reference.append(cron_lateness.percentile(floor, 0.99))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the job counts")
+    parser.add_argument("--backlog", type=int, default=1_000_000, help="0: skip")
+    parser.add_argument("--ticks", type=int, default=60, help="0: skip the cron scenario")
+    parser.add_argument("--runs", type=int, default=30, help="runs of each command")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    heading = (
+        f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d')}; medians of {args.repeat} runs"
+    )
+    bench = Bench(args.scale, args.repeat, "full")
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("throughput", bench.throughput),
+        ("commands", lambda: bench.command_latency(args.runs)),
+    ]
+    normal = Bench(args.scale, args.repeat, "normal")
+    sections.append(("throughput, synchronous = normal", normal.throughput))
+    if args.backlog:
+        sections.append(("backlog", lambda: bench.backlog(int(args.backlog * args.scale))))
+    if args.ticks:
+        sections.append(("cron", lambda: cron_rows(bench, args.ticks)))
+    for name, run in sections:
+        print(f"[{time.monotonic() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True)
+        run()
+    bench.rows += normal.rows
+    text = f"# make bench\n\n{heading}\n\n{bench.table()}\n"
+    print(text)
+    args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The work each throughput scenario does, run in a process of its own (a real caller).
+
+    python -m tests.bench.drivers SCENARIO [options]   prints one JSON object: what it measured
+
+taskd scenarios talk to a running daemon through taskctl's clients; huey scenarios run
+huey's SqliteHuey in this process, as huey is used (its enqueue is a function call, its
+consumer threads of the same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from taskctl import AsyncClient, Client, enqueue_params
+
+FAR = 3600.0  # a delay that keeps enqueued jobs from running while enqueues are measured
+
+
+async def _enqueue_over(socket: str, jobs: int, connections: int) -> float:
+    """Enqueue `jobs` jobs, one per request, each connection sending its next after its reply."""
+    clients = [AsyncClient(socket) for _ in range(connections)]
+    for client in clients:
+        await client.connect()
+
+    async def send(client: AsyncClient, count: int) -> None:
+        for n in range(count):
+            await client.enqueue("noop", n, delay=FAR)
+
+    share, extra = divmod(jobs, connections)
+    started = time.perf_counter()
+    await asyncio.gather(*(send(c, share + (i < extra)) for i, c in enumerate(clients)))
+    elapsed = time.perf_counter() - started
+    for client in clients:
+        await client.close()
+    return elapsed
+
+
+def taskd_enqueue(socket: str, jobs: int, connections: int) -> dict[str, Any]:
+    import uvloop
+
+    seconds = uvloop.run(_enqueue_over(socket, jobs, connections))
+    return {"jobs": jobs, "seconds": seconds}
+
+
+def taskd_enqueue_many(socket: str, jobs: int, batch: int) -> dict[str, Any]:
+    with Client(socket) as client:
+        client.status()  # connected before the clock starts
+        started = time.perf_counter()
+        for first in range(0, jobs, batch):
+            items = [enqueue_params("noop", n, delay=FAR) for n in range(first, first + batch)]
+            client.enqueue_many(items)
+        seconds = time.perf_counter() - started
+    return {"jobs": jobs, "seconds": seconds}
+
+
+def taskd_drain(socket: str, jobs: int, batch: int = 1000) -> dict[str, Any]:
+    """Queue `jobs` no-op jobs due at one instant, then time the executor from that instant
+    to the end of the last job (both read from the job rows)."""
+    with Client(socket) as client:
+        due = time.time() + 1.0 + jobs / 50_000  # after every enqueue below has returned
+        ids = []
+        for first in range(0, jobs, batch):
+            count = min(batch, jobs - first)
+            items = [enqueue_params("noop", n, run_at=due) for n in range(first, first + count)]
+            ids += [inserted.job_id for inserted in client.enqueue_many(items)]
+        if time.time() >= due:
+            raise RuntimeError("enqueueing took longer than the head start; raise it")
+        last = client.wait(ids[-1], timeout=600)
+        for job_id in ids:
+            job = client.wait(job_id, timeout=600)
+            if job.status != "succeeded":
+                raise RuntimeError(f"job {job_id} {job.status}: {job.error}")
+            last = job if (job.finished_at or 0) > (last.finished_at or 0) else last
+    assert last.finished_at is not None
+    return {"jobs": jobs, "seconds": last.finished_at - due}
+
+
+def _huey(path: Path) -> Any:
+    from huey import SqliteHuey
+
+    huey = SqliteHuey("bench", filename=str(path), fsync=True, store_none=True)
+
+    @huey.task(name="noop")
+    def noop(n: int) -> None:
+        return None
+
+    return huey, noop
+
+
+def huey_enqueue(jobs: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        huey, noop = _huey(Path(folder) / "huey.db")
+        noop(-1)  # the tables exist before the clock starts
+        started = time.perf_counter()
+        for n in range(jobs):
+            noop(n)
+        seconds = time.perf_counter() - started
+        assert huey.pending_count() == jobs + 1
+    return {"jobs": jobs, "seconds": seconds}
+
+
+def huey_drain(jobs: int, workers: int) -> dict[str, Any]:
+    """Queue `jobs` no-op tasks, then time a thread consumer with `workers` workers until the
+    result of every one is stored."""
+    with tempfile.TemporaryDirectory() as folder:
+        huey, noop = _huey(Path(folder) / "huey.db")
+        for n in range(jobs):
+            noop(n)
+        consumer = huey.create_consumer(
+            workers=workers, worker_type="thread", periodic=False, initial_delay=0.001,
+            backoff=1.0, max_delay=0.001, check_worker_health=False,
+        )  # fmt: skip
+        started = time.perf_counter()
+        consumer.start()
+        try:
+            while huey.result_count() < jobs:
+                time.sleep(0.002)
+            seconds = time.perf_counter() - started
+        finally:
+            consumer.stop(graceful=True)
+    return {"jobs": jobs, "seconds": seconds}
+
+
+def sqlite_floor(jobs: int, batch: int) -> dict[str, Any]:
+    """The raw floor under enqueue_many: the same rows into taskd's own schema with sqlite3's
+    executemany, a transaction per batch, synchronous=FULL as taskd's default."""
+    from taskd.store.sqlite import SqliteStore
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "floor.db"
+
+        async def create() -> None:
+            store = SqliteStore(path)
+            await store.open()
+            await store.close()
+
+        asyncio.run(create())
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("PRAGMA synchronous = FULL")
+        payload = b"\x01"
+        started = time.perf_counter()
+        for first in range(0, jobs, batch):
+            now = time.time()
+            rows = [
+                ("noop", "enqueue", payload, 0, now + FAR, 3, None, None, now)
+                for _ in range(first, first + batch)
+            ]
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(
+                "INSERT INTO jobs (task, status, origin, payload, priority, run_at,"
+                " max_attempts, key, parent_id, created_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            connection.execute("COMMIT")
+        seconds = time.perf_counter() - started
+        connection.close()
+    return {"jobs": jobs, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "scenario",
+        choices=[
+            "taskd-enqueue", "taskd-enqueue-many", "taskd-drain", "huey-enqueue", "huey-drain",
+            "sqlite-floor",
+        ],
+    )  # fmt: skip
+    parser.add_argument("--socket")
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    match args.scenario:
+        case "taskd-enqueue":
+            result = taskd_enqueue(args.socket, args.jobs, args.connections)
+        case "taskd-enqueue-many":
+            result = taskd_enqueue_many(args.socket, args.jobs, args.batch)
+        case "taskd-drain":
+            result = taskd_drain(args.socket, args.jobs, args.batch)
+        case "huey-enqueue":
+            result = huey_enqueue(args.jobs)
+        case "huey-drain":
+            result = huey_drain(args.jobs, args.workers)
+        case "sqlite-floor":
+            result = sqlite_floor(args.jobs, args.batch)
+    result["pid"] = os.getpid()
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What the benchmarks run: their tasks, and a taskd on a temporary folder that logs little."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.support import Taskd, short_tempdir
+
+TASKS = {
+    "noop.py": """from taskd import define_task
+
+
+@define_task(description="Does nothing")
+async def noop(payload) -> None:
+    return None
+""",
+    "limited.py": """import asyncio
+
+from taskd import define_task
+
+
+@define_task(description="One at a time, slowly: a backlog that never drains", concurrency=1)
+async def limited(payload) -> None:
+    await asyncio.sleep(10)
+""",
+}
+
+
+class BenchTaskd(Taskd):
+    """A taskd that logs at `info`: debug lines per job would be part of what is measured."""
+
+    def command(self) -> list[str]:
+        return [arg if arg != "debug" else "info" for arg in super().command()]
+
+
+def make_tasks(root: Path) -> Path:
+    tasks = root / "tasks"
+    tasks.mkdir(exist_ok=True)
+    for name, source in TASKS.items():
+        (tasks / name).write_text(source)
+    return tasks
+
+
+@contextmanager
+def bench_daemon(config: str = "") -> Iterator[Taskd]:
+    """A fresh taskd (empty database) on the benchmark tasks; stopped and removed after."""
+    root = short_tempdir()
+    daemon = BenchTaskd(root, tasks=make_tasks(root), config=config).start()
+    try:
+        yield daemon
+    finally:
+        if daemon.running:
+            daemon.stop(timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
