@@ -6,8 +6,6 @@ VENV ?= .venv
 LOWEST ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-SOCKET := .run/taskd.sock
-EXAMPLE_PAYLOAD := {"to": "ada@example.com", "subject": "Hello", "body": "Welcome!"}
 
 .PHONY: install run test test-oldest lint bench clean schema
 
@@ -20,24 +18,20 @@ $(STAMP): pyproject.toml .ci/lowest-versions
 
 install: $(STAMP)
 
-# Start taskd on the example tasks (SQLite in .run/), show taskctl working, keep it running.
-run: install
-	@$(BIN)/taskd --config contrib/examples/taskd.toml & pid=$$!; \
-	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid; exit 0' INT TERM; \
-	set -e; \
-	echo '$$ taskctl list'; \
-	$(BIN)/taskctl --socket $(SOCKET) --connect-timeout 15s list; \
-	echo; echo '$$ taskctl run jobs:send-email --payload ...'; \
-	$(BIN)/taskctl --socket $(SOCKET) run jobs:send-email --payload '$(EXAMPLE_PAYLOAD)'; \
-	echo; echo "taskd is running (pid $$pid). In another shell:"; \
-	echo "  export TASKD_SOCKET=$(CURDIR)/$(SOCKET)"; \
-	echo "  $(BIN)/taskctl status"; \
-	echo "Ctrl-C stops it."; \
-	wait $$pid
+# `make run` needs taskd alone, not the test tools.
+$(VENV)/.run-stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+# Start taskd on the example tasks (SQLite in .run/), show taskctl working, keep it running;
+# if taskd cannot start, its own error is shown and its exit status is make's.
+run: $(VENV)/.run-stamp
+	@$(BIN)/python contrib/examples/run.py
 
 lint: install
-	$(BIN)/ruff check taskd taskctl tests
-	$(BIN)/ruff format --check taskd taskctl tests
+	$(BIN)/ruff check taskd taskctl tests contrib
+	$(BIN)/ruff format --check taskd taskctl tests contrib
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

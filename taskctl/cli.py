@@ -12,6 +12,7 @@ import msgspec
 
 from taskctl import errors
 from taskctl.client import Client
+from taskd import __version__
 from taskd.models import JOB_STATUSES, parse_duration
 from taskd.protocol import client_socket_path
 
@@ -31,6 +32,7 @@ class Exit(enum.IntEnum):
     PERMISSION = 77  # not allowed to use taskd (or this command)
     CONFIG = 78  # reload refused: the new configuration or a task file is broken
     TIMEOUT = 124  # `wait --timeout` ran out before the job ended
+    INTERRUPTED = 130  # Ctrl-C, as shells report it (128 + SIGINT)
 
 
 EXIT_HELP = """\
@@ -47,6 +49,7 @@ exit status:
    77  permission denied: ask for access to the socket
    78  reload refused: the new configuration or a task file is broken
   124  wait --timeout ran out before the job ended
+  130  interrupted (Ctrl-C); a job that was started goes on in taskd
 """
 
 _EXIT_FOR_ERROR: dict[type[errors.TaskdError], Exit] = {
@@ -71,8 +74,13 @@ class UsageError(Exception):
     pass
 
 
-def _fail(message: str, code: Exit) -> NoReturn:
-    print(f"taskctl: {message}", file=sys.stderr)
+def _fail(args: argparse.Namespace, kind: str, message: str, code: Exit) -> NoReturn:
+    """Say what went wrong on stderr (as JSON with --json) and exit with `code`."""
+    if args.json:
+        error = {"error": {"code": kind, "message": message, "exit": int(code)}}
+        sys.stderr.buffer.write(msgspec.json.encode(error) + b"\n")
+    else:
+        print(f"taskctl: {message}", file=sys.stderr)
     raise SystemExit(int(code))
 
 
@@ -80,7 +88,7 @@ def _fail(message: str, code: Exit) -> NoReturn:
 
 
 def read_payload(spec: str | None) -> Any:
-    """--payload: JSON text, @FILE holding JSON, or - for JSON on stdin."""
+    """--payload: JSON text, @FILE holding JSON, or - for JSON on stdin (absent: None, {})."""
     if spec is None:
         return None
     source = "--payload"
@@ -95,10 +103,18 @@ def read_payload(spec: str | None) -> Any:
         source = f"payload file {spec[1:]}"
     else:
         text = spec.encode()
+    if not text.strip():
+        raise UsageError(
+            f'{source} is empty: give JSON such as \'{{"name": "Ada"}}\', or leave '
+            "--payload out to send none (the task gets {})"
+        )
     try:
         return msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
-        raise UsageError(f"{source} is not valid JSON: {exc}") from None
+        hint = ""
+        if b"'" in text:
+            hint = ' (JSON strings and keys take double quotes: {"name": "Ada"})'
+        raise UsageError(f"{source} is not valid JSON: {exc}{hint}") from None
 
 
 def duration(text: str) -> float:
@@ -109,8 +125,10 @@ def duration(text: str) -> float:
 
 
 def moment(text: str) -> float:
-    """--at: an ISO-8601 time; without an offset it is local time."""
+    """--at: an ISO-8601 time; without an offset it is local time. A time in the past is
+    accepted (the job is due at once), with a warning."""
     import datetime as dt
+    import time
 
     try:
         value = dt.datetime.fromisoformat(text)
@@ -118,7 +136,12 @@ def moment(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"invalid time {text!r}: use ISO-8601 such as 2026-12-01T08:00:00+01:00"
         ) from None
-    return value.timestamp()
+    stamp = value.timestamp()
+    if stamp < time.time():
+        local = "" if value.tzinfo else f" (read as local time, {time.strftime('%Z')})"
+        print(f"taskctl: --at {text}{local} is in the past: the job is due at once",
+              file=sys.stderr)  # fmt: skip
+    return stamp
 
 
 def positive_int(text: str) -> int:
@@ -151,14 +174,16 @@ def cmd_list(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
     payload = read_payload(args.payload)
+    # Started detached, then waited for: a Ctrl-C while waiting can name the job.
     outcome = client.run_job(
-        args.task, payload, key=args.key, max_attempts=args.max_attempts, detach=args.detach
+        args.task, payload, key=args.key, max_attempts=args.max_attempts, detach=True
     )
     job = outcome.job
     if outcome.joined:
+        state = "running" if job.status == "running" else "pending"
+        whose = "; its payload was used, not yours" if args.payload is not None else ""
         print(
-            f"taskctl: joined job {job.id} of {job.task}, which was already "
-            f"{'running' if job.started_at else 'pending'}; its payload was used, not yours",
+            f"taskctl: joined job {job.id} of {job.task}, which was already {state}{whose}",
             file=sys.stderr,
         )
     render = _render()
@@ -168,6 +193,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
         else:
             print(job.id)
         return Exit.OK
+    args.waiting_for = job.id
+    job = client.wait(job.id)
     if args.json:
         render.print_json(job)
     elif job.status == "succeeded":
@@ -189,7 +216,7 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         key=args.key,
     )
     if args.json:
-        _render().print_json({"id": result.job_id, "duplicate": result.duplicate})
+        _render().print_json(result)
     else:
         print(result.job_id)
         if result.duplicate:
@@ -213,6 +240,7 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> Exit:
+    args.waiting_for = args.id
     job = client.wait(args.id, args.timeout)
     render = _render()
     if args.json:
@@ -272,7 +300,7 @@ def cmd_schedules_resume(client: Client, args: argparse.Namespace) -> Exit:
     if args.json:
         _render().print_json(schedule)
     else:
-        next_tick = _render().local_time(schedule.next_tick)
+        next_tick = _render().stamped(schedule.next_tick)
         print(f'schedule "{schedule.id}" is active; next tick {next_tick}')
     return Exit.OK
 
@@ -320,6 +348,76 @@ def _render() -> Any:
 
 Command = Callable[[Client, argparse.Namespace], Exit]
 
+NAME_HELP = "the task's name, as `taskctl list` shows it (e.g. jobs:send-email)"
+ID_HELP = "a job id, as `taskctl enqueue` prints it or `taskctl jobs` lists it"
+ATTEMPTS_HELP = "attempts before the job fails for good (default: the task's max_attempts, else {})"
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "list": ("taskctl list", "taskctl list --json"),
+    "run": (
+        "taskctl run hello",
+        "taskctl run jobs:send-email --payload @email.json",
+        """echo '{"name": "Ada"}' | taskctl run hello --payload -""",
+    ),
+    "enqueue": (
+        """taskctl enqueue jobs:send-email --payload '{"to": "a@example.com"}' --delay 5m""",
+        "taskctl enqueue report --at 2026-12-01T08:00:00+01:00 --key daily",
+    ),
+    "job": ("taskctl job 42",),
+    "jobs": (
+        "taskctl jobs --status failed --task jobs:send-email",
+        "taskctl jobs --json --payloads --limit 10",
+    ),
+    "wait": ("taskctl wait 42 --timeout 1m",),
+    "cancel": ("taskctl cancel 42",),
+    "retry": ("taskctl retry 42",),
+    "status": ("taskctl status", "taskctl status --json"),
+    "prune": ("taskctl prune --older-than 1d",),
+    "reload": ("taskctl reload",),
+    "schedules": (
+        "taskctl schedules",
+        "taskctl schedules pause nightly-backup",
+        "taskctl schedules trigger '*/5 * * * *'",
+    ),
+}
+
+
+def _epilog(examples: tuple[str, ...]) -> str:
+    lines = "".join(f"\n  {line}" for line in examples)
+    return (
+        f"example{'s' if len(examples) > 1 else ''}:{lines}\n\nexit statuses: see `taskctl --help`"
+    )
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--socket, --json and --connect-timeout, accepted before or after the command.
+
+    Below the top level they default to SUPPRESS, so that a subcommand without them keeps
+    what was given before it.
+    """
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=default(None),
+        help=f"taskd's control socket (default: $TASKD_SOCKET or {client_socket_path()})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print JSON on stdout, and only JSON (errors too, on stderr)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=duration,
+        default=default(0.0),
+        metavar="DUR",
+        help="keep trying this long while taskd is starting (default: fail at once)",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -328,56 +426,53 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        help=f"taskd's control socket (default: $TASKD_SOCKET or {client_socket_path()})",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout, and only JSON")
-    parser.add_argument(
-        "--connect-timeout",
-        type=duration,
-        default=0.0,
-        metavar="DUR",
-        help="keep trying this long while taskd is starting (default: fail at once)",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _global_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"taskctl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, handler: Command, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help,
             description=help,
-            epilog=EXIT_HELP,
+            epilog=_epilog(EXAMPLES[name]),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        _global_options(sub, top=False)
         sub.set_defaults(handler=handler)
         return sub
 
     command("list", cmd_list, "list the tasks taskd has loaded")
 
     run = command("run", cmd_run, "run a task (or join its running execution) and print its result")
-    run.add_argument("task", metavar="NAME")
+    run.add_argument("task", metavar="NAME", help=NAME_HELP)
     _payload_argument(run)
     run.add_argument("--detach", action="store_true", help="print the job id and return at once")
     run.add_argument("--key", help="single-flight key: runs with the same key share one execution")
-    run.add_argument("--max-attempts", type=positive_int, metavar="N")
+    run.add_argument("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1))
 
     enqueue = command("enqueue", cmd_enqueue, "add a job to the queue and print its id")
-    enqueue.add_argument("task", metavar="NAME")
+    enqueue.add_argument("task", metavar="NAME", help=NAME_HELP)
     _payload_argument(enqueue)
     enqueue.add_argument("--delay", type=duration, metavar="DUR", help="run after 30s, 5m, 2h ...")
-    enqueue.add_argument("--at", type=moment, metavar="TIME", help="run at an ISO-8601 time")
+    enqueue.add_argument(
+        "--at",
+        type=moment,
+        metavar="TIME",
+        help="run at an ISO-8601 time (local time without an offset)",
+    )
     enqueue.add_argument(
         "--priority", type=int, default=0, metavar="N", help="lower runs first (default 0)"
     )
-    enqueue.add_argument("--max-attempts", type=positive_int, metavar="N")
+    enqueue.add_argument(
+        "--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)
+    )
     enqueue.add_argument(
         "--key", metavar="K", help="unique key: no second pending or running job with this key"
     )
 
     job = command("job", cmd_job, "show one job, with the errors of all its attempts")
-    job.add_argument("id", type=int, metavar="ID")
+    job.add_argument("id", type=int, metavar="ID", help=ID_HELP)
 
     jobs = command("jobs", cmd_jobs, "list recent jobs, newest first")
     jobs.add_argument(
@@ -396,19 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     wait = command("wait", cmd_wait, "wait for a job to end and print its result")
-    wait.add_argument("id", type=int, metavar="ID")
+    wait.add_argument("id", type=int, metavar="ID", help=ID_HELP)
     wait.add_argument("--timeout", type=duration, metavar="DUR", help="give up after this long")
 
     cancel = command("cancel", cmd_cancel, "cancel a pending or running job")
-    cancel.add_argument("id", type=int, metavar="ID")
+    cancel.add_argument("id", type=int, metavar="ID", help=ID_HELP)
 
     retry = command("retry", cmd_retry, "put a failed or cancelled job back in the queue")
-    retry.add_argument("id", type=int, metavar="ID")
+    retry.add_argument("id", type=int, metavar="ID", help=ID_HELP)
 
     command("status", cmd_status, "show the daemon, its queue and its running jobs")
 
     prune = command("prune", cmd_prune, "delete finished jobs now (default: past their retention)")
-    prune.add_argument("--older-than", type=duration, metavar="DUR")
+    prune.add_argument(
+        "--older-than",
+        type=duration,
+        metavar="DUR",
+        help="delete finished jobs older than this (1d, 12h ...), whatever the retention",
+    )
 
     command("reload", cmd_reload, "re-read taskd.toml and the tasks folder (like SIGHUP)")
 
@@ -430,9 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
             usage=f"taskctl schedules {name} [-h] ID|CRON",
             description=f"{help}. Name the schedule by its id or by its cron expression "
             "(quoted, so that the shell keeps it whole).",
-            epilog=EXIT_HELP,
+            epilog=_epilog((f"taskctl schedules {name} nightly-backup",)),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        _global_options(action, top=False)
         action.add_argument("schedule", nargs="+", metavar="ID|CRON")
         action.set_defaults(handler=handler)
     return parser
@@ -442,23 +543,36 @@ def _payload_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--payload",
         metavar="JSON",
-        help="the payload: JSON text, @FILE with JSON, or - to read JSON from stdin",
+        help="the payload: JSON text, @FILE with JSON, or - to read JSON from stdin "
+        "(without it the task gets {})",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return int(Exit.USAGE)
     handler: Command = args.handler
     try:
         with Client(args.socket, connect_timeout=args.connect_timeout) as client:
             return int(handler(client, args))
     except UsageError as exc:
-        _fail(str(exc), Exit.USAGE)
+        _fail(args, "usage", str(exc), Exit.USAGE)
     except errors.TaskdError as exc:
-        _fail(exc.message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
+        _fail(args, exc.code, exc.message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
     except KeyboardInterrupt:
-        _fail("interrupted; the job itself goes on in taskd", Exit.TEMPFAIL)
+        job_id = getattr(args, "waiting_for", None)
+        if job_id is None:
+            _fail(args, "interrupted", "interrupted", Exit.INTERRUPTED)
+        _fail(
+            args,
+            "interrupted",
+            f"interrupted; job {job_id} goes on in taskd: `taskctl wait {job_id}` waits for it "
+            f"again, `taskctl cancel {job_id}` stops it",
+            Exit.INTERRUPTED,
+        )
     except BrokenPipeError:
         return int(Exit.OK)
 

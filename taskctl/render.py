@@ -33,6 +33,11 @@ def iso(timestamp: float | None) -> str | None:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
 
 
+def zone() -> str:
+    """The viewer's time zone, which table times are in: named in the column headers."""
+    return time.strftime("%Z")
+
+
 def local_time(timestamp: float | None, now: float | None = None) -> str:
     """A short local time: HH:MM:SS today, else the date too."""
     if timestamp is None:
@@ -92,7 +97,7 @@ def tasks_table(tasks: list[TaskInfo]) -> str:
         ]
         for t in tasks
     ]
-    return table(["NAME", "SCHEDULES", "NEXT RUN", "DESCRIPTION"], rows)
+    return table(["NAME", "SCHEDULES", f"NEXT RUN ({zone()})", "DESCRIPTION"], rows)
 
 
 def schedules_table(schedules: list[ScheduleInfo]) -> str:
@@ -118,7 +123,8 @@ def schedules_table(schedules: list[ScheduleInfo]) -> str:
         ]
         for s in schedules
     ]
-    headers = ["ID", "CRON", "TIMEZONE", "TASKS", "NEXT", "LAST", "OUTCOME", "COALESCED", "STATE"]
+    headers = ["ID", "CRON", "TIMEZONE", "TASKS", f"NEXT ({zone()})", f"LAST ({zone()})",
+               "OUTCOME", "COALESCED", "STATE"]  # fmt: skip
     return table(headers, rows)
 
 
@@ -140,13 +146,21 @@ def jobs_table(jobs: list[Job]) -> str:
             str(job.id),
             job.task,
             job.status,
+            job.origin,
             f"{job.attempts}/{job.max_attempts}",
             local_time(job.created_at, now),
+            local_time(job.run_at, now) if job.status == "pending" and job.run_at > now else "-",
             _short(job.error or "", 60),
         ]
         for job in jobs
     ]
-    return table(["ID", "TASK", "STATUS", "ATTEMPTS", "CREATED", "ERROR"], rows)
+    headers = ["ID", "TASK", "STATUS", "ORIGIN", "ATTEMPTS", f"CREATED ({zone()})", "DUE", "ERROR"]
+    return table(headers, rows)
+
+
+def stamped(timestamp: float | None, now: float | None = None) -> str:
+    """A local time with its zone, for a time shown on its own."""
+    return "-" if timestamp is None else f"{local_time(timestamp, now)} {zone()}"
 
 
 def job_detail(job: Job) -> str:
@@ -155,19 +169,19 @@ def job_detail(job: Job) -> str:
         f"job {job.id}: {job.task}  {job.status}",
         f"  origin:    {job.origin}" + (f" (from job {job.parent_id})" if job.parent_id else ""),
         f"  attempts:  {job.attempts} of {job.max_attempts}"
-        + (f", interrupted {job.crashes} times" if job.crashes else ""),
+        + (f", interrupted {_times(job.crashes)}" if job.crashes else ""),
         f"  priority:  {job.priority}" + (f"   key: {job.key}" if job.key else ""),
-        f"  created:   {local_time(job.created_at, now)}",
+        f"  created:   {stamped(job.created_at, now)}",
     ]
     if job.status == "pending":
-        lines.append(f"  runs at:   {local_time(job.run_at, now)}")
+        lines.append(f"  runs at:   {stamped(job.run_at, now)}")
     if job.started_at is not None:
-        lines.append(f"  started:   {local_time(job.started_at, now)}")
+        lines.append(f"  started:   {stamped(job.started_at, now)}")
     if job.finished_at is not None:
         took = (
             f" (took {format_duration(job.finished_at - job.started_at)})" if job.started_at else ""
         )
-        lines.append(f"  finished:  {local_time(job.finished_at, now)}{took}")
+        lines.append(f"  finished:  {stamped(job.finished_at, now)}{took}")
     if job.worker:
         lines.append(f"  worker:    {job.worker}")
     lines.append(f"  payload:   {_json(job.payload)}")
@@ -176,7 +190,7 @@ def job_detail(job: Job) -> str:
     if job.error:
         lines.append(f"  error:     {job.error}")
     for error in job.errors:
-        when = local_time(error.at, now)
+        when = stamped(error.at, now)
         lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {error.message}")
         if error.traceback:
             lines.extend("      " + line for line in error.traceback.rstrip().splitlines())
@@ -199,7 +213,7 @@ def status_detail(status: Status) -> str:
     if status.oldest_pending_age is not None:
         lines.append(f"  oldest due job has waited {format_duration(status.oldest_pending_age)}")
     if status.next_due_at is not None:
-        lines.append(f"  next delayed job due at {local_time(status.next_due_at)}")
+        lines.append(f"  next delayed job due at {stamped(status.next_due_at)}")
     if status.tasks:
         rows = [
             [
@@ -225,6 +239,10 @@ def status_detail(status: Status) -> str:
             since = format_duration(now - job.started_at) if job.started_at else "?"
             lines.append(f"  job {job.id} {job.task} attempt {job.attempts}, for {since}")
     return "\n".join(lines)
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else "twice" if count == 2 else f"{count} times"
 
 
 def result_text(value: Any) -> str:

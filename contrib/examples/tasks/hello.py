@@ -3,7 +3,7 @@
 from taskd import TaskContext, define_task
 
 
-@define_task(description="Say hello (payload: {\"name\": ...})")
+@define_task(description='Say hello (payload: {"name": ...})')
 async def hello(payload: dict, ctx: TaskContext) -> dict:
     name = payload.get("name", "world")
     ctx.logger.info("greeting %s", name)
