@@ -321,6 +321,13 @@ def cmd_schedules_trigger(client: Client, args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+def cmd_completion(client: Client, args: argparse.Namespace) -> Exit:
+    from taskctl.completion import script
+
+    sys.stdout.write(script(args.shell))
+    return Exit.OK
+
+
 def _show(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> Exit:
     """Print `value` as JSON with --json, else the text made for people."""
     if args.json:
@@ -373,6 +380,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "status": ("taskctl status", "taskctl status --json"),
     "prune": ("taskctl prune --older-than 1d",),
     "reload": ("taskctl reload",),
+    "completion": (
+        "source <(taskctl completion bash)        # in ~/.bashrc",
+        "source <(taskctl completion zsh)         # in ~/.zshrc",
+        "taskctl completion fish | source         # in ~/.config/fish/config.fish",
+    ),
     "schedules": (
         "taskctl schedules",
         "taskctl schedules pause nightly-backup",
@@ -536,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         _global_options(action, top=False)
         action.add_argument("schedule", nargs="+", metavar="ID|CRON")
         action.set_defaults(handler=handler)
+
+    completion = command(
+        "completion",
+        cmd_completion,
+        "print a shell completion script: commands, options, task names and job ids",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL",
+                            help="bash, zsh or fish")  # fmt: skip
     return parser
 
 
@@ -550,7 +570,13 @@ def _payload_argument(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["__complete"]:  # what the completion scripts ask
+        from taskctl.completion import complete
+
+        print("\n".join(complete(parser, words[1:])))
+        return int(Exit.OK)
+    args = parser.parse_args(words)
     if args.command is None:
         parser.print_help(sys.stderr)
         return int(Exit.USAGE)
