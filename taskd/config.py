@@ -80,6 +80,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     database: str | None = None
     socket: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line
     workers: int = 16
     grace_period: Seconds = Seconds(30)
     lease: Seconds = Seconds(60)

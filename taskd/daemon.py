@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 PRUNE_INTERVAL = 3600.0
 # Settings the running daemon cannot change; a reload that changes them warns.
 RESTART_ONLY = (
+    "log_format",
     "database",
     "socket",
     "socket_group",

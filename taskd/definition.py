@@ -90,7 +90,8 @@ def task_logger(name: str, job_id: int) -> logging.LoggerAdapter[logging.Logger]
     """A logger named for the task whose lines start with the job id."""
     import logging
 
-    return _job_logger_class()(logging.getLogger(f"taskd.task.{name}"), {"job_id": job_id})
+    logger = logging.getLogger(f"taskd.task.{name}")
+    return _job_logger_class()(logger, {"task": name, "job_id": job_id})
 
 
 @functools.cache
@@ -99,8 +100,9 @@ def _job_logger_class() -> type[logging.LoggerAdapter[logging.Logger]]:
 
     class JobLogger(logging.LoggerAdapter[logging.Logger]):
         def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-            job_id = self.extra["job_id"] if self.extra else "?"
-            return f"job {job_id}: {msg}", kwargs
+            extra = dict(self.extra or {})
+            kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+            return f"job {extra.get('job_id', '?')}: {msg}", kwargs
 
     return JobLogger
 

@@ -241,7 +241,7 @@ class Executor:
         error = AttemptError(job.attempts, kind, message, now, trace)
         where = f"job {job.id} {job.task} attempt {job.attempts}/{job.max_attempts}"
         if final or task is None or job.attempts >= job.max_attempts:
-            logger.error("%s failed: %s%s", where, message, _indent(trace))
+            logger.error("%s failed: %s%s", where, message, _indent(trace), extra=_fields(job))
             return Outcome(job.id, job.epoch, self.owner, "failed", now, error=error)
         if delay is None:
             delay = backoff_delay(
@@ -250,7 +250,14 @@ class Executor:
                 task.max_backoff if task.max_backoff is not None else DEFAULT_MAX_BACKOFF,
                 random.random(),
             )
-        logger.warning("%s failed, retrying in %.1fs: %s%s", where, delay, message, _indent(trace))
+        logger.warning(
+            "%s failed, retrying in %.1fs: %s%s",
+            where,
+            delay,
+            message,
+            _indent(trace),
+            extra=_fields(job),
+        )
         return Outcome(
             job.id, job.epoch, self.owner, "pending", now, error=error, run_at=now + delay
         )
@@ -390,6 +397,11 @@ class Executor:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fields(job: Job) -> dict[str, object]:
+    """The task and job of a log line, for log_format = "json"."""
+    return {"task": job.task, "job_id": job.id}
 
 
 def _indent(trace: str | None) -> str:
