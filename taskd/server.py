@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
+from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
 from taskd.models import Peer
 from taskd.protocol import (
     DEFAULT_MAX_FRAME,
@@ -79,12 +79,20 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
             f"the socket's folder {folder} is writable by every user, so another user could "
             "replace the socket; put it in a folder of its own (e.g. /run/taskd)"
         )
+    if info.st_mode & stat.S_IWGRP and not info.st_mode & stat.S_ISVTX:
+        raise SocketInUse(
+            f"the socket's folder {folder} is writable by its group, {group_name(info.st_gid)}, "
+            "so a member of that group could replace the socket with one of their own and read "
+            f"what callers send; make the folder writable by its owner only (chmod g-w {folder}) "
+            f"or set its sticky bit (chmod +t {folder}), or put the socket in another folder"
+        )
     if info.st_uid not in (0, os.getuid()):
         raise SocketInUse(
             f"the socket's folder {folder} belongs to uid {info.st_uid}, not to taskd's user, "
             "so its owner could replace the socket; use a folder of taskd's own"
         )
-    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # no planted symlinks
+    lock_fd = os.open(f"{path}.lock", flags, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
