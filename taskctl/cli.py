@@ -11,9 +11,11 @@ from typing import Any, NoReturn
 import msgspec
 
 from taskctl import errors
-from taskctl.client import Client
+from taskctl.client import WAIT_MARGIN, Client
 from taskd.models import JOB_STATUSES, parse_duration
 from taskd.protocol import client_socket_path
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
 class Exit(enum.IntEnum):
@@ -27,7 +29,7 @@ class Exit(enum.IntEnum):
     UNAVAILABLE = 7  # taskd is not reachable on the socket
     PAYLOAD_REJECTED = 65  # the payload does not match the task's schema
     SOFTWARE = 70  # taskd or taskctl misbehaved (protocol error, internal error)
-    TEMPFAIL = 75  # taskd is busy, stopping, or its store failed; try again
+    TEMPFAIL = 75  # taskd is busy, stopping, or its store failed, or did not answer in time
     PERMISSION = 77  # not allowed to use taskd (or this command)
     CONFIG = 78  # reload refused: the new configuration or a task file is broken
     TIMEOUT = 124  # `wait --timeout` ran out before the job ended
@@ -43,7 +45,8 @@ exit status:
     7  taskd is not reachable (the message names the socket that was tried)
    65  the payload was rejected by the task's schema (the message names the field)
    70  internal or protocol error
-   75  taskd is busy or stopping, or its database failed: try again
+   75  taskd is busy or stopping, its database failed, or it did not answer within
+       --request-timeout: try again
    77  permission denied: ask for access to the socket
    78  reload refused: the new configuration or a task file is broken
   124  wait --timeout ran out before the job ended
@@ -63,6 +66,7 @@ _EXIT_FOR_ERROR: dict[type[errors.TaskdError], Exit] = {
     errors.Busy: Exit.TEMPFAIL,
     errors.ShuttingDown: Exit.TEMPFAIL,
     errors.StoreFailure: Exit.TEMPFAIL,
+    errors.RequestTimeout: Exit.TEMPFAIL,
     errors.JobFailed: Exit.JOB_FAILED,
 }
 
@@ -341,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DUR",
         help="keep trying this long while taskd is starting (default: fail at once)",
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=duration,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metavar="DUR",
+        help="give up (exit 75) when taskd has not answered a call within this long "
+        f"(default: {DEFAULT_REQUEST_TIMEOUT:g}s; 0: no limit). It does not cut short a `run` "
+        "waiting for its job, nor `wait`, which gives up after its own --timeout plus "
+        f"{WAIT_MARGIN:g}s",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, handler: Command, help: str) -> argparse.ArgumentParser:
@@ -446,10 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Command = args.handler
     try:
-        with Client(args.socket, connect_timeout=args.connect_timeout) as client:
+        timeout = args.request_timeout or None
+        with Client(args.socket, timeout=timeout, connect_timeout=args.connect_timeout) as client:
             return int(handler(client, args))
     except UsageError as exc:
         _fail(str(exc), Exit.USAGE)
+    except errors.RequestTimeout as exc:
+        _fail(f"{exc.message}; --request-timeout sets how long to wait", Exit.TEMPFAIL)
     except errors.TaskdError as exc:
         _fail(exc.message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
     except KeyboardInterrupt:
