@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.models import Job, ScheduleInfo, Status, TaskInfo, format_duration
+from taskd.models import Job, ScheduleInfo, Status, TaskInfo, ThreadStats, format_duration
 
 TIME_FIELDS = (
     "created_at",
@@ -196,6 +196,8 @@ def status_detail(status: Status) -> str:
         f"  workers:   {len(status.running)} of {status.workers} busy",
         f"  jobs:      {counts}",
     ]
+    if status.threads is not None:
+        lines.append(threads_line(status.threads))
     if status.oldest_pending_age is not None:
         lines.append(f"  oldest due job has waited {format_duration(status.oldest_pending_age)}")
     if status.next_due_at is not None:
@@ -225,6 +227,17 @@ def status_detail(status: Status) -> str:
             since = format_duration(now - job.started_at) if job.started_at else "?"
             lines.append(f"  job {job.id} {job.task} attempt {job.attempts}, for {since}")
     return "\n".join(lines)
+
+
+def threads_line(stats: ThreadStats) -> str:
+    """The threads of plain-function tasks; stuck ones are a task bug worth a look."""
+    line = f"  threads:   {stats.running} running"
+    if stats.stuck or stats.refused:
+        line += (
+            f", {stats.stuck} stuck in functions whose job ended (replaced up to "
+            f"{stats.max_stuck}), {stats.refused} attempts refused"
+        )
+    return line
 
 
 def result_text(value: Any) -> str:

@@ -87,6 +87,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_frame_size: int = DEFAULT_MAX_FRAME
     max_connections: int = 256
     read_timeout: Seconds = Seconds(30)
+    max_stuck_threads: int = 16
     timezone: str = "UTC"
     retention: Retention = Retention()
     sqlite: SqliteOptions = SqliteOptions()
@@ -112,6 +113,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"lease must be at least 1 second, got {self.lease}")
         if self.read_timeout <= 0:
             raise ValueError("read_timeout must be more than 0 seconds")
+        if self.max_stuck_threads < 0:
+            raise ValueError(f"max_stuck_threads must be 0 or more, got {self.max_stuck_threads}")
 
 
 def _decode_hook(kind: type, value: Any) -> Any:

@@ -45,6 +45,7 @@ RESTART_ONLY = (
     "max_frame_size",
     "max_connections",
     "read_timeout",
+    "max_stuck_threads",
     "lease",
     "sqlite",
 )
@@ -139,6 +140,7 @@ class Daemon:
             workers=config.workers,
             lease=config.lease,
             quarantine_after=config.quarantine_after,
+            max_stuck_threads=config.max_stuck_threads,
         )
         self._scheduler = Scheduler(self._store, submitter, started_at=self._started_at)
         await self._scheduler.load(schedules)

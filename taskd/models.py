@@ -120,6 +120,21 @@ class TaskCounts(msgspec.Struct, frozen=True):
     next_due_at: float | None = None
 
 
+class ThreadStats(msgspec.Struct, frozen=True):
+    """The threads that run plain-function tasks.
+
+    A thread is *stuck* while it still runs a function whose job has ended (it timed out or
+    was cancelled: a thread cannot be interrupted); another thread takes its place while
+    fewer than `max_stuck` are stuck. `refused` counts attempts failed since the daemon
+    started because no thread was left.
+    """
+
+    running: int
+    stuck: int
+    max_stuck: int
+    refused: int
+
+
 class Status(msgspec.Struct, frozen=True, omit_defaults=True):
     """What `taskctl status` shows."""
 
@@ -136,6 +151,7 @@ class Status(msgspec.Struct, frozen=True, omit_defaults=True):
     tasks: list[TaskCounts] = []
     oldest_pending_age: float | None = None
     next_due_at: float | None = None
+    threads: ThreadStats | None = None
 
 
 class Peer(msgspec.Struct, frozen=True):

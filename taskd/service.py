@@ -233,6 +233,7 @@ class Service:
             tasks=per_task,
             oldest_pending_age=max(ages) if ages else None,
             next_due_at=min(due) if due else None,
+            threads=self._executor.thread_stats(),
         )
 
     async def prune(self, params: PruneParams) -> PruneResult:
