@@ -44,7 +44,9 @@ RESTART_ONLY = (
     "workers",
     "max_frame_size",
     "max_connections",
+    "max_connections_per_user",
     "read_timeout",
+    "idle_timeout",
     "max_stuck_threads",
     "lease",
     "sqlite",
@@ -161,6 +163,7 @@ class Daemon:
             retention=lambda: self.config.retention,
             reload=self.reload,
             scheduler=self._scheduler,
+            connections=lambda: self._server.stats() if self._server else None,
         )
         self._server = ControlServer(
             service.handle,
@@ -169,6 +172,8 @@ class Daemon:
             max_frame=config.max_frame_size,
             max_connections=config.max_connections,
             read_timeout=config.read_timeout,
+            max_per_user=config.max_connections_per_user,
+            idle_timeout=config.idle_timeout,
         )
         await self._server.start(self._listen(paths, socket_group))
         self._background.spawn(self._executor.run(), "executor")
