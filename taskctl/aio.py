@@ -15,7 +15,10 @@ from taskctl.client import (
     encode_payload,
     enqueue_params,
     jobs_params,
+    request_limit,
     seconds,
+    shorter,
+    timed_out,
     unavailable,
 )
 from taskctl.errors import JobFailed, ProtocolError, TaskdError
@@ -55,10 +58,14 @@ _id_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 
 class AsyncClient:
-    """An asyncio connection to taskd. `async with AsyncClient() as client: ...`"""
+    """An asyncio connection to taskd. `async with AsyncClient() as client: ...`
 
-    def __init__(self, socket_path: str | None = None) -> None:
+    `timeout` limits the wait for each answer as in `Client`; then RequestTimeout.
+    """
+
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None) -> None:
         self.socket_path = socket_path or client_socket_path()
+        self._timeout = timeout
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
@@ -74,17 +81,30 @@ class AsyncClient:
         await self.close()
 
     async def connect(self) -> HelloResult:
+        """Connect and say hello; other methods do this on first use."""
+        return await self._connect(self._timeout)
+
+    async def _connect(self, limit: float | None) -> HelloResult:
         async with self._connecting:
             if self.server is not None and self._writer is not None:
                 return self.server
+            if self._writer is not None:
+                self._writer.close()  # taskd closed it (idle_timeout); a new one does as well
             try:
-                reader, writer = await asyncio.open_unix_connection(self.socket_path)
+                async with asyncio.timeout(limit):
+                    reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            except TimeoutError:
+                raise timed_out(self.socket_path, "connect", limit or 0.0) from None
             except OSError as exc:
                 raise unavailable(self.socket_path, exc) from None
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read_replies(reader))
             hello = HelloParams(protocol=PROTOCOL_VERSION, client=CLIENT_NAME)
-            result: HelloResult = await self._send("hello", hello)
+            try:
+                result: HelloResult = await self._send("hello", hello, limit)
+            except BaseException:
+                await self.close()  # no half-open connection left behind
+                raise
             self.server = result
             return result
 
@@ -101,11 +121,12 @@ class AsyncClient:
 
     async def call(self, method: str, params: Params) -> Any:
         """Send one request and await its result; raises TaskdError subclasses."""
+        limit = request_limit(params, self._timeout)
         if self.server is None:
-            await self.connect()
-        return await self._send(method, params)
+            await self._connect(shorter(self._timeout, limit))
+        return await self._send(method, params, limit)
 
-    async def _send(self, method: str, params: Params) -> Any:
+    async def _send(self, method: str, params: Params, limit: float | None) -> Any:
         writer = self._writer
         if writer is None:
             raise ProtocolError("not connected")
@@ -115,9 +136,12 @@ class AsyncClient:
         self._pending[request_id] = (method, future)
         raw = msgspec.Raw(msgspec.msgpack.encode(params))
         try:
-            writer.write(encode_frame(Request(request_id, method, raw)))
-            await writer.drain()
-            return await future
+            async with asyncio.timeout(limit):
+                writer.write(encode_frame(Request(request_id, method, raw)))
+                await writer.drain()
+                return await future
+        except TimeoutError:
+            raise timed_out(self.socket_path, method, limit or 0.0) from None
         finally:
             self._pending.pop(request_id, None)
 

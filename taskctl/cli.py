@@ -11,10 +11,12 @@ from typing import Any, NoReturn
 import msgspec
 
 from taskctl import errors
-from taskctl.client import Client
+from taskctl.client import WAIT_MARGIN, Client
 from taskd import __version__
 from taskd.models import JOB_STATUSES, parse_duration
 from taskd.protocol import client_socket_path
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
 class Exit(enum.IntEnum):
@@ -28,7 +30,7 @@ class Exit(enum.IntEnum):
     UNAVAILABLE = 7  # taskd is not reachable on the socket
     PAYLOAD_REJECTED = 65  # the payload does not match the task's schema
     SOFTWARE = 70  # taskd or taskctl misbehaved (protocol error, internal error)
-    TEMPFAIL = 75  # taskd is busy, stopping, or its store failed; try again
+    TEMPFAIL = 75  # taskd is busy, stopping, or its store failed, or did not answer in time
     PERMISSION = 77  # not allowed to use taskd (or this command)
     CONFIG = 78  # reload refused: the new configuration or a task file is broken
     TIMEOUT = 124  # `wait --timeout` ran out before the job ended
@@ -45,7 +47,8 @@ exit status:
     7  taskd is not reachable (the message names the socket that was tried)
    65  the payload was rejected by the task's schema (the message names the field)
    70  internal or protocol error
-   75  taskd is busy or stopping, or its database failed: try again
+   75  taskd is busy or stopping, its database failed, or it did not answer within
+       --request-timeout: try again
    77  permission denied: ask for access to the socket
    78  reload refused: the new configuration or a task file is broken
   124  wait --timeout ran out before the job ended
@@ -66,6 +69,7 @@ _EXIT_FOR_ERROR: dict[type[errors.TaskdError], Exit] = {
     errors.Busy: Exit.TEMPFAIL,
     errors.ShuttingDown: Exit.TEMPFAIL,
     errors.StoreFailure: Exit.TEMPFAIL,
+    errors.RequestTimeout: Exit.TEMPFAIL,
     errors.JobFailed: Exit.JOB_FAILED,
 }
 
@@ -401,7 +405,7 @@ def _epilog(examples: tuple[str, ...]) -> str:
 
 
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    """--socket, --json and --connect-timeout, accepted before or after the command.
+    """The global options (--socket, --json, the timeouts), before or after the command.
 
     Below the top level they default to SUPPRESS, so that a subcommand without them keeps
     what was given before it.
@@ -428,6 +432,16 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         default=default(0.0),
         metavar="DUR",
         help="keep trying this long while taskd is starting (default: fail at once)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=duration,
+        default=default(DEFAULT_REQUEST_TIMEOUT),
+        metavar="DUR",
+        help="give up (exit 75) when taskd has not answered a call within this long "
+        f"(default: {DEFAULT_REQUEST_TIMEOUT:g}s; 0: no limit). It does not cut short a `run` "
+        "waiting for its job, nor `wait`, which gives up after its own --timeout plus "
+        f"{WAIT_MARGIN:g}s",
     )
 
 
@@ -582,10 +596,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(Exit.USAGE)
     handler: Command = args.handler
     try:
-        with Client(args.socket, connect_timeout=args.connect_timeout) as client:
+        timeout = args.request_timeout or None
+        with Client(args.socket, timeout=timeout, connect_timeout=args.connect_timeout) as client:
             return int(handler(client, args))
     except UsageError as exc:
         _fail(args, "usage", str(exc), Exit.USAGE)
+    except errors.RequestTimeout as exc:
+        message = f"{exc.message}; --request-timeout sets how long to wait"
+        _fail(args, exc.code, message, Exit.TEMPFAIL)
     except errors.TaskdError as exc:
         _fail(args, exc.code, exc.message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
     except KeyboardInterrupt:

@@ -13,8 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from taskctl.errors import DaemonUnavailable, JobFailed, PermissionDenied, ProtocolError, error_for
-from taskd.models import Job, ScheduleInfo, Status, TaskInfo, parse_duration
+from taskctl.errors import (
+    DaemonUnavailable,
+    JobFailed,
+    PermissionDenied,
+    ProtocolError,
+    RequestTimeout,
+    error_for,
+)
+from taskd.models import Job, ScheduleInfo, Status, TaskInfo, format_duration, parse_duration
 from taskd.protocol import (
     EMPTY_MAP,
     HEADER,
@@ -55,6 +62,7 @@ if TYPE_CHECKING:  # datetime costs a millisecond or two that `taskctl list` nee
 
 CLIENT_MAX_FRAME = 256 * 1024 * 1024
 CLIENT_NAME = "taskctl/0.1.0"
+WAIT_MARGIN = 2.0  # seconds a client waits past a wait's own timeout for taskd's answer
 
 _reply_decoder = msgspec.msgpack.Decoder(RawReply)
 _result_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}  # built on first use: start-up
@@ -131,6 +139,29 @@ def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> An
         raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
 
 
+def request_limit(params: Params, timeout: float | None) -> float | None:
+    """How long a client waits for the answer to `params`: `timeout`, except for the calls
+    that wait for a job. A `run` without detach waits as long as its job runs; a `wait` for
+    its own timeout plus WAIT_MARGIN, or as long as the job runs without one."""
+    if isinstance(params, WaitParams):
+        return None if params.timeout is None else params.timeout + WAIT_MARGIN
+    if isinstance(params, RunParams) and not params.detach:
+        return None
+    return timeout
+
+
+def shorter(first: float | None, second: float | None) -> float | None:
+    """The shorter of two limits, None being no limit."""
+    return second if first is None else first if second is None else min(first, second)
+
+
+def timed_out(path: str, method: str, limit: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"taskd at {path} did not answer {method} within {format_duration(limit)}: it may be "
+        "stopped, frozen or overloaded (the request may still take effect)"
+    )
+
+
 def unavailable(path: str, exc: OSError) -> Exception:
     """The exception for a failed connect, saying what to do about it."""
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -146,7 +177,12 @@ def unavailable(path: str, exc: OSError) -> Exception:
 
 
 class Client:
-    """A blocking connection to taskd. Use as a context manager, or call `close()`."""
+    """A blocking connection to taskd. Use as a context manager, or call `close()`.
+
+    `timeout`: seconds to wait for taskd's answer to a call that does not wait for a job
+    (all but `run` without detach, and `wait`, which waits for its own timeout plus
+    WAIT_MARGIN); then RequestTimeout. None waits as long as it takes.
+    """
 
     def __init__(
         self,
@@ -175,9 +211,12 @@ class Client:
 
     def connect(self) -> HelloResult:
         """Connect and say hello; other methods do this on first use."""
+        return self._connect(self._timeout)
+
+    def _connect(self, limit: float | None) -> HelloResult:
         self._sock = self._open_socket()
         hello = HelloParams(protocol=PROTOCOL_VERSION, client=CLIENT_NAME)
-        result: HelloResult = self._exchange("hello", hello)
+        result: HelloResult = self._exchange("hello", hello, limit)
         self.server = result
         return result
 
@@ -201,36 +240,42 @@ class Client:
 
     def call(self, method: str, params: Params) -> Any:
         """Send one request and return its decoded result; raises TaskdError subclasses."""
+        if self._sock is not None and _hung_up(self._sock):
+            self.close()  # taskd closed it after idle_timeout; a new one does as well
+        limit = request_limit(params, self._timeout)
         if self._sock is None:
-            self.connect()
-        return self._exchange(method, params)
+            self._connect(shorter(self._timeout, limit))
+        return self._exchange(method, params, limit)
 
-    def _exchange(self, method: str, params: Params) -> Any:
+    def _exchange(self, method: str, params: Params, limit: float | None) -> Any:
         sock = self._sock
         assert sock is not None
         request_id = self._next_id
         self._next_id += 1
+        deadline = None if limit is None else time.monotonic() + limit
         try:
             try:
+                sock.settimeout(limit)
                 sock.sendall(encode_frame(Request(request_id, method, _raw(params))))
             except OSError:
                 # taskd may have refused the connection (permission, too many connections)
                 # and hung up before the request was sent: its answer is still to be read.
-                sock.settimeout(1.0)
-            body = self._read_frame(sock)
+                soon = time.monotonic() + 1.0
+                deadline = soon if deadline is None else min(deadline, soon)
+            body = self._read_frame(sock, deadline)
         except TimeoutError:
             self.close()
-            raise DaemonUnavailable(f"taskd at {self.socket_path} did not answer in time") from None
+            raise timed_out(self.socket_path, method, limit or 1.0) from None
         except OSError as exc:
             self.close()
             raise ProtocolError(f"connection to taskd lost: {exc.strerror or exc}") from None
         return decode_result(method, body, request_id)
 
-    def _read_frame(self, sock: socket.socket) -> bytes:
-        (size,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+    def _read_frame(self, sock: socket.socket, deadline: float | None) -> bytes:
+        (size,) = HEADER.unpack(_recv_exactly(sock, HEADER.size, deadline))
         if size > CLIENT_MAX_FRAME:
             raise ProtocolError(f"taskd announced a reply of {size} bytes; refusing it")
-        return _recv_exactly(sock, size)
+        return _recv_exactly(sock, size, deadline)
 
     # -- one method per call ---------------------------------------------------------------
 
@@ -313,7 +358,8 @@ class Client:
         return result
 
     def wait(self, job_id: int, timeout: float | str | None = None) -> Job:
-        """The job once it has ended; raises WaitTimeout after `timeout`."""
+        """The job once it has ended; raises WaitTimeout after `timeout` (RequestTimeout if
+        taskd has not answered WAIT_MARGIN seconds later)."""
         result: Job = self.call("wait", WaitParams(job_id, seconds(timeout)))
         return result
 
@@ -362,13 +408,30 @@ def _raw(params: Params) -> msgspec.Raw:
     return msgspec.Raw(msgspec.msgpack.encode(params))
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def _hung_up(sock: socket.socket) -> bool:
+    """True if taskd has closed this connection (it closes idle ones)."""
+    sock.setblocking(False)  # a socket with a timeout would wait for data first
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _recv_exactly(sock: socket.socket, size: int, deadline: float | None = None) -> bytes:
+    """`size` bytes; TimeoutError if they have not all come by `deadline` (monotonic)."""
     if size == 0:
         return b""
     buffer = bytearray(size)
     view = memoryview(buffer)
     received = 0
     while received < size:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
         count = sock.recv_into(view[received:], size - received)
         if count == 0:
             raise ProtocolError("taskd closed the connection in the middle of a reply")

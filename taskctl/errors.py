@@ -25,6 +25,13 @@ class DaemonUnavailable(TaskdError):
     code = "unavailable"
 
 
+class RequestTimeout(TaskdError):
+    """taskd did not answer within the client's timeout (it may be stopped or overloaded);
+    the request may still take effect."""
+
+    code = "request_timeout"
+
+
 class ProtocolError(TaskdError):
     """taskd sent something this client cannot read, or hung up mid-reply."""
 

@@ -10,7 +10,15 @@ from typing import Any
 
 import msgspec
 
-from taskd.models import Job, ScheduleInfo, Status, TaskInfo, format_duration
+from taskd.models import (
+    ConnectionStats,
+    Job,
+    ScheduleInfo,
+    Status,
+    TaskInfo,
+    ThreadStats,
+    format_duration,
+)
 
 TIME_FIELDS = (
     "created_at",
@@ -210,6 +218,10 @@ def status_detail(status: Status) -> str:
         f"  workers:   {len(status.running)} of {status.workers} busy",
         f"  jobs:      {counts}",
     ]
+    if status.connections is not None:
+        lines += connections_lines(status.connections)
+    if status.threads is not None:
+        lines.append(threads_line(status.threads))
     if status.oldest_pending_age is not None:
         lines.append(f"  oldest due job has waited {format_duration(status.oldest_pending_age)}")
     if status.next_due_at is not None:
@@ -243,6 +255,46 @@ def status_detail(status: Status) -> str:
 
 def _times(count: int) -> str:
     return "once" if count == 1 else "twice" if count == 2 else f"{count} times"
+
+
+def connections_lines(stats: ConnectionStats) -> list[str]:
+    """The control socket's connections, and the limits they have hit since start."""
+    users = sorted(stats.per_user.items(), key=lambda item: (-item[1], item[0]))
+    busiest = ", ".join(f"uid {uid}: {count}" for uid, count in users[:3])
+    lines = [
+        f"  clients:   {stats.open} open ({busiest or 'none'}); at most {stats.max_connections}, "
+        f"{stats.max_per_user} per user but root and taskd's own",
+    ]
+    if stats.paused:
+        lines.append(
+            f"  paused:    {stats.paused} not reading their replies ({_bytes(stats.unsent_bytes)}"
+            f" unsent, {_bytes(stats.output_budget)} allowed each)"
+        )
+    if stats.refused_busy or stats.refused_per_user or stats.closed_idle or stats.closed_unread:
+        lines.append(
+            f"  refused:   {stats.refused_per_user} over a user's share, {stats.refused_busy} over "
+            f"max_connections; closed {stats.closed_idle} idle for "
+            f"{format_duration(stats.idle_timeout)}, {stats.closed_unread} not reading"
+        )
+    return lines
+
+
+def threads_line(stats: ThreadStats) -> str:
+    """The threads of plain-function tasks; stuck ones are a task bug worth a look."""
+    line = f"  threads:   {stats.running} running"
+    if stats.stuck or stats.refused:
+        line += (
+            f", {stats.stuck} stuck in functions whose job ended (replaced up to "
+            f"{stats.max_stuck}), {stats.refused} attempts refused"
+        )
+    return line
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
 
 
 def result_text(value: Any) -> str:

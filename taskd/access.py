@@ -66,6 +66,15 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+@functools.lru_cache(maxsize=64)
+def group_name(gid: int) -> str:
+    """`gid 65534 (nogroup)` for messages; the bare gid if it has no name."""
+    try:
+        return f"gid {gid} ({grp.getgrgid(gid).gr_name})"
+    except KeyError:
+        return f"gid {gid}"
+
+
 class AccessPolicy:
     """Allowed: root, the daemon's own user, and the configured users and groups."""
 

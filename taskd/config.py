@@ -87,7 +87,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     quarantine_after: int = 3
     max_frame_size: int = DEFAULT_MAX_FRAME
     max_connections: int = 256
+    max_connections_per_user: int = 32
     read_timeout: Seconds = Seconds(30)
+    idle_timeout: Seconds = Seconds(300)
+    max_stuck_threads: int = 16
     timezone: str = "UTC"
     retention: Retention = Retention()
     sqlite: SqliteOptions = SqliteOptions()
@@ -113,6 +116,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"lease must be at least 1 second, got {self.lease}")
         if self.read_timeout <= 0:
             raise ValueError("read_timeout must be more than 0 seconds")
+        if self.max_connections_per_user < 1:
+            raise ValueError(
+                f"max_connections_per_user must be at least 1, got {self.max_connections_per_user}"
+            )
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be more than 0 seconds")
+        if self.max_stuck_threads < 0:
+            raise ValueError(f"max_stuck_threads must be 0 or more, got {self.max_stuck_threads}")
 
 
 def _decode_hook(kind: type, value: Any) -> Any:

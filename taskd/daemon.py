@@ -45,7 +45,10 @@ RESTART_ONLY = (
     "workers",
     "max_frame_size",
     "max_connections",
+    "max_connections_per_user",
     "read_timeout",
+    "idle_timeout",
+    "max_stuck_threads",
     "lease",
     "sqlite",
 )
@@ -142,6 +145,7 @@ class Daemon:
             lease=config.lease,
             quarantine_after=config.quarantine_after,
             max_result=max_payload,
+            max_stuck_threads=config.max_stuck_threads,
         )
         self._scheduler = Scheduler(self._store, submitter, started_at=self._started_at)
         await self._scheduler.load(schedules)
@@ -162,6 +166,7 @@ class Daemon:
             retention=lambda: self.config.retention,
             reload=self.reload,
             scheduler=self._scheduler,
+            connections=lambda: self._server.stats() if self._server else None,
         )
         self._server = ControlServer(
             service.handle,
@@ -170,6 +175,8 @@ class Daemon:
             max_frame=config.max_frame_size,
             max_connections=config.max_connections,
             read_timeout=config.read_timeout,
+            max_per_user=config.max_connections_per_user,
+            idle_timeout=config.idle_timeout,
         )
         await self._server.start(self._listen(paths, socket_group))
         self._background.spawn(self._executor.run(), "executor")
@@ -309,7 +316,7 @@ class Daemon:
         self.notifier.stopping()
         logger.info("stopping")
         if self._server is not None:
-            self._server.stop_accepting()
+            self._server.stop_accepting(keep_listening=self._socket_lock is not None)
         if self._scheduler is not None:
             await self._scheduler.stop()
         if self._executor is not None:

@@ -18,18 +18,18 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import msgspec
 
 from taskd.definition import Fail, Retry, TaskContext, TaskFailed
-from taskd.models import AttemptError, Job
+from taskd.models import AttemptError, Job, ThreadStats
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.store import Outcome, Store, StoreError
 from taskd.submit import JobRequest, Submitter, encode_payload, max_payload_size
 from taskd.tasks import Task, TaskRegistry
+from taskd.threads import TaskThreads
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Executor:
         lease: float,
         quarantine_after: int,
         max_result: int = max_payload_size(DEFAULT_MAX_FRAME),
+        max_stuck_threads: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -90,7 +91,7 @@ class Executor:
         self._cancelling: dict[int, CancelReason] = {}
         self._stopping = False
         self._closed = asyncio.Event()
-        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskd-task")
+        self._threads = TaskThreads(workers, max_stuck_threads)
 
     # -- the claim loop ------------------------------------------------------------------
 
@@ -197,14 +198,13 @@ class Executor:
         return Outcome(job.id, job.epoch, self.owner, "succeeded", self._clock(), result=encoded)
 
     async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
-        loop = asyncio.get_running_loop()
         deadline = asyncio.timeout(task.timeout)
         try:
             async with deadline:
                 if task.is_async:
                     return await task.call(payload, ctx)
                 call = functools.partial(task.call, payload, ctx)
-                return await loop.run_in_executor(self._threads, call)
+                return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
         except TimeoutError:
             if deadline.expired():  # ours, not a TimeoutError the task raised itself
                 raise _TimedOut from None
@@ -322,11 +322,14 @@ class Executor:
         if leftover:
             await asyncio.wait([running.task for running in leftover])
         self._closed.set()
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._threads.close()
 
     def threads_alive(self) -> int:
         """Task threads still running (plain functions that ignored their cancellation)."""
-        return sum(thread.is_alive() for thread in getattr(self._threads, "_threads", ()))
+        return self._threads.busy
+
+    def thread_stats(self) -> ThreadStats:
+        return self._threads.stats()
 
     async def keep_leases(self) -> None:
         """Renew our leases and return other workers' expired jobs, until drained."""

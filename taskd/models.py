@@ -120,6 +120,41 @@ class TaskCounts(msgspec.Struct, frozen=True):
     next_due_at: float | None = None
 
 
+class ConnectionStats(msgspec.Struct, frozen=True):
+    """The control socket's connections, their limits, and how often the limits were hit.
+
+    Counters (`refused_*`, `closed_*`) count since the daemon started.
+    """
+
+    open: int
+    max_connections: int  # for root and taskd's own user, and again for all other users
+    max_per_user: int  # max_connections_per_user: what one other user may hold
+    per_user: dict[int, int]  # uid -> open connections
+    idle_timeout: float
+    output_budget: int  # bytes of unsent replies a connection may have before it is paused
+    paused: int  # connections not read now: their peer is not reading its replies
+    unsent_bytes: int  # replies written but not yet taken by their peers, all connections
+    refused_busy: int  # max_connections was reached
+    refused_per_user: int  # the caller's user held max_connections_per_user already
+    closed_idle: int  # nothing in flight and nothing sent for idle_timeout
+    closed_unread: int  # the peer had not caught up with its replies within idle_timeout
+
+
+class ThreadStats(msgspec.Struct, frozen=True):
+    """The threads that run plain-function tasks.
+
+    A thread is *stuck* while it still runs a function whose job has ended (it timed out or
+    was cancelled: a thread cannot be interrupted); another thread takes its place while
+    fewer than `max_stuck` are stuck. `refused` counts attempts failed since the daemon
+    started because no thread was left.
+    """
+
+    running: int
+    stuck: int
+    max_stuck: int
+    refused: int
+
+
 class Status(msgspec.Struct, frozen=True):
     """What `taskctl status` shows."""
 
@@ -136,6 +171,8 @@ class Status(msgspec.Struct, frozen=True):
     tasks: list[TaskCounts] = []
     oldest_pending_age: float | None = None
     next_due_at: float | None = None
+    connections: ConnectionStats | None = None
+    threads: ThreadStats | None = None
 
 
 class Peer(msgspec.Struct, frozen=True):

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
+import functools
 import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
+from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
+from taskd.connection_limits import ConnectionLimits
 from taskd.envelope import request_head
-from taskd.models import Peer
+from taskd.models import ConnectionStats, Peer
 from taskd.protocol import (
     DEFAULT_MAX_FRAME,
     EMPTY_MAP,
@@ -39,6 +42,7 @@ from taskd.protocol import (
     Reply,
     Request,
     RpcError,
+    WaitParams,
     encode_frame,
 )
 
@@ -56,6 +60,9 @@ LINGER = 2.0
 MAX_LINGERING = 64
 # Only the payload of these methods may nest deeply; other params never nest much.
 PAYLOAD_METHODS = frozenset({"run", "enqueue", "enqueue_many"})
+# Replies a connection's peer has not read yet, in bytes: over this, taskd reads no more of
+# its requests and starts no more of its reads until the peer catches up.
+OUTPUT_BUDGET = 1024 * 1024
 ACCESS_HINT = (
     "ask the administrator of taskd to add the user to allow_users, or one of its groups to "
     "allow_groups (readonly_users/readonly_groups for read-only access), in taskd.toml, "
@@ -88,12 +95,20 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
             f"the socket's folder {folder} is writable by every user, so another user could "
             "replace the socket; put it in a folder of its own (e.g. /run/taskd)"
         )
+    if info.st_mode & stat.S_IWGRP and not info.st_mode & stat.S_ISVTX:
+        raise SocketInUse(
+            f"the socket's folder {folder} is writable by its group, {group_name(info.st_gid)}, "
+            "so a member of that group could replace the socket with one of their own and read "
+            f"what callers send; make the folder writable by its owner only (chmod g-w {folder}) "
+            f"or set its sticky bit (chmod +t {folder}), or put the socket in another folder"
+        )
     if info.st_uid not in (0, os.getuid()):
         raise SocketInUse(
             f"the socket's folder {folder} belongs to uid {info.st_uid}, not to taskd's user, "
             "so its owner could replace the socket; use a folder of taskd's own"
         )
-    lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # no planted symlinks
+    lock_fd = os.open(f"{path}.lock", flags, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -177,7 +192,17 @@ class _ReceiveBudget:
 
 
 class _Connection:
-    __slots__ = ("greeted", "in_flight", "opened", "peer", "writer")
+    __slots__ = (
+        "greeted",
+        "idle_timer",
+        "in_flight",
+        "opened",
+        "output",
+        "pause_logged",
+        "peer",
+        "reads",
+        "writer",
+    )
 
     def __init__(self, peer: Peer, writer: asyncio.StreamWriter, opened: float) -> None:
         self.peer = peer
@@ -185,6 +210,14 @@ class _Connection:
         self.opened = opened
         self.greeted = False
         self.in_flight: set[asyncio.Task[None]] = set()
+        self.reads = asyncio.Lock()  # reads answered at once (lists, a job): one at a time
+        self.output = asyncio.Lock()  # replies go out one at a time, each when there is room
+        self.idle_timer: asyncio.Timeout | None = None  # while waiting for the next request
+        self.pause_logged = False  # the first pause is logged, not every one
+
+    @property
+    def unsent(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
 
 
 class ControlServer:
@@ -199,6 +232,8 @@ class ControlServer:
         max_frame: int,
         max_connections: int,
         read_timeout: float,
+        max_per_user: int | None = None,
+        idle_timeout: float = 300.0,
     ) -> None:
         self._handler = handler
         self._access = access
@@ -209,12 +244,35 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._closing = False
+        self._stopping = False  # new connections are refused: the daemon is stopping
         self._lingering = 0  # refused connections being closed gently (see _refuse)
         self._budget = _ReceiveBudget(max(LARGE_FRAME_BUDGET, max_frame))
+        self._limits = ConnectionLimits(max_connections, max_per_user or max_connections)
+        self._idle_timeout = float(idle_timeout)
+        self._closed_idle = 0
+        self._closed_unread = 0
 
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+    def stats(self) -> ConnectionStats:
+        """The connections and their limits, for `taskctl status`."""
+        unsent = [connection.unsent for connection in self._connections]
+        return ConnectionStats(
+            open=len(self._connections),
+            max_connections=self._max_connections,
+            max_per_user=self._limits.max_per_user,
+            per_user=dict(self._limits.by_uid),
+            idle_timeout=self._idle_timeout,
+            output_budget=OUTPUT_BUDGET,
+            paused=sum(size > OUTPUT_BUDGET for size in unsent),
+            unsent_bytes=sum(unsent),
+            refused_busy=self._limits.refused_busy,
+            refused_per_user=self._limits.refused_per_user,
+            closed_idle=self._closed_idle,
+            closed_unread=self._closed_unread,
+        )
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16)
@@ -223,14 +281,18 @@ class ControlServer:
         """Use a new access policy for connections from now on (after a reload)."""
         self._access = access
 
-    def stop_accepting(self) -> None:
-        """Close the listening socket; open connections are still served."""
-        if self._server is not None:
+    def stop_accepting(self, *, keep_listening: bool) -> None:
+        """The daemon is stopping: new connections are told `shutting_down` (so that a caller
+        learns why), or, without `keep_listening`, the listening socket is closed (under
+        socket activation callers then wait in its queue for the next start). Open
+        connections are still served."""
+        self._stopping = True
+        if self._server is not None and not keep_listening:
             self._server.close()
 
     async def close(self) -> None:
         """Stop accepting, answer what is in flight with `shutting_down`, close every stream."""
-        self._closing = True
+        self._closing = self._stopping = True
         if self._server is not None:
             self._server.close()
         for connection in list(self._connections):
@@ -260,17 +322,22 @@ class ControlServer:
             message = f"permission denied: {who} may not use this taskd; {ACCESS_HINT}"
             await self._refuse(reader, writer, ErrorCode.PERMISSION_DENIED, message)
             return
-        if self._closing or len(self._connections) >= self._max_connections:
-            message = "taskd has too many open connections; try again later"
-            await self._refuse(reader, writer, ErrorCode.BUSY, message)
+        if self._stopping:
+            message = "taskd is stopping; try again once it is back"
+            await self._refuse(reader, writer, ErrorCode.SHUTTING_DOWN, message)
+            return
+        if (refusal := self._limits.admit(uid)) is not None:
+            await self._refuse(reader, writer, ErrorCode.BUSY, refusal)
             return
         connection = _Connection(peer, writer, asyncio.get_running_loop().time())
+        writer.transport.set_write_buffer_limits(high=OUTPUT_BUDGET)
         self._connections.add(connection)
         try:
             await self._read_requests(reader, connection)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client hung up, possibly mid-frame
         finally:
+            self._limits.release(uid)
             self._connections.discard(connection)
             for task in connection.in_flight:
                 task.cancel()  # the client is gone; its waits are pointless
@@ -314,15 +381,15 @@ class ControlServer:
                 self._send_error(connection, None, exc.code, exc.message)
                 return
             self._dispatch(connection, body)
-            await connection.writer.drain()
+            await self._room(connection)
 
     async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
         """The body of the next frame; _StreamBroken if it is too large or too slow."""
         loop = asyncio.get_running_loop()
         if connection.greeted:
-            # A client may stay silent between requests for as long as it likes, but a
-            # frame it has started must be complete within read_timeout.
-            first = await reader.readexactly(1)
+            # A client may stay silent between requests while it waits for replies (or for
+            # idle_timeout), but a frame it has started must be complete within read_timeout.
+            first = await self._first_byte(reader, connection)
             deadline = loop.time() + self._read_timeout
             limit = self._max_frame
         else:
@@ -378,7 +445,7 @@ class ControlServer:
             return
         task = asyncio.create_task(self._call(connection, request.id, request.method, params))
         connection.in_flight.add(task)
-        task.add_done_callback(connection.in_flight.discard)
+        task.add_done_callback(functools.partial(self._finished, connection))
 
     def _admit(self, connection: _Connection, request: Request) -> Params:
         """The request's params, if this connection may make it now; else RpcError."""
@@ -428,21 +495,108 @@ class ControlServer:
         self, connection: _Connection, request_id: int, method: str, params: Params
     ) -> None:
         try:
-            result = await self._handler(method, params, connection.peer)
-        except RpcError as exc:
-            self._send(connection, Reply(request_id, error=exc.body()))
+            async with self._turn(connection, method, params):
+                reply = await self._answer(connection.peer, request_id, method, params)
+                await self._write(connection, reply)
         except asyncio.CancelledError:
             if not self._closing:
                 raise
             message = "taskd is stopping; the job itself is kept in the queue"
             self._send_error(connection, request_id, ErrorCode.SHUTTING_DOWN, message)
-        except Exception as exc:
-            logger.exception("%s from %s failed", method, connection.peer)
-            self._send_error(connection, request_id, ErrorCode.INTERNAL, f"internal error: {exc!r}")
-        else:
-            self._send(connection, Reply(request_id, result=result))
-        with suppress(ConnectionError, OSError):
-            await connection.writer.drain()
+        except ConnectionError:
+            pass  # the peer hung up, or was cut off for not reading its replies
+
+    @contextlib.asynccontextmanager
+    async def _turn(
+        self, connection: _Connection, method: str, params: Params
+    ) -> AsyncIterator[None]:
+        """Reads that are answered at once, with replies as large as the store's contents,
+        are worked on one at a time per connection, and only while its peer keeps up with
+        its replies: a peer that reads nothing costs at most about one such reply."""
+        changes_state = METHODS[method][2]
+        if changes_state or isinstance(params, WaitParams):
+            yield  # changes are answered in a few bytes; waits must not block each other
+            return
+        async with connection.reads:
+            await self._room(connection)
+            yield
+
+    async def _answer(self, peer: Peer, request_id: int, method: str, params: Params) -> Reply:
+        try:
+            result = await self._handler(method, params, peer)
+        except RpcError as exc:
+            return Reply(request_id, error=exc.body())
+        except Exception as exc:  # MemoryError too: the request gets an error, not silence
+            logger.exception("%s from %s failed", method, peer)
+            error = RpcError(ErrorCode.INTERNAL, f"internal error: {exc!r}")
+            return Reply(request_id, error=error.body())
+        return Reply(request_id, result=result)
+
+    async def _write(self, connection: _Connection, reply: Reply) -> None:
+        """Send a reply once the connection's unsent replies are under the output budget."""
+        async with connection.output:
+            await self._room(connection)
+            self._send(connection, reply)
+
+    async def _room(self, connection: _Connection) -> None:
+        """Wait while the connection's unsent replies are over the output budget.
+
+        A peer that has not caught up within idle_timeout is cut off (ConnectionResetError):
+        it is not reading, or too slowly, and its replies would hold memory for as long.
+        """
+        if self._closing or connection.unsent <= OUTPUT_BUDGET:
+            return
+        if not connection.pause_logged:
+            connection.pause_logged = True
+            logger.info(
+                "pausing requests from %s: %d bytes of replies unsent, over the budget of %d; "
+                "its replies are not being read",
+                connection.peer,
+                connection.unsent,
+                OUTPUT_BUDGET,
+            )
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                await connection.writer.drain()
+        except TimeoutError:
+            if not connection.writer.is_closing():
+                self._closed_unread += 1
+                logger.warning(
+                    "closing the connection from %s: it has not caught up with its replies "
+                    "within %gs (idle_timeout); %d bytes unsent",
+                    connection.peer,
+                    self._idle_timeout,
+                    connection.unsent,
+                )
+                connection.writer.transport.abort()
+            raise ConnectionResetError("the peer does not read its replies") from None
+
+    async def _first_byte(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
+        """The first byte of the next frame; a connection with nothing in flight that sends
+        nothing for idle_timeout is closed (ConnectionResetError)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if connection.in_flight else loop.time() + self._idle_timeout
+        try:
+            async with asyncio.timeout_at(deadline) as timer:
+                connection.idle_timer = timer
+                return await reader.readexactly(1)
+        except TimeoutError:
+            self._closed_idle += 1
+            logger.info(
+                "closing the connection from %s: idle for %gs with no request in flight "
+                "(idle_timeout)",
+                connection.peer,
+                self._idle_timeout,
+            )
+            raise ConnectionResetError("idle") from None
+        finally:
+            connection.idle_timer = None
+
+    def _finished(self, connection: _Connection, task: asyncio.Task[None]) -> None:
+        connection.in_flight.discard(task)
+        timer = connection.idle_timer
+        if not connection.in_flight and timer is not None and not timer.expired():
+            timer.reschedule(asyncio.get_running_loop().time() + self._idle_timeout)
 
     def _send_error(
         self, connection: _Connection, request_id: int | None, code: ErrorCode, message: str
@@ -452,18 +606,35 @@ class ControlServer:
     def _send(self, connection: _Connection, reply: Reply) -> None:
         if connection.writer.is_closing():
             return
+        frame: bytes | None
         try:
             frame = encode_frame(reply)
-        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
             logger.exception("cannot encode the reply to request %s", reply.id)
-            message = f"the reply could not be encoded: {exc}"
-            self._send_error(connection, reply.id, ErrorCode.INTERNAL, message)
-            return
-        if len(frame) - HEADER.size > self._max_frame:
-            message = f"the reply would be {len(frame)} bytes, over the limit of {self._max_frame}"
-            self._send_error(connection, reply.id, ErrorCode.FRAME_TOO_LARGE, message)
-            return
-        connection.writer.write(frame)
+            message = f"the reply could not be encoded: {exc!r}"
+            frame = _error_frame(reply.id, ErrorCode.INTERNAL, message)
+        else:
+            if len(frame) - HEADER.size > self._max_frame:
+                size = len(frame)
+                message = f"the reply would be {size} bytes, over the limit of {self._max_frame}"
+                frame = _error_frame(reply.id, ErrorCode.FRAME_TOO_LARGE, message)
+        if frame is not None:
+            try:
+                connection.writer.write(frame)
+                return
+            except MemoryError:
+                pass
+        # Not even an error fits: hang up, so that the peer is not left waiting.
+        logger.error("out of memory replying to %s; closing its connection", connection.peer)
+        connection.writer.transport.abort()
+
+
+def _error_frame(request_id: int | None, code: ErrorCode, message: str) -> bytes | None:
+    """An error reply's frame; None if even that cannot be built (out of memory)."""
+    try:
+        return encode_frame(Reply(request_id, error=RpcError(code, message).body()))
+    except MemoryError:
+        return None
 
 
 def _unreadable(body: bytes, exc: Exception) -> Reply:

@@ -13,7 +13,15 @@ import msgspec
 
 from taskd.config import Retention
 from taskd.executor import Executor
-from taskd.models import FINISHED_STATUSES, Job, JobStatus, Peer, Status, TaskInfo
+from taskd.models import (
+    FINISHED_STATUSES,
+    ConnectionStats,
+    Job,
+    JobStatus,
+    Peer,
+    Status,
+    TaskInfo,
+)
 from taskd.protocol import (
     CancelParams,
     EnqueueManyParams,
@@ -76,6 +84,7 @@ class Service:
         retention: Callable[[], Retention],
         reload: Callable[[], Awaitable[ReloadResult]],
         scheduler: Scheduler,
+        connections: Callable[[], ConnectionStats | None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -86,6 +95,7 @@ class Service:
         self._retention = retention
         self._reload = reload
         self._scheduler = scheduler
+        self._connections = connections
         self._clock = clock
 
     async def handle(self, method: str, params: Params, peer: Peer) -> Any:
@@ -235,6 +245,8 @@ class Service:
             tasks=per_task,
             oldest_pending_age=max(ages) if ages else None,
             next_due_at=min(due) if due else None,
+            connections=self._connections(),
+            threads=self._executor.thread_stats(),
         )
 
     async def prune(self, params: PruneParams) -> PruneResult:

@@ -270,12 +270,19 @@ class RawConnection:
         return self.reply()
 
     def reply(self) -> dict[str, Any]:
-        header = self.sock.recv(4, socket.MSG_WAITALL)
-        if len(header) < 4:
-            raise ConnectionError("taskd closed the connection")
-        (size,) = struct.unpack(">I", header)
-        reply: dict[str, Any] = msgspec.msgpack.decode(self.sock.recv(size, socket.MSG_WAITALL))
+        (size,) = struct.unpack(">I", self._receive(4))
+        reply: dict[str, Any] = msgspec.msgpack.decode(self._receive(size))
         return reply
+
+    def _receive(self, size: int) -> bytes:
+        # MSG_WAITALL alone is not enough: a socket with a timeout is non-blocking inside.
+        data = bytearray()
+        while len(data) < size:
+            chunk = self.sock.recv(min(size - len(data), 1 << 20))
+            if not chunk:
+                raise ConnectionError("taskd closed the connection")
+            data += chunk
+        return bytes(data)
 
     def closed_by_taskd(self) -> bool:
         """True once taskd has closed its end (after any replies still unread)."""

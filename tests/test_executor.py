@@ -28,7 +28,7 @@ class Stack:
         self.submitter = Submitter(store, lambda: registry)
         self.executor = Executor(
             store, lambda: registry, self.submitter,
-            owner="test", workers=workers, lease=30, quarantine_after=3,
+            owner="test", workers=workers, lease=30, quarantine_after=3, max_stuck_threads=4,
         )  # fmt: skip
         self.service = Service(
             store=store, registry=lambda: registry, submitter=self.submitter,

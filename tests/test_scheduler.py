@@ -82,7 +82,7 @@ class Harness:
     def make_executor(self) -> Executor:
         return Executor(
             self.store, lambda: self.registry, self.submitter,
-            owner="test", workers=4, lease=30, quarantine_after=3,
+            owner="test", workers=4, lease=30, quarantine_after=3, max_stuck_threads=4,
         )  # fmt: skip
 
 

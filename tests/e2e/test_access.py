@@ -74,6 +74,30 @@ def test_a_folder_writable_by_everyone_is_refused(
     assert not (open_folder / "taskd.sock").exists()
 
 
+def test_a_folder_writable_by_its_group_is_refused_unless_sticky(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    os.chown(shared, -1, grp.getgrnam(NOGROUP).gr_gid)
+    shared.chmod(0o770)  # a member of the group could swap the socket for their own
+    daemon = taskd_factory(socket_path=shared / "taskd.sock")
+    with pytest.raises(AssertionError, match="exited with 1"):
+        daemon.start()
+    assert (
+        f"the socket's folder {shared} is writable by its group, gid 65534 ({NOGROUP}), so a "
+        "member of that group could replace the socket" in daemon.log
+    )
+    assert f"chmod g-w {shared}" in daemon.log and f"chmod +t {shared}" in daemon.log
+    assert "Traceback" not in daemon.log
+    assert not (shared / "taskd.sock").exists()
+    # With the sticky bit, only the socket's owner may remove or rename it.
+    shared.chmod(0o1770)
+    daemon.start()
+    assert daemon.ctl("list").returncode == 0
+    assert daemon.stop() == 0
+
+
 @needs_root
 def test_a_folder_owned_by_another_user_is_refused(
     taskd_factory: type[Taskd], short_tmp: Path

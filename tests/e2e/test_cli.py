@@ -137,3 +137,18 @@ def test_a_second_make_run_says_taskd_is_already_running(examples: Path) -> None
         finally:
             first.send_signal(signal.SIGTERM)
             assert first.wait(30) == 0
+
+
+def test_a_caller_during_a_graceful_stop_is_told_taskd_is_stopping(
+    taskd: Taskd, short_tmp: Path
+) -> None:
+    started = short_tmp / "started"
+    payload = json.dumps({"seconds": 5, "started": str(started)})
+    assert taskd.ctl("enqueue", "slow", "--payload", payload).returncode == 0
+    wait_until(started.exists, what="the task to start")
+    assert taskd.process is not None
+    taskd.process.send_signal(signal.SIGTERM)  # it waits for the running job: grace_period
+    wait_until(lambda: "waiting up to" in taskd.log, what="taskd to begin stopping")
+    refused = taskd.ctl("list")
+    assert refused.returncode == 75 and "taskd is stopping" in refused.stderr, refused.stderr
+    assert taskd.process.wait(30) == 0

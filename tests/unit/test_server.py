@@ -1,11 +1,20 @@
-"""The control server's shared receive budget for large frames."""
+"""The control server's shared receive budget for large frames, and replies it cannot build."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import os
+import shutil
+from typing import Any
 
-from taskd.protocol import MAX_HELLO_FRAME
-from taskd.server import _ReceiveBudget
+import msgspec
+
+from taskd.access import AccessPolicy
+from taskd.models import Peer
+from taskd.protocol import DEFAULT_MAX_FRAME, HEADER, MAX_HELLO_FRAME, Params, Request, encode_frame
+from taskd.server import ControlServer, _ReceiveBudget, bind_socket
+from tests.support import short_tempdir
 
 MIB = 1024 * 1024
 
@@ -47,3 +56,45 @@ async def test_a_waiter_that_gives_up_takes_nothing() -> None:
     budget.release(8 * MIB)
     assert budget.used == 0
     assert await asyncio.wait_for(budget.acquire(9 * MIB), 0.1) == 0.0
+
+
+class _OutOfMemory(dt.tzinfo):
+    """A time zone whose offset cannot be had: encoding a time in it raises MemoryError."""
+
+    def utcoffset(self, when: dt.datetime | None) -> dt.timedelta:
+        raise MemoryError
+
+
+async def test_a_reply_that_cannot_be_built_is_answered_with_an_error() -> None:
+    async def handler(method: str, params: Params, peer: Peer) -> Any:
+        return dt.datetime(2026, 1, 1, tzinfo=_OutOfMemory())
+
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=4,
+        read_timeout=5,
+    )
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        reader, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
+        for request_id, method, params in [(1, "hello", {"protocol": 1}), (2, "status", {})]:
+            raw = msgspec.Raw(msgspec.msgpack.encode(params))
+            writer.write(encode_frame(Request(request_id, method, raw)))
+        replies = []
+        async with asyncio.timeout(10):  # no reply at all was the bug
+            for _ in range(2):
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                replies.append(msgspec.msgpack.decode(await reader.readexactly(size)))
+        assert "result" in replies[0]
+        assert replies[1]["id"] == 2 and replies[1]["error"]["code"] == "internal"
+        assert "the reply could not be encoded: MemoryError" in replies[1]["error"]["message"]
+        writer.close()
+        await server.close()
+        os.close(lock)
+    finally:
+        shutil.rmtree(folder)

@@ -1,0 +1,93 @@
+"""Who gets one more control connection: a fair share per user, and room kept for operators.
+
+Root and taskd's own user (the operators) have `max_connections` connections of their own,
+so no other user can shut them out. Every other user may hold `max_per_user` connections,
+and all of them together `max_connections`. Refusals are logged with the user's uid, at
+most once a minute per user and reason, with the number refused in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from taskd.access import user_name
+
+logger = logging.getLogger(__name__)
+
+LOG_INTERVAL = 60.0  # seconds between two log lines about the same user and reason
+BUSY = "taskd has too many open connections; try again later"
+
+
+class ConnectionLimits:
+    """Counts open connections per uid and decides whether one more is let in."""
+
+    def __init__(
+        self,
+        max_connections: int,
+        max_per_user: int,
+        *,
+        operators: frozenset[int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_per_user = max_per_user
+        self._operators = operators if operators is not None else frozenset({0, os.getuid()})
+        self._clock = clock
+        self.by_uid: Counter[int] = Counter()
+        self._operators_open = 0
+        self._others_open = 0
+        self.refused_busy = 0
+        self.refused_per_user = 0
+        self._logged: dict[tuple[int, str], tuple[float, int]] = {}  # -> (when, unlogged)
+
+    def admit(self, uid: int) -> str | None:
+        """Count a new connection of `uid`; or, if it may not have one, why (for the caller)."""
+        operator = uid in self._operators
+        open_in_class = self._operators_open if operator else self._others_open
+        if open_in_class >= self.max_connections:
+            self.refused_busy += 1
+            self._log(uid, "max_connections", f"taskd has {open_in_class} open (max_connections)")
+            return BUSY
+        if not operator and self.by_uid[uid] >= self.max_per_user:
+            self.refused_per_user += 1
+            held = f"it has {self.by_uid[uid]} open, the most one user may have"
+            self._log(uid, "max_connections_per_user", f"{held} (max_connections_per_user)")
+            return (
+                f"{user_name(uid)} has {self.by_uid[uid]} connections to taskd open, the most "
+                "one user may have; close some, or ask the administrator to raise "
+                "max_connections_per_user in taskd.toml"
+            )
+        self.by_uid[uid] += 1
+        if operator:
+            self._operators_open += 1
+        else:
+            self._others_open += 1
+        return None
+
+    def release(self, uid: int) -> None:
+        """A connection admitted for `uid` has closed."""
+        self.by_uid[uid] -= 1
+        if not self.by_uid[uid]:
+            del self.by_uid[uid]
+        if uid in self._operators:
+            self._operators_open -= 1
+        else:
+            self._others_open -= 1
+
+    @property
+    def open(self) -> int:
+        return self._operators_open + self._others_open
+
+    def _log(self, uid: int, limit: str, detail: str) -> None:
+        now = self._clock()
+        last, unlogged = self._logged.get((uid, limit), (None, 0))
+        if last is not None and now - last < LOG_INTERVAL:
+            self._logged[uid, limit] = (last, unlogged + 1)
+            return
+        since = f"; {unlogged} more refused since the last such line" if unlogged else ""
+        logger.warning("refused a control connection from %s: %s%s", user_name(uid), detail, since)
+        self._logged[uid, limit] = (now, 0)
