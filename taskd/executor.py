@@ -34,6 +34,8 @@ from taskd.tasks import Task, TaskRegistry
 logger = logging.getLogger(__name__)
 
 CancelReason = Literal["cancel", "shutdown"]
+# Told of each attempt whose outcome was recorded: the job as claimed, and the outcome.
+AttemptObserver = Callable[[Job, Outcome], None]
 REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
 # a job's errors fit in a reply (the most relevant frames of a traceback are the last).
@@ -74,8 +76,10 @@ class Executor:
         quarantine_after: int,
         max_result: int = max_payload_size(DEFAULT_MAX_FRAME),
         clock: Callable[[], float] = time.time,
+        on_attempt: AttemptObserver | None = None,
     ) -> None:
         self._store = store
+        self._on_attempt = on_attempt
         self._max_result = max_result
         self._registry = registry
         self._submitter = submitter
@@ -279,6 +283,8 @@ class Executor:
                 logger.warning("job %d: recording its outcome failed (%s); retrying", job.id, exc)
                 await asyncio.sleep(pause)
                 continue
+            if recorded is not None and self._on_attempt is not None:
+                self._on_attempt(job, outcome)
             if recorded is None:
                 logger.info(
                     "job %d %s: outcome of attempt %d not recorded, the job was cancelled or "

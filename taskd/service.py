@@ -24,6 +24,7 @@ from taskd.protocol import (
     JobParams,
     JobsParams,
     ListTasksParams,
+    MetricsParams,
     Params,
     PauseScheduleParams,
     PruneParams,
@@ -76,6 +77,7 @@ class Service:
         retention: Callable[[], Retention],
         reload: Callable[[], Awaitable[ReloadResult]],
         scheduler: Scheduler,
+        metrics: Callable[[], Awaitable[str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -86,6 +88,7 @@ class Service:
         self._retention = retention
         self._reload = reload
         self._scheduler = scheduler
+        self._metrics = metrics
         self._clock = clock
 
     async def handle(self, method: str, params: Params, peer: Peer) -> Any:
@@ -140,6 +143,8 @@ class Service:
                 return await self._scheduler.resume(params.schedule)
             case TriggerScheduleParams():
                 return await self._scheduler.trigger(params.schedule)
+            case MetricsParams() if self._metrics is not None:
+                return await self._metrics()
         raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no handler for {type(params).__name__}")
 
     def list_tasks(self) -> list[TaskInfo]:
@@ -236,6 +241,10 @@ class Service:
             oldest_pending_age=max(ages) if ages else None,
             next_due_at=min(due) if due else None,
         )
+
+    async def healthy(self) -> None:
+        """Return if the job store answers a cheap read; raise StoreError if not."""
+        await self._store.queue_depth()
 
     async def prune(self, params: PruneParams) -> PruneResult:
         now = self._clock()
