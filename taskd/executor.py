@@ -34,7 +34,7 @@ from taskd.tasks import Task, TaskRegistry
 logger = logging.getLogger(__name__)
 
 CancelReason = Literal["cancel", "shutdown"]
-# Told of each attempt whose outcome was recorded: the job as claimed, and the outcome.
+# Told of each attempt as it ends: the job as claimed, and the attempt's outcome.
 AttemptObserver = Callable[[Job, Outcome], None]
 REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
@@ -146,6 +146,8 @@ class Executor:
     async def _execute(self, job: Job) -> None:
         try:
             outcome = await self._attempt(job)
+            if self._on_attempt is not None:
+                self._on_attempt(job, outcome)
             await self._report(job, outcome)
         finally:
             running = self._running.pop(job.id)
@@ -283,8 +285,6 @@ class Executor:
                 logger.warning("job %d: recording its outcome failed (%s); retrying", job.id, exc)
                 await asyncio.sleep(pause)
                 continue
-            if recorded is not None and self._on_attempt is not None:
-                self._on_attempt(job, outcome)
             if recorded is None:
                 logger.info(
                     "job %d %s: outcome of attempt %d not recorded, the job was cancelled or "

@@ -165,9 +165,9 @@ class HttpApi:
             logger.info("refused %s %s from %s: read-only", request.method, path, request.client)
             raise HttpError(
                 ErrorCode.PERMISSION_DENIED,
-                f"permission denied: {request.method} {path} changes state, and this "
-                "caller has read-only access to taskd; use a token from `tokens` (not "
-                "`readonly_tokens`) of [http] in taskd.toml",
+                f"permission denied: {request.method} {path} changes state, and this caller "
+                "has read-only access to taskd (a read-only token, or a user or group in "
+                "readonly_users/readonly_groups); ask its administrator for full access",
             )
 
     async def _call(self, method: str, params: Params, request: HttpRequest) -> Any:

@@ -98,6 +98,7 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._socket_lock: int | None = None
         self._connections: set[_Connection] = set()
+        self._serving: set[asyncio.Task[None]] = set()  # one per connection, refused ones too
         self._budget = max(BODY_BUDGET, self._config.max_body_size)
         self._buffered = 0
         self._lingering = 0
@@ -150,9 +151,8 @@ class HttpServer:
                 connection.handling.cancel()
             else:
                 connection.writer.close()
-        if self._server is not None:
-            with suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        if self._serving:  # let them send their last response
+            await asyncio.wait(self._serving, timeout=LINGER + 1.0)
         if self._socket_lock is not None and self._listen.path is not None:
             with suppress(OSError):
                 self._listen.path.unlink(missing_ok=True)
@@ -162,6 +162,9 @@ class HttpServer:
     # -- one connection ------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (task := asyncio.current_task()) is not None:
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
         try:
             connection = self._accept(reader, writer)
         except OSError:

@@ -77,12 +77,25 @@ def test_taskctl_metrics_after_jobs_ran(taskd_factory: type[Taskd], short_tmp: P
                       schedule="every-second") >= 2,
         what="two ticks of the every-second schedule",
     )  # fmt: skip
+    # A running job cancelled: its attempt ends as cancelled.
+    again = short_tmp / "started-again"
+    slow = daemon.ctl("run", "slow", "--detach", "--payload", json.dumps(
+        {"seconds": 30, "started": str(again)}
+    ))  # fmt: skip
+    wait_until(again.exists, what="the second slow run to start")
+    assert daemon.ctl("cancel", slow.stdout.strip()).returncode == 0
+    wait_until(
+        lambda: value(scrape(daemon), "taskd_job_duration_seconds_count",
+                      task="slow", outcome="cancelled") == 1,
+        what="the cancelled attempt to be counted",
+    )  # fmt: skip
     after = scrape(daemon)
     duration = "taskd_job_duration_seconds_count"
     assert value(after, duration, task="echo", outcome="succeeded") == 3
     assert value(after, duration, task="fail", outcome="failed") == 1
     assert value(after, duration, task="flaky", outcome="retry") == 1
     assert value(after, duration, task="flaky", outcome="succeeded") == 1
+    assert value(after, duration, task="slow", outcome="succeeded") == 1
     assert value(after, "taskd_job_retries_total", task="flaky") == 1
     assert value(after, "taskd_job_retries_total", task="echo") == 0
     assert value(after, "taskd_jobs", task="echo", status="succeeded") == 3
