@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.http.api import JSON, ROUTES, ErrorReply, Route
+from taskd.http.api import ALIASES, JSON, ROUTES, ErrorReply, Route
 from taskd.protocol import METHODS, PROTOCOL_VERSION, ErrorBody, Reply, Request
 
 REF = "#/$defs/{name}"
@@ -133,7 +133,7 @@ _COMMON_STATUSES = (400, 401, 403, 408, 413, 431, 500, 503)
 def _operation(
     route: Route, schema_of: dict[Any, dict[str, Any]], definitions: dict[str, Any]
 ) -> dict[str, Any]:
-    short = "_short" if route.path.startswith("/tasks") else ""
+    short = "_short" if route.path in ALIASES.values() else ""
     operation: dict[str, Any] = {
         "operationId": f"{route.operation}_{route.method.lower()}{short}",
         "summary": route.summary,

@@ -199,7 +199,7 @@ class HttpServer:
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Connection:
         """The connection, with the peer's access on a Unix socket (None: not allowed)."""
         if self._listen.path is None:
-            host, port = writer.get_extra_info("peername")[:2]
+            host, port = (writer.get_extra_info("peername") or ("?", 0))[:2]
             return _Connection(reader, writer, None, f"{host}:{port}")
         sock: socket.socket = writer.get_extra_info("socket")
         pid, uid, gid = peer_of(sock)
