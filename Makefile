@@ -41,9 +41,11 @@ test: lint
 test-oldest:
 	$(MAKE) --no-print-directory test VENV=.venv-oldest LOWEST=1
 
-# contrib/protocol.schema.json is generated from the wire types; a test fails when it is stale.
+# contrib/protocol.schema.json and contrib/openapi.json are generated from the wire types;
+# tests fail when they are stale.
 schema: install
 	$(BIN)/python -m taskd.schema > contrib/protocol.schema.json
+	$(BIN)/python -m taskd.schema openapi > contrib/openapi.json
 
 # Measurements quoted in the issues' closing notes, each next to a peer measured in the same
 # run: tests/bench/compare.py writes its table to tests/bench/RESULTS.md (about 15 minutes;

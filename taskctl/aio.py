@@ -35,6 +35,7 @@ from taskd.protocol import (
     HelloResult,
     JobParams,
     ListTasksParams,
+    MetricsParams,
     Params,
     PauseScheduleParams,
     PruneParams,
@@ -302,4 +303,9 @@ class AsyncClient:
     async def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
         result: ScheduleInfo = await self.call("trigger_schedule", TriggerScheduleParams(schedule))
+        return result
+
+    async def metrics(self) -> str:
+        """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""
+        result: str = await self.call("metrics", MetricsParams())
         return result

@@ -332,6 +332,11 @@ def cmd_completion(client: Client, args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+def cmd_metrics(client: Client, args: argparse.Namespace) -> Exit:
+    text = client.metrics()
+    return _show(args, text, lambda: text.rstrip("\n"))
+
+
 def _show(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> Exit:
     """Print `value` as JSON with --json, else the text made for people."""
     if args.json:
@@ -384,6 +389,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "status": ("taskctl status", "taskctl status --json"),
     "prune": ("taskctl prune --older-than 1d",),
     "reload": ("taskctl reload",),
+    "metrics": ("taskctl metrics", "taskctl metrics | grep '^taskd_queue_depth'"),
     "completion": (
         "source <(taskctl completion bash)        # in ~/.bashrc",
         "source <(taskctl completion zsh)         # in ~/.zshrc",
@@ -537,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("reload", cmd_reload, "re-read taskd.toml and the tasks folder (like SIGHUP)")
+
+    command(
+        "metrics", cmd_metrics, "print the Prometheus metrics (jobs, durations, retries, ticks)"
+    )
 
     schedules = command(
         "schedules",

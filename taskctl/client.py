@@ -37,6 +37,7 @@ from taskd.protocol import (
     JobParams,
     JobsParams,
     ListTasksParams,
+    MetricsParams,
     Params,
     PauseScheduleParams,
     PruneParams,
@@ -401,6 +402,11 @@ class Client:
     def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
         result: ScheduleInfo = self.call("trigger_schedule", TriggerScheduleParams(schedule))
+        return result
+
+    def metrics(self) -> str:
+        """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""
+        result: str = self.call("metrics", MetricsParams())
         return result
 
 

@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 def check(config: Config, paths: Paths) -> int:
     """`taskd --check`: would this configuration start?"""
     from taskd.access import AccessPolicy
+    from taskd.http.settings import load_settings
     from taskd.schedules import load_schedules
     from taskd.tasks import TaskLoadError, load_tasks
 
@@ -161,6 +162,8 @@ def check(config: Config, paths: Paths) -> int:
         registry = load_tasks(paths.tasks, config.task)
         schedules = load_schedules(config, registry)
         AccessPolicy.from_config(config)
+        if config.http is not None:
+            load_settings(config.http)
     except (TaskLoadError, ConfigError) as exc:
         print(f"taskd: {exc}", file=sys.stderr)
         return EX_CONFIG

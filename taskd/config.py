@@ -73,6 +73,37 @@ class SqliteOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     busy_timeout: Seconds = Seconds(5)  # how long a write waits for a lock held by another
 
 
+class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[http]`: the optional HTTP API (no table, no listener). See README.md, "HTTP API"."""
+
+    listen: str  # "127.0.0.1:8080", "[::1]:8080" or "unix:/run/taskd/http.sock"
+    tokens: list[str] = []  # Bearer tokens with full access (on a TCP address)
+    readonly_tokens: list[str] = []  # Bearer tokens that may list and read, not change
+    tokens_file: str | None = None  # more tokens, one per line; "readonly TOKEN" for read-only
+    max_body_size: int = 4 * 1024 * 1024  # bytes; a bigger request body gets 413
+    max_connections: int = 256
+    read_timeout: Seconds = Seconds(30)  # a request must arrive whole within this
+
+    def __post_init__(self) -> None:
+        if not self.listen.strip():
+            raise ValueError("listen must not be empty")
+        if self.max_body_size < 1024:
+            raise ValueError(f"max_body_size must be at least 1024 bytes, got {self.max_body_size}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
+        if self.read_timeout <= 0:
+            raise ValueError("read_timeout must be more than 0 seconds")
+
+    def resolved(self, base: Path) -> HttpConfig:
+        """The same settings with relative paths (a unix socket, the tokens file) from `base`."""
+        listen, tokens_file = self.listen, self.tokens_file
+        if listen.startswith("unix:"):
+            listen = "unix:" + os.path.abspath(base / listen.removeprefix("unix:"))
+        if tokens_file is not None:
+            tokens_file = os.path.abspath(base / tokens_file)
+        return msgspec.structs.replace(self, listen=listen, tokens_file=tokens_file)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything taskd.toml can say. Relative paths are relative to the file's folder."""
 
@@ -102,6 +133,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allow_groups: list[str | int] = []
     readonly_users: list[str | int] = []
     readonly_groups: list[str | int] = []
+    http: HttpConfig | None = None  # no [http] table: no HTTP listener
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -158,7 +190,10 @@ def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: invalid TOML: {exc}") from None
         raise ConfigError(f"{file}: invalid TOML") from None
-    return config, file.resolve().parent
+    base = file.resolve().parent
+    if config.http is not None:
+        config = msgspec.structs.replace(config, http=config.http.resolved(base))
+    return config, base
 
 
 def config_path_from_environment() -> str | None:

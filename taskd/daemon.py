@@ -10,12 +10,15 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import taskd
 from taskd.access import AccessPolicy, group_id
 from taskd.background import Background
 from taskd.config import Config, ConfigError, Paths
 from taskd.executor import Executor, worker_id
+from taskd.http.settings import HttpSettings, load_settings
+from taskd.metrics import Metrics
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
 from taskd.schedules import load_schedules
@@ -32,6 +35,9 @@ from taskd.systemd import (
     watchdog_interval,
 )
 from taskd.tasks import TaskLoadError, TaskRegistry, load_tasks
+
+if TYPE_CHECKING:
+    from taskd.http.server import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ class Daemon:
         self._executor: Executor | None = None
         self._scheduler: Scheduler | None = None
         self._server: ControlServer | None = None
+        self._http: HttpServer | None = None
         self._listener: socket.socket | None = None
         self._socket_lock: int | None = None
         self._started_at = time.time()
@@ -120,6 +127,7 @@ class Daemon:
             schedules = load_schedules(config, self.registry)
             access = AccessPolicy.from_config(config)
             socket_group = group_id(config.socket_group) if config.socket_group else None
+            http = load_settings(config.http) if config.http is not None else None
         except (TaskLoadError, ConfigError) as exc:
             raise StartupError(str(exc), exit_code=78) from None
         self._store = await self._open_store(paths)
@@ -134,6 +142,7 @@ class Daemon:
                 len(recovered) - failed,
                 failed,
             )
+        metrics = Metrics(self._store)
         max_payload = max_payload_size(config.max_frame_size)
         submitter = Submitter(self._store, self._registry, max_payload=max_payload)
         self._executor = Executor(
@@ -146,8 +155,11 @@ class Daemon:
             quarantine_after=config.quarantine_after,
             max_result=max_payload,
             max_stuck_threads=config.max_stuck_threads,
+            on_attempt=metrics.attempt_ended,
         )
-        self._scheduler = Scheduler(self._store, submitter, started_at=self._started_at)
+        self._scheduler = Scheduler(
+            self._store, submitter, started_at=self._started_at, on_fired=metrics.tick_fired
+        )
         await self._scheduler.load(schedules)
         service = Service(
             store=self._store,
@@ -167,6 +179,7 @@ class Daemon:
             reload=self.reload,
             scheduler=self._scheduler,
             connections=lambda: self._server.stats() if self._server else None,
+            metrics=metrics.render,
         )
         self._server = ControlServer(
             service.handle,
@@ -179,6 +192,8 @@ class Daemon:
             idle_timeout=config.idle_timeout,
         )
         await self._server.start(self._listen(paths, socket_group))
+        if http is not None:
+            await self._start_http(service, http, access, socket_group)
         self._background.spawn(self._executor.run(), "executor")
         self._background.spawn(self._executor.keep_leases(), "leases")
         self._background.spawn(self._scheduler.run(), "scheduler")
@@ -228,6 +243,22 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot listen on {paths.socket}: {exc}") from None
         return self._listener
+
+    async def _start_http(
+        self, service: Service, http: HttpSettings, access: AccessPolicy, group: int | None
+    ) -> None:
+        from taskd.http.server import HttpServer  # the HTTP library, only with [http]
+
+        self._http = HttpServer(service, http, access, socket_group=group)
+        try:
+            await self._http.start()
+        except SocketInUse as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StartupError(
+                f"cannot listen for HTTP on {http.config.listen}: {reason}"
+            ) from None
 
     async def _summary(self) -> str:
         """The STATUS= line systemd shows: running jobs, queue depth, tasks loaded."""
@@ -288,6 +319,7 @@ class Daemon:
             registry = load_tasks(paths.tasks, config.task)
             schedules = load_schedules(config, registry)
             access = AccessPolicy.from_config(config)
+            http = load_settings(config.http) if config.http is not None else None
         except (ConfigError, TaskLoadError) as exc:
             logger.error("reload failed, the running configuration stays: %s", exc)
             raise RpcError(
@@ -303,6 +335,10 @@ class Daemon:
         )
         if self._server is not None:
             self._server.set_access(access)
+        if self._http is not None and http is not None:
+            self._http.reconfigure(http, access)
+        elif (self._http is None) != (http is None):
+            logger.warning("[http] was added or removed; that takes effect at the next restart")
         if self._scheduler is not None:
             await self._scheduler.replace(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
@@ -317,12 +353,16 @@ class Daemon:
         logger.info("stopping")
         if self._server is not None:
             self._server.stop_accepting(keep_listening=self._socket_lock is not None)
+        if self._http is not None:
+            self._http.stop_accepting()
         if self._scheduler is not None:
             await self._scheduler.stop()
         if self._executor is not None:
             await self._executor.drain(self.config.grace_period)
         if self._server is not None:
             await self._server.close()
+        if self._http is not None:
+            await self._http.close()
         await self._background.close()
         if self._store is not None:
             await self._store.close()

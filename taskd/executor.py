@@ -34,6 +34,8 @@ from taskd.threads import TaskThreads
 logger = logging.getLogger(__name__)
 
 CancelReason = Literal["cancel", "shutdown"]
+# Told of each attempt as it ends: the job as claimed, and the attempt's outcome.
+AttemptObserver = Callable[[Job, Outcome], None]
 REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
 # a job's errors fit in a reply (the most relevant frames of a traceback are the last).
@@ -75,8 +77,10 @@ class Executor:
         max_result: int = max_payload_size(DEFAULT_MAX_FRAME),
         max_stuck_threads: int,
         clock: Callable[[], float] = time.time,
+        on_attempt: AttemptObserver | None = None,
     ) -> None:
         self._store = store
+        self._on_attempt = on_attempt
         self._max_result = max_result
         self._registry = registry
         self._submitter = submitter
@@ -143,6 +147,8 @@ class Executor:
     async def _execute(self, job: Job) -> None:
         try:
             outcome = await self._attempt(job)
+            if self._on_attempt is not None:
+                self._on_attempt(job, outcome)
             await self._report(job, outcome)
         finally:
             running = self._running.pop(job.id)

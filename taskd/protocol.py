@@ -263,6 +263,10 @@ class TriggerScheduleParams(Params):
     schedule: str
 
 
+class MetricsParams(Params):
+    pass
+
+
 # Method name -> (params type, result type, changes state). Read-only peers may call only
 # the methods that do not change state.
 METHODS: dict[str, tuple[type[Params], Any, bool]] = {
@@ -283,6 +287,7 @@ METHODS: dict[str, tuple[type[Params], Any, bool]] = {
     "pause_schedule": (PauseScheduleParams, ScheduleInfo, True),
     "resume_schedule": (ResumeScheduleParams, ScheduleInfo, True),
     "trigger_schedule": (TriggerScheduleParams, ScheduleInfo, True),
+    "metrics": (MetricsParams, str, False),  # the Prometheus exposition, as text
 }
 
 

@@ -36,6 +36,9 @@ ON_TIME_WINDOW = 60.0  # a due tick noticed later than this was missed, not mere
 # The loop's sleep is measured on the monotonic clock, which stops while the machine is
 # suspended and ignores changes to the wall clock; waking at least this often notices both.
 MAX_SLEEP = 30.0
+# Told of each firing: the schedule's id, how late a cron tick fired (None for @startup and
+# triggers), and the jobs it started or joined.
+FiringObserver = Callable[[str, float | None, list[FiredJob]], None]
 
 
 class UnknownSchedule(LookupError):
@@ -115,8 +118,10 @@ class Scheduler:
         *,
         started_at: float | None = None,
         clock: Callable[[], float] = time.time,
+        on_fired: FiringObserver | None = None,
     ) -> None:
         self._store = store
+        self._on_fired = on_fired
         self._submitter = submitter
         self._clock = clock
         self._up_since = started_at
@@ -320,9 +325,12 @@ class Scheduler:
         fired = [job for job in results if job is not None]
         if regular:
             state.last_tick = tick if state.last_tick is None else max(state.last_tick, tick)
-        state.fired_at = self._clock()
+        state.fired_at = fired_at = self._clock()
         state.last_jobs = fired
         state.coalesced += sum(job.joined for job in fired)
+        if self._on_fired is not None:
+            late = fired_at - tick if regular and not spec.startup else None
+            self._on_fired(spec.id, late, fired)
         return fired
 
     async def _submit(

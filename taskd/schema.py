@@ -1,12 +1,14 @@
-"""The JSON Schema of the control protocol, generated from the msgspec types themselves.
+"""The JSON Schema of the control protocol and the OpenAPI document of the HTTP API, both
+generated from the msgspec types themselves.
 
-contrib/protocol.schema.json is this module's output, and a test fails when the two differ,
-so the document other clients are written from cannot drift from the daemon. Regenerate it
-with `make schema` (`python -m taskd.schema > contrib/protocol.schema.json`).
+contrib/protocol.schema.json and contrib/openapi.json are this module's output, and tests
+fail when they differ from it, so the documents other clients are written from cannot drift
+from the daemon. Regenerate them with `make schema` (`python -m taskd.schema [openapi]`).
 """
 
 from __future__ import annotations
 
+import http
 import inspect
 import json
 import sys
@@ -14,9 +16,11 @@ from typing import Any
 
 import msgspec
 
+from taskd.http.api import ALIASES, JSON, ROUTES, ErrorReply, Route
 from taskd.protocol import METHODS, PROTOCOL_VERSION, ErrorBody, Reply, Request
 
 REF = "#/$defs/{name}"
+COMPONENT = "#/components/schemas/{name}"
 
 
 def protocol_schema() -> dict[str, Any]:
@@ -29,16 +33,7 @@ def protocol_schema() -> dict[str, Any]:
     params = [METHODS[name][0] for name in names]
     results = [METHODS[name][1] for name in names]
     envelope = [Request, Reply, ErrorBody]
-    schemas, definitions = msgspec.json.schema_components(
-        [*params, *results, *envelope], ref_template=REF
-    )
-    _, sent = msgspec.json.schema_components([*results, ErrorBody], ref_template=REF)
-    for name in sent:
-        definition = definitions[name]
-        if definition.get("type") == "object" and definition.get("properties"):
-            definition["required"] = sorted(definition["properties"])
-            for field in definition["properties"].values():
-                field.pop("default", None)  # never absent, so no default applies
+    schemas, definitions = _schemas([*params, *results, *envelope], [*results, ErrorBody], REF)
     methods = {
         name: {
             "access": "write" if METHODS[name][2] else "read",
@@ -66,6 +61,159 @@ def protocol_schema() -> dict[str, Any]:
     return normalized
 
 
+def _schemas(
+    types: list[Any], sent: list[Any], ref_template: str
+) -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
+    """The schema of each type and the definitions they refer to.
+
+    Objects taskd sends always carry every key, so all properties of the `sent` types (and
+    of what they hold) are required.
+    """
+    schemas, definitions = msgspec.json.schema_components(types, ref_template=ref_template)
+    _, sent_definitions = msgspec.json.schema_components(sent, ref_template=ref_template)
+    for name in sent_definitions:
+        definition = definitions[name]
+        if definition.get("type") == "object" and definition.get("properties"):
+            definition["required"] = sorted(definition["properties"])
+            for field in definition["properties"].values():
+                field.pop("default", None)  # never absent, so no default applies
+    return schemas, definitions
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the HTTP API (taskd/http/api.py's routes)."""
+    sent = [t for route in ROUTES for t in route.responses.values() if not isinstance(t, str)]
+    received = [t for r in ROUTES for t in (r.path_params, r.query, r.body) if t is not None]
+    types = list(dict.fromkeys([*received, *sent, ErrorReply]))
+    schemas, definitions = _schemas(types, [*sent, ErrorReply], COMPONENT)
+    schema_of = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(
+            route, schema_of, definitions
+        )
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "taskd HTTP API",
+            "version": str(PROTOCOL_VERSION),
+            "description": (
+                "taskd's optional HTTP API (the [http] table of taskd.toml), with Nitro's task "
+                "endpoints. On a TCP address every request but /healthz needs "
+                "`Authorization: Bearer TOKEN`; read-only tokens get 403 from the routes that "
+                "run, enqueue, cancel or retry. On a Unix socket the caller's credentials "
+                'decide, as for the control socket. Errors are `{"error": {"code", '
+                '"message", "data"}}` with the codes of protocol.md and a few of HTTP\'s '
+                "own. Times are Unix seconds, durations seconds."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(definitions.items())),
+            "responses": {
+                "Error": {
+                    "description": "An error; `error.code` says which (see protocol.md)",
+                    "content": {JSON: {"schema": schema_of[ErrorReply]}},
+                }
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+    normalized: dict[str, Any] = _normalized(document)
+    return normalized
+
+
+# Statuses any route may answer besides its own: a bad request, a missing or unknown token
+# (not for public routes), too little access, a slow or oversized request, a daemon that is
+# busy, stopping or whose store failed, and a bug.
+_COMMON_STATUSES = (400, 401, 403, 408, 413, 431, 500, 503)
+
+
+def _operation(
+    route: Route, schema_of: dict[Any, dict[str, Any]], definitions: dict[str, Any]
+) -> dict[str, Any]:
+    short = "_short" if route.path in ALIASES.values() else ""
+    operation: dict[str, Any] = {
+        "operationId": f"{route.operation}_{route.method.lower()}{short}",
+        "summary": route.summary,
+        "x-taskd-access": route.access,
+    }
+    parameters = _parameters(route, schema_of, definitions)
+    if parameters:
+        operation["parameters"] = parameters
+    if route.body is not None:
+        operation["requestBody"] = {
+            "required": route.body_required,
+            "content": {JSON: {"schema": schema_of[route.body]}},
+        }
+    responses: dict[str, Any] = {}
+    statuses = set(route.responses) | set(_COMMON_STATUSES)
+    if route.access == "public":
+        statuses.discard(401)
+        operation["security"] = []
+    for status in sorted(statuses):
+        bodies = [route.responses.get(status), ErrorReply if status >= 400 else None]
+        content = [_content(body, schema_of) for body in dict.fromkeys(bodies) if body is not None]
+        if route.responses.get(status, ErrorReply) is ErrorReply:
+            responses[str(status)] = {"$ref": "#/components/responses/Error"}
+            continue
+        media = content[0][0]
+        schema = content[0][1] if len(content) == 1 else {"anyOf": [c[1] for c in content]}
+        responses[str(status)] = {
+            "description": http.HTTPStatus(status).phrase,
+            "content": {media: {"schema": schema}},
+        }
+    operation["responses"] = responses
+    return operation
+
+
+def _content(body: Any, schema_of: dict[Any, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The media type and schema of a response body: a type's JSON, or text."""
+    if body == JSON:
+        return JSON, {"type": "object"}
+    if isinstance(body, str):
+        return body.split(";")[0], {"type": "string"}
+    return JSON, schema_of[body]
+
+
+def _parameters(
+    route: Route, schema_of: dict[Any, dict[str, Any]], definitions: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The path parameters and query parameters, one per field of their Structs."""
+    parameters = []
+    for where, kind in (("path", route.path_params), ("query", route.query)):
+        if kind is None:
+            continue
+        schema = schema_of[kind]
+        if "$ref" not in schema:  # free-form: each query parameter is a payload key
+            parameters.append({"name": "payload", "in": where, "schema": schema,
+                               "style": "form", "explode": True})  # fmt: skip
+            continue
+        definition = definitions[schema["$ref"].rsplit("/", 1)[1]]
+        for name, field in definition["properties"].items():
+            parameter = {
+                "name": name,
+                "in": where,
+                "required": where == "path" or name in definition.get("required", ()),
+                "schema": _without_null(field),
+            }
+            if "description" in field:
+                parameter["description"] = field["description"]
+            if parameter["schema"].get("type") == "array":  # status=pending,failed
+                parameter |= {"style": "form", "explode": False}
+            parameters.append(parameter)
+    return parameters
+
+
+def _without_null(field: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema less its `null` alternative, which a URL cannot express."""
+    alternatives = [a for a in field.get("anyOf", ()) if a != {"type": "null"}]
+    if len(alternatives) == 1:
+        field = {**{k: v for k, v in field.items() if k != "anyOf"}, **alternatives[0]}
+    return {k: v for k, v in field.items() if k != "description"}
+
+
 def _normalized(node: Any) -> Any:
     """The same schema whichever msgspec wrote it: docstrings dedented, `anyOf` sorted."""
     if isinstance(node, list):
@@ -81,7 +229,8 @@ def _normalized(node: Any) -> Any:
 
 
 def main() -> None:
-    sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(protocol_schema())) + b"\n")
+    document = openapi_schema() if sys.argv[1:] == ["openapi"] else protocol_schema()
+    sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(document)) + b"\n")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from taskd.protocol import (
     JobParams,
     JobsParams,
     ListTasksParams,
+    MetricsParams,
     Params,
     PauseScheduleParams,
     PruneParams,
@@ -85,6 +86,7 @@ class Service:
         reload: Callable[[], Awaitable[ReloadResult]],
         scheduler: Scheduler,
         connections: Callable[[], ConnectionStats | None] = lambda: None,
+        metrics: Callable[[], Awaitable[str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -96,6 +98,7 @@ class Service:
         self._reload = reload
         self._scheduler = scheduler
         self._connections = connections
+        self._metrics = metrics
         self._clock = clock
 
     async def handle(self, method: str, params: Params, peer: Peer) -> Any:
@@ -150,6 +153,8 @@ class Service:
                 return await self._scheduler.resume(params.schedule)
             case TriggerScheduleParams():
                 return await self._scheduler.trigger(params.schedule)
+            case MetricsParams() if self._metrics is not None:
+                return await self._metrics()
         raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no handler for {type(params).__name__}")
 
     def list_tasks(self) -> list[TaskInfo]:
@@ -248,6 +253,10 @@ class Service:
             connections=self._connections(),
             threads=self._executor.thread_stats(),
         )
+
+    async def healthy(self) -> None:
+        """Return if the job store answers a cheap read; raise StoreError if not."""
+        await self._store.queue_depth()
 
     async def prune(self, params: PruneParams) -> PruneResult:
         now = self._clock()

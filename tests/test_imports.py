@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-HEAVY = {"asyncio", "uvloop", "aiosqlite", "sqlite3", "croniter", "logging", "concurrent.futures"}
+HEAVY = {"asyncio", "uvloop", "aiosqlite", "sqlite3", "croniter", "logging", "concurrent.futures",
+         "prometheus_client", "h11"}  # fmt: skip
 ALLOWED_TASKD = {"taskd", "taskd.protocol", "taskd.models", "taskd.definition"}
 
 
@@ -32,3 +33,10 @@ def test_task_api_is_cheap_to_import() -> None:
 def test_async_client_is_loaded_on_demand() -> None:
     assert "asyncio" not in loaded_modules("import taskctl")
     assert "taskctl.aio" in loaded_modules("from taskctl import AsyncClient")
+
+
+def test_the_daemon_loads_the_http_library_only_with_an_http_table() -> None:
+    modules = loaded_modules("import taskd.cli, taskd.daemon")
+    assert "h11" not in modules
+    assert not {"taskd.http.server", "taskd.http.routes"} & modules
+    assert "h11" in loaded_modules("import taskd.http.server")

@@ -68,6 +68,7 @@ def test_every_reply_matches_the_schema(taskd_factory: type[Taskd]) -> None:
         connection.call("trigger_schedule", {"schedule": "@startup"})
         connection.call("prune", {"older_than": 0.0})
         connection.call("reload")
+        assert connection.call("metrics")["result"].startswith("# HELP")
         # Errors too: an ErrorBody with code, message and data.
         for method, params in [("job", {"id": 10**9}), ("run", {"task": "nope"})]:
             assert "error" in connection.call(method, params)

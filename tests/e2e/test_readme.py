@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import short_tempdir
+from taskd.config import load_config
+from tests.support import short_tempdir, wait_until
 
 ROOT = Path(__file__).parent.parent.parent
 README = (ROOT / "README.md").read_text()
@@ -111,6 +113,68 @@ def test_the_task_file_example_is_a_working_task(tmp_path: Path) -> None:
     )  # fmt: skip
     assert checked.returncode == 0, checked.stderr
     assert "jobs:send-email" in checked.stdout
+
+
+@pytest.fixture(scope="module")
+def http_checkout() -> Iterator[tuple[Path, str, str]]:
+    """`make run`'s daemon with an [http] table: its folder, its URL and its token."""
+    root = short_tempdir()
+    shutil.copytree(ROOT / "contrib" / "examples", root / "contrib" / "examples")
+    token = secrets.token_hex(32)
+    examples = root / "contrib" / "examples"
+    http = f'\n[http]\nlisten = "127.0.0.1:0"\ntokens = ["{token}"]\n'
+    (examples / "taskd-http.toml").write_text((examples / "taskd.toml").read_text() + http)
+    log = root / "taskd.log"
+    with open(log, "wb") as output:
+        daemon = subprocess.Popen(
+            [VENV / "bin" / "taskd", "--config", "contrib/examples/taskd-http.toml"],
+            cwd=root, stdout=subprocess.DEVNULL, stderr=output,
+        )  # fmt: skip
+    try:
+        found = wait_until(
+            lambda: re.search(r"HTTP API listening on (http://127.0.0.1:\d+)", log.read_text()),
+            timeout=30, what="taskd's HTTP listener",
+        )  # fmt: skip
+        yield root, found.group(1), token
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0, log.read_text()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_curl_examples_run_as_written(http_checkout: tuple[Path, str, str]) -> None:
+    root, url, token = http_checkout
+    (block,) = re.findall(r"^```sh\n(.*?)^```$", section("HTTP API"), flags=re.S | re.M)
+    assert "TOKEN=" in block and "URL=" in block
+    commands = "\n".join(
+        line for line in block.splitlines() if not line.startswith(("TOKEN=", "URL="))
+    )
+    script = (
+        f"set -euo pipefail\nTOKEN={token}\nURL={url}\n"
+        'curl() { command curl --fail-with-body "$@"; echo; }\n' + commands
+    )
+    done = subprocess.run(["bash", "-c", script], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for expected in (
+        '"scheduledTasks":[',
+        '{"result":{"greeting":"Hello, Ada!"',
+        '{"result":{"result":"success","sent_at":',
+        '"duplicate":false}',
+        '{"jobs":[{"id":',
+        '{"id":1,"task":"hello"',
+        '{"status":"ok","message":null}',
+        'taskd_jobs{status="succeeded",task="jobs:send-email"} 1.0',
+    ):
+        assert expected in done.stdout, (expected, done.stdout)
+
+
+def test_the_configuration_block_is_a_valid_configuration(tmp_path: Path) -> None:
+    (block,) = re.findall(r"^```toml\n(.*?)^```$", section("taskd"), flags=re.S | re.M)
+    assert "[http]" in block
+    (tmp_path / "taskd.toml").write_text(block)
+    config, _ = load_config(tmp_path / "taskd.toml")
+    assert config.http is not None and config.http.listen == "127.0.0.1:8080"
 
 
 def _quoted(text: str) -> str:

@@ -24,6 +24,7 @@ from taskd.protocol import (
     JobParams,
     JobsParams,
     ListTasksParams,
+    MetricsParams,
     PauseScheduleParams,
     PruneParams,
     PruneResult,
@@ -93,6 +94,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "pause_schedule": (PauseScheduleParams(schedule="nightly"), SCHEDULE),
     "resume_schedule": (ResumeScheduleParams(schedule="*/5 * * * *"), SCHEDULE),
     "trigger_schedule": (TriggerScheduleParams(schedule="nightly"), SCHEDULE),
+    "metrics": (MetricsParams(), "# HELP taskd_jobs Jobs\n# TYPE taskd_jobs gauge\n"),
 }
 
 

@@ -1,0 +1,197 @@
+"""The HTTP API's routes and the shapes of their bodies, as msgspec types.
+
+This module is the HTTP API's contract: `taskd.http.routes` serves these routes, and
+`taskd.schema` generates the OpenAPI document (contrib/openapi.json) from the same table and
+types, beside the protocol's JSON Schema, so that the two cannot drift. Where a route takes
+what a socket method takes, it uses that method's params type, with its limits.
+Standard library and msgspec only.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+
+from taskd.models import Job
+from taskd.protocol import (
+    EnqueueParams,
+    EnqueueResult,
+    ErrorBody,
+    ErrorCode,
+    JobParams,
+    JobsParams,
+)
+
+JSON = "application/json"
+# The text format prometheus_client's generate_latest writes.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Nitro's paths come first; the short ones are aliases.
+ALIASES = {"/_nitro/tasks": "/tasks", "/_nitro/tasks/{name}": "/tasks/{name}"}
+
+
+class HttpErrorCode(enum.StrEnum):
+    """Error codes only the HTTP API gives; the others are the protocol's `ErrorCode`s."""
+
+    BAD_REQUEST = "bad_request"  # not HTTP, or a body that is not JSON
+    UNAUTHORIZED = "unauthorized"  # no token, or an unknown one
+    NOT_FOUND = "not_found"  # no such path
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TIMEOUT = "request_timeout"  # the request did not arrive within read_timeout
+    BODY_TOO_LARGE = "body_too_large"  # over max_body_size
+    HEADERS_TOO_LARGE = "headers_too_large"
+    JOB_FAILED = "job_failed"  # the task ran and failed (or was cancelled)
+
+
+# Every error code and its HTTP status, in one table.
+STATUS_FOR_CODE: dict[str, int] = {
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.FRAME_TOO_LARGE: 413,
+    ErrorCode.HELLO_REQUIRED: 400,
+    ErrorCode.UNSUPPORTED_PROTOCOL: 400,
+    ErrorCode.UNKNOWN_METHOD: 404,
+    ErrorCode.INVALID_PARAMS: 400,
+    ErrorCode.UNKNOWN_TASK: 404,
+    ErrorCode.UNKNOWN_JOB: 404,
+    ErrorCode.UNKNOWN_SCHEDULE: 404,
+    ErrorCode.PAYLOAD_INVALID: 422,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.RELOAD_FAILED: 500,
+    ErrorCode.BUSY: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.STORE_ERROR: 503,
+    ErrorCode.INTERNAL: 500,
+    HttpErrorCode.BAD_REQUEST: 400,
+    HttpErrorCode.UNAUTHORIZED: 401,
+    HttpErrorCode.NOT_FOUND: 404,
+    HttpErrorCode.METHOD_NOT_ALLOWED: 405,
+    HttpErrorCode.REQUEST_TIMEOUT: 408,
+    HttpErrorCode.BODY_TOO_LARGE: 413,
+    HttpErrorCode.HEADERS_TOO_LARGE: 431,
+    HttpErrorCode.JOB_FAILED: 500,
+}
+
+
+class ErrorReply(msgspec.Struct, frozen=True):
+    """Every error: `{"error": {"code", "message", "data"}}`, as in the socket protocol."""
+
+    error: ErrorBody
+
+
+class NitroTask(msgspec.Struct, frozen=True):
+    description: str
+
+
+class NitroSchedule(msgspec.Struct, frozen=True):
+    cron: str
+    tasks: list[str]
+
+
+class NitroTasks(msgspec.Struct, frozen=True, rename={"scheduled_tasks": "scheduledTasks"}):
+    """The tasks and schedules, in the shape of Nitro's `GET /_nitro/tasks`."""
+
+    tasks: dict[str, NitroTask]
+    scheduled_tasks: list[NitroSchedule]
+
+
+class TaskPath(msgspec.Struct, frozen=True):
+    name: str
+
+
+# A run's query parameters are payload keys; a repeated one becomes a list.
+RunQuery = dict[str, str | list[str]]
+
+
+class RunBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of a run: its payload, merged over the query parameters (its keys win).
+
+    As in Nitro, this payload is an object; `POST /jobs` takes any payload.
+    """
+
+    payload: dict[str, Any] | None = None
+
+
+class TaskResult(msgspec.Struct, frozen=True):
+    """A run that succeeded: the task's return value."""
+
+    result: Any
+
+
+class JobList(msgspec.Struct, frozen=True):
+    jobs: list[Job]
+
+
+class Health(msgspec.Struct, frozen=True):
+    """`ok` when the job store answers; otherwise `unavailable`, and why."""
+
+    status: Literal["ok", "unavailable"]
+    message: str | None = None
+
+
+Access = Literal["public", "read", "write"]
+
+
+class Route(NamedTuple):
+    """One operation: what it takes, what it answers, and who may call it."""
+
+    method: Literal["GET", "POST"]
+    path: str  # OpenAPI's template: /jobs/{id}
+    operation: str  # the handler's name, and (with the method) the operationId
+    summary: str
+    access: Access
+    responses: dict[int, Any]  # status -> body type (a str: a content type, any text)
+    path_params: Any = None  # a Struct whose fields are the path's {names}
+    query: Any = None  # a Struct (each field a parameter) or RunQuery (any parameters)
+    body: Any = None
+    body_required: bool = False
+
+
+_RUN_RESPONSES = {200: TaskResult, 404: ErrorReply, 422: ErrorReply, 500: ErrorReply}
+_JOB_CHANGE = {200: Job, 404: ErrorReply, 409: ErrorReply}
+
+_ROUTES = [
+    Route("GET", "/_nitro/tasks", "list_tasks", "List the tasks and schedules (Nitro's shape)",
+          "read", {200: NitroTasks}),
+    Route("GET", "/_nitro/tasks/{name}", "run_task",
+          "Run a task with the query parameters as its payload, wait, return its result",
+          "write", _RUN_RESPONSES, path_params=TaskPath, query=RunQuery),
+    Route("POST", "/_nitro/tasks/{name}", "run_task",
+          "Run a task with the body's payload over the query parameters, wait, return its result",
+          "write", _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody),
+    Route("POST", "/jobs", "enqueue", "Add a job to the queue (200 if its key was taken)",
+          "write", {201: EnqueueResult, 200: EnqueueResult, 404: ErrorReply, 422: ErrorReply},
+          body=EnqueueParams, body_required=True),
+    Route("GET", "/jobs", "list_jobs", "Recent jobs, newest first", "read",
+          {200: JobList}, query=JobsParams),
+    Route("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",
+          "read", {200: Job, 404: ErrorReply}, path_params=JobParams),
+    Route("POST", "/jobs/{id}/cancel", "cancel_job", "Cancel a pending or running job",
+          "write", _JOB_CHANGE, path_params=JobParams),
+    Route("POST", "/jobs/{id}/retry", "retry_job",
+          "Put a failed or cancelled job back in the queue", "write", _JOB_CHANGE,
+          path_params=JobParams),
+    Route("GET", "/healthz", "health", "200 while the job store answers, else 503", "public",
+          {200: Health, 503: Health}),
+    Route("GET", "/metrics", "metrics", "The Prometheus exposition", "read",
+          {200: METRICS_CONTENT_TYPE}),
+    Route("GET", "/openapi.json", "openapi", "This document", "read", {200: JSON}),
+]  # fmt: skip
+ROUTES: list[Route] = _ROUTES + [
+    route._replace(path=ALIASES[route.path]) for route in _ROUTES if route.path in ALIASES
+]
+
+_PARAMETER = re.compile(r"\{(\w+)\}")
+
+
+def path_pattern(template: str) -> re.Pattern[str]:
+    """The regular expression of a path template; each {name} matches one segment."""
+    parts = _PARAMETER.split(template)
+    pattern = "".join(
+        re.escape(part) if index % 2 == 0 else f"(?P<{part}>[^/]+)"
+        for index, part in enumerate(parts)
+    )
+    return re.compile(pattern)

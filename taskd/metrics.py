@@ -1,0 +1,123 @@
+"""The Prometheus exposition of taskd (`taskctl metrics`, `GET /metrics`), by prometheus-client.
+
+Two kinds of figures. What the job store holds (jobs by task and status, queue depth, the
+age of the oldest due job) is read from the store at each scrape, by a collector that keeps
+nothing. What happens (an attempt ends, a tick fires) is counted as it happens, through the
+hooks the executor and the scheduler call: attempt durations, retries, ticks, coalesced
+ticks and tick lateness. Those counters live in this process and start at zero with it, as
+Prometheus expects of counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from taskd.models import FiredJob, Job, TaskCounts
+from taskd.store import Outcome, Store
+
+INF = float("inf")
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
+                    3600, INF)  # fmt: skip
+LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                    60, INF)  # fmt: skip
+
+
+class Metrics:
+    """The observer the executor and the scheduler report to, and the scrape itself."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+        self._durations = Histogram(
+            "taskd_job_duration_seconds",
+            "How long attempts took, by task and outcome (succeeded, failed, retry: failed "
+            "and to run again, cancelled)",
+            ["task", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=None,
+        )
+        self._retries = Counter(
+            "taskd_job_retries",
+            "Failed attempts after which the job was put back to run again",
+            ["task"],
+            registry=None,
+        )
+        self._ticks = Counter(
+            "taskd_schedule_ticks", "Firings of each schedule", ["schedule"], registry=None
+        )
+        self._coalesced = Counter(
+            "taskd_schedule_coalesced_ticks",
+            "Tasks of a firing that joined the task's run still pending or running",
+            ["schedule"],
+            registry=None,
+        )
+        self._lateness = Histogram(
+            "taskd_schedule_tick_lateness_seconds",
+            "How long after its scheduled time a cron tick's jobs were created (caught-up "
+            "ticks included; @startup and triggers not)",
+            ["schedule"],
+            buckets=LATENESS_BUCKETS,
+            registry=None,
+        )
+
+    def attempt_ended(self, job: Job, outcome: Outcome) -> None:
+        """The executor's hook: one attempt of `job` (as claimed) ended with `outcome`."""
+        if outcome.release or job.started_at is None:
+            return  # handed back at a stop: not an attempt that counts
+        kind = "retry" if outcome.status == "pending" else outcome.status
+        duration = max(0.0, outcome.finished_at - job.started_at)
+        self._durations.labels(job.task, kind).observe(duration)
+        if kind == "retry":
+            self._retries.labels(job.task).inc()
+
+    def tick_fired(self, schedule: str, lateness: float | None, jobs: Sequence[FiredJob]) -> None:
+        """The scheduler's hook: a schedule fired; `lateness` is None unless a cron tick."""
+        self._ticks.labels(schedule).inc()
+        if joined := sum(job.joined for job in jobs):
+            self._coalesced.labels(schedule).inc(joined)
+        if lateness is not None:
+            self._lateness.labels(schedule).observe(max(0.0, lateness))
+
+    async def render(self) -> str:
+        """The exposition in Prometheus's text format; raises StoreError."""
+        counts = await self._store.counts(self._clock())
+        registry = CollectorRegistry(auto_describe=True)
+        events = (self._durations, self._retries, self._ticks, self._coalesced, self._lateness)
+        for collector in (*events, _Queue(counts)):
+            registry.register(collector)
+        return generate_latest(registry).decode()
+
+
+class _Queue(Collector):
+    """The jobs in the store, per task, as one scrape read them."""
+
+    def __init__(self, counts: list[TaskCounts]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "taskd_jobs",
+            "Jobs in the store by task and status (finished ones until they are pruned)",
+            labels=["task", "status"],
+        )
+        depth = GaugeMetricFamily(
+            "taskd_queue_depth",
+            "Pending jobs by task: due, delayed, or waiting for a retry",
+            labels=["task"],
+        )
+        oldest = GaugeMetricFamily(
+            "taskd_oldest_pending_age_seconds",
+            "How long the task's longest-waiting due job has waited (0: none is waiting)",
+            labels=["task"],
+        )
+        for entry in self._counts:
+            for status, count in sorted(entry.counts.items()):
+                jobs.add_metric([entry.task, status], count)
+            depth.add_metric([entry.task], entry.counts.get("pending", 0))
+            oldest.add_metric([entry.task], entry.oldest_pending_age or 0.0)
+        yield from (jobs, depth, oldest)
