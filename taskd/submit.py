@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,17 +59,11 @@ class JobRequest(msgspec.Struct, frozen=True):
 class Submitter:
     """Validates job requests against the loaded tasks and writes them to the store."""
 
-    def __init__(
-        self,
-        store: Store,
-        registry: Callable[[], TaskRegistry],
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, store: Store, registry: Callable[[], TaskRegistry]) -> None:
         self._store = store
         self._registry = registry
-        self._clock = clock
 
-    def prepare(self, request: JobRequest, now: float) -> NewJob:
+    def prepare(self, request: JobRequest) -> NewJob:
         """The row for a request; raises UnknownTask, PayloadInvalid or InvalidRequest."""
         registry = self._registry()
         task = registry.get(request.task)
@@ -103,12 +96,12 @@ class Submitter:
             raise InvalidRequest(f"delay must be between 0 and 10 years, got {request.delay}")
         if request.run_at is not None and not math.isfinite(request.run_at):
             raise InvalidRequest(f"run_at must be a time in seconds, got {request.run_at}")
-        run_at = request.run_at if request.run_at is not None else now + (request.delay or 0.0)
         return NewJob(
             task=task.name,
             payload=request.payload,
             origin=request.origin,
-            run_at=run_at,
+            delay=request.delay or 0.0,
+            run_at=request.run_at,
             max_attempts=request.max_attempts
             or default_attempts(request.single_flight, task.max_attempts),
             priority=priority,
@@ -118,22 +111,21 @@ class Submitter:
 
     async def submit(self, requests: Sequence[JobRequest]) -> list[Inserted]:
         """Validate all, then insert all in one transaction; nothing is stored if one is bad."""
-        now = self._clock()
-        rows = [self.prepare(request, now) for request in requests]
-        return await self._store.insert(rows, now)
+        return await self._store.insert([self.prepare(request) for request in requests])
 
     async def wait(self, job_id: int, timeout: float | None = None) -> Job:
         """The job once it has ended; raises JobNotFound, or TimeoutError after `timeout`."""
-        finished = self._store.events.watch(job_id)
-        try:
-            job = await self._store.get(job_id)
-            if job is None:
-                raise JobNotFound(job_id)
-            if job.status in FINISHED_STATUSES:
-                return job
-            return await asyncio.wait_for(finished, timeout)
-        finally:
-            finished.cancel()
+        async with asyncio.timeout(timeout):
+            while True:  # again after a resync: the store may have missed the job's end
+                finished = self._store.events.watch(job_id)
+                try:
+                    job = await self._store.get(job_id)
+                    if job is None:
+                        raise JobNotFound(job_id)
+                    if job.status in FINISHED_STATUSES or (job := await finished) is not None:
+                        return job
+                finally:
+                    finished.cancel()
 
 
 def encode_payload(payload: Any) -> bytes:
