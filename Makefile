@@ -1,16 +1,21 @@
 # The two set-up commands of the README: `make run` and `make test`.
 PYTHON ?= python3
-VENV := .venv
+# `make test-oldest` sets VENV=.venv-oldest LOWEST=1: the same checks on the lowest versions
+# the dependency ranges in pyproject.toml allow (CI runs both).
+VENV ?= .venv
+LOWEST ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SOCKET := .run/taskd.sock
 EXAMPLE_PAYLOAD := {"to": "ada@example.com", "subject": "Hello", "body": "Welcome!"}
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-oldest lint bench clean schema
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml .ci/lowest-versions
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(if $(LOWEST),$(PYTHON) .ci/lowest-versions pyproject.toml > $(VENV)/constraints.txt)
+	$(BIN)/pip install --quiet --disable-pip-version-check \
+		$(if $(LOWEST),-c $(VENV)/constraints.txt) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +44,13 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
+test-oldest:
+	$(MAKE) --no-print-directory test VENV=.venv-oldest LOWEST=1
+
+# contrib/protocol.schema.json is generated from the wire types; a test fails when it is stale.
+schema: install
+	$(BIN)/python -m taskd.schema > contrib/protocol.schema.json
+
 # Measurements quoted in the issues' closing notes; each script prints what it measured.
 # The scheduler's takes about five minutes; fewer ticks: make bench CRON_ARGS="--ticks 30"
 bench: install
@@ -46,4 +58,4 @@ bench: install
 	$(BIN)/python -m tests.bench.cron_lateness $(CRON_ARGS)
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-oldest .run .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,7 @@ from taskctl.client import (
     decode_result,
     encode_payload,
     enqueue_params,
+    jobs_params,
     seconds,
     unavailable,
 )
@@ -30,7 +31,6 @@ from taskd.protocol import (
     HelloParams,
     HelloResult,
     JobParams,
-    JobsParams,
     ListTasksParams,
     Params,
     PauseScheduleParams,
@@ -225,10 +225,15 @@ class AsyncClient:
         return result
 
     async def jobs(
-        self, *, status: list[str] | None = None, task: str | None = None, limit: int = 50
+        self,
+        *,
+        status: list[str] | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        payloads: bool = False,
     ) -> list[Job]:
-        params = msgspec.convert({"status": status, "task": task, "limit": limit}, JobsParams)
-        result: list[Job] = await self.call("jobs", params)
+        """Recent jobs, newest first; their payload and result only with `payloads`."""
+        result: list[Job] = await self.call("jobs", jobs_params(status, task, limit, payloads))
         return result
 
     async def wait(self, job_id: int, timeout: float | str | None = None) -> Job:

@@ -208,7 +208,7 @@ def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
     wanted = [name for group in args.status or [] for name in group] or None
-    jobs = client.jobs(status=wanted, task=args.task, limit=args.limit)
+    jobs = client.jobs(status=wanted, task=args.task, limit=args.limit, payloads=args.payloads)
     return _show(args, jobs, lambda: _render().jobs_table(jobs))
 
 
@@ -389,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--task", metavar="NAME", help="only jobs of this task")
     jobs.add_argument("--limit", type=positive_int, default=50, metavar="N", help="default 50")
+    jobs.add_argument(
+        "--payloads",
+        action="store_true",
+        help="with --json: include each job's payload and result (`taskctl job ID` shows them)",
+    )
 
     wait = command("wait", cmd_wait, "wait for a job to end and print its result")
     wait.add_argument("id", type=int, metavar="ID")

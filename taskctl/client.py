@@ -16,6 +16,7 @@ import msgspec
 from taskctl.errors import DaemonUnavailable, JobFailed, PermissionDenied, ProtocolError, error_for
 from taskd.models import Job, ScheduleInfo, Status, TaskInfo, parse_duration
 from taskd.protocol import (
+    EMPTY_MAP,
     HEADER,
     METHODS,
     PROTOCOL_VERSION,
@@ -67,8 +68,8 @@ def _result_decoder(method: str) -> msgspec.msgpack.Decoder[Any]:
 
 
 def encode_payload(payload: Any) -> msgspec.Raw:
-    """A Python value as the msgpack payload of a request."""
-    return msgspec.Raw(msgspec.msgpack.encode(payload))
+    """A Python value as the msgpack payload of a request; None sends none, which is {}."""
+    return EMPTY_MAP if payload is None else msgspec.Raw(msgspec.msgpack.encode(payload))
 
 
 def seconds(value: float | str | dt.timedelta | None) -> float | None:
@@ -105,6 +106,13 @@ def enqueue_params(
         max_attempts=max_attempts,
         key=key,
     )
+
+
+def jobs_params(
+    status: list[str] | None, task: str | None, limit: int, payloads: bool
+) -> JobsParams:
+    fields = {"status": status, "task": task, "limit": limit, "payloads": payloads}
+    return msgspec.convert(fields, JobsParams)
 
 
 def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> Any:
@@ -293,11 +301,15 @@ class Client:
         return result
 
     def jobs(
-        self, *, status: list[str] | None = None, task: str | None = None, limit: int = 50
+        self,
+        *,
+        status: list[str] | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        payloads: bool = False,
     ) -> list[Job]:
-        result: list[Job] = self.call(
-            "jobs", msgspec.convert({"status": status, "task": task, "limit": limit}, JobsParams)
-        )
+        """Recent jobs, newest first; their payload and result only with `payloads`."""
+        result: list[Job] = self.call("jobs", jobs_params(status, task, limit, payloads))
         return result
 
     def wait(self, job_id: int, timeout: float | str | None = None) -> Job:

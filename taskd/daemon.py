@@ -23,7 +23,7 @@ from taskd.schedules import load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket
 from taskd.service import DaemonInfo, Service, retention_ages
 from taskd.store import Store, StoreError, store_for
-from taskd.submit import Submitter
+from taskd.submit import Submitter, max_payload_size
 from taskd.systemd import (
     Notifier,
     StatusUpdates,
@@ -133,7 +133,8 @@ class Daemon:
         self._store.events.on_change(self._status.changed)
         node = node_id(config, paths)
         self._worker = await self._join(self._store, node)
-        submitter = Submitter(self._store, self._registry)
+        max_payload = max_payload_size(config.max_frame_size)
+        submitter = Submitter(self._store, self._registry, max_payload=max_payload)
         self._executor = Executor(
             self._store,
             self._registry,
@@ -142,6 +143,7 @@ class Daemon:
             workers=config.workers,
             lease=config.lease,
             quarantine_after=config.quarantine_after,
+            max_result=max_payload,
         )
         self._scheduler = Scheduler(self._store, submitter, started_at=self._started_at)
         await self._scheduler.load(schedules)

@@ -24,9 +24,10 @@ import msgspec
 from taskd.definition import Fail, Retry, TaskContext
 from taskd.models import Job
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
+from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
 from taskd.store import ClaimRequest, Failure, Outcome, Store, StoreError
-from taskd.submit import Submitter
+from taskd.submit import Submitter, max_payload_size
 from taskd.tasks import Task, TaskRegistry
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 # Why the executor stops a job: the store says this worker lost it, or the daemon stops.
 StopReason = Literal["lost", "shutdown"]
 REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
+# An attempt's error is kept with the job: its message and traceback are bounded, so that
+# a job's errors fit in a reply (the most relevant frames of a traceback are the last).
+MAX_ERROR_MESSAGE = 4096
+MAX_TRACEBACK = 16384
 
 
 class _TimedOut(Exception):
@@ -66,8 +71,10 @@ class Executor:
         workers: int,
         lease: float,
         quarantine_after: int,
+        max_result: int = max_payload_size(DEFAULT_MAX_FRAME),
     ) -> None:
         self._store = store
+        self._max_result = max_result
         self._registry = registry
         self.worker = worker
         self.workers = workers
@@ -204,6 +211,12 @@ class Executor:
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             message = f"the result ({type(result).__name__}) cannot be encoded: {exc}"
             return self._failure(job, task, "error", message, final=True)
+        if len(encoded) > self._max_result:
+            message = (
+                f"the result of {len(encoded)} bytes is over the limit of {self._max_result} "
+                "(a quarter of max_frame_size); return a reference to the data instead"
+            )
+            return self._failure(job, task, "error", message, final=True)
         return Outcome(job.id, job.epoch, self.worker, "succeeded", result=encoded)
 
     async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
@@ -248,6 +261,11 @@ class Executor:
         delay: float | None = None,
     ) -> Outcome:
         trace = "".join(traceback.format_exception(exc)) if exc is not None else None
+        if trace is not None and len(trace) > MAX_TRACEBACK:
+            trace = "...\n" + trace[-MAX_TRACEBACK:]
+        message = (
+            message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE] + "…"
+        )
         error = Failure(kind, message, trace)
         where = f"job {job.id} {job.task} attempt {job.attempts}/{job.max_attempts}"
         if final or task is None or job.attempts >= job.max_attempts:

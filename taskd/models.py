@@ -22,7 +22,7 @@ JobOrigin = Literal["run", "enqueue", "schedule", "task"]
 RUN_KEY = "@run"
 
 
-class AttemptError(msgspec.Struct, frozen=True, omit_defaults=True):
+class AttemptError(msgspec.Struct, frozen=True):
     """The error of one failed or interrupted attempt."""
 
     attempt: int
@@ -32,12 +32,12 @@ class AttemptError(msgspec.Struct, frozen=True, omit_defaults=True):
     traceback: str | None = None
 
 
-class Job(msgspec.Struct, omit_defaults=True):
-    """One execution of a task, as the job store records it.
+class Job(msgspec.Struct):
+    """One execution of a task, as the job store records it (contrib/protocol.md: "The Job
+    object"). `payload` and `result` are any msgpack value."""
 
-    `payload` and `result` hold msgpack values; inside the daemon they are `msgspec.Raw`
-    so that they travel without being decoded and encoded again.
-    """
+    # Inside the daemon `payload` and `result` are msgspec.Raw, so that they travel without
+    # being decoded and encoded again.
 
     id: int
     task: str
@@ -58,10 +58,10 @@ class Job(msgspec.Struct, omit_defaults=True):
     finished_at: float | None = None
     worker: str | None = None  # the daemon running it, as `node/start`, while it runs
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
-    errors: list[AttemptError] = []
+    errors: list[AttemptError] = []  # filled by the `job` method only
 
 
-class TaskInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+class TaskInfo(msgspec.Struct, frozen=True):
     """A task as the daemon loaded it from the tasks folder."""
 
     name: str
@@ -77,7 +77,7 @@ class TaskInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     payload_schema: dict[str, Any] | None = None
 
 
-class FiredJob(msgspec.Struct, frozen=True, omit_defaults=True):
+class FiredJob(msgspec.Struct, frozen=True):
     """The job one task of a schedule got at a firing; `joined` when the firing coalesced
     into that task's run that was still pending or running."""
 
@@ -87,7 +87,7 @@ class FiredJob(msgspec.Struct, frozen=True, omit_defaults=True):
     status: JobStatus | None = None  # filled in when shown; None once the job is pruned
 
 
-class ScheduleInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+class ScheduleInfo(msgspec.Struct, frozen=True):
     """A schedule as `taskctl schedules` shows it. Times are Unix seconds.
 
     `last_tick` is the scheduled time of the latest tick fired; `fired_at` when the schedule
@@ -120,7 +120,7 @@ class TaskCounts(msgspec.Struct, frozen=True):
     next_due_at: float | None = None
 
 
-class NodeInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+class NodeInfo(msgspec.Struct, frozen=True):
     """A daemon using the job store, alive while its heartbeat is renewed.
 
     `worker` names its current start (`id/N`) on the jobs it runs; `seen_at` is its latest
@@ -136,7 +136,7 @@ class NodeInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     running: int = 0
 
 
-class Status(msgspec.Struct, frozen=True, omit_defaults=True):
+class Status(msgspec.Struct, frozen=True):
     """What `taskctl status` shows: this daemon (`node`), and the job store as a whole."""
 
     version: str

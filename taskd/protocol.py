@@ -27,11 +27,45 @@ NIL = msgspec.Raw(b"\xc0")
 # Until `hello` has been answered a connection may send only frames up to this size.
 MAX_HELLO_FRAME = 64 * 1024
 
-# msgpack integers go up to 2**64-1, the job store's up to 2**63-1; params say so, so that an
-# out-of-range number is an `invalid_params` naming the field rather than a failure deep down.
+# The limits of params live in their types, so that an out-of-range value is an
+# `invalid_params` naming the field, and the JSON Schema (contrib/protocol.schema.json) states
+# every limit. msgpack integers go up to 2**64-1, the job store's up to 2**63-1.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-# Durations in params: not negative, and never NaN.
-Duration = Annotated[float, msgspec.Meta(ge=0)]
+MAX_SECONDS = 10 * 365 * 86400  # ten years: the longest delay, timeout or age
+MAX_TIME = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the latest run_at
+MAX_PRIORITY = 2**31
+MAX_KEY_LENGTH = 1024
+MAX_LIST = 10_000
+Duration = Annotated[
+    float, msgspec.Meta(ge=0, le=MAX_SECONDS, description="seconds, 0 to ten years")
+]
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIME, description="a Unix time in seconds")]
+Priority = Annotated[
+    int,
+    msgspec.Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="lower runs first"),
+]
+Attempts = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+Key = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        description="a unique key; keys starting with '@' are reserved for taskd",
+    ),
+]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST)]
+Payload = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(description="any msgpack value, passed to the task; absent: {}, as in Nitro"),
+]
+
+
+def _empty_map() -> msgspec.Raw:
+    return EMPTY_MAP
+
+
+# Absent payloads and params are {}: a factory, because the JSON Schema cannot show a Raw.
+EMPTY_MAP_FIELD: Any = msgspec.field(default_factory=_empty_map)
 
 
 class ErrorCode(enum.StrEnum):
@@ -59,15 +93,18 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
-class Request(msgspec.Struct, frozen=True):
-    """A request envelope; `params` is decoded later with the method's own type."""
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A request envelope; `params` is decoded later with the method's own type.
+
+    `params` absent or nil means `{}`.
+    """
 
     id: int
     method: str
-    params: msgspec.Raw = EMPTY_MAP
+    params: Annotated[msgspec.Raw, msgspec.Meta(description="absent or nil: {}")] = EMPTY_MAP_FIELD
 
 
-class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+class ErrorBody(msgspec.Struct, frozen=True):
     code: str
     message: str
     data: dict[str, Any] | None = None
@@ -131,10 +168,10 @@ class ListTasksParams(Params):
 
 class RunParams(Params):
     task: str
-    payload: msgspec.Raw = NIL
-    key: str | None = None
+    payload: Payload = EMPTY_MAP_FIELD
+    key: Key | None = None
     detach: bool = False
-    max_attempts: Int64 | None = None
+    max_attempts: Attempts | None = None
 
 
 class RunResult(msgspec.Struct, frozen=True):
@@ -144,12 +181,12 @@ class RunResult(msgspec.Struct, frozen=True):
 
 class EnqueueParams(Params):
     task: str
-    payload: msgspec.Raw = NIL
-    delay: Duration | None = None
-    run_at: float | None = None
-    priority: Int64 = 0
-    max_attempts: Int64 | None = None
-    key: str | None = None
+    payload: Payload = EMPTY_MAP_FIELD
+    delay: Duration | None = None  # or run_at, not both
+    run_at: Timestamp | None = None
+    priority: Priority = 0
+    max_attempts: Attempts | None = None
+    key: Key | None = None
 
 
 class EnqueueResult(msgspec.Struct, frozen=True):
@@ -172,7 +209,8 @@ class JobParams(Params):
 class JobsParams(Params):
     status: list[JobStatus] | None = None
     task: str | None = None
-    limit: Int64 = 50
+    limit: Limit = 50
+    payloads: bool = False  # include each job's payload and result (else they are nil)
 
 
 class WaitParams(Params):

@@ -22,12 +22,15 @@ from typing import Any
 import msgspec
 
 from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
+from taskd.envelope import request_head
 from taskd.models import Peer
 from taskd.protocol import (
     DEFAULT_MAX_FRAME,
+    EMPTY_MAP,
     HEADER,
     MAX_HELLO_FRAME,
     METHODS,
+    NIL,
     PROTOCOL_VERSION,
     ErrorCode,
     HelloParams,
@@ -47,6 +50,12 @@ MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
 # connections, so that many clients each sending a frame just under max_frame_size cannot
 # make the daemon hold max_connections x max_frame_size bytes.
 LARGE_FRAME_BUDGET = 4 * DEFAULT_MAX_FRAME
+# A refused connection is closed after its client's first words are read, within LINGER
+# seconds; past MAX_LINGERING such connections at once, at once.
+LINGER = 2.0
+MAX_LINGERING = 64
+# Only the payload of these methods may nest deeply; other params never nest much.
+PAYLOAD_METHODS = frozenset({"run", "enqueue", "enqueue_many"})
 ACCESS_HINT = (
     "ask the administrator of taskd to add the user to allow_users, or one of its groups to "
     "allow_groups (readonly_users/readonly_groups for read-only access), in taskd.toml, "
@@ -200,6 +209,7 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._closing = False
+        self._lingering = 0  # refused connections being closed gently (see _refuse)
         self._budget = _ReceiveBudget(max(LARGE_FRAME_BUDGET, max_frame))
 
     @property
@@ -248,12 +258,11 @@ class ControlServer:
             who = user_name(uid)
             logger.warning("refused control connection from %s, pid %d: not allowed", who, pid)
             message = f"permission denied: {who} may not use this taskd; {ACCESS_HINT}"
-            await self._refuse(writer, ErrorCode.PERMISSION_DENIED, message)
+            await self._refuse(reader, writer, ErrorCode.PERMISSION_DENIED, message)
             return
         if self._closing or len(self._connections) >= self._max_connections:
-            await self._refuse(
-                writer, ErrorCode.BUSY, "taskd has too many open connections; try again later"
-            )
+            message = "taskd has too many open connections; try again later"
+            await self._refuse(reader, writer, ErrorCode.BUSY, message)
             return
         connection = _Connection(peer, writer, asyncio.get_running_loop().time())
         self._connections.add(connection)
@@ -267,10 +276,33 @@ class ControlServer:
                 task.cancel()  # the client is gone; its waits are pointless
             writer.close()
 
-    async def _refuse(self, writer: asyncio.StreamWriter, code: ErrorCode, message: str) -> None:
-        with suppress(ConnectionError, OSError):
+    async def _refuse(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        code: ErrorCode,
+        message: str,
+    ) -> None:
+        """Send one error frame, then close without destroying it.
+
+        A socket closed while the client's hello sits unread in it is reset, and the reset
+        throws away the error frame before the client reads it. So the frame is followed by
+        an end-of-stream, and what the client sends is read and dropped (for LINGER seconds
+        at most, by at most MAX_LINGERING refused connections at once) before the close.
+        """
+        with suppress(ConnectionError, OSError, TimeoutError):
             writer.write(encode_frame(Reply(None, error=RpcError(code, message).body())))
             await asyncio.wait_for(writer.drain(), 1.0)
+            if self._lingering < MAX_LINGERING and writer.can_write_eof():
+                self._lingering += 1
+                try:
+                    writer.write_eof()
+                    async with asyncio.timeout(LINGER):
+                        dropped = 0
+                        while dropped < MAX_HELLO_FRAME and (chunk := await reader.read(4096)):
+                            dropped += len(chunk)
+                finally:
+                    self._lingering -= 1
         writer.close()
 
     async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
@@ -330,8 +362,7 @@ class ControlServer:
         try:
             request = _request_decoder.decode(body)
         except _DECODE_ERRORS as exc:
-            message = f"not a request ({{id, method, params}} in msgpack): {exc}"
-            self._send_error(connection, None, ErrorCode.BAD_FRAME, message)
+            self._send(connection, _unreadable(body, exc))
             return
         try:
             params = self._admit(connection, request)
@@ -357,8 +388,11 @@ class ControlServer:
                 ErrorCode.UNKNOWN_METHOD,
                 f"unknown method {request.method!r}; methods: {', '.join(METHODS)}",
             )
+        raw = request.params if request.params != NIL else EMPTY_MAP
         try:
-            params = _params_decoders[request.method].decode(request.params)
+            params = _params_decoders[request.method].decode(raw)
+        except RecursionError:
+            raise _too_deep(request.method) from None
         except _DECODE_ERRORS as exc:
             raise RpcError(
                 ErrorCode.INVALID_PARAMS, f"invalid params for {request.method}: {exc}"
@@ -430,3 +464,24 @@ class ControlServer:
             self._send_error(connection, reply.id, ErrorCode.FRAME_TOO_LARGE, message)
             return
         connection.writer.write(frame)
+
+
+def _unreadable(body: bytes, exc: Exception) -> Reply:
+    """The reply to a body that is not a request: under its id, if that can be read."""
+    request_id, method, deepest = request_head(body)
+    if request_id is None:
+        message = f"not a request (a msgpack map of id, method and params): {exc}"
+        return Reply(None, error=RpcError(ErrorCode.BAD_FRAME, message).body())
+    if isinstance(exc, RecursionError) and deepest == "params" and method in METHODS:
+        return Reply(request_id, error=_too_deep(method).body())
+    message = f"not a valid request (a map of id, method and params, nothing else): {exc}"
+    return Reply(request_id, error=RpcError(ErrorCode.BAD_FRAME, message).body())
+
+
+def _too_deep(method: str) -> RpcError:
+    if method in PAYLOAD_METHODS:
+        return RpcError(
+            ErrorCode.PAYLOAD_INVALID,
+            "the payload is nested too deeply to decode; 500 levels are always accepted",
+        )
+    return RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: nested too deeply")

@@ -14,6 +14,7 @@ import msgspec
 from taskd.config import Retention
 from taskd.models import FINISHED_STATUSES, Job, JobStatus, Peer, Status, TaskInfo
 from taskd.protocol import (
+    MAX_LIST,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -41,10 +42,14 @@ from taskd.protocol import (
 )
 from taskd.scheduler import AmbiguousSchedule, Scheduler, UnknownSchedule
 from taskd.store import InvalidTransition, JobFilter, JobNotFound, Store, StoreError
-from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter, UnknownTask
+from taskd.submit import (
+    JobRequest,
+    PayloadInvalid,
+    Refused,
+    Submitter,
+    UnknownTask,
+)
 from taskd.tasks import TaskRegistry
-
-MAX_LIST = 10_000
 
 
 class DaemonInfo(msgspec.Struct, frozen=True):
@@ -85,16 +90,12 @@ class Service:
     async def handle(self, method: str, params: Params, peer: Peer) -> Any:
         try:
             return await self._dispatch(params, peer)
-        except UnknownTask as exc:
-            raise RpcError(ErrorCode.UNKNOWN_TASK, str(exc), {"task": exc.name}) from None
+        except Refused as exc:
+            raise _refusal(exc) from None
         except UnknownSchedule as exc:
             data = {"schedule": exc.reference}
             raise RpcError(ErrorCode.UNKNOWN_SCHEDULE, str(exc), data) from None
         except AmbiguousSchedule as exc:
-            raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
-        except PayloadInvalid as exc:
-            raise RpcError(ErrorCode.PAYLOAD_INVALID, str(exc)) from None
-        except InvalidRequest as exc:
             raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
         except JobNotFound as exc:
             raise RpcError(ErrorCode.UNKNOWN_JOB, str(exc), {"id": exc.job_id}) from None
@@ -113,7 +114,7 @@ class Service:
                 (result,) = await self.enqueue([params])
                 return result
             case EnqueueManyParams():
-                return EnqueueManyResult(await self.enqueue(params.jobs))
+                return EnqueueManyResult(await self.enqueue(params.jobs, numbered=True))
             case JobParams():
                 return await self.job(params.id)
             case JobsParams():
@@ -160,7 +161,9 @@ class Service:
             job = await self._submitter.wait(inserted.job_id)
         return RunResult(job=job, joined=inserted.duplicate)
 
-    async def enqueue(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
+    async def enqueue(
+        self, jobs: list[EnqueueParams], *, numbered: bool = False
+    ) -> list[EnqueueResult]:
         requests = [
             JobRequest(
                 task=p.task,
@@ -174,7 +177,7 @@ class Service:
             )
             for p in jobs
         ]
-        inserted = await self._submitter.submit(requests)
+        inserted = await self._submitter.submit(requests, numbered=numbered)
         return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
 
     async def job(self, job_id: int) -> Job:
@@ -184,14 +187,14 @@ class Service:
         return job
 
     async def jobs(self, params: JobsParams) -> list[Job]:
-        if not 1 <= params.limit <= MAX_LIST:
-            raise InvalidRequest(f"limit must be between 1 and {MAX_LIST}, got {params.limit}")
         query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)
-        return await self._store.list_jobs(query)
+        jobs = await self._store.list_jobs(query)
+        if not params.payloads:
+            for job in jobs:
+                job.payload = job.result = None
+        return jobs
 
     async def wait(self, params: WaitParams) -> Job:
-        if params.timeout is not None and params.timeout < 0:
-            raise InvalidRequest("timeout must not be negative")
         try:
             return await self._submitter.wait(params.id, params.timeout)
         except TimeoutError:
@@ -237,12 +240,21 @@ class Service:
 
     async def prune(self, params: PruneParams) -> PruneResult:
         if params.older_than is not None:
-            if params.older_than < 0:
-                raise InvalidRequest("older_than must not be negative")
             ages: dict[JobStatus, float] = dict.fromkeys(FINISHED_STATUSES, params.older_than)
         else:
             ages = retention_ages(self._retention())
         return PruneResult(deleted=await self._store.prune(ages))
+
+
+def _refusal(exc: Refused) -> RpcError:
+    """The error reply for a request the submitter refused."""
+    data: dict[str, Any] = {} if exc.index is None else {"index": exc.index}
+    if isinstance(exc, UnknownTask):
+        return RpcError(ErrorCode.UNKNOWN_TASK, str(exc), {"task": exc.name, **data})
+    code = (
+        ErrorCode.PAYLOAD_INVALID if isinstance(exc, PayloadInvalid) else ErrorCode.INVALID_PARAMS
+    )
+    return RpcError(code, str(exc), data or None)
 
 
 def retention_ages(retention: Retention) -> dict[JobStatus, float]:

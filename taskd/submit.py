@@ -7,7 +7,6 @@ through here, so payloads are validated once, in one way, before anything is sto
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,30 +14,46 @@ import msgspec
 
 from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin
 from taskd.policy import default_attempts
+from taskd.protocol import (
+    DEFAULT_MAX_FRAME,
+    MAX_KEY_LENGTH,
+    MAX_PRIORITY,
+    MAX_SECONDS,
+    MAX_TIME,
+)
 from taskd.store import Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
-MAX_PRIORITY = 2**31
 # Runs (taskctl run, ctx.run_task, cron ticks) have a caller or a clock waiting for them:
 # they go ahead of enqueued jobs of the default priority 0.
 RUN_PRIORITY = -10
-NIL = b"\xc0"  # msgpack nil: the payload of a request that gave none
-MAX_KEY_LENGTH = 1024
+EMPTY_MAP = b"\x80"  # msgpack {}: the payload of a request that gave none, as in Nitro
 
 
-class UnknownTask(LookupError):
+def max_payload_size(max_frame_size: int) -> int:
+    """The largest payload or result: a job holding both, and its errors, fits in a reply."""
+    return max_frame_size // 4
+
+
+class Refused(Exception):
+    """A request refused before anything was stored; `index` numbers it within a batch."""
+
+    index: int | None = None
+
+
+class UnknownTask(Refused, LookupError):
     def __init__(self, name: str, known: Sequence[str]) -> None:
         hint = f"; known tasks: {', '.join(known)}" if known else "; no tasks are loaded"
         super().__init__(f"unknown task {name!r}{hint}")
         self.name = name
 
 
-class PayloadInvalid(ValueError):
+class PayloadInvalid(Refused, ValueError):
     """The payload does not match the task's schema; the message names the field."""
 
 
-class InvalidRequest(ValueError):
-    """An option of the request is out of range."""
+class InvalidRequest(Refused, ValueError):
+    """An option of the request is out of range, or options contradict each other."""
 
 
 class JobRequest(msgspec.Struct, frozen=True):
@@ -59,9 +74,16 @@ class JobRequest(msgspec.Struct, frozen=True):
 class Submitter:
     """Validates job requests against the loaded tasks and writes them to the store."""
 
-    def __init__(self, store: Store, registry: Callable[[], TaskRegistry]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: Callable[[], TaskRegistry],
+        *,
+        max_payload: int = max_payload_size(DEFAULT_MAX_FRAME),
+    ) -> None:
         self._store = store
         self._registry = registry
+        self._max_payload = max_payload
 
     def prepare(self, request: JobRequest) -> NewJob:
         """The row for a request; raises UnknownTask, PayloadInvalid or InvalidRequest."""
@@ -69,10 +91,16 @@ class Submitter:
         task = registry.get(request.task)
         if task is None:
             raise UnknownTask(request.task, registry.names())
+        if len(request.payload) > self._max_payload:
+            raise PayloadInvalid(
+                f"the payload of {len(request.payload)} bytes is over the limit of "
+                f"{self._max_payload} (a quarter of max_frame_size); pass a reference to the "
+                "data (a path, a URL, a row id) instead"
+            )
         try:
             task.decode_payload(request.payload)
         except msgspec.ValidationError as exc:
-            hint = " (no payload was given; this task needs one)" if request.payload == NIL else ""
+            hint = " (no payload was given, so it was {})" if request.payload == EMPTY_MAP else ""
             raise PayloadInvalid(f"payload rejected by task {task.name}: {exc}{hint}") from None
         except (msgspec.DecodeError, UnicodeError) as exc:
             raise PayloadInvalid(
@@ -82,20 +110,11 @@ class Submitter:
             raise PayloadInvalid(
                 f"payload for task {task.name} is nested too deeply to decode"
             ) from None
+        self._check_options(request)
         priority = request.priority
         if priority is None:
             priority = RUN_PRIORITY if request.single_flight else 0
-        if abs(priority) > MAX_PRIORITY:
-            raise InvalidRequest(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
-        if request.max_attempts is not None and request.max_attempts < 1:
-            raise InvalidRequest(f"max_attempts must be at least 1, got {request.max_attempts}")
         key = RUN_KEY if request.single_flight and request.key is None else request.key
-        if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
-            raise InvalidRequest(f"key must have 1 to {MAX_KEY_LENGTH} characters")
-        if request.delay is not None and not 0 <= request.delay < 10 * 365 * 86400:
-            raise InvalidRequest(f"delay must be between 0 and 10 years, got {request.delay}")
-        if request.run_at is not None and not math.isfinite(request.run_at):
-            raise InvalidRequest(f"run_at must be a time in seconds, got {request.run_at}")
         return NewJob(
             task=task.name,
             payload=request.payload,
@@ -109,9 +128,45 @@ class Submitter:
             parent_id=request.parent_id,
         )
 
-    async def submit(self, requests: Sequence[JobRequest]) -> list[Inserted]:
-        """Validate all, then insert all in one transaction; nothing is stored if one is bad."""
-        return await self._store.insert([self.prepare(request) for request in requests])
+    @staticmethod
+    def _check_options(request: JobRequest) -> None:
+        """The limits the protocol's types state, for requests that come from task code."""
+        if request.priority is not None and abs(request.priority) > MAX_PRIORITY:
+            raise InvalidRequest(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+        if request.max_attempts is not None and request.max_attempts < 1:
+            raise InvalidRequest(f"max_attempts must be at least 1, got {request.max_attempts}")
+        if request.key is not None:
+            if not 0 < len(request.key) <= MAX_KEY_LENGTH:
+                raise InvalidRequest(f"key must have 1 to {MAX_KEY_LENGTH} characters")
+            if request.key.startswith("@"):
+                raise InvalidRequest(
+                    f"key {request.key!r}: keys starting with '@' are reserved for taskd "
+                    f"({RUN_KEY!r} is the key of runs that give none); pick another key"
+                )
+        if request.delay is not None and request.run_at is not None:
+            raise InvalidRequest("give delay or run_at, not both")
+        if request.delay is not None and not 0 <= request.delay <= MAX_SECONDS:
+            raise InvalidRequest(f"delay must be between 0 and 10 years, got {request.delay}")
+        if request.run_at is not None and not 0 <= request.run_at <= MAX_TIME:
+            raise InvalidRequest(f"run_at must be a Unix time in seconds, got {request.run_at}")
+
+    async def submit(
+        self, requests: Sequence[JobRequest], *, numbered: bool = False
+    ) -> list[Inserted]:
+        """Validate all, then insert all in one transaction; nothing is stored if one is bad.
+
+        With `numbered` (a batch from a client), a refusal names the item: `jobs[3]: ...`.
+        """
+        rows = []
+        for index, request in enumerate(requests):
+            try:
+                rows.append(self.prepare(request))
+            except Refused as exc:
+                if numbered:
+                    exc.index = index
+                    exc.args = (f"jobs[{index}]: {exc}",)
+                raise
+        return await self._store.insert(rows)
 
     async def wait(self, job_id: int, timeout: float | None = None) -> Job:
         """The job once it has ended; raises JobNotFound, or TimeoutError after `timeout`."""
@@ -122,14 +177,20 @@ class Submitter:
                     job = await self._store.get(job_id)
                     if job is None:
                         raise JobNotFound(job_id)
-                    if job.status in FINISHED_STATUSES or (job := await finished) is not None:
+                    if job.status in FINISHED_STATUSES:
+                        job.errors = []  # as from a finish: only the `job` method lists them
                         return job
+                    if (ended := await finished) is not None:
+                        return ended
                 finally:
                     finished.cancel()
 
 
 def encode_payload(payload: Any) -> bytes:
-    """A Python value as a msgpack payload; raises PayloadInvalid if it cannot be encoded."""
+    """A Python value as a msgpack payload (None: no payload, which is {});
+    raises PayloadInvalid if it cannot be encoded."""
+    if payload is None:
+        return EMPTY_MAP
     try:
         return msgspec.msgpack.encode(payload)
     except (TypeError, ValueError, OverflowError) as exc:

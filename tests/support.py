@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import shutil
 import signal
 import socket
@@ -297,10 +298,14 @@ class RawConnection:
 
     def request(self, method: str, params: object = None) -> bytes:
         """A well-formed request frame (params as msgpack; None means none)."""
-        raw = msgspec.Raw(msgspec.msgpack.encode({} if params is None else params))
-        request = Request(self._next_id, method, raw)
+        request = self.request_frame(self._next_id, method, params)
         self._next_id += 1
-        return encode_frame(request)
+        return request
+
+    @staticmethod
+    def request_frame(request_id: int, method: str, params: object = None) -> bytes:
+        raw = msgspec.Raw(msgspec.msgpack.encode({} if params is None else params))
+        return encode_frame(Request(request_id, method, raw))
 
     def call(self, method: str, params: object = None) -> dict[str, Any]:
         self.sock.sendall(self.request(method, params))
@@ -324,6 +329,25 @@ class RawConnection:
         except TimeoutError:
             return False
         return True
+
+
+def hello_after_refusal(path: Path) -> dict[str, Any]:
+    """Connect, wait until taskd has answered (a refusal comes unasked), only then send hello
+    (as a client that talks first would, a moment later), and read the reply.
+
+    Sending must not fail with a broken pipe, and the refusal must still be readable.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        select.select([sock], [], [], 10)  # the error frame has arrived
+        time.sleep(0.05)  # taskd has had ample time to close if it were going to
+        sock.sendall(RawConnection.request_frame(1, "hello", {"protocol": PROTOCOL_VERSION}))
+        header = sock.recv(4, socket.MSG_WAITALL)
+        (size,) = struct.unpack(">I", header)
+        reply: dict[str, Any] = msgspec.msgpack.decode(sock.recv(size, socket.MSG_WAITALL))
+        assert sock.recv(1) == b"", "taskd did not close the refused connection"
+        return reply
 
 
 def frame(body: bytes) -> bytes:

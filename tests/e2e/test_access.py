@@ -6,6 +6,7 @@ The other user is `nobody`: the tests run taskctl as nobody with setpriv, so the
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import stat
@@ -134,3 +135,21 @@ def test_allowed_user_by_name(taskd_factory: type[Taskd], short_tmp: Path) -> No
     ).start()
     _, ran = as_nobody(daemon, "run", "echo", "--payload", "1")
     assert ran.returncode == 0 and ran.stdout.strip() == "1", ran.stderr
+
+
+@needs_root
+def test_a_refused_client_that_talks_first_still_reads_why(shared_daemon: Taskd) -> None:
+    shared_daemon.start()
+    script = (
+        "import json; from pathlib import Path; from tests.support import hello_after_refusal;"
+        f" print(json.dumps(hello_after_refusal(Path({str(shared_daemon.socket)!r}))))"
+    )
+    command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+               sys.executable, "-c", script]  # fmt: skip
+    root = Path(__file__).parent.parent.parent
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": root}
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["id"] is None and reply["error"]["code"] == "permission_denied", reply

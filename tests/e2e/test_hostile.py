@@ -13,7 +13,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.support import RawConnection, Taskd, frame, rss_kib, short_tempdir, wait_until
+from tests.support import (
+    RawConnection,
+    Taskd,
+    frame,
+    hello_after_refusal,
+    rss_kib,
+    short_tempdir,
+    wait_until,
+)
 
 MAX_FRAME = 65536
 READ_TIMEOUT = 0.5
@@ -52,68 +60,158 @@ def run_params(payload: bytes, task: bytes = b"\xa4echo") -> bytes:
     return b"\x82\xa4task" + task + b"\xa7payload" + payload
 
 
-INT64_LIMIT = "Expected `int` <= 9223372036854775807"
-# (body, error code or "result", a fragment of the message)
-CASES: dict[str, tuple[bytes, str, str]] = {
-    "empty frame": (b"", "bad_frame", "not a request"),
-    "not msgpack": (b"\xc1\xc1\xc1", "bad_frame", "not a request"),
-    "truncated msgpack": (request("jobs")[:-3], "bad_frame", "not a request"),
-    "trailing bytes": (request("jobs") + b"\x00", "bad_frame", "trailing"),
-    "a list, not a map": (encode([1, "jobs", {}]), "bad_frame", "Expected `object`"),
-    "a bare string": (encode("jobs"), "bad_frame", "Expected `object`"),
-    "id is a string": (request("jobs", request_id=b"\xa1x"), "bad_frame", "$.id"),
-    "method is missing": (b"\x81\xa2id\x01", "bad_frame", "missing required field `method`"),
-    "unknown method": (request("explode"), "unknown_method", "unknown method 'explode'"),
-    "params is a list": (request("jobs", encode([1])), "invalid_params", "Expected `object`"),
-    "params of the wrong type": (request("job", encode({"id": "x"})), "invalid_params", "$.id"),
-    "unknown param": (request("status", encode({"x": 1})), "invalid_params", "unknown field"),
-    "nested 60000 deep": (nested(60_000), "bad_frame", "Expected `object`"),
-    "params nested 5000 deep": (request("jobs", nested(5000)), "bad_frame", "recursion"),
-    "payload nested 5000 deep": (request("run", run_params(nested(5000))), "bad_frame", "recur"),
-    "payload nested 500 deep is fine": (request("run", run_params(nested(500))), "result", ""),
-    "method not UTF-8": (request(b"\xa2\xff\xfe"), "bad_frame", "utf-8"),
+# (body, error code or "result", the reply's id, a fragment of the message). The fragments
+# are taskd's own words, or the name of the field at fault, never a dependency's wording.
+CASES: dict[str, tuple[bytes, str, int | None, str]] = {
+    "empty frame": (b"", "bad_frame", None, "not a request"),
+    "not msgpack": (b"\xc1\xc1\xc1", "bad_frame", None, "not a request"),
+    "truncated msgpack": (request("jobs")[:-3], "bad_frame", None, "not a request"),
+    "trailing bytes": (request("jobs") + b"\x00", "bad_frame", 7, "not a valid request"),
+    "a list, not a map": (encode([1, "jobs", {}]), "bad_frame", None, "not a request"),
+    "a bare string": (encode("jobs"), "bad_frame", None, "not a request"),
+    "id is a string": (request("jobs", request_id=b"\xa1x"), "bad_frame", None, "not a request"),
+    "method is missing": (b"\x81\xa2id\x01", "bad_frame", 1, "not a valid request"),
+    "unknown top-level key": (
+        encode({"id": 7, "method": "jobs", "params": {}, "junk": 1}),
+        "bad_frame",
+        7,
+        "junk",
+    ),
+    "params nil": (encode({"id": 7, "method": "jobs", "params": None}), "result", 7, ""),
+    "params absent": (encode({"id": 7, "method": "jobs"}), "result", 7, ""),
+    "second hello": (request("hello", encode({"protocol": 1})), "result", 7, ""),
+    "unknown method": (request("explode"), "unknown_method", 7, "unknown method 'explode'"),
+    "params is a list": (request("jobs", encode([1])), "invalid_params", 7, "params for jobs"),
+    "params of the wrong type": (
+        request("job", encode({"id": "x"})),
+        "invalid_params",
+        7,
+        "params for job",
+    ),
+    "unknown param": (request("status", encode({"verbose": 1})), "invalid_params", 7, "verbose"),
+    "nested 60000 deep": (nested(60_000), "bad_frame", None, "not a request"),
+    "params nested 5000 deep": (request("jobs", nested(5000)), "invalid_params", 7, "too deep"),
+    "payload nested 5000 deep": (
+        request("run", run_params(nested(5000))),
+        "payload_invalid",
+        7,
+        "too deep",
+    ),
+    "payload nested 500 deep is fine": (request("run", run_params(nested(500))), "result", 7, ""),
+    "method not UTF-8": (request(b"\xa2\xff\xfe"), "bad_frame", 7, "not a valid request"),
     "task not UTF-8": (
         request("run", run_params(b"\xc0", b"\xa2\xc3\x28")),
         "invalid_params",
-        "utf-8",
+        7,
+        "params for run",
     ),
-    "payload not UTF-8": (request("run", run_params(b"\xa2\xff\xfe")), "payload_invalid", "utf-8"),
+    "payload not UTF-8": (
+        request("run", run_params(b"\xa2\xff\xfe")),
+        "payload_invalid",
+        7,
+        "not valid msgpack",
+    ),
     "key not UTF-8": (
         request("enqueue", b"\x82\xa4task\xa4echo\xa3key\xa1\xff"),
         "invalid_params",
-        "utf-8",
+        7,
+        "params for enqueue",
     ),
-    "request id 2**64-1": (request("jobs", request_id=b"\xcf" + b"\xff" * 8), "result", ""),
-    "job id 2**64-1": (request("job", encode({"id": 2**64 - 1})), "invalid_params", INT64_LIMIT),
-    "job id -2**63": (request("job", encode({"id": -(2**63)})), "unknown_job", "no job with id"),
+    "request id 2**64-1": (request("jobs", request_id=b"\xcf" + b"\xff" * 8), "result", None, ""),
+    "job id 2**64-1": (
+        request("job", encode({"id": 2**64 - 1})),
+        "invalid_params",
+        7,
+        "params for job",
+    ),
+    "job id -2**63": (request("job", encode({"id": -(2**63)})), "unknown_job", 7, "no job with id"),
     "priority 2**64-1": (
         request("enqueue", encode({"task": "echo", "priority": 2**64 - 1})),
         "invalid_params",
-        "$.priority",
+        7,
+        "priority",
     ),
     "max_attempts 2**63": (
         request("run", encode({"task": "echo", "max_attempts": 2**63})),
         "invalid_params",
-        "$.max_attempts",
+        7,
+        "max_attempts",
     ),
-    "cancel 2**64-1": (request("cancel", encode({"id": 2**64 - 1})), "invalid_params", "$.id"),
-    "payload with 2**64-1": (request("run", run_params(b"\xcf" + b"\xff" * 8)), "result", ""),
+    "max_attempts 0": (
+        request("enqueue", encode({"task": "echo", "max_attempts": 0})),
+        "invalid_params",
+        7,
+        "max_attempts",
+    ),
+    "cancel 2**64-1": (
+        request("cancel", encode({"id": 2**64 - 1})),
+        "invalid_params",
+        7,
+        "params for cancel",
+    ),
+    "payload with 2**64-1": (request("run", run_params(b"\xcf" + b"\xff" * 8)), "result", 7, ""),
     "wait timeout NaN": (
         request("wait", encode({"id": 1, "timeout": float("nan")})),
         "invalid_params",
-        ">= 0.0",
+        7,
+        "timeout",
+    ),
+    "wait timeout infinite": (
+        request("wait", encode({"id": 1, "timeout": float("inf")})),
+        "invalid_params",
+        7,
+        "timeout",
     ),
     "delay infinite": (
         request("enqueue", encode({"task": "echo", "delay": float("inf")})),
         "invalid_params",
-        "delay must be",
+        7,
+        "delay",
     ),
     "run_at infinite": (
         request("enqueue", encode({"task": "echo", "run_at": float("inf")})),
         "invalid_params",
-        "run_at must be",
+        7,
+        "run_at",
     ),
-    "prune NaN": (request("prune", encode({"older_than": float("nan")})), "invalid_params", ">="),
+    "delay and run_at": (
+        request("enqueue", encode({"task": "echo", "delay": 5.0, "run_at": 2e9})),
+        "invalid_params",
+        7,
+        "not both",
+    ),
+    "reserved key": (
+        request("enqueue", encode({"task": "echo", "key": "@run"})),
+        "invalid_params",
+        7,
+        "reserved",
+    ),
+    "empty key": (request("run", encode({"task": "echo", "key": ""})), "invalid_params", 7, "key"),
+    "key too long": (
+        request("enqueue", encode({"task": "echo", "key": "k" * 1025})),
+        "invalid_params",
+        7,
+        "key",
+    ),
+    "limit 0": (request("jobs", encode({"limit": 0})), "invalid_params", 7, "limit"),
+    "payload over a quarter of max_frame_size": (
+        request("run", run_params(encode("x" * (MAX_FRAME // 4)))),
+        "payload_invalid",
+        7,
+        f"over the limit of {MAX_FRAME // 4}",
+    ),
+    "prune NaN": (
+        request("prune", encode({"older_than": float("nan")})),
+        "invalid_params",
+        7,
+        "older_than",
+    ),
+    "prune infinite": (
+        request("prune", encode({"older_than": float("inf")})),
+        "invalid_params",
+        7,
+        "older_than",
+    ),
 }
 
 
@@ -121,17 +219,30 @@ CASES: dict[str, tuple[bytes, str, str]] = {
 def test_bad_requests_get_a_clear_error_and_the_connection_goes_on(
     daemon: Taskd, case: str
 ) -> None:
-    body, expected, fragment = CASES[case]
+    body, expected, request_id, fragment = CASES[case]
     with RawConnection(daemon.socket) as connection:
         connection.sock.sendall(frame(body))
         reply = connection.reply()
+        if request_id is not None:
+            assert reply["id"] == request_id, reply
         if expected == "result":
             assert "result" in reply, reply
         else:
+            assert reply["id"] == request_id, reply
             assert reply["error"]["code"] == expected, reply
             assert fragment in reply["error"]["message"], reply
         # The frame boundaries held: the same connection answers the next request.
         assert connection.call("jobs", {"limit": 1})["id"] > 1
+
+
+@pytest.mark.parametrize("depth", [900, 950, 990, 1000, 1100])
+def test_a_deep_payload_is_refused_under_its_request_id(daemon: Taskd, depth: int) -> None:
+    """Near the decoder's depth limit a payload decodes or is refused, under its own id."""
+    with RawConnection(daemon.socket) as connection:
+        connection.sock.sendall(frame(request("run", run_params(nested(depth)))))
+        reply = connection.reply()
+        assert reply["id"] == 7, reply
+        assert "result" in reply or reply["error"]["code"] == "payload_invalid", reply
 
 
 def test_frames_over_the_limit_are_refused_and_the_connection_closed(daemon: Taskd) -> None:
@@ -221,3 +332,39 @@ class RawConnectionFromSocket(RawConnection):
     def __init__(self, sock: socket.socket) -> None:  # no connect, no hello
         self.sock = sock
         self._next_id = 1
+
+
+def test_a_busy_client_that_talks_first_still_reads_why(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config="max_connections = 1\n").start()
+    with RawConnection(daemon.socket):  # takes the only place
+        reply = hello_after_refusal(daemon.socket)
+    assert reply["id"] is None and reply["error"]["code"] == "busy", reply
+    assert daemon.ctl("list").returncode == 0
+
+
+def test_a_result_over_the_limit_fails_the_job_and_every_job_fits_a_reply(daemon: Taskd) -> None:
+    with RawConnection(daemon.socket) as connection:
+        ran = connection.call("run", {"task": "big", "payload": {"bytes": MAX_FRAME // 4}})
+        job = ran["result"]["job"]
+        assert job["status"] == "failed" and f"over the limit of {MAX_FRAME // 4}" in job["error"]
+        fits = connection.call("run", {"task": "big", "payload": {"bytes": MAX_FRAME // 4 - 16}})
+        assert fits["result"]["job"]["status"] == "succeeded"
+        # The largest payload and the largest result together still make a readable job.
+        payload = {"bytes": MAX_FRAME // 4 - 16, "padding": "p" * (MAX_FRAME // 4 - 64)}
+        done = connection.call("run", {"task": "big", "payload": payload})["result"]["job"]
+        shown = connection.call("job", {"id": done["id"]})
+        assert shown["result"]["payload"] == payload and len(shown["result"]["result"]) > 16000
+
+
+def test_a_refused_batch_names_the_item(daemon: Taskd) -> None:
+    jobs = [{"task": "echo"}, {"task": "echo", "max_attempts": 2}, {"task": "no-such-task"}]
+    with RawConnection(daemon.socket) as connection:
+        newest = connection.call("jobs", {"limit": 1})["result"]
+        reply = connection.call("enqueue_many", {"jobs": jobs})
+        error = reply["error"]
+        assert error["code"] == "unknown_task" and error["message"].startswith("jobs[2]: ")
+        assert error["data"] == {"task": "no-such-task", "index": 2}
+        jobs[2] = {"task": "echo", "delay": 5.0, "run_at": 2e9}
+        error = connection.call("enqueue_many", {"jobs": jobs})["error"]
+        assert error["code"] == "invalid_params" and error["data"] == {"index": 2}
+        assert connection.call("jobs", {"limit": 1})["result"] == newest  # nothing was stored

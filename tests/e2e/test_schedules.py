@@ -20,7 +20,7 @@ from tests.support import Taskd, wait_until
 def jobs_of(daemon: Taskd, task: str) -> list[Job]:
     """The task's jobs, oldest first, read through the client."""
     with daemon.client() as client:
-        return list(reversed(client.jobs(task=task, limit=1000)))
+        return list(reversed(client.jobs(task=task, limit=1000, payloads=True)))
 
 
 def tick_of(job: Job) -> float:
@@ -43,7 +43,7 @@ def test_every_second_schedule_fires_each_tick_with_its_own_time(
     config = 'timezone = "Europe/Berlin"\n[scheduled_tasks]\n"* * * * * *" = "echo"\n'
     daemon = taskd_factory(config=config).start()
     wait_until(lambda: len(jobs_of(daemon, "echo")) >= 3, timeout=10, what="three ticks")
-    listed = daemon.ctl("--json", "jobs", "--task", "echo")
+    listed = daemon.ctl("--json", "jobs", "--task", "echo", "--payloads")
     jobs = sorted(json.loads(listed.stdout), key=lambda job: job["id"])
     ticks = [dt.datetime.fromisoformat(job["payload"]["scheduled_time"]) for job in jobs]
     berlin = ZoneInfo("Europe/Berlin")

@@ -49,7 +49,7 @@ def test_disk_full_refuses_the_write_and_keeps_serving(taskd_factory: type[Taskd
     assert accepted and refused
     assert all(o.returncode == 75 and "check the free space" in o.stderr for o in refused)
     assert daemon.running
-    jobs = json.loads(daemon.ctl("--json", "jobs").stdout)
+    jobs = json.loads(daemon.ctl("--json", "jobs", "--payloads").stdout)
     assert sorted(job["id"] for job in jobs) == sorted(accepted)  # refused ones were not stored
     assert all(len(job["payload"]) == 400_000 for job in jobs)  # accepted ones are intact
     assert daemon.stop() == 0

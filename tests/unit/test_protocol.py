@@ -141,9 +141,9 @@ def test_reply_without_id_and_garbage() -> None:
 
 
 def test_params_refuse_unknown_fields_and_wrong_types() -> None:
-    with pytest.raises(msgspec.ValidationError, match="unknown field `tsak`"):
+    with pytest.raises(msgspec.ValidationError, match="tsak"):
         msgspec.msgpack.decode(msgspec.msgpack.encode({"tsak": "x"}), type=RunParams)
-    with pytest.raises(msgspec.ValidationError, match=r"\$.id"):
+    with pytest.raises(msgspec.ValidationError, match="id"):
         msgspec.msgpack.decode(msgspec.msgpack.encode({"id": "7"}), type=JobParams)
 
 

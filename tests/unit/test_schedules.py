@@ -103,7 +103,7 @@ def test_no_schedules(tmp_path: Path, registry: TaskRegistry) -> None:
         (
             # email's payload is a Struct with a required `to`: a tick cannot satisfy it.
             '[scheduled_tasks]\n"@daily" = "email"',
-            ["task email cannot accept this schedule's payload", "missing required field `to`"],
+            ["task email cannot accept this schedule's payload", "to"],
         ),
         (
             '[[schedule]]\ncron = "@daily"\ntasks = "echo"\npayload = { cron = "x" }',

@@ -17,7 +17,7 @@ SUBMITTER = Submitter(Store.__new__(Store), lambda: REGISTRY)  # prepare() never
     ("payload", "message"),
     [
         (b"\x91" * 100_000 + b"\xc0", "nested too deeply"),
-        (b"\xa2\xff\xfe", "not valid msgpack: 'utf-8' codec can't decode"),
+        (b"\xa2\xff\xfe", "not valid msgpack"),
         (b"\xc1", "not valid msgpack"),
         (b"\x92\x01", "not valid msgpack"),
     ],
@@ -29,5 +29,5 @@ def test_payloads_that_cannot_be_decoded(payload: bytes, message: str) -> None:
 
 @pytest.mark.parametrize("run_at", [float("nan"), float("inf"), float("-inf")])
 def test_run_at_must_be_a_time(run_at: float) -> None:
-    with pytest.raises(InvalidRequest, match="run_at must be a time"):
+    with pytest.raises(InvalidRequest, match="run_at must be a Unix time"):
         SUBMITTER.prepare(JobRequest("echo", b"\xc0", "enqueue", run_at=run_at))

@@ -360,6 +360,12 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
 async def cancel_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
     jobs = []
     for job_id in job_ids:
+        # A running attempt ends here: it is recorded like any other attempt's end.
+        await tx.db.execute(
+            "INSERT INTO job_errors SELECT id, attempts, 'cancelled', 'cancelled by request',"
+            " NULL, ? FROM jobs WHERE id = ? AND status = 'running'",
+            (tx.now, job_id),
+        )
         rows = await fetch(
             tx,
             "UPDATE jobs SET status = 'cancelled', finished_at = ?,"
