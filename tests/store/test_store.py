@@ -295,6 +295,21 @@ async def test_recovery_takes_back_only_jobs_of_workers_that_are_gone(
     assert "silent/1 went away" in job.errors[0].message
 
 
+async def test_a_worker_whose_heartbeat_lapsed_is_gone_though_its_leases_are_not(
+    store: Store, clock: Clock
+) -> None:
+    await store.insert([new(), new()])
+    late = await store.register_node("late", ttl=LEASE)  # its heartbeat: until NOW + 60
+    clock.now = NOW + 30
+    (first,) = (await claim(store, limit=1, worker=late)).jobs  # leased until NOW + 90
+    clock.now = NOW + LEASE + 1
+    assert [job.id for job in await store.recover(3)] == [first.id]
+    # A lapsed heartbeat that nobody acted on yet: the next renewal carries on.
+    (second,) = (await claim(store, limit=1, worker=late)).jobs
+    assert await store.renew(late, [second.id], LEASE) == []
+    assert await store.recover(3) == []
+
+
 async def test_renew_returns_the_jobs_a_worker_lost(store: Store, clock: Clock) -> None:
     worker = await store.register_node("n1", ttl=LEASE)
     await store.insert([new(), new(), new(), new()])
