@@ -179,7 +179,7 @@ class Scheduler:
 
     async def _refresh(self, entries: Iterable[_Entry]) -> None:
         """Read the entries' state from the store (another daemon may have fired, paused or
-        resumed them) and work out their next ticks."""
+        resumed them) and work out their next ticks; wake the loop if one came closer."""
         entries = list(entries)
         try:
             states = {
@@ -189,8 +189,11 @@ class Scheduler:
             logger.error("cannot read the state of the schedules: %s", exc)
             return
         for entry in entries:
+            before = entry.next_tick
             entry.state = states.get(entry.spec.id) or ScheduleState(entry.spec.id)
             self._schedule_next(entry)
+            if entry.next_tick is not None and (before is None or entry.next_tick < before):
+                self._wake.set()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -410,9 +413,8 @@ class Scheduler:
         """Tick again from now; ticks that passed while paused are not caught up."""
         entry = self._find(reference)
         if await self._store.set_paused(entry.spec.id, False, covered_until=self._clock()):
-            self._wake.set()
             logger.info('schedule "%s" resumed', entry.spec.id)
-        return (await self._infos([entry]))[0]
+        return (await self._infos([entry]))[0]  # reads its state, which wakes the loop
 
     async def trigger(self, reference: str) -> ScheduleInfo:
         """Fire a schedule now, paused or not; its regular ticks stay as they are."""

@@ -392,6 +392,22 @@ async def test_the_loop_sleeps_until_woken_and_stops(harness: Harness) -> None:
     await loop
 
 
+async def test_a_resumed_schedule_wakes_the_loop(harness: Harness) -> None:
+    scheduler = await harness.scheduler(EVERY_SECOND, started_at=T)
+    await scheduler.pause("* * * * * *")
+    fired = asyncio.Event()
+    harness.store.events.on_due(lambda _: fired.set())
+    loop = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0)  # the loop runs until it sleeps its longest: nothing ticks
+    harness.clock.now = T + 5.9
+    await scheduler.resume("* * * * * *")  # next tick T+6, a tenth of a second away
+    harness.clock.now = T + 6.0
+    await asyncio.wait_for(fired.wait(), 10)  # not after the 30 s sleep
+    assert await harness.ticks() == [T + 6]
+    await scheduler.stop()
+    await loop
+
+
 # -- several daemons on one store ----------------------------------------------------------
 
 

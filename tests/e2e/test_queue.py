@@ -313,8 +313,12 @@ def test_kill_9_loses_no_acknowledged_job(taskd_factory: type[Taskd], short_tmp:
         with Client(str(daemon.socket)) as client:
             try:
                 while not stop_enqueuing.is_set() and len(acked) < 4000:
+                    # Durations that differ, so that jobs end one by one: all in step,
+                    # they would leave moments with none running for the kill to hit.
                     batch = [
-                        enqueue_params("work", {"log": str(log), "seconds": 0.02, "n": n + i})
+                        enqueue_params(
+                            "work", {"log": str(log), "seconds": 0.01 + i % 4 * 0.01, "n": n + i}
+                        )
                         for i in range(25)
                     ]
                     acked.extend(r.job_id for r in client.enqueue_many(batch))
