@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -62,7 +62,7 @@ async def insert_jobs(tx: Tx, jobs: list[NewJob]) -> list[Inserted]:
     for _ in range(INSERT_ROUNDS):
         remaining = await _insert_round(tx, jobs, remaining, results)
         if not remaining:
-            return [inserted for inserted in results if inserted is not None]
+            return cast(list[Inserted], results)  # a round fills in each job it does not return
     raise StoreError("could not insert jobs: the active jobs with their keys kept changing")
 
 
