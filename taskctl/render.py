@@ -210,14 +210,25 @@ def status_detail(status: Status) -> str:
         f"{status.counts.get(s, 0)} {s}"
         for s in ("pending", "running", "succeeded", "failed", "cancelled")
     )
+    here = next((node for node in status.nodes if node.id == status.node), None)
+    busy = here.running if here is not None else len(status.running)
     lines = [
         f"taskd {status.version}, pid {status.pid}, up {format_duration(status.uptime)}",
+        f"  node:      {status.node}",
         f"  database:  {status.database}",
         f"  socket:    {status.socket}",
         f"  tasks:     {status.tasks_dir}",
-        f"  workers:   {len(status.running)} of {status.workers} busy",
+        f"  workers:   {busy} of {status.workers} busy",
         f"  jobs:      {counts}",
     ]
+    if len(status.nodes) > 1:
+        lines.append(
+            "  nodes:     "
+            + ", ".join(
+                f"{node.id} ({node.host} pid {node.pid}, {node.running} running)"
+                for node in status.nodes
+            )
+        )
     if status.connections is not None:
         lines += connections_lines(status.connections)
     if status.threads is not None:
@@ -249,7 +260,8 @@ def status_detail(status: Status) -> str:
         now = time.time()
         for job in status.running:
             since = format_duration(now - job.started_at) if job.started_at else "?"
-            lines.append(f"  job {job.id} {job.task} attempt {job.attempts}, for {since}")
+            where = f" on {job.worker}" if len(status.nodes) > 1 and job.worker else ""
+            lines.append(f"  job {job.id} {job.task} attempt {job.attempts}, for {since}{where}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,14 @@ from pathlib import Path
 import msgspec
 
 import taskd
-from taskd.config import Config, ConfigError, Paths, config_path_from_environment, load_config
+from taskd.config import (
+    Config,
+    ConfigError,
+    Paths,
+    config_path_from_environment,
+    database_url,
+    load_config,
+)
 from taskd.config import resolve_paths as resolve_config_paths
 
 EX_CONFIG = 78  # sysexits: configuration error; the unit does not restart on it
@@ -38,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="configuration file (taskd.toml)")
     parser.add_argument("--tasks", metavar="DIR", help="tasks folder (default: ./tasks)")
-    parser.add_argument("--database", metavar="PATH", help="SQLite database file")
+    parser.add_argument(
+        "--database", metavar="PATH", help="SQLite database file (or a URL: sqlite:///PATH)"
+    )
     parser.add_argument("--socket", metavar="PATH", help="control socket to listen on")
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default: info"
@@ -60,10 +69,12 @@ class ConfigSource:
         cwd = Path.cwd()
         # Flags are relative to where taskd was started; the file's paths to the file.
         self._overrides = {
-            name: str((cwd / value).resolve()) if name != "log_level" else value
+            name: str((cwd / value).resolve()) if name in ("tasks", "socket") else value
             for name in ("tasks", "database", "socket", "log_level")
             if (value := getattr(args, name)) is not None
         }
+        if args.database is not None:
+            self._overrides["database"] = database_url(args.database, cwd)
 
     def __call__(self) -> tuple[Config, Paths]:
         config, base = load_config(self._file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +74,13 @@ class SqliteOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     busy_timeout: Seconds = Seconds(5)  # how long a write waits for a lock held by another
 
 
+# `scheme://rest`: a database URL rather than a file path.
+_URL = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.DOTALL)
+DATABASE_SCHEMES = ("sqlite",)
+# A node id names a daemon on the jobs it runs (`id/N`); it must survive that form.
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
+
+
 class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`[http]`: the optional HTTP API (no table, no listener). See README.md, "HTTP API"."""
 
@@ -108,7 +116,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything taskd.toml can say. Relative paths are relative to the file's folder."""
 
     tasks: str = "tasks"
-    database: str | None = None
+    database: str | None = None  # a file path or a URL: sqlite:///var/lib/taskd/taskd.db
+    node_id: str | None = None  # this daemon's name in the job store; default: host and socket
     socket: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line
@@ -156,6 +165,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("idle_timeout must be more than 0 seconds")
         if self.max_stuck_threads < 0:
             raise ValueError(f"max_stuck_threads must be 0 or more, got {self.max_stuck_threads}")
+        url = _URL.fullmatch(self.database or "")
+        if url and url.group(1) not in DATABASE_SCHEMES:
+            raise ValueError(
+                f"database: unsupported URL scheme {url.group(1)!r}; use a file path "
+                "or sqlite:///path/to/taskd.db"
+            )
+        if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
+            raise ValueError(
+                f"node_id {self.node_id!r}: use 1 to 100 letters, digits and . _ : @ -"
+            )
 
 
 def _decode_hook(kind: type, value: Any) -> Any:
@@ -218,19 +237,30 @@ def state_directory() -> Path:
 
 
 class Paths(msgspec.Struct, frozen=True):
-    """The resolved absolute paths the daemon uses."""
+    """The resolved absolute paths the daemon uses; the database as a URL."""
 
     tasks: Path
-    database: Path
+    database: str
     socket: Path
+
+
+def database_url(setting: str, base: Path) -> str:
+    """The database setting as a URL: a file path, or `sqlite://PATH`, becomes
+    `sqlite:///absolute/path` (a relative path is taken from `base`)."""
+    url = _URL.fullmatch(setting)
+    if url is None:
+        return f"sqlite://{os.path.abspath(base / setting)}"
+    if url.group(1) == "sqlite":
+        return f"sqlite://{os.path.abspath(base / url.group(2))}"
+    return setting
 
 
 def resolve_paths(config: Config, base: Path) -> Paths:
     """Absolute paths from the configuration, relative ones taken from `base`."""
-    database = base / config.database if config.database else state_directory() / "taskd.db"
+    database = config.database or str(state_directory() / "taskd.db")
     socket = base / config.socket if config.socket else Path(default_socket_path())
     return Paths(
         tasks=Path(os.path.abspath(base / config.tasks)),
-        database=Path(os.path.abspath(database)),
+        database=database_url(database, base),
         socket=Path(os.path.abspath(socket)),
     )

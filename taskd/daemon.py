@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -16,16 +17,15 @@ import taskd
 from taskd.access import AccessPolicy, group_id
 from taskd.background import Background
 from taskd.config import Config, ConfigError, Paths
-from taskd.executor import Executor, worker_id
+from taskd.executor import Executor
 from taskd.http.settings import HttpSettings, load_settings
 from taskd.metrics import Metrics
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
 from taskd.schedules import load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket
-from taskd.service import DaemonInfo, Service, retention_cutoffs
-from taskd.store import Store, StoreError
-from taskd.store.sqlite import SqliteStore
+from taskd.service import DaemonInfo, Service, retention_ages
+from taskd.store import Store, StoreError, store_for
 from taskd.submit import Submitter, max_payload_size
 from taskd.systemd import (
     Notifier,
@@ -46,6 +46,7 @@ PRUNE_INTERVAL = 3600.0
 RESTART_ONLY = (
     "log_format",
     "database",
+    "node_id",
     "socket",
     "socket_group",
     "workers",
@@ -60,6 +61,15 @@ RESTART_ONLY = (
 )
 
 ConfigLoader = Callable[[], tuple[Config, Paths]]
+
+
+def node_id(config: Config, paths: Paths) -> str:
+    """This daemon's name in the job store: `node_id`, else its host and a digest of its
+    socket path, stable across restarts (two daemons on one host have two sockets)."""
+    if config.node_id:
+        return config.node_id
+    digest = hashlib.sha256(str(paths.socket).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
 
 
 class StartupError(Exception):
@@ -87,6 +97,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._store: Store | None = None
+        self._worker: str | None = None
         self._executor: Executor | None = None
         self._scheduler: Scheduler | None = None
         self._server: ControlServer | None = None
@@ -132,16 +143,8 @@ class Daemon:
             raise StartupError(str(exc), exit_code=78) from None
         self._store = await self._open_store(paths)
         self._store.events.on_change(self._status.changed)
-        recovered = await self._store.recover(time.time(), config.quarantine_after, everything=True)
-        if recovered:
-            failed = sum(job.status == "failed" for job in recovered)
-            logger.warning(
-                "%d jobs were running when taskd last stopped without finishing them: %d back "
-                "in the queue, %d failed (out of attempts or quarantined)",
-                len(recovered),
-                len(recovered) - failed,
-                failed,
-            )
+        node = node_id(config, paths)
+        self._worker = await self._join(self._store, node)
         metrics = Metrics(self._store)
         max_payload = max_payload_size(config.max_frame_size)
         submitter = Submitter(self._store, self._registry, max_payload=max_payload)
@@ -149,7 +152,7 @@ class Daemon:
             self._store,
             self._registry,
             submitter,
-            owner=worker_id(),
+            worker=self._worker,
             workers=config.workers,
             lease=config.lease,
             quarantine_after=config.quarantine_after,
@@ -165,8 +168,8 @@ class Daemon:
             store=self._store,
             registry=self._registry,
             submitter=submitter,
-            executor=self._executor,
             info=DaemonInfo(
+                node=node,
                 version=taskd.__version__,
                 pid=os.getpid(),
                 started_at=self._started_at,
@@ -179,6 +182,7 @@ class Daemon:
             reload=self.reload,
             scheduler=self._scheduler,
             connections=lambda: self._server.stats() if self._server else None,
+            threads=self._executor.thread_stats,
             metrics=metrics.render,
         )
         self._server = ControlServer(
@@ -214,20 +218,31 @@ class Daemon:
 
     async def _open_store(self, paths: Paths) -> Store:
         try:
-            paths.database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise StartupError(f"cannot create {paths.database.parent}: {exc.strerror}") from None
-        options = self.config.sqlite
-        store = SqliteStore(
-            paths.database,
-            synchronous=options.synchronous.upper(),
-            busy_timeout=options.busy_timeout,
-        )
-        try:
+            store = store_for(paths.database, sqlite=self.config.sqlite)
             await store.open()
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         return store
+
+    async def _join(self, store: Store, node: str) -> str:
+        """Register this start of the node; take back the jobs of workers that are gone,
+        our own previous start's among them. Returns our worker id."""
+        try:
+            worker = await store.register_node(node, ttl=self.config.lease)
+            recovered = await store.recover(self.config.quarantine_after)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        if recovered:
+            failed = sum(job.status == "failed" for job in recovered)
+            logger.warning(
+                "%d jobs were running when taskd last stopped without finishing them: %d back "
+                "in the queue, %d failed (out of attempts or quarantined)",
+                len(recovered),
+                len(recovered) - failed,
+                failed,
+            )
+        logger.info("node %s: worker %s", node, worker)
+        return worker
 
     def _listen(self, paths: Paths, socket_group: int | None) -> socket.socket:
         inherited = pick_control_socket(self._inherited)
@@ -280,9 +295,7 @@ class Daemon:
         assert self._store is not None
         while True:
             try:
-                deleted = await self._store.prune(
-                    retention_cutoffs(self.config.retention, time.time())
-                )
+                deleted = await self._store.prune(retention_ages(self.config.retention))
             except StoreError as exc:
                 logger.error("pruning old jobs failed: %s", exc)
             else:
@@ -365,6 +378,11 @@ class Daemon:
             await self._http.close()
         await self._background.close()
         if self._store is not None:
+            if self._worker is not None:
+                try:
+                    await self._store.leave(self._worker)
+                except StoreError as exc:  # its heartbeat expires instead
+                    logger.warning("cannot sign off from the job store: %s", exc)
             await self._store.close()
         if self._socket_lock is not None:
             try:

@@ -30,7 +30,7 @@ class Fail(Exception):
 
 
 class TaskRuntime(Protocol):
-    """What a running task can ask of the daemon; the executor provides it."""
+    """What a running task can ask of the daemon (taskd.runtime.Runtime provides it)."""
 
     async def run_task(self, parent_id: int, name: str, payload: Any, key: str | None) -> Any: ...
 

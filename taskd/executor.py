@@ -1,8 +1,10 @@
-"""The executor: claims due jobs from the store, runs them, and records their outcomes.
+"""The executor: claims due jobs for this daemon's worker, runs them, records their outcomes.
 
-It holds no queue of its own. It sleeps until the store nudges it (work added, a slot
-freed) or until the next delayed job is due, claims as many jobs as it has free slots,
-and reports each outcome back through the store, which fences stale reports.
+It holds no queue of its own. It sleeps until a slot is free and the store says work is
+due (or the next delayed job's time comes), claims as many jobs as it has free slots, and
+reports each outcome back through the store, which fences stale reports. It keeps its
+worker's heartbeat and leases, stops the jobs the store says it lost (cancelled, or taken
+over), and takes back the jobs of workers that went away.
 """
 
 from __future__ import annotations
@@ -11,31 +13,32 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import random
-import socket
-import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import msgspec
 
-from taskd.definition import Fail, Retry, TaskContext, TaskFailed
-from taskd.models import AttemptError, Job, ThreadStats
+from taskd.definition import Fail, Retry, TaskContext
+from taskd.models import Job, ThreadStats
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
-from taskd.store import Outcome, Store, StoreError
-from taskd.submit import JobRequest, Submitter, encode_payload, max_payload_size
+from taskd.runtime import Runtime
+from taskd.store import ClaimRequest, Failure, Outcome, Store, StoreError
+from taskd.submit import Submitter, max_payload_size
 from taskd.tasks import Task, TaskRegistry
 from taskd.threads import TaskThreads
 
 logger = logging.getLogger(__name__)
 
-CancelReason = Literal["cancel", "shutdown"]
-# Told of each attempt as it ends: the job as claimed, and the attempt's outcome.
-AttemptObserver = Callable[[Job, Outcome], None]
+# Why the executor stops a job: it was cancelled, the store says this worker lost it
+# (taken over after its lease expired), or the daemon stops.
+StopReason = Literal["cancelled", "lost", "shutdown"]
+# How an attempt ended, as an observer (the metrics) is told: its outcome's status, or why
+# it was stopped.
+AttemptEnd = Literal["succeeded", "failed", "retry", "released", "cancelled", "lost"]
+AttemptObserver = Callable[[Job, AttemptEnd], None]
 REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
 # a job's errors fit in a reply (the most relevant frames of a traceback are the last).
@@ -43,22 +46,22 @@ MAX_ERROR_MESSAGE = 4096
 MAX_TRACEBACK = 16384
 
 
-def worker_id() -> str:
-    """This process's name on the leases it takes: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(16):04x}"
-
-
 class _TimedOut(Exception):
     pass
 
 
 class _Running:
-    __slots__ = ("job", "suspended", "task")
+    """A job running here: its asyncio task, whether it waits for another job (then it
+    holds no slot), and whether its outcome is being recorded (then it is not stopped)."""
+
+    __slots__ = ("job", "reporting", "stopped", "task", "waiting")
 
     def __init__(self, job: Job, task: asyncio.Task[None]) -> None:
         self.job = job
         self.task = task
-        self.suspended = False
+        self.waiting = False
+        self.reporting = False
+        self.stopped: StopReason | None = None
 
 
 class Executor:
@@ -70,32 +73,36 @@ class Executor:
         registry: Callable[[], TaskRegistry],
         submitter: Submitter,
         *,
-        owner: str,
+        worker: str,
         workers: int,
         lease: float,
         quarantine_after: int,
         max_result: int = max_payload_size(DEFAULT_MAX_FRAME),
         max_stuck_threads: int,
-        clock: Callable[[], float] = time.time,
         on_attempt: AttemptObserver | None = None,
     ) -> None:
         self._store = store
         self._on_attempt = on_attempt
         self._max_result = max_result
         self._registry = registry
-        self._submitter = submitter
-        self.owner = owner
+        self.worker = worker
         self.workers = workers
         self._lease = lease
         self._quarantine_after = quarantine_after
-        self._clock = clock
+        self._runtime = Runtime(submitter, self._lend_slot)
         self._running: dict[int, _Running] = {}
-        self._busy_by_task: Counter[str] = Counter()
-        self._busy = 0
-        self._cancelling: dict[int, CancelReason] = {}
+        self._busy = 0  # slots taken: running jobs that do not wait for another job
+        self._limited: set[str] = set()  # tasks with a concurrency limit at the last claim
+        self._stopping_jobs: dict[int, StopReason] = {}
         self._stopping = False
         self._closed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._alarm: asyncio.TimerHandle | None = None
         self._threads = TaskThreads(workers, max_stuck_threads)
+        store.events.on_due(self._due)
+        store.events.on_cancel(self._cancel_requested)
+        store.events.on_finished(self._finished)
+        store.events.on_resync(self._wake.set)
 
     # -- the claim loop ------------------------------------------------------------------
 
@@ -104,65 +111,89 @@ class Executor:
         is running and nothing is due (the deterministic mode tests use)."""
         claim_failures = 0
         while not self._stopping:
-            next_due: float | None = None
+            self._wake.clear()
+            next_due_in: float | None = None
             free = self.workers - self._busy
             if free > 0:
-                now = self._clock()
+                request = ClaimRequest(self.worker, free, self._lease, self._limits())
                 try:
-                    claimed = await self._store.claim(
-                        self.owner, free, self._task_slots(), now + self._lease, now
-                    )
+                    claimed = await self._store.claim(request)
                 except StoreError as exc:
                     claim_failures += 1
-                    pause = min(2.0**claim_failures, 30.0)
-                    logger.error("cannot claim jobs: %s; trying again in %gs", exc, pause)
-                    next_due = self._clock() + pause
+                    next_due_in = min(2.0**claim_failures, 30.0)
+                    logger.error("cannot claim jobs: %s; trying again in %gs", exc, next_due_in)
                 else:
                     claim_failures = 0
                     for job in claimed.jobs:
                         self._start(job)
-                    next_due = claimed.next_due
                     if len(claimed.jobs) == free:
                         continue
-            if until_idle and not self._running and (next_due is None or next_due > self._clock()):
+                    next_due_in = claimed.next_due_in
+            if until_idle and not self._running and (next_due_in is None or next_due_in > 0):
                 return
-            timeout = None if next_due is None else max(0.0, next_due - self._clock())
-            await self._store.events.wait_for_nudge(timeout)
+            if next_due_in is not None:
+                self._due(next_due_in)
+            await self._wake.wait()
 
-    def _task_slots(self) -> dict[str, int]:
-        registry = self._registry()
-        return {
-            task.name: task.concurrency - self._busy_by_task[task.name]
-            for task in registry
-            if task.concurrency is not None
-        }
+    def _limits(self) -> dict[str, int]:
+        limits = {t.name: t.concurrency for t in self._registry() if t.concurrency is not None}
+        self._limited = set(limits)
+        return limits
+
+    def _due(self, delay: float) -> None:
+        """Claim again now, or in `delay` seconds (unless woken earlier anyway)."""
+        if delay <= 0:
+            self._wake.set()
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        if self._alarm is not None:
+            if self._alarm.when() <= when:
+                return
+            self._alarm.cancel()
+        self._alarm = loop.call_at(when, self._ring)
+
+    def _ring(self) -> None:
+        self._alarm = None
+        self._wake.set()
+
+    def _finished(self, job: Job) -> None:
+        # A job of a limited task ended elsewhere: its task may have room for ours again.
+        if job.task in self._limited and job.id not in self._running:
+            self._wake.set()
 
     def _start(self, job: Job) -> None:
         handle = asyncio.create_task(self._execute(job), name=f"taskd-job-{job.id}")
         self._running[job.id] = _Running(job, handle)
         self._busy += 1
-        self._busy_by_task[job.task] += 1
         self._store.events.changed()
 
     async def _execute(self, job: Job) -> None:
+        running = self._running[job.id]
         try:
             outcome = await self._attempt(job)
+            running.reporting = True
             if self._on_attempt is not None:
-                self._on_attempt(job, outcome)
-            await self._report(job, outcome)
+                cancelled = outcome is None and running.stopped == "cancelled"
+                end: AttemptEnd = (
+                    outcome.status if outcome else "cancelled" if cancelled else "lost"
+                )
+                self._on_attempt(job, end)
+            if outcome is not None:
+                await self._report(job, outcome)
         finally:
-            running = self._running.pop(job.id)
-            if not running.suspended:
-                self._release_slot(job.task)
-            self._store.events.nudge()
-
-    def _release_slot(self, task: str) -> None:
-        self._busy -= 1
-        self._busy_by_task[task] -= 1
+            if self._running.get(job.id) is running:  # not a later claim of the same job
+                del self._running[job.id]
+                self._stopping_jobs.pop(job.id, None)
+            if not running.waiting:
+                self._busy -= 1
+            self._wake.set()  # a slot is free: our own wake-up, not a store event
+            self._store.events.changed()
 
     # -- one attempt ---------------------------------------------------------------------
 
-    async def _attempt(self, job: Job) -> Outcome:
+    async def _attempt(self, job: Job) -> Outcome | None:
+        """Run one attempt; its outcome, or None if the job was lost meanwhile."""
         task = self._registry().get(job.task)
         if task is None:
             return self._failure(job, None, "error", f"task {job.task} is not loaded", final=True)
@@ -171,17 +202,18 @@ class Executor:
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError, RecursionError) as exc:
             message = f"payload no longer matches the task's schema: {exc}"
             return self._failure(job, task, "error", message, final=True)
-        ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self)
+        ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self._runtime)
         try:
             result = await self._call(task, payload, ctx)
         except asyncio.CancelledError:
-            reason = self._cancelling.pop(job.id, None)
+            reason = self._stopping_jobs.pop(job.id, None)
             if reason is None:
                 raise
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            return self._cancelled(job, reason)
+            self._running[job.id].stopped = reason
+            return self._stopped(job, reason)
         except _TimedOut:
             return self._failure(job, task, "timeout", f"timed out after {task.timeout:g} s")
         except Fail as exc:
@@ -201,7 +233,7 @@ class Executor:
                 "(a quarter of max_frame_size); return a reference to the data instead"
             )
             return self._failure(job, task, "error", message, final=True)
-        return Outcome(job.id, job.epoch, self.owner, "succeeded", self._clock(), result=encoded)
+        return Outcome(job.id, job.epoch, self.worker, "succeeded", result=encoded)
 
     async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
         deadline = asyncio.timeout(task.timeout)
@@ -216,15 +248,21 @@ class Executor:
                 raise _TimedOut from None
             raise
 
-    def _cancelled(self, job: Job, reason: CancelReason) -> Outcome:
-        now = self._clock()
+    def _stopped(self, job: Job, reason: StopReason) -> Outcome | None:
+        """The outcome of an attempt we stopped: none to report for a job we lost."""
         if reason == "shutdown":
             logger.info(
                 "job %d %s: returned to the queue, the daemon is stopping", job.id, job.task
             )
-            return Outcome(job.id, job.epoch, self.owner, "pending", now, run_at=now, release=True)
-        error = AttemptError(job.attempts, "cancelled", "cancelled by request", now)
-        return Outcome(job.id, job.epoch, self.owner, "cancelled", now, error=error)
+            return Outcome(job.id, job.epoch, self.worker, "released")
+        logger.info(
+            "job %d %s: outcome of attempt %d not recorded, the job was cancelled or taken "
+            "over meanwhile",
+            job.id,
+            job.task,
+            job.attempts,
+        )
+        return None
 
     def _failure(
         self,
@@ -237,18 +275,17 @@ class Executor:
         final: bool = False,
         delay: float | None = None,
     ) -> Outcome:
-        now = self._clock()
         trace = "".join(traceback.format_exception(exc)) if exc is not None else None
         if trace is not None and len(trace) > MAX_TRACEBACK:
             trace = "...\n" + trace[-MAX_TRACEBACK:]
         message = (
             message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE] + "…"
         )
-        error = AttemptError(job.attempts, kind, message, now, trace)
+        error = Failure(kind, message, trace)
         where = f"job {job.id} {job.task} attempt {job.attempts}/{job.max_attempts}"
         if final or task is None or job.attempts >= job.max_attempts:
             logger.error("%s failed: %s%s", where, message, _indent(trace), extra=_fields(job))
-            return Outcome(job.id, job.epoch, self.owner, "failed", now, error=error)
+            return Outcome(job.id, job.epoch, self.worker, "failed", error=error)
         if delay is None:
             delay = backoff_delay(
                 job.attempts,
@@ -264,14 +301,12 @@ class Executor:
             _indent(trace),
             extra=_fields(job),
         )
-        return Outcome(
-            job.id, job.epoch, self.owner, "pending", now, error=error, run_at=now + delay
-        )
+        return Outcome(job.id, job.epoch, self.worker, "retry", error=error, retry_in=delay)
 
     async def _report(self, job: Job, outcome: Outcome) -> None:
         for pause in (*REPORT_RETRIES, None):
             try:
-                (recorded,) = await self._store.finish([outcome])
+                (recorded,) = (await self._store.finish([outcome])).jobs
             except StoreError as exc:
                 if pause is None:
                     logger.error(
@@ -297,14 +332,17 @@ class Executor:
 
     # -- control -------------------------------------------------------------------------
 
-    def cancel(self, job_id: int) -> bool:
-        """Cancel a job running here; its thread, if it runs in one, is left to finish."""
+    def _stop_job(self, job_id: int, reason: StopReason) -> bool:
+        """Cancel a job's coroutine (a thread running a plain function is left to finish)."""
         running = self._running.get(job_id)
-        if running is None:
+        if running is None or running.reporting or job_id in self._stopping_jobs:
             return False
-        self._cancelling[job_id] = "cancel"
+        self._stopping_jobs[job_id] = reason
         running.task.cancel()
         return True
+
+    def _cancel_requested(self, job_id: int) -> None:
+        self._stop_job(job_id, "cancelled")
 
     def running_jobs(self) -> list[Job]:
         return [running.job for running in self._running.values()]
@@ -312,7 +350,7 @@ class Executor:
     def stop(self) -> None:
         """Claim nothing more; what runs goes on until `drain`."""
         self._stopping = True
-        self._store.events.nudge()
+        self._wake.set()
 
     async def drain(self, grace: float) -> None:
         """Wait up to `grace` seconds for running jobs, then cancel them back to pending."""
@@ -323,11 +361,12 @@ class Executor:
             await asyncio.wait(tasks, timeout=grace)
         leftover = list(self._running.values())
         for running in leftover:
-            self._cancelling[running.job.id] = "shutdown"
-            running.task.cancel()
+            self._stop_job(running.job.id, "shutdown")
         if leftover:
             await asyncio.wait([running.task for running in leftover])
         self._closed.set()
+        if self._alarm is not None:
+            self._alarm.cancel()
         self._threads.close()
 
     def threads_alive(self) -> int:
@@ -338,69 +377,56 @@ class Executor:
         return self._threads.stats()
 
     async def keep_leases(self) -> None:
-        """Renew our leases and return other workers' expired jobs, until drained."""
+        """Every lease/3 until drained: renew our heartbeat and leases, stop the jobs we
+        lost, and take back the jobs of workers that went away."""
         interval = self._lease / 3
         while not self._closed.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), interval)
             if self._closed.is_set():
                 return
-            now = self._clock()
             try:
-                await self._store.renew(self.owner, list(self._running), now + self._lease)
-                await self._store.recover(now, self._quarantine_after, everything=False)
+                lost = await self._store.renew(self.worker, list(self._running), self._lease)
+                for job_id in lost:
+                    if self._stop_job(job_id, "lost"):
+                        logger.warning(
+                            "job %d: this daemon no longer holds it (cancelled, or taken over "
+                            "after its lease expired); stopping it",
+                            job_id,
+                        )
+                recovered = await self._store.recover(self._quarantine_after)
             except StoreError as exc:
                 logger.error("cannot renew job leases: %s", exc)
+                continue
+            if recovered:
+                logger.warning(
+                    "took back %d jobs of daemons that went away: %s",
+                    len(recovered),
+                    ", ".join(f"job {job.id} {job.task} ({job.status})" for job in recovered),
+                )
 
-    # -- what running tasks can ask for (taskd.definition.TaskRuntime) -------------------
-
-    async def run_task(self, parent_id: int, name: str, payload: Any, key: str | None) -> Any:
-        request = JobRequest(
-            task=name,
-            payload=encode_payload(payload),
-            origin="task",
-            single_flight=True,
-            key=key,
-            parent_id=parent_id,
-        )
-        (inserted,) = await self._submitter.submit([request])
-        if inserted.job_id == parent_id:
-            raise RuntimeError(f"task {name} cannot run_task itself; enqueue it instead")
-        with self._suspended(parent_id):
-            job = await self._submitter.wait(inserted.job_id)
-        if job.status != "succeeded":
-            raise TaskFailed(job.id, job.task, job.error or job.status)
-        return None if job.result is None else msgspec.msgpack.decode(job.result)
-
-    async def enqueue(
-        self, parent_id: int, name: str, payload: Any, options: dict[str, Any]
-    ) -> int:
-        request = JobRequest(
-            task=name,
-            payload=encode_payload(payload),
-            origin="task",
-            parent_id=parent_id,
-            **options,
-        )
-        (inserted,) = await self._submitter.submit([request])
-        return inserted.job_id
-
-    @contextlib.contextmanager
-    def _suspended(self, job_id: int) -> Iterator[None]:
-        """While a job waits for another, its slot is free, so that waiting cannot deadlock."""
+    @contextlib.asynccontextmanager
+    async def _lend_slot(self, job_id: int) -> AsyncIterator[None]:
+        """While a job waits for another, it holds no slot and counts against no limit,
+        so that waiting cannot deadlock."""
         running = self._running.get(job_id)
-        if running is None or running.suspended:
+        if running is None or running.waiting:
             yield
             return
-        running.suspended = True
-        self._release_slot(running.job.task)
-        self._store.events.nudge()
+        job = running.job
+        await self._store.set_waiting(job.id, job.epoch, self.worker, True)
+        running.waiting = True
+        self._busy -= 1
+        self._wake.set()
         try:
             yield
         finally:
-            running.suspended = False
+            running.waiting = False
             self._busy += 1
-            self._busy_by_task[running.job.task] += 1
+            try:
+                await self._store.set_waiting(job.id, job.epoch, self.worker, False)
+            except StoreError as exc:  # it still holds its slot here; the store learns at its end
+                logger.warning("job %d: cannot mark it as running again: %s", job.id, exc)
 
 
 def _describe(exc: BaseException) -> str:

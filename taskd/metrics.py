@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from taskd.executor import AttemptEnd
 from taskd.models import FiredJob, Job, TaskCounts
-from taskd.store import Outcome, Store
+from taskd.store import Store
 
 INF = float("inf")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
@@ -65,14 +66,13 @@ class Metrics:
             registry=None,
         )
 
-    def attempt_ended(self, job: Job, outcome: Outcome) -> None:
-        """The executor's hook: one attempt of `job` (as claimed) ended with `outcome`."""
-        if outcome.release or job.started_at is None:
-            return  # handed back at a stop: not an attempt that counts
-        kind = "retry" if outcome.status == "pending" else outcome.status
-        duration = max(0.0, outcome.finished_at - job.started_at)
-        self._durations.labels(job.task, kind).observe(duration)
-        if kind == "retry":
+    def attempt_ended(self, job: Job, end: AttemptEnd) -> None:
+        """The executor's hook: one attempt of `job` (as claimed) ended so."""
+        if end in ("released", "lost") or job.started_at is None:
+            return  # handed back at a stop, or taken over: not an attempt that ended here
+        duration = max(0.0, self._clock() - job.started_at)
+        self._durations.labels(job.task, end).observe(duration)
+        if end == "retry":
             self._retries.labels(job.task).inc()
 
     def tick_fired(self, schedule: str, lateness: float | None, jobs: Sequence[FiredJob]) -> None:
@@ -85,7 +85,7 @@ class Metrics:
 
     async def render(self) -> str:
         """The exposition in Prometheus's text format; raises StoreError."""
-        counts = await self._store.counts(self._clock())
+        counts = await self._store.counts()
         registry = CollectorRegistry(auto_describe=True)
         events = (self._durations, self._retries, self._ticks, self._coalesced, self._lateness)
         for collector in (*events, _Queue(counts)):

@@ -56,7 +56,7 @@ class Job(msgspec.Struct):
     parent_id: int | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    worker: str | None = None
+    worker: str | None = None  # the daemon running it, as `node/start`, while it runs
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []  # filled by the `job` method only
 
@@ -155,8 +155,24 @@ class ThreadStats(msgspec.Struct, frozen=True):
     refused: int
 
 
+class NodeInfo(msgspec.Struct, frozen=True):
+    """A daemon using the job store, alive while its heartbeat is renewed.
+
+    `worker` names its current start (`id/N`) on the jobs it runs; `seen_at` is its latest
+    heartbeat; `running` counts the jobs it runs.
+    """
+
+    id: str
+    worker: str
+    host: str
+    pid: int
+    started_at: float
+    seen_at: float
+    running: int = 0
+
+
 class Status(msgspec.Struct, frozen=True):
-    """What `taskctl status` shows."""
+    """What `taskctl status` shows: this daemon (`node`), and the job store as a whole."""
 
     version: str
     pid: int
@@ -171,6 +187,8 @@ class Status(msgspec.Struct, frozen=True):
     tasks: list[TaskCounts] = []
     oldest_pending_age: float | None = None
     next_due_at: float | None = None
+    node: str | None = None  # this daemon's node id
+    nodes: list[NodeInfo] = []  # the daemons alive on this job store
     connections: ConnectionStats | None = None
     threads: ThreadStats | None = None
 

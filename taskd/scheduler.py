@@ -5,6 +5,12 @@ submits one single-flight run per task (origin "schedule"); when the task's prev
 still pending or running, the store's unique (task, key) index makes the tick join it, and
 the tick counts as coalesced. Nothing here remembers what is running.
 
+The state of the schedules (paused, covered, last fired) lives in the store, shared by
+every daemon using it: the scheduler reads it when it wakes and changes it with targeted
+updates. A tick's jobs and its record are written in one transaction (`fire_tick`), and
+the store refuses a tick already fired, so a tick fires once however many daemons run the
+schedule, and a crash between two writes cannot fire it again.
+
 Missed ticks: a tick is on time if it is the latest due tick and fell after the daemon
 started and less than ON_TIME_WINDOW ago; earlier due ticks were missed (taskd was down,
 the machine was suspended, the clock was set forward) and the schedule's catch_up decides:
@@ -19,22 +25,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
 from taskd.cron import CronError, iso, next_tick, normalize, recent_ticks
+from taskd.faults import crash_point
 from taskd.models import FiredJob, JobStatus, ScheduleInfo
 from taskd.schedules import CatchUp, ScheduleSpec
-from taskd.store import JobNotFound, ScheduleState, Store, StoreError
+from taskd.store import JobNotFound, NewJob, ScheduleState, Store, StoreError
 from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter, UnknownTask
 
 logger = logging.getLogger(__name__)
 
 ON_TIME_WINDOW = 60.0  # a due tick noticed later than this was missed, not merely late
 # The loop's sleep is measured on the monotonic clock, which stops while the machine is
-# suspended and ignores changes to the wall clock; waking at least this often notices both.
+# suspended and ignores changes to the wall clock; waking at least this often notices both
+# (and a schedule resumed by another daemon sharing the store).
 MAX_SLEEP = 30.0
 # Told of each firing: the schedule's id, how late a cron tick fired (None for @startup and
 # triggers), and the jobs it started or joined.
@@ -84,16 +91,12 @@ def outcome(jobs: Sequence[FiredJob]) -> str | None:
     return "succeeded"
 
 
-def _later(moment: float | None, now: float) -> float:
-    return now if moment is None else max(moment, now)
-
-
 def _same_timing(old: ScheduleSpec, new: ScheduleSpec) -> bool:
     return (old.expression, old.timezone) == (new.expression, new.timezone)
 
 
 class _Entry:
-    """A schedule with what the store remembers of it and its next tick (None: not
+    """A schedule, its state as last read from the store, and its next tick (None: not
     ticking, because it is paused, disabled or @startup)."""
 
     __slots__ = ("next_tick", "spec", "state")
@@ -132,6 +135,7 @@ class Scheduler:
         self._stopping = False
         self._running = False
         self._finished = asyncio.Event()
+        store.events.on_resync(self._wake.set)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -142,36 +146,22 @@ class Scheduler:
             now = self._clock()
             if self._up_since is None:
                 self._up_since = now
-            stored = {state.id: state for state in await self._store.schedule_states()}
-            entries = {}
-            for spec in specs:
-                state = stored.get(spec.id) or ScheduleState(spec.id, covered_until=now)
-                if state.covered_until is None:
-                    state.covered_until = now
-                entries[spec.id] = entry = _Entry(spec, state)
-                self._schedule_next(entry)
-            self._entries = entries
-            await self._save(entries.values())
-            logger.info("schedules: %d", len(entries))
+            await self._store.add_schedules([spec.id for spec in specs], first_seen=now)
+            self._entries = {spec.id: _Entry(spec, ScheduleState(spec.id)) for spec in specs}
+            await self._refresh(self._entries.values())
+            logger.info("schedules: %d", len(specs))
 
     async def replace(self, specs: Sequence[ScheduleSpec]) -> None:
         """A reload: the new schedules. Those whose id survives keep their state; new,
         changed or re-enabled ones start ticking from now (reloads never catch up)."""
         async with self._loading:
-            returning: dict[str, ScheduleState] = {}
-            if any(spec.id not in self._entries for spec in specs):
-                returning = await self._stored_states()  # removed once, now back
             now = self._clock()
-            entries = {}
-            for spec in specs:
-                old = self._entries.get(spec.id)
-                state = old.state if old else returning.get(spec.id) or ScheduleState(spec.id)
-                entries[spec.id] = entry = _Entry(spec, state)
-                if old and old.next_tick is not None and _same_timing(old.spec, spec):
-                    entry.next_tick = old.next_tick
-                else:
-                    state.covered_until = _later(state.covered_until, now)
-                    self._schedule_next(entry)
+            fresh = [spec.id for spec in specs if not self._keeps_ticking(spec)]
+            try:
+                await self._store.cover_schedules(fresh, until=now)
+            except StoreError as exc:
+                logger.error("cannot save the state of the schedules: %s", exc)
+            entries = {spec.id: _Entry(spec, ScheduleState(spec.id)) for spec in specs}
             removed = self._entries.keys() - entries.keys()
             for key in removed:
                 if (task := self._catching_up.get(key)) is not None:
@@ -185,15 +175,30 @@ class Scheduler:
                 len(removed),
             )
             self._entries = entries
-            await self._save(entries.values())
+            await self._refresh(entries.values())
         self._wake.set()
 
-    async def _stored_states(self) -> dict[str, ScheduleState]:
+    def _keeps_ticking(self, spec: ScheduleSpec) -> bool:
+        old = self._entries.get(spec.id)
+        return old is not None and old.next_tick is not None and _same_timing(old.spec, spec)
+
+    async def _refresh(self, entries: Iterable[_Entry]) -> None:
+        """Read the entries' state from the store (another daemon may have fired, paused or
+        resumed them) and work out their next ticks; wake the loop if one came closer."""
+        entries = list(entries)
         try:
-            return {state.id: state for state in await self._store.schedule_states()}
+            states = {
+                s.id: s for s in await self._store.schedule_states([e.spec.id for e in entries])
+            }
         except StoreError as exc:
-            logger.error("cannot read the state of the schedules, starting afresh: %s", exc)
-            return {}
+            logger.error("cannot read the state of the schedules: %s", exc)
+            return
+        for entry in entries:
+            before = entry.next_tick
+            entry.state = states.get(entry.spec.id) or ScheduleState(entry.spec.id)
+            self._schedule_next(entry)
+            if entry.next_tick is not None and (before is None or entry.next_tick < before):
+                self._wake.set()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -203,6 +208,7 @@ class Scheduler:
         self._running = True
         try:
             await self.fire_startup()
+            read_at = time.monotonic()
             while not self._stopping:
                 self._wake.clear()
                 delay = await self.run_due()
@@ -211,6 +217,9 @@ class Scheduler:
                 timeout = MAX_SLEEP if delay is None else min(delay, MAX_SLEEP)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+                if time.monotonic() - read_at >= MAX_SLEEP:  # resumed by another daemon?
+                    await self._refresh(self._entries.values())
+                    read_at = time.monotonic()
         finally:
             self._finished.set()
 
@@ -239,26 +248,20 @@ class Scheduler:
         now = self._clock()
         entries = [e for e in self._entries.values() if e.spec.startup and e.active]
         if entries:
-            await asyncio.gather(*(self._fire(entry, now, regular=True) for entry in entries))
-            await self._save(entries)
+            await asyncio.gather(*(self._fire(entry, now) for entry in entries))
 
     async def run_due(self) -> float | None:
         """Fire what is due now; the seconds until the next tick (None: nothing ticks)."""
         now = self._clock()
-        firings: list[Coroutine[Any, Any, list[FiredJob]]] = []
-        touched = []
-        for entry in list(self._entries.values()):
-            if entry.next_tick is not None and entry.next_tick <= now:
-                touched.append(entry)
-                firings += self._due(entry, now)
-        if firings:
-            await asyncio.gather(*firings)
-        if touched:
-            await self._save(touched)
+        due = [e for e in self._entries.values() if e.next_tick is not None and e.next_tick <= now]
+        if due:
+            await self._refresh(due)  # the store's word: paused or fired meanwhile?
+            due = [e for e in due if e.next_tick is not None and e.next_tick <= now]
+            await asyncio.gather(*(self._fire_due(entry, now) for entry in due))
         return self._delay()
 
-    def _due(self, entry: _Entry, now: float) -> list[Coroutine[Any, Any, list[FiredJob]]]:
-        """Plan the due ticks of one schedule and move it on to its next tick."""
+    async def _fire_due(self, entry: _Entry, now: float) -> None:
+        """Plan the due ticks of one schedule, fire them, and cover it until now."""
         spec, state = entry.spec, entry.state
         assert spec.cron is not None and self._up_since is not None
         after = state.covered_until if state.covered_until is not None else now
@@ -268,13 +271,19 @@ class Scheduler:
         catch_up, on_time = plan_firings(spec.catch_up, spec.max_catch_up, due, on_time_after)
         if missed := [tick for tick in due if tick != on_time]:
             self._log_missed(spec, after, missed[-1], catch_up)
-        state.covered_until = max(after, now)
-        self._schedule_next(entry)
         ticks = catch_up + ([on_time] if on_time is not None else [])
-        if len(ticks) > 1:  # "all": one run after another, without holding up the loop
+        state.covered_until = max(after, now)  # here even if the store fails: no busy loop
+        self._schedule_next(entry)
+        if len(ticks) == 1:
+            await self._fire(entry, ticks[0], covered_until=now)
+            return
+        try:
+            await self._store.cover_schedules([spec.id], until=now)
+        except StoreError as exc:
+            logger.error('schedule "%s": cannot save what was dealt with: %s', spec.id, exc)
+            return
+        if ticks:  # "all": one run after another, without holding up the loop
             self._start_catch_up(entry, ticks)
-            return []
-        return [self._fire(entry, tick, regular=True) for tick in ticks]
 
     def _log_missed(
         self, spec: ScheduleSpec, after: float, last: float, catch_up: list[float]
@@ -314,46 +323,61 @@ class Scheduler:
 
     # -- firing ----------------------------------------------------------------------------
 
-    async def _fire(self, entry: _Entry, tick: float, *, regular: bool) -> list[FiredJob]:
-        """Start each task of the schedule for `tick`, concurrently; a task that cannot be
-        started is logged and does not stop the others. `regular` firings move last_tick."""
-        spec, state = entry.spec, entry.state
-        payload = spec.tick_payload(tick)
-        results = await asyncio.gather(
-            *(self._submit(spec, task, payload, tick) for task in spec.tasks)
-        )
-        fired = [job for job in results if job is not None]
-        if regular:
-            state.last_tick = tick if state.last_tick is None else max(state.last_tick, tick)
-        state.fired_at = fired_at = self._clock()
-        state.last_jobs = fired
-        state.coalesced += sum(job.joined for job in fired)
-        if self._on_fired is not None:
-            late = fired_at - tick if regular and not spec.startup else None
-            self._on_fired(spec.id, late, fired)
-        return fired
-
-    async def _submit(
-        self, spec: ScheduleSpec, task: str, payload: bytes, tick: float
-    ) -> FiredJob | None:
-        request = JobRequest(task=task, payload=payload, origin="schedule", single_flight=True)
+    async def _fire(
+        self,
+        entry: _Entry,
+        tick: float,
+        *,
+        regular: bool = True,
+        covered_until: float | None = None,
+    ) -> list[FiredJob]:
+        """Start each task of the schedule for `tick` (a task that cannot be started is
+        logged and spares the others) in one write with the tick's record. Only `regular`
+        firings are ticks (unique, moving last_tick); a trigger is not."""
+        spec = entry.spec
         when = iso(tick, spec.zone)
+        jobs = [new for task in spec.tasks if (new := self._job(spec, task, tick)) is not None]
         try:
-            (inserted,) = await self._submitter.submit([request])
-        except (StoreError, UnknownTask, PayloadInvalid, InvalidRequest) as exc:
-            logger.error('schedule "%s": cannot start %s for %s: %s', spec.id, task, when, exc)
-            return None
-        if inserted.duplicate:
-            logger.info(
-                'schedule "%s": %s is still pending or running (job %d); the tick of %s joined it',
+            fired = await self._store.fire_tick(
+                spec.id, tick if regular else None, jobs, covered_until=covered_until
+            )
+        except StoreError as exc:
+            logger.error('schedule "%s": cannot fire the tick of %s: %s', spec.id, when, exc)
+            return []
+        crash_point("tick-fired")
+        if not fired.fired:
+            logger.debug('schedule "%s": the tick of %s has fired already', spec.id, when)
+            return fired.jobs
+        for job in fired.jobs:
+            if job.joined:
+                logger.info(
+                    'schedule "%s": %s is still pending or running (job %d); the tick of %s '
+                    "joined it",
+                    spec.id,
+                    job.task,
+                    job.id,
+                    when,
+                )
+            else:
+                logger.debug('schedule "%s": job %d of %s for %s', spec.id, job.id, job.task, when)
+        if self._on_fired is not None:
+            late = self._clock() - tick if regular and not spec.startup else None
+            self._on_fired(spec.id, late, fired.jobs)
+        return fired.jobs
+
+    def _job(self, spec: ScheduleSpec, task: str, tick: float) -> NewJob | None:
+        request = JobRequest(task, spec.tick_payload(tick), "schedule", single_flight=True)
+        try:
+            return self._submitter.prepare(request)
+        except (UnknownTask, PayloadInvalid, InvalidRequest) as exc:
+            logger.error(
+                'schedule "%s": cannot start %s for %s: %s',
                 spec.id,
                 task,
-                inserted.job_id,
-                when,
+                iso(tick, spec.zone),
+                exc,
             )
-        else:
-            logger.debug('schedule "%s": job %d of %s for %s', spec.id, inserted.job_id, task, when)
-        return FiredJob(task=task, id=inserted.job_id, joined=inserted.duplicate)
+            return None
 
     def _start_catch_up(self, entry: _Entry, ticks: list[float]) -> None:
         key = entry.spec.id
@@ -375,21 +399,10 @@ class Scheduler:
         """Fire `ticks` in order, each once the runs of the one before have ended."""
         if previous is not None:
             await asyncio.wait([previous])
-        try:
-            for tick in ticks:
-                fired = await self._fire(entry, tick, regular=True)
-                await self._save([entry])
-                for job in fired:
-                    with contextlib.suppress(JobNotFound):
-                        await self._submitter.wait(job.id)
-        except StoreError as exc:
-            logger.error('schedule "%s": catching up stopped: %s', entry.spec.id, exc)
-
-    async def _save(self, entries: Iterable[_Entry]) -> None:
-        try:
-            await self._store.save_schedule_states([entry.state for entry in entries])
-        except StoreError as exc:
-            logger.error("cannot save the state of the schedules: %s", exc)
+        for tick in ticks:
+            for job in await self._fire(entry, tick):
+                with contextlib.suppress(JobNotFound, StoreError):
+                    await self._submitter.wait(job.id)
 
     # -- control ---------------------------------------------------------------------------
 
@@ -400,30 +413,21 @@ class Scheduler:
     async def pause(self, reference: str) -> ScheduleInfo:
         """Stop a schedule ticking until `resume`; remembered across restarts."""
         entry = self._find(reference)
-        if not entry.state.paused:
-            entry.state.paused = True
-            self._schedule_next(entry)
-            await self._save([entry])
+        if await self._store.set_paused(entry.spec.id, True):
             logger.info('schedule "%s" paused', entry.spec.id)
         return (await self._infos([entry]))[0]
 
     async def resume(self, reference: str) -> ScheduleInfo:
         """Tick again from now; ticks that passed while paused are not caught up."""
         entry = self._find(reference)
-        if entry.state.paused:
-            entry.state.paused = False
-            entry.state.covered_until = _later(entry.state.covered_until, self._clock())
-            self._schedule_next(entry)
-            await self._save([entry])
-            self._wake.set()
+        if await self._store.set_paused(entry.spec.id, False, covered_until=self._clock()):
             logger.info('schedule "%s" resumed', entry.spec.id)
-        return (await self._infos([entry]))[0]
+        return (await self._infos([entry]))[0]  # reads its state, which wakes the loop
 
     async def trigger(self, reference: str) -> ScheduleInfo:
         """Fire a schedule now, paused or not; its regular ticks stay as they are."""
         entry = self._find(reference)
         fired = await self._fire(entry, self._clock(), regular=False)
-        await self._save([entry])
         jobs = ", ".join(f"{job.task} job {job.id}" for job in fired) or "no jobs"
         logger.info('schedule "%s" triggered: %s', entry.spec.id, jobs)
         return (await self._infos([entry]))[0]
@@ -457,6 +461,7 @@ class Scheduler:
         raise UnknownSchedule(reference, self._entries)
 
     async def _infos(self, entries: list[_Entry]) -> list[ScheduleInfo]:
+        await self._refresh(entries)
         ids = {job.id for entry in entries for job in entry.state.last_jobs}
         jobs = await asyncio.gather(*(self._store.get(job_id) for job_id in ids))
         statuses: dict[int, JobStatus] = {job.id: job.status for job in jobs if job is not None}

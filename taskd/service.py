@@ -1,4 +1,4 @@
-"""What each control method does, over the store, the tasks, the submitter and the executor.
+"""What each control method does, over the store, the tasks, the submitter and the scheduler.
 
 Domain exceptions become error replies with stable codes here, and nowhere else.
 """
@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 
 from taskd.config import Retention
-from taskd.executor import Executor
 from taskd.models import (
     FINISHED_STATUSES,
     ConnectionStats,
@@ -21,8 +20,10 @@ from taskd.models import (
     Peer,
     Status,
     TaskInfo,
+    ThreadStats,
 )
 from taskd.protocol import (
+    MAX_LIST,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -62,6 +63,7 @@ from taskd.tasks import TaskRegistry
 
 
 class DaemonInfo(msgspec.Struct, frozen=True):
+    node: str
     version: str
     pid: int
     started_at: float
@@ -80,24 +82,24 @@ class Service:
         store: Store,
         registry: Callable[[], TaskRegistry],
         submitter: Submitter,
-        executor: Executor,
         info: DaemonInfo,
         retention: Callable[[], Retention],
         reload: Callable[[], Awaitable[ReloadResult]],
         scheduler: Scheduler,
         connections: Callable[[], ConnectionStats | None] = lambda: None,
+        threads: Callable[[], ThreadStats | None] = lambda: None,
         metrics: Callable[[], Awaitable[str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._registry = registry
         self._submitter = submitter
-        self._executor = executor
         self._info = info
         self._retention = retention
         self._reload = reload
         self._scheduler = scheduler
         self._connections = connections
+        self._threads = threads
         self._metrics = metrics
         self._clock = clock
 
@@ -138,7 +140,7 @@ class Service:
             case CancelParams():
                 return await self.cancel(params.id)
             case RetryParams():
-                return await self._store.retry(params.id, self._clock())
+                return await self._store.retry(params.id)
             case StatusParams():
                 return await self.status()
             case PruneParams():
@@ -222,13 +224,13 @@ class Service:
             ) from None
 
     async def cancel(self, job_id: int) -> Job:
-        job = await self._store.cancel(job_id, self._clock())
-        self._executor.cancel(job_id)
-        return job
+        # The store tells whichever daemon runs the job to stop it.
+        return await self._store.cancel(job_id)
 
     async def status(self) -> Status:
+        """This daemon, and the store as a whole: every node, every running job."""
         now = self._clock()
-        per_task = await self._store.counts(now)
+        per_task = await self._store.counts()
         totals: dict[str, int] = {}
         for entry in per_task:
             for status, count in entry.counts.items():
@@ -246,12 +248,14 @@ class Service:
             tasks_dir=info.tasks_dir,
             workers=info.workers,
             counts=totals,
-            running=self._executor.running_jobs(),
+            running=await self._store.list_jobs(JobFilter(statuses=["running"], limit=MAX_LIST)),
             tasks=per_task,
             oldest_pending_age=max(ages) if ages else None,
             next_due_at=min(due) if due else None,
+            node=info.node,
+            nodes=await self._store.nodes(),
             connections=self._connections(),
-            threads=self._executor.thread_stats(),
+            threads=self._threads(),
         )
 
     async def healthy(self) -> None:
@@ -259,14 +263,11 @@ class Service:
         await self._store.queue_depth()
 
     async def prune(self, params: PruneParams) -> PruneResult:
-        now = self._clock()
         if params.older_than is not None:
-            cutoffs: dict[JobStatus, float] = {
-                status: now - params.older_than for status in FINISHED_STATUSES
-            }
+            ages: dict[JobStatus, float] = dict.fromkeys(FINISHED_STATUSES, params.older_than)
         else:
-            cutoffs = retention_cutoffs(self._retention(), now)
-        return PruneResult(deleted=await self._store.prune(cutoffs))
+            ages = retention_ages(self._retention())
+        return PruneResult(deleted=await self._store.prune(ages))
 
 
 def _refusal(exc: Refused) -> RpcError:
@@ -280,10 +281,10 @@ def _refusal(exc: Refused) -> RpcError:
     return RpcError(code, str(exc), data or None)
 
 
-def retention_cutoffs(retention: Retention, now: float) -> dict[JobStatus, float]:
-    """Finished jobs older than these times are pruned."""
+def retention_ages(retention: Retention) -> dict[JobStatus, float]:
+    """Finished jobs older than these many seconds are pruned."""
     return {
-        "succeeded": now - retention.succeeded,
-        "failed": now - retention.failed,
-        "cancelled": now - retention.cancelled,
+        "succeeded": retention.succeeded,
+        "failed": retention.failed,
+        "cancelled": retention.cancelled,
     }

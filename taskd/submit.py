@@ -7,7 +7,6 @@ through here, so payloads are validated once, in one way, before anything is sto
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,16 +78,14 @@ class Submitter:
         self,
         store: Store,
         registry: Callable[[], TaskRegistry],
-        clock: Callable[[], float] = time.time,
         *,
         max_payload: int = max_payload_size(DEFAULT_MAX_FRAME),
     ) -> None:
         self._store = store
         self._registry = registry
-        self._clock = clock
         self._max_payload = max_payload
 
-    def prepare(self, request: JobRequest, now: float) -> NewJob:
+    def prepare(self, request: JobRequest) -> NewJob:
         """The row for a request; raises UnknownTask, PayloadInvalid or InvalidRequest."""
         registry = self._registry()
         task = registry.get(request.task)
@@ -118,12 +115,12 @@ class Submitter:
         if priority is None:
             priority = RUN_PRIORITY if request.single_flight else 0
         key = RUN_KEY if request.single_flight and request.key is None else request.key
-        run_at = request.run_at if request.run_at is not None else now + (request.delay or 0.0)
         return NewJob(
             task=task.name,
             payload=request.payload,
             origin=request.origin,
-            run_at=run_at,
+            delay=request.delay or 0.0,
+            run_at=request.run_at,
             max_attempts=request.max_attempts
             or default_attempts(request.single_flight, task.max_attempts),
             priority=priority,
@@ -160,31 +157,33 @@ class Submitter:
 
         With `numbered` (a batch from a client), a refusal names the item: `jobs[3]: ...`.
         """
-        now = self._clock()
         rows = []
         for index, request in enumerate(requests):
             try:
-                rows.append(self.prepare(request, now))
+                rows.append(self.prepare(request))
             except Refused as exc:
                 if numbered:
                     exc.index = index
                     exc.args = (f"jobs[{index}]: {exc}",)
                 raise
-        return await self._store.insert(rows, now)
+        return await self._store.insert(rows)
 
     async def wait(self, job_id: int, timeout: float | None = None) -> Job:
         """The job once it has ended; raises JobNotFound, or TimeoutError after `timeout`."""
-        finished = self._store.events.watch(job_id)
-        try:
-            job = await self._store.get(job_id)
-            if job is None:
-                raise JobNotFound(job_id)
-            if job.status in FINISHED_STATUSES:
-                job.errors = []  # as from a finish: only the `job` method lists them
-                return job
-            return await asyncio.wait_for(finished, timeout)
-        finally:
-            finished.cancel()
+        async with asyncio.timeout(timeout):
+            while True:  # again after a resync: the store may have missed the job's end
+                finished = self._store.events.watch(job_id)
+                try:
+                    job = await self._store.get(job_id)
+                    if job is None:
+                        raise JobNotFound(job_id)
+                    if job.status in FINISHED_STATUSES:
+                        job.errors = []  # as from a finish: only the `job` method lists them
+                        return job
+                    if (ended := await finished) is not None:
+                        return ended
+                finally:
+                    finished.cancel()
 
 
 def encode_payload(payload: Any) -> bytes:

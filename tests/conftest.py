@@ -1,12 +1,33 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Taskd, short_tempdir
+from taskd.store import Store
+from tests.backends import BACKENDS, open_backend
+from tests.support import Clock, Taskd, short_tempdir
+
+NOW = 1_000_000.0  # where the tests' clock starts
+
+
+@pytest.fixture
+def clock() -> Callable[[], float]:
+    """The store's clock: it stands still at NOW until the test moves it. A test module
+    whose tests need real time overrides this fixture with `time.time`."""
+    return Clock(NOW)
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: Callable[[], float]
+) -> AsyncIterator[Store]:
+    """An open job store of each backend in turn."""
+    opened = await open_backend(request.param, tmp_path, clock)
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

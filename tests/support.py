@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import shutil
@@ -12,18 +13,32 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from taskctl import Client
+from taskd.models import Job, JobStatus
 from taskd.protocol import PROTOCOL_VERSION, Request, encode_frame
+from taskd.store import JobFilter, Store, store_for
+
+T = TypeVar("T")
 
 FIXTURE_TASKS = Path(__file__).parent / "fixtures" / "tasks"
 BIN = Path(sys.executable).parent
 TASKCTL = str(BIN / "taskctl") if (BIN / "taskctl").exists() else None
+
+
+class Clock:
+    """A clock that stands still until a test moves it (`clock.now = ...`)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def short_tempdir() -> Path:
@@ -235,6 +250,33 @@ class Taskd:
 
     def client(self) -> Client:
         return Client(str(self.socket))
+
+    def in_store(self, use: Callable[[Store], Awaitable[T]]) -> T:
+        """`use(store)` on this stopped daemon's job store, through the store interface."""
+
+        async def run() -> T:
+            store = store_for(f"sqlite://{self.database}")
+            await store.open()
+            try:
+                return await use(store)
+            finally:
+                await store.close()
+
+        assert not self.running, "the daemon owns its store while it runs"
+        return asyncio.run(run())
+
+    def stored_jobs(self, *statuses: JobStatus) -> list[Job]:
+        """The jobs in this stopped daemon's store, newest first; payloads and results
+        decoded as a client sees them."""
+        query = JobFilter(statuses or None, limit=1_000_000)
+        return [
+            msgspec.structs.replace(
+                job,
+                payload=msgspec.msgpack.decode(job.payload),
+                result=None if job.result is None else msgspec.msgpack.decode(job.result),
+            )
+            for job in self.in_store(lambda store: store.list_jobs(query))
+        ]
 
 
 class RawConnection:

@@ -1,39 +1,47 @@
-"""The executor and the single-flight rule, in-process over a real SQLite store."""
+"""The executor and the single-flight rule, in-process over every store backend."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from taskd.config import TaskOptions
 from taskd.executor import Executor
 from taskd.protocol import RunParams
 from taskd.scheduler import Scheduler
 from taskd.service import DaemonInfo, Service
-from taskd.store import JobFilter, NewJob
-from taskd.store.sqlite import SqliteStore
+from taskd.store import ClaimRequest, JobFilter, NewJob, Store
 from taskd.submit import JobRequest, Submitter
 from taskd.tasks import TaskRegistry, load_tasks
 from tests.support import FIXTURE_TASKS
 
 
+@pytest.fixture
+def clock() -> Callable[[], float]:
+    return time.time  # these tests run real tasks for real
+
+
 class Stack:
-    def __init__(self, store: SqliteStore, registry: TaskRegistry, workers: int = 8) -> None:
+    """The daemon's parts over a store, its worker registered as the daemon does it."""
+
+    def __init__(
+        self, store: Store, registry: TaskRegistry, worker: str, workers: int = 8, lease: float = 30
+    ) -> None:
         self.store = store
         self.registry = registry
         self.submitter = Submitter(store, lambda: registry)
         self.executor = Executor(
             store, lambda: registry, self.submitter,
-            owner="test", workers=workers, lease=30, quarantine_after=3, max_stuck_threads=4,
+            worker=worker, workers=workers, lease=lease, quarantine_after=3, max_stuck_threads=4,
         )  # fmt: skip
         self.service = Service(
             store=store, registry=lambda: registry, submitter=self.submitter,
-            executor=self.executor,
-            info=DaemonInfo("t", 1, time.time(), "sqlite", "s", "t", workers),
+            info=DaemonInfo("test", "t", 1, time.time(), "sqlite", "s", "t", workers),
             retention=lambda: None,  # type: ignore[arg-type, return-value]
             reload=None,  # type: ignore[arg-type]
             scheduler=Scheduler(store, self.submitter),
@@ -42,6 +50,11 @@ class Stack:
     def run_params(self, task: str, payload: object) -> RunParams:
         return RunParams(task=task, payload=msgspec.Raw(msgspec.msgpack.encode(payload)))
 
+    async def enqueue(self, task: str, payload: object) -> int:
+        request = JobRequest(task, msgspec.msgpack.encode(payload), "enqueue")
+        (inserted,) = await self.submitter.submit([request])
+        return inserted.job_id
+
 
 def value(raw: object) -> object:
     """A payload or result as Python data (inside the daemon they stay msgpack)."""
@@ -49,16 +62,42 @@ def value(raw: object) -> object:
     return msgspec.msgpack.decode(raw)
 
 
+async def until(stack: Stack, predicate: Callable[[], bool]) -> None:
+    """Wait, woken by the change notices the executor gives, until `predicate()` holds."""
+    changed = asyncio.Event()
+    stack.store.events.on_change(changed.set)
+    while not predicate():
+        await asyncio.wait_for(changed.wait(), 10)
+        changed.clear()
+
+
+def runs(stack: Stack, job_id: int) -> Callable[[], bool]:
+    return lambda: job_id in {job.id for job in stack.executor.running_jobs()}
+
+
+MakeStack = Callable[..., Awaitable[Stack]]
+
+
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    store = SqliteStore(tmp_path / "jobs.db")
-    await store.open()
-    built = Stack(store, load_tasks(FIXTURE_TASKS))
-    loop_task = asyncio.create_task(built.executor.run())
-    yield built
-    await built.executor.drain(5)
-    await loop_task
-    await store.close()
+async def make_stack(store: Store) -> AsyncIterator[MakeStack]:
+    """Stacks over the test's store, each with its executor running; drained at the end."""
+    started: list[tuple[Stack, asyncio.Task[None]]] = []
+
+    async def make(workers: int = 8, lease: float = 30, **options: TaskOptions) -> Stack:
+        worker = await store.register_node("test", ttl=lease)
+        built = Stack(store, load_tasks(FIXTURE_TASKS, options), worker, workers, lease)
+        started.append((built, asyncio.create_task(built.executor.run())))
+        return built
+
+    yield make
+    for built, loop_task in started:
+        await built.executor.drain(5)
+        await loop_task
+
+
+@pytest.fixture
+async def stack(make_stack: MakeStack) -> Stack:
+    return await make_stack()
 
 
 async def test_single_flight_100_callers_in_one_tick(stack: Stack, tmp_path: Path) -> None:
@@ -98,6 +137,7 @@ async def test_failure_is_recorded_with_traceback(stack: Stack) -> None:
     job = await stack.store.get(outcome.job.id)
     assert job is not None and job.status == "failed" and job.error == "ValueError: boom: x"
     assert job.errors[0].traceback and "raise ValueError" in job.errors[0].traceback
+    assert (job.errors[0].attempt, job.errors[0].kind) == (1, "error")
 
 
 async def test_task_calls_task_through_the_store(stack: Stack) -> None:
@@ -109,39 +149,81 @@ async def test_task_calls_task_through_the_store(stack: Stack) -> None:
     assert sorted(job.origin for job in children) == ["task", "task"]
 
 
-async def test_waiting_parents_do_not_starve_children(tmp_path: Path) -> None:
+async def test_waiting_parents_do_not_starve_children(make_stack: MakeStack) -> None:
     # One worker: the parent's slot is lent to the child it waits for.
-    store = SqliteStore(tmp_path / "jobs.db")
-    await store.open()
-    stack = Stack(store, load_tasks(FIXTURE_TASKS), workers=1)
-    runner = asyncio.create_task(stack.executor.run())
+    stack = await make_stack(workers=1)
     outcome = await asyncio.wait_for(stack.service.run(stack.run_params("child", {})), 10)
     assert outcome.job.status == "succeeded"
-    await stack.executor.drain(5)
-    await runner
-    await store.close()
 
 
-async def test_until_idle_processes_what_is_due_and_returns(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "jobs.db")
-    await store.open()
-    stack = Stack(store, load_tasks(FIXTURE_TASKS))
+async def test_a_waiting_parent_lends_its_place_in_its_tasks_limit(make_stack: MakeStack) -> None:
+    # parent may run one at a time; while one waits for its child, the next one runs.
+    stack = await make_stack(parent=TaskOptions(concurrency=1))
+    first, second = [await stack.enqueue("parent", {"seconds": 1}) for _ in range(2)]
+    done = [await asyncio.wait_for(stack.submitter.wait(i), 20) for i in (first, second)]
+    assert [job.status for job in done] == ["succeeded", "succeeded"]
+    assert done[1].started_at is not None and done[0].finished_at is not None
+    assert done[1].started_at < done[0].finished_at  # they overlapped
+
+
+async def test_until_idle_processes_what_is_due_and_returns(store: Store) -> None:
+    stack = Stack(store, load_tasks(FIXTURE_TASKS), await store.register_node("test", ttl=30))
     payload = msgspec.msgpack.encode("x")
     await stack.submitter.submit([JobRequest("echo", payload, "enqueue") for _ in range(20)])
     await asyncio.wait_for(stack.executor.run(until_idle=True), 10)
     jobs = await store.list_jobs(JobFilter())
     assert [job.status for job in jobs] == ["succeeded"] * 20
     await stack.executor.drain(1)
-    await store.close()
 
 
 async def test_a_stored_payload_that_cannot_be_decoded_fails_its_job(stack: Stack) -> None:
     # Written past the submitter (say, by an older taskd): the job fails, it does not hang.
     rows = [
-        NewJob("echo", b"\x91" * 100_000 + b"\xc0", "enqueue", time.time(), 1),
-        NewJob("echo", b"\xa2\xff\xfe", "enqueue", time.time(), 1),
+        NewJob("echo", b"\x91" * 100_000 + b"\xc0", "enqueue", 1),
+        NewJob("echo", b"\xa2\xff\xfe", "enqueue", 1),
     ]
-    inserted = await stack.store.insert(rows, time.time())
+    inserted = await stack.store.insert(rows)
     for row in inserted:
         job = await asyncio.wait_for(stack.submitter.wait(row.job_id), 10)
         assert job.status == "failed" and "payload no longer matches" in (job.error or "")
+
+
+async def test_a_cancel_reaches_the_running_job_through_the_store(
+    stack: Stack, tmp_path: Path
+) -> None:
+    record = tmp_path / "record.txt"
+    job_id = await stack.enqueue("slow", {"seconds": 30, "record": str(record)})
+    await until(stack, runs(stack, job_id))
+    assert (await stack.store.cancel(job_id)).status == "cancelled"
+    await until(stack, lambda: not runs(stack, job_id)())  # at once, not after 30 s
+    assert not record.exists()
+
+
+async def test_jobs_a_worker_lost_are_stopped_when_it_renews(
+    store: Store, make_stack: MakeStack, tmp_path: Path
+) -> None:
+    # The worker's node started again elsewhere: this worker is dead to the store, and
+    # another took the job over. Its renewal (every lease/3) learns that and stops the job.
+    stack = await make_stack(lease=1.5)
+    record = tmp_path / "record.txt"
+    job_id = await stack.enqueue("slow", {"seconds": 30, "record": str(record)})
+    await until(stack, runs(stack, job_id))
+    await store.register_node("test", ttl=30)  # test/2: test/1 is gone
+    (recovered,) = await store.recover(3)
+    other = await store.register_node("other", ttl=30)
+    (taken,) = (await store.claim(ClaimRequest(other, 1, 30))).jobs
+    assert recovered.id == taken.id == job_id
+    keep = asyncio.create_task(stack.executor.keep_leases())
+    await until(stack, lambda: not runs(stack, job_id)())
+    keep.cancel()
+    job = await store.get(job_id)
+    assert job is not None and job.status == "running" and job.worker == other
+    assert not record.exists()
+
+
+async def test_a_resync_makes_waiters_read_again(stack: Stack) -> None:
+    job_id = await stack.enqueue("slow", {"seconds": 0.3})
+    waiter = asyncio.create_task(stack.submitter.wait(job_id))
+    await asyncio.sleep(0.05)
+    stack.store.events.resync()  # as after a lost connection: maybe the finish was missed
+    assert (await asyncio.wait_for(waiter, 10)).status == "succeeded"

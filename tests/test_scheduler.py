@@ -1,4 +1,4 @@
-"""The scheduler over a real SQLite store, driven by an injected clock: no real waiting."""
+"""The scheduler over every store backend, driven by an injected clock: no real waiting."""
 
 from __future__ import annotations
 
@@ -16,33 +16,28 @@ from taskd.executor import Executor
 from taskd.models import Job
 from taskd.scheduler import AmbiguousSchedule, Scheduler, UnknownSchedule, plan_firings
 from taskd.schedules import ScheduleSpec, load_schedules
-from taskd.store import JobFilter, ScheduleState
-from taskd.store.sqlite import SqliteStore
+from taskd.store import JobFilter, ScheduleState, Store
 from taskd.submit import Submitter
 from taskd.tasks import TaskRegistry, load_tasks
-from tests.support import FIXTURE_TASKS
+from tests.support import FIXTURE_TASKS, Clock
 
 T = dt.datetime(2026, 6, 1, 10, 0, tzinfo=dt.UTC).timestamp()  # a whole minute, UTC
 EVERY_SECOND = '[scheduled_tasks]\n"* * * * * *" = "echo"\n'
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Harness:
-    """A store, the tasks, and schedulers made over them with one fake clock."""
+    """A store, the tasks, and schedulers made over them with the store's fake clock."""
 
-    def __init__(self, store: SqliteStore, registry: TaskRegistry, tmp_path: Path) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, registry: TaskRegistry, worker: str, tmp_path: Path
+    ) -> None:
         self.store = store
         self.registry = registry
         self.tmp_path = tmp_path
-        self.clock = Clock(T + 0.2)
-        self.submitter = Submitter(store, lambda: registry, clock=self.clock)
+        self.clock = clock
+        self.clock.now = T + 0.2
+        self.worker = worker
+        self.submitter = Submitter(store, lambda: registry)
         self.finish_jobs = True  # run the jobs each step fires to their end
         self.executor = self.make_executor()
 
@@ -82,7 +77,7 @@ class Harness:
     def make_executor(self) -> Executor:
         return Executor(
             self.store, lambda: self.registry, self.submitter,
-            owner="test", workers=4, lease=30, quarantine_after=3, max_stuck_threads=4,
+            worker=self.worker, workers=4, lease=30, quarantine_after=3, max_stuck_threads=4,
         )  # fmt: skip
 
 
@@ -97,13 +92,11 @@ def scheduled(job: Job) -> float:
 
 
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    store = SqliteStore(tmp_path / "jobs.db")
-    await store.open()
-    made = Harness(store, load_tasks(FIXTURE_TASKS), tmp_path)
+async def harness(store: Store, clock: Clock, tmp_path: Path) -> AsyncIterator[Harness]:
+    worker = await store.register_node("test", ttl=30)
+    made = Harness(store, clock, load_tasks(FIXTURE_TASKS), worker, tmp_path)
     yield made
     await made.executor.drain(5)
-    await store.close()
 
 
 @pytest.fixture
@@ -384,14 +377,66 @@ async def test_startup_schedules_fire_once_per_start(harness: Harness) -> None:
 
 async def test_the_loop_sleeps_until_woken_and_stops(harness: Harness) -> None:
     scheduler = await harness.scheduler(EVERY_SECOND + '"@startup" = "db"\n', started_at=T)
+    fired = asyncio.Event()
+    harness.store.events.on_due(lambda _: fired.set())
     loop = asyncio.create_task(scheduler.run())
-    while len(await harness.jobs()) < 1:  # @startup fires first
-        await harness.store.events.wait_for_nudge(1)
+    await asyncio.wait_for(fired.wait(), 10)  # @startup fires first
+    fired.clear()
+    assert len(await harness.jobs()) == 1
     harness.clock.now = T + 1.0  # the fake clock reached the tick; real time did not
     scheduler.wake()
-    while len(await harness.jobs()) < 2:
-        await harness.store.events.wait_for_nudge(1)
+    await asyncio.wait_for(fired.wait(), 10)
     assert await harness.ticks("echo") == [T + 1]
     await asyncio.wait_for(scheduler.stop(), 5)
     assert loop.done()
     await loop
+
+
+async def test_a_resumed_schedule_wakes_the_loop(harness: Harness) -> None:
+    scheduler = await harness.scheduler(EVERY_SECOND, started_at=T)
+    await scheduler.pause("* * * * * *")
+    fired = asyncio.Event()
+    harness.store.events.on_due(lambda _: fired.set())
+    loop = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0)  # the loop runs until it sleeps its longest: nothing ticks
+    harness.clock.now = T + 5.9
+    await scheduler.resume("* * * * * *")  # next tick T+6, a tenth of a second away
+    harness.clock.now = T + 6.0
+    await asyncio.wait_for(fired.wait(), 10)  # not after the 30 s sleep
+    assert await harness.ticks() == [T + 6]
+    await scheduler.stop()
+    await loop
+
+
+# -- several daemons on one store ----------------------------------------------------------
+
+
+async def test_a_tick_fires_once_however_many_schedulers_run_it(harness: Harness) -> None:
+    here = await harness.scheduler(EVERY_SECOND, started_at=T)
+    there = await harness.scheduler(EVERY_SECOND, started_at=T)  # another daemon
+    harness.clock.now = T + 1.001
+    await asyncio.gather(here.run_due(), there.run_due())  # both see T+1 due at once
+    await harness.finish()
+    await harness.at(there, T + 2.001)
+    assert await here.run_due() == pytest.approx(0.999)  # T+2 is dealt with: next is T+3
+    await harness.at(here, T + 5.5)  # T+3, T+4 missed (skip), T+5 on time
+    await harness.at(there, T + 5.5)
+    assert await harness.ticks() == [T + 1, T + 2, T + 5]
+    infos = [(await s.schedules())[0] for s in (here, there)]
+    assert [(i.last_tick, i.next_tick, i.coalesced) for i in infos] == [(T + 5, T + 6, 0)] * 2
+
+
+async def test_pause_and_resume_are_shared_through_the_store(harness: Harness) -> None:
+    here = await harness.scheduler(EVERY_SECOND, started_at=T)
+    there = await harness.scheduler(EVERY_SECOND, started_at=T)
+    await harness.at(here, T + 1)
+    await there.pause("* * * * * *")
+    await harness.at(here, T + 2)  # here reads the state before firing: paused
+    assert await harness.ticks() == [T + 1]
+    assert (await here.schedules())[0].paused
+    harness.clock.now = T + 4.5
+    await there.resume("* * * * * *")
+    (info,) = await here.schedules()  # here learns of it when it reads the state
+    assert not info.paused and info.next_tick == T + 5
+    await harness.at(here, T + 5)
+    assert await harness.ticks() == [T + 1, T + 5]

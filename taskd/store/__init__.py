@@ -1,7 +1,13 @@
 """The job store: the interface (base), its backends, and what they share."""
 
+from pathlib import Path
+
+from taskd.config import SqliteOptions
 from taskd.store.base import (
     Claimed,
+    ClaimRequest,
+    Failure,
+    Finished,
     Inserted,
     InvalidTransition,
     JobFilter,
@@ -11,11 +17,15 @@ from taskd.store.base import (
     ScheduleState,
     Store,
     StoreError,
+    TickFired,
 )
 from taskd.store.events import JobEvents
 
 __all__ = [
+    "ClaimRequest",
     "Claimed",
+    "Failure",
+    "Finished",
     "Inserted",
     "InvalidTransition",
     "JobEvents",
@@ -26,13 +36,20 @@ __all__ = [
     "ScheduleState",
     "Store",
     "StoreError",
+    "TickFired",
+    "store_for",
 ]
 
 
-def open_store(url: str) -> Store:
-    """The store a database setting names: a file path (SQLite) for now."""
-    from pathlib import Path
+def store_for(url: str, *, sqlite: SqliteOptions | None = None) -> Store:
+    """The store a database URL names (not opened yet): `sqlite://PATH` for now."""
+    if url.startswith("sqlite://"):
+        from taskd.store.sqlite import SqliteStore
 
-    from taskd.store.sqlite import SqliteStore
-
-    return SqliteStore(Path(url))
+        options = sqlite or SqliteOptions()
+        return SqliteStore(
+            Path(url.removeprefix("sqlite://")),
+            synchronous=options.synchronous.upper(),
+            busy_timeout=options.busy_timeout,
+        )
+    raise StoreError(f"unsupported database {url!r}: use sqlite:///path/to/taskd.db")

@@ -1,8 +1,40 @@
-"""The job store interface every backend implements, and the values that cross it.
+"""The job store interface every backend implements, the values that cross it, and its contract.
 
 Every execution of a task is a row in the store. The store enforces the uniqueness rules
-(single-flight runs and unique keys), the state machine of a job, and fencing: only the
-attempt that claimed a job may record its outcome.
+(single-flight runs and unique keys, a schedule's tick fired once), the state machine of a
+job, the per-task concurrency limits, and fencing: only the attempt that claimed a job may
+record its outcome. It is written for several daemons sharing one store; SQLite has one
+(its lock file says so), a database server may have many.
+
+The contract:
+
+- **The store owns "now".** Callers pass durations (a lease, a delay, a retry's wait) and
+  the store reads its own clock: the database server's, or for SQLite the clock it was
+  given (tests move it). Instants come in only where a person or a cron expression gave
+  them: an enqueue's `run_at`, a schedule's tick and what it has covered.
+- **Nodes and workers.** A daemon is a node with a stable id. Each start of a node registers
+  a new *worker* (`node/N`, N counting its starts) with a heartbeat; the worker holds the
+  leases of the jobs it claims. A worker is alive while its node row names it and its
+  heartbeat has not expired; `renew` extends both the heartbeat and the leases.
+  `recover` takes back the running jobs whose lease expired or whose worker is not alive,
+  which includes a node's own jobs from before its restart.
+- **One statement decides.** A claim picks and marks its jobs in one statement, and so does
+  recovery, so that two daemons can never take the same job (SQLite: one writer; a server:
+  `FOR UPDATE SKIP LOCKED`). Ids come from the database.
+- **Limits across everyone.** `claim` gets each task's configured concurrency and counts
+  the task's running jobs whoever runs them. A running job that waits for another job
+  (`set_waiting`, for `ctx.run_task`) counts against neither.
+- **Fencing.** Each claim increments the job's `epoch`; an outcome, a lease renewal or a
+  change of the waiting flag applies only while the job runs under that worker (and epoch).
+- **Notifications** (`Store.events`, always after the write has committed, also when the
+  caller of the write has given up, and for a shared store also for other daemons' writes):
+  `finished(job)` when a job reaches succeeded, failed or cancelled; `due(delay)` when jobs
+  became claimable or will in `delay` seconds (inserted, retried, returned to the queue) or
+  a running job started waiting (its task's limit has room again);
+  `cancel_requested(job_id)` when a job was cancelled (whoever runs it stops it);
+  `resync()` when the store may have missed some of these (a lost database connection):
+  listeners then read again what they wait for. A daemon's own wake-ups (a slot it freed)
+  are its business, not store events.
 """
 
 from __future__ import annotations
@@ -12,7 +44,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from taskd.models import AttemptError, FiredJob, Job, JobOrigin, JobStatus, TaskCounts
+from taskd.models import FiredJob, Job, JobOrigin, JobStatus, NodeInfo, TaskCounts
 from taskd.store.events import JobEvents
 
 
@@ -31,16 +63,20 @@ class InvalidTransition(StoreError):
 
 
 class NewJob(msgspec.Struct, frozen=True):
-    """A job to insert; `payload` is msgpack already validated against the task's schema."""
+    """A job to insert; `payload` is msgpack already validated against the task's schema.
+
+    It is due `delay` seconds after the insert, or at `run_at` (a time a person gave) if set.
+    """
 
     task: str
     payload: bytes
     origin: JobOrigin
-    run_at: float
     max_attempts: int
     priority: int = 0
     key: str | None = None
     parent_id: int | None = None
+    delay: float = 0.0
+    run_at: float | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -50,31 +86,60 @@ class Inserted(msgspec.Struct, frozen=True):
     duplicate: bool
 
 
+class Failure(msgspec.Struct, frozen=True):
+    """Why an attempt failed; the store records it with the attempt's number and time."""
+
+    kind: Literal["error", "timeout"]
+    message: str
+    traceback: str | None = None
+
+
 class Outcome(msgspec.Struct, frozen=True):
     """What one attempt of a claimed job came to, as its worker reports it.
 
-    `epoch` (the job's claim count when this worker claimed it) and `owner` fence the
-    write: it applies only while the job is still running that claim. `status` "pending"
-    schedules a retry at `run_at`; `release` gives the job back without counting the
-    attempt (graceful stop).
+    `epoch` (the job's claim count when this worker claimed it) and `worker` fence the
+    write: it applies only while the job is still running that claim. "retry" puts the job
+    back in the queue for another attempt in `retry_in` seconds; "released" gives it back
+    at once without counting the attempt (the daemon is stopping).
     """
 
     job_id: int
     epoch: int
-    owner: str
-    status: Literal["succeeded", "failed", "pending", "cancelled"]
-    finished_at: float
+    worker: str
+    status: Literal["succeeded", "failed", "retry", "released"]
     result: bytes | None = None
-    error: AttemptError | None = None
-    run_at: float | None = None
-    release: bool = False
+    error: Failure | None = None
+    retry_in: float = 0.0
+
+
+class ClaimRequest(msgspec.Struct, frozen=True):
+    """A worker asks for up to `limit` due jobs, each leased to it for `lease` seconds.
+
+    `limits` is the configured concurrency of the tasks that have one: the store counts
+    each task's running jobs across every worker (those waiting for another job excepted).
+    """
+
+    worker: str
+    limit: int
+    lease: float
+    limits: Mapping[str, int] = {}
 
 
 class Claimed(msgspec.Struct, frozen=True):
-    """Jobs a claim handed out, and when the next pending job it could not take is due."""
+    """Jobs a claim handed out (lowest priority number, then earliest due, then oldest
+    first), and in how many seconds the next pending job it could not take is due (None:
+    none is pending, besides those of tasks at their limit)."""
 
     jobs: list[Job]
-    next_due: float | None
+    next_due_in: float | None
+
+
+class Finished(msgspec.Struct, frozen=True):
+    """What `finish` recorded (None where fencing refused an outcome), and the claim made
+    in the same transaction, if one was asked for."""
+
+    jobs: list[Job | None]
+    claimed: Claimed | None = None
 
 
 class JobFilter(msgspec.Struct, frozen=True):
@@ -84,12 +149,12 @@ class JobFilter(msgspec.Struct, frozen=True):
 
 
 class ScheduleState(msgspec.Struct):
-    """What the store remembers of a schedule across restarts.
+    """What the store remembers of a schedule, shared by every daemon.
 
-    `last_tick` is the latest tick fired (a tick is never fired twice); `covered_until` is
-    the instant up to which every tick has been dealt with (fired, or deliberately not:
-    paused, or dropped by catch_up), so that ticks after it and before a start-up are the
-    missed ones. `last_jobs` are the jobs of the latest firing, one per task.
+    `last_tick` is the latest tick fired; `covered_until` is the instant up to which every
+    tick has been dealt with (fired, or deliberately not: paused, or dropped by catch_up),
+    so that ticks after it and before a start-up are the missed ones. `last_jobs` are the
+    jobs of the latest firing, one per task.
     """
 
     id: str
@@ -101,8 +166,17 @@ class ScheduleState(msgspec.Struct):
     last_jobs: list[FiredJob] = []
 
 
+class TickFired(msgspec.Struct, frozen=True):
+    """A firing: `fired` is False if the tick had fired already (here or on another daemon);
+    `jobs` are the tick's jobs, whoever fired it."""
+
+    fired: bool
+    jobs: list[FiredJob]
+
+
 class Store(Protocol):
-    """A durable job store. Batch methods take and return lists in the same order."""
+    """A durable job store; see the module's docstring for the contract. Batch methods take
+    and return lists in the same order."""
 
     events: JobEvents
     description: str  # where the data lives, for status output
@@ -112,35 +186,63 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def insert(self, jobs: Sequence[NewJob], now: float) -> list[Inserted]:
+    # -- nodes ---------------------------------------------------------------------------
+
+    async def register_node(self, node: str, ttl: float) -> str:
+        """Start a new worker of `node` with a heartbeat of `ttl` seconds; return its id.
+
+        The node's previous worker is no longer alive: its running jobs can be recovered.
+        """
+
+    async def leave(self, worker: str) -> None:
+        """The worker stops (its jobs went back to the queue); it is not alive any more,
+        and its node's next start is still a new worker."""
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The nodes alive, with the number of jobs each runs."""
+
+    # -- job writes ----------------------------------------------------------------------
+
+    async def insert(self, jobs: Sequence[NewJob]) -> list[Inserted]:
         """Insert jobs; one with the task and key of an active job returns that job instead."""
 
-    async def claim(
-        self, owner: str, limit: int, task_slots: Mapping[str, int], lease_until: float, now: float
-    ) -> Claimed:
-        """Mark up to `limit` due pending jobs running for `owner`, lowest priority first.
+    async def claim(self, request: ClaimRequest) -> Claimed:
+        """Mark up to `request.limit` due pending jobs running for the worker; none if the
+        worker is not registered (its node started again, or it left)."""
 
-        `task_slots` caps how many jobs of a task may be claimed; tasks not in it are uncapped.
+    async def finish(
+        self, outcomes: Sequence[Outcome], claim: ClaimRequest | None = None
+    ) -> Finished:
+        """Record outcomes, then (if asked) claim, in one transaction."""
+
+    async def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> list[int]:
+        """Extend the worker's heartbeat and its leases on `job_ids` by `lease` seconds.
+
+        Returns the ids it no longer holds (cancelled, finished, or taken over after its
+        lease or heartbeat expired): the worker must stop running them. All of them if
+        the worker is not alive any more (its node started again elsewhere).
         """
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[Job | None]:
-        """Record outcomes; each entry is the updated job, or None where fencing refused it."""
+    async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
+        """Mark a running job as waiting for another job (or no longer); False if fenced."""
 
-    async def renew(self, owner: str, job_ids: Sequence[int], lease_until: float) -> None:
-        """Extend the leases `owner` holds on running jobs."""
+    async def recover(self, quarantine_after: int) -> list[Job]:
+        """Take back the running jobs whose lease expired or whose worker is not alive.
 
-    async def recover(self, now: float, quarantine_after: int, *, everything: bool) -> list[Job]:
-        """Return interrupted running jobs (lease expired, or all if `everything`) to pending.
-
-        The lost attempt is counted; a job interrupted `quarantine_after` times, or on its
-        last attempt, fails instead.
+        The lost attempt is counted and recorded as `interrupted`; a job interrupted
+        `quarantine_after` times, or on its last attempt, fails instead of going back.
         """
 
-    async def cancel(self, job_id: int, now: float) -> Job:
+    async def cancel(self, job_id: int) -> Job:
         """Cancel a pending or running job; raise JobNotFound or InvalidTransition."""
 
-    async def retry(self, job_id: int, now: float) -> Job:
+    async def retry(self, job_id: int) -> Job:
         """Put a failed or cancelled job back to pending with its attempts reset."""
+
+    async def prune(self, older_than: Mapping[JobStatus, float]) -> int:
+        """Delete the jobs of each status that finished more than so many seconds ago."""
+
+    # -- job reads -----------------------------------------------------------------------
 
     async def get(self, job_id: int) -> Job | None:
         """One job with the errors of all its attempts."""
@@ -148,18 +250,41 @@ class Store(Protocol):
     async def list_jobs(self, query: JobFilter) -> list[Job]:
         """Jobs matching the filter, newest first."""
 
-    async def counts(self, now: float) -> list[TaskCounts]:
+    async def counts(self) -> list[TaskCounts]:
         """Jobs per task and status, and per task the oldest due pending job's age."""
 
     async def queue_depth(self) -> int:
         """How many jobs are pending (cheap: for status lines updated as jobs come and go)."""
 
-    async def next_due(self) -> float | None:
-        """When the earliest pending job is due, or None if there is none."""
+    # -- schedules -----------------------------------------------------------------------
 
-    async def prune(self, cutoffs: Mapping[JobStatus, float]) -> int:
-        """Delete finished jobs of each status that finished before its cutoff."""
+    async def schedule_states(self, ids: Sequence[str] | None = None) -> list[ScheduleState]:
+        """The state of the given schedules (those the store knows), or of all."""
 
-    async def schedule_states(self) -> list[ScheduleState]: ...
+    async def add_schedules(self, ids: Sequence[str], first_seen: float) -> None:
+        """Remember schedules: those new to the store, or never covered, are covered until
+        `first_seen` (the ticks after it that go by unfired are the missed ones)."""
 
-    async def save_schedule_states(self, states: Sequence[ScheduleState]) -> None: ...
+    async def cover_schedules(self, ids: Sequence[str], until: float) -> None:
+        """Every tick of these schedules up to `until` has been dealt with (never moves back)."""
+
+    async def set_paused(
+        self, schedule: str, paused: bool, *, covered_until: float | None = None
+    ) -> bool:
+        """Pause or resume a schedule (resuming also covers it until `covered_until`);
+        False if it already was so."""
+
+    async def fire_tick(
+        self,
+        schedule: str,
+        tick: float | None,
+        jobs: Sequence[NewJob],
+        *,
+        covered_until: float | None = None,
+    ) -> TickFired:
+        """Insert a tick's jobs and record the firing in one transaction.
+
+        A tick fires once, however many daemons try: the store keeps a unique (schedule,
+        tick) row. `tick` None is a firing out of schedule (trigger), unique in nothing.
+        The schedule is covered until `covered_until` either way.
+        """

@@ -3,6 +3,7 @@
 Each caller submits a write (a batch operation and its items) and gets its results only
 after the transaction that holds them has committed. Writes of the same operation that
 meet in a batch are merged into one call, so fifty concurrent enqueues become one INSERT.
+Every operation gets the transaction's context (for a store: its connection and "now").
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-BatchOperation = Callable[[list[Any]], Awaitable[list[Any]]]
+Context = TypeVar("Context")
+Operation = Callable[[Context, list[Item]], Awaitable[list[Result]]]
 
 
 class _Write(Generic[Item, Result]):
@@ -25,7 +27,7 @@ class _Write(Generic[Item, Result]):
 
     def __init__(
         self,
-        operation: Callable[[list[Item]], Awaitable[list[Result]]],
+        operation: Operation[Any, Item, Result],
         items: Sequence[Item],
         future: asyncio.Future[list[Result]],
         after_commit: Callable[[list[Result]], None] | None,
@@ -36,12 +38,12 @@ class _Write(Generic[Item, Result]):
         self.after_commit = after_commit
 
 
-class GroupCommit:
+class GroupCommit(Generic[Context]):
     """Serialises all writes through one task and commits them in batches."""
 
     def __init__(
         self,
-        transaction: Callable[[], AbstractAsyncContextManager[None]],
+        transaction: Callable[[], AbstractAsyncContextManager[Context]],
         max_items: int = 2000,
     ) -> None:
         self._transaction = transaction
@@ -61,7 +63,7 @@ class GroupCommit:
 
     async def submit(
         self,
-        operation: Callable[[list[Item]], Awaitable[list[Result]]],
+        operation: Operation[Context, Item, Result],
         items: Sequence[Item],
         after_commit: Callable[[list[Result]], None] | None = None,
     ) -> list[Result]:
@@ -117,14 +119,14 @@ class GroupCommit:
                     logger.exception("telling others about a committed write failed")
 
     async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
-        groups: dict[BatchOperation, list[int]] = {}
+        groups: dict[Operation[Context, Any, Any], list[int]] = {}
         for index, write in enumerate(batch):
             groups.setdefault(write.operation, []).append(index)
         results: list[list[Any]] = [[] for _ in batch]
-        async with self._transaction():
+        async with self._transaction() as context:
             for operation, indexes in groups.items():
                 merged = [item for i in indexes for item in batch[i].items]
-                output = await operation(merged)
+                output = await operation(context, merged)
                 if len(output) != len(merged):
                     raise RuntimeError(f"{operation!r} returned {len(output)} of {len(merged)}")
                 start = 0

@@ -1,47 +1,87 @@
-"""Notifications a store gives after it commits: a job finished, new work is pending.
+"""The store's notifications to its daemon: a job finished, work is due, a job was cancelled,
+and "read again" after a lost connection.
 
-A SQLite store raises them itself after each commit; a shared backend raises them from
-its database notifications. Nobody polls the store to find out.
+A backend raises them after it commits (its own writes, and for a shared store those of
+other daemons, from its database notifications); which and when is the contract in
+`taskd.store.base`. Listeners subscribe here; nobody polls the store to find out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
+from typing import Any
 
 from taskd.models import Job
 
+logger = logging.getLogger(__name__)
+
+
+class _Listeners:
+    """Callbacks for one kind of notification; one that fails is logged, the rest still run."""
+
+    __slots__ = ("_callbacks", "_kind")
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._callbacks: list[Callable[..., None]] = []
+
+    def add(self, callback: Callable[..., None]) -> None:
+        self._callbacks.append(callback)
+
+    def __call__(self, *args: Any) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(*args)
+            except Exception:
+                logger.exception("a listener of %s failed", self._kind)
+
 
 class JobEvents:
-    """Futures for callers waiting on a job's end, and the executor's wake-up call."""
+    """Futures for callers waiting on a job's end, and listeners of the other notifications."""
 
     def __init__(self) -> None:
-        self._waiters: dict[int, list[asyncio.Future[Job]]] = {}
-        self._work = asyncio.Event()
-        self._listeners: list[Callable[[], None]] = []
+        self._waiters: dict[int, list[asyncio.Future[Job | None]]] = {}
+        self._finished = _Listeners("finished jobs")
+        self._due = _Listeners("due work")
+        self._cancelled = _Listeners("cancellations")
+        self._resync = _Listeners("resyncs")
+        self._changed = _Listeners("changes")
 
-    def on_change(self, listener: Callable[[], None]) -> None:
-        """Call `listener` whenever jobs are added, started or ended (it must be cheap)."""
-        self._listeners.append(listener)
+    # -- subscribing ---------------------------------------------------------------------
 
-    def changed(self) -> None:
-        """Tell the listeners that the queue or the running jobs changed."""
-        for listener in self._listeners:
-            listener()
-
-    def watch(self, job_id: int) -> asyncio.Future[Job]:
-        """A future that gets the job once it has finished.
+    def watch(self, job_id: int) -> asyncio.Future[Job | None]:
+        """A future that gets the job once it has finished, or None after a resync (the
+        store may have missed its end: read it again).
 
         Register before reading the job's state, so that no finish falls between the two.
         A cancelled future (the caller stopped waiting) is forgotten.
         """
-        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(future)
         future.add_done_callback(lambda f: self._forget(job_id, f))
         return future
 
-    def _forget(self, job_id: int, future: asyncio.Future[Job]) -> None:
+    def on_finished(self, listener: Callable[[Job], None]) -> None:
+        self._finished.add(listener)
+
+    def on_due(self, listener: Callable[[float], None]) -> None:
+        """`listener(delay)`: jobs are claimable in `delay` seconds (0: now)."""
+        self._due.add(listener)
+
+    def on_cancel(self, listener: Callable[[int], None]) -> None:
+        self._cancelled.add(listener)
+
+    def on_resync(self, listener: Callable[[], None]) -> None:
+        self._resync.add(listener)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever jobs are added, started or ended (it must be cheap)."""
+        self._changed.add(listener)
+
+    def _forget(self, job_id: int, future: asyncio.Future[Job | None]) -> None:
         waiters = self._waiters.get(job_id)
         if waiters is None:
             return
@@ -50,25 +90,35 @@ class JobEvents:
         if not waiters:
             del self._waiters[job_id]
 
+    # -- raised by the store (and `changed` by whoever starts a job) ---------------------
+
     def finished(self, job: Job) -> None:
-        """Tell everyone waiting for this job that it has ended."""
+        """The job has ended: wake everyone waiting for it."""
         for future in self._waiters.pop(job.id, ()):
             if not future.done():
                 future.set_result(job)
-        self.changed()
+        self._finished(job)
+        self._changed()
 
-    def nudge(self) -> None:
-        """Tell the executor to look at the queue again: jobs were added, a slot freed."""
-        self._work.set()
-        self.changed()
+    def due(self, delay: float) -> None:
+        """Jobs are claimable in `delay` seconds (0: now)."""
+        self._due(max(0.0, delay))
+        self._changed()
 
-    async def wait_for_nudge(self, timeout: float | None) -> None:
-        """Return when nudged or after `timeout` seconds, whichever comes first."""
-        if not self._work.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._work.wait(), timeout)
-        self._work.clear()
+    def cancel_requested(self, job_id: int) -> None:
+        """The job was cancelled: whoever runs it must stop it."""
+        self._cancelled(job_id)
 
-    @property
-    def waiting(self) -> int:
-        return sum(len(w) for w in self._waiters.values())
+    def resync(self) -> None:
+        """Notifications may have been missed: every waiter and listener reads again."""
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        self._resync()
+        self._changed()
+
+    def changed(self) -> None:
+        """The queue or the running jobs changed (for status lines)."""
+        self._changed()

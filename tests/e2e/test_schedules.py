@@ -6,6 +6,7 @@ import datetime as dt
 import itertools
 import json
 import math
+import signal
 import time
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -160,6 +161,30 @@ def test_catch_up_after_a_stop_across_missed_ticks(taskd_factory: type[Taskd]) -
         assert regular == [regular[0] + n for n in range(len(regular))]
     assert "catch_up = skip: not firing them" in daemon.log
     assert "catch_up = all: firing 3 of them" in daemon.log
+    assert daemon.stop() == 0
+
+
+def test_a_kill_right_after_a_tick_fired_does_not_fire_it_again(
+    taskd_factory: type[Taskd],
+) -> None:
+    # kill -9 just after the tick's jobs were committed, before anything else was written:
+    # the restart catches up the ticks missed since, and not that one.
+    config = '[[schedule]]\ncron = "* * * * * *"\ntasks = "echo"\ncatch_up = "all"\n'
+    daemon = taskd_factory(config=config)
+    daemon.start(env={"TASKD_TEST_CRASH_AT": "tick-fired"}, wait=False)
+    assert daemon.process is not None
+    assert daemon.process.wait(30) == -signal.SIGKILL, daemon.log
+    daemon.close()
+    (fired,) = daemon.stored_jobs()  # the tick's job was committed before the kill
+    killed_at = tick_of(fired)
+    # Ended, so that firing its tick again would start a job of its own, not join this one.
+    daemon.in_store(lambda store: store.cancel(fired.id))
+    time.sleep(1.5)  # at least one tick is missed while taskd is down
+    daemon.start()
+    wait_until(lambda: len(jobs_of(daemon, "echo")) >= 4, timeout=15, what="ticks after restart")
+    ticks = [tick_of(job) for job in jobs_of(daemon, "echo")]
+    assert ticks.count(killed_at) == 1 and len(ticks) == len(set(ticks)), ticks
+    assert ticks[1] == killed_at + 1  # the missed ones were caught up, from the next one
     assert daemon.stop() == 0
 
 

@@ -220,7 +220,11 @@ def test_job_jobs_and_status(taskd: Taskd) -> None:
     assert status["pid"] == taskd.process.pid  # type: ignore[union-attr]
     assert status["counts"] == {"succeeded": 3, "failed": 1}
     assert status["database"].endswith("taskd.db") and status["socket"] == str(taskd.socket)
-    assert "up " in taskd.ctl("status").stdout
+    (node,) = status["nodes"]  # this daemon, alive on its store, running nothing now
+    assert node["id"] == status["node"] and node["pid"] == status["pid"]
+    assert node["worker"] == f"{status['node']}/1" and node["running"] == 0
+    human = taskd.ctl("status").stdout
+    assert "up " in human and f"node:      {status['node']}" in human
 
 
 def test_sigterm_lets_the_running_task_finish(taskd: Taskd, short_tmp: Path) -> None:

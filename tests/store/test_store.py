@@ -1,16 +1,17 @@
-"""The job store's rules: uniqueness, claim order, fencing, recovery, transitions."""
+"""The job store's contract, on every backend: uniqueness, claim order, limits, fencing,
+nodes and recovery, ticks, and the notifications."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from pathlib import Path
 
 import msgspec
 import pytest
 
-from taskd.models import AttemptError, FiredJob
+from taskd.models import FiredJob
 from taskd.store import (
+    ClaimRequest,
+    Failure,
     InvalidTransition,
     JobFilter,
     JobNotFound,
@@ -18,38 +19,41 @@ from taskd.store import (
     Outcome,
     ScheduleState,
     Store,
-    StoreError,
 )
-from taskd.store.sqlite import MIGRATIONS, SqliteStore
+from tests.conftest import NOW
+from tests.support import Clock
 
-NOW = 1_000_000.0
 PAYLOAD = msgspec.msgpack.encode({"x": 1})
+LEASE = 60.0
+W1, W2 = "w1/1", "w2/1"  # the workers of two daemons, registered for every test
+
+
+@pytest.fixture(autouse=True)
+async def workers(store: Store) -> None:
+    assert [await store.register_node(node, LEASE) for node in ("w1", "w2")] == [W1, W2]
 
 
 def new(task: str = "t", **fields: object) -> NewJob:
     values: dict[str, object] = {
-        "task": task, "payload": PAYLOAD, "origin": "enqueue", "run_at": NOW, "max_attempts": 3,
+        "task": task, "payload": PAYLOAD, "origin": "enqueue", "max_attempts": 3,
     }  # fmt: skip
     values.update(fields)
     return NewJob(**values)  # type: ignore[arg-type]
 
 
-async def claim(store: Store, limit: int = 10, now: float = NOW, owner: str = "w1", **slots: int):  # type: ignore[no-untyped-def]
-    return await store.claim(owner, limit, slots, now + 60, now)
+async def claim(store: Store, limit: int = 10, worker: str = W1, **limits: int):  # type: ignore[no-untyped-def]
+    return await store.claim(ClaimRequest(worker, limit, LEASE, limits))
 
 
-def succeeded(job_id: int, epoch: int = 1, owner: str = "w1", result: object = "ok") -> Outcome:
-    return Outcome(
-        job_id, epoch, owner, "succeeded", NOW + 1, result=msgspec.msgpack.encode(result)
-    )
+def succeeded(job_id: int, epoch: int = 1, worker: str = W1, result: object = "ok") -> Outcome:
+    return Outcome(job_id, epoch, worker, "succeeded", result=msgspec.msgpack.encode(result))
 
 
-def error(attempt: int = 1) -> AttemptError:
-    return AttemptError(attempt, "error", "ValueError: boom", NOW + 1, "Traceback ...")
+ERROR = Failure("error", "ValueError: boom", "Traceback ...")
 
 
 async def test_insert_and_get_round_trip(store: Store) -> None:
-    (inserted,) = await store.insert([new(priority=5, key="k", parent_id=None)], NOW)
+    (inserted,) = await store.insert([new(priority=5, key="k", parent_id=None)])
     assert not inserted.duplicate
     job = await store.get(inserted.job_id)
     assert job is not None
@@ -65,26 +69,48 @@ async def test_insert_and_get_round_trip(store: Store) -> None:
     assert await store.get(inserted.job_id + 1000) is None
 
 
+async def test_due_time_from_a_delay_or_a_given_instant(store: Store) -> None:
+    delayed, at = await store.insert([new(delay=30), new(run_at=NOW + 99, delay=5)])
+    jobs = {job.id: job for job in await store.list_jobs(JobFilter())}
+    assert jobs[delayed.job_id].run_at == NOW + 30  # the store's clock plus the delay
+    assert jobs[at.job_id].run_at == NOW + 99  # an instant a person gave wins
+
+
 async def test_unique_key_returns_the_active_job(store: Store) -> None:
     first, same, other_task, other_key, unkeyed = await store.insert(
-        [new(key="k"), new(key="k"), new("u", key="k"), new(key="k2"), new()], NOW
+        [new(key="k"), new(key="k"), new("u", key="k"), new(key="k2"), new()]
     )
     assert same.job_id == first.job_id and same.duplicate
     assert not other_task.duplicate and not other_key.duplicate and not unkeyed.duplicate
     assert len({first.job_id, other_task.job_id, other_key.job_id, unkeyed.job_id}) == 4
-    (again,) = await store.insert([new(key="k")], NOW)
+    (again,) = await store.insert([new(key="k")])
     assert again == same
     # Once the keyed job has finished, the key is free again.
     claimed = await claim(store, limit=10)
-    job_ids = {job.id for job in claimed.jobs}
-    assert first.job_id in job_ids
+    assert first.job_id in {job.id for job in claimed.jobs}
     await store.finish([succeeded(first.job_id)])
-    (fresh,) = await store.insert([new(key="k")], NOW)
+    (fresh,) = await store.insert([new(key="k")])
     assert not fresh.duplicate and fresh.job_id != first.job_id
 
 
+async def test_ids_match_the_jobs_they_were_given_for(store: Store) -> None:
+    # More than one INSERT statement's worth, keyed and unkeyed mixed, duplicates within.
+    jobs = [
+        new(f"t{n % 7}", payload=msgspec.msgpack.encode(n), key=f"k{n % 5}" if n % 3 else None)
+        for n in range(1200)
+    ]
+    inserted = await store.insert(jobs)
+    first_of_key: dict[tuple[str, str | None], int] = {}
+    for n, (job, row) in enumerate(zip(jobs, inserted, strict=True)):
+        stored = await store.get(row.job_id)
+        assert stored is not None and (stored.task, stored.key) == (job.task, job.key)
+        first = first_of_key.setdefault((job.task, job.key), n) if job.key else n
+        assert row.duplicate == (first != n)
+        assert msgspec.msgpack.decode(stored.payload) == first
+
+
 async def test_concurrent_inserts_in_one_tick_share_one_job(store: Store) -> None:
-    results = await asyncio.gather(*(store.insert([new(key="@run")], NOW) for _ in range(100)))
+    results = await asyncio.gather(*(store.insert([new(key="@run")]) for _ in range(100)))
     ids = {inserted.job_id for (inserted,) in results}
     assert len(ids) == 1
     assert sum(not inserted.duplicate for (inserted,) in results) == 1
@@ -92,114 +118,226 @@ async def test_concurrent_inserts_in_one_tick_share_one_job(store: Store) -> Non
 
 
 async def test_concurrent_unkeyed_inserts_all_land(store: Store) -> None:
-    results = await asyncio.gather(*(store.insert([new(), new()], NOW) for _ in range(200)))
+    results = await asyncio.gather(*(store.insert([new(), new()]) for _ in range(200)))
     ids = [inserted.job_id for pair in results for inserted in pair]
     assert len(set(ids)) == 400
     assert len(await store.list_jobs(JobFilter(limit=1000))) == 400
 
 
-async def test_claim_order_priority_then_due_time_then_fifo(store: Store) -> None:
+async def test_claim_order_priority_then_due_time_then_fifo(store: Store, clock: Clock) -> None:
     inserted = await store.insert(
         [
             new(priority=0, run_at=NOW - 5),  # 0
-            new(priority=-1, run_at=NOW),  # 1: lowest priority number first
+            new(priority=-1),  # 1: lowest priority number first
             new(priority=0, run_at=NOW - 10),  # 2: earlier due among equal priority
             new(priority=0, run_at=NOW - 5),  # 3: FIFO after 0
-            new(priority=-5, run_at=NOW + 30),  # 4: not due yet
+            new(priority=-5, delay=30),  # 4: not due yet
         ],
-        NOW,
     )
     ids = [i.job_id for i in inserted]
     claimed = await claim(store, limit=10)
     assert [job.id for job in claimed.jobs] == [ids[1], ids[2], ids[0], ids[3]]
-    assert claimed.next_due == NOW + 30
+    assert claimed.next_due_in == 30
     assert all(job.status == "running" and job.attempts == 1 for job in claimed.jobs)
-    assert all(job.worker == "w1" for job in claimed.jobs)
-    later = await claim(store, now=NOW + 31)
-    assert [job.id for job in later.jobs] == [ids[4]]
+    assert all(job.worker == W1 and job.started_at == NOW for job in claimed.jobs)
+    clock.now = NOW + 31
+    later = await claim(store)
+    assert [job.id for job in later.jobs] == [ids[4]] and later.next_due_in is None
 
 
-async def test_claim_respects_limit_and_task_slots(store: Store) -> None:
-    await store.insert([new("a") for _ in range(5)] + [new("b") for _ in range(5)], NOW)
-    first = await claim(store, limit=4, a=1)
-    tasks = [job.task for job in first.jobs]
-    assert tasks.count("a") == 1 and len(tasks) == 4
-    second = await claim(store, limit=10, a=0, b=0)
-    assert second.jobs == [] and second.next_due is None  # only capped tasks remain
-    third = await claim(store, limit=10, a=2)
-    assert [job.task for job in third.jobs].count("a") == 2
+async def test_claim_respects_limit_and_concurrency_across_workers(store: Store) -> None:
+    await store.insert([new("a") for _ in range(5)] + [new("b") for _ in range(5)])
+    first = await claim(store, limit=4, worker=W1, a=2)
+    assert [job.task for job in first.jobs].count("a") == 2 and len(first.jobs) == 4
+    # Another worker with the same limits: a already runs twice, wherever that is.
+    second = await claim(store, limit=10, worker=W2, a=2)
+    assert {job.task for job in second.jobs} == {"b"} and len(second.jobs) == 3
+    assert second.next_due_in is None  # only jobs of a task at its limit remain
+    running_a = next(job for job in first.jobs if job.task == "a")
+    await store.finish([succeeded(running_a.id)])
+    third = await claim(store, limit=10, worker=W2, a=2)
+    assert [job.task for job in third.jobs] == ["a"]
+
+
+async def test_a_waiting_job_counts_against_no_limit(store: Store) -> None:
+    await store.insert([new("a") for _ in range(3)])
+    (parent,) = (await claim(store, limit=1, a=1)).jobs
+    assert (await claim(store, a=1)).jobs == []
+    assert await store.set_waiting(parent.id, parent.epoch, W1, True)
+    (child,) = (await claim(store, a=1)).jobs  # the parent lends its place
+    assert not await store.set_waiting(parent.id, parent.epoch, W2, False)  # fenced
+    assert await store.set_waiting(parent.id, parent.epoch, W1, False)
+    assert (await claim(store, a=1)).jobs == []  # both count again (one over the limit)
+    await store.finish([succeeded(child.id)])
+    assert (await claim(store, a=1)).jobs == []
+    await store.finish([succeeded(parent.id)])
+    assert len((await claim(store, a=1)).jobs) == 1
 
 
 async def test_finish_success_retry_and_failure(store: Store) -> None:
-    a, b, c = (i.job_id for i in await store.insert([new(), new(), new(max_attempts=1)], NOW))
+    a, b, c = (i.job_id for i in await store.insert([new(), new(), new(max_attempts=1)]))
     await claim(store)
-    done, retried, failed = await store.finish(
+    finished = await store.finish(
         [
             succeeded(a, result={"answer": 42}),
-            Outcome(b, 1, "w1", "pending", NOW + 1, error=error(), run_at=NOW + 60),
-            Outcome(c, 1, "w1", "failed", NOW + 1, error=error()),
+            Outcome(b, 1, W1, "retry", error=ERROR, retry_in=60),
+            Outcome(c, 1, W1, "failed", error=ERROR),
         ]
     )
-    assert done is not None and done.status == "succeeded" and done.finished_at == NOW + 1
+    done, retried, failed = finished.jobs
+    assert done is not None and done.status == "succeeded" and done.finished_at == NOW
     assert msgspec.msgpack.decode(done.result) == {"answer": 42}
     assert retried is not None and retried.status == "pending" and retried.run_at == NOW + 60
     assert retried.finished_at is None and retried.error == "ValueError: boom"
     assert failed is not None and failed.status == "failed"
     job = await store.get(c)
-    assert job is not None and [e.message for e in job.errors] == ["ValueError: boom"]
-    assert job.errors[0].traceback == "Traceback ..."
+    assert job is not None and [(e.attempt, e.message, e.at) for e in job.errors] == [
+        (1, "ValueError: boom", NOW)
+    ]
+    assert job.errors[0].traceback == "Traceback ..." and job.errors[0].kind == "error"
 
 
-async def test_fencing_refuses_stale_and_foreign_outcomes(store: Store) -> None:
-    (inserted,) = await store.insert([new()], NOW)
+async def test_finish_and_claim_in_one_call(store: Store) -> None:
+    first, second = (i.job_id for i in await store.insert([new(), new()]))
+    await claim(store, limit=1)
+    finished = await store.finish([succeeded(first)], ClaimRequest(W1, 5, LEASE))
+    assert finished.jobs[0] is not None and finished.jobs[0].status == "succeeded"
+    assert finished.claimed is not None and [j.id for j in finished.claimed.jobs] == [second]
+
+
+async def test_fencing_refuses_stale_and_foreign_outcomes(store: Store, clock: Clock) -> None:
+    (inserted,) = await store.insert([new()])
     job_id = inserted.job_id
-    await claim(store, owner="w1")
+    await claim(store, worker=W1)
     # The worker vanishes; its lease expires and the job is claimed again (attempt 2).
-    recovered = await store.recover(NOW + 120, 3, everything=False)
+    clock.now = NOW + LEASE + 1
+    recovered = await store.recover(3)
     assert [job.id for job in recovered] == [job_id]
-    await claim(store, owner="w2", now=NOW + 121)
-    stale, foreign = await store.finish(
-        [succeeded(job_id, epoch=1, owner="w1"), succeeded(job_id, epoch=2, owner="w1")]
-    )
+    await claim(store, worker=W2)
+    stale, foreign = (
+        await store.finish(
+            [succeeded(job_id, epoch=1, worker=W1), succeeded(job_id, epoch=2, worker=W1)]
+        )
+    ).jobs
     assert stale is None and foreign is None
     job = await store.get(job_id)
     assert job is not None and job.status == "running" and (job.attempts, job.epoch) == (2, 2)
-    (current,) = await store.finish([succeeded(job_id, epoch=2, owner="w2")])
+    (current,) = (await store.finish([succeeded(job_id, epoch=2, worker=W2)])).jobs
     assert current is not None and current.status == "succeeded"
-    (late,) = await store.finish([succeeded(job_id, epoch=2, owner="w2")])
+    (late,) = (await store.finish([succeeded(job_id, epoch=2, worker=W2)])).jobs
     assert late is None  # an outcome is recorded once
 
 
 async def test_fencing_survives_a_retry_that_resets_attempts(store: Store) -> None:
-    (inserted,) = await store.insert([new()], NOW)
+    (inserted,) = await store.insert([new()])
     job_id = inserted.job_id
     await claim(store)
-    await store.cancel(job_id, NOW)  # the worker's thread may still be running attempt 1
-    await store.retry(job_id, NOW)
+    await store.cancel(job_id)  # the worker's thread may still be running attempt 1
+    await store.retry(job_id)
     (again,) = (await claim(store)).jobs  # attempt 1 again, by the same worker
     assert (again.attempts, again.epoch) == (1, 2)
-    (late,) = await store.finish([succeeded(job_id, epoch=1)])
+    (late,) = (await store.finish([succeeded(job_id, epoch=1)])).jobs
     assert late is None  # the old thread's late result must not land on the new attempt
-    (current,) = await store.finish([succeeded(job_id, epoch=2)])
+    (current,) = (await store.finish([succeeded(job_id, epoch=2)])).jobs
     assert current is not None and current.status == "succeeded"
 
 
-async def test_release_gives_the_attempt_back(store: Store) -> None:
-    (inserted,) = await store.insert([new()], NOW)
+async def test_released_gives_the_attempt_back(store: Store) -> None:
+    (inserted,) = await store.insert([new()])
     await claim(store)
-    (job,) = await store.finish(
-        [Outcome(inserted.job_id, 1, "w1", "pending", NOW + 1, run_at=NOW + 1, release=True)]
-    )
+    (job,) = (await store.finish([Outcome(inserted.job_id, 1, W1, "released")])).jobs
     assert job is not None and job.status == "pending" and job.attempts == 0
+    assert job.run_at == NOW and job.worker is None
 
 
-async def test_recover_counts_crashes_and_quarantines(store: Store) -> None:
+# -- nodes, leases and recovery ----------------------------------------------------------
+
+
+async def test_each_start_of_a_node_is_a_new_worker(store: Store, clock: Clock) -> None:
+    first = await store.register_node("n1", ttl=LEASE)
+    other = await store.register_node("n2", ttl=LEASE)
+    assert (first, other) == ("n1/1", "n2/1")
+    await store.insert([new()])
+    await claim(store, worker=first)
+    nodes = {node.id: node for node in await store.nodes()}
+    assert (nodes["n1"].worker, nodes["n1"].running, nodes["n2"].running) == ("n1/1", 1, 0)
+    assert nodes["n1"].started_at == nodes["n1"].seen_at == NOW and nodes["n1"].pid > 0
+    assert await store.register_node("n1", ttl=LEASE) == "n1/2"
+    await store.leave(other)
+    assert [node.worker for node in await store.nodes()] == ["n1/2", W1, W2]
+    assert await store.register_node("n2", ttl=LEASE) == "n2/2"  # never n2/1 again
+    clock.now = NOW + LEASE + 1
+    assert await store.nodes() == []  # its heartbeat expired
+
+
+async def test_recovery_takes_back_only_jobs_of_workers_that_are_gone(
+    store: Store, clock: Clock
+) -> None:
+    alive = await store.register_node("alive", ttl=LEASE)
+    restarted = await store.register_node("restarted", ttl=LEASE)
+    silent = await store.register_node("silent", ttl=LEASE)
+    leaving = await store.register_node("leaving", ttl=LEASE)
+    await store.insert([new(), new(), new(), new()])
+    ids = {}
+    for worker in (alive, restarted, silent, leaving):
+        (job,) = (await claim(store, limit=1, worker=worker)).jobs
+        ids[worker] = job.id
+    await store.register_node("restarted", ttl=LEASE)  # its jobs from before are abandoned
+    await store.leave(leaving)
+    recovered = {job.id for job in await store.recover(3)}
+    assert recovered == {ids[restarted], ids[leaving]}
+    clock.now = NOW + 30
+    await store.renew(alive, [ids[alive]], LEASE)  # heartbeat and lease, not silent's
+    clock.now = NOW + LEASE + 1
+    assert [job.id for job in await store.recover(3)] == [ids[silent]]
+    job = await store.get(ids[silent])
+    assert job is not None and job.errors[0].kind == "interrupted"
+    assert "silent/1 went away" in job.errors[0].message
+
+
+async def test_a_worker_whose_heartbeat_lapsed_is_gone_though_its_leases_are_not(
+    store: Store, clock: Clock
+) -> None:
+    await store.insert([new(), new()])
+    late = await store.register_node("late", ttl=LEASE)  # its heartbeat: until NOW + 60
+    clock.now = NOW + 30
+    (first,) = (await claim(store, limit=1, worker=late)).jobs  # leased until NOW + 90
+    clock.now = NOW + LEASE + 1
+    assert [job.id for job in await store.recover(3)] == [first.id]
+    # A lapsed heartbeat that nobody acted on yet: the next renewal carries on.
+    (second,) = (await claim(store, limit=1, worker=late)).jobs
+    assert await store.renew(late, [second.id], LEASE) == []
+    assert await store.recover(3) == []
+
+
+async def test_renew_returns_the_jobs_a_worker_lost(store: Store, clock: Clock) -> None:
+    worker = await store.register_node("n1", ttl=LEASE)
+    await store.insert([new(), new(), new(), new()])
+    kept, cancelled, done, taken = (j.id for j in (await claim(store, worker=worker)).jobs)
+    await store.cancel(cancelled)
+    await store.finish([succeeded(done, worker=worker)])
+    assert await store.renew(worker, [kept, cancelled, done], LEASE) == [cancelled, done]
+    # `taken` was not renewed: its lease expires and another worker takes it over.
+    clock.now = NOW + LEASE + 1
+    await store.renew(worker, [kept], LEASE)
+    assert [job.id for job in await store.recover(3)] == [taken]
+    await claim(store, worker=W2)
+    assert await store.renew(worker, [kept, taken], LEASE) == [taken]
+    # A worker whose node started again has lost everything.
+    await store.register_node("n1", ttl=LEASE)
+    assert await store.renew(worker, [kept], LEASE) == [kept]
+
+
+async def test_recover_counts_crashes_and_quarantines(store: Store, clock: Clock) -> None:
     crashy, last_try = (
-        i.job_id for i in await store.insert([new(max_attempts=10), new(max_attempts=1)], NOW)
+        i.job_id for i in await store.insert([new(max_attempts=10), new(max_attempts=1)])
     )
     for crash in range(1, 4):
-        await claim(store, now=NOW + crash)
-        recovered = {job.id: job for job in await store.recover(NOW + crash, 3, everything=True)}
+        clock.now = NOW + crash
+        worker = await store.register_node("n", ttl=LEASE)
+        await claim(store, worker=worker)
+        await store.register_node("n", ttl=LEASE)  # the daemon died and started again
+        recovered = {job.id: job for job in await store.recover(3)}
         if crash == 1:
             assert recovered[last_try].status == "failed"
             assert "last attempt" in (recovered[last_try].error or "")
@@ -211,170 +349,184 @@ async def test_recover_counts_crashes_and_quarantines(store: Store) -> None:
     assert [e.kind for e in job.errors] == ["interrupted"] * 3
 
 
-async def test_recover_expired_leaves_live_leases_alone(store: Store) -> None:
-    await store.insert([new(), new()], NOW)
-    live, expiring = (await claim(store, limit=2)).jobs
-    await store.renew("w1", [live.id], NOW + 600)
-    recovered = await store.recover(NOW + 100, 3, everything=False)
-    assert [job.id for job in recovered] == [expiring.id]
-
-
-async def test_cancel_and_retry_transitions(store: Store) -> None:
-    pending, running = (i.job_id for i in await store.insert([new(run_at=NOW + 99), new()], NOW))
+async def test_cancel_and_retry_transitions(store: Store, clock: Clock) -> None:
+    pending, running = (i.job_id for i in await store.insert([new(delay=99), new()]))
     await claim(store)
-    assert (await store.cancel(pending, NOW)).status == "cancelled"
-    assert (await store.cancel(running, NOW)).status == "cancelled"
+    assert (await store.cancel(pending)).status == "cancelled"
+    assert (await store.cancel(running)).status == "cancelled"
     with pytest.raises(InvalidTransition, match="is cancelled"):
-        await store.cancel(running, NOW)
+        await store.cancel(running)
     with pytest.raises(JobNotFound):
-        await store.cancel(999_999, NOW)
-    retried = await store.retry(running, NOW + 5)
+        await store.cancel(999_999)
+    clock.now = NOW + 5
+    retried = await store.retry(running)
     assert (retried.status, retried.attempts, retried.run_at) == ("pending", 0, NOW + 5)
     with pytest.raises(InvalidTransition, match="is pending"):
-        await store.retry(running, NOW)
+        await store.retry(running)
 
 
 async def test_retry_refused_while_the_key_is_taken(store: Store) -> None:
-    (first,) = await store.insert([new(key="k")], NOW)
-    await store.cancel(first.job_id, NOW)
-    (second,) = await store.insert([new(key="k")], NOW)
+    (first,) = await store.insert([new(key="k")])
+    await store.cancel(first.job_id)
+    (second,) = await store.insert([new(key="k")])
     assert not second.duplicate
     with pytest.raises(InvalidTransition, match="same key"):
-        await store.retry(first.job_id, NOW)
+        await store.retry(first.job_id)
 
 
 async def test_a_bad_write_does_not_spoil_the_batch(store: Store) -> None:
-    (keyed,) = await store.insert([new(key="k")], NOW)
-    await store.cancel(keyed.job_id, NOW)
-    await store.insert([new(key="k")], NOW)
+    (keyed,) = await store.insert([new(key="k")])
+    await store.cancel(keyed.job_id)
+    await store.insert([new(key="k")])
     results = await asyncio.gather(
-        store.insert([new()], NOW),
-        store.retry(keyed.job_id, NOW),
-        store.insert([new()], NOW),
+        store.insert([new()]),
+        store.retry(keyed.job_id),
+        store.insert([new()]),
         return_exceptions=True,
     )
     assert isinstance(results[1], InvalidTransition)
     assert len(await store.list_jobs(JobFilter())) == 4
 
 
-async def test_list_counts_prune(store: Store) -> None:
-    ids = [
-        i.job_id for i in await store.insert([new("a"), new("a"), new("b", run_at=NOW + 9)], NOW)
-    ]
+async def test_list_counts_prune(store: Store, clock: Clock) -> None:
+    ids = [i.job_id for i in await store.insert([new("a"), new("a"), new("b", delay=9)])]
     await claim(store, limit=1)
     await store.finish([succeeded(ids[0])])
     newest_first = await store.list_jobs(JobFilter())
     assert [job.id for job in newest_first] == sorted(ids, reverse=True)
     assert [job.id for job in await store.list_jobs(JobFilter(statuses=["succeeded"]))] == [ids[0]]
     assert [job.id for job in await store.list_jobs(JobFilter(task="b"))] == [ids[2]]
-    counts = {entry.task: entry for entry in await store.counts(NOW + 4)}
+    clock.now = NOW + 4
+    counts = {entry.task: entry for entry in await store.counts()}
     assert counts["a"].counts == {"pending": 1, "succeeded": 1}
     assert counts["a"].oldest_pending_age == 4
     assert counts["b"].next_due_at == NOW + 9
-    assert await store.next_due() == NOW
     assert await store.queue_depth() == 2
-    assert await store.prune({"succeeded": NOW}) == 0
-    assert await store.prune({"succeeded": NOW + 2}) == 1
+    assert await store.prune({"succeeded": 4}) == 0  # finished exactly 4 s ago
+    assert await store.prune({"succeeded": 2}) == 1
     assert await store.get(ids[0]) is None
 
 
-async def test_events_wake_waiters_after_commit(store: Store) -> None:
-    (inserted,) = await store.insert([new()], NOW)
-    finished = store.events.watch(inserted.job_id)
+# -- schedules -----------------------------------------------------------------------------
+
+
+def tick_jobs(*tasks: str) -> list[NewJob]:
+    return [new(task, origin="schedule", key="@run", priority=-10) for task in tasks]
+
+
+async def test_schedule_state_by_targeted_updates(store: Store) -> None:
+    await store.add_schedules(["s1", "s2"], first_seen=NOW)
+    await store.add_schedules(["s1", "s3"], first_seen=NOW + 50)  # s1 keeps what it had
+    await store.cover_schedules(["s2"], until=NOW + 10)
+    await store.cover_schedules(["s2"], until=NOW + 5)  # never moves back
+    assert await store.set_paused("s3", True)
+    assert not await store.set_paused("s3", True)  # already paused
+    assert await store.set_paused("s3", False, covered_until=NOW + 70)
+    states = {state.id: state for state in await store.schedule_states()}
+    assert states["s1"] == ScheduleState("s1", covered_until=NOW)
+    assert states["s2"] == ScheduleState("s2", covered_until=NOW + 10)
+    assert states["s3"] == ScheduleState("s3", covered_until=NOW + 70)
+    assert [s.id for s in await store.schedule_states(["s2", "nope"])] == ["s2"]
+
+
+async def test_a_tick_fires_once(store: Store, clock: Clock) -> None:
+    await store.add_schedules(["s"], first_seen=NOW)
+    clock.now = NOW + 60.5
+    first = await store.fire_tick("s", NOW + 60, tick_jobs("a", "b"), covered_until=NOW + 60.5)
+    assert first.fired and [(job.task, job.joined) for job in first.jobs] == [
+        ("a", False), ("b", False),
+    ]  # fmt: skip
+    again = await store.fire_tick("s", NOW + 60, tick_jobs("a", "b"))
+    assert not again.fired and again.jobs == first.jobs  # whoever fired it
+    assert len(await store.list_jobs(JobFilter())) == 2
+    (state,) = await store.schedule_states(["s"])
+    assert state == ScheduleState(
+        "s", last_tick=NOW + 60, covered_until=NOW + 60.5, fired_at=NOW + 60.5,
+        last_jobs=first.jobs,
+    )  # fmt: skip
+
+
+async def test_a_tick_joins_runs_in_progress_and_a_trigger_is_no_tick(
+    store: Store, clock: Clock
+) -> None:
+    await store.add_schedules(["s"], first_seen=NOW)
+    first = await store.fire_tick("s", NOW + 60, tick_jobs("a"))
+    later = await store.fire_tick("s", NOW + 120, tick_jobs("a"))
+    assert later.fired and later.jobs == [FiredJob("a", first.jobs[0].id, joined=True)]
+    clock.now = NOW + 150
+    triggered = await store.fire_tick("s", None, tick_jobs("a"))
+    assert triggered.fired and triggered.jobs[0].joined
+    (state,) = await store.schedule_states(["s"])
+    assert (state.last_tick, state.coalesced, state.fired_at) == (NOW + 120, 2, NOW + 150)
+    # An older tick fired late (a catch-up) leaves last_tick where it is.
+    assert (await store.fire_tick("s", NOW + 30, tick_jobs("a"))).fired
+    (state,) = await store.schedule_states(["s"])
+    assert state.last_tick == NOW + 120
+
+
+async def test_pruning_forgets_old_ticks(store: Store, clock: Clock) -> None:
+    await store.fire_tick("s", NOW, tick_jobs("a"))
+    clock.now = NOW + 100
+    await store.prune({"succeeded": 200})
+    assert not (await store.fire_tick("s", NOW, [])).fired
+    await store.prune({"succeeded": 50})
+    assert (await store.fire_tick("s", NOW, [])).fired
+
+
+# -- notifications -------------------------------------------------------------------------
+
+
+async def test_events_after_commit(store: Store) -> None:
+    due: list[float] = []
+    cancelled: list[int] = []
+    store.events.on_due(due.append)
+    store.events.on_cancel(cancelled.append)
+    now, later = await store.insert([new(), new(delay=30)])
+    assert due == [0]  # the earliest of the batch
+    await store.insert([new(delay=30)])
+    assert due == [0, 30]
+    finished = store.events.watch(now.job_id)
     await claim(store)
     assert not finished.done()
-    await store.finish([succeeded(inserted.job_id)])
+    await store.finish([succeeded(now.job_id)])
     job = await asyncio.wait_for(finished, 1)
-    assert job.status == "succeeded"
+    assert job is not None and job.status == "succeeded"
+    await store.cancel(later.job_id)
+    assert cancelled == [later.job_id]
 
 
-async def test_schedule_state_persists(store: Store) -> None:
-    await store.save_schedule_states([ScheduleState("s1", last_tick=NOW, paused=True, coalesced=2)])
-    jobs = [FiredJob("a", 7), FiredJob("b", 8, joined=True)]
-    updated = ScheduleState(
-        "s1", last_tick=NOW + 60, coalesced=3, covered_until=NOW + 61, fired_at=NOW + 60.5,
-        last_jobs=jobs,
-    )  # fmt: skip
-    await store.save_schedule_states([updated, ScheduleState("s2")])
-    states = {state.id: state for state in await store.schedule_states()}
-    assert states["s1"] == updated
-    assert states["s2"] == ScheduleState("s2")
+async def test_a_retry_outcome_says_when_the_job_is_due(store: Store) -> None:
+    (inserted,) = await store.insert([new()])
+    await claim(store)
+    due: list[float] = []
+    store.events.on_due(due.append)
+    await store.finish([Outcome(inserted.job_id, 1, W1, "retry", error=ERROR, retry_in=7)])
+    assert due == [7]
 
 
-# -- SQLite-specific: the file and its lock ------------------------------------------------
-
-
-async def test_second_store_on_the_same_file_is_refused(tmp_path: Path) -> None:
-    first = SqliteStore(tmp_path / "jobs.db")
-    await first.open()
-    try:
-        with pytest.raises(StoreError, match="in use by another taskd"):
-            await SqliteStore(tmp_path / "jobs.db").open()
-    finally:
-        await first.close()
-
-
-async def test_corrupt_or_newer_database_is_refused_clearly(tmp_path: Path) -> None:
-    garbage = tmp_path / "garbage.db"
-    garbage.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StoreError, match=r"cannot open job store .*garbage\.db"):
-        await SqliteStore(garbage).open()
-    newer = tmp_path / "newer.db"
-    with sqlite3.connect(newer) as connection:
-        connection.execute("PRAGMA user_version = 99")
-    with pytest.raises(StoreError, match="newer than this taskd"):
-        await SqliteStore(newer).open()
-
-
-async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    with sqlite3.connect(path) as connection:
-        connection.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
-        connection.execute(
-            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at)"
-            " VALUES ('t', 'pending', 'enqueue', x'c0', 3, ?, ?)",
-            (NOW, NOW),
-        )
-        connection.execute("INSERT INTO schedules (id, last_tick, paused) VALUES ('x', 5.0, 1)")
-    store = SqliteStore(path)
-    await store.open()
-    try:
-        (job,) = (await claim(store)).jobs
-        assert (job.task, job.epoch) == ("t", 1)
-        (state,) = await store.schedule_states()
-        assert state == ScheduleState("x", last_tick=5.0, paused=True, covered_until=5.0)
-    finally:
-        await store.close()
-    with sqlite3.connect(path) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-
-
-async def test_data_survives_reopen(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "jobs.db")
-    await store.open()
-    (first,) = await store.insert([new()], NOW)
-    await store.close()
-    store = SqliteStore(tmp_path / "jobs.db")
-    await store.open()
-    (second,) = await store.insert([new()], NOW)
-    assert second.job_id == first.job_id + 1
-    assert await store.get(first.job_id) is not None
-    await store.close()
+async def test_a_resync_tells_waiters_to_read_again(store: Store) -> None:
+    (inserted,) = await store.insert([new()])
+    waiter = store.events.watch(inserted.job_id)
+    resynced: list[bool] = []
+    store.events.on_resync(lambda: resynced.append(True))
+    store.events.resync()
+    assert await asyncio.wait_for(waiter, 1) is None and resynced == [True]
 
 
 async def test_others_are_told_of_a_write_whose_caller_gave_up(store: Store) -> None:
     # A client that hangs up right after `enqueue` cancels the request's task while the
     # insert is in flight; the job is committed all the same, so the executor must hear.
-    store.events.nudge()
-    await store.events.wait_for_nudge(0)  # start from a cleared nudge
-    caller = asyncio.create_task(store.insert([new()], NOW))
+    due = asyncio.Event()
+    store.events.on_due(lambda _: due.set())
+    caller = asyncio.create_task(store.insert([new()]))
     await asyncio.sleep(0)  # the write is queued
     caller.cancel()
-    await asyncio.wait_for(store.events.wait_for_nudge(None), 5)
+    await asyncio.wait_for(due.wait(), 5)
     (job,) = await store.list_jobs(JobFilter())
     # Likewise a cancel whose caller gave up still wakes the job's waiters.
     waiter = store.events.watch(job.id)
-    canceller = asyncio.create_task(store.cancel(job.id, NOW))
+    canceller = asyncio.create_task(store.cancel(job.id))
     await asyncio.sleep(0)
     canceller.cancel()
-    assert (await asyncio.wait_for(waiter, 5)).status == "cancelled"
+    cancelled = await asyncio.wait_for(waiter, 5)
+    assert cancelled is not None and cancelled.status == "cancelled"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from taskd.config import ConfigError, load_config, resolve_paths
+from taskd.config import ConfigError, database_url, load_config, resolve_paths
 
 
 def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
@@ -17,9 +17,23 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     config, base = load(tmp_path, 'database = "data/t.db"\nsocket = "/run/x/t.sock"\n')
     assert config.workers == 16 and config.grace_period == 30 and config.lease == 60
     paths = resolve_paths(config, base)
-    assert paths.database == tmp_path / "data" / "t.db"
+    assert paths.database == f"sqlite://{tmp_path}/data/t.db"
     assert str(paths.socket) == "/run/x/t.sock"
     assert paths.tasks == tmp_path / "tasks"
+
+
+@pytest.mark.parametrize(
+    ("setting", "url"),
+    [
+        ("t.db", "sqlite:///base/t.db"),  # a file path, as always
+        ("/var/lib/taskd/t.db", "sqlite:///var/lib/taskd/t.db"),
+        ("sqlite:///var/lib/taskd/t.db", "sqlite:///var/lib/taskd/t.db"),
+        ("sqlite://data/t.db", "sqlite:///base/data/t.db"),  # relative after sqlite://
+        ("sqlite:///base/../t.db", "sqlite:///t.db"),
+    ],
+)
+def test_the_database_is_a_path_or_a_url(setting: str, url: str) -> None:
+    assert database_url(setting, Path("/base")) == url
 
 
 def test_durations_accept_numbers_and_units(tmp_path: Path) -> None:
@@ -38,6 +52,8 @@ def test_durations_accept_numbers_and_units(tmp_path: Path) -> None:
         ('log_level = "loud"', "log_level"),
         ("[task.x]\nconcurrency = 0", "concurrency must be at least 1"),
         ("workers = [", "invalid TOML"),
+        ('database = "postgresql://db/taskd"', "unsupported URL scheme 'postgresql'"),
+        ('node_id = "a/b"', "node_id 'a/b': use 1 to 100 letters"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, text: str, message: str) -> None:

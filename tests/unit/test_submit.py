@@ -24,10 +24,10 @@ SUBMITTER = Submitter(Store.__new__(Store), lambda: REGISTRY)  # prepare() never
 )
 def test_payloads_that_cannot_be_decoded(payload: bytes, message: str) -> None:
     with pytest.raises(PayloadInvalid, match=message):
-        SUBMITTER.prepare(JobRequest("echo", payload, "run"), 0.0)
+        SUBMITTER.prepare(JobRequest("echo", payload, "run"))
 
 
 @pytest.mark.parametrize("run_at", [float("nan"), float("inf"), float("-inf")])
 def test_run_at_must_be_a_time(run_at: float) -> None:
     with pytest.raises(InvalidRequest, match="run_at must be a Unix time"):
-        SUBMITTER.prepare(JobRequest("echo", b"\xc0", "enqueue", run_at=run_at), 0.0)
+        SUBMITTER.prepare(JobRequest("echo", b"\xc0", "enqueue", run_at=run_at))

@@ -1,0 +1,114 @@
+"""The reads, on the reader connection: they never wait for the writer (WAL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+
+from taskd.models import Job, NodeInfo, TaskCounts
+from taskd.store.base import JobFilter, ScheduleState
+from taskd.store.sqlite.schema import (
+    JOB_COLUMNS,
+    NODE_COLUMNS,
+    SCHEDULE_COLUMNS,
+    error_from_row,
+    job_from_row,
+    marks,
+    node_from_row,
+    schedule_from_row,
+)
+
+
+async def fetch(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    return list(await db.execute_fetchall(sql, params))
+
+
+async def get(db: aiosqlite.Connection, job_id: int) -> Job | None:
+    rows = await fetch(db, f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+    if not rows:
+        return None
+    job = job_from_row(rows[0])
+    errors = await fetch(
+        db,
+        "SELECT attempt, kind, message, traceback, at FROM job_errors"
+        " WHERE job_id = ? ORDER BY rowid",
+        (job_id,),
+    )
+    job.errors = [error_from_row(row) for row in errors]
+    return job
+
+
+async def list_jobs(db: aiosqlite.Connection, query: JobFilter) -> list[Job]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if query.statuses:
+        clauses.append(f"status IN ({marks(len(query.statuses))})")
+        params += query.statuses
+    if query.task is not None:
+        clauses.append("task = ?")
+        params.append(query.task)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = await fetch(
+        db,
+        f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
+        (*params, query.limit),
+    )
+    return [job_from_row(row) for row in rows]
+
+
+async def counts(db: aiosqlite.Connection, now: float) -> list[TaskCounts]:
+    by_task: dict[str, dict[str, int]] = {}
+    for row in await fetch(
+        db, "SELECT task, status, count(*) AS n FROM jobs GROUP BY task, status"
+    ):
+        by_task.setdefault(row["task"], {})[row["status"]] = row["n"]
+    waiting = {
+        row["task"]: (row["oldest_due"], row["next_due"])
+        for row in await fetch(
+            db,
+            "SELECT task, min(CASE WHEN run_at <= ? THEN run_at END) AS oldest_due,"
+            " min(CASE WHEN run_at > ? THEN run_at END) AS next_due"
+            " FROM jobs WHERE status = 'pending' GROUP BY task",
+            (now, now),
+        )
+    }
+    result = []
+    for task, task_counts in sorted(by_task.items()):
+        oldest_due, next_due = waiting.get(task, (None, None))
+        result.append(
+            TaskCounts(
+                task=task,
+                counts=task_counts,
+                oldest_pending_age=None if oldest_due is None else now - oldest_due,
+                next_due_at=next_due,
+            )
+        )
+    return result
+
+
+async def queue_depth(db: aiosqlite.Connection) -> int:
+    # The partial index holds only pending jobs: counting them never scans the history.
+    rows = await fetch(
+        db, "SELECT count(*) AS n FROM jobs INDEXED BY jobs_pending_due WHERE status = 'pending'"
+    )
+    return int(rows[0]["n"])
+
+
+async def nodes(db: aiosqlite.Connection, now: float) -> list[NodeInfo]:
+    rows = await fetch(
+        db,
+        f"SELECT {NODE_COLUMNS}, (SELECT count(*) FROM jobs WHERE status = 'running'"
+        " AND worker = nodes.worker) AS running FROM nodes WHERE expires >= ? ORDER BY id",
+        (now,),
+    )
+    return [node_from_row(row) for row in rows]
+
+
+async def schedule_states(
+    db: aiosqlite.Connection, ids: Sequence[str] | None
+) -> list[ScheduleState]:
+    where = f"WHERE id IN ({marks(len(ids))})" if ids is not None else ""
+    rows = await fetch(db, f"SELECT {SCHEDULE_COLUMNS} FROM schedules {where}", ids or ())
+    return [schedule_from_row(row) for row in rows]

@@ -1,0 +1,219 @@
+"""The SQLite schema: its migrations (each a list of statements), and rows decoded by name."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import msgspec
+
+from taskd.models import AttemptError, FiredJob, Job, NodeInfo
+from taskd.store.base import ScheduleState, StoreError
+
+logger = logging.getLogger(__name__)
+
+# Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
+# released migration: add one.
+MIGRATIONS: list[list[str]] = [
+    [
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task TEXT NOT NULL,
+            status TEXT NOT NULL
+                CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')),
+            origin TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            result BLOB,
+            error TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            key TEXT,
+            crashes INTEGER NOT NULL DEFAULT 0,
+            parent_id INTEGER,
+            run_at REAL NOT NULL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            lease_owner TEXT,
+            lease_expires REAL
+        )
+        """,
+        # Single-flight and unique keys: one active job per (task, key).
+        """
+        CREATE UNIQUE INDEX jobs_active_key ON jobs (task, key)
+            WHERE key IS NOT NULL AND status IN ('pending', 'running')
+        """,
+        "CREATE INDEX jobs_claim_order ON jobs (priority, run_at, id) WHERE status = 'pending'",
+        "CREATE INDEX jobs_pending_due ON jobs (run_at) WHERE status = 'pending'",
+        "CREATE INDEX jobs_running_lease ON jobs (lease_expires) WHERE status = 'running'",
+        """
+        CREATE INDEX jobs_finished ON jobs (status, finished_at)
+            WHERE status IN ('succeeded', 'failed', 'cancelled')
+        """,
+        "CREATE INDEX jobs_task_status ON jobs (task, status)",
+        """
+        CREATE TABLE job_errors (
+            job_id INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            traceback TEXT,
+            at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX job_errors_job ON job_errors (job_id)",
+        """
+        CREATE TABLE schedules (
+            id TEXT PRIMARY KEY,
+            last_tick REAL,
+            paused INTEGER NOT NULL DEFAULT 0,
+            coalesced INTEGER NOT NULL DEFAULT 0,
+            last_job_id INTEGER
+        )
+        """,
+    ],
+    # The fencing token: counts claims and, unlike attempts, is never reset by a retry.
+    ["ALTER TABLE jobs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0"],
+    # The scheduler: what has been dealt with, when it last fired, and the jobs of its
+    # latest firing (JSON: [{"task", "id", "joined"}]). They replace last_job_id, which
+    # nothing wrote before this version.
+    [
+        "ALTER TABLE schedules ADD COLUMN covered_until REAL",
+        "ALTER TABLE schedules ADD COLUMN fired_at REAL",
+        "ALTER TABLE schedules ADD COLUMN last_jobs TEXT NOT NULL DEFAULT '[]'",
+        "UPDATE schedules SET covered_until = last_tick",
+    ],
+    # Several daemons: the worker (`node/N`) holding a job's lease, running jobs waiting for
+    # another job (they hold no slot), a heartbeat row per node (kept when it stops, with
+    # `expires` NULL, so that N never repeats), a row per fired tick (a tick fires once),
+    # and an index for claiming the jobs of one task in order.
+    [
+        "ALTER TABLE jobs RENAME COLUMN lease_owner TO worker",
+        "ALTER TABLE jobs ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE INDEX jobs_task_claim_order ON jobs (task, priority, run_at, id)
+            WHERE status = 'pending'
+        """,
+        """
+        CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            worker TEXT NOT NULL UNIQUE,
+            starts INTEGER NOT NULL,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            seen_at REAL NOT NULL,
+            expires REAL
+        )
+        """,
+        """
+        CREATE TABLE schedule_ticks (
+            schedule TEXT NOT NULL,
+            tick REAL NOT NULL,
+            fired_at REAL NOT NULL,
+            jobs TEXT NOT NULL DEFAULT '[]',
+            PRIMARY KEY (schedule, tick)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX schedule_ticks_fired ON schedule_ticks (fired_at)",
+    ],
+]
+
+JOB_COLUMNS = (
+    "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
+    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch"
+)
+SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
+NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"
+
+fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
+
+
+def marks(count: int) -> str:
+    """`?, ?, ?`: the placeholders of a list of parameters."""
+    return ", ".join("?" * count)
+
+
+async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
+    """Bring the schema to the latest version, one transaction per version."""
+    rows = list(await connection.execute_fetchall("PRAGMA user_version"))
+    version = rows[0][0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"job store {path} has schema version {version}, newer than this taskd "
+            f"understands ({len(MIGRATIONS)}); upgrade taskd"
+        )
+    for number in range(version, len(MIGRATIONS)):
+        await connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number]:
+                await connection.execute(statement)
+            await connection.execute(f"PRAGMA user_version = {number + 1}")
+            await connection.execute("COMMIT")
+        except BaseException:
+            await connection.execute("ROLLBACK")
+            raise
+        logger.info("job store %s migrated to schema version %d", path, number + 1)
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    result = row["result"]
+    return Job(
+        id=row["id"],
+        task=row["task"],
+        status=row["status"],
+        origin=row["origin"],
+        payload=msgspec.Raw(row["payload"]),
+        result=None if result is None else msgspec.Raw(result),
+        error=row["error"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        priority=row["priority"],
+        key=row["key"],
+        crashes=row["crashes"],
+        parent_id=row["parent_id"],
+        run_at=row["run_at"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        worker=row["worker"],
+        epoch=row["epoch"],
+    )
+
+
+def error_from_row(row: sqlite3.Row) -> AttemptError:
+    return AttemptError(
+        attempt=row["attempt"],
+        kind=row["kind"],
+        message=row["message"],
+        traceback=row["traceback"],
+        at=row["at"],
+    )
+
+
+def schedule_from_row(row: sqlite3.Row) -> ScheduleState:
+    return ScheduleState(
+        id=row["id"],
+        last_tick=row["last_tick"],
+        paused=bool(row["paused"]),
+        coalesced=row["coalesced"],
+        covered_until=row["covered_until"],
+        fired_at=row["fired_at"],
+        last_jobs=fired_jobs_json.decode(row["last_jobs"]),
+    )
+
+
+def node_from_row(row: sqlite3.Row) -> NodeInfo:
+    return NodeInfo(
+        id=row["id"],
+        worker=row["worker"],
+        host=row["host"],
+        pid=row["pid"],
+        started_at=row["started_at"],
+        seen_at=row["seen_at"],
+        running=row["running"],
+    )

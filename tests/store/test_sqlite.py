@@ -1,0 +1,145 @@
+"""What only the SQLite store does: its file, lock, pragmas, migrations and SQL limits."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from taskd.store import ClaimRequest, NewJob, ScheduleState, StoreError, store_for
+from taskd.store.sqlite import SqliteStore
+from taskd.store.sqlite.jobs import MAX_LIMIT_BRANCHES
+from taskd.store.sqlite.schema import MIGRATIONS
+from tests.conftest import NOW
+from tests.support import Clock
+
+
+def new(task: str = "t") -> NewJob:
+    return NewJob(task, msgspec.msgpack.encode(None), "enqueue", 3)
+
+
+async def test_second_store_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "jobs.db")
+    await first.open()
+    try:
+        with pytest.raises(StoreError, match="in use by another taskd"):
+            await SqliteStore(tmp_path / "jobs.db").open()
+    finally:
+        await first.close()
+
+
+async def test_wal_and_the_configured_durability(tmp_path: Path) -> None:
+    store = store_for(f"sqlite://{tmp_path}/sub/jobs.db")  # the folder is created
+    await store.open()
+    await store.close()
+    store = SqliteStore(tmp_path / "sub" / "jobs.db", synchronous="NORMAL")
+    await store.open()
+    try:
+        writer = store._writer
+        assert writer is not None
+        (mode,) = await writer.execute_fetchall("PRAGMA journal_mode")
+        (synchronous,) = await writer.execute_fetchall("PRAGMA synchronous")
+        assert (mode[0], synchronous[0]) == ("wal", 1)  # 1: NORMAL
+    finally:
+        await store.close()
+    assert oct((tmp_path / "sub").stat().st_mode & 0o777) == oct(0o700)
+
+
+async def test_corrupt_or_newer_database_is_refused_clearly(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"cannot open job store .*garbage\.db"):
+        await SqliteStore(garbage).open()
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as connection:
+        connection.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="newer than this taskd"):
+        await SqliteStore(newer).open()
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        for statement in MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute(
+            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at)"
+            " VALUES ('t', 'pending', 'enqueue', x'c0', 3, ?, ?)",
+            (NOW, NOW),
+        )
+        # Left running by a taskd of that version: its owner is no worker of today's.
+        connection.execute(
+            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at,"
+            " attempts, lease_owner, lease_expires)"
+            " VALUES ('t', 'running', 'enqueue', x'c0', 3, ?, ?, 1, 'host:12:abcd', ?)",
+            (NOW, NOW, NOW + 3600),
+        )
+        connection.execute("INSERT INTO schedules (id, last_tick, paused) VALUES ('x', 5.0, 1)")
+    store = SqliteStore(path, clock=Clock(NOW))
+    await store.open()
+    try:
+        (recovered,) = await store.recover(3)
+        assert recovered.status == "pending" and recovered.errors == []
+        job = await store.get(recovered.id)
+        assert job is not None and "worker host:12:abcd went away" in job.errors[0].message
+        claimed = await store.claim(ClaimRequest(await store.register_node("n", 60), 5, 60))
+        assert [(job.task, job.epoch) for job in claimed.jobs] == [("t", 1), ("t", 1)]
+        (state,) = await store.schedule_states()
+        assert state == ScheduleState("x", last_tick=5.0, paused=True, covered_until=5.0)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_ids_keep_counting_after_a_reopen(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    (first,) = await store.insert([new()])
+    await store.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    (second,) = await store.insert([new()])
+    assert second.job_id == first.job_id + 1
+    assert await store.get(first.job_id) is not None
+    await store.close()
+
+
+async def test_the_lock_proves_every_node_row_stale(tmp_path: Path) -> None:
+    # kill -9 leaves the node's row alive for up to its ttl; the next open knows better,
+    # so its jobs come back at once even if the daemon starts under another node id.
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    worker = await store.register_node("old-name", ttl=600)
+    await store.insert([new()])
+    await store.claim(ClaimRequest(worker, 1, 600))
+    await store.close()
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW + 1))
+    await store.open()
+    try:
+        assert await store.nodes() == []
+        await store.register_node("new-name", ttl=600)
+        assert len(await store.recover(3)) == 1
+    finally:
+        await store.close()
+
+
+async def test_claims_with_more_limited_tasks_than_a_compound_select_holds(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    try:
+        tasks = [f"task{n}" for n in range(MAX_LIMIT_BRANCHES + 50)]
+        await store.insert([new(task) for task in tasks for _ in range(2)] + [new("free")] * 3)
+        limits = dict.fromkeys(tasks, 1)
+        worker = await store.register_node("n", 60)
+        first = await store.claim(ClaimRequest(worker, 10_000, 60, limits))
+        assert sorted(job.task for job in first.jobs) == sorted([*tasks, "free", "free", "free"])
+        again = await store.claim(ClaimRequest(worker, 10_000, 60, limits))
+        assert again.jobs == [] and again.next_due_in is None
+    finally:
+        await store.close()
