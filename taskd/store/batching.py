@@ -3,7 +3,9 @@
 Each caller submits a write (a batch operation and its items) and gets its results only
 after the transaction that holds them has committed. Writes of the same operation that
 meet in a batch are merged into one call, so fifty concurrent enqueues become one INSERT.
-Every operation gets the transaction's context (for a store: its connection and "now").
+How a batch becomes a transaction is the store's: it gets the operations in order, each
+with its merged items, and runs them in one transaction (SQLite: in its writer thread, in
+one hop from the event loop).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,11 @@ logger = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 Context = TypeVar("Context")
-Operation = Callable[[Context, list[Item]], Awaitable[list[Result]]]
+# A write of one kind, for all its items that met in a batch: a store's own function, which
+# its runner calls inside the batch's transaction.
+Operation = Callable[[Context, list[Item]], list[Result]]
+# Runs the operations of a batch, each with its items, in one transaction; their results.
+Runner = Callable[[list[tuple[Any, list[Any]]]], Awaitable[list[list[Any]]]]
 
 
 class _Write(Generic[Item, Result]):
@@ -41,12 +46,8 @@ class _Write(Generic[Item, Result]):
 class GroupCommit(Generic[Context]):
     """Serialises all writes through one task and commits them in batches."""
 
-    def __init__(
-        self,
-        transaction: Callable[[], AbstractAsyncContextManager[Context]],
-        max_items: int = 2000,
-    ) -> None:
-        self._transaction = transaction
+    def __init__(self, runner: Runner, max_items: int = 2000) -> None:
+        self._runner = runner
         self._max_items = max_items
         self._queue: asyncio.Queue[_Write[Any, Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -122,18 +123,22 @@ class GroupCommit(Generic[Context]):
         groups: dict[Operation[Context, Any, Any], list[int]] = {}
         for index, write in enumerate(batch):
             groups.setdefault(write.operation, []).append(index)
+        merged = [
+            (operation, [item for i in indexes for item in batch[i].items])
+            for operation, indexes in groups.items()
+        ]
+        outputs = await self._runner(merged)
         results: list[list[Any]] = [[] for _ in batch]
-        async with self._transaction() as context:
-            for operation, indexes in groups.items():
-                merged = [item for i in indexes for item in batch[i].items]
-                output = await operation(context, merged)
-                if len(output) != len(merged):
-                    raise RuntimeError(f"{operation!r} returned {len(output)} of {len(merged)}")
-                start = 0
-                for i in indexes:
-                    count = len(batch[i].items)
-                    results[i] = output[start : start + count]
-                    start += count
+        for (operation, items), output, indexes in zip(
+            merged, outputs, groups.values(), strict=True
+        ):
+            if len(output) != len(items):
+                raise RuntimeError(f"{operation!r} returned {len(output)} of {len(items)}")
+            start = 0
+            for i in indexes:
+                count = len(batch[i].items)
+                results[i] = output[start : start + count]
+                start += count
         return results
 
 

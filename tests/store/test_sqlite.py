@@ -9,8 +9,7 @@ import msgspec
 import pytest
 
 from taskd.store import ClaimRequest, NewJob, ScheduleState, StoreError, store_for
-from taskd.store.sqlite import SqliteStore
-from taskd.store.sqlite.jobs import MAX_LIMIT_BRANCHES
+from taskd.store.sqlite import SqliteStore, jobs
 from taskd.store.sqlite.schema import MIGRATIONS
 from tests.conftest import NOW
 from tests.support import Clock
@@ -127,13 +126,13 @@ async def test_the_lock_proves_every_node_row_stale(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_claims_with_more_limited_tasks_than_a_compound_select_holds(
+async def test_claims_with_more_limited_tasks_than_a_compound_select_would_hold(
     tmp_path: Path,
 ) -> None:
     store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
     await store.open()
     try:
-        tasks = [f"task{n}" for n in range(MAX_LIMIT_BRANCHES + 50)]
+        tasks = [f"task{n}" for n in range(600)]  # SQLite's compound SELECTs hold 500 terms
         await store.insert([new(task) for task in tasks for _ in range(2)] + [new("free")] * 3)
         limits = dict.fromkeys(tasks, 1)
         worker = await store.register_node("n", 60)
@@ -143,3 +142,38 @@ async def test_claims_with_more_limited_tasks_than_a_compound_select_holds(
         assert again.jobs == [] and again.next_due_in is None
     finally:
         await store.close()
+
+
+TABLES = ("jobs", "j", "k")  # the jobs table and its aliases in the claim's SQL
+
+
+async def test_a_claim_reads_only_what_it_can_take(tmp_path: Path) -> None:
+    """Delayed jobs and the backlog of a task at its limit cost a claim nothing: its plan
+    searches indexes and never scans the jobs table, and it takes the right jobs."""
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    try:
+        delayed = [msgspec.structs.replace(new("later"), delay=3600.0)] * 3000
+        backlog = [new("throttled")] * 3000
+        await store.insert([*delayed, *backlog, new("free"), new("free")])
+        worker = await store.register_node("n", 60)
+        limits = {"throttled": 1}
+        first = await store.claim(ClaimRequest(worker, 16, 60, limits))
+        assert sorted(job.task for job in first.jobs) == ["free", "free", "throttled"]
+        second = await store.claim(ClaimRequest(worker, 16, 60, limits))
+        assert second.jobs == [] and second.next_due_in == pytest.approx(3600)
+    finally:
+        await store.close()
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    params = {"now": NOW, "limit": 16, "limits": '{"throttled": 1}', "worker": worker,
+              "lease": 60}  # fmt: skip
+    for sql in (
+        f"WITH RECURSIVE {jobs.QUEUES}, candidates(id) AS ({jobs.CANDIDATES})"
+        " SELECT id FROM candidates",
+        f"WITH RECURSIVE {jobs.QUEUES} {jobs.NEXT_DUE}",
+    ):
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        scans = [step for step in plan if step.split()[:2] in (["SCAN", t] for t in TABLES)]
+        assert not scans, plan
+        assert any("jobs_task_claim_order" in step for step in plan), plan
+    db.close()

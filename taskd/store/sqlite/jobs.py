@@ -1,17 +1,18 @@
 """The job writes, each run inside a group-committed transaction (`Tx`).
 
 Each function takes the writes of one kind that met in a batch and returns one result
-per item, in order. A claim and a recovery each decide in one UPDATE statement.
+per item, in order. They are plain functions: a whole transaction runs in the writer
+connection's thread, one hop from the event loop. A claim and a recovery each decide in
+one UPDATE statement.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
-
-import aiosqlite
 
 from taskd.models import Job, JobStatus
 from taskd.store.base import (
@@ -29,12 +30,8 @@ from taskd.store.sqlite.schema import JOB_COLUMNS, job_from_row, marks
 
 INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
-# A claim has one UNION ALL branch per task with a concurrency limit; SQLite allows 500
-# terms in a compound SELECT. Beyond this many limited tasks one window query serves them.
-MAX_LIMIT_BRANCHES = 400
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds the writer long
 # Counts against concurrency limits: running, and not waiting for another job.
-BUSY = "status = 'running' AND NOT waiting"
 # The worker may claim: its node names it and it has not left (a lapsed heartbeat is fine:
 # `renew` revives it if nobody took its jobs meanwhile).
 REGISTERED = "EXISTS (SELECT 1 FROM nodes WHERE worker = :worker AND expires IS NOT NULL)"
@@ -42,31 +39,32 @@ REGISTERED = "EXISTS (SELECT 1 FROM nodes WHERE worker = :worker AND expires IS 
 
 @dataclass(frozen=True, slots=True)
 class Tx:
-    """A write transaction: the writer connection, and the store's clock read once for it."""
+    """A write transaction: the writer connection (in its own thread), and the store's clock
+    read once for it."""
 
-    db: aiosqlite.Connection
+    db: sqlite3.Connection
     now: float
 
 
-async def fetch(tx: Tx, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> list[Any]:
-    return list(await tx.db.execute_fetchall(sql, params))
+def fetch(tx: Tx, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[Any]:
+    return tx.db.execute(sql, params).fetchall()
 
 
 # -- insert ------------------------------------------------------------------------------
 
 
-async def insert_jobs(tx: Tx, jobs: list[NewJob]) -> list[Inserted]:
+def insert_jobs(tx: Tx, jobs: list[NewJob]) -> list[Inserted]:
     """Insert jobs; a job whose task and key are taken by an active job joins that job."""
     results: list[Inserted | None] = [None] * len(jobs)
     remaining = list(range(len(jobs)))
     for _ in range(INSERT_ROUNDS):
-        remaining = await _insert_round(tx, jobs, remaining, results)
+        remaining = _insert_round(tx, jobs, remaining, results)
         if not remaining:
             return cast(list[Inserted], results)  # a round fills in each job it does not return
     raise StoreError("could not insert jobs: the active jobs with their keys kept changing")
 
 
-async def _insert_round(
+def _insert_round(
     tx: Tx, jobs: list[NewJob], indexes: list[int], results: list[Inserted | None]
 ) -> list[int]:
     """Insert the jobs at `indexes`; fill in `results`; return the indexes to try again."""
@@ -88,7 +86,7 @@ async def _insert_round(
                 job.parent_id,
                 tx.now,
             )
-        rows = await fetch(
+        rows = fetch(
             tx,
             "INSERT INTO jobs (task, status, origin, payload, priority, run_at, max_attempts,"
             " key, parent_id, created_at) VALUES "
@@ -110,7 +108,7 @@ async def _insert_round(
                 conflicts.append(index)
     if not conflicts:
         return []
-    active = await _active_keys(tx, {(jobs[i].task, jobs[i].key) for i in conflicts})
+    active = _active_keys(tx, {(jobs[i].task, jobs[i].key) for i in conflicts})
     retry = []
     for index in conflicts:
         job_id = active.get((jobs[index].task, jobs[index].key))
@@ -121,11 +119,9 @@ async def _insert_round(
     return retry
 
 
-async def _active_keys(
-    tx: Tx, keys: set[tuple[str, str | None]]
-) -> dict[tuple[str, str | None], int]:
+def _active_keys(tx: Tx, keys: set[tuple[str, str | None]]) -> dict[tuple[str, str | None], int]:
     params = [value for pair in keys for value in pair]
-    rows = await fetch(
+    rows = fetch(
         tx,
         "SELECT id, task, key FROM jobs WHERE key IS NOT NULL"
         " AND status IN ('pending', 'running') AND (task, key) IN (VALUES "
@@ -139,94 +135,86 @@ async def _active_keys(
 # -- claim -------------------------------------------------------------------------------
 
 
-async def claim_jobs(tx: Tx, requests: list[ClaimRequest]) -> list[Claimed]:
-    return [await _claim(tx, request) for request in requests]
+def claim_jobs(tx: Tx, requests: list[ClaimRequest]) -> list[Claimed]:
+    return [_claim(tx, request) for request in requests]
 
 
-async def _claim(tx: Tx, request: ClaimRequest) -> Claimed:
-    candidates, params = _candidates(request, tx.now)
-    rows = await fetch(
+def _claim(tx: Tx, request: ClaimRequest) -> Claimed:
+    params = {
+        "now": tx.now,
+        "limit": request.limit,
+        "limits": json.dumps(dict(request.limits)),
+        "worker": request.worker,
+        "lease": request.lease,
+    }
+    rows = fetch(
         tx,
-        "UPDATE jobs SET status = 'running', attempts = attempts + 1, epoch = epoch + 1,"
+        f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES})"
+        " UPDATE jobs SET status = 'running', attempts = attempts + 1, epoch = epoch + 1,"
         " started_at = :now, worker = :worker, lease_expires = :now + :lease, waiting = 0"
-        f" WHERE id IN (SELECT id FROM ({candidates}) ORDER BY priority, run_at, id"
-        f" LIMIT :limit) AND {REGISTERED} RETURNING {JOB_COLUMNS}",
-        {**params, "worker": request.worker, "lease": request.lease},
+        f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {JOB_COLUMNS}",
+        params,
     )
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
-    return Claimed(jobs=jobs, next_due_in=await _next_due_in(tx, request.limits))
-
-
-def _candidates(request: ClaimRequest, now: float) -> tuple[str, dict[str, Any]]:
-    """The due jobs a claim may take, as a compound SELECT of (id, priority, run_at).
-
-    Jobs of unlimited tasks come in claim order from one index; each limited task gets a
-    branch that takes, in order, no more of its jobs than its limit leaves room for.
-    """
-    limits = dict(request.limits)
-    params: dict[str, Any] = {"now": now, "limit": request.limit}
-    names = []
-    for number, (task, limit) in enumerate(limits.items()):
-        params[f"t{number}"], params[f"c{number}"] = task, limit
-        names.append(f":t{number}")
-    unlimited = (
-        "SELECT * FROM (SELECT id, priority, run_at FROM jobs WHERE status = 'pending'"
-        f" AND run_at <= :now AND task NOT IN ({', '.join(names)})"
-        " ORDER BY priority, run_at, id LIMIT :limit)"
-    )
-    if len(limits) > MAX_LIMIT_BRANCHES:
-        return f"{unlimited} UNION ALL {_limited_by_window(len(limits))}", params
-    branches = [
-        "SELECT * FROM (SELECT id, priority, run_at FROM jobs"
-        f" WHERE task = :t{n} AND status = 'pending' AND run_at <= :now"
-        " ORDER BY priority, run_at, id"
-        f" LIMIT max(0, min(:limit, :c{n} - (SELECT count(*) FROM jobs WHERE task = :t{n}"
-        f" AND {BUSY}))))"
-        for n in range(len(limits))
-    ]
-    return " UNION ALL ".join([unlimited, *branches]), params
-
-
-def _limited_by_window(count: int) -> str:
-    """All limited tasks in one query (reads every due job of those tasks)."""
-    room = " UNION ALL ".join(
-        f"SELECT :t{n} AS task, :c{n} - (SELECT count(*) FROM jobs WHERE task = :t{n}"
-        f" AND {BUSY}) AS free"
-        for n in range(count)
-    )
-    return (
-        "SELECT id, priority, run_at FROM (SELECT j.id, j.priority, j.run_at, r.free,"
-        " row_number() OVER (PARTITION BY j.task ORDER BY j.priority, j.run_at, j.id) AS nth"
-        f" FROM jobs AS j JOIN ({room}) AS r ON r.task = j.task"
-        " WHERE j.status = 'pending' AND j.run_at <= :now) WHERE nth <= free"
-    )
-
-
-async def _next_due_in(tx: Tx, limits: Mapping[str, int]) -> float | None:
-    """Seconds until the next pending job of a task with room is due."""
-    full: list[str] = []
-    if limits:
-        rows = await fetch(
-            tx,
-            f"SELECT task, count(*) AS busy FROM jobs WHERE {BUSY}"
-            f" AND task IN ({marks(len(limits))}) GROUP BY task",
-            list(limits),
-        )
-        full = [row["task"] for row in rows if row["busy"] >= limits[row["task"]]]
-    rows = await fetch(
-        tx,
-        "SELECT min(run_at) AS due FROM jobs WHERE status = 'pending'"
-        f" AND task NOT IN ({marks(len(full))})",
-        full,
-    )
+    rows = fetch(tx, f"WITH RECURSIVE {QUEUES} {NEXT_DUE}", params)
     due = rows[0]["due"]
-    return None if due is None else max(0.0, due - tx.now)
+    return Claimed(jobs=jobs, next_due_in=None if due is None else max(0.0, due - tx.now))
+
+
+# The pending jobs, seen as queues: one per (task, priority) that has pending jobs, found by
+# skipping along the pending jobs' (task, priority, run_at, id) index, and each task's room
+# under its concurrency limit (:limits, JSON: {task: limit}). A claim reads, per queue of a
+# task with room, only the due jobs it may take, so that delayed jobs and the backlog of a
+# task at its limit cost nothing however many they are.
+QUEUES = """
+tasks(task) AS (
+    SELECT min(task) FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'
+    UNION ALL
+    SELECT (SELECT min(task) FROM jobs INDEXED BY jobs_task_claim_order
+            WHERE status = 'pending' AND task > t.task)
+    FROM tasks AS t WHERE t.task IS NOT NULL
+),
+queues(task, priority) AS (
+    SELECT task, (SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order
+                  WHERE status = 'pending' AND task = tasks.task)
+    FROM tasks WHERE task IS NOT NULL
+    UNION ALL
+    SELECT q.task, (SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order
+                    WHERE status = 'pending' AND task = q.task AND priority > q.priority)
+    FROM queues AS q WHERE q.priority IS NOT NULL
+),
+room(task, free) AS MATERIALIZED (
+    SELECT limits.key, max(0, limits.value - (SELECT count(*) FROM jobs
+        WHERE task = limits.key AND status = 'running' AND NOT waiting))
+    FROM tasks JOIN json_each(:limits) AS limits ON limits.key = tasks.task
+)"""
+# The jobs a claim takes: of each queue of a task with room, its first due jobs; of those,
+# no more per task than its room, in claim order, at most :limit.
+CANDIDATES = """
+    SELECT id FROM (
+        SELECT j.id, j.priority, j.run_at, r.free,
+            row_number() OVER (PARTITION BY j.task ORDER BY j.priority, j.run_at, j.id) AS nth
+        FROM queues AS q LEFT JOIN room AS r ON r.task = q.task
+        JOIN jobs AS j ON j.id IN (
+            SELECT k.id FROM jobs AS k INDEXED BY jobs_task_claim_order
+            WHERE k.status = 'pending' AND k.task = q.task AND k.priority = q.priority
+                AND k.run_at <= :now
+            ORDER BY k.run_at, k.id LIMIT :limit)
+        WHERE q.priority IS NOT NULL AND coalesce(r.free, 1) > 0)
+    WHERE nth <= coalesce(free, :limit)
+    ORDER BY priority, run_at, id LIMIT :limit"""
+# When the next pending job of a task with room is due (room counted after the claim).
+NEXT_DUE = """
+    SELECT min((SELECT min(run_at) FROM jobs INDEXED BY jobs_task_claim_order
+                WHERE status = 'pending' AND task = q.task AND priority = q.priority)) AS due
+    FROM queues AS q LEFT JOIN room AS r ON r.task = q.task
+    WHERE q.priority IS NOT NULL AND coalesce(r.free, 1) > 0"""
 
 
 # -- finish ------------------------------------------------------------------------------
 
 
-async def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
+def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
     """Record outcomes; None where the job no longer runs under the outcome's claim."""
     params: list[Any] = []
     for outcome in outcomes:
@@ -239,7 +227,7 @@ async def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
             outcome.error.message if outcome.error else None,
             outcome.retry_in,
         )
-    rows = await fetch(
+    rows = fetch(
         tx,
         "UPDATE jobs SET result = v.result,"
         " status = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN v.outcome"
@@ -273,25 +261,23 @@ async def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
         if o.error is not None and o.job_id in updated
     ]
     if errors:
-        await tx.db.executemany("INSERT INTO job_errors VALUES (?, ?, ?, ?, ?, ?)", errors)
+        tx.db.executemany("INSERT INTO job_errors VALUES (?, ?, ?, ?, ?, ?)", errors)
     return [updated.get(o.job_id) for o in outcomes]
 
 
-async def finish_and_claim(
-    tx: Tx, items: list[tuple[list[Outcome], ClaimRequest]]
-) -> list[Finished]:
+def finish_and_claim(tx: Tx, items: list[tuple[list[Outcome], ClaimRequest]]) -> list[Finished]:
     """Outcomes and the claim that follows them, in one transaction."""
     results = []
     for outcomes, request in items:
-        jobs = await finish_jobs(tx, outcomes) if outcomes else []
-        results.append(Finished(jobs=jobs, claimed=await _claim(tx, request)))
+        jobs = finish_jobs(tx, outcomes) if outcomes else []
+        results.append(Finished(jobs=jobs, claimed=_claim(tx, request)))
     return results
 
 
-async def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> list[bool]:
+def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> list[bool]:
     results = []
     for job_id, epoch, worker, waiting in items:
-        rows = await fetch(
+        rows = fetch(
             tx,
             "UPDATE jobs SET waiting = ? WHERE id = ? AND epoch = ? AND worker = ?"
             " AND status = 'running' RETURNING id",
@@ -310,17 +296,15 @@ ABANDONED = (
 )
 
 
-async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
+def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
     results = []
     for quarantine_after in quarantine:
         # Only for the error messages; the UPDATE decides.
         workers = {
             row["id"]: row["worker"]
-            for row in await fetch(
-                tx, f"SELECT id, worker FROM jobs WHERE {ABANDONED}", {"now": tx.now}
-            )
+            for row in fetch(tx, f"SELECT id, worker FROM jobs WHERE {ABANDONED}", {"now": tx.now})
         }
-        rows = await fetch(
+        rows = fetch(
             tx,
             "UPDATE jobs SET crashes = crashes + 1,"
             " status = CASE WHEN crashes + 1 >= :q OR attempts >= max_attempts"
@@ -337,7 +321,7 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
             {"q": quarantine_after, "now": tx.now},
         )
         jobs = [job_from_row(row) for row in rows]
-        await tx.db.executemany(
+        tx.db.executemany(
             "INSERT INTO job_errors VALUES (?, ?, 'interrupted', ?, NULL, ?)",
             [
                 (
@@ -357,16 +341,16 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
 # -- cancel, retry, prune ----------------------------------------------------------------
 
 
-async def cancel_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
+def cancel_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
     jobs = []
     for job_id in job_ids:
         # A running attempt ends here: it is recorded like any other attempt's end.
-        await tx.db.execute(
+        tx.db.execute(
             "INSERT INTO job_errors SELECT id, attempts, 'cancelled', 'cancelled by request',"
             " NULL, ? FROM jobs WHERE id = ? AND status = 'running'",
             (tx.now, job_id),
         )
-        rows = await fetch(
+        rows = fetch(
             tx,
             "UPDATE jobs SET status = 'cancelled', finished_at = ?,"
             " error = 'cancelled by request', worker = NULL, lease_expires = NULL, waiting = 0"
@@ -374,16 +358,16 @@ async def cancel_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
             (tx.now, job_id),
         )
         if not rows:
-            await _refuse(tx, job_id, "cancelled")
+            _refuse(tx, job_id, "cancelled")
         jobs.append(job_from_row(rows[0]))
     return jobs
 
 
-async def retry_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
+def retry_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
     jobs = []
     for job_id in job_ids:
         try:
-            rows = await fetch(
+            rows = fetch(
                 tx,
                 "UPDATE jobs SET status = 'pending', attempts = 0, crashes = 0, run_at = ?,"
                 " started_at = NULL, finished_at = NULL, result = NULL"
@@ -396,32 +380,32 @@ async def retry_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
                 "task has the same key"
             ) from None
         if not rows:
-            await _refuse(tx, job_id, "retried")
+            _refuse(tx, job_id, "retried")
         jobs.append(job_from_row(rows[0]))
     return jobs
 
 
-async def _refuse(tx: Tx, job_id: int, verb: str) -> None:
-    rows = await fetch(tx, "SELECT status FROM jobs WHERE id = ?", (job_id,))
+def _refuse(tx: Tx, job_id: int, verb: str) -> None:
+    rows = fetch(tx, "SELECT status FROM jobs WHERE id = ?", (job_id,))
     if not rows:
         raise JobNotFound(job_id)
     raise InvalidTransition(f"job {job_id} is {rows[0]['status']} and cannot be {verb}")
 
 
-async def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> list[int]:
+def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> list[int]:
     """Delete up to PRUNE_SLICE finished jobs of a status that finished `age` seconds ago."""
     counts = []
     for status, age in slices:
         ids = [
             row["id"]
-            for row in await fetch(
+            for row in fetch(
                 tx,
                 f"SELECT id FROM jobs WHERE status = ? AND finished_at < ? LIMIT {PRUNE_SLICE}",
                 (status, tx.now - age),
             )
         ]
         if ids:
-            await tx.db.execute(f"DELETE FROM job_errors WHERE job_id IN ({marks(len(ids))})", ids)
-            await tx.db.execute(f"DELETE FROM jobs WHERE id IN ({marks(len(ids))})", ids)
+            tx.db.execute(f"DELETE FROM job_errors WHERE job_id IN ({marks(len(ids))})", ids)
+            tx.db.execute(f"DELETE FROM jobs WHERE id IN ({marks(len(ids))})", ids)
         counts.append(len(ids))
     return counts

@@ -9,12 +9,12 @@ from taskd.store.sqlite.jobs import Tx, fetch
 from taskd.store.sqlite.schema import marks
 
 
-async def register(tx: Tx, items: list[tuple[str, float]]) -> list[str]:
+def register(tx: Tx, items: list[tuple[str, float]]) -> list[str]:
     """Start a new worker (`node/N`) for each (node, ttl); the node's previous one is gone."""
     host, pid = socket.gethostname(), os.getpid()
     workers = []
     for node, ttl in items:
-        rows = await fetch(
+        rows = fetch(
             tx,
             "INSERT INTO nodes (id, worker, starts, host, pid, started_at, seen_at, expires)"
             " VALUES (:id, :id || '/1', 1, :host, :pid, :now, :now, :now + :ttl)"
@@ -29,19 +29,17 @@ async def register(tx: Tx, items: list[tuple[str, float]]) -> list[str]:
     return workers
 
 
-async def leave(tx: Tx, workers: list[str]) -> list[None]:
+def leave(tx: Tx, workers: list[str]) -> list[None]:
     # The row stays, so that the node's next start gets the next number.
-    await tx.db.executemany(
-        "UPDATE nodes SET expires = NULL WHERE worker = ?", [(w,) for w in workers]
-    )
+    tx.db.executemany("UPDATE nodes SET expires = NULL WHERE worker = ?", [(w,) for w in workers])
     return [None] * len(workers)
 
 
-async def renew(tx: Tx, items: list[tuple[str, list[int], float]]) -> list[list[int]]:
+def renew(tx: Tx, items: list[tuple[str, list[int], float]]) -> list[list[int]]:
     """Extend each worker's heartbeat and leases; the job ids it no longer holds."""
     results = []
     for worker, job_ids, lease in items:
-        alive = await fetch(
+        alive = fetch(
             tx,
             "UPDATE nodes SET seen_at = ?, expires = ? WHERE worker = ? AND expires IS NOT NULL"
             " RETURNING id",
@@ -49,7 +47,7 @@ async def renew(tx: Tx, items: list[tuple[str, list[int], float]]) -> list[list[
         )
         held: set[int] = set()
         if alive and job_ids:
-            rows = await fetch(
+            rows = fetch(
                 tx,
                 "UPDATE jobs SET lease_expires = ? WHERE status = 'running' AND worker = ?"
                 f" AND id IN ({marks(len(job_ids))}) RETURNING id",

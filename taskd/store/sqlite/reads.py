@@ -1,11 +1,11 @@
-"""The reads, on the reader connection: they never wait for the writer (WAL)."""
+"""The reads, on the reader connection: they never wait for the writer (WAL). Plain
+functions, each run whole in the reader connection's thread."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
-
-import aiosqlite
 
 from taskd.models import Job, NodeInfo, TaskCounts
 from taskd.store.base import JobFilter, ScheduleState
@@ -21,16 +21,16 @@ from taskd.store.sqlite.schema import (
 )
 
 
-async def fetch(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-    return list(await db.execute_fetchall(sql, params))
+def fetch(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    return db.execute(sql, params).fetchall()
 
 
-async def get(db: aiosqlite.Connection, job_id: int) -> Job | None:
-    rows = await fetch(db, f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+def get(db: sqlite3.Connection, job_id: int) -> Job | None:
+    rows = fetch(db, f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
     if not rows:
         return None
     job = job_from_row(rows[0])
-    errors = await fetch(
+    errors = fetch(
         db,
         "SELECT attempt, kind, message, traceback, at FROM job_errors"
         " WHERE job_id = ? ORDER BY rowid",
@@ -40,7 +40,7 @@ async def get(db: aiosqlite.Connection, job_id: int) -> Job | None:
     return job
 
 
-async def list_jobs(db: aiosqlite.Connection, query: JobFilter) -> list[Job]:
+def list_jobs(db: sqlite3.Connection, query: JobFilter) -> list[Job]:
     clauses: list[str] = []
     params: list[Any] = []
     if query.statuses:
@@ -50,7 +50,7 @@ async def list_jobs(db: aiosqlite.Connection, query: JobFilter) -> list[Job]:
         clauses.append("task = ?")
         params.append(query.task)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = await fetch(
+    rows = fetch(
         db,
         f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
         (*params, query.limit),
@@ -58,15 +58,13 @@ async def list_jobs(db: aiosqlite.Connection, query: JobFilter) -> list[Job]:
     return [job_from_row(row) for row in rows]
 
 
-async def counts(db: aiosqlite.Connection, now: float) -> list[TaskCounts]:
+def counts(db: sqlite3.Connection, now: float) -> list[TaskCounts]:
     by_task: dict[str, dict[str, int]] = {}
-    for row in await fetch(
-        db, "SELECT task, status, count(*) AS n FROM jobs GROUP BY task, status"
-    ):
+    for row in fetch(db, "SELECT task, status, count(*) AS n FROM jobs GROUP BY task, status"):
         by_task.setdefault(row["task"], {})[row["status"]] = row["n"]
     waiting = {
         row["task"]: (row["oldest_due"], row["next_due"])
-        for row in await fetch(
+        for row in fetch(
             db,
             "SELECT task, min(CASE WHEN run_at <= ? THEN run_at END) AS oldest_due,"
             " min(CASE WHEN run_at > ? THEN run_at END) AS next_due"
@@ -88,16 +86,16 @@ async def counts(db: aiosqlite.Connection, now: float) -> list[TaskCounts]:
     return result
 
 
-async def queue_depth(db: aiosqlite.Connection) -> int:
+def queue_depth(db: sqlite3.Connection) -> int:
     # The partial index holds only pending jobs: counting them never scans the history.
-    rows = await fetch(
+    rows = fetch(
         db, "SELECT count(*) AS n FROM jobs INDEXED BY jobs_pending_due WHERE status = 'pending'"
     )
     return int(rows[0]["n"])
 
 
-async def nodes(db: aiosqlite.Connection, now: float) -> list[NodeInfo]:
-    rows = await fetch(
+def nodes(db: sqlite3.Connection, now: float) -> list[NodeInfo]:
+    rows = fetch(
         db,
         f"SELECT {NODE_COLUMNS}, (SELECT count(*) FROM jobs WHERE status = 'running'"
         " AND worker = nodes.worker) AS running FROM nodes WHERE expires >= ? ORDER BY id",
@@ -106,9 +104,7 @@ async def nodes(db: aiosqlite.Connection, now: float) -> list[NodeInfo]:
     return [node_from_row(row) for row in rows]
 
 
-async def schedule_states(
-    db: aiosqlite.Connection, ids: Sequence[str] | None
-) -> list[ScheduleState]:
+def schedule_states(db: sqlite3.Connection, ids: Sequence[str] | None) -> list[ScheduleState]:
     where = f"WHERE id IN ({marks(len(ids))})" if ids is not None else ""
-    rows = await fetch(db, f"SELECT {SCHEDULE_COLUMNS} FROM schedules {where}", ids or ())
+    rows = fetch(db, f"SELECT {SCHEDULE_COLUMNS} FROM schedules {where}", ids or ())
     return [schedule_from_row(row) for row in rows]

@@ -15,8 +15,8 @@ from taskd.store.sqlite.schema import fired_jobs_json
 COVER = "covered_until = max(coalesce(covered_until, :until), :until)"
 
 
-async def add_schedules(tx: Tx, items: list[tuple[str, float]]) -> list[None]:
-    await tx.db.executemany(
+def add_schedules(tx: Tx, items: list[tuple[str, float]]) -> list[None]:
+    tx.db.executemany(
         "INSERT INTO schedules (id, covered_until) VALUES (?, ?) ON CONFLICT (id)"
         " DO UPDATE SET covered_until = coalesce(covered_until, excluded.covered_until)",
         items,
@@ -24,8 +24,8 @@ async def add_schedules(tx: Tx, items: list[tuple[str, float]]) -> list[None]:
     return [None] * len(items)
 
 
-async def cover_schedules(tx: Tx, items: list[tuple[str, float]]) -> list[None]:
-    await tx.db.executemany(
+def cover_schedules(tx: Tx, items: list[tuple[str, float]]) -> list[None]:
+    tx.db.executemany(
         "INSERT INTO schedules (id, covered_until) VALUES (:id, :until) ON CONFLICT (id)"
         f" DO UPDATE SET {COVER}",
         [{"id": schedule, "until": until} for schedule, until in items],
@@ -33,11 +33,11 @@ async def cover_schedules(tx: Tx, items: list[tuple[str, float]]) -> list[None]:
     return [None] * len(items)
 
 
-async def set_paused(tx: Tx, items: list[tuple[str, bool, float | None]]) -> list[bool]:
+def set_paused(tx: Tx, items: list[tuple[str, bool, float | None]]) -> list[bool]:
     results = []
     for schedule, paused, covered_until in items:
         cover = f", {COVER}" if covered_until is not None else ""
-        rows = await fetch(
+        rows = fetch(
             tx,
             f"UPDATE schedules SET paused = :paused{cover} WHERE id = :id AND paused != :paused"
             " RETURNING id",
@@ -47,46 +47,46 @@ async def set_paused(tx: Tx, items: list[tuple[str, bool, float | None]]) -> lis
     return results
 
 
-async def fire_ticks(
+def fire_ticks(
     tx: Tx, items: list[tuple[str, float | None, Sequence[NewJob], float | None]]
 ) -> list[TickFired]:
-    return [await _fire(tx, *item) for item in items]
+    return [_fire(tx, *item) for item in items]
 
 
-async def _fire(
+def _fire(
     tx: Tx, schedule: str, tick: float | None, jobs: Sequence[NewJob], covered_until: float | None
 ) -> TickFired:
     cover = f"DO UPDATE SET {COVER}" if covered_until is not None else "DO NOTHING"
-    await tx.db.execute(
+    tx.db.execute(
         f"INSERT INTO schedules (id, covered_until) VALUES (:id, :until) ON CONFLICT (id) {cover}",
         {"id": schedule, "until": covered_until},
     )
     if tick is not None:
-        claimed = await fetch(
+        claimed = fetch(
             tx,
             "INSERT INTO schedule_ticks (schedule, tick, fired_at) VALUES (?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING tick",
             (schedule, tick, tx.now),
         )
         if not claimed:  # fired already, here or by another daemon
-            rows = await fetch(
+            rows = fetch(
                 tx,
                 "SELECT jobs FROM schedule_ticks WHERE schedule = ? AND tick = ?",
                 (schedule, tick),
             )
             return TickFired(fired=False, jobs=fired_jobs_json.decode(rows[0]["jobs"]))
-    inserted = await insert_jobs(tx, list(jobs)) if jobs else []
+    inserted = insert_jobs(tx, list(jobs)) if jobs else []
     fired = [
         FiredJob(task=job.task, id=row.job_id, joined=row.duplicate)
         for job, row in zip(jobs, inserted, strict=True)
     ]
     encoded = msgspec.json.encode(fired).decode()
     if tick is not None:
-        await tx.db.execute(
+        tx.db.execute(
             "UPDATE schedule_ticks SET jobs = ? WHERE schedule = ? AND tick = ?",
             (encoded, schedule, tick),
         )
-    await tx.db.execute(
+    tx.db.execute(
         "UPDATE schedules SET fired_at = :now, last_jobs = :jobs,"
         " coalesced = coalesced + :joined,"
         " last_tick = CASE WHEN :tick IS NULL THEN last_tick"
@@ -103,11 +103,11 @@ async def _fire(
     return TickFired(fired=True, jobs=fired)
 
 
-async def prune_ticks(tx: Tx, ages: list[float]) -> list[int]:
+def prune_ticks(tx: Tx, ages: list[float]) -> list[int]:
     """Forget ticks fired more than `age` seconds ago (a slice at a time)."""
     counts = []
     for age in ages:
-        rows = await fetch(
+        rows = fetch(
             tx,
             "DELETE FROM schedule_ticks WHERE (schedule, tick) IN (SELECT schedule, tick"
             f" FROM schedule_ticks WHERE fired_at < ? LIMIT {PRUNE_SLICE}) RETURNING tick",

@@ -12,11 +12,10 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
 
@@ -42,6 +41,7 @@ from taskd.store.sqlite.schema import migrate
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _hint(exc: sqlite3.Error) -> str:
@@ -51,6 +51,22 @@ def _hint(exc: sqlite3.Error) -> str:
     if "disk" in text or "full" in text:
         return " (check the free space and the file system; nothing was written)"
     return ""
+
+
+def _transact(
+    db: sqlite3.Connection, clock: Callable[[], float], operations: list[tuple[Any, list[Any]]]
+) -> list[list[Any]]:
+    """In the writer's thread: the operations of a batch in one IMMEDIATE transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        tx = Tx(db, clock())
+        outputs = [operation(tx, items) for operation, items in operations]
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return outputs
 
 
 def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
@@ -88,7 +104,7 @@ class SqliteStore:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
-        self._commits = GroupCommit(self._transaction)
+        self._commits: GroupCommit[Tx] = GroupCommit(self._run_batch)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -159,17 +175,21 @@ class SqliteStore:
         await connection.execute(f"PRAGMA synchronous = {self._synchronous}")
         await connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Tx]:
-        writer = self._connection(self._writer)
-        await writer.execute("BEGIN IMMEDIATE")
-        try:
-            yield Tx(writer, self._clock())
-            await writer.execute("COMMIT")
-        except BaseException:
-            if writer.in_transaction:
-                await writer.execute("ROLLBACK")
-            raise
+    async def _run_batch(self, operations: list[tuple[Any, list[Any]]]) -> list[list[Any]]:
+        """A batch of writes as one transaction, run whole in the writer's thread."""
+        # aiosqlite runs each call in its connection's thread; `_execute` hands that thread
+        # a function of ours, so that a transaction costs one hop instead of one per statement.
+        writer: Any = self._connection(self._writer)
+        outputs: list[list[Any]] = await writer._execute(
+            _transact, writer._conn, self._clock, operations
+        )
+        return outputs
+
+    async def _read(self, read: Callable[..., R], *args: Any) -> R:
+        """A read function run whole in the reader's thread."""
+        reader: Any = self._connection(self._reader)
+        result: R = await reader._execute(read, reader._conn, *args)
+        return result
 
     def _connection(self, connection: aiosqlite.Connection | None) -> aiosqlite.Connection:
         if connection is None:
@@ -194,7 +214,7 @@ class SqliteStore:
 
     @_translate_errors
     async def nodes(self) -> list[NodeInfo]:
-        return await reads.nodes(self._connection(self._reader), self._clock())
+        return await self._read(reads.nodes, self._clock())
 
     # -- job writes ----------------------------------------------------------------------
 
@@ -308,25 +328,25 @@ class SqliteStore:
 
     @_translate_errors
     async def get(self, job_id: int) -> Job | None:
-        return await reads.get(self._connection(self._reader), job_id)
+        return await self._read(reads.get, job_id)
 
     @_translate_errors
     async def list_jobs(self, query: JobFilter) -> list[Job]:
-        return await reads.list_jobs(self._connection(self._reader), query)
+        return await self._read(reads.list_jobs, query)
 
     @_translate_errors
     async def counts(self) -> list[TaskCounts]:
-        return await reads.counts(self._connection(self._reader), self._clock())
+        return await self._read(reads.counts, self._clock())
 
     @_translate_errors
     async def queue_depth(self) -> int:
-        return await reads.queue_depth(self._connection(self._reader))
+        return await self._read(reads.queue_depth)
 
     # -- schedules -----------------------------------------------------------------------
 
     @_translate_errors
     async def schedule_states(self, ids: Sequence[str] | None = None) -> list[ScheduleState]:
-        return await reads.schedule_states(self._connection(self._reader), ids)
+        return await self._read(reads.schedule_states, ids)
 
     @_translate_errors
     async def add_schedules(self, ids: Sequence[str], first_seen: float) -> None:
