@@ -1,10 +1,14 @@
 """The executor: claims due jobs for this daemon's worker, runs them, records their outcomes.
 
-It holds no queue of its own. It sleeps until a slot is free and the store says work is
-due (or the next delayed job's time comes), claims as many jobs as it has free slots, and
-reports each outcome back through the store, which fences stale reports. It keeps its
-worker's heartbeat and leases, stops the jobs the store says it lost (cancelled, or taken
-over), and takes back the jobs of workers that went away.
+A pipeline, driven by one loop (`run`): an attempt frees its slot the moment it ends and
+leaves its outcome to the loop, which records every outcome that has come in and claims
+the next jobs in one store call (one transaction), so that workers never wait for a commit
+of their own. The loop claims a few jobs ahead of the free slots (they wait, leased to this
+worker, in `ready`), so that a slot that frees is filled at once; it sleeps until outcomes
+come in, or a slot is free and the store says work is due (or the next delayed job's time
+comes). The store fences stale reports. The executor keeps its worker's heartbeat and
+leases, stops the jobs the store says it lost (cancelled, or taken over), and takes back
+the jobs of workers that went away.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import logging
 import random
 import traceback
@@ -25,7 +30,7 @@ from taskd.models import Job, ThreadStats
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
-from taskd.store import ClaimRequest, Failure, Outcome, Store, StoreError
+from taskd.store import Claimed, ClaimRequest, Failure, Outcome, Store, StoreError
 from taskd.submit import Submitter, max_payload_size
 from taskd.tasks import Task, TaskRegistry
 from taskd.threads import TaskThreads
@@ -39,7 +44,7 @@ StopReason = Literal["cancelled", "lost", "shutdown"]
 # it was stopped.
 AttemptEnd = Literal["succeeded", "failed", "retry", "released", "cancelled", "lost"]
 AttemptObserver = Callable[[Job, AttemptEnd], None]
-REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
+MAX_PAUSE = 30.0  # seconds at most between tries while the store fails
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
 # a job's errors fit in a reply (the most relevant frames of a traceback are the last).
 MAX_ERROR_MESSAGE = 4096
@@ -92,6 +97,13 @@ class Executor:
         self._runtime = Runtime(submitter, self._lend_slot)
         self._running: dict[int, _Running] = {}
         self._busy = 0  # slots taken: running jobs that do not wait for another job
+        # Claimed ahead of the free slots, to start the moment one frees: (order, job).
+        self._ready: list[tuple[tuple[int, float, int], Job]] = []
+        self._prefetch = max(1, workers // 4)
+        self._outcomes: list[tuple[Job, Outcome]] = []  # ended attempts, to be recorded
+        self._recording = asyncio.Lock()  # one store call at a time records outcomes
+        self._maybe_due = True  # a claim may find work: cleared when one comes back short
+        self._rings = 0  # times work was announced (a claim that came back short reads it)
         self._limited: set[str] = set()  # tasks with a concurrency limit at the last claim
         self._stopping_jobs: dict[int, StopReason] = {}
         self._stopping = False
@@ -107,33 +119,71 @@ class Executor:
     # -- the claim loop ------------------------------------------------------------------
 
     async def run(self, *, until_idle: bool = False) -> None:
-        """Claim and start jobs until `stop()`; with `until_idle`, also return once nothing
-        is running and nothing is due (the deterministic mode tests use)."""
-        claim_failures = 0
-        while not self._stopping:
+        """Record outcomes and claim jobs until drained; with `until_idle`, also return once
+        nothing is running and nothing is due (the deterministic mode tests use)."""
+        failures = 0
+        while True:
             self._wake.clear()
-            next_due_in: float | None = None
-            free = self.workers - self._busy
-            if free > 0:
-                request = ClaimRequest(self.worker, free, self._lease, self._limits())
-                try:
-                    claimed = await self._store.claim(request)
-                except StoreError as exc:
-                    claim_failures += 1
-                    next_due_in = min(2.0**claim_failures, 30.0)
-                    logger.error("cannot claim jobs: %s; trying again in %gs", exc, next_due_in)
-                else:
-                    claim_failures = 0
-                    for job in claimed.jobs:
-                        self._start(job)
-                    if len(claimed.jobs) == free:
-                        continue
-                    next_due_in = claimed.next_due_in
-            if until_idle and not self._running and (next_due_in is None or next_due_in > 0):
-                return
-            if next_due_in is not None:
-                self._due(next_due_in)
-            await self._wake.wait()
+            self._start_ready()
+            want = self._wanted()
+            if not self._outcomes and want == 0:
+                if self._closed.is_set():
+                    return
+                if until_idle and not self._running and not self._ready and not self._maybe_due:
+                    return
+                await self._wake.wait()
+                continue
+            claim = ClaimRequest(self.worker, want, self._lease, self._limits()) if want else None
+            rings = self._rings
+            try:
+                claimed = await self._record(claim)
+            except StoreError as exc:
+                failures += 1
+                pause = min(2.0**failures, MAX_PAUSE)
+                logger.error("cannot record outcomes or claim jobs: %s; trying again in %gs",
+                             exc, pause)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), pause)
+                continue
+            failures = 0
+            if claimed is not None:
+                for job in claimed.jobs:
+                    heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
+                # Short of what it asked for, the claim found all that was due, unless work
+                # came in while it ran.
+                self._maybe_due = len(claimed.jobs) == want or self._rings != rings
+                if not self._maybe_due and claimed.next_due_in is not None:
+                    self._due(claimed.next_due_in)
+
+    def _wanted(self) -> int:
+        """How many jobs to claim now, if work may be due: while slots are free, enough to
+        fill them and a few more (`prefetch`) that start as soon as a slot frees. With no
+        slot free nothing is claimed, so that a job due later but more urgent is not queued
+        behind jobs claimed before it came."""
+        free = self.workers - self._busy
+        if self._stopping or not self._maybe_due or free <= 0:
+            return 0
+        return max(0, free + self._prefetch - len(self._ready))
+
+    async def _record(self, claim: ClaimRequest | None) -> Claimed | None:
+        """Record the outcomes that came in, and claim (if asked), in one store call."""
+        async with self._recording:
+            batch, self._outcomes = self._outcomes, []
+            try:
+                finished = await self._store.finish([outcome for _, outcome in batch], claim)
+            except StoreError:
+                self._outcomes[:0] = batch  # kept, in order, for the next try
+                raise
+        for (job, outcome), recorded in zip(batch, finished.jobs, strict=True):
+            if recorded is None and outcome.status != "released":
+                logger.info(
+                    "job %d %s: outcome of attempt %d not recorded, the job was cancelled or "
+                    "taken over meanwhile",
+                    job.id,
+                    job.task,
+                    job.attempts,
+                )
+        return finished.claimed
 
     def _limits(self) -> dict[str, int]:
         limits = {t.name: t.concurrency for t in self._registry() if t.concurrency is not None}
@@ -143,7 +193,7 @@ class Executor:
     def _due(self, delay: float) -> None:
         """Claim again now, or in `delay` seconds (unless woken earlier anyway)."""
         if delay <= 0:
-            self._wake.set()
+            self._ring()
             return
         loop = asyncio.get_running_loop()
         when = loop.time() + delay
@@ -155,18 +205,23 @@ class Executor:
 
     def _ring(self) -> None:
         self._alarm = None
+        self._maybe_due = True
+        self._rings += 1
         self._wake.set()
 
     def _finished(self, job: Job) -> None:
         # A job of a limited task ended elsewhere: its task may have room for ours again.
         if job.task in self._limited and job.id not in self._running:
-            self._wake.set()
+            self._ring()
 
-    def _start(self, job: Job) -> None:
-        handle = asyncio.create_task(self._execute(job), name=f"taskd-job-{job.id}")
-        self._running[job.id] = _Running(job, handle)
-        self._busy += 1
-        self._store.events.changed()
+    def _start_ready(self) -> None:
+        """Start claimed jobs in the free slots, most urgent first."""
+        while self._ready and self._busy < self.workers and not self._stopping:
+            _, job = heapq.heappop(self._ready)
+            handle = asyncio.create_task(self._execute(job), name=f"taskd-job-{job.id}")
+            self._running[job.id] = _Running(job, handle)
+            self._busy += 1
+            self._store.events.changed()
 
     async def _execute(self, job: Job) -> None:
         running = self._running[job.id]
@@ -180,14 +235,15 @@ class Executor:
                 )
                 self._on_attempt(job, end)
             if outcome is not None:
-                await self._report(job, outcome)
+                self._outcomes.append((job, outcome))
         finally:
             if self._running.get(job.id) is running:  # not a later claim of the same job
                 del self._running[job.id]
                 self._stopping_jobs.pop(job.id, None)
             if not running.waiting:
                 self._busy -= 1
-            self._wake.set()  # a slot is free: our own wake-up, not a store event
+            self._start_ready()  # the freed slot takes a job claimed ahead at once
+            self._wake.set()  # an outcome to record, maybe a slot to claim for: our own wake-up
             self._store.events.changed()
 
     # -- one attempt ---------------------------------------------------------------------
@@ -303,33 +359,6 @@ class Executor:
         )
         return Outcome(job.id, job.epoch, self.worker, "retry", error=error, retry_in=delay)
 
-    async def _report(self, job: Job, outcome: Outcome) -> None:
-        for pause in (*REPORT_RETRIES, None):
-            try:
-                (recorded,) = (await self._store.finish([outcome])).jobs
-            except StoreError as exc:
-                if pause is None:
-                    logger.error(
-                        "job %d %s: cannot record its outcome (%s); its lease will expire and "
-                        "it will run again",
-                        job.id,
-                        job.task,
-                        exc,
-                    )
-                    return
-                logger.warning("job %d: recording its outcome failed (%s); retrying", job.id, exc)
-                await asyncio.sleep(pause)
-                continue
-            if recorded is None:
-                logger.info(
-                    "job %d %s: outcome of attempt %d not recorded, the job was cancelled or "
-                    "taken over meanwhile",
-                    job.id,
-                    job.task,
-                    job.attempts,
-                )
-            return
-
     # -- control -------------------------------------------------------------------------
 
     def _stop_job(self, job_id: int, reason: StopReason) -> bool:
@@ -342,14 +371,27 @@ class Executor:
         return True
 
     def _cancel_requested(self, job_id: int) -> None:
+        self._drop_ready(job_id)
         self._stop_job(job_id, "cancelled")
+
+    def _drop_ready(self, job_id: int) -> bool:
+        """Forget a job claimed ahead that this worker no longer holds (it is not started)."""
+        entries = [entry for entry in self._ready if entry[1].id == job_id]
+        if entries:
+            self._ready.remove(entries[0])
+            heapq.heapify(self._ready)
+        return bool(entries)
 
     def running_jobs(self) -> list[Job]:
         return [running.job for running in self._running.values()]
 
     def stop(self) -> None:
-        """Claim nothing more; what runs goes on until `drain`."""
+        """Claim and start nothing more (jobs claimed ahead go back to the queue at once);
+        what runs goes on until `drain`."""
         self._stopping = True
+        for _, job in self._ready:
+            self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
+        self._ready.clear()
         self._wake.set()
 
     async def drain(self, grace: float) -> None:
@@ -364,10 +406,34 @@ class Executor:
             self._stop_job(running.job.id, "shutdown")
         if leftover:
             await asyncio.wait([running.task for running in leftover])
+        await self._flush()
         self._closed.set()
+        self._wake.set()
         if self._alarm is not None:
             self._alarm.cancel()
         self._threads.close()
+
+    async def _flush(self) -> None:
+        """Record the outcomes still to be recorded, trying a few times if the store fails;
+        what cannot be recorded comes back to the queue when its lease expires."""
+        for pause in (0.5, 1.0, 2.0, 4.0, None):
+            async with self._recording:  # one that the loop records now has committed after
+                pass
+            if not self._outcomes:
+                return
+            try:
+                await self._record(None)
+            except StoreError as exc:
+                if pause is None:
+                    logger.error(
+                        "cannot record the outcomes of %d jobs (%s); their leases will expire "
+                        "and they will run again",
+                        len(self._outcomes),
+                        exc,
+                    )
+                    return
+                logger.warning("recording outcomes failed (%s); retrying", exc)
+                await asyncio.sleep(pause)
 
     def threads_alive(self) -> int:
         """Task threads still running (plain functions that ignored their cancellation)."""
@@ -386,9 +452,11 @@ class Executor:
             if self._closed.is_set():
                 return
             try:
-                lost = await self._store.renew(self.worker, list(self._running), self._lease)
+                held = [*self._running, *(job.id for _, job in self._ready)]
+                held += [job.id for job, _ in self._outcomes]  # leased until recorded
+                lost = await self._store.renew(self.worker, held, self._lease)
                 for job_id in lost:
-                    if self._stop_job(job_id, "lost"):
+                    if self._drop_ready(job_id) or self._stop_job(job_id, "lost"):
                         logger.warning(
                             "job %d: this daemon no longer holds it (cancelled, or taken over "
                             "after its lease expired); stopping it",

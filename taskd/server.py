@@ -60,6 +60,9 @@ LINGER = 2.0
 MAX_LINGERING = 64
 # Only the payload of these methods may nest deeply; other params never nest much.
 PAYLOAD_METHODS = frozenset({"run", "enqueue", "enqueue_many"})
+# At a stop, requests still in flight get this long to finish (a run whose job has just
+# ended, say) before they are answered with shutting_down.
+REPLY_GRACE = 0.2
 # Replies a connection's peer has not read yet, in bytes: over this, taskd reads no more of
 # its requests and starts no more of its reads until the peer catches up.
 OUTPUT_BUDGET = 1024 * 1024
@@ -295,6 +298,9 @@ class ControlServer:
         self._closing = self._stopping = True
         if self._server is not None:
             self._server.close()
+        in_flight = [task for c in self._connections for task in c.in_flight]
+        if in_flight:  # a reply whose job has just ended gets a moment to go out
+            await asyncio.wait(in_flight, timeout=REPLY_GRACE)
         for connection in list(self._connections):
             for task in list(connection.in_flight):
                 task.cancel()
