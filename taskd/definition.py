@@ -42,7 +42,7 @@ class TaskRuntime(Protocol):
 class TaskContext:
     """Passed to a task as its second argument: who it is, and a way to start other tasks."""
 
-    __slots__ = ("_runtime", "attempt", "job_id", "logger", "max_attempts", "name")
+    __slots__ = ("_logger", "_runtime", "attempt", "job_id", "max_attempts", "name")
 
     def __init__(
         self, name: str, job_id: int, attempt: int, max_attempts: int, runtime: TaskRuntime
@@ -51,8 +51,15 @@ class TaskContext:
         self.job_id = job_id
         self.attempt = attempt
         self.max_attempts = max_attempts
-        self.logger = task_logger(name, job_id)
         self._runtime = runtime
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines name the task and the job (made when a task first uses it)."""
+        if self._logger is None:
+            self._logger = task_logger(self.name, self.job_id)
+        return self._logger
 
     async def run_task(self, name: str, payload: Any = None, *, key: str | None = None) -> Any:
         """Run (or join) task `name` like `taskctl run`, wait, and return its result.

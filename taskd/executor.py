@@ -99,7 +99,7 @@ class Executor:
         self._busy = 0  # slots taken: running jobs that do not wait for another job
         # Claimed ahead of the free slots, to start the moment one frees: (order, job).
         self._ready: list[tuple[tuple[int, float, int], Job]] = []
-        self._prefetch = max(1, workers // 4)
+        self._prefetch = workers
         self._outcomes: list[tuple[Job, Outcome]] = []  # ended attempts, to be recorded
         self._recording = asyncio.Lock()  # one store call at a time records outcomes
         self._maybe_due = True  # a claim may find work: cleared when one comes back short
@@ -292,17 +292,23 @@ class Executor:
         return Outcome(job.id, job.epoch, self.worker, "succeeded", result=encoded)
 
     async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
+        if task.timeout is None:
+            return await self._invoke(task, payload, ctx)
         deadline = asyncio.timeout(task.timeout)
         try:
             async with deadline:
-                if task.is_async:
-                    return await task.call(payload, ctx)
-                call = functools.partial(task.call, payload, ctx)
-                return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
+                return await self._invoke(task, payload, ctx)
         except TimeoutError:
             if deadline.expired():  # ours, not a TimeoutError the task raised itself
                 raise _TimedOut from None
             raise
+
+    async def _invoke(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
+        """The task's function: a coroutine on the loop, a plain function in a thread."""
+        if task.is_async:
+            return await task.call(payload, ctx)
+        call = functools.partial(task.call, payload, ctx)
+        return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
 
     def _stopped(self, job: Job, reason: StopReason) -> Outcome | None:
         """The outcome of an attempt we stopped: none to report for a job we lost."""

@@ -156,6 +156,8 @@ def _claim(tx: Tx, request: ClaimRequest) -> Claimed:
         params,
     )
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
+    if len(jobs) == request.limit:
+        return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
     rows = fetch(tx, f"WITH RECURSIVE {QUEUES} {NEXT_DUE}", params)
     due = rows[0]["due"]
     return Claimed(jobs=jobs, next_due_in=None if due is None else max(0.0, due - tx.now))

@@ -89,7 +89,8 @@ def counts(db: sqlite3.Connection, now: float) -> list[TaskCounts]:
 def queue_depth(db: sqlite3.Connection) -> int:
     # The partial index holds only pending jobs: counting them never scans the history.
     rows = fetch(
-        db, "SELECT count(*) AS n FROM jobs INDEXED BY jobs_pending_due WHERE status = 'pending'"
+        db,
+        "SELECT count(*) AS n FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'",
     )
     return int(rows[0]["n"])
 

@@ -121,6 +121,12 @@ MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX schedule_ticks_fired ON schedule_ticks (fired_at)",
     ],
+    # Claims walk each task's pending jobs (jobs_task_claim_order): the claim-order and
+    # due-time indexes of all pending jobs are only work for every write.
+    [
+        "DROP INDEX jobs_claim_order",
+        "DROP INDEX jobs_pending_due",
+    ],
 ]
 
 JOB_COLUMNS = (
