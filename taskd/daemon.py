@@ -160,6 +160,7 @@ class Daemon:
             max_stuck_threads=config.max_stuck_threads,
             on_attempt=metrics.attempt_ended,
         )
+        submitter.claimer = self._executor  # runs and ticks start in the insert's commit
         self._scheduler = Scheduler(
             self._store, submitter, started_at=self._started_at, on_fired=metrics.tick_fired
         )

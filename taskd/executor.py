@@ -104,6 +104,7 @@ class Executor:
         self._recording = asyncio.Lock()  # one store call at a time records outcomes
         self._maybe_due = True  # a claim may find work: cleared when one comes back short
         self._rings = 0  # times work was announced (a claim that came back short reads it)
+        self._claiming = 0  # jobs asked for by claims in flight in other writes
         self._limited: set[str] = set()  # tasks with a concurrency limit at the last claim
         self._stopping_jobs: dict[int, StopReason] = {}
         self._stopping = False
@@ -155,6 +156,32 @@ class Executor:
                 if not self._maybe_due and claimed.next_due_in is not None:
                     self._due(claimed.next_due_in)
 
+    def claim_request(self) -> ClaimRequest | None:
+        """A claim for the free slots, to make in another write (a run's insert, a tick's):
+        taskd.submit.Claimer. Its jobs are reserved until `accept`."""
+        free = self.workers - self._busy
+        if self._stopping or free <= 0:
+            return None
+        want = max(0, free + self._prefetch - len(self._ready) - self._claiming)
+        if want == 0:
+            return None
+        self._claiming += want
+        return ClaimRequest(self.worker, want, self._lease, self._limits())
+
+    def accept(self, request: ClaimRequest, claimed: Claimed | None) -> None:
+        """The claim made in another write: start what it took."""
+        self._claiming -= request.limit
+        if claimed is None:
+            return
+        if self._stopping:  # claimed as the daemon began to stop: back at once
+            for job in claimed.jobs:
+                self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
+        else:
+            for job in claimed.jobs:
+                heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
+            self._start_ready()
+        self._wake.set()
+
     def _wanted(self) -> int:
         """How many jobs to claim now, if work may be due: while slots are free, enough to
         fill them and a few more (`prefetch`) that start as soon as a slot frees. With no
@@ -163,7 +190,7 @@ class Executor:
         free = self.workers - self._busy
         if self._stopping or not self._maybe_due or free <= 0:
             return 0
-        return max(0, free + self._prefetch - len(self._ready))
+        return max(0, free + self._prefetch - len(self._ready) - self._claiming)
 
     async def _record(self, claim: ClaimRequest | None) -> Claimed | None:
         """Record the outcomes that came in, and claim (if asked), in one store call."""

@@ -337,9 +337,16 @@ class Scheduler:
         spec = entry.spec
         when = iso(tick, spec.zone)
         jobs = [new for task in spec.tasks if (new := self._job(spec, task, tick)) is not None]
-        try:
-            fired = await self._store.fire_tick(
-                spec.id, tick if regular else None, jobs, covered_until=covered_until
+        try:  # with a claim for our free slots, so that the tick's jobs start in one commit
+            fired = await self._submitter.claiming(
+                lambda claim: self._store.fire_tick(
+                    spec.id,
+                    tick if regular else None,
+                    jobs,
+                    covered_until=covered_until,
+                    claim=claim if jobs else None,
+                ),
+                lambda result: result.claimed,
             )
         except StoreError as exc:
             logger.error('schedule "%s": cannot fire the tick of %s: %s', spec.id, when, exc)

@@ -7,8 +7,8 @@ through here, so payloads are validated once, in one way, before anything is sto
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -21,7 +21,7 @@ from taskd.protocol import (
     MAX_SECONDS,
     MAX_TIME,
 )
-from taskd.store import Inserted, JobNotFound, NewJob, Store
+from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
 # Runs (taskctl run, ctx.run_task, cron ticks) have a caller or a clock waiting for them:
@@ -71,6 +71,20 @@ class JobRequest(msgspec.Struct, frozen=True):
     parent_id: int | None = None
 
 
+R = TypeVar("R")
+
+
+class Claimer(Protocol):
+    """The daemon's executor, which offers its free slots to a write that inserts due jobs,
+    so that a run or a tick starts with one commit (its insert) instead of two."""
+
+    def claim_request(self) -> ClaimRequest | None:
+        """A claim for the free slots, reserved until `accept`; None if none is free."""
+
+    def accept(self, request: ClaimRequest, claimed: Claimed | None) -> None:
+        """What the claim took (None: the write failed, the slots are free again)."""
+
+
 class Submitter:
     """Validates job requests against the loaded tasks and writes them to the store."""
 
@@ -84,6 +98,7 @@ class Submitter:
         self._store = store
         self._registry = registry
         self._max_payload = max_payload
+        self.claimer: Claimer | None = None  # the daemon attaches its executor
 
     def prepare(self, request: JobRequest) -> NewJob:
         """The row for a request; raises UnknownTask, PayloadInvalid or InvalidRequest."""
@@ -166,7 +181,45 @@ class Submitter:
                     exc.index = index
                     exc.args = (f"jobs[{index}]: {exc}",)
                 raise
-        return await self._store.insert(rows)
+        # A run starts in its insert's commit if a slot is free (its caller waits for it);
+        # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
+        runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
+        if self.claimer is None or not any(_due_now(row) for row in runs):
+            return await self._store.insert(rows)
+        inserted, _ = await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
+        return inserted
+
+    async def _insert(
+        self, rows: list[NewJob], claim: ClaimRequest | None
+    ) -> tuple[list[Inserted], Claimed | None]:
+        if claim is None:
+            return await self._store.insert(rows), None
+        return await self._store.insert_and_claim(rows, claim)
+
+    async def claiming(
+        self,
+        write: Callable[[ClaimRequest | None], Awaitable[R]],
+        claimed: Callable[[R], Claimed | None],
+    ) -> R:
+        """Make `write` with a claim for this daemon's free slots (None if none is free).
+
+        Shielded: the jobs the claim took reach the executor even if the caller stops
+        waiting (a client that hangs up), since they are this daemon's to run.
+        """
+        claimer = self.claimer
+        claim = claimer.claim_request() if claimer is not None else None
+        if claim is None or claimer is None:
+            return await write(None)
+
+        async def shielded() -> R:
+            result = None
+            try:
+                result = await write(claim)
+            finally:
+                claimer.accept(claim, claimed(result) if result is not None else None)
+            return result
+
+        return await asyncio.shield(shielded())
 
     async def wait(self, job_id: int, timeout: float | None = None) -> Job:
         """The job once it has ended; raises JobNotFound, or TimeoutError after `timeout`."""
@@ -184,6 +237,10 @@ class Submitter:
                         return ended
                 finally:
                     finished.cancel()
+
+
+def _due_now(job: NewJob) -> bool:
+    return job.run_at is None and job.delay <= 0
 
 
 def encode_payload(payload: Any) -> bytes:

@@ -39,6 +39,7 @@ class Stack:
             store, lambda: registry, self.submitter,
             worker=worker, workers=workers, lease=lease, quarantine_after=3, max_stuck_threads=4,
         )  # fmt: skip
+        self.submitter.claimer = self.executor  # as the daemon wires them
         self.service = Service(
             store=store, registry=lambda: registry, submitter=self.submitter,
             info=DaemonInfo("test", "t", 1, time.time(), "sqlite", "s", "t", workers),
@@ -227,3 +228,14 @@ async def test_a_resync_makes_waiters_read_again(stack: Stack) -> None:
     await asyncio.sleep(0.05)
     stack.store.events.resync()  # as after a lost connection: maybe the finish was missed
     assert (await asyncio.wait_for(waiter, 10)).status == "succeeded"
+
+
+async def test_a_run_with_a_free_slot_starts_in_its_inserts_commit(make_stack: MakeStack) -> None:
+    """One commit to start: the run's insert also claims it (same transaction, same time)."""
+    stack = await make_stack()
+    outcome = await stack.service.run(stack.run_params("echo", "one commit"))
+    job = outcome.job
+    assert job.status == "succeeded" and job.started_at == job.created_at
+    enqueued = await stack.enqueue("echo", "queued")  # acknowledged first, claimed after
+    done = await asyncio.wait_for(stack.submitter.wait(enqueued), 10)
+    assert done.started_at is not None and done.started_at > done.created_at

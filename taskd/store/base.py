@@ -168,10 +168,12 @@ class ScheduleState(msgspec.Struct):
 
 class TickFired(msgspec.Struct, frozen=True):
     """A firing: `fired` is False if the tick had fired already (here or on another daemon);
-    `jobs` are the tick's jobs, whoever fired it."""
+    `jobs` are the tick's jobs, whoever fired it; `claimed`, the claim made in the same
+    transaction, if one was asked for."""
 
     fired: bool
     jobs: list[FiredJob]
+    claimed: Claimed | None = None
 
 
 class Store(Protocol):
@@ -205,6 +207,13 @@ class Store(Protocol):
 
     async def insert(self, jobs: Sequence[NewJob]) -> list[Inserted]:
         """Insert jobs; one with the task and key of an active job returns that job instead."""
+
+    async def insert_and_claim(
+        self, jobs: Sequence[NewJob], claim: ClaimRequest
+    ) -> tuple[list[Inserted], Claimed]:
+        """Insert jobs, then claim, in one transaction: a daemon with free slots takes the
+        most urgent due jobs (the new ones, if nothing is more urgent) without a write of
+        its own. The new jobs that the claim did not take are announced as due."""
 
     async def claim(self, request: ClaimRequest) -> Claimed:
         """Mark up to `request.limit` due pending jobs running for the worker; none if the
@@ -281,8 +290,10 @@ class Store(Protocol):
         jobs: Sequence[NewJob],
         *,
         covered_until: float | None = None,
+        claim: ClaimRequest | None = None,
     ) -> TickFired:
-        """Insert a tick's jobs and record the firing in one transaction.
+        """Insert a tick's jobs and record the firing in one transaction (with `claim`,
+        claiming in it too, as `insert_and_claim` does).
 
         A tick fires once, however many daemons try: the store keeps a unique (schedule,
         tick) row. `tick` None is a firing out of schedule (trigger), unique in nothing.

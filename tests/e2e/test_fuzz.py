@@ -46,7 +46,8 @@ def test_fuzzed_frames_do_no_harm(
     assert report.internal == [], report.internal[:5]  # every reply was a clear error or result
     # Still answering, everyone else's jobs intact, memory bounded.
     assert daemon.ctl("status").returncode == 0
-    assert daemon.ctl("run", "echo", "--payload", '"after"').stdout.strip() == '"after"'
+    after = daemon.ctl("run", "echo", "--payload", '"after"')
+    assert after.stdout.strip() == '"after"', (after.returncode, after.stderr)
     check_sentinels(daemon, sentinels)
     check_nothing_is_stuck(daemon)
     assert len(sentinels) == SENTINELS

@@ -132,11 +132,23 @@ def _active_keys(tx: Tx, keys: set[tuple[str, str | None]]) -> dict[tuple[str, s
     return {(row["task"], row["key"]): row["id"] for row in rows}
 
 
+def insert_and_claim(
+    tx: Tx, items: list[tuple[list[NewJob], ClaimRequest]]
+) -> list[tuple[list[Inserted], Claimed]]:
+    """Jobs inserted, then a claim, in the same transaction."""
+    return [(insert_jobs(tx, jobs), _claim(tx, request)) for jobs, request in items]
+
+
 # -- claim -------------------------------------------------------------------------------
 
 
 def claim_jobs(tx: Tx, requests: list[ClaimRequest]) -> list[Claimed]:
     return [_claim(tx, request) for request in requests]
+
+
+def claim_in(tx: Tx, request: ClaimRequest | None) -> Claimed | None:
+    """A claim as part of another write (a tick's), if one is asked for."""
+    return None if request is None else _claim(tx, request)
 
 
 def _claim(tx: Tx, request: ClaimRequest) -> Claimed:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import msgspec
 
 from taskd.models import FiredJob
-from taskd.store.base import NewJob, TickFired
-from taskd.store.sqlite.jobs import PRUNE_SLICE, Tx, fetch, insert_jobs
+from taskd.store.base import ClaimRequest, NewJob, TickFired
+from taskd.store.sqlite.jobs import PRUNE_SLICE, Tx, claim_in, fetch, insert_jobs
 from taskd.store.sqlite.schema import fired_jobs_json
 
 # What covering a schedule until :until means: the instant only moves forward.
@@ -48,13 +48,19 @@ def set_paused(tx: Tx, items: list[tuple[str, bool, float | None]]) -> list[bool
 
 
 def fire_ticks(
-    tx: Tx, items: list[tuple[str, float | None, Sequence[NewJob], float | None]]
+    tx: Tx,
+    items: list[tuple[str, float | None, Sequence[NewJob], float | None, ClaimRequest | None]],
 ) -> list[TickFired]:
     return [_fire(tx, *item) for item in items]
 
 
 def _fire(
-    tx: Tx, schedule: str, tick: float | None, jobs: Sequence[NewJob], covered_until: float | None
+    tx: Tx,
+    schedule: str,
+    tick: float | None,
+    jobs: Sequence[NewJob],
+    covered_until: float | None,
+    claim: ClaimRequest | None,
 ) -> TickFired:
     cover = f"DO UPDATE SET {COVER}" if covered_until is not None else "DO NOTHING"
     tx.db.execute(
@@ -100,7 +106,7 @@ def _fire(
             "joined": sum(job.joined for job in fired),
         },
     )
-    return TickFired(fired=True, jobs=fired)
+    return TickFired(fired=True, jobs=fired, claimed=claim_in(tx, claim))
 
 
 def prune_ticks(tx: Tx, ages: list[float]) -> list[int]:

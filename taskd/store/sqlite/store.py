@@ -227,15 +227,31 @@ class SqliteStore:
             jobs.insert_jobs, items, lambda inserted: self._after_insert(items, inserted)
         )
 
-    def _after_insert(self, new: list[NewJob], inserted: list[Inserted]) -> None:
+    def _after_insert(
+        self, new: list[NewJob], inserted: list[Inserted], claimed: Claimed | None = None
+    ) -> None:
+        """Announce the new jobs that are pending (a claim in the same write took some)."""
         now = self._clock()
+        taken = {job.id for job in claimed.jobs} if claimed is not None else set()
         delays = [
             job.delay if job.run_at is None else job.run_at - now
             for job, row in zip(new, inserted, strict=True)
-            if not row.duplicate
+            if not row.duplicate and row.job_id not in taken
         ]
         if delays:
             self.events.due(min(delays))
+
+    @_translate_errors
+    async def insert_and_claim(
+        self, new: Sequence[NewJob], claim: ClaimRequest
+    ) -> tuple[list[Inserted], Claimed]:
+        items = list(new)
+        (result,) = await self._commits.submit(
+            jobs.insert_and_claim,
+            [(items, claim)],
+            lambda results: self._after_insert(items, *results[0]),
+        )
+        return result
 
     @_translate_errors
     async def claim(self, request: ClaimRequest) -> Claimed:
@@ -375,12 +391,16 @@ class SqliteStore:
         jobs: Sequence[NewJob],
         *,
         covered_until: float | None = None,
+        claim: ClaimRequest | None = None,
     ) -> TickFired:
         (fired,) = await self._commits.submit(
-            schedules.fire_ticks, [(schedule, tick, jobs, covered_until)], self._after_fire
+            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim)], self._after_fire
         )
         return fired
 
     def _after_fire(self, firings: list[TickFired]) -> None:
-        if any(not job.joined for fired in firings if fired.fired for job in fired.jobs):
-            self.events.due(0)
+        for fired in firings:
+            taken = {job.id for job in fired.claimed.jobs} if fired.claimed is not None else set()
+            if fired.fired and any(not job.joined and job.id not in taken for job in fired.jobs):
+                self.events.due(0)
+                return
