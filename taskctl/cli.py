@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -364,6 +365,24 @@ def _render() -> Any:
 
 Command = Callable[[Client, argparse.Namespace], Exit]
 
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, told the terminal's width as argparse would find it, but
+    without importing shutil (and, through it, compression modules) on every call."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                width = os.get_terminal_size(1).columns
+            except (ValueError, OSError):
+                width = 80
+        super().__init__(prog, width=width - 2)
+
+
+# The global options that take a value (so that the word after one is not the command).
+VALUED_OPTIONS = ("--socket", "--connect-timeout", "--request-timeout")
 NAME_HELP = "the task's name, as `taskctl list` shows it (e.g. jobs:send-email)"
 ID_HELP = "a job id, as `taskctl enqueue` prints it or `taskctl jobs` lists it"
 ATTEMPTS_HELP = "attempts before the job fails for good (default: the task's max_attempts, else {})"
@@ -451,12 +470,18 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """taskctl's parser; with `only`, with just that command (a command line names one, and
+    building the other fifteen would cost it milliseconds)."""
+
+    def wanted(name: str) -> bool:
+        return only is None or name == only
+
     parser = argparse.ArgumentParser(
         prog="taskctl",
         description="Control taskd: list and run tasks, enqueue jobs, inspect them.",
         epilog=EXIT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     _global_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"taskctl {__version__}")
@@ -468,118 +493,145 @@ def build_parser() -> argparse.ArgumentParser:
             help=help,
             description=help,
             epilog=_epilog(EXAMPLES[name]),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Formatter,
         )
         _global_options(sub, top=False)
         sub.set_defaults(handler=handler)
         return sub
 
-    command("list", cmd_list, "list the tasks taskd has loaded")
+    if wanted("list"):
+        command("list", cmd_list, "list the tasks taskd has loaded")
 
-    run = command("run", cmd_run, "run a task (or join its running execution) and print its result")
-    run.add_argument("task", metavar="NAME", help=NAME_HELP)
-    _payload_argument(run)
-    run.add_argument("--detach", action="store_true", help="print the job id and return at once")
-    run.add_argument("--key", help="single-flight key: runs with the same key share one execution")
-    run.add_argument("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1))
-
-    enqueue = command("enqueue", cmd_enqueue, "add a job to the queue and print its id")
-    enqueue.add_argument("task", metavar="NAME", help=NAME_HELP)
-    _payload_argument(enqueue)
-    enqueue.add_argument("--delay", type=duration, metavar="DUR", help="run after 30s, 5m, 2h ...")
-    enqueue.add_argument(
-        "--at",
-        type=moment,
-        metavar="TIME",
-        help="run at an ISO-8601 time (local time without an offset)",
-    )
-    enqueue.add_argument(
-        "--priority", type=int, default=0, metavar="N", help="lower runs first (default 0)"
-    )
-    enqueue.add_argument(
-        "--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)
-    )
-    enqueue.add_argument(
-        "--key", metavar="K", help="unique key: no second pending or running job with this key"
-    )
-
-    job = command("job", cmd_job, "show one job, with the errors of all its attempts")
-    job.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-
-    jobs = command("jobs", cmd_jobs, "list recent jobs, newest first")
-    jobs.add_argument(
-        "--status",
-        type=statuses,
-        action="append",
-        metavar="S",
-        help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}",
-    )
-    jobs.add_argument("--task", metavar="NAME", help="only jobs of this task")
-    jobs.add_argument("--limit", type=positive_int, default=50, metavar="N", help="default 50")
-    jobs.add_argument(
-        "--payloads",
-        action="store_true",
-        help="with --json: include each job's payload and result (`taskctl job ID` shows them)",
-    )
-
-    wait = command("wait", cmd_wait, "wait for a job to end and print its result")
-    wait.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-    wait.add_argument("--timeout", type=duration, metavar="DUR", help="give up after this long")
-
-    cancel = command("cancel", cmd_cancel, "cancel a pending or running job")
-    cancel.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-
-    retry = command("retry", cmd_retry, "put a failed or cancelled job back in the queue")
-    retry.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-
-    command("status", cmd_status, "show the daemon, its queue and its running jobs")
-
-    prune = command("prune", cmd_prune, "delete finished jobs now (default: past their retention)")
-    prune.add_argument(
-        "--older-than",
-        type=duration,
-        metavar="DUR",
-        help="delete finished jobs older than this (1d, 12h ...), whatever the retention",
-    )
-
-    command("reload", cmd_reload, "re-read taskd.toml and the tasks folder (like SIGHUP)")
-
-    command(
-        "metrics", cmd_metrics, "print the Prometheus metrics (jobs, durations, retries, ticks)"
-    )
-
-    schedules = command(
-        "schedules",
-        cmd_schedules,
-        "list the schedules (next and last tick, last outcome, coalesced ticks); "
-        "or pause, resume or trigger one",
-    )
-    actions = schedules.add_subparsers(dest="action", metavar="[ACTION]")
-    for name, handler, help in (
-        ("pause", cmd_schedules_pause, "stop a schedule ticking (remembered across restarts)"),
-        ("resume", cmd_schedules_resume, "let a paused schedule tick again, from now on"),
-        ("trigger", cmd_schedules_trigger, "fire a schedule now; its regular ticks stay"),
-    ):
-        action = actions.add_parser(
-            name,
-            help=help,
-            usage=f"taskctl schedules {name} [-h] ID|CRON",
-            description=f"{help}. Name the schedule by its id or by its cron expression "
-            "(quoted, so that the shell keeps it whole).",
-            epilog=_epilog((f"taskctl schedules {name} nightly-backup",)),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+    if wanted("run"):
+        run = command(
+            "run", cmd_run, "run a task (or join its running execution) and print its result"
         )
-        _global_options(action, top=False)
-        action.add_argument("schedule", nargs="+", metavar="ID|CRON")
-        action.set_defaults(handler=handler)
+        run.add_argument("task", metavar="NAME", help=NAME_HELP)
+        _payload_argument(run)
+        run.add_argument(
+            "--detach", action="store_true", help="print the job id and return at once"
+        )
+        run.add_argument(
+            "--key", help="single-flight key: runs with the same key share one execution"
+        )
+        run.add_argument(
+            "--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1)
+        )
 
-    completion = command(
-        "completion",
-        cmd_completion,
-        "print a shell completion script: commands, options, task names and job ids",
-    )
-    completion.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL",
-                            help="bash, zsh or fish")  # fmt: skip
+    if wanted("enqueue"):
+        enqueue = command("enqueue", cmd_enqueue, "add a job to the queue and print its id")
+        enqueue.add_argument("task", metavar="NAME", help=NAME_HELP)
+        _payload_argument(enqueue)
+        enqueue.add_argument(
+            "--delay", type=duration, metavar="DUR", help="run after 30s, 5m, 2h ..."
+        )
+        enqueue.add_argument(
+            "--at",
+            type=moment,
+            metavar="TIME",
+            help="run at an ISO-8601 time (local time without an offset)",
+        )
+        enqueue.add_argument(
+            "--priority", type=int, default=0, metavar="N", help="lower runs first (default 0)"
+        )
+        enqueue.add_argument(
+            "--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)
+        )
+        enqueue.add_argument(
+            "--key", metavar="K", help="unique key: no second pending or running job with this key"
+        )
+
+    if wanted("job"):
+        job = command("job", cmd_job, "show one job, with the errors of all its attempts")
+        job.add_argument("id", type=int, metavar="ID", help=ID_HELP)
+
+    if wanted("jobs"):
+        jobs = command("jobs", cmd_jobs, "list recent jobs, newest first")
+        jobs.add_argument(
+            "--status",
+            type=statuses,
+            action="append",
+            metavar="S",
+            help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}",
+        )
+        jobs.add_argument("--task", metavar="NAME", help="only jobs of this task")
+        jobs.add_argument("--limit", type=positive_int, default=50, metavar="N", help="default 50")
+        jobs.add_argument(
+            "--payloads",
+            action="store_true",
+            help="with --json: include each job's payload and result (`taskctl job ID` shows them)",
+        )
+
+    if wanted("wait"):
+        wait = command("wait", cmd_wait, "wait for a job to end and print its result")
+        wait.add_argument("id", type=int, metavar="ID", help=ID_HELP)
+        wait.add_argument("--timeout", type=duration, metavar="DUR", help="give up after this long")
+
+    if wanted("cancel"):
+        cancel = command("cancel", cmd_cancel, "cancel a pending or running job")
+        cancel.add_argument("id", type=int, metavar="ID", help=ID_HELP)
+
+    if wanted("retry"):
+        retry = command("retry", cmd_retry, "put a failed or cancelled job back in the queue")
+        retry.add_argument("id", type=int, metavar="ID", help=ID_HELP)
+
+    if wanted("status"):
+        command("status", cmd_status, "show the daemon, its queue and its running jobs")
+
+    if wanted("prune"):
+        prune = command(
+            "prune", cmd_prune, "delete finished jobs now (default: past their retention)"
+        )
+        prune.add_argument(
+            "--older-than",
+            type=duration,
+            metavar="DUR",
+            help="delete finished jobs older than this (1d, 12h ...), whatever the retention",
+        )
+
+    if wanted("reload"):
+        command("reload", cmd_reload, "re-read taskd.toml and the tasks folder (like SIGHUP)")
+
+    if wanted("metrics"):
+        command(
+            "metrics", cmd_metrics, "print the Prometheus metrics (jobs, durations, retries, ticks)"
+        )
+
+    if wanted("schedules"):
+        schedules = command(
+            "schedules",
+            cmd_schedules,
+            "list the schedules (next and last tick, last outcome, coalesced ticks); "
+            "or pause, resume or trigger one",
+        )
+        actions = schedules.add_subparsers(dest="action", metavar="[ACTION]")
+        for name, handler, help in (
+            ("pause", cmd_schedules_pause, "stop a schedule ticking (remembered across restarts)"),
+            ("resume", cmd_schedules_resume, "let a paused schedule tick again, from now on"),
+            ("trigger", cmd_schedules_trigger, "fire a schedule now; its regular ticks stay"),
+        ):
+            action = actions.add_parser(
+                name,
+                help=help,
+                usage=f"taskctl schedules {name} [-h] ID|CRON",
+                description=f"{help}. Name the schedule by its id or by its cron expression "
+                "(quoted, so that the shell keeps it whole).",
+                epilog=_epilog((f"taskctl schedules {name} nightly-backup",)),
+                formatter_class=_Formatter,
+            )
+            _global_options(action, top=False)
+            action.add_argument("schedule", nargs="+", metavar="ID|CRON")
+            action.set_defaults(handler=handler)
+
+    if wanted("completion"):
+        completion = command(
+            "completion",
+            cmd_completion,
+            "print a shell completion script: commands, options, task names and job ids",
+        )
+        completion.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL",
+                                help="bash, zsh or fish")  # fmt: skip
+
     return parser
 
 
@@ -592,14 +644,26 @@ def _payload_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def command_of(words: list[str]) -> str | None:
+    """The command a command line names, if it names a known one: the first word that is
+    not a global option or its value."""
+    remaining = iter(words)
+    for word in remaining:
+        if word in VALUED_OPTIONS:
+            next(remaining, None)
+        elif not word.startswith("-"):
+            return word if word in EXAMPLES else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     words = sys.argv[1:] if argv is None else argv
     if words[:1] == ["__complete"]:  # what the completion scripts ask
         from taskctl.completion import complete
 
-        print("\n".join(complete(parser, words[1:])))
+        print("\n".join(complete(build_parser(), words[1:])))
         return int(Exit.OK)
+    parser = build_parser(command_of(words))
     args = parser.parse_args(words)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -6,8 +6,9 @@ Plain sockets, no asyncio, so that a command-line call starts in milliseconds. O
 
 from __future__ import annotations
 
+# The C module: the `socket` module around it costs a command line milliseconds to import.
+import _socket as socket
 import errno
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,8 @@ def iso(timestamp: float | None) -> str | None:
     """A Unix timestamp as ISO-8601 in UTC with its offset."""
     if timestamp is None:
         return None
+    import datetime as dt  # only --json needs it: tables are made with `time`
+
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
 
 
@@ -50,9 +51,10 @@ def local_time(timestamp: float | None, now: float | None = None) -> str:
     """A short local time: HH:MM:SS today, else the date too."""
     if timestamp is None:
         return "-"
-    moment = dt.datetime.fromtimestamp(timestamp)
-    today = dt.datetime.fromtimestamp(now if now is not None else time.time()).date()
-    return moment.strftime("%H:%M:%S" if moment.date() == today else "%Y-%m-%d %H:%M:%S")
+    moment = time.localtime(timestamp)
+    today = time.localtime(now if now is not None else time.time())
+    same_day = (moment.tm_year, moment.tm_yday) == (today.tm_year, today.tm_yday)
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", moment)
 
 
 def to_jsonable(value: Any) -> Any:
