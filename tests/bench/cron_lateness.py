@@ -24,12 +24,14 @@ from taskctl import Client, enqueue_params
 from tests.bench.workload import BenchTaskd
 from tests.support import Taskd, short_tempdir, wait_until
 
-TICK_TASK = """from taskd import define_task
+TICK_TASK = """import time
+
+from taskd import define_task
 
 
-@define_task(description="A scheduled tick that does nothing")
-async def tick(payload: dict) -> None:
-    return None
+@define_task(description="A scheduled tick that says when its body began")
+async def tick(payload: dict) -> float:
+    return time.time()
 """
 QUICK_TASK = """from taskd import define_task
 
@@ -56,12 +58,14 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def tick_jobs(client: Client, since: float) -> list[tuple[float, float, float | None]]:
-    """(scheduled_time, created_at, started_at) of the tick jobs scheduled after `since`."""
+    """(scheduled_time, created_at, when the task's body began) of the tick jobs scheduled
+    after `since` (the last once the job has succeeded: the task returns its own clock)."""
     rows = []
     for job in client.jobs(task="tick", limit=10_000, payloads=True):
         scheduled = dt.datetime.fromisoformat(job.payload["scheduled_time"]).timestamp()
         if scheduled > since:
-            rows.append((scheduled, job.created_at, job.started_at))
+            began = job.result if job.status == "succeeded" else None
+            rows.append((scheduled, job.created_at, began))
     return sorted(rows)
 
 
