@@ -17,6 +17,8 @@ from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
+GATHER_TURNS = 2  # turns of the event loop a batch waits for company before it commits
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 Context = TypeVar("Context")
@@ -87,6 +89,11 @@ class GroupCommit(Generic[Context]):
             first = await self._queue.get()
             if first is None:
                 break
+            # Let the loop read what else has arrived (other clients' requests that came
+            # while the last transaction committed) before this one starts: one
+            # transaction, one sync, for all of them.
+            for _ in range(GATHER_TURNS):
+                await asyncio.sleep(0)
             batch, size = [first], len(first.items)
             while size < self._max_items and not self._queue.empty():
                 write = self._queue.get_nowait()
