@@ -201,6 +201,9 @@ def job_detail(job: Job) -> str:
         lines.append(f"  error:     {job.error}")
     for error in job.errors:
         when = stamped(error.at, now)
+        if error.kind == "retried":
+            lines.append(f"  retried at {when}: its attempts start again from 1")
+            continue
         lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {error.message}")
         if error.traceback:
             lines.extend("      " + line for line in error.traceback.rstrip().splitlines())

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import heapq
 import logging
+import os
 import random
 import traceback
 from collections.abc import AsyncIterator, Callable
@@ -364,7 +365,7 @@ class Executor:
         final: bool = False,
         delay: float | None = None,
     ) -> Outcome:
-        trace = "".join(traceback.format_exception(exc)) if exc is not None else None
+        trace = _task_traceback(exc) if exc is not None else None
         if trace is not None and len(trace) > MAX_TRACEBACK:
             trace = "...\n" + trace[-MAX_TRACEBACK:]
         message = (
@@ -528,6 +529,18 @@ class Executor:
                 await self._store.set_waiting(job.id, job.epoch, self.worker, False)
             except StoreError as exc:  # it still holds its slot here; the store learns at its end
                 logger.warning("job %d: cannot mark it as running again: %s", job.id, exc)
+
+
+TASKD_FILES = os.path.dirname(__file__) + os.sep
+
+
+def _task_traceback(exc: BaseException) -> str:
+    """The traceback from the task's own code on: taskd's frames that called it are noise
+    to the person reading why their task failed."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(TASKD_FILES):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,7 +26,8 @@ class AttemptError(msgspec.Struct, frozen=True):
     """The error of one failed or interrupted attempt."""
 
     attempt: int
-    kind: Literal["error", "timeout", "interrupted", "cancelled"]
+    # "retried" marks a `retry` by request (attempt 0): the attempts after it count from 1.
+    kind: Literal["error", "timeout", "interrupted", "cancelled", "retried"]
     message: str
     at: float
     traceback: str | None = None

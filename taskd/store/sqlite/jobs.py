@@ -384,7 +384,7 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
             rows = fetch(
                 tx,
                 "UPDATE jobs SET status = 'pending', attempts = 0, crashes = 0, run_at = ?,"
-                " started_at = NULL, finished_at = NULL, result = NULL"
+                " started_at = NULL, finished_at = NULL, result = NULL, error = NULL"
                 f" WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING {JOB_COLUMNS}",
                 (tx.now, job_id),
             )
@@ -395,7 +395,14 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
             ) from None
         if not rows:
             _refuse(tx, job_id, "retried")
-        jobs.append(job_from_row(rows[0]))
+        job = job_from_row(rows[0])
+        # The history says where the attempts start again from 1.
+        tx.db.execute(
+            "INSERT INTO job_errors VALUES (?, 0, 'retried',"
+            " 'retried by request: its attempts start again from 1', NULL, ?)",
+            (job_id, tx.now),
+        )
+        jobs.append(job)
     return jobs
 
 
