@@ -45,9 +45,14 @@ class GroupCommit(Generic[Context]):
         self,
         transaction: Callable[[], AbstractAsyncContextManager[Context]],
         max_items: int = 2000,
+        *,
+        worth_splitting: Callable[[Exception], bool] = lambda exc: True,
     ) -> None:
         self._transaction = transaction
         self._max_items = max_items
+        # Whether a failed batch is retried write by write: not when the database is gone,
+        # which would fail each write again (after a timeout each, perhaps).
+        self._worth_splitting = worth_splitting
         self._queue: asyncio.Queue[_Write[Any, Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -100,8 +105,9 @@ class GroupCommit(Generic[Context]):
         try:
             results = await self._apply(batch)
         except Exception as exc:
-            if len(batch) == 1:
-                _fail(batch[0], exc)
+            if len(batch) == 1 or not self._worth_splitting(exc):
+                for write in batch:
+                    _fail(write, exc)
                 return
             # One write spoilt the batch: give every write a transaction of its own, so that
             # only the bad one fails.

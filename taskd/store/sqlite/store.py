@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ParamSpec
 
 import aiosqlite
+import msgspec
 
 from taskd.models import FINISHED_STATUSES, Job, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
@@ -89,6 +90,7 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
         self._commits = GroupCommit(self._transaction)
+        self._schedules: dict[str, str] = {}  # worker -> digest of its schedules
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -192,9 +194,14 @@ class SqliteStore:
         (lost,) = await self._commits.submit(nodes.renew, [(worker, list(job_ids), lease)])
         return lost
 
+    async def announce_schedules(self, worker: str, digest: str) -> None:
+        # One daemon per file: there is nobody to compare with, so memory will do.
+        self._schedules[worker] = digest
+
     @_translate_errors
     async def nodes(self) -> list[NodeInfo]:
-        return await reads.nodes(self._connection(self._reader), self._clock())
+        alive = await reads.nodes(self._connection(self._reader), self._clock())
+        return [msgspec.structs.replace(n, schedules=self._schedules.get(n.worker)) for n in alive]
 
     # -- job writes ----------------------------------------------------------------------
 
