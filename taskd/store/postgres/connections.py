@@ -30,9 +30,20 @@ UNREACHABLE_HINT = " (taskd reconnects by itself: try again; nothing was written
 CONNECTION_CLASSES = ("08", "53", "57", "58")
 
 
+# What the driver and the network raise; the store turns them into StoreError.
+DRIVER_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 def connection_failed(exc: BaseException) -> bool:
     """Whether an exception says the connection or the server failed (not the statement)."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | Unreachable):
+    lost = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+    if isinstance(exc, (*lost, Unreachable)):
         return True
     sqlstate = getattr(exc, "sqlstate", None) or ""
     return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in CONNECTION_CLASSES
@@ -83,7 +94,7 @@ class Connections:
                 # Notices are sent as string literals (see store._literal).
                 server_settings={"application_name": "taskd", "standard_conforming_strings": "on"},
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DRIVER_ERRORS as exc:
             self._failed(exc)
             raise Unreachable(
                 f"cannot connect to job store {self._description}: {_describe(exc)}"
@@ -106,25 +117,58 @@ class Connections:
         )
 
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[Any]:
-        """A connection for one use; one left broken or in a transaction is closed."""
+    async def acquire(self, *, begin: bool = False) -> AsyncIterator[Any]:
+        """A connection for one use (in a transaction it must end, with `begin`); one that
+        failed, or was left in a transaction, is closed rather than used again."""
         async with self._slots:
-            connection = await self._take()
+            connection = await self._prepared(begin)
             try:
-                if self._clock is not None:
-                    now = repr(float(self._clock()))
-                    await connection.execute(f"SELECT set_config('taskd.now', '{now}', false)")
                 yield connection
-            except BaseException:
-                if connection.is_closed() or connection.is_in_transaction():
-                    connection.terminate()
-                else:
-                    self._idle.append(connection)
+            except BaseException as exc:
+                self._give_back(connection, exc)
                 raise
-            if connection.is_closed() or connection.is_in_transaction() or self._closed:
-                connection.terminate()
-            else:
-                self._idle.append(connection)
+            self._give_back(connection, None)
+
+    async def _prepared(self, begin: bool) -> Any:
+        """A connection, in a transaction if asked, with the test clock if there is one. An
+        idle connection the server has dropped (it restarted) is replaced once."""
+        prelude = ["BEGIN"] if begin else []
+        if self._clock is not None:
+            now = repr(float(self._clock()))
+            prelude.append(f"SELECT set_config('taskd.now', '{now}', false)")
+        for retry in (True, False):
+            fresh = not self._idle
+            connection = await self._take()
+            if not prelude:
+                return connection
+            try:
+                await connection.execute("; ".join(prelude))
+            except DRIVER_ERRORS as exc:
+                self._give_back(connection, exc)
+                if retry and not fresh and connection_failed(exc):
+                    continue
+                raise
+            return connection
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _give_back(self, connection: Any, exc: BaseException | None) -> None:
+        clean = (
+            exc is None
+            or isinstance(exc, StoreError)
+            or (isinstance(exc, asyncpg.PostgresError) and not connection_failed(exc))
+        )
+        if isinstance(exc, Exception) and connection_failed(exc):
+            self._flush()  # the others may be dead too (a restart): connect anew
+        usable = not (self._closed or connection.is_closed() or connection.is_in_transaction())
+        if clean and usable:
+            self._idle.append(connection)
+        else:
+            connection.terminate()
+
+    def _flush(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.terminate()
 
     async def _take(self) -> Any:
         while self._idle:
@@ -143,7 +187,7 @@ class Connections:
         for connection in idle:
             try:
                 await asyncio.wait_for(connection.close(), 5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except DRIVER_ERRORS:
                 connection.terminate()
 
 

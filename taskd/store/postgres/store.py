@@ -16,13 +16,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import wraps
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
-
-import asyncpg
 
 from taskd.models import FINISHED_STATUSES, Job, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
@@ -40,7 +38,12 @@ from taskd.store.base import (
 from taskd.store.batching import GroupCommit, Item, Operation
 from taskd.store.events import JobEvents
 from taskd.store.postgres import jobs, nodes, reads, schedules
-from taskd.store.postgres.connections import Connections, connection_failed
+from taskd.store.postgres.connections import (
+    DRIVER_ERRORS,
+    Connections,
+    Unreachable,
+    connection_failed,
+)
 from taskd.store.postgres.jobs import PRUNE_SLICE
 from taskd.store.postgres.migrate import migrate
 from taskd.store.postgres.notices import Listener, Notice, decode_notice, encode_notices
@@ -50,6 +53,7 @@ from taskd.store.postgres.tx import Notes, Tx
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
+T = TypeVar("T")
 
 UNREACHABLE = " (the database is unreachable or restarting; taskd reconnects by itself: try again)"
 
@@ -73,7 +77,7 @@ def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
             return await method(*args, **kwargs)
         except StoreError:
             raise
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DRIVER_ERRORS as exc:
             store = args[0]
             assert isinstance(store, PostgresStore)
             hint = UNREACHABLE if connection_failed(exc) else ""
@@ -123,7 +127,7 @@ class PostgresStore:
         except StoreError:
             await self.close()
             raise
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DRIVER_ERRORS as exc:
             await self.close()
             raise StoreError(f"cannot open job store {self.description}: {exc}") from exc
         self._commits.start()
@@ -138,8 +142,7 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Tx]:
-        async with self._connections.acquire() as db:
-            await db.execute("BEGIN")
+        async with self._connections.acquire(begin=True) as db:
             tx = Tx(db, self.schema)
             try:
                 yield tx
@@ -174,6 +177,17 @@ class PostgresStore:
             self.events.cancel_requested(job_id)
         if notes.due is not None:
             self.events.due(notes.due)
+
+    async def _read(self, read: Callable[[Any], Awaitable[T]]) -> T:
+        """A read; tried again once on a new connection if the first one was lost."""
+        try:
+            async with self._connections.acquire() as db:
+                return await read(db)
+        except DRIVER_ERRORS as exc:
+            if not connection_failed(exc) or isinstance(exc, Unreachable):
+                raise
+        async with self._connections.acquire() as db:
+            return await read(db)
 
     # -- notices from the other daemons --------------------------------------------------
 
@@ -233,8 +247,7 @@ class PostgresStore:
 
     @_translate_errors
     async def nodes(self) -> list[NodeInfo]:
-        async with self._connections.acquire() as db:
-            return await reads.nodes(db, self.schema)
+        return await self._read(lambda db: reads.nodes(db, self.schema))
 
     # -- job writes ----------------------------------------------------------------------
 
@@ -307,30 +320,25 @@ class PostgresStore:
 
     @_translate_errors
     async def get(self, job_id: int) -> Job | None:
-        async with self._connections.acquire() as db:
-            return await reads.get(db, self.schema, job_id)
+        return await self._read(lambda db: reads.get(db, self.schema, job_id))
 
     @_translate_errors
     async def list_jobs(self, query: JobFilter) -> list[Job]:
-        async with self._connections.acquire() as db:
-            return await reads.list_jobs(db, self.schema, query)
+        return await self._read(lambda db: reads.list_jobs(db, self.schema, query))
 
     @_translate_errors
     async def counts(self) -> list[TaskCounts]:
-        async with self._connections.acquire() as db:
-            return await reads.counts(db, self.schema)
+        return await self._read(lambda db: reads.counts(db, self.schema))
 
     @_translate_errors
     async def queue_depth(self) -> int:
-        async with self._connections.acquire() as db:
-            return await reads.queue_depth(db, self.schema)
+        return await self._read(lambda db: reads.queue_depth(db, self.schema))
 
     # -- schedules -----------------------------------------------------------------------
 
     @_translate_errors
     async def schedule_states(self, ids: Sequence[str] | None = None) -> list[ScheduleState]:
-        async with self._connections.acquire() as db:
-            return await reads.schedule_states(db, self.schema, ids)
+        return await self._read(lambda db: reads.schedule_states(db, self.schema, ids))
 
     @_translate_errors
     async def add_schedules(self, ids: Sequence[str], first_seen: float) -> None:
