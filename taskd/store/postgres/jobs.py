@@ -60,9 +60,12 @@ async def _insert_round(
         [job.max_attempts for job in chunk],
         [job.key for job in chunk],
         [job.parent_id for job in chunk],
+        tx.sender,
     )
     if rows:
-        tx.notes.made_due(min(row["due_in"] for row in rows))
+        due = min(row["due_in"] for row in rows)
+        told = tx.notes.told_due
+        tx.notes.told_due = due if told is None else min(told, due)
     keyed = {(row["task"], row["key"]): row["id"] for row in rows if row["key"] is not None}
     # Rows get ids in the order of the input: the unkeyed ones, sorted, are the unkeyed
     # jobs in order (a keyed row is matched by its key instead).

@@ -18,7 +18,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from functools import wraps
+from functools import partial, wraps
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -113,7 +113,16 @@ class PostgresStore:
             self.events.resync,
             self.description,
         )
+        # Three writers, each committing what arrives together: the durable writes; inserts,
+        # each a statement that commits (and tells the others) on its own; and claims, in
+        # transactions that do not wait for the disk (a claim lost in a crash of the server
+        # leaves its jobs pending, to run later; the outcome written after it is durable).
         self._commits = GroupCommit(self._transaction, worth_splitting=_worth_splitting)
+        self._inserts = GroupCommit(self._statements, worth_splitting=lambda exc: False)
+        self._claims = GroupCommit(
+            partial(self._transaction, durable=False), worth_splitting=_worth_splitting
+        )
+        self._writers = (self._commits, self._inserts, self._claims)
         self._limited: frozenset[str] = frozenset()  # tasks with a limit, at the last claim
         self._fetching: set[asyncio.Task[None]] = set()
 
@@ -130,10 +139,12 @@ class PostgresStore:
         except DRIVER_ERRORS as exc:
             await self.close()
             raise StoreError(f"cannot open job store {self.description}: {exc}") from exc
-        self._commits.start()
+        for writer in self._writers:
+            writer.start()
 
     async def close(self) -> None:
-        await self._commits.stop()
+        for writer in self._writers:
+            await writer.stop()
         for task in list(self._fetching):
             task.cancel()
         await asyncio.gather(*self._fetching, return_exceptions=True)
@@ -141,18 +152,27 @@ class PostgresStore:
         await self._connections.close()
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Tx]:
+    async def _transaction(self, durable: bool = True) -> AsyncIterator[Tx]:
         async with self._connections.acquire(begin=True) as db:
-            tx = Tx(db, self.schema)
+            tx = Tx(db, self.schema, self._sender)
             try:
                 yield tx
                 # The notice goes with the commit: the others hear of it once it holds.
-                await db.execute(self._notify_sql(tx.notes) + "COMMIT")
+                lazy = "" if durable else "SET LOCAL synchronous_commit TO off; "
+                await db.execute(lazy + self._notify_sql(tx.notes) + "COMMIT")
             except BaseException:
                 if not db.is_closed() and db.is_in_transaction():
                     with contextlib.suppress(Exception):
                         await db.execute("ROLLBACK")
                 raise
+        self._tell(tx.notes)
+
+    @asynccontextmanager
+    async def _statements(self) -> AsyncIterator[Tx]:
+        """Statements that commit each on their own (and notify the others themselves)."""
+        async with self._connections.acquire() as db:
+            tx = Tx(db, self.schema, self._sender)
+            yield tx
         self._tell(tx.notes)
 
     def _notify_sql(self, notes: Notes) -> str:
@@ -175,8 +195,9 @@ class PostgresStore:
             self.events.finished(job)
         for job_id in notes.cancelled:
             self.events.cancel_requested(job_id)
-        if notes.due is not None:
-            self.events.due(notes.due)
+        due = [delay for delay in (notes.due, notes.told_due) if delay is not None]
+        if due:
+            self.events.due(min(due))
 
     async def _read(self, read: Callable[[Any], Awaitable[T]]) -> T:
         """A read; tried again once on a new connection if the first one was lost."""
@@ -255,12 +276,12 @@ class PostgresStore:
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
-        return await self._commits.submit(jobs.insert_jobs, list(new))
+        return await self._inserts.submit(jobs.insert_jobs, list(new))
 
     @_translate_errors
     async def claim(self, request: ClaimRequest) -> Claimed:
         self._limited = frozenset(request.limits)
-        (claimed,) = await self._commits.submit(jobs.claim_jobs, [request])
+        (claimed,) = await self._claims.submit(jobs.claim_jobs, [request])
         return claimed
 
     @_translate_errors

@@ -15,6 +15,7 @@ class Notes:
     due: float | None = None  # seconds until the earliest job it made claimable
     finished: list[Job] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
+    told_due: float | None = None  # made due by a statement that notified the others itself
 
     def made_due(self, delay: float) -> None:
         self.due = delay if self.due is None else min(self.due, delay)
@@ -25,10 +26,12 @@ class Notes:
 
 @dataclass(slots=True)
 class Tx:
-    """A write transaction: its connection, the schema's name, and its notes."""
+    """A write transaction (or, for inserts, statements that each commit on their own): its
+    connection, the schema's name, the store's name in notices, and its notes."""
 
     db: Any  # asyncpg.Connection
     s: str
+    sender: str
     notes: Notes = field(default_factory=Notes)
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
