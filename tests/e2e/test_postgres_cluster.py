@@ -46,7 +46,7 @@ class Cluster:
         """Start `count` daemons at once with the same configuration (top-level settings in
         `config`, tables in `tables`) and wait until all are ready."""
         started = []
-        for name in "abcdef"[:count]:
+        for name in "abcdef"[len(self.daemons) : len(self.daemons) + count]:
             root = self.root / name
             root.mkdir(exist_ok=True)
             text = f'node_id = "{name}"\n{config}\n{tables}\n[postgres]\nschema = "{self.schema}"\n'
@@ -254,6 +254,13 @@ def test_a_concurrency_limit_holds_across_the_daemons(cluster: Cluster, short_tm
         peak = max(peak, running)
     assert peak == 2
     assert len({pid for _, pid in lines(log)}) >= 2
+
+
+def test_daemons_with_different_schedules_are_told_loudly(cluster: Cluster) -> None:
+    cluster.start(tables='[scheduled_tasks]\n"@hourly" = "tick"\n', count=1)
+    (b,) = cluster.start(tables='[scheduled_tasks]\n"@daily" = "tick"\n', count=1)
+    assert "RUN DIFFERENT SCHEDULES" in b.log
+    assert "a has " in b.log.split("RUN DIFFERENT SCHEDULES")[1]
 
 
 @pytest.mark.restarts_postgres

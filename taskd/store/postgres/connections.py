@@ -64,8 +64,10 @@ class Connections:
         size: int,
         connect_timeout: float,
         clock: Callable[[], float] | None = None,
+        application: str = "taskd",
     ) -> None:
         self._url = url
+        self._application = application  # as pg_stat_activity shows the connections
         self._description = description
         self._connect_timeout = connect_timeout
         self._clock = clock
@@ -92,7 +94,10 @@ class Connections:
                 timeout=self._connect_timeout,
                 command_timeout=COMMAND_TIMEOUT,
                 # Notices are sent as string literals (see store._literal).
-                server_settings={"application_name": "taskd", "standard_conforming_strings": "on"},
+                server_settings={
+                    "application_name": self._application,
+                    "standard_conforming_strings": "on",
+                },
             )
         except DRIVER_ERRORS as exc:
             self._failed(exc)

@@ -102,7 +102,12 @@ class PostgresStore:
         self.description = f"{safe_url(url)} (schema {schema})"
         self.events = JobEvents()
         self._connections = Connections(
-            url, self.description, size=pool_size, connect_timeout=connect_timeout, clock=clock
+            url,
+            self.description,
+            size=pool_size,
+            connect_timeout=connect_timeout,
+            clock=clock,
+            application=f"taskd {schema}",
         )
         self._sender = secrets.token_hex(6)  # our notices are not news to us
         self._channel = channel(schema)
