@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,4 +155,5 @@ def digest(specs: Sequence[ScheduleSpec]) -> str:
          s.enabled]
         for s in specs
     )  # fmt: skip
-    return hashlib.sha256(msgspec.json.encode(described, order="sorted")).hexdigest()[:12]
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
