@@ -167,6 +167,8 @@ class Connections:
         usable = not (self._closed or connection.is_closed() or connection.is_in_transaction())
         if clean and usable:
             self._idle.append(connection)
+            if exc is None:  # the server answers: new connections may be tried at once
+                self._backoff = self._retry_at = 0.0
         else:
             connection.terminate()
 
@@ -181,10 +183,6 @@ class Connections:
             if not connection.is_closed():
                 return connection
         return await self.connect()
-
-    def forget_failures(self) -> None:
-        """The database answers again (the listener got through): connect at once."""
-        self._backoff = self._retry_at = 0.0
 
     async def close(self) -> None:
         self._closed = True
