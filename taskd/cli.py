@@ -26,7 +26,8 @@ EX_CONFIG = 78  # sysexits: configuration error; the unit does not restart on it
 
 DESCRIPTION = """\
 taskd runs the tasks in a tasks folder: on request from taskctl or the Python client, from
-a durable job queue, and on cron schedules. Every execution is a job in its SQLite database.
+a durable job queue, and on cron schedules. Every execution is a job in its database: SQLite,
+or PostgreSQL shared by several daemons.
 
 Flags override taskd.toml, which comes from --config, $TASKD_CONFIG, or taskd.toml in
 systemd's $CONFIGURATION_DIRECTORY. Signals: SIGTERM/SIGINT stop (running jobs get
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="configuration file (taskd.toml)")
     parser.add_argument("--tasks", metavar="DIR", help="tasks folder (default: ./tasks)")
     parser.add_argument(
-        "--database", metavar="PATH", help="SQLite database file (or a URL: sqlite:///PATH)"
+        "--database",
+        metavar="PATH|URL",
+        help="SQLite database file (or sqlite:///PATH), or postgresql://user@host/dbname",
     )
     parser.add_argument("--socket", metavar="PATH", help="control socket to listen on")
     parser.add_argument(

@@ -74,9 +74,30 @@ class SqliteOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     busy_timeout: Seconds = Seconds(5)  # how long a write waits for a lock held by another
 
 
+class PostgresOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[postgres]`: where the job store lives in a PostgreSQL database, and its connections."""
+
+    schema: str = "taskd"  # the PostgreSQL schema of taskd's tables, created if missing
+    pool_size: int = 8  # connections for reads and writes (plus one that listens)
+    connect_timeout: Seconds = Seconds(10)  # a connection attempt gives up after this
+
+    def __post_init__(self) -> None:
+        if not _SCHEMA.fullmatch(self.schema):
+            raise ValueError(
+                f"schema {self.schema!r}: use 1 to 63 lowercase letters, digits and _, "
+                "starting with a letter or _"
+            )
+        if self.pool_size < 2:
+            raise ValueError(f"pool_size must be at least 2, got {self.pool_size}")
+        if self.connect_timeout <= 0:
+            raise ValueError("connect_timeout must be more than 0 seconds")
+
+
 # `scheme://rest`: a database URL rather than a file path.
 _URL = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.DOTALL)
-DATABASE_SCHEMES = ("sqlite",)
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # A node id names a daemon on the jobs it runs (`id/N`); it must survive that form.
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
 
@@ -116,7 +137,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything taskd.toml can say. Relative paths are relative to the file's folder."""
 
     tasks: str = "tasks"
-    database: str | None = None  # a file path or a URL: sqlite:///var/lib/taskd/taskd.db
+    database: str | None = None  # a file path or a URL: sqlite:///PATH, postgresql://HOST/DB
     node_id: str | None = None  # this daemon's name in the job store; default: host and socket
     socket: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -134,6 +155,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timezone: str = "UTC"
     retention: Retention = Retention()
     sqlite: SqliteOptions = SqliteOptions()
+    postgres: PostgresOptions = PostgresOptions()
     task: dict[str, TaskOptions] = {}
     scheduled_tasks: dict[str, list[str] | str] = {}
     schedule: list[Schedule] = []
@@ -168,8 +190,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         url = _URL.fullmatch(self.database or "")
         if url and url.group(1) not in DATABASE_SCHEMES:
             raise ValueError(
-                f"database: unsupported URL scheme {url.group(1)!r}; use a file path "
-                "or sqlite:///path/to/taskd.db"
+                f"database: unsupported URL scheme {url.group(1)!r}; use a file path, "
+                "sqlite:///path/to/taskd.db or postgresql://user@host/dbname"
             )
         if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
             raise ValueError(

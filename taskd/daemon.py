@@ -22,7 +22,7 @@ from taskd.http.settings import HttpSettings, load_settings
 from taskd.metrics import Metrics
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
-from taskd.schedules import load_schedules
+from taskd.schedules import ScheduleSpec, digest, load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket
 from taskd.service import DaemonInfo, Service, retention_ages
 from taskd.store import Store, StoreError, store_for
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
+SCHEDULES_CHECK_INTERVAL = 60.0  # how often the schedules of the other daemons are compared
 # Settings the running daemon cannot change; a reload that changes them warns.
 RESTART_ONLY = (
     "log_format",
@@ -58,6 +59,7 @@ RESTART_ONLY = (
     "max_stuck_threads",
     "lease",
     "sqlite",
+    "postgres",
 )
 
 ConfigLoader = Callable[[], tuple[Config, Paths]]
@@ -105,6 +107,8 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._socket_lock: int | None = None
         self._started_at = time.time()
+        self._schedules_digest = ""
+        self._differing_nodes: frozenset[tuple[str, str]] = frozenset()
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
@@ -165,6 +169,7 @@ class Daemon:
             self._store, submitter, started_at=self._started_at, on_fired=metrics.tick_fired
         )
         await self._scheduler.load(schedules)
+        await self._compare_schedules(schedules)
         service = Service(
             store=self._store,
             registry=self._registry,
@@ -203,6 +208,7 @@ class Daemon:
         self._background.spawn(self._executor.keep_leases(), "leases")
         self._background.spawn(self._scheduler.run(), "scheduler")
         self._background.spawn(self._prune_forever(), "pruner")
+        self._background.spawn(self._compare_schedules_forever(), "schedules check")
         if self._watchdog_interval is not None:
             self._background.spawn(self.notifier.keep_watchdog(self._watchdog_interval), "watchdog")
         self._background.spawn(self._status.run(), "status")
@@ -219,7 +225,9 @@ class Daemon:
 
     async def _open_store(self, paths: Paths) -> Store:
         try:
-            store = store_for(paths.database, sqlite=self.config.sqlite)
+            store = store_for(
+                paths.database, sqlite=self.config.sqlite, postgres=self.config.postgres
+            )
             await store.open()
         except StoreError as exc:
             raise StartupError(str(exc)) from None
@@ -304,6 +312,43 @@ class Daemon:
                     logger.info("pruned %d finished jobs past their retention", deleted)
             await asyncio.sleep(PRUNE_INTERVAL)
 
+    async def _compare_schedules_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SCHEDULES_CHECK_INTERVAL)
+            await self._compare_schedules(None)
+
+    async def _compare_schedules(self, specs: list[ScheduleSpec] | None) -> None:
+        """Publish a digest of our schedules (new ones, if given) and say loudly when other
+        daemons on the store run different ones: then ticks and their state disagree."""
+        assert self._store is not None and self._worker is not None
+        try:
+            if specs is not None:
+                self._schedules_digest = digest(specs)
+                await self._store.announce_schedules(self._worker, self._schedules_digest)
+            nodes = await self._store.nodes()
+        except StoreError as exc:
+            logger.warning("cannot compare the schedules with the other daemons: %s", exc)
+            return
+        mine = self._schedules_digest
+        differing = frozenset(
+            (node.id, node.schedules)
+            for node in nodes
+            if node.worker != self._worker and node.schedules not in (None, mine)
+        )
+        if differing and differing != self._differing_nodes:
+            others = ", ".join(f"{node} has {theirs}" for node, theirs in sorted(differing))
+            logger.error(
+                "THE DAEMONS SHARING THIS JOB STORE RUN DIFFERENT SCHEDULES: this one's digest "
+                "is %s, %s. Give every daemon the same [scheduled_tasks], [[schedule]] and "
+                "timezone settings: a schedule only some of them know fires only while one of "
+                "those runs, and its state (paused, last tick) is shared under its id",
+                mine,
+                others,
+            )
+        elif not differing and self._differing_nodes:
+            logger.info("the daemons sharing this job store now run the same schedules")
+        self._differing_nodes = differing
+
     # -- reload --------------------------------------------------------------------------
 
     def _reload_in_background(self) -> None:
@@ -355,6 +400,7 @@ class Daemon:
             logger.warning("[http] was added or removed; that takes effect at the next restart")
         if self._scheduler is not None:
             await self._scheduler.replace(schedules)
+            await self._compare_schedules(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
         logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
         return ReloadResult(tasks=len(registry), schedules=len(schedules))

@@ -160,7 +160,8 @@ class NodeInfo(msgspec.Struct, frozen=True):
     """A daemon using the job store, alive while its heartbeat is renewed.
 
     `worker` names its current start (`id/N`) on the jobs it runs; `seen_at` is its latest
-    heartbeat; `running` counts the jobs it runs.
+    heartbeat; `running` counts the jobs it runs; `schedules` is a digest of the schedules
+    it runs (daemons sharing a store should run the same ones).
     """
 
     id: str
@@ -170,6 +171,7 @@ class NodeInfo(msgspec.Struct, frozen=True):
     started_at: float
     seen_at: float
     running: int = 0
+    schedules: str | None = None
 
 
 class Status(msgspec.Struct, frozen=True):

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,3 +146,14 @@ def _check_task(spec: ScheduleSpec, name: str, registry: TaskRegistry) -> None:
             f"schedule's static payload): {exc}. Give the schedule a payload the task "
             "accepts, or let the task's payload type allow these fields"
         ) from None
+
+
+def digest(specs: Sequence[ScheduleSpec]) -> str:
+    """A short fingerprint of the schedules, which daemons sharing a store compare."""
+    described = sorted(
+        [s.id, s.expression, s.timezone, list(s.tasks), s.payload, s.catch_up, s.max_catch_up,
+         s.enabled]
+        for s in specs
+    )  # fmt: skip
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

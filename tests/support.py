@@ -239,14 +239,18 @@ class Taskd:
         self, *args: str, input: str | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
         """Run the real taskctl against this daemon."""
-        command = [TASKCTL] if TASKCTL else [sys.executable, "-m", "taskctl"]
         return subprocess.run(
-            [*command, "--socket", str(self.socket), *args],
+            [*self.ctl_command(), *args],
             input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
         )
+
+    def ctl_command(self) -> list[str]:
+        """The command line of the real taskctl, talking to this daemon."""
+        command = [TASKCTL] if TASKCTL else [sys.executable, "-m", "taskctl"]
+        return [*command, "--socket", str(self.socket)]
 
     def client(self) -> Client:
         return Client(str(self.socket))

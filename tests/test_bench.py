@@ -1,26 +1,45 @@
 """`make bench` cannot rot: every scenario runs at a tiny scale, for correctness only.
 
-The drivers check their own work (every drained job succeeded, every huey result stored);
-this checks that each row of the table got its numbers. Speed is never asserted here.
+The drivers check their own work (every drained job succeeded, every huey result stored,
+every pgqueuer and procrastinate job run); this checks that each row of the tables got its
+numbers. Speed is never asserted here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from tests.backends import postgres_url
 from tests.bench import compare
+
+
+def table(text: str) -> dict[str, list[str]]:
+    rows = [line.split(" | ") for line in text.splitlines() if line[:2] == "| "]
+    return {cells[0].strip("| "): [cell.strip("| ") for cell in cells] for cells in rows[1:]}
 
 
 def test_every_benchmark_scenario_runs(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     compare.main(
         ["--repeat", "1", "--scale", "0.01", "--backlog", "20000", "--ticks", "2", "--runs", "1",
-         "--output", str(output)]
+         "--postgres", "", "--output", str(output)]
     )  # fmt: skip
-    rows = [line.split(" | ") for line in output.read_text().splitlines() if line[:2] == "| "]
-    table = {cells[0].strip("| "): cells for cells in rows[1:]}
-    assert len(table) >= 12, table
-    for name, cells in table.items():
+    rows = table(output.read_text())
+    assert len(rows) >= 12, rows
+    for name, cells in rows.items():
         assert cells[1] != "-", f"no taskd figure for {name}"
         if cells[2] != "-":
             assert cells[3] != "-", f"no figure for the peer of {name}"
+
+
+def test_every_postgres_benchmark_scenario_runs(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    compare.main(
+        ["--repeat", "1", "--scale", "0.01", "--postgres", postgres_url(), "--postgres-only",
+         "--output", str(output)]
+    )  # fmt: skip
+    text = output.read_text()
+    rows = table(text[text.index("## PostgreSQL") :])
+    assert len(rows) == 3, rows
+    for name, cells in rows.items():
+        assert all(cell.endswith("jobs/s") for cell in cells[1:5]), f"a figure missing: {name}"

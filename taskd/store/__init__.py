@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from taskd.config import SqliteOptions
+from taskd.config import POSTGRES_SCHEMES, PostgresOptions, SqliteOptions
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -41,8 +41,21 @@ __all__ = [
 ]
 
 
-def store_for(url: str, *, sqlite: SqliteOptions | None = None) -> Store:
-    """The store a database URL names (not opened yet): `sqlite://PATH` for now."""
+def store_for(
+    url: str, *, sqlite: SqliteOptions | None = None, postgres: PostgresOptions | None = None
+) -> Store:
+    """The store a database URL names (not opened yet): `sqlite://PATH` or
+    `postgresql://...` (asyncpg's form of libpq's URLs)."""
+    if url.startswith(tuple(f"{scheme}://" for scheme in POSTGRES_SCHEMES)):
+        from taskd.store.postgres.store import PostgresStore
+
+        shared = postgres or PostgresOptions()
+        return PostgresStore(
+            url,
+            schema=shared.schema,
+            pool_size=shared.pool_size,
+            connect_timeout=shared.connect_timeout,
+        )
     if url.startswith("sqlite://"):
         from taskd.store.sqlite import SqliteStore
 
@@ -52,4 +65,7 @@ def store_for(url: str, *, sqlite: SqliteOptions | None = None) -> Store:
             synchronous=options.synchronous.upper(),
             busy_timeout=options.busy_timeout,
         )
-    raise StoreError(f"unsupported database {url!r}: use sqlite:///path/to/taskd.db")
+    raise StoreError(
+        f"unsupported database {url!r}: use sqlite:///path/to/taskd.db or "
+        "postgresql://user@host/dbname"
+    )

@@ -4,7 +4,7 @@ Every execution of a task is a row in the store. The store enforces the uniquene
 (single-flight runs and unique keys, a schedule's tick fired once), the state machine of a
 job, the per-task concurrency limits, and fencing: only the attempt that claimed a job may
 record its outcome. It is written for several daemons sharing one store; SQLite has one
-(its lock file says so), a database server may have many.
+(its lock file says so), PostgreSQL may have many.
 
 The contract:
 
@@ -200,8 +200,12 @@ class Store(Protocol):
         """The worker stops (its jobs went back to the queue); it is not alive any more,
         and its node's next start is still a new worker."""
 
+    async def announce_schedules(self, worker: str, digest: str) -> None:
+        """Record a digest of the schedules the worker runs, for `nodes()` to show (daemons
+        sharing a store with different schedules are told so)."""
+
     async def nodes(self) -> list[NodeInfo]:
-        """The nodes alive, with the number of jobs each runs."""
+        """The nodes alive, with the number of jobs each runs and their schedules' digest."""
 
     # -- job writes ----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -22,9 +23,9 @@ GATHER_TURNS = 2  # turns of the event loop a batch waits for company before it 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 Context = TypeVar("Context")
-# A write of one kind, for all its items that met in a batch: a store's own function, which
-# its runner calls inside the batch's transaction.
-Operation = Callable[[Context, list[Item]], list[Result]]
+# A write of one kind, for all its items that met in a batch: a store's own function (plain,
+# or a coroutine), which its runner calls inside the batch's transaction.
+Operation = Callable[[Context, list[Item]], list[Result] | Awaitable[list[Result]]]
 # Runs the operations of a batch, each with its items, in one transaction; their results.
 Runner = Callable[[list[tuple[Any, list[Any]]]], Awaitable[list[list[Any]]]]
 
@@ -48,9 +49,18 @@ class _Write(Generic[Item, Result]):
 class GroupCommit(Generic[Context]):
     """Serialises all writes through one task and commits them in batches."""
 
-    def __init__(self, runner: Runner, max_items: int = 2000) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        max_items: int = 2000,
+        *,
+        worth_splitting: Callable[[Exception], bool] = lambda exc: True,
+    ) -> None:
         self._runner = runner
         self._max_items = max_items
+        # Whether a failed batch is retried write by write: not when the database is gone,
+        # which would fail each write again (after a timeout each, perhaps).
+        self._worth_splitting = worth_splitting
         self._queue: asyncio.Queue[_Write[Any, Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -108,8 +118,9 @@ class GroupCommit(Generic[Context]):
         try:
             results = await self._apply(batch)
         except Exception as exc:
-            if len(batch) == 1:
-                _fail(batch[0], exc)
+            if len(batch) == 1 or not self._worth_splitting(exc):
+                for write in batch:
+                    _fail(write, exc)
                 return
             # One write spoilt the batch: give every write a transaction of its own, so that
             # only the bad one fails.
@@ -147,6 +158,16 @@ class GroupCommit(Generic[Context]):
                 results[i] = output[start : start + count]
                 start += count
         return results
+
+
+def in_transaction(transaction: Callable[[], AbstractAsyncContextManager[Any]]) -> Runner:
+    """A runner for operations that are coroutines: one after another, in `transaction`."""
+
+    async def run(operations: list[tuple[Any, list[Any]]]) -> list[list[Any]]:
+        async with transaction() as context:
+            return [await operation(context, items) for operation, items in operations]
+
+    return run
 
 
 def _fail(write: _Write[Any, Any], exc: BaseException) -> None:

@@ -64,6 +64,10 @@ class JobEvents:
         future.add_done_callback(lambda f: self._forget(job_id, f))
         return future
 
+    def watching(self, job_id: int) -> bool:
+        """Whether anyone waits for the job's end (a shared store then reads it for them)."""
+        return job_id in self._waiters
+
     def on_finished(self, listener: Callable[[Job], None]) -> None:
         self._finished.add(listener)
 

@@ -210,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ticks", type=int, default=60, help="0: skip the cron scenario")
     parser.add_argument("--runs", type=int, default=30, help="runs of each command")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("TASKD_TEST_POSTGRES"),
+        help="a PostgreSQL database for the PostgreSQL scenarios (default: $TASKD_TEST_POSTGRES;"
+        " none: they are skipped)",
+    )
+    parser.add_argument("--postgres-only", action="store_true", help="only those scenarios")
     args = parser.parse_args(argv)
     started = time.monotonic()
     heading = (
@@ -217,21 +224,33 @@ def main(argv: list[str] | None = None) -> None:
         f"{time.strftime('%Y-%m-%d')}; medians of {args.repeat} runs"
     )
     bench = Bench(args.scale, args.repeat, "full")
-    sections: list[tuple[str, Callable[[], None]]] = [
-        ("throughput", bench.throughput),
-        ("commands", lambda: bench.command_latency(args.runs)),
-    ]
     normal = Bench(args.scale, args.repeat, "normal")
-    sections.append(("throughput, synchronous = normal", normal.throughput))
-    if args.backlog:
-        sections.append(("backlog", lambda: bench.backlog(int(args.backlog * args.scale))))
-    if args.ticks:
-        sections.append(("cron", lambda: cron_rows(bench, args.ticks)))
+    sections: list[tuple[str, Callable[[], None]]] = []
+    if not args.postgres_only:
+        sections += [
+            ("throughput", bench.throughput),
+            ("commands", lambda: bench.command_latency(args.runs)),
+            ("throughput, synchronous = normal", normal.throughput),
+        ]
+        if args.backlog:
+            sections.append(("backlog", lambda: bench.backlog(int(args.backlog * args.scale))))
+        if args.ticks:
+            sections.append(("cron", lambda: cron_rows(bench, args.ticks)))
+    shared = None
+    if args.postgres:
+        from tests.bench.postgres import PostgresBench
+
+        shared = PostgresBench(args.postgres, args.scale, args.repeat)
+        sections.append(("PostgreSQL", shared.run))
     for name, run in sections:
         print(f"[{time.monotonic() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True)
         run()
     bench.rows += normal.rows
-    text = f"# make bench\n\n{heading}\n\n{bench.table()}\n"
+    text = f"# make bench\n\n{heading}\n"
+    if not args.postgres_only:
+        text += f"\n{bench.table()}\n"
+    if shared is not None:
+        text += f"\n## PostgreSQL\n\n{shared.table()}\n"
     print(text)
     args.output.write_text(text)
 

@@ -26,8 +26,10 @@ FAR = 3600.0  # a delay that keeps enqueued jobs from running while enqueues are
 
 
 async def _enqueue_over(socket: str, jobs: int, connections: int) -> float:
-    """Enqueue `jobs` jobs, one per request, each connection sending its next after its reply."""
-    clients = [AsyncClient(socket) for _ in range(connections)]
+    """Enqueue `jobs` jobs, one per request, each connection sending its next after its reply
+    (`socket` may list several daemons, comma-separated: the connections take turns)."""
+    sockets = socket.split(",")
+    clients = [AsyncClient(sockets[n % len(sockets)]) for n in range(connections)]
     for client in clients:
         await client.connect()
 
@@ -51,7 +53,34 @@ def taskd_enqueue(socket: str, jobs: int, connections: int) -> dict[str, Any]:
     return {"jobs": jobs, "seconds": seconds}
 
 
+async def _enqueue_many_over(sockets: list[str], jobs: int, batch: int) -> float:
+    """Enqueue in batches, one client per daemon, each sending its next after its reply."""
+    clients = [AsyncClient(socket) for socket in sockets]
+    for client in clients:
+        await client.connect()
+
+    async def send(client: AsyncClient, batches: range) -> None:
+        for first in batches:
+            items = [enqueue_params("noop", n, delay=FAR) for n in range(first, first + batch)]
+            await client.enqueue_many(items)
+
+    starts = range(0, jobs, batch)
+    started = time.perf_counter()
+    await asyncio.gather(*(send(c, starts[i :: len(clients)]) for i, c in enumerate(clients)))
+    elapsed = time.perf_counter() - started
+    for client in clients:
+        await client.close()
+    return elapsed
+
+
 def taskd_enqueue_many(socket: str, jobs: int, batch: int) -> dict[str, Any]:
+    if "," in socket:  # several daemons
+        import uvloop
+
+        return {
+            "jobs": jobs,
+            "seconds": uvloop.run(_enqueue_many_over(socket.split(","), jobs, batch)),
+        }
     with Client(socket) as client:
         client.status()  # connected before the clock starts
         started = time.perf_counter()
@@ -167,15 +196,121 @@ def sqlite_floor(jobs: int, batch: int) -> dict[str, Any]:
     return {"jobs": jobs, "seconds": seconds}
 
 
+# -- the PostgreSQL peers: each in a schema of its own, default settings, one worker ---------
+
+
+async def _pgqueuer(url: str, schema: str) -> Any:
+    os.environ["PGQUEUER_SCHEMA"] = schema  # read when pgqueuer builds its queries
+    import asyncpg
+    from pgqueuer.queries import Queries
+
+    connection = await asyncpg.connect(url)
+    queries = Queries.from_asyncpg_connection(connection)
+    await queries.install()
+    return connection, queries
+
+
+async def _pgqueuer_enqueue(url: str, schema: str, jobs: int, batch: int) -> float:
+    connection, queries = await _pgqueuer(url, schema)
+    started = time.perf_counter()
+    if batch == 1:
+        for n in range(jobs):
+            await queries.enqueue("noop", str(n).encode())
+    else:
+        for first in range(0, jobs, batch):
+            count = min(batch, jobs - first)
+            payloads = [str(n).encode() for n in range(first, first + count)]
+            await queries.enqueue(["noop"] * count, payloads, [0] * count)
+    seconds = time.perf_counter() - started
+    await connection.close()
+    return seconds
+
+
+async def _pgqueuer_drain(url: str, schema: str, jobs: int) -> float:
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.types import QueueExecutionMode
+
+    connection, queries = await _pgqueuer(url, schema)
+    for first in range(0, jobs, 1000):
+        count = min(1000, jobs - first)
+        await queries.enqueue(["noop"] * count, [b"0"] * count, [0] * count)
+    manager = QueueManager(queries)
+    done = 0
+
+    @manager.entrypoint("noop")
+    async def noop(job: Any) -> None:
+        nonlocal done
+        done += 1
+
+    started = time.perf_counter()
+    await manager.run(mode=QueueExecutionMode.drain)
+    seconds = time.perf_counter() - started
+    await connection.close()
+    if done != jobs:
+        raise RuntimeError(f"pgqueuer ran {done} of {jobs} jobs")
+    return seconds
+
+
+def pgqueuer_run(url: str, schema: str, what: str, jobs: int, batch: int) -> dict[str, Any]:
+    import uvloop
+
+    if what == "drain":
+        return {"jobs": jobs, "seconds": uvloop.run(_pgqueuer_drain(url, schema, jobs))}
+    return {"jobs": jobs, "seconds": uvloop.run(_pgqueuer_enqueue(url, schema, jobs, batch))}
+
+
+async def _procrastinate_run(url: str, schema: str, what: str, jobs: int, batch: int) -> float:
+    import psycopg
+    from procrastinate import App, PsycopgConnector
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
+        await connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    connector = PsycopgConnector(conninfo=url, kwargs={"options": f"-c search_path={schema}"})
+    app = App(connector=connector)
+    done = 0
+
+    @app.task(name="noop")
+    async def noop(n: int) -> None:
+        nonlocal done
+        done += 1
+
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+        started = time.perf_counter()
+        if what == "enqueue" and batch == 1:
+            for n in range(jobs):
+                await noop.defer_async(n=n)
+        else:
+            for first in range(0, jobs, batch):
+                count = min(batch, jobs - first)
+                await noop.batch_defer_async(*({"n": n} for n in range(first, first + count)))
+        if what == "drain":
+            started = time.perf_counter()
+            await app.run_worker_async(wait=False)
+            if done != jobs:
+                raise RuntimeError(f"procrastinate ran {done} of {jobs} jobs")
+        return time.perf_counter() - started
+
+
+def procrastinate_run(url: str, schema: str, what: str, jobs: int, batch: int) -> dict[str, Any]:
+    import uvloop
+
+    seconds = uvloop.run(_procrastinate_run(url, schema, what, jobs, batch))
+    return {"jobs": jobs, "seconds": seconds}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "scenario",
         choices=[
             "taskd-enqueue", "taskd-enqueue-many", "taskd-drain", "huey-enqueue", "huey-drain",
-            "sqlite-floor",
+            "sqlite-floor", "pgqueuer", "procrastinate",
         ],
     )  # fmt: skip
+    parser.add_argument("--url", help="PostgreSQL, for the PostgreSQL peers")
+    parser.add_argument("--schema", help="their schema (created if missing)")
+    parser.add_argument("--what", choices=["enqueue", "drain"], default="enqueue")
     parser.add_argument("--socket")
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=1)
@@ -195,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
             result = huey_drain(args.jobs, args.workers)
         case "sqlite-floor":
             result = sqlite_floor(args.jobs, args.batch)
+        case "pgqueuer":
+            result = pgqueuer_run(args.url, args.schema, args.what, args.jobs, args.batch)
+        case "procrastinate":
+            result = procrastinate_run(args.url, args.schema, args.what, args.jobs, args.batch)
     result["pid"] = os.getpid()
     json.dump(result, sys.stdout)
 

@@ -270,6 +270,12 @@ async def test_each_start_of_a_node_is_a_new_worker(store: Store, clock: Clock) 
     assert await store.nodes() == []  # its heartbeat expired
 
 
+async def test_nodes_show_the_digest_of_their_schedules(store: Store) -> None:
+    await store.announce_schedules(W1, "5f2c9a01b7de")
+    nodes = {node.worker: node for node in await store.nodes()}
+    assert (nodes[W1].schedules, nodes[W2].schedules) == ("5f2c9a01b7de", None)
+
+
 async def test_recovery_takes_back_only_jobs_of_workers_that_are_gone(
     store: Store, clock: Clock
 ) -> None:

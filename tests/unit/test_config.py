@@ -30,6 +30,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("sqlite:///var/lib/taskd/t.db", "sqlite:///var/lib/taskd/t.db"),
         ("sqlite://data/t.db", "sqlite:///base/data/t.db"),  # relative after sqlite://
         ("sqlite:///base/../t.db", "sqlite:///t.db"),
+        ("postgresql://ada@db.example/jobs", "postgresql://ada@db.example/jobs"),  # as given
     ],
 )
 def test_the_database_is_a_path_or_a_url(setting: str, url: str) -> None:
@@ -52,7 +53,9 @@ def test_durations_accept_numbers_and_units(tmp_path: Path) -> None:
         ('log_level = "loud"', "log_level"),
         ("[task.x]\nconcurrency = 0", "concurrency must be at least 1"),
         ("workers = [", "invalid TOML"),
-        ('database = "postgresql://db/taskd"', "unsupported URL scheme 'postgresql'"),
+        ('database = "mysql://db/taskd"', "unsupported URL scheme 'mysql'"),
+        ('[postgres]\nschema = "Taskd-1"', "schema 'Taskd-1': use 1 to 63 lowercase"),
+        ("[postgres]\npool_size = 1", "pool_size must be at least 2"),
         ('node_id = "a/b"', "node_id 'a/b': use 1 to 100 letters"),
     ],
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
+import msgspec
 
 from taskd.models import FINISHED_STATUSES, Job, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
@@ -105,6 +106,7 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
         self._commits: GroupCommit[Tx] = GroupCommit(self._run_batch)
+        self._schedules: dict[str, str] = {}  # worker -> digest of its schedules
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -212,9 +214,14 @@ class SqliteStore:
         (lost,) = await self._commits.submit(nodes.renew, [(worker, list(job_ids), lease)])
         return lost
 
+    async def announce_schedules(self, worker: str, digest: str) -> None:
+        # One daemon per file: there is nobody to compare with, so memory will do.
+        self._schedules[worker] = digest
+
     @_translate_errors
     async def nodes(self) -> list[NodeInfo]:
-        return await self._read(reads.nodes, self._clock())
+        alive = await self._read(reads.nodes, self._clock())
+        return [msgspec.structs.replace(n, schedules=self._schedules.get(n.worker)) for n in alive]
 
     # -- job writes ----------------------------------------------------------------------
 

@@ -1,0 +1,199 @@
+"""The store's connections to PostgreSQL: a small pool that reconnects with backoff.
+
+A connection that fails is dropped and the next use opens another; while the database
+cannot be reached, attempts to connect are spaced out (0.5 s doubling up to 30 s) and the
+callers in between are told at once instead of each waiting for a timeout. With a test
+clock, each connection's session carries it (`taskd.now`) before every use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from taskd.store.base import StoreError
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF = 30.0
+COMMAND_TIMEOUT = 60.0  # a statement that takes longer fails (the server is hung or gone)
+UNREACHABLE_HINT = " (taskd reconnects by itself: try again; nothing was written)"
+# What the database said in these SQLSTATE classes is about the connection, not the
+# statement: 08 connection exception, 53 insufficient resources, 57 operator intervention
+# (shutdown, restart, statement timeout), 58 system error.
+CONNECTION_CLASSES = ("08", "53", "57", "58")
+
+
+# What the driver and the network raise; the store turns them into StoreError.
+DRIVER_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """Whether an exception says the connection or the server failed (not the statement)."""
+    lost = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+    if isinstance(exc, (*lost, Unreachable)):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in CONNECTION_CLASSES
+
+
+class Unreachable(StoreError):
+    """The database could not be reached lately; taskd tries again after a pause."""
+
+
+class Connections:
+    """Up to `size` connections to one database, opened as needed."""
+
+    def __init__(
+        self,
+        url: str,
+        description: str,
+        *,
+        size: int,
+        connect_timeout: float,
+        clock: Callable[[], float] | None = None,
+        application: str = "taskd",
+    ) -> None:
+        self._url = url
+        self._application = application  # as pg_stat_activity shows the connections
+        self._description = description
+        self._connect_timeout = connect_timeout
+        self._clock = clock
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[Any] = []
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._last_error = ""
+        self._closed = False
+
+    async def connect(self) -> Any:
+        """A new connection of our own (the listener's), or raise Unreachable."""
+        if self._closed:
+            raise StoreError(f"job store {self._description} is closed")
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise Unreachable(
+                f"job store {self._description} is unreachable ({self._last_error}); "
+                f"taskd tries again in {self._retry_at - now:.1f}s"
+            )
+        try:
+            connection = await asyncpg.connect(
+                self._url,
+                timeout=self._connect_timeout,
+                command_timeout=COMMAND_TIMEOUT,
+                # Notices are sent as string literals (see store._literal).
+                server_settings={
+                    "application_name": self._application,
+                    "standard_conforming_strings": "on",
+                },
+            )
+        except DRIVER_ERRORS as exc:
+            self._failed(exc)
+            raise Unreachable(
+                f"cannot connect to job store {self._description}: {_describe(exc)}"
+                + UNREACHABLE_HINT
+            ) from exc
+        if self._backoff:
+            logger.info("job store %s: connected again", self._description)
+        self._backoff = self._retry_at = 0.0
+        return connection
+
+    def _failed(self, exc: BaseException) -> None:
+        self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF)
+        self._retry_at = time.monotonic() + self._backoff
+        self._last_error = _describe(exc)
+        logger.warning(
+            "job store %s: cannot connect (%s); next try in %gs",
+            self._description,
+            self._last_error,
+            self._backoff,
+        )
+
+    @asynccontextmanager
+    async def acquire(self, *, begin: bool = False) -> AsyncIterator[Any]:
+        """A connection for one use (in a transaction it must end, with `begin`); one that
+        failed, or was left in a transaction, is closed rather than used again."""
+        async with self._slots:
+            connection = await self._prepared(begin)
+            try:
+                yield connection
+            except BaseException as exc:
+                self._give_back(connection, exc)
+                raise
+            self._give_back(connection, None)
+
+    async def _prepared(self, begin: bool) -> Any:
+        """A connection, in a transaction if asked, with the test clock if there is one. An
+        idle connection the server has dropped (it restarted) is replaced once."""
+        prelude = ["BEGIN"] if begin else []
+        if self._clock is not None:
+            now = repr(float(self._clock()))
+            prelude.append(f"SELECT set_config('taskd.now', '{now}', false)")
+        for retry in (True, False):
+            fresh = not self._idle
+            connection = await self._take()
+            if not prelude:
+                return connection
+            try:
+                await connection.execute("; ".join(prelude))
+            except DRIVER_ERRORS as exc:
+                self._give_back(connection, exc)
+                if retry and not fresh and connection_failed(exc):
+                    continue
+                raise
+            return connection
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _give_back(self, connection: Any, exc: BaseException | None) -> None:
+        clean = (
+            exc is None
+            or isinstance(exc, StoreError)
+            or (isinstance(exc, asyncpg.PostgresError) and not connection_failed(exc))
+        )
+        if isinstance(exc, Exception) and connection_failed(exc):
+            self._flush()  # the others may be dead too (a restart): connect anew
+        usable = not (self._closed or connection.is_closed() or connection.is_in_transaction())
+        if clean and usable:
+            self._idle.append(connection)
+            if exc is None:  # the server answers: new connections may be tried at once
+                self._backoff = self._retry_at = 0.0
+        else:
+            connection.terminate()
+
+    def _flush(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.terminate()
+
+    async def _take(self) -> Any:
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.is_closed():
+                return connection
+        return await self.connect()
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            try:
+                await asyncio.wait_for(connection.close(), 5)
+            except DRIVER_ERRORS:
+                connection.terminate()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,165 @@
+"""Notifications between the daemons that share a database: LISTEN/NOTIFY.
+
+Each write transaction that others must hear about (work became due, jobs finished, a job
+was cancelled) sends one notice on the schema's channel just before it commits; PostgreSQL
+delivers it with the commit, and never for a rollback. Every daemon listens on one
+dedicated connection. When that connection is lost, notices may have been missed: once it
+is back the store says `resync` (everyone reads again what they wait for). A slow timer
+checks the connection and resyncs too, the safety net should a notice ever go missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+logger = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses notices of 8000 or more
+SAFETY_INTERVAL = 30.0  # seconds between checks of the listening connection (and resyncs)
+PING_TIMEOUT = 10.0
+MAX_BACKOFF = 30.0
+
+
+class Notice(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What one transaction tells the others: `sender` names the store that wrote it (its
+    own notices are not news to it), `due` the seconds until the earliest job it made
+    claimable, `finished` the (id, task) of jobs it ended, `cancelled` the ids it cancelled."""
+
+    sender: str
+    due: float | None = None
+    finished: list[tuple[int, str]] = []
+    cancelled: list[int] = []
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Notice)
+
+
+def encode_notices(notice: Notice) -> list[str]:
+    """The notice as payloads small enough for NOTIFY (split when it names many jobs)."""
+    payload = _encoder.encode(notice)
+    if len(payload) <= MAX_PAYLOAD:
+        return [payload.decode()]
+    finished, cancelled = notice.finished, notice.cancelled
+    if len(finished) + len(cancelled) <= 1:  # a task name too long to send: say "read again"
+        return [_encoder.encode(Notice(notice.sender, due=0.0)).decode()]
+    half_f, half_c = len(finished) // 2, len(cancelled) // 2
+    first = Notice(notice.sender, notice.due, finished[:half_f], cancelled[:half_c])
+    second = Notice(notice.sender, None, finished[half_f:], cancelled[half_c:])
+    return encode_notices(first) + encode_notices(second)
+
+
+def decode_notice(payload: str) -> Notice | None:
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError:
+        logger.warning("ignored a notice that is not taskd's: %.200r", payload)
+        return None
+
+
+class Listener:
+    """LISTENs on one connection, reconnects with backoff, and checks it every so often."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Any]],
+        channel: str,
+        on_notice: Callable[[str], None],
+        on_resync: Callable[[], None],
+        description: str,
+        interval: float = SAFETY_INTERVAL,
+    ) -> None:
+        self._connect = connect
+        self._channel = channel
+        self._on_notice = on_notice
+        self._on_resync = on_resync
+        self._description = description
+        self._interval = interval
+        self._connection: Any = None
+        self._lost = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen (raising if the database cannot be reached), then keep listening."""
+        await self._listen()
+        self._task = asyncio.create_task(self._watch(), name="taskd-postgres-listener")
+
+    async def _listen(self) -> None:
+        connection = await self._connect()
+        try:
+            await connection.add_listener(self._channel, self._received)
+        except BaseException:
+            connection.terminate()
+            raise
+        connection.add_termination_listener(lambda _: self._lost.set())
+        self._lost.clear()
+        self._connection = connection
+
+    def _received(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        self._on_notice(payload)
+
+    async def _watch(self) -> None:
+        while not self._stop.is_set():
+            woken = [asyncio.create_task(event.wait()) for event in (self._lost, self._stop)]
+            await asyncio.wait(woken, timeout=self._interval, return_when=asyncio.FIRST_COMPLETED)
+            for task in woken:
+                task.cancel()
+            if self._stop.is_set():
+                return
+            if not self._lost.is_set() and await self._alive():
+                self._on_resync()  # the safety net: read again, in case anything went amiss
+                continue
+            logger.warning("job store %s: lost the connection that listens", self._description)
+            await self._reconnect()
+
+    async def _alive(self) -> bool:
+        try:
+            await self._connection.fetchval("SELECT 1", timeout=PING_TIMEOUT)
+        except Exception:
+            return False
+        return True
+
+    async def _reconnect(self) -> None:
+        self._drop()
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                await self._listen()
+            except Exception as exc:
+                logger.warning(
+                    "job store %s: cannot listen again (%s); next try in %gs",
+                    self._description,
+                    exc,
+                    backoff,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            logger.info("job store %s: listening again; everyone reads again", self._description)
+            self._on_resync()
+            return
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            self._connection.terminate()
+            self._connection = None
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._connection is not None:
+            try:
+                await asyncio.wait_for(self._connection.close(), 5)
+            except Exception:
+                self._connection.terminate()
+            self._connection = None

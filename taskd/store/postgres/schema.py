@@ -1,0 +1,207 @@
+"""The PostgreSQL schema: its migrations (each a list of statements), and rows decoded by name.
+
+Every object lives in one PostgreSQL schema (`taskd` unless `[postgres] schema` says
+otherwise), so that taskd's tables can share an application's database. `{s}` in the
+statements is that schema's name. No asyncpg here: `taskd.pg` imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from taskd.models import AttemptError, FiredJob, Job, NodeInfo
+from taskd.store.base import ScheduleState
+
+# The store's "now", in seconds since the epoch: the database's clock (the statement's
+# start), unless a session sets `taskd.now` (the tests' clock, which the store passes in).
+NOW_FUNCTION = """
+CREATE OR REPLACE FUNCTION {s}.now() RETURNS double precision LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        nullif(current_setting('taskd.now', true), '')::double precision,
+        extract(epoch FROM statement_timestamp())::double precision)
+$$
+"""
+
+# Version N of the schema is MIGRATIONS[:N]; {s}.migrations holds the versions applied.
+# Never edit a released migration: add one.
+MIGRATIONS: list[list[str]] = [
+    [
+        NOW_FUNCTION,
+        """
+        CREATE TABLE {s}.jobs (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            task text NOT NULL,
+            status text NOT NULL
+                CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')),
+            origin text NOT NULL,
+            payload bytea NOT NULL,
+            result bytea,
+            error text,
+            attempts integer NOT NULL DEFAULT 0,
+            max_attempts integer NOT NULL,
+            priority integer NOT NULL DEFAULT 0,
+            key text,
+            crashes integer NOT NULL DEFAULT 0,
+            parent_id bigint,
+            run_at double precision NOT NULL,
+            created_at double precision NOT NULL,
+            started_at double precision,
+            finished_at double precision,
+            worker text,
+            lease_expires double precision,
+            epoch integer NOT NULL DEFAULT 0,
+            waiting boolean NOT NULL DEFAULT false
+        )
+        """,
+        # Single-flight and unique keys: one active job per (task, key).
+        """
+        CREATE UNIQUE INDEX jobs_active_key ON {s}.jobs (task, key)
+            WHERE key IS NOT NULL AND status IN ('pending', 'running')
+        """,
+        "CREATE INDEX jobs_claim_order ON {s}.jobs (priority, run_at, id) WHERE status = 'pending'",
+        """
+        CREATE INDEX jobs_task_claim_order ON {s}.jobs (task, priority, run_at, id)
+            WHERE status = 'pending'
+        """,
+        "CREATE INDEX jobs_pending_due ON {s}.jobs (run_at) WHERE status = 'pending'",
+        "CREATE INDEX jobs_running ON {s}.jobs (task) WHERE status = 'running'",
+        """
+        CREATE INDEX jobs_finished ON {s}.jobs (status, finished_at)
+            WHERE status IN ('succeeded', 'failed', 'cancelled')
+        """,
+        "CREATE INDEX jobs_task_status ON {s}.jobs (task, status)",
+        """
+        CREATE TABLE {s}.job_errors (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            job_id bigint NOT NULL,
+            attempt integer NOT NULL,
+            kind text NOT NULL,
+            message text NOT NULL,
+            traceback text,
+            at double precision NOT NULL
+        )
+        """,
+        "CREATE INDEX job_errors_job ON {s}.job_errors (job_id)",
+        """
+        CREATE TABLE {s}.schedules (
+            id text PRIMARY KEY,
+            last_tick double precision,
+            paused boolean NOT NULL DEFAULT false,
+            coalesced integer NOT NULL DEFAULT 0,
+            covered_until double precision,
+            fired_at double precision,
+            last_jobs text NOT NULL DEFAULT '[]'
+        )
+        """,
+        """
+        CREATE TABLE {s}.schedule_ticks (
+            schedule text NOT NULL,
+            tick double precision NOT NULL,
+            fired_at double precision NOT NULL,
+            jobs text NOT NULL DEFAULT '[]',
+            PRIMARY KEY (schedule, tick)
+        )
+        """,
+        "CREATE INDEX schedule_ticks_fired ON {s}.schedule_ticks (fired_at)",
+        # A heartbeat row per node, kept when it stops (`expires` NULL) so that N in its
+        # workers' names (`node/N`) never repeats; `schedules` is a digest of its schedules.
+        """
+        CREATE TABLE {s}.nodes (
+            id text PRIMARY KEY,
+            worker text NOT NULL UNIQUE,
+            starts integer NOT NULL,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            started_at double precision NOT NULL,
+            seen_at double precision NOT NULL,
+            expires double precision,
+            schedules text
+        )
+        """,
+    ],
+]
+
+JOB_COLUMNS = (
+    "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
+    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch"
+)
+SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
+NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, schedules"
+
+fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
+
+
+def channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of a schema's daemons."""
+    return f"taskd:{schema}"
+
+
+def job_columns(table: str) -> str:
+    """JOB_COLUMNS qualified with a table name (for statements that join)."""
+    return ", ".join(f"{table}.{column.strip()}" for column in JOB_COLUMNS.split(","))
+
+
+Row = Mapping[str, Any]
+
+
+def job_from_row(row: Row) -> Job:
+    result = row["result"]
+    return Job(
+        id=row["id"],
+        task=row["task"],
+        status=row["status"],
+        origin=row["origin"],
+        payload=msgspec.Raw(row["payload"]),
+        result=None if result is None else msgspec.Raw(result),
+        error=row["error"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        priority=row["priority"],
+        key=row["key"],
+        crashes=row["crashes"],
+        parent_id=row["parent_id"],
+        run_at=row["run_at"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        worker=row["worker"],
+        epoch=row["epoch"],
+    )
+
+
+def error_from_row(row: Row) -> AttemptError:
+    return AttemptError(
+        attempt=row["attempt"],
+        kind=row["kind"],
+        message=row["message"],
+        traceback=row["traceback"],
+        at=row["at"],
+    )
+
+
+def schedule_from_row(row: Row) -> ScheduleState:
+    return ScheduleState(
+        id=row["id"],
+        last_tick=row["last_tick"],
+        paused=row["paused"],
+        coalesced=row["coalesced"],
+        covered_until=row["covered_until"],
+        fired_at=row["fired_at"],
+        last_jobs=fired_jobs_json.decode(row["last_jobs"]),
+    )
+
+
+def node_from_row(row: Row) -> NodeInfo:
+    return NodeInfo(
+        id=row["id"],
+        worker=row["worker"],
+        host=row["host"],
+        pid=row["pid"],
+        started_at=row["started_at"],
+        seen_at=row["seen_at"],
+        running=row["running"],
+        schedules=row["schedules"],
+    )

@@ -1,0 +1,324 @@
+"""Several real taskd processes sharing one PostgreSQL job store, driven through their sockets.
+
+Each test gets a schema of its own (dropped at the end) and three daemons (a, b, c), each
+with its own socket and node id, started at the same moment (so their migrations race).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+import pytest
+
+from taskctl import Client, DaemonUnavailable, StoreFailure, enqueue_params
+from taskd.config import PostgresOptions
+from taskd.models import Job
+from taskd.store import JobFilter, Store, store_for
+from tests.backends import drop_schema, postgres_url, unique_schema
+from tests.support import Taskd, wait_until
+
+T = TypeVar("T")
+CLUSTER_TASKS = Path(__file__).parent.parent / "fixtures" / "cluster_tasks"
+
+
+class Cluster:
+    """Daemons on one schema, and a way to read their shared store from the test."""
+
+    def __init__(self, factory: type[Taskd], root: Path, url: str, schema: str) -> None:
+        self.factory = factory
+        self.root = root
+        self.url = url
+        self.schema = schema
+        self.daemons: list[Taskd] = []
+
+    def start(self, config: str = "", tables: str = "", count: int = 3) -> list[Taskd]:
+        """Start `count` daemons at once with the same configuration (top-level settings in
+        `config`, tables in `tables`) and wait until all are ready."""
+        started = []
+        for name in "abcdef"[len(self.daemons) : len(self.daemons) + count]:
+            root = self.root / name
+            root.mkdir(exist_ok=True)
+            text = f'node_id = "{name}"\n{config}\n{tables}\n[postgres]\nschema = "{self.schema}"\n'
+            daemon = self.factory(root, tasks=CLUSTER_TASKS, config=text)
+            daemon.database = self.url  # type: ignore[assignment]
+            started.append(daemon.start(wait=False))
+        for daemon in started:
+            daemon.wait_for_notification("READY=1", timeout=60)
+        self.daemons += started
+        return started
+
+    def in_store(self, use: Callable[[Store], Awaitable[T]]) -> T:
+        async def run() -> T:
+            store = store_for(self.url, postgres=PostgresOptions(schema=self.schema))
+            await store.open()
+            try:
+                return await use(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(run())
+
+    def jobs(self, task: str | None = None) -> list[Job]:
+        query = JobFilter(task=task, limit=1_000_000)
+        return self.in_store(lambda store: store.list_jobs(query))
+
+    def job(self, job_id: int) -> Job:
+        job = self.in_store(lambda store: store.get(job_id))
+        assert job is not None
+        return job
+
+
+@pytest.fixture
+def cluster(taskd_factory: type[Taskd], short_tmp: Path) -> Iterator[Cluster]:
+    url = postgres_url()
+    made = Cluster(taskd_factory, short_tmp, url, unique_schema())
+    yield made
+    for daemon in made.daemons:
+        if daemon.running:
+            daemon.stop()
+    asyncio.run(drop_schema(url, made.schema))
+
+
+def lines(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_10000_jobs_through_three_daemons_run_exactly_once(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    daemons = cluster.start("workers = 16")
+    log = short_tmp / "executions.log"
+    ids: list[int] = []
+    clients = [daemon.client() for daemon in daemons]
+    for batch in range(10):
+        client = clients[batch % 3]
+        items = [enqueue_params("record", {"log": str(log)}) for _ in range(1000)]
+        ids += [inserted.job_id for inserted in client.enqueue_many(items)]
+    for client in clients:
+        client.close()
+    assert len(set(ids)) == 10_000
+    wait_until(lambda: len(lines(log)) >= 10_000, timeout=120, what="10,000 executions")
+    for daemon in daemons:
+        assert daemon.stop() == 0, daemon.log
+    executions = Counter(int(job_id) for job_id, _ in lines(log))
+    assert sorted(executions) == sorted(ids)  # each job once, none lost
+    assert set(executions.values()) == {1}
+    pids = {pid for _, pid in lines(log)}
+    assert pids == {str(daemon.process.pid) for daemon in daemons if daemon.process}
+    jobs = cluster.jobs("record")
+    assert len(jobs) == 10_000
+    assert {(job.status, job.attempts) for job in jobs} == {("succeeded", 1)}
+
+
+def test_a_one_second_schedule_fires_once_per_tick_across_three(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    log = short_tmp / "ticks.log"
+    boots = short_tmp / "boots.log"
+    tables = (
+        f'[[schedule]]\ncron = "* * * * * *"\ntasks = ["tick"]\npayload = {{ log = "{log}" }}\n'
+        f'[[schedule]]\ncron = "@startup"\ntasks = ["tick"]\npayload = {{ log = "{boots}" }}\n'
+    )
+    daemons = cluster.start(tables=tables)
+    wait_until(lambda: len(lines(log)) >= 8, timeout=60, what="8 ticks")
+    for daemon in daemons:
+        assert daemon.stop() == 0, daemon.log
+    times = [scheduled for scheduled, _ in lines(log)]
+    assert len(times) == len(set(times)), f"a tick ran twice: {sorted(times)}"
+    # Every second from the first tick to the last fired once, whichever daemon fired it.
+    fired = asyncio.run(fired_ticks(cluster.schema, "* * * * * *"))
+    assert len(fired) >= 8 and fired == list(range(fired[0], fired[0] + len(fired)))
+    assert len({pid for _, pid in lines(log)}) >= 2  # not one daemon doing it all
+    # @startup fires once per daemon start; firings that meet the run of the one before
+    # still in progress join it, like any tick.
+    assert len(asyncio.run(fired_ticks(cluster.schema, "@startup"))) == 3
+    assert 1 <= len(lines(boots)) <= 3
+
+
+async def fired_ticks(schema: str, schedule: str) -> list[int]:
+    """The ticks of a schedule the store recorded, in order (whole seconds)."""
+    import asyncpg
+
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        rows = await connection.fetch(
+            f"SELECT tick FROM {schema}.schedule_ticks WHERE schedule = $1 ORDER BY tick",
+            schedule,
+        )
+    finally:
+        await connection.close()
+    return [int(row["tick"]) for row in rows]
+
+
+def test_jobs_of_a_killed_daemon_finish_on_the_others_after_its_lease(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b, c = cluster.start("lease = 2\nworkers = 2")
+    started, log = short_tmp / "started.log", short_tmp / "done.log"
+    payload = {"seconds": 3, "started": str(started), "log": str(log)}
+    with b.client() as client:
+        ids = [client.enqueue("record", payload).job_id for _ in range(6)]
+    wait_until(lambda: len(lines(started)) == 6, timeout=30, what="6 jobs running")
+    assert a.process is not None
+    victims = {int(job_id) for job_id, pid in lines(started) if pid == str(a.process.pid)}
+    assert victims, "daemon a ran none of the jobs"
+    a.kill()  # kill -9: its jobs stay `running` under its lease
+    with c.client() as client:
+        for job_id in ids:
+            assert client.wait(job_id, timeout=60).status == "succeeded"
+    for job_id in victims:
+        job = cluster.job(job_id)
+        assert job.attempts == 2 and job.errors[0].kind == "interrupted"
+        assert "worker a/1 went away" in job.errors[0].message
+    finishers = {int(job_id): pid for job_id, pid in lines(log)}
+    assert all(finishers[job_id] != str(a.process.pid) for job_id in victims)
+    status = msgspec.json.decode(b.ctl("status", "--json").stdout)
+    assert sorted(node["id"] for node in status["nodes"]) == ["b", "c"]
+
+
+def test_a_daemon_that_comes_back_after_its_lease_cannot_finish_its_jobs(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b = cluster.start("lease = 2\nworkers = 1", count=2)
+    started, log = short_tmp / "started.log", short_tmp / "done.log"
+    assert a.process is not None
+    with a.client() as client:
+        job_id = client.enqueue("record", {"seconds": 4, "started": str(started),
+                                           "log": str(log)}).job_id  # fmt: skip
+    wait_until(lambda: lines(started), timeout=30, what="the job to start")
+    (first,) = lines(started)
+    frozen = a if first[1] == str(a.process.pid) else b
+    other = b if frozen is a else a
+    assert frozen.process is not None
+    frozen.process.send_signal(signal.SIGSTOP)  # a long pause: its lease runs out
+    try:
+        with other.client() as client:
+            assert client.wait(job_id, timeout=60).status == "succeeded"
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: "not recorded" in frozen.log, timeout=30, what="the stale outcome refused")
+    job = cluster.job(job_id)
+    assert (job.status, job.attempts, job.epoch) == ("succeeded", 2, 2)
+    assert len(lines(log)) == 2  # it ran twice; the store kept the second outcome only
+
+
+def test_a_run_on_one_daemon_joins_the_execution_on_another(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b, _ = cluster.start()
+    started, log = short_tmp / "started.log", short_tmp / "done.log"
+    payload = msgspec.json.encode({"seconds": 2, "started": str(started), "log": str(log)})
+    first = subprocess.Popen(
+        [*a.ctl_command(), "run", "record", "--payload", payload.decode(), "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: lines(started), timeout=30, what="the run to start")
+    joined = b.ctl("run", "record", "--payload", '{"seconds": 0}', "--json")
+    assert joined.returncode == 0, joined.stderr
+    assert "joined" in joined.stderr
+    out, _ = first.communicate(timeout=60)
+    assert msgspec.json.decode(out) == msgspec.json.decode(joined.stdout)
+    assert len(lines(log)) == 1  # one execution, two callers on two daemons
+
+
+def test_a_concurrency_limit_holds_across_the_daemons(cluster: Cluster, short_tmp: Path) -> None:
+    daemons = cluster.start(tables='[task."record"]\nconcurrency = 2\n')
+    log = short_tmp / "done.log"
+    ids = []
+    for n in range(12):
+        with daemons[n % 3].client() as client:
+            ids.append(client.enqueue("record", {"seconds": 0.3, "log": str(log)}).job_id)
+    with daemons[0].client() as client:
+        jobs = [client.wait(job_id, timeout=60) for job_id in ids]
+    assert {job.status for job in jobs} == {"succeeded"}
+    # The store's own times: at no instant did more than two run.
+    events = sorted(
+        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
+        key=lambda event: (event[0], event[1]),
+    )
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak == 2
+    assert len({pid for _, pid in lines(log)}) >= 2
+
+
+def test_daemons_with_different_schedules_are_told_loudly(cluster: Cluster) -> None:
+    cluster.start(tables='[scheduled_tasks]\n"@hourly" = "tick"\n', count=1)
+    (b,) = cluster.start(tables='[scheduled_tasks]\n"@daily" = "tick"\n', count=1)
+    assert "RUN DIFFERENT SCHEDULES" in b.log
+    assert "a has " in b.log.split("RUN DIFFERENT SCHEDULES")[1]
+
+
+def wait_through_hiccups(client: Client, job_id: int) -> Job:
+    """`wait`, again while taskd says its database is still coming back (store_error)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return client.wait(job_id, timeout=120)
+        except StoreFailure:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.restarts_postgres
+def test_a_database_restart_under_load_loses_nothing(cluster: Cluster, short_tmp: Path) -> None:
+    command = shutil.which("pg_ctlcluster")
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if command is None or not versions or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("restarting PostgreSQL needs root and pg_ctlcluster")
+        pytest.skip("restarting PostgreSQL needs root and pg_ctlcluster")
+    daemons = cluster.start("lease = 3\nworkers = 8")
+    log = short_tmp / "done.log"
+    acknowledged: list[int] = []
+    refused = Counter[str]()
+    stop = threading.Event()
+
+    def enqueue_forever(daemon: Taskd) -> None:
+        with daemon.client() as client:
+            while not stop.is_set():
+                try:
+                    acknowledged.append(client.enqueue("record", {"log": str(log)}).job_id)
+                except (StoreFailure, DaemonUnavailable) as exc:
+                    refused[type(exc).__name__] += 1
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=enqueue_forever, args=(d,)) for d in daemons]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(acknowledged) >= 300, timeout=60, what="jobs before the restart")
+        restart = [command, "--skip-systemctl-redirect", versions[-1], "main", "restart"]
+        subprocess.run(restart, check=True, timeout=120, capture_output=True)
+        before = len(acknowledged)
+        wait_until(lambda: len(acknowledged) >= before + 300, timeout=60, what="jobs after it")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    with daemons[0].client() as client:
+        for job_id in acknowledged:
+            assert wait_through_hiccups(client, job_id).status == "succeeded"
+    dead = [daemon.log for daemon in daemons if not daemon.running]
+    assert not dead, dead  # they kept serving
+    for daemon in daemons:  # each noticed the restart, and listens again
+        wait_until(lambda d=daemon: "listening again" in d.log, what="a listener back")
+    done = {int(job_id) for job_id, _ in lines(log)}
+    assert set(acknowledged) <= done  # each acknowledged job ran (a few maybe twice)
+    jobs = {job.id: job for job in cluster.jobs("record")}
+    assert all(jobs[job_id].status == "succeeded" for job_id in acknowledged)

@@ -1,0 +1,149 @@
+"""What only the PostgreSQL store does: its connections, notices between stores, and
+`taskd.pg`'s enqueue inside an application's transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import msgspec
+import pytest
+
+import taskd.pg
+from taskd.store import ClaimRequest, NewJob, StoreError
+from taskd.store.postgres.store import PostgresStore
+from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
+from tests.support import Clock
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[PostgresStore]:
+    opened = ThrowawayPostgresStore(postgres_url(), Clock(1_000_000.0))
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def new(task: str = "t") -> NewJob:
+    return NewJob(task, msgspec.msgpack.encode(None), "enqueue", 3)
+
+
+async def test_an_unreachable_database_is_a_clear_store_error() -> None:
+    store = PostgresStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=5)
+    with pytest.raises(StoreError, match=r"cannot connect to job store postgresql://nobody@"):
+        await store.open()
+
+
+async def test_a_password_never_shows() -> None:
+    store = PostgresStore("postgresql://ada:secret@db.example:5433/app", schema="jobs")
+    assert store.description == "postgresql://ada:***@db.example:5433/app (schema jobs)"
+
+
+async def test_stores_on_one_schema_hear_each_other(store: PostgresStore) -> None:
+    other = PostgresStore(postgres_url(), schema=store.schema)
+    await other.open()  # the schema exists: nothing to migrate
+    try:
+        due, finished = asyncio.Event(), []
+        other.events.on_due(lambda _: due.set())
+        (inserted,) = await store.insert([new()])
+        await asyncio.wait_for(due.wait(), 10)  # a job due, inserted by the other store
+        waiter = other.events.watch(inserted.job_id)
+        other.events.on_cancel(finished.append)
+        await store.cancel(inserted.job_id)
+        job = await asyncio.wait_for(waiter, 10)  # read by the other store for its waiter
+        assert job is not None and job.status == "cancelled"
+        assert finished == [inserted.job_id]
+    finally:
+        await other.close()
+
+
+async def test_lost_connections_come_back_and_everyone_reads_again(store: PostgresStore) -> None:
+    resynced = asyncio.Event()
+    store.events.on_resync(resynced.set)
+    await store.insert([new()])
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        await connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            f"taskd {store.schema}",
+        )
+    finally:
+        await connection.close()
+    await asyncio.wait_for(resynced.wait(), 30)  # the listener is back
+    (inserted,) = await store.insert([new()])  # writes work again, on new connections
+    assert (await store.get(inserted.job_id)) is not None
+    worker = await store.register_node("n", 60)
+    assert len((await store.claim(ClaimRequest(worker, 10, 60))).jobs) == 2
+
+
+# -- taskd.pg: enqueue in the application's transaction --------------------------------------
+
+
+async def test_enqueue_in_an_asyncpg_transaction_exists_only_if_it_commits(
+    store: PostgresStore,
+) -> None:
+    due = asyncio.Event()
+    store.events.on_due(lambda _: due.set())
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        async with connection.transaction():
+            kept = await taskd.pg.enqueue(connection, "t", {"n": 1}, schema=store.schema)
+            assert not due.is_set()  # nobody hears of it before the commit
+        await asyncio.wait_for(due.wait(), 10)
+        with pytest.raises(RuntimeError, match="rolled back"):
+            async with connection.transaction():
+                lost = await taskd.pg.enqueue(connection, "t", schema=store.schema)
+                raise RuntimeError("rolled back")
+        keyed = [
+            await taskd.pg.enqueue(connection, "t", key="k", priority=5, schema=store.schema)
+            for _ in range(2)
+        ]
+    finally:
+        await connection.close()
+    job = await store.get(kept.job_id)
+    assert job is not None and msgspec.msgpack.decode(job.payload) == {"n": 1}
+    assert (job.status, job.origin, job.max_attempts) == ("pending", "enqueue", 3)
+    assert await store.get(lost.job_id) is None
+    assert keyed[1] == taskd.pg.EnqueueResult(keyed[0].job_id, duplicate=True)
+
+
+async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(postgres_url()) as connection:
+        first = await taskd.pg.enqueue(connection, "t", [1, 2], delay=30, schema=store.schema)
+    with psycopg.Connection.connect(postgres_url()) as sync_connection:
+        second = taskd.pg.enqueue_sync(sync_connection, "t", "x", key="k", schema=store.schema)
+        again = taskd.pg.enqueue_sync(sync_connection, "t", "y", key="k", schema=store.schema)
+    assert again == taskd.pg.EnqueueResult(second.job_id, duplicate=True)
+    delayed = await store.get(first.job_id)
+    assert delayed is not None and delayed.run_at == delayed.created_at + 30
+    assert msgspec.msgpack.decode(delayed.payload) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"key": "@run"}, "not starting with @"),
+        ({"delay": 5, "run_at": 9.0}, "delay or run_at"),
+        ({"max_attempts": 0}, "max_attempts must be at least 1"),
+        ({"schema": "Robert'); DROP"}, "not a schema name"),
+    ],
+)
+async def test_enqueue_refuses_what_it_can_check(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        await taskd.pg.enqueue(object(), "t", **options)  # type: ignore[arg-type]
+
+
+async def test_two_stores_migrating_at_once_make_one_schema() -> None:
+    url, schema = postgres_url(), unique_schema()
+    stores = [PostgresStore(url, schema=schema) for _ in range(3)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        ids = [await s.register_node(f"n{i}", 60) for i, s in enumerate(stores)]
+        assert ids == ["n0/1", "n1/1", "n2/1"]
+    finally:
+        for s in stores:
+            await s.close()
+        await drop_schema(url, schema)
