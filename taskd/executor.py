@@ -39,6 +39,10 @@ StopReason = Literal["cancelled", "lost", "shutdown"]
 # it was stopped.
 AttemptEnd = Literal["succeeded", "failed", "retry", "released", "cancelled", "lost"]
 AttemptObserver = Callable[[Job, AttemptEnd], None]
+# Each claim waits busy_timeout for a lock: one that fails is more than a passing lock, and
+# this many in a row (with the pauses between them, 2 s, then 4 s) mean the store cannot hand
+# out jobs for now; callers waiting for jobs are told so then, and at each failure after.
+CLAIM_FAILURES_BEFORE_TELLING_WAITERS = 3
 REPORT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to record an outcome
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
 # a job's errors fit in a reply (the most relevant frames of a traceback are the last).
@@ -122,6 +126,8 @@ class Executor:
                     claim_failures += 1
                     next_due_in = min(2.0**claim_failures, 30.0)
                     logger.error("cannot claim jobs: %s; trying again in %gs", exc, next_due_in)
+                    if claim_failures >= CLAIM_FAILURES_BEFORE_TELLING_WAITERS:
+                        self._fail_waiters(exc, claim_failures)
                 else:
                     claim_failures = 0
                     for job in claimed.jobs:
@@ -134,6 +140,20 @@ class Executor:
             if next_due_in is not None:
                 self._due(next_due_in)
             await self._wake.wait()
+
+    def _fail_waiters(self, exc: StoreError, failures: int) -> None:
+        """Callers waiting for jobs that do not run here get the error instead of waiting
+        for claims that keep failing; their jobs stay queued."""
+        reason = f"taskd cannot start queued jobs, its last {failures} claims failed: {exc}"
+        woken = self._store.events.fail_waiting(
+            lambda job_id: StoreError(
+                f"job {job_id} has not started: {reason}. It stays queued: wait for it again "
+                f"(taskctl wait {job_id}) once taskctl status shows no store problem"
+            ),
+            spare=self._running,
+        )
+        if woken:
+            logger.warning("%d callers waiting for jobs were told that claims fail", woken)
 
     def _limits(self) -> dict[str, int]:
         limits = {t.name: t.concurrency for t in self._registry() if t.concurrency is not None}
