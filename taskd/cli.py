@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         logging.shutdown()
         os._exit(status)
-    if _threads_left():
+    if _threads_left(grace=1.0):
         # A database call of a start-up that was stopped, waiting for another process's
         # lock (for up to busy_timeout): it wrote nothing, and a stop must not wait for it.
         logging.shutdown()
@@ -174,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _threads_left() -> bool:
-    main_thread = threading.main_thread()
-    return any(t is not main_thread and not t.daemon for t in threading.enumerate())
+def _threads_left(grace: float) -> bool:
+    """Whether threads the interpreter would wait for at exit still run after `grace` s."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return True
+    return False
 
 
 def check(config: Config, paths: Paths) -> int:

@@ -120,7 +120,7 @@ def secure(path: Path, mode: int, group: int | None) -> None:
                 _set_mode(file, mode, group)
             except OSError as exc:
                 logger.warning(
-                    "%s is readable by others (mode %04o) and cannot be made %04o: %s",
+                    "%s has mode %04o, more open than %04o, and cannot be changed: %s",
                     file,
                     current,
                     mode,

@@ -231,6 +231,8 @@ class SqliteStore:
 
     async def _checkpoint_at_start(self, connection: aiosqlite.Connection) -> None:
         """A WAL left behind (a crash, a full disk at the last stop) gives its space back."""
+        if _size(Path(f"{self._file}-wal")) == 0:
+            return  # nothing to give back, and no need to wait for a lock another holds
         try:
             await self._checkpoint(connection)
         except sqlite3.Error as exc:  # the writes that follow say whether it matters
