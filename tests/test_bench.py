@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.bench import compare
+import pytest
+
+from tests.bench import compare, quick_check
 
 
 def test_every_benchmark_scenario_runs(tmp_path: Path) -> None:
@@ -24,3 +26,8 @@ def test_every_benchmark_scenario_runs(tmp_path: Path) -> None:
         assert cells[1] != "-", f"no taskd figure for {name}"
         if cells[2] != "-":
             assert cells[3] != "-", f"no figure for the peer of {name}"
+
+
+def test_the_quick_check_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    quick_check.main(["--jobs", "300", "--repeat", "1"])
+    assert capsys.readouterr().out.count("quick_check, 300 jobs") == 2

@@ -124,7 +124,7 @@ def test_start_up_on_a_locked_database_fails_in_one_line(taskd_factory: type[Tas
         locker.execute("ROLLBACK")
         locker.close()
     (line,) = [line for line in log.splitlines() if "cannot start" in line]
-    assert f"job store {daemon.database}: database is locked" in line
+    assert f"cannot open job store {daemon.database}: " in line
     assert "another process holds a lock on it" in line
 
 
@@ -214,7 +214,7 @@ def test_waiting_callers_get_store_error_while_claims_keep_failing(
         assert f"job {job_id} has not started: taskd cannot start queued jobs" in waited.stderr
         assert f"taskctl wait {job_id}" in waited.stderr
         failing = json.loads(daemon.ctl("--json", "status").stdout)["store_failing"]
-        assert "claim" in failing["operations"] and "database is locked" in failing["error"]
+        assert "claim" in failing["operations"] and "another process holds a lock" in failing["error"]
     finally:
         locker.execute("ROLLBACK")
         locker.close()

@@ -62,7 +62,9 @@ def lock_database(path: Path, mode: int, group: int | None, *, name: Path) -> in
         # New (or emptied): its mode is ours to set whatever the umask, and SQLite gives its
         # -wal and -shm files the database's mode.
         try:
-            _set_mode(path, mode, group, fd=fd)
+            if group is not None:
+                os.fchown(fd, -1, group)
+            os.fchmod(fd, mode)
         except OSError as exc:
             os.close(fd)
             raise StoreError(f"cannot set the mode or group of {path}: {exc.strerror}") from None
@@ -131,12 +133,7 @@ def secure(path: Path, mode: int, group: int | None) -> None:
                 logger.warning("%s had mode %04o; taskd made it %04o", file, current, mode)
 
 
-def _set_mode(path: Path, mode: int, group: int | None, *, fd: int | None = None) -> None:
-    if fd is not None:
-        if group is not None:
-            os.fchown(fd, -1, group)
-        os.fchmod(fd, mode)
-        return
+def _set_mode(path: Path, mode: int, group: int | None) -> None:
     if group is not None:
         os.chown(path, -1, group)
     os.chmod(path, mode)
@@ -151,9 +148,9 @@ def write_marker(path: Path, mode: int) -> None:
     marker = marker_path(path)
     if marker.exists():
         return
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    noted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = (
-        f"taskd created the job store {path.name} here on {created}.\n"
+        f"taskd keeps its job store {path.name} here (noted on {noted}).\n"
         f"While this file exists, taskd refuses to start if {path.name} is missing or empty\n"
         "(its jobs lost); start it once with --allow-empty-store, or remove this file, to\n"
         "begin with an empty store.\n"
