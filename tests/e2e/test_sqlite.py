@@ -214,7 +214,8 @@ def test_waiting_callers_get_store_error_while_claims_keep_failing(
         assert f"job {job_id} has not started: taskd cannot start queued jobs" in waited.stderr
         assert f"taskctl wait {job_id}" in waited.stderr
         failing = json.loads(daemon.ctl("--json", "status").stdout)["store_failing"]
-        assert "claim" in failing["operations"] and "another process holds a lock" in failing["error"]
+        assert "claim" in failing["operations"]
+        assert "another process holds a lock" in failing["error"]
     finally:
         locker.execute("ROLLBACK")
         locker.close()
