@@ -14,6 +14,7 @@ from taskd.models import (
     Job,
     ScheduleInfo,
     Status,
+    StoreFailing,
     TaskInfo,
     ThreadStats,
     format_duration,
@@ -226,6 +227,8 @@ def status_detail(status: Status) -> str:
         f"  workers:   {busy} of {status.workers} busy",
         f"  jobs:      {counts}",
     ]
+    if status.store_failing is not None:
+        lines.append(store_failing_line(status.store_failing))
     if len(status.nodes) > 1:
         lines.append(
             "  nodes:     "
@@ -294,6 +297,14 @@ def connections_lines(stats: ConnectionStats) -> list[str]:
             f"{format_duration(stats.idle_timeout)}, {stats.closed_unread} not reading"
         )
     return lines
+
+
+def store_failing_line(failing: StoreFailing) -> str:
+    """Writes to the job store that fail now: the problem to fix first."""
+    return (
+        f"  WARNING:   writes to the job store fail since {stamped(failing.since)} "
+        f"({failing.failures} failed: {', '.join(failing.operations)}): {failing.error}"
+    )
 
 
 def threads_line(stats: ThreadStats) -> str:

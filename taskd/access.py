@@ -140,9 +140,9 @@ def _ids(
     return ids
 
 
-def group_id(name: str) -> int:
-    """The id of the group the socket file is given (`socket_group`)."""
+def group_id(name: str, setting: str = "socket_group") -> int:
+    """The id of a group files are given (`socket_group`, `[sqlite] group`)."""
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise ConfigError(f"socket_group: no group named {name!r} on this machine") from None
+        raise ConfigError(f"{setting}: no group named {name!r} on this machine") from None

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", metavar="PATH", help="control socket to listen on")
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
+    parser.add_argument(
+        "--allow-empty-store",
+        action="store_true",
+        help="start even if the database taskd had created is now missing or empty (its jobs"
+        " are lost): begin again with an empty job store",
     )
     parser.add_argument(
         "--check",
@@ -148,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from taskd.daemon import Daemon, StartupError
 
-    daemon = Daemon(source, config, paths)
+    daemon = Daemon(source, config, paths, allow_empty_store=args.allow_empty_store)
     try:
         status = uvloop.run(daemon.run())
     except StartupError as exc:
         logging.getLogger("taskd").error("cannot start: %s", exc)
-        return exc.exit_code
+        status = exc.exit_code
     if (threads := daemon.threads_alive()) > 0:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
         # waiting for the threads could take forever.
@@ -162,12 +169,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         logging.shutdown()
         os._exit(status)
+    if _threads_left(grace=1.0):
+        # A database call of a start-up that was stopped, waiting for another process's
+        # lock (for up to busy_timeout): it wrote nothing, and a stop must not wait for it.
+        logging.shutdown()
+        os._exit(status)
     return status
+
+
+def _threads_left(grace: float) -> bool:
+    """Whether threads the interpreter would wait for at exit still run after `grace` s."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return True
+    return False
 
 
 def check(config: Config, paths: Paths) -> int:
     """`taskd --check`: would this configuration start?"""
-    from taskd.access import AccessPolicy
+    from taskd.access import AccessPolicy, group_id
     from taskd.http.settings import load_settings
     from taskd.schedules import load_schedules
     from taskd.tasks import TaskLoadError, load_tasks
@@ -176,6 +199,8 @@ def check(config: Config, paths: Paths) -> int:
         registry = load_tasks(paths.tasks, config.task)
         schedules = load_schedules(config, registry)
         AccessPolicy.from_config(config)
+        if config.sqlite.group is not None:
+            group_id(config.sqlite.group, "[sqlite] group")
         if config.http is not None:
             load_settings(config.http)
     except (TaskLoadError, ConfigError) as exc:

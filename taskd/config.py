@@ -72,6 +72,8 @@ class SqliteOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # "normal" survives a crash of taskd (kill -9) but may lose the last commits on power loss.
     synchronous: Literal["full", "normal"] = "full"
     busy_timeout: Seconds = Seconds(5)  # how long a write waits for a lock held by another
+    # The group that may read the database's files (0640, e.g. for backups); none: 0600.
+    group: str | None = None
 
 
 class PostgresOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

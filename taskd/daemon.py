@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import taskd
 from taskd.access import AccessPolicy, group_id
@@ -23,7 +23,7 @@ from taskd.metrics import Metrics
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
 from taskd.schedules import ScheduleSpec, digest, load_schedules
-from taskd.server import ControlServer, SocketInUse, bind_socket
+from taskd.server import ControlServer, SocketInUse, bind_socket, release_socket
 from taskd.service import DaemonInfo, Service, retention_ages
 from taskd.store import Store, StoreError, store_for
 from taskd.submit import Submitter, max_payload_size
@@ -74,6 +74,16 @@ def node_id(config: Config, paths: Paths) -> str:
     return f"{socket.gethostname()}-{digest}"
 
 
+class _Settings(NamedTuple):
+    """What start-up takes from the configuration, checked."""
+
+    schedules: list[ScheduleSpec]
+    access: AccessPolicy
+    socket_group: int | None
+    file_group: int | None  # [sqlite] group
+    http: HttpSettings | None
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
@@ -85,10 +95,18 @@ class StartupError(Exception):
 class Daemon:
     """Lifecycle: `startup()`, serve until a stop signal, `shutdown()`."""
 
-    def __init__(self, load_config: ConfigLoader, config: Config, paths: Paths) -> None:
+    def __init__(
+        self,
+        load_config: ConfigLoader,
+        config: Config,
+        paths: Paths,
+        *,
+        allow_empty_store: bool = False,
+    ) -> None:
         self._load_config = load_config
         self.config = config
         self.paths = paths
+        self._allow_empty_store = allow_empty_store
         self.registry: TaskRegistry | None = None
         # Taken out of the environment before any task file is imported.
         self.notifier = Notifier()
@@ -117,10 +135,13 @@ class Daemon:
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         try:
-            await self.startup()
-        except StartupError:
+            started = await self._start_unless_stopped()
+        except BaseException:
             await self.shutdown()
             raise
+        if not started:
+            await self.shutdown()
+            return 0
         stopped = asyncio.create_task(self._stop.wait())
         crashed = asyncio.create_task(self._background.failed.wait())
         await asyncio.wait([stopped, crashed], return_when=asyncio.FIRST_COMPLETED)
@@ -135,17 +156,53 @@ class Daemon:
 
     # -- start ---------------------------------------------------------------------------
 
-    async def startup(self) -> None:
-        config, paths = self.config, self.paths
+    async def _start_unless_stopped(self) -> bool:
+        """Start up; if a stop signal comes first, cancel start-up and return False."""
+        starting = asyncio.create_task(self.startup(), name="taskd-startup")
+        stopping = asyncio.create_task(self._stop.wait())
         try:
-            self.registry = load_tasks(paths.tasks, config.task)
-            schedules = load_schedules(config, self.registry)
-            access = AccessPolicy.from_config(config)
-            socket_group = group_id(config.socket_group) if config.socket_group else None
-            http = load_settings(config.http) if config.http is not None else None
+            await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if starting.done():
+            starting.result()  # raises StartupError
+            return True
+        logger.info("stop requested during start-up")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StartupError):
+            await starting
+        return False
+
+    async def startup(self) -> None:
+        settings = self._settings()
+        # The socket first: a second taskd on it stops here, before it touches a database.
+        listener = self._listen(self.paths, settings.socket_group)
+        try:
+            await self._start_serving(settings, listener)
+        except StoreError as exc:  # a first read or write failed; the message names the store
+            raise StartupError(str(exc)) from None
+
+    def _settings(self) -> _Settings:
+        """The tasks and what the configuration says, checked (exit 78 if broken)."""
+        config = self.config
+        try:
+            self.registry = load_tasks(self.paths.tasks, config.task)
+            return _Settings(
+                schedules=load_schedules(config, self.registry),
+                access=AccessPolicy.from_config(config),
+                socket_group=group_id(config.socket_group) if config.socket_group else None,
+                file_group=(
+                    group_id(config.sqlite.group, "[sqlite] group") if config.sqlite.group else None
+                ),
+                http=load_settings(config.http) if config.http is not None else None,
+            )
         except (TaskLoadError, ConfigError) as exc:
             raise StartupError(str(exc), exit_code=78) from None
-        self._store = await self._open_store(paths)
+
+    async def _start_serving(self, settings: _Settings, listener: socket.socket) -> None:
+        """Open the store, build the parts, serve the socket, start the background loops."""
+        config, paths = self.config, self.paths
+        self._store = await self._open_store(paths, settings.file_group)
         self._store.events.on_change(self._status.changed)
         node = node_id(config, paths)
         self._worker = await self._join(self._store, node)
@@ -168,8 +225,8 @@ class Daemon:
         self._scheduler = Scheduler(
             self._store, submitter, started_at=self._started_at, on_fired=metrics.tick_fired
         )
-        await self._scheduler.load(schedules)
-        await self._compare_schedules(schedules)
+        await self._scheduler.load(settings.schedules)
+        await self._compare_schedules(settings.schedules)
         service = Service(
             store=self._store,
             registry=self._registry,
@@ -193,7 +250,7 @@ class Daemon:
         )
         self._server = ControlServer(
             service.handle,
-            access,
+            settings.access,
             server_name=f"taskd/{taskd.__version__}",
             max_frame=config.max_frame_size,
             max_connections=config.max_connections,
@@ -201,9 +258,9 @@ class Daemon:
             max_per_user=config.max_connections_per_user,
             idle_timeout=config.idle_timeout,
         )
-        await self._server.start(self._listen(paths, socket_group))
-        if http is not None:
-            await self._start_http(service, http, access, socket_group)
+        await self._server.start(listener)
+        if settings.http is not None:
+            await self._start_http(service, settings.http, settings.access, settings.socket_group)
         self._background.spawn(self._executor.run(), "executor")
         self._background.spawn(self._executor.keep_leases(), "leases")
         self._background.spawn(self._scheduler.run(), "scheduler")
@@ -217,30 +274,29 @@ class Daemon:
             "taskd %s ready (pid %d): %d tasks from %s, %s, socket %s",
             taskd.__version__,
             os.getpid(),
-            len(self.registry),
+            len(self._registry()),
             paths.tasks,
             self._store.description,
             paths.socket,
         )
 
-    async def _open_store(self, paths: Paths) -> Store:
-        try:
-            store = store_for(
-                paths.database, sqlite=self.config.sqlite, postgres=self.config.postgres
-            )
-            await store.open()
-        except StoreError as exc:
-            raise StartupError(str(exc)) from None
+    async def _open_store(self, paths: Paths, file_group: int | None) -> Store:
+        logger.debug("opening job store %s", paths.database)
+        store = store_for(
+            paths.database,
+            sqlite=self.config.sqlite,
+            postgres=self.config.postgres,
+            file_group=file_group,
+            allow_empty=self._allow_empty_store,
+        )
+        await store.open()
         return store
 
     async def _join(self, store: Store, node: str) -> str:
         """Register this start of the node; take back the jobs of workers that are gone,
         our own previous start's among them. Returns our worker id."""
-        try:
-            worker = await store.register_node(node, ttl=self.config.lease)
-            recovered = await store.recover(self.config.quarantine_after)
-        except StoreError as exc:
-            raise StartupError(str(exc)) from None
+        worker = await store.register_node(node, ttl=self.config.lease)
+        recovered = await store.recover(self.config.quarantine_after)
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)
             logger.warning(
@@ -431,12 +487,10 @@ class Daemon:
                 except StoreError as exc:  # its heartbeat expires instead
                     logger.warning("cannot sign off from the job store: %s", exc)
             await self._store.close()
+        if self._server is None and self._listener is not None:
+            self._listener.close()  # start-up failed before it was served
         if self._socket_lock is not None:
-            try:
-                self.paths.socket.unlink(missing_ok=True)
-            except OSError as exc:
-                logger.warning("cannot remove %s: %s", self.paths.socket, exc.strerror)
-            os.close(self._socket_lock)
+            release_socket(self.paths.socket, self._socket_lock)
             self._socket_lock = None
         self.notifier.close()
         logger.info("stopped")

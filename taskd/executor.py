@@ -46,6 +46,11 @@ StopReason = Literal["cancelled", "lost", "shutdown"]
 AttemptEnd = Literal["succeeded", "failed", "retry", "released", "cancelled", "lost"]
 AttemptObserver = Callable[[Job, AttemptEnd], None]
 MAX_PAUSE = 30.0  # seconds at most between tries while the store fails
+SHORT_JOB = 0.02  # seconds: attempts shorter than this on average are claimed ahead
+# Each claim waits busy_timeout for a lock: one that fails is more than a passing lock, and
+# this many in a row (with the pauses between them, 2 s, then 4 s) mean the store cannot hand
+# out jobs for now; callers waiting for jobs are told so then, and at each failure after.
+CLAIM_FAILURES_BEFORE_TELLING_WAITERS = 3
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
 # a job's errors fit in a reply (the most relevant frames of a traceback are the last).
 MAX_ERROR_MESSAGE = 4096
@@ -100,7 +105,9 @@ class Executor:
         self._busy = 0  # slots taken: running jobs that do not wait for another job
         # Claimed ahead of the free slots, to start the moment one frees: (order, job).
         self._ready: list[tuple[tuple[int, float, int], Job]] = []
+        # Jobs claimed ahead of free slots, while jobs are short (see `_ahead`).
         self._prefetch = workers
+        self._typical = SHORT_JOB  # seconds an attempt takes, as a moving average
         self._outcomes: list[tuple[Job, Outcome]] = []  # ended attempts, to be recorded
         self._recording = asyncio.Lock()  # one store call at a time records outcomes
         self._maybe_due = True  # a claim may find work: cleared when one comes back short
@@ -144,6 +151,8 @@ class Executor:
                 pause = min(2.0**failures, MAX_PAUSE)
                 logger.error("cannot record outcomes or claim jobs: %s; trying again in %gs",
                              exc, pause)  # fmt: skip
+                if claim is not None and failures >= CLAIM_FAILURES_BEFORE_TELLING_WAITERS:
+                    self._fail_waiters(exc, failures)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), pause)
                 continue
@@ -163,7 +172,7 @@ class Executor:
         free = self.workers - self._busy
         if self._stopping or free <= 0:
             return None
-        want = max(0, free + self._prefetch - len(self._ready) - self._claiming)
+        want = max(0, free + self._ahead() - len(self._ready) - self._claiming)
         if want == 0:
             return None
         self._claiming += want
@@ -191,7 +200,14 @@ class Executor:
         free = self.workers - self._busy
         if self._stopping or not self._maybe_due or free <= 0:
             return 0
-        return max(0, free + self._prefetch - len(self._ready) - self._claiming)
+        return max(0, free + self._ahead() - len(self._ready) - self._claiming)
+
+    def _ahead(self) -> int:
+        """How many jobs to claim beyond the free slots. Only while attempts are short (a few
+        milliseconds, like a commit): then a slot that frees starts the next job at once
+        instead of waiting for a claim; for longer jobs that wait is nothing, and jobs
+        claimed ahead would wait here while another daemon on the same store has a slot."""
+        return self._prefetch if self._typical < SHORT_JOB else 0
 
     async def _record(self, claim: ClaimRequest | None) -> Claimed | None:
         """Record the outcomes that came in, and claim (if asked), in one store call."""
@@ -212,6 +228,20 @@ class Executor:
                     job.attempts,
                 )
         return finished.claimed
+
+    def _fail_waiters(self, exc: StoreError, failures: int) -> None:
+        """Callers waiting for jobs that do not run here get the error instead of waiting
+        for claims that keep failing; their jobs stay queued."""
+        reason = f"taskd cannot start queued jobs, its last {failures} claims failed: {exc}"
+        woken = self._store.events.fail_waiting(
+            lambda job_id: StoreError(
+                f"job {job_id} has not started: {reason}. It stays queued: wait for it again "
+                f"(taskctl wait {job_id}) once taskctl status shows no store problem"
+            ),
+            spare={*self._running, *(job.id for _, job in self._ready)},
+        )
+        if woken:
+            logger.warning("%d callers waiting for jobs were told that claims fail", woken)
 
     def _limits(self) -> dict[str, int]:
         limits = {t.name: t.concurrency for t in self._registry() if t.concurrency is not None}
@@ -253,8 +283,11 @@ class Executor:
 
     async def _execute(self, job: Job) -> None:
         running = self._running[job.id]
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
             outcome = await self._attempt(job)
+            self._typical += (loop.time() - began - self._typical) / 8
             running.reporting = True
             if self._on_attempt is not None:
                 cancelled = outcome is None and running.stopped == "cancelled"

@@ -156,6 +156,20 @@ class ThreadStats(msgspec.Struct, frozen=True):
     refused: int
 
 
+class StoreFailing(msgspec.Struct, frozen=True):
+    """Writes to the job store failing now (disk full, a lock held, a damaged file).
+
+    `operations` are the kinds of write whose latest attempt failed (insert, claim, renew,
+    ...); `failures` counts the failed attempts since `since`, when the first of them
+    failed; `error` is the latest one's message, which says what to do.
+    """
+
+    since: float
+    failures: int
+    operations: list[str]
+    error: str
+
+
 class NodeInfo(msgspec.Struct, frozen=True):
     """A daemon using the job store, alive while its heartbeat is renewed.
 
@@ -194,6 +208,7 @@ class Status(msgspec.Struct, frozen=True):
     nodes: list[NodeInfo] = []  # the daemons alive on this job store
     connections: ConnectionStats | None = None
     threads: ThreadStats | None = None
+    store_failing: StoreFailing | None = None  # None while the store's writes go through
 
 
 class Peer(msgspec.Struct, frozen=True):

@@ -85,7 +85,8 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
     """Listen on a new Unix socket at `path`; returns the socket and a held lock fd.
 
     The lock (`<path>.lock`) tells a second daemon that this socket is taken, and lets a
-    socket file left by a crashed daemon be replaced without a race.
+    socket file left by a crashed daemon be replaced without a race. `release_socket`
+    removes both files again.
     """
     folder = path.parent
     if not folder.exists():
@@ -110,16 +111,7 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
             f"the socket's folder {folder} belongs to uid {info.st_uid}, not to taskd's user, "
             "so its owner could replace the socket; use a folder of taskd's own"
         )
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # no planted symlinks
-    lock_fd = os.open(f"{path}.lock", flags, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        raise SocketInUse(
-            f"another taskd is already serving {path}; stop it first, or give this one "
-            "another --socket"
-        ) from None
+    lock_fd = _lock_socket(path)
     try:
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -142,6 +134,41 @@ def bind_socket(path: Path, mode: int, group: int | None) -> tuple[socket.socket
         os.close(lock_fd)
         raise
     return sock, lock_fd
+
+
+def _lock_socket(path: Path) -> int:
+    """Lock `<path>.lock`, the file that is there now: a daemon that stops removes it while
+    it holds the lock, so a lock taken on a file no longer at that path is taken again."""
+    lock_path = Path(f"{path}.lock")
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # no planted symlinks
+    while True:
+        lock_fd = os.open(lock_path, flags, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise SocketInUse(
+                f"another taskd is already serving {path}; stop it first, or give this one "
+                "another --socket"
+            ) from None
+        held = os.fstat(lock_fd)
+        try:
+            there = lock_path.lstat()
+        except FileNotFoundError:
+            there = None
+        if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+            return lock_fd
+        os.close(lock_fd)
+
+
+def release_socket(path: Path, lock_fd: int) -> None:
+    """Remove the socket and its lock file (while still holding the lock), then unlock."""
+    for file in (path, Path(f"{path}.lock")):
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot remove %s: %s", file, exc.strerror)
+    os.close(lock_fd)
 
 
 class _StreamBroken(Exception):

@@ -256,10 +256,14 @@ class Service:
             nodes=await self._store.nodes(),
             connections=self._connections(),
             threads=self._threads(),
+            store_failing=self._store.health.report(),
         )
 
     async def healthy(self) -> None:
-        """Return if the job store answers a cheap read; raise StoreError if not."""
+        """Return if the job store answers a cheap read and its writes go through; raise
+        StoreError if not."""
+        if (failing := self._store.health.report()) is not None:
+            raise StoreError(failing.error)
         await self._store.queue_depth()
 
     async def prune(self, params: PruneParams) -> PruneResult:

@@ -93,6 +93,8 @@ class Taskd:
         self.log_level = log_level
         self.activation = activation
         self.abstract_notify = abstract_notify
+        self.extra_args: list[str] = []  # more taskd flags, e.g. --allow-empty-store
+        self.run_as: list[str] = []  # a command that runs taskd as another user (setpriv ...)
         self.process: subprocess.Popen[bytes] | None = None
         self.notifications: list[str] = []
         self.received_at: list[float] = []  # time.monotonic() of each notification
@@ -100,12 +102,13 @@ class Taskd:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "taskd",
+            *self.run_as, sys.executable, "-m", "taskd",
             "--config", str(self.config_file),
             "--tasks", str(self.tasks),
             "--database", str(self.database),
             "--socket", str(self.socket),
             "--log-level", self.log_level,
+            *self.extra_args,
         ]  # fmt: skip
 
     def _bind_notify_socket(self) -> str:
@@ -207,6 +210,17 @@ class Taskd:
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; the exit status."""
         return self.signal_and_wait(signal.SIGTERM, timeout)
+
+    def refused(self, timeout: float = 60.0, *, preexec_fn: Callable[[], Any] | None = None) -> str:
+        """Start taskd, which must refuse to start: exit 1 with a message and no traceback.
+        Returns its log."""
+        self.start(wait=False, preexec_fn=preexec_fn)
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        self.close()
+        assert code == 1, self.log
+        assert "Traceback" not in self.log, self.log
+        return self.log
 
     def kill(self) -> int:
         return self.signal_and_wait(signal.SIGKILL, 30.0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.backends import postgres_url
-from tests.bench import compare
+from tests.bench import compare, quick_check
 
 
 def table(text: str) -> dict[str, list[str]]:
@@ -43,3 +45,8 @@ def test_every_postgres_benchmark_scenario_runs(tmp_path: Path) -> None:
     assert len(rows) == 3, rows
     for name, cells in rows.items():
         assert all(cell.endswith("jobs/s") for cell in cells[1:5]), f"a figure missing: {name}"
+
+
+def test_the_quick_check_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    quick_check.main(["--jobs", "300", "--repeat", "1"])
+    assert capsys.readouterr().out.count("quick_check, 300 jobs") == 2

@@ -126,7 +126,7 @@ class JobList(msgspec.Struct, frozen=True):
 
 
 class Health(msgspec.Struct, frozen=True):
-    """`ok` when the job store answers; otherwise `unavailable`, and why."""
+    """`ok` when the job store answers and its writes go through; else `unavailable`, and why."""
 
     status: Literal["ok", "unavailable"]
     message: str | None = None
@@ -174,7 +174,8 @@ _ROUTES = [
     Route("POST", "/jobs/{id}/retry", "retry_job",
           "Put a failed or cancelled job back in the queue", "write", _JOB_CHANGE,
           path_params=JobParams),
-    Route("GET", "/healthz", "health", "200 while the job store answers, else 503", "public",
+    Route("GET", "/healthz", "health",
+          "200 while the job store answers and its writes go through, else 503", "public",
           {200: Health, 503: Health}),
     Route("GET", "/metrics", "metrics", "The Prometheus exposition", "read",
           {200: METRICS_CONTENT_TYPE}),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import os
 import socket
 from contextlib import suppress
 
@@ -34,7 +33,7 @@ from taskd.http.settings import HttpSettings, Listen
 from taskd.models import Peer
 from taskd.protocol import ErrorCode
 from taskd.schema import openapi_schema
-from taskd.server import ACCESS_HINT, bind_socket
+from taskd.server import ACCESS_HINT, bind_socket, release_socket
 from taskd.service import Service
 
 logger = logging.getLogger(__name__)
@@ -154,9 +153,7 @@ class HttpServer:
         if self._serving:  # let them send their last response
             await asyncio.wait(self._serving, timeout=LINGER + 1.0)
         if self._socket_lock is not None and self._listen.path is not None:
-            with suppress(OSError):
-                self._listen.path.unlink(missing_ok=True)
-            os.close(self._socket_lock)
+            release_socket(self._listen.path, self._socket_lock)
             self._socket_lock = None
 
     # -- one connection ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.events import JobEvents
+from taskd.store.health import StoreHealth
 
 __all__ = [
     "ClaimRequest",
@@ -36,16 +37,26 @@ __all__ = [
     "ScheduleState",
     "Store",
     "StoreError",
+    "StoreHealth",
     "TickFired",
     "store_for",
 ]
 
 
 def store_for(
-    url: str, *, sqlite: SqliteOptions | None = None, postgres: PostgresOptions | None = None
+    url: str,
+    *,
+    sqlite: SqliteOptions | None = None,
+    postgres: PostgresOptions | None = None,
+    file_group: int | None = None,
+    allow_empty: bool = False,
 ) -> Store:
     """The store a database URL names (not opened yet): `sqlite://PATH` or
-    `postgresql://...` (asyncpg's form of libpq's URLs)."""
+    `postgresql://...` (asyncpg's form of libpq's URLs).
+
+    For SQLite, `file_group` (the gid of `[sqlite] group`) may read the database's files,
+    and `allow_empty` lets a store that taskd had created and that is now empty start empty.
+    """
     if url.startswith(tuple(f"{scheme}://" for scheme in POSTGRES_SCHEMES)):
         from taskd.store.postgres.store import PostgresStore
 
@@ -64,6 +75,8 @@ def store_for(
             Path(url.removeprefix("sqlite://")),
             synchronous=options.synchronous.upper(),
             busy_timeout=options.busy_timeout,
+            group=file_group,
+            allow_empty=allow_empty,
         )
     raise StoreError(
         f"unsupported database {url!r}: use sqlite:///path/to/taskd.db or "

@@ -26,6 +26,9 @@ The contract:
   (`set_waiting`, for `ctx.run_task`) counts against neither.
 - **Fencing.** Each claim increments the job's `epoch`; an outcome, a lease renewal or a
   change of the waiting flag applies only while the job runs under that worker (and epoch).
+- **Health.** Every write reports its end to `Store.health`: a failure with its message
+  (which names the store and says what to do), a success by its kind, so that the daemon
+  can tell which kinds of write keep failing (`status`, `/healthz`).
 - **Notifications** (`Store.events`, always after the write has committed, also when the
   caller of the write has given up, and for a shared store also for other daemons' writes):
   `finished(job)` when a job reaches succeeded, failed or cancelled; `due(delay)` when jobs
@@ -46,6 +49,7 @@ import msgspec
 
 from taskd.models import FiredJob, Job, JobOrigin, JobStatus, NodeInfo, TaskCounts
 from taskd.store.events import JobEvents
+from taskd.store.health import StoreHealth
 
 
 class StoreError(Exception):
@@ -181,6 +185,7 @@ class Store(Protocol):
     and return lists in the same order."""
 
     events: JobEvents
+    health: StoreHealth  # the kinds of write failing now; each write reports its end to it
     description: str  # where the data lives, for status output
 
     async def open(self) -> None:

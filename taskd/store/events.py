@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from taskd.models import Job
@@ -103,6 +103,19 @@ class JobEvents:
                 future.set_result(job)
         self._finished(job)
         self._changed()
+
+    def fail_waiting(
+        self, error: Callable[[int], BaseException], spare: Container[int] = ()
+    ) -> int:
+        """Wake the callers waiting for jobs, but for those in `spare`, with `error(job_id)`
+        (the daemon cannot start their jobs now); returns how many were woken."""
+        woken = 0
+        for job_id in [job_id for job_id in self._waiters if job_id not in spare]:
+            for future in self._waiters.pop(job_id):
+                if not future.done():
+                    future.set_exception(error(job_id))
+                    woken += 1
+        return woken
 
     def due(self, delay: float) -> None:
         """Jobs are claimable in `delay` seconds (0: now)."""

@@ -132,7 +132,7 @@ def test_a_second_make_run_says_taskd_is_already_running(examples: Path) -> None
             wait_until(lambda: "Ctrl-C stops it" in output.readline(), what="the first run")
             second = subprocess.run([sys.executable, examples / "run.py"], capture_output=True,
                                     text=True, timeout=60)  # fmt: skip
-            assert second.returncode == 1 and "in use by another taskd" in second.stderr
+            assert second.returncode == 1 and "another taskd is already serving" in second.stderr
             assert "taskd is running" not in second.stdout
         finally:
             first.send_signal(signal.SIGTERM)

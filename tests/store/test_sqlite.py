@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from taskd.store import ClaimRequest, NewJob, ScheduleState, StoreError, store_for
+from taskd.store import ClaimRequest, JobFilter, NewJob, ScheduleState, StoreError, store_for
 from taskd.store.sqlite import SqliteStore, jobs
 from taskd.store.sqlite.schema import MIGRATIONS
 from tests.conftest import NOW
@@ -177,3 +179,66 @@ async def test_a_claim_reads_only_what_it_can_take(tmp_path: Path) -> None:
         assert not scans, plan
         assert any("jobs_task_claim_order" in step for step in plan), plan
     db.close()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+async def test_a_store_opened_through_a_link_is_refused(tmp_path: Path, link: str) -> None:
+    first = SqliteStore(tmp_path / "jobs.db")
+    await first.open()
+    other = tmp_path / "other.db"
+    if link == "symlink":
+        other.symlink_to(tmp_path / "jobs.db")
+    else:
+        os.link(tmp_path / "jobs.db", other)
+    try:
+        with pytest.raises(StoreError, match=rf"in use by another taskd \(pid {os.getpid()}\)"):
+            await SqliteStore(other).open()
+    finally:
+        await first.close()
+
+
+async def test_an_emptied_store_is_refused_unless_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.insert([new()])
+    await store.close()
+    for gone in (lambda: os.truncate(path, 0), path.unlink):
+        gone()
+        with pytest.raises(StoreError, match="is empty, but taskd had created a job store there"):
+            await SqliteStore(path).open()
+        store = SqliteStore(path, allow_empty=True)
+        await store.open()
+        assert await store.list_jobs(JobFilter()) == []
+        await store.close()
+    store = SqliteStore(path)
+    await store.open()  # not empty any more: fine without being allowed
+    await store.close()
+
+
+async def test_a_new_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    old = os.umask(0o000)
+    try:
+        store = SqliteStore(path)
+        await store.open()
+    finally:
+        os.umask(old)
+    try:
+        await store.insert([new()])
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            assert stat.S_IMODE(name.stat().st_mode) == 0o600, name
+    finally:
+        await store.close()
+
+
+async def test_a_store_left_readable_by_others_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    path.chmod(0o644)
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -9,11 +9,12 @@ import shutil
 from typing import Any
 
 import msgspec
+import pytest
 
 from taskd.access import AccessPolicy
 from taskd.models import Peer
 from taskd.protocol import DEFAULT_MAX_FRAME, HEADER, MAX_HELLO_FRAME, Params, Request, encode_frame
-from taskd.server import ControlServer, _ReceiveBudget, bind_socket
+from taskd.server import ControlServer, SocketInUse, _ReceiveBudget, bind_socket, release_socket
 from tests.support import short_tempdir
 
 MIB = 1024 * 1024
@@ -96,5 +97,22 @@ async def test_a_reply_that_cannot_be_built_is_answered_with_an_error() -> None:
         writer.close()
         await server.close()
         os.close(lock)
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_released_socket_leaves_no_files_and_can_be_taken_again() -> None:
+    folder = short_tempdir()
+    path = folder / "s.sock"
+    try:
+        listener, lock = bind_socket(path, 0o600, None)
+        with pytest.raises(SocketInUse, match="another taskd is already serving"):
+            bind_socket(path, 0o600, None)
+        listener.close()
+        release_socket(path, lock)
+        assert list(folder.iterdir()) == []
+        listener, lock = bind_socket(path, 0o600, None)
+        listener.close()
+        release_socket(path, lock)
     finally:
         shutil.rmtree(folder)

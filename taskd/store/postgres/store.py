@@ -37,6 +37,7 @@ from taskd.store.base import (
 )
 from taskd.store.batching import GroupCommit, Item, Operation, in_transaction
 from taskd.store.events import JobEvents
+from taskd.store.health import StoreHealth
 from taskd.store.postgres import jobs, nodes, reads, schedules
 from taskd.store.postgres.connections import (
     DRIVER_ERRORS,
@@ -86,6 +87,31 @@ def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
     return wrapper
 
 
+def _writes(method: Callable[P, Any]) -> Callable[P, Any]:
+    """As `_translate_errors`, and each write's end is reported to the store's health (a
+    refusal such as a conflict is an answer, not a failure of the store)."""
+
+    @wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        store = args[0]
+        assert isinstance(store, PostgresStore)
+        try:
+            result = await method(*args, **kwargs)
+        except StoreError as exc:
+            if type(exc) is StoreError:
+                store.health.failed(method.__name__, str(exc))
+            raise
+        except DRIVER_ERRORS as exc:
+            hint = UNREACHABLE if connection_failed(exc) else ""
+            error = StoreError(f"job store {store.description}: {exc}{hint}")
+            store.health.failed(method.__name__, str(error))
+            raise error from exc
+        store.health.succeeded(method.__name__)
+        return result
+
+    return wrapper
+
+
 class PostgresStore:
     """The shared job store."""
 
@@ -101,6 +127,7 @@ class PostgresStore:
         self.schema = schema
         self.description = f"{safe_url(url)} (schema {schema})"
         self.events = JobEvents()
+        self.health = StoreHealth(f"job store {self.description}")
         self._connections = Connections(
             url,
             self.description,
@@ -258,21 +285,21 @@ class PostgresStore:
 
     # -- nodes ---------------------------------------------------------------------------
 
-    @_translate_errors
+    @_writes
     async def register_node(self, node: str, ttl: float) -> str:
         (worker,) = await self._commits.submit(nodes.register, [(node, ttl)])
         return worker
 
-    @_translate_errors
+    @_writes
     async def leave(self, worker: str) -> None:
         await self._commits.submit(nodes.leave, [worker])
 
-    @_translate_errors
+    @_writes
     async def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> list[int]:
         (lost,) = await self._commits.submit(nodes.renew, [(worker, list(job_ids), lease)])
         return lost
 
-    @_translate_errors
+    @_writes
     async def announce_schedules(self, worker: str, digest: str) -> None:
         await self._commits.submit(nodes.announce_schedules, [(worker, digest)])
 
@@ -282,13 +309,13 @@ class PostgresStore:
 
     # -- job writes ----------------------------------------------------------------------
 
-    @_translate_errors
+    @_writes
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
         return await self._inserts.submit(jobs.insert_jobs, list(new))
 
-    @_translate_errors
+    @_writes
     async def insert_and_claim(
         self, new: Sequence[NewJob], claim: ClaimRequest
     ) -> tuple[list[Inserted], Claimed]:
@@ -296,13 +323,13 @@ class PostgresStore:
         (result,) = await self._commits.submit(jobs.insert_and_claim, [(list(new), claim)])
         return result
 
-    @_translate_errors
+    @_writes
     async def claim(self, request: ClaimRequest) -> Claimed:
         self._limited = frozenset(request.limits)
         (claimed,) = await self._claims.submit(jobs.claim_jobs, [request])
         return claimed
 
-    @_translate_errors
+    @_writes
     async def finish(
         self, outcomes: Sequence[Outcome], claim: ClaimRequest | None = None
     ) -> Finished:
@@ -310,33 +337,35 @@ class PostgresStore:
             if not outcomes:
                 return Finished(jobs=[])
             return Finished(jobs=await self._commits.submit(jobs.finish_jobs, list(outcomes)))
+        if not outcomes:  # a claim alone: in a claim's transaction, its health the claims'
+            return Finished(jobs=[], claimed=await self.claim(claim))
         self._limited = frozenset(claim.limits)
         (finished,) = await self._commits.submit(jobs.finish_and_claim, [(list(outcomes), claim)])
         return finished
 
-    @_translate_errors
+    @_writes
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         (changed,) = await self._commits.submit(
             jobs.set_waiting, [(job_id, epoch, worker, waiting)]
         )
         return changed
 
-    @_translate_errors
+    @_writes
     async def recover(self, quarantine_after: int) -> list[Job]:
         (recovered,) = await self._commits.submit(jobs.recover_jobs, [quarantine_after])
         return recovered
 
-    @_translate_errors
+    @_writes
     async def cancel(self, job_id: int) -> Job:
         (job,) = await self._commits.submit(jobs.cancel_jobs, [job_id])
         return job
 
-    @_translate_errors
+    @_writes
     async def retry(self, job_id: int) -> Job:
         (job,) = await self._commits.submit(jobs.retry_jobs, [job_id])
         return job
 
-    @_translate_errors
+    @_writes
     async def prune(self, older_than: Mapping[JobStatus, float]) -> int:
         deleted = 0
         for status, age in older_than.items():
@@ -379,17 +408,17 @@ class PostgresStore:
     async def schedule_states(self, ids: Sequence[str] | None = None) -> list[ScheduleState]:
         return await self._read(lambda db: reads.schedule_states(db, self.schema, ids))
 
-    @_translate_errors
+    @_writes
     async def add_schedules(self, ids: Sequence[str], first_seen: float) -> None:
         if ids:
             await self._commits.submit(schedules.add_schedules, [(i, first_seen) for i in ids])
 
-    @_translate_errors
+    @_writes
     async def cover_schedules(self, ids: Sequence[str], until: float) -> None:
         if ids:
             await self._commits.submit(schedules.cover_schedules, [(i, until) for i in ids])
 
-    @_translate_errors
+    @_writes
     async def set_paused(
         self, schedule: str, paused: bool, *, covered_until: float | None = None
     ) -> bool:
@@ -398,7 +427,7 @@ class PostgresStore:
         )
         return changed
 
-    @_translate_errors
+    @_writes
     async def fire_tick(
         self,
         schedule: str,

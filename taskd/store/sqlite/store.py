@@ -1,18 +1,19 @@
 """The job store on SQLite (aiosqlite): WAL, one writer connection with group commit.
 
-One daemon owns a database file (an exclusive lock on `<file>.lock` says so), so every
+One daemon owns a database file (it holds an exclusive lock on the file itself), so every
 node row found at start-up belongs to a daemon that is gone. Reads use a second
 connection and never wait for the writer. The clock is injectable: tests move it.
 """
 
 from __future__ import annotations
 
-import fcntl
+import asyncio
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from functools import wraps
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -35,7 +36,9 @@ from taskd.store.base import (
 )
 from taskd.store.batching import GroupCommit, Item, Operation
 from taskd.store.events import JobEvents
-from taskd.store.sqlite import jobs, nodes, reads, schedules
+from taskd.store.health import StoreHealth
+from taskd.store.sqlite import files, jobs, nodes, reads, schedules
+from taskd.store.sqlite.errors import is_space_error, store_error
 from taskd.store.sqlite.jobs import PRUNE_SLICE, Tx
 from taskd.store.sqlite.schema import migrate
 
@@ -44,14 +47,12 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-
-def _hint(exc: sqlite3.Error) -> str:
-    text = str(exc)
-    if "locked" in text or "busy" in text:
-        return " (another process holds a lock on the database; nothing was written, try again)"
-    if "disk" in text or "full" in text:
-        return " (check the free space and the file system; nothing was written)"
-    return ""
+# The WAL is checkpointed into the database once it holds this many pages (SQLite's
+# default, stated), and a WAL that grew past WAL_SIZE_LIMIT (a big batch, a checkpoint
+# held up) is cut back to it once checkpointed, so that its space is given back.
+WAL_AUTOCHECKPOINT = 1000
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+CHECK_NOTED = 1.0  # seconds: a start-up check that takes longer is logged at info
 
 
 def _transact(
@@ -70,7 +71,7 @@ def _transact(
     return outputs
 
 
-def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
+def _reads(method: Callable[P, Any]) -> Callable[P, Any]:
     """SQLite's exceptions leave the store as StoreError, with the database named."""
 
     @wraps(method)
@@ -80,7 +81,26 @@ def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
         except sqlite3.Error as exc:
             store = args[0]
             assert isinstance(store, SqliteStore)
-            raise StoreError(f"job store {store.path}: {exc}{_hint(exc)}") from exc
+            raise store_error(exc, store.path) from exc
+
+    return wrapper
+
+
+def _writes(method: Callable[P, Any]) -> Callable[P, Any]:
+    """As `_reads`, and each write's end is reported to the store's health."""
+
+    @wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        store = args[0]
+        assert isinstance(store, SqliteStore)
+        try:
+            result = await method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            error = store_error(exc, store.path)
+            await store._write_failed(method.__name__, exc, error)
+            raise error from exc
+        await store._write_succeeded(method.__name__)
+        return result
 
     return wrapper
 
@@ -94,40 +114,54 @@ class SqliteStore:
         *,
         synchronous: str = "FULL",
         busy_timeout: float = 5.0,
+        group: int | None = None,
+        allow_empty: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self.description = f"sqlite:{path}"
         self.events = JobEvents()
+        self.health = StoreHealth(f"job store {path}")
+        self._file = path  # the file itself, symlinks resolved, once open
         self._synchronous = synchronous
         self._busy_timeout_ms = int(busy_timeout * 1000)
+        # The database and its side files are the owner's, or also its group's to read.
+        self._group = group
+        self._mode = 0o600 if group is None else 0o640
+        self._allow_empty = allow_empty
         self._clock = clock
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
         self._commits: GroupCommit[Tx] = GroupCommit(self._run_batch)
         self._schedules: dict[str, str] = {}  # worker -> digest of its schedules
+        self._short_of_space = False  # a write failed for want of space since the last reclaim
+        self._reclaiming = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
+        self._take_file()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from None
-        self._lock()
-        try:
+            files.secure(self._file, self._mode, self._group)  # left more open by an older taskd
             self._writer = await self._connect()
+            await self._check(self._writer)
             await self._configure(self._writer)
+            await self._checkpoint_at_start(self._writer)
             await migrate(self._writer, self.path)
+            files.write_marker(self._file, self._mode)
             # We hold the lock: the daemons these rows name are gone, their jobs abandoned.
             await self._writer.execute("UPDATE nodes SET expires = NULL")
+            files.secure(self._file, self._mode, self._group)  # the -wal and -shm now exist
             self._reader = await self._connect()
-            await self._reader.execute("PRAGMA query_only = 1")
-            await self._reader.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            await self._reader.execute_fetchall("PRAGMA query_only = 1")
+            await self._reader.execute_fetchall(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         except sqlite3.Error as exc:
             await self.close()
-            raise StoreError(f"cannot open job store {self.path}: {exc}") from exc
+            raise store_error(exc, self.path, "cannot open job store") from exc
+        except asyncio.CancelledError:
+            await self._abandon()
+            raise
         except BaseException:
             await self.close()
             raise
@@ -146,27 +180,58 @@ class SqliteStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _lock(self) -> None:
-        lock_path = f"{self.path}.lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot create lock file {lock_path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+    async def _abandon(self) -> None:
+        """Give up opening (a stop during start-up) without waiting for SQLite: interrupt a
+        check in progress; a statement waiting for another process's lock cannot be
+        interrupted, so its connection (and our lock) are left for the process's exit."""
+        for connection in (self._reader, self._writer):
+            if connection is not None:
+                with suppress(sqlite3.Error, ValueError):
+                    await connection.interrupt()
+
+    def _take_file(self) -> None:
+        """Resolve the database's name to the file itself, create its folder, lock it."""
+        self._file = Path(os.path.realpath(self.path))
+        files.make_folder(self._file.parent, self._group)
+        self._lock_fd = files.lock_database(self._file, self._mode, self._group, name=self.path)
+
+    async def _check(self, connection: aiosqlite.Connection) -> None:
+        """Refuse a damaged database, and an empty one where taskd had created a store."""
+        started = time.monotonic()
+        rows = [row[0] for row in await connection.execute_fetchall("PRAGMA quick_check(5)")]
+        took = time.monotonic() - started
+        logger.log(
+            logging.INFO if took > CHECK_NOTED else logging.DEBUG,
+            "checked job store %s (PRAGMA quick_check) in %.2f s",
+            self.path,
+            took,
+        )
+        if rows != ["ok"]:
+            problems = "; ".join(" ".join(row.split()) for row in rows)  # on one line
             raise StoreError(
-                f"job store {self.path} is in use by another taskd (pid {holder}); "
-                "stop it or give this one another --database"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+                f"job store {self.path} is damaged (PRAGMA quick_check: {problems}): "
+                f"stop taskd, keep a copy of {self._file}, then restore a backup or recover "
+                f"what is readable (sqlite3 {self._file} .recover | sqlite3 new.db)"
+            )
+        ((tables,),) = await connection.execute_fetchall("SELECT count(*) FROM sqlite_master")
+        marker = files.marker_path(self._file)
+        if tables or not marker.exists():
+            return
+        if not self._allow_empty:
+            raise StoreError(
+                f"job store {self.path} is empty, but taskd had created a job store there "
+                f"({marker} says when): the file was truncated, replaced or deleted, and its "
+                "jobs are gone. Restore it from a backup; or, to start with an empty store, "
+                f"start taskd once with --allow-empty-store (or remove {marker})"
+            )
+        logger.warning(
+            "job store %s was empty although taskd had created one there; starting with an "
+            "empty store, as --allow-empty-store asks",
+            self.path,
+        )
 
     async def _connect(self) -> aiosqlite.Connection:
-        connection = await aiosqlite.connect(self.path, isolation_level=None)
+        connection = await aiosqlite.connect(self._file, isolation_level=None)
         connection.row_factory = sqlite3.Row  # rows are read by column name
         return connection
 
@@ -174,8 +239,60 @@ class SqliteStore:
         rows = list(await connection.execute_fetchall("PRAGMA journal_mode = WAL"))
         if rows[0][0] != "wal":
             raise StoreError(f"job store {self.path}: cannot switch to WAL mode ({rows[0][0]})")
-        await connection.execute(f"PRAGMA synchronous = {self._synchronous}")
-        await connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        # Each read to its end: a statement left open would keep a checkpoint from running.
+        for pragma in (
+            f"synchronous = {self._synchronous}",
+            f"busy_timeout = {self._busy_timeout_ms}",
+            f"wal_autocheckpoint = {WAL_AUTOCHECKPOINT}",
+            f"journal_size_limit = {WAL_SIZE_LIMIT}",
+        ):
+            await connection.execute_fetchall(f"PRAGMA {pragma}")
+
+    async def _checkpoint_at_start(self, connection: aiosqlite.Connection) -> None:
+        """A WAL left behind (a crash, a full disk at the last stop) gives its space back."""
+        if _size(Path(f"{self._file}-wal")) == 0:
+            return  # nothing to give back, and no need to wait for a lock another holds
+        try:
+            await self._checkpoint(connection)
+        except sqlite3.Error as exc:  # the writes that follow say whether it matters
+            logger.warning("cannot checkpoint the WAL of %s at start: %s", self.path, exc)
+
+    async def _checkpoint(self, connection: aiosqlite.Connection) -> None:
+        """Copy the WAL into the database and truncate it to nothing, if no reader needs it."""
+        wal = Path(f"{self._file}-wal")
+        before = _size(wal)
+        await connection.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+        if (after := _size(wal)) < before:
+            logger.info(
+                "checkpointed %s: %d bytes given back (%d left)", wal, before - after, after
+            )
+
+    # -- health --------------------------------------------------------------------------
+
+    async def _write_failed(self, operation: str, exc: sqlite3.Error, error: StoreError) -> None:
+        self.health.failed(operation, str(error))
+        if is_space_error(exc):
+            first = not self._short_of_space
+            self._short_of_space = True
+            await self._reclaim_space(logging.WARNING if first else logging.DEBUG)
+
+    async def _write_succeeded(self, operation: str) -> None:
+        if self.health.succeeded(operation) and self._short_of_space:
+            self._short_of_space = False
+            await self._reclaim_space()  # the WAL may have grown meanwhile: give that back
+
+    async def _reclaim_space(self, level: int = logging.WARNING) -> None:
+        """Checkpoint the WAL and truncate it, from the reader (the writer may be busy); on a
+        full disk this works once the database has room for the WAL's pages."""
+        if self._reclaiming or self._reader is None:
+            return
+        self._reclaiming = True
+        try:
+            await self._checkpoint(self._reader)
+        except sqlite3.Error as exc:
+            logger.log(level, "cannot checkpoint the WAL of %s: %s", self.path, exc)
+        finally:
+            self._reclaiming = False
 
     async def _run_batch(self, operations: list[tuple[Any, list[Any]]]) -> list[list[Any]]:
         """A batch of writes as one transaction, run whole in the writer's thread."""
@@ -200,16 +317,16 @@ class SqliteStore:
 
     # -- nodes ---------------------------------------------------------------------------
 
-    @_translate_errors
+    @_writes
     async def register_node(self, node: str, ttl: float) -> str:
         (worker,) = await self._commits.submit(nodes.register, [(node, ttl)])
         return worker
 
-    @_translate_errors
+    @_writes
     async def leave(self, worker: str) -> None:
         await self._commits.submit(nodes.leave, [worker])
 
-    @_translate_errors
+    @_writes
     async def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> list[int]:
         (lost,) = await self._commits.submit(nodes.renew, [(worker, list(job_ids), lease)])
         return lost
@@ -218,14 +335,14 @@ class SqliteStore:
         # One daemon per file: there is nobody to compare with, so memory will do.
         self._schedules[worker] = digest
 
-    @_translate_errors
+    @_reads
     async def nodes(self) -> list[NodeInfo]:
         alive = await self._read(reads.nodes, self._clock())
         return [msgspec.structs.replace(n, schedules=self._schedules.get(n.worker)) for n in alive]
 
     # -- job writes ----------------------------------------------------------------------
 
-    @_translate_errors
+    @_writes
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
@@ -248,7 +365,7 @@ class SqliteStore:
         if delays:
             self.events.due(min(delays))
 
-    @_translate_errors
+    @_writes
     async def insert_and_claim(
         self, new: Sequence[NewJob], claim: ClaimRequest
     ) -> tuple[list[Inserted], Claimed]:
@@ -260,12 +377,12 @@ class SqliteStore:
         )
         return result
 
-    @_translate_errors
+    @_writes
     async def claim(self, request: ClaimRequest) -> Claimed:
         (claimed,) = await self._commits.submit(jobs.claim_jobs, [request])
         return claimed
 
-    @_translate_errors
+    @_writes
     async def finish(
         self, outcomes: Sequence[Outcome], claim: ClaimRequest | None = None
     ) -> Finished:
@@ -276,6 +393,8 @@ class SqliteStore:
                 jobs.finish_jobs, list(outcomes), self._after_finish
             )
             return Finished(jobs=recorded)
+        if not outcomes:  # a claim alone: its health is the claims'
+            return Finished(jobs=[], claimed=await self.claim(claim))
         (finished,) = await self._commits.submit(
             jobs.finish_and_claim,
             [(list(outcomes), claim)],
@@ -293,7 +412,7 @@ class SqliteStore:
             else:
                 self.events.due(job.run_at - now)
 
-    @_translate_errors
+    @_writes
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         (changed,) = await self._commits.submit(
             jobs.set_waiting, [(job_id, epoch, worker, waiting)]
@@ -302,7 +421,7 @@ class SqliteStore:
             self.events.due(0)  # the job's task has room for another of its jobs
         return changed
 
-    @_translate_errors
+    @_writes
     async def recover(self, quarantine_after: int) -> list[Job]:
         (recovered,) = await self._commits.submit(
             jobs.recover_jobs, [quarantine_after], self._after_recover
@@ -313,7 +432,7 @@ class SqliteStore:
         recovered = [job for jobs_of_one in results for job in jobs_of_one]
         self._after_finish(recovered)
 
-    @_translate_errors
+    @_writes
     async def cancel(self, job_id: int) -> Job:
         (job,) = await self._commits.submit(jobs.cancel_jobs, [job_id], self._after_cancel)
         return job
@@ -323,12 +442,12 @@ class SqliteStore:
             self.events.finished(job)
             self.events.cancel_requested(job.id)
 
-    @_translate_errors
+    @_writes
     async def retry(self, job_id: int) -> Job:
         (job,) = await self._commits.submit(jobs.retry_jobs, [job_id], lambda _: self.events.due(0))
         return job
 
-    @_translate_errors
+    @_writes
     async def prune(self, older_than: Mapping[JobStatus, float]) -> int:
         deleted = 0
         for status, age in older_than.items():
@@ -349,39 +468,39 @@ class SqliteStore:
 
     # -- job reads -----------------------------------------------------------------------
 
-    @_translate_errors
+    @_reads
     async def get(self, job_id: int) -> Job | None:
         return await self._read(reads.get, job_id)
 
-    @_translate_errors
+    @_reads
     async def list_jobs(self, query: JobFilter) -> list[Job]:
         return await self._read(reads.list_jobs, query)
 
-    @_translate_errors
+    @_reads
     async def counts(self) -> list[TaskCounts]:
         return await self._read(reads.counts, self._clock())
 
-    @_translate_errors
+    @_reads
     async def queue_depth(self) -> int:
         return await self._read(reads.queue_depth)
 
     # -- schedules -----------------------------------------------------------------------
 
-    @_translate_errors
+    @_reads
     async def schedule_states(self, ids: Sequence[str] | None = None) -> list[ScheduleState]:
         return await self._read(reads.schedule_states, ids)
 
-    @_translate_errors
+    @_writes
     async def add_schedules(self, ids: Sequence[str], first_seen: float) -> None:
         if ids:
             await self._commits.submit(schedules.add_schedules, [(i, first_seen) for i in ids])
 
-    @_translate_errors
+    @_writes
     async def cover_schedules(self, ids: Sequence[str], until: float) -> None:
         if ids:
             await self._commits.submit(schedules.cover_schedules, [(i, until) for i in ids])
 
-    @_translate_errors
+    @_writes
     async def set_paused(
         self, schedule: str, paused: bool, *, covered_until: float | None = None
     ) -> bool:
@@ -390,7 +509,7 @@ class SqliteStore:
         )
         return changed
 
-    @_translate_errors
+    @_writes
     async def fire_tick(
         self,
         schedule: str,
@@ -411,3 +530,10 @@ class SqliteStore:
             if fired.fired and any(not job.joined and job.id not in taken for job in fired.jobs):
                 self.events.due(0)
                 return
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
