@@ -61,7 +61,12 @@ class JobStateMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.folder = Path(tempfile.mkdtemp(prefix="tdsm"))
         self.clock = Clock(1_000_000.0)
-        self.store: Store = self.run(open_backend(self.backend, self.folder, self.clock))
+        try:
+            self.store: Store = self.run(open_backend(self.backend, self.folder, self.clock))
+        except BaseException:  # a skip (no PostgreSQL here) too: teardown will not run
+            self.loop.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
         self.model: dict[int, ModelJob] = {}
         self.nodes: dict[str, ModelNode] = {}  # the node rows: stopped nodes have none
         self.starts: dict[str, int] = dict.fromkeys(NODES, 0)
