@@ -381,6 +381,8 @@ WITH doomed AS (
     LIMIT {slice} FOR UPDATE SKIP LOCKED
 ), errors AS (
     DELETE FROM {s}.job_errors WHERE job_id IN (SELECT id FROM doomed)
+), logs AS (
+    DELETE FROM {s}.job_logs WHERE job_id IN (SELECT id FROM doomed)
 ), deleted AS (
     DELETE FROM {s}.jobs WHERE id IN (SELECT id FROM doomed) RETURNING id
 )

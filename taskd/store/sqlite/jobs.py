@@ -427,6 +427,7 @@ def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> list[int]:
         ]
         if ids:
             tx.db.execute(f"DELETE FROM job_errors WHERE job_id IN ({marks(len(ids))})", ids)
+            tx.db.execute(f"DELETE FROM job_logs WHERE job_id IN ({marks(len(ids))})", ids)
             tx.db.execute(f"DELETE FROM jobs WHERE id IN ({marks(len(ids))})", ids)
         counts.append(len(ids))
     return counts
