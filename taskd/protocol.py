@@ -132,7 +132,7 @@ class RpcError(Exception):
         return ErrorBody(self.code, self.message, self.data)
 
 
-class JobEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+class JobEvent(msgspec.Struct, frozen=True):
     """One event of a `subscribe` stream (contrib/protocol.md: "Live events").
 
     kind "subscribed": the stream is live (the first event); "state": job `job_id` of `task`
