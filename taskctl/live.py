@@ -102,12 +102,16 @@ def wait_showing_progress(client: Client, job_id: int, timeout: float | None = N
         job = client.job(job_id)
         if job.status == "running" and job.progress is not None and display.empty:
             display.show(job.progress)
-        return client.wait(job_id, timeout)
-    finally:
-        client.on_event = None
+        job = client.wait(job_id, timeout)
+    except BaseException:  # Ctrl-C may have cut a frame short: the connection is done
         display.close()
-        with contextlib.suppress(errors.TaskdError):  # taskd may be stopping
-            client.unsubscribe(subscription)
+        client.close()
+        raise
+    client.on_event = None
+    display.close()
+    with contextlib.suppress(errors.TaskdError):  # taskd may be stopping
+        client.unsubscribe(subscription)
+    return job
 
 
 def follow_logs(client: Client, job_id: int, out: TextIO, follow: bool) -> None:
@@ -116,24 +120,22 @@ def follow_logs(client: Client, job_id: int, out: TextIO, follow: bool) -> None:
     printed = _print_logs(client, job_id, out, None)
     if subscription is None:
         return
-    try:
-        job = client.job(job_id)
-        while job.status not in FINISHED_STATUSES:
-            event = client.next_event(None)
-            if event is None:
-                continue
-            if event.kind == "log" and event.line is not None:
-                if printed is None or (event.line.epoch, event.line.seq) > printed:
-                    out.write(render.log_line(event.line) + "\n")
-                    out.flush()
-                    printed = (event.line.epoch, event.line.seq)
-            elif event.kind == "state" and event.status in FINISHED_STATUSES:
-                break
-            elif event.kind in ("changed", "dropped"):
-                job = client.job(job_id)
-                printed = _print_logs(client, job_id, out, printed)
-    finally:
-        client.unsubscribe(subscription)
+    job = client.job(job_id)
+    while job.status not in FINISHED_STATUSES:
+        event = client.next_event(None)
+        if event is None:
+            continue
+        if event.kind == "log" and event.line is not None:
+            if printed is None or (event.line.epoch, event.line.seq) > printed:
+                out.write(render.log_line(event.line) + "\n")
+                out.flush()
+                printed = (event.line.epoch, event.line.seq)
+        elif event.kind == "state" and event.status in FINISHED_STATUSES:
+            break
+        elif event.kind in ("changed", "dropped"):
+            job = client.job(job_id)
+            printed = _print_logs(client, job_id, out, printed)
+    client.unsubscribe(subscription)  # not on Ctrl-C: a frame may have been cut short
     _print_logs(client, job_id, out, printed)  # lines written elsewhere (another daemon)
 
 
