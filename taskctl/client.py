@@ -453,27 +453,36 @@ class Client:
 
     # -- live events -----------------------------------------------------------------------
 
-    def subscribe(self, job: int | None = None, *, logs: bool = True) -> int:
+    def subscribe(
+        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+    ) -> int:
         """Start receiving events (of one job, or of all with "changed" events too); returns
-        the subscription's id once it is live. Read them with `next_event`."""
+        the subscription's id once it is live. Read them with `next_event`. RequestTimeout
+        if taskd has not started it within the client's timeout (or `timeout`, if shorter)."""
+        limit = shorter(self._timeout, timeout)
+        deadline = None if limit is None else time.monotonic() + limit
         if self._sock is None or _hung_up(self._sock):
             self.close()
-            self._connect(self._timeout)
+            self._connect(limit)
         sock = self._sock
         assert sock is not None
-        sock.settimeout(self._timeout)  # _hung_up left it non-blocking
+        sock.settimeout(limit)  # _hung_up left it non-blocking
         request_id = self._next_id
         self._next_id += 1
         params = SubscribeParams(job=job, logs=logs)
-        sock.sendall(encode_frame(Request(request_id, "subscribe", _raw(params))))
-        while True:  # until the first event: "subscribed", or the error refusing it
-            body = self._read_frame(sock, None)
-            head = _reply_decoder.decode(body)
-            if head.id == request_id and head.event is not None:
-                return request_id
-            if head.id == request_id:
-                decode_result("subscribe", body, request_id)
-                raise ProtocolError("taskd ended a subscription before it started")
+        try:
+            sock.sendall(encode_frame(Request(request_id, "subscribe", _raw(params))))
+            while True:  # until the first event: "subscribed", or the error refusing it
+                body = self._read_frame(sock, deadline)
+                head = _reply_decoder.decode(body)
+                if head.id == request_id and head.event is not None:
+                    return request_id
+                if head.id == request_id:
+                    decode_result("subscribe", body, request_id)
+                    raise ProtocolError("taskd ended a subscription before it started")
+        except TimeoutError:
+            self.close()
+            raise timed_out(self.socket_path, "subscribe", limit or 1.0) from None
 
     def next_event(self, timeout: float | None = None) -> JobEvent | None:
         """The next event of the open subscriptions; None if none came within `timeout`."""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from taskctl import errors, render
-from taskctl.client import Client
+from taskctl.client import WAIT_MARGIN, Client
 from taskd.models import FINISHED_STATUSES, Job, Progress
 from taskd.protocol import JobEvent
 
@@ -88,8 +88,9 @@ def bar(progress: Progress, width: int = BAR_WIDTH) -> str:
 def wait_showing_progress(client: Client, job_id: int, timeout: float | None = None) -> Job:
     """`client.wait(job_id, timeout)`, showing the job's progress on stderr meanwhile."""
     display = ProgressDisplay(sys.stderr)
+    limit = None if timeout is None else timeout + WAIT_MARGIN  # as the wait's own
     try:
-        subscription = client.subscribe(job_id, logs=False)
+        subscription = client.subscribe(job_id, logs=False, timeout=limit)
     except (errors.Busy, errors.ShuttingDown):  # then without progress
         return client.wait(job_id, timeout)
 
