@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from taskd.store import ClaimRequest, JobFilter, LogNote, NewJob, ProgressNote, Store
+from taskd.store import ClaimRequest, JobFilter, LogNote, NewJob, Outcome, ProgressNote, Store
 from taskd.store.base import MAX_LOG_BYTES, MAX_LOG_LINES
 from tests.conftest import NOW
 
@@ -73,3 +73,13 @@ async def test_a_job_keeps_its_last_lines_and_counts_those_let_go(
 async def test_lines_of_a_job_that_is_gone_are_not_kept(store: Store) -> None:
     await store.record_activity([ProgressNote(77, 1, 1)], [LogNote(77, 1, 0, "INFO", "x")])
     assert await store.job_logs(77) is None
+
+
+async def test_a_new_attempt_starts_without_the_progress_of_the_last(
+    store: Store, running: int
+) -> None:
+    await store.record_activity([ProgressNote(running, 1, 2, 3, "half")], [])
+    finished = await store.finish([Outcome(running, 1, W1, "retry")])
+    assert finished.jobs[0] is not None and finished.jobs[0].progress is not None
+    (again,) = (await store.claim(ClaimRequest(W1, 1, 60.0))).jobs
+    assert again.id == running and again.epoch == 2 and again.progress is None
