@@ -335,6 +335,8 @@ class ControlServer:
         self._closing = self._stopping = True
         if self._server is not None:
             self._server.close()
+        for subscription in [s for c in self._connections for s in c.subscriptions.values()]:
+            subscription.close()  # its stream ends with its reply
         in_flight = [task for c in self._connections for task in c.in_flight]
         if in_flight:  # a reply whose job has just ended gets a moment to go out
             await asyncio.wait(in_flight, timeout=REPLY_GRACE)
