@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 THROTTLE = 0.5  # seconds between writes
 MAX_LINE = 4096  # characters of one log line; the rest is cut
 MAX_MESSAGE = 200  # characters of a progress message
+MAX_INBOX = 10_000  # reports from threads waiting for the event loop; more are let go
 
 
 class _Attempt:
@@ -42,6 +44,10 @@ class ActivityRecorder:
         self._writing = asyncio.Lock()
         self._writes: set[asyncio.Task[None]] = set()
         self._last_write = 0.0
+        self._inbox: list[tuple[Callable[..., None], float, tuple[object, ...]]] = []
+        self._inbox_lock = threading.Lock()
+        self._inbox_dropped: dict[object, int] = {}  # lines let go, by job
+        self._inbox_progress: dict[object, tuple[float, tuple[object, ...]]] = {}
 
     def begin(self, job_id: int, epoch: int) -> None:
         """An attempt starts: its progress and lines are recorded from now on."""
@@ -91,8 +97,37 @@ class ActivityRecorder:
             running = None
         if running is loop:
             record(time.monotonic(), *args)
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(record, time.monotonic(), *args)
+            return
+        # From a thread: calls wait in an inbox, which one callback on the loop empties, so
+        # that a task reporting in a tight loop does not flood the loop with callbacks.
+        with self._inbox_lock:
+            waiting = bool(self._inbox or self._inbox_progress)  # a callback is on its way
+            if record == self._progress:  # only the latest counts
+                self._inbox_progress[args[0]] = (time.monotonic(), args)
+            elif len(self._inbox) < MAX_INBOX:
+                self._inbox.append((record, time.monotonic(), args))
+            else:
+                job_id = args[0]
+                self._inbox_dropped[job_id] = self._inbox_dropped.get(job_id, 0) + 1
+            if waiting:
+                return
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._empty_inbox)
+
+    def _empty_inbox(self) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+            progress, self._inbox_progress = self._inbox_progress, {}
+            dropped, self._inbox_dropped = self._inbox_dropped, {}
+        for record, when, args in inbox:
+            record(when, *args)
+        for when, args in progress.values():
+            self._progress(when, *args)  # type: ignore[arg-type]
+        for job_id, count in dropped.items():  # lines written faster than the loop took them
+            attempt = self._attempts.get(job_id)  # type: ignore[call-overload]
+            if attempt is not None:
+                attempt.dropped += count
+                self._soon()
 
     def _progress(
         self, when: float, job_id: int, done: float, total: float | None, message: str | None

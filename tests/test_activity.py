@@ -11,9 +11,10 @@ from collections.abc import Callable
 import msgspec
 import pytest
 
-from taskd.activity import MAX_LINE, ActivityRecorder
+from taskd.activity import MAX_INBOX, MAX_LINE, ActivityRecorder
 from taskd.models import LogLine, Progress
 from taskd.store import ClaimRequest, NewJob, Store
+from taskd.store.base import MAX_LOG_LINES
 
 
 @pytest.fixture
@@ -70,3 +71,27 @@ async def test_many_reports_are_told_at_once_and_written_in_few_batches(store: S
     await recorder.close()
     job = await store.get(job_id)
     assert job is not None and job.progress is not None and job.progress.done == 1000
+
+
+async def test_a_thread_reporting_in_a_tight_loop_costs_the_loop_little(store: Store) -> None:
+    job_id, epoch = await running_job(store)
+    told: list[Progress] = []
+    store.events.on_progress(lambda _, progress: told.append(progress))
+    recorder = ActivityRecorder(store)
+    recorder.begin(job_id, epoch)
+
+    def busy() -> None:
+        for done in range(1, 100_001):
+            recorder.progress(job_id, done, 100_000, None)
+        for number in range(MAX_INBOX + 500):
+            recorder.log(job_id, "INFO", f"line {number}")
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    thread.join()
+    await asyncio.sleep(0)  # the one callback the thread scheduled runs
+    assert len(told) == 1 and told[0].done == 100_000  # the latest only
+    await recorder.end(job_id)
+    logs = await store.job_logs(job_id)
+    assert logs is not None and len(logs.lines) == MAX_LOG_LINES
+    assert logs.dropped == MAX_INBOX + 500 - MAX_LOG_LINES
