@@ -22,7 +22,7 @@ from taskctl.client import (
     unavailable,
 )
 from taskctl.errors import JobFailed, ProtocolError, TaskdError
-from taskd.models import Job, ScheduleInfo, Status, TaskInfo
+from taskd.models import Job, JobLogs, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -35,6 +35,7 @@ from taskd.protocol import (
     HelloResult,
     JobParams,
     ListTasksParams,
+    LogsParams,
     MetricsParams,
     Params,
     PauseScheduleParams,
@@ -303,6 +304,11 @@ class AsyncClient:
     async def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
         result: ScheduleInfo = await self.call("trigger_schedule", TriggerScheduleParams(schedule))
+        return result
+
+    async def logs(self, job_id: int) -> JobLogs:
+        """The lines the job wrote with `ctx.logger` that are kept, oldest first."""
+        result: JobLogs = await self.call("logs", LogsParams(job_id))
         return result
 
     async def metrics(self) -> str:

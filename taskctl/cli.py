@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import os
 import sys
@@ -199,7 +200,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
             print(job.id)
         return Exit.OK
     args.waiting_for = job.id
-    job = client.wait(job.id)
+    job = _live().wait_showing_progress(client, job.id)
     if args.json:
         render.print_json(job)
     elif job.status == "succeeded":
@@ -240,13 +241,32 @@ def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
     wanted = [name for group in args.status or [] for name in group] or None
+    if args.watch:
+        fetch = lambda: client.jobs(status=wanted, task=args.task, limit=args.limit)  # noqa: E731
+        with contextlib.suppress(KeyboardInterrupt):
+            _live().watch_jobs(client, fetch, sys.stdout)
+        return Exit.OK
     jobs = client.jobs(status=wanted, task=args.task, limit=args.limit, payloads=args.payloads)
     return _show(args, jobs, lambda: _render().jobs_table(jobs))
 
 
+def cmd_logs(client: Client, args: argparse.Namespace) -> Exit:
+    if args.json:
+        _render().print_json(client.logs(args.id))
+        return Exit.OK
+    _live().follow_logs(client, args.id, sys.stdout, args.follow)
+    return Exit.OK
+
+
+def cmd_top(client: Client, args: argparse.Namespace) -> Exit:
+    from taskctl import top
+
+    return Exit(top.run(client))
+
+
 def cmd_wait(client: Client, args: argparse.Namespace) -> Exit:
     args.waiting_for = args.id
-    job = client.wait(args.id, args.timeout)
+    job = _live().wait_showing_progress(client, args.id, args.timeout)
     render = _render()
     if args.json:
         render.print_json(job)
@@ -361,6 +381,12 @@ def _render() -> Any:
     return render
 
 
+def _live() -> Any:
+    from taskctl import live
+
+    return live
+
+
 # -- parser ------------------------------------------------------------------------------
 
 Command = Callable[[Client, argparse.Namespace], Exit]
@@ -401,7 +427,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "jobs": (
         "taskctl jobs --status failed --task jobs:send-email",
         "taskctl jobs --json --payloads --limit 10",
+        "taskctl jobs --watch --status running,pending",
     ),
+    "logs": ("taskctl logs 42", "taskctl logs 42 -f"),
+    "top": ("taskctl top",),
     "wait": ("taskctl wait 42 --timeout 1m",),
     "cancel": ("taskctl cancel 42",),
     "retry": ("taskctl retry 42",),
@@ -560,6 +589,26 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "--payloads",
             action="store_true",
             help="with --json: include each job's payload and result (`taskctl job ID` shows them)",
+        )
+        jobs.add_argument(
+            "--watch", action="store_true", help="redraw the table as jobs change (Ctrl-C stops)"
+        )
+
+    if wanted("logs"):
+        logs = command("logs", cmd_logs, "print the lines a job wrote with ctx.logger")
+        logs.add_argument("id", type=int, metavar="ID", help=ID_HELP)
+        logs.add_argument(
+            "-f",
+            "--follow",
+            action="store_true",
+            help="print new lines as they come, until the job ends",
+        )
+
+    if wanted("top"):
+        command(
+            "top",
+            cmd_top,
+            "full-screen view: running jobs and their progress, queues, failures, next ticks",
         )
 
     if wanted("wait"):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 # The C module: the `socket` module around it costs a command line milliseconds to import.
 import _socket as socket
+import collections
 import errno
+import select
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -22,7 +25,15 @@ from taskctl.errors import (
     RequestTimeout,
     error_for,
 )
-from taskd.models import Job, ScheduleInfo, Status, TaskInfo, format_duration, parse_duration
+from taskd.models import (
+    Job,
+    JobLogs,
+    ScheduleInfo,
+    Status,
+    TaskInfo,
+    format_duration,
+    parse_duration,
+)
 from taskd.protocol import (
     EMPTY_MAP,
     HEADER,
@@ -35,9 +46,11 @@ from taskd.protocol import (
     EnqueueResult,
     HelloParams,
     HelloResult,
+    JobEvent,
     JobParams,
     JobsParams,
     ListTasksParams,
+    LogsParams,
     MetricsParams,
     Params,
     PauseScheduleParams,
@@ -53,7 +66,9 @@ from taskd.protocol import (
     RunResult,
     SchedulesParams,
     StatusParams,
+    SubscribeParams,
     TriggerScheduleParams,
+    UnsubscribeParams,
     WaitParams,
     client_socket_path,
     encode_frame,
@@ -65,6 +80,7 @@ if TYPE_CHECKING:  # datetime costs a millisecond or two that `taskctl list` nee
 CLIENT_MAX_FRAME = 256 * 1024 * 1024
 CLIENT_NAME = "taskctl/0.1.0"
 WAIT_MARGIN = 2.0  # seconds a client waits past a wait's own timeout for taskd's answer
+MAX_HELD_EVENTS = 10_000  # events of a subscription a client holds while it reads a reply
 
 _reply_decoder = msgspec.msgpack.Decoder(RawReply)
 _result_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}  # built on first use: start-up
@@ -199,6 +215,10 @@ class Client:
         self._sock: socket.socket | None = None
         self._next_id = 1
         self.server: HelloResult | None = None
+        # Events of open subscriptions that came while a reply was awaited: given to
+        # `on_event` if set, else held for `next_event`.
+        self._events: collections.deque[JobEvent] = collections.deque(maxlen=MAX_HELD_EVENTS)
+        self.on_event: Callable[[JobEvent], None] | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -264,7 +284,7 @@ class Client:
                 # and hung up before the request was sent: its answer is still to be read.
                 soon = time.monotonic() + 1.0
                 deadline = soon if deadline is None else min(deadline, soon)
-            body = self._read_frame(sock, deadline)
+            body = self._read_reply(sock, request_id, deadline)
         except TimeoutError:
             self.close()
             raise timed_out(self.socket_path, method, limit or 1.0) from None
@@ -272,6 +292,22 @@ class Client:
             self.close()
             raise ProtocolError(f"connection to taskd lost: {exc.strerror or exc}") from None
         return decode_result(method, body, request_id)
+
+    def _read_reply(self, sock: socket.socket, request_id: int, deadline: float | None) -> bytes:
+        """The frame answering `request_id`; events of subscriptions are held meanwhile,
+        and the replies ending subscriptions are passed over."""
+        while True:
+            body = self._read_frame(sock, deadline)
+            try:
+                head = _reply_decoder.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return body  # decode_result says what is wrong with it
+            if head.event is not None and self.on_event is not None:
+                self.on_event(head.event)
+            elif head.event is not None:
+                self._events.append(head.event)
+            elif head.id == request_id or head.id is None:
+                return body
 
     def _read_frame(self, sock: socket.socket, deadline: float | None) -> bytes:
         (size,) = HEADER.unpack(_recv_exactly(sock, HEADER.size, deadline))
@@ -409,6 +445,76 @@ class Client:
         """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""
         result: str = self.call("metrics", MetricsParams())
         return result
+
+    def logs(self, job_id: int) -> JobLogs:
+        """The lines the job wrote with `ctx.logger` that are kept, oldest first."""
+        result: JobLogs = self.call("logs", LogsParams(job_id))
+        return result
+
+    # -- live events -----------------------------------------------------------------------
+
+    def subscribe(
+        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+    ) -> int:
+        """Start receiving events (of one job, or of all with "changed" events too); returns
+        the subscription's id once it is live. Read them with `next_event`. RequestTimeout
+        if taskd has not started it within the client's timeout (or `timeout`, if shorter)."""
+        limit = shorter(self._timeout, timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        if self._sock is None or _hung_up(self._sock):
+            self.close()
+            self._connect(limit)
+        sock = self._sock
+        assert sock is not None
+        sock.settimeout(limit)  # _hung_up left it non-blocking
+        request_id = self._next_id
+        self._next_id += 1
+        params = SubscribeParams(job=job, logs=logs)
+        try:
+            sock.sendall(encode_frame(Request(request_id, "subscribe", _raw(params))))
+            while True:  # until the first event: "subscribed", or the error refusing it
+                body = self._read_frame(sock, deadline)
+                head = _reply_decoder.decode(body)
+                if head.id == request_id and head.event is not None:
+                    return request_id
+                if head.id == request_id:
+                    decode_result("subscribe", body, request_id)
+                    raise ProtocolError("taskd ended a subscription before it started")
+        except TimeoutError:
+            self.close()
+            raise timed_out(self.socket_path, "subscribe", limit or 1.0) from None
+
+    def next_event(self, timeout: float | None = None) -> JobEvent | None:
+        """The next event of the open subscriptions; None if none came within `timeout`."""
+        if self._events:
+            return self._events.popleft()
+        sock = self._sock
+        if sock is None:
+            raise ProtocolError("no subscription is open")
+        readable, _, _ = select.select([sock], [], [], timeout)
+        if not readable:
+            return None
+        sock.settimeout(self._timeout)
+        body = self._read_frame(sock, None)
+        head = _reply_decoder.decode(body)
+        if head.error is not None:
+            raise error_for(head.error.code, head.error.message, head.error.data)
+        return head.event if head.event is not None else self.next_event(0)
+
+    def fileno(self) -> int:
+        """The connection's descriptor, to wait on it with select (see `held_events`)."""
+        if self._sock is None:
+            raise ProtocolError("not connected")
+        return self._sock.fileno()
+
+    def held_events(self) -> int:
+        """Events already read and held, which select cannot see coming."""
+        return len(self._events)
+
+    def unsubscribe(self, subscription: int) -> None:
+        """End a subscription (its events not read yet are dropped)."""
+        self.call("unsubscribe", UnsubscribeParams(subscription))
+        self._events.clear()
 
 
 def _raw(params: Params) -> msgspec.Raw:

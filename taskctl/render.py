@@ -12,6 +12,8 @@ import msgspec
 from taskd.models import (
     ConnectionStats,
     Job,
+    LogLine,
+    Progress,
     ScheduleInfo,
     Status,
     StoreFailing,
@@ -195,6 +197,8 @@ def job_detail(job: Job) -> str:
         lines.append(f"  finished:  {stamped(job.finished_at, now)}{took}")
     if job.worker:
         lines.append(f"  worker:    {job.worker}")
+    if job.progress is not None:
+        lines.append(f"  progress:  {progress_text(job.progress)}")
     lines.append(f"  payload:   {_json(job.payload)}")
     if job.status == "succeeded":
         lines.append(f"  result:    {_json(job.result)}")
@@ -209,6 +213,23 @@ def job_detail(job: Job) -> str:
         if error.traceback:
             lines.extend("      " + line for line in error.traceback.rstrip().splitlines())
     return "\n".join(lines)
+
+
+def progress_text(progress: Progress) -> str:
+    """`40/100 (40%) resizing images`; without a total, `40 resizing images`."""
+    text = f"{progress.done:g}"
+    if progress.total is not None:
+        text += f"/{progress.total:g}"
+        if progress.total > 0:
+            text += f" ({100 * progress.done / progress.total:.0f}%)"
+    return f"{text} {progress.message}" if progress.message else text
+
+
+def log_line(line: LogLine) -> str:
+    """One kept log line: its local time, level and text (continued lines indented)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line.at))
+    text = line.message.replace("\n", "\n    ")
+    return f"{when} {line.level:<7} {text}"
 
 
 def status_detail(status: Status) -> str:

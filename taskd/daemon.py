@@ -19,6 +19,7 @@ from taskd.background import Background
 from taskd.config import Config, ConfigError, Paths
 from taskd.executor import Executor
 from taskd.http.settings import HttpSettings, load_settings
+from taskd.live import LiveEvents
 from taskd.metrics import Metrics
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
@@ -247,6 +248,7 @@ class Daemon:
             connections=lambda: self._server.stats() if self._server else None,
             threads=self._executor.thread_stats,
             metrics=metrics.render,
+            unwritten_lines=self._executor.activity.pending_lines,
         )
         self._server = ControlServer(
             service.handle,
@@ -257,6 +259,7 @@ class Daemon:
             read_timeout=config.read_timeout,
             max_per_user=config.max_connections_per_user,
             idle_timeout=config.idle_timeout,
+            live=LiveEvents(self._store.events),
         )
         await self._server.start(listener)
         if settings.http is not None:

@@ -38,6 +38,12 @@ class TaskRuntime(Protocol):
         self, parent_id: int, name: str, payload: Any, options: dict[str, Any]
     ) -> int: ...
 
+    def progress(self, job_id: int, done: float, total: float | None, message: str | None) -> None:
+        """Note a job's progress (callable from any thread)."""
+
+    def log(self, job_id: int, level: str, message: str) -> None:
+        """Keep a line with the job (callable from any thread)."""
+
 
 class TaskContext:
     """Passed to a task as its second argument: who it is, and a way to start other tasks."""
@@ -56,10 +62,26 @@ class TaskContext:
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose lines name the task and the job (made when a task first uses it)."""
+        """A logger whose lines are kept with the job (`taskctl logs ID`) and go to taskd's
+        log, naming the task and the job (made when a task first uses it)."""
         if self._logger is None:
-            self._logger = task_logger(self.name, self.job_id)
+            keep = functools.partial(self._runtime.log, self.job_id)
+            self._logger = task_logger(self.name, self.job_id, keep)
         return self._logger
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Say how far the job is: `done` of `total` (None: unknown), and what it is doing.
+
+        Cheap to call often: taskd records the latest value at most twice a second, and
+        `taskctl job ID` shows it.
+        """
+        for value, what in ((done, "done"), (total, "total")):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if value is not None and not number:
+                raise TypeError(f"progress {what} must be a number, got {value!r}")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"progress message must be a str, got {type(message).__name__}")
+        self._runtime.progress(self.job_id, done, total, message)
 
     async def run_task(self, name: str, payload: Any = None, *, key: str | None = None) -> Any:
         """Run (or join) task `name` like `taskctl run`, wait, and return its result.
@@ -93,12 +115,17 @@ class TaskContext:
         return f"<TaskContext {self.name} job={self.job_id} attempt={self.attempt}>"
 
 
-def task_logger(name: str, job_id: int) -> logging.LoggerAdapter[logging.Logger]:
-    """A logger named for the task whose lines start with the job id."""
+def task_logger(
+    name: str, job_id: int, keep: Callable[[str, str], None] | None = None
+) -> logging.LoggerAdapter[logging.Logger]:
+    """A logger named for the task whose lines start with the job id; `keep(level, text)`
+    gets each line at INFO and above (and below, where the logger is enabled for it)."""
     import logging
 
     logger = logging.getLogger(f"taskd.task.{name}")
-    return _job_logger_class()(logger, {"task": name, "job_id": job_id})
+    adapter = _job_logger_class()(logger, {"task": name, "job_id": job_id})
+    adapter.keep = keep  # type: ignore[attr-defined]
+    return adapter
 
 
 @functools.cache
@@ -106,12 +133,41 @@ def _job_logger_class() -> type[logging.LoggerAdapter[logging.Logger]]:
     import logging
 
     class JobLogger(logging.LoggerAdapter[logging.Logger]):
+        keep: Callable[[str, str], None] | None = None
+
         def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
             extra = dict(self.extra or {})
             kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
             return f"job {extra.get('job_id', '?')}: {msg}", kwargs
 
+        def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+            enabled = self.isEnabledFor(level)
+            if self.keep is not None and (enabled or level >= logging.INFO):
+                self.keep(logging.getLevelName(level), _line_text(msg, args, kwargs))
+            if enabled:
+                msg, kwargs = self.process(msg, kwargs)
+                self.logger.log(level, msg, *args, **kwargs)
+
     return JobLogger
+
+
+def _line_text(msg: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A log call's text as logging would render its message, with the traceback if any."""
+    import logging
+    import sys
+
+    try:
+        text = str(msg) % args if args else str(msg)
+    except Exception:
+        text = f"{msg!r} % {args!r}"
+    exc_info = kwargs.get("exc_info")
+    if isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    elif exc_info and not isinstance(exc_info, tuple):
+        exc_info = sys.exc_info()
+    if isinstance(exc_info, tuple) and exc_info[0] is not None:
+        text += "\n" + logging.Formatter().formatException(exc_info)
+    return text
 
 
 class TaskFailed(Exception):

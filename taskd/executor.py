@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from taskd.activity import ActivityRecorder
 from taskd.definition import Fail, Retry, TaskContext
 from taskd.models import Job, ThreadStats
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
@@ -100,7 +101,8 @@ class Executor:
         self.workers = workers
         self._lease = lease
         self._quarantine_after = quarantine_after
-        self._runtime = Runtime(submitter, self._lend_slot)
+        self.activity = ActivityRecorder(store)
+        self._runtime = Runtime(submitter, self._lend_slot, self.activity)
         self._running: dict[int, _Running] = {}
         self._busy = 0  # slots taken: running jobs that do not wait for another job
         # Claimed ahead of the free slots, to start the moment one frees: (order, job).
@@ -279,14 +281,19 @@ class Executor:
             handle = asyncio.create_task(self._execute(job), name=f"taskd-job-{job.id}")
             self._running[job.id] = _Running(job, handle)
             self._busy += 1
+            self._store.events.started(job)
             self._store.events.changed()
 
     async def _execute(self, job: Job) -> None:
         running = self._running[job.id]
         loop = asyncio.get_running_loop()
         began = loop.time()
+        self.activity.begin(job.id, job.epoch)
         try:
-            outcome = await self._attempt(job)
+            try:
+                outcome = await self._attempt(job)
+            finally:
+                await self.activity.end(job.id)  # its last progress and lines, before its end
             self._typical += (loop.time() - began - self._typical) / 8
             running.reporting = True
             if self._on_attempt is not None:
@@ -473,6 +480,7 @@ class Executor:
             self._stop_job(running.job.id, "shutdown")
         if leftover:
             await asyncio.wait([running.task for running in leftover])
+        await self.activity.close()
         await self._flush()
         self._closed.set()
         self._wake.set()

@@ -33,6 +33,36 @@ class AttemptError(msgspec.Struct, frozen=True):
     traceback: str | None = None
 
 
+class Progress(msgspec.Struct, frozen=True):
+    """How far a running job says it is (`ctx.progress`): `done` of `total` (None: unknown),
+    what it is doing, and when taskd recorded it (Unix seconds)."""
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+    at: float = 0.0
+
+
+class LogLine(msgspec.Struct, frozen=True):
+    """A line a task wrote with `ctx.logger`; lines are ordered by (epoch, seq): the claim
+    of the job that wrote it, and the line's number within that attempt."""
+
+    epoch: int
+    seq: int
+    at: float
+    level: str
+    message: str
+
+
+class JobLogs(msgspec.Struct, frozen=True):
+    """The lines kept of a job, oldest first; `dropped` older lines were let go (a job keeps
+    its last 1,000 lines and 64 KiB)."""
+
+    job_id: int
+    lines: list[LogLine]
+    dropped: int = 0
+
+
 class Job(msgspec.Struct):
     """One execution of a task, as the job store records it (contrib/protocol.md: "The Job
     object"). `payload` and `result` are any msgpack value."""
@@ -60,6 +90,7 @@ class Job(msgspec.Struct):
     worker: str | None = None  # the daemon running it, as `node/start`, while it runs
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []  # filled by the `job` method only
+    progress: Progress | None = None  # the latest `ctx.progress` of its latest attempt
 
 
 class TaskInfo(msgspec.Struct, frozen=True):

@@ -13,11 +13,20 @@ from __future__ import annotations
 import enum
 import os
 import struct
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from taskd.models import Job, JobStatus, ScheduleInfo, Status, TaskInfo
+from taskd.models import (
+    Job,
+    JobLogs,
+    JobStatus,
+    LogLine,
+    Progress,
+    ScheduleInfo,
+    Status,
+    TaskInfo,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
@@ -123,8 +132,27 @@ class RpcError(Exception):
         return ErrorBody(self.code, self.message, self.data)
 
 
+class JobEvent(msgspec.Struct, frozen=True):
+    """One event of a `subscribe` stream (contrib/protocol.md: "Live events").
+
+    kind "subscribed": the stream is live (the first event); "state": job `job_id` of `task`
+    is now `status`; "progress": its `progress`; "log": a `line` it wrote; "changed": jobs
+    were added, started or ended (read again what you show); "dropped": `dropped` events
+    were let go because the subscriber read too slowly.
+    """
+
+    kind: Literal["subscribed", "state", "progress", "log", "changed", "dropped"]
+    job_id: int | None = None
+    task: str | None = None
+    status: JobStatus | None = None
+    progress: Progress | None = None
+    line: LogLine | None = None
+    dropped: int = 0
+
+
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A reply envelope as the daemon writes it: `result` or `error`, never both.
+    """A reply envelope as the daemon writes it: `result` or `error`, never both; or, for
+    a `subscribe` request still open, an `event` (any number of them, before its reply).
 
     `id` is null when the request was too broken to read its id.
     """
@@ -132,6 +160,7 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     id: int | None
     result: Any = None
     error: ErrorBody | None = None
+    event: JobEvent | None = None
 
 
 class RawReply(msgspec.Struct, frozen=True):
@@ -140,6 +169,7 @@ class RawReply(msgspec.Struct, frozen=True):
     id: int | None
     result: msgspec.Raw = NIL
     error: ErrorBody | None = None
+    event: JobEvent | None = None
 
 
 # Params and results, one pair per method. Times are Unix timestamps in seconds (float),
@@ -267,6 +297,26 @@ class MetricsParams(Params):
     pass
 
 
+class LogsParams(Params):
+    id: Int64
+
+
+class SubscribeParams(Params):
+    job: Int64 | None = None  # only this job's events (and no "changed"); None: every job's
+    logs: bool = True  # include "log" events
+
+
+class SubscribeResult(msgspec.Struct, frozen=True):
+    """The reply that ends a subscription (after `unsubscribe`): events sent and dropped."""
+
+    events: int
+    dropped: int
+
+
+class UnsubscribeParams(Params):
+    id: Int64  # the request id of the `subscribe` to end, on this connection
+
+
 # Method name -> (params type, result type, changes state). Read-only peers may call only
 # the methods that do not change state.
 METHODS: dict[str, tuple[type[Params], Any, bool]] = {
@@ -288,6 +338,9 @@ METHODS: dict[str, tuple[type[Params], Any, bool]] = {
     "resume_schedule": (ResumeScheduleParams, ScheduleInfo, True),
     "trigger_schedule": (TriggerScheduleParams, ScheduleInfo, True),
     "metrics": (MetricsParams, str, False),  # the Prometheus exposition, as text
+    "logs": (LogsParams, JobLogs, False),
+    "subscribe": (SubscribeParams, SubscribeResult, False),  # events until unsubscribed
+    "unsubscribe": (UnsubscribeParams, bool, False),  # False: no such subscription
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from taskd.activity import ActivityRecorder
 from taskd.definition import TaskFailed
 from taskd.submit import JobRequest, Submitter, encode_payload
 
@@ -23,9 +24,12 @@ class Runtime:
         self,
         submitter: Submitter,
         lend_slot: Callable[[int], AbstractAsyncContextManager[None]],
+        activity: ActivityRecorder,
     ) -> None:
         self._submitter = submitter
         self._lend_slot = lend_slot  # frees a running job's slot while it waits
+        self.progress = activity.progress
+        self.log = activity.log
 
     async def run_task(self, parent_id: int, name: str, payload: Any, key: str | None) -> Any:
         request = JobRequest(

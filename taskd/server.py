@@ -26,6 +26,7 @@ import msgspec
 from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
 from taskd.connection_limits import ConnectionLimits
 from taskd.envelope import request_head
+from taskd.live import LiveEvents, Subscription
 from taskd.models import ConnectionStats, Peer
 from taskd.protocol import (
     DEFAULT_MAX_FRAME,
@@ -38,10 +39,14 @@ from taskd.protocol import (
     ErrorCode,
     HelloParams,
     HelloResult,
+    JobEvent,
     Params,
     Reply,
     Request,
     RpcError,
+    SubscribeParams,
+    SubscribeResult,
+    UnsubscribeParams,
     WaitParams,
     encode_frame,
 )
@@ -50,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, Params, Peer], Awaitable[Any]]
 MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
+MAX_SUBSCRIPTIONS = 8  # `subscribe` streams one connection may have open
 # Bodies of frames over MAX_HELLO_FRAME bytes are received within a budget shared by all
 # connections, so that many clients each sending a frame just under max_frame_size cannot
 # make the daemon hold max_connections x max_frame_size bytes.
@@ -231,6 +237,7 @@ class _Connection:
         "pause_logged",
         "peer",
         "reads",
+        "subscriptions",
         "writer",
     )
 
@@ -244,6 +251,7 @@ class _Connection:
         self.output = asyncio.Lock()  # replies go out one at a time, each when there is room
         self.idle_timer: asyncio.Timeout | None = None  # while waiting for the next request
         self.pause_logged = False  # the first pause is logged, not every one
+        self.subscriptions: dict[int, Subscription] = {}  # by the id of their `subscribe`
 
     @property
     def unsent(self) -> int:
@@ -264,8 +272,10 @@ class ControlServer:
         read_timeout: float,
         max_per_user: int | None = None,
         idle_timeout: float = 300.0,
+        live: LiveEvents | None = None,
     ) -> None:
         self._handler = handler
+        self._live = live
         self._access = access
         self._server_name = server_name
         self._max_frame = max_frame
@@ -325,6 +335,8 @@ class ControlServer:
         self._closing = self._stopping = True
         if self._server is not None:
             self._server.close()
+        for subscription in [s for c in self._connections for s in c.subscriptions.values()]:
+            subscription.close()  # its stream ends with its reply
         in_flight = [task for c in self._connections for task in c.in_flight]
         if in_flight:  # a reply whose job has just ended gets a moment to go out
             await asyncio.wait(in_flight, timeout=REPLY_GRACE)
@@ -528,6 +540,9 @@ class ControlServer:
         self, connection: _Connection, request_id: int, method: str, params: Params
     ) -> None:
         try:
+            if isinstance(params, SubscribeParams | UnsubscribeParams):
+                await self._write(connection, await self._stream(connection, request_id, params))
+                return
             async with self._turn(connection, method, params):
                 reply = await self._answer(connection.peer, request_id, method, params)
                 await self._write(connection, reply)
@@ -538,6 +553,36 @@ class ControlServer:
             self._send_error(connection, request_id, ErrorCode.SHUTTING_DOWN, message)
         except ConnectionError:
             pass  # the peer hung up, or was cut off for not reading its replies
+
+    async def _stream(
+        self,
+        connection: _Connection,
+        request_id: int,
+        params: SubscribeParams | UnsubscribeParams,
+    ) -> Reply:
+        """`unsubscribe`; or `subscribe`: events as they come, under the request's id, until
+        unsubscribed (or the connection closes), then its reply. A reader that falls behind
+        has its events dropped (and is told how many) rather than queued without end."""
+        if isinstance(params, UnsubscribeParams):
+            ended = connection.subscriptions.get(params.id)
+            if ended is not None:
+                ended.close()
+            return Reply(request_id, result=ended is not None)
+        if self._live is None or len(connection.subscriptions) >= MAX_SUBSCRIPTIONS:
+            message = f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection"
+            return Reply(request_id, error=RpcError(ErrorCode.BUSY, message).body())
+        subscription = self._live.subscribe(params.job, params.logs)
+        connection.subscriptions[request_id] = subscription
+        try:
+            await self._write(connection, Reply(request_id, event=JobEvent("subscribed")))
+            while events := await subscription.take():
+                for event in events:
+                    await self._write(connection, Reply(request_id, event=event))
+        finally:
+            self._live.unsubscribe(subscription)
+            del connection.subscriptions[request_id]
+        result = SubscribeResult(events=subscription.sent, dropped=subscription.dropped)
+        return Reply(request_id, result=result)
 
     @contextlib.asynccontextmanager
     async def _turn(

@@ -16,7 +16,9 @@ from taskd.models import (
     FINISHED_STATUSES,
     ConnectionStats,
     Job,
+    JobLogs,
     JobStatus,
+    LogLine,
     Peer,
     Status,
     TaskInfo,
@@ -33,6 +35,7 @@ from taskd.protocol import (
     JobParams,
     JobsParams,
     ListTasksParams,
+    LogsParams,
     MetricsParams,
     Params,
     PauseScheduleParams,
@@ -90,7 +93,9 @@ class Service:
         threads: Callable[[], ThreadStats | None] = lambda: None,
         metrics: Callable[[], Awaitable[str]] | None = None,
         clock: Callable[[], float] = time.time,
+        unwritten_lines: Callable[[int], list[LogLine]] = lambda job_id: [],
     ) -> None:
+        self._unwritten_lines = unwritten_lines
         self._store = store
         self._registry = registry
         self._submitter = submitter
@@ -131,6 +136,8 @@ class Service:
                 return result
             case EnqueueManyParams():
                 return EnqueueManyResult(await self.enqueue(params.jobs, numbered=True))
+            case LogsParams():
+                return await self.logs(params.id)
             case JobParams():
                 return await self.job(params.id)
             case JobsParams():
@@ -203,6 +210,18 @@ class Service:
         if job is None:
             raise JobNotFound(job_id)
         return job
+
+    async def logs(self, job_id: int) -> JobLogs:
+        """The lines kept of a job, with those of a job running here not yet written."""
+        unwritten = self._unwritten_lines(job_id)
+        logs = await self._store.job_logs(job_id)
+        if logs is None:
+            raise JobNotFound(job_id)
+        if unwritten:
+            kept = {(line.epoch, line.seq) for line in logs.lines}
+            extra = [line for line in unwritten if (line.epoch, line.seq) not in kept]
+            logs = JobLogs(job_id, logs.lines + extra, logs.dropped)
+        return logs
 
     async def jobs(self, params: JobsParams) -> list[Job]:
         query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)

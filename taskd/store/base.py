@@ -47,7 +47,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from taskd.models import FiredJob, Job, JobOrigin, JobStatus, NodeInfo, TaskCounts
+from taskd.models import FiredJob, Job, JobLogs, JobOrigin, JobStatus, NodeInfo, TaskCounts
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
 
@@ -180,6 +180,33 @@ class TickFired(msgspec.Struct, frozen=True):
     claimed: Claimed | None = None
 
 
+class ProgressNote(msgspec.Struct, frozen=True):
+    """A running job's latest progress, as of `ago` seconds before the write; applies only
+    while the job is at claim `epoch`."""
+
+    job_id: int
+    epoch: int
+    done: float
+    total: float | None = None
+    message: str | None = None
+    ago: float = 0.0
+
+
+class LogNote(msgspec.Struct, frozen=True):
+    """A line `ctx.logger` wrote `ago` seconds before the write (see models.LogLine)."""
+
+    job_id: int
+    epoch: int
+    seq: int
+    level: str
+    message: str
+    ago: float = 0.0
+
+
+MAX_LOG_LINES = 1000  # lines a job keeps; older ones are let go and counted
+MAX_LOG_BYTES = 64 * 1024  # characters of messages a job keeps
+
+
 class Store(Protocol):
     """A durable job store; see the module's docstring for the contract. Batch methods take
     and return lists in the same order."""
@@ -260,7 +287,20 @@ class Store(Protocol):
     async def prune(self, older_than: Mapping[JobStatus, float]) -> int:
         """Delete the jobs of each status that finished more than so many seconds ago."""
 
+    async def record_activity(
+        self,
+        progress: Sequence[ProgressNote],
+        lines: Sequence[LogNote],
+        dropped: Mapping[int, int] | None = None,
+    ) -> None:
+        """Record jobs' latest progress and append their log lines, keeping each job's last
+        MAX_LOG_LINES lines and MAX_LOG_BYTES; lines let go (and `dropped[job_id]` lines
+        the caller let go) are counted. Raises no events."""
+
     # -- job reads -----------------------------------------------------------------------
+
+    async def job_logs(self, job_id: int) -> JobLogs | None:
+        """The lines kept of a job, oldest first; None if there is no such job."""
 
     async def get(self, job_id: int) -> Job | None:
         """One job with the errors of all its attempts."""

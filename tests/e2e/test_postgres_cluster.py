@@ -322,3 +322,21 @@ def test_a_database_restart_under_load_loses_nothing(cluster: Cluster, short_tmp
     assert set(acknowledged) <= done  # each acknowledged job ran (a few maybe twice)
     jobs = {job.id: job for job in cluster.jobs("record")}
     assert all(jobs[job_id].status == "succeeded" for job_id in acknowledged)
+
+
+def test_a_subscriber_hears_of_the_end_of_a_job_another_daemon_ran(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    (b,) = cluster.start("workers = 2", count=1)
+    started, log = short_tmp / "started.log", short_tmp / "done.log"
+    payload = {"started": str(started), "log": str(log), "seconds": 6}
+    with b.client() as client:
+        job_id = client.enqueue("record", payload).job_id
+    wait_until(started.exists, what="the job to start on b")
+    (a,) = cluster.start("workers = 2", count=1)
+    with a.client() as client:
+        client.subscribe(job_id, logs=False)
+        assert client.job(job_id).status == "running"  # on b: a heard nothing of it yet
+        event = client.next_event(30)
+        assert event is not None and event.kind == "state", event
+        assert (event.job_id, event.status) == (job_id, "succeeded")

@@ -9,7 +9,17 @@ import pytest
 
 from taskctl.client import decode_result
 from taskctl.errors import PayloadInvalid, ProtocolError, UnknownTask, error_for
-from taskd.models import AttemptError, FiredJob, Job, ScheduleInfo, Status, TaskCounts, TaskInfo
+from taskd.models import (
+    AttemptError,
+    FiredJob,
+    Job,
+    JobLogs,
+    LogLine,
+    ScheduleInfo,
+    Status,
+    TaskCounts,
+    TaskInfo,
+)
 from taskd.protocol import (
     HEADER,
     METHODS,
@@ -24,6 +34,7 @@ from taskd.protocol import (
     JobParams,
     JobsParams,
     ListTasksParams,
+    LogsParams,
     MetricsParams,
     PauseScheduleParams,
     PruneParams,
@@ -40,7 +51,10 @@ from taskd.protocol import (
     RunResult,
     SchedulesParams,
     StatusParams,
+    SubscribeParams,
+    SubscribeResult,
     TriggerScheduleParams,
+    UnsubscribeParams,
     WaitParams,
     encode_frame,
 )
@@ -95,6 +109,9 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "resume_schedule": (ResumeScheduleParams(schedule="*/5 * * * *"), SCHEDULE),
     "trigger_schedule": (TriggerScheduleParams(schedule="nightly"), SCHEDULE),
     "metrics": (MetricsParams(), "# HELP taskd_jobs Jobs\n# TYPE taskd_jobs gauge\n"),
+    "logs": (LogsParams(id=7), JobLogs(7, [LogLine(1, 0, 5.0, "INFO", "hi")], dropped=2)),
+    "subscribe": (SubscribeParams(job=7, logs=False), SubscribeResult(events=3, dropped=1)),
+    "unsubscribe": (UnsubscribeParams(id=3), True),
 }
 
 

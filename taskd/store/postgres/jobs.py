@@ -130,7 +130,8 @@ WITH limited AS (
     SELECT id FROM picked ORDER BY priority, run_at, id LIMIT $2
 )
 UPDATE {s}.jobs AS j SET status = 'running', attempts = j.attempts + 1, epoch = j.epoch + 1,
-    started_at = {s}.now(), worker = $1, lease_expires = {s}.now() + $3, waiting = false
+    started_at = {s}.now(), worker = $1, lease_expires = {s}.now() + $3, waiting = false,
+    progress_done = NULL, progress_total = NULL, progress_message = NULL, progress_at = NULL
 FROM chosen
 WHERE j.id = chosen.id
   AND EXISTS (SELECT 1 FROM {s}.nodes WHERE worker = $1 AND expires IS NOT NULL)
@@ -381,6 +382,8 @@ WITH doomed AS (
     LIMIT {slice} FOR UPDATE SKIP LOCKED
 ), errors AS (
     DELETE FROM {s}.job_errors WHERE job_id IN (SELECT id FROM doomed)
+), logs AS (
+    DELETE FROM {s}.job_logs WHERE job_id IN (SELECT id FROM doomed)
 ), deleted AS (
     DELETE FROM {s}.jobs WHERE id IN (SELECT id FROM doomed) RETURNING id
 )

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.models import AttemptError, FiredJob, Job, NodeInfo
+from taskd.models import AttemptError, FiredJob, Job, NodeInfo, Progress
 from taskd.store.base import ScheduleState
 
 # The store's "now", in seconds since the epoch: the database's clock (the statement's
@@ -122,11 +122,34 @@ MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    # Progress and logs of running jobs (`ctx.progress`, `ctx.logger`): the latest progress
+    # in the job's row, its last lines in job_logs, and how many older lines were let go.
+    [
+        """
+        ALTER TABLE {s}.jobs ADD COLUMN progress_done double precision,
+            ADD COLUMN progress_total double precision, ADD COLUMN progress_message text,
+            ADD COLUMN progress_at double precision,
+            ADD COLUMN logs_dropped bigint NOT NULL DEFAULT 0
+        """,
+        """
+        CREATE TABLE {s}.job_logs (
+            id bigserial PRIMARY KEY,
+            job_id bigint NOT NULL,
+            epoch integer NOT NULL,
+            seq integer NOT NULL,
+            at double precision NOT NULL,
+            level text NOT NULL,
+            message text NOT NULL
+        )
+        """,
+        "CREATE INDEX job_logs_job ON {s}.job_logs (job_id, id)",
+    ],
 ]
 
 JOB_COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
-    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch"
+    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
+    " progress_done, progress_total, progress_message, progress_at"
 )
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, schedules"
@@ -169,6 +192,18 @@ def job_from_row(row: Row) -> Job:
         finished_at=row["finished_at"],
         worker=row["worker"],
         epoch=row["epoch"],
+        progress=progress_from_row(row),
+    )
+
+
+def progress_from_row(row: Row) -> Progress | None:
+    if row["progress_done"] is None:
+        return None
+    return Progress(
+        done=row["progress_done"],
+        total=row["progress_total"],
+        message=row["progress_message"],
+        at=row["progress_at"],
     )
 
 

@@ -22,15 +22,17 @@ from functools import partial, wraps
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from taskd.models import FINISHED_STATUSES, Job, JobStatus, NodeInfo, TaskCounts
+from taskd.models import FINISHED_STATUSES, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
     Finished,
     Inserted,
     JobFilter,
+    LogNote,
     NewJob,
     Outcome,
+    ProgressNote,
     ScheduleState,
     StoreError,
     TickFired,
@@ -38,7 +40,7 @@ from taskd.store.base import (
 from taskd.store.batching import GroupCommit, Item, Operation, in_transaction
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
-from taskd.store.postgres import jobs, nodes, reads, schedules
+from taskd.store.postgres import activity, jobs, nodes, reads, schedules
 from taskd.store.postgres.connections import (
     DRIVER_ERRORS,
     Connections,
@@ -385,6 +387,22 @@ class PostgresStore:
                 return total
 
     # -- job reads -----------------------------------------------------------------------
+
+    @_writes
+    async def record_activity(
+        self,
+        progress: Sequence[ProgressNote],
+        lines: Sequence[LogNote],
+        dropped: Mapping[int, int] | None = None,
+    ) -> None:
+        if progress or lines or dropped:
+            await self._commits.submit(
+                activity.record_activity, [(list(progress), list(lines), dict(dropped or {}))]
+            )
+
+    @_translate_errors
+    async def job_logs(self, job_id: int) -> JobLogs | None:
+        return await self._read(lambda db: activity.job_logs(db, self.schema, job_id))
 
     @_translate_errors
     async def get(self, job_id: int) -> Job | None:

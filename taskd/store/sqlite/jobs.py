@@ -163,7 +163,8 @@ def _claim(tx: Tx, request: ClaimRequest) -> Claimed:
         tx,
         f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES})"
         " UPDATE jobs SET status = 'running', attempts = attempts + 1, epoch = epoch + 1,"
-        " started_at = :now, worker = :worker, lease_expires = :now + :lease, waiting = 0"
+        " started_at = :now, worker = :worker, lease_expires = :now + :lease, waiting = 0,"
+        " progress_done = NULL, progress_total = NULL, progress_message = NULL, progress_at = NULL"
         f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {JOB_COLUMNS}",
         params,
     )
@@ -427,6 +428,7 @@ def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> list[int]:
         ]
         if ids:
             tx.db.execute(f"DELETE FROM job_errors WHERE job_id IN ({marks(len(ids))})", ids)
+            tx.db.execute(f"DELETE FROM job_logs WHERE job_id IN ({marks(len(ids))})", ids)
             tx.db.execute(f"DELETE FROM jobs WHERE id IN ({marks(len(ids))})", ids)
         counts.append(len(ids))
     return counts

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from taskd.models import AttemptError, FiredJob, Job, NodeInfo
+from taskd.models import AttemptError, FiredJob, Job, NodeInfo, Progress
 from taskd.store.base import ScheduleState, StoreError
 
 logger = logging.getLogger(__name__)
@@ -127,11 +127,33 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX jobs_claim_order",
         "DROP INDEX jobs_pending_due",
     ],
+    # Progress and logs of running jobs (`ctx.progress`, `ctx.logger`): the latest progress
+    # in the job's row, its last lines in job_logs, and how many older lines were let go.
+    [
+        "ALTER TABLE jobs ADD COLUMN progress_done REAL",
+        "ALTER TABLE jobs ADD COLUMN progress_total REAL",
+        "ALTER TABLE jobs ADD COLUMN progress_message TEXT",
+        "ALTER TABLE jobs ADD COLUMN progress_at REAL",
+        "ALTER TABLE jobs ADD COLUMN logs_dropped INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE job_logs (
+            id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            at REAL NOT NULL,
+            level TEXT NOT NULL,
+            message TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX job_logs_job ON job_logs (job_id, id)",
+    ],
 ]
 
 JOB_COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
-    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch"
+    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
+    " progress_done, progress_total, progress_message, progress_at"
 )
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"
@@ -188,6 +210,18 @@ def job_from_row(row: sqlite3.Row) -> Job:
         finished_at=row["finished_at"],
         worker=row["worker"],
         epoch=row["epoch"],
+        progress=progress_from_row(row),
+    )
+
+
+def progress_from_row(row: sqlite3.Row) -> Progress | None:
+    if row["progress_done"] is None:
+        return None
+    return Progress(
+        done=row["progress_done"],
+        total=row["progress_total"],
+        message=row["progress_message"],
+        at=row["progress_at"],
     )
 
 

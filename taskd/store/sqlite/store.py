@@ -21,15 +21,17 @@ from typing import Any, ParamSpec, TypeVar
 import aiosqlite
 import msgspec
 
-from taskd.models import FINISHED_STATUSES, Job, JobStatus, NodeInfo, TaskCounts
+from taskd.models import FINISHED_STATUSES, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
     Finished,
     Inserted,
     JobFilter,
+    LogNote,
     NewJob,
     Outcome,
+    ProgressNote,
     ScheduleState,
     StoreError,
     TickFired,
@@ -37,7 +39,7 @@ from taskd.store.base import (
 from taskd.store.batching import GroupCommit, Item, Operation
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
-from taskd.store.sqlite import files, jobs, nodes, reads, schedules
+from taskd.store.sqlite import activity, files, jobs, nodes, reads, schedules
 from taskd.store.sqlite.errors import is_space_error, store_error
 from taskd.store.sqlite.jobs import PRUNE_SLICE, Tx
 from taskd.store.sqlite.schema import migrate
@@ -467,6 +469,22 @@ class SqliteStore:
                 return total
 
     # -- job reads -----------------------------------------------------------------------
+
+    @_writes
+    async def record_activity(
+        self,
+        progress: Sequence[ProgressNote],
+        lines: Sequence[LogNote],
+        dropped: Mapping[int, int] | None = None,
+    ) -> None:
+        if progress or lines or dropped:
+            await self._commits.submit(
+                activity.record_activity, [(list(progress), list(lines), dict(dropped or {}))]
+            )
+
+    @_reads
+    async def job_logs(self, job_id: int) -> JobLogs | None:
+        return await self._read(activity.job_logs, job_id)
 
     @_reads
     async def get(self, job_id: int) -> Job | None:
