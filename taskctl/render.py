@@ -211,6 +211,18 @@ def job_detail(job: Job) -> str:
     return "\n".join(lines)
 
 
+def why_text(why: Any) -> str:
+    """`taskctl why`: the sentence, then the timeline, one event a line."""
+    now = time.time()
+    lines = [why.message, f"timeline ({zone()}):"]
+    for event in why.timeline:
+        attempt = f" attempt {event.attempt}" if event.attempt is not None else ""
+        worker = f" on {event.worker}" if event.worker else ""
+        message = f": {event.message}" if event.message else ""
+        lines.append(f"  {local_time(event.at, now)}  {event.event}{attempt}{worker}{message}")
+    return "\n".join(lines)
+
+
 def status_detail(status: Status) -> str:
     counts = ", ".join(
         f"{status.counts.get(s, 0)} {s}"

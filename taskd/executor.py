@@ -449,6 +449,15 @@ class Executor:
             heapq.heapify(self._ready)
         return bool(entries)
 
+    @property
+    def busy(self) -> int:
+        """Slots taken: running jobs that do not wait for another job."""
+        return self._busy
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def running_jobs(self) -> list[Job]:
         return [running.job for running in self._running.values()]
 

@@ -40,8 +40,11 @@ from taskd.protocol import (
     RunResult,
     SchedulesParams,
     StatusParams,
+    TimelineEvent,
     TriggerScheduleParams,
     WaitParams,
+    WhyParams,
+    WhyResult,
     encode_frame,
 )
 
@@ -81,7 +84,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     ),
     "job": (JobParams(id=7), JOB),
     "jobs": (JobsParams(status=["failed", "pending"], task="t", limit=5), [JOB, JOB]),
-    "wait": (WaitParams(id=7, timeout=1.5), JOB),
+    "wait": (WaitParams(id=7, timeout=1.5, after_attempt=1), JOB),
     "cancel": (CancelParams(id=7), JOB),
     "retry": (RetryParams(id=7), JOB),
     "status": (StatusParams(), STATUS),
@@ -95,6 +98,18 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "resume_schedule": (ResumeScheduleParams(schedule="*/5 * * * *"), SCHEDULE),
     "trigger_schedule": (TriggerScheduleParams(schedule="nightly"), SCHEDULE),
     "metrics": (MetricsParams(), "# HELP taskd_jobs Jobs\n# TYPE taskd_jobs gauge\n"),
+    "why": (
+        WhyParams(id=7),
+        WhyResult(
+            id=7,
+            task="report",
+            status="pending",
+            reason="delayed",
+            message="job 7 (report) waits for its delay",
+            until=1_700_000_100.0,
+            timeline=[TimelineEvent(1_700_000_000.0, "created", message="by enqueue")],
+        ),
+    ),
 }
 
 

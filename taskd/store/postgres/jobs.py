@@ -227,6 +227,8 @@ async def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
     for row in rows:
         job = job_from_row(row)
         tx.ended(job, row["due_in"])
+        if job.status == "pending" and row["kind"] is not None:
+            tx.notes.retrying.append(job)
         updated[job.id] = job
     return [updated.get(o.job_id) for o in outcomes]
 
