@@ -510,6 +510,32 @@ async def test_a_retry_outcome_says_when_the_job_is_due(store: Store) -> None:
     assert due == [7]
 
 
+async def test_a_failed_attempt_wakes_the_jobs_waiters(store: Store, clock: Clock) -> None:
+    # `taskctl run` follows the attempts: a retry, and an interrupted attempt, wake it;
+    # a released attempt (the daemon stopping) does not.
+    (inserted,) = await store.insert([new()])
+    job_id = inserted.job_id
+    await claim(store)
+    waiter = store.events.watch(job_id)
+    await store.finish([Outcome(job_id, 1, W1, "retry", error=ERROR, retry_in=7)])
+    job = await asyncio.wait_for(waiter, 1)
+    assert job is not None and job.status == "pending" and job.attempts == 1
+    clock.now += 7
+    await claim(store)
+    waiter = store.events.watch(job_id)
+    await store.finish([Outcome(job_id, 2, W1, "released")])
+    assert not waiter.done()
+    await claim(store)
+    await store.register_node("w1", ttl=LEASE)  # a new start of W1's node: W1 is gone
+    await store.recover(quarantine_after=5)
+    job = await asyncio.wait_for(waiter, 1)
+    assert job is not None and job.status == "pending"
+    assert [error.kind for error in (await store.get(job_id)).errors] == [  # type: ignore[union-attr]
+        "error",
+        "interrupted",
+    ]
+
+
 async def test_a_resync_tells_waiters_to_read_again(store: Store) -> None:
     (inserted,) = await store.insert([new()])
     waiter = store.events.watch(inserted.job_id)

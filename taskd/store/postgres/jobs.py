@@ -303,6 +303,8 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
         for row in rows:
             job = job_from_row(row)
             tx.ended(job, 0.0)
+            if job.status == "pending":  # its interrupted attempt is a failed one
+                tx.notes.retrying.append(job)
             jobs.append(job)
         results.append(jobs)
     return results
