@@ -306,7 +306,9 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> Exit:
     return _show(
         args,
         job,
-        lambda: f"job {job.id} {job.task} is pending again with {job.max_attempts} attempts",
+        lambda: (
+            f"job {job.id} {job.task} is pending again with {_count(job.max_attempts, 'attempt')}"
+        ),
     )
 
 
@@ -317,7 +319,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_prune(client: Client, args: argparse.Namespace) -> Exit:
     deleted = client.prune(args.older_than)
-    return _show(args, {"deleted": deleted}, lambda: f"deleted {deleted} finished jobs")
+    return _show(args, {"deleted": deleted}, lambda: f"deleted {_count(deleted, 'finished job')}")
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:

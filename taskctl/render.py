@@ -31,6 +31,7 @@ TIME_FIELDS = (
     "next_tick",
     "last_tick",
     "fired_at",
+    "until",
 )
 
 
@@ -216,10 +217,16 @@ def why_text(why: Any) -> str:
     now = time.time()
     lines = [why.message, f"timeline ({zone()}):"]
     for event in why.timeline:
-        attempt = f" attempt {event.attempt}" if event.attempt is not None else ""
+        what = event.event if event.attempt is None else f"attempt {event.attempt} {event.event}"
         worker = f" on {event.worker}" if event.worker else ""
-        message = f": {event.message}" if event.message else ""
-        lines.append(f"  {local_time(event.at, now)}  {event.event}{attempt}{worker}{message}")
+        said = (
+            ""
+            if not event.message
+            else f" {event.message}"
+            if event.event == "created"
+            else f": {event.message}"
+        )
+        lines.append(f"  {local_time(event.at, now)}  {what}{worker}{said}")
     return "\n".join(lines)
 
 

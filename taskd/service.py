@@ -222,6 +222,9 @@ class Service:
     async def jobs(self, params: JobsParams) -> list[Job]:
         query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)
         jobs = await self._store.list_jobs(query)
+        registry = self._registry()
+        if not jobs and params.task is not None and registry.get(params.task) is None:
+            raise UnknownTask(params.task, registry.names())  # a typo, not "no jobs"
         if not params.payloads:
             for job in jobs:
                 job.payload = job.result = None

@@ -4,6 +4,8 @@ reloads that need a restart."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.support import Taskd
@@ -66,3 +68,40 @@ def test_reload_says_what_waits_for_a_restart(taskd_factory: type[Taskd]) -> Non
     back = daemon.ctl("reload")
     assert back.returncode == 0 and "restart" not in back.stderr
     assert daemon.stop() == 0
+
+
+def test_messages_count_in_the_singular_too(taskd: Taskd, short_tmp: Path) -> None:
+    (short_tmp / "one").mkdir()
+    (short_tmp / "one" / "echo.py").write_text(
+        (Path(__file__).parent.parent / "fixtures" / "tasks" / "echo.py").read_text()
+    )
+    assert taskd.ctl("run", "fail", "--payload", '"x"').returncode == 1
+    (failed,) = json.loads(taskd.ctl("--json", "jobs").stdout)
+    retried = taskd.ctl("retry", str(failed["id"]))
+    assert retried.stdout.strip().endswith("is pending again with 1 attempt"), retried.stdout
+    assert taskd.ctl("wait", str(failed["id"])).returncode == 1
+    assert taskd.ctl("retry", str(failed["id"])).returncode == 0  # failed again: retry again
+    assert taskd.ctl("wait", str(failed["id"])).returncode == 1
+    assert taskd.ctl("run", "echo").returncode == 0
+    (done,) = json.loads(taskd.ctl("--json", "jobs", "--task", "echo").stdout)
+    again = taskd.ctl("cancel", str(done["id"]))
+    assert again.returncode == 3
+    assert f"job {done['id']} has already succeeded and cannot be cancelled" in again.stderr
+    pruned = taskd.ctl("prune", "--older-than", "0")
+    assert pruned.stdout.strip() == "deleted 2 finished jobs"
+    assert taskd.ctl("run", "echo").returncode == 0
+    assert taskd.ctl("prune", "--older-than", "0").stdout.strip() == "deleted 1 finished job"
+    check = subprocess.run(
+        [sys.executable, "-m", "taskd", "--check", "--tasks", str(short_tmp / "one"),
+         "--config", str(taskd.config_file)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert "configuration ok: 1 task in" in check.stdout and ", 0 schedules" in check.stdout
+
+
+def test_jobs_of_an_unknown_task_is_an_error(taskd: Taskd) -> None:
+    typo = taskd.ctl("jobs", "--task", "ecoh")
+    assert typo.returncode == 4 and "unknown task 'ecoh'" in typo.stderr, typo.stderr
+    assert "echo" in typo.stderr  # the known tasks are listed
+    none_yet = taskd.ctl("jobs", "--task", "echo")
+    assert none_yet.returncode == 0 and none_yet.stdout.strip() == "no jobs"

@@ -208,7 +208,7 @@ def test_cancel_pending_running_and_finished(taskd: Taskd, short_tmp: Path) -> N
     waited = taskd.ctl("wait", str(running), "--timeout", "5s")
     assert waited.returncode == 1 and "cancelled" in waited.stderr
     again = taskd.ctl("cancel", str(running))
-    assert again.returncode == 3 and "is cancelled and cannot be cancelled" in again.stderr
+    assert again.returncode == 3 and "was already cancelled and cannot be cancelled" in again.stderr
     # The attempt that was running ended by the cancel, and says so; the pending one had none.
     assert [(e["attempt"], e["kind"]) for e in job(taskd, running)["errors"]] == [(1, "cancelled")]
     assert job(taskd, later)["errors"] == []

@@ -360,14 +360,14 @@ async def test_cancel_and_retry_transitions(store: Store, clock: Clock) -> None:
     await claim(store)
     assert (await store.cancel(pending)).status == "cancelled"
     assert (await store.cancel(running)).status == "cancelled"
-    with pytest.raises(InvalidTransition, match="is cancelled"):
+    with pytest.raises(InvalidTransition, match="was already cancelled and cannot be cancelled"):
         await store.cancel(running)
     with pytest.raises(JobNotFound):
         await store.cancel(999_999)
     clock.now = NOW + 5
     retried = await store.retry(running)
     assert (retried.status, retried.attempts, retried.run_at) == ("pending", 0, NOW + 5)
-    with pytest.raises(InvalidTransition, match="is pending"):
+    with pytest.raises(InvalidTransition, match="is still pending and cannot be retried"):
         await store.retry(running)
 
 

@@ -23,6 +23,7 @@ from taskd.store.base import (
     NewJob,
     Outcome,
     StoreError,
+    refused,
 )
 from taskd.store.postgres.inserts import ACTIVE_KEYS_SQL, INSERT_ROUNDS, INSERT_SQL, statement
 from taskd.store.postgres.schema import JOB_COLUMNS, job_columns, job_from_row
@@ -376,7 +377,7 @@ async def _refuse(tx: Tx, job_id: int, verb: str) -> None:
     status = await tx.db.fetchval(f"SELECT status FROM {tx.s}.jobs WHERE id = $1", job_id)
     if status is None:
         raise JobNotFound(job_id)
-    raise InvalidTransition(f"job {job_id} is {status} and cannot be {verb}")
+    raise refused(job_id, status, verb)
 
 
 PRUNE_SQL = """

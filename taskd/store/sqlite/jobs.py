@@ -25,6 +25,7 @@ from taskd.store.base import (
     NewJob,
     Outcome,
     StoreError,
+    refused,
 )
 from taskd.store.sqlite.schema import JOB_COLUMNS, job_from_row, marks
 
@@ -410,7 +411,7 @@ def _refuse(tx: Tx, job_id: int, verb: str) -> None:
     rows = fetch(tx, "SELECT status FROM jobs WHERE id = ?", (job_id,))
     if not rows:
         raise JobNotFound(job_id)
-    raise InvalidTransition(f"job {job_id} is {rows[0]['status']} and cannot be {verb}")
+    raise refused(job_id, rows[0]["status"], verb)
 
 
 def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> list[int]:
