@@ -82,16 +82,19 @@ def timeline(job: Job) -> list[TimelineEvent]:
     events = [TimelineEvent(job.created_at, "created", message=f"by {job.origin}")]
     for error in job.errors:
         attempt = error.attempt if error.kind != "retried" else None
+        if error.started_at is not None:
+            events.append(TimelineEvent(error.started_at, "started", attempt, error.worker))
         events.append(TimelineEvent(error.at, error.kind, attempt, message=error.message))
-    ended = {error.attempt for error in job.errors if error.kind != "retried"}
-    if job.started_at is not None and job.attempts:
-        # The store keeps the latest attempt's start (and its worker while it runs).
+    ended = {error.started_at for error in job.errors if error.started_at is not None}
+    cancelled = any(error.kind == "cancelled" for error in job.errors)  # while running
+    if job.started_at is not None and job.attempts and job.started_at not in ended:
+        # The latest attempt's start is on the job (and its worker, while it runs).
         start = TimelineEvent(job.started_at, "started", job.attempts, job.worker)
         events.append(start)
     if job.status in ("succeeded", "failed") and job.finished_at is not None:
         outcome = job.error if job.status == "failed" else None
         events.append(TimelineEvent(job.finished_at, job.status, job.attempts, message=outcome))
-    elif job.status == "cancelled" and job.finished_at is not None and not ended:
+    elif job.status == "cancelled" and job.finished_at is not None and not cancelled:
         events.append(TimelineEvent(job.finished_at, "cancelled", message=job.error))
     return sorted(events, key=lambda event: event.at)
 

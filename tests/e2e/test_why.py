@@ -59,6 +59,7 @@ def test_a_failed_attempt_waits_for_its_retry(taskd_factory: type[Taskd]) -> Non
     events = [event["event"] for event in reply["timeline"]]
     assert events == ["created", "started", "error"], events
     assert reply["timeline"][2]["attempt"] == 1
+    assert reply["timeline"][1]["worker"]  # the worker that ran attempt 1
     assert daemon.stop() == 0
 
 

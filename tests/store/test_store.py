@@ -530,10 +530,11 @@ async def test_a_failed_attempt_wakes_the_jobs_waiters(store: Store, clock: Cloc
     await store.recover(quarantine_after=5)
     job = await asyncio.wait_for(waiter, 1)
     assert job is not None and job.status == "pending"
-    assert [error.kind for error in (await store.get(job_id)).errors] == [  # type: ignore[union-attr]
-        "error",
-        "interrupted",
-    ]
+    stored = await store.get(job_id)
+    assert stored is not None
+    # Each failed attempt's start and worker are kept, for its timeline (`taskctl why`).
+    ended = [(error.kind, error.started_at, error.worker) for error in stored.errors]
+    assert ended == [("error", NOW, W1), ("interrupted", NOW + 7, W1)]
 
 
 async def test_a_resync_tells_waiters_to_read_again(store: Store) -> None:

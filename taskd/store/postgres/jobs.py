@@ -201,10 +201,12 @@ WITH v AS (
         worker = NULL, lease_expires = NULL, waiting = false
     FROM v
     WHERE j.id = v.id AND j.epoch = v.epoch AND j.worker = v.worker AND j.status = 'running'
-    RETURNING {columns}, v.kind, v.message, v.traceback, j.run_at - {s}.now() AS due_in
+    RETURNING {columns}, v.kind, v.message, v.traceback, v.worker AS ran_on,
+        j.run_at - {s}.now() AS due_in
 ), errors AS (
-    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at)
-    SELECT id, attempts, kind, message, traceback, {s}.now() FROM done WHERE kind IS NOT NULL
+    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at, started_at, worker)
+    SELECT id, attempts, kind, message, traceback, {s}.now(), started_at, ran_on FROM done
+    WHERE kind IS NOT NULL
 )
 SELECT * FROM done
 """
@@ -286,9 +288,10 @@ WITH gone AS (
     WHERE j.id = gone.id
     RETURNING {columns}, gone.worker AS lost_worker, 0.0::double precision AS due_in
 ), errors AS (
-    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at)
+    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at, started_at, worker)
     SELECT id, attempts, 'interrupted', 'interrupted: worker ' || coalesce(lost_worker, '?')
-        || ' went away during attempt ' || attempts, NULL, {s}.now() FROM back
+        || ' went away during attempt ' || attempts, NULL, {s}.now(), started_at, lost_worker
+    FROM back
 )
 SELECT * FROM back
 """
@@ -315,11 +318,12 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
 
 CANCEL_SQL = """
 WITH target AS (
-    SELECT id, status AS was, attempts FROM {s}.jobs
+    SELECT id, status AS was, attempts, started_at, worker FROM {s}.jobs
     WHERE id = $1 AND status IN ('pending', 'running') FOR UPDATE
 ), attempt AS (
-    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at)
-    SELECT id, attempts, 'cancelled', 'cancelled by request', NULL, {s}.now() FROM target
+    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at, started_at, worker)
+    SELECT id, attempts, 'cancelled', 'cancelled by request', NULL, {s}.now(), started_at,
+        worker FROM target
     WHERE was = 'running'
 )
 UPDATE {s}.jobs AS j SET status = 'cancelled', finished_at = {s}.now(),

@@ -127,12 +127,18 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX jobs_claim_order",
         "DROP INDEX jobs_pending_due",
     ],
+    # Each attempt's start and worker, for its timeline (`taskctl why`).
+    [
+        "ALTER TABLE job_errors ADD COLUMN started_at REAL",
+        "ALTER TABLE job_errors ADD COLUMN worker TEXT",
+    ],
 ]
 
 JOB_COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
     " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch"
 )
+ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"
 
@@ -198,6 +204,8 @@ def error_from_row(row: sqlite3.Row) -> AttemptError:
         message=row["message"],
         traceback=row["traceback"],
         at=row["at"],
+        started_at=row["started_at"],
+        worker=row["worker"],
     )
 
 
