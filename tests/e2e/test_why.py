@@ -10,6 +10,8 @@ from typing import Any
 
 from tests.support import Taskd, wait_until
 
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "tasks"
+
 
 def why(daemon: Taskd, job_id: int) -> dict[str, Any]:
     shown = daemon.ctl("why", str(job_id), "--json")
@@ -122,3 +124,18 @@ def test_a_stopping_daemon_starts_nothing(taskd_factory: type[Taskd], short_tmp:
         assert "stopping" in reply.message
         client.cancel(running)
     assert daemon.process.wait(30) == 0
+
+
+def test_a_job_whose_task_was_removed(taskd_factory: type[Taskd], short_tmp: Path) -> None:
+    tasks = short_tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "echo.py").write_text((FIXTURES / "echo.py").read_text())
+    (tasks / "slow.py").write_text((FIXTURES / "slow.py").read_text())
+    daemon = taskd_factory(tasks=tasks).start()
+    job_id = enqueue(daemon, "echo", "--delay", "1h")
+    (tasks / "echo.py").unlink()
+    assert daemon.ctl("reload").returncode == 0
+    reply = why(daemon, job_id)
+    assert reply["reason"] == "unknown_task", reply
+    assert "has not loaded" in reply["message"]
+    assert daemon.stop() == 0
