@@ -218,7 +218,13 @@ def _follow(client: Client, job_id: int, timeout: float | None = None) -> Any:
     reported = 0  # the highest attempt whose failure was shown
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        job = client.wait(job_id, left, after_attempt=reported)
+        try:
+            job = client.wait(job_id, left, after_attempt=reported)
+        except errors.WaitTimeout as exc:  # said of the whole --timeout, not of its rest
+            status = exc.data.get("status", "unfinished")
+            spent = format_duration(timeout or 0.0)
+            message = f"job {job_id} is still {status} after {spent}"
+            raise errors.WaitTimeout(message, exc.data) from None
         if job.status in FINISHED_STATUSES:
             return job
         for error in job.errors:

@@ -32,6 +32,7 @@ def test_wait_says_when_the_next_attempt_starts(taskd_factory: type[Taskd]) -> N
     # The backoff of 1h gets up to 10% jitter.
     said = "taskctl: attempt 1 failed: ValueError: boom: x; retrying in 1h"
     assert said in waited.stderr, waited.stderr
+    assert f"job {job_id.strip()} is still pending after 3.0s" in waited.stderr
     assert daemon.stop() == 0
 
 
