@@ -52,6 +52,8 @@ from taskd.protocol import (
     StatusParams,
     TriggerScheduleParams,
     WaitParams,
+    WhyParams,
+    WhyResult,
     client_socket_path,
     encode_frame,
 )
@@ -264,6 +266,11 @@ class AsyncClient:
 
     async def wait(self, job_id: int, timeout: float | str | None = None) -> Job:
         result: Job = await self.call("wait", WaitParams(job_id, seconds(timeout)))
+        return result
+
+    async def why(self, job_id: int) -> WhyResult:
+        """Why the job is not running yet (or what it is doing), and its timeline."""
+        result: WhyResult = await self.call("why", WhyParams(job_id))
         return result
 
     async def cancel(self, job_id: int) -> Job:

@@ -7,6 +7,7 @@ import contextlib
 import enum
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -15,7 +16,7 @@ import msgspec
 from taskctl import errors
 from taskctl.client import WAIT_MARGIN, Client
 from taskd import __version__
-from taskd.models import JOB_STATUSES, parse_duration
+from taskd.models import FINISHED_STATUSES, JOB_STATUSES, format_duration, parse_duration
 from taskd.protocol import client_socket_path
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
@@ -186,8 +187,9 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
     )
     job = outcome.job
     if outcome.joined:
-        state = "running" if job.status == "running" else "pending"
-        whose = "; its payload was used, not yours" if args.payload is not None else ""
+        state = "pending a retry" if job.status == "pending" and job.attempts else job.status
+        differs = args.payload is not None and job.payload != payload
+        whose = "; its payload was used, not yours" if differs else ""
         print(
             f"taskctl: joined job {job.id} of {job.task}, which was already {state}{whose}",
             file=sys.stderr,
@@ -200,12 +202,51 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
             print(job.id)
         return Exit.OK
     args.waiting_for = job.id
-    job = _live().wait_showing_progress(client, job.id)
+    job = _live().wait_showing_progress(client, job.id, None, _follow)
     if args.json:
         render.print_json(job)
     elif job.status == "succeeded":
         print(render.result_text(job.result))
     return _job_exit(job)
+
+
+def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[str], None]) -> Any:
+    """Wait for the job's end, saying (on stderr) each failed attempt and when the next starts.
+
+    Each `wait` returns at the job's end or at the next failed attempt (taskd tells it):
+    no polling."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reported = 0  # the highest attempt whose failure was shown
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            job = client.wait(job_id, left, after_attempt=reported)
+        except errors.WaitTimeout as exc:  # said of the whole --timeout, not of its rest
+            status = exc.data.get("status", "unfinished")
+            spent = format_duration(timeout or 0.0)
+            message = f"job {job_id} is still {status} after {spent}"
+            raise errors.WaitTimeout(message, exc.data) from None
+        if job.status in FINISHED_STATUSES:
+            return job
+        for error in job.errors:
+            if error.kind != "retried" and error.attempt > reported:
+                reported = error.attempt
+                if error.attempt >= job.attempts:  # the latest: say when the next one starts
+                    say(f"taskctl: {_next_attempt(job, error)}")
+                else:
+                    say(f"taskctl: attempt {error.attempt} {_verb(error.kind)}: {error.message}")
+
+
+def _verb(kind: str) -> str:
+    return {"error": "failed", "timeout": "timed out"}.get(kind, kind)
+
+
+def _next_attempt(job: Any, error: Any) -> str:
+    said = f"attempt {error.attempt} {_verb(error.kind)}: {error.message}"
+    if job.status == "running":
+        return f"{said}; attempt {job.attempts} has started"
+    wait = job.run_at - time.time()
+    return f"{said}; retrying in {format_duration(wait)}" if wait > 0 else f"{said}; retrying now"
 
 
 def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
@@ -266,13 +307,18 @@ def cmd_top(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> Exit:
     args.waiting_for = args.id
-    job = _live().wait_showing_progress(client, args.id, args.timeout)
+    job = _live().wait_showing_progress(client, args.id, args.timeout, _follow)
     render = _render()
     if args.json:
         render.print_json(job)
     elif job.status == "succeeded":
         print(render.result_text(job.result))
     return _job_exit(job)
+
+
+def cmd_why(client: Client, args: argparse.Namespace) -> Exit:
+    why = client.why(args.id)
+    return _show(args, why, lambda: _render().why_text(why))
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> Exit:
@@ -285,7 +331,9 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> Exit:
     return _show(
         args,
         job,
-        lambda: f"job {job.id} {job.task} is pending again with {job.max_attempts} attempts",
+        lambda: (
+            f"job {job.id} {job.task} is pending again with {_count(job.max_attempts, 'attempt')}"
+        ),
     )
 
 
@@ -296,13 +344,19 @@ def cmd_status(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_prune(client: Client, args: argparse.Namespace) -> Exit:
     deleted = client.prune(args.older_than)
-    return _show(args, {"deleted": deleted}, lambda: f"deleted {deleted} finished jobs")
+    return _show(args, {"deleted": deleted}, lambda: f"deleted {_count(deleted, 'finished job')}")
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:
     result = client.reload()
+    if result.restart_needed:
+        changed = ", ".join(result.restart_needed)
+        print(f"taskctl: changed, but taken up only when taskd restarts: {changed}",
+              file=sys.stderr)  # fmt: skip
     return _show(
-        args, result, lambda: f"reloaded: {result.tasks} tasks, {result.schedules} schedules"
+        args,
+        result,
+        lambda: f"reloaded: {_count(result.tasks, 'task')}, {_count(result.schedules, 'schedule')}",
     )
 
 
@@ -375,6 +429,10 @@ def _job_exit(job: Any) -> Exit:
     return Exit.JOB_FAILED
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _render() -> Any:
     from taskctl import render
 
@@ -432,6 +490,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "logs": ("taskctl logs 42", "taskctl logs 42 -f"),
     "top": ("taskctl top",),
     "wait": ("taskctl wait 42 --timeout 1m",),
+    "why": ("taskctl why 42", "taskctl why 42 --json"),
     "cancel": ("taskctl cancel 42",),
     "retry": ("taskctl retry 42",),
     "status": ("taskctl status", "taskctl status --json"),
@@ -615,6 +674,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         wait = command("wait", cmd_wait, "wait for a job to end and print its result")
         wait.add_argument("id", type=int, metavar="ID", help=ID_HELP)
         wait.add_argument("--timeout", type=duration, metavar="DUR", help="give up after this long")
+
+    if wanted("why"):
+        why = command(
+            "why", cmd_why, "say why a job is not running yet (or what it did), with its timeline"
+        )
+        why.add_argument("id", type=int, metavar="ID", help=ID_HELP)
 
     if wanted("cancel"):
         cancel = command("cancel", cmd_cancel, "cancel a pending or running job")

@@ -70,6 +70,8 @@ from taskd.protocol import (
     TriggerScheduleParams,
     UnsubscribeParams,
     WaitParams,
+    WhyParams,
+    WhyResult,
     client_socket_path,
     encode_frame,
 )
@@ -395,10 +397,19 @@ class Client:
         result: list[Job] = self.call("jobs", jobs_params(status, task, limit, payloads))
         return result
 
-    def wait(self, job_id: int, timeout: float | str | None = None) -> Job:
+    def wait(
+        self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
+    ) -> Job:
         """The job once it has ended; raises WaitTimeout after `timeout` (RequestTimeout if
-        taskd has not answered WAIT_MARGIN seconds later)."""
-        result: Job = self.call("wait", WaitParams(job_id, seconds(timeout)))
+        taskd has not answered WAIT_MARGIN seconds later). With `after_attempt`, also as soon
+        as an attempt numbered above it has failed (the job is then not finished)."""
+        params = WaitParams(job_id, seconds(timeout), after_attempt)
+        result: Job = self.call("wait", params)
+        return result
+
+    def why(self, job_id: int) -> WhyResult:
+        """Why the job is not running yet (or what it is doing), and its timeline."""
+        result: WhyResult = self.call("why", WhyParams(job_id))
         return result
 
     def cancel(self, job_id: int) -> Job:

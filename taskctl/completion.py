@@ -41,7 +41,7 @@ compdef _taskctl taskctl
 complete -c taskctl -f -a '(taskctl __complete (commandline -opc)[2..-1] (commandline -ct))'
 """,
 }
-JOB_COMMANDS = {"job", "wait", "cancel", "retry"}
+JOB_COMMANDS = {"job", "wait", "cancel", "retry", "why"}
 TASK_COMMANDS = {"run", "enqueue"}
 SCHEDULE_ACTIONS = ("pause", "resume", "trigger")
 

@@ -50,6 +50,15 @@ class ProgressDisplay:
             self._stream.write(plain(progress) + "\n")
         self._stream.flush()
 
+    def say(self, line: str) -> None:
+        """A line of its own (a failed attempt), above the bar when there is one."""
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+        self._stream.write(line + "\n")
+        if self._drawn and self._last is not None:
+            self._stream.write(bar(self._last))
+        self._stream.flush()
+
     @property
     def empty(self) -> bool:
         """Nothing shown yet."""
@@ -85,14 +94,20 @@ def bar(progress: Progress, width: int = BAR_WIDTH) -> str:
     return f"[{gauge}] {render.progress_text(progress)}"
 
 
-def wait_showing_progress(client: Client, job_id: int, timeout: float | None = None) -> Job:
-    """`client.wait(job_id, timeout)`, showing the job's progress on stderr meanwhile."""
+# Waits for a job's end, telling `say` what happens on the way (taskctl's failed attempts).
+Follow = Callable[[Client, int, "float | None", Callable[[str], None]], Job]
+
+
+def wait_showing_progress(
+    client: Client, job_id: int, timeout: float | None, follow: Follow
+) -> Job:
+    """`follow(client, job_id, timeout, say)`, showing the job's progress on stderr meanwhile."""
     display = ProgressDisplay(sys.stderr)
     limit = None if timeout is None else timeout + WAIT_MARGIN  # as the wait's own
     try:
         subscription = client.subscribe(job_id, logs=False, timeout=limit)
     except (errors.Busy, errors.ShuttingDown):  # then without progress
-        return client.wait(job_id, timeout)
+        return follow(client, job_id, timeout, display.say)
 
     def show(event: JobEvent) -> None:
         if event.kind == "progress" and event.progress is not None:
@@ -103,7 +118,7 @@ def wait_showing_progress(client: Client, job_id: int, timeout: float | None = N
         job = client.job(job_id)
         if job.status == "running" and job.progress is not None and display.empty:
             display.show(job.progress)
-        job = client.wait(job_id, timeout)
+        job = follow(client, job_id, timeout, display.say)
     except BaseException:  # Ctrl-C may have cut a frame short: the connection is done
         display.close()
         client.close()

@@ -33,6 +33,7 @@ TIME_FIELDS = (
     "next_tick",
     "last_tick",
     "fired_at",
+    "until",
 )
 
 
@@ -230,6 +231,24 @@ def log_line(line: LogLine) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line.at))
     text = line.message.replace("\n", "\n    ")
     return f"{when} {line.level:<7} {text}"
+
+
+def why_text(why: Any) -> str:
+    """`taskctl why`: the sentence, then the timeline, one event a line."""
+    now = time.time()
+    lines = [why.message, f"timeline ({zone()}):"]
+    for event in why.timeline:
+        what = event.event if event.attempt is None else f"attempt {event.attempt} {event.event}"
+        worker = f" on {event.worker}" if event.worker else ""
+        said = (
+            ""
+            if not event.message
+            else f" {event.message}"
+            if event.event == "created"
+            else f": {event.message}"
+        )
+        lines.append(f"  {local_time(event.at, now)}  {what}{worker}{said}")
+    return "\n".join(lines)
 
 
 def status_detail(status: Status) -> str:

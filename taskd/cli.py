@@ -206,7 +206,9 @@ def check(config: Config, paths: Paths) -> int:
     except (TaskLoadError, ConfigError) as exc:
         print(f"taskd: {exc}", file=sys.stderr)
         return EX_CONFIG
-    print(f"configuration ok: {len(registry)} tasks in {paths.tasks}, {len(schedules)} schedules")
+    tasks = f"{len(registry)} task{'s' if len(registry) != 1 else ''}"
+    timed = f"{len(schedules)} schedule{'s' if len(schedules) != 1 else ''}"
+    print(f"configuration ok: {tasks} in {paths.tasks}, {timed}")
     for task in registry:
         print(f"  {task.name}")
     for schedule in schedules:

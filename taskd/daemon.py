@@ -25,7 +25,7 @@ from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
 from taskd.schedules import ScheduleSpec, digest, load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket, release_socket
-from taskd.service import DaemonInfo, Service, retention_ages
+from taskd.service import DaemonInfo, Service, Slots, retention_ages
 from taskd.store import Store, StoreError, store_for
 from taskd.submit import Submitter, max_payload_size
 from taskd.systemd import (
@@ -106,6 +106,7 @@ class Daemon:
     ) -> None:
         self._load_config = load_config
         self.config = config
+        self._started_with = config  # what the restart-only settings are until a restart
         self.paths = paths
         self._allow_empty_store = allow_empty_store
         self.registry: TaskRegistry | None = None
@@ -249,6 +250,7 @@ class Daemon:
             threads=self._executor.thread_stats,
             metrics=metrics.render,
             unwritten_lines=self._executor.activity.pending_lines,
+            slots=self._slots,
         )
         self._server = ControlServer(
             service.handle,
@@ -444,9 +446,13 @@ class Daemon:
                 ErrorCode.RELOAD_FAILED,
                 f"reload failed; the running configuration stays in place:\n{exc}",
             ) from None
-        for setting in RESTART_ONLY:
-            if getattr(config, setting) != getattr(self.config, setting):
-                logger.warning("%s changed; it takes effect at the next restart", setting)
+        restart_needed = [
+            setting
+            for setting in RESTART_ONLY
+            if getattr(config, setting) != getattr(self._started_with, setting)
+        ]
+        for setting in restart_needed:
+            logger.warning("%s changed; it takes effect at the next restart", setting)
         self.config, self.registry = config, registry
         self.paths = Paths(
             tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
@@ -457,12 +463,13 @@ class Daemon:
             self._http.reconfigure(http, access)
         elif (self._http is None) != (http is None):
             logger.warning("[http] was added or removed; that takes effect at the next restart")
+            restart_needed.append("[http]")
         if self._scheduler is not None:
             await self._scheduler.replace(schedules)
             await self._compare_schedules(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
         logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
-        return ReloadResult(tasks=len(registry), schedules=len(schedules))
+        return ReloadResult(len(registry), len(schedules), restart_needed)
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -497,6 +504,12 @@ class Daemon:
             self._socket_lock = None
         self.notifier.close()
         logger.info("stopped")
+
+    def _slots(self) -> Slots:
+        executor = self._executor
+        if executor is None:
+            return Slots(0, self.config.workers, True)
+        return Slots(executor.busy, executor.workers, executor.stopping)
 
     def threads_alive(self) -> int:
         return self._executor.threads_alive() if self._executor is not None else 0

@@ -310,6 +310,9 @@ class Executor:
                 self._stopping_jobs.pop(job.id, None)
             if not running.waiting:
                 self._busy -= 1
+            if running.stopped is not None and job.task in self._limited:
+                # Cancelled or lost: no outcome will ring for its task's room (see _finished).
+                self._ring()
             self._start_ready()  # the freed slot takes a job claimed ahead at once
             self._wake.set()  # an outcome to record, maybe a slot to claim for: our own wake-up
             self._store.events.changed()
@@ -455,6 +458,15 @@ class Executor:
             self._ready.remove(entries[0])
             heapq.heapify(self._ready)
         return bool(entries)
+
+    @property
+    def busy(self) -> int:
+        """Slots taken: running jobs that do not wait for another job."""
+        return self._busy
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def running_jobs(self) -> list[Job]:
         return [running.job for running in self._running.values()]

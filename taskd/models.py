@@ -31,6 +31,8 @@ class AttemptError(msgspec.Struct, frozen=True):
     message: str
     at: float
     traceback: str | None = None
+    started_at: float | None = None  # when the attempt started (not known before schema 6)
+    worker: str | None = None  # the worker (`node/N`) that ran it
 
 
 class Progress(msgspec.Struct, frozen=True):

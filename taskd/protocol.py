@@ -246,6 +246,38 @@ class JobsParams(Params):
 class WaitParams(Params):
     id: Int64
     timeout: Duration | None = None
+    # Also return as soon as an attempt numbered above this one has failed (the job is then
+    # pending a retry, or running its next attempt): `taskctl run` shows each failure.
+    after_attempt: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+
+
+class WhyParams(Params):
+    id: Int64
+
+
+class TimelineEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One moment in a job's life: created, started, an attempt's end, retried, finished."""
+
+    at: float
+    event: (
+        str  # created, started, error, timeout, interrupted, cancelled, retried, succeeded, failed
+    )
+    attempt: int | None = None
+    worker: str | None = None
+    message: str | None = None
+
+
+class WhyResult(msgspec.Struct, frozen=True):
+    """Why a job is not running yet (or what it is doing): a stable `reason` code, a
+    sentence for people, the instant it is waiting for (`until`), and its timeline."""
+
+    id: int
+    task: str
+    status: JobStatus
+    reason: str
+    message: str
+    until: float | None = None
+    timeline: list[TimelineEvent] = []
 
 
 class CancelParams(Params):
@@ -275,6 +307,8 @@ class ReloadParams(Params):
 class ReloadResult(msgspec.Struct, frozen=True):
     tasks: int
     schedules: int
+    # Settings that changed but take effect only when taskd restarts (`workers`, `[http]` ...).
+    restart_needed: list[str] = []
 
 
 class SchedulesParams(Params):
@@ -341,6 +375,7 @@ METHODS: dict[str, tuple[type[Params], Any, bool]] = {
     "logs": (LogsParams, JobLogs, False),
     "subscribe": (SubscribeParams, SubscribeResult, False),  # events until unsubscribed
     "unsubscribe": (UnsubscribeParams, bool, False),  # False: no such subscription
+    "why": (WhyParams, WhyResult, False),
 }
 
 

@@ -52,6 +52,8 @@ from taskd.protocol import (
     StatusParams,
     TriggerScheduleParams,
     WaitParams,
+    WhyParams,
+    WhyResult,
 )
 from taskd.scheduler import AmbiguousSchedule, Scheduler, UnknownSchedule
 from taskd.store import InvalidTransition, JobFilter, JobNotFound, Store, StoreError
@@ -63,6 +65,7 @@ from taskd.submit import (
     UnknownTask,
 )
 from taskd.tasks import TaskRegistry
+from taskd.why import Facts, explain
 
 
 class DaemonInfo(msgspec.Struct, frozen=True):
@@ -74,6 +77,14 @@ class DaemonInfo(msgspec.Struct, frozen=True):
     socket: str
     tasks_dir: str
     workers: int
+
+
+class Slots(msgspec.Struct, frozen=True):
+    """This daemon's workers: how many are busy, and whether it is stopping."""
+
+    busy: int
+    workers: int
+    stopping: bool
 
 
 class Service:
@@ -92,6 +103,7 @@ class Service:
         connections: Callable[[], ConnectionStats | None] = lambda: None,
         threads: Callable[[], ThreadStats | None] = lambda: None,
         metrics: Callable[[], Awaitable[str]] | None = None,
+        slots: Callable[[], Slots] | None = None,
         clock: Callable[[], float] = time.time,
         unwritten_lines: Callable[[int], list[LogLine]] = lambda job_id: [],
     ) -> None:
@@ -106,6 +118,7 @@ class Service:
         self._connections = connections
         self._threads = threads
         self._metrics = metrics
+        self._slots = slots
         self._clock = clock
 
     async def handle(self, method: str, params: Params, peer: Peer) -> Any:
@@ -162,6 +175,8 @@ class Service:
                 return await self._scheduler.resume(params.schedule)
             case TriggerScheduleParams():
                 return await self._scheduler.trigger(params.schedule)
+            case WhyParams():
+                return await self.why(params.id)
             case MetricsParams() if self._metrics is not None:
                 return await self._metrics()
         raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no handler for {type(params).__name__}")
@@ -226,6 +241,9 @@ class Service:
     async def jobs(self, params: JobsParams) -> list[Job]:
         query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)
         jobs = await self._store.list_jobs(query)
+        registry = self._registry()
+        if not jobs and params.task is not None and registry.get(params.task) is None:
+            raise UnknownTask(params.task, registry.names())  # a typo, not "no jobs"
         if not params.payloads:
             for job in jobs:
                 job.payload = job.result = None
@@ -233,7 +251,7 @@ class Service:
 
     async def wait(self, params: WaitParams) -> Job:
         try:
-            return await self._submitter.wait(params.id, params.timeout)
+            return await self._submitter.wait(params.id, params.timeout, params.after_attempt)
         except TimeoutError:
             job = await self.job(params.id)
             raise RpcError(
@@ -241,6 +259,26 @@ class Service:
                 f"job {params.id} is still {job.status} after {params.timeout:g}s",
                 {"status": job.status},
             ) from None
+
+    async def why(self, job_id: int) -> WhyResult:
+        """Why the job is not running yet, or what it is doing; and its timeline."""
+        job = await self.job(job_id)
+        task = self._registry().get(job.task)
+        running = 0
+        if job.status == "pending" and task is not None and task.concurrency is not None:
+            counts = {entry.task: entry.counts for entry in await self._store.counts()}
+            running = counts.get(job.task, {}).get("running", 0)
+        slots = self._slots() if self._slots is not None else Slots(0, self._info.workers, False)
+        facts = Facts(
+            now=self._clock(),
+            task_loaded=task is not None,
+            concurrency=task.concurrency if task is not None else None,
+            task_running=running,
+            busy=slots.busy,
+            workers=slots.workers,
+            stopping=slots.stopping,
+        )
+        return explain(job, facts)
 
     async def cancel(self, job_id: int) -> Job:
         # The store tells whichever daemon runs the job to stop it.

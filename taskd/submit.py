@@ -221,10 +221,16 @@ class Submitter:
 
         return await asyncio.shield(shielded())
 
-    async def wait(self, job_id: int, timeout: float | None = None) -> Job:
-        """The job once it has ended; raises JobNotFound, or TimeoutError after `timeout`."""
+    async def wait(
+        self, job_id: int, timeout: float | None = None, after_attempt: int | None = None
+    ) -> Job:
+        """The job once it has ended; raises JobNotFound, or TimeoutError after `timeout`.
+
+        With `after_attempt`, also the job (with its errors) as soon as an attempt numbered
+        above it has failed: woken by the store's `retrying`, not by polling.
+        """
         async with asyncio.timeout(timeout):
-            while True:  # again after a resync: the store may have missed the job's end
+            while True:  # again after a resync, or a failed attempt: read the job again
                 finished = self._store.events.watch(job_id)
                 try:
                     job = await self._store.get(job_id)
@@ -233,10 +239,18 @@ class Submitter:
                     if job.status in FINISHED_STATUSES:
                         job.errors = []  # as from a finish: only the `job` method lists them
                         return job
-                    if (ended := await finished) is not None:
+                    if after_attempt is not None and _failed_after(job, after_attempt):
+                        return job
+                    ended = await finished
+                    if ended is not None and ended.status in FINISHED_STATUSES:
                         return ended
                 finally:
                     finished.cancel()
+
+
+def _failed_after(job: Job, attempt: int) -> bool:
+    """Whether an attempt of the job numbered above `attempt` has failed."""
+    return any(e.attempt > attempt and e.kind != "retried" for e in job.errors)
 
 
 def _due_now(job: NewJob) -> bool:

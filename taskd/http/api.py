@@ -166,7 +166,7 @@ _ROUTES = [
           "write", {201: EnqueueResult, 200: EnqueueResult, 404: ErrorReply, 422: ErrorReply},
           body=EnqueueParams, body_required=True),
     Route("GET", "/jobs", "list_jobs", "Recent jobs, newest first", "read",
-          {200: JobList}, query=JobsParams),
+          {200: JobList, 404: ErrorReply}, query=JobsParams),  # 404: an unknown task
     Route("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",
           "read", {200: Job, 404: ErrorReply}, path_params=JobParams),
     Route("POST", "/jobs/{id}/cancel", "cancel_job", "Cancel a pending or running job",

@@ -66,6 +66,22 @@ class InvalidTransition(StoreError):
     """The job is not in a state that allows the change (e.g. retry of a running job)."""
 
 
+_STATES = {
+    "pending": "is still pending",
+    "running": "is still running",
+    "succeeded": "has already succeeded",
+    "failed": "has already failed",
+    "cancelled": "was already cancelled",
+}
+
+
+def refused(job_id: int, status: str, verb: str) -> InvalidTransition:
+    """`job 5 has already succeeded and cannot be cancelled`: the same words on every store."""
+    return InvalidTransition(
+        f"job {job_id} {_STATES.get(status, 'is ' + status)} and cannot be {verb}"
+    )
+
+
 class NewJob(msgspec.Struct, frozen=True):
     """A job to insert; `payload` is msgpack already validated against the task's schema.
 

@@ -57,8 +57,9 @@ class JobEvents:
     # -- subscribing ---------------------------------------------------------------------
 
     def watch(self, job_id: int) -> asyncio.Future[Job | None]:
-        """A future that gets the job once it has finished, or None after a resync (the
-        store may have missed its end: read it again).
+        """A future that gets the job once it has finished or an attempt of it has failed
+        (`retrying`), or None after a resync (the store may have missed its end: read it
+        again).
 
         Register before reading the job's state, so that no finish falls between the two.
         A cancelled future (the caller stopped waiting) is forgotten.
@@ -116,6 +117,13 @@ class JobEvents:
                 future.set_result(job)
         self._finished(job)
         self._changed()
+
+    def retrying(self, job: Job) -> None:
+        """An attempt of the job failed and it waits for the next: wake its waiters, who
+        read it again (those following its attempts report the failure)."""
+        for future in self._waiters.pop(job.id, ()):
+            if not future.done():
+                future.set_result(job)
 
     def fail_waiting(
         self, error: Callable[[int], BaseException], spare: Container[int] = ()

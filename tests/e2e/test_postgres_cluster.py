@@ -340,3 +340,40 @@ def test_a_subscriber_hears_of_the_end_of_a_job_another_daemon_ran(
         event = client.next_event(30)
         assert event is not None and event.kind == "state", event
         assert (event.job_id, event.status) == (job_id, "succeeded")
+
+
+def test_every_daemon_hears_of_a_failed_attempt(cluster: Cluster) -> None:
+    # `taskctl run`/`wait` report each failed attempt; a caller on a daemon that does not
+    # run the job hears of it from the daemon that does (a notice, not polling).
+    daemons = cluster.start(tables='[task."flop"]\nbackoff = 3600\n', count=2)
+    with daemons[0].client() as client:  # due in a moment: the waits are in place by then
+        job_id = client.enqueue("flop", {"n": 1}, max_attempts=2, delay=3).job_id
+    seen: dict[int, Job] = {}
+
+    def follow(index: int) -> None:
+        with daemons[index].client() as client:
+            seen[index] = client.wait(job_id, timeout=20, after_attempt=0)
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for daemon in daemons:  # each has our waiting connection, besides the one asking
+        wait_until(lambda d=daemon: _open_connections(d) >= 2, what="the waits to be in place")
+    waiting_since = time.time()
+    for thread in threads:
+        thread.join()
+    assert sorted(seen) == [0, 1], "a waiter did not hear of the failed attempt"
+    for job in seen.values():
+        assert job.status == "pending" and job.attempts == 1
+        assert [error.message for error in job.errors] == ["RuntimeError: flop 1"]
+        assert job.errors[0].at > waiting_since  # they were woken, not told at once
+    with daemons[1].client() as client:
+        why = client.why(job_id)
+    assert why.reason == "retry_backoff" and why.until is not None
+    assert why.timeline[1].event == "started" and why.timeline[1].worker
+
+
+def _open_connections(daemon: Taskd) -> int:
+    with daemon.client() as client:
+        connections = client.status().connections
+    return connections.open if connections is not None else 0

@@ -194,6 +194,23 @@ def test_concurrency_limits_from_config(taskd_factory: type[Taskd], short_tmp: P
     assert daemon.stop() == 0
 
 
+def test_cancelling_a_running_job_frees_its_tasks_limit(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    daemon = taskd_factory(config='[task."slow"]\nconcurrency = 1\n').start()
+    started = short_tmp / "started.txt"
+    first = enqueue(
+        daemon, "slow", "--payload", json.dumps({"seconds": 600, "started": str(started)})
+    )
+    wait_until(started.exists, what="the first job to start")
+    second = enqueue(daemon, "slow", "--payload", json.dumps({"seconds": 0}))
+    assert daemon.ctl("cancel", str(first)).returncode == 0
+    # The slot the cancelled job held is free at once, not at the next unrelated wake-up.
+    waited = daemon.ctl("wait", str(second), "--timeout", "10s")
+    assert waited.returncode == 0, waited.stderr
+    assert daemon.stop() == 0
+
+
 def test_cancel_pending_running_and_finished(taskd: Taskd, short_tmp: Path) -> None:
     later = enqueue(taskd, "echo", "--delay", "1h")
     assert taskd.ctl("cancel", str(later)).returncode == 0
@@ -208,7 +225,7 @@ def test_cancel_pending_running_and_finished(taskd: Taskd, short_tmp: Path) -> N
     waited = taskd.ctl("wait", str(running), "--timeout", "5s")
     assert waited.returncode == 1 and "cancelled" in waited.stderr
     again = taskd.ctl("cancel", str(running))
-    assert again.returncode == 3 and "is cancelled and cannot be cancelled" in again.stderr
+    assert again.returncode == 3 and "was already cancelled and cannot be cancelled" in again.stderr
     # The attempt that was running ended by the cancel, and says so; the pending one had none.
     assert [(e["attempt"], e["kind"]) for e in job(taskd, running)["errors"]] == [(1, "cancelled")]
     assert job(taskd, later)["errors"] == []

@@ -360,14 +360,14 @@ async def test_cancel_and_retry_transitions(store: Store, clock: Clock) -> None:
     await claim(store)
     assert (await store.cancel(pending)).status == "cancelled"
     assert (await store.cancel(running)).status == "cancelled"
-    with pytest.raises(InvalidTransition, match="is cancelled"):
+    with pytest.raises(InvalidTransition, match="was already cancelled and cannot be cancelled"):
         await store.cancel(running)
     with pytest.raises(JobNotFound):
         await store.cancel(999_999)
     clock.now = NOW + 5
     retried = await store.retry(running)
     assert (retried.status, retried.attempts, retried.run_at) == ("pending", 0, NOW + 5)
-    with pytest.raises(InvalidTransition, match="is pending"):
+    with pytest.raises(InvalidTransition, match="is still pending and cannot be retried"):
         await store.retry(running)
 
 
@@ -508,6 +508,33 @@ async def test_a_retry_outcome_says_when_the_job_is_due(store: Store) -> None:
     store.events.on_due(due.append)
     await store.finish([Outcome(inserted.job_id, 1, W1, "retry", error=ERROR, retry_in=7)])
     assert due == [7]
+
+
+async def test_a_failed_attempt_wakes_the_jobs_waiters(store: Store, clock: Clock) -> None:
+    # `taskctl run` follows the attempts: a retry, and an interrupted attempt, wake it;
+    # a released attempt (the daemon stopping) does not.
+    (inserted,) = await store.insert([new()])
+    job_id = inserted.job_id
+    await claim(store)
+    waiter = store.events.watch(job_id)
+    await store.finish([Outcome(job_id, 1, W1, "retry", error=ERROR, retry_in=7)])
+    job = await asyncio.wait_for(waiter, 1)
+    assert job is not None and job.status == "pending" and job.attempts == 1
+    clock.now += 7
+    await claim(store)
+    waiter = store.events.watch(job_id)
+    await store.finish([Outcome(job_id, 2, W1, "released")])
+    assert not waiter.done()
+    await claim(store)
+    await store.register_node("w1", ttl=LEASE)  # a new start of W1's node: W1 is gone
+    await store.recover(quarantine_after=5)
+    job = await asyncio.wait_for(waiter, 1)
+    assert job is not None and job.status == "pending"
+    stored = await store.get(job_id)
+    assert stored is not None
+    # Each failed attempt's start and worker are kept, for its timeline (`taskctl why`).
+    ended = [(error.kind, error.started_at, error.worker) for error in stored.errors]
+    assert ended == [("error", NOW, W1), ("interrupted", NOW + 7, W1)]
 
 
 async def test_a_resync_tells_waiters_to_read_again(store: Store) -> None:

@@ -53,9 +53,12 @@ from taskd.protocol import (
     StatusParams,
     SubscribeParams,
     SubscribeResult,
+    TimelineEvent,
     TriggerScheduleParams,
     UnsubscribeParams,
     WaitParams,
+    WhyParams,
+    WhyResult,
     encode_frame,
 )
 
@@ -95,7 +98,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     ),
     "job": (JobParams(id=7), JOB),
     "jobs": (JobsParams(status=["failed", "pending"], task="t", limit=5), [JOB, JOB]),
-    "wait": (WaitParams(id=7, timeout=1.5), JOB),
+    "wait": (WaitParams(id=7, timeout=1.5, after_attempt=1), JOB),
     "cancel": (CancelParams(id=7), JOB),
     "retry": (RetryParams(id=7), JOB),
     "status": (StatusParams(), STATUS),
@@ -112,6 +115,18 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "logs": (LogsParams(id=7), JobLogs(7, [LogLine(1, 0, 5.0, "INFO", "hi")], dropped=2)),
     "subscribe": (SubscribeParams(job=7, logs=False), SubscribeResult(events=3, dropped=1)),
     "unsubscribe": (UnsubscribeParams(id=3), True),
+    "why": (
+        WhyParams(id=7),
+        WhyResult(
+            id=7,
+            task="report",
+            status="pending",
+            reason="delayed",
+            message="job 7 (report) waits for its delay",
+            until=1_700_000_100.0,
+            timeline=[TimelineEvent(1_700_000_000.0, "created", message="by enqueue")],
+        ),
+    ),
 }
 
 

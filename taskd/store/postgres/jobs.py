@@ -23,6 +23,7 @@ from taskd.store.base import (
     NewJob,
     Outcome,
     StoreError,
+    refused,
 )
 from taskd.store.postgres.inserts import ACTIVE_KEYS_SQL, INSERT_ROUNDS, INSERT_SQL, statement
 from taskd.store.postgres.schema import JOB_COLUMNS, job_columns, job_from_row
@@ -201,10 +202,12 @@ WITH v AS (
         worker = NULL, lease_expires = NULL, waiting = false
     FROM v
     WHERE j.id = v.id AND j.epoch = v.epoch AND j.worker = v.worker AND j.status = 'running'
-    RETURNING {columns}, v.kind, v.message, v.traceback, j.run_at - {s}.now() AS due_in
+    RETURNING {columns}, v.kind, v.message, v.traceback, v.worker AS ran_on,
+        j.run_at - {s}.now() AS due_in
 ), errors AS (
-    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at)
-    SELECT id, attempts, kind, message, traceback, {s}.now() FROM done WHERE kind IS NOT NULL
+    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at, started_at, worker)
+    SELECT id, attempts, kind, message, traceback, {s}.now(), started_at, ran_on FROM done
+    WHERE kind IS NOT NULL
 )
 SELECT * FROM done
 """
@@ -228,6 +231,8 @@ async def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
     for row in rows:
         job = job_from_row(row)
         tx.ended(job, row["due_in"])
+        if job.status == "pending" and row["kind"] is not None:
+            tx.notes.retrying.append(job)
         updated[job.id] = job
     return [updated.get(o.job_id) for o in outcomes]
 
@@ -284,9 +289,10 @@ WITH gone AS (
     WHERE j.id = gone.id
     RETURNING {columns}, gone.worker AS lost_worker, 0.0::double precision AS due_in
 ), errors AS (
-    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at)
+    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at, started_at, worker)
     SELECT id, attempts, 'interrupted', 'interrupted: worker ' || coalesce(lost_worker, '?')
-        || ' went away during attempt ' || attempts, NULL, {s}.now() FROM back
+        || ' went away during attempt ' || attempts, NULL, {s}.now(), started_at, lost_worker
+    FROM back
 )
 SELECT * FROM back
 """
@@ -302,6 +308,8 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
         for row in rows:
             job = job_from_row(row)
             tx.ended(job, 0.0)
+            if job.status == "pending":  # its interrupted attempt is a failed one
+                tx.notes.retrying.append(job)
             jobs.append(job)
         results.append(jobs)
     return results
@@ -311,11 +319,12 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
 
 CANCEL_SQL = """
 WITH target AS (
-    SELECT id, status AS was, attempts FROM {s}.jobs
+    SELECT id, status AS was, attempts, started_at, worker FROM {s}.jobs
     WHERE id = $1 AND status IN ('pending', 'running') FOR UPDATE
 ), attempt AS (
-    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at)
-    SELECT id, attempts, 'cancelled', 'cancelled by request', NULL, {s}.now() FROM target
+    INSERT INTO {s}.job_errors (job_id, attempt, kind, message, traceback, at, started_at, worker)
+    SELECT id, attempts, 'cancelled', 'cancelled by request', NULL, {s}.now(), started_at,
+        worker FROM target
     WHERE was = 'running'
 )
 UPDATE {s}.jobs AS j SET status = 'cancelled', finished_at = {s}.now(),
@@ -373,7 +382,7 @@ async def _refuse(tx: Tx, job_id: int, verb: str) -> None:
     status = await tx.db.fetchval(f"SELECT status FROM {tx.s}.jobs WHERE id = $1", job_id)
     if status is None:
         raise JobNotFound(job_id)
-    raise InvalidTransition(f"job {job_id} is {status} and cannot be {verb}")
+    raise refused(job_id, status, verb)
 
 
 PRUNE_SQL = """

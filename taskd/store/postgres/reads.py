@@ -24,7 +24,7 @@ async def get(db: Any, s: str, job_id: int) -> Job | None:
         return None
     job = job_from_row(row)
     errors = await db.fetch(
-        f"SELECT attempt, kind, message, traceback, at FROM {s}.job_errors"
+        f"SELECT attempt, kind, message, traceback, at, started_at, worker FROM {s}.job_errors"
         " WHERE job_id = $1 ORDER BY id",
         job_id,
     )

@@ -144,6 +144,11 @@ MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX job_logs_job ON {s}.job_logs (job_id, id)",
     ],
+    # Each attempt's start and worker, for its timeline (`taskctl why`).
+    [
+        "ALTER TABLE {s}.job_errors ADD COLUMN started_at double precision",
+        "ALTER TABLE {s}.job_errors ADD COLUMN worker text",
+    ],
 ]
 
 JOB_COLUMNS = (
@@ -214,6 +219,8 @@ def error_from_row(row: Row) -> AttemptError:
         message=row["message"],
         traceback=row["traceback"],
         at=row["at"],
+        started_at=row["started_at"],
+        worker=row["worker"],
     )
 
 

@@ -220,7 +220,8 @@ class PostgresStore:
         notice = Notice(
             self._sender,
             notes.due,
-            [(job.id, job.task) for job in notes.finished],
+            # Jobs waiting for a retry are named too: callers elsewhere follow attempts.
+            [(job.id, job.task) for job in [*notes.finished, *notes.retrying]],
             notes.cancelled,
         )
         return "".join(
@@ -232,6 +233,8 @@ class PostgresStore:
         """This daemon's listeners hear of a committed write at once."""
         for job in notes.finished:
             self.events.finished(job)
+        for job in notes.retrying:
+            self.events.retrying(job)
         for job_id in notes.cancelled:
             self.events.cancel_requested(job_id)
         due = [delay for delay in (notes.due, notes.told_due) if delay is not None]
@@ -268,7 +271,8 @@ class PostgresStore:
             self.events.changed()
 
     def _fetch_finished(self, job_id: int) -> None:
-        """Read a job another daemon finished, for the callers here waiting for it."""
+        """Read a job another daemon finished (or put back for a retry), for the callers
+        here waiting for it."""
 
         async def fetch() -> None:
             try:
@@ -280,6 +284,8 @@ class PostgresStore:
             if job is not None and job.status in FINISHED_STATUSES:
                 job.errors = []
                 self.events.finished(job)
+            elif job is not None and job.status == "pending" and job.attempts:
+                self.events.retrying(job)
 
         task = asyncio.create_task(fetch(), name=f"taskd-fetch-{job_id}")
         self._fetching.add(task)

@@ -15,13 +15,19 @@ class Notes:
     due: float | None = None  # seconds until the earliest job it made claimable
     finished: list[Job] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
+    retrying: list[Job] = field(default_factory=list)  # an attempt failed; another follows
     told_due: float | None = None  # made due by a statement that notified the others itself
 
     def made_due(self, delay: float) -> None:
         self.due = delay if self.due is None else min(self.due, delay)
 
     def __bool__(self) -> bool:
-        return self.due is not None or bool(self.finished) or bool(self.cancelled)
+        return (
+            self.due is not None
+            or bool(self.finished)
+            or bool(self.cancelled)
+            or bool(self.retrying)
+        )
 
 
 @dataclass(slots=True)

@@ -25,8 +25,9 @@ from taskd.store.base import (
     NewJob,
     Outcome,
     StoreError,
+    refused,
 )
-from taskd.store.sqlite.schema import JOB_COLUMNS, job_from_row, marks
+from taskd.store.sqlite.schema import ERROR_COLUMNS, JOB_COLUMNS, job_from_row, marks
 
 INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
@@ -271,12 +272,14 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
             o.error.message,
             o.error.traceback,
             tx.now,
+            updated[o.job_id].started_at,
+            o.worker,
         )
         for o in outcomes
         if o.error is not None and o.job_id in updated
     ]
     if errors:
-        tx.db.executemany("INSERT INTO job_errors VALUES (?, ?, ?, ?, ?, ?)", errors)
+        tx.db.executemany(f"INSERT INTO job_errors ({ERROR_COLUMNS}) VALUES ({marks(8)})", errors)
     return [updated.get(o.job_id) for o in outcomes]
 
 
@@ -337,7 +340,8 @@ def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
         )
         jobs = [job_from_row(row) for row in rows]
         tx.db.executemany(
-            "INSERT INTO job_errors VALUES (?, ?, 'interrupted', ?, NULL, ?)",
+            f"INSERT INTO job_errors ({ERROR_COLUMNS})"
+            " VALUES (?, ?, 'interrupted', ?, NULL, ?, ?, ?)",
             [
                 (
                     job.id,
@@ -345,6 +349,8 @@ def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
                     f"interrupted: worker {workers.get(job.id) or '?'} went"
                     f" away during attempt {job.attempts}",
                     tx.now,
+                    job.started_at,
+                    workers.get(job.id),
                 )
                 for job in jobs
             ],
@@ -361,8 +367,9 @@ def cancel_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
     for job_id in job_ids:
         # A running attempt ends here: it is recorded like any other attempt's end.
         tx.db.execute(
-            "INSERT INTO job_errors SELECT id, attempts, 'cancelled', 'cancelled by request',"
-            " NULL, ? FROM jobs WHERE id = ? AND status = 'running'",
+            f"INSERT INTO job_errors ({ERROR_COLUMNS}) SELECT id, attempts, 'cancelled',"
+            " 'cancelled by request', NULL, ?, started_at, worker FROM jobs"
+            " WHERE id = ? AND status = 'running'",
             (tx.now, job_id),
         )
         rows = fetch(
@@ -399,8 +406,8 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
         job = job_from_row(rows[0])
         # The history says where the attempts start again from 1.
         tx.db.execute(
-            "INSERT INTO job_errors VALUES (?, 0, 'retried',"
-            " 'retried by request: its attempts start again from 1', NULL, ?)",
+            "INSERT INTO job_errors (job_id, attempt, kind, message, at) VALUES (?, 0, 'retried',"
+            " 'retried by request: its attempts start again from 1', ?)",
             (job_id, tx.now),
         )
         jobs.append(job)
@@ -411,7 +418,7 @@ def _refuse(tx: Tx, job_id: int, verb: str) -> None:
     rows = fetch(tx, "SELECT status FROM jobs WHERE id = ?", (job_id,))
     if not rows:
         raise JobNotFound(job_id)
-    raise InvalidTransition(f"job {job_id} is {rows[0]['status']} and cannot be {verb}")
+    raise refused(job_id, rows[0]["status"], verb)
 
 
 def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> list[int]:

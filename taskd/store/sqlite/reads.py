@@ -32,7 +32,7 @@ def get(db: sqlite3.Connection, job_id: int) -> Job | None:
     job = job_from_row(rows[0])
     errors = fetch(
         db,
-        "SELECT attempt, kind, message, traceback, at FROM job_errors"
+        "SELECT attempt, kind, message, traceback, at, started_at, worker FROM job_errors"
         " WHERE job_id = ? ORDER BY rowid",
         (job_id,),
     )

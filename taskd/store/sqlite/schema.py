@@ -148,6 +148,11 @@ MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX job_logs_job ON job_logs (job_id, id)",
     ],
+    # Each attempt's start and worker, for its timeline (`taskctl why`).
+    [
+        "ALTER TABLE job_errors ADD COLUMN started_at REAL",
+        "ALTER TABLE job_errors ADD COLUMN worker TEXT",
+    ],
 ]
 
 JOB_COLUMNS = (
@@ -155,6 +160,7 @@ JOB_COLUMNS = (
     " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
     " progress_done, progress_total, progress_message, progress_at"
 )
+ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"
 
@@ -232,6 +238,8 @@ def error_from_row(row: sqlite3.Row) -> AttemptError:
         message=row["message"],
         traceback=row["traceback"],
         at=row["at"],
+        started_at=row["started_at"],
+        worker=row["worker"],
     )
 
 

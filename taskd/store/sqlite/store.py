@@ -392,7 +392,7 @@ class SqliteStore:
             if not outcomes:
                 return Finished(jobs=[])
             recorded = await self._commits.submit(
-                jobs.finish_jobs, list(outcomes), self._after_finish
+                jobs.finish_jobs, list(outcomes), lambda done: self._after_finish(done, outcomes)
             )
             return Finished(jobs=recorded)
         if not outcomes:  # a claim alone: its health is the claims'
@@ -400,18 +400,23 @@ class SqliteStore:
         (finished,) = await self._commits.submit(
             jobs.finish_and_claim,
             [(list(outcomes), claim)],
-            lambda results: self._after_finish(results[0].jobs),
+            lambda results: self._after_finish(results[0].jobs, outcomes),
         )
         return finished
 
-    def _after_finish(self, recorded: Sequence[Job | None]) -> None:
+    def _after_finish(
+        self, recorded: Sequence[Job | None], outcomes: Sequence[Outcome] | None = None
+    ) -> None:
+        """Tell listeners of ended attempts (`outcomes` None: recovered, i.e. interrupted)."""
         now = self._clock()
-        for job in recorded:
+        for index, job in enumerate(recorded):
             if job is None:
                 continue
             if job.status in FINISHED_STATUSES:
                 self.events.finished(job)
             else:
+                if outcomes is None or outcomes[index].status == "retry":
+                    self.events.retrying(job)
                 self.events.due(job.run_at - now)
 
     @_writes

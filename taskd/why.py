@@ -1,0 +1,119 @@
+"""Why a job is not running yet, and its timeline: pure functions over what the store holds.
+
+The daemon gathers the facts (the job with its errors, its task's limit and running jobs,
+this daemon's slots) and `explain` turns them into a reason code and a sentence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+
+from taskd.models import Job, format_duration
+from taskd.protocol import TimelineEvent, WhyResult
+
+
+class Facts(msgspec.Struct, frozen=True):
+    """What decides whether a pending job can start now."""
+
+    now: float
+    task_loaded: bool
+    concurrency: int | None  # the task's limit, if it has one
+    task_running: int  # the task's running jobs, whoever runs them
+    busy: int  # this daemon's slots taken
+    workers: int
+    stopping: bool
+
+
+def explain(job: Job, facts: Facts) -> WhyResult:
+    """The reason code, the sentence and the timeline of `job`."""
+    reason, message, until = _reason(job, facts)
+    return WhyResult(
+        id=job.id,
+        task=job.task,
+        status=job.status,
+        reason=reason,
+        message=f"job {job.id} ({job.task}) {message}",
+        until=until,
+        timeline=timeline(job),
+    )
+
+
+def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
+    now = facts.now
+    if job.status == "running":
+        where = f" on {job.worker}" if job.worker else ""
+        since = f" since {_when(job.started_at, now)}" if job.started_at else ""
+        return "running", f"is running attempt {_of(job)}{where}{since}", None
+    if job.status == "succeeded":
+        return "succeeded", f"succeeded at {_when(job.finished_at, now)}", None
+    if job.status in ("failed", "cancelled"):
+        ended = f"{job.status} at {_when(job.finished_at, now)}"
+        return job.status, f"{ended}: {job.error}" if job.error else ended, None
+    if not facts.task_loaded:
+        return "unknown_task", f"waits for task {job.task}, which taskd has not loaded", None
+    if facts.stopping:
+        return "draining", "waits: taskd is stopping and starts no new jobs", None
+    if job.run_at > now:
+        if job.attempts > 0:
+            message = (
+                f"waits for a retry: attempt {job.attempts} of {job.max_attempts} failed"
+                f"{': ' + job.error if job.error else ''}; attempt {job.attempts + 1} "
+                f"starts at {_when(job.run_at, now)}"
+            )
+            return "retry_backoff", message, job.run_at
+        return "delayed", f"waits for its delay, until {_when(job.run_at, now)}", job.run_at
+    if facts.concurrency is not None and facts.task_running >= facts.concurrency:
+        message = (
+            f"waits for its task's concurrency limit ({facts.concurrency}): "
+            f"{_count(facts.task_running, 'job')} of {job.task} running"
+        )
+        return "concurrency_limit", message, None
+    if facts.busy >= facts.workers:
+        busy = "its one worker is" if facts.workers == 1 else f"all {facts.workers} workers are"
+        message = f"waits for a free worker: {busy} busy"
+        return "workers_busy", message, None
+    return "due", "is due and starts as soon as a worker claims it", None
+
+
+def timeline(job: Job) -> list[TimelineEvent]:
+    """Created, each attempt's start (where recorded) and end, retries, finished."""
+    events = [TimelineEvent(job.created_at, "created", message=f"by {job.origin}")]
+    for error in job.errors:
+        attempt = error.attempt if error.kind != "retried" else None
+        if error.started_at is not None:
+            events.append(TimelineEvent(error.started_at, "started", attempt, error.worker))
+        events.append(TimelineEvent(error.at, error.kind, attempt, message=error.message))
+    ended = {error.started_at for error in job.errors if error.started_at is not None}
+    cancelled = any(error.kind == "cancelled" for error in job.errors)  # while running
+    if job.started_at is not None and job.attempts and job.started_at not in ended:
+        # The latest attempt's start is on the job (and its worker, while it runs).
+        start = TimelineEvent(job.started_at, "started", job.attempts, job.worker)
+        events.append(start)
+    if job.status in ("succeeded", "failed") and job.finished_at is not None:
+        outcome = job.error if job.status == "failed" else None
+        events.append(TimelineEvent(job.finished_at, job.status, job.attempts, message=outcome))
+    elif job.status == "cancelled" and job.finished_at is not None and not cancelled:
+        events.append(TimelineEvent(job.finished_at, "cancelled", message=job.error))
+    return sorted(events, key=lambda event: event.at)
+
+
+def _of(job: Job) -> str:
+    return f"{job.attempts} of {job.max_attempts}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _when(at: float | None, now: float) -> str:
+    """A local time, and how far from now: `12:00:05 (in 55s)`."""
+    if at is None:
+        return "an unknown time"
+    local = dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    delta = at - now
+    if abs(delta) < 1:
+        return f"{local} (now)"
+    span = format_duration(abs(delta))
+    return f"{local} (in {span})" if delta > 0 else f"{local} ({span} ago)"

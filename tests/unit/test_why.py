@@ -1,0 +1,75 @@
+"""The reasons `taskctl why` gives, from the facts the daemon gathers: checked in order."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskd.models import AttemptError, Job
+from taskd.why import Facts, explain, timeline
+
+NOW = 1_000_000.0
+
+
+def pending(**fields: object) -> Job:
+    values: dict[str, object] = {
+        "id": 7, "task": "report", "status": "pending", "origin": "enqueue",
+        "created_at": NOW - 60, "run_at": NOW - 1, "max_attempts": 3,
+    }  # fmt: skip
+    values.update(fields)
+    return Job(**values)  # type: ignore[arg-type]
+
+
+def facts(**fields: object) -> Facts:
+    values: dict[str, object] = {
+        "now": NOW, "task_loaded": True, "concurrency": None, "task_running": 0,
+        "busy": 0, "workers": 4, "stopping": False,
+    }  # fmt: skip
+    values.update(fields)
+    return Facts(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("job", "given", "reason"),
+    [
+        (pending(), facts(), "due"),
+        (pending(run_at=NOW + 30), facts(), "delayed"),
+        (pending(run_at=NOW + 30, attempts=1, error="boom"), facts(), "retry_backoff"),
+        (pending(), facts(concurrency=2, task_running=2), "concurrency_limit"),
+        (pending(), facts(concurrency=2, task_running=1), "due"),
+        (pending(), facts(busy=4), "workers_busy"),
+        # A stopping daemon starts nothing, whatever else holds the job back.
+        (pending(run_at=NOW + 30), facts(stopping=True, busy=4), "draining"),
+        (pending(), facts(task_loaded=False, stopping=True), "unknown_task"),
+        (pending(status="running", attempts=1, started_at=NOW - 5, worker="n/1"), facts(),
+         "running"),
+        (pending(status="failed", finished_at=NOW, error="boom"), facts(), "failed"),
+    ],
+)  # fmt: skip
+def test_reasons(job: Job, given: Facts, reason: str) -> None:
+    said = explain(job, given)
+    assert said.reason == reason
+    assert said.message.startswith("job 7 (report) ")
+
+
+def test_the_limit_and_the_backoff_say_their_numbers() -> None:
+    limited = explain(pending(), facts(concurrency=1, task_running=1)).message
+    assert "concurrency limit (1): 1 job of report running" in limited
+    backoff = explain(pending(run_at=NOW + 90, attempts=2, error="boom"), facts())
+    assert backoff.until == NOW + 90
+    assert "attempt 2 of 3 failed: boom; attempt 3 starts at " in backoff.message
+    assert backoff.message.endswith("(in 1m30s)")
+
+
+def test_a_timeline_in_order_with_each_attempt() -> None:
+    job = pending(
+        status="succeeded", attempts=2, started_at=NOW - 10, finished_at=NOW - 9,
+        errors=[AttemptError(1, "error", "boom", NOW - 40, started_at=NOW - 41, worker="n/1")],
+    )  # fmt: skip
+    events = [(e.event, e.attempt, e.worker) for e in timeline(job)]
+    assert events == [
+        ("created", None, None),
+        ("started", 1, "n/1"),
+        ("error", 1, None),
+        ("started", 2, None),
+        ("succeeded", 2, None),
+    ]
