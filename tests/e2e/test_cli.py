@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -79,8 +80,13 @@ def test_a_time_in_the_past_is_said(taskd: Taskd) -> None:
 
 def connected(pid: int) -> bool:
     """True once the process holds a socket (taskctl connects only after it knows its job)."""
-    fds = Path(f"/proc/{pid}/fd")
-    return any(link.readlink().name.startswith("socket:") for link in fds.iterdir())
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(link).startswith("socket:"):
+                return True
+        except FileNotFoundError:  # closed since it was listed
+            continue
+    return False
 
 
 def test_ctrl_c_exits_130_and_names_the_job_that_goes_on(taskd: Taskd, short_tmp: Path) -> None:
