@@ -26,8 +26,9 @@ from taskd.store.base import (
     refused,
 )
 from taskd.store.postgres.inserts import ACTIVE_KEYS_SQL, INSERT_ROUNDS, INSERT_SQL, statement
-from taskd.store.postgres.schema import JOB_COLUMNS, job_columns, job_from_row
+from taskd.store.postgres.schema import JOB_COLUMNS, job_columns
 from taskd.store.postgres.tx import Tx
+from taskd.store.rows import job_from_row
 
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds the writer long
 

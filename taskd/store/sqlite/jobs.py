@@ -27,7 +27,8 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
-from taskd.store.sqlite.schema import ERROR_COLUMNS, JOB_COLUMNS, job_from_row, marks
+from taskd.store.rows import job_from_row
+from taskd.store.sqlite.schema import ERROR_COLUMNS, JOB_COLUMNS, marks
 
 INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again

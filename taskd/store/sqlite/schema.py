@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
-from taskd.models import AttemptError, FiredJob, Job, NodeInfo, Progress
+from taskd.models import FiredJob, NodeInfo
 from taskd.store.base import ScheduleState, StoreError
 
 logger = logging.getLogger(__name__)
@@ -192,55 +192,6 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
             await connection.execute("ROLLBACK")
             raise
         logger.info("job store %s migrated to schema version %d", path, number + 1)
-
-
-def job_from_row(row: sqlite3.Row) -> Job:
-    result = row["result"]
-    return Job(
-        id=row["id"],
-        task=row["task"],
-        status=row["status"],
-        origin=row["origin"],
-        payload=msgspec.Raw(row["payload"]),
-        result=None if result is None else msgspec.Raw(result),
-        error=row["error"],
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        priority=row["priority"],
-        key=row["key"],
-        crashes=row["crashes"],
-        parent_id=row["parent_id"],
-        run_at=row["run_at"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        worker=row["worker"],
-        epoch=row["epoch"],
-        progress=progress_from_row(row),
-    )
-
-
-def progress_from_row(row: sqlite3.Row) -> Progress | None:
-    if row["progress_done"] is None:
-        return None
-    return Progress(
-        done=row["progress_done"],
-        total=row["progress_total"],
-        message=row["progress_message"],
-        at=row["progress_at"],
-    )
-
-
-def error_from_row(row: sqlite3.Row) -> AttemptError:
-    return AttemptError(
-        attempt=row["attempt"],
-        kind=row["kind"],
-        message=row["message"],
-        traceback=row["traceback"],
-        at=row["at"],
-        started_at=row["started_at"],
-        worker=row["worker"],
-    )
 
 
 def schedule_from_row(row: sqlite3.Row) -> ScheduleState:

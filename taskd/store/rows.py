@@ -1,0 +1,63 @@
+"""Jobs and attempt errors from result rows, by column name: the same on every backend
+(a `sqlite3.Row` and an asyncpg `Record` are both indexed by column name)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import msgspec
+
+from taskd.models import AttemptError, Job, Progress
+
+
+class Row(Protocol):
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+def job_from_row(row: Row) -> Job:
+    result = row["result"]
+    return Job(
+        id=row["id"],
+        task=row["task"],
+        status=row["status"],
+        origin=row["origin"],
+        payload=msgspec.Raw(row["payload"]),
+        result=None if result is None else msgspec.Raw(result),
+        error=row["error"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        priority=row["priority"],
+        key=row["key"],
+        crashes=row["crashes"],
+        parent_id=row["parent_id"],
+        run_at=row["run_at"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        worker=row["worker"],
+        epoch=row["epoch"],
+        progress=progress_from_row(row),
+    )
+
+
+def progress_from_row(row: Row) -> Progress | None:
+    if row["progress_done"] is None:
+        return None
+    return Progress(
+        done=row["progress_done"],
+        total=row["progress_total"],
+        message=row["progress_message"],
+        at=row["progress_at"],
+    )
+
+
+def error_from_row(row: Row) -> AttemptError:
+    return AttemptError(
+        attempt=row["attempt"],
+        kind=row["kind"],
+        message=row["message"],
+        traceback=row["traceback"],
+        at=row["at"],
+        started_at=row["started_at"],
+        worker=row["worker"],
+    )
