@@ -1,5 +1,5 @@
-"""Jobs and attempt errors from result rows, by column name: the same on every backend
-(a `sqlite3.Row` and an asyncpg `Record` are both indexed by column name)."""
+"""Jobs, attempt errors and schedule states from result rows, by column name: the same on
+every backend (a `sqlite3.Row` and an asyncpg `Record` are both indexed by column name)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from typing import Any, Protocol
 
 import msgspec
 
-from taskd.models import AttemptError, Job, Progress
+from taskd.models import AttemptError, FiredJob, Job, Progress
+from taskd.store.base import ScheduleState
+
+# A tick's jobs, as a schedule's state and a tick's record keep them.
+fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
 
 
 class Row(Protocol):
@@ -60,4 +64,16 @@ def error_from_row(row: Row) -> AttemptError:
         at=row["at"],
         started_at=row["started_at"],
         worker=row["worker"],
+    )
+
+
+def schedule_from_row(row: Row) -> ScheduleState:
+    return ScheduleState(
+        id=row["id"],
+        last_tick=row["last_tick"],
+        paused=bool(row["paused"]),
+        coalesced=row["coalesced"],
+        covered_until=row["covered_until"],
+        fired_at=row["fired_at"],
+        last_jobs=fired_jobs_json.decode(row["last_jobs"]),
     )

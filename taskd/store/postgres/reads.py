@@ -12,9 +12,8 @@ from taskd.store.postgres.schema import (
     NODE_COLUMNS,
     SCHEDULE_COLUMNS,
     node_from_row,
-    schedule_from_row,
 )
-from taskd.store.rows import error_from_row, job_from_row
+from taskd.store.rows import error_from_row, job_from_row, schedule_from_row
 
 
 async def get(db: Any, s: str, job_id: int) -> Job | None:

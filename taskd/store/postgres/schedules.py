@@ -9,8 +9,8 @@ import msgspec
 from taskd.models import FiredJob
 from taskd.store.base import ClaimRequest, NewJob, TickFired
 from taskd.store.postgres.jobs import PRUNE_SLICE, claim_in, insert_jobs
-from taskd.store.postgres.schema import fired_jobs_json
 from taskd.store.postgres.tx import Tx
+from taskd.store.rows import fired_jobs_json
 
 # Covering a schedule until $2: the instant only moves forward.
 COVER = "covered_until = greatest(schedules.covered_until, $2)"

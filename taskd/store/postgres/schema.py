@@ -10,10 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
-from taskd.models import FiredJob, NodeInfo
-from taskd.store.base import ScheduleState
+from taskd.models import NodeInfo
 
 # The store's "now", in seconds since the epoch: the database's clock (the statement's
 # start), unless a session sets `taskd.now` (the tests' clock, which the store passes in).
@@ -159,8 +156,6 @@ JOB_COLUMNS = (
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, schedules"
 
-fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
-
 
 def channel(schema: str) -> str:
     """The LISTEN/NOTIFY channel of a schema's daemons."""
@@ -173,18 +168,6 @@ def job_columns(table: str) -> str:
 
 
 Row = Mapping[str, Any]
-
-
-def schedule_from_row(row: Row) -> ScheduleState:
-    return ScheduleState(
-        id=row["id"],
-        last_tick=row["last_tick"],
-        paused=row["paused"],
-        coalesced=row["coalesced"],
-        covered_until=row["covered_until"],
-        fired_at=row["fired_at"],
-        last_jobs=fired_jobs_json.decode(row["last_jobs"]),
-    )
 
 
 def node_from_row(row: Row) -> NodeInfo:

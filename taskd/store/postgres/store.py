@@ -392,8 +392,6 @@ class PostgresStore:
             if count < PRUNE_SLICE:
                 return total
 
-    # -- job reads -----------------------------------------------------------------------
-
     @_writes
     async def record_activity(
         self,
@@ -405,6 +403,8 @@ class PostgresStore:
             await self._commits.submit(
                 activity.record_activity, [(list(progress), list(lines), dict(dropped or {}))]
             )
+
+    # -- job reads -----------------------------------------------------------------------
 
     @_translate_errors
     async def job_logs(self, job_id: int) -> JobLogs | None:

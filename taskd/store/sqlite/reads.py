@@ -9,14 +9,13 @@ from typing import Any
 
 from taskd.models import Job, NodeInfo, TaskCounts
 from taskd.store.base import JobFilter, ScheduleState
-from taskd.store.rows import error_from_row, job_from_row
+from taskd.store.rows import error_from_row, job_from_row, schedule_from_row
 from taskd.store.sqlite.schema import (
     JOB_COLUMNS,
     NODE_COLUMNS,
     SCHEDULE_COLUMNS,
     marks,
     node_from_row,
-    schedule_from_row,
 )
 
 

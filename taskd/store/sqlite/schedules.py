@@ -8,8 +8,8 @@ import msgspec
 
 from taskd.models import FiredJob
 from taskd.store.base import ClaimRequest, NewJob, TickFired
+from taskd.store.rows import fired_jobs_json
 from taskd.store.sqlite.jobs import PRUNE_SLICE, Tx, claim_in, fetch, insert_jobs
-from taskd.store.sqlite.schema import fired_jobs_json
 
 # What covering a schedule until :until means: the instant only moves forward.
 COVER = "covered_until = max(coalesce(covered_until, :until), :until)"

@@ -7,10 +7,9 @@ import sqlite3
 from pathlib import Path
 
 import aiosqlite
-import msgspec
 
-from taskd.models import FiredJob, NodeInfo
-from taskd.store.base import ScheduleState, StoreError
+from taskd.models import NodeInfo
+from taskd.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +163,6 @@ ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, work
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"
 
-fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
-
 
 def marks(count: int) -> str:
     """`?, ?, ?`: the placeholders of a list of parameters."""
@@ -192,18 +189,6 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
             await connection.execute("ROLLBACK")
             raise
         logger.info("job store %s migrated to schema version %d", path, number + 1)
-
-
-def schedule_from_row(row: sqlite3.Row) -> ScheduleState:
-    return ScheduleState(
-        id=row["id"],
-        last_tick=row["last_tick"],
-        paused=bool(row["paused"]),
-        coalesced=row["coalesced"],
-        covered_until=row["covered_until"],
-        fired_at=row["fired_at"],
-        last_jobs=fired_jobs_json.decode(row["last_jobs"]),
-    )
 
 
 def node_from_row(row: sqlite3.Row) -> NodeInfo:

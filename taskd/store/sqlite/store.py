@@ -473,8 +473,6 @@ class SqliteStore:
             if count < PRUNE_SLICE:
                 return total
 
-    # -- job reads -----------------------------------------------------------------------
-
     @_writes
     async def record_activity(
         self,
@@ -486,6 +484,8 @@ class SqliteStore:
             await self._commits.submit(
                 activity.record_activity, [(list(progress), list(lines), dict(dropped or {}))]
             )
+
+    # -- job reads -----------------------------------------------------------------------
 
     @_reads
     async def job_logs(self, job_id: int) -> JobLogs | None:
