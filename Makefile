@@ -47,11 +47,16 @@ schema: install
 	$(BIN)/python -m taskd.schema > contrib/protocol.schema.json
 	$(BIN)/python -m taskd.schema openapi > contrib/openapi.json
 
+# The peers of `make bench` (the `bench` extra), beside the test tools.
+$(VENV)/.bench-stamp: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
 # Measurements quoted in the issues' closing notes, each next to a peer measured in the same
 # run: tests/bench/compare.py writes its table to tests/bench/RESULTS.md (about 15 minutes;
 # quicker: make bench BENCH_ARGS="--repeat 1 --scale 0.2"); cron_lateness.py adds the tick
 # lateness under load and the idle CPU (fewer ticks: CRON_ARGS="--ticks 30").
-bench: install
+bench: $(VENV)/.bench-stamp
 	$(BIN)/python -m tests.bench.compare $(BENCH_ARGS)
 	$(BIN)/python -m tests.bench.cron_lateness $(CRON_ARGS)
 

@@ -281,10 +281,27 @@ def database_url(setting: str, base: Path) -> str:
 
 def resolve_paths(config: Config, base: Path) -> Paths:
     """Absolute paths from the configuration, relative ones taken from `base`."""
-    database = config.database or str(state_directory() / "taskd.db")
+    database = database_url(config.database or str(state_directory() / "taskd.db"), base)
+    if is_postgres(database):
+        _postgres_driver()
     socket = base / config.socket if config.socket else Path(default_socket_path())
     return Paths(
         tasks=Path(os.path.abspath(base / config.tasks)),
-        database=database_url(database, base),
+        database=database,
         socket=Path(os.path.abspath(socket)),
     )
+
+
+def _postgres_driver() -> None:
+    """PostgreSQL's driver is an extra: without it, say which (one line, exit 78)."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "database: PostgreSQL needs asyncpg, which taskd's postgres extra installs: "
+            "pip install 'taskd[postgres]'"
+        ) from None
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(tuple(f"{scheme}://" for scheme in POSTGRES_SCHEMES))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from taskd.config import POSTGRES_SCHEMES, PostgresOptions, SqliteOptions
+from taskd.config import PostgresOptions, SqliteOptions, is_postgres
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -61,7 +61,7 @@ def store_for(
     For SQLite, `file_group` (the gid of `[sqlite] group`) may read the database's files,
     and `allow_empty` lets a store that taskd had created and that is now empty start empty.
     """
-    if url.startswith(tuple(f"{scheme}://" for scheme in POSTGRES_SCHEMES)):
+    if is_postgres(url):
         from taskd.store.postgres.store import PostgresStore
 
         shared = postgres or PostgresOptions()

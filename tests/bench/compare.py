@@ -30,6 +30,10 @@ from tests.bench.workload import bench_daemon
 from tests.support import TASKCTL, Taskd
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+# The peers (huey, pgqueuer, procrastinate) come with the `bench` extra, which `make bench`
+# installs; `make test` runs the scenarios on taskd alone (`--no-peers`).
+PEERS = ("huey", "pgqueuer", "procrastinate")
+peers_measured = True
 
 
 def drive(scenario: str, **options: Any) -> dict[str, Any]:
@@ -46,6 +50,14 @@ def drive(scenario: str, **options: Any) -> dict[str, Any]:
 
 def rate(result: dict[str, Any]) -> float:
     return float(result["jobs"] / result["seconds"])
+
+
+def peer_rate(scenario: str, **options: Any) -> list[float]:
+    """A peer's rate in this scenario, as a list to add to a row's samples (empty when the
+    peers are not measured)."""
+    if not peers_measured and scenario.startswith(PEERS):
+        return []
+    return [rate(drive(scenario, **options))]
 
 
 @dataclass
@@ -114,14 +126,14 @@ class Bench:
                                               jobs=self.jobs(20000), connections=16)))  # fmt: skip
                 batch.taskd.append(rate(drive("taskd-enqueue-many", socket=socket,
                                                jobs=self.jobs(100_000), batch=1000)))  # fmt: skip
-            many.reference.append(rate(drive("huey-enqueue", jobs=self.jobs(5000))))
+            many.reference += peer_rate("huey-enqueue", jobs=self.jobs(5000))
             batch.reference.append(rate(drive("sqlite-floor", jobs=self.jobs(100_000), batch=1000)))
             with bench_daemon(self.config) as daemon:
                 result = drive("taskd-drain", socket=str(daemon.socket), jobs=self.jobs(10_000))
                 drain.taskd.append(rate(result))
                 drain4.taskd.append(rate(result))
-            drain.reference.append(rate(drive("huey-drain", jobs=self.jobs(5000), workers=1)))
-            drain4.reference.append(rate(drive("huey-drain", jobs=self.jobs(5000), workers=4)))
+            drain.reference += peer_rate("huey-drain", jobs=self.jobs(5000), workers=1)
+            drain4.reference += peer_rate("huey-drain", jobs=self.jobs(5000), workers=4)
 
     def backlog(self, size: int) -> None:
         """Other work next to a backlog of due jobs of a task with concurrency = 1."""
@@ -217,7 +229,12 @@ def main(argv: list[str] | None = None) -> None:
         " none: they are skipped)",
     )
     parser.add_argument("--postgres-only", action="store_true", help="only those scenarios")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="taskd alone (the peers need the bench extra)"
+    )
     args = parser.parse_args(argv)
+    global peers_measured
+    peers_measured = not args.no_peers
     started = time.monotonic()
     heading = (
         f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, "

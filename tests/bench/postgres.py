@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tests.backends import drop_schema, unique_schema
+from tests.bench import compare
 from tests.bench.compare import drive, rate
 from tests.bench.workload import BenchTaskd, make_tasks
 from tests.support import Taskd, short_tempdir
@@ -72,6 +73,8 @@ class PostgresBench:
                     else max(16, int(count * self.scale))
                 )
                 for system in SYSTEMS:
+                    if not compare.peers_measured and system.startswith(compare.PEERS):
+                        continue
                     self.samples.setdefault((name, system), []).append(
                         self._measure(system, what, jobs, batch)
                     )
@@ -98,9 +101,15 @@ class PostgresBench:
         header = ["scenario", *SYSTEMS, "1 daemon / pgqueuer", "3 daemons / 1", "goal"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, *_ in SCENARIOS:
-            medians = [statistics.median(self.samples[name, system]) for system in SYSTEMS]
+            medians = [
+                statistics.median(self.samples[name, system])
+                if (name, system) in self.samples
+                else None
+                for system in SYSTEMS
+            ]
             one, three, pgqueuer, _ = medians
-            cells = [f"{value:,.0f} jobs/s" for value in medians]
-            ratios = [f"{one / pgqueuer:.2f}x", f"{three / one:.2f}x"]
+            assert one is not None and three is not None
+            cells = ["-" if value is None else f"{value:,.0f} jobs/s" for value in medians]
+            ratios = ["-" if pgqueuer is None else f"{one / pgqueuer:.2f}x", f"{three / one:.2f}x"]
             lines.append("| " + " | ".join([name, *cells, *ratios, "> 1x, >= 2x"]) + " |")
         return "\n".join(lines)

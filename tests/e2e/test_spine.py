@@ -293,3 +293,19 @@ def test_many_clients_at_once(taskd: Taskd) -> None:
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+def test_postgresql_without_its_extra_exits_78_naming_it(short_tmp: Path) -> None:
+    # A real taskd process in which asyncpg cannot be imported, as after a plain
+    # `pip install taskd`.
+    blocked = "import sys; sys.modules['asyncpg'] = None; from taskd.cli import main; "
+    started = subprocess.run(
+        [sys.executable, "-c", blocked + "sys.exit(main(sys.argv[1:]))",
+         "--database", "postgresql://nobody@127.0.0.1:1/none", "--socket",
+         str(short_tmp / "s.sock"), "--tasks", str(short_tmp)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert started.returncode == 78, started.stderr
+    lines = started.stderr.splitlines()
+    assert len(lines) == 1 and "pip install 'taskd[postgres]'" in lines[0], started.stderr
+    assert not (short_tmp / "s.sock").exists()

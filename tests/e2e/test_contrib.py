@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-CONTRIB = Path(__file__).parent.parent / "contrib" / "systemd"
+CONTRIB = Path(__file__).parents[2] / "contrib" / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
 TASKD = str(Path(sys.executable).parent / "taskd")
 
