@@ -255,8 +255,10 @@ class WhyParams(Params):
     id: Int64
 
 
-class TimelineEvent(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One moment in a job's life: created, started, an attempt's end, retried, finished."""
+class TimelineEvent(msgspec.Struct, frozen=True):
+    """One moment in a job's life: created, started, an attempt's end, retried, finished.
+
+    Every key is sent, nil where the moment has no attempt, worker or message."""
 
     at: float
     event: (
