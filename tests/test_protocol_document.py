@@ -28,7 +28,7 @@ LISTINGS = {
     "HelloResult": "- result: `",
     "Job": "## The Job object\n",
     "JobEvent": "An event is a map with every key present:\n",
-    "JobLogs": "params: `{\"id\": int}`. Result: `",
+    "JobLogs": 'params: `{"id": int}`. Result: `',
     "LogLine": "oldest first, each\n`",
     "NodeInfo": '"nodes": [',
     "Progress": "the latest `ctx.progress` of its latest attempt: `",
