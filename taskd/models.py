@@ -256,6 +256,26 @@ class Peer(msgspec.Struct, frozen=True):
         return f"pid {self.pid} uid {self.uid}"
 
 
+def cut_utf8(text: str, limit: int, *, mark: str = "…", keep_end: bool = False) -> str:
+    """`text` in at most `limit` bytes of UTF-8: if it is longer, its start and `mark` (or,
+    with `keep_end`, `mark` and its end), never splitting a character."""
+    if len(text) * 4 <= limit:  # short enough whatever its characters
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    room = limit - len(mark.encode())
+    if keep_end:
+        start = len(data) - room
+        while start < len(data) and 0x80 <= data[start] < 0xC0:  # inside a character
+            start += 1
+        return mark + data[start:].decode("utf-8", "surrogatepass")
+    end = room
+    while end > 0 and 0x80 <= data[end] < 0xC0:
+        end -= 1
+    return data[:end].decode("utf-8", "surrogatepass") + mark
+
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
