@@ -15,6 +15,9 @@ JOB_STATUSES: tuple[JobStatus, ...] = ("pending", "running", "succeeded", "faile
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("pending", "running")
 FINISHED_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
+# What a control connection may do: everything, or only the methods that change nothing.
+Access = Literal["full", "readonly"]
+
 # What created a job: `taskctl run`/Client.run, `enqueue`, a cron tick, or a task calling another.
 JobOrigin = Literal["run", "enqueue", "schedule", "task"]
 
@@ -250,7 +253,7 @@ class Peer(msgspec.Struct, frozen=True):
     pid: int
     uid: int
     gid: int
-    access: Literal["full", "readonly"] = "full"
+    access: Access = "full"
 
     def __str__(self) -> str:
         return f"pid {self.pid} uid {self.uid}"

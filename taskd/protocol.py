@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from taskd.models import (
+    Access,
     Job,
     JobLogs,
     JobStatus,
@@ -189,7 +190,7 @@ class HelloResult(msgspec.Struct, frozen=True):
     protocol: int
     server: str
     pid: int
-    access: str  # "full" or "readonly"
+    access: Access
 
 
 class ListTasksParams(Params):
