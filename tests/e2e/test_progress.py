@@ -27,7 +27,7 @@ WIDE_TASK = """
 from taskd import TaskContext, define_task
 
 
-@define_task(description="Logs a line of 6,000 bytes, fails with a message of 18,000", max_attempts=1)
+@define_task(description="Logs 6,000 bytes, fails with 18,000", max_attempts=1)
 async def wide(ctx: TaskContext) -> None:
     ctx.logger.info("é" * 3000)
     raise ValueError("€" * 6000)
