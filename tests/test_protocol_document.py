@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from taskd.schema import protocol_schema
+from tests.e2e.test_protocol_schema import SCHEMA, sent_definitions
 
 DOCUMENT = (Path(__file__).parent.parent / "contrib" / "protocol.md").read_text()
-SCHEMA = protocol_schema()
 
 # Where the document lists each object's keys: the text just before a `{"key", ...}` list,
 # or the line above a table whose first column names the keys.
@@ -47,23 +45,6 @@ LISTINGS = {
 }
 # The reply envelope is documented by its own table and rules ("Requests and replies").
 ENVELOPE = {"Reply"}
-
-
-def sent_objects() -> set[str]:
-    """The names of the objects reachable from a reply."""
-    names: set[str] = set()
-    pending: list[Any] = [SCHEMA["reply"], *(m["result"] for m in SCHEMA["methods"].values())]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and (name := ref.rsplit("/", 1)[1]) not in names:
-                names.add(name)
-                pending.append(SCHEMA["$defs"][name])
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            pending.extend(node)
-    return names - ENVELOPE
 
 
 def listed_keys(anchor: str) -> dict[str, bool]:
@@ -103,7 +84,8 @@ def _brace_keys(text: str) -> dict[str, bool]:
 
 
 def test_every_object_taskd_sends_has_its_keys_listed() -> None:
-    assert sent_objects() == set(LISTINGS), "list the new object's keys in protocol.md"
+    sent = set(sent_definitions()) - ENVELOPE
+    assert sent == set(LISTINGS), "list the new object's keys in protocol.md"
 
 
 @pytest.mark.parametrize("name", sorted(LISTINGS))

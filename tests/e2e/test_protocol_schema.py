@@ -35,10 +35,9 @@ SCHEMA = protocol_schema()
 AS_ROOT = os.getuid() == 0
 MAX_FRAME = 1024 * 1024
 OTHER_UID = 12345  # a user taskd does not let in (setpriv can take any uid)
-SETTINGS = f"""
-max_frame_size = {MAX_FRAME}
-grace_period = "1s"
-""" + (f'socket_group = "{NOGROUP}"\nreadonly_users = ["nobody"]\n' if AS_ROOT else "")
+SETTINGS = f"max_frame_size = {MAX_FRAME}\n" + (
+    f'socket_group = "{NOGROUP}"\nreadonly_users = ["nobody"]\n' if AS_ROOT else ""
+)
 SCHEDULES = """
 [scheduled_tasks]
 "0 0 1 1 *" = "echo"
@@ -224,13 +223,12 @@ def until_running(connection: Checked, job_id: int) -> None:
 class Gate:
     """A `steps` job that takes a step per line written to its gate (a FIFO)."""
 
-    def __init__(self, connection: Checked, folder: Path, steps: int = 3) -> None:
+    def __init__(self, connection: Checked, folder: Path) -> None:
         fifo = folder / f"gate-{time.monotonic_ns()}"
         os.mkfifo(fifo)
-        payload = {"steps": steps, "gate": str(fifo)}
-        self.job_id: int = connection.result("enqueue", {"task": "steps", "payload": payload})[
-            "job_id"
-        ]
+        payload = {"steps": 3, "gate": str(fifo)}
+        enqueued = connection.result("enqueue", {"task": "steps", "payload": payload})
+        self.job_id: int = enqueued["job_id"]
         self.file = open(fifo, "w")  # noqa: SIM115 (opens once the task has opened its end)
 
     def step(self) -> None:
