@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.test_protocol_schema import SCHEMA, sent_definitions
 
-DOCUMENT = (Path(__file__).parent.parent / "contrib" / "protocol.md").read_text()
+DOCUMENT = (Path(__file__).parents[2] / "contrib" / "protocol.md").read_text()
 
 # Where the document lists each object's keys: the text just before a `{"key", ...}` list,
 # or the line above a table whose first column names the keys.
