@@ -281,6 +281,11 @@ def status_detail(status: Status) -> str:
         lines += connections_lines(status.connections)
     if status.threads is not None:
         lines.append(threads_line(status.threads))
+    if status.log_dropped:
+        lines.append(
+            f"  log:       {status.log_dropped} lines dropped: taskd's output (the journal, a"
+            " pipe) did not take them as fast as they came"
+        )
     if status.oldest_pending_age is not None:
         lines.append(f"  oldest due job has waited {format_duration(status.oldest_pending_age)}")
     if status.next_due_at is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import heapq
 import logging
@@ -29,6 +30,7 @@ import msgspec
 from taskd.activity import ActivityRecorder
 from taskd.definition import Fail, Retry, TaskContext
 from taskd.models import Job, ThreadStats
+from taskd.output import job_output
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
@@ -375,11 +377,13 @@ class Executor:
             raise
 
     async def _invoke(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
-        """The task's function: a coroutine on the loop, a plain function in a thread."""
-        if task.is_async:
-            return await task.call(payload, ctx)
-        call = functools.partial(task.call, payload, ctx)
-        return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
+        """The task's function: a coroutine on the loop, a plain function in a thread (in a
+        copy of the context: what it prints is the job's too)."""
+        with job_output(ctx.logger.log):
+            if task.is_async:
+                return await task.call(payload, ctx)
+            call = functools.partial(contextvars.copy_context().run, task.call, payload, ctx)
+            return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
 
     def _stopped(self, job: Job, reason: StopReason) -> Outcome | None:
         """The outcome of an attempt we stopped: none to report for a job we lost."""

@@ -242,6 +242,9 @@ class Status(msgspec.Struct, frozen=True):
     connections: ConnectionStats | None = None
     threads: ThreadStats | None = None
     store_failing: StoreFailing | None = None  # None while the store's writes go through
+    # Lines of taskd's own log dropped since it started: its output (the journal, a pipe)
+    # did not take them as fast as they came.
+    log_dropped: int = 0
 
 
 class Peer(msgspec.Struct, frozen=True):

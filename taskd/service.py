@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from taskd.config import Retention
+from taskd.logqueue import dropped_lines
 from taskd.models import (
     FINISHED_STATUSES,
     ConnectionStats,
@@ -314,6 +315,7 @@ class Service:
             connections=self._connections(),
             threads=self._threads(),
             store_failing=self._store.health.report(),
+            log_dropped=dropped_lines(),
         )
 
     async def healthy(self) -> None:
