@@ -117,6 +117,8 @@ class Executor:
         self._maybe_due = True  # a claim may find work: cleared when one comes back short
         self._rings = 0  # times work was announced (a claim that came back short reads it)
         self._claiming = 0  # jobs asked for by claims in flight in other writes
+        self._claims_landed = asyncio.Event()  # set while no such claim is in flight
+        self._claims_landed.set()
         self._limited: set[str] = set()  # tasks with a concurrency limit at the last claim
         self._stopping_jobs: dict[int, StopReason] = {}
         self._stopping = False
@@ -162,8 +164,7 @@ class Executor:
                 continue
             failures = 0
             if claimed is not None:
-                for job in claimed.jobs:
-                    heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
+                self._take(claimed.jobs)
                 # Short of what it asked for, the claim found all that was due, unless work
                 # came in while it ran.
                 self._maybe_due = len(claimed.jobs) == want or self._rings != rings
@@ -180,21 +181,27 @@ class Executor:
         if want == 0:
             return None
         self._claiming += want
+        self._claims_landed.clear()
         return ClaimRequest(self.worker, want, self._lease, self._limits())
 
     def accept(self, request: ClaimRequest, claimed: Claimed | None) -> None:
         """The claim made in another write: start what it took."""
         self._claiming -= request.limit
-        if claimed is None:
-            return
-        if self._stopping:  # claimed as the daemon began to stop: back at once
-            for job in claimed.jobs:
-                self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
-        else:
-            for job in claimed.jobs:
-                heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
+        if self._claiming == 0:
+            self._claims_landed.set()
+        if claimed is not None:
+            self._take(claimed.jobs)
             self._start_ready()
-        self._wake.set()
+            self._wake.set()
+
+    def _take(self, jobs: list[Job]) -> None:
+        """Jobs a claim took: ready to start, or, once the daemon stops, back to the queue
+        without counting their attempt (a claim in flight as the stop began)."""
+        for job in jobs:
+            if self._stopping:
+                self._release(job)
+            else:
+                heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
 
     def _wanted(self) -> int:
         """How many jobs to claim now, if work may be due: while slots are free, enough to
@@ -476,13 +483,17 @@ class Executor:
         return [running.job for running in self._running.values()]
 
     def stop(self) -> None:
-        """Claim and start nothing more (jobs claimed ahead go back to the queue at once);
-        what runs goes on until `drain`."""
+        """Claim and start nothing more: the jobs claimed but not started go back to the
+        queue, in the next store write (and so do those of claims still in flight, as they
+        land); what runs goes on until `drain`."""
         self._stopping = True
         for _, job in self._ready:
-            self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
+            self._release(job)
         self._ready.clear()
         self._wake.set()
+
+    def _release(self, job: Job) -> None:
+        self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
 
     async def drain(self, grace: float) -> None:
         """Wait up to `grace` seconds for running jobs, then cancel them back to pending."""
@@ -497,6 +508,7 @@ class Executor:
         if leftover:
             await asyncio.wait([running.task for running in leftover])
         await self.activity.close()
+        await self._claims_landed.wait()  # their jobs are released, to be recorded now
         await self._flush()
         self._closed.set()
         self._wake.set()
