@@ -258,13 +258,20 @@ def status_detail(status: Status) -> str:
     )
     here = next((node for node in status.nodes if node.id == status.node), None)
     busy = here.running if here is not None else len(status.running)
+    held = ""
+    if status.slots is not None:
+        busy = status.slots.busy
+        if status.slots.claimed_ahead:
+            held += f", {status.slots.claimed_ahead} more jobs claimed ahead"
+        if status.slots.ending:
+            held += f", {status.slots.ending} ending"
     lines = [
         f"taskd {status.version}, pid {status.pid}, up {format_duration(status.uptime)}",
         f"  node:      {status.node}",
         f"  database:  {status.database}",
         f"  socket:    {status.socket}",
         f"  tasks:     {status.tasks_dir}",
-        f"  workers:   {busy} of {status.workers} busy",
+        f"  workers:   {busy} of {status.workers} busy{held}",
         f"  jobs:      {counts}",
     ]
     if status.store_failing is not None:

@@ -113,6 +113,7 @@ class Executor:
         self._prefetch = workers
         self._typical = SHORT_JOB  # seconds an attempt takes, as a moving average
         self._outcomes: list[tuple[Job, Outcome]] = []  # ended attempts, to be recorded
+        self._writing = 0  # outcomes being recorded now
         self._recording = asyncio.Lock()  # one store call at a time records outcomes
         self._maybe_due = True  # a claim may find work: cleared when one comes back short
         self._rings = 0  # times work was announced (a claim that came back short reads it)
@@ -224,11 +225,14 @@ class Executor:
         """Record the outcomes that came in, and claim (if asked), in one store call."""
         async with self._recording:
             batch, self._outcomes = self._outcomes, []
+            self._writing = len(batch)
             try:
                 finished = await self._store.finish([outcome for _, outcome in batch], claim)
             except StoreError:
                 self._outcomes[:0] = batch  # kept, in order, for the next try
                 raise
+            finally:
+                self._writing = 0
         for (job, outcome), recorded in zip(batch, finished.jobs, strict=True):
             if recorded is None and outcome.status != "released":
                 logger.info(
@@ -480,7 +484,18 @@ class Executor:
         return self._stopping
 
     def running_jobs(self) -> list[Job]:
+        """The jobs started here that have not ended."""
         return [running.job for running in self._running.values()]
+
+    @property
+    def claimed_ahead(self) -> int:
+        """Jobs claimed to start the moment a slot frees."""
+        return len(self._ready)
+
+    @property
+    def ending(self) -> int:
+        """Jobs whose attempt has ended, with their outcome still to be recorded."""
+        return len(self._outcomes) + self._writing
 
     def stop(self) -> None:
         """Claim and start nothing more: the jobs claimed but not started go back to the
