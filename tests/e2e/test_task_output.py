@@ -51,6 +51,22 @@ def tasks_folder(root: Path) -> Path:
     return folder
 
 
+def flooding(
+    taskd_factory: type[Taskd], short_tmp: Path, task: str, stream: str
+) -> tuple[Taskd, int]:
+    """A taskd whose output is a pipe nobody reads, after a run of `task` printing LINES
+    lines to `stream`, which it answered; and the run's job id."""
+    daemon = taskd_factory(tasks=tasks_folder(short_tmp), log_level="debug")
+    daemon.unread_pipe = True
+    daemon.start()
+    payload = json.dumps({"lines": LINES, "stderr": stream == "stderr"})
+    ran = daemon.ctl("--json", "--request-timeout", "20s", "run", task, "--payload", payload)
+    assert ran.returncode == 0, ran.stderr
+    job = json.loads(ran.stdout)
+    assert job["status"] == "succeeded" and job["result"] == LINES
+    return daemon, job["id"]
+
+
 @pytest.mark.parametrize(
     ("task", "stream", "level"),
     [
@@ -62,17 +78,10 @@ def tasks_folder(root: Path) -> Path:
 def test_a_task_printing_to_a_pipe_nobody_reads_does_not_stop_taskd(
     taskd_factory: type[Taskd], short_tmp: Path, task: str, stream: str, level: str
 ) -> None:
-    daemon = taskd_factory(tasks=tasks_folder(short_tmp), log_level="debug")
-    daemon.unread_pipe = True
-    daemon.start()
-    payload = json.dumps({"lines": LINES, "stderr": stream == "stderr"})
-    ran = daemon.ctl("--json", "--request-timeout", "20s", "run", task, "--payload", payload)
-    assert ran.returncode == 0, ran.stderr
-    job = json.loads(ran.stdout)
-    assert job["status"] == "succeeded" and job["result"] == LINES
+    daemon, job_id = flooding(taskd_factory, short_tmp, task, stream)
     listed = daemon.ctl("--request-timeout", "10s", "list")
     assert listed.returncode == 0, listed.stderr
-    logs = daemon.ctl("--json", "--request-timeout", "10s", "logs", str(job["id"]))
+    logs = daemon.ctl("--json", "--request-timeout", "10s", "logs", str(job_id))
     assert logs.returncode == 0, logs.stderr
     kept = json.loads(logs.stdout)
     # A job keeps its last 1,000 lines and 64 KiB: the older ones are counted as dropped.
@@ -85,10 +94,17 @@ def test_a_task_printing_to_a_pipe_nobody_reads_does_not_stop_taskd(
     dropped = json.loads(status.stdout)["log_dropped"]
     assert dropped > 0  # taskd's own log (with the task's lines) did not wait for the pipe
     assert f"log:       {dropped} lines dropped" in daemon.ctl("status").stdout
-    # Once the pipe is read again, the log says how many lines it dropped.
+    assert daemon.signal_and_wait(signal.SIGTERM, timeout=20) == 0  # the pipe still unread
+    assert "Traceback" not in daemon.unread
+
+
+def test_the_log_says_how_many_lines_it_dropped_once_it_goes_through(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    daemon, _ = flooding(taskd_factory, short_tmp, "prints", "stdout")
     output = read_until(daemon, "lines of this log were dropped")
     assert "Traceback" not in output
-    assert daemon.signal_and_wait(signal.SIGTERM, timeout=20) == 0
+    assert daemon.stop() == 0
 
 
 def read_until(daemon: Taskd, text: str) -> str:
