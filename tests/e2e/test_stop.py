@@ -60,8 +60,9 @@ def test_a_job_enqueued_just_before_sigterm_runs_once_after_the_restart(daemon: 
 
 
 def test_a_run_caught_by_sigterm_runs_once_after_the_restart(daemon: Taskd) -> None:
-    """A run sent as taskd stops: refused, or answered `shutting_down` with its job kept in
-    the queue, which the next start runs once."""
+    """A run sent as taskd stops (the request taskctl sends, surely sent before SIGTERM):
+    answered, or answered `shutting_down` with its job kept in the queue, which the next
+    start runs once; `taskctl wait` then gives its result."""
     answers = []
     for round_ in range(ROUNDS):
         daemon.start()
@@ -84,4 +85,6 @@ def test_a_run_caught_by_sigterm_runs_once_after_the_restart(daemon: Taskd) -> N
     for answer in answers:
         error = answer.get("error", {}).get("code")
         assert "result" in answer or error in (None, "shutting_down"), json.dumps(answer)
+    waited = daemon.ctl("wait", str(jobs[0].id))
+    assert waited.returncode == 0 and waited.stdout.strip() == str(jobs[0].payload), waited
     assert "were running when taskd last stopped" not in daemon.log
