@@ -509,7 +509,15 @@ class Daemon:
         executor = self._executor
         if executor is None:
             return Slots(0, self.config.workers, True)
-        return Slots(executor.busy, executor.workers, executor.stopping)
+        return Slots(
+            executor.busy,
+            executor.workers,
+            executor.stopping,
+            worker=executor.worker,
+            running=frozenset(job.id for job in executor.running_jobs()),
+            claimed_ahead=executor.claimed_ahead,
+            ending=executor.ending,
+        )
 
     def threads_alive(self) -> int:
         return self._executor.threads_alive() if self._executor is not None else 0
