@@ -88,3 +88,24 @@ def test_a_run_caught_by_sigterm_runs_once_after_the_restart(daemon: Taskd) -> N
     waited = daemon.ctl("wait", str(jobs[0].id))
     assert waited.returncode == 0 and waited.stdout.strip() == str(jobs[0].payload), waited
     assert "were running when taskd last stopped" not in daemon.log
+
+
+def test_signals_while_taskd_exits_do_not_turn_a_clean_stop_into_a_failure(
+    taskd_factory: type[Taskd],
+) -> None:
+    # SIGTERM again and again, as an impatient operator or a test harness may send it, and
+    # a SIGHUP: whichever arrives after the event loop has closed finds the signal ignored,
+    # not its default action (which would kill taskd and make its exit status -15).
+    daemon = taskd_factory().start()
+    assert daemon.process is not None
+    statuses = []
+    for _ in range(5):
+        process = daemon.process
+        while process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGHUP)
+        statuses.append(process.returncode)
+        daemon.close()
+        daemon.start()
+    assert statuses == [0] * 5, daemon.log
+    assert daemon.stop() == 0
