@@ -19,9 +19,12 @@ def main(arguments: list[str]) -> int:
     reason = container.unavailable()
     if reason is None:
         reason = container.cannot_boot(container.root_filesystem())
+    if reason is not None and os.environ.get("CI"):
+        print(f"make test-systemd: cannot run here, and CI must: {reason}", flush=True)
+        return 1
     if reason is not None:
         print(f"make test-systemd: skipped: {reason}", flush=True)
-        return 1 if os.environ.get("CI") else 0
+        return 0
     return pytest.main(["-m", "nspawn", str(Path(__file__).parent), *arguments])
 
 
