@@ -15,17 +15,33 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import taskd
 from taskd.access import AccessPolicy, group_id
+from taskd.activity import ActivityRecorder
+from taskd.attempt import Attempts
 from taskd.background import Background
 from taskd.config import Config, ConfigError, Paths
-from taskd.executor import Executor
+from taskd.executor import AttemptObserver, Executor
 from taskd.http.settings import HttpSettings, load_settings
+from taskd.leases import LeaseKeeper
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
+from taskd.models import ConnectionStats, ThreadStats
+from taskd.news import DaemonNews
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
+from taskd.runtime import Runtime
 from taskd.scheduler import Scheduler
 from taskd.schedules import ScheduleSpec, digest, load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket, release_socket
-from taskd.service import DaemonInfo, Service, Slots, retention_ages
+from taskd.service import (
+    DaemonInfo,
+    Dispatch,
+    JobMethods,
+    NodeMethods,
+    ScheduleMethods,
+    SlotState,
+    StatusMethods,
+    retention_ages,
+)
+from taskd.slots import Slots
 from taskd.store import Store, StoreError, store_for
 from taskd.submit import Submitter, max_payload_size
 from taskd.systemd import (
@@ -36,6 +52,7 @@ from taskd.systemd import (
     watchdog_interval,
 )
 from taskd.tasks import TaskLoadError, TaskRegistry, load_tasks
+from taskd.threads import TaskThreads
 
 if TYPE_CHECKING:
     from taskd.http.server import HttpServer
@@ -85,6 +102,45 @@ class _Settings(NamedTuple):
     http: HttpSettings | None
 
 
+class Engine(NamedTuple):
+    """The parts that run this daemon's jobs, built as `build_engine` wires them."""
+
+    slots: Slots
+    submitter: Submitter
+    activity: ActivityRecorder
+    threads: TaskThreads
+    executor: Executor
+    leases: LeaseKeeper
+
+    async def stop(self, grace: float) -> None:
+        """Let running jobs finish for `grace` seconds, then return them to the queue."""
+        await self.executor.drain(grace)
+        self.threads.close()
+
+
+def build_engine(
+    store: Store,
+    tasks: TaskRegistry,
+    news: DaemonNews,
+    worker: str,
+    config: Config,
+    *,
+    on_attempt: AttemptObserver | None = None,
+) -> Engine:
+    """The worker's slots, the submitter that claims for them in its inserts, and the
+    executor that runs what they hold, each given what it needs."""
+    max_payload = max_payload_size(config.max_frame_size)
+    slots = Slots(store, tasks, worker=worker, workers=config.workers, lease=config.lease)
+    submitter = Submitter(store, tasks, slots, max_payload=max_payload)
+    activity = ActivityRecorder(store, news)
+    threads = TaskThreads(config.workers, config.max_stuck_threads)
+    runtime = Runtime(submitter, slots, activity)
+    attempts = Attempts(tasks, runtime, threads, worker=worker, max_result=max_payload)
+    executor = Executor(store, slots, attempts, activity, news, on_attempt=on_attempt)
+    leases = LeaseKeeper(store, slots, executor, quarantine_after=config.quarantine_after)
+    return Engine(slots, submitter, activity, threads, executor, leases)
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
@@ -109,7 +165,7 @@ class Daemon:
         self._started_with = config  # what the restart-only settings are until a restart
         self.paths = paths
         self._allow_empty_store = allow_empty_store
-        self.registry: TaskRegistry | None = None
+        self.tasks: TaskRegistry | None = None  # what a reload loads is put in this one
         # Taken out of the environment before any task file is imported.
         self.notifier = Notifier()
         self._watchdog_interval = watchdog_interval()
@@ -120,7 +176,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._store: Store | None = None
         self._worker: str | None = None
-        self._executor: Executor | None = None
+        self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
         self._server: ControlServer | None = None
         self._http: HttpServer | None = None
@@ -164,9 +220,9 @@ class Daemon:
         await self.shutdown()
         return 1 if self._background.failed.is_set() else 0
 
-    def _registry(self) -> TaskRegistry:
-        assert self.registry is not None
-        return self.registry
+    def _tasks(self) -> TaskRegistry:
+        assert self.tasks is not None
+        return self.tasks
 
     # -- start ---------------------------------------------------------------------------
 
@@ -200,9 +256,9 @@ class Daemon:
         """The tasks and what the configuration says, checked (exit 78 if broken)."""
         config = self.config
         try:
-            self.registry = load_tasks(self.paths.tasks, config.task)
+            self.tasks = load_tasks(self.paths.tasks, config.task)
             return _Settings(
-                schedules=load_schedules(config, self.registry),
+                schedules=load_schedules(config, self.tasks),
                 access=AccessPolicy.from_config(config),
                 socket_group=group_id(config.socket_group) if config.socket_group else None,
                 file_group=(
@@ -216,56 +272,31 @@ class Daemon:
     async def _start_serving(self, settings: _Settings, listener: socket.socket) -> None:
         """Open the store, build the parts, serve the socket, start the background loops."""
         config, paths = self.config, self.paths
-        self._store = await self._open_store(paths, settings.file_group)
-        self._store.events.on_change(self._status.changed)
+        store = self._store = await self._open_store(paths, settings.file_group)
+        news = DaemonNews()
+        store.events.on_change(news.changed)  # the store's changes and ours, on one bus
+        news.on_change(self._status.changed)
         node = node_id(config, paths)
-        self._worker = await self._join(self._store, node)
-        metrics = Metrics(self._store)
-        max_payload = max_payload_size(config.max_frame_size)
-        submitter = Submitter(self._store, self._registry, max_payload=max_payload)
-        self._executor = Executor(
-            self._store,
-            self._registry,
-            submitter,
-            worker=self._worker,
-            workers=config.workers,
-            lease=config.lease,
-            quarantine_after=config.quarantine_after,
-            max_result=max_payload,
-            max_stuck_threads=config.max_stuck_threads,
-            on_attempt=metrics.attempt_ended,
+        worker = self._worker = await self._join(store, node)
+        metrics = Metrics(store)
+        tasks = self._tasks()
+        engine = self._engine = build_engine(
+            store, tasks, news, worker, config, on_attempt=metrics.attempt_ended
         )
-        submitter.claimer = self._executor  # runs and ticks start in the insert's commit
         self._scheduler = Scheduler(
-            self._store, submitter, started_at=self._started_at, on_fired=metrics.tick_fired
+            store, engine.submitter, started_at=self._started_at, on_fired=metrics.tick_fired
         )
         await self._scheduler.load(settings.schedules)
         await self._compare_schedules(settings.schedules)
-        service = Service(
-            store=self._store,
-            registry=self._registry,
-            submitter=submitter,
-            info=DaemonInfo(
-                node=node,
-                version=taskd.__version__,
-                pid=os.getpid(),
-                started_at=self._started_at,
-                database=self._store.description,
-                socket=str(paths.socket),
-                tasks_dir=str(paths.tasks),
-                workers=config.workers,
-            ),
-            retention=lambda: self.config.retention,
-            reload=self.reload,
-            scheduler=self._scheduler,
-            connections=lambda: self._server.stats() if self._server else None,
-            threads=self._executor.thread_stats,
-            metrics=metrics.render,
-            unwritten_lines=self._executor.activity.pending_lines,
-            slots=self._slots,
+        status = StatusMethods(store, tasks, self._info(node, store), self)
+        dispatch = Dispatch(
+            JobMethods(store, engine.submitter, tasks, engine.activity).bindings(),
+            ScheduleMethods(self._scheduler, tasks).bindings(),
+            status.bindings(),
+            NodeMethods(store, self, metrics).bindings(),
         )
         self._server = ControlServer(
-            service.handle,
+            dispatch,
             settings.access,
             server_name=f"taskd/{taskd.__version__}",
             max_frame=config.max_frame_size,
@@ -273,29 +304,45 @@ class Daemon:
             read_timeout=config.read_timeout,
             max_per_user=config.max_connections_per_user,
             idle_timeout=config.idle_timeout,
-            live=LiveEvents(self._store.events),
+            live=LiveEvents(store.events, news),
         )
         await self._server.start(listener)
         if settings.http is not None:
-            await self._start_http(service, settings.http, settings.access, settings.socket_group)
-        self._background.spawn(self._executor.run(), "executor")
-        self._background.spawn(self._executor.keep_leases(), "leases")
+            await self._start_http(dispatch, status, settings)
+        self._start_background(engine)
+        self._ready(await self._summary())
+        logger.info(
+            "taskd %s ready (pid %d): %d tasks from %s, %s, socket %s",
+            taskd.__version__,
+            os.getpid(),
+            len(tasks),
+            paths.tasks,
+            store.description,
+            paths.socket,
+        )
+
+    def _info(self, node: str, store: Store) -> DaemonInfo:
+        return DaemonInfo(
+            node=node,
+            version=taskd.__version__,
+            pid=os.getpid(),
+            started_at=self._started_at,
+            database=store.description,
+            socket=str(self.paths.socket),
+            tasks_dir=str(self.paths.tasks),
+            workers=self.config.workers,
+        )
+
+    def _start_background(self, engine: Engine) -> None:
+        assert self._scheduler is not None
+        self._background.spawn(engine.executor.run(), "executor")
+        self._background.spawn(engine.leases.run(), "leases")
         self._background.spawn(self._scheduler.run(), "scheduler")
         self._background.spawn(self._prune_forever(), "pruner")
         self._background.spawn(self._compare_schedules_forever(), "schedules check")
         if self._watchdog_interval is not None:
             self._background.spawn(self.notifier.keep_watchdog(self._watchdog_interval), "watchdog")
         self._background.spawn(self._status.run(), "status")
-        self._ready(await self._summary())
-        logger.info(
-            "taskd %s ready (pid %d): %d tasks from %s, %s, socket %s",
-            taskd.__version__,
-            os.getpid(),
-            len(self._registry()),
-            paths.tasks,
-            self._store.description,
-            paths.socket,
-        )
 
     async def _open_store(self, paths: Paths, file_group: int | None) -> Store:
         logger.debug("opening job store %s", paths.database)
@@ -342,11 +389,15 @@ class Daemon:
         return self._listener
 
     async def _start_http(
-        self, service: Service, http: HttpSettings, access: AccessPolicy, group: int | None
+        self, dispatch: Dispatch, status: StatusMethods, settings: _Settings
     ) -> None:
-        from taskd.http.server import HttpServer  # the HTTP library, only with [http]
+        from taskd.http.routes import HttpApi  # the HTTP library, only with [http]
+        from taskd.http.server import HttpServer
 
-        self._http = HttpServer(service, http, access, socket_group=group)
+        http = settings.http
+        assert http is not None
+        api = HttpApi(dispatch, status.healthy)
+        self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
         try:
             await self._http.start()
         except SocketInUse as exc:
@@ -359,12 +410,12 @@ class Daemon:
 
     async def _summary(self) -> str:
         """The STATUS= line systemd shows: running jobs, queue depth, tasks loaded."""
-        running = len(self._executor.running_jobs()) if self._executor else 0
+        running = len(self._engine.slots.running) if self._engine else 0
         queued = "?"
         if self._store is not None:
             with contextlib.suppress(StoreError):
                 queued = str(await self._store.queue_depth())
-        tasks = len(self._registry())
+        tasks = len(self._tasks())
         return f"{running} running, {queued} queued, {tasks} task{'s' if tasks != 1 else ''} loaded"
 
     def _ready(self, summary: str) -> None:
@@ -468,7 +519,8 @@ class Daemon:
         ]
         for setting in restart_needed:
             logger.warning("%s changed; it takes effect at the next restart", setting)
-        self.config, self.registry = config, registry
+        self.config = config
+        self._tasks().replace(registry)
         self.paths = Paths(
             tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
         )
@@ -499,8 +551,8 @@ class Daemon:
             self._http.stop_accepting()
         if self._scheduler is not None:
             await self._scheduler.stop()
-        if self._executor is not None:
-            await self._executor.drain(self.config.grace_period)
+        if self._engine is not None:
+            await self._engine.stop(self.config.grace_period)
         if self._server is not None:
             await self._server.close()
         if self._http is not None:
@@ -521,19 +573,28 @@ class Daemon:
         self.notifier.close()
         logger.info("stopped")
 
-    def _slots(self) -> Slots:
-        executor = self._executor
-        if executor is None:
-            return Slots(0, self.config.workers, True)
-        return Slots(
-            executor.busy,
-            executor.workers,
-            executor.stopping,
-            worker=executor.worker,
-            running=frozenset(job.id for job in executor.running_jobs()),
-            claimed_ahead=executor.claimed_ahead,
-            ending=executor.ending,
+    # -- what the status methods read (taskd.service.Node) ---------------------------------
+
+    def slots(self) -> SlotState:
+        if self._engine is None:
+            return SlotState(0, self.config.workers, True)
+        slots = self._engine.slots
+        return SlotState(
+            slots.busy,
+            slots.workers,
+            slots.stopping,
+            worker=slots.worker,
+            running=frozenset(slots.running),
+            claimed_ahead=slots.claimed_ahead,
+            ending=self._engine.executor.ending,
         )
 
+    def connections(self) -> ConnectionStats | None:
+        return self._server.stats() if self._server is not None else None
+
+    def threads(self) -> ThreadStats | None:
+        return self._engine.threads.stats() if self._engine is not None else None
+
     def threads_alive(self) -> int:
-        return self._executor.threads_alive() if self._executor is not None else 0
+        """Task threads still running (plain functions that ignored their cancellation)."""
+        return self._engine.threads.busy if self._engine is not None else 0

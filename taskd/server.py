@@ -47,13 +47,15 @@ from taskd.protocol import (
     SubscribeParams,
     SubscribeResult,
     UnsubscribeParams,
-    WaitParams,
     encode_frame,
 )
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[str, Params, Peer], Awaitable[Any]]
+# Answers a method the server does not answer itself (taskd.service.Dispatch).
+Handler = Callable[[str, Params], Awaitable[Any]]
+# The methods a connection answers itself (declared `connection`): the others go to Handler.
+ANSWERED_HERE = (HelloParams, SubscribeParams, UnsubscribeParams)
 MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
 MAX_SUBSCRIPTIONS = 8  # `subscribe` streams one connection may have open
 # Bodies of frames over MAX_HELLO_FRAME bytes are received within a budget shared by all
@@ -78,7 +80,7 @@ ACCESS_HINT = (
 
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError)
 _request_decoder = msgspec.msgpack.Decoder(Request)
-_params_decoders = {name: msgspec.msgpack.Decoder(spec[0]) for name, spec in METHODS.items()}
+_params_decoders = {name: msgspec.msgpack.Decoder(m.params) for name, m in METHODS.items()}
 
 
 class SocketInUse(Exception):
@@ -492,15 +494,15 @@ class ControlServer:
 
     def _admit(self, connection: _Connection, request: Request) -> Params:
         """The request's params, if this connection may make it now; else RpcError."""
-        spec = METHODS.get(request.method)
-        if spec is None:
+        method = METHODS.get(request.method)
+        if method is None:
             raise RpcError(
                 ErrorCode.UNKNOWN_METHOD,
                 f"unknown method {request.method!r}; methods: {', '.join(METHODS)}",
             )
         raw = request.params if request.params != NIL else EMPTY_MAP
         try:
-            params = _params_decoders[request.method].decode(raw)
+            params: Params = _params_decoders[request.method].decode(raw)
         except RecursionError:
             raise _too_deep(request.method, bytes(raw)) from None
         except _DECODE_ERRORS as exc:
@@ -515,8 +517,7 @@ class ControlServer:
             return params
         if not connection.greeted:
             raise RpcError(ErrorCode.HELLO_REQUIRED, "the first request must be hello")
-        changes_state = spec[2]
-        if changes_state and connection.peer.access != "full":
+        if method.writes and connection.peer.access != "full":
             who = user_name(connection.peer.uid)
             logger.info(
                 "refused %s from %s, pid %d: read-only", request.method, who, connection.peer.pid
@@ -587,8 +588,8 @@ class ControlServer:
         """Reads that are answered at once, with replies as large as the store's contents,
         are worked on one at a time per connection, and only while its peer keeps up with
         its replies: a peer that reads nothing costs at most about one such reply."""
-        changes_state = METHODS[method][2]
-        if changes_state or isinstance(params, WaitParams):
+        declared = METHODS[method]
+        if declared.writes or declared.waits:
             yield  # changes are answered in a few bytes; waits must not block each other
             return
         async with connection.reads:
@@ -597,7 +598,7 @@ class ControlServer:
 
     async def _answer(self, peer: Peer, request_id: int, method: str, params: Params) -> Reply:
         try:
-            result = await self._handler(method, params, peer)
+            result = await self._handler(method, params)
         except RpcError as exc:
             return Reply(request_id, error=exc.body())
         except Exception as exc:  # MemoryError too: the request gets an error, not silence
@@ -727,7 +728,7 @@ def _unreadable(body: bytes, exc: Exception) -> Reply:
 def _too_deep(method: str, params: bytes) -> RpcError:
     """The error for params nested too deeply to decode: `payload_invalid` if the payload
     is (naming the item of an `enqueue_many`), else `invalid_params` naming the field."""
-    path, in_payload = deepest_field(params, METHODS[method][0])
+    path, in_payload = deepest_field(params, METHODS[method].params)
     if not in_payload:
         return RpcError(
             ErrorCode.INVALID_PARAMS,
@@ -747,7 +748,7 @@ def _invalid_params(method: str, params: bytes, exc: Exception) -> RpcError:
     found = None
     if not isinstance(exc, msgspec.ValidationError):
         with suppress(Unreadable):
-            found = invalid_string(params, METHODS[method][0])
+            found = invalid_string(params, METHODS[method].params)
     if found is None:
         return RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}")
     path, is_key = found

@@ -75,8 +75,8 @@ R = TypeVar("R")
 
 
 class Claimer(Protocol):
-    """The daemon's executor, which offers its free slots to a write that inserts due jobs,
-    so that a run or a tick starts with one commit (its insert) instead of two."""
+    """The daemon's worker slots (taskd.slots), offered to a write that inserts due jobs, so
+    that a run or a tick starts with one commit (its insert) instead of two."""
 
     def claim_request(self) -> ClaimRequest | None:
         """A claim for the free slots, reserved until `accept`; None if none is free."""
@@ -91,21 +91,21 @@ class Submitter:
     def __init__(
         self,
         store: Store,
-        registry: Callable[[], TaskRegistry],
+        tasks: TaskRegistry,
+        claimer: Claimer | None = None,
         *,
         max_payload: int = max_payload_size(DEFAULT_MAX_FRAME),
     ) -> None:
         self._store = store
-        self._registry = registry
+        self._tasks = tasks
+        self._claimer = claimer
         self._max_payload = max_payload
-        self.claimer: Claimer | None = None  # the daemon attaches its executor
 
     def prepare(self, request: JobRequest) -> NewJob:
         """The row for a request; raises UnknownTask, PayloadInvalid or InvalidRequest."""
-        registry = self._registry()
-        task = registry.get(request.task)
+        task = self._tasks.get(request.task)
         if task is None:
-            raise UnknownTask(request.task, registry.names())
+            raise UnknownTask(request.task, self._tasks.names())
         if len(request.payload) > self._max_payload:
             raise PayloadInvalid(
                 f"the payload of {len(request.payload)} bytes is over the limit of "
@@ -184,7 +184,7 @@ class Submitter:
         # A run starts in its insert's commit if a slot is free (its caller waits for it);
         # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
         runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
-        if self.claimer is None or not any(_due_now(row) for row in runs):
+        if self._claimer is None or not any(_due_now(row) for row in runs):
             return await self._store.insert(rows)
         inserted, _ = await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
         return inserted
@@ -206,7 +206,7 @@ class Submitter:
         Shielded: the jobs the claim took reach the executor even if the caller stops
         waiting (a client that hangs up), since they are this daemon's to run.
         """
-        claimer = self.claimer
+        claimer = self._claimer
         claim = claimer.claim_request() if claimer is not None else None
         if claim is None or claimer is None:
             return await write(None)

@@ -1,9 +1,9 @@
 """The HTTP API's handlers: each request becomes a call of the control service.
 
-They call the same `Service.handle` as the socket server, with the same params types, so
-validation, single-flight, limits and errors are the socket's own; an error's code becomes
-an HTTP status through `STATUS_FOR_CODE`. The wire (HTTP/1.1, timeouts, limits) is
-taskd.http.server's business: nothing here knows the HTTP library.
+They call the same handlers as the socket server (taskd.service.Dispatch), with the same
+params types, so validation, single-flight, limits and errors are the socket's own; an
+error's code becomes an HTTP status through `STATUS_FOR_CODE`. The wire (HTTP/1.1, timeouts,
+limits) is taskd.http.server's business: nothing here knows the HTTP library.
 """
 
 from __future__ import annotations
@@ -33,26 +33,33 @@ from taskd.http.api import (
     TaskResult,
     path_pattern,
 )
-from taskd.models import Job, Peer, ScheduleInfo, TaskInfo
+from taskd.models import Job, Peer
 from taskd.protocol import (
+    CANCEL,
     EMPTY_MAP,
+    ENQUEUE,
+    JOB,
+    JOBS,
+    LIST_TASKS,
+    METRICS,
+    RETRY,
+    RUN,
+    SCHEDULES,
     CancelParams,
     EnqueueParams,
-    EnqueueResult,
     ErrorBody,
     ErrorCode,
     JobParams,
     JobsParams,
     ListTasksParams,
     MetricsParams,
-    Params,
     RetryParams,
     RpcError,
     RunParams,
-    RunResult,
     SchedulesParams,
 )
-from taskd.service import Service
+from taskd.schema import openapi_schema
+from taskd.service import Dispatch
 from taskd.store import StoreError
 
 logger = logging.getLogger(__name__)
@@ -115,9 +122,10 @@ Handler = Callable[["HttpApi", HttpRequest, dict[str, str]], Awaitable[HttpRespo
 class HttpApi:
     """Routes requests to their handlers, checks access, and turns errors into responses."""
 
-    def __init__(self, service: Service, *, openapi: bytes) -> None:
-        self._service = service
-        self._openapi = openapi
+    def __init__(self, dispatch: Dispatch, healthy: Callable[[], Awaitable[None]]) -> None:
+        self._dispatch = dispatch
+        self._healthy = healthy  # returns while the job store is healthy, else StoreError
+        self._openapi = msgspec.json.encode(openapi_schema())
         self._routes = [(route, path_pattern(route.path)) for route in ROUTES]
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
@@ -170,14 +178,11 @@ class HttpApi:
                 "readonly_users/readonly_groups); ask its administrator for full access",
             )
 
-    async def _call(self, method: str, params: Params, request: HttpRequest) -> Any:
-        return await self._service.handle(method, params, request.peer)
-
     # -- the routes ----------------------------------------------------------------------
 
     async def list_tasks(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        tasks: list[TaskInfo] = await self._call("list_tasks", ListTasksParams(), request)
-        schedules: list[ScheduleInfo] = await self._call("schedules", SchedulesParams(), request)
+        tasks = await self._dispatch.call(LIST_TASKS, ListTasksParams())
+        schedules = await self._dispatch.call(SCHEDULES, SchedulesParams())
         return _json(
             200,
             NitroTasks(
@@ -190,7 +195,7 @@ class HttpApi:
         body = _convert(_body_object(request.body), RunBody) if request.body.strip() else RunBody()
         payload = _merged(_query_payload(request.target), body.payload)
         params = RunParams(task=path["name"], payload=_msgpack(payload))
-        outcome: RunResult = await self._call("run", params, request)
+        outcome = await self._dispatch.call(RUN, params)
         job = outcome.job
         headers = (("Taskd-Job-Id", str(job.id)), ("Taskd-Joined", str(outcome.joined).lower()))
         if job.status == "succeeded":
@@ -214,30 +219,30 @@ class HttpApi:
         params = _convert(fields, EnqueueParams)
         if payload is not EMPTY_MAP:
             params.payload = _msgpack(payload)
-        result: EnqueueResult = await self._call("enqueue", params, request)
+        result = await self._dispatch.call(ENQUEUE, params)
         location = ("Location", f"/jobs/{result.job_id}")
         return _json(200 if result.duplicate else 201, result, (location,))
 
     async def list_jobs(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         params = _query_params(request.target, JobsParams)
-        jobs: list[Job] = await self._call("jobs", params, request)
+        jobs = await self._dispatch.call(JOBS, params)
         return _json(200, JobList([_plain(job) for job in jobs]))
 
     async def get_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._call("job", JobParams(job_id), request)))
+        params = _path_params(path, JobParams)
+        return _json(200, _plain(await self._dispatch.call(JOB, params)))
 
     async def cancel_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._call("cancel", CancelParams(job_id), request)))
+        return _json(200, _plain(await self._dispatch.call(CANCEL, CancelParams(job_id))))
 
     async def retry_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._call("retry", RetryParams(job_id), request)))
+        return _json(200, _plain(await self._dispatch.call(RETRY, RetryParams(job_id))))
 
     async def health(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         try:
-            await asyncio.wait_for(self._service.healthy(), HEALTH_TIMEOUT)
+            await asyncio.wait_for(self._healthy(), HEALTH_TIMEOUT)
         except StoreError as exc:
             return _json(503, Health("unavailable", f"the job store failed: {exc}"))
         except TimeoutError:
@@ -246,7 +251,7 @@ class HttpApi:
         return _json(200, Health("ok"))
 
     async def metrics(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        text: str = await self._call("metrics", MetricsParams(), request)
+        text = await self._dispatch.call(METRICS, MetricsParams())
         return HttpResponse(200, text.encode(), METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:

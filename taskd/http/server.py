@@ -23,7 +23,6 @@ import socket
 from contextlib import suppress
 
 import h11
-import msgspec
 
 import taskd
 from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
@@ -32,9 +31,7 @@ from taskd.http.routes import HttpApi, HttpRequest, HttpResponse, error_response
 from taskd.http.settings import HttpSettings, Listen
 from taskd.models import Peer
 from taskd.protocol import ErrorCode
-from taskd.schema import openapi_schema
 from taskd.server import ACCESS_HINT, bind_socket, release_socket
-from taskd.service import Service
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +79,13 @@ class HttpServer:
 
     def __init__(
         self,
-        service: Service,
+        api: HttpApi,
         settings: HttpSettings,
         access: AccessPolicy,
         *,
         socket_group: int | None,
     ) -> None:
-        self._api = HttpApi(service, openapi=msgspec.json.encode(openapi_schema()))
+        self._api = api
         self._config = settings.config
         self._listen = settings.listen
         self._tokens = settings.tokens

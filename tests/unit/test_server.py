@@ -12,7 +12,6 @@ import msgspec
 import pytest
 
 from taskd.access import AccessPolicy
-from taskd.models import Peer
 from taskd.protocol import DEFAULT_MAX_FRAME, HEADER, MAX_HELLO_FRAME, Params, Request, encode_frame
 from taskd.server import ControlServer, SocketInUse, _ReceiveBudget, bind_socket, release_socket
 from tests.support import short_tempdir
@@ -67,7 +66,7 @@ class _OutOfMemory(dt.tzinfo):
 
 
 async def test_a_reply_that_cannot_be_built_is_answered_with_an_error() -> None:
-    async def handler(method: str, params: Params, peer: Peer) -> Any:
+    async def handler(method: str, params: Params) -> Any:
         return dt.datetime(2026, 1, 1, tzinfo=_OutOfMemory())
 
     server = ControlServer(

@@ -10,7 +10,7 @@ from taskd.tasks import load_tasks
 from tests.support import FIXTURE_TASKS
 
 REGISTRY = load_tasks(FIXTURE_TASKS)
-SUBMITTER = Submitter(Store.__new__(Store), lambda: REGISTRY)  # prepare() never stores
+SUBMITTER = Submitter(Store.__new__(Store), REGISTRY)  # prepare() never stores
 
 
 @pytest.mark.parametrize(
