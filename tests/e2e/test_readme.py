@@ -1,7 +1,7 @@
-"""The README's Quick start and its Python examples run as written against `make run`'s daemon.
+"""The README's commands and examples run as written against `make run`'s daemon.
 
 They are read out of README.md itself, so that a change to the manual that breaks one of
-them fails here. The daemon is the one `make run` starts (taskd on
+them fails here. The daemon is the one `make run` starts (contrib/examples/run.py, taskd on
 contrib/examples/taskd.toml), in a copy of the checkout's layout in a temporary folder.
 """
 
@@ -11,10 +11,12 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -24,6 +26,7 @@ from tests.support import short_tempdir, wait_until
 ROOT = Path(__file__).parent.parent.parent
 README = (ROOT / "README.md").read_text()
 VENV = Path(sys.prefix)
+SHOWN_CHECKOUT = "/home/ada/taskd"  # where the README's samples were made
 
 
 def blocks(language: str) -> list[str]:
@@ -42,29 +45,56 @@ def quick_start() -> list[str]:
     return [line for line in lines if line != "make run" and not line.startswith("#")]
 
 
+class MakeRun(NamedTuple):
+    """`make run`'s daemon: the checkout it runs in, and what `make run` printed."""
+
+    root: Path
+    printed: str
+
+
 @pytest.fixture(scope="module")
-def checkout() -> Iterator[Path]:
-    """A folder laid out like the checkout, with `make run`'s daemon running in it."""
+def make_run() -> Iterator[MakeRun]:
+    """`make run` (contrib/examples/run.py) in a folder laid out like the checkout, until
+    it says that taskd is running."""
     root = short_tempdir()
     shutil.copytree(ROOT / "contrib" / "examples", root / "contrib" / "examples")
     (root / ".venv").symlink_to(VENV)
-    with open(root / "taskd.log", "wb") as log:
-        daemon = subprocess.Popen(
-            [VENV / "bin" / "taskd", "--config", "contrib/examples/taskd.toml"],
-            cwd=root, stdout=subprocess.DEVNULL, stderr=log,
+    log = root / "taskd.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [root / ".venv" / "bin" / "python", "contrib/examples/run.py"], cwd=root,
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "TZ": "UTC"},
         )  # fmt: skip
     try:
-        ready = subprocess.run(
-            [VENV / "bin" / "taskctl", "--socket", ".run/taskd.sock", "--connect-timeout", "30s",
-             "status"],
-            cwd=root, capture_output=True, text=True,
-        )  # fmt: skip
-        assert ready.returncode == 0, ready.stderr + (root / "taskd.log").read_text()
-        yield root
+        assert process.stdout is not None
+        printed = ""
+        for line in process.stdout:  # until `make run` ends, if it does
+            printed += line
+            if line.startswith("Ctrl-C stops it."):
+                break
+        assert "taskd is running" in printed, printed + log.read_text()
+        yield MakeRun(root, printed)
     finally:
-        daemon.terminate()
-        assert daemon.wait(30) == 0, (root / "taskd.log").read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
+        if process.stdout is not None:
+            process.stdout.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def checkout(make_run: MakeRun) -> Path:
+    """The folder `make run`'s daemon runs in."""
+    return make_run.root
+
+
+def test_make_run_prints_what_the_readme_shows(make_run: MakeRun) -> None:
+    (shown,) = re.findall(r"^`make run` prints, for example:\n\n```\n(.*?)^```$", README,
+                          flags=re.S | re.M)  # fmt: skip
+    printed = make_run.printed.replace(str(make_run.root), SHOWN_CHECKOUT)
+    commands = [line for line in printed.splitlines() if line.startswith("$ ")]
+    assert commands == ["$ taskctl list", f"$ taskctl run jobs:send-email --payload '{EMAIL}'"]
+    assert normalized(printed) == normalized(shown)
 
 
 def test_the_quick_start_runs_as_written(checkout: Path) -> None:
@@ -183,3 +213,24 @@ def _quoted(text: str) -> str:
 
 def _names(table: str) -> list[str]:
     return [line.split()[0] for line in table.strip().splitlines()[1:]]
+
+
+EMAIL = '{"to": "ada@example.com", "subject": "Hello", "body": "Welcome!"}'  # run.py's
+
+# What differs from one run to the next, made alike in samples and real output, in order.
+VARYING = [
+    (r"\b[\w.]+(-[\w.]+)*-[0-9a-f]{8}(/\d+)?\b", "NODE"),  # node (host-digest) and worker
+    (r"(\d{4}-\d\d-\d\d[T ])?\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?", "TIME"),
+    (r"\d{4}-\d\d-\d\d", "DATE"),
+    (r"\b\d+(\.\d+)?(ms|s|m|h|d)(\d+(s|m|h))?\b", "DURATION"),
+    (r"\((now|in DURATION|DURATION ago)\)", "(WHEN)"),
+    (r"\d+(\.\d+)?", "N"),
+]
+
+
+def normalized(text: str) -> list[str]:
+    """Output as a sample shows it: times, durations, numbers and node names made alike,
+    and runs of spaces (a table's column widths) made one."""
+    for pattern, placeholder in VARYING:
+        text = re.sub(pattern, placeholder, text)
+    return [" ".join(line.split()) for line in text.strip().splitlines()]
