@@ -192,8 +192,14 @@ def _load_file(directory: Path, path: Path, options: Mapping[str, TaskOptions]) 
         if isinstance(value, TaskDefinition)
         and getattr(value.fn, "__module__", None) == module_name
     ]
-    if len(definitions) != 1:
-        found = ", ".join(d.fn.__name__ for d in definitions) or "none"
+    if not definitions:
+        raise TaskLoadError(
+            "defines no task (a task file has one function decorated with @define_task); "
+            f"helpers go in files starting with `_`, e.g. `_{path.name}`, which task files "
+            f"import as `import _{path.stem}`"
+        )
+    if len(definitions) > 1:
+        found = ", ".join(d.fn.__name__ for d in definitions)
         raise TaskLoadError(
             f"a task file must define exactly one task with @define_task, found {len(definitions)}"
             f" ({found})"

@@ -78,7 +78,7 @@ def test_name_option_overrides_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"a.py": "x = 1\n"}, "exactly one task"),
+        ({"a.py": "x = 1\n"}, "defines no task"),
         ({"a.py": TASK + TASK.replace("def run", "def other")}, "found 2"),
         ({"a.py": "import no_such_module_here\n"}, "ModuleNotFoundError"),
         ({"a.py": "def broken(:\n"}, "SyntaxError"),
@@ -101,6 +101,14 @@ def test_broken_task_files_are_reported_with_file_and_cause(
     message = str(caught.value)
     assert expected in message
     assert str(tmp_path) in message
+
+
+def test_a_helper_file_is_told_where_helpers_go(tmp_path: Path) -> None:
+    write(tmp_path, {"util.py": "def shout(text):\n    return text.upper()\n", "a.py": TASK})
+    with pytest.raises(TaskLoadError) as caught:
+        load_tasks(tmp_path)
+    assert "util.py: defines no task" in str(caught.value)
+    assert "helpers go in files starting with `_`, e.g. `_util.py`" in str(caught.value)
 
 
 def test_all_problems_are_reported_together(tmp_path: Path) -> None:
