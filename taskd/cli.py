@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(source, config, paths, allow_empty_store=args.allow_empty_store)
     try:
         status = uvloop.run(daemon.run())
-    except StartupError as exc:
-        logging.getLogger("taskd").error("cannot start: %s", exc)
+    except StartupError as exc:  # the daemon has logged why
         status = exc.exit_code
     if (threads := daemon.threads_alive()) > 0:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and

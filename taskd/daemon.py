@@ -138,6 +138,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         try:
             started = await self._start_unless_stopped()
+        except StartupError as exc:
+            logger.error("cannot start: %s", exc)  # first: what follows is only clean-up
+            await self.shutdown(announce=False)
+            raise
         except BaseException:
             await self.shutdown()
             raise
@@ -473,10 +477,14 @@ class Daemon:
 
     # -- stop ----------------------------------------------------------------------------
 
-    async def shutdown(self) -> None:
-        """Stop accepting, let running jobs finish (then return them), close the store."""
+    async def shutdown(self, *, announce: bool = True) -> None:
+        """Stop accepting, let running jobs finish (then return them), close the store.
+
+        Without `announce` (a start-up that failed) "stopping" and "stopped" are debug lines.
+        """
+        level = logging.INFO if announce else logging.DEBUG
         self.notifier.stopping()
-        logger.info("stopping")
+        logger.log(level, "stopping")
         if self._server is not None:
             self._server.stop_accepting(keep_listening=self._socket_lock is not None)
         if self._http is not None:
@@ -503,7 +511,7 @@ class Daemon:
             release_socket(self.paths.socket, self._socket_lock)
             self._socket_lock = None
         self.notifier.close()
-        logger.info("stopped")
+        logger.log(level, "stopped")
 
     def _slots(self) -> Slots:
         executor = self._executor

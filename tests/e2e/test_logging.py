@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
+from taskd.store.sqlite.schema import MIGRATIONS
 from tests.support import Taskd
 
 
@@ -24,3 +26,21 @@ def test_json_log_lines_name_the_task_and_the_job(taskd_factory: type[Taskd]) ->
     (failure,) = [e for e in entries if e["level"] == "error" and e.get("task") == "fail"]
     assert failure["job_id"] == failed["id"] and "ValueError: boom: x" in failure["message"]
     assert "Traceback" in failure["message"]
+
+
+def test_a_fresh_store_is_one_line_and_a_refused_start_says_why_first(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    first = taskd_factory().start()
+    schema = [line for line in first.log.splitlines() if "schema version" in line]
+    assert len(schema) == 1 and "INFO" in schema[0], schema
+    created = f"created the job store {first.database} at schema version {len(MIGRATIONS)}"
+    assert created in schema[0]
+    (short_tmp / "second").mkdir()
+    second = taskd_factory(short_tmp / "second", socket_path=first.socket)
+    lines = second.refused().splitlines()
+    (refusal,) = [n for n, line in enumerate(lines) if "cannot start" in line]
+    assert "another taskd is already serving" in lines[refusal]
+    stopping = [n for n, line in enumerate(lines) if line.endswith(("stopping", "stopped"))]
+    assert stopping and min(stopping) > refusal, lines  # the clean-up comes after the cause
+    assert all(" DEBUG " in lines[n] for n in stopping), lines  # and is no news
