@@ -793,7 +793,10 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{exc.message}; --request-timeout sets how long to wait"
         _fail(args, exc.code, message, Exit.TEMPFAIL)
     except errors.TaskdError as exc:
-        _fail(args, exc.code, exc.message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
+        message = exc.message
+        if isinstance(exc, errors.PayloadInvalid) and getattr(args, "payload", "") is None:
+            message += "; no --payload was given, so the task got {}: give one with --payload"
+        _fail(args, exc.code, message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
     except KeyboardInterrupt:
         job_id = getattr(args, "waiting_for", None)
         if job_id is None:
