@@ -22,6 +22,7 @@ from taskd.config import (
     load_config,
 )
 from taskd.config import resolve_paths as resolve_config_paths
+from taskd.models import counted
 
 EX_CONFIG = 78  # sysexits: configuration error; the unit does not restart on it
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
         # waiting for the threads could take forever.
         logging.getLogger("taskd").warning(
-            "%d task threads are still running; exiting without them", threads
+            "%s still running; exiting without them", counted(threads, "task thread")
         )
         logging.shutdown()
         os._exit(status)
@@ -205,8 +206,7 @@ def check(config: Config, paths: Paths) -> int:
     except (TaskLoadError, ConfigError) as exc:
         print(f"taskd: {exc}", file=sys.stderr)
         return EX_CONFIG
-    tasks = f"{len(registry)} task{'s' if len(registry) != 1 else ''}"
-    timed = f"{len(schedules)} schedule{'s' if len(schedules) != 1 else ''}"
+    tasks, timed = counted(len(registry), "task"), counted(len(schedules), "schedule")
     print(f"configuration ok: {tasks} in {paths.tasks}, {timed}")
     for task in registry:
         print(f"  {task.name}")

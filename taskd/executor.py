@@ -28,7 +28,7 @@ import msgspec
 
 from taskd.activity import ActivityRecorder
 from taskd.definition import Fail, Retry, TaskContext
-from taskd.models import Job, ThreadStats
+from taskd.models import Job, ThreadStats, counted
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
@@ -243,7 +243,7 @@ class Executor:
             spare={*self._running, *(job.id for _, job in self._ready)},
         )
         if woken:
-            logger.warning("%d callers waiting for jobs were told that claims fail", woken)
+            logger.warning("%s waiting for jobs told that claims fail", counted(woken, "caller"))
 
     def _limits(self) -> dict[str, int]:
         limits = {t.name: t.concurrency for t in self._registry() if t.concurrency is not None}
@@ -513,9 +513,9 @@ class Executor:
             except StoreError as exc:
                 if pause is None:
                     logger.error(
-                        "cannot record the outcomes of %d jobs (%s); their leases will expire "
+                        "cannot record the outcomes of %s (%s); their leases will expire "
                         "and they will run again",
-                        len(self._outcomes),
+                        counted(len(self._outcomes), "job"),
                         exc,
                     )
                     return
@@ -555,8 +555,8 @@ class Executor:
                 continue
             if recovered:
                 logger.warning(
-                    "took back %d jobs of daemons that went away: %s",
-                    len(recovered),
+                    "took back %s of daemons that went away: %s",
+                    counted(len(recovered), "job"),
                     ", ".join(f"job {job.id} {job.task} ({job.status})" for job in recovered),
                 )
 

@@ -33,7 +33,7 @@ from taskd.http.api import (
     TaskResult,
     path_pattern,
 )
-from taskd.models import Job, Peer, ScheduleInfo, TaskInfo
+from taskd.models import Job, Peer, ScheduleInfo, TaskInfo, counted
 from taskd.protocol import (
     EMPTY_MAP,
     CancelParams,
@@ -195,7 +195,7 @@ class HttpApi:
         headers = (("Taskd-Job-Id", str(job.id)), ("Taskd-Joined", str(outcome.joined).lower()))
         if job.status == "succeeded":
             return _json(200, TaskResult(_value(job.result)), headers)
-        attempts = f"{job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+        attempts = counted(job.attempts, "attempt")
         raise HttpError(
             HttpErrorCode.JOB_FAILED,
             f"task {job.task} (job {job.id}) {job.status} after {attempts}: {job.error}",
