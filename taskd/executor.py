@@ -34,7 +34,7 @@ from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
 from taskd.store import Claimed, ClaimRequest, Failure, Outcome, Store, StoreError
 from taskd.submit import Submitter, max_payload_size
-from taskd.tasks import Task, TaskRegistry
+from taskd.tasks import Task, TaskRegistry, read_tick
 from taskd.threads import TaskThreads
 
 logger = logging.getLogger(__name__)
@@ -324,12 +324,15 @@ class Executor:
         task = self._registry().get(job.task)
         if task is None:
             return self._failure(job, None, "error", f"task {job.task} is not loaded", final=True)
+        tick = read_tick(bytes(job.payload)) if job.origin == "schedule" else None
         try:
-            payload = task.decode_payload(bytes(job.payload))
+            payload = task.decode_payload(bytes(job.payload), tick=tick is not None)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError, RecursionError) as exc:
             message = f"payload no longer matches the task's schema: {exc}"
             return self._failure(job, task, "error", message, final=True)
         ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self._runtime)
+        if tick is not None:
+            ctx.scheduled_time, ctx.cron = tick.scheduled_time, tick.cron
         try:
             result = await self._call(task, payload, ctx)
         except asyncio.CancelledError:

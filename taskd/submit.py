@@ -113,7 +113,7 @@ class Submitter:
                 "data (a path, a URL, a row id) instead"
             )
         try:
-            task.decode_payload(request.payload)
+            task.decode_payload(request.payload, tick=request.origin == "schedule")
         except msgspec.ValidationError as exc:
             # {} was given, or no payload (which is {}): the request cannot tell which.
             hint = " (the payload was {})" if request.payload == EMPTY_MAP else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import inspect
 import sys
@@ -18,6 +19,12 @@ from taskd.definition import TaskContext, TaskDefinition
 from taskd.models import TaskInfo
 
 MODULE_PREFIX = "taskd_tasks."
+TICK_FIELDS = ("scheduled_time", "cron")  # what taskd merges into the payload of every tick
+_OBJECT_TYPES = (
+    msgspec.inspect.StructType,
+    msgspec.inspect.TypedDictType,
+    msgspec.inspect.DataclassType,
+)
 
 
 class TaskLoadError(Exception):
@@ -65,6 +72,7 @@ class Task:
         "takes_context",
         "takes_payload",
         "timeout",
+        "undeclared_tick_fields",
     )
 
     def __init__(self, name: str, file: Path, definition: TaskDefinition, options: TaskOptions):
@@ -87,9 +95,18 @@ class Task:
             raise TaskLoadError(
                 f"payload annotation {self.payload_type!r} is not a type msgspec validates: {exc}"
             ) from None
+        self.undeclared_tick_fields = _undeclared_tick_fields(self.payload_type)
 
-    def decode_payload(self, payload: bytes) -> Any:
-        """The payload as the task's annotation types it; raises msgspec.ValidationError."""
+    def decode_payload(self, payload: bytes, *, tick: bool = False) -> Any:
+        """The payload as the task's annotation types it; raises msgspec.ValidationError.
+
+        The payload of a `tick` holds scheduled_time and cron: a payload type that names
+        its fields (a Struct, a TypedDict, a dataclass) gets those it declares, so that a
+        strict one need not declare them (ctx.scheduled_time and ctx.cron have them); any
+        other type (dict, Any) gets both, as in Nitro.
+        """
+        if tick and self.undeclared_tick_fields:
+            payload = _without_keys(payload, self.undeclared_tick_fields)
         return self.payload_decoder.decode(payload)
 
     def call(self, payload: Any, ctx: TaskContext) -> Any:
@@ -240,6 +257,43 @@ def _call_shape(fn: Callable[..., Any]) -> tuple[bool, bool, Any]:
             return False, True, Any
         return True, False, annotation
     return False, False, Any
+
+
+class Tick(msgspec.Struct, frozen=True):
+    """What taskd merges into the payload of a tick: its time and its expression."""
+
+    scheduled_time: dt.datetime | None = None
+    cron: str | None = None
+
+
+_tick_decoder = msgspec.msgpack.Decoder(Tick)
+
+
+def read_tick(payload: bytes) -> Tick:
+    """The tick's own fields in the payload of a job a schedule started."""
+    try:
+        return _tick_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return Tick()
+
+
+def _undeclared_tick_fields(payload_type: Any) -> frozenset[str]:
+    """The tick fields a payload type made of named fields does not declare."""
+    info = msgspec.inspect.type_info(payload_type)
+    members = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    members = tuple(m for m in members if not isinstance(m, msgspec.inspect.NoneType))
+    if not members or not all(isinstance(m, _OBJECT_TYPES) for m in members):
+        return frozenset()
+    declared = {field.encode_name for m in members for field in m.fields}  # type: ignore[attr-defined]
+    return frozenset(TICK_FIELDS) - declared
+
+
+def _without_keys(payload: bytes, keys: frozenset[str]) -> bytes:
+    """A msgpack map without `keys` (anything else as it is)."""
+    value = msgspec.msgpack.decode(payload)
+    if not isinstance(value, dict) or not keys & value.keys():
+        return payload
+    return msgspec.msgpack.encode({k: v for k, v in value.items() if k not in keys})
 
 
 def _json_schema(payload_type: Any) -> dict[str, Any] | None:

@@ -212,3 +212,53 @@ def test_reload_reads_changed_files(tmp_path: Path) -> None:
     assert load_tasks(tmp_path).get("a").description == "one"  # type: ignore[union-attr]
     write(tmp_path, {"a.py": TASK.replace("@define_task", "@define_task(description='two')")})
     assert load_tasks(tmp_path).get("a").description == "two"  # type: ignore[union-attr]
+
+
+TICK_TYPES = """
+import datetime
+from typing import TypedDict
+
+import msgspec
+from taskd import define_task
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True):
+    keep: int
+
+
+class Timed(msgspec.Struct, forbid_unknown_fields=True):
+    keep: int
+    scheduled_time: datetime.datetime
+
+
+class Keep(TypedDict):
+    keep: int
+
+
+@define_task
+def task(payload: {annotation}) -> None: ...
+"""
+TICK = {"scheduled_time": "2026-03-29T03:00:00+02:00", "cron": "0 3 * * *", "keep": 7}
+
+
+@pytest.mark.parametrize(
+    ("annotation", "expected"),
+    [
+        ("dict", TICK),  # as in Nitro: a map gets both
+        ("Strict", {"keep": 7}),  # a strict Struct need not declare them
+        ("Strict | None", {"keep": 7}),
+        ("Timed", {"keep": 7, "scheduled_time": "2026-03-29T03:00:00+02:00"}),
+        ("Keep", {"keep": 7}),
+    ],
+)
+def test_a_ticks_fields_reach_the_payload_types_that_take_them(
+    tmp_path: Path, annotation: str, expected: dict[str, object]
+) -> None:
+    write(tmp_path, {"t.py": TICK_TYPES.replace("{annotation}", annotation)})
+    task = load_tasks(tmp_path).get("t")
+    assert task is not None
+    decoded = task.decode_payload(msgspec.msgpack.encode(TICK), tick=True)
+    assert msgspec.to_builtins(decoded) == expected
+    if annotation.startswith("Strict"):  # not a tick: the fields are the caller's, refused
+        with pytest.raises(msgspec.ValidationError):
+            task.decode_payload(msgspec.msgpack.encode(TICK))
