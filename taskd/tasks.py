@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib.util
 import inspect
 import sys
 import traceback
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,11 +22,6 @@ from taskd.models import TaskInfo
 
 MODULE_PREFIX = "taskd_tasks."
 TICK_FIELDS = ("scheduled_time", "cron")  # what taskd merges into the payload of every tick
-_OBJECT_TYPES = (
-    msgspec.inspect.StructType,
-    msgspec.inspect.TypedDictType,
-    msgspec.inspect.DataclassType,
-)
 
 
 class TaskLoadError(Exception):
@@ -61,12 +58,14 @@ class Task:
         "backoff",
         "concurrency",
         "description",
+        "fields",
         "file",
         "fn",
         "is_async",
         "max_attempts",
         "max_backoff",
         "name",
+        "other_keys",
         "payload_decoder",
         "payload_type",
         "takes_context",
@@ -95,7 +94,10 @@ class Task:
             raise TaskLoadError(
                 f"payload annotation {self.payload_type!r} is not a type msgspec validates: {exc}"
             ) from None
-        self.undeclared_tick_fields = _undeclared_tick_fields(self.payload_type)
+        self.fields, self.other_keys = _payload_fields(self.payload_type)
+        self.undeclared_tick_fields = (
+            frozenset() if self.fields is None else frozenset(TICK_FIELDS) - self.fields.keys()
+        )
 
     def decode_payload(self, payload: bytes, *, tick: bool = False) -> Any:
         """The payload as the task's annotation types it; raises msgspec.ValidationError.
@@ -108,6 +110,19 @@ class Task:
         if tick and self.undeclared_tick_fields:
             payload = _without_keys(payload, self.undeclared_tick_fields)
         return self.payload_decoder.decode(payload)
+
+    def query_payload(self, query: dict[str, str | list[str]]) -> dict[str, Any]:
+        """Query parameters (strings) as the payload's field types have them: `?sections=2`
+        is 2 for an `int` field. A value that does not convert, or whose type is a string or
+        anything, stays as it came, for the payload's validation to judge."""
+        payload: dict[str, Any] = {}
+        for key, value in query.items():
+            kind = self.other_keys if self.fields is None else self.fields.get(key, Any)
+            try:
+                payload[key] = msgspec.to_builtins(msgspec.convert(value, kind, strict=False))
+            except (msgspec.ValidationError, TypeError):
+                payload[key] = value
+        return payload
 
     def call(self, payload: Any, ctx: TaskContext) -> Any:
         """Call the task function with the arguments it takes."""
@@ -277,15 +292,27 @@ def read_tick(payload: bytes) -> Tick:
         return Tick()
 
 
-def _undeclared_tick_fields(payload_type: Any) -> frozenset[str]:
-    """The tick fields a payload type made of named fields does not declare."""
-    info = msgspec.inspect.type_info(payload_type)
-    members = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
-    members = tuple(m for m in members if not isinstance(m, msgspec.inspect.NoneType))
-    if not members or not all(isinstance(m, _OBJECT_TYPES) for m in members):
-        return frozenset()
-    declared = {field.encode_name for m in members for field in m.fields}  # type: ignore[attr-defined]
-    return frozenset(TICK_FIELDS) - declared
+def _payload_fields(payload_type: Any) -> tuple[dict[str, Any] | None, Any]:
+    """The type of each field of a payload made of named fields (a Struct, a TypedDict, a
+    dataclass, or a union of them), by its name in the payload, else None; and the type of
+    the values of other keys (a dict's values; Any: anything)."""
+    union = typing.get_origin(payload_type) in (typing.Union, types.UnionType)
+    members = [m for m in (typing.get_args(payload_type) if union else (payload_type,))
+               if m is not type(None)]  # fmt: skip
+    fields: dict[str, Any] = {}
+    for member in members:
+        if isinstance(member, type) and issubclass(member, msgspec.Struct):
+            fields.update({f.encode_name: f.type for f in msgspec.structs.fields(member)})
+        elif typing.is_typeddict(member) or dataclasses.is_dataclass(member):
+            fields.update(typing.get_type_hints(member))
+        else:
+            break
+    else:
+        if members:
+            return fields, Any
+    if len(members) == 1 and typing.get_origin(members[0]) in (dict, Mapping):
+        return None, (typing.get_args(members[0]) or (Any, Any))[1]
+    return None, Any
 
 
 def _without_keys(payload: bytes, keys: frozenset[str]) -> bytes:

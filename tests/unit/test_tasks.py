@@ -262,3 +262,22 @@ def test_a_ticks_fields_reach_the_payload_types_that_take_them(
     if annotation.startswith("Strict"):  # not a tick: the fields are the caller's, refused
         with pytest.raises(msgspec.ValidationError):
             task.decode_payload(msgspec.msgpack.encode(TICK))
+
+
+@pytest.mark.parametrize(
+    ("annotation", "expected"),
+    [
+        ("dict", {"keep": "7", "other": "x"}),  # strings, as Nitro gives them
+        ("dict[str, int]", {"keep": 7, "other": "x"}),  # "x" is left to the validation
+        ("Strict", {"keep": 7, "other": "x"}),
+        ("Strict | None", {"keep": 7, "other": "x"}),
+        ("Keep", {"keep": 7, "other": "x"}),
+    ],
+)
+def test_query_values_take_the_types_of_the_payloads_fields(
+    tmp_path: Path, annotation: str, expected: dict[str, object]
+) -> None:
+    write(tmp_path, {"t.py": TICK_TYPES.replace("{annotation}", annotation)})
+    task = load_tasks(tmp_path).get("t")
+    assert task is not None
+    assert task.query_payload({"keep": "7", "other": "x"}) == expected
