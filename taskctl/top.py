@@ -64,7 +64,7 @@ class View:
         for job in self.running or []:
             elapsed = format_duration(now - job.started_at) if job.started_at else "-"
             progress = self.progress.get(job.id, job.progress)
-            shown = bar(progress, 16) if progress is not None else ""
+            shown = bar(progress, 12) if progress is not None else ""
             lines.append(f"  {job.id:>6}  {job.task:<20.20} {elapsed:>8}  {shown}")
         if not self.running:
             lines.append("  (none)")
@@ -84,9 +84,10 @@ class View:
             lines.append("  (none)")
         lines += ["", "NEXT TICKS"]
         ticks = sorted((s for s in self.schedules if s.next_tick), key=lambda s: s.next_tick or 0)
-        for schedule in ticks[:10]:
-            when = render.local_time(schedule.next_tick, now)
-            lines.append(f"  {when:<10}  {schedule.id:<24.24} {', '.join(schedule.tasks)}")
+        whens = [render.local_time(schedule.next_tick, now) for schedule in ticks[:10]]
+        widest = max(map(len, whens), default=0)  # a date too when not today
+        for when, schedule in zip(whens, ticks, strict=False):
+            lines.append(f"  {when:<{widest}}  {schedule.id:<24.24} {', '.join(schedule.tasks)}")
         if not ticks:
             lines.append("  (none)")
         return [line[: width - 1] for line in lines]

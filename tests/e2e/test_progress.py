@@ -274,7 +274,7 @@ def test_top_shows_running_jobs_and_quits_with_q(taskd: Taskd) -> None:
         step(gate)
         output.until("2/4 (50%) step 2", screen=screen)  # redrawn on the progress event
         shown = screen.text()
-        assert re.search(r"RUNNING\n +\d+ +steps +\S+ +\[########--------\] 2/4", shown), shown
+        assert re.search(r"RUNNING\n +\d+ +steps +\S+ +\[######------\] 2/4", shown), shown
         assert re.search(r"RECENT FAILURES\n +\d+ +fail .*ValueError: boom", shown), shown
         # The header's counts fit on 80 columns, whatever the length of the node's name.
         assert re.search(r"^\d+ running, \d+ pending, 16 workers +\d\d:\d\d:\d\d +\(q quits\)$",
