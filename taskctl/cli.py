@@ -483,8 +483,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         """echo '{"name": "Ada"}' | taskctl run hello --payload -""",
     ),
     "enqueue": (
-        """taskctl enqueue jobs:send-email --payload '{"to": "a@example.com"}' --delay 5m""",
-        "taskctl enqueue report --at 2026-12-01T08:00:00+01:00 --key daily",
+        "taskctl enqueue jobs:send-email --delay 5m --payload "
+        """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
+        "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
     ),
     "job": ("taskctl job 42",),
     "jobs": (
@@ -509,7 +510,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "schedules": (
         "taskctl schedules",
-        "taskctl schedules pause nightly-backup",
+        "taskctl schedules pause nightly-index",
         "taskctl schedules trigger '*/5 * * * *'",
     ),
 }
@@ -735,7 +736,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 usage=f"taskctl schedules {name} [-h] ID|CRON",
                 description=f"{help}. Name the schedule by its id or by its cron expression "
                 "(quoted, so that the shell keeps it whole).",
-                epilog=_epilog((f"taskctl schedules {name} nightly-backup",)),
+                epilog=_epilog((f"taskctl schedules {name} nightly-index",)),
                 formatter_class=_Formatter,
             )
             _global_options(action, top=False)
