@@ -59,8 +59,7 @@ class ConnectionLimits:
             self._log(uid, "max_connections_per_user", f"{held} (max_connections_per_user)")
             return (
                 f"{user_name(uid)} has {counted(self.by_uid[uid], 'connection')} to taskd open, "
-                "the most "
-                "one user may have; close some, or ask the administrator to raise "
+                "the most one user may have; close some, or ask the administrator to raise "
                 "max_connections_per_user in taskd.toml"
             )
         self.by_uid[uid] += 1
