@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
         # waiting for the threads could take forever.
         logging.getLogger("taskd").warning(
-            "%s still running; exiting without them", counted(threads, "task thread")
+            "%s %s still running; exiting without them",
+            counted(threads, "task thread"),
+            "is" if threads == 1 else "are",
         )
         logging.shutdown()
         os._exit(status)

@@ -243,7 +243,11 @@ class Executor:
             spare={*self._running, *(job.id for _, job in self._ready)},
         )
         if woken:
-            logger.warning("%s waiting for jobs told that claims fail", counted(woken, "caller"))
+            logger.warning(
+                "%s waiting for jobs %s told that claims fail",
+                counted(woken, "caller"),
+                "was" if woken == 1 else "were",
+            )
 
     def _limits(self) -> dict[str, int]:
         limits = {t.name: t.concurrency for t in self._registry() if t.concurrency is not None}
