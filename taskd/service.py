@@ -66,7 +66,7 @@ from taskd.submit import (
     Submitter,
     UnknownTask,
 )
-from taskd.tasks import TaskRegistry
+from taskd.tasks import Task, TaskRegistry
 from taskd.why import Facts, explain
 
 
@@ -187,6 +187,10 @@ class Service:
             case MetricsParams() if self._metrics is not None:
                 return await self._metrics()
         raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no handler for {type(params).__name__}")
+
+    def task(self, name: str) -> Task | None:
+        """The loaded task of that name, if any."""
+        return self._registry().get(name)
 
     def list_tasks(self) -> list[TaskInfo]:
         schedules = self._scheduler.task_schedules()

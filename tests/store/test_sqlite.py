@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import stat
@@ -60,7 +61,9 @@ async def test_corrupt_or_newer_database_is_refused_clearly(tmp_path: Path) -> N
         await SqliteStore(newer).open()
 
 
-async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+async def test_a_version_1_database_is_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as connection:
         for statement in MIGRATIONS[0]:
@@ -80,7 +83,10 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         )
         connection.execute("INSERT INTO schedules (id, last_tick, paused) VALUES ('x', 5.0, 1)")
     store = SqliteStore(path, clock=Clock(NOW))
-    await store.open()
+    with caplog.at_level(logging.INFO, "taskd.store"):
+        await store.open()
+    migrated = [r.getMessage() for r in caplog.records if "schema version" in r.getMessage()]
+    assert migrated == [f"job store {path} migrated from schema version 1 to {len(MIGRATIONS)}"]
     try:
         (recovered,) = await store.recover(3)
         assert recovered.status == "pending" and recovered.errors == []

@@ -188,7 +188,12 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
         except BaseException:
             await connection.execute("ROLLBACK")
             raise
-        logger.info("job store %s migrated to schema version %d", path, number + 1)
+    if version == 0:
+        logger.info("created the job store %s at schema version %d", path, len(MIGRATIONS))
+    elif version < len(MIGRATIONS):
+        logger.info(
+            "job store %s migrated from schema version %d to %d", path, version, len(MIGRATIONS)
+        )
 
 
 def node_from_row(row: sqlite3.Row) -> NodeInfo:
