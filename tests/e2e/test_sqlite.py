@@ -271,6 +271,43 @@ def test_an_emptied_database_is_refused_unless_allowed(taskd_factory: type[Taskd
     assert daemon.start().stop() == 0  # the new store is the one taskd created now
 
 
+def test_a_database_removed_with_rm_glob_is_refused_unless_allowed(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory().start()
+    enqueue(daemon, "echo", "--delay", "1h")
+    assert daemon.stop() == 0
+    removed = subprocess.run(["sh", "-c", 'rm -v -- "$0"*', str(daemon.database)], text=True,
+                             capture_output=True, check=True)  # fmt: skip
+    assert f"{daemon.database}'" in removed.stdout  # `rm taskd.db*` took the database itself
+    log = daemon.refused()
+    (line,) = [line for line in log.splitlines() if "cannot start" in line]
+    assert f"job store {daemon.database} is missing, but taskd had created a job store" in line
+    assert "start taskd once with --allow-empty-store" in line
+    assert not daemon.database.exists()  # the refused start created no empty file
+    daemon.extra_args = ["--allow-empty-store"]
+    daemon.start()
+    assert json.loads(daemon.ctl("--json", "jobs").stdout) == []
+    assert "starting with an empty store, as --allow-empty-store asks" in daemon.log
+    assert daemon.stop() == 0
+    daemon.extra_args = []
+    assert daemon.start().stop() == 0  # the new store is the one taskd created now
+
+
+def test_the_marker_where_earlier_versions_kept_it_is_honoured(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory().start()
+    assert daemon.stop() == 0
+    marker, old = daemon.root / ".taskd.db.created", daemon.root / "taskd.db.created"
+    os.replace(marker, old)
+    os.truncate(daemon.database, 0)
+    assert f"(or remove {old})" in daemon.refused()
+    daemon.extra_args = ["--allow-empty-store"]
+    assert daemon.start().stop() == 0
+    assert marker.exists() and not old.exists()
+
+
 # -- a full disk --------------------------------------------------------------------------
 
 

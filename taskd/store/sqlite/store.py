@@ -135,6 +135,8 @@ class SqliteStore:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
+        self._created = False  # this start created the database file
+        self._opened = False
         self._commits: GroupCommit[Tx] = GroupCommit(self._run_batch)
         self._schedules: dict[str, str] = {}  # worker -> digest of its schedules
         self._short_of_space = False  # a write failed for want of space since the last reclaim
@@ -151,13 +153,13 @@ class SqliteStore:
             await self._configure(self._writer)
             await self._checkpoint_at_start(self._writer)
             await migrate(self._writer, self.path)
-            files.write_marker(self._file, self._mode)
             # We hold the lock: the daemons these rows name are gone, their jobs abandoned.
             await self._writer.execute("UPDATE nodes SET expires = NULL")
             files.secure(self._file, self._mode, self._group)  # the -wal and -shm now exist
             self._reader = await self._connect()
             await self._reader.execute_fetchall("PRAGMA query_only = 1")
             await self._reader.execute_fetchall(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            files.write_marker(self._file, self._mode)
         except sqlite3.Error as exc:
             await self.close()
             raise store_error(exc, self.path, "cannot open job store") from exc
@@ -168,6 +170,7 @@ class SqliteStore:
             await self.close()
             raise
         self._commits.start()
+        self._opened = True
 
     async def close(self) -> None:
         await self._commits.stop()
@@ -179,6 +182,8 @@ class SqliteStore:
                     logger.warning("closing %s: %s", self.path, exc)
         self._reader = self._writer = None
         if self._lock_fd is not None:
+            if self._created and not self._opened:  # a refused start leaves no new file behind
+                files.remove_created(self._file)
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -195,7 +200,9 @@ class SqliteStore:
         """Resolve the database's name to the file itself, create its folder, lock it."""
         self._file = Path(os.path.realpath(self.path))
         files.make_folder(self._file.parent, self._group)
-        self._lock_fd = files.lock_database(self._file, self._mode, self._group, name=self.path)
+        self._lock_fd, self._created = files.lock_database(
+            self._file, self._mode, self._group, name=self.path
+        )
 
     async def _check(self, connection: aiosqlite.Connection) -> None:
         """Refuse a damaged database, and an empty one where taskd had created a store."""
@@ -216,20 +223,22 @@ class SqliteStore:
                 f"what is readable (sqlite3 {self._file} .recover | sqlite3 new.db)"
             )
         ((tables,),) = await connection.execute_fetchall("SELECT count(*) FROM sqlite_master")
-        marker = files.marker_path(self._file)
-        if tables or not marker.exists():
+        marker = files.existing_marker(self._file)
+        if tables or marker is None:
             return
+        state = "missing" if self._created else "empty"
         if not self._allow_empty:
             raise StoreError(
-                f"job store {self.path} is empty, but taskd had created a job store there "
+                f"job store {self.path} is {state}, but taskd had created a job store there "
                 f"({marker} says when): the file was truncated, replaced or deleted, and its "
                 "jobs are gone. Restore it from a backup; or, to start with an empty store, "
                 f"start taskd once with --allow-empty-store (or remove {marker})"
             )
         logger.warning(
-            "job store %s was empty although taskd had created one there; starting with an "
+            "job store %s was %s although taskd had created one there; starting with an "
             "empty store, as --allow-empty-store asks",
             self.path,
+            state,
         )
 
     async def _connect(self) -> aiosqlite.Connection:
