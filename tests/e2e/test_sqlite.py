@@ -11,12 +11,13 @@ import resource
 import sqlite3
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from taskctl.errors import TaskdError
 from taskd.store import NewJob
 from tests.support import Taskd, wait_until
 
@@ -312,21 +313,32 @@ def test_the_marker_where_earlier_versions_kept_it_is_honoured(
 
 
 @pytest.fixture
-def small_disk(short_tmp: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs, mounted for the test (root only)."""
-    folder = short_tmp / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
+def tmpfs(short_tmp: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a tmpfs of the size asked (`"2m"`) for the test (root only)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = short_tmp / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmpfs: Callable[[str], Path]) -> Path:
+    """A 16 MiB tmpfs."""
+    return tmpfs("16m")
 
 
 def _fill(path: Path) -> None:
@@ -371,3 +383,53 @@ def test_a_full_disk_is_reported_and_its_space_comes_back(
     assert json.loads(daemon.ctl("--json", "status").stdout)["store_failing"] is None
     assert f"writes to job store {daemon.database} go through again" in daemon.log
     assert daemon.stop() == 0
+
+
+def _enqueue_until_refused(daemon: Taskd) -> tuple[int, str]:
+    """Enqueue email-sized jobs until one is refused: how many were accepted, and why not."""
+    payload = {"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}
+    accepted = 0
+    with daemon.client() as client:
+        while True:
+            try:
+                client.enqueue("echo", payload, delay="1h")
+            except TaskdError as exc:
+                return accepted, str(exc)
+            accepted += 1
+
+
+def test_freed_space_goes_to_the_database_first(
+    taskd_factory: type[Taskd], tmpfs: Callable[[str], Path]
+) -> None:
+    disk = tmpfs("2m")
+    freed, spare = disk / "freed", disk / "spare"
+    freed.write_bytes(b"\0" * 512 * 1024)
+    spare.write_bytes(b"\0" * 128 * 1024)
+    daemon = taskd_factory()
+    daemon.database = disk / "taskd.db"
+    daemon.start()
+    before, refusal = _enqueue_until_refused(daemon)
+    assert "check the free space" in refusal and "carries on by itself" in refusal, refusal
+    freed.unlink()
+    after, _ = _enqueue_until_refused(daemon)
+    assert daemon.stop() == 0
+    assert not Path(f"{daemon.database}-wal").exists()  # the clean stop gave the WAL back
+    # What 512 KiB holds at the size a job takes in the database (pages, indexes and all).
+    per_job = daemon.database.stat().st_size / (before + after)
+    assert after >= 512 * 1024 / per_job, (before, after, per_job)
+    spare.unlink()
+    daemon.start()  # and every job accepted is there
+    assert json.loads(daemon.ctl("--json", "status").stdout)["counts"]["pending"] == before + after
+    assert daemon.stop() == 0
+
+
+def test_a_start_refused_on_a_full_disk_leaves_no_empty_database(
+    taskd_factory: type[Taskd], tmpfs: Callable[[str], Path]
+) -> None:
+    disk = tmpfs("1m")
+    _fill(disk / "filler")
+    daemon = taskd_factory()
+    daemon.database = disk / "taskd.db"
+    (line,) = [line for line in daemon.refused().splitlines() if "cannot start" in line]
+    assert "carries on by itself" not in line, line
+    assert sorted(path.name for path in disk.iterdir()) == ["filler"]

@@ -203,10 +203,11 @@ async def test_an_emptied_store_is_refused_unless_allowed(tmp_path: Path) -> Non
     await store.open()
     await store.insert([new()])
     await store.close()
-    for gone in (lambda: os.truncate(path, 0), path.unlink):
+    for gone, state in ((lambda: os.truncate(path, 0), "empty"), (path.unlink, "missing")):
         gone()
-        with pytest.raises(StoreError, match="is empty, but taskd had created a job store there"):
+        with pytest.raises(StoreError, match=f"is {state}, but taskd had created a job store"):
             await SqliteStore(path).open()
+        assert path.exists() == (state == "empty")  # a refused open created no file
         store = SqliteStore(path, allow_empty=True)
         await store.open()
         assert await store.list_jobs(JobFilter()) == []
