@@ -182,12 +182,36 @@ def test_an_immutable_database_is_refused_clearly(taskd_factory: type[Taskd]) ->
 # -- a damaged database -------------------------------------------------------------------
 
 
-def test_a_corrupt_page_is_refused_at_start_up(taskd_factory: type[Taskd]) -> None:
+def _checks(daemon: Taskd) -> int:
+    return daemon.log.count(f"checked job store {daemon.database} (PRAGMA quick_check)")
+
+
+def test_a_clean_stop_spares_the_next_start_the_check(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory().start()
+    enqueue(daemon, "echo", "--delay", "1h")
+    assert daemon.stop() == 0
+    checks = _checks(daemon)
+    assert daemon.start().stop() == 0
+    assert _checks(daemon) == checks
+    assert f"job store {daemon.database} was closed cleanly: no PRAGMA quick_check" in daemon.log
+    daemon.start()
+    enqueue(daemon, "echo", "--delay", "1h")
+    daemon.kill()
+    daemon.start()
+    assert _checks(daemon) == checks + 1  # after kill -9 the whole file is checked
+    assert len(json.loads(daemon.ctl("--json", "jobs").stdout)) == 2
+    assert daemon.stop() == 0
+
+
+def test_a_corrupt_page_is_refused_after_an_unclean_stop(taskd_factory: type[Taskd]) -> None:
     daemon = taskd_factory().start()
     assert daemon.stop() == 0
     jobs = [NewJob("echo", msgspec.msgpack.encode("x" * 500), "enqueue", 3) for _ in range(300)]
     daemon.in_store(lambda store: store.insert(jobs))
+    daemon.start()
+    daemon.kill()
     with sqlite3.connect(daemon.database) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file itself
         (page_size,) = connection.execute("PRAGMA page_size").fetchone()
         (root,) = connection.execute(
             "SELECT rootpage FROM sqlite_master WHERE name = 'jobs'"

@@ -21,6 +21,10 @@ def is_space_error(exc: sqlite3.Error) -> bool:
     return primary_code(exc) in SPACE_ERRORS
 
 
+def is_damage(exc: sqlite3.Error) -> bool:
+    return primary_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def advice(exc: sqlite3.Error, path: Path) -> tuple[str, str]:
     """What the person at the terminal can do about an error of the database at `path`: while
     taskd runs, and when it cannot start (the same unless taskd gets over it by itself)."""

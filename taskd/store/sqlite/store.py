@@ -39,8 +39,8 @@ from taskd.store.base import (
 from taskd.store.batching import GroupCommit, Item, Operation
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
-from taskd.store.sqlite import activity, files, jobs, nodes, reads, schedules
-from taskd.store.sqlite.errors import store_error
+from taskd.store.sqlite import activity, checks, files, jobs, nodes, reads, schedules
+from taskd.store.sqlite.errors import is_damage, store_error
 from taskd.store.sqlite.jobs import PRUNE_SLICE, Tx
 from taskd.store.sqlite.schema import migrate
 from taskd.store.sqlite.space import WAL_AUTOCHECKPOINT, WAL_SIZE_LIMIT, WalSpace
@@ -49,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-CHECK_NOTED = 1.0  # seconds: a start-up check that takes longer is logged at info
 
 
 def _transact(
@@ -76,6 +74,14 @@ def _transact(
     return outputs
 
 
+def _take_over(tx: Tx, items: list[None]) -> list[None]:
+    """We hold the lock: the daemons the node rows name are gone, their jobs abandoned; and
+    the file is in use until a clean stop marks it closed."""
+    tx.db.execute("UPDATE nodes SET expires = NULL")
+    checks.set_closed_cleanly(tx.db, False)
+    return [None]
+
+
 def _reads(method: Callable[P, Any]) -> Callable[P, Any]:
     """SQLite's exceptions leave the store as StoreError, with the database named."""
 
@@ -86,7 +92,7 @@ def _reads(method: Callable[P, Any]) -> Callable[P, Any]:
         except sqlite3.Error as exc:
             store = args[0]
             assert isinstance(store, SqliteStore)
-            raise store_error(exc, store.path) from exc
+            raise store._error(exc) from exc
 
     return wrapper
 
@@ -101,7 +107,7 @@ def _writes(method: Callable[P, Any]) -> Callable[P, Any]:
         try:
             result = await method(*args, **kwargs)
         except sqlite3.Error as exc:
-            error = store_error(exc, store.path)
+            error = store._error(exc)
             store.health.failed(method.__name__, str(error))
             raise error from exc
         store.health.succeeded(method.__name__)
@@ -140,6 +146,7 @@ class SqliteStore:
         self._lock_fd: int | None = None
         self._created = False  # this start created the database file
         self._opened = False
+        self._damaged = False  # SQLite found damage: the next start checks the whole file
         self._commits: GroupCommit[Tx] = GroupCommit(self._run_batch)
         self._schedules: dict[str, str] = {}  # worker -> digest of its schedules
         self._space = WalSpace(path)  # used in the writer's thread only
@@ -151,12 +158,18 @@ class SqliteStore:
         try:
             files.secure(self._file, self._mode, self._group)  # left more open by an older taskd
             self._writer = await self._connect()
-            await self._check(self._writer)
+            await self._in_writer(checks.check_pages, self.path, self._file)
+            await self._in_writer(
+                checks.check_not_emptied,
+                self.path,
+                self._file,
+                created=self._created,
+                allow_empty=self._allow_empty,
+            )
             await self._configure(self._writer)
             await self._in_writer(self._space.at_start)
             await migrate(self._writer, self.path)
-            # We hold the lock: the daemons these rows name are gone, their jobs abandoned.
-            await self._writer.execute("UPDATE nodes SET expires = NULL")
+            await self._run_batch([(_take_over, [None])])
             files.secure(self._file, self._mode, self._group)  # the -wal and -shm now exist
             self._reader = await self._connect()
             await self._reader.execute_fetchall("PRAGMA query_only = 1")
@@ -179,6 +192,7 @@ class SqliteStore:
         await self._disconnect(self._reader)
         self._reader = None
         if self._opened and self._writer is not None:
+            await self._mark_closed_cleanly()
             await self._in_writer(self._space.at_stop)  # no reader is left to hold the WAL
         await self._disconnect(self._writer)
         self._writer = None
@@ -188,6 +202,25 @@ class SqliteStore:
             os.close(self._lock_fd)
             self._lock_fd = None
         self._opened = False
+
+    async def _mark_closed_cleanly(self) -> None:
+        if self._damaged:
+            logger.warning(
+                "job store %s: SQLite found damage while taskd ran; the next start checks the "
+                "whole file (PRAGMA quick_check)",
+                self.path,
+            )
+            return
+        try:
+            await self._in_writer(checks.set_closed_cleanly, True)
+        except sqlite3.Error as exc:  # the next start checks the file: slower, no harm
+            logger.warning("cannot mark job store %s as closed cleanly: %s", self.path, exc)
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        """SQLite's error as the StoreError callers get; damage is remembered for the next
+        start."""
+        self._damaged |= is_damage(exc)
+        return store_error(exc, self.path)
 
     async def _disconnect(self, connection: aiosqlite.Connection | None) -> None:
         if connection is not None:
@@ -214,43 +247,6 @@ class SqliteStore:
             self._file, self._mode, self._group, name=self.path
         )
 
-    async def _check(self, connection: aiosqlite.Connection) -> None:
-        """Refuse a damaged database, and an empty one where taskd had created a store."""
-        started = time.monotonic()
-        rows = [row[0] for row in await connection.execute_fetchall("PRAGMA quick_check(5)")]
-        took = time.monotonic() - started
-        logger.log(
-            logging.INFO if took > CHECK_NOTED else logging.DEBUG,
-            "checked job store %s (PRAGMA quick_check) in %.2f s",
-            self.path,
-            took,
-        )
-        if rows != ["ok"]:
-            problems = "; ".join(" ".join(row.split()) for row in rows)  # on one line
-            raise StoreError(
-                f"job store {self.path} is damaged (PRAGMA quick_check: {problems}): "
-                f"stop taskd, keep a copy of {self._file}, then restore a backup or recover "
-                f"what is readable (sqlite3 {self._file} .recover | sqlite3 new.db)"
-            )
-        ((tables,),) = await connection.execute_fetchall("SELECT count(*) FROM sqlite_master")
-        marker = files.existing_marker(self._file)
-        if tables or marker is None:
-            return
-        state = "missing" if self._created else "empty"
-        if not self._allow_empty:
-            raise StoreError(
-                f"job store {self.path} is {state}, but taskd had created a job store there "
-                f"({marker} says when): the file was truncated, replaced or deleted, and its "
-                "jobs are gone. Restore it from a backup; or, to start with an empty store, "
-                f"start taskd once with --allow-empty-store (or remove {marker})"
-            )
-        logger.warning(
-            "job store %s was %s although taskd had created one there; starting with an "
-            "empty store, as --allow-empty-store asks",
-            self.path,
-            state,
-        )
-
     async def _connect(self) -> aiosqlite.Connection:
         connection = await aiosqlite.connect(self._file, isolation_level=None)
         connection.row_factory = sqlite3.Row  # rows are read by column name
@@ -269,10 +265,10 @@ class SqliteStore:
         ):
             await connection.execute_fetchall(f"PRAGMA {pragma}")
 
-    async def _in_writer(self, function: Callable[..., R], *args: Any) -> R:
-        """`function(connection, *args)` run whole in the writer connection's thread."""
+    async def _in_writer(self, function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """`function(connection, *args, **kwargs)` run whole in the writer connection's thread."""
         writer: Any = self._connection(self._writer)
-        result: R = await writer._execute(function, writer._conn, *args)
+        result: R = await writer._execute(function, writer._conn, *args, **kwargs)
         return result
 
     async def _run_batch(self, operations: list[tuple[Any, list[Any]]]) -> list[list[Any]]:
@@ -528,4 +524,3 @@ class SqliteStore:
             if fired.fired and any(not job.joined and job.id not in taken for job in fired.jobs):
                 self.events.due(0)
                 return
-
