@@ -457,3 +457,20 @@ def test_a_start_refused_on_a_full_disk_leaves_no_empty_database(
     (line,) = [line for line in daemon.refused().splitlines() if "cannot start" in line]
     assert "carries on by itself" not in line, line
     assert sorted(path.name for path in disk.iterdir()) == ["filler"]
+
+
+def test_a_wal_left_by_kill_on_a_small_disk_is_given_back_at_start(
+    taskd_factory: type[Taskd], tmpfs: Callable[[str], Path]
+) -> None:
+    daemon = taskd_factory()
+    daemon.database = tmpfs("4m") / "taskd.db"
+    daemon.start()
+    wal = Path(f"{daemon.database}-wal")
+    with daemon.client() as client:
+        while wal.stat().st_size < 1 << 20:
+            client.enqueue("echo", "x" * 1000, delay="1h")
+    daemon.kill()
+    left = wal.stat().st_size
+    daemon.start()
+    assert f"checkpointed {wal}: {left} bytes given back" in daemon.log
+    assert daemon.stop() == 0

@@ -54,7 +54,11 @@ class WalSpace:
         return before - size(self.wal)
 
     def at_start(self, db: sqlite3.Connection) -> None:
-        """A WAL left behind (a crash, a full disk at the last stop) gives its space back."""
+        """A WAL left behind (a crash, a full disk at the last stop) gives its space back now
+        if it grew past its limit or its file system is short of room; otherwise SQLite's
+        checkpoints take it as writes come, and start-up does not wait for one."""
+        if size(self.wal) <= WAL_SIZE_LIMIT and self._room() >= ROOM_FOR_WAL:
+            return
         try:
             given = self.checkpoint(db)
         except sqlite3.Error as exc:  # the writes that follow say whether it matters
