@@ -1,8 +1,8 @@
 """What a SQLite job store is checked for as it opens: damage, after a stop that was not
 clean, and the loss of a store that taskd had created. Run in the writer connection's thread.
 
-`PRAGMA quick_check` reads the whole file (1.4 s for a million jobs), so it runs only when
-the mark in `store_state` does not say that the last taskd closed the file cleanly and met
+`PRAGMA quick_check` reads the whole file (about a second for a million jobs), so it runs only
+when the mark in `store_state` does not say that the last taskd closed the file cleanly and met
 no damage: after kill -9, a crash or a power cut, on a file from elsewhere, and once after
 an upgrade to the schema that has the mark.
 """
