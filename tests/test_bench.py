@@ -55,6 +55,6 @@ def test_the_quick_check_measurement_runs(capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.skipif(os.getuid() != 0, reason="mounts a tmpfs: root only")
 def test_the_disk_full_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    disk_full.main(["--size", "1m", "--freed", "128", "--spare", "64"])
+    disk_full.main(["--size", "1m", "--freed", "128", "--spare", "256"])
     out = capsys.readouterr().out
     assert "jobs after freeing 128 KiB" in out and "  ready;" in out, out
