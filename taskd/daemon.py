@@ -199,7 +199,7 @@ class Daemon:
         try:
             await self._start_serving(settings, listener)
         except StoreError as exc:  # a first read or write failed; the message names the store
-            raise StartupError(str(exc)) from None
+            raise StartupError(exc.at_start_up) from None
 
     def _settings(self) -> _Settings:
         """The tasks and what the configuration says, checked (exit 78 if broken)."""
