@@ -16,7 +16,13 @@ import msgspec
 from taskctl import errors
 from taskctl.client import WAIT_MARGIN, Client
 from taskd import __version__
-from taskd.models import FINISHED_STATUSES, JOB_STATUSES, format_duration, parse_duration
+from taskd.models import (
+    FINISHED_STATUSES,
+    JOB_STATUSES,
+    counted,
+    format_duration,
+    parse_duration,
+)
 from taskd.protocol import (
     CANCEL,
     ENQUEUE,
@@ -358,7 +364,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> Exit:
         args,
         job,
         lambda: (
-            f"job {job.id} {job.task} is pending again with {_count(job.max_attempts, 'attempt')}"
+            f"job {job.id} {job.task} is pending again with {counted(job.max_attempts, 'attempt')}"
         ),
     )
 
@@ -370,7 +376,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_prune(client: Client, args: argparse.Namespace) -> Exit:
     deleted = client.prune(args.older_than)
-    return _show(args, {"deleted": deleted}, lambda: f"deleted {_count(deleted, 'finished job')}")
+    return _show(args, {"deleted": deleted}, lambda: f"deleted {counted(deleted, 'finished job')}")
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:
@@ -382,7 +388,9 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:
     return _show(
         args,
         result,
-        lambda: f"reloaded: {_count(result.tasks, 'task')}, {_count(result.schedules, 'schedule')}",
+        lambda: (
+            f"reloaded: {counted(result.tasks, 'task')}, {counted(result.schedules, 'schedule')}"
+        ),
     )
 
 
@@ -450,13 +458,10 @@ def _show(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> Exit
 def _job_exit(job: Any) -> Exit:
     if job.status == "succeeded":
         return Exit.OK
-    attempts = f"after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
-    print(f"taskctl: job {job.id} {job.task} {job.status} {attempts}: {job.error}", file=sys.stderr)
+    attempts = counted(job.attempts, "attempt")
+    print(f"taskctl: job {job.id} {job.task} {job.status} after {attempts}: {job.error}",
+          file=sys.stderr)  # fmt: skip
     return Exit.JOB_FAILED
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _render() -> Any:
@@ -760,7 +765,10 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{exc.message}; --request-timeout sets how long to wait"
         _fail(args, exc.code, message, Exit.TEMPFAIL)
     except errors.TaskdError as exc:
-        _fail(args, exc.code, exc.message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
+        message = exc.message
+        if isinstance(exc, errors.PayloadInvalid) and getattr(args, "payload", "") is None:
+            message += "; no --payload was given, so the task got {}: give one with --payload"
+        _fail(args, exc.code, message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
     except KeyboardInterrupt:
         job_id = getattr(args, "waiting_for", None)
         if job_id is None:

@@ -16,7 +16,7 @@ from taskd.failures import describe, failed
 from taskd.models import Job
 from taskd.output import job_output
 from taskd.store import Outcome
-from taskd.tasks import Task, TaskRegistry
+from taskd.tasks import Task, TaskRegistry, read_tick
 from taskd.threads import TaskThreads
 
 
@@ -47,12 +47,15 @@ class Attempts:
         task = self._tasks.get(job.task)
         if task is None:
             return self._failed(job, None, f"task {job.task} is not loaded", final=True)
+        tick = read_tick(bytes(job.payload)) if job.origin == "schedule" else None
         try:
-            payload = task.decode_payload(bytes(job.payload))
+            payload = task.decode_payload(bytes(job.payload), tick=tick is not None)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError, RecursionError) as exc:
             message = f"payload no longer matches the task's schema: {exc}"
             return self._failed(job, task, message, final=True)
         ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self._runtime)
+        if tick is not None:
+            ctx.scheduled_time, ctx.cron = tick.scheduled_time, tick.cron
         try:
             result = await self._call(task, payload, ctx)
         except _TimedOut:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from taskd.access import user_name
+from taskd.models import counted
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class ConnectionLimits:
             held = f"it has {self.by_uid[uid]} open, the most one user may have"
             self._log(uid, "max_connections_per_user", f"{held} (max_connections_per_user)")
             return (
-                f"{user_name(uid)} has {self.by_uid[uid]} connections to taskd open, the most "
-                "one user may have; close some, or ask the administrator to raise "
+                f"{user_name(uid)} has {counted(self.by_uid[uid], 'connection')} to taskd open, "
+                "the most one user may have; close some, or ask the administrator to raise "
                 "max_connections_per_user in taskd.toml"
             )
         self.by_uid[uid] += 1

@@ -24,7 +24,7 @@ from taskd.http.settings import HttpSettings, load_settings
 from taskd.leases import LeaseKeeper
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
-from taskd.models import ConnectionStats, ThreadStats
+from taskd.models import ConnectionStats, ThreadStats, counted
 from taskd.news import DaemonNews
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.runtime import Runtime
@@ -206,6 +206,10 @@ class Daemon:
     async def _serve(self) -> int:
         try:
             started = await self._start_unless_stopped()
+        except StartupError as exc:
+            logger.error("cannot start: %s", exc)  # first: what follows is only clean-up
+            await self.shutdown(announce=False)
+            raise
         except BaseException:
             await self.shutdown()
             raise
@@ -250,7 +254,7 @@ class Daemon:
         try:
             await self._start_serving(settings, listener)
         except StoreError as exc:  # a first read or write failed; the message names the store
-            raise StartupError(str(exc)) from None
+            raise StartupError(exc.at_start_up) from None
 
     def _settings(self) -> _Settings:
         """The tasks and what the configuration says, checked (exit 78 if broken)."""
@@ -312,10 +316,10 @@ class Daemon:
         self._start_background(engine)
         self._ready(await self._summary())
         logger.info(
-            "taskd %s ready (pid %d): %d tasks from %s, %s, socket %s",
+            "taskd %s ready (pid %d): %s from %s, %s, socket %s",
             taskd.__version__,
             os.getpid(),
-            len(tasks),
+            counted(len(tasks), "task"),
             paths.tasks,
             store.description,
             paths.socket,
@@ -364,9 +368,10 @@ class Daemon:
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)
             logger.warning(
-                "%d jobs were running when taskd last stopped without finishing them: %d back "
-                "in the queue, %d failed (out of attempts or quarantined)",
-                len(recovered),
+                "%s running when taskd last stopped without finishing %s: %d back in the "
+                "queue, %d failed (out of attempts or quarantined)",
+                counted(len(recovered), "job") + (" was" if len(recovered) == 1 else " were"),
+                "it" if len(recovered) == 1 else "them",
                 len(recovered) - failed,
                 failed,
             )
@@ -396,7 +401,7 @@ class Daemon:
 
         http = settings.http
         assert http is not None
-        api = HttpApi(dispatch, status.healthy)
+        api = HttpApi(dispatch, status.healthy, self._tasks())
         self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
         try:
             await self._http.start()
@@ -415,8 +420,8 @@ class Daemon:
         if self._store is not None:
             with contextlib.suppress(StoreError):
                 queued = str(await self._store.queue_depth())
-        tasks = len(self._tasks())
-        return f"{running} running, {queued} queued, {tasks} task{'s' if tasks != 1 else ''} loaded"
+        tasks = counted(len(self._tasks()), "task")
+        return f"{running} running, {queued} queued, {tasks} loaded"
 
     def _ready(self, summary: str) -> None:
         self.notifier.ready(summary)
@@ -535,16 +540,20 @@ class Daemon:
             await self._scheduler.replace(schedules)
             await self._compare_schedules(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
-        logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
+        logger.info("reloaded: %s from %s", counted(len(registry), "task"), paths.tasks)
         return ReloadResult(len(registry), len(schedules), restart_needed)
 
     # -- stop ----------------------------------------------------------------------------
 
-    async def shutdown(self) -> None:
-        """Stop accepting, let running jobs finish (then return them), close the store."""
+    async def shutdown(self, *, announce: bool = True) -> None:
+        """Stop accepting, let running jobs finish (then return them), close the store.
+
+        Without `announce` (a start-up that failed) "stopping" and "stopped" are debug lines.
+        """
         self._stopping = True
+        level = logging.INFO if announce else logging.DEBUG
         self.notifier.stopping()
-        logger.info("stopping")
+        logger.log(level, "stopping")
         if self._server is not None:
             self._server.stop_accepting(keep_listening=self._socket_lock is not None)
         if self._http is not None:
@@ -571,7 +580,7 @@ class Daemon:
             release_socket(self.paths.socket, self._socket_lock)
             self._socket_lock = None
         self.notifier.close()
-        logger.info("stopped")
+        logger.log(level, "stopped")
 
     # -- what the status methods read (taskd.service.Node) ---------------------------------
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 from taskd.activity import ActivityRecorder
 from taskd.attempt import Attempts
-from taskd.models import Job
+from taskd.models import Job, counted
 from taskd.news import DaemonNews
 from taskd.slots import Slots
 from taskd.store import Claimed, ClaimRequest, Outcome, Store, StoreError
@@ -181,7 +181,11 @@ class Executor:
             spare={*self._running, *self._slots.ready_ids()},
         )
         if woken:
-            logger.warning("%d callers waiting for jobs were told that claims fail", woken)
+            logger.warning(
+                "%s waiting for jobs %s told that claims fail",
+                counted(woken, "caller"),
+                "was" if woken == 1 else "were",
+            )
 
     def _due(self, delay: float) -> None:
         """Claim again now, or in `delay` seconds (unless woken earlier anyway)."""
@@ -353,9 +357,9 @@ class Executor:
             except StoreError as exc:
                 if pause is None:
                     logger.error(
-                        "cannot record the outcomes of %d jobs (%s); their leases will expire "
+                        "cannot record the outcomes of %s (%s); their leases will expire "
                         "and they will run again",
-                        len(self._outcomes),
+                        counted(len(self._outcomes), "job"),
                         exc,
                     )
                     return

@@ -9,6 +9,7 @@ import contextlib
 import logging
 
 from taskd.executor import Executor
+from taskd.models import counted
 from taskd.slots import Slots
 from taskd.store import Store, StoreError
 
@@ -42,8 +43,8 @@ class LeaseKeeper:
                 continue
             if recovered:
                 logger.warning(
-                    "took back %d jobs of daemons that went away: %s",
-                    len(recovered),
+                    "took back %s of daemons that went away: %s",
+                    counted(len(recovered), "job"),
                     ", ".join(f"job {job.id} {job.task} ({job.status})" for job in recovered),
                 )
 

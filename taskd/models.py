@@ -6,6 +6,7 @@ Standard library and msgspec only: taskctl imports this module.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Literal
 
 import msgspec
@@ -342,3 +343,13 @@ def format_duration(seconds: float) -> str:
         if len(parts) == 2:
             break
     return "".join(parts)
+
+
+def utc_stamp(timestamp: float) -> str:
+    """A moment as daemons write it in messages: `2026-11-30 00:09:56 UTC`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """`1 job`, `2 jobs` (`plural` for nouns that take more than an s)."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"

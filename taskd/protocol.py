@@ -298,8 +298,9 @@ ENQUEUE = Method(
     writes=True,
     help="add a job to the queue and print its id",
     examples=(
-        """taskctl enqueue jobs:send-email --payload '{"to": "a@example.com"}' --delay 5m""",
-        "taskctl enqueue report --at 2026-12-01T08:00:00+01:00 --key daily",
+        "taskctl enqueue jobs:send-email --delay 5m --payload "
+        """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
+        "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
     ),
 )
 
@@ -464,7 +465,7 @@ SCHEDULES = Method(
     "or pause, resume or trigger one",
     examples=(
         "taskctl schedules",
-        "taskctl schedules pause nightly-backup",
+        "taskctl schedules pause nightly-index",
         "taskctl schedules trigger '*/5 * * * *'",
     ),
 )
@@ -480,7 +481,7 @@ PAUSE_SCHEDULE = Method(
     ScheduleInfo,
     writes=True,
     help="stop a schedule ticking (remembered across restarts)",
-    examples=("taskctl schedules pause nightly-backup",),
+    examples=("taskctl schedules pause nightly-index",),
 )
 
 
@@ -494,7 +495,7 @@ RESUME_SCHEDULE = Method(
     ScheduleInfo,
     writes=True,
     help="let a paused schedule tick again, from now on",
-    examples=("taskctl schedules resume nightly-backup",),
+    examples=("taskctl schedules resume nightly-index",),
 )
 
 
@@ -508,7 +509,7 @@ TRIGGER_SCHEDULE = Method(
     ScheduleInfo,
     writes=True,
     help="fire a schedule now; its regular ticks stay",
-    examples=("taskctl schedules trigger nightly-backup",),
+    examples=("taskctl schedules trigger nightly-index",),
 )
 
 
@@ -581,7 +582,10 @@ class TimelineEvent(msgspec.Struct, frozen=True):
 
 class WhyResult(msgspec.Struct, frozen=True):
     """Why a job is not running yet (or what it is doing): a stable `reason` code, a
-    sentence for people, the instant it is waiting for (`until`), and its timeline."""
+    sentence for people, the instant it is waiting for (`until`), and its timeline.
+
+    `message` names a moment in UTC as `YYYY-MM-DD HH:MM:SS UTC`; that moment is `at`, so
+    that a client can show it in its viewer's zone."""
 
     id: int
     task: str
@@ -590,6 +594,7 @@ class WhyResult(msgspec.Struct, frozen=True):
     message: str
     until: float | None = None
     timeline: list[TimelineEvent] = []
+    at: float | None = None
 
 
 WHY = Method(

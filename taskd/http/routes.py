@@ -9,6 +9,7 @@ limits) is taskd.http.server's business: nothing here knows the HTTP library.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ from taskd.http.api import (
     TaskResult,
     path_pattern,
 )
-from taskd.models import Job, Peer
+from taskd.models import Job, Peer, counted, parse_duration
 from taskd.protocol import (
     CANCEL,
     EMPTY_MAP,
@@ -61,6 +62,7 @@ from taskd.protocol import (
 from taskd.schema import openapi_schema
 from taskd.service import Dispatch
 from taskd.store import StoreError
+from taskd.tasks import TaskRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +124,12 @@ Handler = Callable[["HttpApi", HttpRequest, dict[str, str]], Awaitable[HttpRespo
 class HttpApi:
     """Routes requests to their handlers, checks access, and turns errors into responses."""
 
-    def __init__(self, dispatch: Dispatch, healthy: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, dispatch: Dispatch, healthy: Callable[[], Awaitable[None]], tasks: TaskRegistry
+    ) -> None:
         self._dispatch = dispatch
         self._healthy = healthy  # returns while the job store is healthy, else StoreError
+        self._tasks = tasks  # a run's query values take the types of its payload's fields
         self._openapi = msgspec.json.encode(openapi_schema())
         self._routes = [(route, path_pattern(route.path)) for route in ROUTES]
 
@@ -193,14 +198,17 @@ class HttpApi:
 
     async def run_task(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         body = _convert(_body_object(request.body), RunBody) if request.body.strip() else RunBody()
-        payload = _merged(_query_payload(request.target), body.payload)
+        query = _query_payload(request.target)
+        if (task := self._tasks.get(path["name"])) is not None:  # else: unknown_task below
+            query = task.query_payload(query)
+        payload = _merged(query, body.payload)
         params = RunParams(task=path["name"], payload=_msgpack(payload))
         outcome = await self._dispatch.call(RUN, params)
         job = outcome.job
         headers = (("Taskd-Job-Id", str(job.id)), ("Taskd-Joined", str(outcome.joined).lower()))
         if job.status == "succeeded":
             return _json(200, TaskResult(_value(job.result)), headers)
-        attempts = f"{job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+        attempts = counted(job.attempts, "attempt")
         raise HttpError(
             HttpErrorCode.JOB_FAILED,
             f"task {job.task} (job {job.id}) {job.status} after {attempts}: {job.error}",
@@ -216,7 +224,7 @@ class HttpApi:
             )
         fields = _body_object(request.body)
         payload = fields.pop("payload", None) if "payload" in fields else EMPTY_MAP
-        params = _convert(fields, EnqueueParams)
+        params = _convert(_times_read(fields), EnqueueParams)
         if payload is not EMPTY_MAP:
             params.payload = _msgpack(payload)
         result = await self._dispatch.call(ENQUEUE, params)
@@ -299,6 +307,40 @@ def _convert(fields: dict[str, Any], kind: type[S]) -> S:
         return msgspec.convert(fields, kind)
     except msgspec.ValidationError as exc:
         raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: {exc}") from None
+
+
+def _times_read(fields: dict[str, Any]) -> dict[str, Any]:
+    """An enqueue's `delay` and `run_at` in seconds, from the forms taskctl takes too: a
+    duration such as "5m", and ISO-8601 with an offset."""
+    delay, run_at = fields.get("delay"), fields.get("run_at")
+    if isinstance(delay, str):
+        try:
+            fields["delay"] = parse_duration(delay)
+        except ValueError as exc:
+            raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: delay: {exc}") from None
+    if isinstance(run_at, str):
+        fields["run_at"] = _instant(run_at)
+    return fields
+
+
+def _instant(text: str) -> float:
+    example = "such as 2026-12-01T08:00:00+01:00 or 2026-12-01T07:00:00Z"
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        message = f"invalid body: run_at {text!r} is not an ISO-8601 time {example}"
+        raise HttpError(ErrorCode.INVALID_PARAMS, message) from None
+    if moment.tzinfo is None:
+        message = (
+            f"invalid body: run_at {text!r} has no offset, and taskd's time zone need not be "
+            f"the caller's: give one, {example}"
+        )
+        raise HttpError(ErrorCode.INVALID_PARAMS, message)
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError, OSError):
+        message = f"invalid body: run_at {text!r} is out of range"
+        raise HttpError(ErrorCode.INVALID_PARAMS, message) from None
 
 
 def _msgpack(payload: Any) -> msgspec.Raw:

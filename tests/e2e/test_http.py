@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,63 @@ def test_the_queue_over_http(api: HttpClient) -> None:
     retried = api.post(f"/jobs/{job_id}/retry").json()
     assert retried["status"] == "pending" and retried["attempts"] == 0
     assert api.post("/jobs", {"task": "echo"}).status == 201  # no payload: {}
+
+
+def test_an_enqueue_takes_delays_and_times_in_taskctls_forms(api: HttpClient) -> None:
+    before = time.time()
+    in_five = api.post("/jobs", {"task": "echo", "delay": "5m"})
+    assert in_five.status == 201, in_five.body
+    due = api.get(f"/jobs/{in_five.json()['job_id']}").json()["run_at"]
+    assert before + 300 <= due <= time.time() + 300
+    at = api.post("/jobs", {"task": "echo", "run_at": "2030-01-01T08:00:00+01:00"})
+    assert at.status == 201, at.body
+    due = api.get(f"/jobs/{at.json()['job_id']}").json()["run_at"]
+    assert due == dt.datetime(2030, 1, 1, 7, tzinfo=dt.UTC).timestamp()
+    for body, said in (
+        ({"delay": "soon"}, "delay: invalid duration 'soon'"),
+        ({"run_at": "tomorrow"}, "is not an ISO-8601 time"),
+        ({"run_at": "2030-01-01T08:00:00"}, "has no offset"),
+    ):
+        refused = api.post("/jobs", {"task": "echo", **body})
+        assert refused.status == 400 and refused.error["code"] == "invalid_params", refused.body
+        assert said in refused.error["message"]
+
+
+REPORT_TASK = """
+import msgspec
+from taskd import define_task
+
+
+class Report(msgspec.Struct, forbid_unknown_fields=True):
+    sections: int
+    draft: bool = False
+    tags: list[str] = []
+    title: str = "daily"
+
+
+@define_task
+async def daily(payload: Report) -> dict:
+    return msgspec.structs.asdict(payload)
+"""
+
+
+def test_query_values_take_the_types_of_the_payloads_fields(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    (short_tmp / "tasks" / "reports").mkdir(parents=True)
+    (short_tmp / "tasks" / "reports" / "daily.py").write_text(REPORT_TASK)
+    api = HttpClient.of(taskd_factory(tasks=short_tmp / "tasks", config=http_config()).start())
+    reply = api.get("/_nitro/tasks/reports:daily?sections=2&draft=true&tags=a&tags=b&title=7")
+    assert reply.status == 200, reply.body
+    assert reply.json() == {
+        "result": {"sections": 2, "draft": True, "tags": ["a", "b"], "title": "7"}
+    }
+    # The body's values are JSON's, typed already, and win over the query's.
+    reply = api.post("/_nitro/tasks/reports:daily?sections=2", {"payload": {"sections": 3}})
+    assert reply.status == 200 and reply.json()["result"]["sections"] == 3, reply.body
+    wrong = api.get("/_nitro/tasks/reports:daily?sections=two")
+    assert wrong.status == 422 and wrong.error["code"] == "payload_invalid", wrong.body
+    assert "sections" in wrong.error["message"]
 
 
 def test_tokens_are_required_and_read_only_ones_cannot_change_anything(api: HttpClient) -> None:

@@ -61,6 +61,13 @@ T = TypeVar("T")
 UNREACHABLE = " (the database is unreachable or restarting; taskd reconnects by itself: try again)"
 
 
+def _store_error(exc: BaseException, description: str) -> StoreError:
+    """The driver's error as a StoreError; a start-up that fails does not reconnect."""
+    message = f"job store {description}: {exc}"
+    hint = UNREACHABLE if connection_failed(exc) else ""
+    return StoreError(message + hint, at_start_up=message)
+
+
 def safe_url(url: str) -> str:
     """The URL without its password, for logs and status."""
     parts = urlsplit(url)
@@ -83,8 +90,7 @@ def _translate_errors(method: Callable[P, Any]) -> Callable[P, Any]:
         except DRIVER_ERRORS as exc:
             store = args[0]
             assert isinstance(store, PostgresStore)
-            hint = UNREACHABLE if connection_failed(exc) else ""
-            raise StoreError(f"job store {store.description}: {exc}{hint}") from exc
+            raise _store_error(exc, store.description) from exc
 
     return wrapper
 
@@ -104,8 +110,7 @@ def _writes(method: Callable[P, Any]) -> Callable[P, Any]:
                 store.health.failed(method.__name__, str(exc))
             raise
         except DRIVER_ERRORS as exc:
-            hint = UNREACHABLE if connection_failed(exc) else ""
-            error = StoreError(f"job store {store.description}: {exc}{hint}")
+            error = _store_error(exc, store.description)
             store.health.failed(method.__name__, str(error))
             raise error from exc
         store.health.succeeded(method.__name__)
