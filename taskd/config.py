@@ -84,7 +84,7 @@ class PostgresOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout: Seconds = Seconds(10)  # a connection attempt gives up after this
 
     def __post_init__(self) -> None:
-        if not _SCHEMA.fullmatch(self.schema):
+        if not SCHEMA_NAME.fullmatch(self.schema):
             raise ValueError(
                 f"schema {self.schema!r}: use 1 to 63 lowercase letters, digits and _, "
                 "starting with a letter or _"
@@ -99,7 +99,8 @@ class PostgresOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _URL = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.DOTALL)
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# A PostgreSQL schema of taskd's tables ([postgres] schema, taskd.pg's `schema`).
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # A node id names a daemon on the jobs it runs (`id/N`); it must survive that form.
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
 

@@ -22,6 +22,7 @@ from taskd.config import Config, ConfigError, Paths
 from taskd.executor import AttemptObserver, Executor
 from taskd.http.settings import HttpSettings, load_settings
 from taskd.leases import LeaseKeeper
+from taskd.limits import max_payload_size
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
 from taskd.models import ConnectionStats, ThreadStats, counted
@@ -43,7 +44,7 @@ from taskd.service import (
 )
 from taskd.slots import Slots
 from taskd.store import Store, StoreError, store_for
-from taskd.submit import Submitter, max_payload_size
+from taskd.submit import Submitter
 from taskd.systemd import (
     Notifier,
     StatusUpdates,

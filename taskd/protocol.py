@@ -37,9 +37,11 @@ NIL = msgspec.Raw(b"\xc0")
 # Until `hello` has been answered a connection may send only frames up to this size.
 MAX_HELLO_FRAME = 64 * 1024
 
-# The limits of params live in their types, so that an out-of-range value is an
-# `invalid_params` naming the field, and the JSON Schema (contrib/protocol.schema.json) states
-# every limit. msgpack integers go up to 2**64-1, the job store's up to 2**63-1.
+# The limits of params live in their types, and nowhere else: an out-of-range value is an
+# `invalid_params` naming the field and the limit with its unit (`extra`: taskd.limits), the
+# JSON Schema (contrib/protocol.schema.json) states every limit, and requests that do not
+# come through the decoder are checked against the same types (taskd.limits). msgpack
+# integers go up to 2**64-1, the job store's up to 2**63-1.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 MAX_SECONDS = 10 * 365 * 86400  # ten years: the longest delay, timeout or age
 MAX_TIME = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the latest run_at
@@ -47,9 +49,17 @@ MAX_PRIORITY = 2**31
 MAX_KEY_LENGTH = 1024
 MAX_LIST = 10_000
 Duration = Annotated[
-    float, msgspec.Meta(ge=0, le=MAX_SECONDS, description="seconds, 0 to ten years")
+    float,
+    msgspec.Meta(
+        ge=0, le=MAX_SECONDS, description="seconds, 0 to ten years", extra={"unit": "seconds"}
+    ),
 ]
-Timestamp = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIME, description="a Unix time in seconds")]
+Timestamp = Annotated[
+    float,
+    msgspec.Meta(
+        ge=0, le=MAX_TIME, description="a Unix time in seconds", extra={"unit": "unix time"}
+    ),
+]
 Priority = Annotated[
     int,
     msgspec.Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="lower runs first"),

@@ -26,6 +26,7 @@ import msgspec
 from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
 from taskd.connection_limits import ConnectionLimits
 from taskd.envelope import Unreadable, deepest_field, field_path, invalid_string, request_head
+from taskd.limits import params_error
 from taskd.live import LiveEvents, Subscription
 from taskd.models import ConnectionStats, Peer
 from taskd.protocol import (
@@ -743,12 +744,14 @@ def _too_deep(method: str, params: bytes) -> RpcError:
 
 
 def _invalid_params(method: str, params: bytes, exc: Exception) -> RpcError:
-    """The error for params that do not decode, naming the field at fault: msgspec names it,
-    except for a string that is not valid UTF-8."""
+    """The error for params that do not decode, naming the field at fault: a limit, in
+    taskd's words; else msgspec names it, except for a string that is not valid UTF-8."""
+    if isinstance(exc, msgspec.ValidationError):
+        message = params_error(method, METHODS[method].params, params, exc)
+        return RpcError(ErrorCode.INVALID_PARAMS, message)
     found = None
-    if not isinstance(exc, msgspec.ValidationError):
-        with suppress(Unreadable):
-            found = invalid_string(params, METHODS[method].params)
+    with suppress(Unreadable):
+        found = invalid_string(params, METHODS[method].params)
     if found is None:
         return RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}")
     path, is_key = found

@@ -12,15 +12,10 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from taskd.limits import enqueue_problem, max_payload_size
 from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin
 from taskd.policy import default_attempts
-from taskd.protocol import (
-    DEFAULT_MAX_FRAME,
-    MAX_KEY_LENGTH,
-    MAX_PRIORITY,
-    MAX_SECONDS,
-    MAX_TIME,
-)
+from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
@@ -28,11 +23,6 @@ from taskd.tasks import TaskRegistry
 # they go ahead of enqueued jobs of the default priority 0.
 RUN_PRIORITY = -10
 EMPTY_MAP = b"\x80"  # msgpack {}: the payload of a request that gave none, as in Nitro
-
-
-def max_payload_size(max_frame_size: int) -> int:
-    """The largest payload or result: a job holding both, and its errors, fits in a reply."""
-    return max_frame_size // 4
 
 
 class Refused(Exception):
@@ -146,25 +136,25 @@ class Submitter:
 
     @staticmethod
     def _check_options(request: JobRequest) -> None:
-        """The limits the protocol's types state, for requests that come from task code."""
-        if request.priority is not None and abs(request.priority) > MAX_PRIORITY:
-            raise InvalidRequest(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
-        if request.max_attempts is not None and request.max_attempts < 1:
-            raise InvalidRequest(f"max_attempts must be at least 1, got {request.max_attempts}")
-        if request.key is not None:
-            if not 0 < len(request.key) <= MAX_KEY_LENGTH:
-                raise InvalidRequest(f"key must have 1 to {MAX_KEY_LENGTH} characters")
-            if request.key.startswith("@"):
-                raise InvalidRequest(
-                    f"key {request.key!r}: keys starting with '@' are reserved for taskd "
-                    f"({RUN_KEY!r} is the key of runs that give none); pick another key"
-                )
-        if request.delay is not None and request.run_at is not None:
-            raise InvalidRequest("give delay or run_at, not both")
-        if request.delay is not None and not 0 <= request.delay <= MAX_SECONDS:
-            raise InvalidRequest(f"delay must be between 0 and 10 years, got {request.delay}")
-        if request.run_at is not None and not 0 <= request.run_at <= MAX_TIME:
-            raise InvalidRequest(f"run_at must be a Unix time in seconds, got {request.run_at}")
+        """The limits the protocol's types state, and the rules of keys and times, for
+        requests that do not come through the decoder (from task code, from a tick)."""
+        if (
+            request.key is None
+            and request.delay is None
+            and request.run_at is None
+            and request.priority is None
+            and request.max_attempts is None
+        ):
+            return  # most requests: nothing to check
+        options = {
+            "delay": request.delay,
+            "run_at": request.run_at,
+            "priority": request.priority,
+            "max_attempts": request.max_attempts,
+            "key": request.key,
+        }
+        if (problem := enqueue_problem(options)) is not None:
+            raise InvalidRequest(problem)
 
     async def submit(
         self, requests: Sequence[JobRequest], *, numbered: bool = False

@@ -34,6 +34,7 @@ from taskd.http.api import (
     TaskResult,
     path_pattern,
 )
+from taskd.limits import out_of_limits
 from taskd.models import Job, Peer, counted, parse_duration
 from taskd.protocol import (
     CANCEL,
@@ -306,7 +307,8 @@ def _convert(fields: dict[str, Any], kind: type[S]) -> S:
     try:
         return msgspec.convert(fields, kind)
     except msgspec.ValidationError as exc:
-        raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: {exc}") from None
+        problem = out_of_limits(kind, fields) or exc  # a limit, in taskd's words
+        raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: {problem}") from None
 
 
 def _times_read(fields: dict[str, Any]) -> dict[str, Any]:

@@ -29,5 +29,5 @@ def test_payloads_that_cannot_be_decoded(payload: bytes, message: str) -> None:
 
 @pytest.mark.parametrize("run_at", [float("nan"), float("inf"), float("-inf")])
 def test_run_at_must_be_a_time(run_at: float) -> None:
-    with pytest.raises(InvalidRequest, match="run_at must be a Unix time"):
+    with pytest.raises(InvalidRequest, match=r"run_at: at (most|least) "):
         SUBMITTER.prepare(JobRequest("echo", b"\xc0", "enqueue", run_at=run_at))
