@@ -6,9 +6,10 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 
 from taskd.models import parse_duration
 from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
@@ -16,6 +17,21 @@ from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the problem."""
+
+
+# Marks a setting that the running daemon cannot change: a reload that changes it says so,
+# and it takes effect at the next restart.
+RESTART = msgspec.Meta(extra={"restart": True})
+
+
+def restart_only(table: type[msgspec.Struct]) -> tuple[str, ...]:
+    """The settings of `table` (Config, HttpConfig) marked RESTART, in their order."""
+    return tuple(
+        field.name
+        for field in msgspec.inspect.type_info(table).fields  # type: ignore[attr-defined]
+        if isinstance(field.type, msgspec.inspect.Metadata)
+        and (field.type.extra or {}).get("restart")
+    )
 
 
 class Seconds(float):
@@ -108,13 +124,13 @@ _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
 class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`[http]`: the optional HTTP API (no table, no listener). See README.md, "HTTP API"."""
 
-    listen: str  # "127.0.0.1:8080", "[::1]:8080" or "unix:/run/taskd/http.sock"
+    listen: Annotated[str, RESTART]  # "127.0.0.1:8080", "[::1]:8080" or "unix:/run/taskd/http.sock"
     tokens: list[str] = []  # Bearer tokens with full access (on a TCP address)
     readonly_tokens: list[str] = []  # Bearer tokens that may list and read, not change
     tokens_file: str | None = None  # more tokens, one per line; "readonly TOKEN" for read-only
-    max_body_size: int = 4 * 1024 * 1024  # bytes; a bigger request body gets 413
-    max_connections: int = 256
-    read_timeout: Seconds = Seconds(30)  # a request must arrive whole within this
+    max_body_size: Annotated[int, RESTART] = 4 * 1024 * 1024  # bytes; bigger bodies get 413
+    max_connections: Annotated[int, RESTART] = 256
+    read_timeout: Annotated[Seconds, RESTART] = Seconds(30)  # a request arrives whole within
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -140,29 +156,31 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything taskd.toml can say. Relative paths are relative to the file's folder."""
 
     tasks: str = "tasks"
-    database: str | None = None  # a file path or a URL: sqlite:///PATH, postgresql://HOST/DB
-    node_id: str | None = None  # this daemon's name in the job store; default: host and socket
-    socket: str | None = None
+    # A file path or a URL: sqlite:///PATH, postgresql://HOST/DB.
+    database: Annotated[str | None, RESTART] = None
+    # This daemon's name in the job store; default: its host and socket.
+    node_id: Annotated[str | None, RESTART] = None
+    socket: Annotated[str | None, RESTART] = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"  # json: one object per line
-    workers: int = 16
+    log_format: Annotated[Literal["text", "json"], RESTART] = "text"  # json: an object a line
+    workers: Annotated[int, RESTART] = 16
     grace_period: Seconds = Seconds(30)
-    lease: Seconds = Seconds(60)
+    lease: Annotated[Seconds, RESTART] = Seconds(60)
     quarantine_after: int = 3
-    max_frame_size: int = DEFAULT_MAX_FRAME
-    max_connections: int = 256
-    max_connections_per_user: int = 32
-    read_timeout: Seconds = Seconds(30)
-    idle_timeout: Seconds = Seconds(300)
-    max_stuck_threads: int = 16
+    max_frame_size: Annotated[int, RESTART] = DEFAULT_MAX_FRAME
+    max_connections: Annotated[int, RESTART] = 256
+    max_connections_per_user: Annotated[int, RESTART] = 32
+    read_timeout: Annotated[Seconds, RESTART] = Seconds(30)
+    idle_timeout: Annotated[Seconds, RESTART] = Seconds(300)
+    max_stuck_threads: Annotated[int, RESTART] = 16
     timezone: str = "UTC"
     retention: Retention = Retention()
-    sqlite: SqliteOptions = SqliteOptions()
-    postgres: PostgresOptions = PostgresOptions()
+    sqlite: Annotated[SqliteOptions, RESTART] = SqliteOptions()
+    postgres: Annotated[PostgresOptions, RESTART] = PostgresOptions()
     task: dict[str, TaskOptions] = {}
     scheduled_tasks: dict[str, list[str] | str] = {}
     schedule: list[Schedule] = []
-    socket_group: str | None = None
+    socket_group: Annotated[str | None, RESTART] = None
     allow_users: list[str | int] = []
     allow_groups: list[str | int] = []
     readonly_users: list[str | int] = []

@@ -18,7 +18,7 @@ from taskd.access import AccessPolicy, group_id
 from taskd.activity import ActivityRecorder
 from taskd.attempt import Attempts
 from taskd.background import Background
-from taskd.config import Config, ConfigError, Paths
+from taskd.config import Config, ConfigError, Paths, restart_only
 from taskd.executor import AttemptObserver, Executor
 from taskd.http.settings import HttpSettings, load_settings
 from taskd.leases import LeaseKeeper
@@ -62,24 +62,6 @@ logger = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
 SCHEDULES_CHECK_INTERVAL = 60.0  # how often the schedules of the other daemons are compared
-# Settings the running daemon cannot change; a reload that changes them warns.
-RESTART_ONLY = (
-    "log_format",
-    "database",
-    "node_id",
-    "socket",
-    "socket_group",
-    "workers",
-    "max_frame_size",
-    "max_connections",
-    "max_connections_per_user",
-    "read_timeout",
-    "idle_timeout",
-    "max_stuck_threads",
-    "lease",
-    "sqlite",
-    "postgres",
-)
 
 ConfigLoader = Callable[[], tuple[Config, Paths]]
 
@@ -520,7 +502,7 @@ class Daemon:
             ) from None
         restart_needed = [
             setting
-            for setting in RESTART_ONLY
+            for setting in restart_only(Config)
             if getattr(config, setting) != getattr(self._started_with, setting)
         ]
         for setting in restart_needed:

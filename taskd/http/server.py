@@ -26,6 +26,7 @@ import h11
 
 import taskd
 from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
+from taskd.config import HttpConfig, restart_only
 from taskd.http.api import HttpErrorCode
 from taskd.http.routes import HttpApi, HttpRequest, HttpResponse, error_response
 from taskd.http.settings import HttpSettings, Listen
@@ -128,7 +129,7 @@ class HttpServer:
 
     def reconfigure(self, settings: HttpSettings, access: AccessPolicy) -> None:
         """After a reload: new tokens and access rules apply from the next request on."""
-        for setting in ("listen", "max_body_size", "max_connections", "read_timeout"):
+        for setting in restart_only(HttpConfig):
             if getattr(settings.config, setting) != getattr(self._config, setting):
                 logger.warning("[http] %s changed; it takes effect at the next restart", setting)
         self._tokens = settings.tokens

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from taskd.config import ConfigError, database_url, load_config, resolve_paths
+from taskd.config import (
+    Config,
+    ConfigError,
+    HttpConfig,
+    database_url,
+    load_config,
+    resolve_paths,
+    restart_only,
+)
 
 
 def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
@@ -69,3 +77,15 @@ def test_bad_settings_are_named(tmp_path: Path, text: str, message: str) -> None
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_restart_only_settings_are_marked_on_the_fields() -> None:
+    settings = restart_only(Config)
+    assert {"workers", "database", "socket", "sqlite", "postgres"} <= set(settings)
+    assert not {"log_level", "retention", "task", "schedule"} & set(settings)
+    assert restart_only(HttpConfig) == (
+        "listen",
+        "max_body_size",
+        "max_connections",
+        "read_timeout",
+    )
