@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import msgspec.inspect
 
-from taskd.models import parse_duration
+from taskd.models import did_you_mean, parse_duration
 from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
 
 
@@ -230,6 +233,67 @@ def _decode_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError(kind)
 
 
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def _decoded(data: dict[str, Any], kind: type[T], where: str, file: Path) -> T:
+    """`data` as a `kind` table, or ConfigError naming the file, the table and the problem
+    in taskd's words where it can: the closest known key to an unknown one, the values of
+    a choice; a task's or a schedule's own table is named in what goes wrong inside it."""
+    _check_table(data, kind, where, file)
+    try:
+        return msgspec.convert(
+            data,
+            kind,
+            dec_hook=_decode_hook,
+            builtin_types=(dt.datetime, dt.date, dt.time),
+            str_keys=True,
+        )
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{file}: {where}{exc}") from None
+
+
+def _check_table(data: dict[str, Any], kind: type[msgspec.Struct], where: str, file: Path) -> None:
+    fields = {field.encode_name: field for field in msgspec.structs.fields(kind)}
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            table = f"{where.removesuffix(': ')} of " if where else ""
+            raise ConfigError(f'unknown key "{key}" in {table}{file}{did_you_mean(key, fields)}')
+        annotation = _bare(field.type)
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        if choices and value not in choices:
+            listed = ", ".join(f'"{choice}"' for choice in choices)
+            got = f'"{value}"' if isinstance(value, str) else repr(value)
+            raise ConfigError(f"{file}: {where}{key} must be one of {listed}, got {got}")
+        if isinstance(value, dict) and _is_table(annotation):
+            _decoded(value, annotation, f"[{key}]: ", file)
+        elif isinstance(value, dict) and typing.get_origin(annotation) is dict:
+            _, entry = typing.get_args(annotation)
+            for name, table in value.items():
+                if isinstance(table, dict) and _is_table(entry):
+                    _decoded(table, entry, f'[{key}."{name}"]: ', file)
+        elif isinstance(value, list) and typing.get_origin(annotation) is list:
+            (entry,) = typing.get_args(annotation)
+            for number, table in enumerate(value, 1):
+                if isinstance(table, dict) and _is_table(entry):
+                    _decoded(table, entry, f"[[{key}]] number {number}: ", file)
+
+
+def _bare(annotation: Any) -> Any:
+    """The type of a setting, without its markings and its None."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, types.UnionType):
+        others = [member for member in typing.get_args(annotation) if member is not type(None)]
+        return others[0] if len(others) == 1 else annotation
+    return annotation
+
+
+def _is_table(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
+
+
 def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
     """The configuration in `path` (or the defaults) and the folder relative paths start from.
 
@@ -243,15 +307,12 @@ def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {file}: {exc.strerror}") from None
     try:
-        config = msgspec.toml.decode(text, type=Config, dec_hook=_decode_hook)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{file}: {exc}") from None
-    except msgspec.DecodeError:
-        try:  # tomllib's message says where the syntax is wrong
-            tomllib.loads(text.decode("utf-8", "replace"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file}: invalid TOML: {exc}") from None
-        raise ConfigError(f"{file}: invalid TOML") from None
+        data = tomllib.loads(text.decode())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: invalid TOML: it is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:  # its message says where the syntax is wrong
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    config = _decoded(data, Config, "", file)
     base = file.resolve().parent
     if config.http is not None:
         config = msgspec.structs.replace(config, http=config.http.resolved(base))

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from taskd.limits import enqueue_problem, max_payload_size
-from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin
+from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, did_you_mean
 from taskd.policy import default_attempts
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
@@ -33,8 +33,8 @@ class Refused(Exception):
 
 class UnknownTask(Refused, LookupError):
     def __init__(self, name: str, known: Sequence[str]) -> None:
-        hint = f"; known tasks: {', '.join(known)}" if known else "; no tasks are loaded"
-        super().__init__(f"unknown task {name!r}{hint}")
+        tasks = f" (known tasks: {', '.join(known)})" if known else "; no tasks are loaded"
+        super().__init__(f"unknown task {name!r}{did_you_mean(name, known)}{tasks}")
         self.name = name
 
 
