@@ -61,6 +61,7 @@ class Task:
         "max_backoff",
         "name",
         "payload_decoder",
+        "payload_schema",
         "payload_type",
         "takes_context",
         "takes_payload",
@@ -87,6 +88,9 @@ class Task:
             raise TaskLoadError(
                 f"payload annotation {self.payload_type!r} is not a type msgspec validates: {exc}"
             ) from None
+        # Built once: `list_tasks` (taskctl list, GET /_nitro/tasks) would spend most of its
+        # time building it again.
+        self.payload_schema = _json_schema(self.payload_type)
 
     def decode_payload(self, payload: bytes) -> Any:
         """The payload as the task's annotation types it; raises msgspec.ValidationError."""
@@ -116,7 +120,7 @@ class Task:
             backoff=self.backoff,
             max_backoff=self.max_backoff,
             concurrency=self.concurrency,
-            payload_schema=_json_schema(self.payload_type),
+            payload_schema=self.payload_schema,
         )
 
 
