@@ -15,6 +15,7 @@ from taskd.config import Retention
 from taskd.models import (
     FINISHED_STATUSES,
     ConnectionStats,
+    HttpStats,
     Job,
     JobLogs,
     JobStatus,
@@ -101,6 +102,7 @@ class Service:
         reload: Callable[[], Awaitable[ReloadResult]],
         scheduler: Scheduler,
         connections: Callable[[], ConnectionStats | None] = lambda: None,
+        http: Callable[[], HttpStats | None] = lambda: None,
         threads: Callable[[], ThreadStats | None] = lambda: None,
         metrics: Callable[[], Awaitable[str]] | None = None,
         slots: Callable[[], Slots] | None = None,
@@ -116,6 +118,7 @@ class Service:
         self._reload = reload
         self._scheduler = scheduler
         self._connections = connections
+        self._http = http
         self._threads = threads
         self._metrics = metrics
         self._slots = slots
@@ -312,6 +315,7 @@ class Service:
             node=info.node,
             nodes=await self._store.nodes(),
             connections=self._connections(),
+            http=self._http(),
             threads=self._threads(),
             store_failing=self._store.health.report(),
         )

@@ -11,6 +11,9 @@ starts there: until its request arrives, nothing tells a caller with a token fro
   closed at once; so a flood that fills the share closes its own connections, and a
   caller, whose request follows its connection within milliseconds, has moved to the
   authenticated pool long before as many newer connections have arrived as the share holds.
+  The oldest that has sent part of a request head and stalled goes first (a slowloris
+  flood's connections), before one that has sent nothing yet or waits between requests: a
+  caller held up between connecting and sending keeps its place while such a flood lasts.
 - **Except one whose request has not been read yet.** A connection whose first bytes are
   already waiting when it is accepted is not closed for room until they have been read,
   so that a burst of connections cannot push out a caller before taskd has even looked
@@ -33,6 +36,11 @@ class Member(Protocol):
     @property
     def idle(self) -> bool:
         """Whether it waits for a request, with nothing of one received."""
+        ...
+
+    @property
+    def in_head(self) -> bool:
+        """Whether part of a request's line and headers has come, and not the rest."""
         ...
 
 
@@ -97,10 +105,10 @@ class Admission(Generic[C]):
         closing = None
         # Two listeners (IPv4 and IPv6) may each have waited for the same room: then the
         # share holds one more for a moment rather than close an unread connection.
-        oldest = self._oldest_read() if len(self._unauthenticated) >= self.share else None
-        if oldest is not None:
-            self.leave(oldest)
-            closing = Closing(oldest, "unauthenticated_share")
+        victim = self._victim() if len(self._unauthenticated) >= self.share else None
+        if victim is not None:
+            self.leave(victim)
+            closing = Closing(victim, "unauthenticated_share")
         self._unauthenticated[connection] = None
         if unread:
             self._unread.add(connection)
@@ -144,3 +152,9 @@ class Admission(Generic[C]):
     def _oldest_read(self) -> C | None:
         unread = self._unread
         return next((member for member in self._unauthenticated if member not in unread), None)
+
+    def _victim(self) -> C | None:
+        """Whom the share closes for a new connection: the oldest stalled in a request head
+        (its bytes have been read), else the oldest whose first bytes have been read."""
+        stalled = next((member for member in self._unauthenticated if member.in_head), None)
+        return stalled if stalled is not None else self._oldest_read()

@@ -1,9 +1,11 @@
 """A connection flood against taskd's HTTP listener, and what others get from it meanwhile.
 
-    .venv/bin/python -m tests.bench.http_flood [--connections 1500] [--seconds 10] [--probes 10]
+    .venv/bin/python -m tests.bench.http_flood [--connections 1500] [--rate 500 --rate 0]
+        [--seconds 10] [--probes 10] [--mode half-sent|idle-token]
 
-Two floods, each from a process of its own (`flood` below) that keeps `--connections`
-connections to the listener open, opening a new one as soon as taskd closes one:
+Two floods, each from a process of its own (`_Flood`) that keeps `--connections`
+connections to the listener open, replacing each one taskd closes, at most `--rate` new
+connections a second after the first `--connections` (0: as fast as it can):
 
 - half-sent: each sends `GET /_nitro/tasks HTTP/1.1` and one header, then nothing (issue 26);
 - idle-token: each makes one request with a valid token, reads the response, then keeps the
@@ -11,7 +13,8 @@ connections to the listener open, opening a new one as soon as taskd closes one:
 
 Meanwhile this process sends `GET /healthz` (no token) and `GET /_nitro/tasks` (with the
 token), each on a new connection, `--probes` times over `--seconds`, and prints their status
-codes and latencies, taskd's largest resident memory, and what the flood saw.
+codes and latencies, taskd's largest resident memory, and what the flood saw. taskd runs
+with the default `[http]` settings.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from tests.http_support import TOKEN, HttpClient, http_config, http_port
 from tests.support import Taskd, rss_kib, short_tempdir
@@ -59,7 +63,7 @@ class FloodReport:
     responses: Counter[str] = field(default_factory=Counter)  # status code of the first answer
     held_408: list[float] = field(default_factory=list)  # connect to close, closed with a 408
     held_longest: float = 0.0  # connect to close, of any connection taskd closed
-    connect_failures: int = 0
+    left_open: int = 0  # at the end: still open (after a drain: not closed by taskd in time)
 
 
 class _Held:
@@ -71,31 +75,96 @@ class _Held:
         self.sent = False
 
 
-def flood(
-    port: int, mode: str, connections: int, *, on_ready: Callable[[], None], stop_fd: int
-) -> FloodReport:
-    """Keep `connections` connections open until `stop_fd` is readable; what happened."""
-    request = HALF_SENT if mode == "half-sent" else WITH_TOKEN
-    selector = selectors.DefaultSelector()
-    selector.register(stop_fd, selectors.EVENT_READ, None)
-    held: dict[socket.socket, _Held] = {}
-    report = FloodReport()
-    sent = 0
+class _Flood:
+    """Keeps `connections` connections open, opening no more than `rate` a second after
+    the first `connections` (0: as fast as it can)."""
 
-    def open_one() -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            sock.connect(("127.0.0.1", port))
-        held[sock] = _Held(time.monotonic())
-        selector.register(sock, selectors.EVENT_WRITE, None)
-        report.opened += 1
+    def __init__(self, port: int, mode: str, connections: int, rate: float) -> None:
+        self.port, self.connections, self.rate = port, connections, rate
+        self.request = HALF_SENT if mode == "half-sent" else WITH_TOKEN
+        self.selector = selectors.DefaultSelector()
+        self.held: dict[socket.socket, _Held] = {}
+        self.report = FloodReport()
+        self.sent = 0
+        self.allowance = 0.0  # connections that may be opened now (see _open_allowed)
+        self.refilled = time.monotonic()
 
-    def drop(sock: socket.socket, closed_by_taskd: bool) -> None:
-        state = held.pop(sock)
-        selector.unregister(sock)
-        sock.close()
+    def run(self, stop_fd: int, on_ready: Callable[[], None]) -> FloodReport:
+        """Until `stop_fd` is readable: a line "drain SECONDS" stops opening connections and
+        waits that long at most for taskd to close the open ones; end of file stops at once."""
+        self.selector.register(stop_fd, selectors.EVENT_READ, None)
+        drain_until: float | None = None
+        while drain_until is None or (self.held and time.monotonic() < drain_until):
+            wait = 1.0 if drain_until is None else drain_until - time.monotonic()
+            if drain_until is None:
+                wait = min(wait, self._open_allowed())
+            for key, _ in self.selector.select(timeout=max(0.0, wait)):
+                if key.fd == stop_fd:
+                    command = os.read(stop_fd, 100).decode()
+                    if not command.startswith("drain"):
+                        drain_until = time.monotonic()
+                        break
+                    drain_until = time.monotonic() + float(command.split()[1])
+                    self.selector.unregister(stop_fd)
+                elif self._step(key.fileobj) and self.sent == self.connections:
+                    on_ready()
+        self.report.left_open = len(self.held)
+        for conn in list(self.held):
+            self._drop(conn, closed_by_taskd=False)
+        return self.report
+
+    def _open_allowed(self) -> float:
+        """Open what may be opened now; the seconds until the next may be.
+
+        After the first `connections`, a token bucket: `rate` a second, in bursts of a
+        tenth of a second's worth at most (a flood that was held up does not catch up).
+        """
+        while len(self.held) < self.connections:
+            if self.rate and self.report.opened >= self.connections:
+                now = time.monotonic()
+                burst = max(1.0, self.rate / 10)
+                self.allowance = min(burst, self.allowance + (now - self.refilled) * self.rate)
+                self.refilled = now
+                if self.allowance < 1:
+                    return (1 - self.allowance) / self.rate
+                self.allowance -= 1
+            conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            conn.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                conn.connect(("127.0.0.1", self.port))
+            self.held[conn] = _Held(time.monotonic())
+            self.selector.register(conn, selectors.EVENT_WRITE, None)
+            self.report.opened += 1
+        return 1.0
+
+    def _step(self, conn: Any) -> bool:
+        """Send the request on a connection just made, or read what came; whether it sent."""
+        state = self.held[conn]
+        if not state.sent:
+            if conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self._drop(conn, closed_by_taskd=True)  # refused, or reset before accept
+                return False
+            conn.send(self.request)
+            state.sent = True
+            self.selector.modify(conn, selectors.EVENT_READ, None)
+            self.sent += 1
+            return True
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if data:
+            state.received = state.received or data[:16]
+        else:
+            self._drop(conn, closed_by_taskd=True)
+        return False
+
+    def _drop(self, conn: socket.socket, *, closed_by_taskd: bool) -> None:
+        state = self.held.pop(conn)
+        self.selector.unregister(conn)
+        conn.close()
         if closed_by_taskd:
+            report = self.report
             report.closed_by_taskd += 1
             held_for = time.monotonic() - state.opened_at
             report.held_longest = max(report.held_longest, held_for)
@@ -104,45 +173,14 @@ def flood(
             if status == "408":
                 report.held_408.append(held_for)
 
-    while True:
-        while len(held) < connections:
-            open_one()
-        for key, _ in selector.select(timeout=1.0):
-            if key.fd == stop_fd:
-                for sock in list(held):
-                    drop(sock, False)
-                return report
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            state = held[sock]
-            if not state.sent:
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    report.connect_failures += 1
-                    drop(sock, False)
-                    continue
-                sock.send(request)
-                state.sent = True
-                selector.modify(sock, selectors.EVENT_READ, None)
-                sent += 1
-                if sent == connections:
-                    on_ready()
-                continue
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                data = b""
-            if data:
-                state.received = state.received or data[:16]
-            else:
-                drop(sock, True)
-
 
 class Flooder:
-    """`flood` in a process of its own (`python -m tests.bench.http_flood --flood MODE`)."""
+    """`_Flood` in a process of its own (`python -m tests.bench.http_flood --flood MODE`)."""
 
-    def __init__(self, port: int, mode: str, connections: int) -> None:
+    def __init__(self, port: int, mode: str, connections: int, rate: float = 0) -> None:
         command = [sys.executable, "-m", "tests.bench.http_flood", "--flood", mode,
-                   "--port", str(port), "--connections", str(connections)]  # fmt: skip
+                   "--port", str(port), "--connections", str(connections),
+                   "--rate", str(rate)]  # fmt: skip
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -155,11 +193,15 @@ class Flooder:
         if not selector.select(timeout) or self.process.stdout.readline() != "ready\n":
             raise AssertionError(f"the flood did not get its connections open in {timeout}s")
 
-    def stop(self) -> FloodReport:
+    def stop(self, drain: float = 0.0) -> FloodReport:
+        """Stop (after waiting `drain` seconds at most for taskd to close what is open)."""
         assert self.process.stdout is not None and self.process.stdin is not None
+        if drain:
+            self.process.stdin.write(f"drain {drain}\n")
+            self.process.stdin.flush()
         self.process.stdin.close()
         output = self.process.stdout.read()
-        assert self.process.wait(60) == 0, output
+        assert self.process.wait(drain + 60) == 0, output
         fields = json.loads(output)
         fields["responses"] = Counter(fields["responses"])
         return FloodReport(**fields)
@@ -168,11 +210,14 @@ class Flooder:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @contextlib.contextmanager
-def flooding(port: int, mode: str, connections: int) -> Iterator[Flooder]:
-    flooder = Flooder(port, mode, connections)
+def flooding(port: int, mode: str, connections: int, rate: float = 0) -> Iterator[Flooder]:
+    flooder = Flooder(port, mode, connections, rate)
     try:
         flooder.wait_until_ready()
         yield flooder
@@ -203,7 +248,9 @@ def probes(port: int) -> dict[str, Probe]:
     }
 
 
-def measure(mode: str, connections: int, seconds: float, count: int) -> list[list[str]]:
+def measure(
+    mode: str, rate: float, connections: int, seconds: float, count: int
+) -> list[list[str]]:
     """One flood against a new taskd; a table row per probe, and one for the flood."""
     root = short_tempdir()
     daemon = Taskd(root, config=http_config(), log_level="info").start()
@@ -212,7 +259,7 @@ def measure(mode: str, connections: int, seconds: float, count: int) -> list[lis
         port = http_port(daemon)
         results: dict[str, list[tuple[str, float]]] = {name: [] for name in probes(port)}
         largest_rss = rss_kib(daemon.process.pid)
-        with flooding(port, mode, connections) as flooder:
+        with flooding(port, mode, connections, rate) as flooder:
             started = time.monotonic()
             for index in range(count):
                 due = started + index * seconds / max(1, count - 1)
@@ -221,16 +268,17 @@ def measure(mode: str, connections: int, seconds: float, count: int) -> list[lis
                     results[name].append(probe())
                 largest_rss = max(largest_rss, rss_kib(daemon.process.pid))
             report = flooder.stop()
+        flood = f"{mode}, {f'{rate:g}/s' if rate else 'max rate'}"
         rows = []
         for name, outcomes in results.items():
             statuses = Counter(status for status, _ in outcomes)
             latencies = [latency for _, latency in outcomes]
-            rows.append([mode, name, _counts(statuses), f"{statistics.median(latencies):.3f}",
+            rows.append([flood, name, _counts(statuses), f"{statistics.median(latencies):.3f}",
                          f"{max(latencies):.3f}"])  # fmt: skip
-        rows.append([mode, f"the flood: {report.opened} connections opened",
+        rows.append([flood, f"the flood: {report.opened} connections opened",
                      _counts(report.responses) + f" (of {report.closed_by_taskd} closed)",
                      "-", f"{report.held_longest:.1f} held"])  # fmt: skip
-        rows.append([mode, "taskd's largest VmRSS", f"{largest_rss / 1024:.0f} MB", "-", "-"])
+        rows.append([flood, "taskd's largest VmRSS", f"{largest_rss / 1024:.0f} MB", "-", "-"])
         return rows
     finally:
         if daemon.running:
@@ -248,24 +296,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--probes", type=int, default=10, help="of each kind")
     parser.add_argument("--mode", choices=MODES, action="append")
+    parser.add_argument("--rate", type=float, action="append", help="new connections a second")
     parser.add_argument("--flood", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     raise_open_files_limit(args.connections + 256)
     if args.flood:  # the flooding process
-        report = flood(
-            args.port,
-            args.flood,
-            args.connections,
-            on_ready=lambda: print("ready", flush=True),
-            stop_fd=sys.stdin.fileno(),
-        )
+        flood = _Flood(args.port, args.flood, args.connections, (args.rate or [0.0])[0])
+        report = flood.run(sys.stdin.fileno(), on_ready=lambda: print("ready", flush=True))
         print(json.dumps(report.__dict__))
         return
     header = ["flood", "request", "statuses", "median s", "max s"]
     rows = [header, ["---"] * len(header)]
     for mode in args.mode or MODES:
-        rows += measure(mode, args.connections, args.seconds, args.probes)
+        for rate in args.rate or [500.0, 0.0]:
+            rows += measure(mode, rate, args.connections, args.seconds, args.probes)
     print(f"{args.connections} connections, {args.probes} probes of each kind over "
           f"{args.seconds:g}s, {os.cpu_count()} CPUs")  # fmt: skip
     for row in rows:

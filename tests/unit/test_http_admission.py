@@ -10,10 +10,11 @@ from taskd.http.admission import Admission, Closing
 
 
 class Connection:
-    """A stand-in for the listener's connection: a name, and whether it waits idle."""
+    """A stand-in for the listener's connection: a name, whether it waits idle, and whether
+    it is stalled in the middle of a request head."""
 
-    def __init__(self, name: str, *, idle: bool = False) -> None:
-        self.name, self.idle = name, idle
+    def __init__(self, name: str, *, idle: bool = False, in_head: bool = False) -> None:
+        self.name, self.idle, self.in_head = name, idle, in_head
 
     def __repr__(self) -> str:
         return self.name
@@ -62,6 +63,18 @@ def test_one_whose_first_bytes_are_not_read_yet_keeps_its_place() -> None:
     admission.read(unread)
     closing = admission.enter(Connection("d"), unread=False, credential=False)
     assert closing == Closing(unread, "unauthenticated_share")
+
+
+def test_one_stalled_in_a_request_head_goes_before_one_that_has_sent_nothing() -> None:
+    admission: Admission[Connection] = Admission(6)
+    silent, stalled, answered = Connection("silent"), Connection("stalled"), Connection("done")
+    for member in (silent, stalled, answered):
+        admission.enter(member, unread=False, credential=False)
+    stalled.in_head = True
+    closing = admission.enter(Connection("new"), unread=False, credential=False)
+    assert closing == Closing(stalled, "unauthenticated_share")
+    closing = admission.enter(Connection("newer"), unread=False, credential=False)
+    assert closing == Closing(silent, "unauthenticated_share")  # then the oldest
 
 
 async def test_the_listener_waits_while_the_share_is_full_of_unread_connections() -> None:
