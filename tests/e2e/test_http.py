@@ -322,6 +322,9 @@ def test_callers_with_a_token_have_half_the_connections_and_idle_ones_make_room(
     stats = http_stats(daemon)
     assert (stats["open"], stats["authenticated"], stats["max_connections"]) == (1, 1, 2)
     assert (stats["refused_busy"], stats["closed_idle"]) == (1, 1)
+    shown = daemon.ctl("status").stdout
+    assert "http:      1 open (1 with a token); at most 2, 1 of them without one" in shown
+    assert "refused 0 without a token for newer ones, 0 slower than 5s to send a head, 1 " in shown
     assert "refused an HTTP connection from 127.0.0.1:" in daemon.log
     assert "all 1 connections with a token are busy" in daemon.log
     assert daemon.stop() == 0
