@@ -160,7 +160,7 @@ class _HttpConnections(Collector):
         refused.add_metric(["max_connections"], stats.refused_busy)
         closed = CounterMetricFamily(
             "taskd_http_closed_idle",
-            "Kept-alive HTTP connections closed while waiting for a request: after "
+            "HTTP connections closed while waiting for a request (new or kept alive): after "
             "keepalive_timeout, or to make room for one with a token",
         )
         closed.add_metric([], stats.closed_idle)

@@ -189,7 +189,7 @@ class HttpStats(msgspec.Struct, frozen=True):
     refused_header_timeout: int  # the request line and headers came too slowly: 408
     refused_unauthenticated: int  # closed to make room for a newer connection in the share
     refused_busy: int  # a request with a token found every authenticated connection busy: 503
-    closed_idle: int  # kept-alive and waiting: after keepalive_timeout, or to make room
+    closed_idle: int  # waiting for a request: after keepalive_timeout, or to make room
 
 
 class ThreadStats(msgspec.Struct, frozen=True):

@@ -62,7 +62,7 @@ READ_CHUNK = 64 * 1024
 LINGER = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
 MAX_LINGERING = 64
-ACCEPT_RETRY = 1.0  # after accept() failed (out of file descriptors, say), at the latest
+ACCEPT_RETRY = 1.0  # seconds before accept() is tried again after it failed, at most
 SERVER = f"taskd/{taskd.__version__}"
 HEAD_TOO_LARGE = f"the request line and headers are over {MAX_HEAD} bytes"
 BUSY = (
@@ -236,7 +236,8 @@ class HttpServer:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as exc:
                 if exc.errno != errno.ECONNABORTED:  # else the client gave up first
-                    logger.warning("cannot accept HTTP connections: %s", exc.strerror or exc)
+                    detail = f"cannot accept it: {exc.strerror or exc}"  # out of files, say
+                    self._refusals.refused("accept", "a client", detail)
                     await self._admission.wait_for_change(ACCEPT_RETRY)
                 continue
             try:
