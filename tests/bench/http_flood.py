@@ -12,9 +12,10 @@ connections a second after the first `--connections` (0: as fast as it can):
   connection open and idle (keep-alive).
 
 Meanwhile this process sends `GET /healthz` (no token) and `GET /_nitro/tasks` (with the
-token), each on a new connection, `--probes` times over `--seconds`, and prints their status
-codes and latencies, taskd's largest resident memory, and what the flood saw. taskd runs
-with the default `[http]` settings.
+token), each on a new connection: once right behind the flood's first connections, then
+`--probes` times over `--seconds`; it prints their status codes and latencies, taskd's
+largest resident memory, and what the flood saw (the status of the first answer on each
+connection; "none": closed without one). taskd runs with the default `[http]` settings.
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ def probes(port: int) -> dict[str, Probe]:
 def measure(
     mode: str, rate: float, connections: int, seconds: float, count: int
 ) -> list[list[str]]:
-    """One flood against a new taskd; a table row per probe, and one for the flood."""
+    """One flood against a new taskd: a row for the first request behind its first
+    `connections`, one per probe after, one for what the flood saw, one for memory."""
     root = short_tempdir()
     daemon = Taskd(root, config=http_config(), log_level="info").start()
     assert daemon.process is not None
@@ -260,6 +262,7 @@ def measure(
         results: dict[str, list[tuple[str, float]]] = {name: [] for name in probes(port)}
         largest_rss = rss_kib(daemon.process.pid)
         with flooding(port, mode, connections, rate) as flooder:
+            first = [probe() for probe in probes(port).values()]  # behind the first burst
             started = time.monotonic()
             for index in range(count):
                 due = started + index * seconds / max(1, count - 1)
@@ -269,7 +272,9 @@ def measure(
                 largest_rss = max(largest_rss, rss_kib(daemon.process.pid))
             report = flooder.stop()
         flood = f"{mode}, {f'{rate:g}/s' if rate else 'max rate'}"
-        rows = []
+        rows = [[flood, f"both, sent right behind the first {connections}",
+                 ", ".join(status for status, _ in first), "-",
+                 f"{max(latency for _, latency in first):.3f}"]]  # fmt: skip
         for name, outcomes in results.items():
             statuses = Counter(status for status, _ in outcomes)
             latencies = [latency for _, latency in outcomes]
