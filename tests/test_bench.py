@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends import postgres_url
-from tests.bench import compare, quick_check
+from tests.bench import compare, http_flood, quick_check
 
 
 def table(text: str) -> dict[str, list[str]]:
@@ -50,3 +50,11 @@ def test_every_postgres_benchmark_scenario_runs(tmp_path: Path) -> None:
 def test_the_quick_check_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
     quick_check.main(["--jobs", "300", "--repeat", "1"])
     assert capsys.readouterr().out.count("quick_check, 300 jobs") == 2
+
+
+def test_the_http_flood_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    http_flood.main(["--connections", "20", "--rate", "50", "--seconds", "0.5", "--probes", "2"])
+    lines = [line.split(" | ") for line in capsys.readouterr().out.splitlines()]
+    probes = [cells for cells in lines if cells[0] in ("| half-sent, 50/s", "| idle-token, 50/s")]
+    assert len(probes) == 2 * 5, probes  # per flood: the first, two kinds, the flood, memory
+    assert all("200" in cells[2] for cells in probes if "GET" in cells[1]), probes
