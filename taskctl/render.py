@@ -348,7 +348,8 @@ def http_lines(stats: HttpStats) -> list[str]:
         f"  http:      {stats.open} open ({stats.authenticated} with a token); at most "
         f"{stats.max_connections}, {stats.unauthenticated_share} of them without one",
     ]
-    if stats.refused_unauthenticated or stats.refused_header_timeout or stats.refused_busy:
+    counts = (stats.refused_unauthenticated, stats.refused_header_timeout, stats.refused_busy)
+    if any(counts) or stats.closed_idle:
         lines.append(
             f"             refused {stats.refused_unauthenticated} without a token for newer "
             f"ones, {stats.refused_header_timeout} slower than {stats.header_timeout:g}s "

@@ -1,6 +1,6 @@
 """Who holds the HTTP listener's connections: callers that have shown a token, and the rest.
 
-`max_connections` is split in two. The *authenticated* pool (the larger half) holds the
+`max_connections` is split in two. The *authenticated* pool (half, rounded up) holds the
 connections that have shown a credential: a request with a valid token or, on a `unix:`
 listener, a peer that the access rules allow, known when it connects. The *unauthenticated
 share* (`max_connections // 2`) holds every other connection, and every new connection
@@ -18,7 +18,8 @@ starts there: until its request arrives, nothing tells a caller with a token fro
   already waiting when it is accepted is not closed for room until they have been read,
   so that a burst of connections cannot push out a caller before taskd has even looked
   at its request. While every connection in the share is such a one, the listener accepts
-  no more; the next wait in the kernel's queue for one turn of the event loop.
+  no more: the next ones wait in the kernel's queue, for a turn of the event loop (the
+  one in which those bytes are read). No new connection is refused.
 - **The authenticated pool makes room by closing an idle connection:** the oldest one
   kept alive and waiting for its next request. If none is idle, the request with a token
   gets 503 `busy`, except `/healthz`, which is served on either footing.
@@ -154,7 +155,7 @@ class Admission(Generic[C]):
         return next((member for member in self._unauthenticated if member not in unread), None)
 
     def _victim(self) -> C | None:
-        """Whom the share closes for a new connection: the oldest stalled in a request head
-        (its bytes have been read), else the oldest whose first bytes have been read."""
+        """Whom the share closes for a new connection: the oldest stalled in a request head,
+        else the oldest whose first bytes have been read."""
         stalled = next((member for member in self._unauthenticated if member.in_head), None)
         return stalled if stalled is not None else self._oldest_read()
