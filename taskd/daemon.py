@@ -21,7 +21,7 @@ from taskd.executor import Executor
 from taskd.http.settings import HttpSettings, load_settings
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
-from taskd.models import counted
+from taskd.models import HttpStats, counted
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
 from taskd.schedules import ScheduleSpec, digest, load_schedules
@@ -225,7 +225,7 @@ class Daemon:
         self._store.events.on_change(self._status.changed)
         node = node_id(config, paths)
         self._worker = await self._join(self._store, node)
-        metrics = Metrics(self._store)
+        metrics = Metrics(self._store, http=self._http_stats)
         max_payload = max_payload_size(config.max_frame_size)
         submitter = Submitter(self._store, self._registry, max_payload=max_payload)
         self._executor = Executor(
@@ -264,6 +264,7 @@ class Daemon:
             reload=self.reload,
             scheduler=self._scheduler,
             connections=lambda: self._server.stats() if self._server else None,
+            http=self._http_stats,
             threads=self._executor.thread_stats,
             metrics=metrics.render,
             unwritten_lines=self._executor.activity.pending_lines,
@@ -530,6 +531,9 @@ class Daemon:
             self._socket_lock = None
         self.notifier.close()
         logger.log(level, "stopped")
+
+    def _http_stats(self) -> HttpStats | None:
+        return self._http.stats() if self._http is not None else None
 
     def _slots(self) -> Slots:
         executor = self._executor
