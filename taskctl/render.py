@@ -11,6 +11,7 @@ import msgspec
 
 from taskd.models import (
     ConnectionStats,
+    HttpStats,
     Job,
     LogLine,
     Progress,
@@ -297,6 +298,8 @@ def status_detail(status: Status) -> str:
         )
     if status.connections is not None:
         lines += connections_lines(status.connections)
+    if status.http is not None:
+        lines += http_lines(status.http)
     if status.threads is not None:
         lines.append(threads_line(status.threads))
     if status.log_dropped:
@@ -358,6 +361,23 @@ def connections_lines(stats: ConnectionStats) -> list[str]:
             f"  refused:   {stats.refused_per_user} over a user's share, {stats.refused_busy} over "
             f"max_connections; closed {stats.closed_idle} idle for "
             f"{format_duration(stats.idle_timeout)}, {stats.closed_unread} not reading"
+        )
+    return lines
+
+
+def http_lines(stats: HttpStats) -> list[str]:
+    """The HTTP listener's connections, and the limits they have hit since start."""
+    lines = [
+        f"  http:      {stats.open} open ({stats.authenticated} with a token); at most "
+        f"{stats.max_connections}, {stats.unauthenticated_share} of them without one",
+    ]
+    counts = (stats.refused_unauthenticated, stats.refused_header_timeout, stats.refused_busy)
+    if any(counts) or stats.closed_idle:
+        lines.append(
+            f"             refused {stats.refused_unauthenticated} without a token for newer "
+            f"ones, {stats.refused_header_timeout} slower than {stats.header_timeout:g}s "
+            f"to send a head, {stats.refused_busy} "
+            f"with a token while all were busy; closed {stats.closed_idle} idle"
         )
     return lines
 

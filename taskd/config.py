@@ -132,8 +132,13 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     readonly_tokens: list[str] = []  # Bearer tokens that may list and read, not change
     tokens_file: str | None = None  # more tokens, one per line; "readonly TOKEN" for read-only
     max_body_size: Annotated[int, RESTART] = 4 * 1024 * 1024  # bytes; bigger bodies get 413
+    # Half of them for connections that have shown no token yet.
     max_connections: Annotated[int, RESTART] = 256
     read_timeout: Annotated[Seconds, RESTART] = Seconds(30)  # a request arrives whole within
+    # Its line and headers within this of its first byte.
+    header_timeout: Annotated[Seconds, RESTART] = Seconds(5)
+    # A connection waiting for a request is closed after this.
+    keepalive_timeout: Annotated[Seconds, RESTART] = Seconds(5)
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -142,8 +147,9 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_body_size must be at least 1024 bytes, got {self.max_body_size}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
-        if self.read_timeout <= 0:
-            raise ValueError("read_timeout must be more than 0 seconds")
+        for name in ("read_timeout", "header_timeout", "keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be more than 0 seconds")
 
     def resolved(self, base: Path) -> HttpConfig:
         """The same settings with relative paths (a unix socket, the tokens file) from `base`."""

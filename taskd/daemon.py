@@ -25,7 +25,7 @@ from taskd.leases import LeaseKeeper
 from taskd.limits import max_payload_size
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
-from taskd.models import ConnectionStats, ThreadStats, counted
+from taskd.models import ConnectionStats, HttpStats, ThreadStats, counted
 from taskd.news import DaemonNews
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.runtime import Runtime
@@ -265,7 +265,7 @@ class Daemon:
         news.on_change(self._status.changed)
         node = node_id(config, paths)
         worker = self._worker = await self._join(store, node)
-        metrics = Metrics(store)
+        metrics = Metrics(store, self)
         tasks = self._tasks()
         engine = self._engine = build_engine(
             store, tasks, news, worker, config, on_attempt=metrics.attempt_ended
@@ -565,7 +565,7 @@ class Daemon:
         self.notifier.close()
         logger.log(level, "stopped")
 
-    # -- what the status methods read (taskd.service.Node) ---------------------------------
+    # -- what the daemon tells of its parts (taskd.service.Node, taskd.metrics.Listeners) --
 
     def slots(self) -> SlotState:
         if self._engine is None:
@@ -583,6 +583,9 @@ class Daemon:
 
     def connections(self) -> ConnectionStats | None:
         return self._server.stats() if self._server is not None else None
+
+    def http(self) -> HttpStats | None:
+        return self._http.stats() if self._http is not None else None
 
     def threads(self) -> ThreadStats | None:
         return self._engine.threads.stats() if self._engine is not None else None

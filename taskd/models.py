@@ -179,6 +179,24 @@ class ConnectionStats(msgspec.Struct, frozen=True):
     closed_unread: int  # the peer had not caught up with its replies within idle_timeout
 
 
+class HttpStats(msgspec.Struct, frozen=True):
+    """The HTTP listener's connections, its limits, and how often they were hit.
+
+    Counters (`refused_*`, `closed_idle`) count since the daemon started.
+    """
+
+    open: int
+    authenticated: int  # connections whose request carried a token (unix: an allowed peer)
+    max_connections: int
+    unauthenticated_share: int  # of max_connections, what the other connections may hold
+    header_timeout: float
+    keepalive_timeout: float
+    refused_header_timeout: int  # the request line and headers came too slowly: 408
+    refused_unauthenticated: int  # closed to make room for a newer connection in the share
+    refused_busy: int  # a request with a token found every authenticated connection busy: 503
+    closed_idle: int  # waiting for a request: after keepalive_timeout, or to make room
+
+
 class ThreadStats(msgspec.Struct, frozen=True):
     """The threads that run plain-function tasks.
 
@@ -256,6 +274,7 @@ class Status(msgspec.Struct, frozen=True):
     node: str | None = None  # this daemon's node id
     nodes: list[NodeInfo] = []  # the daemons alive on this job store
     connections: ConnectionStats | None = None
+    http: HttpStats | None = None  # None without an [http] listener
     threads: ThreadStats | None = None
     slots: WorkerSlots | None = None  # this daemon's
     store_failing: StoreFailing | None = None  # None while the store's writes go through

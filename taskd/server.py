@@ -8,7 +8,6 @@ to finish one) is closed. Nothing a client sends can stop the server.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import functools
@@ -50,6 +49,7 @@ from taskd.protocol import (
     UnsubscribeParams,
     encode_frame,
 )
+from taskd.stream_limits import ByteBudget, Lingering
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ MAX_SUBSCRIPTIONS = 8  # `subscribe` streams one connection may have open
 # connections, so that many clients each sending a frame just under max_frame_size cannot
 # make the daemon hold max_connections x max_frame_size bytes.
 LARGE_FRAME_BUDGET = 4 * DEFAULT_MAX_FRAME
-# A refused connection is closed after its client's first words are read, within LINGER
-# seconds; past MAX_LINGERING such connections at once, at once.
-LINGER = 2.0
-MAX_LINGERING = 64
 # At a stop, requests still in flight get this long to finish (a run whose job has just
 # ended, say) before they are answered with shutting_down.
 REPLY_GRACE = 0.2
@@ -187,47 +183,6 @@ class _StreamBroken(Exception):
         self.message = message
 
 
-class _ReceiveBudget:
-    """Bytes of large frame bodies being received at once, over all connections, capped."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._used = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def acquire(self, size: int) -> float:
-        """Reserve `size` bytes, waiting while others hold the budget; the seconds waited."""
-        if size <= MAX_HELLO_FRAME:
-            return 0.0
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        waited = False
-        while self._used and self._used + size > self._limit:
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                with suppress(ValueError):
-                    self._waiters.remove(waiter)
-            waited = True
-        self._used += size
-        return loop.time() - started if waited else 0.0
-
-    def release(self, size: int) -> None:
-        if size <= MAX_HELLO_FRAME:
-            return
-        self._used -= size
-        while self._waiters:  # each waiter checks again whether its frame fits now
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-
-    @property
-    def used(self) -> int:
-        return self._used
-
-
 class _Connection:
     __slots__ = (
         "greeted",
@@ -286,8 +241,8 @@ class ControlServer:
         self._connections: set[_Connection] = set()
         self._closing = False
         self._stopping = False  # new connections are refused: the daemon is stopping
-        self._lingering = 0  # refused connections being closed gently (see _refuse)
-        self._budget = _ReceiveBudget(max(LARGE_FRAME_BUDGET, max_frame))
+        self._linger = Lingering(drop_at_most=MAX_HELLO_FRAME, chunk=4096)
+        self._budget = ByteBudget(max(LARGE_FRAME_BUDGET, max_frame), exempt=MAX_HELLO_FRAME)
         self._limits = ConnectionLimits(max_connections, max_per_user or max_connections)
         self._idle_timeout = float(idle_timeout)
         self._closed_idle = 0
@@ -396,27 +351,13 @@ class ControlServer:
         code: ErrorCode,
         message: str,
     ) -> None:
-        """Send one error frame, then close without destroying it.
+        """Send one error frame, then close without losing it (taskd.stream_limits)."""
 
-        A socket closed while the client's hello sits unread in it is reset, and the reset
-        throws away the error frame before the client reads it. So the frame is followed by
-        an end-of-stream, and what the client sends is read and dropped (for LINGER seconds
-        at most, by at most MAX_LINGERING refused connections at once) before the close.
-        """
-        with suppress(ConnectionError, OSError, TimeoutError):
+        async def send() -> None:
             writer.write(encode_frame(Reply(None, error=RpcError(code, message).body())))
             await asyncio.wait_for(writer.drain(), 1.0)
-            if self._lingering < MAX_LINGERING and writer.can_write_eof():
-                self._lingering += 1
-                try:
-                    writer.write_eof()
-                    async with asyncio.timeout(LINGER):
-                        dropped = 0
-                        while dropped < MAX_HELLO_FRAME and (chunk := await reader.read(4096)):
-                            dropped += len(chunk)
-                finally:
-                    self._lingering -= 1
-        writer.close()
+
+        await self._linger.close_after(reader, writer, send())
 
     async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         while not self._closing:
@@ -455,14 +396,14 @@ class ControlServer:
             else:
                 message = f"frame of {size} bytes before hello (limit {limit}); closing"
             raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
-        waited = await self._budget.acquire(size)
+        waited = await self._budget.wait_for(size)
         try:
             async with asyncio.timeout_at(deadline + waited):
                 return await reader.readexactly(size)
         except TimeoutError:
             raise self._too_slow(connection) from None
         finally:
-            self._budget.release(size)
+            self._budget.give_back(size)
 
     def _too_slow(self, connection: _Connection) -> _StreamBroken:
         if connection.greeted:

@@ -67,6 +67,7 @@ class Task:
         "name",
         "other_keys",
         "payload_decoder",
+        "payload_schema",
         "payload_type",
         "takes_context",
         "takes_payload",
@@ -98,6 +99,9 @@ class Task:
         self.undeclared_tick_fields = (
             frozenset() if self.fields is None else frozenset(TICK_FIELDS) - self.fields.keys()
         )
+        # Built once: `list_tasks` (taskctl list, GET /_nitro/tasks) would spend most of its
+        # time building it again.
+        self.payload_schema = _json_schema(self.payload_type)
 
     def decode_payload(self, payload: bytes, *, tick: bool = False) -> Any:
         """The payload as the task's annotation types it; raises msgspec.ValidationError.
@@ -148,7 +152,7 @@ class Task:
             backoff=self.backoff,
             max_backoff=self.max_backoff,
             concurrency=self.concurrency,
-            payload_schema=_json_schema(self.payload_type),
+            payload_schema=self.payload_schema,
         )
 
 

@@ -136,7 +136,7 @@ class HttpApi:
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         try:
-            route, path = self._route(request)
+            route, path = self._route(request.method, request.target)
             self._authorize(route, request)
             return await _HANDLERS[route.operation](self, request, path)
         except HttpError as exc:
@@ -144,19 +144,26 @@ class HttpApi:
         except RpcError as exc:
             return error_response(exc.code, exc.message, exc.data)
 
-    def _route(self, request: HttpRequest) -> tuple[Route, dict[str, str]]:
-        path = urllib.parse.urlsplit(request.target).path
+    def public(self, method: str, target: str) -> bool:
+        """Whether the request is for a route that needs no token (`/healthz`)."""
+        try:
+            return self._route(method, target)[0].access == "public"
+        except HttpError:
+            return False
+
+    def _route(self, method: str, target: str) -> tuple[Route, dict[str, str]]:
+        path = urllib.parse.urlsplit(target).path
         allowed = []
         for route, pattern in self._routes:
             if (match := pattern.fullmatch(path)) is None:
                 continue
-            if route.method == request.method:
+            if route.method == method:
                 return route, {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
             allowed.append(route.method)
         if allowed:
             raise HttpError(
                 HttpErrorCode.METHOD_NOT_ALLOWED,
-                f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}",
+                f"{method} is not allowed on {path}; use {' or '.join(allowed)}",
                 headers=(("Allow", ", ".join(allowed)),),
             )
         raise HttpError(

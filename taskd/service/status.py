@@ -10,7 +10,7 @@ from typing import Protocol
 import msgspec
 
 from taskd.logqueue import dropped_lines
-from taskd.models import ConnectionStats, Status, ThreadStats, WorkerSlots
+from taskd.models import ConnectionStats, HttpStats, Status, ThreadStats, WorkerSlots
 from taskd.protocol import MAX_LIST, STATUS, WHY, StatusParams, WhyParams, WhyResult
 from taskd.service.dispatch import Binding, bind
 from taskd.service.jobs import get_job
@@ -49,6 +49,8 @@ class Node(Protocol):
     def slots(self) -> SlotState: ...
 
     def connections(self) -> ConnectionStats | None: ...
+
+    def http(self) -> HttpStats | None: ...
 
     def threads(self) -> ThreadStats | None: ...
 
@@ -127,6 +129,7 @@ class StatusMethods:
             node=info.node,
             nodes=await self._store.nodes(),
             connections=self._node.connections(),
+            http=self._node.http(),
             threads=self._node.threads(),
             slots=WorkerSlots(slots.busy, slots.claimed_ahead, slots.ending),
             store_failing=self._store.health.report(),

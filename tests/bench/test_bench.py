@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends import postgres_url
-from tests.bench import compare, disk_full, quick_check
+from tests.bench import compare, disk_full, http_flood, quick_check
 from tests.bench.compare import PEERS
 
 
@@ -62,3 +62,11 @@ def test_the_disk_full_measurement_runs(capsys: pytest.CaptureFixture[str]) -> N
     disk_full.main(["--size", "1m", "--freed", "128", "--spare", "256"])
     out = capsys.readouterr().out
     assert "jobs after freeing 128 KiB" in out and "  ready;" in out, out
+
+
+def test_the_http_flood_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    http_flood.main(["--connections", "20", "--rate", "50", "--seconds", "0.5", "--probes", "2"])
+    lines = [line.split(" | ") for line in capsys.readouterr().out.splitlines()]
+    probes = [cells for cells in lines if cells[0] in ("| half-sent, 50/s", "| idle-token, 50/s")]
+    assert len(probes) == 2 * 5, probes  # per flood: the first, two kinds, the flood, memory
+    assert all("200" in cells[2] for cells in probes if "GET" in cells[1]), probes
