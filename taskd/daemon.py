@@ -27,10 +27,11 @@ from taskd.live import LiveEvents
 from taskd.metrics import Metrics
 from taskd.models import ConnectionStats, HttpStats, ThreadStats, counted
 from taskd.news import DaemonNews
+from taskd.peers import PeerSchedules
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.runtime import Runtime
 from taskd.scheduler import Scheduler
-from taskd.schedules import ScheduleSpec, digest, load_schedules
+from taskd.schedules import ScheduleSpec, load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket, release_socket
 from taskd.service import (
     DaemonInfo,
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
-SCHEDULES_CHECK_INTERVAL = 60.0  # how often the schedules of the other daemons are compared
 
 ConfigLoader = Callable[[], tuple[Config, Paths]]
 
@@ -167,8 +167,7 @@ class Daemon:
         self._socket_lock: int | None = None
         self._started_at = time.time()
         self._stopping = False  # shutdown has begun: no more reloads
-        self._schedules_digest = ""
-        self._differing_nodes: frozenset[tuple[str, str]] = frozenset()
+        self._peers: PeerSchedules | None = None
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
@@ -274,7 +273,8 @@ class Daemon:
             store, engine.submitter, started_at=self._started_at, on_fired=metrics.tick_fired
         )
         await self._scheduler.load(settings.schedules)
-        await self._compare_schedules(settings.schedules)
+        peers = self._peers = PeerSchedules(store, worker)
+        await peers.announce(settings.schedules)
         status = StatusMethods(store, tasks, self._info(node, store), self)
         dispatch = Dispatch(
             JobMethods(store, engine.submitter, tasks, engine.activity).bindings(),
@@ -282,21 +282,10 @@ class Daemon:
             status.bindings(),
             NodeMethods(store, self, metrics).bindings(),
         )
-        self._server = ControlServer(
-            dispatch,
-            settings.access,
-            server_name=f"taskd/{taskd.__version__}",
-            max_frame=config.max_frame_size,
-            max_connections=config.max_connections,
-            read_timeout=config.read_timeout,
-            max_per_user=config.max_connections_per_user,
-            idle_timeout=config.idle_timeout,
-            live=LiveEvents(store.events, news),
-        )
-        await self._server.start(listener)
+        await self._serve_socket(dispatch, LiveEvents(store.events, news), settings, listener)
         if settings.http is not None:
             await self._start_http(dispatch, status, settings)
-        self._start_background(engine)
+        self._start_background(engine, self._scheduler, peers)
         self._ready(await self._summary())
         logger.info(
             "taskd %s ready (pid %d): %s from %s, %s, socket %s",
@@ -320,13 +309,30 @@ class Daemon:
             workers=self.config.workers,
         )
 
-    def _start_background(self, engine: Engine) -> None:
-        assert self._scheduler is not None
+    async def _serve_socket(
+        self, dispatch: Dispatch, live: LiveEvents, settings: _Settings, listener: socket.socket
+    ) -> None:
+        """Serve the control socket."""
+        config = self.config
+        self._server = ControlServer(
+            dispatch,
+            settings.access,
+            server_name=f"taskd/{taskd.__version__}",
+            max_frame=config.max_frame_size,
+            max_connections=config.max_connections,
+            read_timeout=config.read_timeout,
+            max_per_user=config.max_connections_per_user,
+            idle_timeout=config.idle_timeout,
+            live=live,
+        )
+        await self._server.start(listener)
+
+    def _start_background(self, engine: Engine, scheduler: Scheduler, peers: PeerSchedules) -> None:
         self._background.spawn(engine.executor.run(), "executor")
         self._background.spawn(engine.leases.run(), "leases")
-        self._background.spawn(self._scheduler.run(), "scheduler")
+        self._background.spawn(scheduler.run(), "scheduler")
         self._background.spawn(self._prune_forever(), "pruner")
-        self._background.spawn(self._compare_schedules_forever(), "schedules check")
+        self._background.spawn(peers.compare_forever(), "schedules check")
         if self._watchdog_interval is not None:
             self._background.spawn(self.notifier.keep_watchdog(self._watchdog_interval), "watchdog")
         self._background.spawn(self._status.run(), "status")
@@ -424,43 +430,6 @@ class Daemon:
                     logger.info("pruned %d finished jobs past their retention", deleted)
             await asyncio.sleep(PRUNE_INTERVAL)
 
-    async def _compare_schedules_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SCHEDULES_CHECK_INTERVAL)
-            await self._compare_schedules(None)
-
-    async def _compare_schedules(self, specs: list[ScheduleSpec] | None) -> None:
-        """Publish a digest of our schedules (new ones, if given) and say loudly when other
-        daemons on the store run different ones: then ticks and their state disagree."""
-        assert self._store is not None and self._worker is not None
-        try:
-            if specs is not None:
-                self._schedules_digest = digest(specs)
-                await self._store.announce_schedules(self._worker, self._schedules_digest)
-            nodes = await self._store.nodes()
-        except StoreError as exc:
-            logger.warning("cannot compare the schedules with the other daemons: %s", exc)
-            return
-        mine = self._schedules_digest
-        differing = frozenset(
-            (node.id, node.schedules)
-            for node in nodes
-            if node.worker != self._worker and node.schedules not in (None, mine)
-        )
-        if differing and differing != self._differing_nodes:
-            others = ", ".join(f"{node} has {theirs}" for node, theirs in sorted(differing))
-            logger.error(
-                "THE DAEMONS SHARING THIS JOB STORE RUN DIFFERENT SCHEDULES: this one's digest "
-                "is %s, %s. Give every daemon the same [scheduled_tasks], [[schedule]] and "
-                "timezone settings: a schedule only some of them know fires only while one of "
-                "those runs, and its state (paused, last tick) is shared under its id",
-                mine,
-                others,
-            )
-        elif not differing and self._differing_nodes:
-            logger.info("the daemons sharing this job store now run the same schedules")
-        self._differing_nodes = differing
-
     # -- reload --------------------------------------------------------------------------
 
     def _reload_in_background(self) -> None:
@@ -519,9 +488,9 @@ class Daemon:
         elif (self._http is None) != (http is None):
             logger.warning("[http] was added or removed; that takes effect at the next restart")
             restart_needed.append("[http]")
-        if self._scheduler is not None:
+        if self._scheduler is not None and self._peers is not None:
             await self._scheduler.replace(schedules)
-            await self._compare_schedules(schedules)
+            await self._peers.announce(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
         logger.info("reloaded: %s from %s", counted(len(registry), "task"), paths.tasks)
         return ReloadResult(len(registry), len(schedules), restart_needed)
