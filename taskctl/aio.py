@@ -368,7 +368,11 @@ class AsyncClient:
         self._events.clear()
 
 
-# The documentation of each method is Client's.
-for _name, _method in vars(AsyncClient).items():
-    if callable(_method) and not _name.startswith("_") and _method.__doc__ is None:
-        _method.__doc__ = getattr(Client, _name).__doc__
+def _documented_as(cls: type, model: type) -> None:
+    """Give each public method of `cls` without a docstring the docstring of `model`'s."""
+    for name, method in vars(cls).items():
+        if callable(method) and not name.startswith("_") and method.__doc__ is None:
+            method.__doc__ = getattr(model, name).__doc__
+
+
+_documented_as(AsyncClient, Client)
