@@ -368,7 +368,7 @@ class ControlServer:
                 self._send_error(connection, None, exc.code, exc.message)
                 return
             self._dispatch(connection, body)
-            await self._room(connection)
+            await self._output_room(connection)
 
     async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
         """The body of the next frame; _StreamBroken if it is too large or too slow."""
@@ -482,7 +482,7 @@ class ControlServer:
             if isinstance(params, SubscribeParams | UnsubscribeParams):
                 await self._write(connection, await self._stream(connection, request_id, params))
                 return
-            async with self._turn(connection, method, params):
+            async with self._reads_in_turn(connection, method, params):
                 reply = await self._answer(connection.peer, request_id, method, params)
                 await self._write(connection, reply)
         except asyncio.CancelledError:
@@ -524,7 +524,7 @@ class ControlServer:
         return Reply(request_id, result=result)
 
     @contextlib.asynccontextmanager
-    async def _turn(
+    async def _reads_in_turn(
         self, connection: _Connection, method: str, params: Params
     ) -> AsyncIterator[None]:
         """Reads that are answered at once, with replies as large as the store's contents,
@@ -535,7 +535,7 @@ class ControlServer:
             yield  # changes are answered in a few bytes; waits must not block each other
             return
         async with connection.reads:
-            await self._room(connection)
+            await self._output_room(connection)
             yield
 
     async def _answer(self, peer: Peer, request_id: int, method: str, params: Params) -> Reply:
@@ -552,10 +552,10 @@ class ControlServer:
     async def _write(self, connection: _Connection, reply: Reply) -> None:
         """Send a reply once the connection's unsent replies are under the output budget."""
         async with connection.output:
-            await self._room(connection)
+            await self._output_room(connection)
             self._send(connection, reply)
 
-    async def _room(self, connection: _Connection) -> None:
+    async def _output_room(self, connection: _Connection) -> None:
         """Wait while the connection's unsent replies are over the output budget.
 
         A peer that has not caught up within idle_timeout is cut off (ConnectionResetError):
