@@ -43,14 +43,19 @@ def _type_info(kind: Any) -> types.Type:
 
 def enqueue_problem(fields: Mapping[str, Any]) -> str | None:
     """What is wrong with the options of an enqueue (`EnqueueParams`' fields, None where not
-    given) that did not come through the decoder: a limit, delay with run_at, or a key
-    reserved for taskd; None if nothing is."""
-    if (problem := out_of_limits(EnqueueParams, fields)) is not None:
-        return problem
-    if fields.get("delay") is not None and fields.get("run_at") is not None:
+    given) that did not come through the decoder: a limit, or a rule of `rule_broken`;
+    None if nothing is."""
+    return out_of_limits(EnqueueParams, fields) or rule_broken(
+        fields.get("delay"), fields.get("run_at"), fields.get("key")
+    )
+
+
+def rule_broken(delay: float | None, run_at: float | None, key: str | None) -> str | None:
+    """The rules of an enqueue that its types do not state, for every request (the decoder
+    checks none of them): delay or run_at, not both; keys starting with '@' are taskd's."""
+    if delay is not None and run_at is not None:
         return "give delay or run_at, not both"
-    key = fields.get("key")
-    if isinstance(key, str) and key.startswith("@"):
+    if key is not None and key.startswith("@"):
         return (
             f"key {key!r}: keys starting with '@' are reserved for taskd ({RUN_KEY!r} is the "
             "key of runs that give none); pick another key"

@@ -12,10 +12,10 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
-from taskd.limits import enqueue_problem, max_payload_size
+from taskd.limits import max_payload_size, out_of_limits, rule_broken
 from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, did_you_mean
 from taskd.policy import default_attempts
-from taskd.protocol import DEFAULT_MAX_FRAME
+from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
@@ -136,25 +136,20 @@ class Submitter:
 
     @staticmethod
     def _check_options(request: JobRequest) -> None:
-        """The limits the protocol's types state, and the rules of keys and times, for
-        requests that do not come through the decoder (from task code, from a tick)."""
-        if (
-            request.key is None
-            and request.delay is None
-            and request.run_at is None
-            and request.priority is None
-            and request.max_attempts is None
-        ):
-            return  # most requests: nothing to check
-        options = {
-            "delay": request.delay,
-            "run_at": request.run_at,
-            "priority": request.priority,
-            "max_attempts": request.max_attempts,
-            "key": request.key,
-        }
-        if (problem := enqueue_problem(options)) is not None:
+        """The rules of keys and times; and for requests from task code the limits the
+        protocol's types state (a client's request was checked as it was decoded)."""
+        if (problem := rule_broken(request.delay, request.run_at, request.key)) is not None:
             raise InvalidRequest(problem)
+        if request.origin == "task":
+            options = {
+                "delay": request.delay,
+                "run_at": request.run_at,
+                "priority": request.priority,
+                "max_attempts": request.max_attempts,
+                "key": request.key,
+            }
+            if (problem := out_of_limits(EnqueueParams, options)) is not None:
+                raise InvalidRequest(problem)
 
     async def submit(
         self, requests: Sequence[JobRequest], *, numbered: bool = False
