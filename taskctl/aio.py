@@ -32,31 +32,10 @@ from taskctl.client import (
     unavailable,
 )
 from taskctl.errors import ProtocolError, TaskdError
+from taskd import protocol
 from taskd.models import Job, JobLogs, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
-    CANCEL,
-    ENQUEUE,
-    ENQUEUE_MANY,
     HEADER,
-    HELLO,
-    JOB,
-    JOBS,
-    LIST_TASKS,
-    LOGS,
-    METRICS,
-    PAUSE_SCHEDULE,
-    PRUNE,
-    RELOAD,
-    RESUME_SCHEDULE,
-    RETRY,
-    RUN,
-    SCHEDULES,
-    STATUS,
-    SUBSCRIBE,
-    TRIGGER_SCHEDULE,
-    UNSUBSCRIBE,
-    WAIT,
-    WHY,
     CancelParams,
     EnqueueManyParams,
     EnqueueParams,
@@ -139,7 +118,7 @@ class AsyncClient:
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read_replies(reader))
             try:
-                result: HelloResult = await self._send(HELLO.name, hello_params(), limit)
+                result: HelloResult = await self._send(protocol.HELLO.name, hello_params(), limit)
             except BaseException:
                 await self.close()  # no half-open connection left behind
                 raise
@@ -205,7 +184,7 @@ class AsyncClient:
     def _deliver(self, body: bytes) -> None:
         reply = read_reply(body)
         if reply.id is None:  # an error about the whole connection: this raises it
-            result_of(HELLO.name, reply)
+            result_of(protocol.HELLO.name, reply)
             return
         entry = self._pending.get(reply.id)
         future = entry[1] if entry is not None and not entry[1].done() else None
@@ -222,7 +201,7 @@ class AsyncClient:
             return  # a subscription's end, or a reply nobody waits for any more
         try:
             result = result_of(entry[0], reply)
-            if entry[0] == SUBSCRIBE.name:
+            if entry[0] == protocol.SUBSCRIBE.name:
                 raise ProtocolError("taskd ended a subscription before it started")
             future.set_result(result)
         except TaskdError as exc:
@@ -236,7 +215,7 @@ class AsyncClient:
     # -- one method per call (the same as Client's) ----------------------------------------
 
     async def list_tasks(self) -> list[TaskInfo]:
-        return await self._call(LIST_TASKS, ListTasksParams())
+        return await self._call(protocol.LIST_TASKS, ListTasksParams())
 
     async def run(
         self,
@@ -257,7 +236,7 @@ class AsyncClient:
         max_attempts: int | None = None,
         detach: bool = False,
     ) -> RunResult:
-        return await self._call(RUN, run_params(task, payload, key, max_attempts, detach))
+        return await self._call(protocol.RUN, run_params(task, payload, key, max_attempts, detach))
 
     async def enqueue(
         self,
@@ -279,13 +258,13 @@ class AsyncClient:
             max_attempts=max_attempts,
             key=key,
         )
-        return await self._call(ENQUEUE, params)
+        return await self._call(protocol.ENQUEUE, params)
 
     async def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
-        return (await self._call(ENQUEUE_MANY, EnqueueManyParams(jobs))).jobs
+        return (await self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs))).jobs
 
     async def job(self, job_id: int) -> Job:
-        return await self._call(JOB, JobParams(job_id))
+        return await self._call(protocol.JOB, JobParams(job_id))
 
     async def jobs(
         self,
@@ -295,48 +274,48 @@ class AsyncClient:
         limit: int = 50,
         payloads: bool = False,
     ) -> list[Job]:
-        return await self._call(JOBS, jobs_params(status, task, limit, payloads))
+        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
 
     async def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
     ) -> Job:
-        return await self._call(WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
+        return await self._call(protocol.WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
 
     async def why(self, job_id: int) -> WhyResult:
-        return await self._call(WHY, WhyParams(job_id))
+        return await self._call(protocol.WHY, WhyParams(job_id))
 
     async def cancel(self, job_id: int) -> Job:
-        return await self._call(CANCEL, CancelParams(job_id))
+        return await self._call(protocol.CANCEL, CancelParams(job_id))
 
     async def retry(self, job_id: int) -> Job:
-        return await self._call(RETRY, RetryParams(job_id))
+        return await self._call(protocol.RETRY, RetryParams(job_id))
 
     async def status(self) -> Status:
-        return await self._call(STATUS, StatusParams())
+        return await self._call(protocol.STATUS, StatusParams())
 
     async def prune(self, older_than: float | str | None = None) -> int:
-        return (await self._call(PRUNE, PruneParams(seconds(older_than)))).deleted
+        return (await self._call(protocol.PRUNE, PruneParams(seconds(older_than)))).deleted
 
     async def reload(self) -> ReloadResult:
-        return await self._call(RELOAD, ReloadParams())
+        return await self._call(protocol.RELOAD, ReloadParams())
 
     async def schedules(self) -> list[ScheduleInfo]:
-        return await self._call(SCHEDULES, SchedulesParams())
+        return await self._call(protocol.SCHEDULES, SchedulesParams())
 
     async def pause_schedule(self, schedule: str) -> ScheduleInfo:
-        return await self._call(PAUSE_SCHEDULE, PauseScheduleParams(schedule))
+        return await self._call(protocol.PAUSE_SCHEDULE, PauseScheduleParams(schedule))
 
     async def resume_schedule(self, schedule: str) -> ScheduleInfo:
-        return await self._call(RESUME_SCHEDULE, ResumeScheduleParams(schedule))
+        return await self._call(protocol.RESUME_SCHEDULE, ResumeScheduleParams(schedule))
 
     async def trigger_schedule(self, schedule: str) -> ScheduleInfo:
-        return await self._call(TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
+        return await self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
 
     async def metrics(self) -> str:
-        return await self._call(METRICS, MetricsParams())
+        return await self._call(protocol.METRICS, MetricsParams())
 
     async def logs(self, job_id: int) -> JobLogs:
-        return await self._call(LOGS, LogsParams(job_id))
+        return await self._call(protocol.LOGS, LogsParams(job_id))
 
     # -- live events -----------------------------------------------------------------------
 
@@ -347,7 +326,7 @@ class AsyncClient:
         if self.server is None:
             await self._connect(limit)
         subscription: int = await self._send(
-            SUBSCRIBE.name, SubscribeParams(job=job, logs=logs), limit
+            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs), limit
         )
         return subscription
 
@@ -364,7 +343,7 @@ class AsyncClient:
         return self._events.popleft()
 
     async def unsubscribe(self, subscription: int) -> None:
-        await self._call(UNSUBSCRIBE, UnsubscribeParams(subscription))
+        await self._call(protocol.UNSUBSCRIBE, UnsubscribeParams(subscription))
         self._events.clear()
 
 

@@ -15,7 +15,7 @@ import msgspec
 
 from taskctl import errors
 from taskctl.client import WAIT_MARGIN, Client
-from taskd import __version__
+from taskd import __version__, protocol
 from taskd.models import (
     FINISHED_STATUSES,
     JOB_STATUSES,
@@ -24,24 +24,6 @@ from taskd.models import (
     parse_duration,
 )
 from taskd.protocol import (
-    CANCEL,
-    ENQUEUE,
-    JOB,
-    JOBS,
-    LIST_TASKS,
-    LOGS,
-    METRICS,
-    PAUSE_SCHEDULE,
-    PRUNE,
-    RELOAD,
-    RESUME_SCHEDULE,
-    RETRY,
-    RUN,
-    SCHEDULES,
-    STATUS,
-    TRIGGER_SCHEDULE,
-    WAIT,
-    WHY,
     Method,
     client_socket_path,
 )
@@ -587,14 +569,14 @@ def schedule_action(name: str, handler: Handler, method: Method[Any, Any]) -> Co
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("list", cmd_list, LIST_TASKS),
-    Command("run", cmd_run, RUN, (
+    Command("list", cmd_list, protocol.LIST_TASKS),
+    Command("run", cmd_run, protocol.RUN, (
         NAME, PAYLOAD,
         Arg("--detach", action="store_true", help="print the job id and return at once"),
         Arg("--key", help="single-flight key: runs with the same key share one execution"),
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1)),
     )),
-    Command("enqueue", cmd_enqueue, ENQUEUE, (
+    Command("enqueue", cmd_enqueue, protocol.ENQUEUE, (
         NAME, PAYLOAD,
         Arg("--delay", type=duration, metavar="DUR", help="run after 30s, 5m, 2h ..."),
         Arg("--at", type=moment, metavar="TIME",
@@ -604,8 +586,8 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--key", metavar="K",
             help="unique key: no second pending or running job with this key"),
     )),
-    Command("job", cmd_job, JOB, (JOB_ID,)),
-    Command("jobs", cmd_jobs, JOBS, (
+    Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
+    Command("jobs", cmd_jobs, protocol.JOBS, (
         Arg("--status", type=statuses, action="append", metavar="S", complete=JOB_STATUSES,
             help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}"),
         Arg("--task", metavar="NAME", complete="tasks", help="only jobs of this task"),
@@ -616,7 +598,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--watch", action="store_true",
             help="redraw the table as jobs change (Ctrl-C stops)"),
     )),
-    Command("logs", cmd_logs, LOGS, (
+    Command("logs", cmd_logs, protocol.LOGS, (
         JOB_ID,
         Arg("-f", "--follow", action="store_true",
             help="print new lines as they come, until the job ends"),
@@ -624,23 +606,23 @@ COMMANDS: tuple[Command, ...] = (
     Command("top", cmd_top, examples=("taskctl top",),
             help="full-screen view: running jobs and their progress, queues, failures, next "
             "ticks"),
-    Command("wait", cmd_wait, WAIT, (
+    Command("wait", cmd_wait, protocol.WAIT, (
         JOB_ID, Arg("--timeout", type=duration, metavar="DUR", help="give up after this long"),
     )),
-    Command("why", cmd_why, WHY, (JOB_ID,)),
-    Command("cancel", cmd_cancel, CANCEL, (JOB_ID,)),
-    Command("retry", cmd_retry, RETRY, (JOB_ID,)),
-    Command("status", cmd_status, STATUS),
-    Command("prune", cmd_prune, PRUNE, (
+    Command("why", cmd_why, protocol.WHY, (JOB_ID,)),
+    Command("cancel", cmd_cancel, protocol.CANCEL, (JOB_ID,)),
+    Command("retry", cmd_retry, protocol.RETRY, (JOB_ID,)),
+    Command("status", cmd_status, protocol.STATUS),
+    Command("prune", cmd_prune, protocol.PRUNE, (
         Arg("--older-than", type=duration, metavar="DUR",
             help="delete finished jobs older than this (1d, 12h ...), whatever the retention"),
     )),
-    Command("reload", cmd_reload, RELOAD),
-    Command("metrics", cmd_metrics, METRICS),
-    Command("schedules", cmd_schedules, SCHEDULES, actions=(
-        schedule_action("pause", cmd_schedules_pause, PAUSE_SCHEDULE),
-        schedule_action("resume", cmd_schedules_resume, RESUME_SCHEDULE),
-        schedule_action("trigger", cmd_schedules_trigger, TRIGGER_SCHEDULE),
+    Command("reload", cmd_reload, protocol.RELOAD),
+    Command("metrics", cmd_metrics, protocol.METRICS),
+    Command("schedules", cmd_schedules, protocol.SCHEDULES, actions=(
+        schedule_action("pause", cmd_schedules_pause, protocol.PAUSE_SCHEDULE),
+        schedule_action("resume", cmd_schedules_resume, protocol.RESUME_SCHEDULE),
+        schedule_action("trigger", cmd_schedules_trigger, protocol.TRIGGER_SCHEDULE),
     )),
     Command("completion", cmd_completion,
             help="print a shell completion script: commands, options, task names and job ids",

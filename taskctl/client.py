@@ -25,6 +25,7 @@ from taskctl.errors import (
     RequestTimeout,
     error_for,
 )
+from taskd import protocol
 from taskd.models import (
     Job,
     JobLogs,
@@ -35,32 +36,10 @@ from taskd.models import (
     parse_duration,
 )
 from taskd.protocol import (
-    CANCEL,
     EMPTY_MAP,
-    ENQUEUE,
-    ENQUEUE_MANY,
     HEADER,
-    HELLO,
-    JOB,
-    JOBS,
-    LIST_TASKS,
-    LOGS,
     METHODS,
-    METRICS,
-    PAUSE_SCHEDULE,
     PROTOCOL_VERSION,
-    PRUNE,
-    RELOAD,
-    RESUME_SCHEDULE,
-    RETRY,
-    RUN,
-    SCHEDULES,
-    STATUS,
-    SUBSCRIBE,
-    TRIGGER_SCHEDULE,
-    UNSUBSCRIBE,
-    WAIT,
-    WHY,
     CancelParams,
     EnqueueManyParams,
     EnqueueParams,
@@ -289,7 +268,7 @@ class Client:
 
     def _connect(self, limit: float | None) -> HelloResult:
         self._sock = self._open_socket()
-        result: HelloResult = self._exchange(HELLO.name, hello_params(), limit)
+        result: HelloResult = self._exchange(protocol.HELLO.name, hello_params(), limit)
         self.server = result
         return result
 
@@ -373,7 +352,7 @@ class Client:
     # -- one method per call (AsyncClient has the same, as coroutines) ----------------------
 
     def list_tasks(self) -> list[TaskInfo]:
-        return self._call(LIST_TASKS, ListTasksParams())
+        return self._call(protocol.LIST_TASKS, ListTasksParams())
 
     def run(
         self,
@@ -396,7 +375,7 @@ class Client:
         detach: bool = False,
     ) -> RunResult:
         """Run (or join) the task; the finished job (or, with `detach`, the pending one)."""
-        return self._call(RUN, run_params(task, payload, key, max_attempts, detach))
+        return self._call(protocol.RUN, run_params(task, payload, key, max_attempts, detach))
 
     def enqueue(
         self,
@@ -419,16 +398,16 @@ class Client:
             max_attempts=max_attempts,
             key=key,
         )
-        return self._call(ENQUEUE, params)
+        return self._call(protocol.ENQUEUE, params)
 
     def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
         """Enqueue a batch in one round trip and one transaction (build items with
         `taskctl.enqueue_params`); nothing is enqueued if one is invalid."""
-        return self._call(ENQUEUE_MANY, EnqueueManyParams(jobs)).jobs
+        return self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs)).jobs
 
     def job(self, job_id: int) -> Job:
         """The job, with the errors of all its attempts."""
-        return self._call(JOB, JobParams(job_id))
+        return self._call(protocol.JOB, JobParams(job_id))
 
     def jobs(
         self,
@@ -439,7 +418,7 @@ class Client:
         payloads: bool = False,
     ) -> list[Job]:
         """Recent jobs, newest first; their payload and result only with `payloads`."""
-        return self._call(JOBS, jobs_params(status, task, limit, payloads))
+        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
 
     def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
@@ -447,55 +426,55 @@ class Client:
         """The job once it has ended; raises WaitTimeout after `timeout` (RequestTimeout if
         taskd has not answered WAIT_MARGIN seconds later). With `after_attempt`, also as soon
         as an attempt numbered above it has failed (the job is then not finished)."""
-        return self._call(WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
+        return self._call(protocol.WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
 
     def why(self, job_id: int) -> WhyResult:
         """Why the job is not running yet (or what it is doing), and its timeline."""
-        return self._call(WHY, WhyParams(job_id))
+        return self._call(protocol.WHY, WhyParams(job_id))
 
     def cancel(self, job_id: int) -> Job:
         """Cancel a pending or running job (whichever daemon runs it stops it)."""
-        return self._call(CANCEL, CancelParams(job_id))
+        return self._call(protocol.CANCEL, CancelParams(job_id))
 
     def retry(self, job_id: int) -> Job:
         """Put a failed or cancelled job back in the queue."""
-        return self._call(RETRY, RetryParams(job_id))
+        return self._call(protocol.RETRY, RetryParams(job_id))
 
     def status(self) -> Status:
         """The daemon, its queue, its running jobs, and every daemon sharing its store."""
-        return self._call(STATUS, StatusParams())
+        return self._call(protocol.STATUS, StatusParams())
 
     def prune(self, older_than: float | str | None = None) -> int:
         """Delete finished jobs (past their retention, or older than `older_than`); how many."""
-        return self._call(PRUNE, PruneParams(seconds(older_than))).deleted
+        return self._call(protocol.PRUNE, PruneParams(seconds(older_than))).deleted
 
     def reload(self) -> ReloadResult:
         """Re-read taskd.toml and the tasks folder (like SIGHUP)."""
-        return self._call(RELOAD, ReloadParams())
+        return self._call(protocol.RELOAD, ReloadParams())
 
     def schedules(self) -> list[ScheduleInfo]:
         """Every schedule with its next and last tick, last outcome and coalesced count."""
-        return self._call(SCHEDULES, SchedulesParams())
+        return self._call(protocol.SCHEDULES, SchedulesParams())
 
     def pause_schedule(self, schedule: str) -> ScheduleInfo:
         """Stop a schedule (by id, or by its cron expression) ticking until resumed."""
-        return self._call(PAUSE_SCHEDULE, PauseScheduleParams(schedule))
+        return self._call(protocol.PAUSE_SCHEDULE, PauseScheduleParams(schedule))
 
     def resume_schedule(self, schedule: str) -> ScheduleInfo:
         """Let a paused schedule tick again from now (missed ticks are not caught up)."""
-        return self._call(RESUME_SCHEDULE, ResumeScheduleParams(schedule))
+        return self._call(protocol.RESUME_SCHEDULE, ResumeScheduleParams(schedule))
 
     def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
-        return self._call(TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
+        return self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
 
     def metrics(self) -> str:
         """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""
-        return self._call(METRICS, MetricsParams())
+        return self._call(protocol.METRICS, MetricsParams())
 
     def logs(self, job_id: int) -> JobLogs:
         """The lines the job wrote with `ctx.logger` that are kept, oldest first."""
-        return self._call(LOGS, LogsParams(job_id))
+        return self._call(protocol.LOGS, LogsParams(job_id))
 
     # -- live events -----------------------------------------------------------------------
 
@@ -517,18 +496,18 @@ class Client:
         self._next_id += 1
         params = SubscribeParams(job=job, logs=logs)
         try:
-            sock.sendall(encode_frame(Request(request_id, SUBSCRIBE.name, _raw(params))))
+            sock.sendall(encode_frame(Request(request_id, protocol.SUBSCRIBE.name, _raw(params))))
             while True:  # until the first event: "subscribed", or the error refusing it
                 body = self._read_frame(sock, deadline)
                 head = _reply_decoder.decode(body)
                 if head.id == request_id and head.event is not None:
                     return request_id
                 if head.id == request_id:
-                    result_of(SUBSCRIBE.name, head)
+                    result_of(protocol.SUBSCRIBE.name, head)
                     raise ProtocolError("taskd ended a subscription before it started")
         except TimeoutError:
             self.close()
-            raise timed_out(self.socket_path, SUBSCRIBE.name, limit or 1.0) from None
+            raise timed_out(self.socket_path, protocol.SUBSCRIBE.name, limit or 1.0) from None
 
     def next_event(self, timeout: float | None = None) -> JobEvent | None:
         """The next event of the open subscriptions; None if none came within `timeout`."""
@@ -559,7 +538,7 @@ class Client:
 
     def unsubscribe(self, subscription: int) -> None:
         """End a subscription (its events not read yet are dropped)."""
-        self._call(UNSUBSCRIBE, UnsubscribeParams(subscription))
+        self._call(protocol.UNSUBSCRIBE, UnsubscribeParams(subscription))
         self._events.clear()
 
 

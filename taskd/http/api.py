@@ -16,16 +16,9 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
+from taskd import protocol
 from taskd.models import Job
 from taskd.protocol import (
-    CANCEL,
-    ENQUEUE,
-    JOB,
-    JOBS,
-    LIST_TASKS,
-    METRICS,
-    RETRY,
-    RUN,
     Duration,
     EnqueueParams,
     EnqueueResult,
@@ -194,32 +187,32 @@ def _call(
 
 _RUN_RESPONSES = {200: TaskResult, 404: ErrorReply, 422: ErrorReply, 500: ErrorReply}
 _JOB_CHANGE = {200: Job, 404: ErrorReply, 409: ErrorReply}
+_ENQUEUE_RESPONSES = {201: EnqueueResult, 200: EnqueueResult, 404: ErrorReply, 422: ErrorReply}
 
 _ROUTES = [
     _call("GET", "/_nitro/tasks", "list_tasks", "List the tasks and schedules (Nitro's shape)",
-          LIST_TASKS, {200: NitroTasks}),
+          protocol.LIST_TASKS, {200: NitroTasks}),
     _call("GET", "/_nitro/tasks/{name}", "run_task",
           "Run a task with the query parameters as its payload, wait, return its result",
-          RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery),
+          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery),
     _call("POST", "/_nitro/tasks/{name}", "run_task",
           "Run a task with the body's payload over the query parameters, wait, return its result",
-          RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody),
+          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody),
     _call("POST", "/jobs", "enqueue", "Add a job to the queue (200 if its key was taken)",
-          ENQUEUE, {201: EnqueueResult, 200: EnqueueResult, 404: ErrorReply, 422: ErrorReply},
-          body=EnqueueBody, body_required=True),
-    _call("GET", "/jobs", "list_jobs", "Recent jobs, newest first", JOBS,
-          {200: JobList, 404: ErrorReply}, query=JOBS.params),  # 404: an unknown task
+          protocol.ENQUEUE, _ENQUEUE_RESPONSES, body=EnqueueBody, body_required=True),
+    _call("GET", "/jobs", "list_jobs", "Recent jobs, newest first", protocol.JOBS,
+          {200: JobList, 404: ErrorReply}, query=protocol.JOBS.params),  # 404: an unknown task
     _call("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",
-          JOB, {200: Job, 404: ErrorReply}, path_params=JobParams),
+          protocol.JOB, {200: Job, 404: ErrorReply}, path_params=JobParams),
     _call("POST", "/jobs/{id}/cancel", "cancel_job", "Cancel a pending or running job",
-          CANCEL, _JOB_CHANGE, path_params=JobParams),
+          protocol.CANCEL, _JOB_CHANGE, path_params=JobParams),
     _call("POST", "/jobs/{id}/retry", "retry_job",
-          "Put a failed or cancelled job back in the queue", RETRY, _JOB_CHANGE,
+          "Put a failed or cancelled job back in the queue", protocol.RETRY, _JOB_CHANGE,
           path_params=JobParams),
     Route("GET", "/healthz", "health",
           "200 while the job store answers and its writes go through, else 503", "public",
           {200: Health, 503: Health}),
-    _call("GET", "/metrics", "metrics", "The Prometheus exposition", METRICS,
+    _call("GET", "/metrics", "metrics", "The Prometheus exposition", protocol.METRICS,
           {200: METRICS_CONTENT_TYPE}),
     Route("GET", "/openapi.json", "openapi", "This document", "read", {200: JSON}),
 ]  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
+from taskd import protocol
 from taskd.http.api import (
     JSON,
     METRICS_CONTENT_TYPE,
@@ -37,16 +38,7 @@ from taskd.http.api import (
 from taskd.limits import out_of_limits
 from taskd.models import Job, Peer, counted, parse_duration
 from taskd.protocol import (
-    CANCEL,
     EMPTY_MAP,
-    ENQUEUE,
-    JOB,
-    JOBS,
-    LIST_TASKS,
-    METRICS,
-    RETRY,
-    RUN,
-    SCHEDULES,
     CancelParams,
     EnqueueParams,
     ErrorBody,
@@ -194,8 +186,8 @@ class HttpApi:
     # -- the routes ----------------------------------------------------------------------
 
     async def list_tasks(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        tasks = await self._dispatch.call(LIST_TASKS, ListTasksParams())
-        schedules = await self._dispatch.call(SCHEDULES, SchedulesParams())
+        tasks = await self._dispatch.call(protocol.LIST_TASKS, ListTasksParams())
+        schedules = await self._dispatch.call(protocol.SCHEDULES, SchedulesParams())
         return _json(
             200,
             NitroTasks(
@@ -211,7 +203,7 @@ class HttpApi:
             query = task.query_payload(query)
         payload = _merged(query, body.payload)
         params = RunParams(task=path["name"], payload=_msgpack(payload))
-        outcome = await self._dispatch.call(RUN, params)
+        outcome = await self._dispatch.call(protocol.RUN, params)
         job = outcome.job
         headers = (("Taskd-Job-Id", str(job.id)), ("Taskd-Joined", str(outcome.joined).lower()))
         if job.status == "succeeded":
@@ -235,26 +227,26 @@ class HttpApi:
         params = _convert(_times_read(fields), EnqueueParams)
         if payload is not EMPTY_MAP:
             params.payload = _msgpack(payload)
-        result = await self._dispatch.call(ENQUEUE, params)
+        result = await self._dispatch.call(protocol.ENQUEUE, params)
         location = ("Location", f"/jobs/{result.job_id}")
         return _json(200 if result.duplicate else 201, result, (location,))
 
     async def list_jobs(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         params = _query_params(request.target, JobsParams)
-        jobs = await self._dispatch.call(JOBS, params)
+        jobs = await self._dispatch.call(protocol.JOBS, params)
         return _json(200, JobList([_plain(job) for job in jobs]))
 
     async def get_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         params = _path_params(path, JobParams)
-        return _json(200, _plain(await self._dispatch.call(JOB, params)))
+        return _json(200, _plain(await self._dispatch.call(protocol.JOB, params)))
 
     async def cancel_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._dispatch.call(CANCEL, CancelParams(job_id))))
+        return _json(200, _plain(await self._dispatch.call(protocol.CANCEL, CancelParams(job_id))))
 
     async def retry_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._dispatch.call(RETRY, RetryParams(job_id))))
+        return _json(200, _plain(await self._dispatch.call(protocol.RETRY, RetryParams(job_id))))
 
     async def health(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         try:
@@ -267,7 +259,7 @@ class HttpApi:
         return _json(200, Health("ok"))
 
     async def metrics(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        text = await self._dispatch.call(METRICS, MetricsParams())
+        text = await self._dispatch.call(protocol.METRICS, MetricsParams())
         return HttpResponse(200, text.encode(), METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:

@@ -5,18 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from taskd import protocol
 from taskd.activity import ActivityRecorder
 from taskd.models import Job, JobLogs
 from taskd.protocol import (
-    CANCEL,
-    ENQUEUE,
-    ENQUEUE_MANY,
-    JOB,
-    JOBS,
-    LOGS,
-    RETRY,
-    RUN,
-    WAIT,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -64,15 +56,15 @@ class JobMethods:
 
     def bindings(self) -> list[Binding]:
         return [
-            bind(RUN, self.run),
-            bind(ENQUEUE, self.enqueue),
-            bind(ENQUEUE_MANY, self.enqueue_many),
-            bind(JOB, self.job),
-            bind(JOBS, self.jobs),
-            bind(WAIT, self.wait),
-            bind(CANCEL, self.cancel),
-            bind(RETRY, self.retry),
-            bind(LOGS, self.logs),
+            bind(protocol.RUN, self.run),
+            bind(protocol.ENQUEUE, self.enqueue),
+            bind(protocol.ENQUEUE_MANY, self.enqueue_many),
+            bind(protocol.JOB, self.job),
+            bind(protocol.JOBS, self.jobs),
+            bind(protocol.WAIT, self.wait),
+            bind(protocol.CANCEL, self.cancel),
+            bind(protocol.RETRY, self.retry),
+            bind(protocol.LOGS, self.logs),
         ]
 
     async def run(self, params: RunParams) -> RunResult:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from taskd import protocol
 from taskd.config import Config, Retention
 from taskd.metrics import Metrics
 from taskd.models import FINISHED_STATUSES, JobStatus
 from taskd.protocol import (
-    METRICS,
-    PRUNE,
-    RELOAD,
     MetricsParams,
     PruneParams,
     PruneResult,
@@ -39,7 +37,11 @@ class NodeMethods:
         self._metrics = metrics
 
     def bindings(self) -> list[Binding]:
-        return [bind(RELOAD, self.reload), bind(PRUNE, self.prune), bind(METRICS, self.metrics)]
+        return [
+            bind(protocol.RELOAD, self.reload),
+            bind(protocol.PRUNE, self.prune),
+            bind(protocol.METRICS, self.metrics),
+        ]
 
     async def reload(self, params: ReloadParams) -> ReloadResult:
         return await self._daemon.reload()

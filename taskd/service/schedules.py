@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+from taskd import protocol
 from taskd.models import ScheduleInfo, TaskInfo
 from taskd.protocol import (
-    LIST_TASKS,
-    PAUSE_SCHEDULE,
-    RESUME_SCHEDULE,
-    SCHEDULES,
-    TRIGGER_SCHEDULE,
     ListTasksParams,
     PauseScheduleParams,
     ResumeScheduleParams,
@@ -29,11 +25,11 @@ class ScheduleMethods:
 
     def bindings(self) -> list[Binding]:
         return [
-            bind(LIST_TASKS, self.list_tasks),
-            bind(SCHEDULES, self.schedules),
-            bind(PAUSE_SCHEDULE, self.pause),
-            bind(RESUME_SCHEDULE, self.resume),
-            bind(TRIGGER_SCHEDULE, self.trigger),
+            bind(protocol.LIST_TASKS, self.list_tasks),
+            bind(protocol.SCHEDULES, self.schedules),
+            bind(protocol.PAUSE_SCHEDULE, self.pause),
+            bind(protocol.RESUME_SCHEDULE, self.resume),
+            bind(protocol.TRIGGER_SCHEDULE, self.trigger),
         ]
 
     async def list_tasks(self, params: ListTasksParams) -> list[TaskInfo]:

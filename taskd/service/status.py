@@ -9,9 +9,10 @@ from typing import Protocol
 
 import msgspec
 
+from taskd import protocol
 from taskd.logqueue import dropped_lines
 from taskd.models import ConnectionStats, HttpStats, Status, ThreadStats, WorkerSlots
-from taskd.protocol import MAX_LIST, STATUS, WHY, StatusParams, WhyParams, WhyResult
+from taskd.protocol import MAX_LIST, StatusParams, WhyParams, WhyResult
 from taskd.service.dispatch import Binding, bind
 from taskd.service.jobs import get_job
 from taskd.store import JobFilter, Store, StoreError
@@ -74,7 +75,7 @@ class StatusMethods:
         self._clock = clock
 
     def bindings(self) -> list[Binding]:
-        return [bind(STATUS, self.status), bind(WHY, self.why)]
+        return [bind(protocol.STATUS, self.status), bind(protocol.WHY, self.why)]
 
     async def why(self, params: WhyParams) -> WhyResult:
         """Why the job is not running yet, or what it is doing; and its timeline."""
