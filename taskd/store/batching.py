@@ -31,19 +31,17 @@ Runner = Callable[[list[tuple[Any, list[Any]]]], Awaitable[list[list[Any]]]]
 
 
 class _Write(Generic[Item, Result]):
-    __slots__ = ("after_commit", "future", "items", "operation")
+    __slots__ = ("future", "items", "operation")
 
     def __init__(
         self,
         operation: Operation[Any, Item, Result],
         items: Sequence[Item],
         future: asyncio.Future[list[Result]],
-        after_commit: Callable[[list[Result]], None] | None,
     ) -> None:
         self.operation = operation
         self.items = items
         self.future = future
-        self.after_commit = after_commit
 
 
 class GroupCommit(Generic[Context]):
@@ -78,18 +76,17 @@ class GroupCommit(Generic[Context]):
         self,
         operation: Operation[Context, Item, Result],
         items: Sequence[Item],
-        after_commit: Callable[[list[Result]], None] | None = None,
     ) -> list[Result]:
         """Run `operation` on `items` in the next transaction; return after it commits.
 
-        `after_commit` gets the results as soon as they are committed, even if the caller
-        has stopped waiting (a client that hung up): what others must be told about the
-        write (work to do, a job ended) is never lost with the caller.
+        What others must be told about the write (work to do, a job ended) is the runner's
+        to tell once it commits, also when the caller has stopped waiting (a client that
+        hung up).
         """
         if self._task is None or self._task.done():
             raise RuntimeError("the store is closed")
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(operation, items, future, after_commit))
+        self._queue.put_nowait(_Write(operation, items, future))
         # Shielded: a caller that gives up must not leave a half-reported write behind.
         return await asyncio.shield(future)
 
@@ -131,11 +128,6 @@ class GroupCommit(Generic[Context]):
         for write, result in zip(batch, results, strict=True):
             if not write.future.done():
                 write.future.set_result(result)
-            if write.after_commit is not None:
-                try:
-                    write.after_commit(result)
-                except Exception:
-                    logger.exception("telling others about a committed write failed")
 
     async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
         groups: dict[Operation[Context, Any, Any], list[int]] = {}

@@ -64,10 +64,8 @@ async def _insert_round(
         [job.parent_id for job in chunk],
         tx.sender,
     )
-    if rows:
-        due = min(row["due_in"] for row in rows)
-        told = tx.notes.told_due
-        tx.notes.told_due = due if told is None else min(told, due)
+    for row in rows:  # the statement told the other daemons itself
+        tx.notes.new[row["id"]] = row["due_in"]
     keyed = {(row["task"], row["key"]): row["id"] for row in rows if row["key"] is not None}
     # Rows get ids in the order of the input: the unkeyed ones, sorted, are the unkeyed
     # jobs in order (a keyed row is matched by its key instead).
@@ -180,6 +178,7 @@ async def _claim(tx: Tx, request: ClaimRequest) -> Claimed:
         caps,
     )
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
+    tx.notes.claimed(jobs)
     next_due = await tx.db.fetchval(NEXT_DUE_SQL.format(s=s, busy=BUSY), tasks, caps)
     return Claimed(jobs=jobs, next_due_in=None if next_due is None else max(0.0, next_due))
 
@@ -230,11 +229,8 @@ async def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
     )
     updated = {}
     for row in rows:
-        job = job_from_row(row)
-        tx.ended(job, row["due_in"])
-        if job.status == "pending" and row["kind"] is not None:
-            tx.notes.retrying.append(job)
-        updated[job.id] = job
+        job = updated[row["id"]] = job_from_row(row)
+        tx.notes.ended(job, row["due_in"], retrying=row["kind"] is not None)
     return [updated.get(o.job_id) for o in outcomes]
 
 
@@ -308,9 +304,7 @@ async def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
         jobs = []
         for row in rows:
             job = job_from_row(row)
-            tx.ended(job, 0.0)
-            if job.status == "pending":  # its interrupted attempt is a failed one
-                tx.notes.retrying.append(job)
+            tx.notes.ended(job, 0.0, retrying=True)  # an interrupted attempt is a failed one
             jobs.append(job)
         results.append(jobs)
     return results

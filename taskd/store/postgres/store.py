@@ -38,6 +38,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.batching import GroupCommit, Item, Operation, in_transaction
+from taskd.store.core.notes import Notes, tell
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
 from taskd.store.postgres import activity, jobs, nodes, reads, schedules
@@ -51,7 +52,7 @@ from taskd.store.postgres.jobs import PRUNE_SLICE
 from taskd.store.postgres.migrate import migrate
 from taskd.store.postgres.notices import Listener, Notice, decode_notice, encode_notices
 from taskd.store.postgres.schema import channel
-from taskd.store.postgres.tx import Notes, Tx
+from taskd.store.postgres.tx import Tx
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class PostgresStore:
                     with contextlib.suppress(Exception):
                         await db.execute("ROLLBACK")
                 raise
-        self._tell(tx.notes)
+        tell(self.events, tx.notes)
 
     @asynccontextmanager
     async def _statements(self) -> AsyncIterator[Tx]:
@@ -212,10 +213,11 @@ class PostgresStore:
         async with self._connections.acquire() as db:
             tx = Tx(db, self.schema, self._sender)
             yield tx
-        self._tell(tx.notes)
+        tell(self.events, tx.notes)
 
     def _notify_sql(self, notes: Notes) -> str:
-        if not notes:
+        """The notice to the others (new jobs told them already, with their statement)."""
+        if notes.due is None and not (notes.finished or notes.retrying or notes.cancelled):
             return ""
         notice = Notice(
             self._sender,
@@ -228,18 +230,6 @@ class PostgresStore:
             f"SELECT pg_notify({_literal(self._channel)}, {_literal(payload)}); "
             for payload in encode_notices(notice)
         )
-
-    def _tell(self, notes: Notes) -> None:
-        """This daemon's listeners hear of a committed write at once."""
-        for job in notes.finished:
-            self.events.finished(job)
-        for job in notes.retrying:
-            self.events.retrying(job)
-        for job_id in notes.cancelled:
-            self.events.cancel_requested(job_id)
-        due = [delay for delay in (notes.due, notes.told_due) if delay is not None]
-        if due:
-            self.events.due(min(due))
 
     async def _read(self, read: Callable[[Any], Awaitable[T]]) -> T:
         """A read; tried again once on a new connection if the first one was lost."""

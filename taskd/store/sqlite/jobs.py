@@ -27,6 +27,7 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
+from taskd.store.core.notes import Notes
 from taskd.store.rows import job_from_row
 from taskd.store.sqlite.schema import ERROR_COLUMNS, JOB_COLUMNS, marks
 
@@ -41,11 +42,12 @@ REGISTERED = "EXISTS (SELECT 1 FROM nodes WHERE worker = :worker AND expires IS 
 
 @dataclass(frozen=True, slots=True)
 class Tx:
-    """A write transaction: the writer connection (in its own thread), and the store's clock
-    read once for it."""
+    """A write transaction: the writer connection (in its own thread), the store's clock
+    read once for it, and what it will tell once committed."""
 
     db: sqlite3.Connection
     now: float
+    notes: Notes
 
 
 def fetch(tx: Tx, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[Any]:
@@ -93,9 +95,11 @@ def _insert_round(
             "INSERT INTO jobs (task, status, origin, payload, priority, run_at, max_attempts,"
             " key, parent_id, created_at) VALUES "
             + ", ".join(["(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-            + " ON CONFLICT DO NOTHING RETURNING id, task, key",
-            params,
+            + " ON CONFLICT DO NOTHING RETURNING id, task, key, run_at - ? AS due_in",
+            [*params, tx.now],
         )
+        for row in rows:
+            tx.notes.new[row["id"]] = row["due_in"]
         keyed = {(row["task"], row["key"]): row["id"] for row in rows if row["key"] is not None}
         # Rows get ids in the order of the VALUES list: the unkeyed ones, sorted, are the
         # unkeyed jobs in order (a keyed row is matched by its key instead).
@@ -171,6 +175,7 @@ def _claim(tx: Tx, request: ClaimRequest) -> Claimed:
         params,
     )
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
+    tx.notes.claimed(jobs)
     if len(jobs) == request.limit:
         return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
     rows = fetch(tx, f"WITH RECURSIVE {QUEUES} {NEXT_DUE}", params)
@@ -265,6 +270,9 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> list[Job | None]:
         [tx.now, tx.now, tx.now, *params],
     )
     updated = {row["id"]: job_from_row(row) for row in rows}
+    for o in outcomes:
+        if (job := updated.get(o.job_id)) is not None:
+            tx.notes.ended(job, job.run_at - tx.now, retrying=o.status == "retry")
     errors = [
         (
             o.job_id,
@@ -302,6 +310,8 @@ def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> list[bool]:
             " AND status = 'running' RETURNING id",
             (waiting, job_id, epoch, worker),
         )
+        if rows and waiting:
+            tx.notes.made_due(0.0)  # the job's task has room for another of its jobs
         results.append(bool(rows))
     return results
 
@@ -340,6 +350,8 @@ def recover_jobs(tx: Tx, quarantine: list[int]) -> list[list[Job]]:
             {"q": quarantine_after, "now": tx.now},
         )
         jobs = [job_from_row(row) for row in rows]
+        for job in jobs:  # an interrupted attempt is a failed one
+            tx.notes.ended(job, 0.0, retrying=True)
         tx.db.executemany(
             f"INSERT INTO job_errors ({ERROR_COLUMNS})"
             " VALUES (?, ?, 'interrupted', ?, NULL, ?, ?, ?)",
@@ -382,7 +394,10 @@ def cancel_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
         )
         if not rows:
             _refuse(tx, job_id, "cancelled")
-        jobs.append(job_from_row(rows[0]))
+        job = job_from_row(rows[0])
+        tx.notes.finished.append(job)
+        tx.notes.cancelled.append(job.id)
+        jobs.append(job)
     return jobs
 
 
@@ -411,6 +426,7 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> list[Job]:
             " 'retried by request: its attempts start again from 1', ?)",
             (job_id, tx.now),
         )
+        tx.notes.made_due(0.0)
         jobs.append(job)
     return jobs
 

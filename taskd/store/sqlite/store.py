@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 import aiosqlite
 import msgspec
 
-from taskd.models import FINISHED_STATUSES, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
+from taskd.models import Job, JobLogs, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -37,6 +37,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.batching import GroupCommit, Item, Operation
+from taskd.store.core.notes import Notes, tell
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
 from taskd.store.sqlite import activity, files, jobs, nodes, reads, schedules
@@ -58,12 +59,15 @@ CHECK_NOTED = 1.0  # seconds: a start-up check that takes longer is logged at in
 
 
 def _transact(
-    db: sqlite3.Connection, clock: Callable[[], float], operations: list[tuple[Any, list[Any]]]
+    db: sqlite3.Connection,
+    clock: Callable[[], float],
+    operations: list[tuple[Any, list[Any]]],
+    notes: Notes,
 ) -> list[list[Any]]:
     """In the writer's thread: the operations of a batch in one IMMEDIATE transaction."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        tx = Tx(db, clock())
+        tx = Tx(db, clock(), notes)
         outputs = [operation(tx, items) for operation, items in operations]
         db.execute("COMMIT")
     except BaseException:
@@ -301,9 +305,11 @@ class SqliteStore:
         # aiosqlite runs each call in its connection's thread; `_execute` hands that thread
         # a function of ours, so that a transaction costs one hop instead of one per statement.
         writer: Any = self._connection(self._writer)
+        notes = Notes()
         outputs: list[list[Any]] = await writer._execute(
-            _transact, writer._conn, self._clock, operations
+            _transact, writer._conn, self._clock, operations, notes
         )
+        tell(self.events, notes)
         return outputs
 
     async def _read(self, read: Callable[..., R], *args: Any) -> R:
@@ -348,35 +354,13 @@ class SqliteStore:
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
-        items = list(new)
-        return await self._commits.submit(
-            jobs.insert_jobs, items, lambda inserted: self._after_insert(items, inserted)
-        )
-
-    def _after_insert(
-        self, new: list[NewJob], inserted: list[Inserted], claimed: Claimed | None = None
-    ) -> None:
-        """Announce the new jobs that are pending (a claim in the same write took some)."""
-        now = self._clock()
-        taken = {job.id for job in claimed.jobs} if claimed is not None else set()
-        delays = [
-            job.delay if job.run_at is None else job.run_at - now
-            for job, row in zip(new, inserted, strict=True)
-            if not row.duplicate and row.job_id not in taken
-        ]
-        if delays:
-            self.events.due(min(delays))
+        return await self._commits.submit(jobs.insert_jobs, list(new))
 
     @_writes
     async def insert_and_claim(
         self, new: Sequence[NewJob], claim: ClaimRequest
     ) -> tuple[list[Inserted], Claimed]:
-        items = list(new)
-        (result,) = await self._commits.submit(
-            jobs.insert_and_claim,
-            [(items, claim)],
-            lambda results: self._after_insert(items, *results[0]),
-        )
+        (result,) = await self._commits.submit(jobs.insert_and_claim, [(list(new), claim)])
         return result
 
     @_writes
@@ -391,67 +375,32 @@ class SqliteStore:
         if claim is None:
             if not outcomes:
                 return Finished(jobs=[])
-            recorded = await self._commits.submit(
-                jobs.finish_jobs, list(outcomes), lambda done: self._after_finish(done, outcomes)
-            )
-            return Finished(jobs=recorded)
+            return Finished(jobs=await self._commits.submit(jobs.finish_jobs, list(outcomes)))
         if not outcomes:  # a claim alone: its health is the claims'
             return Finished(jobs=[], claimed=await self.claim(claim))
-        (finished,) = await self._commits.submit(
-            jobs.finish_and_claim,
-            [(list(outcomes), claim)],
-            lambda results: self._after_finish(results[0].jobs, outcomes),
-        )
+        (finished,) = await self._commits.submit(jobs.finish_and_claim, [(list(outcomes), claim)])
         return finished
-
-    def _after_finish(
-        self, recorded: Sequence[Job | None], outcomes: Sequence[Outcome] | None = None
-    ) -> None:
-        """Tell listeners of ended attempts (`outcomes` None: recovered, i.e. interrupted)."""
-        now = self._clock()
-        for index, job in enumerate(recorded):
-            if job is None:
-                continue
-            if job.status in FINISHED_STATUSES:
-                self.events.finished(job)
-            else:
-                if outcomes is None or outcomes[index].status == "retry":
-                    self.events.retrying(job)
-                self.events.due(job.run_at - now)
 
     @_writes
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         (changed,) = await self._commits.submit(
             jobs.set_waiting, [(job_id, epoch, worker, waiting)]
         )
-        if changed and waiting:
-            self.events.due(0)  # the job's task has room for another of its jobs
         return changed
 
     @_writes
     async def recover(self, quarantine_after: int) -> list[Job]:
-        (recovered,) = await self._commits.submit(
-            jobs.recover_jobs, [quarantine_after], self._after_recover
-        )
+        (recovered,) = await self._commits.submit(jobs.recover_jobs, [quarantine_after])
         return recovered
-
-    def _after_recover(self, results: list[list[Job]]) -> None:
-        recovered = [job for jobs_of_one in results for job in jobs_of_one]
-        self._after_finish(recovered)
 
     @_writes
     async def cancel(self, job_id: int) -> Job:
-        (job,) = await self._commits.submit(jobs.cancel_jobs, [job_id], self._after_cancel)
+        (job,) = await self._commits.submit(jobs.cancel_jobs, [job_id])
         return job
-
-    def _after_cancel(self, cancelled: list[Job]) -> None:
-        for job in cancelled:
-            self.events.finished(job)
-            self.events.cancel_requested(job.id)
 
     @_writes
     async def retry(self, job_id: int) -> Job:
-        (job,) = await self._commits.submit(jobs.retry_jobs, [job_id], lambda _: self.events.due(0))
+        (job,) = await self._commits.submit(jobs.retry_jobs, [job_id])
         return job
 
     @_writes
@@ -543,16 +492,9 @@ class SqliteStore:
         claim: ClaimRequest | None = None,
     ) -> TickFired:
         (fired,) = await self._commits.submit(
-            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim)], self._after_fire
+            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim)]
         )
         return fired
-
-    def _after_fire(self, firings: list[TickFired]) -> None:
-        for fired in firings:
-            taken = {job.id for job in fired.claimed.jobs} if fired.claimed is not None else set()
-            if fired.fired and any(not job.joined and job.id not in taken for job in fired.jobs):
-                self.events.due(0)
-                return
 
 
 def _size(path: Path) -> int:

@@ -1,0 +1,7 @@
+"""The job store written once for both backends: its operations, their events, its methods.
+
+An operation is a generator: it yields SQL statements and gets back their rows, without
+doing any I/O itself (the way h11 writes HTTP), so that SQLite's writer thread drives it
+with plain calls and asyncpg with `await`. The SQL that SQLite and PostgreSQL write
+differently is each backend's dialect; the rest is written here once.
+"""
