@@ -5,15 +5,14 @@ after the transaction that holds them has committed. Writes of the same operatio
 meet in a batch are merged into one call, so fifty concurrent enqueues become one INSERT.
 How a batch becomes a transaction is the store's: it gets the operations in order, each
 with its merged items, and runs them in one transaction (SQLite: in its writer thread, in
-one hop from the event loop).
+one hop from the event loop). An operation is a generator of statements (`taskd.store.core`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -23,9 +22,9 @@ GATHER_TURNS = 2  # turns of the event loop a batch waits for company before it 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 Context = TypeVar("Context")
-# A write of one kind, for all its items that met in a batch: a store's own function (plain,
-# or a coroutine), which its runner calls inside the batch's transaction.
-Operation = Callable[[Context, list[Item]], list[Result] | Awaitable[list[Result]]]
+# A write of one kind, for all its items that met in a batch, which the runner drives inside
+# the batch's transaction: one result per item.
+Operation = Callable[[Context, list[Item]], Generator[Any, Any, list[Result]]]
 # Runs the operations of a batch, each with its items, in one transaction; their results.
 Runner = Callable[[list[tuple[Any, list[Any]]]], Awaitable[list[list[Any]]]]
 
@@ -150,16 +149,6 @@ class GroupCommit(Generic[Context]):
                 results[i] = output[start : start + count]
                 start += count
         return results
-
-
-def in_transaction(transaction: Callable[[], AbstractAsyncContextManager[Any]]) -> Runner:
-    """A runner for operations that are coroutines: one after another, in `transaction`."""
-
-    async def run(operations: list[tuple[Any, list[Any]]]) -> list[list[Any]]:
-        async with transaction() as context:
-            return [await operation(context, items) for operation, items in operations]
-
-    return run
 
 
 def _fail(write: _Write[Any, Any], exc: BaseException) -> None:

@@ -1,14 +1,12 @@
-"""The SQLite schema: its migrations (each a list of statements), and rows decoded by name."""
+"""The SQLite schema: its migrations, each a list of statements."""
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 from pathlib import Path
 
 import aiosqlite
 
-from taskd.models import NodeInfo
 from taskd.store.base import StoreError
 
 logger = logging.getLogger(__name__)
@@ -154,20 +152,6 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
-JOB_COLUMNS = (
-    "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
-    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
-    " progress_done, progress_total, progress_message, progress_at"
-)
-ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
-SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
-NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"
-
-
-def marks(count: int) -> str:
-    """`?, ?, ?`: the placeholders of a list of parameters."""
-    return ", ".join("?" * count)
-
 
 async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
     """Bring the schema to the latest version, one transaction per version."""
@@ -189,15 +173,3 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
             await connection.execute("ROLLBACK")
             raise
         logger.info("job store %s migrated to schema version %d", path, number + 1)
-
-
-def node_from_row(row: sqlite3.Row) -> NodeInfo:
-    return NodeInfo(
-        id=row["id"],
-        worker=row["worker"],
-        host=row["host"],
-        pid=row["pid"],
-        started_at=row["started_at"],
-        seen_at=row["seen_at"],
-        running=row["running"],
-    )

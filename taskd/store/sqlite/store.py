@@ -12,43 +12,29 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from contextlib import suppress
-from functools import wraps
+from functools import partial
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 import msgspec
 
-from taskd.models import Job, JobLogs, JobStatus, NodeInfo, TaskCounts
-from taskd.store.base import (
-    Claimed,
-    ClaimRequest,
-    Finished,
-    Inserted,
-    JobFilter,
-    LogNote,
-    NewJob,
-    Outcome,
-    ProgressNote,
-    ScheduleState,
-    StoreError,
-    TickFired,
-)
-from taskd.store.batching import GroupCommit, Item, Operation
-from taskd.store.core.notes import Notes, tell
-from taskd.store.events import JobEvents
-from taskd.store.health import StoreHealth
-from taskd.store.sqlite import activity, files, jobs, nodes, reads, schedules
+from taskd.models import NodeInfo
+from taskd.store.base import StoreError
+from taskd.store.core.dialect import Operation, Tx
+from taskd.store.core.notes import Notes
+from taskd.store.core.statements import Steps, run_steps
+from taskd.store.core.store import SqlStore
+from taskd.store.sqlite import files
+from taskd.store.sqlite.dialect import SqliteSql, execute
 from taskd.store.sqlite.errors import is_space_error, store_error
-from taskd.store.sqlite.jobs import PRUNE_SLICE, Tx
 from taskd.store.sqlite.schema import migrate
 
 logger = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-R = TypeVar("R")
+T = TypeVar("T")
 
 # The WAL is checkpointed into the database once it holds this many pages (SQLite's
 # default, stated), and a WAL that grew past WAL_SIZE_LIMIT (a big batch, a checkpoint
@@ -61,14 +47,15 @@ CHECK_NOTED = 1.0  # seconds: a start-up check that takes longer is logged at in
 def _transact(
     db: sqlite3.Connection,
     clock: Callable[[], float],
-    operations: list[tuple[Any, list[Any]]],
+    operations: list[tuple[Operation, list[Any]]],
     notes: Notes,
 ) -> list[list[Any]]:
     """In the writer's thread: the operations of a batch in one IMMEDIATE transaction."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        tx = Tx(db, clock(), notes)
-        outputs = [operation(tx, items) for operation, items in operations]
+        now = clock()
+        tx = Tx(SqliteSql(now), notes)
+        outputs = [run_steps(op(tx, items), partial(execute, db, now)) for op, items in operations]
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -77,42 +64,15 @@ def _transact(
     return outputs
 
 
-def _reads(method: Callable[P, Any]) -> Callable[P, Any]:
-    """SQLite's exceptions leave the store as StoreError, with the database named."""
-
-    @wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-        try:
-            return await method(*args, **kwargs)
-        except sqlite3.Error as exc:
-            store = args[0]
-            assert isinstance(store, SqliteStore)
-            raise store_error(exc, store.path) from exc
-
-    return wrapper
+def _run_read(db: sqlite3.Connection, now: float, read: Callable[..., Steps[T]], args: Any) -> T:
+    """In the reader's thread: a whole read."""
+    return run_steps(read(SqliteSql(now), *args), partial(execute, db, now))
 
 
-def _writes(method: Callable[P, Any]) -> Callable[P, Any]:
-    """As `_reads`, and each write's end is reported to the store's health."""
-
-    @wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-        store = args[0]
-        assert isinstance(store, SqliteStore)
-        try:
-            result = await method(*args, **kwargs)
-        except sqlite3.Error as exc:
-            error = store_error(exc, store.path)
-            await store._write_failed(method.__name__, exc, error)
-            raise error from exc
-        await store._write_succeeded(method.__name__)
-        return result
-
-    return wrapper
-
-
-class SqliteStore:
+class SqliteStore(SqlStore):
     """The embedded job store."""
+
+    _key_taken = sqlite3.IntegrityError
 
     def __init__(
         self,
@@ -124,10 +84,8 @@ class SqliteStore:
         allow_empty: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(f"sqlite:{path}", str(path))
         self.path = path
-        self.description = f"sqlite:{path}"
-        self.events = JobEvents()
-        self.health = StoreHealth(f"job store {path}")
         self._file = path  # the file itself, symlinks resolved, once open
         self._synchronous = synchronous
         self._busy_timeout_ms = int(busy_timeout * 1000)
@@ -139,7 +97,8 @@ class SqliteStore:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
-        self._commits: GroupCommit[Tx] = GroupCommit(self._run_batch)
+        # One writer: every write goes through the one writer connection anyway.
+        self._commits = self._inserts = self._claims = self._group_commit(self._run_batch)
         self._schedules: dict[str, str] = {}  # worker -> digest of its schedules
         self._short_of_space = False  # a write failed for want of space since the last reclaim
         self._reclaiming = False
@@ -275,7 +234,10 @@ class SqliteStore:
 
     # -- health --------------------------------------------------------------------------
 
-    async def _write_failed(self, operation: str, exc: sqlite3.Error, error: StoreError) -> None:
+    def _store_error(self, exc: Exception) -> StoreError | None:
+        return store_error(exc, self.path) if isinstance(exc, sqlite3.Error) else None
+
+    async def _write_failed(self, operation: str, exc: Exception, error: StoreError) -> None:
         self.health.failed(operation, str(error))
         if is_space_error(exc):
             first = not self._short_of_space
@@ -300,22 +262,22 @@ class SqliteStore:
         finally:
             self._reclaiming = False
 
-    async def _run_batch(self, operations: list[tuple[Any, list[Any]]]) -> list[list[Any]]:
+    async def _run_batch(
+        self, operations: list[tuple[Operation, list[Any]]], notes: Notes
+    ) -> list[list[Any]]:
         """A batch of writes as one transaction, run whole in the writer's thread."""
         # aiosqlite runs each call in its connection's thread; `_execute` hands that thread
         # a function of ours, so that a transaction costs one hop instead of one per statement.
         writer: Any = self._connection(self._writer)
-        notes = Notes()
         outputs: list[list[Any]] = await writer._execute(
             _transact, writer._conn, self._clock, operations, notes
         )
-        tell(self.events, notes)
         return outputs
 
-    async def _read(self, read: Callable[..., R], *args: Any) -> R:
-        """A read function run whole in the reader's thread."""
+    async def _read(self, read: Callable[..., Steps[T]], *args: Any) -> T:
+        """A read run whole in the reader's thread."""
         reader: Any = self._connection(self._reader)
-        result: R = await reader._execute(read, reader._conn, *args)
+        result: T = await reader._execute(_run_read, reader._conn, self._clock(), read, args)
         return result
 
     def _connection(self, connection: aiosqlite.Connection | None) -> aiosqlite.Connection:
@@ -323,178 +285,14 @@ class SqliteStore:
             raise StoreError(f"job store {self.path} is closed")
         return connection
 
-    # -- nodes ---------------------------------------------------------------------------
-
-    @_writes
-    async def register_node(self, node: str, ttl: float) -> str:
-        (worker,) = await self._commits.submit(nodes.register, [(node, ttl)])
-        return worker
-
-    @_writes
-    async def leave(self, worker: str) -> None:
-        await self._commits.submit(nodes.leave, [worker])
-
-    @_writes
-    async def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> list[int]:
-        (lost,) = await self._commits.submit(nodes.renew, [(worker, list(job_ids), lease)])
-        return lost
+    # -- nodes: one daemon per file, so there is nobody to compare schedules with ---------
 
     async def announce_schedules(self, worker: str, digest: str) -> None:
-        # One daemon per file: there is nobody to compare with, so memory will do.
-        self._schedules[worker] = digest
+        self._schedules[worker] = digest  # memory will do
 
-    @_reads
     async def nodes(self) -> list[NodeInfo]:
-        alive = await self._read(reads.nodes, self._clock())
+        alive = await super().nodes()
         return [msgspec.structs.replace(n, schedules=self._schedules.get(n.worker)) for n in alive]
-
-    # -- job writes ----------------------------------------------------------------------
-
-    @_writes
-    async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
-        if not new:
-            return []
-        return await self._commits.submit(jobs.insert_jobs, list(new))
-
-    @_writes
-    async def insert_and_claim(
-        self, new: Sequence[NewJob], claim: ClaimRequest
-    ) -> tuple[list[Inserted], Claimed]:
-        (result,) = await self._commits.submit(jobs.insert_and_claim, [(list(new), claim)])
-        return result
-
-    @_writes
-    async def claim(self, request: ClaimRequest) -> Claimed:
-        (claimed,) = await self._commits.submit(jobs.claim_jobs, [request])
-        return claimed
-
-    @_writes
-    async def finish(
-        self, outcomes: Sequence[Outcome], claim: ClaimRequest | None = None
-    ) -> Finished:
-        if claim is None:
-            if not outcomes:
-                return Finished(jobs=[])
-            return Finished(jobs=await self._commits.submit(jobs.finish_jobs, list(outcomes)))
-        if not outcomes:  # a claim alone: its health is the claims'
-            return Finished(jobs=[], claimed=await self.claim(claim))
-        (finished,) = await self._commits.submit(jobs.finish_and_claim, [(list(outcomes), claim)])
-        return finished
-
-    @_writes
-    async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
-        (changed,) = await self._commits.submit(
-            jobs.set_waiting, [(job_id, epoch, worker, waiting)]
-        )
-        return changed
-
-    @_writes
-    async def recover(self, quarantine_after: int) -> list[Job]:
-        (recovered,) = await self._commits.submit(jobs.recover_jobs, [quarantine_after])
-        return recovered
-
-    @_writes
-    async def cancel(self, job_id: int) -> Job:
-        (job,) = await self._commits.submit(jobs.cancel_jobs, [job_id])
-        return job
-
-    @_writes
-    async def retry(self, job_id: int) -> Job:
-        (job,) = await self._commits.submit(jobs.retry_jobs, [job_id])
-        return job
-
-    @_writes
-    async def prune(self, older_than: Mapping[JobStatus, float]) -> int:
-        deleted = 0
-        for status, age in older_than.items():
-            deleted += await self._in_slices(jobs.prune_jobs, (status, age))
-        if (ticks_age := older_than.get("succeeded")) is not None:
-            # A tick's record is kept as long as the succeeded jobs it may have started.
-            await self._in_slices(schedules.prune_ticks, ticks_age)
-        return deleted
-
-    async def _in_slices(self, operation: Operation[Tx, Item, int], item: Item) -> int:
-        """Repeat a deleting write until it deletes less than a slice."""
-        total = 0
-        while True:
-            (count,) = await self._commits.submit(operation, [item])
-            total += count
-            if count < PRUNE_SLICE:
-                return total
-
-    @_writes
-    async def record_activity(
-        self,
-        progress: Sequence[ProgressNote],
-        lines: Sequence[LogNote],
-        dropped: Mapping[int, int] | None = None,
-    ) -> None:
-        if progress or lines or dropped:
-            await self._commits.submit(
-                activity.record_activity, [(list(progress), list(lines), dict(dropped or {}))]
-            )
-
-    # -- job reads -----------------------------------------------------------------------
-
-    @_reads
-    async def job_logs(self, job_id: int) -> JobLogs | None:
-        return await self._read(activity.job_logs, job_id)
-
-    @_reads
-    async def get(self, job_id: int) -> Job | None:
-        return await self._read(reads.get, job_id)
-
-    @_reads
-    async def list_jobs(self, query: JobFilter) -> list[Job]:
-        return await self._read(reads.list_jobs, query)
-
-    @_reads
-    async def counts(self) -> list[TaskCounts]:
-        return await self._read(reads.counts, self._clock())
-
-    @_reads
-    async def queue_depth(self) -> int:
-        return await self._read(reads.queue_depth)
-
-    # -- schedules -----------------------------------------------------------------------
-
-    @_reads
-    async def schedule_states(self, ids: Sequence[str] | None = None) -> list[ScheduleState]:
-        return await self._read(reads.schedule_states, ids)
-
-    @_writes
-    async def add_schedules(self, ids: Sequence[str], first_seen: float) -> None:
-        if ids:
-            await self._commits.submit(schedules.add_schedules, [(i, first_seen) for i in ids])
-
-    @_writes
-    async def cover_schedules(self, ids: Sequence[str], until: float) -> None:
-        if ids:
-            await self._commits.submit(schedules.cover_schedules, [(i, until) for i in ids])
-
-    @_writes
-    async def set_paused(
-        self, schedule: str, paused: bool, *, covered_until: float | None = None
-    ) -> bool:
-        (changed,) = await self._commits.submit(
-            schedules.set_paused, [(schedule, paused, covered_until)]
-        )
-        return changed
-
-    @_writes
-    async def fire_tick(
-        self,
-        schedule: str,
-        tick: float | None,
-        jobs: Sequence[NewJob],
-        *,
-        covered_until: float | None = None,
-        claim: ClaimRequest | None = None,
-    ) -> TickFired:
-        (fired,) = await self._commits.submit(
-            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim)]
-        )
-        return fired
 
 
 def _size(path: Path) -> int:
