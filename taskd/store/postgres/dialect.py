@@ -5,10 +5,10 @@ job, and counts the limited tasks' running jobs under a transaction-scoped advis
 per task, so that two daemons cannot both fill the same room. Batches are arrays; an
 outcome, a recovery, a cancel and a prune are each one statement (data-modifying CTEs).
 An insert notifies the other daemons itself (at its commit), so that it needs no
-transaction around it, and `taskd.pg` can run it in an application's.
+transaction around it, and `taskd.outbox` can run it in an application's.
 
 No asyncpg here: the statements run on any connection with asyncpg's methods, and on
-psycopg's (`taskd.pg`).
+psycopg's (`taskd.outbox`).
 """
 
 from __future__ import annotations

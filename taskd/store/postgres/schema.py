@@ -2,7 +2,7 @@
 
 Every object lives in one PostgreSQL schema (`taskd` unless `[postgres] schema` says
 otherwise), so that taskd's tables can share an application's database. `{s}` in the
-statements is that schema's name. No asyncpg here: `taskd.pg` imports this module.
+statements is that schema's name. No asyncpg here: `taskd.outbox` imports this module.
 """
 
 from __future__ import annotations
