@@ -10,14 +10,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from taskd.models import LogLine, Progress
+from taskd.models import LogLine, Progress, cut_utf8
 from taskd.store import LogNote, ProgressNote, Store, StoreError
 from taskd.store.base import MAX_LOG_LINES
 
 logger = logging.getLogger(__name__)
 
 THROTTLE = 0.5  # seconds between writes
-MAX_LINE = 4096  # characters of one log line; the rest is cut
+MAX_LINE = 4096  # bytes (UTF-8) of one log line; the rest is cut
 MAX_MESSAGE = 200  # characters of a progress message
 MAX_INBOX = 10_000  # reports from threads waiting for the event loop; more are let go
 
@@ -72,8 +72,7 @@ class ActivityRecorder:
         self._from_any_thread(self._progress, job_id, float(done), total, message)
 
     def log(self, job_id: int, level: str, message: str) -> None:
-        if len(message) > MAX_LINE:
-            message = message[: MAX_LINE - 1] + "…"
+        message = cut_utf8(message, MAX_LINE)
         self._from_any_thread(self._log, job_id, level, message)
 
     async def close(self) -> None:

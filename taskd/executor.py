@@ -28,7 +28,7 @@ import msgspec
 
 from taskd.activity import ActivityRecorder
 from taskd.definition import Fail, Retry, TaskContext
-from taskd.models import Job, ThreadStats
+from taskd.models import Job, ThreadStats, cut_utf8
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
@@ -54,8 +54,8 @@ SHORT_JOB = 0.02  # seconds: attempts shorter than this on average are claimed a
 CLAIM_FAILURES_BEFORE_TELLING_WAITERS = 3
 # An attempt's error is kept with the job: its message and traceback are bounded, so that
 # a job's errors fit in a reply (the most relevant frames of a traceback are the last).
-MAX_ERROR_MESSAGE = 4096
-MAX_TRACEBACK = 16384
+MAX_ERROR_MESSAGE = 4096  # bytes of UTF-8
+MAX_TRACEBACK = 16384  # bytes of UTF-8: its last ones
 
 
 class _TimedOut(Exception):
@@ -409,11 +409,9 @@ class Executor:
         delay: float | None = None,
     ) -> Outcome:
         trace = _task_traceback(exc) if exc is not None else None
-        if trace is not None and len(trace) > MAX_TRACEBACK:
-            trace = "...\n" + trace[-MAX_TRACEBACK:]
-        message = (
-            message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE] + "…"
-        )
+        if trace is not None:
+            trace = cut_utf8(trace, MAX_TRACEBACK, mark="...\n", keep_end=True)
+        message = cut_utf8(message, MAX_ERROR_MESSAGE)
         error = Failure(kind, message, trace)
         where = f"job {job.id} {job.task} attempt {job.attempts}/{job.max_attempts}"
         if final or task is None or job.attempts >= job.max_attempts:

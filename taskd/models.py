@@ -15,6 +15,9 @@ JOB_STATUSES: tuple[JobStatus, ...] = ("pending", "running", "succeeded", "faile
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("pending", "running")
 FINISHED_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
+# What a control connection may do: everything, or only the methods that change nothing.
+Access = Literal["full", "readonly"]
+
 # What created a job: `taskctl run`/Client.run, `enqueue`, a cron tick, or a task calling another.
 JobOrigin = Literal["run", "enqueue", "schedule", "task"]
 
@@ -250,10 +253,30 @@ class Peer(msgspec.Struct, frozen=True):
     pid: int
     uid: int
     gid: int
-    access: Literal["full", "readonly"] = "full"
+    access: Access = "full"
 
     def __str__(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
+
+
+def cut_utf8(text: str, limit: int, *, mark: str = "…", keep_end: bool = False) -> str:
+    """`text` in at most `limit` bytes of UTF-8: if it is longer, its start and `mark` (or,
+    with `keep_end`, `mark` and its end), never splitting a character."""
+    if len(text) * 4 <= limit:  # short enough whatever its characters
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    room = limit - len(mark.encode())
+    if keep_end:
+        start = len(data) - room
+        while start < len(data) and 0x80 <= data[start] < 0xC0:  # inside a character
+            start += 1
+        return mark + data[start:].decode("utf-8", "surrogatepass")
+    end = room
+    while end > 0 and 0x80 <= data[end] < 0xC0:
+        end -= 1
+    return data[:end].decode("utf-8", "surrogatepass") + mark
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from taskd.models import (
+    Access,
     Job,
     JobLogs,
     JobStatus,
@@ -189,7 +190,7 @@ class HelloResult(msgspec.Struct, frozen=True):
     protocol: int
     server: str
     pid: int
-    access: str  # "full" or "readonly"
+    access: Access
 
 
 class ListTasksParams(Params):
@@ -255,8 +256,10 @@ class WhyParams(Params):
     id: Int64
 
 
-class TimelineEvent(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One moment in a job's life: created, started, an attempt's end, retried, finished."""
+class TimelineEvent(msgspec.Struct, frozen=True):
+    """One moment in a job's life: created, started, an attempt's end, retried, finished.
+
+    Every key is sent, nil where the moment has no attempt, worker or message."""
 
     at: float
     event: (

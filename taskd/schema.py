@@ -15,9 +15,10 @@ import sys
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from taskd.http.api import ALIASES, JSON, ROUTES, ErrorReply, Route
-from taskd.protocol import METHODS, PROTOCOL_VERSION, ErrorBody, Reply, Request
+from taskd.protocol import METHODS, PROTOCOL_VERSION, ErrorBody, JobEvent, Reply, Request
 
 REF = "#/$defs/{name}"
 COMPONENT = "#/components/schemas/{name}"
@@ -33,7 +34,20 @@ def protocol_schema() -> dict[str, Any]:
     params = [METHODS[name][0] for name in names]
     results = [METHODS[name][1] for name in names]
     envelope = [Request, Reply, ErrorBody]
-    schemas, definitions = _schemas([*params, *results, *envelope], [*results, ErrorBody], REF)
+    sent = [*results, ErrorBody, JobEvent]
+    schemas, definitions = _schemas([*params, *results, *envelope], sent, REF)
+    _integer_keys(sent, definitions)
+    # A reply has its id and exactly one of the others, never nil.
+    reply = definitions["Reply"]
+    reply["properties"] |= {
+        "error": {"$ref": REF.format(name="ErrorBody")},
+        "event": {"$ref": REF.format(name="JobEvent")},
+    }
+    reply["properties"]["result"] = {"description": "the method's result: see `methods`"}
+    reply |= {
+        "additionalProperties": False,
+        "oneOf": [{"required": [key]} for key in ("result", "error", "event")],
+    }
     methods = {
         name: {
             "access": "write" if METHODS[name][2] else "read",
@@ -78,6 +92,32 @@ def _schemas(
             for field in definition["properties"].values():
                 field.pop("default", None)  # never absent, so no default applies
     return schemas, definitions
+
+
+def _integer_keys(types: list[Any], definitions: dict[str, Any]) -> None:
+    """Maps whose keys are integers say so with `propertyNames`: msgpack keeps them integers
+    (JSON Schema's objects would have strings)."""
+    seen: set[str] = set()
+    pending = list(msgspec.inspect.multi_type_info(types))
+    while pending:
+        kind = pending.pop()
+        if isinstance(kind, msgspec.inspect.Metadata):
+            pending.append(kind.type)
+        elif isinstance(kind, msgspec.inspect.UnionType):
+            pending.extend(kind.types)
+        elif isinstance(kind, msgspec.inspect.ListType):
+            pending.append(kind.item_type)
+        elif isinstance(kind, msgspec.inspect.DictType):
+            pending.append(kind.value_type)
+        elif isinstance(kind, msgspec.inspect.StructType) and kind.cls.__name__ not in seen:
+            seen.add(kind.cls.__name__)
+            for field in kind.fields:
+                pending.append(field.type)
+                if isinstance(field.type, msgspec.inspect.DictType) and isinstance(
+                    field.type.key_type, msgspec.inspect.IntType
+                ):
+                    properties = definitions[kind.cls.__name__]["properties"]
+                    properties[field.encode_name]["propertyNames"] = {"type": "integer"}
 
 
 def openapi_schema() -> dict[str, Any]:

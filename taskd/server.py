@@ -25,7 +25,7 @@ import msgspec
 
 from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
 from taskd.connection_limits import ConnectionLimits
-from taskd.envelope import request_head
+from taskd.envelope import Unreadable, deepest_field, field_path, invalid_string, request_head
 from taskd.live import LiveEvents, Subscription
 from taskd.models import ConnectionStats, Peer
 from taskd.protocol import (
@@ -64,8 +64,6 @@ LARGE_FRAME_BUDGET = 4 * DEFAULT_MAX_FRAME
 # seconds; past MAX_LINGERING such connections at once, at once.
 LINGER = 2.0
 MAX_LINGERING = 64
-# Only the payload of these methods may nest deeply; other params never nest much.
-PAYLOAD_METHODS = frozenset({"run", "enqueue", "enqueue_many"})
 # At a stop, requests still in flight get this long to finish (a run whose job has just
 # ended, say) before they are answered with shutting_down.
 REPLY_GRACE = 0.2
@@ -504,11 +502,9 @@ class ControlServer:
         try:
             params = _params_decoders[request.method].decode(raw)
         except RecursionError:
-            raise _too_deep(request.method) from None
+            raise _too_deep(request.method, bytes(raw)) from None
         except _DECODE_ERRORS as exc:
-            raise RpcError(
-                ErrorCode.INVALID_PARAMS, f"invalid params for {request.method}: {exc}"
-            ) from None
+            raise _invalid_params(request.method, bytes(raw), exc) from None
         if isinstance(params, HelloParams):
             if params.protocol != PROTOCOL_VERSION:
                 raise RpcError(
@@ -717,20 +713,45 @@ def _error_frame(request_id: int | None, code: ErrorCode, message: str) -> bytes
 
 def _unreadable(body: bytes, exc: Exception) -> Reply:
     """The reply to a body that is not a request: under its id, if that can be read."""
-    request_id, method, deepest = request_head(body)
+    request_id, method, deepest, params = request_head(body)
     if request_id is None:
         message = f"not a request (a msgpack map of id, method and params): {exc}"
         return Reply(None, error=RpcError(ErrorCode.BAD_FRAME, message).body())
     if isinstance(exc, RecursionError) and deepest == "params" and method in METHODS:
-        return Reply(request_id, error=_too_deep(method).body())
+        assert params is not None  # the deepest value is there
+        return Reply(request_id, error=_too_deep(method, params).body())
     message = f"not a valid request (a map of id, method and params, nothing else): {exc}"
     return Reply(request_id, error=RpcError(ErrorCode.BAD_FRAME, message).body())
 
 
-def _too_deep(method: str) -> RpcError:
-    if method in PAYLOAD_METHODS:
+def _too_deep(method: str, params: bytes) -> RpcError:
+    """The error for params nested too deeply to decode: `payload_invalid` if the payload
+    is (naming the item of an `enqueue_many`), else `invalid_params` naming the field."""
+    path, in_payload = deepest_field(params, METHODS[method][0])
+    if not in_payload:
         return RpcError(
-            ErrorCode.PAYLOAD_INVALID,
-            "the payload is nested too deeply to decode; 500 levels are always accepted",
+            ErrorCode.INVALID_PARAMS,
+            f"invalid params for {method}: `{field_path(path)}` is nested too deeply",
         )
-    return RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: nested too deeply")
+    message = "the payload is nested too deeply to decode; 500 levels are always accepted"
+    items = [step for step in path if isinstance(step, int)]
+    if not items:
+        return RpcError(ErrorCode.PAYLOAD_INVALID, message)
+    item = field_path(path[:-1]).removeprefix("$.")  # jobs[3], as other refusals name it
+    return RpcError(ErrorCode.PAYLOAD_INVALID, f"{item}: {message}", {"index": items[-1]})
+
+
+def _invalid_params(method: str, params: bytes, exc: Exception) -> RpcError:
+    """The error for params that do not decode, naming the field at fault: msgspec names it,
+    except for a string that is not valid UTF-8."""
+    found = None
+    if not isinstance(exc, msgspec.ValidationError):
+        with suppress(Unreadable):
+            found = invalid_string(params, METHODS[method][0])
+    if found is None:
+        return RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}")
+    path, is_key = found
+    where = f"a key of `{field_path(path)}`" if is_key else f"`{field_path(path)}`"
+    return RpcError(
+        ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {where} is not valid UTF-8"
+    )

@@ -229,23 +229,26 @@ class Submitter:
         With `after_attempt`, also the job (with its errors) as soon as an attempt numbered
         above it has failed: woken by the store's `retrying`, not by polling.
         """
-        async with asyncio.timeout(timeout):
-            while True:  # again after a resync, or a failed attempt: read the job again
-                finished = self._store.events.watch(job_id)
-                try:
-                    job = await self._store.get(job_id)
-                    if job is None:
-                        raise JobNotFound(job_id)
-                    if job.status in FINISHED_STATUSES:
-                        job.errors = []  # as from a finish: only the `job` method lists them
-                        return job
-                    if after_attempt is not None and _failed_after(job, after_attempt):
-                        return job
+        # The timeout bounds the wait for the end, not the reads: a job that has ended is
+        # returned however little time is left (even none).
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while True:  # again after a resync, or a failed attempt: read the job again
+            finished = self._store.events.watch(job_id)
+            try:
+                job = await self._store.get(job_id)
+                if job is None:
+                    raise JobNotFound(job_id)
+                if job.status in FINISHED_STATUSES:
+                    job.errors = []  # as from a finish: only the `job` method lists them
+                    return job
+                if after_attempt is not None and _failed_after(job, after_attempt):
+                    return job
+                async with asyncio.timeout_at(deadline):
                     ended = await finished
-                    if ended is not None and ended.status in FINISHED_STATUSES:
-                        return ended
-                finally:
-                    finished.cancel()
+                if ended is not None and ended.status in FINISHED_STATUSES:
+                    return ended
+            finally:
+                finished.cancel()
 
 
 def _failed_after(job: Job, attempt: int) -> bool:

@@ -220,7 +220,7 @@ class LogNote(msgspec.Struct, frozen=True):
 
 
 MAX_LOG_LINES = 1000  # lines a job keeps; older ones are let go and counted
-MAX_LOG_BYTES = 64 * 1024  # characters of messages a job keeps
+MAX_LOG_BYTES = 64 * 1024  # bytes (UTF-8) of messages a job keeps
 
 
 class Store(Protocol):

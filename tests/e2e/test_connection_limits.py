@@ -139,6 +139,39 @@ def test_idle_connections_are_closed_and_clients_reconnect(taskd_factory: type[T
     assert status(daemon)["connections"]["closed_idle"] >= 3
 
 
+def test_a_request_crossing_an_idle_close_is_answered_or_was_never_applied(
+    taskd_factory: type[Taskd],
+) -> None:
+    """taskd closes a connection as idle only when it has read nothing of a next request: a
+    request sent as it closes is either read (then answered, the close put off) or not read
+    at all (no reply: it was not applied, and may be sent again)."""
+    daemon = taskd_factory(config='idle_timeout = "0.2s"\n', log_level="info").start()
+    answered, unanswered = set(), set()
+
+    def enqueue(connection: RawConnection, key: str) -> None:
+        params = {"task": "echo", "key": key, "delay": 3600.0}
+        try:
+            connection.sock.sendall(connection.request("enqueue", params))
+            reply = connection.reply()
+        except OSError:  # a broken pipe, a reset, or the end of the stream: no reply
+            unanswered.add(key)
+            return
+        assert "result" in reply, reply
+        answered.add(key)
+
+    with RawConnection(daemon.socket) as closed:  # certainly closed first
+        wait_until(lambda: "idle for 0.2s" in daemon.log, what="the idle connection to close")
+        enqueue(closed, "after the close")
+    assert unanswered == {"after the close"}
+    for attempt in range(20):  # sent ever later, from before the close until after it
+        with RawConnection(daemon.socket) as connection:
+            time.sleep(0.16 + attempt * 0.004)  # a stimulus around the close, not a wait
+            enqueue(connection, f"attempt {attempt}")
+    assert daemon.stop() == 0
+    assert {job.key for job in daemon.stored_jobs()} == answered
+    print(f"{len(answered)} answered and stored, {len(unanswered)} without a reply nor a job")
+
+
 # -- users ---------------------------------------------------------------------------------
 
 OTHER_UID = 12345  # a user without a name: setpriv can take any uid

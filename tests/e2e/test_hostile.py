@@ -60,6 +60,10 @@ def run_params(payload: bytes, task: bytes = b"\xa4echo") -> bytes:
     return b"\x82\xa4task" + task + b"\xa7payload" + payload
 
 
+TASK = b"\xa4task\xa4echo"  # "task": "echo"
+ITEM = b"\x81" + TASK  # {"task": "echo"}: an item of enqueue_many
+
+
 # (body, error code or "result", the reply's id, a fragment of the message). The fragments
 # are taskd's own words, or the name of the field at fault, never a dependency's wording.
 CASES: dict[str, tuple[bytes, str, int | None, str]] = {
@@ -103,7 +107,7 @@ CASES: dict[str, tuple[bytes, str, int | None, str]] = {
         request("run", run_params(b"\xc0", b"\xa2\xc3\x28")),
         "invalid_params",
         7,
-        "params for run",
+        "`$.task` is not valid UTF-8",
     ),
     "payload not UTF-8": (
         request("run", run_params(b"\xa2\xff\xfe")),
@@ -115,7 +119,48 @@ CASES: dict[str, tuple[bytes, str, int | None, str]] = {
         request("enqueue", b"\x82\xa4task\xa4echo\xa3key\xa1\xff"),
         "invalid_params",
         7,
-        "params for enqueue",
+        "invalid params for enqueue: `$.key` is not valid UTF-8",
+    ),
+    "key not UTF-8 after a payload not UTF-8": (
+        request("run", b"\x83\xa4task\xa4echo\xa7payload\xa2\xff\xfe\xa3key\xa1\xff"),
+        "invalid_params",
+        7,
+        "`$.key` is not valid UTF-8",
+    ),
+    "a key of params not UTF-8": (
+        request("jobs", b"\x81\xa1\xff\x01"),
+        "invalid_params",
+        7,
+        "a key of `$` is not valid UTF-8",
+    ),
+    "enqueue_many key not UTF-8": (
+        request("enqueue_many", b"\x81\xa4jobs\x92" + ITEM + b"\x82" + TASK + b"\xa3key\xa1\xff"),
+        "invalid_params",
+        7,
+        "`$.jobs[1].key` is not valid UTF-8",
+    ),
+    "key nested 5000 deep": (
+        request("enqueue", b"\x82" + TASK + b"\xa3key" + nested(5000)),
+        "invalid_params",
+        7,
+        "invalid params for enqueue: `$.key` is nested too deeply",
+    ),
+    "enqueue_many key nested 5000 deep": (
+        request(
+            "enqueue_many", b"\x81\xa4jobs\x92" + ITEM + b"\x82" + TASK + b"\xa3key" + nested(5000)
+        ),
+        "invalid_params",
+        7,
+        "`$.jobs[1].key` is nested too deeply",
+    ),
+    "enqueue_many payload nested 5000 deep": (
+        request(
+            "enqueue_many",
+            b"\x81\xa4jobs\x92" + ITEM + b"\x82" + TASK + b"\xa7payload" + nested(5000),
+        ),
+        "payload_invalid",
+        7,
+        "jobs[1]: the payload is nested too deeply",
     ),
     "request id 2**64-1": (request("jobs", request_id=b"\xcf" + b"\xff" * 8), "result", None, ""),
     "job id 2**64-1": (
@@ -233,6 +278,15 @@ def test_bad_requests_get_a_clear_error_and_the_connection_goes_on(
             assert fragment in reply["error"]["message"], reply
         # The frame boundaries held: the same connection answers the next request.
         assert connection.call("jobs", {"limit": 1})["id"] > 1
+
+
+def test_a_batch_item_nested_too_deeply_is_named_by_its_index(daemon: Taskd) -> None:
+    body = CASES["enqueue_many payload nested 5000 deep"][0]
+    with RawConnection(daemon.socket) as connection:
+        connection.sock.sendall(frame(body))
+        error = connection.reply()["error"]
+    assert error["code"] == "payload_invalid" and error["data"] == {"index": 1}
+    assert error["message"].startswith("jobs[1]: ")
 
 
 @pytest.mark.parametrize("depth", [900, 950, 990, 1000, 1100])

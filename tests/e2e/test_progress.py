@@ -16,10 +16,22 @@ import termios
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 from taskd.server import MAX_SUBSCRIPTIONS
 from tests.support import RawConnection, Taskd, wait_until
+
+KIB = 1024
+WIDE_TASK = """
+from taskd import TaskContext, define_task
+
+
+@define_task(description="Logs 6,000 bytes, fails with 18,000", max_attempts=1)
+async def wide(ctx: TaskContext) -> None:
+    ctx.logger.info("é" * 3000)
+    raise ValueError("€" * 6000)
+"""
 
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 CONTROL = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z@])|\x1b[()][A-Z0-9]|\x1b[=>78]|([\r\n\b])")
@@ -213,6 +225,27 @@ def test_a_job_keeps_its_last_lines_and_says_so(taskd: Taskd) -> None:
     assert "job 1: line 1004" in taskd.log  # the daemon's own log has them too
     missing = taskd.ctl("logs", "999")
     assert missing.returncode == 4 and "999" in missing.stderr
+
+
+def test_lines_and_errors_are_cut_at_their_size_in_bytes_of_utf8(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    """A line and a message keep 4 KiB, a traceback its last 16 KiB, counted in bytes of
+    UTF-8 (as a client in any language budgets for them), never splitting a character."""
+    tasks = short_tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "wide.py").write_text(WIDE_TASK)
+    daemon = taskd_factory(tasks=tasks).start()
+    with RawConnection(daemon.socket) as connection:
+        job_id = connection.call("run", {"task": "wide"})["result"]["job"]["id"]
+        (line,) = connection.call("logs", {"id": job_id})["result"]["lines"]
+        (error,) = connection.call("job", {"id": job_id})["result"]["errors"]
+    kept = line["message"].encode()
+    assert 4 * KIB - 2 <= len(kept) <= 4 * KIB and line["message"] == "é" * 2046 + "…"
+    message = error["message"].encode()
+    assert 4 * KIB - 3 <= len(message) <= 4 * KIB and error["message"].endswith("€€…")
+    trace = error["traceback"].encode()
+    assert 16 * KIB - 3 <= len(trace) <= 16 * KIB and error["traceback"].startswith("...\n")
 
 
 @contextmanager

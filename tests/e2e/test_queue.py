@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from taskctl import Client, DaemonUnavailable, PayloadInvalid, ProtocolError, enqueue_params
-from tests.support import Taskd, wait_until
+from tests.support import RawConnection, Taskd, wait_until
 
 
 def job(daemon: Taskd, job_id: int) -> dict:  # type: ignore[type-arg]
@@ -263,6 +263,19 @@ def test_wait_timeout_exit_124(taskd: Taskd) -> None:
     job_id = enqueue(taskd, "echo", "--delay", "1h")
     waited = taskd.ctl("wait", str(job_id), "--timeout", "200ms")
     assert waited.returncode == 124 and "still pending" in waited.stderr
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.0001])
+def test_wait_with_no_time_left_returns_a_job_that_has_ended(taskd: Taskd, timeout: float) -> None:
+    with RawConnection(taskd.socket) as connection:
+        ended = connection.call("run", {"task": "echo", "payload": 1})["result"]["job"]
+        waited = connection.call("wait", {"id": ended["id"], "timeout": timeout})
+        assert waited.get("result", waited)["status"] == "succeeded"
+        pending = connection.call("enqueue", {"task": "echo", "delay": 3600.0})["result"]
+        waited = connection.call("wait", {"id": pending["job_id"], "timeout": timeout})
+        assert waited["error"]["code"] == "timeout" and waited["error"]["data"] == {
+            "status": "pending"
+        }
 
 
 def test_sigterm_returns_unfinished_jobs_to_pending(

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import Taskd, wait_until
+from tests.support import RawConnection, Taskd, wait_until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "tasks"
 
@@ -106,6 +106,12 @@ def test_finished_jobs_say_how_they_ended(taskd: Taskd) -> None:
     failed = next(j for j in json.loads(taskd.ctl("--json", "jobs").stdout) if j["task"] == "fail")
     reply = why(taskd, failed["id"])
     assert reply["reason"] == "failed" and "boom: bad" in reply["message"]
+    with RawConnection(taskd.socket) as connection:  # every key on the wire, nil when unset
+        timeline = connection.call("why", {"id": failed["id"]})["result"]["timeline"]
+    assert [sorted(event) for event in timeline] == [
+        ["at", "attempt", "event", "message", "worker"]
+    ] * len(timeline)
+    assert timeline[0]["attempt"] is None and timeline[1]["message"] is None
     missing = taskd.ctl("why", "999999")
     assert missing.returncode == 4 and "999999" in missing.stderr
 

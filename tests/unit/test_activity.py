@@ -59,7 +59,7 @@ async def test_many_reports_are_told_at_once_and_written_in_few_batches(store: S
     thread.join()
     await asyncio.sleep(0)  # the thread's call is handed to the loop
     assert len(told) == 1000 and [line.level for line in lines] == ["INFO", "WARNING"]
-    assert len(lines[0].message) == MAX_LINE
+    assert len(lines[0].message.encode()) == MAX_LINE and lines[0].message.endswith("x…")
     await recorder.end(job_id)
     assert writes <= 2  # perhaps one on the timer, and the last at the end
     job = await store.get(job_id)

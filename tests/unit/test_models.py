@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskd.models import format_duration, parse_duration
+from taskd.models import cut_utf8, format_duration, parse_duration
 from taskd.policy import backoff_delay, default_attempts
 
 
@@ -62,3 +62,23 @@ def test_default_attempts() -> None:
     assert default_attempts(single_flight=True, task_max_attempts=None) == 1
     assert default_attempts(single_flight=False, task_max_attempts=None) == 3
     assert default_attempts(single_flight=True, task_max_attempts=5) == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "keep_end", "cut"),
+    [
+        ("short", 8, False, "short"),
+        ("x" * 10, 10, False, "x" * 10),
+        ("x" * 11, 10, False, "x" * 7 + "…"),
+        ("é" * 6, 10, False, "ééé…"),
+        ("xx" + "é" * 5, 10, False, "xxéé…"),  # the third "é" would end on the 8th byte
+        ("a€€€€", 10, False, "a€€…"),
+        ("𝄞" * 4, 10, False, "𝄞…"),
+        ("é" * 6, 10, True, "…ééé"),
+        ("€" * 4 + "a", 10, True, "…€€a"),
+        ("\udcff" * 8, 10, False, "\udcff\udcff…"),  # a lone surrogate (from a file name)
+    ],
+)
+def test_cut_utf8_never_splits_a_character(text: str, limit: int, keep_end: bool, cut: str) -> None:
+    kept = cut_utf8(text, limit, keep_end=keep_end)
+    assert kept == cut and len(kept.encode("utf-8", "surrogatepass")) <= limit
