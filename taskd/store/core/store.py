@@ -3,12 +3,13 @@ with its errors translated and its end reported to the store's health."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import wraps
 from typing import Any, ClassVar, TypeVar, cast
 
-from taskd.models import Job, JobLogs, JobStatus, NodeInfo, TaskCounts
+from taskd.models import FINISHED_STATUSES, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -43,7 +44,7 @@ Method = TypeVar("Method", bound=Callable[..., Awaitable[Any]])
 Transact = Callable[[list[tuple[Operation, list[Any]]], Notes], Awaitable[list[list[Any]]]]
 
 
-def _reads(method: Method) -> Method:
+def store_read(method: Method) -> Method:
     """The driver's exceptions leave the store as StoreError."""
 
     @wraps(method)
@@ -60,8 +61,8 @@ def _reads(method: Method) -> Method:
     return cast(Method, wrapper)
 
 
-def _writes(method: Method) -> Method:
-    """As `_reads`, and each write's end is reported to the store's health (a refusal, such
+def store_write(method: Method) -> Method:
+    """As `store_read`, and each write's end is reported to the store's health (a refusal, such
     as a job in another state, is an answer, not a failure of the store)."""
 
     @wraps(method)
@@ -95,6 +96,7 @@ class SqlStore:
         self.events = JobEvents()
         self.health = StoreHealth(f"job store {name}")
         self._limited: frozenset[str] = frozenset()  # tasks with a limit, at the last claim
+        self._fetching: set[asyncio.Task[None]] = set()  # jobs others ended, read for waiters
         # The writers, which a backend sets (`_group_commit`): the durable writes; inserts
         # alone; claims alone. SQLite has one writer for all three.
         self._commits: GroupCommit[Tx]
@@ -117,33 +119,33 @@ class SqlStore:
 
     # -- nodes ---------------------------------------------------------------------------
 
-    @_writes
+    @store_write
     async def register_node(self, node: str, ttl: float) -> str:
         (worker,) = await self._commits.submit(nodes.register, [(node, ttl)])
         return worker
 
-    @_writes
+    @store_write
     async def leave(self, worker: str) -> None:
         await self._commits.submit(nodes.leave, [worker])
 
-    @_writes
+    @store_write
     async def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> list[int]:
         (lost,) = await self._commits.submit(nodes.renew, [(worker, list(job_ids), lease)])
         return lost
 
-    @_reads
+    @store_read
     async def nodes(self) -> list[NodeInfo]:
         return await self._read(reads.nodes)
 
     # -- job writes ----------------------------------------------------------------------
 
-    @_writes
+    @store_write
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
         return await self._inserts.submit(jobs.insert_jobs, list(new))
 
-    @_writes
+    @store_write
     async def insert_and_claim(
         self, new: Sequence[NewJob], claim: ClaimRequest
     ) -> tuple[list[Inserted], Claimed]:
@@ -151,13 +153,13 @@ class SqlStore:
         (result,) = await self._commits.submit(jobs.insert_and_claim, [(list(new), claim)])
         return result
 
-    @_writes
+    @store_write
     async def claim(self, request: ClaimRequest) -> Claimed:
         self._limited = frozenset(request.limits)
         (claimed,) = await self._claims.submit(jobs.claim_jobs, [request])
         return claimed
 
-    @_writes
+    @store_write
     async def finish(
         self, outcomes: Sequence[Outcome], claim: ClaimRequest | None = None
     ) -> Finished:
@@ -171,24 +173,24 @@ class SqlStore:
         (finished,) = await self._commits.submit(jobs.finish_and_claim, [(list(outcomes), claim)])
         return finished
 
-    @_writes
+    @store_write
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         (changed,) = await self._commits.submit(
             jobs.set_waiting, [(job_id, epoch, worker, waiting)]
         )
         return changed
 
-    @_writes
+    @store_write
     async def recover(self, quarantine_after: int) -> list[Job]:
         (recovered,) = await self._commits.submit(jobs.recover_jobs, [quarantine_after])
         return recovered
 
-    @_writes
+    @store_write
     async def cancel(self, job_id: int) -> Job:
         (job,) = await self._commits.submit(jobs.cancel_jobs, [job_id])
         return job
 
-    @_writes
+    @store_write
     async def retry(self, job_id: int) -> Job:
         try:
             (job,) = await self._commits.submit(jobs.retry_jobs, [job_id])
@@ -199,7 +201,7 @@ class SqlStore:
             ) from None
         return job
 
-    @_writes
+    @store_write
     async def prune(self, older_than: Mapping[JobStatus, float]) -> int:
         deleted = 0
         for status, age in older_than.items():
@@ -218,7 +220,7 @@ class SqlStore:
             if count < PRUNE_SLICE:
                 return total
 
-    @_writes
+    @store_write
     async def record_activity(
         self,
         progress: Sequence[ProgressNote],
@@ -232,43 +234,43 @@ class SqlStore:
 
     # -- job reads -----------------------------------------------------------------------
 
-    @_reads
+    @store_read
     async def job_logs(self, job_id: int) -> JobLogs | None:
         return await self._read(activity.job_logs, job_id)
 
-    @_reads
+    @store_read
     async def get(self, job_id: int) -> Job | None:
         return await self._read(reads.get, job_id)
 
-    @_reads
+    @store_read
     async def list_jobs(self, query: JobFilter) -> list[Job]:
         return await self._read(reads.list_jobs, query)
 
-    @_reads
+    @store_read
     async def counts(self) -> list[TaskCounts]:
         return await self._read(reads.counts)
 
-    @_reads
+    @store_read
     async def queue_depth(self) -> int:
         return await self._read(reads.queue_depth)
 
     # -- schedules -----------------------------------------------------------------------
 
-    @_reads
+    @store_read
     async def schedule_states(self, ids: Sequence[str] | None = None) -> list[ScheduleState]:
         return await self._read(reads.schedule_states, ids)
 
-    @_writes
+    @store_write
     async def add_schedules(self, ids: Sequence[str], first_seen: float) -> None:
         if ids:
             await self._commits.submit(schedules.add_schedules, [(i, first_seen) for i in ids])
 
-    @_writes
+    @store_write
     async def cover_schedules(self, ids: Sequence[str], until: float) -> None:
         if ids:
             await self._commits.submit(schedules.cover_schedules, [(i, until) for i in ids])
 
-    @_writes
+    @store_write
     async def set_paused(
         self, schedule: str, paused: bool, *, covered_until: float | None = None
     ) -> bool:
@@ -277,7 +279,7 @@ class SqlStore:
         )
         return changed
 
-    @_writes
+    @store_write
     async def fire_tick(
         self,
         schedule: str,
@@ -293,6 +295,52 @@ class SqlStore:
             schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim)]
         )
         return fired
+
+    # -- the writes of other daemons sharing the store ------------------------------------
+
+    def _heard(
+        self, due: float | None, finished: Sequence[tuple[int, str]], cancelled: Sequence[int]
+    ) -> None:
+        """Another daemon committed a transaction that made jobs due in `due` seconds, ended
+        these (id, task) (or put them back for a retry), and cancelled these: our listeners
+        hear of it (see `Store.events`)."""
+        wake = False
+        for job_id, task in finished:
+            if self.events.watching(job_id):
+                self._fetch_finished(job_id)
+            wake = wake or task in self._limited  # its task may have room for ours again
+        for job_id in cancelled:
+            self.events.cancel_requested(job_id)
+        if due is not None or wake:
+            self.events.due(0.0 if wake else max(0.0, due or 0.0))
+        else:
+            self.events.changed()
+
+    def _fetch_finished(self, job_id: int) -> None:
+        """Read a job another daemon finished (or put back for a retry), for the callers
+        here waiting for it."""
+
+        async def fetch() -> None:
+            try:
+                job = await self.get(job_id)
+            except StoreError as exc:
+                logger.warning("cannot read job %d, which another daemon ended: %s", job_id, exc)
+                self.events.resync()
+                return
+            if job is not None and job.status in FINISHED_STATUSES:
+                job.errors = []
+                self.events.finished(job)
+            elif job is not None and job.status == "pending" and job.attempts:
+                self.events.retrying(job)
+
+        task = asyncio.create_task(fetch(), name=f"taskd-fetch-{job_id}")
+        self._fetching.add(task)
+        task.add_done_callback(self._fetching.discard)
+
+    async def _stop_fetching(self) -> None:
+        for task in list(self._fetching):
+            task.cancel()
+        await asyncio.gather(*self._fetching, return_exceptions=True)
 
     # -- what a backend provides ---------------------------------------------------------
 

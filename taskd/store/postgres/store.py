@@ -9,7 +9,6 @@ Other daemons learn of writes through LISTEN/NOTIFY (`notices`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
@@ -20,12 +19,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from taskd.models import FINISHED_STATUSES
 from taskd.store.base import StoreError
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.notes import Notes
 from taskd.store.core.statements import Statement, Steps, run_steps_async
-from taskd.store.core.store import SqlStore, _writes
+from taskd.store.core.store import SqlStore, store_write
 from taskd.store.postgres.connections import (
     DRIVER_ERRORS,
     Connections,
@@ -97,7 +95,6 @@ class PostgresStore(SqlStore):
         self._inserts = self._group_commit(self._statements, lambda exc: False)
         self._claims = self._group_commit(partial(self._transact, durable=False), _worth_splitting)
         self._writers = (self._commits, self._inserts, self._claims)
-        self._fetching: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -118,9 +115,7 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         for writer in self._writers:
             await writer.stop()
-        for task in list(self._fetching):
-            task.cancel()
-        await asyncio.gather(*self._fetching, return_exceptions=True)
+        await self._stop_fetching()
         await self._listener.close()
         await self._connections.close()
 
@@ -185,48 +180,14 @@ class PostgresStore(SqlStore):
         hint = UNREACHABLE if connection_failed(exc) else ""
         return StoreError(f"job store {self.description}: {exc}{hint}")
 
-    # -- notices from the other daemons --------------------------------------------------
-
     def _on_notice(self, payload: str) -> None:
         notice = decode_notice(payload)
-        if notice is None or notice.sender == self._sender:
-            return
-        wake = False
-        for job_id, task in notice.finished:
-            if self.events.watching(job_id):
-                self._fetch_finished(job_id)
-            wake = wake or task in self._limited  # its task may have room for ours again
-        for job_id in notice.cancelled:
-            self.events.cancel_requested(job_id)
-        if notice.due is not None or wake:
-            self.events.due(0.0 if wake else max(0.0, notice.due or 0.0))
-        else:
-            self.events.changed()
-
-    def _fetch_finished(self, job_id: int) -> None:
-        """Read a job another daemon finished (or put back for a retry), for the callers
-        here waiting for it."""
-
-        async def fetch() -> None:
-            try:
-                job = await self.get(job_id)
-            except StoreError as exc:
-                logger.warning("cannot read job %d, which another daemon ended: %s", job_id, exc)
-                self.events.resync()
-                return
-            if job is not None and job.status in FINISHED_STATUSES:
-                job.errors = []
-                self.events.finished(job)
-            elif job is not None and job.status == "pending" and job.attempts:
-                self.events.retrying(job)
-
-        task = asyncio.create_task(fetch(), name=f"taskd-fetch-{job_id}")
-        self._fetching.add(task)
-        task.add_done_callback(self._fetching.discard)
+        if notice is not None and notice.sender != self._sender:
+            self._heard(notice.due, notice.finished, notice.cancelled)
 
     # -- nodes: those sharing the store compare the digests of their schedules ------------
 
-    @_writes
+    @store_write
     async def announce_schedules(self, worker: str, digest: str) -> None:
         await self._commits.submit(_announce, [(worker, digest)])
 
