@@ -50,6 +50,7 @@ FINISHED = """result = v.result,
     attempts = jobs.attempts - CASE WHEN v.outcome = 'released' THEN 1 ELSE 0 END,
     finished_at = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN :now END,
     worker = NULL, lease_expires = NULL, waiting = false"""
+# The outcome's job still runs the claim it reports on (fencing).
 FINISHING = (
     "jobs.id = v.id AND jobs.epoch = v.epoch AND jobs.worker = v.worker AND jobs.status = 'running'"
 )
@@ -72,7 +73,7 @@ RECOVERED = """crashes = crashes + 1,
     finished_at = CASE WHEN crashes + 1 >= :quarantine OR attempts >= max_attempts
         THEN :now END,
     run_at = :now, worker = NULL, lease_expires = NULL, waiting = false"""
-
+# What a cancel does to a pending or running job.
 CANCELLED = (
     "status = 'cancelled', finished_at = :now, error = 'cancelled by request', worker = NULL,"
     " lease_expires = NULL, waiting = false"

@@ -9,21 +9,19 @@ the clock read once for the transaction, bound as a parameter).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from taskd.store.rows import Row
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Statement:
+class Statement(NamedTuple):
     """One statement and its parameters: a mapping of `:name`s (or, in SQLite's own SQL, a
     sequence for its `?`s); with `many`, a sequence of those, one per execution."""
 
     sql: str
-    params: Any = field(default_factory=dict)
+    params: Any = ()  # none
     many: bool = False
 
 

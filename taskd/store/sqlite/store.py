@@ -54,8 +54,8 @@ def _transact(
     db.execute("BEGIN IMMEDIATE")
     try:
         now = clock()
-        tx = Tx(SqliteSql(now), notes)
-        outputs = [run_steps(op(tx, items), partial(execute, db, now)) for op, items in operations]
+        tx, run = Tx(SqliteSql(now), notes), partial(execute, db, now)
+        outputs = [run_steps(operation(tx, items), run) for operation, items in operations]
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
