@@ -7,7 +7,7 @@ LOWEST ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-oldest lint bench clean schema
+.PHONY: install run test test-oldest test-systemd lint bench clean schema
 
 $(STAMP): pyproject.toml .ci/lowest-versions
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ test: lint
 
 test-oldest:
 	$(MAKE) --no-print-directory test VENV=.venv-oldest LOWEST=1
+
+# The units in contrib/systemd under a real systemd as PID 1: a minimal Debian (debootstrap,
+# cached in /var/cache/taskd-test-systemd) booted with systemd-nspawn, taskd installed in it
+# as the README's "systemd" section says. Needs root; says in one line why where it cannot run.
+test-systemd: install
+	$(BIN)/python -m tests.systemd $(PYTEST_ARGS)
 
 # contrib/protocol.schema.json and contrib/openapi.json are generated from the wire types;
 # tests fail when they are stale.

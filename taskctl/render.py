@@ -258,13 +258,20 @@ def status_detail(status: Status) -> str:
     )
     here = next((node for node in status.nodes if node.id == status.node), None)
     busy = here.running if here is not None else len(status.running)
+    held = ""
+    if status.slots is not None:
+        busy = status.slots.busy
+        if status.slots.claimed_ahead:
+            held += f", {status.slots.claimed_ahead} more jobs claimed ahead"
+        if status.slots.ending:
+            held += f", {status.slots.ending} ending"
     lines = [
         f"taskd {status.version}, pid {status.pid}, up {format_duration(status.uptime)}",
         f"  node:      {status.node}",
         f"  database:  {status.database}",
         f"  socket:    {status.socket}",
         f"  tasks:     {status.tasks_dir}",
-        f"  workers:   {busy} of {status.workers} busy",
+        f"  workers:   {busy} of {status.workers} busy{held}",
         f"  jobs:      {counts}",
     ]
     if status.store_failing is not None:
@@ -281,6 +288,11 @@ def status_detail(status: Status) -> str:
         lines += connections_lines(status.connections)
     if status.threads is not None:
         lines.append(threads_line(status.threads))
+    if status.log_dropped:
+        lines.append(
+            f"  log:       {status.log_dropped} lines dropped: taskd's output (the journal, a"
+            " pipe) did not take them as fast as they came"
+        )
     if status.oldest_pending_age is not None:
         lines.append(f"  oldest due job has waited {format_duration(status.oldest_pending_age)}")
     if status.next_due_at is not None:

@@ -37,7 +37,7 @@ class View:
             return
         self.stale = False
         self.status = self._client.status()
-        self.running = self._client.jobs(status=["running"], limit=100)
+        self.running = self.status.running  # this daemon's: those that run, not those held
         self.failures = self._client.jobs(status=["failed"], limit=FAILURES)
         self.schedules = self._client.schedules()
         running = {job.id for job in self.running}

@@ -22,6 +22,7 @@ from taskd.config import (
     load_config,
 )
 from taskd.config import resolve_paths as resolve_config_paths
+from taskd.logqueue import QueuedLog
 
 EX_CONFIG = 78  # sysexits: configuration error; the unit does not restart on it
 
@@ -126,7 +127,8 @@ _JsonFormatter.converter = time.gmtime
 
 
 def setup_logging(level: str, log_format: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """taskd's log on its stderr, through a queue that never blocks (taskd.logqueue)."""
+    handler = QueuedLog(sys.stderr.fileno())
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     elif os.environ.get("JOURNAL_STREAM"):  # journald adds the time and the unit itself
@@ -134,6 +136,8 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    for replaced in root.handlers:
+        replaced.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
@@ -154,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from taskd.daemon import Daemon, StartupError
+    from taskd.output import routed_output
 
     daemon = Daemon(source, config, paths, allow_empty_store=args.allow_empty_store)
     try:
-        status = uvloop.run(daemon.run())
+        with routed_output():
+            status = uvloop.run(daemon.run())
     except StartupError as exc:
         logging.getLogger("taskd").error("cannot start: %s", exc)
         status = exc.exit_code

@@ -127,6 +127,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._socket_lock: int | None = None
         self._started_at = time.time()
+        self._stopping = False  # shutdown has begun: no more reloads
         self._schedules_digest = ""
         self._differing_nodes: frozenset[tuple[str, str]] = frozenset()
 
@@ -136,6 +137,17 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        try:
+            return await self._serve()
+        finally:
+            # Stopped: a signal that comes while the process exits (a second SIGTERM, say)
+            # must not kill it by the signal's default action, turning a clean stop into a
+            # failure.
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, signal.SIG_IGN)
+
+    async def _serve(self) -> int:
         try:
             started = await self._start_unless_stopped()
         except BaseException:
@@ -413,8 +425,9 @@ class Daemon:
     # -- reload --------------------------------------------------------------------------
 
     def _reload_in_background(self) -> None:
-        if self._server is None:
-            logger.warning("SIGHUP ignored: taskd is still starting")
+        if self._server is None or self._stopping:
+            state = "stopping" if self._stopping else "still starting"
+            logger.warning("SIGHUP ignored: taskd is %s", state)
             return
 
         async def reload() -> None:
@@ -426,6 +439,8 @@ class Daemon:
     async def reload(self) -> ReloadResult:
         """Re-read the configuration and the tasks folder; on any error keep the old ones."""
         async with self._reload_lock:
+            if self._stopping:
+                raise RpcError(ErrorCode.SHUTTING_DOWN, "taskd is stopping; nothing was reloaded")
             self.notifier.reloading()
             try:
                 return await self._reload()
@@ -475,6 +490,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         """Stop accepting, let running jobs finish (then return them), close the store."""
+        self._stopping = True
         self.notifier.stopping()
         logger.info("stopping")
         if self._server is not None:
@@ -509,7 +525,15 @@ class Daemon:
         executor = self._executor
         if executor is None:
             return Slots(0, self.config.workers, True)
-        return Slots(executor.busy, executor.workers, executor.stopping)
+        return Slots(
+            executor.busy,
+            executor.workers,
+            executor.stopping,
+            worker=executor.worker,
+            running=frozenset(job.id for job in executor.running_jobs()),
+            claimed_ahead=executor.claimed_ahead,
+            ending=executor.ending,
+        )
 
     def threads_alive(self) -> int:
         return self._executor.threads_alive() if self._executor is not None else 0

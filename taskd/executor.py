@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import heapq
 import logging
@@ -29,6 +30,7 @@ import msgspec
 from taskd.activity import ActivityRecorder
 from taskd.definition import Fail, Retry, TaskContext
 from taskd.models import Job, ThreadStats, cut_utf8
+from taskd.output import job_output
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
@@ -111,10 +113,13 @@ class Executor:
         self._prefetch = workers
         self._typical = SHORT_JOB  # seconds an attempt takes, as a moving average
         self._outcomes: list[tuple[Job, Outcome]] = []  # ended attempts, to be recorded
+        self._writing = 0  # outcomes being recorded now
         self._recording = asyncio.Lock()  # one store call at a time records outcomes
         self._maybe_due = True  # a claim may find work: cleared when one comes back short
         self._rings = 0  # times work was announced (a claim that came back short reads it)
         self._claiming = 0  # jobs asked for by claims in flight in other writes
+        self._claims_landed = asyncio.Event()  # set while no such claim is in flight
+        self._claims_landed.set()
         self._limited: set[str] = set()  # tasks with a concurrency limit at the last claim
         self._stopping_jobs: dict[int, StopReason] = {}
         self._stopping = False
@@ -160,8 +165,7 @@ class Executor:
                 continue
             failures = 0
             if claimed is not None:
-                for job in claimed.jobs:
-                    heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
+                self._take(claimed.jobs)
                 # Short of what it asked for, the claim found all that was due, unless work
                 # came in while it ran.
                 self._maybe_due = len(claimed.jobs) == want or self._rings != rings
@@ -178,21 +182,27 @@ class Executor:
         if want == 0:
             return None
         self._claiming += want
+        self._claims_landed.clear()
         return ClaimRequest(self.worker, want, self._lease, self._limits())
 
     def accept(self, request: ClaimRequest, claimed: Claimed | None) -> None:
         """The claim made in another write: start what it took."""
         self._claiming -= request.limit
-        if claimed is None:
-            return
-        if self._stopping:  # claimed as the daemon began to stop: back at once
-            for job in claimed.jobs:
-                self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
-        else:
-            for job in claimed.jobs:
-                heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
+        if self._claiming == 0:
+            self._claims_landed.set()
+        if claimed is not None:
+            self._take(claimed.jobs)
             self._start_ready()
-        self._wake.set()
+            self._wake.set()
+
+    def _take(self, jobs: list[Job]) -> None:
+        """Jobs a claim took: ready to start, or, once the daemon stops, back to the queue
+        without counting their attempt (a claim in flight as the stop began)."""
+        for job in jobs:
+            if self._stopping:
+                self._release(job)
+            else:
+                heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
 
     def _wanted(self) -> int:
         """How many jobs to claim now, if work may be due: while slots are free, enough to
@@ -215,11 +225,14 @@ class Executor:
         """Record the outcomes that came in, and claim (if asked), in one store call."""
         async with self._recording:
             batch, self._outcomes = self._outcomes, []
+            self._writing = len(batch)
             try:
                 finished = await self._store.finish([outcome for _, outcome in batch], claim)
             except StoreError:
                 self._outcomes[:0] = batch  # kept, in order, for the next try
                 raise
+            finally:
+                self._writing = 0
         for (job, outcome), recorded in zip(batch, finished.jobs, strict=True):
             if recorded is None and outcome.status != "released":
                 logger.info(
@@ -375,11 +388,13 @@ class Executor:
             raise
 
     async def _invoke(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
-        """The task's function: a coroutine on the loop, a plain function in a thread."""
-        if task.is_async:
-            return await task.call(payload, ctx)
-        call = functools.partial(task.call, payload, ctx)
-        return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
+        """The task's function: a coroutine on the loop, a plain function in a thread (in a
+        copy of the context: what it prints is the job's too)."""
+        with job_output(ctx.logger.log):
+            if task.is_async:
+                return await task.call(payload, ctx)
+            call = functools.partial(contextvars.copy_context().run, task.call, payload, ctx)
+            return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
 
     def _stopped(self, job: Job, reason: StopReason) -> Outcome | None:
         """The outcome of an attempt we stopped: none to report for a job we lost."""
@@ -467,16 +482,31 @@ class Executor:
         return self._stopping
 
     def running_jobs(self) -> list[Job]:
+        """The jobs started here that have not ended."""
         return [running.job for running in self._running.values()]
 
+    @property
+    def claimed_ahead(self) -> int:
+        """Jobs claimed to start the moment a slot frees."""
+        return len(self._ready)
+
+    @property
+    def ending(self) -> int:
+        """Jobs whose attempt has ended, with their outcome still to be recorded."""
+        return len(self._outcomes) + self._writing
+
     def stop(self) -> None:
-        """Claim and start nothing more (jobs claimed ahead go back to the queue at once);
-        what runs goes on until `drain`."""
+        """Claim and start nothing more: the jobs claimed but not started go back to the
+        queue, in the next store write (and so do those of claims still in flight, as they
+        land); what runs goes on until `drain`."""
         self._stopping = True
         for _, job in self._ready:
-            self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
+            self._release(job)
         self._ready.clear()
         self._wake.set()
+
+    def _release(self, job: Job) -> None:
+        self._outcomes.append((job, Outcome(job.id, job.epoch, self.worker, "released")))
 
     async def drain(self, grace: float) -> None:
         """Wait up to `grace` seconds for running jobs, then cancel them back to pending."""
@@ -491,6 +521,7 @@ class Executor:
         if leftover:
             await asyncio.wait([running.task for running in leftover])
         await self.activity.close()
+        await self._claims_landed.wait()  # their jobs are released, to be recorded now
         await self._flush()
         self._closed.set()
         self._wake.set()

@@ -192,6 +192,17 @@ class ThreadStats(msgspec.Struct, frozen=True):
     refused: int
 
 
+class WorkerSlots(msgspec.Struct, frozen=True):
+    """This daemon's worker slots. `busy` ones run a job (at most `workers`; a job waiting
+    in `ctx.run_task` holds none). The job store also counts as running the jobs this daemon
+    holds that do not run: `claimed_ahead` of a slot that frees (while jobs are short), and
+    `ending`, whose attempt has ended and whose outcome is being written."""
+
+    busy: int
+    claimed_ahead: int
+    ending: int
+
+
 class StoreFailing(msgspec.Struct, frozen=True):
     """Writes to the job store failing now (disk full, a lock held, a damaged file).
 
@@ -244,7 +255,11 @@ class Status(msgspec.Struct, frozen=True):
     nodes: list[NodeInfo] = []  # the daemons alive on this job store
     connections: ConnectionStats | None = None
     threads: ThreadStats | None = None
+    slots: WorkerSlots | None = None  # this daemon's
     store_failing: StoreFailing | None = None  # None while the store's writes go through
+    # Lines of taskd's own log dropped since it started: its output (the journal, a pipe)
+    # did not take them as fast as they came.
+    log_dropped: int = 0
 
 
 class Peer(msgspec.Struct, frozen=True):

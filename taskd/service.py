@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from taskd.config import Retention
+from taskd.logqueue import dropped_lines
 from taskd.models import (
     FINISHED_STATUSES,
     ConnectionStats,
@@ -23,6 +24,7 @@ from taskd.models import (
     Status,
     TaskInfo,
     ThreadStats,
+    WorkerSlots,
 )
 from taskd.protocol import (
     MAX_LIST,
@@ -80,11 +82,16 @@ class DaemonInfo(msgspec.Struct, frozen=True):
 
 
 class Slots(msgspec.Struct, frozen=True):
-    """This daemon's workers: how many are busy, and whether it is stopping."""
+    """This daemon's workers: how many are busy, and whether it is stopping; its worker id
+    in the store, the jobs it runs, and those it holds that do not run (WorkerSlots)."""
 
     busy: int
     workers: int
     stopping: bool
+    worker: str | None = None
+    running: frozenset[int] = frozenset()
+    claimed_ahead: int = 0
+    ending: int = 0
 
 
 class Service:
@@ -295,6 +302,12 @@ class Service:
         ages = [t.oldest_pending_age for t in per_task if t.oldest_pending_age is not None]
         due = [t.next_due_at for t in per_task if t.next_due_at is not None]
         info = self._info
+        running = await self._store.list_jobs(JobFilter(statuses=["running"], limit=MAX_LIST))
+        slots = self._slots() if self._slots is not None else None
+        if slots is not None:
+            # Of this daemon's jobs, those that run now: the store also counts as running
+            # those claimed ahead and those whose outcome is being written.
+            running = [j for j in running if j.worker != slots.worker or j.id in slots.running]
         return Status(
             version=info.version,
             pid=info.pid,
@@ -305,7 +318,7 @@ class Service:
             tasks_dir=info.tasks_dir,
             workers=info.workers,
             counts=totals,
-            running=await self._store.list_jobs(JobFilter(statuses=["running"], limit=MAX_LIST)),
+            running=running,
             tasks=per_task,
             oldest_pending_age=max(ages) if ages else None,
             next_due_at=min(due) if due else None,
@@ -313,7 +326,13 @@ class Service:
             nodes=await self._store.nodes(),
             connections=self._connections(),
             threads=self._threads(),
+            slots=(
+                None
+                if slots is None
+                else WorkerSlots(slots.busy, slots.claimed_ahead, slots.ending)
+            ),
             store_failing=self._store.health.report(),
+            log_dropped=dropped_lines(),
         )
 
     async def healthy(self) -> None:

@@ -21,6 +21,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "restarts_postgres: restarts the shared PostgreSQL server")
+    config.addinivalue_line(
+        "markers", "nspawn: boots a Debian container with systemd-nspawn (make test-systemd)"
+    )
 
 
 @pytest.fixture

@@ -95,6 +95,10 @@ class Taskd:
         self.abstract_notify = abstract_notify
         self.extra_args: list[str] = []  # more taskd flags, e.g. --allow-empty-store
         self.run_as: list[str] = []  # a command that runs taskd as another user (setpriv ...)
+        # stdout and stderr to a pipe nobody reads (it fills after 64 KiB), in place of the log
+        # file; once taskd has exited, `close()` reads what the pipe holds into `unread`.
+        self.unread_pipe = False
+        self.unread = ""
         self.process: subprocess.Popen[bytes] | None = None
         self.notifications: list[str] = []
         self.received_at: list[float] = []  # time.monotonic() of each notification
@@ -148,7 +152,7 @@ class Taskd:
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 command,
-                stdout=log,
+                stdout=subprocess.PIPE if self.unread_pipe else log,
                 stderr=subprocess.STDOUT,
                 env=environment,
                 preexec_fn=preexec_fn,
@@ -236,10 +240,15 @@ class Taskd:
         return code
 
     def close(self) -> None:
-        """Stop listening for notifications (the process is left alone)."""
+        """Stop listening for notifications (the process is left alone); read an exited
+        process's unread pipe."""
         if self._notify is not None:
             self._notify.close()
             self._notify = None
+        pipe = self.process.stdout if self.process is not None else None
+        if pipe is not None and not pipe.closed and not self.running:
+            self.unread += pipe.read().decode(errors="replace")
+            pipe.close()
 
     @property
     def running(self) -> bool:

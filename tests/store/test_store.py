@@ -247,7 +247,7 @@ async def test_released_gives_the_attempt_back(store: Store) -> None:
     await claim(store)
     (job,) = (await store.finish([Outcome(inserted.job_id, 1, W1, "released")])).jobs
     assert job is not None and job.status == "pending" and job.attempts == 0
-    assert job.run_at == NOW and job.worker is None
+    assert job.run_at == NOW and job.worker is None and job.crashes == 0
 
 
 # -- nodes, leases and recovery ----------------------------------------------------------

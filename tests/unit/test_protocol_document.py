@@ -39,6 +39,7 @@ LISTINGS = {
     "TaskCounts": '"tasks": [',
     "TaskInfo": "a list of task objects, sorted by name:\n`",
     "ThreadStats": "`threads`: `",
+    "WorkerSlots": "`slots`: `",
     "TimelineEvent": '"timeline": [',
     "WhyResult": "as the daemon\nsees it in the job store. Result: `",
     "RunResult": "with it, at once.\nResult: `",
