@@ -16,7 +16,13 @@ import msgspec
 from taskctl import errors
 from taskctl.client import WAIT_MARGIN, Client
 from taskd import __version__
-from taskd.models import FINISHED_STATUSES, JOB_STATUSES, format_duration, parse_duration
+from taskd.models import (
+    FINISHED_STATUSES,
+    JOB_STATUSES,
+    counted,
+    format_duration,
+    parse_duration,
+)
 from taskd.protocol import client_socket_path
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
@@ -332,7 +338,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> Exit:
         args,
         job,
         lambda: (
-            f"job {job.id} {job.task} is pending again with {_count(job.max_attempts, 'attempt')}"
+            f"job {job.id} {job.task} is pending again with {counted(job.max_attempts, 'attempt')}"
         ),
     )
 
@@ -344,7 +350,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_prune(client: Client, args: argparse.Namespace) -> Exit:
     deleted = client.prune(args.older_than)
-    return _show(args, {"deleted": deleted}, lambda: f"deleted {_count(deleted, 'finished job')}")
+    return _show(args, {"deleted": deleted}, lambda: f"deleted {counted(deleted, 'finished job')}")
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:
@@ -356,7 +362,9 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> Exit:
     return _show(
         args,
         result,
-        lambda: f"reloaded: {_count(result.tasks, 'task')}, {_count(result.schedules, 'schedule')}",
+        lambda: (
+            f"reloaded: {counted(result.tasks, 'task')}, {counted(result.schedules, 'schedule')}"
+        ),
     )
 
 
@@ -424,13 +432,10 @@ def _show(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> Exit
 def _job_exit(job: Any) -> Exit:
     if job.status == "succeeded":
         return Exit.OK
-    attempts = f"after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
-    print(f"taskctl: job {job.id} {job.task} {job.status} {attempts}: {job.error}", file=sys.stderr)
+    attempts = counted(job.attempts, "attempt")
+    print(f"taskctl: job {job.id} {job.task} {job.status} after {attempts}: {job.error}",
+          file=sys.stderr)  # fmt: skip
     return Exit.JOB_FAILED
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _render() -> Any:
@@ -478,8 +483,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         """echo '{"name": "Ada"}' | taskctl run hello --payload -""",
     ),
     "enqueue": (
-        """taskctl enqueue jobs:send-email --payload '{"to": "a@example.com"}' --delay 5m""",
-        "taskctl enqueue report --at 2026-12-01T08:00:00+01:00 --key daily",
+        "taskctl enqueue jobs:send-email --delay 5m --payload "
+        """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
+        "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
     ),
     "job": ("taskctl job 42",),
     "jobs": (
@@ -504,7 +510,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "schedules": (
         "taskctl schedules",
-        "taskctl schedules pause nightly-backup",
+        "taskctl schedules pause nightly-index",
         "taskctl schedules trigger '*/5 * * * *'",
     ),
 }
@@ -730,7 +736,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 usage=f"taskctl schedules {name} [-h] ID|CRON",
                 description=f"{help}. Name the schedule by its id or by its cron expression "
                 "(quoted, so that the shell keeps it whole).",
-                epilog=_epilog((f"taskctl schedules {name} nightly-backup",)),
+                epilog=_epilog((f"taskctl schedules {name} nightly-index",)),
                 formatter_class=_Formatter,
             )
             _global_options(action, top=False)
@@ -793,7 +799,10 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{exc.message}; --request-timeout sets how long to wait"
         _fail(args, exc.code, message, Exit.TEMPFAIL)
     except errors.TaskdError as exc:
-        _fail(args, exc.code, exc.message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
+        message = exc.message
+        if isinstance(exc, errors.PayloadInvalid) and getattr(args, "payload", "") is None:
+            message += "; no --payload was given, so the task got {}: give one with --payload"
+        _fail(args, exc.code, message, _EXIT_FOR_ERROR.get(type(exc), Exit.SOFTWARE))
     except KeyboardInterrupt:
         job_id = getattr(args, "waiting_for", None)
         if job_id is None:

@@ -1,13 +1,17 @@
 """Shell completion: `taskctl completion bash|zsh|fish` prints a script that asks
-`taskctl __complete WORD...` for the candidates, so that the three shells complete alike.
+`taskctl __complete SHELL WORD...` for the candidates, so that the three shells complete
+alike.
 
 The commands and options come from taskctl's own parser; task names, job ids and schedule
 ids from the running taskd (asked briefly, and quietly skipped if it does not answer).
+zsh and fish quote what they insert; bash inserts candidates as they are, so for bash they
+come quoted (a schedule id such as `*/5 * * * *` as `'*/5 * * * *'`).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Callable, Iterable
 
 from taskctl.client import Client
@@ -17,8 +21,7 @@ SCRIPTS = {
     "bash": """\
 # taskctl completion for bash: source <(taskctl completion bash)
 _taskctl() {
-    local IFS=$'\\n'
-    COMPREPLY=($(taskctl __complete "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null))
+    mapfile -t COMPREPLY < <(taskctl __complete bash "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null)
 }
 complete -o default -F _taskctl taskctl
 """,
@@ -27,7 +30,7 @@ complete -o default -F _taskctl taskctl
 # taskctl completion for zsh: source <(taskctl completion zsh)
 _taskctl() {
     local -a candidates
-    candidates=("${(@f)$(taskctl __complete "${(@)words[2,CURRENT]}" 2>/dev/null)}")
+    candidates=("${(@f)$(taskctl __complete zsh "${(@)words[2,CURRENT]}" 2>/dev/null)}")
     if (( ${#candidates} )) && [[ -n "${candidates[1]}" ]]; then
         compadd -a candidates
     else
@@ -38,7 +41,7 @@ compdef _taskctl taskctl
 """,
     "fish": """\
 # taskctl completion for fish: taskctl completion fish | source
-complete -c taskctl -f -a '(taskctl __complete (commandline -opc)[2..-1] (commandline -ct))'
+complete -c taskctl -f -a '(taskctl __complete fish (commandline -opc)[2..-1] (commandline -ct))'
 """,
 }
 JOB_COMMANDS = {"job", "wait", "cancel", "retry", "why"}
@@ -51,8 +54,19 @@ def script(shell: str) -> str:
 
 
 def complete(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
-    """The candidates for the last of `words` (the word being typed, maybe empty)."""
+    """The candidates for the last of `words` (the word being typed, maybe empty), after
+    the shell's name (older scripts sent none), quoted for the shell that asks."""
+    if words[:1] and words[0] in SCRIPTS:
+        shell, words = words[0], words[1:]
+    else:
+        shell = None
+    candidates = _candidates(parser, words)
+    return [shlex.quote(c) for c in candidates] if shell == "bash" else candidates
+
+
+def _candidates(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
     *before, current = words or [""]
+    current = current.lstrip("'\"")  # a quote the user opened: the candidates are unquoted
     socket = _option_value(before, "--socket")
     command, positionals = _command(parser, before)
     previous = before[-1] if before else ""

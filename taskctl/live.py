@@ -11,7 +11,7 @@ from typing import TextIO
 
 from taskctl import errors, render
 from taskctl.client import WAIT_MARGIN, Client
-from taskd.models import FINISHED_STATUSES, Job, Progress
+from taskd.models import FINISHED_STATUSES, Job, Progress, counted
 from taskd.protocol import JobEvent
 
 BAR_WIDTH = 24
@@ -161,7 +161,8 @@ def _print_logs(
     """Print the kept lines after `after`; returns the last line printed."""
     logs = client.logs(job_id)
     if after is None and logs.dropped:
-        out.write(f"({logs.dropped} older lines were dropped: a job keeps its last ones)\n")
+        older = counted(logs.dropped, "older line")
+        out.write(f"({older} dropped: a job keeps its last ones)\n")
     for line in logs.lines:
         if after is None or (line.epoch, line.seq) > after:
             out.write(render.log_line(line) + "\n")
@@ -171,7 +172,9 @@ def _print_logs(
 
 
 def watch_jobs(client: Client, fetch: Callable[[], list[Job]], out: TextIO) -> None:
-    """Redraw the jobs table whenever jobs change, until interrupted."""
+    """Redraw the jobs table whenever jobs change, until interrupted; into a pipe or a
+    file, each table after the last, without the codes that clear a screen."""
+    clear = "\x1b[H\x1b[2J" if out.isatty() else ""
     client.subscribe(None, logs=False)
     progress: dict[int, Progress] = {}
     while True:
@@ -180,7 +183,7 @@ def watch_jobs(client: Client, fetch: Callable[[], list[Job]], out: TextIO) -> N
             if job.status == "running" and job.id in progress:
                 job.progress = progress[job.id]
         stamp = time.strftime("%H:%M:%S")
-        out.write(f"\x1b[H\x1b[2J{stamp}  jobs (Ctrl-C to stop)\n\n{watch_table(jobs)}\n")
+        out.write(f"{clear}{stamp}  jobs (Ctrl-C to stop)\n\n{watch_table(jobs)}\n")
         out.flush()
         event = client.next_event(None)
         gather = time.monotonic() + REDRAW_GATHER

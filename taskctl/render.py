@@ -11,6 +11,7 @@ import msgspec
 
 from taskd.models import (
     ConnectionStats,
+    HttpStats,
     Job,
     LogLine,
     Progress,
@@ -19,7 +20,9 @@ from taskd.models import (
     StoreFailing,
     TaskInfo,
     ThreadStats,
+    counted,
     format_duration,
+    utc_stamp,
 )
 
 TIME_FIELDS = (
@@ -147,8 +150,8 @@ def _outcome(schedule: ScheduleInfo) -> str:
         return "-"
     jobs = ", ".join(str(job.id) for job in schedule.last_jobs)
     joined = ", joined" if any(job.joined for job in schedule.last_jobs) else ""
-    plural = "s" if len(schedule.last_jobs) > 1 else ""
-    return f"{schedule.last_outcome} (job{plural} {jobs}{joined})"
+    noun = "job" if len(schedule.last_jobs) == 1 else "jobs"
+    return f"{schedule.last_outcome} ({noun} {jobs}{joined})"
 
 
 def jobs_table(jobs: list[Job]) -> str:
@@ -226,9 +229,15 @@ def progress_text(progress: Progress) -> str:
     return f"{text} {progress.message}" if progress.message else text
 
 
+def _stamp_with_date(timestamp: float) -> str:
+    """A local time with its date and zone: `2026-11-30 01:09:56 CET`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(timestamp))
+
+
 def log_line(line: LogLine) -> str:
-    """One kept log line: its local time, level and text (continued lines indented)."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line.at))
+    """One kept log line: its local time with its zone, level and text (continued lines
+    indented)."""
+    when = _stamp_with_date(line.at)
     text = line.message.replace("\n", "\n    ")
     return f"{when} {line.level:<7} {text}"
 
@@ -236,7 +245,10 @@ def log_line(line: LogLine) -> str:
 def why_text(why: Any) -> str:
     """`taskctl why`: the sentence, then the timeline, one event a line."""
     now = time.time()
-    lines = [why.message, f"timeline ({zone()}):"]
+    message = why.message
+    if why.at is not None:  # the moment it names, in the viewer's zone like the timeline
+        message = message.replace(utc_stamp(why.at), _stamp_with_date(why.at))
+    lines = [message, f"timeline ({zone()}):"]
     for event in why.timeline:
         what = event.event if event.attempt is None else f"attempt {event.attempt} {event.event}"
         worker = f" on {event.worker}" if event.worker else ""
@@ -286,6 +298,8 @@ def status_detail(status: Status) -> str:
         )
     if status.connections is not None:
         lines += connections_lines(status.connections)
+    if status.http is not None:
+        lines += http_lines(status.http)
     if status.threads is not None:
         lines.append(threads_line(status.threads))
     if status.log_dropped:
@@ -351,6 +365,23 @@ def connections_lines(stats: ConnectionStats) -> list[str]:
     return lines
 
 
+def http_lines(stats: HttpStats) -> list[str]:
+    """The HTTP listener's connections, and the limits they have hit since start."""
+    lines = [
+        f"  http:      {stats.open} open ({stats.authenticated} with a token); at most "
+        f"{stats.max_connections}, {stats.unauthenticated_share} of them without one",
+    ]
+    counts = (stats.refused_unauthenticated, stats.refused_header_timeout, stats.refused_busy)
+    if any(counts) or stats.closed_idle:
+        lines.append(
+            f"             refused {stats.refused_unauthenticated} without a token for newer "
+            f"ones, {stats.refused_header_timeout} slower than {stats.header_timeout:g}s "
+            f"to send a head, {stats.refused_busy} "
+            f"with a token while all were busy; closed {stats.closed_idle} idle"
+        )
+    return lines
+
+
 def store_failing_line(failing: StoreFailing) -> str:
     """Writes to the job store that fail now: the problem to fix first."""
     return (
@@ -365,7 +396,7 @@ def threads_line(stats: ThreadStats) -> str:
     if stats.stuck or stats.refused:
         line += (
             f", {stats.stuck} stuck in functions whose job ended (replaced up to "
-            f"{stats.max_stuck}), {stats.refused} attempts refused"
+            f"{stats.max_stuck}), {counted(stats.refused, 'attempt')} refused"
         )
     return line
 

@@ -13,7 +13,7 @@ from typing import Any
 from taskctl import render
 from taskctl.client import Client
 from taskctl.live import bar
-from taskd.models import Job, Progress, ScheduleInfo, Status, format_duration
+from taskd.models import Job, Progress, ScheduleInfo, Status, counted, format_duration
 
 TICK = 1.0  # seconds between redraws for elapsed times when nothing happens
 GATHER = 0.1  # seconds events are gathered before a redraw
@@ -53,19 +53,19 @@ class View:
         now = time.time()
         status = self.status
         lines = []
-        if status is not None:
+        if status is not None:  # the counts on a line of their own, whatever the node's name
             pending = status.counts.get("pending", 0)
-            lines.append(
-                f"taskd {status.version} on {status.node or '-'}: {len(self.running)} running, "
-                f"{pending} pending, {status.workers} workers   {time.strftime('%H:%M:%S')}"
-                "   (q quits)"
-            )
+            lines += [
+                f"taskd {status.version} on {status.node or '-'}",
+                f"{len(self.running)} running, {pending} pending, "
+                f"{counted(status.workers, 'worker')}   {time.strftime('%H:%M:%S')}   (q quits)",
+            ]
         lines += ["", "RUNNING"]
         for job in self.running or []:
             elapsed = format_duration(now - job.started_at) if job.started_at else "-"
             progress = self.progress.get(job.id, job.progress)
-            shown = bar(progress, 16) if progress is not None else ""
-            lines.append(f"  {job.id:>6}  {job.task:<24.24} {elapsed:>8}  {shown}")
+            shown = bar(progress, 12) if progress is not None else ""
+            lines.append(f"  {job.id:>6}  {job.task:<20.20} {elapsed:>8}  {shown}")
         if not self.running:
             lines.append("  (none)")
         lines += ["", "QUEUE"]
@@ -73,20 +73,21 @@ class View:
         for counts in tasks:
             oldest = counts.oldest_pending_age
             age = f"oldest {format_duration(oldest)}" if oldest is not None else ""
-            lines.append(f"  {counts.task:<24.24} {counts.counts['pending']:>6} pending  {age}")
+            lines.append(f"  {counts.task:<20.20} {counts.counts['pending']:>6} pending  {age}")
         if not tasks:
             lines.append("  (empty)")
         lines += ["", "RECENT FAILURES"]
         for job in self.failures:
             when = render.local_time(job.finished_at, now)
-            lines.append(f"  {job.id:>6}  {job.task:<24.24} {when:<10}  {job.error or ''}")
+            lines.append(f"  {job.id:>6}  {job.task:<20.20} {when:<10}  {job.error or ''}")
         if not self.failures:
             lines.append("  (none)")
         lines += ["", "NEXT TICKS"]
         ticks = sorted((s for s in self.schedules if s.next_tick), key=lambda s: s.next_tick or 0)
-        for schedule in ticks[:10]:
-            when = render.local_time(schedule.next_tick, now)
-            lines.append(f"  {when:<10}  {schedule.id:<24.24} {', '.join(schedule.tasks)}")
+        whens = [render.local_time(schedule.next_tick, now) for schedule in ticks[:10]]
+        widest = max(map(len, whens), default=0)  # a date too when not today
+        for when, schedule in zip(whens, ticks, strict=False):
+            lines.append(f"  {when:<{widest}}  {schedule.id:<24.24} {', '.join(schedule.tasks)}")
         if not ticks:
             lines.append("  (none)")
         return [line[: width - 1] for line in lines]

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from taskd.models import LogLine, Progress, cut_utf8
+from taskd.models import LogLine, Progress, counted, cut_utf8
 from taskd.store import LogNote, ProgressNote, Store, StoreError
 from taskd.store.base import MAX_LOG_LINES
 
@@ -175,7 +175,9 @@ class ActivityRecorder:
             except StoreError as exc:  # progress and lines are news, not state: let them go
                 jobs = {note.job_id for note in progress} | {note.job_id for note in lines}
                 logger.warning(
-                    "could not record the progress and log lines of %d jobs: %s", len(jobs), exc
+                    "could not record the progress and log lines of %s: %s",
+                    counted(len(jobs), "job"),
+                    exc,
                 )
 
     def _take(self) -> tuple[list[ProgressNote], list[LogNote], dict[int, int]]:

@@ -23,6 +23,7 @@ from taskd.config import (
 )
 from taskd.config import resolve_paths as resolve_config_paths
 from taskd.logqueue import QueuedLog
+from taskd.models import counted
 
 EX_CONFIG = 78  # sysexits: configuration error; the unit does not restart on it
 
@@ -164,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with routed_output():
             status = uvloop.run(daemon.run())
-    except StartupError as exc:
-        logging.getLogger("taskd").error("cannot start: %s", exc)
+    except StartupError as exc:  # the daemon has logged why
         status = exc.exit_code
     if (threads := daemon.threads_alive()) > 0:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
         # waiting for the threads could take forever.
         logging.getLogger("taskd").warning(
-            "%d task threads are still running; exiting without them", threads
+            "%s %s still running; exiting without them",
+            counted(threads, "task thread"),
+            "is" if threads == 1 else "are",
         )
         logging.shutdown()
         os._exit(status)
@@ -212,8 +214,7 @@ def check(config: Config, paths: Paths) -> int:
     except (TaskLoadError, ConfigError) as exc:
         print(f"taskd: {exc}", file=sys.stderr)
         return EX_CONFIG
-    tasks = f"{len(registry)} task{'s' if len(registry) != 1 else ''}"
-    timed = f"{len(schedules)} schedule{'s' if len(schedules) != 1 else ''}"
+    tasks, timed = counted(len(registry), "task"), counted(len(schedules), "schedule")
     print(f"configuration ok: {tasks} in {paths.tasks}, {timed}")
     for task in registry:
         print(f"  {task.name}")

@@ -112,8 +112,10 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     readonly_tokens: list[str] = []  # Bearer tokens that may list and read, not change
     tokens_file: str | None = None  # more tokens, one per line; "readonly TOKEN" for read-only
     max_body_size: int = 4 * 1024 * 1024  # bytes; a bigger request body gets 413
-    max_connections: int = 256
+    max_connections: int = 256  # half for connections that have shown no token yet
     read_timeout: Seconds = Seconds(30)  # a request must arrive whole within this
+    header_timeout: Seconds = Seconds(5)  # its line and headers within this of its first byte
+    keepalive_timeout: Seconds = Seconds(5)  # a connection waiting for a request is closed
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -122,8 +124,9 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_body_size must be at least 1024 bytes, got {self.max_body_size}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
-        if self.read_timeout <= 0:
-            raise ValueError("read_timeout must be more than 0 seconds")
+        for name in ("read_timeout", "header_timeout", "keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be more than 0 seconds")
 
     def resolved(self, base: Path) -> HttpConfig:
         """The same settings with relative paths (a unix socket, the tokens file) from `base`."""

@@ -33,6 +33,8 @@ from collections import deque
 
 from croniter import CroniterError, croniter
 
+from taskd.models import counted
+
 STARTUP = "@startup"
 MACROS = {
     "@yearly": "0 0 1 1 *",
@@ -90,8 +92,8 @@ class Cron:
             raise CronError(f'unknown macro "{text}": use {macros} or {STARTUP}')
         if len(fields) not in (5, 6):
             raise CronError(
-                f"{len(fields)} fields: use 5 (minute hour day-of-month month day-of-week) "
-                "or 6 with the seconds first (second minute hour day-of-month month "
+                f"{counted(len(fields), 'field')}: use 5 (minute hour day-of-month month "
+                "day-of-week) or 6 with the seconds first (second minute hour day-of-month month "
                 "day-of-week)"
             )
         try:

@@ -21,6 +21,7 @@ from taskd.executor import Executor
 from taskd.http.settings import HttpSettings, load_settings
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
+from taskd.models import HttpStats, counted
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
 from taskd.scheduler import Scheduler
 from taskd.schedules import ScheduleSpec, digest, load_schedules
@@ -150,6 +151,10 @@ class Daemon:
     async def _serve(self) -> int:
         try:
             started = await self._start_unless_stopped()
+        except StartupError as exc:
+            logger.error("cannot start: %s", exc)  # first: what follows is only clean-up
+            await self.shutdown(announce=False)
+            raise
         except BaseException:
             await self.shutdown()
             raise
@@ -194,7 +199,7 @@ class Daemon:
         try:
             await self._start_serving(settings, listener)
         except StoreError as exc:  # a first read or write failed; the message names the store
-            raise StartupError(str(exc)) from None
+            raise StartupError(exc.at_start_up) from None
 
     def _settings(self) -> _Settings:
         """The tasks and what the configuration says, checked (exit 78 if broken)."""
@@ -220,7 +225,7 @@ class Daemon:
         self._store.events.on_change(self._status.changed)
         node = node_id(config, paths)
         self._worker = await self._join(self._store, node)
-        metrics = Metrics(self._store)
+        metrics = Metrics(self._store, http=self._http_stats)
         max_payload = max_payload_size(config.max_frame_size)
         submitter = Submitter(self._store, self._registry, max_payload=max_payload)
         self._executor = Executor(
@@ -259,6 +264,7 @@ class Daemon:
             reload=self.reload,
             scheduler=self._scheduler,
             connections=lambda: self._server.stats() if self._server else None,
+            http=self._http_stats,
             threads=self._executor.thread_stats,
             metrics=metrics.render,
             unwritten_lines=self._executor.activity.pending_lines,
@@ -288,10 +294,10 @@ class Daemon:
         self._background.spawn(self._status.run(), "status")
         self._ready(await self._summary())
         logger.info(
-            "taskd %s ready (pid %d): %d tasks from %s, %s, socket %s",
+            "taskd %s ready (pid %d): %s from %s, %s, socket %s",
             taskd.__version__,
             os.getpid(),
-            len(self._registry()),
+            counted(len(self._registry()), "task"),
             paths.tasks,
             self._store.description,
             paths.socket,
@@ -317,9 +323,10 @@ class Daemon:
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)
             logger.warning(
-                "%d jobs were running when taskd last stopped without finishing them: %d back "
-                "in the queue, %d failed (out of attempts or quarantined)",
-                len(recovered),
+                "%s running when taskd last stopped without finishing %s: %d back in the "
+                "queue, %d failed (out of attempts or quarantined)",
+                counted(len(recovered), "job") + (" was" if len(recovered) == 1 else " were"),
+                "it" if len(recovered) == 1 else "them",
                 len(recovered) - failed,
                 failed,
             )
@@ -364,8 +371,8 @@ class Daemon:
         if self._store is not None:
             with contextlib.suppress(StoreError):
                 queued = str(await self._store.queue_depth())
-        tasks = len(self._registry())
-        return f"{running} running, {queued} queued, {tasks} task{'s' if tasks != 1 else ''} loaded"
+        tasks = counted(len(self._registry()), "task")
+        return f"{running} running, {queued} queued, {tasks} loaded"
 
     def _ready(self, summary: str) -> None:
         self.notifier.ready(summary)
@@ -483,16 +490,20 @@ class Daemon:
             await self._scheduler.replace(schedules)
             await self._compare_schedules(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
-        logger.info("reloaded: %d tasks from %s", len(registry), paths.tasks)
+        logger.info("reloaded: %s from %s", counted(len(registry), "task"), paths.tasks)
         return ReloadResult(len(registry), len(schedules), restart_needed)
 
     # -- stop ----------------------------------------------------------------------------
 
-    async def shutdown(self) -> None:
-        """Stop accepting, let running jobs finish (then return them), close the store."""
+    async def shutdown(self, *, announce: bool = True) -> None:
+        """Stop accepting, let running jobs finish (then return them), close the store.
+
+        Without `announce` (a start-up that failed) "stopping" and "stopped" are debug lines.
+        """
         self._stopping = True
+        level = logging.INFO if announce else logging.DEBUG
         self.notifier.stopping()
-        logger.info("stopping")
+        logger.log(level, "stopping")
         if self._server is not None:
             self._server.stop_accepting(keep_listening=self._socket_lock is not None)
         if self._http is not None:
@@ -519,7 +530,10 @@ class Daemon:
             release_socket(self.paths.socket, self._socket_lock)
             self._socket_lock = None
         self.notifier.close()
-        logger.info("stopped")
+        logger.log(level, "stopped")
+
+    def _http_stats(self) -> HttpStats | None:
+        return self._http.stats() if self._http is not None else None
 
     def _slots(self) -> Slots:
         executor = self._executor

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from taskd.models import parse_duration
 
 if TYPE_CHECKING:  # logging costs milliseconds that taskctl, which imports taskd, does not pay
+    import datetime
     import logging
 
 
@@ -46,9 +47,23 @@ class TaskRuntime(Protocol):
 
 
 class TaskContext:
-    """Passed to a task as its second argument: who it is, and a way to start other tasks."""
+    """Passed to a task as its second argument: who it is, and a way to start other tasks.
 
-    __slots__ = ("_logger", "_runtime", "attempt", "job_id", "max_attempts", "name")
+    In a job a schedule started, `scheduled_time` is the tick's time (an aware datetime in
+    the schedule's zone; for @startup and a trigger, when it fired) and `cron` the
+    schedule's expression; both are None in other jobs.
+    """
+
+    __slots__ = (
+        "_logger",
+        "_runtime",
+        "attempt",
+        "cron",
+        "job_id",
+        "max_attempts",
+        "name",
+        "scheduled_time",
+    )
 
     def __init__(
         self, name: str, job_id: int, attempt: int, max_attempts: int, runtime: TaskRuntime
@@ -57,6 +72,8 @@ class TaskContext:
         self.job_id = job_id
         self.attempt = attempt
         self.max_attempts = max_attempts
+        self.scheduled_time: datetime.datetime | None = None
+        self.cron: str | None = None
         self._runtime = runtime
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
@@ -239,9 +256,15 @@ def define_task(
 ) -> Any:
     """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
 
-    The function takes `(payload, ctx)`, `(payload)` or nothing; the payload is validated
-    against the first parameter's annotation. `async def` runs on the daemon's event loop,
-    a plain `def` in its thread pool.
+    The function takes `(payload, ctx)`, `(payload)`, `(ctx)` or nothing; the payload is
+    validated against the first parameter's annotation. `async def` runs on the daemon's
+    event loop, a plain `def` in its thread pool.
+
+    When a schedule starts the task, taskd merges `scheduled_time` (ISO-8601) and `cron`
+    into the payload: a `dict` (or unannotated) payload gets both, as in Nitro; a Struct,
+    TypedDict or dataclass gets those it declares, so that a strict one
+    (`forbid_unknown_fields`) need not declare them. Either way the task can read them as
+    `ctx.scheduled_time` (a datetime) and `ctx.cron`.
     """
 
     def wrap(function: Callable[..., Any]) -> TaskDefinition:

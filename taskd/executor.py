@@ -29,14 +29,14 @@ import msgspec
 
 from taskd.activity import ActivityRecorder
 from taskd.definition import Fail, Retry, TaskContext
-from taskd.models import Job, ThreadStats, cut_utf8
+from taskd.models import Job, ThreadStats, counted, cut_utf8
 from taskd.output import job_output
 from taskd.policy import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
 from taskd.protocol import DEFAULT_MAX_FRAME
 from taskd.runtime import Runtime
 from taskd.store import Claimed, ClaimRequest, Failure, Outcome, Store, StoreError
 from taskd.submit import Submitter, max_payload_size
-from taskd.tasks import Task, TaskRegistry
+from taskd.tasks import Task, TaskRegistry, read_tick
 from taskd.threads import TaskThreads
 
 logger = logging.getLogger(__name__)
@@ -256,7 +256,11 @@ class Executor:
             spare={*self._running, *(job.id for _, job in self._ready)},
         )
         if woken:
-            logger.warning("%d callers waiting for jobs were told that claims fail", woken)
+            logger.warning(
+                "%s waiting for jobs %s told that claims fail",
+                counted(woken, "caller"),
+                "was" if woken == 1 else "were",
+            )
 
     def _limits(self) -> dict[str, int]:
         limits = {t.name: t.concurrency for t in self._registry() if t.concurrency is not None}
@@ -337,12 +341,15 @@ class Executor:
         task = self._registry().get(job.task)
         if task is None:
             return self._failure(job, None, "error", f"task {job.task} is not loaded", final=True)
+        tick = read_tick(bytes(job.payload)) if job.origin == "schedule" else None
         try:
-            payload = task.decode_payload(bytes(job.payload))
+            payload = task.decode_payload(bytes(job.payload), tick=tick is not None)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError, RecursionError) as exc:
             message = f"payload no longer matches the task's schema: {exc}"
             return self._failure(job, task, "error", message, final=True)
         ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self._runtime)
+        if tick is not None:
+            ctx.scheduled_time, ctx.cron = tick.scheduled_time, tick.cron
         try:
             result = await self._call(task, payload, ctx)
         except asyncio.CancelledError:
@@ -542,9 +549,9 @@ class Executor:
             except StoreError as exc:
                 if pause is None:
                     logger.error(
-                        "cannot record the outcomes of %d jobs (%s); their leases will expire "
+                        "cannot record the outcomes of %s (%s); their leases will expire "
                         "and they will run again",
-                        len(self._outcomes),
+                        counted(len(self._outcomes), "job"),
                         exc,
                     )
                     return
@@ -584,8 +591,8 @@ class Executor:
                 continue
             if recovered:
                 logger.warning(
-                    "took back %d jobs of daemons that went away: %s",
-                    len(recovered),
+                    "took back %s of daemons that went away: %s",
+                    counted(len(recovered), "job"),
                     ", ".join(f"job {job.id} {job.task} ({job.status})" for job in recovered),
                 )
 

@@ -2,10 +2,11 @@
 
 Two kinds of figures. What the job store holds (jobs by task and status, queue depth, the
 age of the oldest due job) is read from the store at each scrape, by a collector that keeps
-nothing. What happens (an attempt ends, a tick fires) is counted as it happens, through the
-hooks the executor and the scheduler call: attempt durations, retries, ticks, coalesced
-ticks and tick lateness. Those counters live in this process and start at zero with it, as
-Prometheus expects of counters.
+nothing, and so are the HTTP listener's connections and refusals, from the listener. What
+happens (an attempt ends, a tick fires) is counted as it happens, through the hooks the
+executor and the scheduler call: attempt durations, retries, ticks, coalesced ticks and
+tick lateness. Those counters live in this process and start at zero with it, as Prometheus
+expects of counters.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from taskd.executor import AttemptEnd
-from taskd.models import FiredJob, Job, TaskCounts
+from taskd.models import FiredJob, HttpStats, Job, TaskCounts
 from taskd.store import Store
 
 INF = float("inf")
@@ -31,9 +32,15 @@ LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class Metrics:
     """The observer the executor and the scheduler report to, and the scrape itself."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        http: Callable[[], HttpStats | None] = lambda: None,
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._http = http
         self._durations = Histogram(
             "taskd_job_duration_seconds",
             "How long attempts took, by task and outcome (succeeded, failed, retry: failed "
@@ -88,7 +95,7 @@ class Metrics:
         counts = await self._store.counts()
         registry = CollectorRegistry(auto_describe=True)
         events = (self._durations, self._retries, self._ticks, self._coalesced, self._lateness)
-        for collector in (*events, _Queue(counts)):
+        for collector in (*events, _Queue(counts), _HttpConnections(self._http())):
             registry.register(collector)
         return generate_latest(registry).decode()
 
@@ -121,3 +128,40 @@ class _Queue(Collector):
             depth.add_metric([entry.task], entry.counts.get("pending", 0))
             oldest.add_metric([entry.task], entry.oldest_pending_age or 0.0)
         yield from (jobs, depth, oldest)
+
+
+class _HttpConnections(Collector):
+    """The HTTP listener's connections now, and its refusals since start (none: no [http])."""
+
+    def __init__(self, stats: HttpStats | None) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        if (stats := self._stats) is None:
+            return
+        connections = GaugeMetricFamily(
+            "taskd_http_connections",
+            "Open HTTP connections: authenticated (a request with a token, or an allowed peer "
+            "on a unix: listener) or not",
+            labels=["pool"],
+        )
+        connections.add_metric(["authenticated"], stats.authenticated)
+        connections.add_metric(["unauthenticated"], stats.open - stats.authenticated)
+        refused = CounterMetricFamily(
+            "taskd_http_refused",
+            "HTTP connections refused or closed by the limits: header_timeout (its request "
+            "line and headers came too slowly), unauthenticated_share (closed for a newer "
+            "connection without a token), max_connections (a request with a token found "
+            "every authenticated connection busy)",
+            labels=["reason"],
+        )
+        refused.add_metric(["header_timeout"], stats.refused_header_timeout)
+        refused.add_metric(["unauthenticated_share"], stats.refused_unauthenticated)
+        refused.add_metric(["max_connections"], stats.refused_busy)
+        closed = CounterMetricFamily(
+            "taskd_http_closed_idle",
+            "HTTP connections closed while waiting for a request (new or kept alive): after "
+            "keepalive_timeout, or to make room for one with a token",
+        )
+        closed.add_metric([], stats.closed_idle)
+        yield from (connections, refused, closed)

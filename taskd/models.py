@@ -6,6 +6,7 @@ Standard library and msgspec only: taskctl imports this module.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Literal
 
 import msgspec
@@ -177,6 +178,24 @@ class ConnectionStats(msgspec.Struct, frozen=True):
     closed_unread: int  # the peer had not caught up with its replies within idle_timeout
 
 
+class HttpStats(msgspec.Struct, frozen=True):
+    """The HTTP listener's connections, its limits, and how often they were hit.
+
+    Counters (`refused_*`, `closed_idle`) count since the daemon started.
+    """
+
+    open: int
+    authenticated: int  # connections whose request carried a token (unix: an allowed peer)
+    max_connections: int
+    unauthenticated_share: int  # of max_connections, what the other connections may hold
+    header_timeout: float
+    keepalive_timeout: float
+    refused_header_timeout: int  # the request line and headers came too slowly: 408
+    refused_unauthenticated: int  # closed to make room for a newer connection in the share
+    refused_busy: int  # a request with a token found every authenticated connection busy: 503
+    closed_idle: int  # waiting for a request: after keepalive_timeout, or to make room
+
+
 class ThreadStats(msgspec.Struct, frozen=True):
     """The threads that run plain-function tasks.
 
@@ -254,6 +273,7 @@ class Status(msgspec.Struct, frozen=True):
     node: str | None = None  # this daemon's node id
     nodes: list[NodeInfo] = []  # the daemons alive on this job store
     connections: ConnectionStats | None = None
+    http: HttpStats | None = None  # None without an [http] listener
     threads: ThreadStats | None = None
     slots: WorkerSlots | None = None  # this daemon's
     store_failing: StoreFailing | None = None  # None while the store's writes go through
@@ -342,3 +362,13 @@ def format_duration(seconds: float) -> str:
         if len(parts) == 2:
             break
     return "".join(parts)
+
+
+def utc_stamp(timestamp: float) -> str:
+    """A moment as daemons write it in messages: `2026-11-30 00:09:56 UTC`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """`1 job`, `2 jobs` (`plural` for nouns that take more than an s)."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"

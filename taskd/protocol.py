@@ -272,7 +272,10 @@ class TimelineEvent(msgspec.Struct, frozen=True):
 
 class WhyResult(msgspec.Struct, frozen=True):
     """Why a job is not running yet (or what it is doing): a stable `reason` code, a
-    sentence for people, the instant it is waiting for (`until`), and its timeline."""
+    sentence for people, the instant it is waiting for (`until`), and its timeline.
+
+    `message` names a moment in UTC as `YYYY-MM-DD HH:MM:SS UTC`; that moment is `at`, so
+    that a client can show it in its viewer's zone."""
 
     id: int
     task: str
@@ -281,6 +284,7 @@ class WhyResult(msgspec.Struct, frozen=True):
     message: str
     until: float | None = None
     timeline: list[TimelineEvent] = []
+    at: float | None = None
 
 
 class CancelParams(Params):

@@ -21,10 +21,9 @@ import msgspec
 
 from taskd.config import Config, ConfigError, Schedule
 from taskd.cron import STARTUP, Cron, CronError, iso, normalize, time_zone
-from taskd.tasks import TaskRegistry
+from taskd.tasks import TICK_FIELDS, TaskRegistry
 
 CatchUp = Literal["skip", "latest", "all"]
-TICK_FIELDS = ("scheduled_time", "cron")
 SAMPLE_TICK = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a tick for checking payload schemas
 
 
@@ -139,7 +138,7 @@ def _check_task(spec: ScheduleSpec, name: str, registry: TaskRegistry) -> None:
         hint = f'; did you mean "{close[0]}"?' if close else ""
         raise CronError(f'names unknown task "{name}"{hint} (tasks: {", ".join(registry.names())})')
     try:
-        task.decode_payload(spec.tick_payload(SAMPLE_TICK))
+        task.decode_payload(spec.tick_payload(SAMPLE_TICK), tick=True)
     except msgspec.ValidationError as exc:
         raise CronError(
             f"task {name} cannot accept this schedule's payload (scheduled_time, cron and the "

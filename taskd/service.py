@@ -16,6 +16,7 @@ from taskd.logqueue import dropped_lines
 from taskd.models import (
     FINISHED_STATUSES,
     ConnectionStats,
+    HttpStats,
     Job,
     JobLogs,
     JobStatus,
@@ -66,7 +67,7 @@ from taskd.submit import (
     Submitter,
     UnknownTask,
 )
-from taskd.tasks import TaskRegistry
+from taskd.tasks import Task, TaskRegistry
 from taskd.why import Facts, explain
 
 
@@ -108,6 +109,7 @@ class Service:
         reload: Callable[[], Awaitable[ReloadResult]],
         scheduler: Scheduler,
         connections: Callable[[], ConnectionStats | None] = lambda: None,
+        http: Callable[[], HttpStats | None] = lambda: None,
         threads: Callable[[], ThreadStats | None] = lambda: None,
         metrics: Callable[[], Awaitable[str]] | None = None,
         slots: Callable[[], Slots] | None = None,
@@ -123,6 +125,7 @@ class Service:
         self._reload = reload
         self._scheduler = scheduler
         self._connections = connections
+        self._http = http
         self._threads = threads
         self._metrics = metrics
         self._slots = slots
@@ -187,6 +190,10 @@ class Service:
             case MetricsParams() if self._metrics is not None:
                 return await self._metrics()
         raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no handler for {type(params).__name__}")
+
+    def task(self, name: str) -> Task | None:
+        """The loaded task of that name, if any."""
+        return self._registry().get(name)
 
     def list_tasks(self) -> list[TaskInfo]:
         schedules = self._scheduler.task_schedules()
@@ -325,6 +332,7 @@ class Service:
             node=info.node,
             nodes=await self._store.nodes(),
             connections=self._connections(),
+            http=self._http(),
             threads=self._threads(),
             slots=(
                 None

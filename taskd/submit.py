@@ -113,9 +113,10 @@ class Submitter:
                 "data (a path, a URL, a row id) instead"
             )
         try:
-            task.decode_payload(request.payload)
+            task.decode_payload(request.payload, tick=request.origin == "schedule")
         except msgspec.ValidationError as exc:
-            hint = " (no payload was given, so it was {})" if request.payload == EMPTY_MAP else ""
+            # {} was given, or no payload (which is {}): the request cannot tell which.
+            hint = " (the payload was {})" if request.payload == EMPTY_MAP else ""
             raise PayloadInvalid(f"payload rejected by task {task.name}: {exc}{hint}") from None
         except (msgspec.DecodeError, UnicodeError) as exc:
             raise PayloadInvalid(

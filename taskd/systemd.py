@@ -14,6 +14,8 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 
+from taskd.models import counted
+
 logger = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
@@ -62,7 +64,8 @@ class Notifier:
             logger.warning("sd_notify %r failed: %s", fields, exc)
         else:
             if self._dropped:
-                logger.warning("sd_notify: %d messages were dropped", self._dropped)
+                dropped = counted(self._dropped, "message")
+                logger.warning("sd_notify: %s dropped", dropped)
                 self._dropped = 0
 
     def ready(self, status: str) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import importlib.util
 import inspect
 import sys
 import traceback
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -18,6 +21,7 @@ from taskd.definition import TaskContext, TaskDefinition
 from taskd.models import TaskInfo
 
 MODULE_PREFIX = "taskd_tasks."
+TICK_FIELDS = ("scheduled_time", "cron")  # what taskd merges into the payload of every tick
 
 
 class TaskLoadError(Exception):
@@ -54,17 +58,21 @@ class Task:
         "backoff",
         "concurrency",
         "description",
+        "fields",
         "file",
         "fn",
         "is_async",
         "max_attempts",
         "max_backoff",
         "name",
+        "other_keys",
         "payload_decoder",
+        "payload_schema",
         "payload_type",
         "takes_context",
         "takes_payload",
         "timeout",
+        "undeclared_tick_fields",
     )
 
     def __init__(self, name: str, file: Path, definition: TaskDefinition, options: TaskOptions):
@@ -87,10 +95,38 @@ class Task:
             raise TaskLoadError(
                 f"payload annotation {self.payload_type!r} is not a type msgspec validates: {exc}"
             ) from None
+        self.fields, self.other_keys = _payload_fields(self.payload_type)
+        self.undeclared_tick_fields = (
+            frozenset() if self.fields is None else frozenset(TICK_FIELDS) - self.fields.keys()
+        )
+        # Built once: `list_tasks` (taskctl list, GET /_nitro/tasks) would spend most of its
+        # time building it again.
+        self.payload_schema = _json_schema(self.payload_type)
 
-    def decode_payload(self, payload: bytes) -> Any:
-        """The payload as the task's annotation types it; raises msgspec.ValidationError."""
+    def decode_payload(self, payload: bytes, *, tick: bool = False) -> Any:
+        """The payload as the task's annotation types it; raises msgspec.ValidationError.
+
+        The payload of a `tick` holds scheduled_time and cron: a payload type that names
+        its fields (a Struct, a TypedDict, a dataclass) gets those it declares, so that a
+        strict one need not declare them (ctx.scheduled_time and ctx.cron have them); any
+        other type (dict, Any) gets both, as in Nitro.
+        """
+        if tick and self.undeclared_tick_fields:
+            payload = _without_keys(payload, self.undeclared_tick_fields)
         return self.payload_decoder.decode(payload)
+
+    def query_payload(self, query: dict[str, str | list[str]]) -> dict[str, Any]:
+        """Query parameters (strings) as the payload's field types have them: `?sections=2`
+        is 2 for an `int` field. A value that does not convert, or whose type is a string or
+        anything, stays as it came, for the payload's validation to judge."""
+        payload: dict[str, Any] = {}
+        for key, value in query.items():
+            kind = self.other_keys if self.fields is None else self.fields.get(key, Any)
+            try:
+                payload[key] = msgspec.to_builtins(msgspec.convert(value, kind, strict=False))
+            except (msgspec.ValidationError, TypeError):
+                payload[key] = value
+        return payload
 
     def call(self, payload: Any, ctx: TaskContext) -> Any:
         """Call the task function with the arguments it takes."""
@@ -116,7 +152,7 @@ class Task:
             backoff=self.backoff,
             max_backoff=self.max_backoff,
             concurrency=self.concurrency,
-            payload_schema=_json_schema(self.payload_type),
+            payload_schema=self.payload_schema,
         )
 
 
@@ -192,8 +228,14 @@ def _load_file(directory: Path, path: Path, options: Mapping[str, TaskOptions]) 
         if isinstance(value, TaskDefinition)
         and getattr(value.fn, "__module__", None) == module_name
     ]
-    if len(definitions) != 1:
-        found = ", ".join(d.fn.__name__ for d in definitions) or "none"
+    if not definitions:
+        raise TaskLoadError(
+            "defines no task (a task file has one function decorated with @define_task); "
+            f"helpers go in files starting with `_`, e.g. `_{path.name}`, which task files "
+            f"import as `import _{path.stem}`"
+        )
+    if len(definitions) > 1:
+        found = ", ".join(d.fn.__name__ for d in definitions)
         raise TaskLoadError(
             f"a task file must define exactly one task with @define_task, found {len(definitions)}"
             f" ({found})"
@@ -234,6 +276,55 @@ def _call_shape(fn: Callable[..., Any]) -> tuple[bool, bool, Any]:
             return False, True, Any
         return True, False, annotation
     return False, False, Any
+
+
+class Tick(msgspec.Struct, frozen=True):
+    """What taskd merges into the payload of a tick: its time and its expression."""
+
+    scheduled_time: dt.datetime | None = None
+    cron: str | None = None
+
+
+_tick_decoder = msgspec.msgpack.Decoder(Tick)
+
+
+def read_tick(payload: bytes) -> Tick:
+    """The tick's own fields in the payload of a job a schedule started."""
+    try:
+        return _tick_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return Tick()
+
+
+def _payload_fields(payload_type: Any) -> tuple[dict[str, Any] | None, Any]:
+    """The type of each field of a payload made of named fields (a Struct, a TypedDict, a
+    dataclass, or a union of them), by its name in the payload, else None; and the type of
+    the values of other keys (a dict's values; Any: anything)."""
+    union = typing.get_origin(payload_type) in (typing.Union, types.UnionType)
+    members = [m for m in (typing.get_args(payload_type) if union else (payload_type,))
+               if m is not type(None)]  # fmt: skip
+    fields: dict[str, Any] = {}
+    for member in members:
+        if isinstance(member, type) and issubclass(member, msgspec.Struct):
+            fields.update({f.encode_name: f.type for f in msgspec.structs.fields(member)})
+        elif typing.is_typeddict(member) or dataclasses.is_dataclass(member):
+            fields.update(typing.get_type_hints(member))
+        else:
+            break
+    else:
+        if members:
+            return fields, Any
+    if len(members) == 1 and typing.get_origin(members[0]) in (dict, Mapping):
+        return None, (typing.get_args(members[0]) or (Any, Any))[1]
+    return None, Any
+
+
+def _without_keys(payload: bytes, keys: frozenset[str]) -> bytes:
+    """A msgpack map without `keys` (anything else as it is)."""
+    value = msgspec.msgpack.decode(payload)
+    if not isinstance(value, dict) or not keys & value.keys():
+        return payload
+    return msgspec.msgpack.encode({k: v for k, v in value.items() if k not in keys})
 
 
 def _json_schema(payload_type: Any) -> dict[str, Any] | None:

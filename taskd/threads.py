@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from taskd.models import ThreadStats
+from taskd.models import ThreadStats, counted
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class TaskThreads:
 
     def _refusal(self) -> str:
         return (
-            f"no thread left for plain-function tasks: {self._stuck} threads are stuck in "
+            f"no thread left for plain-function tasks: {counted(self._stuck, 'thread')} "
+            f"{'is' if self._stuck == 1 else 'are'} stuck in "
             f"functions that did not return when their job ended, and taskd replaces at most "
             f"{self._max_stuck} (max_stuck_threads); make the task return (check a deadline, "
             "use timeouts on its I/O) or make it async, then restart taskd"
@@ -105,9 +106,9 @@ class TaskThreads:
         )
         logger.warning(
             "%s ended, but its function is still running in its thread, which cannot be "
-            "interrupted; %d threads stuck (max_stuck_threads = %d), %s",
+            "interrupted; %s stuck (max_stuck_threads = %d), %s",
             call.label,
-            stuck,
+            counted(stuck, "thread"),
             self._max_stuck,
             replaced,
         )

@@ -6,11 +6,9 @@ this daemon's slots) and `explain` turns them into a reason code and a sentence.
 
 from __future__ import annotations
 
-import datetime as dt
-
 import msgspec
 
-from taskd.models import Job, format_duration
+from taskd.models import Job, counted, format_duration, utc_stamp
 from taskd.protocol import TimelineEvent, WhyResult
 
 
@@ -37,7 +35,17 @@ def explain(job: Job, facts: Facts) -> WhyResult:
         message=f"job {job.id} ({job.task}) {message}",
         until=until,
         timeline=timeline(job),
+        at=_named_moment(job, facts.now),
     )
+
+
+def _named_moment(job: Job, now: float) -> float | None:
+    """The moment the sentence names (in UTC), which a client may show in its own zone."""
+    if job.status == "running":
+        return job.started_at
+    if job.status in ("succeeded", "failed", "cancelled"):
+        return job.finished_at
+    return job.run_at if job.run_at > now else None
 
 
 def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
@@ -67,7 +75,7 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
     if facts.concurrency is not None and facts.task_running >= facts.concurrency:
         message = (
             f"waits for its task's concurrency limit ({facts.concurrency}): "
-            f"{_count(facts.task_running, 'job')} of {job.task} running"
+            f"{counted(facts.task_running, 'job')} of {job.task} running"
         )
         return "concurrency_limit", message, None
     if facts.busy >= facts.workers:
@@ -103,17 +111,14 @@ def _of(job: Job) -> str:
     return f"{job.attempts} of {job.max_attempts}"
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _when(at: float | None, now: float) -> str:
-    """A local time, and how far from now: `12:00:05 (in 55s)`."""
+    """A time in UTC (the daemon's zone need not be its callers'), and how far from now:
+    `2026-11-30 12:00:05 UTC (in 55s)`."""
     if at is None:
         return "an unknown time"
-    local = dt.datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    stamp = utc_stamp(at)
     delta = at - now
     if abs(delta) < 1:
-        return f"{local} (now)"
+        return f"{stamp} (now)"
     span = format_duration(abs(delta))
-    return f"{local} (in {span})" if delta > 0 else f"{local} ({span} ago)"
+    return f"{stamp} (in {span})" if delta > 0 else f"{stamp} ({span} ago)"

@@ -25,8 +25,16 @@ def http_config(listen: str = "127.0.0.1:0", *, tokens: bool = True, **settings:
     return "[http]\n" + "\n".join(lines) + "\n"
 
 
+def http_stats(daemon: Taskd) -> dict[str, Any]:
+    """The `http` part of `taskctl status --json`: the listener's connections and refusals."""
+    done = daemon.ctl("status", "--json")
+    assert done.returncode == 0, done.stderr
+    stats: dict[str, Any] = json.loads(done.stdout)["http"]
+    return stats
+
+
 def http_port(daemon: Taskd) -> int:
-    """The port taskd chose for `listen = "127.0.0.1:0"`, from its log (written before READY)."""
+    """The port taskd chose for `listen = "127.0.0.1:0"`, from its log (logged before READY)."""
     match = re.search(r"HTTP API listening on http://127\.0\.0\.1:(\d+)", daemon.log)
     assert match, daemon.log
     return int(match.group(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -65,14 +66,9 @@ def main() -> int:
             return taskd
         threading.Thread(target=drain, args=(notify,), daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: taskd.terminate())
-        taskctl = [str(BIN / "taskctl"), "--socket", str(SOCKET)]
-        send = ["run", "jobs:send-email", "--payload", EMAIL]
-        for shown, command in [
-            ("taskctl list", ["list"]),
-            ("taskctl run jobs:send-email ...", send),
-        ]:
-            print(f"$ taskctl {shown}", flush=True)
-            subprocess.run([*taskctl, *command])
+        for command in (["list"], ["run", "jobs:send-email", "--payload", EMAIL]):
+            print(f"$ taskctl {shlex.join(command)}", flush=True)
+            subprocess.run([BIN / "taskctl", "--socket", SOCKET, *command])
             print()
         print(f"taskd is running (pid {taskd.pid}). In another shell:")
         print(f"  export TASKD_SOCKET={SOCKET} PATH={BIN}:$PATH")

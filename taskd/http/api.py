@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
 from taskd.models import Job
 from taskd.protocol import (
+    Duration,
     EnqueueParams,
     EnqueueResult,
     ErrorBody,
     ErrorCode,
     JobParams,
     JobsParams,
+    Timestamp,
 )
 
 JSON = "application/json"
@@ -102,8 +104,24 @@ class TaskPath(msgspec.Struct, frozen=True):
     name: str
 
 
-# A run's query parameters are payload keys; a repeated one becomes a list.
+# A run's query parameters are payload keys; a repeated one becomes a list. Each is
+# converted to the type the task's payload gives its field (`?sections=2` is 2 for an int).
 RunQuery = dict[str, str | list[str]]
+DurationText = Annotated[
+    str, msgspec.Meta(description='a duration as taskctl takes it: "30s", "5m", "1h30m"')
+]
+TimeText = Annotated[
+    str, msgspec.Meta(description="ISO-8601 with an offset: 2026-12-01T08:00:00+01:00")
+]
+
+
+class EnqueueBody(EnqueueParams):
+    """What `POST /jobs` takes: the `enqueue` method's params, with `delay` and `run_at` also
+    in the forms taskctl takes them (taskd.http.routes reads them as seconds)."""
+
+    # Wider than the method's types, which is what mypy warns of: on purpose.
+    delay: Duration | DurationText | None = None  # type: ignore[assignment]
+    run_at: Timestamp | TimeText | None = None  # type: ignore[assignment]
 
 
 class RunBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -164,7 +182,7 @@ _ROUTES = [
           "write", _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody),
     Route("POST", "/jobs", "enqueue", "Add a job to the queue (200 if its key was taken)",
           "write", {201: EnqueueResult, 200: EnqueueResult, 404: ErrorReply, 422: ErrorReply},
-          body=EnqueueParams, body_required=True),
+          body=EnqueueBody, body_required=True),
     Route("GET", "/jobs", "list_jobs", "Recent jobs, newest first", "read",
           {200: JobList, 404: ErrorReply}, query=JobsParams),  # 404: an unknown task
     Route("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",

@@ -9,6 +9,7 @@ taskd.http.server's business: nothing here knows the HTTP library.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ from taskd.http.api import (
     TaskResult,
     path_pattern,
 )
-from taskd.models import Job, Peer, ScheduleInfo, TaskInfo
+from taskd.models import Job, Peer, ScheduleInfo, TaskInfo, counted, parse_duration
 from taskd.protocol import (
     EMPTY_MAP,
     CancelParams,
@@ -122,7 +123,7 @@ class HttpApi:
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         try:
-            route, path = self._route(request)
+            route, path = self._route(request.method, request.target)
             self._authorize(route, request)
             return await _HANDLERS[route.operation](self, request, path)
         except HttpError as exc:
@@ -130,19 +131,26 @@ class HttpApi:
         except RpcError as exc:
             return error_response(exc.code, exc.message, exc.data)
 
-    def _route(self, request: HttpRequest) -> tuple[Route, dict[str, str]]:
-        path = urllib.parse.urlsplit(request.target).path
+    def public(self, method: str, target: str) -> bool:
+        """Whether the request is for a route that needs no token (`/healthz`)."""
+        try:
+            return self._route(method, target)[0].access == "public"
+        except HttpError:
+            return False
+
+    def _route(self, method: str, target: str) -> tuple[Route, dict[str, str]]:
+        path = urllib.parse.urlsplit(target).path
         allowed = []
         for route, pattern in self._routes:
             if (match := pattern.fullmatch(path)) is None:
                 continue
-            if route.method == request.method:
+            if route.method == method:
                 return route, {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
             allowed.append(route.method)
         if allowed:
             raise HttpError(
                 HttpErrorCode.METHOD_NOT_ALLOWED,
-                f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}",
+                f"{method} is not allowed on {path}; use {' or '.join(allowed)}",
                 headers=(("Allow", ", ".join(allowed)),),
             )
         raise HttpError(
@@ -188,14 +196,17 @@ class HttpApi:
 
     async def run_task(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         body = _convert(_body_object(request.body), RunBody) if request.body.strip() else RunBody()
-        payload = _merged(_query_payload(request.target), body.payload)
+        query = _query_payload(request.target)
+        if (task := self._service.task(path["name"])) is not None:  # else: unknown_task below
+            query = task.query_payload(query)
+        payload = _merged(query, body.payload)
         params = RunParams(task=path["name"], payload=_msgpack(payload))
         outcome: RunResult = await self._call("run", params, request)
         job = outcome.job
         headers = (("Taskd-Job-Id", str(job.id)), ("Taskd-Joined", str(outcome.joined).lower()))
         if job.status == "succeeded":
             return _json(200, TaskResult(_value(job.result)), headers)
-        attempts = f"{job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+        attempts = counted(job.attempts, "attempt")
         raise HttpError(
             HttpErrorCode.JOB_FAILED,
             f"task {job.task} (job {job.id}) {job.status} after {attempts}: {job.error}",
@@ -211,7 +222,7 @@ class HttpApi:
             )
         fields = _body_object(request.body)
         payload = fields.pop("payload", None) if "payload" in fields else EMPTY_MAP
-        params = _convert(fields, EnqueueParams)
+        params = _convert(_times_read(fields), EnqueueParams)
         if payload is not EMPTY_MAP:
             params.payload = _msgpack(payload)
         result: EnqueueResult = await self._call("enqueue", params, request)
@@ -294,6 +305,40 @@ def _convert(fields: dict[str, Any], kind: type[S]) -> S:
         return msgspec.convert(fields, kind)
     except msgspec.ValidationError as exc:
         raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: {exc}") from None
+
+
+def _times_read(fields: dict[str, Any]) -> dict[str, Any]:
+    """An enqueue's `delay` and `run_at` in seconds, from the forms taskctl takes too: a
+    duration such as "5m", and ISO-8601 with an offset."""
+    delay, run_at = fields.get("delay"), fields.get("run_at")
+    if isinstance(delay, str):
+        try:
+            fields["delay"] = parse_duration(delay)
+        except ValueError as exc:
+            raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: delay: {exc}") from None
+    if isinstance(run_at, str):
+        fields["run_at"] = _instant(run_at)
+    return fields
+
+
+def _instant(text: str) -> float:
+    example = "such as 2026-12-01T08:00:00+01:00 or 2026-12-01T07:00:00Z"
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        message = f"invalid body: run_at {text!r} is not an ISO-8601 time {example}"
+        raise HttpError(ErrorCode.INVALID_PARAMS, message) from None
+    if moment.tzinfo is None:
+        message = (
+            f"invalid body: run_at {text!r} has no offset, and taskd's time zone need not be "
+            f"the caller's: give one, {example}"
+        )
+        raise HttpError(ErrorCode.INVALID_PARAMS, message)
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError, OSError):
+        message = f"invalid body: run_at {text!r} is out of range"
+        raise HttpError(ErrorCode.INVALID_PARAMS, message) from None
 
 
 def _msgpack(payload: Any) -> msgspec.Raw:

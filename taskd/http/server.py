@@ -3,34 +3,48 @@
 Why h11 rather than aiohttp's low-level server: h11 is a small, pure-Python, sans-I/O
 implementation of HTTP/1.1 (a parser and a state machine, no I/O and no dependencies of its
 own), maintained by python-hyper and used under httpx and uvicorn; 0.16 closed its last
-request-smuggling hole. It does the HTTP; the reading and writing happen here, on the same
-(uvloop) streams and in the same style as the control socket in taskd/server.py, so every
-bound a slow or hostile client can push against is enforced in this module, where the tests
-reach it: the size of a request's head (h11's max_incomplete_event_size), the size of a body
-before any of it is read (its Content-Length, else counted as chunks arrive), one deadline
-for a whole request, the body bytes held at once over all connections, the number of
-connections, and the time to write a response. aiohttp would bring its own request objects,
-timeouts, keep-alive policy and access log, and half a dozen more packages, in place of the
-one loop below. This module is imported only when taskd.toml has an `[http]` table.
+request-smuggling hole. It does the HTTP; the accepting, reading and writing happen here, on
+the same (uvloop) streams and in the same style as the control socket in taskd/server.py, so
+every bound a slow or hostile client can push against is enforced in this module, where the
+tests reach it: the size of a request's head (h11's max_incomplete_event_size), the size of a
+body before any of it is read (its Content-Length, else counted as chunks arrive), the time
+to send a request's line and headers (header_timeout) and the whole request (read_timeout),
+the time a kept-alive connection may wait (keepalive_timeout), the body bytes held at once
+over all connections, who holds the connections (taskd.http.admission: a flood of
+connections without a token cannot crowd out callers with one), and the time to write a
+response. aiohttp would bring its own request objects, timeouts, keep-alive policy and
+access log, and half a dozen more packages, in place of the one loop below. This module is
+imported only when taskd.toml has an `[http]` table.
+
+The listener accepts connections itself (`sock_accept`), one at a time, rather than through
+asyncio.start_server, so that it can look at a new connection before the event loop reads
+it (whether its first bytes are already there) and stop accepting for a moment while every
+connection of the unauthenticated share is one whose request has not been read yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import http
 import logging
 import socket
+from collections.abc import Coroutine
 from contextlib import suppress
+from typing import Any, NamedTuple
 
 import h11
 import msgspec
 
 import taskd
 from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
+from taskd.background import Background
+from taskd.connection_limits import RefusalLog
+from taskd.http.admission import Admission, Closing
 from taskd.http.api import HttpErrorCode
 from taskd.http.routes import HttpApi, HttpRequest, HttpResponse, error_response
 from taskd.http.settings import HttpSettings, Listen
-from taskd.models import Peer
+from taskd.models import HttpStats, Peer
 from taskd.protocol import ErrorCode
 from taskd.schema import openapi_schema
 from taskd.server import ACCESS_HINT, bind_socket, release_socket
@@ -48,20 +62,39 @@ READ_CHUNK = 64 * 1024
 LINGER = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
 MAX_LINGERING = 64
+ACCEPT_RETRY = 1.0  # seconds before accept() is tried again after it failed, at most
 SERVER = f"taskd/{taskd.__version__}"
 HEAD_TOO_LARGE = f"the request line and headers are over {MAX_HEAD} bytes"
+BUSY = (
+    "taskd has too many open HTTP connections with a token, none of them idle; try again "
+    "shortly, or ask its administrator to raise max_connections in [http]"
+)
 
 
 class _Refusal(Exception):
-    """Answer the request with this error, then close the connection."""
+    """Answer the request with this error, then close the connection.
 
-    def __init__(self, code: str, message: str) -> None:
+    `counted`: a RefusalLog has counted (and, once a minute, logged) it already.
+    """
+
+    def __init__(self, code: str, message: str, *, counted: bool = False) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.counted = code, message, counted
 
 
 class _Connection:
-    __slots__ = ("client", "handling", "method", "peer", "protocol", "reader", "reserved", "writer")
+    __slots__ = (
+        "client",
+        "handling",
+        "idle",
+        "in_head",
+        "method",
+        "peer",
+        "protocol",
+        "reader",
+        "reserved",
+        "writer",
+    )
 
     def __init__(
         self,
@@ -75,6 +108,13 @@ class _Connection:
         self.handling: asyncio.Task[HttpResponse] | None = None
         self.method = b""
         self.reserved = 0  # body bytes this connection holds of the shared budget
+        self.idle = False  # waiting for a request, nothing of it received
+        self.in_head = False  # part of a request's line and headers received, not the rest
+
+
+class _Received(NamedTuple):
+    head: h11.Request
+    body: bytes  # empty, and not read, for a connection without a token (see _check_head)
 
 
 class HttpServer:
@@ -94,8 +134,13 @@ class HttpServer:
         self._tokens = settings.tokens
         self._access = access
         self._socket_group = socket_group
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
+        self._accepting = Background()
+        self._accept_loops: list[asyncio.Task[None]] = []
         self._socket_lock: int | None = None
+        self._admission: Admission[_Connection] = Admission(self._config.max_connections)
+        self._refusals = RefusalLog("an HTTP connection", logger)
+        self._closed_idle = 0
         self._connections: set[_Connection] = set()
         self._serving: set[asyncio.Task[None]] = set()  # one per connection, refused ones too
         self._budget = max(BODY_BUDGET, self._config.max_body_size)
@@ -108,43 +153,68 @@ class HttpServer:
         if (path := self._listen.path) is not None:
             mode = 0o660 if self._socket_group is not None else 0o600
             sock, self._socket_lock = bind_socket(path, mode, self._socket_group)
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+            self._listeners = [sock]
         else:
-            self._server = await asyncio.start_server(
-                self._serve, self._listen.host, self._listen.port, reuse_address=True
-            )
+            self._listeners = await _listen_tcp(self._listen.host, self._listen.port)
             if not self._listen.loopback:
                 logger.warning(
                     "the HTTP API listens on %s, beyond this machine: requests and tokens "
                     "cross the network unencrypted unless a TLS proxy is in front",
                     self._listen.host,
                 )
+        for sock in self._listeners:
+            sock.setblocking(False)
+            loop = self._accepting.spawn(self._accept_forever(sock), "HTTP accept")
+            self._accept_loops.append(loop)
         logger.info("HTTP API listening on %s", ", ".join(self.addresses))
 
     @property
     def addresses(self) -> list[str]:
         """Where it listens (with the port the system chose for port 0)."""
-        if self._listen.path is not None or self._server is None:
+        if self._listen.path is not None:
             return [str(self._listen)]
-        names = [sock.getsockname() for sock in self._server.sockets]
+        names = [sock.getsockname() for sock in self._listeners]
         return [str(Listen(host=name[0], port=name[1])) for name in names]
+
+    def stats(self) -> HttpStats:
+        """The connections and their limits, for `taskctl status`."""
+        refused = self._refusals.counts
+        return HttpStats(
+            open=self._admission.open,
+            authenticated=self._admission.authenticated_count,
+            max_connections=self._config.max_connections,
+            unauthenticated_share=self._admission.share,
+            header_timeout=float(self._config.header_timeout),
+            keepalive_timeout=float(self._config.keepalive_timeout),
+            refused_header_timeout=refused["header_timeout"],
+            refused_unauthenticated=refused["unauthenticated_share"],
+            refused_busy=refused["max_connections"],
+            closed_idle=self._closed_idle,
+        )
 
     def reconfigure(self, settings: HttpSettings, access: AccessPolicy) -> None:
         """After a reload: new tokens and access rules apply from the next request on."""
-        for setting in ("listen", "max_body_size", "max_connections", "read_timeout"):
-            if getattr(settings.config, setting) != getattr(self._config, setting):
-                logger.warning("[http] %s changed; it takes effect at the next restart", setting)
+        for setting in msgspec.structs.fields(settings.config):
+            if setting.name in ("tokens", "readonly_tokens", "tokens_file"):
+                continue
+            if getattr(settings.config, setting.name) != getattr(self._config, setting.name):
+                logger.warning(
+                    "[http] %s changed; it takes effect at the next restart", setting.name
+                )
         self._tokens = settings.tokens
         self._access = access
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for loop in self._accept_loops:
+            loop.cancel()  # at once: the listening sockets are no longer waited on
+        for sock in self._listeners:
+            sock.close()
 
     async def close(self) -> None:
         """Stop accepting; answer requests in progress with 503; close every connection."""
         self._closing = True
         self.stop_accepting()
+        await self._accepting.close()
         for connection in list(self._connections):
             if connection.handling is not None:
                 connection.handling.cancel()
@@ -156,60 +226,101 @@ class HttpServer:
             release_socket(self._listen.path, self._socket_lock)
             self._socket_lock = None
 
+    # -- accepting -----------------------------------------------------------------------
+
+    async def _accept_forever(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._admission.wait_for_room()
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno != errno.ECONNABORTED:  # else the client gave up first
+                    detail = f"cannot accept it: {exc.strerror or exc}"  # out of files, say
+                    self._refusals.refused("accept", "a client", detail)
+                    await self._admission.wait_for_change(ACCEPT_RETRY)
+                continue
+            try:
+                await self._accept(sock)
+            except OSError:
+                sock.close()  # the client is gone already
+
+    async def _accept(self, sock: socket.socket) -> None:
+        """Count a new connection, make room for it, and serve it in a task of its own."""
+        # Its first bytes are there before the event loop has read any of them (a caller
+        # sends its request as soon as it is connected): it keeps its place until they are.
+        unread = _has_bytes(sock)
+        peer, client = self._identify(sock)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        connection = _Connection(reader, writer, peer, client)
+        if self._listen.path is not None and peer is None:
+            self._spawn(self._refuse_peer(connection))
+            return
+        closing = self._admission.enter(connection, unread=unread, credential=peer is not None)
+        if closing is not None:
+            self._close_for_room(closing, connection)
+        self._connections.add(connection)
+        self._spawn(self._serve(connection))
+
+    def _identify(self, sock: socket.socket) -> tuple[Peer | None, str]:
+        """The peer's access on a Unix socket (None: not allowed), and who it is for the log."""
+        if self._listen.path is None:
+            host, port = (sock.getpeername() or ("?", 0))[:2]
+            return None, f"{host}:{port}"
+        pid, uid, gid = peer_of(sock)
+        peer = self._access.check(pid, uid, gid, lambda: peer_groups(sock, pid, gid))
+        return peer, f"pid {pid} {user_name(uid)}"
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    def _close_for_room(self, closing: Closing[_Connection], newcomer: _Connection) -> None:
+        """Close a connection at once to make room for `newcomer`."""
+        if closing.reason == "unauthenticated_share":
+            detail = (
+                f"{self._admission.share} connections without a token are open, the share of "
+                "max_connections they may hold; closed the oldest to make room for "
+                f"{newcomer.client}"
+            )
+            self._refusals.refused("unauthenticated_share", closing.connection.client, detail)
+        else:
+            self._closed_idle += 1
+        closing.connection.writer.transport.abort()
+
+    async def _refuse_peer(self, connection: _Connection) -> None:
+        logger.warning("refused HTTP connection from %s: not allowed", connection.client)
+        message = f"permission denied: this user may not use this taskd; {ACCESS_HINT}"
+        await self._close_with(connection, error_response(ErrorCode.PERMISSION_DENIED, message))
+
     # -- one connection ------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if (task := asyncio.current_task()) is not None:
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
-        try:
-            connection = self._accept(reader, writer)
-        except OSError:
-            writer.close()
-            return
-        if self._listen.path is not None and connection.peer is None:
-            logger.warning("refused HTTP connection from %s: not allowed", connection.client)
-            message = f"permission denied: this user may not use this taskd; {ACCESS_HINT}"
-            await self._close_with(connection, error_response(ErrorCode.PERMISSION_DENIED, message))
-            return
-        if self._closing or len(self._connections) >= self._config.max_connections:
-            logger.warning(
-                "refused HTTP connection from %s: %d connections are open (max_connections)",
-                connection.client,
-                len(self._connections),
-            )
-            message = "taskd has too many open HTTP connections; try again later"
-            busy = error_response(ErrorCode.BUSY, message, headers=(("Retry-After", "1"),))
-            await self._close_with(connection, busy)
-            return
-        self._connections.add(connection)
+    async def _serve(self, connection: _Connection) -> None:
         try:
             while await self._exchange(connection):
                 pass
         except (ConnectionError, OSError, TimeoutError):
             pass  # the client hung up, or did not read its response in time
         finally:
+            self._admission.leave(connection)
             self._connections.discard(connection)
             self._release(connection)
-            writer.close()
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Connection:
-        """The connection, with the peer's access on a Unix socket (None: not allowed)."""
-        if self._listen.path is None:
-            host, port = (writer.get_extra_info("peername") or ("?", 0))[:2]
-            return _Connection(reader, writer, None, f"{host}:{port}")
-        sock: socket.socket = writer.get_extra_info("socket")
-        pid, uid, gid = peer_of(sock)
-        peer = self._access.check(pid, uid, gid, lambda: peer_groups(sock, pid, gid))
-        return _Connection(reader, writer, peer, f"pid {pid} {user_name(uid)}")
+            connection.writer.close()
 
     async def _exchange(self, connection: _Connection) -> bool:
         """One request and its response; whether the connection goes on."""
         try:
             received = await self._receive(connection)
         except _Refusal as exc:
-            logger.info("HTTP request from %s refused: %s", connection.client, exc.message)
-            await self._close_with(connection, error_response(exc.code, exc.message))
+            if not exc.counted:
+                logger.info("HTTP request from %s refused: %s", connection.client, exc.message)
+            retry = (("Retry-After", "1"),) if exc.code == ErrorCode.BUSY else ()
+            await self._close_with(connection, error_response(exc.code, exc.message, None, retry))
             return False
         if received is None:
             return False
@@ -217,30 +328,42 @@ class HttpServer:
             response = await self._respond(connection, *received)
         finally:
             self._release(connection)
+        if connection.protocol.their_state is not h11.DONE:  # its body was not read
+            await self._close_with(connection, response)
+            return False
         await self._send(connection, response)
         if self._closing or connection.protocol.our_state is not h11.DONE:
             return False
         connection.protocol.start_next_cycle()
         return True
 
-    async def _receive(self, connection: _Connection) -> tuple[h11.Request, bytes] | None:
+    async def _receive(self, connection: _Connection) -> _Received | None:
         """The next request and its body; None if the client closed or stayed idle.
 
-        The whole request must arrive within read_timeout: a client that trickles its
-        headers or its body gets 408 and is closed, whatever it does meanwhile.
+        Its line and headers must arrive within header_timeout of its first byte (or of the
+        previous response, if the client sent more than one request at once), and the whole
+        of it within read_timeout: a client that trickles its headers or its body gets 408
+        and is closed, whatever it does meanwhile.
         """
         protocol = connection.protocol
+        if not protocol.trailing_data[0] and not await self._first_bytes(connection):
+            return None
         received = len(protocol.trailing_data[0])  # bytes of this request: head, then body
-        started = received > 0
-        request: h11.Request | None = None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        config = self._config
+        head: h11.Request | None = None
         body = bytearray()
+        connection.in_head = True
         try:
-            async with asyncio.timeout(self._config.read_timeout):
+            async with asyncio.timeout_at(
+                started + min(config.header_timeout, config.read_timeout)
+            ) as deadline:
                 while True:
                     event = protocol.next_event()
                     if event is h11.NEED_DATA:
-                        data = await connection.reader.read(READ_CHUNK)
-                        started = started or bool(data)
+                        if not (data := await connection.reader.read(READ_CHUNK)):
+                            return None  # the client hung up (or was closed for room)
                         received += len(data)
                         protocol.receive_data(data)
                     elif isinstance(event, h11.Request):
@@ -248,36 +371,94 @@ class HttpServer:
                         # whole is measured here: what was received less the body after it.
                         if received - len(protocol.trailing_data[0]) > MAX_HEAD:
                             raise _Refusal(HttpErrorCode.HEADERS_TOO_LARGE, HEAD_TOO_LARGE)
-                        request = event
-                        self._admit(connection, event)
+                        head = event
+                        connection.in_head = False
+                        deadline.reschedule(started + config.read_timeout)
+                        if not self._check_head(connection, event):
+                            return _Received(event, b"")
                     elif isinstance(event, h11.Data):
                         self._reserve(connection, len(event.data))
                         body += event.data
                         self._check_size(len(body))
-                    elif isinstance(event, h11.EndOfMessage) and request is not None:
-                        return request, bytes(body)
-                    else:  # the client closed the connection
+                    elif isinstance(event, h11.EndOfMessage) and head is not None:
+                        return _Received(head, bytes(body))
+                    else:  # h11.ConnectionClosed cannot come: an empty read returns first
                         return None
         except TimeoutError:
-            if not started:
-                return None  # an idle connection: closed without a word
-            timeout = self._config.read_timeout
-            message = f"the request did not arrive within {timeout:g}s (read_timeout); closing"
-            raise _Refusal(HttpErrorCode.REQUEST_TIMEOUT, message) from None
+            raise self._too_slow(connection, head is None) from None
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
                 raise _Refusal(HttpErrorCode.HEADERS_TOO_LARGE, HEAD_TOO_LARGE) from None
             raise _Refusal(HttpErrorCode.BAD_REQUEST, f"not valid HTTP/1.1: {exc}") from None
+        finally:
+            connection.in_head = False
 
-    def _admit(self, connection: _Connection, request: h11.Request) -> None:
-        """Refuse a body declared too large before reading it; else let it come."""
+    async def _first_bytes(self, connection: _Connection) -> bool:
+        """Wait for the first bytes of the next request, for keepalive_timeout at most;
+        False if the client closed the connection or sent nothing."""
+        connection.idle = True
+        try:
+            async with asyncio.timeout(self._config.keepalive_timeout):
+                data = await connection.reader.read(READ_CHUNK)
+        except TimeoutError:
+            self._closed_idle += 1
+            return False
+        finally:
+            connection.idle = False
+            self._admission.read(connection)
+        connection.protocol.receive_data(data)
+        return bool(data)
+
+    def _too_slow(self, connection: _Connection, in_head: bool) -> _Refusal:
+        """The 408 for a request that did not arrive in time; a slow head is counted."""
+        config = self._config
+        if in_head and config.header_timeout < config.read_timeout:
+            what, limit, name = "the request line and headers", config.header_timeout, "header"
+        else:
+            what, limit, name = "the request", config.read_timeout, "read"
+        message = f"{what} did not arrive within {limit:g}s ({name}_timeout); closing"
+        if not in_head:
+            return _Refusal(HttpErrorCode.REQUEST_TIMEOUT, message)
+        self._refusals.refused("header_timeout", connection.client, message)
+        return _Refusal(HttpErrorCode.REQUEST_TIMEOUT, message, counted=True)
+
+    def _check_head(self, connection: _Connection, request: h11.Request) -> bool:
+        """Whether to read the request's body; _Refusal if it may not be made.
+
+        A request with a token moves its connection into the authenticated pool (or, that
+        full, gets 503, but for /healthz). On a connection without one, only /healthz can
+        succeed, and the answer does not depend on a body: it is not read, and the
+        connection is closed after the response.
+        """
         connection.method = request.method
+        admission = self._admission
+        if not admission.authenticated(connection) and self._has_credential(connection, request):
+            admitted, closing = admission.authenticate(connection)
+            if closing is not None:
+                self._close_for_room(closing, connection)
+            if not admitted and not self._api.public(
+                request.method.decode("ascii", "replace"), request.target.decode("latin-1")
+            ):
+                detail = f"all {admission.max_authenticated} connections with a token are busy"
+                self._refusals.refused("max_connections", connection.client, detail)
+                raise _Refusal(ErrorCode.BUSY, BUSY, counted=True)
+        if not admission.authenticated(connection):
+            return not _declares_body(request)
         for name, value in request.headers:
             if name == b"content-length":
                 self._check_size(int(value))
         if connection.protocol.they_are_waiting_for_100_continue:
             continue_ = h11.InformationalResponse(status_code=100, headers=[])
-            connection.writer.write(connection.protocol.send(continue_) or b"")
+            data = connection.protocol.send(continue_) or b""
+            if not connection.writer.is_closing():
+                connection.writer.write(data)
+        return True
+
+    def _has_credential(self, connection: _Connection, request: h11.Request) -> bool:
+        if connection.peer is not None:
+            return True
+        authorization = next((v for k, v in request.headers if k == b"authorization"), None)
+        return self._tokens.access(authorization) is not None
 
     def _check_size(self, size: int) -> None:
         if size > self._config.max_body_size:
@@ -363,6 +544,8 @@ class HttpServer:
         if response.body and connection.method != b"HEAD":
             data = (data or b"") + (protocol.send(h11.Data(data=response.body)) or b"")
         data = (data or b"") + (protocol.send(h11.EndOfMessage()) or b"")
+        if connection.writer.is_closing():  # closed to make room for another
+            raise ConnectionResetError("the connection was closed")
         connection.writer.write(data)
         try:
             async with asyncio.timeout(self._config.read_timeout):
@@ -373,6 +556,7 @@ class HttpServer:
 
     async def _close_with(self, connection: _Connection, response: HttpResponse) -> None:
         """Send an error response, then close without losing it (see LINGER)."""
+        self._admission.leave(connection)  # what is left of it takes no room
         with suppress(h11.LocalProtocolError, ConnectionError, OSError, TimeoutError):
             await self._send(connection, response, close=True)
             if self._lingering < MAX_LINGERING and connection.writer.can_write_eof():
@@ -388,3 +572,34 @@ class HttpServer:
                 finally:
                     self._lingering -= 1
         connection.writer.close()
+
+
+async def _listen_tcp(host: str | None, port: int) -> list[socket.socket]:
+    """Listening sockets on each address `host` names (as asyncio.start_server makes them),
+    with the longest accept queue the system allows."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, _, _, _, address in dict.fromkeys(infos):
+            sockets.append(socket.create_server(address, family=family, backlog=socket.SOMAXCONN))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _has_bytes(sock: socket.socket) -> bool:
+    """Whether the peer has sent something that nobody has read yet."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+
+
+def _declares_body(request: h11.Request) -> bool:
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+        for name, value in request.headers
+    )

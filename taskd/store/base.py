@@ -53,7 +53,16 @@ from taskd.store.health import StoreHealth
 
 
 class StoreError(Exception):
-    """The store could not do what was asked (disk full, locked, corrupt); nothing was written."""
+    """The store could not do what was asked (disk full, locked, corrupt); nothing was written.
+
+    Its message may say what a running taskd does about it by itself (carry on once there
+    is room, reconnect); `at_start_up` is the message without that, for a start-up that
+    fails, after which the process exits.
+    """
+
+    def __init__(self, message: str, *, at_start_up: str | None = None) -> None:
+        super().__init__(message)
+        self.at_start_up = message if at_start_up is None else at_start_up
 
 
 class JobNotFound(StoreError):

@@ -214,12 +214,31 @@ def cron_rows(bench: Bench, ticks: int) -> None:
     p99.reference.append(cron_lateness.percentile(floor, 0.99))
 
 
+def startup_rows(bench: Bench, jobs: int) -> None:
+    from tests.bench import startup
+
+    times = startup.measure(jobs, bench.repeat, bench.config)
+    big = f"{jobs:,} jobs"
+    for case in ("after a clean stop", "after kill -9"):
+        row = bench.row(f"start-up with {big}, {case}", "s", "the same, empty store",
+                        "within 1.5x" if case == "after a clean stop" else "report")  # fmt: skip
+        row.taskd = times[f"{big}, {case}"]
+        row.reference = times[f"empty store, {case}"]
+    loaded = bench.row("start-up after kill -9 under load, small store", "s",
+                       "empty store, after a clean stop", "<= 0.3 s")  # fmt: skip
+    loaded.taskd = times["small store, after kill -9 under load"]
+    loaded.reference = times["empty store, after a clean stop"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the job counts")
     parser.add_argument("--backlog", type=int, default=1_000_000, help="0: skip")
     parser.add_argument("--ticks", type=int, default=60, help="0: skip the cron scenario")
+    parser.add_argument(
+        "--startup-jobs", type=int, default=1_000_000, help="jobs in the big store; 0: skip"
+    )
     parser.add_argument("--runs", type=int, default=30, help="runs of each command")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
@@ -253,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(("backlog", lambda: bench.backlog(int(args.backlog * args.scale))))
         if args.ticks:
             sections.append(("cron", lambda: cron_rows(bench, args.ticks)))
+        if args.startup_jobs:
+            jobs = int(args.startup_jobs * args.scale)
+            sections.append(("start-up", lambda: startup_rows(bench, jobs)))
     shared = None
     if args.postgres:
         from tests.bench.postgres import PostgresBench

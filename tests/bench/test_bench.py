@@ -7,12 +7,13 @@ come with the `bench` extra and run in `make bench` only. Speed is never asserte
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.backends import postgres_url
-from tests.bench import compare, quick_check
+from tests.bench import compare, disk_full, http_flood, quick_check
 from tests.bench.compare import PEERS
 
 
@@ -25,7 +26,7 @@ def test_every_benchmark_scenario_runs(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     compare.main(
         ["--repeat", "1", "--scale", "0.01", "--backlog", "20000", "--ticks", "2", "--runs", "1",
-         "--postgres", "", "--no-peers", "--output", str(output)]
+         "--startup-jobs", "20000", "--postgres", "", "--no-peers", "--output", str(output)]
     )  # fmt: skip
     rows = table(output.read_text())
     assert len(rows) >= 12, rows
@@ -54,3 +55,18 @@ def test_every_postgres_benchmark_scenario_runs(tmp_path: Path) -> None:
 def test_the_quick_check_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
     quick_check.main(["--jobs", "300", "--repeat", "1"])
     assert capsys.readouterr().out.count("quick_check, 300 jobs") == 2
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mounts a tmpfs: root only")
+def test_the_disk_full_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    disk_full.main(["--size", "1m", "--freed", "128", "--spare", "256"])
+    out = capsys.readouterr().out
+    assert "jobs after freeing 128 KiB" in out and "  ready;" in out, out
+
+
+def test_the_http_flood_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    http_flood.main(["--connections", "20", "--rate", "50", "--seconds", "0.5", "--probes", "2"])
+    lines = [line.split(" | ") for line in capsys.readouterr().out.splitlines()]
+    probes = [cells for cells in lines if cells[0] in ("| half-sent, 50/s", "| idle-token, 50/s")]
+    assert len(probes) == 2 * 5, probes  # per flood: the first, two kinds, the flood, memory
+    assert all("200" in cells[2] for cells in probes if "GET" in cells[1]), probes

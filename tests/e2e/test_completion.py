@@ -4,9 +4,11 @@ ids and schedule ids (the last from the running taskd)."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,20 +17,24 @@ from tests.support import Taskd
 BASH = shutil.which("bash")
 
 
-def bash_complete(daemon: Taskd, *words: str) -> list[str]:
+def bash_complete(daemon: Taskd, *words: str, cwd: Path | None = None) -> list[str]:
     """What bash offers for the last of `words` after sourcing taskctl's completion."""
-    quoted = " ".join(f"'{word}'" for word in ("taskctl", *words))
     script = (
         "source <(taskctl completion bash)\n"
-        f"COMP_WORDS=({quoted}); COMP_CWORD={len(words)}; _taskctl\n"
+        f"COMP_WORDS=({shlex.join(('taskctl', *words))}); COMP_CWORD={len(words)}; _taskctl\n"
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
+    done = _bash(daemon, script, cwd)
+    return [line for line in done.splitlines() if line]
+
+
+def _bash(daemon: Taskd, script: str, cwd: Path | None = None) -> str:
     path = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
     environment = {**os.environ, "PATH": path, "TASKD_SOCKET": str(daemon.socket)}
     done = subprocess.run([BASH or "bash", "-c", script], capture_output=True, text=True,
-                          env=environment, timeout=30)  # fmt: skip
+                          env=environment, timeout=30, cwd=cwd)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return [line for line in done.stdout.splitlines() if line]
+    return done.stdout
 
 
 @pytest.mark.skipif(BASH is None, reason="bash is not installed")
@@ -47,6 +53,20 @@ def test_bash_completes_commands_options_and_what_taskd_knows(taskd_factory: typ
     assert bash_complete(daemon, "completion", "") == ["bash", "fish", "zsh"]
     daemon.stop()
     assert bash_complete(daemon, "run", "e") == []  # no taskd: nothing, and no error
+
+
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+def test_bash_inserts_a_schedule_id_quoted(taskd_factory: type[Taskd], short_tmp: Path) -> None:
+    daemon = taskd_factory(config='[scheduled_tasks]\n"*/5 * * * *" = "echo"\n').start()
+    (short_tmp / "a b").mkdir()  # what `*/5 * * * *` would match, unquoted, in this folder
+    (short_tmp / "a b" / "5").touch()
+    for typed in ("", "*", "'*/5 *"):
+        (completed,) = bash_complete(daemon, "schedules", "pause", typed, cwd=short_tmp)
+        assert completed == "'*/5 * * * *'", typed
+        # The line as bash has completed it gives taskctl the id as one argument.
+        arguments = _bash(daemon, f"printf '%s\\n' {completed}", cwd=short_tmp)
+        assert arguments == "*/5 * * * *\n"
+    assert bash_complete(daemon, "completion", "ba") == ["bash"]  # plain words stay plain
 
 
 @pytest.mark.parametrize("shell", ["zsh", "fish"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import socket
@@ -10,12 +11,20 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.http_support import READONLY_TOKEN, TOKEN, HttpClient, Response, http_config
+from tests.http_support import (
+    READONLY_TOKEN,
+    TOKEN,
+    HttpClient,
+    Response,
+    http_config,
+    http_stats,
+)
 from tests.support import Taskd, wait_until
 
 SCHEDULES = """
@@ -160,6 +169,63 @@ def test_the_queue_over_http(api: HttpClient) -> None:
     assert api.post("/jobs", {"task": "echo"}).status == 201  # no payload: {}
 
 
+def test_an_enqueue_takes_delays_and_times_in_taskctls_forms(api: HttpClient) -> None:
+    before = time.time()
+    in_five = api.post("/jobs", {"task": "echo", "delay": "5m"})
+    assert in_five.status == 201, in_five.body
+    due = api.get(f"/jobs/{in_five.json()['job_id']}").json()["run_at"]
+    assert before + 300 <= due <= time.time() + 300
+    at = api.post("/jobs", {"task": "echo", "run_at": "2030-01-01T08:00:00+01:00"})
+    assert at.status == 201, at.body
+    due = api.get(f"/jobs/{at.json()['job_id']}").json()["run_at"]
+    assert due == dt.datetime(2030, 1, 1, 7, tzinfo=dt.UTC).timestamp()
+    for body, said in (
+        ({"delay": "soon"}, "delay: invalid duration 'soon'"),
+        ({"run_at": "tomorrow"}, "is not an ISO-8601 time"),
+        ({"run_at": "2030-01-01T08:00:00"}, "has no offset"),
+    ):
+        refused = api.post("/jobs", {"task": "echo", **body})
+        assert refused.status == 400 and refused.error["code"] == "invalid_params", refused.body
+        assert said in refused.error["message"]
+
+
+REPORT_TASK = """
+import msgspec
+from taskd import define_task
+
+
+class Report(msgspec.Struct, forbid_unknown_fields=True):
+    sections: int
+    draft: bool = False
+    tags: list[str] = []
+    title: str = "daily"
+
+
+@define_task
+async def daily(payload: Report) -> dict:
+    return msgspec.structs.asdict(payload)
+"""
+
+
+def test_query_values_take_the_types_of_the_payloads_fields(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    (short_tmp / "tasks" / "reports").mkdir(parents=True)
+    (short_tmp / "tasks" / "reports" / "daily.py").write_text(REPORT_TASK)
+    api = HttpClient.of(taskd_factory(tasks=short_tmp / "tasks", config=http_config()).start())
+    reply = api.get("/_nitro/tasks/reports:daily?sections=2&draft=true&tags=a&tags=b&title=7")
+    assert reply.status == 200, reply.body
+    assert reply.json() == {
+        "result": {"sections": 2, "draft": True, "tags": ["a", "b"], "title": "7"}
+    }
+    # The body's values are JSON's, typed already, and win over the query's.
+    reply = api.post("/_nitro/tasks/reports:daily?sections=2", {"payload": {"sections": 3}})
+    assert reply.status == 200 and reply.json()["result"]["sections"] == 3, reply.body
+    wrong = api.get("/_nitro/tasks/reports:daily?sections=two")
+    assert wrong.status == 422 and wrong.error["code"] == "payload_invalid", wrong.body
+    assert "sections" in wrong.error["message"]
+
+
 def test_tokens_are_required_and_read_only_ones_cannot_change_anything(api: HttpClient) -> None:
     missing = api.get("/_nitro/tasks", token=None)
     assert missing.status == 401 and missing.error["code"] == "unauthorized"
@@ -280,19 +346,95 @@ def test_slow_clients_do_not_stall_the_others_and_are_cut_off(taskd_factory: typ
         assert api.get("/healthz").status == 200
 
 
-def test_connections_beyond_max_connections_are_told_busy(taskd_factory: type[Taskd]) -> None:
-    daemon = taskd_factory(config=http_config(max_connections=2)).start()
+def wait_until_closed(sock: socket.socket) -> None:
+    """Until taskd closes the connection, reading what it sends; TimeoutError if it does not."""
+    with contextlib.suppress(ConnectionResetError):
+        read_all(sock)
+
+
+def test_callers_with_a_token_have_half_the_connections_and_idle_ones_make_room(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    """max_connections = 2: one for connections with a token, one for the others."""
+    config = 'grace_period = "1s"\n' + http_config(max_connections=2)
+    daemon = taskd_factory(config=config).start()
     api = HttpClient.of(daemon)
-    first, second = api.connection(), api.connection()
-    for connection in (first, second):  # kept open after a request (keep-alive)
-        connection.request("GET", "/healthz")
-        assert connection.getresponse().read()
-    refused = api.get("/healthz")
-    assert refused.status == 503 and refused.error["code"] == "busy"
-    first.close()
-    wait_until(lambda: api.get("/healthz").status == 200, what="a free connection")
-    second.close()
-    assert "refused HTTP connection" in daemon.log and "max_connections" in daemon.log
+    idle = socket.create_connection(("127.0.0.1", api.port), timeout=30)
+    idle.sendall(f"GET /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")  # then kept alive, idle
+    started = short_tmp / "started"
+    run = threading.Thread(
+        target=lambda: api.post(
+            "/tasks/slow", {"payload": {"seconds": 60, "started": str(started)}}
+        )
+    )
+    run.start()  # its connection takes the idle one's place
+    wait_until_closed(idle)
+    idle.close()
+    wait_until(started.exists, what="the slow task to start")
+    busy = api.get("/_nitro/tasks")
+    assert busy.status == 503 and busy.error["code"] == "busy"
+    assert busy.headers["retry-after"] == "1" and "max_connections" in busy.error["message"]
+    assert api.get("/healthz").status == 200  # no token: the other half
+    assert api.get("/healthz", token=TOKEN).status == 200  # served on either footing
+    stats = http_stats(daemon)
+    assert (stats["open"], stats["authenticated"], stats["max_connections"]) == (1, 1, 2)
+    assert (stats["refused_busy"], stats["closed_idle"]) == (1, 1)
+    shown = daemon.ctl("status").stdout
+    assert "http:      1 open (1 with a token); at most 2, 1 of them without one" in shown
+    assert "refused 0 without a token for newer ones, 0 slower than 5s to send a head, 1 " in shown
+    assert "refused an HTTP connection from 127.0.0.1:" in daemon.log
+    assert "all 1 connections with a token are busy" in daemon.log
+    assert daemon.stop() == 0
+    run.join(60)
+
+
+def test_a_request_head_has_header_timeout_and_its_body_read_timeout(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory(config=http_config(header_timeout="1s", read_timeout="60s")).start()
+    api = HttpClient.of(daemon)
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as slow:
+        slow.sendall(b"GET /jobs HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        answer = read_all(slow)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"(header_timeout)" in answer
+    body = json.dumps({"task": "echo", "payload": {"n": 1}}).encode()
+    head = (
+        f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as patient:
+        patient.sendall(head.encode() + body[:5])
+        time.sleep(1.5)  # past header_timeout: the body has read_timeout
+        patient.sendall(body[5:])
+        assert patient.recv(65536).startswith(b"HTTP/1.1 201 ")
+    stats = http_stats(daemon)
+    assert stats["refused_header_timeout"] == 1 and stats["header_timeout"] == 1.0
+    assert "did not arrive within 1s (header_timeout)" in daemon.log
+
+
+def test_an_idle_connection_is_closed_after_keepalive_timeout(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config=http_config(keepalive_timeout="1s")).start()
+    api = HttpClient.of(daemon)
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as silent:
+        started = time.monotonic()
+        wait_until_closed(silent)  # it never sent a byte
+        assert time.monotonic() - started >= 1.0
+    connection = api.connection()
+    connection.request("GET", "/healthz")
+    assert connection.getresponse().read()
+    assert connection.sock is not None
+    wait_until_closed(connection.sock)  # kept alive, then idle
+    connection.close()
+    assert http_stats(daemon)["closed_idle"] == 2
+
+
+def test_the_body_of_a_request_without_a_token_is_not_read(api: HttpClient) -> None:
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as sock:
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        answer = read_all(sock)  # without a byte of the body
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
+    assert api.get("/healthz").status == 200
 
 
 def test_a_unix_socket_needs_no_token_and_is_private(

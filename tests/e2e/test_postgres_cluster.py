@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -377,3 +378,16 @@ def _open_connections(daemon: Taskd) -> int:
     with daemon.client() as client:
         connections = client.status().connections
     return connections.open if connections is not None else 0
+
+
+def test_a_start_up_that_cannot_reach_the_database_promises_no_reconnect(
+    taskd_factory: type[Taskd],
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = taskd_factory()
+    daemon.database = f"postgresql://postgres@127.0.0.1:{port}/test"  # type: ignore[assignment]
+    (line,) = [line for line in daemon.refused().splitlines() if "cannot start" in line]
+    assert f"cannot connect to job store postgresql://postgres@127.0.0.1:{port}/test" in line
+    assert "reconnects by itself" not in line  # the process exits

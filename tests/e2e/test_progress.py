@@ -212,6 +212,15 @@ def test_progress_and_logs_are_kept_and_followed(taskd: Taskd) -> None:
     ]
 
 
+def test_log_lines_name_the_zone_of_their_times(taskd: Taskd) -> None:
+    ran = taskd.ctl("--json", "run", "chatty", "--payload", '{"lines": 1}')
+    job_id = str(json.loads(ran.stdout)["id"])
+    viewer = {**os.environ, "TZ": "Asia/Tokyo"}
+    logs = subprocess.run([*taskd.ctl_command(), "logs", job_id], env=viewer,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d JST INFO +line 0\n", logs.stdout)
+
+
 def test_a_job_keeps_its_last_lines_and_says_so(taskd: Taskd) -> None:
     ran = taskd.ctl("run", "chatty", "--payload", '{"lines": 1005}')
     assert ran.returncode == 0, ran.stderr
@@ -219,7 +228,7 @@ def test_a_job_keeps_its_last_lines_and_says_so(taskd: Taskd) -> None:
     (job,) = json.loads(job_id)
     logs = taskd.ctl("logs", str(job["id"]))
     shown = logs.stdout.splitlines()
-    assert shown[0].startswith("(5 older lines were dropped")
+    assert shown[0].startswith("(5 older lines dropped")
     assert shown[1].endswith("line 5") and shown[-1].endswith("line 1004")
     assert len(shown) == 1001
     assert "job 1: line 1004" in taskd.log  # the daemon's own log has them too
@@ -283,7 +292,7 @@ def test_wait_draws_a_progress_bar_on_a_terminal(taskd: Taskd) -> None:
 def test_top_shows_running_jobs_and_quits_with_q(taskd: Taskd) -> None:
     failed = taskd.ctl("run", "fail")
     assert failed.returncode == 1
-    with gated_job(taskd, steps=4) as (_, gate), terminal() as (controller, term):
+    with gated_job(taskd, steps=4) as (_, gate), terminal(columns=80) as (controller, term):
         step(gate)
         top = subprocess.Popen(
             [*taskd.ctl_command(), "top"],
@@ -292,14 +301,17 @@ def test_top_shows_running_jobs_and_quits_with_q(taskd: Taskd) -> None:
             stderr=term,
             env={**os.environ, "TERM": "vt100"},
         )
-        output, screen = Output(controller), Screen(30, 100)
+        output, screen = Output(controller), Screen(30, 80)
         output.until("RECENT FAILURES", screen=screen)
         output.until("fail", screen=screen)
         step(gate)
         output.until("2/4 (50%) step 2", screen=screen)  # redrawn on the progress event
         shown = screen.text()
-        assert re.search(r"RUNNING\n +\d+ +steps +\S+ +\[########--------\] 2/4", shown), shown
+        assert re.search(r"RUNNING\n +\d+ +steps +\S+ +\[######------\] 2/4", shown), shown
         assert re.search(r"RECENT FAILURES\n +\d+ +fail .*ValueError: boom", shown), shown
+        # The header's counts fit on 80 columns, whatever the length of the node's name.
+        assert re.search(r"^\d+ running, \d+ pending, 16 workers +\d\d:\d\d:\d\d +\(q quits\)$",
+                         shown, flags=re.M), shown  # fmt: skip
         os.write(controller, b"q")
         assert top.wait(20) == 0
         step(gate)
@@ -317,6 +329,7 @@ def test_jobs_watch_redraws_as_jobs_change(taskd: Taskd) -> None:
     watching.send_signal(signal.SIGINT)
     watching.communicate(timeout=20)
     assert watching.returncode == 0
+    assert "\x1b" not in screen.text  # into a pipe: tables one after another, no screen codes
 
 
 def test_a_slow_subscriber_gets_a_count_of_what_was_dropped(taskd: Taskd) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from taskctl import Client, DaemonUnavailable, PayloadInvalid, ProtocolError, enqueue_params
+from taskd.models import counted
 from tests.support import RawConnection, Taskd, wait_until
 
 
@@ -403,7 +404,9 @@ def test_kill_9_loses_no_acknowledged_job(taskd_factory: type[Taskd], short_tmp:
     assert lost == []
     assert statuses == Counter({"succeeded": len(stored)})
     assert duplicated <= running_at_kill
-    assert f"{len(running_at_kill)} jobs were running when taskd last stopped" in daemon.log
+    were = "was" if len(running_at_kill) == 1 else "were"
+    recovered = f"{counted(len(running_at_kill), 'job')} {were} running when taskd last stopped"
+    assert recovered in daemon.log
     assert daemon.stop() == 0
 
 

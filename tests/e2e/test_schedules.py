@@ -8,6 +8,7 @@ import json
 import math
 import signal
 import time
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -232,6 +233,53 @@ def test_trigger_fires_now_and_unknown_schedules_exit_4(taskd_factory: type[Task
         unknown = daemon.ctl("schedules", action, "no-such-schedule")
         assert unknown.returncode == 4, unknown.stderr
         assert 'no schedule with the id or expression "no-such-schedule"' in unknown.stderr
+    assert daemon.stop() == 0
+
+
+STRICT_TASK = """
+import msgspec
+from taskd import TaskContext, define_task
+
+
+class Report(msgspec.Struct, forbid_unknown_fields=True):
+    sections: int = 3
+
+
+@define_task
+async def report(payload: Report, ctx: TaskContext) -> dict:
+    when = ctx.scheduled_time
+    return {"sections": payload.sections, "cron": ctx.cron,
+            "scheduled_time": when.isoformat() if when else None}
+"""
+
+
+def test_a_strict_payload_type_takes_ticks_and_reads_them_from_ctx(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    tasks = short_tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "report.py").write_text(STRICT_TASK)
+    config = (
+        '[[schedule]]\nid = "daily"\ncron = "0 6 * * *"\ntasks = "report"\n'
+        'timezone = "Europe/Berlin"\npayload = { sections = 2 }\n'
+    )
+    daemon = taskd_factory(tasks=tasks, config=config).start()  # the schedule's check passes
+    assert daemon.ctl("schedules", "trigger", "daily").returncode == 0
+    (job,) = jobs_of(daemon, "report")
+    with daemon.client() as client:
+        done = client.wait(job.id, timeout=30)
+    assert done.status == "succeeded", done.error
+    result = done.result
+    assert result == {
+        "sections": 2,
+        "cron": "0 6 * * *",
+        "scheduled_time": job.payload["scheduled_time"],
+    }
+    assert dt.datetime.fromisoformat(result["scheduled_time"]).utcoffset() in (
+        dt.timedelta(hours=1), dt.timedelta(hours=2),
+    )  # fmt: skip
+    ran = daemon.ctl("run", "report")  # not a tick: neither is set
+    assert json.loads(ran.stdout) == {"sections": 3, "cron": None, "scheduled_time": None}
     assert daemon.stop() == 0
 
 

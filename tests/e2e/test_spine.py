@@ -95,13 +95,16 @@ def test_failing_task_exits_1_with_its_error(taskd: Taskd) -> None:
         (["run", "no:such-task"], 4, "unknown task 'no:such-task'"),
         (["job", "999999"], 4, "no job with id 999999"),
         (["run", "email", "--payload", '{"to": 5}'], 65, "payload rejected by task email"),
-        (["run", "email"], 65, "(no payload was given, so it was {})"),
+        (["run", "email"], 65, "(the payload was {}); no --payload was given, so the task got {}"),
+        (["enqueue", "email", "--payload", "{}"], 65, "(the payload was {})"),
     ],
 )
 def test_exit_codes(taskd: Taskd, args: list[str], code: int, message: str) -> None:
     result = taskd.ctl(*args)
     assert result.returncode == code, (result.stdout, result.stderr)
     assert message in result.stderr
+    if "--payload" in args:  # the message does not say that none was given
+        assert "no payload" not in result.stderr and "no --payload" not in result.stderr
 
 
 def test_unreachable_daemon_exits_7_naming_the_socket(short_tmp: Path) -> None:

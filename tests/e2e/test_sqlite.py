@@ -11,12 +11,13 @@ import resource
 import sqlite3
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from taskctl.errors import TaskdError
 from taskd.store import NewJob
 from tests.support import Taskd, wait_until
 
@@ -181,12 +182,36 @@ def test_an_immutable_database_is_refused_clearly(taskd_factory: type[Taskd]) ->
 # -- a damaged database -------------------------------------------------------------------
 
 
-def test_a_corrupt_page_is_refused_at_start_up(taskd_factory: type[Taskd]) -> None:
+def _checks(daemon: Taskd) -> int:
+    return daemon.log.count(f"checked job store {daemon.database} (PRAGMA quick_check)")
+
+
+def test_a_clean_stop_spares_the_next_start_the_check(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory().start()
+    enqueue(daemon, "echo", "--delay", "1h")
+    assert daemon.stop() == 0
+    checks = _checks(daemon)
+    assert daemon.start().stop() == 0
+    assert _checks(daemon) == checks
+    assert f"job store {daemon.database} was closed cleanly: no PRAGMA quick_check" in daemon.log
+    daemon.start()
+    enqueue(daemon, "echo", "--delay", "1h")
+    daemon.kill()
+    daemon.start()
+    assert _checks(daemon) == checks + 1  # after kill -9 the whole file is checked
+    assert len(json.loads(daemon.ctl("--json", "jobs").stdout)) == 2
+    assert daemon.stop() == 0
+
+
+def test_a_corrupt_page_is_refused_after_an_unclean_stop(taskd_factory: type[Taskd]) -> None:
     daemon = taskd_factory().start()
     assert daemon.stop() == 0
     jobs = [NewJob("echo", msgspec.msgpack.encode("x" * 500), "enqueue", 3) for _ in range(300)]
     daemon.in_store(lambda store: store.insert(jobs))
+    daemon.start()
+    daemon.kill()
     with sqlite3.connect(daemon.database) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file itself
         (page_size,) = connection.execute("PRAGMA page_size").fetchone()
         (root,) = connection.execute(
             "SELECT rootpage FROM sqlite_master WHERE name = 'jobs'"
@@ -271,25 +296,73 @@ def test_an_emptied_database_is_refused_unless_allowed(taskd_factory: type[Taskd
     assert daemon.start().stop() == 0  # the new store is the one taskd created now
 
 
+def test_a_database_removed_with_rm_glob_is_refused_unless_allowed(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory().start()
+    enqueue(daemon, "echo", "--delay", "1h")
+    assert daemon.stop() == 0
+    removed = subprocess.run(["sh", "-c", 'rm -v -- "$0"*', str(daemon.database)], text=True,
+                             capture_output=True, check=True)  # fmt: skip
+    assert f"{daemon.database}'" in removed.stdout  # `rm taskd.db*` took the database itself
+    log = daemon.refused()
+    (line,) = [line for line in log.splitlines() if "cannot start" in line]
+    assert f"job store {daemon.database} is missing, but taskd had created a job store" in line
+    assert "start taskd once with --allow-empty-store" in line
+    assert not daemon.database.exists()  # the refused start created no empty file
+    daemon.extra_args = ["--allow-empty-store"]
+    daemon.start()
+    assert json.loads(daemon.ctl("--json", "jobs").stdout) == []
+    assert "starting with an empty store, as --allow-empty-store asks" in daemon.log
+    assert daemon.stop() == 0
+    daemon.extra_args = []
+    assert daemon.start().stop() == 0  # the new store is the one taskd created now
+
+
+def test_the_marker_where_earlier_versions_kept_it_is_honoured(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory().start()
+    assert daemon.stop() == 0
+    marker, old = daemon.root / ".taskd.db.created", daemon.root / "taskd.db.created"
+    os.replace(marker, old)
+    os.truncate(daemon.database, 0)
+    assert f"(or remove {old})" in daemon.refused()
+    daemon.extra_args = ["--allow-empty-store"]
+    assert daemon.start().stop() == 0
+    assert marker.exists() and not old.exists()
+
+
 # -- a full disk --------------------------------------------------------------------------
 
 
 @pytest.fixture
-def small_disk(short_tmp: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs, mounted for the test (root only)."""
-    folder = short_tmp / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
+def tmpfs(short_tmp: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a tmpfs of the size asked (`"2m"`) for the test (root only)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = short_tmp / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmpfs: Callable[[str], Path]) -> Path:
+    """A 16 MiB tmpfs."""
+    return tmpfs("16m")
 
 
 def _fill(path: Path) -> None:
@@ -333,4 +406,71 @@ def test_a_full_disk_is_reported_and_its_space_comes_back(
     wait_until(lambda: wal.stat().st_size < full, what="the WAL to shrink")
     assert json.loads(daemon.ctl("--json", "status").stdout)["store_failing"] is None
     assert f"writes to job store {daemon.database} go through again" in daemon.log
+    assert daemon.stop() == 0
+
+
+def _enqueue_until_refused(daemon: Taskd) -> tuple[int, str]:
+    """Enqueue email-sized jobs until one is refused: how many were accepted, and why not."""
+    payload = {"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}
+    accepted = 0
+    with daemon.client() as client:
+        while True:
+            try:
+                client.enqueue("echo", payload, delay="1h")
+            except TaskdError as exc:
+                return accepted, str(exc)
+            accepted += 1
+
+
+def test_freed_space_goes_to_the_database_first(
+    taskd_factory: type[Taskd], tmpfs: Callable[[str], Path]
+) -> None:
+    disk = tmpfs("2m")
+    freed, spare = disk / "freed", disk / "spare"
+    freed.write_bytes(b"\0" * 512 * 1024)
+    spare.write_bytes(b"\0" * 128 * 1024)
+    daemon = taskd_factory()
+    daemon.database = disk / "taskd.db"
+    daemon.start()
+    before, refusal = _enqueue_until_refused(daemon)
+    assert "check the free space" in refusal and "carries on by itself" in refusal, refusal
+    freed.unlink()
+    after, _ = _enqueue_until_refused(daemon)
+    assert daemon.stop() == 0
+    assert not Path(f"{daemon.database}-wal").exists()  # the clean stop gave the WAL back
+    # What 512 KiB holds at the size a job takes in the database (pages, indexes and all).
+    per_job = daemon.database.stat().st_size / (before + after)
+    assert after >= 512 * 1024 / per_job, (before, after, per_job)
+    spare.unlink()
+    daemon.start()  # and every job accepted is there
+    assert json.loads(daemon.ctl("--json", "status").stdout)["counts"]["pending"] == before + after
+    assert daemon.stop() == 0
+
+
+def test_a_start_refused_on_a_full_disk_leaves_no_empty_database(
+    taskd_factory: type[Taskd], tmpfs: Callable[[str], Path]
+) -> None:
+    disk = tmpfs("1m")
+    _fill(disk / "filler")
+    daemon = taskd_factory()
+    daemon.database = disk / "taskd.db"
+    (line,) = [line for line in daemon.refused().splitlines() if "cannot start" in line]
+    assert "carries on by itself" not in line, line
+    assert sorted(path.name for path in disk.iterdir()) == ["filler"]
+
+
+def test_a_wal_left_by_kill_on_a_small_disk_is_given_back_at_start(
+    taskd_factory: type[Taskd], tmpfs: Callable[[str], Path]
+) -> None:
+    daemon = taskd_factory()
+    daemon.database = tmpfs("4m") / "taskd.db"
+    daemon.start()
+    wal = Path(f"{daemon.database}-wal")
+    with daemon.client() as client:
+        while wal.stat().st_size < 1 << 20:
+            client.enqueue("echo", "x" * 1000, delay="1h")
+    daemon.kill()
+    left = wal.stat().st_size
+    daemon.start()
+    assert f"checkpointed {wal}: {left} bytes given back" in daemon.log
     assert daemon.stop() == 0

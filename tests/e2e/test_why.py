@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -145,3 +148,19 @@ def test_a_job_whose_task_was_removed(taskd_factory: type[Taskd], short_tmp: Pat
     assert reply["reason"] == "unknown_task", reply
     assert "has not loaded" in reply["message"]
     assert daemon.stop() == 0
+
+
+def test_the_sentence_and_the_timeline_are_in_the_viewers_zone(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory().start(env={"TZ": "UTC"})  # a daemon whose zone is not the viewer's
+    job_id = enqueue(daemon, "echo", "--delay", "1h")
+    viewer = {**os.environ, "TZ": "Asia/Tokyo"}
+    shown = subprocess.run([*daemon.ctl_command(), "why", str(job_id)], env=viewer,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    headline, zone = shown.stdout.splitlines()[:2]
+    assert zone == "timeline (JST):"
+    assert re.search(r"until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d JST \(in 59m", headline), headline
+    # Programs read `at` (and `until`); the sentence they get names the moment in UTC.
+    reply = why(daemon, job_id)
+    assert reply["at"] == reply["until"] and " UTC (in 59m" in reply["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import stat
@@ -61,7 +62,9 @@ async def test_corrupt_or_newer_database_is_refused_clearly(tmp_path: Path) -> N
         await SqliteStore(newer).open()
 
 
-async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+async def test_a_version_1_database_is_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as connection:
         for statement in MIGRATIONS[0]:
@@ -81,7 +84,10 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         )
         connection.execute("INSERT INTO schedules (id, last_tick, paused) VALUES ('x', 5.0, 1)")
     store = SqliteStore(path, clock=Clock(NOW))
-    await store.open()
+    with caplog.at_level(logging.INFO, "taskd.store"):
+        await store.open()
+    migrated = [r.getMessage() for r in caplog.records if "schema version" in r.getMessage()]
+    assert migrated == [f"job store {path} migrated from schema version 1 to {len(MIGRATIONS)}"]
     try:
         (recovered,) = await store.recover(3)
         assert recovered.status == "pending" and recovered.errors == []
@@ -203,10 +209,11 @@ async def test_an_emptied_store_is_refused_unless_allowed(tmp_path: Path) -> Non
     await store.open()
     await store.insert([new()])
     await store.close()
-    for gone in (lambda: os.truncate(path, 0), path.unlink):
+    for gone, state in ((lambda: os.truncate(path, 0), "empty"), (path.unlink, "missing")):
         gone()
-        with pytest.raises(StoreError, match="is empty, but taskd had created a job store there"):
+        with pytest.raises(StoreError, match=f"is {state}, but taskd had created a job store"):
             await SqliteStore(path).open()
+        assert path.exists() == (state == "empty")  # a refused open created no file
         store = SqliteStore(path, allow_empty=True)
         await store.open()
         assert await store.list_jobs(JobFilter()) == []
@@ -242,3 +249,35 @@ async def test_a_store_left_readable_by_others_is_made_private(tmp_path: Path) -
     await store.open()
     await store.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def _spoil_jobs_root_page(path: Path) -> None:
+    with sqlite3.connect(path) as connection:
+        (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+        (root,) = connection.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'jobs'"
+        ).fetchone()
+    connection.close()
+    with open(path, "r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+
+
+async def test_damage_met_while_open_makes_the_next_open_check_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.insert([new()] * 300)
+    await store.close()  # closed cleanly: the next open does not check the file
+    _spoil_jobs_root_page(path)
+    store = SqliteStore(path)
+    await store.open()
+    with pytest.raises(StoreError, match="the file is damaged"):
+        await store.list_jobs(JobFilter())
+    await store.close()
+    reopened = SqliteStore(path)
+    try:
+        with pytest.raises(StoreError, match=r"is damaged \(PRAGMA quick_check: "):
+            await reopened.open()
+    finally:
+        await reopened.close()

@@ -40,6 +40,7 @@ LISTINGS = {
     "TaskInfo": "a list of task objects, sorted by name:\n`",
     "ThreadStats": "`threads`: `",
     "WorkerSlots": "`slots`: `",
+    "HttpStats": "`http`: nil without an `[http]` listener; else `",
     "TimelineEvent": '"timeline": [',
     "WhyResult": "as the daemon\nsees it in the job store. Result: `",
     "RunResult": "with it, at once.\nResult: `",

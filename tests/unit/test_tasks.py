@@ -78,7 +78,7 @@ def test_name_option_overrides_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"a.py": "x = 1\n"}, "exactly one task"),
+        ({"a.py": "x = 1\n"}, "defines no task"),
         ({"a.py": TASK + TASK.replace("def run", "def other")}, "found 2"),
         ({"a.py": "import no_such_module_here\n"}, "ModuleNotFoundError"),
         ({"a.py": "def broken(:\n"}, "SyntaxError"),
@@ -101,6 +101,14 @@ def test_broken_task_files_are_reported_with_file_and_cause(
     message = str(caught.value)
     assert expected in message
     assert str(tmp_path) in message
+
+
+def test_a_helper_file_is_told_where_helpers_go(tmp_path: Path) -> None:
+    write(tmp_path, {"util.py": "def shout(text):\n    return text.upper()\n", "a.py": TASK})
+    with pytest.raises(TaskLoadError) as caught:
+        load_tasks(tmp_path)
+    assert "util.py: defines no task" in str(caught.value)
+    assert "helpers go in files starting with `_`, e.g. `_util.py`" in str(caught.value)
 
 
 def test_all_problems_are_reported_together(tmp_path: Path) -> None:
@@ -204,3 +212,72 @@ def test_reload_reads_changed_files(tmp_path: Path) -> None:
     assert load_tasks(tmp_path).get("a").description == "one"  # type: ignore[union-attr]
     write(tmp_path, {"a.py": TASK.replace("@define_task", "@define_task(description='two')")})
     assert load_tasks(tmp_path).get("a").description == "two"  # type: ignore[union-attr]
+
+
+TICK_TYPES = """
+import datetime
+from typing import TypedDict
+
+import msgspec
+from taskd import define_task
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True):
+    keep: int
+
+
+class Timed(msgspec.Struct, forbid_unknown_fields=True):
+    keep: int
+    scheduled_time: datetime.datetime
+
+
+class Keep(TypedDict):
+    keep: int
+
+
+@define_task
+def task(payload: {annotation}) -> None: ...
+"""
+TICK = {"scheduled_time": "2026-03-29T03:00:00+02:00", "cron": "0 3 * * *", "keep": 7}
+
+
+@pytest.mark.parametrize(
+    ("annotation", "expected"),
+    [
+        ("dict", TICK),  # as in Nitro: a map gets both
+        ("Strict", {"keep": 7}),  # a strict Struct need not declare them
+        ("Strict | None", {"keep": 7}),
+        ("Timed", {"keep": 7, "scheduled_time": "2026-03-29T03:00:00+02:00"}),
+        ("Keep", {"keep": 7}),
+    ],
+)
+def test_a_ticks_fields_reach_the_payload_types_that_take_them(
+    tmp_path: Path, annotation: str, expected: dict[str, object]
+) -> None:
+    write(tmp_path, {"t.py": TICK_TYPES.replace("{annotation}", annotation)})
+    task = load_tasks(tmp_path).get("t")
+    assert task is not None
+    decoded = task.decode_payload(msgspec.msgpack.encode(TICK), tick=True)
+    assert msgspec.to_builtins(decoded) == expected
+    if annotation.startswith("Strict"):  # not a tick: the fields are the caller's, refused
+        with pytest.raises(msgspec.ValidationError):
+            task.decode_payload(msgspec.msgpack.encode(TICK))
+
+
+@pytest.mark.parametrize(
+    ("annotation", "expected"),
+    [
+        ("dict", {"keep": "7", "other": "x"}),  # strings, as Nitro gives them
+        ("dict[str, int]", {"keep": 7, "other": "x"}),  # "x" is left to the validation
+        ("Strict", {"keep": 7, "other": "x"}),
+        ("Strict | None", {"keep": 7, "other": "x"}),
+        ("Keep", {"keep": 7, "other": "x"}),
+    ],
+)
+def test_query_values_take_the_types_of_the_payloads_fields(
+    tmp_path: Path, annotation: str, expected: dict[str, object]
+) -> None:
+    write(tmp_path, {"t.py": TICK_TYPES.replace("{annotation}", annotation)})
+    task = load_tasks(tmp_path).get("t")
+    assert task is not None
+    assert task.query_payload({"keep": "7", "other": "x"}) == expected

@@ -101,10 +101,8 @@ class Connections:
             )
         except DRIVER_ERRORS as exc:
             self._failed(exc)
-            raise Unreachable(
-                f"cannot connect to job store {self._description}: {_describe(exc)}"
-                + UNREACHABLE_HINT
-            ) from exc
+            message = f"cannot connect to job store {self._description}: {_describe(exc)}"
+            raise Unreachable(message + UNREACHABLE_HINT, at_start_up=message) from exc
         if self._backoff:
             logger.info("job store %s: connected again", self._description)
         self._backoff = self._retry_at = 0.0

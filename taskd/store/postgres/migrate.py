@@ -33,4 +33,12 @@ async def migrate(db: Any, schema: str, description: str) -> None:
             for statement in MIGRATIONS[number]:
                 await db.execute(statement.format(s=schema))
             await db.execute(f"INSERT INTO {schema}.migrations (version) VALUES ($1)", number + 1)
-            logger.info("job store %s migrated to schema version %d", description, number + 1)
+    if version == 0:
+        logger.info("created the job store %s at schema version %d", description, len(MIGRATIONS))
+    elif version < len(MIGRATIONS):
+        logger.info(
+            "job store %s migrated from schema version %d to %d",
+            description,
+            version,
+            len(MIGRATIONS),
+        )

@@ -175,10 +175,12 @@ class PostgresStore(SqlStore):
             return await self._run(db, read(self._sql, *args))
 
     def _store_error(self, exc: Exception) -> StoreError | None:
+        """The driver's error as a StoreError; a start-up that fails does not reconnect."""
         if not isinstance(exc, DRIVER_ERRORS):
             return None
+        message = f"job store {self.description}: {exc}"
         hint = UNREACHABLE if connection_failed(exc) else ""
-        return StoreError(f"job store {self.description}: {exc}{hint}")
+        return StoreError(message + hint, at_start_up=message)
 
     def _on_notice(self, payload: str) -> None:
         notice = decode_notice(payload)

@@ -1,6 +1,9 @@
 """The database's files on disk: the lock on the file itself, their modes, and the marker
 that says a job store was created here.
 
+The marker is `.taskd.db.created` in the database's folder: a name that `rm taskd.db*` does
+not reach, so that a store removed with its side files is noticed too.
+
 The lock is an exclusive flock on the database file, so it follows the file whatever name
 leads to it (a symlink, a hard link); the kernel's list of locks names the daemon holding
 it. SQLite's own locks are POSIX byte-range locks, which flock does not touch on Linux.
@@ -36,15 +39,16 @@ def make_folder(folder: Path, group: int | None) -> None:
         raise StoreError(f"cannot create {folder}: {exc.strerror}") from None
 
 
-def lock_database(path: Path, mode: int, group: int | None, *, name: Path) -> int:
-    """Open (or create, with `mode`) the database file and lock it; returns the held fd.
+def lock_database(path: Path, mode: int, group: int | None, *, name: Path) -> tuple[int, bool]:
+    """Open (or create, with `mode`) the database file and lock it; returns the held fd, and
+    whether this call created the file.
 
     `name` is the path configured, which leads to the file `path`. Raises StoreError naming
     the daemon that holds the lock, or what keeps taskd from writing the file.
     """
     shown = f"{name}" if name == path else f"{name} (the file {path})"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+        fd, created = _open_or_create(path, mode)
     except OSError as exc:
         raise StoreError(_cannot_write(shown, path, exc)) from None
     try:
@@ -75,7 +79,29 @@ def lock_database(path: Path, mode: int, group: int | None, *, name: Path) -> in
             path,
             info.st_nlink,
         )
-    return fd
+    return fd, created
+
+
+def _open_or_create(path: Path, mode: int) -> tuple[int, bool]:
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), True
+        except FileExistsError:
+            continue  # created meanwhile by another process: open that one
+
+
+def remove_created(path: Path) -> None:
+    """Remove the database file that a start-up which failed had created, and its side files:
+    a refused start leaves nothing behind."""
+    for file in (path, *(Path(f"{path}{suffix}") for suffix in SIDE_FILES)):
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot remove %s, created by this start: %s", file, exc.strerror)
 
 
 def holder_pid(fd: int) -> int | None:
@@ -140,12 +166,32 @@ def _set_mode(path: Path, mode: int, group: int | None) -> None:
 
 
 def marker_path(path: Path) -> Path:
+    return path.parent / f".{path.name}{MARKER_SUFFIX}"
+
+
+def _old_marker_path(path: Path) -> Path:
+    """Where earlier versions kept the marker (`taskd.db.created`, which `rm taskd.db*` took);
+    one found there is honoured, and moved."""
     return Path(f"{path}{MARKER_SUFFIX}")
+
+
+def existing_marker(path: Path) -> Path | None:
+    """The marker that says taskd had created a job store at `path`, if there is one."""
+    for marker in (marker_path(path), _old_marker_path(path)):
+        if marker.exists():
+            return marker
+    return None
 
 
 def write_marker(path: Path, mode: int) -> None:
     """Note beside the database that a job store lives here (so that losing it is noticed)."""
     marker = marker_path(path)
+    old = _old_marker_path(path)
+    if old.exists():
+        try:
+            os.replace(old, marker)
+        except OSError as exc:
+            logger.warning("cannot rename %s to %s: %s", old, marker, exc.strerror)
     if marker.exists():
         return
     noted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

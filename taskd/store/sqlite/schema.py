@@ -150,6 +150,17 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE job_errors ADD COLUMN started_at REAL",
         "ALTER TABLE job_errors ADD COLUMN worker TEXT",
     ],
+    # Whether the last taskd to use the file closed it cleanly (and met no damage): then the
+    # next start skips `PRAGMA quick_check`, which reads the whole file. Cleared at start.
+    [
+        """
+        CREATE TABLE store_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            closed_cleanly INTEGER NOT NULL
+        )
+        """,
+        "INSERT INTO store_state (id, closed_cleanly) VALUES (1, 0)",
+    ],
 ]
 
 
@@ -172,4 +183,9 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
         except BaseException:
             await connection.execute("ROLLBACK")
             raise
-        logger.info("job store %s migrated to schema version %d", path, number + 1)
+    if version == 0:
+        logger.info("created the job store %s at schema version %d", path, len(MIGRATIONS))
+    elif version < len(MIGRATIONS):
+        logger.info(
+            "job store %s migrated from schema version %d to %d", path, version, len(MIGRATIONS)
+        )
