@@ -73,6 +73,16 @@ RECOVERED = """crashes = crashes + 1,
     finished_at = CASE WHEN crashes + 1 >= :quarantine OR attempts >= max_attempts
         THEN :now END,
     run_at = :now, worker = NULL, lease_expires = NULL, waiting = false"""
+
+
+def interrupted(worker: str) -> str:
+    """What a recovery records of the attempt it took back (the worker in column `worker`)."""
+    return (
+        f"'interrupted: worker ' || coalesce({worker}, '?') || ' went away during attempt '"
+        " || attempts"
+    )
+
+
 # What a cancel does to a pending or running job.
 CANCELLED = (
     "status = 'cancelled', finished_at = :now, error = 'cancelled by request', worker = NULL,"

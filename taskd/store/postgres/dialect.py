@@ -31,6 +31,7 @@ from taskd.store.core.jobs import (
     PRUNE_SLICE,
     RECOVERED,
     REGISTERED,
+    interrupted,
 )
 from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, compose
@@ -149,14 +150,14 @@ WITH gone AS (
     RETURNING {columns}, gone.worker AS lost_worker
 ), errors AS (
     INSERT INTO {s}.job_errors ({error_columns})
-    SELECT id, attempts, 'interrupted', 'interrupted: worker ' || coalesce(lost_worker, '?')
-        || ' went away during attempt ' || attempts, NULL, :now, started_at, lost_worker
+    SELECT id, attempts, 'interrupted', {message}, NULL, :now, started_at, lost_worker
     FROM back
 )
 SELECT * FROM back
 """,
     abandoned=ABANDONED,
     recovered=RECOVERED,
+    message=interrupted("lost_worker"),
     columns=job_columns("j"),
     error_columns=ERROR_COLUMNS,
 )

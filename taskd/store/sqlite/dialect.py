@@ -26,6 +26,7 @@ from taskd.store.core.jobs import (
     PRUNE_SLICE,
     RECOVERED,
     REGISTERED,
+    interrupted,
 )
 from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, members
@@ -86,6 +87,13 @@ CLAIM_SQL = (
     f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {JOB_COLUMNS}"
 )
 NEXT_DUE_SQL = f"WITH RECURSIVE {QUEUES} {NEXT_DUE}"
+# A recovery's record of each attempt it takes back, written before it takes them back
+# (while the jobs still name their workers).
+RECORD_INTERRUPTED = (
+    f"INSERT INTO job_errors ({ERROR_COLUMNS}) SELECT id, attempts, 'interrupted',"
+    f" {interrupted('worker')}, NULL, :now, started_at, worker FROM jobs WHERE {ABANDONED}"
+)
+RECOVER_SQL = f"UPDATE jobs SET {RECOVERED} WHERE {ABANDONED} RETURNING {JOB_COLUMNS}"
 
 
 class SqliteSql:
@@ -161,16 +169,9 @@ class SqliteSql:
         return rows
 
     def recover(self, quarantine_after: int) -> Steps[list[Row]]:
-        # Only for the error messages; the UPDATE decides.
-        gone = yield Statement(f"SELECT id, worker FROM jobs WHERE {ABANDONED}")
-        workers = {row["id"]: row["worker"] for row in gone}
-        rows = yield Statement(
-            f"UPDATE jobs SET {RECOVERED} WHERE {ABANDONED} RETURNING {JOB_COLUMNS}",
-            {"quarantine": quarantine_after},
-        )
-        if rows:
-            yield Statement(_INSERT_ERROR, [_interrupted(row, workers) for row in rows], many=True)
-        return rows
+        # The one writer: the jobs both statements find abandoned are the same.
+        yield Statement(RECORD_INTERRUPTED)
+        return (yield Statement(RECOVER_SQL, {"quarantine": quarantine_after}))
 
     def cancel(self, job_id: int) -> Steps[list[Row]]:
         # A running attempt ends here: it is recorded like any other attempt's end.
@@ -237,16 +238,6 @@ _INSERT_ERROR = (
     f"INSERT INTO job_errors ({ERROR_COLUMNS}) VALUES (:job_id, :attempt, :kind, :message,"
     " :traceback, :now, :started_at, :worker)"
 )
-
-
-def _interrupted(row: Row, workers: dict[int, str | None]) -> dict[str, Any]:
-    worker = workers.get(row["id"])
-    return {
-        "job_id": row["id"], "attempt": row["attempts"], "kind": "interrupted",
-        "message": f"interrupted: worker {worker or '?'} went away during attempt"
-                   f" {row['attempts']}",
-        "traceback": None, "started_at": row["started_at"], "worker": worker,
-    }  # fmt: skip
 
 
 def execute(db: sqlite3.Connection, now: float, statement: Statement) -> list[Row]:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import aiosqlite
 
-from taskd.store.base import StoreError
-
-logger = logging.getLogger(__name__)
+from taskd.store.core.migrations import log_migrated, versions_to_apply
 
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
@@ -168,12 +165,7 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
     """Bring the schema to the latest version, one transaction per version."""
     rows = list(await connection.execute_fetchall("PRAGMA user_version"))
     version = rows[0][0]
-    if version > len(MIGRATIONS):
-        raise StoreError(
-            f"job store {path} has schema version {version}, newer than this taskd "
-            f"understands ({len(MIGRATIONS)}); upgrade taskd"
-        )
-    for number in range(version, len(MIGRATIONS)):
+    for number in versions_to_apply(version, len(MIGRATIONS), str(path)):
         await connection.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[number]:
@@ -183,9 +175,4 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
         except BaseException:
             await connection.execute("ROLLBACK")
             raise
-    if version == 0:
-        logger.info("created the job store %s at schema version %d", path, len(MIGRATIONS))
-    elif version < len(MIGRATIONS):
-        logger.info(
-            "job store %s migrated from schema version %d to %d", path, version, len(MIGRATIONS)
-        )
+    log_migrated(version, len(MIGRATIONS), str(path))
