@@ -5,15 +5,14 @@ after the transaction that holds them has committed. Writes of the same operatio
 meet in a batch are merged into one call, so fifty concurrent enqueues become one INSERT.
 How a batch becomes a transaction is the store's: it gets the operations in order, each
 with its merged items, and runs them in one transaction (SQLite: in its writer thread, in
-one hop from the event loop).
+one hop from the event loop). An operation is a generator of statements (`taskd.store.core`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -23,27 +22,25 @@ GATHER_TURNS = 2  # turns of the event loop a batch waits for company before it 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 Context = TypeVar("Context")
-# A write of one kind, for all its items that met in a batch: a store's own function (plain,
-# or a coroutine), which its runner calls inside the batch's transaction.
-Operation = Callable[[Context, list[Item]], list[Result] | Awaitable[list[Result]]]
+# A write of one kind, for all its items that met in a batch, which the runner drives inside
+# the batch's transaction: one result per item.
+Operation = Callable[[Context, list[Item]], Generator[Any, Any, list[Result]]]
 # Runs the operations of a batch, each with its items, in one transaction; their results.
 Runner = Callable[[list[tuple[Any, list[Any]]]], Awaitable[list[list[Any]]]]
 
 
 class _Write(Generic[Item, Result]):
-    __slots__ = ("after_commit", "future", "items", "operation")
+    __slots__ = ("future", "items", "operation")
 
     def __init__(
         self,
         operation: Operation[Any, Item, Result],
         items: Sequence[Item],
         future: asyncio.Future[list[Result]],
-        after_commit: Callable[[list[Result]], None] | None,
     ) -> None:
         self.operation = operation
         self.items = items
         self.future = future
-        self.after_commit = after_commit
 
 
 class GroupCommit(Generic[Context]):
@@ -78,18 +75,17 @@ class GroupCommit(Generic[Context]):
         self,
         operation: Operation[Context, Item, Result],
         items: Sequence[Item],
-        after_commit: Callable[[list[Result]], None] | None = None,
     ) -> list[Result]:
         """Run `operation` on `items` in the next transaction; return after it commits.
 
-        `after_commit` gets the results as soon as they are committed, even if the caller
-        has stopped waiting (a client that hung up): what others must be told about the
-        write (work to do, a job ended) is never lost with the caller.
+        What others must be told about the write (work to do, a job ended) is the runner's
+        to tell once it commits, also when the caller has stopped waiting (a client that
+        hung up).
         """
         if self._task is None or self._task.done():
             raise RuntimeError("the store is closed")
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(operation, items, future, after_commit))
+        self._queue.put_nowait(_Write(operation, items, future))
         # Shielded: a caller that gives up must not leave a half-reported write behind.
         return await asyncio.shield(future)
 
@@ -131,11 +127,6 @@ class GroupCommit(Generic[Context]):
         for write, result in zip(batch, results, strict=True):
             if not write.future.done():
                 write.future.set_result(result)
-            if write.after_commit is not None:
-                try:
-                    write.after_commit(result)
-                except Exception:
-                    logger.exception("telling others about a committed write failed")
 
     async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
         groups: dict[Operation[Context, Any, Any], list[int]] = {}
@@ -158,16 +149,6 @@ class GroupCommit(Generic[Context]):
                 results[i] = output[start : start + count]
                 start += count
         return results
-
-
-def in_transaction(transaction: Callable[[], AbstractAsyncContextManager[Any]]) -> Runner:
-    """A runner for operations that are coroutines: one after another, in `transaction`."""
-
-    async def run(operations: list[tuple[Any, list[Any]]]) -> list[list[Any]]:
-        async with transaction() as context:
-            return [await operation(context, items) for operation, items in operations]
-
-    return run
 
 
 def _fail(write: _Write[Any, Any], exc: BaseException) -> None:

@@ -1,5 +1,5 @@
-"""Jobs, attempt errors and schedule states from result rows, by column name: the same on
-every backend (a `sqlite3.Row` and an asyncpg `Record` are both indexed by column name)."""
+"""Jobs, attempt errors, nodes and schedule states from result rows, by column name: the same
+on every backend (a `sqlite3.Row` and an asyncpg `Record` are both indexed by column name)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,25 @@ from typing import Any, Protocol
 
 import msgspec
 
-from taskd.models import AttemptError, FiredJob, Job, Progress
+from taskd.models import AttemptError, FiredJob, Job, NodeInfo, Progress
 from taskd.store.base import ScheduleState
+
+JOB_COLUMNS = (
+    "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
+    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
+    " progress_done, progress_total, progress_message, progress_at"
+)
+ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
+SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
+NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"  # PostgreSQL adds schedules
 
 # A tick's jobs, as a schedule's state and a tick's record keep them.
 fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
+
+
+def job_columns(table: str) -> str:
+    """JOB_COLUMNS qualified with a table name (for statements that join)."""
+    return ", ".join(f"{table}.{column.strip()}" for column in JOB_COLUMNS.split(","))
 
 
 class Row(Protocol):
@@ -76,4 +90,17 @@ def schedule_from_row(row: Row) -> ScheduleState:
         covered_until=row["covered_until"],
         fired_at=row["fired_at"],
         last_jobs=fired_jobs_json.decode(row["last_jobs"]),
+    )
+
+
+def node_from_row(row: Row) -> NodeInfo:
+    return NodeInfo(
+        id=row["id"],
+        worker=row["worker"],
+        host=row["host"],
+        pid=row["pid"],
+        started_at=row["started_at"],
+        seen_at=row["seen_at"],
+        running=row["running"],
+        schedules=row["schedules"],
     )

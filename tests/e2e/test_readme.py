@@ -76,7 +76,7 @@ BLOCKS = readme_blocks()
 # line, and why.
 NOT_RUN = {
     "make run    # creates .venv": "make run is this module's fixture, and make test runs it",
-    "import taskd.pg": "an application's transaction on PostgreSQL",
+    "import taskd.outbox": "an application's transaction (tests/store/test_postgres.py)",
     "taskctl [--socket PATH]": "a synopsis",
     "taskd [--config FILE]": "a synopsis",
     "# taskd in a virtual environment of its own": "sets up the system service: root, systemd",

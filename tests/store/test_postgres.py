@@ -1,5 +1,5 @@
 """What only the PostgreSQL store does: its connections, notices between stores, and
-`taskd.pg`'s enqueue inside an application's transaction."""
+`taskd.outbox`'s enqueue inside an application's transaction."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import asyncpg
 import msgspec
 import pytest
 
+import taskd.outbox
 import taskd.pg
 from taskd.store import ClaimRequest, NewJob, StoreError
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
 from tests.support import Clock
+from tests.unit.test_imports import loaded_modules
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ async def test_lost_connections_come_back_and_everyone_reads_again(store: Postgr
     assert len((await store.claim(ClaimRequest(worker, 10, 60))).jobs) == 2
 
 
-# -- taskd.pg: enqueue in the application's transaction --------------------------------------
+# -- taskd.outbox: enqueue in the application's transaction ----------------------------------------
 
 
 async def test_enqueue_in_an_asyncpg_transaction_exists_only_if_it_commits(
@@ -88,15 +90,15 @@ async def test_enqueue_in_an_asyncpg_transaction_exists_only_if_it_commits(
     connection = await asyncpg.connect(postgres_url())
     try:
         async with connection.transaction():
-            kept = await taskd.pg.enqueue(connection, "t", {"n": 1}, schema=store.schema)
+            kept = await taskd.outbox.enqueue(connection, "t", {"n": 1}, schema=store.schema)
             assert not due.is_set()  # nobody hears of it before the commit
         await asyncio.wait_for(due.wait(), 10)
         with pytest.raises(RuntimeError, match="rolled back"):
             async with connection.transaction():
-                lost = await taskd.pg.enqueue(connection, "t", schema=store.schema)
+                lost = await taskd.outbox.enqueue(connection, "t", schema=store.schema)
                 raise RuntimeError("rolled back")
         keyed = [
-            await taskd.pg.enqueue(connection, "t", key="k", priority=5, schema=store.schema)
+            await taskd.outbox.enqueue(connection, "t", key="k", priority=5, schema=store.schema)
             for _ in range(2)
         ]
     finally:
@@ -105,21 +107,33 @@ async def test_enqueue_in_an_asyncpg_transaction_exists_only_if_it_commits(
     assert job is not None and msgspec.msgpack.decode(job.payload) == {"n": 1}
     assert (job.status, job.origin, job.max_attempts) == ("pending", "enqueue", 3)
     assert await store.get(lost.job_id) is None
-    assert keyed[1] == taskd.pg.EnqueueResult(keyed[0].job_id, duplicate=True)
+    assert keyed[1] == taskd.outbox.EnqueueResult(keyed[0].job_id, duplicate=True)
 
 
 async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(postgres_url()) as connection:
-        first = await taskd.pg.enqueue(connection, "t", [1, 2], delay=30, schema=store.schema)
+        first = await taskd.outbox.enqueue(connection, "t", [1, 2], delay=30, schema=store.schema)
     with psycopg.Connection.connect(postgres_url()) as sync_connection:
-        second = taskd.pg.enqueue_sync(sync_connection, "t", "x", key="k", schema=store.schema)
-        again = taskd.pg.enqueue_sync(sync_connection, "t", "y", key="k", schema=store.schema)
-    assert again == taskd.pg.EnqueueResult(second.job_id, duplicate=True)
+        second = taskd.outbox.enqueue_sync(sync_connection, "t", "x", key="k", schema=store.schema)
+        again = taskd.outbox.enqueue_sync(sync_connection, "t", "y", key="k", schema=store.schema)
+    assert again == taskd.outbox.EnqueueResult(second.job_id, duplicate=True)
     delayed = await store.get(first.job_id)
     assert delayed is not None and delayed.run_at == delayed.created_at + 30
     assert msgspec.msgpack.decode(delayed.payload) == [1, 2]
+
+
+def test_the_outbox_needs_neither_asyncpg_nor_the_daemon() -> None:
+    modules = loaded_modules("import taskd.outbox")
+    assert not {"asyncpg", "aiosqlite", "taskd.store.postgres.store"} & modules
+
+
+def test_taskd_pg_is_the_outbox_by_its_first_name() -> None:
+    assert (taskd.pg.enqueue, taskd.pg.enqueue_sync) == (
+        taskd.outbox.enqueue,
+        taskd.outbox.enqueue_sync,
+    )
 
 
 @pytest.mark.parametrize(
@@ -134,7 +148,7 @@ async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:
 )
 async def test_enqueue_refuses_what_it_can_check(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        await taskd.pg.enqueue(object(), "t", **options)  # type: ignore[arg-type]
+        await taskd.outbox.enqueue(object(), "t", **options)  # type: ignore[arg-type]
 
 
 async def test_two_stores_migrating_at_once_make_one_schema() -> None:

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from taskd.store import ClaimRequest, JobFilter, NewJob, ScheduleState, StoreError, store_for
-from taskd.store.sqlite import SqliteStore, jobs
+from taskd.store.sqlite import SqliteStore
+from taskd.store.sqlite.dialect import CANDIDATES, NEXT_DUE, QUEUES
 from taskd.store.sqlite.schema import MIGRATIONS
 from tests.conftest import NOW
 from tests.support import Clock
@@ -176,9 +177,8 @@ async def test_a_claim_reads_only_what_it_can_take(tmp_path: Path) -> None:
     params = {"now": NOW, "limit": 16, "limits": '{"throttled": 1}', "worker": worker,
               "lease": 60}  # fmt: skip
     for sql in (
-        f"WITH RECURSIVE {jobs.QUEUES}, candidates(id) AS ({jobs.CANDIDATES})"
-        " SELECT id FROM candidates",
-        f"WITH RECURSIVE {jobs.QUEUES} {jobs.NEXT_DUE}",
+        f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES}) SELECT id FROM candidates",
+        f"WITH RECURSIVE {QUEUES} {NEXT_DUE}",
     ):
         plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
         scans = [step for step in plan if step.split()[:2] in (["SCAN", t] for t in TABLES)]

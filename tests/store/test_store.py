@@ -569,9 +569,13 @@ async def test_insert_and_claim_in_one_transaction(store: Store, clock: Clock) -
     worker = await store.register_node("n", 60)
     urgent = NewJob("t", b"\x80", "run", 1, priority=-10, key="@run")
     later = msgspec.structs.replace(urgent, key="later", delay=60.0)
+    due: list[float] = []
+    store.events.on_due(due.append)
     inserted, claimed = await store.insert_and_claim([urgent, later], ClaimRequest(worker, 4, 60))
     assert [job.id for job in claimed.jobs] == [inserted[0].job_id]  # the due one only
+    assert due == [pytest.approx(60.0)]  # the job the claim took is no news to anyone
     (job,) = claimed.jobs
     assert job.status == "running" and job.worker == worker and job.started_at == job.created_at
     again, none = await store.insert_and_claim([urgent], ClaimRequest(worker, 4, 60))
     assert again[0].duplicate and again[0].job_id == job.id and none.jobs == []
+    assert due == [pytest.approx(60.0)]

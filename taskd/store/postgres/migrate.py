@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from taskd.store.base import StoreError
+from taskd.store.core.migrations import log_migrated, versions_to_apply
 from taskd.store.postgres.schema import MIGRATIONS
-
-logger = logging.getLogger(__name__)
 
 
 async def migrate(db: Any, schema: str, description: str) -> None:
@@ -24,21 +21,8 @@ async def migrate(db: Any, schema: str, description: str) -> None:
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
         version = await db.fetchval(f"SELECT coalesce(max(version), 0) FROM {schema}.migrations")
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"job store {description} has schema version {version}, newer than this taskd "
-                f"understands ({len(MIGRATIONS)}); upgrade taskd"
-            )
-        for number in range(version, len(MIGRATIONS)):
+        for number in versions_to_apply(version, len(MIGRATIONS), description):
             for statement in MIGRATIONS[number]:
                 await db.execute(statement.format(s=schema))
             await db.execute(f"INSERT INTO {schema}.migrations (version) VALUES ($1)", number + 1)
-    if version == 0:
-        logger.info("created the job store %s at schema version %d", description, len(MIGRATIONS))
-    elif version < len(MIGRATIONS):
-        logger.info(
-            "job store %s migrated from schema version %d to %d",
-            description,
-            version,
-            len(MIGRATIONS),
-        )
+    log_migrated(version, len(MIGRATIONS), description)

@@ -1,16 +1,11 @@
-"""The PostgreSQL schema: its migrations (each a list of statements), and rows decoded by name.
+"""The PostgreSQL schema: its migrations (each a list of statements), and its channel.
 
 Every object lives in one PostgreSQL schema (`taskd` unless `[postgres] schema` says
 otherwise), so that taskd's tables can share an application's database. `{s}` in the
-statements is that schema's name. No asyncpg here: `taskd.pg` imports this module.
+statements is that schema's name. No asyncpg here: `taskd.outbox` imports this module.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
-
-from taskd.models import NodeInfo
 
 # The store's "now", in seconds since the epoch: the database's clock (the statement's
 # start), unless a session sets `taskd.now` (the tests' clock, which the store passes in).
@@ -148,36 +143,7 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
-JOB_COLUMNS = (
-    "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
-    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
-    " progress_done, progress_total, progress_message, progress_at"
-)
-SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
-NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, schedules"
-
 
 def channel(schema: str) -> str:
     """The LISTEN/NOTIFY channel of a schema's daemons."""
     return f"taskd:{schema}"
-
-
-def job_columns(table: str) -> str:
-    """JOB_COLUMNS qualified with a table name (for statements that join)."""
-    return ", ".join(f"{table}.{column.strip()}" for column in JOB_COLUMNS.split(","))
-
-
-Row = Mapping[str, Any]
-
-
-def node_from_row(row: Row) -> NodeInfo:
-    return NodeInfo(
-        id=row["id"],
-        worker=row["worker"],
-        host=row["host"],
-        pid=row["pid"],
-        started_at=row["started_at"],
-        seen_at=row["seen_at"],
-        running=row["running"],
-        schedules=row["schedules"],
-    )

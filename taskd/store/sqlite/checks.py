@@ -31,8 +31,11 @@ def closed_cleanly(db: sqlite3.Connection) -> bool:
     return bool(row and row[0])
 
 
+SET_CLOSED_CLEANLY = "UPDATE store_state SET closed_cleanly = :closed"
+
+
 def set_closed_cleanly(db: sqlite3.Connection, closed: bool) -> None:
-    db.execute("UPDATE store_state SET closed_cleanly = ?", (int(closed),))
+    db.execute(SET_CLOSED_CLEANLY, {"closed": closed})
 
 
 def check_pages(db: sqlite3.Connection, name: Path, file: Path) -> None:

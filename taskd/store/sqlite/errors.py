@@ -11,13 +11,13 @@ from taskd.store.base import StoreError
 SPACE_ERRORS = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 
-def primary_code(exc: sqlite3.Error) -> int | None:
+def primary_code(exc: BaseException) -> int | None:
     """SQLite's primary result code (SQLITE_BUSY, SQLITE_FULL, ...) of an error, if known."""
     code = getattr(exc, "sqlite_errorcode", None)
     return None if code is None else code & 0xFF
 
 
-def is_space_error(exc: sqlite3.Error) -> bool:
+def is_space_error(exc: BaseException) -> bool:
     return primary_code(exc) in SPACE_ERRORS
 
 

@@ -1,17 +1,12 @@
-"""The SQLite schema: its migrations (each a list of statements), and rows decoded by name."""
+"""The SQLite schema: its migrations, each a list of statements."""
 
 from __future__ import annotations
 
-import logging
-import sqlite3
 from pathlib import Path
 
 import aiosqlite
 
-from taskd.models import NodeInfo
-from taskd.store.base import StoreError
-
-logger = logging.getLogger(__name__)
+from taskd.store.core.migrations import log_migrated, versions_to_apply
 
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
@@ -165,31 +160,12 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
-JOB_COLUMNS = (
-    "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
-    " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
-    " progress_done, progress_total, progress_message, progress_at"
-)
-ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
-SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
-NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"
-
-
-def marks(count: int) -> str:
-    """`?, ?, ?`: the placeholders of a list of parameters."""
-    return ", ".join("?" * count)
-
 
 async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
     """Bring the schema to the latest version, one transaction per version."""
     rows = list(await connection.execute_fetchall("PRAGMA user_version"))
     version = rows[0][0]
-    if version > len(MIGRATIONS):
-        raise StoreError(
-            f"job store {path} has schema version {version}, newer than this taskd "
-            f"understands ({len(MIGRATIONS)}); upgrade taskd"
-        )
-    for number in range(version, len(MIGRATIONS)):
+    for number in versions_to_apply(version, len(MIGRATIONS), str(path)):
         await connection.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[number]:
@@ -199,21 +175,4 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
         except BaseException:
             await connection.execute("ROLLBACK")
             raise
-    if version == 0:
-        logger.info("created the job store %s at schema version %d", path, len(MIGRATIONS))
-    elif version < len(MIGRATIONS):
-        logger.info(
-            "job store %s migrated from schema version %d to %d", path, version, len(MIGRATIONS)
-        )
-
-
-def node_from_row(row: sqlite3.Row) -> NodeInfo:
-    return NodeInfo(
-        id=row["id"],
-        worker=row["worker"],
-        host=row["host"],
-        pid=row["pid"],
-        started_at=row["started_at"],
-        seen_at=row["seen_at"],
-        running=row["running"],
-    )
+    log_migrated(version, len(MIGRATIONS), str(path))

@@ -1,0 +1,71 @@
+"""What each backend writes in its own SQL, and the transaction as the operations see it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from taskd.models import JobStatus
+from taskd.store.base import ClaimRequest, NewJob, Outcome
+from taskd.store.core.notes import Notes
+from taskd.store.core.statements import Statement, Steps
+from taskd.store.rows import Row
+
+
+class Dialect(Protocol):
+    """The SQL where SQLite and PostgreSQL differ: a claim (a walk of the pending jobs' index
+    vs FOR UPDATE SKIP LOCKED under advisory locks), batches (VALUES lists vs arrays), and
+    what PostgreSQL does in one statement with data-modifying CTEs."""
+
+    insert_chunk: int  # jobs per INSERT statement
+    register_sql: str  # a node's next worker; returns `worker`
+    node_columns: str  # NODE_COLUMNS and `schedules`
+    errors_sql: str  # a job's attempt errors (`:id`), oldest first
+    queue_depth_sql: str  # `n`: the pending jobs
+    trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
+
+    def insert(self, jobs: Sequence[NewJob]) -> Statement:
+        """Inserts the jobs but those whose key is taken; returns id, task, key, due_in."""
+        ...
+
+    def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
+        """The active jobs with these (task, key): id, task, key."""
+        ...
+
+    def claim(self, request: ClaimRequest) -> Steps[tuple[list[Row], float | None]]:
+        """Marks the jobs the request takes running; their rows, and when the next is due."""
+        ...
+
+    def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
+        """Records the outcomes (see FINISHED) and their errors; the jobs' rows, with due_in."""
+        ...
+
+    def recover(self, quarantine_after: int) -> Steps[list[Row]]:
+        """Takes back the ABANDONED jobs (see RECOVERED), recording why; their rows."""
+        ...
+
+    def cancel(self, job_id: int) -> Steps[list[Row]]:
+        """Cancels a pending or running job (a running attempt is recorded); its row."""
+        ...
+
+    def prune(self, status: JobStatus, age: float) -> Steps[int]:
+        """Deletes up to PRUNE_SLICE jobs that finished `age` seconds ago; how many."""
+        ...
+
+    def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> Steps[set[int]]:
+        """Extends a worker's heartbeat and its leases on `job_ids`; the ids it still holds."""
+        ...
+
+
+@dataclass(slots=True)
+class Tx:
+    """A write transaction as its operations see it: the dialect's SQL, and its notes."""
+
+    sql: Dialect
+    notes: Notes
+
+
+# A store operation: the writes of one kind that met in a batch, run in one transaction;
+# one result per item, in order.
+Operation = Callable[[Tx, list[Any]], Steps[list[Any]]]

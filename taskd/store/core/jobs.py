@@ -1,0 +1,291 @@
+"""The job writes, each an operation run in a group-committed transaction (`Tx`).
+
+Each takes the writes of one kind that met in a batch and returns one result per item, in
+order, noting what listeners must hear of. What a claim, an outcome, a recovery and a
+cancel do to a job's row is written here once; the statements around them that SQLite and
+PostgreSQL write differently are their dialects'.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn, cast
+
+from taskd.models import Job, JobStatus
+from taskd.store.base import (
+    Claimed,
+    ClaimRequest,
+    Finished,
+    Inserted,
+    JobNotFound,
+    NewJob,
+    Outcome,
+    StoreError,
+    refused,
+)
+from taskd.store.core.dialect import Tx
+from taskd.store.core.statements import Statement, Steps
+from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
+
+INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
+PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds a writer long
+
+# What a claim does to each job it takes for :worker.
+CLAIMED = (
+    "status = 'running', attempts = attempts + 1, epoch = epoch + 1, started_at = :now,"
+    " worker = :worker, lease_expires = :now + :lease, waiting = false, progress_done = NULL,"
+    " progress_total = NULL, progress_message = NULL, progress_at = NULL"
+)
+# The worker may claim: its node names it and it has not left (a lapsed heartbeat is fine:
+# `renew` revives it if nobody took its jobs meanwhile).
+REGISTERED = "EXISTS (SELECT 1 FROM {s}.nodes WHERE worker = :worker AND expires IS NOT NULL)"
+
+# What an outcome `v` (id, epoch, worker, outcome, result, message, retry_in) does to a job
+# running its claim: "retry" puts it back for later, "released" at once and without
+# counting the attempt.
+FINISHED = """result = v.result,
+    status = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN v.outcome ELSE 'pending' END,
+    error = CASE WHEN v.outcome = 'succeeded' THEN NULL ELSE coalesce(v.message, jobs.error) END,
+    run_at = CASE v.outcome WHEN 'retry' THEN :now + v.retry_in WHEN 'released' THEN :now
+        ELSE jobs.run_at END,
+    attempts = jobs.attempts - CASE WHEN v.outcome = 'released' THEN 1 ELSE 0 END,
+    finished_at = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN :now END,
+    worker = NULL, lease_expires = NULL, waiting = false"""
+# The outcome's job still runs the claim it reports on (fencing).
+FINISHING = (
+    "jobs.id = v.id AND jobs.epoch = v.epoch AND jobs.worker = v.worker AND jobs.status = 'running'"
+)
+
+# A running job whose lease expired or whose worker is not alive.
+ABANDONED = (
+    "status = 'running' AND (lease_expires < :now OR worker IS NULL"
+    " OR worker NOT IN (SELECT worker FROM {s}.nodes WHERE expires >= :now))"
+)
+# What a recovery does to an abandoned job: its attempt is lost, and counted as a crash; a
+# job that crashed :quarantine times, or lost its last attempt, fails.
+RECOVERED = """crashes = crashes + 1,
+    status = CASE WHEN crashes + 1 >= :quarantine OR attempts >= max_attempts
+        THEN 'failed' ELSE 'pending' END,
+    error = CASE WHEN crashes + 1 >= :quarantine
+            THEN 'quarantined after ' || (crashes + 1) || ' crashes'
+        WHEN attempts >= max_attempts THEN 'interrupted during its last attempt ('
+            || attempts || ' of ' || max_attempts || ')'
+        ELSE 'interrupted during attempt ' || attempts || '; it will run again' END,
+    finished_at = CASE WHEN crashes + 1 >= :quarantine OR attempts >= max_attempts
+        THEN :now END,
+    run_at = :now, worker = NULL, lease_expires = NULL, waiting = false"""
+
+
+def interrupted(worker: str) -> str:
+    """What a recovery records of the attempt it took back (the worker in column `worker`)."""
+    return (
+        f"'interrupted: worker ' || coalesce({worker}, '?') || ' went away during attempt '"
+        " || attempts"
+    )
+
+
+# What a cancel does to a pending or running job.
+CANCELLED = (
+    "status = 'cancelled', finished_at = :now, error = 'cancelled by request', worker = NULL,"
+    " lease_expires = NULL, waiting = false"
+)
+
+
+# -- insert ------------------------------------------------------------------------------
+
+
+def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
+    """Insert jobs; a job whose task and key are taken by an active job joins that job."""
+    results: list[Inserted | None] = [None] * len(jobs)
+    remaining = list(range(len(jobs)))
+    for _ in range(INSERT_ROUNDS):
+        remaining = yield from _insert_round(tx, jobs, remaining, results)
+        if not remaining:
+            return cast(list[Inserted], results)  # a round fills in each job it does not return
+    raise StoreError("could not insert jobs: the active jobs with their keys kept changing")
+
+
+def _insert_round(
+    tx: Tx, jobs: list[NewJob], indexes: list[int], results: list[Inserted | None]
+) -> Steps[list[int]]:
+    """Insert the jobs at `indexes`; fill in `results`; return the indexes to try again."""
+    conflicts: list[int] = []
+    for start in range(0, len(indexes), tx.sql.insert_chunk):
+        chunk = indexes[start : start + tx.sql.insert_chunk]
+        rows = yield tx.sql.insert([jobs[index] for index in chunk])
+        for row in rows:
+            tx.notes.new[row["id"]] = row["due_in"]
+        conflicts += _match_inserted(jobs, chunk, rows, results)
+    if not conflicts:
+        return []
+    keys = sorted({(jobs[index].task, jobs[index].key) for index in conflicts}, key=str)
+    active = {(row["task"], row["key"]): row["id"] for row in (yield tx.sql.active_keys(keys))}
+    retry = []
+    for index in conflicts:
+        job_id = active.get((jobs[index].task, jobs[index].key))
+        if job_id is None:
+            retry.append(index)  # the active job ended after our insert met it
+        else:
+            results[index] = Inserted(job_id, duplicate=True)
+    return retry
+
+
+def _match_inserted(
+    jobs: list[NewJob], chunk: list[int], rows: list[Row], results: list[Inserted | None]
+) -> list[int]:
+    """Fill in the results of the jobs at `chunk` that its rows inserted; the indexes of
+    those it did not (their key was taken)."""
+    keyed = {(row["task"], row["key"]): row["id"] for row in rows if row["key"] is not None}
+    # Rows get ids in the order of the input: the unkeyed ones, sorted, are the unkeyed
+    # jobs in order (a keyed row is matched by its key instead).
+    unkeyed = iter(sorted(row["id"] for row in rows if row["key"] is None))
+    conflicts = []
+    for index in chunk:
+        job = jobs[index]
+        if job.key is None:
+            results[index] = Inserted(next(unkeyed), duplicate=False)
+        elif (job_id := keyed.pop((job.task, job.key), None)) is not None:
+            results[index] = Inserted(job_id, duplicate=False)
+        else:
+            conflicts.append(index)
+    return conflicts
+
+
+def insert_and_claim(
+    tx: Tx, items: list[tuple[list[NewJob], ClaimRequest]]
+) -> Steps[list[tuple[list[Inserted], Claimed]]]:
+    """Jobs inserted, then a claim, in the same transaction."""
+    results = []
+    for jobs, request in items:
+        inserted = yield from insert_jobs(tx, jobs)
+        results.append((inserted, (yield from claim(tx, request))))
+    return results
+
+
+# -- claim -------------------------------------------------------------------------------
+
+
+def claim_jobs(tx: Tx, requests: list[ClaimRequest]) -> Steps[list[Claimed]]:
+    results = []
+    for request in requests:
+        results.append((yield from claim(tx, request)))
+    return results
+
+
+def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
+    rows, next_due_in = yield from tx.sql.claim(request)
+    jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
+    tx.notes.claimed(jobs)
+    return Claimed(jobs=jobs, next_due_in=next_due_in)
+
+
+def claim_in(tx: Tx, request: ClaimRequest | None) -> Steps[Claimed | None]:
+    """A claim as part of another write (a tick's), if one is asked for."""
+    if request is None:
+        return None
+    return (yield from claim(tx, request))
+
+
+# -- finish ------------------------------------------------------------------------------
+
+
+def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
+    """Record outcomes; None where the job no longer runs under the outcome's claim."""
+    retried = {outcome.job_id for outcome in outcomes if outcome.status == "retry"}
+    updated = {}
+    for row in (yield from tx.sql.finish(outcomes)):
+        job = updated[row["id"]] = job_from_row(row)
+        tx.notes.ended(job, row["due_in"], retrying=job.id in retried)
+    return [updated.get(outcome.job_id) for outcome in outcomes]
+
+
+def finish_and_claim(
+    tx: Tx, items: list[tuple[list[Outcome], ClaimRequest]]
+) -> Steps[list[Finished]]:
+    """Outcomes and the claim that follows them, in one transaction."""
+    results = []
+    for outcomes, request in items:
+        jobs = (yield from finish_jobs(tx, outcomes)) if outcomes else []
+        results.append(Finished(jobs=jobs, claimed=(yield from claim(tx, request))))
+    return results
+
+
+def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> Steps[list[bool]]:
+    results = []
+    for job_id, epoch, worker, waiting in items:
+        rows = yield Statement(
+            "UPDATE {s}.jobs SET waiting = :waiting WHERE id = :id AND epoch = :epoch"
+            " AND worker = :worker AND status = 'running' RETURNING id",
+            {"waiting": waiting, "id": job_id, "epoch": epoch, "worker": worker},
+        )
+        if rows and waiting:
+            tx.notes.made_due(0.0)  # the job's task has room for another of its jobs
+        results.append(bool(rows))
+    return results
+
+
+# -- recovery ----------------------------------------------------------------------------
+
+
+def recover_jobs(tx: Tx, quarantine: list[int]) -> Steps[list[list[Job]]]:
+    results = []
+    for quarantine_after in quarantine:
+        jobs = [job_from_row(row) for row in (yield from tx.sql.recover(quarantine_after))]
+        for job in jobs:  # an interrupted attempt is a failed one
+            tx.notes.ended(job, 0.0, retrying=True)
+        results.append(jobs)
+    return results
+
+
+# -- cancel, retry, prune ----------------------------------------------------------------
+
+
+def cancel_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
+    jobs = []
+    for job_id in job_ids:
+        rows = yield from tx.sql.cancel(job_id)
+        if not rows:
+            yield from _refuse(job_id, "cancelled")
+        job = job_from_row(rows[0])
+        tx.notes.finished.append(job)
+        tx.notes.cancelled.append(job.id)
+        jobs.append(job)
+    return jobs
+
+
+def retry_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
+    """Failed or cancelled jobs back to pending (the store's `retry` says when another job
+    holds the key)."""
+    jobs = []
+    for job_id in job_ids:
+        rows = yield Statement(
+            "UPDATE {s}.jobs SET status = 'pending', attempts = 0, crashes = 0, run_at = :now,"
+            " started_at = NULL, finished_at = NULL, result = NULL, error = NULL"
+            f" WHERE id = :id AND status IN ('failed', 'cancelled') RETURNING {JOB_COLUMNS}",
+            {"id": job_id},
+        )
+        if not rows:
+            yield from _refuse(job_id, "retried")
+        # The history says where the attempts start again from 1.
+        yield Statement(
+            "INSERT INTO {s}.job_errors (job_id, attempt, kind, message, at) VALUES (:id, 0,"
+            " 'retried', 'retried by request: its attempts start again from 1', :now)",
+            {"id": job_id},
+        )
+        tx.notes.made_due(0.0)
+        jobs.append(job_from_row(rows[0]))
+    return jobs
+
+
+def _refuse(job_id: int, verb: str) -> Steps[NoReturn]:
+    rows = yield Statement("SELECT status FROM {s}.jobs WHERE id = :id", {"id": job_id})
+    if not rows:
+        raise JobNotFound(job_id)
+    raise refused(job_id, rows[0]["status"], verb)
+
+
+def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> Steps[list[int]]:
+    """Delete up to PRUNE_SLICE finished jobs of a status that finished `age` seconds ago."""
+    counts = []
+    for status, age in slices:
+        counts.append((yield from tx.sql.prune(status, age)))
+    return counts

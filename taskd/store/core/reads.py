@@ -1,0 +1,98 @@
+"""The reads, each run whole on a connection of its own (SQLite: the reader's, in one hop;
+PostgreSQL: a pooled one, outside any transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from taskd.models import Job, NodeInfo, TaskCounts
+from taskd.store.base import JobFilter, ScheduleState
+from taskd.store.core.dialect import Dialect
+from taskd.store.core.statements import Statement, Steps, members
+from taskd.store.rows import (
+    JOB_COLUMNS,
+    SCHEDULE_COLUMNS,
+    error_from_row,
+    job_from_row,
+    node_from_row,
+    schedule_from_row,
+)
+
+
+def get(sql: Dialect, job_id: int) -> Steps[Job | None]:
+    rows = yield Statement(f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs WHERE id = :id", {"id": job_id})
+    if not rows:
+        return None
+    job = job_from_row(rows[0])
+    job.errors = [error_from_row(row) for row in (yield Statement(sql.errors_sql, {"id": job_id}))]
+    return job
+
+
+def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
+    clauses: list[str] = []
+    params: dict[str, object] = {"limit": query.limit}
+    if query.statuses:
+        statuses, values = members("status", query.statuses)
+        clauses.append(f"status IN ({statuses})")
+        params.update(values)
+    if query.task is not None:
+        clauses.append("task = :task")
+        params["task"] = query.task
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = yield Statement(
+        f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs {where} ORDER BY id DESC LIMIT :limit", params
+    )
+    return [job_from_row(row) for row in rows]
+
+
+def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
+    """Jobs per task and status, and per task the oldest due pending job's age."""
+    by_task: dict[str, dict[str, int]] = {}
+    for row in (
+        yield Statement("SELECT task, status, count(*) AS n FROM {s}.jobs GROUP BY task, status")
+    ):
+        by_task.setdefault(row["task"], {})[row["status"]] = row["n"]
+    waiting = {
+        row["task"]: (row["oldest_age"], row["next_due"])
+        for row in (
+            yield Statement(
+                "SELECT task, :now - min(CASE WHEN run_at <= :now THEN run_at END) AS oldest_age,"
+                " min(CASE WHEN run_at > :now THEN run_at END) AS next_due"
+                " FROM {s}.jobs WHERE status = 'pending' GROUP BY task"
+            )
+        )
+    }
+    return [
+        TaskCounts(
+            task=task,
+            counts=task_counts,
+            oldest_pending_age=waiting.get(task, (None, None))[0],
+            next_due_at=waiting.get(task, (None, None))[1],
+        )
+        for task, task_counts in sorted(by_task.items())
+    ]
+
+
+def queue_depth(sql: Dialect) -> Steps[int]:
+    rows = yield Statement(sql.queue_depth_sql)
+    return int(rows[0]["n"])
+
+
+def nodes(sql: Dialect) -> Steps[list[NodeInfo]]:
+    """The nodes alive, in the order of their ids."""
+    rows = yield Statement(
+        f"SELECT {sql.node_columns}, (SELECT count(*) FROM {{s}}.jobs WHERE status = 'running'"
+        " AND worker = nodes.worker) AS running FROM {s}.nodes WHERE expires >= :now"
+    )
+    return sorted((node_from_row(row) for row in rows), key=lambda node: node.id)
+
+
+def schedule_states(sql: Dialect, ids: Sequence[str] | None) -> Steps[list[ScheduleState]]:
+    where, params = "", dict[str, str]()
+    if ids is not None:
+        if not ids:
+            return []
+        names, params = members("id", ids)
+        where = f" WHERE id IN ({names})"
+    rows = yield Statement(f"SELECT {SCHEDULE_COLUMNS} FROM {{s}}.schedules{where}", params)
+    return [schedule_from_row(row) for row in rows]

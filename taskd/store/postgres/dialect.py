@@ -1,0 +1,312 @@
+"""PostgreSQL's own SQL, where it differs from SQLite's, and how a statement runs on it.
+
+A claim takes its jobs with FOR UPDATE SKIP LOCKED, so that daemons never take the same
+job, and counts the limited tasks' running jobs under a transaction-scoped advisory lock
+per task, so that two daemons cannot both fill the same room. Batches are arrays; an
+outcome, a recovery, a cancel and a prune are each one statement (data-modifying CTEs).
+An insert notifies the other daemons itself (at its commit), so that it needs no
+transaction around it, and `taskd.outbox` can run it in an application's.
+
+No asyncpg here: the statements run on any connection with asyncpg's methods, and on
+psycopg's (`taskd.outbox`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any, Literal
+
+from taskd.models import JobStatus
+from taskd.store.base import ClaimRequest, NewJob, Outcome
+from taskd.store.core.activity import trim_logs_sql
+from taskd.store.core.jobs import (
+    ABANDONED,
+    CANCELLED,
+    CLAIMED,
+    FINISHED,
+    FINISHING,
+    PRUNE_SLICE,
+    RECOVERED,
+    REGISTERED,
+    interrupted,
+)
+from taskd.store.core.nodes import REGISTER_SQL
+from taskd.store.core.statements import Statement, Steps, compose
+from taskd.store.postgres.schema import channel
+from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
+
+# One row per job, in order. The statement tells the other daemons itself.
+INSERT_SQL = """
+WITH new AS (
+    INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
+                          parent_id, created_at)
+    SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
+           max_attempts, key, parent_id, :now
+    FROM unnest(:task::text[], :origin::text[], :payload::bytea[], :priority::integer[],
+                :run_at::double precision[], :delay::double precision[],
+                :max_attempts::integer[], :key::text[], :parent_id::bigint[]) WITH ORDINALITY
+         AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id, n)
+    ORDER BY n
+    ON CONFLICT DO NOTHING
+    RETURNING id, task, key, run_at - :now AS due_in
+), notice AS (
+    SELECT pg_notify(:channel, json_build_object('sender', :sender::text,
+                                                 'due', min(due_in))::text)
+    FROM new HAVING count(*) > 0
+)
+SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new
+"""
+
+ACTIVE_KEYS_SQL = """
+SELECT id, task, key FROM {s}.jobs
+WHERE key IS NOT NULL AND status IN ('pending', 'running')
+  AND (task, key) IN (SELECT * FROM unnest(:tasks::text[], :keys::text[]))
+"""
+
+LOCK_LIMITED_SQL = """
+SELECT pg_advisory_xact_lock(k) FROM (
+    SELECT DISTINCT hashtextextended(:prefix || t.task, 0) AS k
+    FROM unnest(:tasks::text[]) AS t(task)
+    WHERE EXISTS (SELECT 1 FROM {s}.jobs j WHERE j.task = t.task AND j.status = 'pending'
+                  AND j.run_at <= :now)
+    ORDER BY k) AS keys
+"""
+
+# Counts against concurrency limits: running, and not waiting for another job.
+CLAIM_SQL = compose(
+    """
+WITH limited AS (
+    SELECT t.task, greatest(0, t.cap - (SELECT count(*) FROM {s}.jobs r
+        WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting)) AS room
+    FROM unnest(:tasks::text[], :caps::integer[]) AS t(task, cap)
+), picked AS (
+    SELECT * FROM (
+        SELECT id, priority, run_at FROM {s}.jobs
+        WHERE status = 'pending' AND run_at <= :now AND task <> ALL(:tasks::text[])
+        ORDER BY priority, run_at, id LIMIT :limit FOR UPDATE SKIP LOCKED) AS unlimited
+    UNION ALL
+    SELECT p.* FROM limited AS l, LATERAL (
+        SELECT id, priority, run_at FROM {s}.jobs
+        WHERE task = l.task AND status = 'pending' AND run_at <= :now
+        ORDER BY priority, run_at, id LIMIT least(:limit, l.room) FOR UPDATE SKIP LOCKED) AS p
+), chosen AS (
+    SELECT id FROM picked ORDER BY priority, run_at, id LIMIT :limit
+)
+UPDATE {s}.jobs AS j SET {claimed}
+FROM chosen
+WHERE j.id = chosen.id AND {registered}
+RETURNING {columns}
+""",
+    claimed=CLAIMED,
+    registered=REGISTERED,
+    columns=job_columns("j"),
+)
+
+NEXT_DUE_SQL = """
+WITH full_tasks AS (
+    SELECT t.task FROM unnest(:tasks::text[], :caps::integer[]) AS t(task, cap)
+    WHERE (SELECT count(*) FROM {s}.jobs r
+           WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting) >= t.cap
+)
+SELECT min(run_at) - :now AS due_in FROM {s}.jobs
+WHERE status = 'pending' AND task NOT IN (SELECT task FROM full_tasks)
+"""
+
+FINISH_SQL = compose(
+    """
+WITH v AS (
+    SELECT * FROM unnest(:job_id::bigint[], :epoch::integer[], :worker::text[],
+                         :status::text[], :result::bytea[], :kind::text[],
+                         :message::text[], :traceback::text[], :retry_in::double precision[])
+        AS v(id, epoch, worker, outcome, result, kind, message, traceback, retry_in)
+), done AS (
+    UPDATE {s}.jobs SET {finished}
+    FROM v WHERE {finishing}
+    RETURNING {columns}, v.kind, v.message, v.traceback, v.worker AS ran_on,
+        jobs.run_at - :now AS due_in
+), errors AS (
+    INSERT INTO {s}.job_errors ({error_columns})
+    SELECT id, attempts, kind, message, traceback, :now, started_at, ran_on FROM done
+    WHERE kind IS NOT NULL
+)
+SELECT * FROM done
+""",
+    finished=FINISHED,
+    finishing=FINISHING,
+    columns=job_columns("jobs"),
+    error_columns=ERROR_COLUMNS,
+)
+
+RECOVER_SQL = compose(
+    """
+WITH gone AS (
+    SELECT id, worker FROM {s}.jobs WHERE {abandoned} FOR UPDATE SKIP LOCKED
+), back AS (
+    UPDATE {s}.jobs AS j SET {recovered}
+    FROM gone WHERE j.id = gone.id
+    RETURNING {columns}, gone.worker AS lost_worker
+), errors AS (
+    INSERT INTO {s}.job_errors ({error_columns})
+    SELECT id, attempts, 'interrupted', {message}, NULL, :now, started_at, lost_worker
+    FROM back
+)
+SELECT * FROM back
+""",
+    abandoned=ABANDONED,
+    recovered=RECOVERED,
+    message=interrupted("lost_worker"),
+    columns=job_columns("j"),
+    error_columns=ERROR_COLUMNS,
+)
+
+# A running attempt ends here: it is recorded like any other attempt's end.
+CANCEL_SQL = compose(
+    """
+WITH target AS (
+    SELECT id, status AS was, attempts, started_at, worker FROM {s}.jobs
+    WHERE id = :id AND status IN ('pending', 'running') FOR UPDATE
+), attempt AS (
+    INSERT INTO {s}.job_errors ({error_columns})
+    SELECT id, attempts, 'cancelled', 'cancelled by request', NULL, :now, started_at, worker
+    FROM target WHERE was = 'running'
+)
+UPDATE {s}.jobs AS j SET {cancelled} FROM target WHERE j.id = target.id
+RETURNING {columns}
+""",
+    cancelled=CANCELLED,
+    columns=job_columns("j"),
+    error_columns=ERROR_COLUMNS,
+)
+
+PRUNE_SQL = """
+WITH doomed AS (
+    SELECT id FROM {s}.jobs WHERE status = :status AND finished_at < :now - :age
+    LIMIT :slice FOR UPDATE SKIP LOCKED
+), errors AS (
+    DELETE FROM {s}.job_errors WHERE job_id IN (SELECT id FROM doomed)
+), logs AS (
+    DELETE FROM {s}.job_logs WHERE job_id IN (SELECT id FROM doomed)
+), deleted AS (
+    DELETE FROM {s}.jobs WHERE id IN (SELECT id FROM doomed) RETURNING id
+)
+SELECT count(*) AS n FROM deleted
+"""
+
+RENEW_SQL = """
+WITH alive AS (
+    UPDATE {s}.nodes SET seen_at = :now, expires = :now + :lease
+    WHERE worker = :worker AND expires IS NOT NULL RETURNING id
+)
+UPDATE {s}.jobs SET lease_expires = :now + :lease
+WHERE status = 'running' AND worker = :worker AND id = ANY(:ids::bigint[])
+  AND EXISTS (SELECT 1 FROM alive)
+RETURNING id
+"""
+
+
+class PostgresSql:
+    """PostgreSQL's SQL where it differs, for the store of one schema; its inserts tell the
+    other daemons that `sender` wrote them."""
+
+    insert_chunk = 1 << 62  # a statement takes any number of jobs
+    register_sql = REGISTER_SQL + ", schedules = NULL RETURNING worker"  # to be announced
+    node_columns = NODE_COLUMNS + ", schedules"
+    errors_sql = compose(
+        "SELECT {columns} FROM {s}.job_errors WHERE job_id = :id ORDER BY id", columns=ERROR_COLUMNS
+    )
+    queue_depth_sql = "SELECT count(*) AS n FROM {s}.jobs WHERE status = 'pending'"
+    trim_logs_sql = trim_logs_sql("octet_length(message)")
+
+    def __init__(self, schema: str, sender: str) -> None:
+        self.schema = schema
+        self.channel = channel(schema)
+        self.sender = sender
+
+    def insert(self, jobs: Sequence[NewJob]) -> Statement:
+        params = _arrays(jobs, NewJob.__struct_fields__)
+        return Statement(INSERT_SQL, {**params, "channel": self.channel, "sender": self.sender})
+
+    def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
+        return Statement(
+            ACTIVE_KEYS_SQL, {"tasks": [key[0] for key in keys], "keys": [key[1] for key in keys]}
+        )
+
+    def claim(self, request: ClaimRequest) -> Steps[tuple[list[Row], float | None]]:
+        tasks, caps = list(request.limits), list(request.limits.values())
+        if tasks:
+            yield Statement(LOCK_LIMITED_SQL, {"tasks": tasks, "prefix": f"taskd:{self.schema}:"})
+        rows = yield Statement(
+            CLAIM_SQL,
+            {"worker": request.worker, "limit": request.limit, "lease": request.lease,
+             "tasks": tasks, "caps": caps},
+        )  # fmt: skip
+        (next_due,) = yield Statement(NEXT_DUE_SQL, {"tasks": tasks, "caps": caps})
+        due_in = next_due["due_in"]
+        return rows, None if due_in is None else max(0.0, due_in)
+
+    def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
+        errors = [outcome.error or NO_FAILURE for outcome in outcomes]
+        params = _arrays(outcomes, OUTCOME_FIELDS) | _arrays(errors, FAILURE_FIELDS)
+        return (yield Statement(FINISH_SQL, params))
+
+    def recover(self, quarantine_after: int) -> Steps[list[Row]]:
+        return (yield Statement(RECOVER_SQL, {"quarantine": quarantine_after}))
+
+    def cancel(self, job_id: int) -> Steps[list[Row]]:
+        return (yield Statement(CANCEL_SQL, {"id": job_id}))
+
+    def prune(self, status: JobStatus, age: float) -> Steps[int]:
+        params = {"status": status, "age": age, "slice": PRUNE_SLICE}
+        (deleted,) = yield Statement(PRUNE_SQL, params)
+        return int(deleted["n"])
+
+    def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> Steps[set[int]]:
+        params = {"worker": worker, "ids": list(job_ids), "lease": lease}
+        return {row["id"] for row in (yield Statement(RENEW_SQL, params))}
+
+
+OUTCOME_FIELDS = ("job_id", "epoch", "worker", "status", "result", "retry_in")
+FAILURE_FIELDS = ("kind", "message", "traceback")
+NO_FAILURE = SimpleNamespace(**dict.fromkeys(FAILURE_FIELDS))
+
+
+def _arrays(items: Sequence[Any], fields: Sequence[str]) -> dict[str, list[Any]]:
+    """Each field of the items as an array (unnest() makes rows of them again)."""
+    return {field: [getattr(item, field) for item in items] for field in fields}
+
+
+# A parameter, `:name` (not a cast's `::type`).
+_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+
+
+@lru_cache(maxsize=1024)
+def render(
+    sql: str, schema: str, style: Literal["asyncpg", "psycopg"] = "asyncpg"
+) -> tuple[str, tuple[str, ...]]:
+    """A statement in PostgreSQL's terms: `{s}` is the schema, `:now` its clock, and each
+    `:name` a parameter (`$1`..., or psycopg's `%(name)s`); and the names in order."""
+    names: list[str] = []
+
+    def parameter(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "now":
+            return f"{schema}.now()"
+        if style == "psycopg":
+            return f"%({name})s"
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _PARAMETER.sub(parameter, sql.replace("{s}", schema)), tuple(names)
+
+
+async def execute(db: Any, schema: str, statement: Statement) -> list[Row]:
+    """Run a statement on an asyncpg connection (or one with its methods)."""
+    sql, names = render(statement.sql, schema)
+    if statement.many:
+        await db.executemany(sql, [[params[n] for n in names] for params in statement.params])
+        return []
+    return list(await db.fetch(sql, *[statement.params[name] for name in names]))

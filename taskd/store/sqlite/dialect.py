@@ -1,0 +1,257 @@
+"""SQLite's own SQL, where it differs from PostgreSQL's, and how a statement runs on SQLite.
+
+Statements run in the connection's thread: a whole transaction, or a whole read, is one
+hop from the event loop. A claim walks the pending jobs' index as queues; batches are
+VALUES lists (at most INSERT_CHUNK rows, under SQLite's limit of bound variables); what
+PostgreSQL does in one statement with data-modifying CTEs takes two here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from taskd.models import JobStatus
+from taskd.store.base import ClaimRequest, NewJob, Outcome
+from taskd.store.core.activity import trim_logs_sql
+from taskd.store.core.jobs import (
+    ABANDONED,
+    CANCELLED,
+    CLAIMED,
+    FINISHED,
+    FINISHING,
+    PRUNE_SLICE,
+    RECOVERED,
+    REGISTERED,
+    interrupted,
+)
+from taskd.store.core.nodes import REGISTER_SQL
+from taskd.store.core.statements import Statement, Steps, members
+from taskd.store.rows import ERROR_COLUMNS, JOB_COLUMNS, NODE_COLUMNS, Row
+
+INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
+
+# The pending jobs, seen as queues: one per (task, priority) that has pending jobs, found by
+# skipping along the pending jobs' (task, priority, run_at, id) index, and each task's room
+# under its concurrency limit (:limits, JSON: {task: limit}). A claim reads, per queue of a
+# task with room, only the due jobs it may take, so that delayed jobs and the backlog of a
+# task at its limit cost nothing however many they are.
+QUEUES = """
+tasks(task) AS (
+    SELECT min(task) FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'
+    UNION ALL
+    SELECT (SELECT min(task) FROM jobs INDEXED BY jobs_task_claim_order
+            WHERE status = 'pending' AND task > t.task)
+    FROM tasks AS t WHERE t.task IS NOT NULL
+),
+queues(task, priority) AS (
+    SELECT task, (SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order
+                  WHERE status = 'pending' AND task = tasks.task)
+    FROM tasks WHERE task IS NOT NULL
+    UNION ALL
+    SELECT q.task, (SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order
+                    WHERE status = 'pending' AND task = q.task AND priority > q.priority)
+    FROM queues AS q WHERE q.priority IS NOT NULL
+),
+room(task, free) AS MATERIALIZED (
+    SELECT limits.key, max(0, limits.value - (SELECT count(*) FROM jobs
+        WHERE task = limits.key AND status = 'running' AND NOT waiting))
+    FROM tasks JOIN json_each(:limits) AS limits ON limits.key = tasks.task
+)"""
+# The jobs a claim takes: of each queue of a task with room, its first due jobs; of those,
+# no more per task than its room, in claim order, at most :limit.
+CANDIDATES = """
+    SELECT id FROM (
+        SELECT j.id, j.priority, j.run_at, r.free,
+            row_number() OVER (PARTITION BY j.task ORDER BY j.priority, j.run_at, j.id) AS nth
+        FROM queues AS q LEFT JOIN room AS r ON r.task = q.task
+        JOIN jobs AS j ON j.id IN (
+            SELECT k.id FROM jobs AS k INDEXED BY jobs_task_claim_order
+            WHERE k.status = 'pending' AND k.task = q.task AND k.priority = q.priority
+                AND k.run_at <= :now
+            ORDER BY k.run_at, k.id LIMIT :limit)
+        WHERE q.priority IS NOT NULL AND coalesce(r.free, 1) > 0)
+    WHERE nth <= coalesce(free, :limit)
+    ORDER BY priority, run_at, id LIMIT :limit"""
+# When the next pending job of a task with room is due (room counted after the claim).
+NEXT_DUE = """
+    SELECT min((SELECT min(run_at) FROM jobs INDEXED BY jobs_task_claim_order
+                WHERE status = 'pending' AND task = q.task AND priority = q.priority)) AS due
+    FROM queues AS q LEFT JOIN room AS r ON r.task = q.task
+    WHERE q.priority IS NOT NULL AND coalesce(r.free, 1) > 0"""
+CLAIM_SQL = (
+    f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES}) UPDATE jobs SET {CLAIMED}"
+    f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {JOB_COLUMNS}"
+)
+NEXT_DUE_SQL = f"WITH RECURSIVE {QUEUES} {NEXT_DUE}"
+# A recovery's record of each attempt it takes back, written before it takes them back
+# (while the jobs still name their workers).
+RECORD_INTERRUPTED = (
+    f"INSERT INTO job_errors ({ERROR_COLUMNS}) SELECT id, attempts, 'interrupted',"
+    f" {interrupted('worker')}, NULL, :now, started_at, worker FROM jobs WHERE {ABANDONED}"
+)
+RECOVER_SQL = f"UPDATE jobs SET {RECOVERED} WHERE {ABANDONED} RETURNING {JOB_COLUMNS}"
+
+
+class SqliteSql:
+    """SQLite's SQL where it differs, for one transaction (or read) and its clock."""
+
+    insert_chunk = INSERT_CHUNK
+    register_sql = REGISTER_SQL + " RETURNING worker"
+    node_columns = NODE_COLUMNS + ", NULL AS schedules"  # the store keeps them in memory
+    errors_sql = f"SELECT {ERROR_COLUMNS} FROM job_errors WHERE job_id = :id ORDER BY rowid"
+    # The partial index holds only pending jobs: counting them never scans the history.
+    queue_depth_sql = (
+        "SELECT count(*) AS n FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'"
+    )
+    trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def insert(self, jobs: Sequence[NewJob]) -> Statement:
+        params: list[Any] = []
+        for job in jobs:
+            run_at = job.run_at if job.run_at is not None else self.now + job.delay
+            params += (job.task, job.origin, job.payload, job.priority, run_at,
+                       job.max_attempts, job.key, job.parent_id, self.now)  # fmt: skip
+        return Statement(
+            "INSERT INTO jobs (task, status, origin, payload, priority, run_at, max_attempts,"
+            " key, parent_id, created_at) VALUES "
+            + ", ".join(["(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs))
+            + " ON CONFLICT DO NOTHING RETURNING id, task, key, run_at - ? AS due_in",
+            [*params, self.now],
+        )
+
+    def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
+        return Statement(
+            "SELECT id, task, key FROM jobs WHERE key IS NOT NULL"
+            " AND status IN ('pending', 'running') AND (task, key) IN (VALUES "
+            + ", ".join(["(?, ?)"] * len(keys))
+            + ")",
+            [value for key in keys for value in key],
+        )
+
+    def claim(self, request: ClaimRequest) -> Steps[tuple[list[Row], float | None]]:
+        params = {
+            "limit": request.limit,
+            "limits": json.dumps(dict(request.limits)),
+            "worker": request.worker,
+            "lease": request.lease,
+        }
+        rows = yield Statement(CLAIM_SQL, params)
+        if len(rows) == request.limit:
+            return rows, 0.0  # there may be more: no need to look
+        (next_due,) = yield Statement(NEXT_DUE_SQL, params)
+        return rows, None if next_due["due"] is None else max(0.0, next_due["due"] - self.now)
+
+    def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
+        params: list[Any] = [self.now]
+        for o in outcomes:
+            message = o.error.message if o.error is not None else None
+            params += (o.job_id, o.epoch, o.worker, o.status, o.result, message, o.retry_in)
+        rows = yield Statement(_finish_sql(len(outcomes)), params)
+        if not any(outcome.error for outcome in outcomes):
+            return rows
+        ended = {row["id"]: row for row in rows}
+        errors = [
+            {"job_id": o.job_id, "attempt": ended[o.job_id]["attempts"], "kind": o.error.kind,
+             "message": o.error.message, "traceback": o.error.traceback,
+             "started_at": ended[o.job_id]["started_at"], "worker": o.worker}
+            for o in outcomes
+            if o.error is not None and o.job_id in ended
+        ]  # fmt: skip
+        if errors:
+            yield Statement(_INSERT_ERROR, errors, many=True)
+        return rows
+
+    def recover(self, quarantine_after: int) -> Steps[list[Row]]:
+        # The one writer: the jobs both statements find abandoned are the same.
+        yield Statement(RECORD_INTERRUPTED)
+        return (yield Statement(RECOVER_SQL, {"quarantine": quarantine_after}))
+
+    def cancel(self, job_id: int) -> Steps[list[Row]]:
+        # A running attempt ends here: it is recorded like any other attempt's end.
+        yield Statement(
+            f"INSERT INTO job_errors ({ERROR_COLUMNS}) SELECT id, attempts, 'cancelled',"
+            " 'cancelled by request', NULL, :now, started_at, worker FROM jobs"
+            " WHERE id = :id AND status = 'running'",
+            {"id": job_id},
+        )
+        return (
+            yield Statement(
+                f"UPDATE jobs SET {CANCELLED} WHERE id = :id"
+                f" AND status IN ('pending', 'running') RETURNING {JOB_COLUMNS}",
+                {"id": job_id},
+            )
+        )
+
+    def prune(self, status: JobStatus, age: float) -> Steps[int]:
+        rows = yield Statement(
+            "SELECT id FROM jobs WHERE status = :status AND finished_at < :now - :age LIMIT :slice",
+            {"status": status, "age": age, "slice": PRUNE_SLICE},
+        )
+        ids = [row["id"] for row in rows]
+        if ids:
+            marks = ", ".join("?" * len(ids))
+            yield Statement(f"DELETE FROM job_errors WHERE job_id IN ({marks})", ids)
+            yield Statement(f"DELETE FROM job_logs WHERE job_id IN ({marks})", ids)
+            yield Statement(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+        return len(ids)
+
+    def renew(self, worker: str, job_ids: Sequence[int], lease: float) -> Steps[set[int]]:
+        alive = yield Statement(
+            "UPDATE nodes SET seen_at = :now, expires = :now + :lease WHERE worker = :worker"
+            " AND expires IS NOT NULL RETURNING id",
+            {"worker": worker, "lease": lease},
+        )
+        if not (alive and job_ids):
+            return set()
+        ids, params = members("id", job_ids)
+        rows = yield Statement(
+            "UPDATE jobs SET lease_expires = :now + :lease WHERE status = 'running'"
+            f" AND worker = :worker AND id IN ({ids}) RETURNING id",
+            {**params, "worker": worker, "lease": lease},
+        )
+        return {row["id"] for row in rows}
+
+
+@lru_cache(maxsize=64)
+def _finish_sql(count: int) -> str:
+    """The statement that records `count` outcomes, bound by position (quicker than by name,
+    for a statement on the hot path): ?1 is now, then seven values per outcome."""
+    values = ", ".join(
+        "(" + ", ".join(f"?{2 + 7 * n + column}" for column in range(7)) + ")" for n in range(count)
+    )
+    return (
+        f"UPDATE jobs SET {FINISHED.replace(':now', '?1')} FROM (SELECT column1 AS id,"
+        " column2 AS epoch, column3 AS worker, column4 AS outcome, column5 AS result,"
+        f" column6 AS message, column7 AS retry_in FROM (VALUES {values})) AS v"
+        f" WHERE {FINISHING} RETURNING {JOB_COLUMNS}, run_at - ?1 AS due_in"
+    )
+
+
+_INSERT_ERROR = (
+    f"INSERT INTO job_errors ({ERROR_COLUMNS}) VALUES (:job_id, :attempt, :kind, :message,"
+    " :traceback, :now, :started_at, :worker)"
+)
+
+
+def execute(db: sqlite3.Connection, now: float, statement: Statement) -> list[Row]:
+    """Run a statement on SQLite: tables without a schema, `:now` the transaction's clock."""
+    sql, reads_now = _render(statement.sql)
+    params = statement.params
+    if statement.many:
+        db.executemany(sql, [{**p, "now": now} for p in params] if reads_now else params)
+        return []
+    return db.execute(sql, {**(params or {}), "now": now} if reads_now else params).fetchall()
+
+
+@lru_cache(maxsize=512)
+def _render(sql: str) -> tuple[str, bool]:
+    """A statement as SQLite reads it (tables without a schema), and whether it reads `:now`."""
+    sql = sql.replace("{s}.", "")
+    return sql, ":now" in sql
