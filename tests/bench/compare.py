@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.postgres:
         from tests.bench.postgres import PostgresBench
 
-        shared = PostgresBench(args.postgres, args.scale, args.repeat)
+        shared = PostgresBench(args.postgres, args.scale, args.repeat, peers=peers_measured)
         sections.append(("PostgreSQL", shared.run))
     for name, run in sections:
         print(f"[{time.monotonic() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True)

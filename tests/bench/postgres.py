@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tests.backends import drop_schema, unique_schema
-from tests.bench import compare
-from tests.bench.compare import drive, rate
+from tests.bench.compare import PEERS, drive, rate
 from tests.bench.workload import BenchTaskd, make_tasks
 from tests.support import Taskd, short_tempdir
 
@@ -54,8 +53,9 @@ def daemons(url: str, count: int) -> Iterator[list[Taskd]]:
 
 
 class PostgresBench:
-    def __init__(self, url: str, scale: float, repeat: int) -> None:
+    def __init__(self, url: str, scale: float, repeat: int, *, peers: bool) -> None:
         self.url = url
+        self.peers = peers  # pgqueuer and procrastinate, from the bench extra
         self.scale = scale
         self.repeat = repeat
         self.samples: dict[tuple[str, str], list[float]] = {}
@@ -73,7 +73,7 @@ class PostgresBench:
                     else max(16, int(count * self.scale))
                 )
                 for system in SYSTEMS:
-                    if not compare.peers_measured and system.startswith(compare.PEERS):
+                    if not self.peers and system.startswith(PEERS):
                         continue
                     self.samples.setdefault((name, system), []).append(
                         self._measure(system, what, jobs, batch)

@@ -16,51 +16,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
-
 logger = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses notices of 8000 or more
 SAFETY_INTERVAL = 30.0  # seconds between checks of the listening connection (and resyncs)
 PING_TIMEOUT = 10.0
 MAX_BACKOFF = 30.0
-
-
-class Notice(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What one transaction tells the others: `sender` names the store that wrote it (its
-    own notices are not news to it), `due` the seconds until the earliest job it made
-    claimable, `finished` the (id, task) of jobs it ended, `cancelled` the ids it cancelled."""
-
-    sender: str
-    due: float | None = None
-    finished: list[tuple[int, str]] = []
-    cancelled: list[int] = []
-
-
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Notice)
-
-
-def encode_notices(notice: Notice) -> list[str]:
-    """The notice as payloads small enough for NOTIFY (split when it names many jobs)."""
-    payload = _encoder.encode(notice)
-    if len(payload) <= MAX_PAYLOAD:
-        return [payload.decode()]
-    finished, cancelled = notice.finished, notice.cancelled
-    if len(finished) + len(cancelled) <= 1:  # a task name too long to send: say "read again"
-        return [_encoder.encode(Notice(notice.sender, due=0.0)).decode()]
-    half_f, half_c = len(finished) // 2, len(cancelled) // 2
-    first = Notice(notice.sender, notice.due, finished[:half_f], cancelled[:half_c])
-    second = Notice(notice.sender, None, finished[half_f:], cancelled[half_c:])
-    return encode_notices(first) + encode_notices(second)
-
-
-def decode_notice(payload: str) -> Notice | None:
-    try:
-        return _decoder.decode(payload)
-    except msgspec.DecodeError:
-        logger.warning("ignored a notice that is not taskd's: %.200r", payload)
-        return None
 
 
 class Listener:

@@ -22,6 +22,7 @@ import asyncpg
 from taskd.store.base import StoreError
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.notes import Notes
+from taskd.store.core.notices import decode_notice, encode_notices, notice_of
 from taskd.store.core.statements import Statement, Steps, run_steps_async
 from taskd.store.core.store import SqlStore, store_write
 from taskd.store.postgres.connections import (
@@ -32,7 +33,7 @@ from taskd.store.postgres.connections import (
 )
 from taskd.store.postgres.dialect import PostgresSql, execute
 from taskd.store.postgres.migrate import migrate
-from taskd.store.postgres.notices import Listener, Notice, decode_notice, encode_notices
+from taskd.store.postgres.notices import MAX_PAYLOAD, Listener
 from taskd.store.postgres.schema import channel
 
 logger = logging.getLogger(__name__)
@@ -148,19 +149,12 @@ class PostgresStore(SqlStore):
         return run_steps_async(steps, partial(execute, db, self.schema))
 
     def _notify_sql(self, notes: Notes) -> str:
-        """The notice to the others (new jobs told them already, with their statement)."""
-        if notes.due is None and not (notes.finished or notes.retrying or notes.cancelled):
+        """The notice to the others, sent with the commit."""
+        if (notice := notice_of(notes, self._sender)) is None:
             return ""
-        notice = Notice(
-            self._sender,
-            notes.due,
-            # Jobs waiting for a retry are named too: callers elsewhere follow attempts.
-            [(job.id, job.task) for job in [*notes.finished, *notes.retrying]],
-            notes.cancelled,
-        )
         return "".join(
             f"SELECT pg_notify({_literal(self._channel)}, {_literal(payload)}); "
-            for payload in encode_notices(notice)
+            for payload in encode_notices(notice, MAX_PAYLOAD)
         )
 
     async def _read(self, read: Callable[..., Steps[T]], *args: Any) -> T:
