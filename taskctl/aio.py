@@ -1,64 +1,74 @@
-"""`AsyncClient`: the asyncio client of taskd; calls may run concurrently on one connection."""
+"""`AsyncClient`: the asyncio client of taskd; calls may run concurrently on one connection.
+
+It has every method of `Client`, with the same names and parameters, as coroutines (their
+docstrings are Client's); a test holds the two to that.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from taskctl.client import (
     CLIENT_MAX_FRAME,
-    CLIENT_NAME,
-    decode_result,
-    encode_payload,
+    MAX_HELD_EVENTS,
+    Client,
     enqueue_params,
+    hello_params,
+    job_result,
     jobs_params,
+    read_reply,
     request_limit,
+    result_of,
+    run_params,
     seconds,
     shorter,
     timed_out,
     unavailable,
 )
-from taskctl.errors import JobFailed, ProtocolError, TaskdError
+from taskctl.errors import ProtocolError, TaskdError
+from taskd import protocol
 from taskd.models import Job, JobLogs, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
     HEADER,
-    PROTOCOL_VERSION,
     CancelParams,
     EnqueueManyParams,
-    EnqueueManyResult,
     EnqueueParams,
     EnqueueResult,
-    HelloParams,
     HelloResult,
+    JobEvent,
     JobParams,
     ListTasksParams,
     LogsParams,
+    Method,
     MetricsParams,
+    P,
     Params,
     PauseScheduleParams,
     PruneParams,
-    PruneResult,
+    R,
     ReloadParams,
     ReloadResult,
     Request,
     ResumeScheduleParams,
     RetryParams,
-    RunParams,
     RunResult,
     SchedulesParams,
     StatusParams,
+    SubscribeParams,
     TriggerScheduleParams,
+    UnsubscribeParams,
     WaitParams,
     WhyParams,
     WhyResult,
     client_socket_path,
     encode_frame,
 )
-
-_id_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 
 class AsyncClient:
@@ -76,6 +86,11 @@ class AsyncClient:
         self._next_id = 1
         self._connecting = asyncio.Lock()
         self.server: HelloResult | None = None
+        # Events of open subscriptions: given to `on_event` if set, else held for
+        # `next_event`.
+        self._events: collections.deque[JobEvent] = collections.deque(maxlen=MAX_HELD_EVENTS)
+        self._event_came = asyncio.Event()
+        self.on_event: Callable[[JobEvent], None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -85,7 +100,6 @@ class AsyncClient:
         await self.close()
 
     async def connect(self) -> HelloResult:
-        """Connect and say hello; other methods do this on first use."""
         return await self._connect(self._timeout)
 
     async def _connect(self, limit: float | None) -> HelloResult:
@@ -103,9 +117,8 @@ class AsyncClient:
                 raise unavailable(self.socket_path, exc) from None
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read_replies(reader))
-            hello = HelloParams(protocol=PROTOCOL_VERSION, client=CLIENT_NAME)
             try:
-                result: HelloResult = await self._send("hello", hello, limit)
+                result: HelloResult = await self._send(protocol.HELLO.name, hello_params(), limit)
             except BaseException:
                 await self.close()  # no half-open connection left behind
                 raise
@@ -123,8 +136,11 @@ class AsyncClient:
         self._fail_pending(ProtocolError("the client was closed"))
         self.server = None
 
+    async def _call(self, method: Method[P, R], params: P) -> R:
+        result: R = await self.call(method.name, params)
+        return result
+
     async def call(self, method: str, params: Params) -> Any:
-        """Send one request and await its result; raises TaskdError subclasses."""
         limit = request_limit(params, self._timeout)
         if self.server is None:
             await self._connect(shorter(self._timeout, limit))
@@ -163,23 +179,31 @@ class AsyncClient:
             self._fail_pending(exc)
         finally:
             self.server = None
+            self._event_came.set()  # a reader of events learns that the connection is gone
 
     def _deliver(self, body: bytes) -> None:
+        reply = read_reply(body)
+        if reply.id is None:  # an error about the whole connection: this raises it
+            result_of(protocol.HELLO.name, reply)
+            return
+        entry = self._pending.get(reply.id)
+        future = entry[1] if entry is not None and not entry[1].done() else None
+        if reply.event is not None:
+            if future is not None:  # the first event of a subscription: it is live
+                future.set_result(reply.id)
+            elif self.on_event is not None:
+                self.on_event(reply.event)
+            else:
+                self._events.append(reply.event)
+                self._event_came.set()
+            return
+        if entry is None or future is None:
+            return  # a subscription's end, or a reply nobody waits for any more
         try:
-            request_id = _id_decoder.decode(body).get("id")
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProtocolError(f"taskd sent a reply this client cannot read: {exc}") from None
-        if request_id is None:  # an error about the whole connection: this raises it
-            decode_result("hello", body, None)
-            return
-        entry = self._pending.get(request_id)
-        if entry is None:
-            return
-        method, future = entry
-        if future.done():
-            return
-        try:
-            future.set_result(decode_result(method, body, request_id))
+            result = result_of(entry[0], reply)
+            if entry[0] == protocol.SUBSCRIBE.name:
+                raise ProtocolError("taskd ended a subscription before it started")
+            future.set_result(result)
         except TaskdError as exc:
             future.set_exception(exc)
 
@@ -191,8 +215,7 @@ class AsyncClient:
     # -- one method per call (the same as Client's) ----------------------------------------
 
     async def list_tasks(self) -> list[TaskInfo]:
-        result: list[TaskInfo] = await self.call("list_tasks", ListTasksParams())
-        return result
+        return await self._call(protocol.LIST_TASKS, ListTasksParams())
 
     async def run(
         self,
@@ -202,11 +225,7 @@ class AsyncClient:
         key: str | None = None,
         max_attempts: int | None = None,
     ) -> Any:
-        """Run (or join) the task, wait, and return its result; raises JobFailed if it fails."""
-        outcome = await self.run_job(task, payload, key=key, max_attempts=max_attempts)
-        if outcome.job.status != "succeeded":
-            raise JobFailed(outcome.job)
-        return outcome.job.result
+        return job_result(await self.run_job(task, payload, key=key, max_attempts=max_attempts))
 
     async def run_job(
         self,
@@ -217,9 +236,7 @@ class AsyncClient:
         max_attempts: int | None = None,
         detach: bool = False,
     ) -> RunResult:
-        params = RunParams(task, encode_payload(payload), key, detach, max_attempts)
-        result: RunResult = await self.call("run", params)
-        return result
+        return await self._call(protocol.RUN, run_params(task, payload, key, max_attempts, detach))
 
     async def enqueue(
         self,
@@ -241,16 +258,13 @@ class AsyncClient:
             max_attempts=max_attempts,
             key=key,
         )
-        result: EnqueueResult = await self.call("enqueue", params)
-        return result
+        return await self._call(protocol.ENQUEUE, params)
 
     async def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
-        result: EnqueueManyResult = await self.call("enqueue_many", EnqueueManyParams(jobs))
-        return result.jobs
+        return (await self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs))).jobs
 
     async def job(self, job_id: int) -> Job:
-        result: Job = await self.call("job", JobParams(job_id))
-        return result
+        return await self._call(protocol.JOB, JobParams(job_id))
 
     async def jobs(
         self,
@@ -260,65 +274,84 @@ class AsyncClient:
         limit: int = 50,
         payloads: bool = False,
     ) -> list[Job]:
-        """Recent jobs, newest first; their payload and result only with `payloads`."""
-        result: list[Job] = await self.call("jobs", jobs_params(status, task, limit, payloads))
-        return result
+        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
 
-    async def wait(self, job_id: int, timeout: float | str | None = None) -> Job:
-        result: Job = await self.call("wait", WaitParams(job_id, seconds(timeout)))
-        return result
+    async def wait(
+        self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
+    ) -> Job:
+        return await self._call(protocol.WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
 
     async def why(self, job_id: int) -> WhyResult:
-        """Why the job is not running yet (or what it is doing), and its timeline."""
-        result: WhyResult = await self.call("why", WhyParams(job_id))
-        return result
+        return await self._call(protocol.WHY, WhyParams(job_id))
 
     async def cancel(self, job_id: int) -> Job:
-        result: Job = await self.call("cancel", CancelParams(job_id))
-        return result
+        return await self._call(protocol.CANCEL, CancelParams(job_id))
 
     async def retry(self, job_id: int) -> Job:
-        result: Job = await self.call("retry", RetryParams(job_id))
-        return result
+        return await self._call(protocol.RETRY, RetryParams(job_id))
 
     async def status(self) -> Status:
-        result: Status = await self.call("status", StatusParams())
-        return result
+        return await self._call(protocol.STATUS, StatusParams())
 
     async def prune(self, older_than: float | str | None = None) -> int:
-        result: PruneResult = await self.call("prune", PruneParams(seconds(older_than)))
-        return result.deleted
+        return (await self._call(protocol.PRUNE, PruneParams(seconds(older_than)))).deleted
 
     async def reload(self) -> ReloadResult:
-        result: ReloadResult = await self.call("reload", ReloadParams())
-        return result
+        return await self._call(protocol.RELOAD, ReloadParams())
 
     async def schedules(self) -> list[ScheduleInfo]:
-        """Every schedule with its next and last tick, last outcome and coalesced count."""
-        result: list[ScheduleInfo] = await self.call("schedules", SchedulesParams())
-        return result
+        return await self._call(protocol.SCHEDULES, SchedulesParams())
 
     async def pause_schedule(self, schedule: str) -> ScheduleInfo:
-        """Stop a schedule (by id, or by its cron expression) ticking until resumed."""
-        result: ScheduleInfo = await self.call("pause_schedule", PauseScheduleParams(schedule))
-        return result
+        return await self._call(protocol.PAUSE_SCHEDULE, PauseScheduleParams(schedule))
 
     async def resume_schedule(self, schedule: str) -> ScheduleInfo:
-        """Let a paused schedule tick again from now (missed ticks are not caught up)."""
-        result: ScheduleInfo = await self.call("resume_schedule", ResumeScheduleParams(schedule))
-        return result
+        return await self._call(protocol.RESUME_SCHEDULE, ResumeScheduleParams(schedule))
 
     async def trigger_schedule(self, schedule: str) -> ScheduleInfo:
-        """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
-        result: ScheduleInfo = await self.call("trigger_schedule", TriggerScheduleParams(schedule))
-        return result
-
-    async def logs(self, job_id: int) -> JobLogs:
-        """The lines the job wrote with `ctx.logger` that are kept, oldest first."""
-        result: JobLogs = await self.call("logs", LogsParams(job_id))
-        return result
+        return await self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
 
     async def metrics(self) -> str:
-        """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""
-        result: str = await self.call("metrics", MetricsParams())
-        return result
+        return await self._call(protocol.METRICS, MetricsParams())
+
+    async def logs(self, job_id: int) -> JobLogs:
+        return await self._call(protocol.LOGS, LogsParams(job_id))
+
+    # -- live events -----------------------------------------------------------------------
+
+    async def subscribe(
+        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+    ) -> int:
+        limit = shorter(self._timeout, timeout)
+        if self.server is None:
+            await self._connect(limit)
+        subscription: int = await self._send(
+            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs), limit
+        )
+        return subscription
+
+    async def next_event(self, timeout: float | None = None) -> JobEvent | None:
+        while not self._events:
+            if self._writer is None or self.server is None:
+                raise ProtocolError("no subscription is open")
+            self._event_came.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._event_came.wait()
+            except TimeoutError:
+                return None
+        return self._events.popleft()
+
+    async def unsubscribe(self, subscription: int) -> None:
+        await self._call(protocol.UNSUBSCRIBE, UnsubscribeParams(subscription))
+        self._events.clear()
+
+
+def _documented_as(cls: type, model: type) -> None:
+    """Give each public method of `cls` without a docstring the docstring of `model`'s."""
+    for name, method in vars(cls).items():
+        if callable(method) and not name.startswith("_") and method.__doc__ is None:
+            method.__doc__ = getattr(model, name).__doc__
+
+
+_documented_as(AsyncClient, Client)

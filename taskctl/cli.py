@@ -9,13 +9,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import msgspec
 
 from taskctl import errors
 from taskctl.client import WAIT_MARGIN, Client
-from taskd import __version__
+from taskd import __version__, protocol
 from taskd.models import (
     FINISHED_STATUSES,
     JOB_STATUSES,
@@ -23,46 +23,54 @@ from taskd.models import (
     format_duration,
     parse_duration,
 )
-from taskd.protocol import client_socket_path
+from taskd.protocol import (
+    Method,
+    client_socket_path,
+)
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
 class Exit(enum.IntEnum):
-    """taskctl's exit statuses."""
+    """taskctl's exit statuses, each with what `taskctl --help` says of it."""
 
-    OK = 0
-    JOB_FAILED = 1  # the task ran and failed, or was cancelled
-    USAGE = 2  # bad flags or arguments; --payload that is not JSON
-    CONFLICT = 3  # the job's state does not allow it (e.g. cancel a finished job)
-    NOT_FOUND = 4  # unknown task, job or schedule
-    UNAVAILABLE = 7  # taskd is not reachable on the socket
-    PAYLOAD_REJECTED = 65  # the payload does not match the task's schema
-    SOFTWARE = 70  # taskd or taskctl misbehaved (protocol error, internal error)
-    TEMPFAIL = 75  # taskd is busy, stopping, or its store failed, or did not answer in time
-    PERMISSION = 77  # not allowed to use taskd (or this command)
-    CONFIG = 78  # reload refused: the new configuration or a task file is broken
-    TIMEOUT = 124  # `wait --timeout` ran out before the job ended
-    INTERRUPTED = 130  # Ctrl-C, as shells report it (128 + SIGINT)
+    help: str
+
+    def __new__(cls, value: int, help: str = "") -> Exit:
+        status = int.__new__(cls, value)
+        status._value_ = value
+        status.help = help
+        return status
+
+    OK = 0, "success"
+    JOB_FAILED = 1, "the task ran and failed, or was cancelled (its error on stderr)"
+    USAGE = 2, "usage error: bad flags or arguments, --payload that is not valid JSON"
+    CONFLICT = 3, "the job's state does not allow this (e.g. cancel a job that already finished)"
+    NOT_FOUND = 4, "unknown task, job or schedule"
+    UNAVAILABLE = 7, "taskd is not reachable (the message names the socket that was tried)"
+    PAYLOAD_REJECTED = (
+        65,
+        ("the payload was rejected by the task's schema (the message names the field)"),
+    )
+    SOFTWARE = 70, "internal or protocol error"
+    TEMPFAIL = (
+        75,
+        (
+            "taskd is busy or stopping, its database failed, or it did not answer within\n"
+            "--request-timeout: try again"
+        ),
+    )
+    PERMISSION = 77, "permission denied: ask for access to the socket"
+    CONFIG = 78, "reload refused: the new configuration or a task file is broken"
+    TIMEOUT = 124, "wait --timeout ran out before the job ended"
+    INTERRUPTED = 130, "interrupted (Ctrl-C); a job that was started goes on in taskd"
 
 
-EXIT_HELP = """\
-exit status:
-    0  success
-    1  the task ran and failed, or was cancelled (its error on stderr)
-    2  usage error: bad flags or arguments, --payload that is not valid JSON
-    3  the job's state does not allow this (e.g. cancel a job that already finished)
-    4  unknown task, job or schedule
-    7  taskd is not reachable (the message names the socket that was tried)
-   65  the payload was rejected by the task's schema (the message names the field)
-   70  internal or protocol error
-   75  taskd is busy or stopping, its database failed, or it did not answer within
-       --request-timeout: try again
-   77  permission denied: ask for access to the socket
-   78  reload refused: the new configuration or a task file is broken
-  124  wait --timeout ran out before the job ended
-  130  interrupted (Ctrl-C); a job that was started goes on in taskd
-"""
+def exit_help() -> str:
+    """The exit statuses, as `taskctl --help` ends."""
+    lines = [f"{status.value:>5}  {status.help}".replace("\n", "\n       ") for status in Exit]
+    return "exit status:\n" + "\n".join(lines) + "\n"
+
 
 _EXIT_FOR_ERROR: dict[type[errors.TaskdError], Exit] = {
     errors.DaemonUnavailable: Exit.UNAVAILABLE,
@@ -450,9 +458,187 @@ def _live() -> Any:
     return live
 
 
-# -- parser ------------------------------------------------------------------------------
+# -- the command table: the parser, the epilogs and the completion derive from it -----------
 
-Command = Callable[[Client, argparse.Namespace], Exit]
+Handler = Callable[[Client, argparse.Namespace], Exit]
+if TYPE_CHECKING:
+    # What completion offers for an argument: the running taskd's tasks, jobs or schedules,
+    # or these words (an argument with `choices` offers them).
+    Completion = Literal["tasks", "jobs", "schedules"] | tuple[str, ...]
+
+
+class Arg:
+    """An argument of a command: argparse's flags (or a positional's name) and options."""
+
+    __slots__ = ("complete", "flags", "options")
+
+    def __init__(self, *flags: str, complete: Completion | None = None, **options: Any) -> None:
+        self.flags = flags
+        self.options = options
+        self.complete = complete
+
+    @property
+    def positional(self) -> bool:
+        return not self.flags[0].startswith("-")
+
+    @property
+    def takes_value(self) -> bool:
+        return self.options.get("action") not in ("store_true", "version")
+
+
+class Command:
+    """A taskctl command: the function that runs it, the protocol method it calls (whose
+    declaration gives its help and examples), its arguments, and its own subcommands."""
+
+    __slots__ = ("actions", "args", "description", "examples", "handler", "help", "name", "usage")
+
+    def __init__(
+        self,
+        name: str,
+        handler: Handler,
+        method: Method[Any, Any] | None = None,
+        args: tuple[Arg, ...] = (),
+        *,
+        help: str = "",  # for a command that is not one method of the protocol
+        examples: tuple[str, ...] = (),
+        actions: tuple[Command, ...] = (),  # `schedules pause|resume|trigger`
+        usage: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.args = args
+        self.help = method.help if method is not None else help
+        self.examples = method.examples if method is not None else examples
+        self.actions = actions
+        self.usage = usage
+        self.description = description or self.help
+
+
+# The global options, before or after the command. `{socket}` in a help is the default
+# socket, found when a parser is built.
+GLOBAL_OPTIONS = (
+    Arg("--socket", metavar="PATH", default=None,
+        help="taskd's control socket (default: $TASKD_SOCKET or {socket})"),
+    Arg("--json", action="store_true", default=False,
+        help="print JSON on stdout, and only JSON (errors too, on stderr)"),
+    Arg("--connect-timeout", type=duration, default=0.0, metavar="DUR",
+        help="keep trying this long while taskd is starting (default: fail at once)"),
+    Arg("--request-timeout", type=duration, default=DEFAULT_REQUEST_TIMEOUT, metavar="DUR",
+        help="give up (exit 75) when taskd has not answered a call within this long "
+        f"(default: {DEFAULT_REQUEST_TIMEOUT:g}s; 0: no limit). It does not cut short a "
+        "`run` waiting for its job, nor `wait`, which gives up after its own --timeout "
+        f"plus {WAIT_MARGIN:g}s"),
+)  # fmt: skip
+
+
+NAME = Arg(
+    "task",
+    metavar="NAME",
+    complete="tasks",
+    help="the task's name, as `taskctl list` shows it (e.g. jobs:send-email)",
+)
+JOB_ID = Arg(
+    "id",
+    type=int,
+    metavar="ID",
+    complete="jobs",
+    help="a job id, as `taskctl enqueue` prints it or `taskctl jobs` lists it",
+)
+PAYLOAD = Arg(
+    "--payload",
+    metavar="JSON",
+    help="the payload: JSON text, @FILE with JSON, or - to read JSON from stdin "
+    "(without it the task gets {})",
+)
+ATTEMPTS_HELP = "attempts before the job fails for good (default: the task's max_attempts, else {})"
+SCHEDULE_HELP = (
+    "{}. Name the schedule by its id or by its cron expression (quoted, so that the shell "
+    "keeps it whole)."
+)
+
+
+def schedule_action(name: str, handler: Handler, method: Method[Any, Any]) -> Command:
+    """`taskctl schedules NAME ID|CRON`."""
+    return Command(
+        name, handler, method,
+        (Arg("schedule", nargs="+", metavar="ID|CRON", complete="schedules"),),
+        usage=f"taskctl schedules {name} [-h] ID|CRON",
+        description=SCHEDULE_HELP.format(method.help),
+    )  # fmt: skip
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("list", cmd_list, protocol.LIST_TASKS),
+    Command("run", cmd_run, protocol.RUN, (
+        NAME, PAYLOAD,
+        Arg("--detach", action="store_true", help="print the job id and return at once"),
+        Arg("--key", help="single-flight key: runs with the same key share one execution"),
+        Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1)),
+    )),
+    Command("enqueue", cmd_enqueue, protocol.ENQUEUE, (
+        NAME, PAYLOAD,
+        Arg("--delay", type=duration, metavar="DUR", help="run after 30s, 5m, 2h ..."),
+        Arg("--at", type=moment, metavar="TIME",
+            help="run at an ISO-8601 time (local time without an offset)"),
+        Arg("--priority", type=int, default=0, metavar="N", help="lower runs first (default 0)"),
+        Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)),
+        Arg("--key", metavar="K",
+            help="unique key: no second pending or running job with this key"),
+    )),
+    Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
+    Command("jobs", cmd_jobs, protocol.JOBS, (
+        Arg("--status", type=statuses, action="append", metavar="S", complete=JOB_STATUSES,
+            help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}"),
+        Arg("--task", metavar="NAME", complete="tasks", help="only jobs of this task"),
+        Arg("--limit", type=positive_int, default=50, metavar="N", help="default 50"),
+        Arg("--payloads", action="store_true",
+            help="with --json: include each job's payload and result (`taskctl job ID` shows "
+            "them)"),
+        Arg("--watch", action="store_true",
+            help="redraw the table as jobs change (Ctrl-C stops)"),
+    )),
+    Command("logs", cmd_logs, protocol.LOGS, (
+        JOB_ID,
+        Arg("-f", "--follow", action="store_true",
+            help="print new lines as they come, until the job ends"),
+    )),
+    Command("top", cmd_top, examples=("taskctl top",),
+            help="full-screen view: running jobs and their progress, queues, failures, next "
+            "ticks"),
+    Command("wait", cmd_wait, protocol.WAIT, (
+        JOB_ID, Arg("--timeout", type=duration, metavar="DUR", help="give up after this long"),
+    )),
+    Command("why", cmd_why, protocol.WHY, (JOB_ID,)),
+    Command("cancel", cmd_cancel, protocol.CANCEL, (JOB_ID,)),
+    Command("retry", cmd_retry, protocol.RETRY, (JOB_ID,)),
+    Command("status", cmd_status, protocol.STATUS),
+    Command("prune", cmd_prune, protocol.PRUNE, (
+        Arg("--older-than", type=duration, metavar="DUR",
+            help="delete finished jobs older than this (1d, 12h ...), whatever the retention"),
+    )),
+    Command("reload", cmd_reload, protocol.RELOAD),
+    Command("metrics", cmd_metrics, protocol.METRICS),
+    Command("schedules", cmd_schedules, protocol.SCHEDULES, actions=(
+        schedule_action("pause", cmd_schedules_pause, protocol.PAUSE_SCHEDULE),
+        schedule_action("resume", cmd_schedules_resume, protocol.RESUME_SCHEDULE),
+        schedule_action("trigger", cmd_schedules_trigger, protocol.TRIGGER_SCHEDULE),
+    )),
+    Command("completion", cmd_completion,
+            help="print a shell completion script: commands, options, task names and job ids",
+            examples=(
+                "source <(taskctl completion bash)        # in ~/.bashrc",
+                "source <(taskctl completion zsh)         # in ~/.zshrc",
+                "taskctl completion fish | source         # in ~/.config/fish/config.fish",
+            ),
+            args=(Arg("shell", choices=["bash", "zsh", "fish"], metavar="SHELL",
+                      help="bash, zsh or fish"),)),
+)  # fmt: skip
+COMMAND_NAMES = frozenset(command.name for command in COMMANDS)
+# The global options that take a value (so that the word after one is not the command).
+VALUED_OPTIONS = frozenset(
+    flag for option in GLOBAL_OPTIONS if option.takes_value for flag in option.flags
+)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -470,52 +656,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, width=width - 2)
 
 
-# The global options that take a value (so that the word after one is not the command).
-VALUED_OPTIONS = ("--socket", "--connect-timeout", "--request-timeout")
-NAME_HELP = "the task's name, as `taskctl list` shows it (e.g. jobs:send-email)"
-ID_HELP = "a job id, as `taskctl enqueue` prints it or `taskctl jobs` lists it"
-ATTEMPTS_HELP = "attempts before the job fails for good (default: the task's max_attempts, else {})"
-EXAMPLES: dict[str, tuple[str, ...]] = {
-    "list": ("taskctl list", "taskctl list --json"),
-    "run": (
-        "taskctl run hello",
-        "taskctl run jobs:send-email --payload @email.json",
-        """echo '{"name": "Ada"}' | taskctl run hello --payload -""",
-    ),
-    "enqueue": (
-        "taskctl enqueue jobs:send-email --delay 5m --payload "
-        """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
-        "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
-    ),
-    "job": ("taskctl job 42",),
-    "jobs": (
-        "taskctl jobs --status failed --task jobs:send-email",
-        "taskctl jobs --json --payloads --limit 10",
-        "taskctl jobs --watch --status running,pending",
-    ),
-    "logs": ("taskctl logs 42", "taskctl logs 42 -f"),
-    "top": ("taskctl top",),
-    "wait": ("taskctl wait 42 --timeout 1m",),
-    "why": ("taskctl why 42", "taskctl why 42 --json"),
-    "cancel": ("taskctl cancel 42",),
-    "retry": ("taskctl retry 42",),
-    "status": ("taskctl status", "taskctl status --json"),
-    "prune": ("taskctl prune --older-than 1d",),
-    "reload": ("taskctl reload",),
-    "metrics": ("taskctl metrics", "taskctl metrics | grep '^taskd_queue_depth'"),
-    "completion": (
-        "source <(taskctl completion bash)        # in ~/.bashrc",
-        "source <(taskctl completion zsh)         # in ~/.zshrc",
-        "taskctl completion fish | source         # in ~/.config/fish/config.fish",
-    ),
-    "schedules": (
-        "taskctl schedules",
-        "taskctl schedules pause nightly-index",
-        "taskctl schedules trigger '*/5 * * * *'",
-    ),
-}
-
-
 def _epilog(examples: tuple[str, ...]) -> str:
     lines = "".join(f"\n  {line}" for line in examples)
     return (
@@ -523,245 +663,53 @@ def _epilog(examples: tuple[str, ...]) -> str:
     )
 
 
-def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    """The global options (--socket, --json, the timeouts), before or after the command.
-
-    Below the top level they default to SUPPRESS, so that a subcommand without them keeps
-    what was given before it.
-    """
-
-    def default(value: Any) -> Any:
-        return value if top else argparse.SUPPRESS
-
-    parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        default=default(None),
-        help=f"taskd's control socket (default: $TASKD_SOCKET or {client_socket_path()})",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        default=default(False),
-        help="print JSON on stdout, and only JSON (errors too, on stderr)",
-    )
-    parser.add_argument(
-        "--connect-timeout",
-        type=duration,
-        default=default(0.0),
-        metavar="DUR",
-        help="keep trying this long while taskd is starting (default: fail at once)",
-    )
-    parser.add_argument(
-        "--request-timeout",
-        type=duration,
-        default=default(DEFAULT_REQUEST_TIMEOUT),
-        metavar="DUR",
-        help="give up (exit 75) when taskd has not answered a call within this long "
-        f"(default: {DEFAULT_REQUEST_TIMEOUT:g}s; 0: no limit). It does not cut short a `run` "
-        "waiting for its job, nor `wait`, which gives up after its own --timeout plus "
-        f"{WAIT_MARGIN:g}s",
-    )
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """taskctl's parser; with `only`, with just that command (a command line names one, and
-    building the other fifteen would cost it milliseconds)."""
-
-    def wanted(name: str) -> bool:
-        return only is None or name == only
-
+    building the other sixteen would cost it milliseconds)."""
     parser = argparse.ArgumentParser(
         prog="taskctl",
         description="Control taskd: list and run tasks, enqueue jobs, inspect them.",
-        epilog=EXIT_HELP,
+        epilog=exit_help(),
         formatter_class=_Formatter,
     )
-    _global_options(parser, top=True)
+    socket = client_socket_path()
+    _add_global_options(parser, socket, top=True)
     parser.add_argument("--version", action="version", version=f"taskctl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name: str, handler: Command, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name,
-            help=help,
-            description=help,
-            epilog=_epilog(EXAMPLES[name]),
-            formatter_class=_Formatter,
-        )
-        _global_options(sub, top=False)
-        sub.set_defaults(handler=handler)
-        return sub
-
-    if wanted("list"):
-        command("list", cmd_list, "list the tasks taskd has loaded")
-
-    if wanted("run"):
-        run = command(
-            "run", cmd_run, "run a task (or join its running execution) and print its result"
-        )
-        run.add_argument("task", metavar="NAME", help=NAME_HELP)
-        _payload_argument(run)
-        run.add_argument(
-            "--detach", action="store_true", help="print the job id and return at once"
-        )
-        run.add_argument(
-            "--key", help="single-flight key: runs with the same key share one execution"
-        )
-        run.add_argument(
-            "--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1)
-        )
-
-    if wanted("enqueue"):
-        enqueue = command("enqueue", cmd_enqueue, "add a job to the queue and print its id")
-        enqueue.add_argument("task", metavar="NAME", help=NAME_HELP)
-        _payload_argument(enqueue)
-        enqueue.add_argument(
-            "--delay", type=duration, metavar="DUR", help="run after 30s, 5m, 2h ..."
-        )
-        enqueue.add_argument(
-            "--at",
-            type=moment,
-            metavar="TIME",
-            help="run at an ISO-8601 time (local time without an offset)",
-        )
-        enqueue.add_argument(
-            "--priority", type=int, default=0, metavar="N", help="lower runs first (default 0)"
-        )
-        enqueue.add_argument(
-            "--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)
-        )
-        enqueue.add_argument(
-            "--key", metavar="K", help="unique key: no second pending or running job with this key"
-        )
-
-    if wanted("job"):
-        job = command("job", cmd_job, "show one job, with the errors of all its attempts")
-        job.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-
-    if wanted("jobs"):
-        jobs = command("jobs", cmd_jobs, "list recent jobs, newest first")
-        jobs.add_argument(
-            "--status",
-            type=statuses,
-            action="append",
-            metavar="S",
-            help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}",
-        )
-        jobs.add_argument("--task", metavar="NAME", help="only jobs of this task")
-        jobs.add_argument("--limit", type=positive_int, default=50, metavar="N", help="default 50")
-        jobs.add_argument(
-            "--payloads",
-            action="store_true",
-            help="with --json: include each job's payload and result (`taskctl job ID` shows them)",
-        )
-        jobs.add_argument(
-            "--watch", action="store_true", help="redraw the table as jobs change (Ctrl-C stops)"
-        )
-
-    if wanted("logs"):
-        logs = command("logs", cmd_logs, "print the lines a job wrote with ctx.logger")
-        logs.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-        logs.add_argument(
-            "-f",
-            "--follow",
-            action="store_true",
-            help="print new lines as they come, until the job ends",
-        )
-
-    if wanted("top"):
-        command(
-            "top",
-            cmd_top,
-            "full-screen view: running jobs and their progress, queues, failures, next ticks",
-        )
-
-    if wanted("wait"):
-        wait = command("wait", cmd_wait, "wait for a job to end and print its result")
-        wait.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-        wait.add_argument("--timeout", type=duration, metavar="DUR", help="give up after this long")
-
-    if wanted("why"):
-        why = command(
-            "why", cmd_why, "say why a job is not running yet (or what it did), with its timeline"
-        )
-        why.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-
-    if wanted("cancel"):
-        cancel = command("cancel", cmd_cancel, "cancel a pending or running job")
-        cancel.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-
-    if wanted("retry"):
-        retry = command("retry", cmd_retry, "put a failed or cancelled job back in the queue")
-        retry.add_argument("id", type=int, metavar="ID", help=ID_HELP)
-
-    if wanted("status"):
-        command("status", cmd_status, "show the daemon, its queue and its running jobs")
-
-    if wanted("prune"):
-        prune = command(
-            "prune", cmd_prune, "delete finished jobs now (default: past their retention)"
-        )
-        prune.add_argument(
-            "--older-than",
-            type=duration,
-            metavar="DUR",
-            help="delete finished jobs older than this (1d, 12h ...), whatever the retention",
-        )
-
-    if wanted("reload"):
-        command("reload", cmd_reload, "re-read taskd.toml and the tasks folder (like SIGHUP)")
-
-    if wanted("metrics"):
-        command(
-            "metrics", cmd_metrics, "print the Prometheus metrics (jobs, durations, retries, ticks)"
-        )
-
-    if wanted("schedules"):
-        schedules = command(
-            "schedules",
-            cmd_schedules,
-            "list the schedules (next and last tick, last outcome, coalesced ticks); "
-            "or pause, resume or trigger one",
-        )
-        actions = schedules.add_subparsers(dest="action", metavar="[ACTION]")
-        for name, handler, help in (
-            ("pause", cmd_schedules_pause, "stop a schedule ticking (remembered across restarts)"),
-            ("resume", cmd_schedules_resume, "let a paused schedule tick again, from now on"),
-            ("trigger", cmd_schedules_trigger, "fire a schedule now; its regular ticks stay"),
-        ):
-            action = actions.add_parser(
-                name,
-                help=help,
-                usage=f"taskctl schedules {name} [-h] ID|CRON",
-                description=f"{help}. Name the schedule by its id or by its cron expression "
-                "(quoted, so that the shell keeps it whole).",
-                epilog=_epilog((f"taskctl schedules {name} nightly-index",)),
-                formatter_class=_Formatter,
-            )
-            _global_options(action, top=False)
-            action.add_argument("schedule", nargs="+", metavar="ID|CRON")
-            action.set_defaults(handler=handler)
-
-    if wanted("completion"):
-        completion = command(
-            "completion",
-            cmd_completion,
-            "print a shell completion script: commands, options, task names and job ids",
-        )
-        completion.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL",
-                                help="bash, zsh or fish")  # fmt: skip
-
+    for command in COMMANDS:
+        if only is None or command.name == only:
+            _add_command(commands, command, socket)
     return parser
 
 
-def _payload_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--payload",
-        metavar="JSON",
-        help="the payload: JSON text, @FILE with JSON, or - to read JSON from stdin "
-        "(without it the task gets {})",
+def _add_global_options(parser: argparse.ArgumentParser, socket: str, *, top: bool) -> None:
+    """The global options; below the top level they default to SUPPRESS, so that a
+    subcommand without them keeps what was given before it."""
+    for option in GLOBAL_OPTIONS:
+        options = {**option.options, "help": option.options["help"].format(socket=socket)}
+        if not top:
+            options["default"] = argparse.SUPPRESS
+        parser.add_argument(*option.flags, **options)
+
+
+def _add_command(parent: Any, command: Command, socket: str) -> None:
+    """`command`'s parser, under `parent` (argparse's subparsers action)."""
+    sub = parent.add_parser(
+        command.name,
+        help=command.help,
+        usage=command.usage,
+        description=command.description,
+        epilog=_epilog(command.examples),
+        formatter_class=_Formatter,
     )
+    _add_global_options(sub, socket, top=False)
+    for option in command.args:
+        sub.add_argument(*option.flags, **option.options)
+    sub.set_defaults(handler=command.handler)
+    if command.actions:
+        actions = sub.add_subparsers(dest="action", metavar="[ACTION]")
+        for action in command.actions:
+            _add_command(actions, action, socket)
 
 
 def command_of(words: list[str]) -> str | None:
@@ -772,7 +720,7 @@ def command_of(words: list[str]) -> str | None:
         if word in VALUED_OPTIONS:
             next(remaining, None)
         elif not word.startswith("-"):
-            return word if word in EXAMPLES else None
+            return word if word in COMMAND_NAMES else None
     return None
 
 
@@ -781,14 +729,14 @@ def main(argv: list[str] | None = None) -> int:
     if words[:1] == ["__complete"]:  # what the completion scripts ask
         from taskctl.completion import complete
 
-        print("\n".join(complete(build_parser(), words[1:])))
+        print("\n".join(complete(words[1:])))
         return int(Exit.OK)
     parser = build_parser(command_of(words))
     args = parser.parse_args(words)
     if args.command is None:
         parser.print_help(sys.stderr)
         return int(Exit.USAGE)
-    handler: Command = args.handler
+    handler: Handler = args.handler
     try:
         timeout = args.request_timeout or None
         with Client(args.socket, timeout=timeout, connect_timeout=args.connect_timeout) as client:

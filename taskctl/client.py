@@ -25,6 +25,7 @@ from taskctl.errors import (
     RequestTimeout,
     error_for,
 )
+from taskd import protocol
 from taskd.models import (
     Job,
     JobLogs,
@@ -41,7 +42,6 @@ from taskd.protocol import (
     PROTOCOL_VERSION,
     CancelParams,
     EnqueueManyParams,
-    EnqueueManyResult,
     EnqueueParams,
     EnqueueResult,
     HelloParams,
@@ -51,11 +51,13 @@ from taskd.protocol import (
     JobsParams,
     ListTasksParams,
     LogsParams,
+    Method,
     MetricsParams,
+    P,
     Params,
     PauseScheduleParams,
     PruneParams,
-    PruneResult,
+    R,
     RawReply,
     ReloadParams,
     ReloadResult,
@@ -91,8 +93,12 @@ _result_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}  # built on first
 def _result_decoder(method: str) -> msgspec.msgpack.Decoder[Any]:
     decoder = _result_decoders.get(method)
     if decoder is None:
-        decoder = _result_decoders[method] = msgspec.msgpack.Decoder(METHODS[method][1])
+        decoder = _result_decoders[method] = msgspec.msgpack.Decoder(METHODS[method].result)
     return decoder
+
+
+def hello_params() -> HelloParams:
+    return HelloParams(protocol=PROTOCOL_VERSION, client=CLIENT_NAME)
 
 
 def encode_payload(payload: Any) -> msgspec.Raw:
@@ -143,20 +149,43 @@ def jobs_params(
     return msgspec.convert(fields, JobsParams)
 
 
-def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> Any:
-    """The result of a reply frame, or the exception its error stands for."""
+def run_params(
+    task: str, payload: Any, key: str | None, max_attempts: int | None, detach: bool
+) -> RunParams:
+    return RunParams(task, encode_payload(payload), key, detach, max_attempts)
+
+
+def job_result(outcome: RunResult) -> Any:
+    """The result of a run's job; JobFailed if it failed (or was cancelled)."""
+    if outcome.job.status != "succeeded":
+        raise JobFailed(outcome.job)
+    return outcome.job.result
+
+
+def read_reply(body: bytes) -> RawReply:
+    """A reply frame's envelope; ProtocolError if it is not one."""
     try:
-        reply = _reply_decoder.decode(reply_body)
+        return _reply_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"taskd sent a reply this client cannot read: {exc}") from None
+
+
+def result_of(method: str, reply: RawReply) -> Any:
+    """The result of a reply to `method`, or the exception its error stands for."""
     if reply.error is not None:
         raise error_for(reply.error.code, reply.error.message, reply.error.data)
-    if expected_id is not None and reply.id != expected_id:
-        raise ProtocolError(f"reply for request {reply.id}, expected {expected_id}")
     try:
         return _result_decoder(method).decode(reply.result)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
+
+
+def decode_result(method: str, reply_body: bytes, expected_id: int | None) -> Any:
+    """The result of a reply frame, or the exception its error stands for."""
+    reply = read_reply(reply_body)
+    if reply.error is None and expected_id is not None and reply.id != expected_id:
+        raise ProtocolError(f"reply for request {reply.id}, expected {expected_id}")
+    return result_of(method, reply)
 
 
 def request_limit(params: Params, timeout: float | None) -> float | None:
@@ -239,8 +268,7 @@ class Client:
 
     def _connect(self, limit: float | None) -> HelloResult:
         self._sock = self._open_socket()
-        hello = HelloParams(protocol=PROTOCOL_VERSION, client=CLIENT_NAME)
-        result: HelloResult = self._exchange("hello", hello, limit)
+        result: HelloResult = self._exchange(protocol.HELLO.name, hello_params(), limit)
         self.server = result
         return result
 
@@ -261,6 +289,10 @@ class Client:
                     raise unavailable(self.socket_path, exc) from None
             time.sleep(pause)
             pause = min(pause * 2, 0.25)
+
+    def _call(self, method: Method[P, R], params: P) -> R:
+        result: R = self.call(method.name, params)
+        return result
 
     def call(self, method: str, params: Params) -> Any:
         """Send one request and return its decoded result; raises TaskdError subclasses."""
@@ -317,11 +349,10 @@ class Client:
             raise ProtocolError(f"taskd announced a reply of {size} bytes; refusing it")
         return _recv_exactly(sock, size, deadline)
 
-    # -- one method per call ---------------------------------------------------------------
+    # -- one method per call (AsyncClient has the same, as coroutines) ----------------------
 
     def list_tasks(self) -> list[TaskInfo]:
-        result: list[TaskInfo] = self.call("list_tasks", ListTasksParams())
-        return result
+        return self._call(protocol.LIST_TASKS, ListTasksParams())
 
     def run(
         self,
@@ -332,10 +363,7 @@ class Client:
         max_attempts: int | None = None,
     ) -> Any:
         """Run (or join) the task, wait, and return its result; raises JobFailed if it fails."""
-        outcome = self.run_job(task, payload, key=key, max_attempts=max_attempts)
-        if outcome.job.status != "succeeded":
-            raise JobFailed(outcome.job)
-        return outcome.job.result
+        return job_result(self.run_job(task, payload, key=key, max_attempts=max_attempts))
 
     def run_job(
         self,
@@ -347,9 +375,7 @@ class Client:
         detach: bool = False,
     ) -> RunResult:
         """Run (or join) the task; the finished job (or, with `detach`, the pending one)."""
-        params = RunParams(task, encode_payload(payload), key, detach, max_attempts)
-        result: RunResult = self.call("run", params)
-        return result
+        return self._call(protocol.RUN, run_params(task, payload, key, max_attempts, detach))
 
     def enqueue(
         self,
@@ -372,18 +398,16 @@ class Client:
             max_attempts=max_attempts,
             key=key,
         )
-        result: EnqueueResult = self.call("enqueue", params)
-        return result
+        return self._call(protocol.ENQUEUE, params)
 
     def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
         """Enqueue a batch in one round trip and one transaction (build items with
         `taskctl.enqueue_params`); nothing is enqueued if one is invalid."""
-        result: EnqueueManyResult = self.call("enqueue_many", EnqueueManyParams(jobs))
-        return result.jobs
+        return self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs)).jobs
 
     def job(self, job_id: int) -> Job:
-        result: Job = self.call("job", JobParams(job_id))
-        return result
+        """The job, with the errors of all its attempts."""
+        return self._call(protocol.JOB, JobParams(job_id))
 
     def jobs(
         self,
@@ -394,8 +418,7 @@ class Client:
         payloads: bool = False,
     ) -> list[Job]:
         """Recent jobs, newest first; their payload and result only with `payloads`."""
-        result: list[Job] = self.call("jobs", jobs_params(status, task, limit, payloads))
-        return result
+        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
 
     def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
@@ -403,64 +426,55 @@ class Client:
         """The job once it has ended; raises WaitTimeout after `timeout` (RequestTimeout if
         taskd has not answered WAIT_MARGIN seconds later). With `after_attempt`, also as soon
         as an attempt numbered above it has failed (the job is then not finished)."""
-        params = WaitParams(job_id, seconds(timeout), after_attempt)
-        result: Job = self.call("wait", params)
-        return result
+        return self._call(protocol.WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
 
     def why(self, job_id: int) -> WhyResult:
         """Why the job is not running yet (or what it is doing), and its timeline."""
-        result: WhyResult = self.call("why", WhyParams(job_id))
-        return result
+        return self._call(protocol.WHY, WhyParams(job_id))
 
     def cancel(self, job_id: int) -> Job:
-        result: Job = self.call("cancel", CancelParams(job_id))
-        return result
+        """Cancel a pending or running job (whichever daemon runs it stops it)."""
+        return self._call(protocol.CANCEL, CancelParams(job_id))
 
     def retry(self, job_id: int) -> Job:
-        result: Job = self.call("retry", RetryParams(job_id))
-        return result
+        """Put a failed or cancelled job back in the queue."""
+        return self._call(protocol.RETRY, RetryParams(job_id))
 
     def status(self) -> Status:
-        result: Status = self.call("status", StatusParams())
-        return result
+        """The daemon, its queue, its running jobs, and every daemon sharing its store."""
+        return self._call(protocol.STATUS, StatusParams())
 
     def prune(self, older_than: float | str | None = None) -> int:
-        result: PruneResult = self.call("prune", PruneParams(seconds(older_than)))
-        return result.deleted
+        """Delete finished jobs (past their retention, or older than `older_than`); how many."""
+        return self._call(protocol.PRUNE, PruneParams(seconds(older_than))).deleted
 
     def reload(self) -> ReloadResult:
-        result: ReloadResult = self.call("reload", ReloadParams())
-        return result
+        """Re-read taskd.toml and the tasks folder (like SIGHUP)."""
+        return self._call(protocol.RELOAD, ReloadParams())
 
     def schedules(self) -> list[ScheduleInfo]:
         """Every schedule with its next and last tick, last outcome and coalesced count."""
-        result: list[ScheduleInfo] = self.call("schedules", SchedulesParams())
-        return result
+        return self._call(protocol.SCHEDULES, SchedulesParams())
 
     def pause_schedule(self, schedule: str) -> ScheduleInfo:
         """Stop a schedule (by id, or by its cron expression) ticking until resumed."""
-        result: ScheduleInfo = self.call("pause_schedule", PauseScheduleParams(schedule))
-        return result
+        return self._call(protocol.PAUSE_SCHEDULE, PauseScheduleParams(schedule))
 
     def resume_schedule(self, schedule: str) -> ScheduleInfo:
         """Let a paused schedule tick again from now (missed ticks are not caught up)."""
-        result: ScheduleInfo = self.call("resume_schedule", ResumeScheduleParams(schedule))
-        return result
+        return self._call(protocol.RESUME_SCHEDULE, ResumeScheduleParams(schedule))
 
     def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
-        result: ScheduleInfo = self.call("trigger_schedule", TriggerScheduleParams(schedule))
-        return result
+        return self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
 
     def metrics(self) -> str:
         """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""
-        result: str = self.call("metrics", MetricsParams())
-        return result
+        return self._call(protocol.METRICS, MetricsParams())
 
     def logs(self, job_id: int) -> JobLogs:
         """The lines the job wrote with `ctx.logger` that are kept, oldest first."""
-        result: JobLogs = self.call("logs", LogsParams(job_id))
-        return result
+        return self._call(protocol.LOGS, LogsParams(job_id))
 
     # -- live events -----------------------------------------------------------------------
 
@@ -482,18 +496,18 @@ class Client:
         self._next_id += 1
         params = SubscribeParams(job=job, logs=logs)
         try:
-            sock.sendall(encode_frame(Request(request_id, "subscribe", _raw(params))))
+            sock.sendall(encode_frame(Request(request_id, protocol.SUBSCRIBE.name, _raw(params))))
             while True:  # until the first event: "subscribed", or the error refusing it
                 body = self._read_frame(sock, deadline)
                 head = _reply_decoder.decode(body)
                 if head.id == request_id and head.event is not None:
                     return request_id
                 if head.id == request_id:
-                    decode_result("subscribe", body, request_id)
+                    result_of(protocol.SUBSCRIBE.name, head)
                     raise ProtocolError("taskd ended a subscription before it started")
         except TimeoutError:
             self.close()
-            raise timed_out(self.socket_path, "subscribe", limit or 1.0) from None
+            raise timed_out(self.socket_path, protocol.SUBSCRIBE.name, limit or 1.0) from None
 
     def next_event(self, timeout: float | None = None) -> JobEvent | None:
         """The next event of the open subscriptions; None if none came within `timeout`."""
@@ -524,7 +538,7 @@ class Client:
 
     def unsubscribe(self, subscription: int) -> None:
         """End a subscription (its events not read yet are dropped)."""
-        self.call("unsubscribe", UnsubscribeParams(subscription))
+        self._call(protocol.UNSUBSCRIBE, UnsubscribeParams(subscription))
         self._events.clear()
 
 

@@ -2,20 +2,20 @@
 `taskctl __complete SHELL WORD...` for the candidates, so that the three shells complete
 alike.
 
-The commands and options come from taskctl's own parser; task names, job ids and schedule
-ids from the running taskd (asked briefly, and quietly skipped if it does not answer).
-zsh and fish quote what they insert; bash inserts candidates as they are, so for bash they
-come quoted (a schedule id such as `*/5 * * * *` as `'*/5 * * * *'`).
+The commands and options come from taskctl's command table (taskctl.cli.COMMANDS); task
+names, job ids and schedule ids from the running taskd (asked briefly, and quietly skipped
+if it does not answer). zsh and fish quote what they insert; bash inserts candidates as
+they are, so for bash they come quoted (a schedule id such as `*/5 * * * *` as
+`'*/5 * * * *'`).
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 from collections.abc import Callable, Iterable
 
+from taskctl.cli import COMMANDS, GLOBAL_OPTIONS, Arg, Command
 from taskctl.client import Client
-from taskd.models import JOB_STATUSES
 
 SCRIPTS = {
     "bash": """\
@@ -44,96 +44,94 @@ compdef _taskctl taskctl
 complete -c taskctl -f -a '(taskctl __complete fish (commandline -opc)[2..-1] (commandline -ct))'
 """,
 }
-JOB_COMMANDS = {"job", "wait", "cancel", "retry", "why"}
-TASK_COMMANDS = {"run", "enqueue"}
-SCHEDULE_ACTIONS = ("pause", "resume", "trigger")
+# The options of every command, argparse's own among them, and the top level's --version.
+_GLOBAL = (*GLOBAL_OPTIONS, Arg("-h", "--help", action="store_true"))
+VERSION = Arg("--version", action="version")
 
 
 def script(shell: str) -> str:
     return SCRIPTS[shell]
 
 
-def complete(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+def complete(words: list[str]) -> list[str]:
     """The candidates for the last of `words` (the word being typed, maybe empty), after
     the shell's name (older scripts sent none), quoted for the shell that asks."""
     if words[:1] and words[0] in SCRIPTS:
         shell, words = words[0], words[1:]
     else:
         shell = None
-    candidates = _candidates(parser, words)
+    candidates = _completions(words)
     return [shlex.quote(c) for c in candidates] if shell == "bash" else candidates
 
 
-def _candidates(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+def _completions(words: list[str]) -> list[str]:
     *before, current = words or [""]
     current = current.lstrip("'\"")  # a quote the user opened: the candidates are unquoted
     socket = _option_value(before, "--socket")
-    command, positionals = _command(parser, before)
+    command, positionals = _command(before)
     previous = before[-1] if before else ""
-    options = _options(parser, command)
-    if previous in options.get("values", set()):
-        return _matching(current, _values(previous, socket))
+    options = _options(command)
+    if (option := options.get(previous)) is not None and option.takes_value:
+        return _matching(current, _candidates(option, socket))
     if current.startswith("-"):
-        return _matching(current, sorted(options["flags"] | options["values"]))
+        return _matching(current, sorted(options))
     if command is None:
-        return _matching(current, sorted(_subcommands(parser)))
-    if command in TASK_COMMANDS and not positionals:
-        return _matching(current, _ask(socket, lambda c: [t.name for t in c.list_tasks()]))
-    if command in JOB_COMMANDS and not positionals:
-        return _matching(current, _ask(socket, lambda c: [str(j.id) for j in c.jobs(limit=50)]))
-    if command == "schedules":
-        if not positionals:
-            return _matching(current, list(SCHEDULE_ACTIONS))
-        return _matching(current, _ask(socket, lambda c: [s.id for s in c.schedules()]))
-    if command == "completion" and not positionals:
-        return _matching(current, sorted(SCRIPTS))
-    return []
+        return _matching(current, sorted(command.name for command in COMMANDS))
+    argument = _next_positional(command, positionals)
+    return _matching(current, _candidates(argument, socket) if argument is not None else [])
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def _command(parser: argparse.ArgumentParser, words: list[str]) -> tuple[str | None, list[str]]:
+def _command(words: list[str]) -> tuple[Command | None, list[str]]:
     """The command among `words`, and the positional words after it."""
-    commands = _subcommands(parser)
-    takes_value = _options(parser, None)["values"]
-    command: str | None = None
+    by_name = {command.name: command for command in COMMANDS}
+    command: Command | None = None
     positionals: list[str] = []
     skip = False
     for word in words:
         if skip:
             skip = False
         elif word.startswith("-"):
-            skip = word in takes_value or word in _options(parser, command)["values"]
-        elif command is None and word in commands:
-            command = word
+            option = _options(None).get(word) or _options(command).get(word)
+            skip = option is not None and option.takes_value
+        elif command is None and word in by_name:
+            command = by_name[word]
         elif command is not None:
             positionals.append(word)
     return command, positionals
 
 
-def _options(parser: argparse.ArgumentParser, command: str | None) -> dict[str, set[str]]:
-    """The options of the command (the top level's without one): flags and those taking a
-    value."""
-    target = _subcommands(parser).get(command or "", parser)
-    flags: set[str] = set()
-    values: set[str] = set()
-    for action in target._actions:  # a command's parser has the global options too
-        if action.option_strings and action.help != argparse.SUPPRESS:
-            (values if action.nargs != 0 else flags).update(action.option_strings)
-    return {"flags": flags, "values": values}
+def _options(command: Command | None) -> dict[str, Arg]:
+    """The options of the command (the top level's without one), by flag."""
+    options = [*_GLOBAL, *(command.args if command is not None else [VERSION])]
+    return {flag: option for option in options if not option.positional for flag in option.flags}
 
 
-def _values(option: str, socket: str | None) -> list[str]:
-    if option == "--status":
-        return list(JOB_STATUSES)
-    if option == "--task":
+def _next_positional(command: Command, positionals: list[str]) -> Arg | Command | None:
+    """What the next positional word of `command` is: one of its actions, or an argument."""
+    if command.actions:
+        if not positionals:
+            return command
+        action = next((a for a in command.actions if a.name == positionals[0]), None)
+        return _next_positional(action, positionals[1:]) if action is not None else None
+    arguments = [argument for argument in command.args if argument.positional]
+    for index, argument in enumerate(arguments):
+        if index == len(positionals) or argument.options.get("nargs") in ("+", "*"):
+            return argument
+    return None
+
+
+def _candidates(what: Arg | Command, socket: str | None) -> list[str]:
+    if isinstance(what, Command):
+        return [action.name for action in what.actions]
+    if "choices" in what.options:
+        return sorted(what.options["choices"])
+    if what.complete == "tasks":
         return _ask(socket, lambda client: [task.name for task in client.list_tasks()])
-    return []
+    if what.complete == "jobs":
+        return _ask(socket, lambda client: [str(job.id) for job in client.jobs(limit=50)])
+    if what.complete == "schedules":
+        return _ask(socket, lambda client: [schedule.id for schedule in client.schedules()])
+    return list(what.complete or ())
 
 
 def _option_value(words: list[str], option: str) -> str | None:

@@ -1,5 +1,5 @@
-"""Progress and log lines of the jobs running here: told to live views at once (the store's
-events), written to the store in batches, at most one write every THROTTLE seconds and one
+"""Progress and log lines of the jobs running here: told to live views at once (the daemon's
+news), written to the store in batches, at most one write every THROTTLE seconds and one
 more at the end of each attempt, so that a task may report as often as it likes."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from taskd.models import LogLine, Progress, counted, cut_utf8
+from taskd.news import DaemonNews
 from taskd.store import LogNote, ProgressNote, Store, StoreError
 from taskd.store.base import MAX_LOG_LINES
 
@@ -36,8 +37,9 @@ class _Attempt:
 class ActivityRecorder:
     """Runs on the event loop; `progress` and `log` may be called from any thread."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, news: DaemonNews) -> None:
         self._store = store
+        self._news = news
         self._attempts: dict[int, _Attempt] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -136,7 +138,7 @@ class ActivityRecorder:
             return  # its attempt has ended (a thread left running, say)
         progress = Progress(done, None if total is None else float(total), message, time.time())
         attempt.progress = (progress, when)
-        self._store.events.progress(job_id, progress)
+        self._news.progress(job_id, progress)
         self._soon()
 
     def _log(self, when: float, job_id: int, level: str, message: str) -> None:
@@ -149,7 +151,7 @@ class ActivityRecorder:
         if len(attempt.lines) > MAX_LOG_LINES:  # the store could not keep more of them anyway
             del attempt.lines[0]
             attempt.dropped += 1
-        self._store.events.log(job_id, line)
+        self._news.log(job_id, line)
         self._soon()
 
     def _soon(self) -> None:

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect
 
-from taskd.models import parse_duration
+from taskd.models import did_you_mean, parse_duration
 from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the problem."""
+
+
+# Marks a setting that the running daemon cannot change: a reload that changes it says so,
+# and it takes effect at the next restart.
+RESTART = msgspec.Meta(extra={"restart": True})
+
+
+def restart_only(table: type[msgspec.Struct]) -> tuple[str, ...]:
+    """The settings of `table` (Config, HttpConfig) marked RESTART, in their order."""
+    return tuple(
+        field.name
+        for field in msgspec.inspect.type_info(table).fields  # type: ignore[attr-defined]
+        if isinstance(field.type, msgspec.inspect.Metadata)
+        and (field.type.extra or {}).get("restart")
+    )
 
 
 class Seconds(float):
@@ -84,7 +103,7 @@ class PostgresOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout: Seconds = Seconds(10)  # a connection attempt gives up after this
 
     def __post_init__(self) -> None:
-        if not _SCHEMA.fullmatch(self.schema):
+        if not SCHEMA_NAME.fullmatch(self.schema):
             raise ValueError(
                 f"schema {self.schema!r}: use 1 to 63 lowercase letters, digits and _, "
                 "starting with a letter or _"
@@ -99,7 +118,8 @@ class PostgresOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _URL = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.DOTALL)
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# A PostgreSQL schema of taskd's tables ([postgres] schema, taskd.pg's `schema`).
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # A node id names a daemon on the jobs it runs (`id/N`); it must survive that form.
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
 
@@ -107,15 +127,18 @@ _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
 class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`[http]`: the optional HTTP API (no table, no listener). See README.md, "HTTP API"."""
 
-    listen: str  # "127.0.0.1:8080", "[::1]:8080" or "unix:/run/taskd/http.sock"
+    listen: Annotated[str, RESTART]  # "127.0.0.1:8080", "[::1]:8080" or "unix:/run/taskd/http.sock"
     tokens: list[str] = []  # Bearer tokens with full access (on a TCP address)
     readonly_tokens: list[str] = []  # Bearer tokens that may list and read, not change
     tokens_file: str | None = None  # more tokens, one per line; "readonly TOKEN" for read-only
-    max_body_size: int = 4 * 1024 * 1024  # bytes; a bigger request body gets 413
-    max_connections: int = 256  # half for connections that have shown no token yet
-    read_timeout: Seconds = Seconds(30)  # a request must arrive whole within this
-    header_timeout: Seconds = Seconds(5)  # its line and headers within this of its first byte
-    keepalive_timeout: Seconds = Seconds(5)  # a connection waiting for a request is closed
+    max_body_size: Annotated[int, RESTART] = 4 * 1024 * 1024  # bytes; bigger bodies get 413
+    # Half of them for connections that have shown no token yet.
+    max_connections: Annotated[int, RESTART] = 256
+    read_timeout: Annotated[Seconds, RESTART] = Seconds(30)  # a request arrives whole within
+    # Its line and headers within this of its first byte.
+    header_timeout: Annotated[Seconds, RESTART] = Seconds(5)
+    # A connection waiting for a request is closed after this.
+    keepalive_timeout: Annotated[Seconds, RESTART] = Seconds(5)
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -142,29 +165,31 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything taskd.toml can say. Relative paths are relative to the file's folder."""
 
     tasks: str = "tasks"
-    database: str | None = None  # a file path or a URL: sqlite:///PATH, postgresql://HOST/DB
-    node_id: str | None = None  # this daemon's name in the job store; default: host and socket
-    socket: str | None = None
+    # A file path or a URL: sqlite:///PATH, postgresql://HOST/DB.
+    database: Annotated[str | None, RESTART] = None
+    # This daemon's name in the job store; default: its host and socket.
+    node_id: Annotated[str | None, RESTART] = None
+    socket: Annotated[str | None, RESTART] = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"  # json: one object per line
-    workers: int = 16
+    log_format: Annotated[Literal["text", "json"], RESTART] = "text"  # json: an object a line
+    workers: Annotated[int, RESTART] = 16
     grace_period: Seconds = Seconds(30)
-    lease: Seconds = Seconds(60)
+    lease: Annotated[Seconds, RESTART] = Seconds(60)
     quarantine_after: int = 3
-    max_frame_size: int = DEFAULT_MAX_FRAME
-    max_connections: int = 256
-    max_connections_per_user: int = 32
-    read_timeout: Seconds = Seconds(30)
-    idle_timeout: Seconds = Seconds(300)
-    max_stuck_threads: int = 16
+    max_frame_size: Annotated[int, RESTART] = DEFAULT_MAX_FRAME
+    max_connections: Annotated[int, RESTART] = 256
+    max_connections_per_user: Annotated[int, RESTART] = 32
+    read_timeout: Annotated[Seconds, RESTART] = Seconds(30)
+    idle_timeout: Annotated[Seconds, RESTART] = Seconds(300)
+    max_stuck_threads: Annotated[int, RESTART] = 16
     timezone: str = "UTC"
     retention: Retention = Retention()
-    sqlite: SqliteOptions = SqliteOptions()
-    postgres: PostgresOptions = PostgresOptions()
+    sqlite: Annotated[SqliteOptions, RESTART] = SqliteOptions()
+    postgres: Annotated[PostgresOptions, RESTART] = PostgresOptions()
     task: dict[str, TaskOptions] = {}
     scheduled_tasks: dict[str, list[str] | str] = {}
     schedule: list[Schedule] = []
-    socket_group: str | None = None
+    socket_group: Annotated[str | None, RESTART] = None
     allow_users: list[str | int] = []
     allow_groups: list[str | int] = []
     readonly_users: list[str | int] = []
@@ -214,6 +239,67 @@ def _decode_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError(kind)
 
 
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def _decoded(data: dict[str, Any], kind: type[T], where: str, file: Path) -> T:
+    """`data` as a `kind` table, or ConfigError naming the file, the table and the problem
+    in taskd's words where it can: the closest known key to an unknown one, the values of
+    a choice; a task's or a schedule's own table is named in what goes wrong inside it."""
+    _check_table(data, kind, where, file)
+    try:
+        return msgspec.convert(
+            data,
+            kind,
+            dec_hook=_decode_hook,
+            builtin_types=(dt.datetime, dt.date, dt.time),
+            str_keys=True,
+        )
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{file}: {where}{exc}") from None
+
+
+def _check_table(data: dict[str, Any], kind: type[msgspec.Struct], where: str, file: Path) -> None:
+    fields = {field.encode_name: field for field in msgspec.structs.fields(kind)}
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            table = f"{where.removesuffix(': ')} of " if where else ""
+            raise ConfigError(f'unknown key "{key}" in {table}{file}{did_you_mean(key, fields)}')
+        annotation = _bare(field.type)
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        if choices and value not in choices:
+            listed = ", ".join(f'"{choice}"' for choice in choices)
+            got = f'"{value}"' if isinstance(value, str) else repr(value)
+            raise ConfigError(f"{file}: {where}{key} must be one of {listed}, got {got}")
+        if isinstance(value, dict) and _is_table(annotation):
+            _decoded(value, annotation, f"[{key}]: ", file)
+        elif isinstance(value, dict) and typing.get_origin(annotation) is dict:
+            _, entry = typing.get_args(annotation)
+            for name, table in value.items():
+                if isinstance(table, dict) and _is_table(entry):
+                    _decoded(table, entry, f'[{key}."{name}"]: ', file)
+        elif isinstance(value, list) and typing.get_origin(annotation) is list:
+            (entry,) = typing.get_args(annotation)
+            for number, table in enumerate(value, 1):
+                if isinstance(table, dict) and _is_table(entry):
+                    _decoded(table, entry, f"[[{key}]] number {number}: ", file)
+
+
+def _bare(annotation: Any) -> Any:
+    """The type of a setting, without its markings and its None."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, types.UnionType):
+        others = [member for member in typing.get_args(annotation) if member is not type(None)]
+        return others[0] if len(others) == 1 else annotation
+    return annotation
+
+
+def _is_table(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
+
+
 def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
     """The configuration in `path` (or the defaults) and the folder relative paths start from.
 
@@ -227,15 +313,12 @@ def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {file}: {exc.strerror}") from None
     try:
-        config = msgspec.toml.decode(text, type=Config, dec_hook=_decode_hook)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{file}: {exc}") from None
-    except msgspec.DecodeError:
-        try:  # tomllib's message says where the syntax is wrong
-            tomllib.loads(text.decode("utf-8", "replace"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file}: invalid TOML: {exc}") from None
-        raise ConfigError(f"{file}: invalid TOML") from None
+        data = tomllib.loads(text.decode())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: invalid TOML: it is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:  # its message says where the syntax is wrong
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    config = _decoded(data, Config, "", file)
     base = file.resolve().parent
     if config.http is not None:
         config = msgspec.structs.replace(config, http=config.http.resolved(base))

@@ -15,20 +15,37 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import taskd
 from taskd.access import AccessPolicy, group_id
+from taskd.activity import ActivityRecorder
+from taskd.attempt import Attempts
 from taskd.background import Background
-from taskd.config import Config, ConfigError, Paths
-from taskd.executor import Executor
+from taskd.config import Config, ConfigError, Paths, restart_only
+from taskd.executor import AttemptObserver, Executor
 from taskd.http.settings import HttpSettings, load_settings
+from taskd.leases import LeaseKeeper
+from taskd.limits import max_payload_size
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
-from taskd.models import HttpStats, counted
+from taskd.models import ConnectionStats, HttpStats, ThreadStats, counted
+from taskd.news import DaemonNews
+from taskd.peers import PeerSchedules
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
+from taskd.runtime import Runtime
 from taskd.scheduler import Scheduler
-from taskd.schedules import ScheduleSpec, digest, load_schedules
+from taskd.schedules import ScheduleSpec, load_schedules
 from taskd.server import ControlServer, SocketInUse, bind_socket, release_socket
-from taskd.service import DaemonInfo, Service, Slots, retention_ages
+from taskd.service import (
+    DaemonInfo,
+    Dispatch,
+    JobMethods,
+    NodeMethods,
+    ScheduleMethods,
+    SlotState,
+    StatusMethods,
+    retention_ages,
+)
+from taskd.slots import Slots
 from taskd.store import Store, StoreError, store_for
-from taskd.submit import Submitter, max_payload_size
+from taskd.submit import Submitter
 from taskd.systemd import (
     Notifier,
     StatusUpdates,
@@ -37,6 +54,7 @@ from taskd.systemd import (
     watchdog_interval,
 )
 from taskd.tasks import TaskLoadError, TaskRegistry, load_tasks
+from taskd.threads import TaskThreads
 
 if TYPE_CHECKING:
     from taskd.http.server import HttpServer
@@ -44,25 +62,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
-SCHEDULES_CHECK_INTERVAL = 60.0  # how often the schedules of the other daemons are compared
-# Settings the running daemon cannot change; a reload that changes them warns.
-RESTART_ONLY = (
-    "log_format",
-    "database",
-    "node_id",
-    "socket",
-    "socket_group",
-    "workers",
-    "max_frame_size",
-    "max_connections",
-    "max_connections_per_user",
-    "read_timeout",
-    "idle_timeout",
-    "max_stuck_threads",
-    "lease",
-    "sqlite",
-    "postgres",
-)
 
 ConfigLoader = Callable[[], tuple[Config, Paths]]
 
@@ -84,6 +83,45 @@ class _Settings(NamedTuple):
     socket_group: int | None
     file_group: int | None  # [sqlite] group
     http: HttpSettings | None
+
+
+class Engine(NamedTuple):
+    """The parts that run this daemon's jobs, built as `build_engine` wires them."""
+
+    slots: Slots
+    submitter: Submitter
+    activity: ActivityRecorder
+    threads: TaskThreads
+    executor: Executor
+    leases: LeaseKeeper
+
+    async def stop(self, grace: float) -> None:
+        """Let running jobs finish for `grace` seconds, then return them to the queue."""
+        await self.executor.drain(grace)
+        self.threads.close()
+
+
+def build_engine(
+    store: Store,
+    tasks: TaskRegistry,
+    news: DaemonNews,
+    worker: str,
+    config: Config,
+    *,
+    on_attempt: AttemptObserver | None = None,
+) -> Engine:
+    """The worker's slots, the submitter that claims for them in its inserts, and the
+    executor that runs what they hold, each given what it needs."""
+    max_payload = max_payload_size(config.max_frame_size)
+    slots = Slots(store, tasks, worker=worker, workers=config.workers, lease=config.lease)
+    submitter = Submitter(store, tasks, slots, max_payload=max_payload)
+    activity = ActivityRecorder(store, news)
+    threads = TaskThreads(config.workers, config.max_stuck_threads)
+    runtime = Runtime(submitter, slots, activity)
+    attempts = Attempts(tasks, runtime, threads, worker=worker, max_result=max_payload)
+    executor = Executor(store, slots, attempts, activity, news, on_attempt=on_attempt)
+    leases = LeaseKeeper(store, slots, executor, quarantine_after=config.quarantine_after)
+    return Engine(slots, submitter, activity, threads, executor, leases)
 
 
 class StartupError(Exception):
@@ -110,7 +148,7 @@ class Daemon:
         self._started_with = config  # what the restart-only settings are until a restart
         self.paths = paths
         self._allow_empty_store = allow_empty_store
-        self.registry: TaskRegistry | None = None
+        self.tasks: TaskRegistry | None = None  # what a reload loads is put in this one
         # Taken out of the environment before any task file is imported.
         self.notifier = Notifier()
         self._watchdog_interval = watchdog_interval()
@@ -121,7 +159,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._store: Store | None = None
         self._worker: str | None = None
-        self._executor: Executor | None = None
+        self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
         self._server: ControlServer | None = None
         self._http: HttpServer | None = None
@@ -129,8 +167,7 @@ class Daemon:
         self._socket_lock: int | None = None
         self._started_at = time.time()
         self._stopping = False  # shutdown has begun: no more reloads
-        self._schedules_digest = ""
-        self._differing_nodes: frozenset[tuple[str, str]] = frozenset()
+        self._peers: PeerSchedules | None = None
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
@@ -169,9 +206,9 @@ class Daemon:
         await self.shutdown()
         return 1 if self._background.failed.is_set() else 0
 
-    def _registry(self) -> TaskRegistry:
-        assert self.registry is not None
-        return self.registry
+    def _tasks(self) -> TaskRegistry:
+        assert self.tasks is not None
+        return self.tasks
 
     # -- start ---------------------------------------------------------------------------
 
@@ -205,9 +242,9 @@ class Daemon:
         """The tasks and what the configuration says, checked (exit 78 if broken)."""
         config = self.config
         try:
-            self.registry = load_tasks(self.paths.tasks, config.task)
+            self.tasks = load_tasks(self.paths.tasks, config.task)
             return _Settings(
-                schedules=load_schedules(config, self.registry),
+                schedules=load_schedules(config, self.tasks),
                 access=AccessPolicy.from_config(config),
                 socket_group=group_id(config.socket_group) if config.socket_group else None,
                 file_group=(
@@ -221,57 +258,64 @@ class Daemon:
     async def _start_serving(self, settings: _Settings, listener: socket.socket) -> None:
         """Open the store, build the parts, serve the socket, start the background loops."""
         config, paths = self.config, self.paths
-        self._store = await self._open_store(paths, settings.file_group)
-        self._store.events.on_change(self._status.changed)
+        store = self._store = await self._open_store(paths, settings.file_group)
+        news = DaemonNews()
+        store.events.on_change(news.changed)  # the store's changes and ours, on one bus
+        news.on_change(self._status.changed)
         node = node_id(config, paths)
-        self._worker = await self._join(self._store, node)
-        metrics = Metrics(self._store, http=self._http_stats)
-        max_payload = max_payload_size(config.max_frame_size)
-        submitter = Submitter(self._store, self._registry, max_payload=max_payload)
-        self._executor = Executor(
-            self._store,
-            self._registry,
-            submitter,
-            worker=self._worker,
-            workers=config.workers,
-            lease=config.lease,
-            quarantine_after=config.quarantine_after,
-            max_result=max_payload,
-            max_stuck_threads=config.max_stuck_threads,
-            on_attempt=metrics.attempt_ended,
+        worker = self._worker = await self._join(store, node)
+        metrics = Metrics(store, self)
+        tasks = self._tasks()
+        engine = self._engine = build_engine(
+            store, tasks, news, worker, config, on_attempt=metrics.attempt_ended
         )
-        submitter.claimer = self._executor  # runs and ticks start in the insert's commit
         self._scheduler = Scheduler(
-            self._store, submitter, started_at=self._started_at, on_fired=metrics.tick_fired
+            store, engine.submitter, started_at=self._started_at, on_fired=metrics.tick_fired
         )
         await self._scheduler.load(settings.schedules)
-        await self._compare_schedules(settings.schedules)
-        service = Service(
-            store=self._store,
-            registry=self._registry,
-            submitter=submitter,
-            info=DaemonInfo(
-                node=node,
-                version=taskd.__version__,
-                pid=os.getpid(),
-                started_at=self._started_at,
-                database=self._store.description,
-                socket=str(paths.socket),
-                tasks_dir=str(paths.tasks),
-                workers=config.workers,
-            ),
-            retention=lambda: self.config.retention,
-            reload=self.reload,
-            scheduler=self._scheduler,
-            connections=lambda: self._server.stats() if self._server else None,
-            http=self._http_stats,
-            threads=self._executor.thread_stats,
-            metrics=metrics.render,
-            unwritten_lines=self._executor.activity.pending_lines,
-            slots=self._slots,
+        peers = self._peers = PeerSchedules(store, worker)
+        await peers.announce(settings.schedules)
+        status = StatusMethods(store, tasks, self._info(node, store), self)
+        dispatch = Dispatch(
+            JobMethods(store, engine.submitter, tasks, engine.activity).bindings(),
+            ScheduleMethods(self._scheduler, tasks).bindings(),
+            status.bindings(),
+            NodeMethods(store, self, metrics).bindings(),
         )
+        await self._serve_socket(dispatch, LiveEvents(store.events, news), settings, listener)
+        if settings.http is not None:
+            await self._start_http(dispatch, status, settings)
+        self._start_background(engine, self._scheduler, peers)
+        self._ready(await self._summary())
+        logger.info(
+            "taskd %s ready (pid %d): %s from %s, %s, socket %s",
+            taskd.__version__,
+            os.getpid(),
+            counted(len(tasks), "task"),
+            paths.tasks,
+            store.description,
+            paths.socket,
+        )
+
+    def _info(self, node: str, store: Store) -> DaemonInfo:
+        return DaemonInfo(
+            node=node,
+            version=taskd.__version__,
+            pid=os.getpid(),
+            started_at=self._started_at,
+            database=store.description,
+            socket=str(self.paths.socket),
+            tasks_dir=str(self.paths.tasks),
+            workers=self.config.workers,
+        )
+
+    async def _serve_socket(
+        self, dispatch: Dispatch, live: LiveEvents, settings: _Settings, listener: socket.socket
+    ) -> None:
+        """Serve the control socket."""
+        config = self.config
         self._server = ControlServer(
-            service.handle,
+            dispatch,
             settings.access,
             server_name=f"taskd/{taskd.__version__}",
             max_frame=config.max_frame_size,
@@ -279,29 +323,19 @@ class Daemon:
             read_timeout=config.read_timeout,
             max_per_user=config.max_connections_per_user,
             idle_timeout=config.idle_timeout,
-            live=LiveEvents(self._store.events),
+            live=live,
         )
         await self._server.start(listener)
-        if settings.http is not None:
-            await self._start_http(service, settings.http, settings.access, settings.socket_group)
-        self._background.spawn(self._executor.run(), "executor")
-        self._background.spawn(self._executor.keep_leases(), "leases")
-        self._background.spawn(self._scheduler.run(), "scheduler")
+
+    def _start_background(self, engine: Engine, scheduler: Scheduler, peers: PeerSchedules) -> None:
+        self._background.spawn(engine.executor.run(), "executor")
+        self._background.spawn(engine.leases.run(), "leases")
+        self._background.spawn(scheduler.run(), "scheduler")
         self._background.spawn(self._prune_forever(), "pruner")
-        self._background.spawn(self._compare_schedules_forever(), "schedules check")
+        self._background.spawn(peers.compare_forever(), "schedules check")
         if self._watchdog_interval is not None:
             self._background.spawn(self.notifier.keep_watchdog(self._watchdog_interval), "watchdog")
         self._background.spawn(self._status.run(), "status")
-        self._ready(await self._summary())
-        logger.info(
-            "taskd %s ready (pid %d): %s from %s, %s, socket %s",
-            taskd.__version__,
-            os.getpid(),
-            counted(len(self._registry()), "task"),
-            paths.tasks,
-            self._store.description,
-            paths.socket,
-        )
 
     async def _open_store(self, paths: Paths, file_group: int | None) -> Store:
         logger.debug("opening job store %s", paths.database)
@@ -349,11 +383,15 @@ class Daemon:
         return self._listener
 
     async def _start_http(
-        self, service: Service, http: HttpSettings, access: AccessPolicy, group: int | None
+        self, dispatch: Dispatch, status: StatusMethods, settings: _Settings
     ) -> None:
-        from taskd.http.server import HttpServer  # the HTTP library, only with [http]
+        from taskd.http.routes import HttpApi  # the HTTP library, only with [http]
+        from taskd.http.server import HttpServer
 
-        self._http = HttpServer(service, http, access, socket_group=group)
+        http = settings.http
+        assert http is not None
+        api = HttpApi(dispatch, status.healthy, self._tasks())
+        self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
         try:
             await self._http.start()
         except SocketInUse as exc:
@@ -366,12 +404,12 @@ class Daemon:
 
     async def _summary(self) -> str:
         """The STATUS= line systemd shows: running jobs, queue depth, tasks loaded."""
-        running = len(self._executor.running_jobs()) if self._executor else 0
+        running = len(self._engine.slots.running) if self._engine else 0
         queued = "?"
         if self._store is not None:
             with contextlib.suppress(StoreError):
                 queued = str(await self._store.queue_depth())
-        tasks = counted(len(self._registry()), "task")
+        tasks = counted(len(self._tasks()), "task")
         return f"{running} running, {queued} queued, {tasks} loaded"
 
     def _ready(self, summary: str) -> None:
@@ -391,43 +429,6 @@ class Daemon:
                 if deleted:
                     logger.info("pruned %d finished jobs past their retention", deleted)
             await asyncio.sleep(PRUNE_INTERVAL)
-
-    async def _compare_schedules_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SCHEDULES_CHECK_INTERVAL)
-            await self._compare_schedules(None)
-
-    async def _compare_schedules(self, specs: list[ScheduleSpec] | None) -> None:
-        """Publish a digest of our schedules (new ones, if given) and say loudly when other
-        daemons on the store run different ones: then ticks and their state disagree."""
-        assert self._store is not None and self._worker is not None
-        try:
-            if specs is not None:
-                self._schedules_digest = digest(specs)
-                await self._store.announce_schedules(self._worker, self._schedules_digest)
-            nodes = await self._store.nodes()
-        except StoreError as exc:
-            logger.warning("cannot compare the schedules with the other daemons: %s", exc)
-            return
-        mine = self._schedules_digest
-        differing = frozenset(
-            (node.id, node.schedules)
-            for node in nodes
-            if node.worker != self._worker and node.schedules not in (None, mine)
-        )
-        if differing and differing != self._differing_nodes:
-            others = ", ".join(f"{node} has {theirs}" for node, theirs in sorted(differing))
-            logger.error(
-                "THE DAEMONS SHARING THIS JOB STORE RUN DIFFERENT SCHEDULES: this one's digest "
-                "is %s, %s. Give every daemon the same [scheduled_tasks], [[schedule]] and "
-                "timezone settings: a schedule only some of them know fires only while one of "
-                "those runs, and its state (paused, last tick) is shared under its id",
-                mine,
-                others,
-            )
-        elif not differing and self._differing_nodes:
-            logger.info("the daemons sharing this job store now run the same schedules")
-        self._differing_nodes = differing
 
     # -- reload --------------------------------------------------------------------------
 
@@ -470,12 +471,13 @@ class Daemon:
             ) from None
         restart_needed = [
             setting
-            for setting in RESTART_ONLY
+            for setting in restart_only(Config)
             if getattr(config, setting) != getattr(self._started_with, setting)
         ]
         for setting in restart_needed:
             logger.warning("%s changed; it takes effect at the next restart", setting)
-        self.config, self.registry = config, registry
+        self.config = config
+        self._tasks().replace(registry)
         self.paths = Paths(
             tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
         )
@@ -486,9 +488,9 @@ class Daemon:
         elif (self._http is None) != (http is None):
             logger.warning("[http] was added or removed; that takes effect at the next restart")
             restart_needed.append("[http]")
-        if self._scheduler is not None:
+        if self._scheduler is not None and self._peers is not None:
             await self._scheduler.replace(schedules)
-            await self._compare_schedules(schedules)
+            await self._peers.announce(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
         logger.info("reloaded: %s from %s", counted(len(registry), "task"), paths.tasks)
         return ReloadResult(len(registry), len(schedules), restart_needed)
@@ -510,8 +512,8 @@ class Daemon:
             self._http.stop_accepting()
         if self._scheduler is not None:
             await self._scheduler.stop()
-        if self._executor is not None:
-            await self._executor.drain(self.config.grace_period)
+        if self._engine is not None:
+            await self._engine.stop(self.config.grace_period)
         if self._server is not None:
             await self._server.close()
         if self._http is not None:
@@ -532,22 +534,31 @@ class Daemon:
         self.notifier.close()
         logger.log(level, "stopped")
 
-    def _http_stats(self) -> HttpStats | None:
-        return self._http.stats() if self._http is not None else None
+    # -- what the daemon tells of its parts (taskd.service.Node, taskd.metrics.Listeners) --
 
-    def _slots(self) -> Slots:
-        executor = self._executor
-        if executor is None:
-            return Slots(0, self.config.workers, True)
-        return Slots(
-            executor.busy,
-            executor.workers,
-            executor.stopping,
-            worker=executor.worker,
-            running=frozenset(job.id for job in executor.running_jobs()),
-            claimed_ahead=executor.claimed_ahead,
-            ending=executor.ending,
+    def slots(self) -> SlotState:
+        if self._engine is None:
+            return SlotState(0, self.config.workers, True)
+        slots = self._engine.slots
+        return SlotState(
+            slots.busy,
+            slots.workers,
+            slots.stopping,
+            worker=slots.worker,
+            running=frozenset(slots.running),
+            claimed_ahead=slots.claimed_ahead,
+            ending=self._engine.executor.ending,
         )
 
+    def connections(self) -> ConnectionStats | None:
+        return self._server.stats() if self._server is not None else None
+
+    def http(self) -> HttpStats | None:
+        return self._http.stats() if self._http is not None else None
+
+    def threads(self) -> ThreadStats | None:
+        return self._engine.threads.stats() if self._engine is not None else None
+
     def threads_alive(self) -> int:
-        return self._executor.threads_alive() if self._executor is not None else 0
+        """Task threads still running (plain functions that ignored their cancellation)."""
+        return self._engine.threads.busy if self._engine is not None else 0

@@ -1,6 +1,7 @@
-"""Live events for `subscribe`: what the store and the executor tell (`JobEvents`), fanned
-out to subscriptions, each with a bounded queue: a subscriber that reads too slowly gets a
-job's latest progress in place of the ones it missed, and a count of the events let go.
+"""Live events for `subscribe`: what the store tells (`JobEvents`: jobs that finished) and
+what the daemon tells of the jobs it runs (`DaemonNews`), fanned out to subscriptions, each
+with a bounded queue: a subscriber that reads too slowly gets a job's latest progress in
+place of the ones it missed, and a count of the events let go.
 
 Covered: state changes of every job this daemon runs or ends, and progress and log lines
 of the jobs it runs. On a shared store, the end of a job another daemon ran reaches a
@@ -15,6 +16,7 @@ import asyncio
 import collections
 
 from taskd.models import Job, LogLine, Progress
+from taskd.news import DaemonNews
 from taskd.protocol import JobEvent
 from taskd.store.events import JobEvents
 
@@ -82,17 +84,17 @@ class Subscription:
 
 
 class LiveEvents:
-    """Turns the daemon's job events into `JobEvent`s for the subscriptions."""
+    """Turns the store's events and the daemon's news into `JobEvent`s for subscriptions."""
 
-    def __init__(self, events: JobEvents) -> None:
+    def __init__(self, events: JobEvents, news: DaemonNews) -> None:
         self._events = events
         self._all: set[Subscription] = set()
         self._by_job: dict[int, set[Subscription]] = {}
-        events.on_started(lambda job: self._publish(job.id, _state(job)))
-        events.on_finished(lambda job: self._publish(job.id, _state(job)))
-        events.on_progress(self._progress)
-        events.on_log(self._log)
-        events.on_change(self._changed)
+        events.on_finished(self._state)
+        news.on_started(self._state)
+        news.on_progress(self._progress)
+        news.on_log(self._log)
+        news.on_change(self._changed)
 
     def subscribe(self, job_id: int | None, logs: bool) -> Subscription:
         subscription = Subscription(job_id, logs)
@@ -133,6 +135,9 @@ class LiveEvents:
             if event.kind != "log" or subscription.logs:
                 subscription.offer(event)
 
+    def _state(self, job: Job) -> None:
+        self._publish(job.id, JobEvent("state", job.id, task=job.task, status=job.status))
+
     def _progress(self, job_id: int, progress: Progress) -> None:
         self._publish(job_id, JobEvent("progress", job_id, progress=progress))
 
@@ -142,7 +147,3 @@ class LiveEvents:
     def _changed(self) -> None:
         for subscription in self._all:
             subscription.offer(JobEvent("changed"))
-
-
-def _state(job: Job) -> JobEvent:
-    return JobEvent("state", job.id, task=job.task, status=job.status)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,18 +30,24 @@ LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
                     60, INF)  # fmt: skip
 
 
+class Listeners(Protocol):
+    """What the daemon tells of its listeners (the HTTP listener's connections)."""
+
+    def http(self) -> HttpStats | None: ...
+
+
 class Metrics:
     """The observer the executor and the scheduler report to, and the scrape itself."""
 
     def __init__(
         self,
         store: Store,
+        listeners: Listeners | None = None,
         clock: Callable[[], float] = time.time,
-        http: Callable[[], HttpStats | None] = lambda: None,
     ) -> None:
         self._store = store
+        self._listeners = listeners
         self._clock = clock
-        self._http = http
         self._durations = Histogram(
             "taskd_job_duration_seconds",
             "How long attempts took, by task and outcome (succeeded, failed, retry: failed "
@@ -95,7 +102,8 @@ class Metrics:
         counts = await self._store.counts()
         registry = CollectorRegistry(auto_describe=True)
         events = (self._durations, self._retries, self._ticks, self._coalesced, self._lateness)
-        for collector in (*events, _Queue(counts), _HttpConnections(self._http())):
+        http = self._listeners.http() if self._listeners is not None else None
+        for collector in (*events, _Queue(counts), _HttpConnections(http)):
             registry.register(collector)
         return generate_latest(registry).decode()
 

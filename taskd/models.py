@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import msgspec
@@ -372,3 +373,11 @@ def utc_stamp(timestamp: float) -> str:
 def counted(number: int, noun: str, plural: str | None = None) -> str:
     """`1 job`, `2 jobs` (`plural` for nouns that take more than an s)."""
     return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`; did you mean "workers"?` when one of `known` is close to `word`, else nothing."""
+    import difflib  # only when a name is wrong
+
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f'; did you mean "{close[0]}"?' if close else ""

@@ -21,21 +21,15 @@ loaded"), with no retries, where `taskctl job ID` shows why. The task's own
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Any
 
 import msgspec
 
+from taskd.config import SCHEMA_NAME
+from taskd.limits import enqueue_problem, max_payload_size
 from taskd.policy import DEFAULT_QUEUE_ATTEMPTS
-from taskd.protocol import (
-    DEFAULT_MAX_FRAME,
-    MAX_KEY_LENGTH,
-    MAX_PRIORITY,
-    MAX_SECONDS,
-    MAX_TIME,
-    EnqueueResult,
-)
+from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueResult
 from taskd.store.base import Inserted, NewJob, StoreError
 from taskd.store.core.dialect import Tx
 from taskd.store.core.jobs import insert_jobs
@@ -46,8 +40,8 @@ from taskd.store.rows import Row
 
 __all__ = ["EnqueueResult", "enqueue", "enqueue_sync"]
 
-MAX_PAYLOAD = DEFAULT_MAX_FRAME // 4  # as a daemon with the default max_frame_size accepts
-_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# As a daemon with the default max_frame_size accepts.
+MAX_PAYLOAD = max_payload_size(DEFAULT_MAX_FRAME)
 SENDER = "app"  # what the daemons' notices say wrote the job (news to each of them)
 
 
@@ -69,18 +63,15 @@ def _new_job(
         raise ValueError(f"payload cannot be encoded: {exc}") from None
     if len(encoded) > MAX_PAYLOAD:
         raise ValueError(f"the payload of {len(encoded)} bytes is over {MAX_PAYLOAD}")
-    if delay is not None and run_at is not None:
-        raise ValueError("give delay or run_at, not both")
-    if delay is not None and not 0 <= delay <= MAX_SECONDS:
-        raise ValueError(f"delay must be between 0 and 10 years, got {delay}")
-    if run_at is not None and not 0 <= run_at <= MAX_TIME:
-        raise ValueError(f"run_at must be a Unix time in seconds, got {run_at}")
-    if abs(priority) > MAX_PRIORITY:
-        raise ValueError(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
-    if max_attempts is not None and max_attempts < 1:
-        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-    if key is not None and (not 0 < len(key) <= MAX_KEY_LENGTH or key.startswith("@")):
-        raise ValueError(f"key must have 1 to {MAX_KEY_LENGTH} characters, not starting with @")
+    options = {
+        "delay": delay,
+        "run_at": run_at,
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "key": key,
+    }
+    if (problem := enqueue_problem(options)) is not None:
+        raise ValueError(problem)
     return NewJob(
         task,
         encoded,
@@ -95,7 +86,7 @@ def _new_job(
 
 def _insert(schema: str, job: NewJob) -> Steps[list[Inserted]]:
     """The store's insert of one job, as the application's `SENDER`."""
-    if not _SCHEMA.fullmatch(schema):
+    if not SCHEMA_NAME.fullmatch(schema):
         raise ValueError(f"schema {schema!r} is not a schema name taskd uses")
     return insert_jobs(Tx(PostgresSql(schema, SENDER), Notes()), [job])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import os
 import struct
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -37,9 +37,11 @@ NIL = msgspec.Raw(b"\xc0")
 # Until `hello` has been answered a connection may send only frames up to this size.
 MAX_HELLO_FRAME = 64 * 1024
 
-# The limits of params live in their types, so that an out-of-range value is an
-# `invalid_params` naming the field, and the JSON Schema (contrib/protocol.schema.json) states
-# every limit. msgpack integers go up to 2**64-1, the job store's up to 2**63-1.
+# The limits of params live in their types, and nowhere else: an out-of-range value is an
+# `invalid_params` naming the field and the limit with its unit (`extra`: taskd.limits), the
+# JSON Schema (contrib/protocol.schema.json) states every limit, and requests that do not
+# come through the decoder are checked against the same types (taskd.limits). msgpack
+# integers go up to 2**64-1, the job store's up to 2**63-1.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 MAX_SECONDS = 10 * 365 * 86400  # ten years: the longest delay, timeout or age
 MAX_TIME = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the latest run_at
@@ -47,9 +49,17 @@ MAX_PRIORITY = 2**31
 MAX_KEY_LENGTH = 1024
 MAX_LIST = 10_000
 Duration = Annotated[
-    float, msgspec.Meta(ge=0, le=MAX_SECONDS, description="seconds, 0 to ten years")
+    float,
+    msgspec.Meta(
+        ge=0, le=MAX_SECONDS, description="seconds, 0 to ten years", extra={"unit": "seconds"}
+    ),
 ]
-Timestamp = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIME, description="a Unix time in seconds")]
+Timestamp = Annotated[
+    float,
+    msgspec.Meta(
+        ge=0, le=MAX_TIME, description="a Unix time in seconds", extra={"unit": "unix time"}
+    ),
+]
 Priority = Annotated[
     int,
     msgspec.Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="lower runs first"),
@@ -181,6 +191,46 @@ class Params(msgspec.Struct, forbid_unknown_fields=True):
     """Base of all params; unknown fields are refused so that typos are not ignored."""
 
 
+P = TypeVar("P", bound=Params)
+R = TypeVar("R")
+
+
+class Method(Generic[P, R]):
+    """One method of the protocol, declared once: its params and result types, whether it
+    changes state (read-only peers may not call it), and what `taskctl --help` says of it.
+
+    The daemon maps each method to one handler (the connection itself answers those marked
+    `connection`); the clients have one typed call per method; taskctl's command table
+    takes its help and examples from here. Plain strings: taskctl imports this module.
+    """
+
+    __slots__ = ("connection", "examples", "help", "name", "params", "result", "waits", "writes")
+
+    def __init__(
+        self,
+        name: str,
+        params: type[P],
+        result: type[R],
+        *,
+        writes: bool = False,
+        waits: bool = False,
+        connection: bool = False,
+        help: str = "",
+        examples: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.params = params
+        self.result: Any = result  # a type, or a generic alias such as list[Job]
+        self.writes = writes  # changes state: refused to read-only peers
+        self.waits = waits  # waits for a job to end: never queued behind other reads
+        self.connection = connection  # answered by the connection, not by a handler
+        self.help = help
+        self.examples = examples
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r})"
+
+
 class HelloParams(Params):
     protocol: int
     client: str = ""
@@ -193,8 +243,20 @@ class HelloResult(msgspec.Struct, frozen=True):
     access: Access
 
 
+HELLO = Method("hello", HelloParams, HelloResult, connection=True)
+
+
 class ListTasksParams(Params):
     pass
+
+
+LIST_TASKS = Method(
+    "list_tasks",
+    ListTasksParams,
+    list[TaskInfo],
+    help="list the tasks taskd has loaded",
+    examples=("taskctl list", "taskctl list --json"),
+)
 
 
 class RunParams(Params):
@@ -208,6 +270,20 @@ class RunParams(Params):
 class RunResult(msgspec.Struct, frozen=True):
     job: Job
     joined: bool  # true when the run joined an execution that was already pending or running
+
+
+RUN = Method(
+    "run",
+    RunParams,
+    RunResult,
+    writes=True,
+    help="run a task (or join its running execution) and print its result",
+    examples=(
+        "taskctl run hello",
+        "taskctl run jobs:send-email --payload @email.json",
+        """echo '{"name": "Ada"}' | taskctl run hello --payload -""",
+    ),
+)
 
 
 class EnqueueParams(Params):
@@ -225,6 +301,20 @@ class EnqueueResult(msgspec.Struct, frozen=True):
     duplicate: bool  # true when an active job with the same task and key already existed
 
 
+ENQUEUE = Method(
+    "enqueue",
+    EnqueueParams,
+    EnqueueResult,
+    writes=True,
+    help="add a job to the queue and print its id",
+    examples=(
+        "taskctl enqueue jobs:send-email --delay 5m --payload "
+        """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
+        "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
+    ),
+)
+
+
 class EnqueueManyParams(Params):
     jobs: list[EnqueueParams]
 
@@ -233,8 +323,26 @@ class EnqueueManyResult(msgspec.Struct, frozen=True):
     jobs: list[EnqueueResult]
 
 
+ENQUEUE_MANY = Method(
+    "enqueue_many",
+    EnqueueManyParams,
+    EnqueueManyResult,
+    writes=True,
+    help="enqueue a batch in one transaction; nothing is enqueued if one is invalid",
+)
+
+
 class JobParams(Params):
     id: Int64
+
+
+JOB = Method(
+    "job",
+    JobParams,
+    Job,
+    help="show one job, with the errors of all its attempts",
+    examples=("taskctl job 42",),
+)
 
 
 class JobsParams(Params):
@@ -244,12 +352,224 @@ class JobsParams(Params):
     payloads: bool = False  # include each job's payload and result (else they are nil)
 
 
+JOBS = Method(
+    "jobs",
+    JobsParams,
+    list[Job],
+    help="list recent jobs, newest first",
+    examples=(
+        "taskctl jobs --status failed --task jobs:send-email",
+        "taskctl jobs --json --payloads --limit 10",
+        "taskctl jobs --watch --status running,pending",
+    ),
+)
+
+
 class WaitParams(Params):
     id: Int64
     timeout: Duration | None = None
     # Also return as soon as an attempt numbered above this one has failed (the job is then
     # pending a retry, or running its next attempt): `taskctl run` shows each failure.
     after_attempt: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+
+
+WAIT = Method(
+    "wait",
+    WaitParams,
+    Job,
+    waits=True,
+    help="wait for a job to end and print its result",
+    examples=("taskctl wait 42 --timeout 1m",),
+)
+
+
+class CancelParams(Params):
+    id: Int64
+
+
+CANCEL = Method(
+    "cancel",
+    CancelParams,
+    Job,
+    writes=True,
+    help="cancel a pending or running job",
+    examples=("taskctl cancel 42",),
+)
+
+
+class RetryParams(Params):
+    id: Int64
+
+
+RETRY = Method(
+    "retry",
+    RetryParams,
+    Job,
+    writes=True,
+    help="put a failed or cancelled job back in the queue",
+    examples=("taskctl retry 42",),
+)
+
+
+class StatusParams(Params):
+    pass
+
+
+STATUS = Method(
+    "status",
+    StatusParams,
+    Status,
+    help="show the daemon, its queue and its running jobs",
+    examples=("taskctl status", "taskctl status --json"),
+)
+
+
+class PruneParams(Params):
+    older_than: Duration | None = None
+
+
+class PruneResult(msgspec.Struct, frozen=True):
+    deleted: int
+
+
+PRUNE = Method(
+    "prune",
+    PruneParams,
+    PruneResult,
+    writes=True,
+    help="delete finished jobs now (default: past their retention)",
+    examples=("taskctl prune --older-than 1d",),
+)
+
+
+class ReloadParams(Params):
+    pass
+
+
+class ReloadResult(msgspec.Struct, frozen=True):
+    tasks: int
+    schedules: int
+    # Settings that changed but take effect only when taskd restarts (`workers`, `[http]` ...).
+    restart_needed: list[str] = []
+
+
+RELOAD = Method(
+    "reload",
+    ReloadParams,
+    ReloadResult,
+    writes=True,
+    help="re-read taskd.toml and the tasks folder (like SIGHUP)",
+    examples=("taskctl reload",),
+)
+
+
+class SchedulesParams(Params):
+    pass
+
+
+SCHEDULES = Method(
+    "schedules",
+    SchedulesParams,
+    list[ScheduleInfo],
+    help="list the schedules (next and last tick, last outcome, coalesced ticks); "
+    "or pause, resume or trigger one",
+    examples=(
+        "taskctl schedules",
+        "taskctl schedules pause nightly-index",
+        "taskctl schedules trigger '*/5 * * * *'",
+    ),
+)
+
+
+class PauseScheduleParams(Params):
+    schedule: str  # its id, or its cron expression if no other schedule has the same
+
+
+PAUSE_SCHEDULE = Method(
+    "pause_schedule",
+    PauseScheduleParams,
+    ScheduleInfo,
+    writes=True,
+    help="stop a schedule ticking (remembered across restarts)",
+    examples=("taskctl schedules pause nightly-index",),
+)
+
+
+class ResumeScheduleParams(Params):
+    schedule: str
+
+
+RESUME_SCHEDULE = Method(
+    "resume_schedule",
+    ResumeScheduleParams,
+    ScheduleInfo,
+    writes=True,
+    help="let a paused schedule tick again, from now on",
+    examples=("taskctl schedules resume nightly-index",),
+)
+
+
+class TriggerScheduleParams(Params):
+    schedule: str
+
+
+TRIGGER_SCHEDULE = Method(
+    "trigger_schedule",
+    TriggerScheduleParams,
+    ScheduleInfo,
+    writes=True,
+    help="fire a schedule now; its regular ticks stay",
+    examples=("taskctl schedules trigger nightly-index",),
+)
+
+
+class MetricsParams(Params):
+    pass
+
+
+METRICS = Method(
+    "metrics",
+    MetricsParams,
+    str,  # the Prometheus exposition, as text
+    help="print the Prometheus metrics (jobs, durations, retries, ticks)",
+    examples=("taskctl metrics", "taskctl metrics | grep '^taskd_queue_depth'"),
+)
+
+
+class LogsParams(Params):
+    id: Int64
+
+
+LOGS = Method(
+    "logs",
+    LogsParams,
+    JobLogs,
+    help="print the lines a job wrote with ctx.logger",
+    examples=("taskctl logs 42", "taskctl logs 42 -f"),
+)
+
+
+class SubscribeParams(Params):
+    job: Int64 | None = None  # only this job's events (and no "changed"); None: every job's
+    logs: bool = True  # include "log" events
+
+
+class SubscribeResult(msgspec.Struct, frozen=True):
+    """The reply that ends a subscription (after `unsubscribe`): events sent and dropped."""
+
+    events: int
+    dropped: int
+
+
+# Events until unsubscribed, then this reply.
+SUBSCRIBE = Method("subscribe", SubscribeParams, SubscribeResult, connection=True)
+
+
+class UnsubscribeParams(Params):
+    id: Int64  # the request id of the `subscribe` to end, on this connection
+
+
+UNSUBSCRIBE = Method("unsubscribe", UnsubscribeParams, bool, connection=True)  # False: none
 
 
 class WhyParams(Params):
@@ -287,103 +607,23 @@ class WhyResult(msgspec.Struct, frozen=True):
     at: float | None = None
 
 
-class CancelParams(Params):
-    id: Int64
+WHY = Method(
+    "why",
+    WhyParams,
+    WhyResult,
+    help="say why a job is not running yet (or what it did), with its timeline",
+    examples=("taskctl why 42", "taskctl why 42 --json"),
+)
 
-
-class RetryParams(Params):
-    id: Int64
-
-
-class StatusParams(Params):
-    pass
-
-
-class PruneParams(Params):
-    older_than: Duration | None = None
-
-
-class PruneResult(msgspec.Struct, frozen=True):
-    deleted: int
-
-
-class ReloadParams(Params):
-    pass
-
-
-class ReloadResult(msgspec.Struct, frozen=True):
-    tasks: int
-    schedules: int
-    # Settings that changed but take effect only when taskd restarts (`workers`, `[http]` ...).
-    restart_needed: list[str] = []
-
-
-class SchedulesParams(Params):
-    pass
-
-
-class PauseScheduleParams(Params):
-    schedule: str  # its id, or its cron expression if no other schedule has the same
-
-
-class ResumeScheduleParams(Params):
-    schedule: str
-
-
-class TriggerScheduleParams(Params):
-    schedule: str
-
-
-class MetricsParams(Params):
-    pass
-
-
-class LogsParams(Params):
-    id: Int64
-
-
-class SubscribeParams(Params):
-    job: Int64 | None = None  # only this job's events (and no "changed"); None: every job's
-    logs: bool = True  # include "log" events
-
-
-class SubscribeResult(msgspec.Struct, frozen=True):
-    """The reply that ends a subscription (after `unsubscribe`): events sent and dropped."""
-
-    events: int
-    dropped: int
-
-
-class UnsubscribeParams(Params):
-    id: Int64  # the request id of the `subscribe` to end, on this connection
-
-
-# Method name -> (params type, result type, changes state). Read-only peers may call only
-# the methods that do not change state.
-METHODS: dict[str, tuple[type[Params], Any, bool]] = {
-    "hello": (HelloParams, HelloResult, False),
-    "list_tasks": (ListTasksParams, list[TaskInfo], False),
-    "run": (RunParams, RunResult, True),
-    "enqueue": (EnqueueParams, EnqueueResult, True),
-    "enqueue_many": (EnqueueManyParams, EnqueueManyResult, True),
-    "job": (JobParams, Job, False),
-    "jobs": (JobsParams, list[Job], False),
-    "wait": (WaitParams, Job, False),
-    "cancel": (CancelParams, Job, True),
-    "retry": (RetryParams, Job, True),
-    "status": (StatusParams, Status, False),
-    "prune": (PruneParams, PruneResult, True),
-    "reload": (ReloadParams, ReloadResult, True),
-    "schedules": (SchedulesParams, list[ScheduleInfo], False),
-    "pause_schedule": (PauseScheduleParams, ScheduleInfo, True),
-    "resume_schedule": (ResumeScheduleParams, ScheduleInfo, True),
-    "trigger_schedule": (TriggerScheduleParams, ScheduleInfo, True),
-    "metrics": (MetricsParams, str, False),  # the Prometheus exposition, as text
-    "logs": (LogsParams, JobLogs, False),
-    "subscribe": (SubscribeParams, SubscribeResult, False),  # events until unsubscribed
-    "unsubscribe": (UnsubscribeParams, bool, False),  # False: no such subscription
-    "why": (WhyParams, WhyResult, False),
-}
+# Every method by name, in the order the protocol's documents list them.
+METHODS: dict[str, Method[Any, Any]] = {
+    method.name: method
+    for method in (
+        HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, JOB, JOBS, WAIT, CANCEL, RETRY, STATUS,
+        PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE, METRICS,
+        LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
+    )
+}  # fmt: skip
 
 
 _encoder = msgspec.msgpack.Encoder()

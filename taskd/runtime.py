@@ -1,33 +1,27 @@
 """What a running task can ask of the daemon (`ctx.run_task`, `ctx.enqueue`): other jobs.
 
 Both go through the submitter like any other request. While a task waits in `run_task`
-its job holds no slot (see `lend_slot`), so that waiting cannot deadlock.
+its job lends its slot (taskd.slots), so that waiting cannot deadlock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import msgspec
 
 from taskd.activity import ActivityRecorder
 from taskd.definition import TaskFailed
+from taskd.slots import Slots
 from taskd.submit import JobRequest, Submitter, encode_payload
 
 
 class Runtime:
     """The daemon side of `TaskContext` (taskd.definition.TaskRuntime)."""
 
-    def __init__(
-        self,
-        submitter: Submitter,
-        lend_slot: Callable[[int], AbstractAsyncContextManager[None]],
-        activity: ActivityRecorder,
-    ) -> None:
+    def __init__(self, submitter: Submitter, slots: Slots, activity: ActivityRecorder) -> None:
         self._submitter = submitter
-        self._lend_slot = lend_slot  # frees a running job's slot while it waits
+        self._slots = slots
         self.progress = activity.progress
         self.log = activity.log
 
@@ -43,7 +37,7 @@ class Runtime:
         (inserted,) = await self._submitter.submit([request])
         if inserted.job_id == parent_id:
             raise RuntimeError(f"task {name} cannot run_task itself; enqueue it instead")
-        async with self._lend_slot(parent_id):
+        async with self._slots.lend(parent_id):
             job = await self._submitter.wait(inserted.job_id)
         if job.status != "succeeded":
             raise TaskFailed(job.id, job.task, job.error or job.status)

@@ -10,7 +10,6 @@ Everything wrong is reported together, each problem naming the schedule and what
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import msgspec
 
 from taskd.config import Config, ConfigError, Schedule
 from taskd.cron import STARTUP, Cron, CronError, iso, normalize, time_zone
+from taskd.models import did_you_mean
 from taskd.tasks import TICK_FIELDS, TaskRegistry
 
 CatchUp = Literal["skip", "latest", "all"]
@@ -134,8 +134,7 @@ def _spec(entry: Schedule, default_zone: str, registry: TaskRegistry) -> Schedul
 def _check_task(spec: ScheduleSpec, name: str, registry: TaskRegistry) -> None:
     task = registry.get(name)
     if task is None:
-        close = difflib.get_close_matches(name, registry.names(), n=1)
-        hint = f'; did you mean "{close[0]}"?' if close else ""
+        hint = did_you_mean(name, registry.names())
         raise CronError(f'names unknown task "{name}"{hint} (tasks: {", ".join(registry.names())})')
     try:
         task.decode_payload(spec.tick_payload(SAMPLE_TICK), tick=True)

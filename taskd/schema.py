@@ -31,8 +31,8 @@ def protocol_schema() -> dict[str, Any]:
     properties are required; a params key that is absent takes the default shown.
     """
     names = list(METHODS)
-    params = [METHODS[name][0] for name in names]
-    results = [METHODS[name][1] for name in names]
+    params = [METHODS[name].params for name in names]
+    results = [METHODS[name].result for name in names]
     envelope = [Request, Reply, ErrorBody]
     sent = [*results, ErrorBody, JobEvent]
     schemas, definitions = _schemas([*params, *results, *envelope], sent, REF)
@@ -50,7 +50,7 @@ def protocol_schema() -> dict[str, Any]:
     }
     methods = {
         name: {
-            "access": "write" if METHODS[name][2] else "read",
+            "access": "write" if METHODS[name].writes else "read",
             "params": schemas[index],
             "result": schemas[len(names) + index],
         }

@@ -8,7 +8,6 @@ to finish one) is closed. Nothing a client sends can stop the server.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import functools
@@ -26,6 +25,7 @@ import msgspec
 from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
 from taskd.connection_limits import ConnectionLimits
 from taskd.envelope import Unreadable, deepest_field, field_path, invalid_string, request_head
+from taskd.limits import params_error
 from taskd.live import LiveEvents, Subscription
 from taskd.models import ConnectionStats, Peer
 from taskd.protocol import (
@@ -47,23 +47,22 @@ from taskd.protocol import (
     SubscribeParams,
     SubscribeResult,
     UnsubscribeParams,
-    WaitParams,
     encode_frame,
 )
+from taskd.stream_limits import ByteBudget, Lingering
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[str, Params, Peer], Awaitable[Any]]
+# Answers a method the server does not answer itself (taskd.service.Dispatch).
+Handler = Callable[[str, Params], Awaitable[Any]]
+# The methods a connection answers itself (declared `connection`): the others go to Handler.
+ANSWERED_HERE = (HelloParams, SubscribeParams, UnsubscribeParams)
 MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
 MAX_SUBSCRIPTIONS = 8  # `subscribe` streams one connection may have open
 # Bodies of frames over MAX_HELLO_FRAME bytes are received within a budget shared by all
 # connections, so that many clients each sending a frame just under max_frame_size cannot
 # make the daemon hold max_connections x max_frame_size bytes.
 LARGE_FRAME_BUDGET = 4 * DEFAULT_MAX_FRAME
-# A refused connection is closed after its client's first words are read, within LINGER
-# seconds; past MAX_LINGERING such connections at once, at once.
-LINGER = 2.0
-MAX_LINGERING = 64
 # At a stop, requests still in flight get this long to finish (a run whose job has just
 # ended, say) before they are answered with shutting_down.
 REPLY_GRACE = 0.2
@@ -78,7 +77,7 @@ ACCESS_HINT = (
 
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError)
 _request_decoder = msgspec.msgpack.Decoder(Request)
-_params_decoders = {name: msgspec.msgpack.Decoder(spec[0]) for name, spec in METHODS.items()}
+_params_decoders = {name: msgspec.msgpack.Decoder(m.params) for name, m in METHODS.items()}
 
 
 class SocketInUse(Exception):
@@ -184,47 +183,6 @@ class _StreamBroken(Exception):
         self.message = message
 
 
-class _ReceiveBudget:
-    """Bytes of large frame bodies being received at once, over all connections, capped."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._used = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def acquire(self, size: int) -> float:
-        """Reserve `size` bytes, waiting while others hold the budget; the seconds waited."""
-        if size <= MAX_HELLO_FRAME:
-            return 0.0
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        waited = False
-        while self._used and self._used + size > self._limit:
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                with suppress(ValueError):
-                    self._waiters.remove(waiter)
-            waited = True
-        self._used += size
-        return loop.time() - started if waited else 0.0
-
-    def release(self, size: int) -> None:
-        if size <= MAX_HELLO_FRAME:
-            return
-        self._used -= size
-        while self._waiters:  # each waiter checks again whether its frame fits now
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-
-    @property
-    def used(self) -> int:
-        return self._used
-
-
 class _Connection:
     __slots__ = (
         "greeted",
@@ -283,8 +241,8 @@ class ControlServer:
         self._connections: set[_Connection] = set()
         self._closing = False
         self._stopping = False  # new connections are refused: the daemon is stopping
-        self._lingering = 0  # refused connections being closed gently (see _refuse)
-        self._budget = _ReceiveBudget(max(LARGE_FRAME_BUDGET, max_frame))
+        self._linger = Lingering(drop_at_most=MAX_HELLO_FRAME, chunk=4096)
+        self._budget = ByteBudget(max(LARGE_FRAME_BUDGET, max_frame), exempt=MAX_HELLO_FRAME)
         self._limits = ConnectionLimits(max_connections, max_per_user or max_connections)
         self._idle_timeout = float(idle_timeout)
         self._closed_idle = 0
@@ -393,27 +351,13 @@ class ControlServer:
         code: ErrorCode,
         message: str,
     ) -> None:
-        """Send one error frame, then close without destroying it.
+        """Send one error frame, then close without losing it (taskd.stream_limits)."""
 
-        A socket closed while the client's hello sits unread in it is reset, and the reset
-        throws away the error frame before the client reads it. So the frame is followed by
-        an end-of-stream, and what the client sends is read and dropped (for LINGER seconds
-        at most, by at most MAX_LINGERING refused connections at once) before the close.
-        """
-        with suppress(ConnectionError, OSError, TimeoutError):
+        async def send() -> None:
             writer.write(encode_frame(Reply(None, error=RpcError(code, message).body())))
             await asyncio.wait_for(writer.drain(), 1.0)
-            if self._lingering < MAX_LINGERING and writer.can_write_eof():
-                self._lingering += 1
-                try:
-                    writer.write_eof()
-                    async with asyncio.timeout(LINGER):
-                        dropped = 0
-                        while dropped < MAX_HELLO_FRAME and (chunk := await reader.read(4096)):
-                            dropped += len(chunk)
-                finally:
-                    self._lingering -= 1
-        writer.close()
+
+        await self._linger.close_after(reader, writer, send())
 
     async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         while not self._closing:
@@ -424,7 +368,7 @@ class ControlServer:
                 self._send_error(connection, None, exc.code, exc.message)
                 return
             self._dispatch(connection, body)
-            await self._room(connection)
+            await self._output_room(connection)
 
     async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
         """The body of the next frame; _StreamBroken if it is too large or too slow."""
@@ -452,14 +396,14 @@ class ControlServer:
             else:
                 message = f"frame of {size} bytes before hello (limit {limit}); closing"
             raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
-        waited = await self._budget.acquire(size)
+        waited = await self._budget.wait_for(size)
         try:
             async with asyncio.timeout_at(deadline + waited):
                 return await reader.readexactly(size)
         except TimeoutError:
             raise self._too_slow(connection) from None
         finally:
-            self._budget.release(size)
+            self._budget.give_back(size)
 
     def _too_slow(self, connection: _Connection) -> _StreamBroken:
         if connection.greeted:
@@ -492,15 +436,15 @@ class ControlServer:
 
     def _admit(self, connection: _Connection, request: Request) -> Params:
         """The request's params, if this connection may make it now; else RpcError."""
-        spec = METHODS.get(request.method)
-        if spec is None:
+        method = METHODS.get(request.method)
+        if method is None:
             raise RpcError(
                 ErrorCode.UNKNOWN_METHOD,
                 f"unknown method {request.method!r}; methods: {', '.join(METHODS)}",
             )
         raw = request.params if request.params != NIL else EMPTY_MAP
         try:
-            params = _params_decoders[request.method].decode(raw)
+            params: Params = _params_decoders[request.method].decode(raw)
         except RecursionError:
             raise _too_deep(request.method, bytes(raw)) from None
         except _DECODE_ERRORS as exc:
@@ -515,8 +459,7 @@ class ControlServer:
             return params
         if not connection.greeted:
             raise RpcError(ErrorCode.HELLO_REQUIRED, "the first request must be hello")
-        changes_state = spec[2]
-        if changes_state and connection.peer.access != "full":
+        if method.writes and connection.peer.access != "full":
             who = user_name(connection.peer.uid)
             logger.info(
                 "refused %s from %s, pid %d: read-only", request.method, who, connection.peer.pid
@@ -539,7 +482,7 @@ class ControlServer:
             if isinstance(params, SubscribeParams | UnsubscribeParams):
                 await self._write(connection, await self._stream(connection, request_id, params))
                 return
-            async with self._turn(connection, method, params):
+            async with self._reads_in_turn(connection, method, params):
                 reply = await self._answer(connection.peer, request_id, method, params)
                 await self._write(connection, reply)
         except asyncio.CancelledError:
@@ -581,23 +524,23 @@ class ControlServer:
         return Reply(request_id, result=result)
 
     @contextlib.asynccontextmanager
-    async def _turn(
+    async def _reads_in_turn(
         self, connection: _Connection, method: str, params: Params
     ) -> AsyncIterator[None]:
         """Reads that are answered at once, with replies as large as the store's contents,
         are worked on one at a time per connection, and only while its peer keeps up with
         its replies: a peer that reads nothing costs at most about one such reply."""
-        changes_state = METHODS[method][2]
-        if changes_state or isinstance(params, WaitParams):
+        declared = METHODS[method]
+        if declared.writes or declared.waits:
             yield  # changes are answered in a few bytes; waits must not block each other
             return
         async with connection.reads:
-            await self._room(connection)
+            await self._output_room(connection)
             yield
 
     async def _answer(self, peer: Peer, request_id: int, method: str, params: Params) -> Reply:
         try:
-            result = await self._handler(method, params, peer)
+            result = await self._handler(method, params)
         except RpcError as exc:
             return Reply(request_id, error=exc.body())
         except Exception as exc:  # MemoryError too: the request gets an error, not silence
@@ -609,10 +552,10 @@ class ControlServer:
     async def _write(self, connection: _Connection, reply: Reply) -> None:
         """Send a reply once the connection's unsent replies are under the output budget."""
         async with connection.output:
-            await self._room(connection)
+            await self._output_room(connection)
             self._send(connection, reply)
 
-    async def _room(self, connection: _Connection) -> None:
+    async def _output_room(self, connection: _Connection) -> None:
         """Wait while the connection's unsent replies are over the output budget.
 
         A peer that has not caught up within idle_timeout is cut off (ConnectionResetError):
@@ -727,7 +670,7 @@ def _unreadable(body: bytes, exc: Exception) -> Reply:
 def _too_deep(method: str, params: bytes) -> RpcError:
     """The error for params nested too deeply to decode: `payload_invalid` if the payload
     is (naming the item of an `enqueue_many`), else `invalid_params` naming the field."""
-    path, in_payload = deepest_field(params, METHODS[method][0])
+    path, in_payload = deepest_field(params, METHODS[method].params)
     if not in_payload:
         return RpcError(
             ErrorCode.INVALID_PARAMS,
@@ -742,12 +685,14 @@ def _too_deep(method: str, params: bytes) -> RpcError:
 
 
 def _invalid_params(method: str, params: bytes, exc: Exception) -> RpcError:
-    """The error for params that do not decode, naming the field at fault: msgspec names it,
-    except for a string that is not valid UTF-8."""
+    """The error for params that do not decode, naming the field at fault: a limit, in
+    taskd's words; else msgspec names it, except for a string that is not valid UTF-8."""
+    if isinstance(exc, msgspec.ValidationError):
+        message = params_error(method, METHODS[method].params, params, exc)
+        return RpcError(ErrorCode.INVALID_PARAMS, message)
     found = None
-    if not isinstance(exc, msgspec.ValidationError):
-        with suppress(Unreadable):
-            found = invalid_string(params, METHODS[method][0])
+    with suppress(Unreadable):
+        found = invalid_string(params, METHODS[method].params)
     if found is None:
         return RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}")
     path, is_key = found

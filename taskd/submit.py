@@ -12,15 +12,10 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
-from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin
+from taskd.limits import max_payload_size, out_of_limits, rule_broken
+from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, did_you_mean
 from taskd.policy import default_attempts
-from taskd.protocol import (
-    DEFAULT_MAX_FRAME,
-    MAX_KEY_LENGTH,
-    MAX_PRIORITY,
-    MAX_SECONDS,
-    MAX_TIME,
-)
+from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
@@ -28,11 +23,6 @@ from taskd.tasks import TaskRegistry
 # they go ahead of enqueued jobs of the default priority 0.
 RUN_PRIORITY = -10
 EMPTY_MAP = b"\x80"  # msgpack {}: the payload of a request that gave none, as in Nitro
-
-
-def max_payload_size(max_frame_size: int) -> int:
-    """The largest payload or result: a job holding both, and its errors, fits in a reply."""
-    return max_frame_size // 4
 
 
 class Refused(Exception):
@@ -43,8 +33,8 @@ class Refused(Exception):
 
 class UnknownTask(Refused, LookupError):
     def __init__(self, name: str, known: Sequence[str]) -> None:
-        hint = f"; known tasks: {', '.join(known)}" if known else "; no tasks are loaded"
-        super().__init__(f"unknown task {name!r}{hint}")
+        tasks = f" (known tasks: {', '.join(known)})" if known else "; no tasks are loaded"
+        super().__init__(f"unknown task {name!r}{did_you_mean(name, known)}{tasks}")
         self.name = name
 
 
@@ -75,8 +65,8 @@ R = TypeVar("R")
 
 
 class Claimer(Protocol):
-    """The daemon's executor, which offers its free slots to a write that inserts due jobs,
-    so that a run or a tick starts with one commit (its insert) instead of two."""
+    """The daemon's worker slots (taskd.slots), offered to a write that inserts due jobs, so
+    that a run or a tick starts with one commit (its insert) instead of two."""
 
     def claim_request(self) -> ClaimRequest | None:
         """A claim for the free slots, reserved until `accept`; None if none is free."""
@@ -91,21 +81,21 @@ class Submitter:
     def __init__(
         self,
         store: Store,
-        registry: Callable[[], TaskRegistry],
+        tasks: TaskRegistry,
+        claimer: Claimer | None = None,
         *,
         max_payload: int = max_payload_size(DEFAULT_MAX_FRAME),
     ) -> None:
         self._store = store
-        self._registry = registry
+        self._tasks = tasks
+        self._claimer = claimer
         self._max_payload = max_payload
-        self.claimer: Claimer | None = None  # the daemon attaches its executor
 
     def prepare(self, request: JobRequest) -> NewJob:
         """The row for a request; raises UnknownTask, PayloadInvalid or InvalidRequest."""
-        registry = self._registry()
-        task = registry.get(request.task)
+        task = self._tasks.get(request.task)
         if task is None:
-            raise UnknownTask(request.task, registry.names())
+            raise UnknownTask(request.task, self._tasks.names())
         if len(request.payload) > self._max_payload:
             raise PayloadInvalid(
                 f"the payload of {len(request.payload)} bytes is over the limit of "
@@ -146,25 +136,20 @@ class Submitter:
 
     @staticmethod
     def _check_options(request: JobRequest) -> None:
-        """The limits the protocol's types state, for requests that come from task code."""
-        if request.priority is not None and abs(request.priority) > MAX_PRIORITY:
-            raise InvalidRequest(f"priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
-        if request.max_attempts is not None and request.max_attempts < 1:
-            raise InvalidRequest(f"max_attempts must be at least 1, got {request.max_attempts}")
-        if request.key is not None:
-            if not 0 < len(request.key) <= MAX_KEY_LENGTH:
-                raise InvalidRequest(f"key must have 1 to {MAX_KEY_LENGTH} characters")
-            if request.key.startswith("@"):
-                raise InvalidRequest(
-                    f"key {request.key!r}: keys starting with '@' are reserved for taskd "
-                    f"({RUN_KEY!r} is the key of runs that give none); pick another key"
-                )
-        if request.delay is not None and request.run_at is not None:
-            raise InvalidRequest("give delay or run_at, not both")
-        if request.delay is not None and not 0 <= request.delay <= MAX_SECONDS:
-            raise InvalidRequest(f"delay must be between 0 and 10 years, got {request.delay}")
-        if request.run_at is not None and not 0 <= request.run_at <= MAX_TIME:
-            raise InvalidRequest(f"run_at must be a Unix time in seconds, got {request.run_at}")
+        """The rules of keys and times; and for requests from task code the limits the
+        protocol's types state (a client's request was checked as it was decoded)."""
+        if (problem := rule_broken(request.delay, request.run_at, request.key)) is not None:
+            raise InvalidRequest(problem)
+        if request.origin == "task":
+            options = {
+                "delay": request.delay,
+                "run_at": request.run_at,
+                "priority": request.priority,
+                "max_attempts": request.max_attempts,
+                "key": request.key,
+            }
+            if (problem := out_of_limits(EnqueueParams, options)) is not None:
+                raise InvalidRequest(problem)
 
     async def submit(
         self, requests: Sequence[JobRequest], *, numbered: bool = False
@@ -185,7 +170,7 @@ class Submitter:
         # A run starts in its insert's commit if a slot is free (its caller waits for it);
         # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
         runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
-        if self.claimer is None or not any(_due_now(row) for row in runs):
+        if self._claimer is None or not any(_due_now(row) for row in runs):
             return await self._store.insert(rows)
         inserted, _ = await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
         return inserted
@@ -207,7 +192,7 @@ class Submitter:
         Shielded: the jobs the claim took reach the executor even if the caller stops
         waiting (a client that hangs up), since they are this daemon's to run.
         """
-        claimer = self.claimer
+        claimer = self._claimer
         claim = claimer.claim_request() if claimer is not None else None
         if claim is None or claimer is None:
             return await write(None)

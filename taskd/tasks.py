@@ -157,11 +157,16 @@ class Task:
 
 
 class TaskRegistry:
-    """The tasks loaded from one scan of the tasks folder; a reload builds a new one."""
+    """The tasks loaded from one scan of the tasks folder. The daemon keeps one and, at a
+    reload, puts the tasks of the new scan in it (`replace`), for every part that has it."""
 
     def __init__(self, directory: Path, tasks: Mapping[str, Task]) -> None:
         self.directory = directory
         self._tasks = dict(sorted(tasks.items()))
+
+    def replace(self, other: TaskRegistry) -> None:
+        """From now on, hold the tasks of `other` (a reload's)."""
+        self.directory, self._tasks = other.directory, other._tasks
 
     def get(self, name: str) -> Task | None:
         return self._tasks.get(name)

@@ -2,8 +2,9 @@
 
 This module is the HTTP API's contract: `taskd.http.routes` serves these routes, and
 `taskd.schema` generates the OpenAPI document (contrib/openapi.json) from the same table and
-types, beside the protocol's JSON Schema, so that the two cannot drift. Where a route takes
-what a socket method takes, it uses that method's params type, with its limits.
+types, beside the protocol's JSON Schema, so that the two cannot drift. Where a route calls
+a method of the protocol, it names it (`rpc`): the route's access is the method's, and
+where it takes what the method takes, it uses the method's params type, with its limits.
 Standard library and msgspec only.
 """
 
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
+from taskd import protocol
 from taskd.models import Job
 from taskd.protocol import (
     Duration,
@@ -23,7 +25,7 @@ from taskd.protocol import (
     ErrorBody,
     ErrorCode,
     JobParams,
-    JobsParams,
+    Method,
     Timestamp,
 )
 
@@ -166,36 +168,51 @@ class Route(NamedTuple):
     query: Any = None  # a Struct (each field a parameter) or RunQuery (any parameters)
     body: Any = None
     body_required: bool = False
+    rpc: Method[Any, Any] | None = None  # the protocol's method the route calls
+
+
+def _call(
+    method: Literal["GET", "POST"],
+    path: str,
+    operation: str,
+    summary: str,
+    rpc: Method[Any, Any],
+    responses: dict[int, Any],
+    **takes: Any,
+) -> Route:
+    """A route that calls a method of the protocol: its access is the method's."""
+    access: Access = "write" if rpc.writes else "read"
+    return Route(method, path, operation, summary, access, responses, rpc=rpc, **takes)
 
 
 _RUN_RESPONSES = {200: TaskResult, 404: ErrorReply, 422: ErrorReply, 500: ErrorReply}
 _JOB_CHANGE = {200: Job, 404: ErrorReply, 409: ErrorReply}
+_ENQUEUE_RESPONSES = {201: EnqueueResult, 200: EnqueueResult, 404: ErrorReply, 422: ErrorReply}
 
 _ROUTES = [
-    Route("GET", "/_nitro/tasks", "list_tasks", "List the tasks and schedules (Nitro's shape)",
-          "read", {200: NitroTasks}),
-    Route("GET", "/_nitro/tasks/{name}", "run_task",
+    _call("GET", "/_nitro/tasks", "list_tasks", "List the tasks and schedules (Nitro's shape)",
+          protocol.LIST_TASKS, {200: NitroTasks}),
+    _call("GET", "/_nitro/tasks/{name}", "run_task",
           "Run a task with the query parameters as its payload, wait, return its result",
-          "write", _RUN_RESPONSES, path_params=TaskPath, query=RunQuery),
-    Route("POST", "/_nitro/tasks/{name}", "run_task",
+          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery),
+    _call("POST", "/_nitro/tasks/{name}", "run_task",
           "Run a task with the body's payload over the query parameters, wait, return its result",
-          "write", _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody),
-    Route("POST", "/jobs", "enqueue", "Add a job to the queue (200 if its key was taken)",
-          "write", {201: EnqueueResult, 200: EnqueueResult, 404: ErrorReply, 422: ErrorReply},
-          body=EnqueueBody, body_required=True),
-    Route("GET", "/jobs", "list_jobs", "Recent jobs, newest first", "read",
-          {200: JobList, 404: ErrorReply}, query=JobsParams),  # 404: an unknown task
-    Route("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",
-          "read", {200: Job, 404: ErrorReply}, path_params=JobParams),
-    Route("POST", "/jobs/{id}/cancel", "cancel_job", "Cancel a pending or running job",
-          "write", _JOB_CHANGE, path_params=JobParams),
-    Route("POST", "/jobs/{id}/retry", "retry_job",
-          "Put a failed or cancelled job back in the queue", "write", _JOB_CHANGE,
+          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody),
+    _call("POST", "/jobs", "enqueue", "Add a job to the queue (200 if its key was taken)",
+          protocol.ENQUEUE, _ENQUEUE_RESPONSES, body=EnqueueBody, body_required=True),
+    _call("GET", "/jobs", "list_jobs", "Recent jobs, newest first", protocol.JOBS,
+          {200: JobList, 404: ErrorReply}, query=protocol.JOBS.params),  # 404: an unknown task
+    _call("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",
+          protocol.JOB, {200: Job, 404: ErrorReply}, path_params=JobParams),
+    _call("POST", "/jobs/{id}/cancel", "cancel_job", "Cancel a pending or running job",
+          protocol.CANCEL, _JOB_CHANGE, path_params=JobParams),
+    _call("POST", "/jobs/{id}/retry", "retry_job",
+          "Put a failed or cancelled job back in the queue", protocol.RETRY, _JOB_CHANGE,
           path_params=JobParams),
     Route("GET", "/healthz", "health",
           "200 while the job store answers and its writes go through, else 503", "public",
           {200: Health, 503: Health}),
-    Route("GET", "/metrics", "metrics", "The Prometheus exposition", "read",
+    _call("GET", "/metrics", "metrics", "The Prometheus exposition", protocol.METRICS,
           {200: METRICS_CONTENT_TYPE}),
     Route("GET", "/openapi.json", "openapi", "This document", "read", {200: JSON}),
 ]  # fmt: skip

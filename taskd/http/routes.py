@@ -1,9 +1,9 @@
 """The HTTP API's handlers: each request becomes a call of the control service.
 
-They call the same `Service.handle` as the socket server, with the same params types, so
-validation, single-flight, limits and errors are the socket's own; an error's code becomes
-an HTTP status through `STATUS_FOR_CODE`. The wire (HTTP/1.1, timeouts, limits) is
-taskd.http.server's business: nothing here knows the HTTP library.
+They call the same handlers as the socket server (taskd.service.Dispatch), with the same
+params types, so validation, single-flight, limits and errors are the socket's own; an
+error's code becomes an HTTP status through `STATUS_FOR_CODE`. The wire (HTTP/1.1, timeouts,
+limits) is taskd.http.server's business: nothing here knows the HTTP library.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
+from taskd import protocol
 from taskd.http.api import (
     JSON,
     METRICS_CONTENT_TYPE,
@@ -34,27 +35,27 @@ from taskd.http.api import (
     TaskResult,
     path_pattern,
 )
-from taskd.models import Job, Peer, ScheduleInfo, TaskInfo, counted, parse_duration
+from taskd.limits import out_of_limits
+from taskd.models import Job, Peer, counted, parse_duration
 from taskd.protocol import (
     EMPTY_MAP,
     CancelParams,
     EnqueueParams,
-    EnqueueResult,
     ErrorBody,
     ErrorCode,
     JobParams,
     JobsParams,
     ListTasksParams,
     MetricsParams,
-    Params,
     RetryParams,
     RpcError,
     RunParams,
-    RunResult,
     SchedulesParams,
 )
-from taskd.service import Service
+from taskd.schema import openapi_schema
+from taskd.service import Dispatch
 from taskd.store import StoreError
+from taskd.tasks import TaskRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,13 @@ Handler = Callable[["HttpApi", HttpRequest, dict[str, str]], Awaitable[HttpRespo
 class HttpApi:
     """Routes requests to their handlers, checks access, and turns errors into responses."""
 
-    def __init__(self, service: Service, *, openapi: bytes) -> None:
-        self._service = service
-        self._openapi = openapi
+    def __init__(
+        self, dispatch: Dispatch, healthy: Callable[[], Awaitable[None]], tasks: TaskRegistry
+    ) -> None:
+        self._dispatch = dispatch
+        self._healthy = healthy  # returns while the job store is healthy, else StoreError
+        self._tasks = tasks  # a run's query values take the types of its payload's fields
+        self._openapi = msgspec.json.encode(openapi_schema())
         self._routes = [(route, path_pattern(route.path)) for route in ROUTES]
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
@@ -178,14 +183,11 @@ class HttpApi:
                 "readonly_users/readonly_groups); ask its administrator for full access",
             )
 
-    async def _call(self, method: str, params: Params, request: HttpRequest) -> Any:
-        return await self._service.handle(method, params, request.peer)
-
     # -- the routes ----------------------------------------------------------------------
 
     async def list_tasks(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        tasks: list[TaskInfo] = await self._call("list_tasks", ListTasksParams(), request)
-        schedules: list[ScheduleInfo] = await self._call("schedules", SchedulesParams(), request)
+        tasks = await self._dispatch.call(protocol.LIST_TASKS, ListTasksParams())
+        schedules = await self._dispatch.call(protocol.SCHEDULES, SchedulesParams())
         return _json(
             200,
             NitroTasks(
@@ -197,11 +199,11 @@ class HttpApi:
     async def run_task(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         body = _convert(_body_object(request.body), RunBody) if request.body.strip() else RunBody()
         query = _query_payload(request.target)
-        if (task := self._service.task(path["name"])) is not None:  # else: unknown_task below
+        if (task := self._tasks.get(path["name"])) is not None:  # else: unknown_task below
             query = task.query_payload(query)
         payload = _merged(query, body.payload)
         params = RunParams(task=path["name"], payload=_msgpack(payload))
-        outcome: RunResult = await self._call("run", params, request)
+        outcome = await self._dispatch.call(protocol.RUN, params)
         job = outcome.job
         headers = (("Taskd-Job-Id", str(job.id)), ("Taskd-Joined", str(outcome.joined).lower()))
         if job.status == "succeeded":
@@ -225,30 +227,30 @@ class HttpApi:
         params = _convert(_times_read(fields), EnqueueParams)
         if payload is not EMPTY_MAP:
             params.payload = _msgpack(payload)
-        result: EnqueueResult = await self._call("enqueue", params, request)
+        result = await self._dispatch.call(protocol.ENQUEUE, params)
         location = ("Location", f"/jobs/{result.job_id}")
         return _json(200 if result.duplicate else 201, result, (location,))
 
     async def list_jobs(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         params = _query_params(request.target, JobsParams)
-        jobs: list[Job] = await self._call("jobs", params, request)
+        jobs = await self._dispatch.call(protocol.JOBS, params)
         return _json(200, JobList([_plain(job) for job in jobs]))
 
     async def get_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._call("job", JobParams(job_id), request)))
+        params = _path_params(path, JobParams)
+        return _json(200, _plain(await self._dispatch.call(protocol.JOB, params)))
 
     async def cancel_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._call("cancel", CancelParams(job_id), request)))
+        return _json(200, _plain(await self._dispatch.call(protocol.CANCEL, CancelParams(job_id))))
 
     async def retry_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
-        return _json(200, _plain(await self._call("retry", RetryParams(job_id), request)))
+        return _json(200, _plain(await self._dispatch.call(protocol.RETRY, RetryParams(job_id))))
 
     async def health(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         try:
-            await asyncio.wait_for(self._service.healthy(), HEALTH_TIMEOUT)
+            await asyncio.wait_for(self._healthy(), HEALTH_TIMEOUT)
         except StoreError as exc:
             return _json(503, Health("unavailable", f"the job store failed: {exc}"))
         except TimeoutError:
@@ -257,7 +259,7 @@ class HttpApi:
         return _json(200, Health("ok"))
 
     async def metrics(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
-        text: str = await self._call("metrics", MetricsParams(), request)
+        text = await self._dispatch.call(protocol.METRICS, MetricsParams())
         return HttpResponse(200, text.encode(), METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
@@ -304,7 +306,8 @@ def _convert(fields: dict[str, Any], kind: type[S]) -> S:
     try:
         return msgspec.convert(fields, kind)
     except msgspec.ValidationError as exc:
-        raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: {exc}") from None
+        problem = out_of_limits(kind, fields) or exc  # a limit, in taskd's words
+        raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: {problem}") from None
 
 
 def _times_read(fields: dict[str, Any]) -> dict[str, Any]:

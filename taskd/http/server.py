@@ -34,11 +34,11 @@ from contextlib import suppress
 from typing import Any, NamedTuple
 
 import h11
-import msgspec
 
 import taskd
 from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
 from taskd.background import Background
+from taskd.config import HttpConfig, restart_only
 from taskd.connection_limits import RefusalLog
 from taskd.http.admission import Admission, Closing
 from taskd.http.api import HttpErrorCode
@@ -46,9 +46,8 @@ from taskd.http.routes import HttpApi, HttpRequest, HttpResponse, error_response
 from taskd.http.settings import HttpSettings, Listen
 from taskd.models import HttpStats, Peer
 from taskd.protocol import ErrorCode
-from taskd.schema import openapi_schema
 from taskd.server import ACCESS_HINT, bind_socket, release_socket
-from taskd.service import Service
+from taskd.stream_limits import LINGER, ByteBudget, Lingering
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +55,9 @@ MAX_HEAD = 16 * 1024  # the request line and the headers
 BODY_BUDGET = 64 * 1024 * 1024  # body bytes held at once, over all connections
 READ_CHUNK = 64 * 1024
 # A connection closed after an error response first reads and drops what its client still
-# sends (LINGER seconds, LINGER_BYTES at most; at most MAX_LINGERING connections at once), so
-# that closing with unread data does not reset the connection before the client has read
-# the response.
-LINGER = 2.0
+# sends (LINGER_BYTES at most: taskd.stream_limits), so that closing with unread data does
+# not reset the connection before the client has read the response.
 LINGER_BYTES = 16 * 1024 * 1024
-MAX_LINGERING = 64
 ACCEPT_RETRY = 1.0  # seconds before accept() is tried again after it failed, at most
 SERVER = f"taskd/{taskd.__version__}"
 HEAD_TOO_LARGE = f"the request line and headers are over {MAX_HEAD} bytes"
@@ -122,13 +118,13 @@ class HttpServer:
 
     def __init__(
         self,
-        service: Service,
+        api: HttpApi,
         settings: HttpSettings,
         access: AccessPolicy,
         *,
         socket_group: int | None,
     ) -> None:
-        self._api = HttpApi(service, openapi=msgspec.json.encode(openapi_schema()))
+        self._api = api
         self._config = settings.config
         self._listen = settings.listen
         self._tokens = settings.tokens
@@ -143,9 +139,8 @@ class HttpServer:
         self._closed_idle = 0
         self._connections: set[_Connection] = set()
         self._serving: set[asyncio.Task[None]] = set()  # one per connection, refused ones too
-        self._budget = max(BODY_BUDGET, self._config.max_body_size)
-        self._buffered = 0
-        self._lingering = 0
+        self._bodies = ByteBudget(max(BODY_BUDGET, self._config.max_body_size))
+        self._linger = Lingering(drop_at_most=LINGER_BYTES, chunk=READ_CHUNK)
         self._closing = False
 
     async def start(self) -> None:
@@ -194,13 +189,9 @@ class HttpServer:
 
     def reconfigure(self, settings: HttpSettings, access: AccessPolicy) -> None:
         """After a reload: new tokens and access rules apply from the next request on."""
-        for setting in msgspec.structs.fields(settings.config):
-            if setting.name in ("tokens", "readonly_tokens", "tokens_file"):
-                continue
-            if getattr(settings.config, setting.name) != getattr(self._config, setting.name):
-                logger.warning(
-                    "[http] %s changed; it takes effect at the next restart", setting.name
-                )
+        for setting in restart_only(HttpConfig):
+            if getattr(settings.config, setting) != getattr(self._config, setting):
+                logger.warning("[http] %s changed; it takes effect at the next restart", setting)
         self._tokens = settings.tokens
         self._access = access
 
@@ -469,16 +460,15 @@ class HttpServer:
             )
 
     def _reserve(self, connection: _Connection, size: int) -> None:
-        if self._buffered + size > self._budget:
+        if not self._bodies.take(size):
             raise _Refusal(
                 ErrorCode.BUSY,
                 "taskd is receiving too many large request bodies at once; try again shortly",
             )
-        self._buffered += size
         connection.reserved += size
 
     def _release(self, connection: _Connection) -> None:
-        self._buffered -= connection.reserved
+        self._bodies.give_back(connection.reserved)
         connection.reserved = 0
 
     async def _respond(
@@ -555,23 +545,11 @@ class HttpServer:
             raise
 
     async def _close_with(self, connection: _Connection, response: HttpResponse) -> None:
-        """Send an error response, then close without losing it (see LINGER)."""
+        """Send an error response, then close without losing it (taskd.stream_limits)."""
         self._admission.leave(connection)  # what is left of it takes no room
-        with suppress(h11.LocalProtocolError, ConnectionError, OSError, TimeoutError):
-            await self._send(connection, response, close=True)
-            if self._lingering < MAX_LINGERING and connection.writer.can_write_eof():
-                self._lingering += 1
-                try:
-                    connection.writer.write_eof()
-                    async with asyncio.timeout(LINGER):
-                        dropped = 0
-                        while dropped < LINGER_BYTES and (
-                            chunk := await connection.reader.read(READ_CHUNK)
-                        ):
-                            dropped += len(chunk)
-                finally:
-                    self._lingering -= 1
-        connection.writer.close()
+        sent = self._send(connection, response, close=True)
+        with suppress(h11.LocalProtocolError):
+            await self._linger.close_after(connection.reader, connection.writer, sent)
 
 
 async def _listen_tcp(host: str | None, port: int) -> list[socket.socket]:

@@ -1,6 +1,6 @@
 """The store's notifications to its daemon: a job finished, work is due, a job was cancelled,
-and "read again" after a lost connection; and the daemon's own news of the jobs it runs
-(started, progress, log lines), for live views.
+"read again" after a lost connection, and "changed" (for status lines). The daemon's own
+news of the jobs it runs (started, progress, log lines) is not the store's: taskd.news.
 
 A backend raises them after it commits (its own writes, and for a shared store those of
 other daemons, from its database notifications); which and when is the contract in
@@ -11,33 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable, Container
-from typing import Any
 
-from taskd.models import Job, LogLine, Progress
-
-logger = logging.getLogger(__name__)
-
-
-class _Listeners:
-    """Callbacks for one kind of notification; one that fails is logged, the rest still run."""
-
-    __slots__ = ("_callbacks", "_kind")
-
-    def __init__(self, kind: str) -> None:
-        self._kind = kind
-        self._callbacks: list[Callable[..., None]] = []
-
-    def add(self, callback: Callable[..., None]) -> None:
-        self._callbacks.append(callback)
-
-    def __call__(self, *args: Any) -> None:
-        for callback in self._callbacks:
-            try:
-                callback(*args)
-            except Exception:
-                logger.exception("a listener of %s failed", self._kind)
+from taskd.listeners import Listeners as _Listeners
+from taskd.models import Job
 
 
 class JobEvents:
@@ -50,9 +27,6 @@ class JobEvents:
         self._cancelled = _Listeners("cancellations")
         self._resync = _Listeners("resyncs")
         self._changed = _Listeners("changes")
-        self._started = _Listeners("started jobs")
-        self._progress = _Listeners("progress")
-        self._log = _Listeners("log lines")
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -90,15 +64,6 @@ class JobEvents:
         """Call `listener` whenever jobs are added, started or ended (it must be cheap)."""
         self._changed.add(listener)
 
-    def on_started(self, listener: Callable[[Job], None]) -> None:
-        self._started.add(listener)
-
-    def on_progress(self, listener: Callable[[int, Progress], None]) -> None:
-        self._progress.add(listener)
-
-    def on_log(self, listener: Callable[[int, LogLine], None]) -> None:
-        self._log.add(listener)
-
     def _forget(self, job_id: int, future: asyncio.Future[Job | None]) -> None:
         waiters = self._waiters.get(job_id)
         if waiters is None:
@@ -108,7 +73,7 @@ class JobEvents:
         if not waiters:
             del self._waiters[job_id]
 
-    # -- raised by the store (and `changed` by whoever starts a job) ---------------------
+    # -- raised by the store -------------------------------------------------------------
 
     def finished(self, job: Job) -> None:
         """The job has ended: wake everyone waiting for it."""
@@ -160,17 +125,3 @@ class JobEvents:
     def changed(self) -> None:
         """The queue or the running jobs changed (for status lines)."""
         self._changed()
-
-    # -- raised by the daemon running a job, for live views (not by the store) ------------
-
-    def started(self, job: Job) -> None:
-        """An attempt of the job started here."""
-        self._started(job)
-
-    def progress(self, job_id: int, progress: Progress) -> None:
-        """A job running here reported progress (before it is written, if it ever is)."""
-        self._progress(job_id, progress)
-
-    def log(self, job_id: int, line: LogLine) -> None:
-        """A job running here wrote a line (before it is written)."""
-        self._log(job_id, line)

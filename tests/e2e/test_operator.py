@@ -104,5 +104,7 @@ def test_jobs_of_an_unknown_task_is_an_error(taskd: Taskd) -> None:
     typo = taskd.ctl("jobs", "--task", "ecoh")
     assert typo.returncode == 4 and "unknown task 'ecoh'" in typo.stderr, typo.stderr
     assert "echo" in typo.stderr  # the known tasks are listed
+    run = taskd.ctl("run", "ecoh")
+    assert run.returncode == 4 and 'did you mean "echo"?' in run.stderr, run.stderr
     none_yet = taskd.ctl("jobs", "--task", "echo")
     assert none_yet.returncode == 0 and none_yet.stdout.strip() == "no jobs"

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from taskctl import AsyncClient
+from taskd.protocol import JobEvent
 from taskd.server import MAX_SUBSCRIPTIONS
 from tests.support import RawConnection, Taskd, wait_until
 
@@ -372,6 +374,29 @@ def test_subscribers_hear_of_state_changes(taskd: Taskd) -> None:
             seen.append((event["kind"], event.get("status")))
         assert ("state", "running") in seen and ("changed", None) in seen
         assert seen.index(("state", "running")) < seen.index(("state", "succeeded"))
+
+
+async def test_the_async_client_follows_jobs_as_the_blocking_one_does(
+    taskd: Taskd, short_tmp: Path
+) -> None:
+    async with AsyncClient(str(taskd.socket), timeout=10) as client:
+        subscription = await client.subscribe()
+        ran = await client.run_job("chatty", {"lines": 2})
+        seen: list[JobEvent] = []
+        while not any(e.kind == "state" and e.status == "succeeded" for e in seen):
+            event = await client.next_event(10)
+            assert event is not None, f"no event within 10 s after {seen}"
+            seen.append(event)
+        lines = [e.line.message for e in seen if e.kind == "log" and e.job_id == ran.job.id]
+        assert lines == ["line 0", "line 1"]
+        await client.unsubscribe(subscription)
+        assert await client.next_event(0.1) is None
+        # wait(after_attempt=) returns at a failed attempt, as Client.wait does.
+        payload = {"log": str(short_tmp / "flaky.log"), "succeed_on": 2}
+        enqueued = await client.enqueue("flaky", payload, max_attempts=2)
+        failed = await client.wait(enqueued.job_id, 20, after_attempt=0)
+        assert failed.status != "succeeded" and failed.errors[0].attempt == 1
+        assert (await client.wait(enqueued.job_id, 20)).status == "succeeded"
 
 
 def test_run_prints_plain_progress_lines_when_piped(taskd: Taskd) -> None:

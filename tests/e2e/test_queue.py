@@ -46,6 +46,13 @@ def test_enqueue_validates_the_payload_before_storing(taskd: Taskd) -> None:
     assert json.loads(taskd.ctl("--json", "jobs").stdout) == []
 
 
+def test_an_option_over_its_limit_is_refused_with_the_limit_and_its_unit(taskd: Taskd) -> None:
+    far = taskd.ctl("enqueue", "echo", "--delay", "4000d")
+    assert far.returncode == 2, far.stderr
+    assert "delay: at most 10 years, got 4000 days" in far.stderr
+    assert json.loads(taskd.ctl("--json", "jobs").stdout) == []
+
+
 def test_retries_with_backoff_then_success(taskd: Taskd, short_tmp: Path) -> None:
     log = short_tmp / "attempts.txt"
     job_id = enqueue(

@@ -139,9 +139,10 @@ def test_taskd_pg_is_the_outbox_by_its_first_name() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"key": "@run"}, "not starting with @"),
+        ({"key": "@run"}, "keys starting with '@' are reserved"),
         ({"delay": 5, "run_at": 9.0}, "delay or run_at"),
-        ({"max_attempts": 0}, "max_attempts must be at least 1"),
+        ({"max_attempts": 0}, "max_attempts: at least 1, got 0"),
+        ({"delay": 20 * 365 * 86400}, "delay: at most 10 years, got 20 years"),
         ({"schema": "Robert'); DROP"}, "not a schema name"),
     ],
 )

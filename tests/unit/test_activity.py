@@ -13,6 +13,7 @@ import pytest
 
 from taskd.activity import MAX_INBOX, MAX_LINE, ActivityRecorder
 from taskd.models import LogLine, Progress
+from taskd.news import DaemonNews
 from taskd.store import ClaimRequest, NewJob, Store
 from taskd.store.base import MAX_LOG_LINES
 
@@ -43,9 +44,10 @@ async def test_many_reports_are_told_at_once_and_written_in_few_batches(store: S
     store.record_activity = counting  # type: ignore[method-assign]
     told: list[Progress] = []
     lines: list[LogLine] = []
-    store.events.on_progress(lambda _, progress: told.append(progress))
-    store.events.on_log(lambda _, line: lines.append(line))
-    recorder = ActivityRecorder(store)
+    news = DaemonNews()
+    news.on_progress(lambda _, progress: told.append(progress))
+    news.on_log(lambda _, line: lines.append(line))
+    recorder = ActivityRecorder(store, news)
     recorder.begin(job_id, epoch)
     for done in range(1, 1001):
         recorder.progress(job_id, done, 1000, "counting")
@@ -76,8 +78,9 @@ async def test_many_reports_are_told_at_once_and_written_in_few_batches(store: S
 async def test_a_thread_reporting_in_a_tight_loop_costs_the_loop_little(store: Store) -> None:
     job_id, epoch = await running_job(store)
     told: list[Progress] = []
-    store.events.on_progress(lambda _, progress: told.append(progress))
-    recorder = ActivityRecorder(store)
+    news = DaemonNews()
+    news.on_progress(lambda _, progress: told.append(progress))
+    recorder = ActivityRecorder(store, news)
     recorder.begin(job_id, epoch)
 
     def busy() -> None:

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from taskd.config import ConfigError, database_url, load_config, resolve_paths
+from taskd.config import (
+    Config,
+    ConfigError,
+    HttpConfig,
+    database_url,
+    load_config,
+    resolve_paths,
+    restart_only,
+)
 
 
 def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
@@ -69,3 +77,37 @@ def test_bad_settings_are_named(tmp_path: Path, text: str, message: str) -> None
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_restart_only_settings_are_marked_on_the_fields() -> None:
+    settings = restart_only(Config)
+    assert {"workers", "database", "socket", "sqlite", "postgres"} <= set(settings)
+    assert not {"log_level", "retention", "task", "schedule"} & set(settings)
+    assert not {"tokens", "readonly_tokens", "tokens_file"} & set(restart_only(HttpConfig))
+    assert {"listen", "max_body_size", "keepalive_timeout"} <= set(restart_only(HttpConfig))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("worker = 3", 'unknown key "worker" in {file}; did you mean "workers"?'),
+        ('[task."reports:daily"]\ntimout = 3',
+         'unknown key "timout" in [task."reports:daily"] of {file}; did you mean "timeout"?'),
+        ('[retention]\nsucceded = "1d"',
+         'unknown key "succeded" in [retention] of {file}; did you mean "succeeded"?'),
+        ('[[schedule]]\ncron = "@daily"\ntasks = "a"\ncatch_up = "never"',
+         '{file}: [[schedule]] number 1: catch_up must be one of "skip", "latest", "all", '
+         'got "never"'),
+        ('log_format = "xml"', '{file}: log_format must be one of "text", "json", got "xml"'),
+        ('[task."reports:daily"]\nconcurrency = 0',
+         '{file}: [task."reports:daily"]: concurrency must be at least 1, got 0'),
+        ("[http]\nlisten = \"127.0.0.1:0\"\nmax_body_size = 10",
+         "{file}: [http]: max_body_size must be at least 1024 bytes, got 10"),
+    ],
+)  # fmt: skip
+def test_mistakes_are_said_so_that_they_can_be_fixed(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text)
+    assert str(caught.value) == message.format(file=tmp_path / "taskd.toml")

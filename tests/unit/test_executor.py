@@ -10,13 +10,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from taskd.config import TaskOptions
-from taskd.executor import Executor
+from taskd.config import Config, TaskOptions
+from taskd.daemon import build_engine
+from taskd.news import DaemonNews
 from taskd.protocol import RunParams
-from taskd.scheduler import Scheduler
-from taskd.service import DaemonInfo, Service
+from taskd.service import JobMethods
 from taskd.store import ClaimRequest, JobFilter, NewJob, Store
-from taskd.submit import JobRequest, Submitter
+from taskd.submit import JobRequest
 from taskd.tasks import TaskRegistry, load_tasks
 from tests.support import FIXTURE_TASKS
 
@@ -34,19 +34,13 @@ class Stack:
     ) -> None:
         self.store = store
         self.registry = registry
-        self.submitter = Submitter(store, lambda: registry)
-        self.executor = Executor(
-            store, lambda: registry, self.submitter,
-            worker=worker, workers=workers, lease=lease, quarantine_after=3, max_stuck_threads=4,
-        )  # fmt: skip
-        self.submitter.claimer = self.executor  # as the daemon wires them
-        self.service = Service(
-            store=store, registry=lambda: registry, submitter=self.submitter,
-            info=DaemonInfo("test", "t", 1, time.time(), "sqlite", "s", "t", workers),
-            retention=lambda: None,  # type: ignore[arg-type, return-value]
-            reload=None,  # type: ignore[arg-type]
-            scheduler=Scheduler(store, self.submitter),
-        )  # fmt: skip
+        self.news = DaemonNews()
+        store.events.on_change(self.news.changed)  # as the daemon relays them
+        config = Config(workers=workers, lease=lease, quarantine_after=3, max_stuck_threads=4)
+        self.engine = build_engine(store, registry, self.news, worker, config)
+        self.submitter = self.engine.submitter
+        self.executor = self.engine.executor
+        self.jobs = JobMethods(store, self.submitter, registry, self.engine.activity)
 
     def run_params(self, task: str, payload: object) -> RunParams:
         return RunParams(task=task, payload=msgspec.Raw(msgspec.msgpack.encode(payload)))
@@ -66,14 +60,14 @@ def value(raw: object) -> object:
 async def until(stack: Stack, predicate: Callable[[], bool]) -> None:
     """Wait, woken by the change notices the executor gives, until `predicate()` holds."""
     changed = asyncio.Event()
-    stack.store.events.on_change(changed.set)
+    stack.news.on_change(changed.set)
     while not predicate():
         await asyncio.wait_for(changed.wait(), 10)
         changed.clear()
 
 
 def runs(stack: Stack, job_id: int) -> Callable[[], bool]:
-    return lambda: job_id in {job.id for job in stack.executor.running_jobs()}
+    return lambda: job_id in stack.engine.slots.running
 
 
 MakeStack = Callable[..., Awaitable[Stack]]
@@ -92,7 +86,7 @@ async def make_stack(store: Store) -> AsyncIterator[MakeStack]:
 
     yield make
     for built, loop_task in started:
-        await built.executor.drain(5)
+        await built.engine.stop(5)
         await loop_task
 
 
@@ -105,7 +99,7 @@ async def test_single_flight_100_callers_in_one_tick(stack: Stack, tmp_path: Pat
     record = tmp_path / "executions.txt"
     params = stack.run_params("slow", {"seconds": 0.3, "record": str(record)})
     # All 100 calls start in the same event-loop iteration.
-    outcomes = await asyncio.gather(*(stack.service.run(params) for _ in range(100)))
+    outcomes = await asyncio.gather(*(stack.jobs.run(params) for _ in range(100)))
     assert len({o.job.id for o in outcomes}) == 1
     assert sum(not o.joined for o in outcomes) == 1
     assert all(value(o.job.result) == {"seconds": 0.3, "record": str(record)} for o in outcomes)
@@ -114,19 +108,17 @@ async def test_single_flight_100_callers_in_one_tick(stack: Stack, tmp_path: Pat
 
 
 async def test_a_new_run_starts_after_the_previous_one_ended(stack: Stack) -> None:
-    first = await stack.service.run(stack.run_params("echo", 1))
-    second = await stack.service.run(stack.run_params("echo", 2))
+    first = await stack.jobs.run(stack.run_params("echo", 1))
+    second = await stack.jobs.run(stack.run_params("echo", 2))
     assert first.job.id != second.job.id
     assert (value(first.job.result), value(second.job.result)) == (1, 2)
 
 
 async def test_plain_functions_run_in_threads_without_blocking_the_loop(stack: Stack) -> None:
-    blocking = asyncio.create_task(
-        stack.service.run(stack.run_params("blocking", {"seconds": 0.5}))
-    )
+    blocking = asyncio.create_task(stack.jobs.run(stack.run_params("blocking", {"seconds": 0.5})))
     await asyncio.sleep(0.05)
     started = time.monotonic()
-    quick = await stack.service.run(stack.run_params("echo", "fast"))
+    quick = await stack.jobs.run(stack.run_params("echo", "fast"))
     assert value(quick.job.result) == "fast"
     assert time.monotonic() - started < 0.4  # answered while the thread still sleeps
     result = await blocking
@@ -134,7 +126,7 @@ async def test_plain_functions_run_in_threads_without_blocking_the_loop(stack: S
 
 
 async def test_failure_is_recorded_with_traceback(stack: Stack) -> None:
-    outcome = await stack.service.run(stack.run_params("fail", "x"))
+    outcome = await stack.jobs.run(stack.run_params("fail", "x"))
     job = await stack.store.get(outcome.job.id)
     assert job is not None and job.status == "failed" and job.error == "ValueError: boom: x"
     assert job.errors[0].traceback and "raise ValueError" in job.errors[0].traceback
@@ -142,7 +134,7 @@ async def test_failure_is_recorded_with_traceback(stack: Stack) -> None:
 
 
 async def test_task_calls_task_through_the_store(stack: Stack) -> None:
-    outcome = await stack.service.run(stack.run_params("child", {}))
+    outcome = await stack.jobs.run(stack.run_params("child", {}))
     assert outcome.job.status == "succeeded", outcome.job.error
     parent = outcome.job.id
     assert value(outcome.job.result)["inner"] == {"from": parent}  # type: ignore[index]
@@ -153,7 +145,7 @@ async def test_task_calls_task_through_the_store(stack: Stack) -> None:
 async def test_waiting_parents_do_not_starve_children(make_stack: MakeStack) -> None:
     # One worker: the parent's slot is lent to the child it waits for.
     stack = await make_stack(workers=1)
-    outcome = await asyncio.wait_for(stack.service.run(stack.run_params("child", {})), 10)
+    outcome = await asyncio.wait_for(stack.jobs.run(stack.run_params("child", {})), 10)
     assert outcome.job.status == "succeeded"
 
 
@@ -214,7 +206,7 @@ async def test_jobs_a_worker_lost_are_stopped_when_it_renews(
     other = await store.register_node("other", ttl=30)
     (taken,) = (await store.claim(ClaimRequest(other, 1, 30))).jobs
     assert recovered.id == taken.id == job_id
-    keep = asyncio.create_task(stack.executor.keep_leases())
+    keep = asyncio.create_task(stack.engine.leases.run())
     await until(stack, lambda: not runs(stack, job_id)())
     keep.cancel()
     job = await store.get(job_id)
@@ -233,7 +225,7 @@ async def test_a_resync_makes_waiters_read_again(stack: Stack) -> None:
 async def test_a_run_with_a_free_slot_starts_in_its_inserts_commit(make_stack: MakeStack) -> None:
     """One commit to start: the run's insert also claims it (same transaction, same time)."""
     stack = await make_stack()
-    outcome = await stack.service.run(stack.run_params("echo", "one commit"))
+    outcome = await stack.jobs.run(stack.run_params("echo", "one commit"))
     job = outcome.job
     assert job.status == "succeeded" and job.started_at == job.created_at
     enqueued = await stack.enqueue("echo", "queued")  # acknowledged first, claimed after

@@ -141,7 +141,7 @@ def normalise(value: Any) -> Any:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_request_and_reply_round_trip(method: str) -> None:
-    params_type, _, _ = METHODS[method]
+    params_type = METHODS[method].params
     params, result = SAMPLES[method]
     frame = encode_frame(Request(11, method, msgspec.Raw(msgspec.msgpack.encode(params))))
     (size,) = HEADER.unpack(frame[:4])

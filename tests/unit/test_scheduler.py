@@ -11,9 +11,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from taskd.config import load_config
-from taskd.executor import Executor
+from taskd.config import Config, load_config
+from taskd.daemon import Engine, build_engine
 from taskd.models import Job
+from taskd.news import DaemonNews
 from taskd.scheduler import AmbiguousSchedule, Scheduler, UnknownSchedule, plan_firings
 from taskd.schedules import ScheduleSpec, load_schedules
 from taskd.store import JobFilter, ScheduleState, Store
@@ -37,9 +38,9 @@ class Harness:
         self.clock = clock
         self.clock.now = T + 0.2
         self.worker = worker
-        self.submitter = Submitter(store, lambda: registry)
+        self.submitter = Submitter(store, registry)
         self.finish_jobs = True  # run the jobs each step fires to their end
-        self.executor = self.make_executor()
+        self.engine = self.make_engine()
 
     def specs(self, text: str) -> list[ScheduleSpec]:
         file = self.tmp_path / "taskd.toml"
@@ -61,7 +62,7 @@ class Harness:
 
     async def finish(self) -> None:
         if self.finish_jobs:
-            await asyncio.wait_for(self.executor.run(until_idle=True), 10)
+            await asyncio.wait_for(self.engine.executor.run(until_idle=True), 10)
 
     async def jobs(self, task: str | None = None) -> list[Job]:
         return list(reversed(await self.store.list_jobs(JobFilter(task=task, limit=1000))))
@@ -74,11 +75,9 @@ class Harness:
         states = {s.id: s for s in await self.store.schedule_states()}
         return states[schedule_id]
 
-    def make_executor(self) -> Executor:
-        return Executor(
-            self.store, lambda: self.registry, self.submitter,
-            worker=self.worker, workers=4, lease=30, quarantine_after=3, max_stuck_threads=4,
-        )  # fmt: skip
+    def make_engine(self) -> Engine:
+        config = Config(workers=4, lease=30, quarantine_after=3, max_stuck_threads=4)
+        return build_engine(self.store, self.registry, DaemonNews(), self.worker, config)
 
 
 def payload(job: Job) -> dict[str, object]:
@@ -96,23 +95,23 @@ async def harness(store: Store, clock: Clock, tmp_path: Path) -> AsyncIterator[H
     worker = await store.register_node("test", ttl=30)
     made = Harness(store, clock, load_tasks(FIXTURE_TASKS), worker, tmp_path)
     yield made
-    await made.executor.drain(5)
+    await made.engine.stop(5)
 
 
 @pytest.fixture
-async def running(harness: Harness) -> AsyncIterator[Callable[[], Executor]]:
+async def running(harness: Harness) -> AsyncIterator[Callable[[], Engine]]:
     """Runs an executor in the background for tests whose jobs must finish."""
-    started: list[tuple[Executor, asyncio.Task[None]]] = []
+    started: list[tuple[Engine, asyncio.Task[None]]] = []
 
-    def start() -> Executor:
+    def start() -> Engine:
         harness.finish_jobs = False
-        executor = harness.make_executor()
-        started.append((executor, asyncio.create_task(executor.run())))
-        return executor
+        engine = harness.make_engine()
+        started.append((engine, asyncio.create_task(engine.executor.run())))
+        return engine
 
     yield start
-    for executor, task in started:
-        await executor.drain(5)
+    for engine, task in started:
+        await engine.stop(5)
         await task
 
 
@@ -234,7 +233,7 @@ async def test_latest_fires_the_most_recent_missed_tick_once(harness: Harness) -
 
 
 async def test_all_fires_the_latest_missed_ticks_one_run_after_another(
-    harness: Harness, running: Callable[[], Executor]
+    harness: Harness, running: Callable[[], Engine]
 ) -> None:
     running()
     await restart_after_downtime(harness, "all", max_catch_up=4)

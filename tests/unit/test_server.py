@@ -1,4 +1,5 @@
-"""The control server's shared receive budget for large frames, and replies it cannot build."""
+"""The control server's shared receive budget for large frames (taskd.stream_limits), and
+replies it cannot build."""
 
 from __future__ import annotations
 
@@ -12,51 +13,59 @@ import msgspec
 import pytest
 
 from taskd.access import AccessPolicy
-from taskd.models import Peer
 from taskd.protocol import DEFAULT_MAX_FRAME, HEADER, MAX_HELLO_FRAME, Params, Request, encode_frame
-from taskd.server import ControlServer, SocketInUse, _ReceiveBudget, bind_socket, release_socket
+from taskd.server import ControlServer, SocketInUse, bind_socket, release_socket
+from taskd.stream_limits import ByteBudget
 from tests.support import short_tempdir
 
 MIB = 1024 * 1024
 
 
 async def test_small_frames_never_wait_for_the_budget() -> None:
-    budget = _ReceiveBudget(10 * MIB)
-    assert await budget.acquire(10 * MIB) == 0.0
-    assert await asyncio.wait_for(budget.acquire(MAX_HELLO_FRAME), 0.1) == 0.0
+    budget = ByteBudget(10 * MIB, exempt=MAX_HELLO_FRAME)
+    assert await budget.wait_for(10 * MIB) == 0.0
+    assert await asyncio.wait_for(budget.wait_for(MAX_HELLO_FRAME), 0.1) == 0.0
     assert budget.used == 10 * MIB
-    budget.release(MAX_HELLO_FRAME)
-    budget.release(10 * MIB)
+    budget.give_back(MAX_HELLO_FRAME)
+    budget.give_back(10 * MIB)
     assert budget.used == 0
 
 
 async def test_large_frames_wait_until_the_budget_has_room() -> None:
-    budget = _ReceiveBudget(10 * MIB)
-    await budget.acquire(6 * MIB)
-    await budget.acquire(4 * MIB)
-    third = asyncio.create_task(budget.acquire(5 * MIB))
-    fourth = asyncio.create_task(budget.acquire(5 * MIB))
+    budget = ByteBudget(10 * MIB, exempt=MAX_HELLO_FRAME)
+    await budget.wait_for(6 * MIB)
+    await budget.wait_for(4 * MIB)
+    third = asyncio.create_task(budget.wait_for(5 * MIB))
+    fourth = asyncio.create_task(budget.wait_for(5 * MIB))
     await asyncio.sleep(0.05)
     assert not third.done() and not fourth.done()
-    budget.release(6 * MIB)  # room for one of them
+    budget.give_back(6 * MIB)  # room for one of them
     await asyncio.sleep(0.01)
     assert [third.done(), fourth.done()].count(True) == 1
-    budget.release(4 * MIB)
+    budget.give_back(4 * MIB)
     waited = await asyncio.wait_for(asyncio.gather(third, fourth), 1)
     assert all(seconds >= 0.04 for seconds in waited)
     assert budget.used == 10 * MIB
 
 
 async def test_a_waiter_that_gives_up_takes_nothing() -> None:
-    budget = _ReceiveBudget(10 * MIB)
-    await budget.acquire(8 * MIB)
-    waiter = asyncio.create_task(budget.acquire(8 * MIB))
+    budget = ByteBudget(10 * MIB, exempt=MAX_HELLO_FRAME)
+    await budget.wait_for(8 * MIB)
+    waiter = asyncio.create_task(budget.wait_for(8 * MIB))
     await asyncio.sleep(0.01)
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
-    budget.release(8 * MIB)
+    budget.give_back(8 * MIB)
     assert budget.used == 0
-    assert await asyncio.wait_for(budget.acquire(9 * MIB), 0.1) == 0.0
+    assert await asyncio.wait_for(budget.wait_for(9 * MIB), 0.1) == 0.0
+
+
+def test_taking_at_once_refuses_what_does_not_fit_now() -> None:
+    """The HTTP listener's bodies: refused (503), not waited for, when the budget is full."""
+    budget = ByteBudget(10 * MIB)
+    assert budget.take(6 * MIB) and not budget.take(5 * MIB) and budget.used == 6 * MIB
+    budget.give_back(6 * MIB)
+    assert budget.take(5 * MIB) and budget.used == 5 * MIB
 
 
 class _OutOfMemory(dt.tzinfo):
@@ -67,7 +76,7 @@ class _OutOfMemory(dt.tzinfo):
 
 
 async def test_a_reply_that_cannot_be_built_is_answered_with_an_error() -> None:
-    async def handler(method: str, params: Params, peer: Peer) -> Any:
+    async def handler(method: str, params: Params) -> Any:
         return dt.datetime(2026, 1, 1, tzinfo=_OutOfMemory())
 
     server = ControlServer(

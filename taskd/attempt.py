@@ -1,0 +1,116 @@
+"""One attempt of a claimed job: its task's function called with its payload and a
+TaskContext, under the task's timeout, on the loop (a coroutine) or in a thread (a plain
+function); what it returned, or how it failed, as the outcome the store records."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from typing import Any
+
+import msgspec
+
+from taskd.definition import Fail, Retry, TaskContext, TaskRuntime
+from taskd.failures import describe, failed
+from taskd.models import Job
+from taskd.output import job_output
+from taskd.store import Outcome
+from taskd.tasks import Task, TaskRegistry, read_tick
+from taskd.threads import TaskThreads
+
+
+class _TimedOut(Exception):
+    pass
+
+
+class Attempts:
+    """Runs attempts for one worker; a stop (the attempt's cancellation) goes through."""
+
+    def __init__(
+        self,
+        tasks: TaskRegistry,
+        runtime: TaskRuntime,
+        threads: TaskThreads,
+        *,
+        worker: str,
+        max_result: int,
+    ) -> None:
+        self._tasks = tasks
+        self._runtime = runtime
+        self._threads = threads
+        self._worker = worker
+        self._max_result = max_result
+
+    async def run(self, job: Job) -> Outcome:
+        """Run one attempt of `job`; its outcome (asyncio.CancelledError if stopped)."""
+        task = self._tasks.get(job.task)
+        if task is None:
+            return self._failed(job, None, f"task {job.task} is not loaded", final=True)
+        tick = read_tick(bytes(job.payload)) if job.origin == "schedule" else None
+        try:
+            payload = task.decode_payload(bytes(job.payload), tick=tick is not None)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+            message = f"payload no longer matches the task's schema: {exc}"
+            return self._failed(job, task, message, final=True)
+        ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self._runtime)
+        if tick is not None:
+            ctx.scheduled_time, ctx.cron = tick.scheduled_time, tick.cron
+        try:
+            result = await self._call(task, payload, ctx)
+        except _TimedOut:
+            message = f"timed out after {task.timeout:g} s"
+            return failed(job, task, "timeout", message, worker=self._worker)
+        except Fail as exc:
+            return self._failed(job, task, describe(exc), exc=exc, final=True)
+        except Retry as exc:
+            return self._failed(job, task, describe(exc), exc=exc, delay=exc.delay)
+        except Exception as exc:
+            return self._failed(job, task, describe(exc), exc=exc)
+        try:
+            encoded = msgspec.msgpack.encode(result)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            message = f"the result ({type(result).__name__}) cannot be encoded: {exc}"
+            return self._failed(job, task, message, final=True)
+        if len(encoded) > self._max_result:
+            message = (
+                f"the result of {len(encoded)} bytes is over the limit of {self._max_result} "
+                "(a quarter of max_frame_size); return a reference to the data instead"
+            )
+            return self._failed(job, task, message, final=True)
+        return Outcome(job.id, job.epoch, self._worker, "succeeded", result=encoded)
+
+    def _failed(
+        self,
+        job: Job,
+        task: Task | None,
+        message: str,
+        *,
+        exc: BaseException | None = None,
+        final: bool = False,
+        delay: float | None = None,
+    ) -> Outcome:
+        return failed(
+            job, task, "error", message, worker=self._worker, exc=exc, final=final, delay=delay
+        )
+
+    async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
+        if task.timeout is None:
+            return await self._invoke(task, payload, ctx)
+        deadline = asyncio.timeout(task.timeout)
+        try:
+            async with deadline:
+                return await self._invoke(task, payload, ctx)
+        except TimeoutError:
+            if deadline.expired():  # ours, not a TimeoutError the task raised itself
+                raise _TimedOut from None
+            raise
+
+    async def _invoke(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
+        """The task's function: a coroutine on the loop, a plain function in a thread (in a
+        copy of the context: what it prints is the job's too)."""
+        with job_output(ctx.logger.log):
+            if task.is_async:
+                return await task.call(payload, ctx)
+            call = functools.partial(contextvars.copy_context().run, task.call, payload, ctx)
+            return await self._threads.run(call, f"job {ctx.job_id} {task.name}")

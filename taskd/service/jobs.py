@@ -1,0 +1,153 @@
+"""The methods on jobs: run and enqueue them, read them, wait for them, cancel and retry
+them, and read their logs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from taskd import protocol
+from taskd.activity import ActivityRecorder
+from taskd.models import Job, JobLogs
+from taskd.protocol import (
+    CancelParams,
+    EnqueueManyParams,
+    EnqueueManyResult,
+    EnqueueParams,
+    EnqueueResult,
+    ErrorCode,
+    JobParams,
+    JobsParams,
+    LogsParams,
+    RetryParams,
+    RpcError,
+    RunParams,
+    RunResult,
+    WaitParams,
+)
+from taskd.service.dispatch import Binding, bind
+from taskd.store import JobFilter, JobNotFound, Store
+from taskd.submit import JobRequest, Submitter, UnknownTask
+from taskd.tasks import TaskRegistry
+
+
+async def get_job(store: Store, job_id: int) -> Job:
+    """The job; JobNotFound if there is none."""
+    job = await store.get(job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+class JobMethods:
+    """Jobs, over the store and the submitter; the logs of jobs running here come from
+    their activity recorder until they are written."""
+
+    def __init__(
+        self,
+        store: Store,
+        submitter: Submitter,
+        tasks: TaskRegistry,
+        activity: ActivityRecorder,
+    ) -> None:
+        self._store = store
+        self._submitter = submitter
+        self._tasks = tasks
+        self._activity = activity
+
+    def bindings(self) -> list[Binding]:
+        return [
+            bind(protocol.RUN, self.run),
+            bind(protocol.ENQUEUE, self.enqueue),
+            bind(protocol.ENQUEUE_MANY, self.enqueue_many),
+            bind(protocol.JOB, self.job),
+            bind(protocol.JOBS, self.jobs),
+            bind(protocol.WAIT, self.wait),
+            bind(protocol.CANCEL, self.cancel),
+            bind(protocol.RETRY, self.retry),
+            bind(protocol.LOGS, self.logs),
+        ]
+
+    async def run(self, params: RunParams) -> RunResult:
+        request = JobRequest(
+            task=params.task,
+            payload=bytes(params.payload),
+            origin="run",
+            single_flight=True,
+            key=params.key,
+            max_attempts=params.max_attempts,
+        )
+        (inserted,) = await self._submitter.submit([request])
+        if params.detach:
+            job = await get_job(self._store, inserted.job_id)
+        else:
+            job = await self._submitter.wait(inserted.job_id)
+        return RunResult(job=job, joined=inserted.duplicate)
+
+    async def enqueue(self, params: EnqueueParams) -> EnqueueResult:
+        (result,) = await self._enqueue([params])
+        return result
+
+    async def enqueue_many(self, params: EnqueueManyParams) -> EnqueueManyResult:
+        return EnqueueManyResult(await self._enqueue(params.jobs, numbered=True))
+
+    async def _enqueue(
+        self, jobs: Sequence[EnqueueParams], *, numbered: bool = False
+    ) -> list[EnqueueResult]:
+        requests = [
+            JobRequest(
+                task=p.task,
+                payload=bytes(p.payload),
+                origin="enqueue",
+                delay=p.delay,
+                run_at=p.run_at,
+                priority=p.priority,
+                max_attempts=p.max_attempts,
+                key=p.key,
+            )
+            for p in jobs
+        ]
+        inserted = await self._submitter.submit(requests, numbered=numbered)
+        return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
+
+    async def job(self, params: JobParams) -> Job:
+        return await get_job(self._store, params.id)
+
+    async def logs(self, params: LogsParams) -> JobLogs:
+        """The lines kept of a job, with those of a job running here not yet written."""
+        unwritten = self._activity.pending_lines(params.id)
+        logs = await self._store.job_logs(params.id)
+        if logs is None:
+            raise JobNotFound(params.id)
+        if unwritten:
+            kept = {(line.epoch, line.seq) for line in logs.lines}
+            extra = [line for line in unwritten if (line.epoch, line.seq) not in kept]
+            logs = JobLogs(params.id, logs.lines + extra, logs.dropped)
+        return logs
+
+    async def jobs(self, params: JobsParams) -> list[Job]:
+        query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)
+        jobs = await self._store.list_jobs(query)
+        if not jobs and params.task is not None and params.task not in self._tasks:
+            raise UnknownTask(params.task, self._tasks.names())  # a typo, not "no jobs"
+        if not params.payloads:
+            for job in jobs:
+                job.payload = job.result = None
+        return jobs
+
+    async def wait(self, params: WaitParams) -> Job:
+        try:
+            return await self._submitter.wait(params.id, params.timeout, params.after_attempt)
+        except TimeoutError:
+            job = await get_job(self._store, params.id)
+            raise RpcError(
+                ErrorCode.TIMEOUT,
+                f"job {params.id} is still {job.status} after {params.timeout:g}s",
+                {"status": job.status},
+            ) from None
+
+    async def cancel(self, params: CancelParams) -> Job:
+        # The store tells whichever daemon runs the job to stop it.
+        return await self._store.cancel(params.id)
+
+    async def retry(self, params: RetryParams) -> Job:
+        return await self._store.retry(params.id)
