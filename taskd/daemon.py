@@ -172,7 +172,7 @@ class Daemon:
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
         loop = asyncio.get_running_loop()
-        actions = {
+        actions: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._stop.set,
             signal.SIGINT: self._stop.set,
             signal.SIGHUP: self._reload_in_background,
