@@ -50,17 +50,20 @@ from taskd.protocol import (
     P,
     Params,
     PauseScheduleParams,
+    PauseTaskParams,
     PruneParams,
     R,
     ReloadParams,
     ReloadResult,
     Request,
     ResumeScheduleParams,
+    ResumeTaskParams,
     RetryParams,
     RunResult,
     SchedulesParams,
     StatusParams,
     SubscribeParams,
+    TaskPauseResult,
     TriggerScheduleParams,
     UnsubscribeParams,
     WaitParams,
@@ -310,6 +313,12 @@ class AsyncClient:
 
     async def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         return await self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
+
+    async def pause_task(self, task: str) -> TaskPauseResult:
+        return await self._call(protocol.PAUSE_TASK, PauseTaskParams(task))
+
+    async def resume_task(self, task: str) -> TaskPauseResult:
+        return await self._call(protocol.RESUME_TASK, ResumeTaskParams(task))
 
     async def metrics(self) -> str:
         return await self._call(protocol.METRICS, MetricsParams())

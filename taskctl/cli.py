@@ -24,6 +24,7 @@ from taskd.models import (
     parse_duration,
 )
 from taskd.protocol import (
+    HELD_REASONS,
     Method,
     client_socket_path,
 )
@@ -208,6 +209,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
             f"taskctl: joined job {job.id} of {job.task}, which was already {state}{whose}",
             file=sys.stderr,
         )
+    if job.status == "pending":
+        _say_what_holds(client, job.id)
     render = _render()
     if args.detach:
         if args.json:
@@ -222,6 +225,14 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
     elif job.status == "succeeded":
         print(render.result_text(job.result))
     return _job_exit(job)
+
+
+def _say_what_holds(client: Client, job_id: int) -> None:
+    """A run that flow control holds back (its task paused, its rate limit) says so on
+    stderr, and waits."""
+    why = client.why(job_id)
+    if why.reason in HELD_REASONS:
+        print(f"taskctl: {why.message}", file=sys.stderr)
 
 
 def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[str], None]) -> Any:
@@ -414,6 +425,26 @@ def cmd_schedules_trigger(client: Client, args: argparse.Namespace) -> Exit:
         print("taskctl: some tasks could not be started; see taskd's log", file=sys.stderr)
         return Exit.TEMPFAIL
     return Exit.OK
+
+
+def cmd_pause(client: Client, args: argparse.Namespace) -> Exit:
+    result = client.pause_task(args.task)
+    already = "" if result.changed else " already"
+    since = _render().stamped(result.since)
+    return _show(
+        args,
+        result,
+        lambda: (
+            f"task {result.task} is{already} paused since {since}: no new job of it "
+            f"starts until `taskctl resume {result.task}`"
+        ),
+    )
+
+
+def cmd_resume(client: Client, args: argparse.Namespace) -> Exit:
+    result = client.resume_task(args.task)
+    state = "resumed" if result.changed else "was not paused"
+    return _show(args, result, lambda: f"task {result.task} {state}: its jobs start as usual")
 
 
 def cmd_completion(client: Client, args: argparse.Namespace) -> Exit:
@@ -618,6 +649,8 @@ COMMANDS: tuple[Command, ...] = (
             help="delete finished jobs older than this (1d, 12h ...), whatever the retention"),
     )),
     Command("reload", cmd_reload, protocol.RELOAD),
+    Command("pause", cmd_pause, protocol.PAUSE_TASK, (NAME,)),
+    Command("resume", cmd_resume, protocol.RESUME_TASK, (NAME,)),
     Command("metrics", cmd_metrics, protocol.METRICS),
     Command("schedules", cmd_schedules, protocol.SCHEDULES, actions=(
         schedule_action("pause", cmd_schedules_pause, protocol.PAUSE_SCHEDULE),

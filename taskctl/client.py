@@ -56,6 +56,7 @@ from taskd.protocol import (
     P,
     Params,
     PauseScheduleParams,
+    PauseTaskParams,
     PruneParams,
     R,
     RawReply,
@@ -63,12 +64,14 @@ from taskd.protocol import (
     ReloadResult,
     Request,
     ResumeScheduleParams,
+    ResumeTaskParams,
     RetryParams,
     RunParams,
     RunResult,
     SchedulesParams,
     StatusParams,
     SubscribeParams,
+    TaskPauseResult,
     TriggerScheduleParams,
     UnsubscribeParams,
     WaitParams,
@@ -467,6 +470,15 @@ class Client:
     def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
         return self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
+
+    def pause_task(self, task: str) -> TaskPauseResult:
+        """Start no new job of the task, on any daemon sharing the store, until it is resumed
+        (its jobs still queue up; running ones finish). Remembered across restarts."""
+        return self._call(protocol.PAUSE_TASK, PauseTaskParams(task))
+
+    def resume_task(self, task: str) -> TaskPauseResult:
+        """Let a paused task's jobs start again."""
+        return self._call(protocol.RESUME_TASK, ResumeTaskParams(task))
 
     def metrics(self) -> str:
         """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""

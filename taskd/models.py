@@ -114,6 +114,7 @@ class TaskInfo(msgspec.Struct, frozen=True):
     max_backoff: float | None = None
     concurrency: int | None = None
     payload_schema: dict[str, Any] | None = None
+    paused_since: float | None = None  # `taskctl pause NAME`: no job of it starts until resumed
 
 
 class FiredJob(msgspec.Struct, frozen=True):
@@ -281,6 +282,7 @@ class Status(msgspec.Struct, frozen=True):
     # Lines of taskd's own log dropped since it started: its output (the journal, a pipe)
     # did not take them as fast as they came.
     log_dropped: int = 0
+    paused_tasks: dict[str, float] = {}  # task -> since when it is paused (`taskctl pause`)
 
 
 class Peer(msgspec.Struct, frozen=True):

@@ -490,7 +490,8 @@ PAUSE_SCHEDULE = Method(
     PauseScheduleParams,
     ScheduleInfo,
     writes=True,
-    help="stop a schedule ticking (remembered across restarts)",
+    help="stop a schedule ticking (remembered across restarts); its task's jobs queued "
+    "otherwise still start (to hold those back, see `taskctl pause TASK`)",
     examples=("taskctl schedules pause nightly-index",),
 )
 
@@ -520,6 +521,46 @@ TRIGGER_SCHEDULE = Method(
     writes=True,
     help="fire a schedule now; its regular ticks stay",
     examples=("taskctl schedules trigger nightly-index",),
+)
+
+
+class PauseTaskParams(Params):
+    task: str
+
+
+class TaskPauseResult(msgspec.Struct, frozen=True):
+    """A task's state after `pause_task` or `resume_task`: paused since `since` (Unix
+    seconds; kept from the first pause), or not paused (None); `changed` is false when it
+    already was so."""
+
+    task: str
+    since: float | None
+    changed: bool
+
+
+PAUSE_TASK = Method(
+    "pause_task",
+    PauseTaskParams,
+    TaskPauseResult,
+    writes=True,
+    help="start no new job of a task, on any daemon, until it is resumed (jobs still queue "
+    "up; running ones finish; remembered across restarts). For a schedule's ticks, see "
+    "`taskctl schedules pause`",
+    examples=("taskctl pause jobs:send-email",),
+)
+
+
+class ResumeTaskParams(Params):
+    task: str
+
+
+RESUME_TASK = Method(
+    "resume_task",
+    ResumeTaskParams,
+    TaskPauseResult,
+    writes=True,
+    help="let a paused task's jobs start again",
+    examples=("taskctl resume jobs:send-email",),
 )
 
 
@@ -607,6 +648,10 @@ class WhyResult(msgspec.Struct, frozen=True):
     at: float | None = None
 
 
+# The `why` reasons of a pending job that flow control holds back (README: "Flow
+# control"): `taskctl run` says so on stderr while it waits.
+HELD_REASONS = ("task_paused", "rate_limit", "shared_limit")
+
 WHY = Method(
     "why",
     WhyParams,
@@ -620,8 +665,8 @@ METHODS: dict[str, Method[Any, Any]] = {
     method.name: method
     for method in (
         HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, JOB, JOBS, WAIT, CANCEL, RETRY, STATUS,
-        PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE, METRICS,
-        LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
+        PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE,
+        PAUSE_TASK, RESUME_TASK, METRICS, LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
     )
 }  # fmt: skip
 

@@ -22,6 +22,7 @@ class Facts(msgspec.Struct, frozen=True):
     busy: int  # this daemon's slots taken
     workers: int
     stopping: bool
+    paused_since: float | None = None  # the task is paused (`taskctl pause`) since then
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
@@ -35,7 +36,7 @@ def explain(job: Job, facts: Facts) -> WhyResult:
         message=f"job {job.id} ({job.task}) {message}",
         until=until,
         timeline=timeline(job),
-        at=_named_moment(job, facts.now),
+        at=facts.paused_since if reason == "task_paused" else _named_moment(job, facts.now),
     )
 
 
@@ -63,6 +64,9 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
         return "unknown_task", f"waits for task {job.task}, which taskd has not loaded", None
     if facts.stopping:
         return "draining", "waits: taskd is stopping and starts no new jobs", None
+    if facts.paused_since is not None:
+        since = utc_stamp(facts.paused_since)
+        return "task_paused", f"waits: task {job.task} is paused (since {since})", None
     if job.run_at > now:
         if job.attempts > 0:
             message = (

@@ -32,6 +32,7 @@ from taskd.http.api import (
     NitroTasks,
     Route,
     RunBody,
+    TaskPath,
     TaskResult,
     path_pattern,
 )
@@ -47,6 +48,8 @@ from taskd.protocol import (
     JobsParams,
     ListTasksParams,
     MetricsParams,
+    PauseTaskParams,
+    ResumeTaskParams,
     RetryParams,
     RpcError,
     RunParams,
@@ -247,6 +250,14 @@ class HttpApi:
     async def retry_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
         return _json(200, _plain(await self._dispatch.call(protocol.RETRY, RetryParams(job_id))))
+
+    async def pause_task(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = PauseTaskParams(_path_params(path, TaskPath).name)
+        return _json(200, await self._dispatch.call(protocol.PAUSE_TASK, params))
+
+    async def resume_task(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = ResumeTaskParams(_path_params(path, TaskPath).name)
+        return _json(200, await self._dispatch.call(protocol.RESUME_TASK, params))
 
     async def health(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         try:

@@ -86,8 +86,10 @@ class StatusMethods:
             counts = {entry.task: entry.counts for entry in await self._store.counts()}
             running = counts.get(job.task, {}).get("running", 0)
         slots = self._node.slots()
+        paused = await self._store.paused_tasks() if job.status == "pending" else {}
         facts = Facts(
             now=self._clock(),
+            paused_since=paused.get(job.task),
             task_loaded=task is not None,
             concurrency=task.concurrency if task is not None else None,
             task_running=running,
@@ -135,6 +137,7 @@ class StatusMethods:
             slots=WorkerSlots(slots.busy, slots.claimed_ahead, slots.ending),
             store_failing=self._store.health.report(),
             log_dropped=dropped_lines(),
+            paused_tasks=dict(await self._store.paused_tasks()),
         )
 
     async def healthy(self) -> None:

@@ -22,7 +22,8 @@ The contract:
   recovery, so that two daemons can never take the same job (SQLite: one writer; a server:
   `FOR UPDATE SKIP LOCKED`). Ids come from the database.
 - **Limits across everyone.** `claim` gets each task's configured concurrency and counts
-  the task's running jobs whoever runs them. A running job that waits for another job
+  the task's running jobs whoever runs them; it starts no job of a paused task
+  (`set_task_paused`, remembered in the store). A running job that waits for another job
   (`set_waiting`, for `ctx.run_task`) counts against neither.
 - **Fencing.** Each claim increments the job's `epoch`; an outcome, a lease renewal or a
   change of the waiting flag applies only while the job runs under that worker (and epoch).
@@ -338,6 +339,16 @@ class Store(Protocol):
 
     async def queue_depth(self) -> int:
         """How many jobs are pending (cheap: for status lines updated as jobs come and go)."""
+
+    # -- flow control --------------------------------------------------------------------
+
+    async def set_task_paused(self, task: str, paused: bool) -> float | None:
+        """Pause a task (no attempt of it starts on any daemon, its jobs wait as pending) or
+        resume it; since when it is paused now (pausing a paused task keeps its time), None
+        once resumed."""
+
+    async def paused_tasks(self) -> Mapping[str, float]:
+        """The paused tasks, and since when."""
 
     # -- schedules -----------------------------------------------------------------------
 

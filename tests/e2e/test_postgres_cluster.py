@@ -257,6 +257,31 @@ def test_a_concurrency_limit_holds_across_the_daemons(cluster: Cluster, short_tm
     assert len({pid for _, pid in lines(log)}) >= 2
 
 
+def test_a_task_paused_on_one_daemon_starts_on_none_until_resumed_on_another(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    first, second = cluster.start(count=2)
+    log = short_tmp / "done.log"
+    with first.client() as client:
+        assert client.pause_task("record").changed
+    with second.client() as client:
+        ids = [client.enqueue("record", {"log": str(log)}).job_id for _ in range(4)]
+        why = client.why(ids[0])
+        assert why.reason == "task_paused", why
+    assert {job.status for job in cluster.jobs("record")} == {"pending"}
+    # Nothing started: the other task's jobs, enqueued after them, run on both daemons.
+    ticks = short_tmp / "ticks.log"
+    for daemon in (first, second):
+        with daemon.client() as client:
+            job = client.run_job("tick", {"log": str(ticks), "scheduled_time": "now"}).job
+            assert job.status == "succeeded"
+    assert not log.exists()
+    assert {job.status for job in cluster.jobs("record")} == {"pending"}
+    with second.client() as client:
+        assert client.resume_task("record").changed
+        assert {client.wait(job_id, timeout=60).status for job_id in ids} == {"succeeded"}
+
+
 def test_daemons_with_different_schedules_are_told_loudly(cluster: Cluster) -> None:
     cluster.start(tables='[scheduled_tasks]\n"@hourly" = "tick"\n', count=1)
     (b,) = cluster.start(tables='[scheduled_tasks]\n"@daily" = "tick"\n', count=1)

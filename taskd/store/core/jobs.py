@@ -22,6 +22,7 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
+from taskd.store.core import flow
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
@@ -172,10 +173,20 @@ def claim_jobs(tx: Tx, requests: list[ClaimRequest]) -> Steps[list[Claimed]]:
 
 
 def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
-    rows, next_due_in = yield from tx.sql.claim(request)
+    """The due jobs the request may take (flow control: `taskd.store.core.flow`), and when
+    to claim again: at once if it took all it asked for, else when the next job is due or
+    a task held back may start again."""
+    held = yield from flow.holds(tx, request)
+    rows = yield from tx.sql.claim(request, held.quotas)
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
     tx.notes.claimed(jobs)
-    return Claimed(jobs=jobs, next_due_in=next_due_in)
+    yield from flow.started(tx, request, jobs)
+    if len(jobs) == request.limit:
+        return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
+    due = yield from tx.sql.next_due(request, held.left(jobs))
+    if held.wake is not None:
+        due = held.wake if due is None else min(due, held.wake)
+    return Claimed(jobs=jobs, next_due_in=due)
 
 
 def claim_in(tx: Tx, request: ClaimRequest | None) -> Steps[Claimed | None]:

@@ -141,6 +141,15 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE {s}.job_errors ADD COLUMN started_at double precision",
         "ALTER TABLE {s}.job_errors ADD COLUMN worker text",
     ],
+    # Tasks paused (`taskctl pause NAME`): no attempt of theirs starts until resumed.
+    [
+        """
+        CREATE TABLE {s}.paused_tasks (
+            task text PRIMARY KEY,
+            since double precision NOT NULL
+        )
+        """,
+    ],
 ]
 
 

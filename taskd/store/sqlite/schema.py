@@ -158,6 +158,15 @@ MIGRATIONS: list[list[str]] = [
         """,
         "INSERT INTO store_state (id, closed_cleanly) VALUES (1, 0)",
     ],
+    # Tasks paused (`taskctl pause NAME`): no attempt of theirs starts until resumed.
+    [
+        """
+        CREATE TABLE paused_tasks (
+            task TEXT PRIMARY KEY,
+            since REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ],
 ]
 
 

@@ -1,0 +1,66 @@
+"""Flow control in the store, on every backend: a paused task starts nothing on any worker,
+its jobs wait as pending and start again once it is resumed."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from taskd.store import ClaimRequest, NewJob, Store
+from tests.conftest import NOW
+from tests.support import Clock
+
+PAYLOAD = msgspec.msgpack.encode({})
+LEASE = 60.0
+W1, W2 = "w1/1", "w2/1"
+
+
+@pytest.fixture(autouse=True)
+async def workers(store: Store) -> None:
+    assert [await store.register_node(node, LEASE) for node in ("w1", "w2")] == [W1, W2]
+
+
+def new(task: str = "t", **fields: object) -> NewJob:
+    values: dict[str, object] = {"task": task, "payload": PAYLOAD, "origin": "enqueue",
+                                 "max_attempts": 3}  # fmt: skip
+    values.update(fields)
+    return NewJob(**values)  # type: ignore[arg-type]
+
+
+def request(limit: int = 10, worker: str = W1, **options: object) -> ClaimRequest:
+    return ClaimRequest(worker, limit, LEASE, **options)  # type: ignore[arg-type]
+
+
+async def test_a_paused_task_starts_nothing_on_any_worker(store: Store) -> None:
+    await store.insert([new("t"), new("t"), new("other")])
+    assert await store.set_task_paused("t", True) == NOW
+    first = await store.claim(request(worker=W1))
+    second = await store.claim(request(worker=W2, limits={"t": 5}))
+    assert [job.task for job in first.jobs + second.jobs] == ["other"]
+    assert first.next_due_in is None  # nothing to wake for until it is resumed
+    assert await store.paused_tasks() == {"t": NOW}
+
+
+async def test_pausing_twice_keeps_the_first_time_and_resuming_lets_jobs_start(
+    store: Store, clock: Clock
+) -> None:
+    await store.insert([new("t")])
+    await store.set_task_paused("t", True)
+    clock.now = NOW + 10
+    assert await store.set_task_paused("t", True) == NOW
+    assert not (await store.claim(request())).jobs
+    woken: list[float] = []
+    store.events.on_due(woken.append)
+    assert await store.set_task_paused("t", False) is None
+    assert woken == [0.0]  # the daemons claim again at once
+    assert [job.task for job in (await store.claim(request())).jobs] == ["t"]
+    assert await store.paused_tasks() == {}
+
+
+async def test_a_paused_task_holds_back_only_new_attempts(store: Store) -> None:
+    await store.insert([new("t"), new("t")])
+    (running,) = (await store.claim(request(limit=1))).jobs
+    await store.set_task_paused("t", True)
+    assert not (await store.claim(request())).jobs
+    job = await store.get(running.id)
+    assert job is not None and job.status == "running"  # a running job finishes
