@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import msgspec.inspect
 
-from taskd.models import did_you_mean, parse_duration
+from taskd.models import did_you_mean, parse_duration, parse_rate
 from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
 
 
@@ -49,8 +49,11 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff: Seconds | None = None
     max_backoff: Seconds | None = None
     concurrency: int | None = None
+    rate_limit: str | None = None  # "10/s", "600/m", "100/15m": see README, "Flow control"
 
     def __post_init__(self) -> None:
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)
         for field in ("max_attempts", "concurrency"):
             value = getattr(self, field)
             if value is not None and value < 1:

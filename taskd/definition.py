@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from taskd.models import parse_duration
+from taskd.models import parse_duration, parse_rate
 
 if TYPE_CHECKING:  # logging costs milliseconds that taskctl, which imports taskd, does not pay
     import datetime
@@ -208,6 +208,7 @@ class TaskDefinition:
         "max_attempts",
         "max_backoff",
         "name",
+        "rate_limit",
         "timeout",
     )
 
@@ -222,6 +223,7 @@ class TaskDefinition:
         backoff: float | str | None,
         max_backoff: float | str | None,
         concurrency: int | None,
+        rate_limit: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"define_task() needs a function, got {type(fn).__name__}")
@@ -234,6 +236,9 @@ class TaskDefinition:
         self.max_backoff = None if max_backoff is None else _seconds(max_backoff, "max_backoff")
         self.max_attempts = _at_least_one(max_attempts, "max_attempts")
         self.concurrency = _at_least_one(concurrency, "concurrency")
+        if rate_limit is not None:
+            parse_rate(rate_limit)  # its error names the mistake, at import
+        self.rate_limit = rate_limit
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -253,6 +258,7 @@ def define_task(
     backoff: float | str | None = None,
     max_backoff: float | str | None = None,
     concurrency: int | None = None,
+    rate_limit: str | None = None,
 ) -> Any:
     """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
 
@@ -265,6 +271,9 @@ def define_task(
     TypedDict or dataclass gets those it declares, so that a strict one
     (`forbid_unknown_fields`) need not declare them. Either way the task can read them as
     `ctx.scheduled_time` (a datetime) and `ctx.cron`.
+
+    `concurrency` and `rate_limit` ("10/s", "600/m", "100/15m": at most that many attempts
+    start per period) are counted by the job store across every daemon sharing it.
     """
 
     def wrap(function: Callable[..., Any]) -> TaskDefinition:
@@ -277,6 +286,7 @@ def define_task(
             backoff=backoff,
             max_backoff=max_backoff,
             concurrency=concurrency,
+            rate_limit=rate_limit,
         )
 
     return wrap if fn is None else wrap(fn)

@@ -113,6 +113,7 @@ class TaskInfo(msgspec.Struct, frozen=True):
     backoff: float | None = None
     max_backoff: float | None = None
     concurrency: int | None = None
+    rate_limit: str | None = None  # "10/s": at most that many attempts start per period
     payload_schema: dict[str, Any] | None = None
     paused_since: float | None = None  # `taskctl pause NAME`: no job of it starts until resumed
 
@@ -348,6 +349,24 @@ def parse_duration(text: str) -> float:
     if not spec:
         raise ValueError("invalid duration '': it is empty")
     return total
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """A rate limit such as `10/s`, `600/m`, `1000/h`, `5/d` or `100/15m`: (starts, period
+    in seconds). Raises ValueError with a message meant for the person who wrote it."""
+    count, slash, period = str(text).partition("/")
+    try:
+        starts = int(count.strip())
+        unit = period.strip().lower()
+        seconds = _UNIT_SECONDS[unit] if unit in _UNIT_SECONDS else parse_duration(unit)
+    except ValueError:
+        starts, seconds = 0, 0.0
+    if not slash or starts < 1 or seconds <= 0:
+        raise ValueError(
+            f"invalid rate limit {text!r}: use starts per period, such as 10/s, 600/m, "
+            "1000/h or 100/15m"
+        )
+    return starts, seconds
 
 
 def format_duration(seconds: float) -> str:

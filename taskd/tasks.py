@@ -18,7 +18,7 @@ import msgspec
 
 from taskd.config import TaskOptions
 from taskd.definition import TaskContext, TaskDefinition
-from taskd.models import TaskInfo
+from taskd.models import TaskInfo, parse_rate
 
 MODULE_PREFIX = "taskd_tasks."
 TICK_FIELDS = ("scheduled_time", "cron")  # what taskd merges into the payload of every tick
@@ -69,6 +69,8 @@ class Task:
         "payload_decoder",
         "payload_schema",
         "payload_type",
+        "rate_interval",
+        "rate_limit",
         "takes_context",
         "takes_payload",
         "timeout",
@@ -85,6 +87,12 @@ class Task:
         self.backoff = _first(options.backoff, definition.backoff)
         self.max_backoff = _first(options.max_backoff, definition.max_backoff)
         self.concurrency = _first(options.concurrency, definition.concurrency)
+        self.rate_limit = _first(options.rate_limit, definition.rate_limit)
+        # Seconds between two starts under the rate limit (None: none).
+        self.rate_interval: float | None = None
+        if self.rate_limit is not None:
+            starts, period = parse_rate(self.rate_limit)
+            self.rate_interval = period / starts
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.takes_payload, self.takes_context, self.payload_type = _call_shape(self.fn)
         try:
@@ -152,6 +160,7 @@ class Task:
             backoff=self.backoff,
             max_backoff=self.max_backoff,
             concurrency=self.concurrency,
+            rate_limit=self.rate_limit,
             payload_schema=self.payload_schema,
         )
 

@@ -23,11 +23,14 @@ class Facts(msgspec.Struct, frozen=True):
     workers: int
     stopping: bool
     paused_since: float | None = None  # the task is paused (`taskctl pause`) since then
+    rate_limit: str | None = None  # the task's rate limit ("10/s"), if it has one
+    next_start: float | None = None  # when that limit next allows a start
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
     """The reason code, the sentence and the timeline of `job`."""
     reason, message, until = _reason(job, facts)
+    now = facts.now
     return WhyResult(
         id=job.id,
         task=job.task,
@@ -36,7 +39,7 @@ def explain(job: Job, facts: Facts) -> WhyResult:
         message=f"job {job.id} ({job.task}) {message}",
         until=until,
         timeline=timeline(job),
-        at=facts.paused_since if reason == "task_paused" else _named_moment(job, facts.now),
+        at=facts.paused_since if reason == "task_paused" else until or _named_moment(job, now),
     )
 
 
@@ -76,6 +79,12 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
             )
             return "retry_backoff", message, job.run_at
         return "delayed", f"waits for its delay, until {_when(job.run_at, now)}", job.run_at
+    if facts.rate_limit is not None and facts.next_start is not None and facts.next_start > now:
+        message = (
+            f"waits for its rate limit ({facts.rate_limit}): next start at "
+            f"{utc_stamp(facts.next_start)}"
+        )
+        return "rate_limit", message, facts.next_start
     if facts.concurrency is not None and facts.task_running >= facts.concurrency:
         message = (
             f"waits for its task's concurrency limit ({facts.concurrency}): "

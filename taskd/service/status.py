@@ -4,7 +4,7 @@ why a job is not running yet (`why`), and whether the store is healthy (HTTP's /
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import msgspec
@@ -87,9 +87,15 @@ class StatusMethods:
             running = counts.get(job.task, {}).get("running", 0)
         slots = self._node.slots()
         paused = await self._store.paused_tasks() if job.status == "pending" else {}
+        rate_limit = task.rate_limit if task is not None else None
+        starts: Mapping[str, float] = {}
+        if job.status == "pending" and task is not None and task.rate_interval is not None:
+            starts = await self._store.rate_limit_starts({job.task: task.rate_interval})
         facts = Facts(
             now=self._clock(),
             paused_since=paused.get(job.task),
+            rate_limit=rate_limit,
+            next_start=starts.get(job.task),
             task_loaded=task is not None,
             concurrency=task.concurrency if task is not None else None,
             task_running=running,

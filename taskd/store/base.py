@@ -147,12 +147,15 @@ class ClaimRequest(msgspec.Struct, frozen=True):
 
     `limits` is the configured concurrency of the tasks that have one: the store counts
     each task's running jobs across every worker (those waiting for another job excepted).
+    `rates` is, for the tasks with a rate limit, the seconds between two of their starts:
+    the store spaces the starts of each across every worker (taskd.store.core.flow).
     """
 
     worker: str
     limit: int
     lease: float
     limits: Mapping[str, int] = {}
+    rates: Mapping[str, float] = {}
 
 
 class Claimed(msgspec.Struct, frozen=True):
@@ -349,6 +352,10 @@ class Store(Protocol):
 
     async def paused_tasks(self) -> Mapping[str, float]:
         """The paused tasks, and since when."""
+
+    async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
+        """When the rate limit of each of these tasks (task -> seconds between starts) next
+        allows a start (those that have started a job under one); a time past means now."""
 
     # -- schedules -----------------------------------------------------------------------
 

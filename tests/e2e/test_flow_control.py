@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from tests.http_support import READONLY_TOKEN, HttpClient, http_config
@@ -102,3 +103,50 @@ async def test_the_async_client_pauses_and_resumes(taskd: Taskd) -> None:
         assert paused.changed and paused.since is not None
         resumed = await client.resume_task("echo")
         assert resumed.changed and resumed.since is None
+
+
+def test_a_rate_limit_spaces_starts_and_why_says_when_the_next_may_start(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory(config='workers = 8\n[task."echo"]\nrate_limit = "5/s"\n').start()
+    with daemon.client() as client:
+        assert {t.name: t.rate_limit for t in client.list_tasks()}["echo"] == "5/s"
+        ids = [client.enqueue("echo", {"n": n}).job_id for n in range(10)]
+        held = client.why(ids[-1])
+        assert held.reason == "rate_limit", held
+        assert held.message.startswith(f"job {ids[-1]} (echo) waits for its rate limit (5/s): "
+                                       "next start at ")  # fmt: skip
+        assert held.until is not None and held.until > time.time()
+        jobs = [client.wait(job_id, timeout=30) for job_id in ids]
+    starts = sorted(job.started_at or 0.0 for job in jobs)  # the store's clock
+    # At most the limit and its burst of one in any second; the daemon wakes in time.
+    assert max(sum(start <= s < start + 1 for s in starts) for start in starts) <= 5 + 1
+    assert starts[-1] - starts[0] < 8 * 0.2 * 1.1 + 0.1, starts
+    human = daemon.ctl("why", str(ids[0]))
+    assert human.returncode == 0
+    assert daemon.stop() == 0
+
+
+def test_a_rate_limit_holds_across_a_restart(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config='[task."echo"]\nrate_limit = "1/h"\n').start()
+    with daemon.client() as client:
+        assert client.run("echo", "first") == "first"
+        job_id = client.enqueue("echo", "second").job_id
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as client:
+        why = client.why(job_id)
+        assert why.reason == "rate_limit" and why.until is not None, why
+        assert 3500 < why.until - time.time() <= 3600
+        assert client.job(job_id).status == "pending"
+    assert daemon.stop() == 0
+
+
+def test_a_bad_rate_limit_is_refused_with_what_to_write(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config='[task."echo"]\nrate_limit = "ten a second"\n')
+    done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "invalid rate limit 'ten a second'" in done.stderr and "10/s" in done.stderr
+    daemon = taskd_factory(config='[task."echo"]\nrate_limt = "10/s"\n')
+    done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and 'did you mean "rate_limit"' in done.stderr, done.stderr

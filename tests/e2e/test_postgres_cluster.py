@@ -282,6 +282,24 @@ def test_a_task_paused_on_one_daemon_starts_on_none_until_resumed_on_another(
         assert {client.wait(job_id, timeout=60).status for job_id in ids} == {"succeeded"}
 
 
+def test_a_rate_limit_holds_across_the_daemons(cluster: Cluster, short_tmp: Path) -> None:
+    daemons = cluster.start(tables='[task."record"]\nrate_limit = "20/s"\n', count=2)
+    log = short_tmp / "done.log"
+    ids = []
+    for n in range(40):
+        with daemons[n % 2].client() as client:
+            ids.append(client.enqueue("record", {"log": str(log)}).job_id)
+    with daemons[0].client() as client:
+        jobs = [client.wait(job_id, timeout=60) for job_id in ids]
+    assert {job.status for job in jobs} == {"succeeded"}
+    starts = sorted(job.started_at or 0.0 for job in jobs)  # the store's own clock
+    # No second holds more than the limit and its burst of one.
+    assert max(sum(start <= s < start + 1 for s in starts) for start in starts) <= 20 + 1
+    assert len({pid for _, pid in lines(log)}) == 2  # both daemons started some
+    # Each start comes when the limit allows it: no polling interval, no lost wake-up.
+    assert starts[-1] - starts[0] <= 38 * 0.05 * 1.1 + 0.2, starts
+
+
 def test_daemons_with_different_schedules_are_told_loudly(cluster: Cluster) -> None:
     cluster.start(tables='[scheduled_tasks]\n"@hourly" = "tick"\n', count=1)
     (b,) = cluster.start(tables='[scheduled_tasks]\n"@daily" = "tick"\n', count=1)

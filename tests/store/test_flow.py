@@ -64,3 +64,34 @@ async def test_a_paused_task_holds_back_only_new_attempts(store: Store) -> None:
     assert not (await store.claim(request())).jobs
     job = await store.get(running.id)
     assert job is not None and job.status == "running"  # a running job finishes
+
+
+async def test_a_rate_limit_spaces_the_starts_across_workers(store: Store, clock: Clock) -> None:
+    await store.insert([new("t") for _ in range(8)] + [new("other")])
+    rates = {"t": 0.5}  # 2/s: a start may come 0.5 s early, so an idle limit allows two
+    first = await store.claim(request(worker=W1, rates=rates))
+    assert sorted(job.task for job in first.jobs) == ["other", "t", "t"]
+    assert first.next_due_in == pytest.approx(0.5)  # the claimer wakes when the next may start
+    second = await store.claim(request(worker=W2, rates=rates))
+    assert second.jobs == [] and second.next_due_in == pytest.approx(0.5)
+    assert await store.rate_limit_starts(rates) == {"t": NOW + 0.5}
+    clock.now = NOW + 0.5
+    assert [job.task for job in (await store.claim(request(worker=W2, rates=rates))).jobs] == ["t"]
+    clock.now = NOW + 0.7
+    assert (await store.claim(request(rates=rates))).next_due_in == pytest.approx(0.3)
+    # Idle time is not saved up: after a long pause, the burst again, then spaced.
+    clock.now = NOW + 100
+    assert len((await store.claim(request(rates=rates))).jobs) == 2
+    assert (await store.claim(request(rates=rates))).jobs == []
+
+
+async def test_a_slow_rate_limit_wakes_a_second_early_and_only_for_pending_jobs(
+    store: Store,
+) -> None:
+    await store.insert([new("t")])
+    rates = {"t": 3600.0}  # 1/h: a start may come one second early, no more
+    assert len((await store.claim(request(rates=rates))).jobs) == 1
+    assert (await store.claim(request(rates=rates))).next_due_in is None  # none pending
+    await store.insert([new("t")])
+    claimed = await store.claim(request(rates=rates))
+    assert claimed.jobs == [] and claimed.next_due_in == pytest.approx(3599)

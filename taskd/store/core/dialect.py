@@ -24,6 +24,7 @@ class Dialect(Protocol):
     errors_sql: str  # a job's attempt errors (`:id`), oldest first
     queue_depth_sql: str  # `n`: the pending jobs
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
+    lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
         """Orders the claims (shared) after a pause (exclusive) that committed before them

@@ -180,12 +180,12 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     rows = yield from tx.sql.claim(request, held.quotas)
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
     tx.notes.claimed(jobs)
-    yield from flow.started(tx, request, jobs)
+    yield from flow.started(tx, request, held, jobs)
     if len(jobs) == request.limit:
         return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
     due = yield from tx.sql.next_due(request, held.left(jobs))
-    if held.wake is not None:
-        due = held.wake if due is None else min(due, held.wake)
+    if (wake := (yield from flow.wake(tx, request, held))) is not None:
+        due = wake if due is None else min(due, wake)
     return Claimed(jobs=jobs, next_due_in=due)
 
 

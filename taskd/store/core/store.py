@@ -265,6 +265,10 @@ class SqlStore:
     async def paused_tasks(self) -> Mapping[str, float]:
         return await self._read(flow.paused_tasks)
 
+    @store_read
+    async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
+        return await self._read(flow.rate_limit_starts, dict(rates))
+
     # -- schedules -----------------------------------------------------------------------
 
     @store_read

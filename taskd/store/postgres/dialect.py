@@ -224,6 +224,7 @@ class PostgresSql:
     )
     queue_depth_sql = "SELECT count(*) AS n FROM {s}.jobs WHERE status = 'pending'"
     trim_logs_sql = trim_logs_sql("octet_length(message)")
+    lock_rows = " FOR UPDATE"
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema

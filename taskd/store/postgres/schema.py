@@ -150,6 +150,17 @@ MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    # Rate limits (GCRA): per limit, the theoretical arrival time of its next start.
+    [
+        """
+        CREATE TABLE {s}.rate_limits (
+            kind text NOT NULL,
+            name text NOT NULL,
+            tat double precision NOT NULL,
+            PRIMARY KEY (kind, name)
+        )
+        """,
+    ],
 ]
 
 

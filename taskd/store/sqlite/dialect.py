@@ -114,6 +114,7 @@ class SqliteSql:
         "SELECT count(*) AS n FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'"
     )
     trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
+    lock_rows = ""  # one writer
 
     def __init__(self, now: float) -> None:
         self.now = now

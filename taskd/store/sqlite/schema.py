@@ -167,6 +167,17 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID
         """,
     ],
+    # Rate limits (GCRA): per limit, the theoretical arrival time of its next start.
+    [
+        """
+        CREATE TABLE rate_limits (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            tat REAL NOT NULL,
+            PRIMARY KEY (kind, name)
+        ) WITHOUT ROWID
+        """,
+    ],
 ]
 
 
