@@ -251,6 +251,7 @@ class AsyncClient:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        unique_for: float | str | dt.timedelta | None = None,
     ) -> EnqueueResult:
         params = enqueue_params(
             task,
@@ -260,6 +261,7 @@ class AsyncClient:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            unique_for=unique_for,
         )
         return await self._call(protocol.ENQUEUE, params)
 

@@ -286,6 +286,7 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         priority=args.priority,
         max_attempts=args.max_attempts,
         key=args.key,
+        unique_for=args.unique_for,
     )
     if args.json:
         _render().print_json(result)
@@ -293,8 +294,8 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         print(result.job_id)
         if result.duplicate:
             print(
-                f"taskctl: job {result.job_id} with key {args.key!r} is already pending or "
-                "running; nothing new was enqueued",
+                f"taskctl: job {result.job_id} holds key {args.key!r} (it is pending or "
+                "running, or within its uniqueness window); nothing new was enqueued",
                 file=sys.stderr,
             )
     return Exit.OK
@@ -616,6 +617,9 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)),
         Arg("--key", metavar="K",
             help="unique key: no second pending or running job with this key"),
+        Arg("--unique-for", type=duration, metavar="DUR",
+            help="with --key: the key stays taken this long after its job was created, even "
+            "once it has finished (default: the task's unique_for)"),
     )),
     Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
     Command("jobs", cmd_jobs, protocol.JOBS, (

@@ -132,9 +132,11 @@ def enqueue_params(
     priority: int = 0,
     max_attempts: int | None = None,
     key: str | None = None,
+    unique_for: float | str | dt.timedelta | None = None,
 ) -> EnqueueParams:
     """The params of one enqueue; also what `enqueue_many` takes a list of."""
     return EnqueueParams(
+        unique_for=seconds(unique_for),
         task=task,
         payload=encode_payload(payload),
         delay=seconds(delay),
@@ -390,6 +392,7 @@ class Client:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        unique_for: float | str | dt.timedelta | None = None,
     ) -> EnqueueResult:
         """Add a job to the queue; `duplicate` says an active job with this key was returned."""
         params = enqueue_params(
@@ -400,6 +403,7 @@ class Client:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            unique_for=unique_for,
         )
         return self._call(protocol.ENQUEUE, params)
 

@@ -50,6 +50,7 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_backoff: Seconds | None = None
     concurrency: int | None = None
     rate_limit: str | None = None  # "10/s", "600/m", "100/15m": see README, "Flow control"
+    unique_for: Seconds | None = None  # an enqueue's key stays taken this long
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None:

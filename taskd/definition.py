@@ -117,9 +117,11 @@ class TaskContext:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        unique_for: float | str | None = None,
     ) -> int:
         """Enqueue task `name` like `taskctl enqueue` and return the job id."""
         options = {
+            "unique_for": None if unique_for is None else _seconds(unique_for, "unique_for"),
             "delay": None if delay is None else _seconds(delay, "delay"),
             "run_at": run_at,
             "priority": priority,
@@ -210,6 +212,7 @@ class TaskDefinition:
         "name",
         "rate_limit",
         "timeout",
+        "unique_for",
     )
 
     def __init__(
@@ -224,6 +227,7 @@ class TaskDefinition:
         max_backoff: float | str | None,
         concurrency: int | None,
         rate_limit: str | None = None,
+        unique_for: float | str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"define_task() needs a function, got {type(fn).__name__}")
@@ -239,6 +243,7 @@ class TaskDefinition:
         if rate_limit is not None:
             parse_rate(rate_limit)  # its error names the mistake, at import
         self.rate_limit = rate_limit
+        self.unique_for = None if unique_for is None else _seconds(unique_for, "unique_for")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -259,6 +264,7 @@ def define_task(
     max_backoff: float | str | None = None,
     concurrency: int | None = None,
     rate_limit: str | None = None,
+    unique_for: float | str | None = None,
 ) -> Any:
     """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
 
@@ -274,6 +280,8 @@ def define_task(
 
     `concurrency` and `rate_limit` ("10/s", "600/m", "100/15m": at most that many attempts
     start per period) are counted by the job store across every daemon sharing it.
+    `unique_for` ("10m") keeps the key of an enqueue taken that long after its job was
+    created, even once it has finished.
     """
 
     def wrap(function: Callable[..., Any]) -> TaskDefinition:
@@ -287,6 +295,7 @@ def define_task(
             max_backoff=max_backoff,
             concurrency=concurrency,
             rate_limit=rate_limit,
+            unique_for=unique_for,
         )
 
     return wrap if fn is None else wrap(fn)

@@ -294,6 +294,9 @@ class EnqueueParams(Params):
     priority: Priority = 0
     max_attempts: Attempts | None = None
     key: Key | None = None
+    # With `key`: the key stays taken this long after its job was created, even once that
+    # job has finished (default: the task's `unique_for`).
+    unique_for: Duration | None = None
 
 
 class EnqueueResult(msgspec.Struct, frozen=True):
@@ -311,6 +314,7 @@ ENQUEUE = Method(
         "taskctl enqueue jobs:send-email --delay 5m --payload "
         """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
         "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
+        "taskctl enqueue hello --key welcome-ada --unique-for 1h",
     ),
 )
 

@@ -59,6 +59,7 @@ class JobRequest(msgspec.Struct, frozen=True):
     max_attempts: int | None = None
     key: str | None = None
     parent_id: int | None = None
+    unique_for: float | None = None  # with a key: taken this long after its job's creation
 
 
 R = TypeVar("R")
@@ -132,6 +133,7 @@ class Submitter:
             priority=priority,
             key=key,
             parent_id=request.parent_id,
+            unique_for=None if request.key is None else _first(request.unique_for, task.unique_for),
         )
 
     @staticmethod
@@ -140,6 +142,8 @@ class Submitter:
         protocol's types state (a client's request was checked as it was decoded)."""
         if (problem := rule_broken(request.delay, request.run_at, request.key)) is not None:
             raise InvalidRequest(problem)
+        if request.unique_for is not None and request.key is None:
+            raise InvalidRequest("unique_for keeps a key taken for a while: give a key with it")
         if request.origin == "task":
             options = {
                 "delay": request.delay,
@@ -147,6 +151,7 @@ class Submitter:
                 "priority": request.priority,
                 "max_attempts": request.max_attempts,
                 "key": request.key,
+                "unique_for": request.unique_for,
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:
                 raise InvalidRequest(problem)
@@ -255,3 +260,7 @@ def encode_payload(payload: Any) -> bytes:
         return msgspec.msgpack.encode(payload)
     except (TypeError, ValueError, OverflowError) as exc:
         raise PayloadInvalid(f"payload cannot be encoded: {exc}") from None
+
+
+def _first(given: float | None, default: float | None) -> float | None:
+    return given if given is not None else default

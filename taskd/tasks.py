@@ -75,6 +75,7 @@ class Task:
         "takes_payload",
         "timeout",
         "undeclared_tick_fields",
+        "unique_for",
     )
 
     def __init__(self, name: str, file: Path, definition: TaskDefinition, options: TaskOptions):
@@ -88,6 +89,7 @@ class Task:
         self.max_backoff = _first(options.max_backoff, definition.max_backoff)
         self.concurrency = _first(options.concurrency, definition.concurrency)
         self.rate_limit = _first(options.rate_limit, definition.rate_limit)
+        self.unique_for = _first(options.unique_for, definition.unique_for)
         # Seconds between two starts under the rate limit (None: none).
         self.rate_interval: float | None = None
         if self.rate_limit is not None:

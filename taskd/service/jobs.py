@@ -103,6 +103,7 @@ class JobMethods:
                 priority=p.priority,
                 max_attempts=p.max_attempts,
                 key=p.key,
+                unique_for=p.unique_for,
             )
             for p in jobs
         ]

@@ -107,6 +107,9 @@ class NewJob(msgspec.Struct, frozen=True):
     parent_id: int | None = None
     delay: float = 0.0
     run_at: float | None = None
+    # With a key: a job of the task with this key created less than this many seconds ago,
+    # whatever its status, is returned instead (a uniqueness window).
+    unique_for: float | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -271,7 +274,8 @@ class Store(Protocol):
     # -- job writes ----------------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[NewJob]) -> list[Inserted]:
-        """Insert jobs; one with the task and key of an active job returns that job instead."""
+        """Insert jobs; one with the task and key of an active job returns that job instead,
+        and so does one with `unique_for` and the key of a job created within that window."""
 
     async def insert_and_claim(
         self, jobs: Sequence[NewJob], claim: ClaimRequest

@@ -150,3 +150,37 @@ def test_a_bad_rate_limit_is_refused_with_what_to_write(taskd_factory: type[Task
     daemon = taskd_factory(config='[task."echo"]\nrate_limt = "10/s"\n')
     done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and 'did you mean "rate_limit"' in done.stderr, done.stderr
+
+
+def test_a_uniqueness_window_outlives_its_job_across_a_restart(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory(config=http_config()).start()
+    first = enqueue(daemon, "echo", "--key", "ada", "--unique-for", "10m")
+    with daemon.client() as client:
+        assert client.wait(first, timeout=30).status == "succeeded"
+    again = daemon.ctl("enqueue", "echo", "--key", "ada", "--unique-for", "10m")
+    assert again.returncode == 0 and int(again.stdout) == first
+    assert "within its uniqueness window" in again.stderr
+    reply = HttpClient.of(daemon).post("/jobs", {"task": "echo", "key": "ada", "unique_for": 600})
+    assert reply.status == 200 and reply.json() == {"job_id": first, "duplicate": True}, reply
+    keyless = HttpClient.of(daemon).post("/jobs", {"task": "echo", "unique_for": 600})
+    assert keyless.status == 400 and "give a key" in keyless.error["message"], keyless
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as client:
+        duplicate = client.enqueue("echo", key="ada", unique_for="10m")
+        assert duplicate.job_id == first and duplicate.duplicate
+        fresh = client.enqueue("echo", key="ada")  # no window: its job has finished
+        assert fresh.job_id != first and not fresh.duplicate
+    assert daemon.stop() == 0
+
+
+def test_a_task_default_window_applies_to_enqueues_with_a_key(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config='[task."echo"]\nunique_for = "1h"\n').start()
+    with daemon.client() as client:
+        first = client.enqueue("echo", key="k").job_id
+        client.wait(first, timeout=30)
+        assert client.enqueue("echo", key="k").job_id == first
+        assert not client.enqueue("echo", key="other").duplicate
+    assert daemon.stop() == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from taskd.store import ClaimRequest, NewJob, Store
+from taskd.store import ClaimRequest, NewJob, Outcome, Store
 from tests.conftest import NOW
 from tests.support import Clock
 
@@ -95,3 +95,20 @@ async def test_a_slow_rate_limit_wakes_a_second_early_and_only_for_pending_jobs(
     await store.insert([new("t")])
     claimed = await store.claim(request(rates=rates))
     assert claimed.jobs == [] and claimed.next_due_in == pytest.approx(3599)
+
+
+async def test_a_uniqueness_window_keeps_a_key_taken_after_its_job_finished(
+    store: Store, clock: Clock
+) -> None:
+    (first,) = await store.insert([new("t", key="k", unique_for=600)])
+    (job,) = (await store.claim(request())).jobs
+    await store.finish([Outcome(job.id, job.epoch, W1, "succeeded")])
+    clock.now = NOW + 599
+    again, unwindowed = await store.insert([new("t", key="k", unique_for=600), new("t", key="x")])
+    assert again.job_id == first.job_id and again.duplicate
+    assert not unwindowed.duplicate
+    clock.now = NOW + 601
+    (later,) = await store.insert([new("t", key="k", unique_for=600)])
+    assert not later.duplicate and later.job_id != first.job_id
+    (plain,) = await store.insert([new("t", key="k")])  # without a window: the active job
+    assert plain.job_id == later.job_id and plain.duplicate

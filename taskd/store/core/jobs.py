@@ -97,7 +97,20 @@ CANCELLED = (
 def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     """Insert jobs; a job whose task and key are taken by an active job joins that job."""
     results: list[Inserted | None] = [None] * len(jobs)
-    remaining = list(range(len(jobs)))
+    remaining = []
+    for index, job in enumerate(jobs):
+        if job.key is not None and job.unique_for is not None:
+            taken = yield Statement(
+                "SELECT id FROM {s}.jobs WHERE task = :task AND key = :key"
+                " AND created_at >= :now - :window ORDER BY id DESC LIMIT 1",
+                {"task": job.task, "key": job.key, "window": job.unique_for},
+            )
+            if taken:  # its key is still taken: within the uniqueness window
+                results[index] = Inserted(taken[0]["id"], duplicate=True)
+                continue
+        remaining.append(index)
+    if not remaining:
+        return cast(list[Inserted], results)
     for _ in range(INSERT_ROUNDS):
         remaining = yield from _insert_round(tx, jobs, remaining, results)
         if not remaining:

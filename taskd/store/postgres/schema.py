@@ -161,6 +161,8 @@ MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    # Uniqueness windows (`unique_for`): the jobs of a task and key, by creation.
+    ["CREATE INDEX jobs_task_key ON {s}.jobs (task, key, created_at) WHERE key IS NOT NULL"],
 ]
 
 

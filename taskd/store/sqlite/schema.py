@@ -178,6 +178,8 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID
         """,
     ],
+    # Uniqueness windows (`unique_for`): the jobs of a task and key, by creation.
+    ["CREATE INDEX jobs_task_key ON jobs (task, key, created_at) WHERE key IS NOT NULL"],
 ]
 
 
