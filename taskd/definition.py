@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from taskd.models import parse_duration, parse_rate
+from taskd.models import SINGLE_FLIGHT_MODES, parse_duration, parse_rate
 
 if TYPE_CHECKING:  # logging costs milliseconds that taskctl, which imports taskd, does not pay
     import datetime
@@ -211,6 +211,7 @@ class TaskDefinition:
         "max_backoff",
         "name",
         "rate_limit",
+        "single_flight",
         "timeout",
         "unique_for",
     )
@@ -228,6 +229,7 @@ class TaskDefinition:
         concurrency: int | None,
         rate_limit: str | None = None,
         unique_for: float | str | None = None,
+        single_flight: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"define_task() needs a function, got {type(fn).__name__}")
@@ -244,6 +246,12 @@ class TaskDefinition:
             parse_rate(rate_limit)  # its error names the mistake, at import
         self.rate_limit = rate_limit
         self.unique_for = None if unique_for is None else _seconds(unique_for, "unique_for")
+        if single_flight not in (None, *SINGLE_FLIGHT_MODES):
+            raise ValueError(
+                f"single_flight must be one of {', '.join(map(repr, SINGLE_FLIGHT_MODES))}, "
+                f"got {single_flight!r}"
+            )
+        self.single_flight = single_flight
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -265,6 +273,7 @@ def define_task(
     concurrency: int | None = None,
     rate_limit: str | None = None,
     unique_for: float | str | None = None,
+    single_flight: str | None = None,
 ) -> Any:
     """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
 
@@ -281,7 +290,9 @@ def define_task(
     `concurrency` and `rate_limit` ("10/s", "600/m", "100/15m": at most that many attempts
     start per period) are counted by the job store across every daemon sharing it.
     `unique_for` ("10m") keeps the key of an enqueue taken that long after its job was
-    created, even once it has finished.
+    created, even once it has finished. `single_flight` says which concurrent runs share an
+    execution: "task" (all of them, the default), "payload" (those with equal payloads) or
+    "none" (each run gets its own job).
     """
 
     def wrap(function: Callable[..., Any]) -> TaskDefinition:
@@ -296,6 +307,7 @@ def define_task(
             concurrency=concurrency,
             rate_limit=rate_limit,
             unique_for=unique_for,
+            single_flight=single_flight,
         )
 
     return wrap if fn is None else wrap(fn)

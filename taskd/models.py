@@ -25,6 +25,11 @@ JobOrigin = Literal["run", "enqueue", "schedule", "task"]
 
 # The unique key a `run` uses unless it is given one: at most one active run per task.
 RUN_KEY = "@run"
+# How concurrent runs of a task share an execution (Nitro's concurrency modes): "task", all
+# of them (the key RUN_KEY); "payload", those with equal payloads (by a canonical hash);
+# "none", none (each run its own job).
+SingleFlight = Literal["task", "payload", "none"]
+SINGLE_FLIGHT_MODES: tuple[SingleFlight, ...] = ("task", "payload", "none")
 
 
 class AttemptError(msgspec.Struct, frozen=True):
@@ -114,6 +119,7 @@ class TaskInfo(msgspec.Struct, frozen=True):
     max_backoff: float | None = None
     concurrency: int | None = None
     rate_limit: str | None = None  # "10/s": at most that many attempts start per period
+    single_flight: SingleFlight = "task"  # which concurrent runs share an execution
     payload_schema: dict[str, Any] | None = None
     paused_since: float | None = None  # `taskctl pause NAME`: no job of it starts until resumed
 

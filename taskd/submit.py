@@ -7,13 +7,14 @@ through here, so payloads are validated once, in one way, before anything is sto
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import msgspec
 
 from taskd.limits import max_payload_size, out_of_limits, rule_broken
-from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, did_you_mean
+from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, SingleFlight, did_you_mean
 from taskd.policy import default_attempts
 from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
@@ -121,7 +122,9 @@ class Submitter:
         priority = request.priority
         if priority is None:
             priority = RUN_PRIORITY if request.single_flight else 0
-        key = RUN_KEY if request.single_flight and request.key is None else request.key
+        key = request.key
+        if request.single_flight and key is None:
+            key = run_key(task.single_flight, request.payload)
         return NewJob(
             task=task.name,
             payload=request.payload,
@@ -264,3 +267,21 @@ def encode_payload(payload: Any) -> bytes:
 
 def _first(given: float | None, default: float | None) -> float | None:
     return given if given is not None else default
+
+
+_canonical = msgspec.msgpack.Encoder(order="sorted")
+
+
+def run_key(mode: SingleFlight, payload: bytes) -> str | None:
+    """The key a run without one is given, which decides the runs it joins: every run of
+    its task ("task"), those with an equal payload ("payload": a hash of the payload with
+    its maps' keys sorted), or none ("none")."""
+    if mode == "none":
+        return None
+    if mode == "payload":
+        try:
+            canonical = _canonical.encode(msgspec.msgpack.decode(payload))
+        except (msgspec.DecodeError, RecursionError):  # the payload was checked already
+            canonical = payload
+        return f"{RUN_KEY}:{hashlib.sha256(canonical).hexdigest()}"
+    return RUN_KEY

@@ -18,7 +18,7 @@ import msgspec
 
 from taskd.config import TaskOptions
 from taskd.definition import TaskContext, TaskDefinition
-from taskd.models import TaskInfo, parse_rate
+from taskd.models import SingleFlight, TaskInfo, parse_rate
 
 MODULE_PREFIX = "taskd_tasks."
 TICK_FIELDS = ("scheduled_time", "cron")  # what taskd merges into the payload of every tick
@@ -71,6 +71,7 @@ class Task:
         "payload_type",
         "rate_interval",
         "rate_limit",
+        "single_flight",
         "takes_context",
         "takes_payload",
         "timeout",
@@ -90,6 +91,9 @@ class Task:
         self.concurrency = _first(options.concurrency, definition.concurrency)
         self.rate_limit = _first(options.rate_limit, definition.rate_limit)
         self.unique_for = _first(options.unique_for, definition.unique_for)
+        self.single_flight: SingleFlight = (
+            options.single_flight or definition.single_flight or "task"
+        )
         # Seconds between two starts under the rate limit (None: none).
         self.rate_interval: float | None = None
         if self.rate_limit is not None:
@@ -163,6 +167,7 @@ class Task:
             max_backoff=self.max_backoff,
             concurrency=self.concurrency,
             rate_limit=self.rate_limit,
+            single_flight=self.single_flight,
             payload_schema=self.payload_schema,
         )
 

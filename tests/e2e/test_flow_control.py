@@ -184,3 +184,32 @@ def test_a_task_default_window_applies_to_enqueues_with_a_key(taskd_factory: typ
         assert client.enqueue("echo", key="k").job_id == first
         assert not client.enqueue("echo", key="other").duplicate
     assert daemon.stop() == 0
+
+
+def test_concurrency_modes_decide_which_runs_share_an_execution(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    config = '[task."slow"]\nsingle_flight = "payload"\n[task."echo"]\nsingle_flight = "none"\n'
+    daemon = taskd_factory(config=config).start()
+    long = {"seconds": 60, "started": str(short_tmp / "s.txt")}
+    with daemon.client() as client:
+        modes = {task.name: task.single_flight for task in client.list_tasks()}
+        assert (modes["slow"], modes["echo"], modes["work"]) == ("payload", "none", "task")
+        first = client.run_job("slow", long, detach=True)
+        # Equal payloads (whatever the order of their keys) share one execution.
+        same = client.run_job("slow", dict(reversed(list(long.items()))), detach=True)
+        other = client.run_job("slow", {**long, "seconds": 61}, detach=True)
+        assert same.joined and same.job.id == first.job.id
+        assert not other.joined and other.job.id != first.job.id
+        # "none": every run is its own job, even with the same payload.
+        one, two = (client.run_job("echo", "x", detach=True) for _ in range(2))
+        assert not two.joined and one.job.id != two.job.id
+        for job_id in (first.job.id, other.job.id):
+            client.cancel(job_id)
+    assert daemon.stop() == 0
+
+
+def test_an_unknown_concurrency_mode_is_refused(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config='[task."slow"]\nsingle_flight = "key"\n')
+    done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and '"task", "payload", "none"' in done.stderr, done.stderr
