@@ -252,6 +252,8 @@ class AsyncClient:
         max_attempts: int | None = None,
         key: str | None = None,
         unique_for: float | str | dt.timedelta | None = None,
+        debounce: float | str | dt.timedelta | None = None,
+        max_wait: float | str | dt.timedelta | None = None,
     ) -> EnqueueResult:
         params = enqueue_params(
             task,
@@ -262,6 +264,8 @@ class AsyncClient:
             max_attempts=max_attempts,
             key=key,
             unique_for=unique_for,
+            debounce=debounce,
+            max_wait=max_wait,
         )
         return await self._call(protocol.ENQUEUE, params)
 

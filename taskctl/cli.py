@@ -287,12 +287,20 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         max_attempts=args.max_attempts,
         key=args.key,
         unique_for=args.unique_for,
+        debounce=args.debounce,
+        max_wait=args.max_wait,
     )
     if args.json:
         _render().print_json(result)
     else:
         print(result.job_id)
-        if result.duplicate:
+        if result.duplicate and args.debounce is not None:
+            print(
+                f"taskctl: job {result.job_id} has key {args.key!r}: if it is still pending, it "
+                "takes this payload and waits again",
+                file=sys.stderr,
+            )
+        elif result.duplicate:
             print(
                 f"taskctl: job {result.job_id} holds key {args.key!r} (it is pending or "
                 "running, or within its uniqueness window); nothing new was enqueued",
@@ -620,6 +628,11 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--unique-for", type=duration, metavar="DUR",
             help="with --key: the key stays taken this long after its job was created, even "
             "once it has finished (default: the task's unique_for)"),
+        Arg("--debounce", type=duration, metavar="DUR",
+            help="with --key: while that key's job is pending, take this payload and make it "
+            "due DUR from now (a burst of enqueues runs once, with the last payload)"),
+        Arg("--max-wait", type=duration, metavar="DUR",
+            help="with --debounce: never later than this after the first enqueue"),
     )),
     Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
     Command("jobs", cmd_jobs, protocol.JOBS, (

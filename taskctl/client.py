@@ -133,9 +133,13 @@ def enqueue_params(
     max_attempts: int | None = None,
     key: str | None = None,
     unique_for: float | str | dt.timedelta | None = None,
+    debounce: float | str | dt.timedelta | None = None,
+    max_wait: float | str | dt.timedelta | None = None,
 ) -> EnqueueParams:
     """The params of one enqueue; also what `enqueue_many` takes a list of."""
     return EnqueueParams(
+        debounce=seconds(debounce),
+        max_wait=seconds(max_wait),
         unique_for=seconds(unique_for),
         task=task,
         payload=encode_payload(payload),
@@ -393,6 +397,8 @@ class Client:
         max_attempts: int | None = None,
         key: str | None = None,
         unique_for: float | str | dt.timedelta | None = None,
+        debounce: float | str | dt.timedelta | None = None,
+        max_wait: float | str | dt.timedelta | None = None,
     ) -> EnqueueResult:
         """Add a job to the queue; `duplicate` says an active job with this key was returned."""
         params = enqueue_params(
@@ -404,6 +410,8 @@ class Client:
             max_attempts=max_attempts,
             key=key,
             unique_for=unique_for,
+            debounce=debounce,
+            max_wait=max_wait,
         )
         return self._call(protocol.ENQUEUE, params)
 

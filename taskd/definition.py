@@ -118,9 +118,13 @@ class TaskContext:
         max_attempts: int | None = None,
         key: str | None = None,
         unique_for: float | str | None = None,
+        debounce: float | str | None = None,
+        max_wait: float | str | None = None,
     ) -> int:
         """Enqueue task `name` like `taskctl enqueue` and return the job id."""
         options = {
+            "debounce": None if debounce is None else _seconds(debounce, "debounce"),
+            "max_wait": None if max_wait is None else _seconds(max_wait, "max_wait"),
             "unique_for": None if unique_for is None else _seconds(unique_for, "unique_for"),
             "delay": None if delay is None else _seconds(delay, "delay"),
             "run_at": run_at,

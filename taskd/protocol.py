@@ -297,6 +297,11 @@ class EnqueueParams(Params):
     # With `key`: the key stays taken this long after its job was created, even once that
     # job has finished (default: the task's `unique_for`).
     unique_for: Duration | None = None
+    # With `key`: while its job is pending, an enqueue with the key replaces its payload and
+    # makes it due `debounce` seconds from now, but never later than `max_wait` seconds
+    # after its first enqueue.
+    debounce: Duration | None = None
+    max_wait: Duration | None = None
 
 
 class EnqueueResult(msgspec.Struct, frozen=True):
@@ -315,6 +320,7 @@ ENQUEUE = Method(
         """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
         "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
         "taskctl enqueue hello --key welcome-ada --unique-for 1h",
+        "taskctl enqueue hello --key reindex --debounce 2s --max-wait 30s",
     ),
 )
 

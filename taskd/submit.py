@@ -61,6 +61,8 @@ class JobRequest(msgspec.Struct, frozen=True):
     key: str | None = None
     parent_id: int | None = None
     unique_for: float | None = None  # with a key: taken this long after its job's creation
+    debounce: float | None = None  # with a key: a pending job's payload and due time move
+    max_wait: float | None = None  # ... never past its first enqueue and this
 
 
 R = TypeVar("R")
@@ -129,7 +131,7 @@ class Submitter:
             task=task.name,
             payload=request.payload,
             origin=request.origin,
-            delay=request.delay or 0.0,
+            delay=request.delay or request.debounce or 0.0,
             run_at=request.run_at,
             max_attempts=request.max_attempts
             or default_attempts(request.single_flight, task.max_attempts),
@@ -137,6 +139,8 @@ class Submitter:
             key=key,
             parent_id=request.parent_id,
             unique_for=None if request.key is None else _first(request.unique_for, task.unique_for),
+            debounce=request.debounce,
+            max_wait=request.max_wait,
         )
 
     @staticmethod
@@ -145,6 +149,14 @@ class Submitter:
         protocol's types state (a client's request was checked as it was decoded)."""
         if (problem := rule_broken(request.delay, request.run_at, request.key)) is not None:
             raise InvalidRequest(problem)
+        if request.debounce is not None and request.key is None:
+            raise InvalidRequest(
+                "debounce gathers the enqueues of one key into one job: give a key with it"
+            )
+        if request.max_wait is not None and request.debounce is None:
+            raise InvalidRequest("max_wait bounds a debounce: give debounce with it")
+        if request.debounce is not None and (request.delay, request.run_at) != (None, None):
+            raise InvalidRequest("give debounce or delay/run_at, not both")
         if request.unique_for is not None and request.key is None:
             raise InvalidRequest("unique_for keeps a key taken for a while: give a key with it")
         if request.origin == "task":
@@ -155,6 +167,8 @@ class Submitter:
                 "max_attempts": request.max_attempts,
                 "key": request.key,
                 "unique_for": request.unique_for,
+                "debounce": request.debounce,
+                "max_wait": request.max_wait,
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:
                 raise InvalidRequest(problem)

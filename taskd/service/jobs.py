@@ -104,6 +104,8 @@ class JobMethods:
                 max_attempts=p.max_attempts,
                 key=p.key,
                 unique_for=p.unique_for,
+                debounce=p.debounce,
+                max_wait=p.max_wait,
             )
             for p in jobs
         ]

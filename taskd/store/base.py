@@ -110,6 +110,11 @@ class NewJob(msgspec.Struct, frozen=True):
     # With a key: a job of the task with this key created less than this many seconds ago,
     # whatever its status, is returned instead (a uniqueness window).
     unique_for: float | None = None
+    # With a key: if a job of the task with this key is pending, its payload is replaced and
+    # it is due `debounce` seconds from now, never later than `max_wait` after it was created;
+    # that job is returned (else this one is inserted, due in `delay` = `debounce`).
+    debounce: float | None = None
+    max_wait: float | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):

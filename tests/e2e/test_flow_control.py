@@ -213,3 +213,22 @@ def test_an_unknown_concurrency_mode_is_refused(taskd_factory: type[Taskd]) -> N
     daemon = taskd_factory(config='[task."slow"]\nsingle_flight = "key"\n')
     done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and '"task", "payload", "none"' in done.stderr, done.stderr
+
+
+def test_a_debounced_burst_runs_once_with_the_last_payload(taskd: Taskd) -> None:
+    ids = [
+        enqueue(taskd, "echo", "--key", "k", "--debounce", "1s", "--payload", json.dumps(n))
+        for n in range(5)
+    ]
+    assert len(set(ids)) == 1
+    with taskd.client() as client:
+        job = client.wait(ids[0], timeout=30)
+        assert job.status == "succeeded" and job.result == 4
+        assert job.started_at is not None and job.started_at >= job.created_at + 1
+        assert [j.id for j in client.jobs(task="echo")] == [ids[0]]
+        # The clients take the same options; a debounce needs a key.
+        again = client.enqueue("echo", 5, key="k2", debounce="1s", max_wait="2s")
+        assert client.enqueue("echo", 6, key="k2", debounce=1.0).job_id == again.job_id
+        assert client.wait(again.job_id, timeout=30).result == 6
+    refused = taskd.ctl("enqueue", "echo", "--debounce", "1s")
+    assert refused.returncode != 0 and "give a key" in refused.stderr

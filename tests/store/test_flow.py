@@ -112,3 +112,29 @@ async def test_a_uniqueness_window_keeps_a_key_taken_after_its_job_finished(
     assert not later.duplicate and later.job_id != first.job_id
     (plain,) = await store.insert([new("t", key="k")])  # without a window: the active job
     assert plain.job_id == later.job_id and plain.duplicate
+
+
+async def test_a_debounce_gathers_a_burst_into_one_job_with_the_last_payload(
+    store: Store, clock: Clock
+) -> None:
+    def burst(n: int) -> NewJob:
+        return new("t", key="k", debounce=2.0, max_wait=5.0, delay=2.0,
+                   payload=msgspec.msgpack.encode({"n": n}))  # fmt: skip
+
+    (first,) = await store.insert([burst(1)])
+    clock.now = NOW + 1.5
+    (second,) = await store.insert([burst(2)])
+    assert second.job_id == first.job_id and second.duplicate
+    job = await store.get(first.job_id)
+    assert job is not None and job.run_at == NOW + 3.5
+    assert msgspec.msgpack.decode(job.payload) == {"n": 2}
+    clock.now = NOW + 4.0
+    await store.insert([burst(3)])
+    job = await store.get(first.job_id)
+    assert job is not None and job.run_at == NOW + 5.0  # never past created + max_wait
+    clock.now = NOW + 5.0
+    (started,) = (await store.claim(request())).jobs
+    assert msgspec.msgpack.decode(started.payload) == {"n": 3}
+    # While it runs its key is taken: an enqueue with the key returns the running job.
+    (after,) = await store.insert([burst(4)])
+    assert after.job_id == first.job_id and after.duplicate

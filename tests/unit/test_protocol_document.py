@@ -19,8 +19,7 @@ LISTINGS = {
     "AttemptError": "filled by `job` only (empty elsewhere): `",
     "ConnectionStats": "`connections`: `",
     "EnqueueManyResult": "of `invalid_params`, `$.jobs[i]...`). Result: `",
-    "EnqueueResult": "`invalid_params`). The reply is sent after the job has been committed\n"
-    "to disk. Result: `",
+    "EnqueueResult": "The reply is\nsent after the job has been committed\nto disk. Result: `",
     "ErrorBody": "| `error`  | map  | `",
     "FiredJob": "the jobs of the last firing: `",
     "HelloResult": "- result: `",

@@ -29,6 +29,7 @@ from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
 
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds a writer long
+MAX_WAIT = 10 * 365 * 86400.0  # a debounce without max_wait: ten years (no bound)
 
 # What a claim does to each job it takes for :worker.
 CLAIMED = (
@@ -99,6 +100,18 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     results: list[Inserted | None] = [None] * len(jobs)
     remaining = []
     for index, job in enumerate(jobs):
+        if job.key is not None and job.debounce is not None:
+            moved = yield Statement(
+                "UPDATE {s}.jobs SET payload = :payload, run_at = CASE"
+                " WHEN :now + :debounce < created_at + :max_wait THEN :now + :debounce"
+                " ELSE created_at + :max_wait END"
+                " WHERE task = :task AND key = :key AND status = 'pending' RETURNING id",
+                {"payload": job.payload, "debounce": job.debounce, "task": job.task,
+                 "key": job.key, "max_wait": MAX_WAIT if job.max_wait is None else job.max_wait},
+            )  # fmt: skip
+            if moved:  # the pending job of the key takes this payload, and waits again
+                results[index] = Inserted(moved[0]["id"], duplicate=True)
+                continue
         if job.key is not None and job.unique_for is not None:
             taken = yield Statement(
                 "SELECT id FROM {s}.jobs WHERE task = :task AND key = :key"
