@@ -232,3 +232,44 @@ def test_a_debounced_burst_runs_once_with_the_last_payload(taskd: Taskd) -> None
         assert client.wait(again.job_id, timeout=30).result == 6
     refused = taskd.ctl("enqueue", "echo", "--debounce", "1s")
     assert refused.returncode != 0 and "give a key" in refused.stderr
+
+
+def test_200_jobs_at_50_per_second_on_one_daemon_keep_the_rate(
+    taskd_factory: type[Taskd],
+) -> None:
+    """The issue's accuracy measure: no second holds more than the limit plus its burst (3
+    at 50/s), and the whole takes at most 10% longer than 200/50 s."""
+    from taskctl import enqueue_params
+
+    daemon = taskd_factory(config='[task."echo"]\nrate_limit = "50/s"\n').start()
+    with daemon.client() as client:
+        ids = [r.job_id for r in client.enqueue_many([enqueue_params("echo")] * 200)]
+        jobs = [client.wait(job_id, timeout=60) for job_id in ids]
+    starts = sorted(job.started_at or 0.0 for job in jobs)
+    busiest = max(sum(start <= s < start + 1 for s in starts) for start in starts)
+    took = starts[-1] - starts[0]
+    print(f"1 daemon, 200 jobs at 50/s: busiest second {busiest}, first to last start {took:.3f}s")
+    assert busiest <= 50 + 3  # the limit and its burst (README: "Rate limits")
+    assert took <= 200 / 50 * 1.1
+    assert daemon.stop() == 0
+
+
+def test_nothing_waiting_on_a_rate_limit_is_lost_or_run_twice_under_kill_9(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    record = short_tmp / "record.txt"
+    daemon = taskd_factory(config='[task."slow"]\nrate_limit = "4/s"\n').start()
+    with daemon.client() as client:
+        ids = [
+            client.enqueue("slow", {"seconds": 0, "record": str(record), "n": n}).job_id
+            for n in range(12)
+        ]
+    wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 3)
+    daemon.kill()
+    daemon.start()
+    with daemon.client() as client:
+        jobs = [client.wait(job_id, timeout=60) for job_id in ids]
+    assert {job.status for job in jobs} == {"succeeded"}
+    done = [line.split()[0] for line in record.read_text().splitlines()]
+    assert sorted(map(int, done)) == sorted(ids)  # each ran, and once
+    assert daemon.stop() == 0

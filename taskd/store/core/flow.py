@@ -8,13 +8,14 @@ when a task held back may start again. The state lives in the store (`paused_tas
 
 Rate limits are GCRA (the generic cell rate algorithm): per limit one row, its theoretical
 arrival time (TAT). A start moves TAT to max(TAT, now) + interval (the period divided by
-the starts allowed in it), and a start at `now` is allowed when TAT - TOLERANCE <= now: a
-start may come one interval early (at most one second), which makes up for the moment a
-daemon takes to wake and claim, so that over time the rate is held exactly. The burst this
-allows is one start: any window of one period holds at most the limit's starts plus one,
-and an idle limit allows two starts at once (for limits slower than 1/s, the second a
-second before its time). A claim locks the rows it reads (PostgreSQL: FOR UPDATE), so that
-two daemons cannot both spend the same start.
+the starts allowed in it), and a start at `now` is allowed when TAT - tolerance <= now: a
+start may come early by one interval, at least 50 ms and at most one second, which makes up
+for the moment daemons take to wake and claim, so that over time the rate is held exactly.
+The burst this allows, the starts an idle limit lets through at once, is 1 + tolerance //
+interval (2 up to 20/s, 3 at 50/s; for limits slower than 1/s the second comes a second
+before its time); any window of one period holds at most the limit plus the burst. A claim
+locks the rows it reads (PostgreSQL: FOR UPDATE), so that two daemons cannot both spend the
+same start.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from taskd.store.core.statements import Statement, Steps, members
 from taskd.store.rows import Row
 
 TASK = "task"  # the kind of a task's own rate limit in `rate_limits` (by the task's name)
+MIN_TOLERANCE = 0.05  # seconds a start may come early, at least (a daemon's claim latency)
 MAX_TOLERANCE = 1.0  # seconds a start may come early, at most
 
 
 def tolerance(interval: float) -> float:
     """How early a start may come under a limit with this interval (see above)."""
-    return min(interval, MAX_TOLERANCE)
+    return min(max(interval, MIN_TOLERANCE), MAX_TOLERANCE)
 
 
 @dataclass(slots=True)
@@ -77,14 +79,20 @@ def _rate_quotas(tx: Tx, rates: Mapping[str, float], held: Holds) -> Steps[None]
         tat = held.tats[name] = float(row["tat"])
         early = tolerance(rates[name])
         allowed = (held.now + early - max(tat, held.now)) / rates[name]
-        held.quotas[name] = int(allowed + 1e-9) + 1 if allowed >= -1e-9 else 0
+        held.quotas[name] = int(allowed + 1e-6) + 1 if allowed >= -1e-6 else 0
 
 
-def wake(tx: Tx, request: ClaimRequest, held: Holds) -> Steps[float | None]:
+def wake(
+    tx: Tx, request: ClaimRequest, held: Holds, left: Mapping[str, int]
+) -> Steps[float | None]:
     """In how many seconds the first rate limit that holds back pending jobs allows a start
-    again (after the claim's starts); None: none does."""
-    allowed = {name: tat - tolerance(request.rates[name]) for name, tat in held.tats.items()}
-    waiting = {name: at - held.now for name, at in allowed.items() if at > held.now}
+    again (after the claim's starts: 0 if it allows more now); None: none does. A limit
+    with starts left held nothing back (its task had no more due jobs)."""
+    waiting = {
+        name: max(0.0, tat - tolerance(request.rates[name]) - held.now)
+        for name, tat in held.tats.items()
+        if left.get(name) == 0
+    }
     if not waiting:
         return None
     names = " UNION ALL ".join(

@@ -209,8 +209,9 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     yield from flow.started(tx, request, held, jobs)
     if len(jobs) == request.limit:
         return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
-    due = yield from tx.sql.next_due(request, held.left(jobs))
-    if (wake := (yield from flow.wake(tx, request, held))) is not None:
+    left = held.left(jobs)
+    due = yield from tx.sql.next_due(request, left)
+    if (wake := (yield from flow.wake(tx, request, held, left))) is not None:
         due = wake if due is None else min(due, wake)
     return Claimed(jobs=jobs, next_due_in=due)
 
