@@ -302,8 +302,8 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
             )
         elif result.duplicate:
             print(
-                f"taskctl: job {result.job_id} holds key {args.key!r} (it is pending or "
-                "running, or within its uniqueness window); nothing new was enqueued",
+                f"taskctl: job {result.job_id} with key {args.key!r} is already pending or "
+                "running, or was created within its uniqueness window; nothing new was enqueued",
                 file=sys.stderr,
             )
     return Exit.OK

@@ -161,7 +161,7 @@ def test_a_uniqueness_window_outlives_its_job_across_a_restart(
         assert client.wait(first, timeout=30).status == "succeeded"
     again = daemon.ctl("enqueue", "echo", "--key", "ada", "--unique-for", "10m")
     assert again.returncode == 0 and int(again.stdout) == first
-    assert "within its uniqueness window" in again.stderr
+    assert "created within its uniqueness window" in again.stderr
     reply = HttpClient.of(daemon).post("/jobs", {"task": "echo", "key": "ada", "unique_for": 600})
     assert reply.status == 200 and reply.json() == {"job_id": first, "duplicate": True}, reply
     keyless = HttpClient.of(daemon).post("/jobs", {"task": "echo", "unique_for": 600})
