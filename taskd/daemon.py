@@ -172,17 +172,34 @@ class Daemon:
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        actions: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self._stop.set,
+            signal.SIGINT: self._stop.set,
+            signal.SIGHUP: self._reload_in_background,
+        }
+
+        pending: set[int] = set()  # signals of one kind coalesce until handled, as Unix does
+
+        def on_signal(signum: int, _frame: object) -> None:
+            if signum not in pending:
+                pending.add(signum)
+                loop.call_soon_threadsafe(handle, signum)
+
+        def handle(signum: int) -> None:
+            pending.discard(signum)
+            actions[signum]()
+
+        # Handlers of our own rather than the loop's: removing a loop's handler puts back the
+        # signal's default action for an instant, and a SIGTERM in that instant (a second one,
+        # from an impatient operator or a harness) would kill taskd as it exits cleanly. The
+        # loop still wakes up for them: it reads the wakeup fd that every signal writes to.
+        for signum in actions:
+            signal.signal(signum, on_signal)
         try:
             return await self._serve()
         finally:
-            # Stopped: a signal that comes while the process exits (a second SIGTERM, say)
-            # must not kill it by the signal's default action, turning a clean stop into a
-            # failure.
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
+            # Stopped: a signal that comes while the process exits is ignored, in one step.
+            for signum in actions:
                 signal.signal(signum, signal.SIG_IGN)
 
     async def _serve(self) -> int:
