@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -33,7 +33,7 @@ from taskctl.client import (
 )
 from taskctl.errors import ProtocolError, TaskdError
 from taskd import protocol
-from taskd.models import Job, JobLogs, ScheduleInfo, Status, TaskInfo
+from taskd.models import AfterFailure, Job, JobLogs, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
     HEADER,
     CancelParams,
@@ -248,6 +248,8 @@ class AsyncClient:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        after: Sequence[int] = (),
+        after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
         params = enqueue_params(
             task,
@@ -257,6 +259,8 @@ class AsyncClient:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            after=after,
+            after_failure=after_failure,
         )
         return await self._call(protocol.ENQUEUE, params)
 

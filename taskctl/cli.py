@@ -275,6 +275,8 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         priority=args.priority,
         max_attempts=args.max_attempts,
         key=args.key,
+        after=args.after or (),
+        after_failure="run" if args.after_failure == "run" else "cancel",
     )
     if args.json:
         _render().print_json(result)
@@ -585,6 +587,11 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)),
         Arg("--key", metavar="K",
             help="unique key: no second pending or running job with this key"),
+        Arg("--after", type=positive_int, action="append", metavar="ID",
+            help="wait until job ID has succeeded (repeat for several jobs)"),
+        Arg("--after-failure", choices=("cancel", "run"), default="cancel",
+            help="when a job of --after fails or is cancelled: cancel this one too (default), "
+            "or run it all the same"),
     )),
     Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
     Command("jobs", cmd_jobs, protocol.JOBS, (

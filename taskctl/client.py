@@ -12,7 +12,7 @@ import collections
 import errno
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -27,6 +27,7 @@ from taskctl.errors import (
 )
 from taskd import protocol
 from taskd.models import (
+    AfterFailure,
     Job,
     JobLogs,
     ScheduleInfo,
@@ -129,8 +130,11 @@ def enqueue_params(
     priority: int = 0,
     max_attempts: int | None = None,
     key: str | None = None,
+    after: Sequence[int] = (),
+    after_failure: AfterFailure = "cancel",
 ) -> EnqueueParams:
-    """The params of one enqueue; also what `enqueue_many` takes a list of."""
+    """The params of one enqueue; also what `enqueue_many` takes a list of. With `after`,
+    the job waits until those jobs have succeeded (see `after_failure`)."""
     return EnqueueParams(
         task=task,
         payload=encode_payload(payload),
@@ -139,6 +143,8 @@ def enqueue_params(
         priority=priority,
         max_attempts=max_attempts,
         key=key,
+        after=list(after),
+        after_failure=after_failure,
     )
 
 
@@ -387,8 +393,13 @@ class Client:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        after: Sequence[int] = (),
+        after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
-        """Add a job to the queue; `duplicate` says an active job with this key was returned."""
+        """Add a job to the queue; `duplicate` says an active job with this key was returned.
+
+        With `after`, it stays pending until those jobs have succeeded; when one fails or is
+        cancelled it is cancelled too, unless `after_failure="run"`."""
         params = enqueue_params(
             task,
             payload,
@@ -397,6 +408,8 @@ class Client:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            after=after,
+            after_failure=after_failure,
         )
         return self._call(protocol.ENQUEUE, params)
 

@@ -191,7 +191,14 @@ def job_detail(job: Job) -> str:
         f"  created:   {stamped(job.created_at, now)}",
     ]
     if job.status == "pending":
-        lines.append(f"  runs at:   {stamped(job.run_at, now)}")
+        parents = "1 parent" if job.blocked == 1 else f"{job.blocked} parents"
+        waits = f" (waiting for {parents})" if job.blocked else ""
+        lines.append(f"  runs at:   {stamped(job.run_at, now)}{waits}")
+    if job.parents:
+        also = "; runs even if one fails" if job.after_failure == "run" else ""
+        lines.append(f"  after:     {', '.join(map(str, job.parents))}{also}")
+    if job.children:
+        lines.append(f"  children:  {', '.join(map(str, job.children))}")
     if job.started_at is not None:
         lines.append(f"  started:   {stamped(job.started_at, now)}")
     if job.finished_at is not None:

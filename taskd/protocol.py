@@ -19,6 +19,7 @@ import msgspec
 
 from taskd.models import (
     Access,
+    AfterFailure,
     Job,
     JobLogs,
     JobStatus,
@@ -74,6 +75,15 @@ Key = Annotated[
     ),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST)]
+MAX_PARENTS = 100
+JobId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Parents = Annotated[
+    list[JobId],
+    msgspec.Meta(
+        max_length=MAX_PARENTS,
+        description="ids of jobs this job waits for: it stays pending until all succeeded",
+    ),
+]
 Payload = Annotated[
     msgspec.Raw,
     msgspec.Meta(description="any msgpack value, passed to the task; absent: {}, as in Nitro"),
@@ -294,6 +304,9 @@ class EnqueueParams(Params):
     priority: Priority = 0
     max_attempts: Attempts | None = None
     key: Key | None = None
+    after: Parents = []
+    # A parent that fails or is cancelled cancels the job ("cancel"), or not ("run").
+    after_failure: AfterFailure = "cancel"
 
 
 class EnqueueResult(msgspec.Struct, frozen=True):
@@ -311,6 +324,7 @@ ENQUEUE = Method(
         "taskctl enqueue jobs:send-email --delay 5m --payload "
         """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
         "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
+        "taskctl enqueue hello --after 42",
     ),
 )
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from taskd.limits import max_payload_size, out_of_limits, rule_broken
-from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, did_you_mean
+from taskd.models import FINISHED_STATUSES, RUN_KEY, AfterFailure, Job, JobOrigin, did_you_mean
 from taskd.policy import default_attempts
 from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
@@ -59,6 +59,8 @@ class JobRequest(msgspec.Struct, frozen=True):
     max_attempts: int | None = None
     key: str | None = None
     parent_id: int | None = None
+    after: tuple[int, ...] = ()  # the jobs it waits for
+    after_failure: AfterFailure = "cancel"
 
 
 R = TypeVar("R")
@@ -132,6 +134,8 @@ class Submitter:
             priority=priority,
             key=key,
             parent_id=request.parent_id,
+            after=request.after,
+            after_failure=request.after_failure,
         )
 
     @staticmethod
@@ -147,6 +151,7 @@ class Submitter:
                 "priority": request.priority,
                 "max_attempts": request.max_attempts,
                 "key": request.key,
+                "after": list(request.after),
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:
                 raise InvalidRequest(problem)

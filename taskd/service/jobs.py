@@ -103,6 +103,8 @@ class JobMethods:
                 priority=p.priority,
                 max_attempts=p.max_attempts,
                 key=p.key,
+                after=tuple(p.after),
+                after_failure=p.after_failure,
             )
             for p in jobs
         ]

@@ -47,7 +47,17 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from taskd.models import FiredJob, Job, JobLogs, JobOrigin, JobStatus, NodeInfo, TaskCounts
+from taskd.models import (
+    AfterFailure,
+    FiredJob,
+    Hook,
+    Job,
+    JobLogs,
+    JobOrigin,
+    JobStatus,
+    NodeInfo,
+    TaskCounts,
+)
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
 
@@ -68,6 +78,16 @@ class StoreError(Exception):
 class JobNotFound(StoreError):
     def __init__(self, job_id: int) -> None:
         super().__init__(f"no job with id {job_id}")
+        self.job_id = job_id
+
+
+class ParentNotFound(JobNotFound):
+    """A job was to wait for a job that does not exist (or was pruned)."""
+
+    def __init__(self, job_id: int) -> None:
+        StoreError.__init__(
+            self, f"no job with id {job_id} to wait for (after); give the id of an existing job"
+        )
         self.job_id = job_id
 
 
@@ -94,7 +114,8 @@ def refused(job_id: int, status: str, verb: str) -> InvalidTransition:
 class NewJob(msgspec.Struct, frozen=True):
     """A job to insert; `payload` is msgpack already validated against the task's schema.
 
-    It is due `delay` seconds after the insert, or at `run_at` (a time a person gave) if set.
+    It is due `delay` seconds after the insert, or at `run_at` (a time a person gave) if set,
+    and not before every job in `after` has succeeded (see `after_failure`).
     """
 
     task: str
@@ -106,6 +127,8 @@ class NewJob(msgspec.Struct, frozen=True):
     parent_id: int | None = None
     delay: float = 0.0
     run_at: float | None = None
+    after: tuple[int, ...] = ()
+    after_failure: AfterFailure = "cancel"
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -139,6 +162,9 @@ class Outcome(msgspec.Struct, frozen=True):
     result: bytes | None = None
     error: Failure | None = None
     retry_in: float = 0.0
+    # The hook job its task enqueues should the job end with this outcome (succeeded, or
+    # failed for good), in the same transaction.
+    hook: Hook | None = None
 
 
 class ClaimRequest(msgspec.Struct, frozen=True):
@@ -296,11 +322,14 @@ class Store(Protocol):
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         """Mark a running job as waiting for another job (or no longer); False if fenced."""
 
-    async def recover(self, quarantine_after: int) -> list[Job]:
+    async def recover(
+        self, quarantine_after: int, on_failure: Mapping[str, Hook] | None = None
+    ) -> list[Job]:
         """Take back the running jobs whose lease expired or whose worker is not alive.
 
         The lost attempt is counted and recorded as `interrupted`; a job interrupted
-        `quarantine_after` times, or on its last attempt, fails instead of going back.
+        `quarantine_after` times, or on its last attempt, fails instead of going back (and
+        the hook `on_failure` names for its task is enqueued).
         """
 
     async def cancel(self, job_id: int) -> Job:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import wraps
 from typing import Any, ClassVar, TypeVar, cast
 
-from taskd.models import FINISHED_STATUSES, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
+from taskd.models import FINISHED_STATUSES, Hook, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -143,7 +143,9 @@ class SqlStore:
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
-        return await self._inserts.submit(jobs.insert_jobs, list(new))
+        # Linking jobs to their parents takes several statements: a transaction.
+        writer = self._commits if any(job.after for job in new) else self._inserts
+        return await writer.submit(jobs.insert_jobs, list(new))
 
     @store_write
     async def insert_and_claim(
@@ -181,8 +183,12 @@ class SqlStore:
         return changed
 
     @store_write
-    async def recover(self, quarantine_after: int) -> list[Job]:
-        (recovered,) = await self._commits.submit(jobs.recover_jobs, [quarantine_after])
+    async def recover(
+        self, quarantine_after: int, on_failure: Mapping[str, Hook] | None = None
+    ) -> list[Job]:
+        (recovered,) = await self._commits.submit(
+            jobs.recover_jobs, [(quarantine_after, dict(on_failure or {}))]
+        )
         return recovered
 
     @store_write

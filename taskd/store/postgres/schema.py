@@ -141,6 +141,24 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE {s}.job_errors ADD COLUMN started_at double precision",
         "ALTER TABLE {s}.job_errors ADD COLUMN worker text",
     ],
+    # Workflows: a job that waits for other jobs (`after`) counts the parents it still waits
+    # for in `blocked`, and meanwhile keeps the time it is due in `release_at` (its `run_at`
+    # is HELD, past any claim); `job_deps` links parents to children.
+    [
+        """
+        ALTER TABLE {s}.jobs ADD COLUMN blocked integer NOT NULL DEFAULT 0,
+            ADD COLUMN release_at double precision,
+            ADD COLUMN after_failure text NOT NULL DEFAULT 'cancel'
+        """,
+        """
+        CREATE TABLE {s}.job_deps (
+            parent_id bigint NOT NULL,
+            child_id bigint NOT NULL,
+            PRIMARY KEY (parent_id, child_id)
+        )
+        """,
+        "CREATE INDEX job_deps_child ON {s}.job_deps (child_id)",
+    ],
 ]
 
 

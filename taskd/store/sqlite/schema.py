@@ -158,6 +158,22 @@ MIGRATIONS: list[list[str]] = [
         """,
         "INSERT INTO store_state (id, closed_cleanly) VALUES (1, 0)",
     ],
+    # Workflows: a job that waits for other jobs (`after`) counts the parents it still waits
+    # for in `blocked`, and meanwhile keeps the time it is due in `release_at` (its `run_at`
+    # is HELD, past any claim); `job_deps` links parents to children.
+    [
+        "ALTER TABLE jobs ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN release_at REAL",
+        "ALTER TABLE jobs ADD COLUMN after_failure TEXT NOT NULL DEFAULT 'cancel'",
+        """
+        CREATE TABLE job_deps (
+            parent_id INTEGER NOT NULL,
+            child_id INTEGER NOT NULL,
+            PRIMARY KEY (parent_id, child_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX job_deps_child ON job_deps (child_id)",
+    ],
 ]
 
 

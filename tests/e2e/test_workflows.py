@@ -1,0 +1,293 @@
+"""Workflows with real daemons on each store: jobs that wait for other jobs (`--after`),
+task hooks, cron jitter."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskd.models import Job
+from taskd.schedules import jitter_offset
+from tests.backends import drop_schema, postgres_url, unique_schema
+from tests.support import Taskd, wait_until
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+class Backend:
+    """Daemons on one store: a SQLite file, or a PostgreSQL schema of its own."""
+
+    def __init__(self, name: str, factory: type[Taskd], root: Path) -> None:
+        self.name = name
+        self.factory = factory
+        self.root = root
+        self.url = postgres_url() if name == "postgres" else ""
+        self.schema = unique_schema() if name == "postgres" else ""
+
+    def daemon(self, config: str = "", node: str = "a", tasks: Path | None = None) -> Taskd:
+        root = self.root / node
+        root.mkdir(exist_ok=True)
+        if self.name == "postgres":
+            config = f'node_id = "{node}"\n{config}\n[postgres]\nschema = "{self.schema}"\n'
+        daemon = self.factory(root, config=config, **({"tasks": tasks} if tasks else {}))
+        if self.name == "postgres":
+            daemon.database = self.url  # type: ignore[assignment]
+        else:
+            daemon.database = self.root / "taskd.db"
+        return daemon
+
+    def close(self) -> None:
+        if self.schema:
+            asyncio.run(drop_schema(self.url, self.schema))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(
+    request: pytest.FixtureRequest, taskd_factory: type[Taskd], short_tmp: Path
+) -> Iterator[Backend]:
+    chosen = Backend(request.param, taskd_factory, short_tmp)
+    yield chosen
+    chosen.close()
+
+
+def enqueue(daemon: Taskd, *args: str) -> int:
+    done = daemon.ctl("enqueue", *args)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def job(daemon: Taskd, job_id: int) -> dict[str, Any]:
+    shown = daemon.ctl("--json", "job", str(job_id))
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)  # type: ignore[no-any-return]
+
+
+def ended(daemon: Taskd, job_id: int) -> Job:
+    with daemon.client() as client:
+        return client.wait(job_id, timeout=30)
+
+
+def slow(record: Path, seconds: float = 0.2, **extra: Any) -> str:
+    return json.dumps({"seconds": seconds, "record": str(record), **extra})
+
+
+def test_a_three_job_chain_runs_in_order(backend: Backend, short_tmp: Path) -> None:
+    daemon = backend.daemon("workers = 4\n").start()
+    record = short_tmp / "record.txt"
+    first = enqueue(daemon, "slow", "--payload", slow(record, 3))
+    second = enqueue(daemon, "slow", "--payload", slow(record), "--after", str(first))
+    third = enqueue(daemon, "slow", "--payload", slow(record), "--after", str(second))
+    # The third waits for the second, which waits for the first (running or pending).
+    shown = job(daemon, second)
+    assert shown["status"] == "pending" and shown["blocked"] == 1, shown
+    assert shown["parents"] == [first] and shown["children"] == [third]
+    why = json.loads(daemon.ctl("why", str(third), "--json").stdout)
+    assert why["reason"] == "parents", why
+    assert f"waits for job {second} (slow, pending)" in why["message"]
+    human = daemon.ctl("job", str(second)).stdout
+    assert f"after:     {first}" in human and f"children:  {third}" in human
+    jobs = [ended(daemon, job_id) for job_id in (first, second, third)]
+    assert [j.status for j in jobs] == ["succeeded"] * 3
+    order = [int(line.split()[0]) for line in record.read_text().splitlines()]
+    assert order == [first, second, third]
+    for parent, child in itertools.pairwise(jobs):
+        assert parent.finished_at is not None and child.started_at is not None
+        assert child.started_at >= parent.finished_at
+    assert daemon.stop() == 0
+
+
+def test_a_failed_parent_cancels_its_child_and_grandchild(backend: Backend) -> None:
+    daemon = backend.daemon().start()
+    with daemon.client() as client:
+        parent = client.enqueue("fail", "x", delay=1, max_attempts=1).job_id
+        child = client.enqueue("echo", {"n": 1}, after=[parent]).job_id
+        grandchild = client.enqueue("echo", {"n": 2}, after=[child]).job_id
+        rescued = client.enqueue("echo", {"n": 3}, after=[child], after_failure="run").job_id
+        assert client.wait(parent, timeout=30).status == "failed"
+        cancelled = client.wait(child, timeout=30)
+        assert cancelled.status == "cancelled" and cancelled.error == f"parent {parent} failed"
+        last = client.wait(grandchild, timeout=30)
+        assert last.status == "cancelled" and last.error == f"parent {child} was cancelled"
+        assert client.wait(rescued, timeout=30).status == "succeeded"
+        # A child enqueued after its parent ended is decided at once.
+        late = client.enqueue("echo", after=[parent]).job_id
+        assert client.job(late).status == "cancelled"
+        anyway = client.enqueue("echo", after=[parent], after_failure="run").job_id
+        assert client.wait(anyway, timeout=30).status == "succeeded"
+    assert daemon.stop() == 0
+
+
+def test_after_failure_run_and_unknown_parents(backend: Backend) -> None:
+    daemon = backend.daemon().start()
+    parent = enqueue(daemon, "fail", "--payload", '"x"', "--delay", "1s", "--max-attempts", "1")
+    child = enqueue(daemon, "echo", "--after", str(parent), "--after-failure", "run")
+    assert ended(daemon, child).status == "succeeded"
+    missing = daemon.ctl("enqueue", "echo", "--after", "999999")
+    assert missing.returncode == 4, missing
+    assert "999999" in missing.stderr and "after" in missing.stderr
+    with daemon.client() as client:  # nothing was enqueued
+        assert [j.id for j in client.jobs(limit=10)] == [child, parent]
+    assert daemon.stop() == 0
+
+
+def test_a_child_waits_for_every_parent_across_a_restart(backend: Backend) -> None:
+    daemon = backend.daemon().start()
+    with daemon.client() as client:
+        first = client.enqueue("echo", {"n": 1}, delay=1).job_id
+        second = client.enqueue("echo", {"n": 2}, delay=60).job_id
+        child = client.enqueue("echo", {"n": 3}, after=[first, second]).job_id
+        assert client.wait(first, timeout=30).status == "succeeded"
+        assert client.job(child).blocked == 1
+    assert daemon.stop() == 0
+    daemon = backend.daemon().start()  # the links and the count hold across a restart
+    with daemon.client() as client:
+        assert client.job(child).status == "pending"
+        client.cancel(second)
+        cancelled = client.wait(child, timeout=30)
+        assert cancelled.error == f"parent {second} was cancelled"
+    assert daemon.stop() == 0
+
+
+# -- task hooks ----------------------------------------------------------------------------
+
+HOOK_TASKS = {
+    "build.py": """
+from taskd import define_task
+
+
+@define_task(on_failure="notify", on_success="notify", max_attempts=2, backoff=0)
+async def build(payload: dict) -> str:
+    if payload.get("fail"):
+        raise ValueError("broken build")
+    return "built"
+""",
+    "notify.py": """
+from taskd import define_task
+
+
+@define_task()
+async def notify(payload: dict) -> dict:
+    return payload
+""",
+    "loop.py": """
+from taskd import define_task
+
+
+@define_task(on_failure="loop", max_attempts=1)
+async def loop(payload: dict) -> None:
+    raise ValueError("a hook that fails")
+""",
+    "plain.py": """
+from taskd import define_task
+
+
+@define_task()
+async def plain(payload: dict) -> None:
+    raise ValueError("plain fails")
+""",
+}
+
+
+def hook_tasks(root: Path) -> Path:
+    folder = root / "hook_tasks"
+    folder.mkdir(exist_ok=True)
+    for name, text in HOOK_TASKS.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def hooks_of(daemon: Taskd, job_id: int) -> list[Job]:
+    with daemon.client() as client:
+        return [j for j in client.jobs(limit=100, payloads=True) if j.parent_id == job_id]
+
+
+def test_hooks_on_failure_and_success(backend: Backend, short_tmp: Path) -> None:
+    config = '[task."plain"]\non_failure = "notify"\n'  # a hook from the configuration
+    daemon = backend.daemon(config, tasks=hook_tasks(short_tmp)).start()
+    with daemon.client() as client:
+        good = client.enqueue("build", {}).job_id
+        bad = client.enqueue("build", {"fail": True}).job_id
+        plain = client.enqueue("plain", {}, max_attempts=1).job_id
+        assert client.wait(good, timeout=30).status == "succeeded"
+        assert client.wait(bad, timeout=30).status == "failed"
+        assert client.wait(plain, timeout=30).status == "failed"
+    for job_id, status, error, attempts in (
+        (good, "succeeded", None, 1),
+        (bad, "failed", "ValueError: broken build", 2),  # once, after the last attempt
+        (plain, "failed", "ValueError: plain fails", 1),
+    ):
+        (hook,) = wait_for_hooks(daemon, job_id, 1)
+        assert hook.task == "notify" and hook.origin == "hook"
+        task = "plain" if job_id == plain else "build"
+        expected = {"job": job_id, "task": task, "status": status, "error": error,
+                    "attempts": attempts}  # fmt: skip
+        assert hook.payload == expected and hook.result == expected
+    assert daemon.stop() == 0
+
+
+def test_a_hook_that_fails_triggers_no_hook(backend: Backend, short_tmp: Path) -> None:
+    daemon = backend.daemon(tasks=hook_tasks(short_tmp)).start()
+    with daemon.client() as client:
+        first = client.enqueue("loop", {}).job_id
+        assert client.wait(first, timeout=30).status == "failed"
+        (hook,) = wait_for_hooks(daemon, first, 1)
+        assert client.wait(hook.id, timeout=30).status == "failed"
+        # Had the hook's failure had a hook, it would have been enqueued in the transaction
+        # that recorded that failure, which has committed.
+        assert [j.task for j in client.jobs(task="loop", limit=10)] == ["loop", "loop"]
+    assert daemon.stop() == 0
+
+
+def wait_for_hooks(daemon: Taskd, job_id: int, count: int) -> list[Job]:
+    def found() -> list[Job] | None:
+        hooks = [j for j in hooks_of(daemon, job_id) if j.status in ("succeeded", "failed")]
+        return hooks if len(hooks) >= count else None
+
+    hooks: list[Job] = wait_until(found, timeout=30, what=f"the hooks of job {job_id}")
+    return hooks
+
+
+# -- cron jitter ---------------------------------------------------------------------------
+
+JITTERED = """
+[[schedule]]
+id = "spread"
+cron = "*/2 * * * * *"
+tasks = ["echo"]
+jitter = 1.5
+"""
+
+
+def test_jitter_is_the_same_on_every_daemon_and_within_range(backend: Backend) -> None:
+    count = 2 if backend.name == "postgres" else 1
+    daemons = [backend.daemon(JITTERED, node=node).start() for node in "ab"[:count]]
+
+    def ticks() -> list[Job] | None:
+        with daemons[0].client() as client:
+            jobs = [j for j in client.jobs(task="echo", limit=100, payloads=True)]
+        return jobs if len(jobs) >= 4 else None
+
+    jobs = wait_until(ticks, timeout=60, what="four ticks of the jittered schedule")
+    for daemon in daemons:
+        assert daemon.stop() == 0
+    seen = set()
+    offsets = []
+    for fired in jobs:
+        tick = dt.datetime.fromisoformat(fired.payload["scheduled_time"]).timestamp()
+        assert tick not in seen  # each tick fired once, by one daemon or the other
+        seen.add(tick)
+        assert tick == int(tick) and int(tick) % 2 == 0  # scheduled_time stays the tick
+        offset = fired.run_at - tick
+        offsets.append(offset)
+        assert 0 <= offset < 1.5
+        assert offset == pytest.approx(jitter_offset("spread", tick, 1.5), abs=1e-6)
+        if fired.started_at is not None:  # not before its offset
+            assert fired.started_at >= fired.run_at
+    assert len({round(offset, 6) for offset in offsets}) > 1  # each tick has its own
