@@ -28,6 +28,7 @@ from taskctl.errors import (
 from taskd import protocol
 from taskd.models import (
     AfterFailure,
+    BatchInfo,
     Job,
     JobLogs,
     ScheduleInfo,
@@ -41,8 +42,10 @@ from taskd.protocol import (
     HEADER,
     METHODS,
     PROTOCOL_VERSION,
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
+    EnqueueManyResult,
     EnqueueParams,
     EnqueueResult,
     HelloParams,
@@ -119,6 +122,19 @@ def seconds(value: float | str | dt.timedelta | None) -> float | None:
 def timestamp(value: float | dt.datetime | None) -> float | None:
     """A Unix timestamp from a number or a datetime (naive datetimes are local time)."""
     return value if value is None or isinstance(value, float | int) else value.timestamp()
+
+
+class Enqueued(list[EnqueueResult]):
+    """What `enqueue_many` returns: a result per job, in order; and `batch`, the batch's id
+    when it was given `on_finish` (else None)."""
+
+    batch: int | None = None
+
+    @classmethod
+    def of(cls, result: EnqueueManyResult) -> Enqueued:
+        enqueued = cls(result.jobs)
+        enqueued.batch = result.batch
+        return enqueued
 
 
 def enqueue_params(
@@ -413,10 +429,16 @@ class Client:
         )
         return self._call(protocol.ENQUEUE, params)
 
-    def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
+    def enqueue_many(self, jobs: list[EnqueueParams], on_finish: str | None = None) -> Enqueued:
         """Enqueue a batch in one round trip and one transaction (build items with
-        `taskctl.enqueue_params`); nothing is enqueued if one is invalid."""
-        return self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs)).jobs
+        `taskctl.enqueue_params`); nothing is enqueued if one is invalid. With `on_finish`,
+        the jobs are a batch (its id: `.batch` of the result) and that task is enqueued once
+        they have all ended, with {"batch", "succeeded", "failed", "cancelled"}."""
+        return Enqueued.of(self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs, on_finish)))
+
+    def batch(self, batch_id: int) -> BatchInfo:
+        """A batch's progress: its jobs by status, and its callback once they have ended."""
+        return self._call(protocol.BATCH, BatchParams(batch_id))
 
     def job(self, job_id: int) -> Job:
         """The job, with the errors of all its attempts."""

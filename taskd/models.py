@@ -21,7 +21,7 @@ FINISHED_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 Access = Literal["full", "readonly"]
 
 # What created a job: `taskctl run`/Client.run, `enqueue`, a cron tick, or a task calling another.
-JobOrigin = Literal["run", "enqueue", "schedule", "task", "hook"]
+JobOrigin = Literal["run", "enqueue", "schedule", "task", "hook", "batch"]
 # What a job waiting for others (`after`) does when one of them fails or is cancelled:
 # "cancel" it (and, in turn, the jobs waiting for it), or "run" it all the same.
 AfterFailure = Literal["cancel", "run"]
@@ -105,6 +105,7 @@ class Job(msgspec.Struct):
     after_failure: AfterFailure = "cancel"  # what a parent that fails or is cancelled does
     parents: list[int] = []  # the jobs it waits for (`after`); filled by the `job` method only
     children: list[int] = []  # the jobs waiting for it; filled by the `job` method only
+    batch_id: int | None = None  # the batch (`enqueue_many` with `on_finish`) it belongs to
 
 
 class Hook(msgspec.Struct, frozen=True):
@@ -112,6 +113,20 @@ class Hook(msgspec.Struct, frozen=True):
 
     task: str
     max_attempts: int
+
+
+class BatchInfo(msgspec.Struct, frozen=True):
+    """A batch of jobs (`enqueue_many` with `on_finish`): its jobs by status, how many have
+    ended, and its callback job once they all have."""
+
+    id: int
+    total: int
+    ended: int
+    counts: dict[str, int]  # jobs by status
+    created_at: float
+    on_finish: str | None = None
+    finished_at: float | None = None  # when its last job ended
+    callback_id: int | None = None  # the job of on_finish, once enqueued
 
 
 class TaskInfo(msgspec.Struct, frozen=True):

@@ -20,6 +20,7 @@ import msgspec
 from taskd.models import (
     Access,
     AfterFailure,
+    BatchInfo,
     Job,
     JobLogs,
     JobStatus,
@@ -331,10 +332,14 @@ ENQUEUE = Method(
 
 class EnqueueManyParams(Params):
     jobs: list[EnqueueParams]
+    # Make the jobs a batch, and enqueue this task once they have all ended, with the
+    # payload {"batch", "succeeded", "failed", "cancelled"}.
+    on_finish: str | None = None
 
 
 class EnqueueManyResult(msgspec.Struct, frozen=True):
     jobs: list[EnqueueResult]
+    batch: int | None = None  # the batch's id, with `on_finish`
 
 
 ENQUEUE_MANY = Method(
@@ -343,6 +348,19 @@ ENQUEUE_MANY = Method(
     EnqueueManyResult,
     writes=True,
     help="enqueue a batch in one transaction; nothing is enqueued if one is invalid",
+)
+
+
+class BatchParams(Params):
+    id: Int64
+
+
+BATCH = Method(
+    "batch",
+    BatchParams,
+    BatchInfo,
+    help="show a batch's progress: its jobs by status, and its on_finish callback",
+    examples=("taskctl batch 42", "taskctl batch 42 --json"),
 )
 
 
@@ -633,9 +651,9 @@ WHY = Method(
 METHODS: dict[str, Method[Any, Any]] = {
     method.name: method
     for method in (
-        HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, JOB, JOBS, WAIT, CANCEL, RETRY, STATUS,
-        PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE, METRICS,
-        LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
+        HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, BATCH, JOB, JOBS, WAIT, CANCEL, RETRY,
+        STATUS, PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE,
+        METRICS, LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
     )
 }  # fmt: skip
 

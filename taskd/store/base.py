@@ -49,6 +49,7 @@ import msgspec
 
 from taskd.models import (
     AfterFailure,
+    BatchInfo,
     FiredJob,
     Hook,
     Job,
@@ -129,6 +130,7 @@ class NewJob(msgspec.Struct, frozen=True):
     run_at: float | None = None
     after: tuple[int, ...] = ()
     after_failure: AfterFailure = "cancel"
+    batch_id: int | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -321,6 +323,16 @@ class Store(Protocol):
 
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         """Mark a running job as waiting for another job (or no longer); False if fenced."""
+
+    async def insert_batch(
+        self, new: Sequence[NewJob], on_finish: Hook | None = None
+    ) -> tuple[int, list[Inserted]]:
+        """Insert jobs as a batch in one transaction; its id, and the jobs' as `insert`. Once
+        every job of the batch has ended, `on_finish` is enqueued (exactly once) with the
+        payload {"batch", "succeeded", "failed", "cancelled"} (lists of ids)."""
+
+    async def batch(self, batch_id: int) -> BatchInfo | None:
+        """A batch's progress and its jobs by status; None if there is no such batch."""
 
     async def recover(
         self, quarantine_after: int, on_failure: Mapping[str, Hook] | None = None

@@ -237,7 +237,7 @@ VARYING = [
 # Job ids in output: taskctl enqueue's and run --detach's line, `job N`, a result's "job".
 JOB_IDS = re.compile(r"^(\d+)$|\bjob (\d+)\b|\"job\":(\d+)", flags=re.M)
 # Arguments that are job ids.
-JOB_ARGUMENTS = re.compile(r"(\btaskctl (?:job|logs|why|wait|cancel|retry) |--after )(\d+)\b")
+JOB_ARGUMENTS = re.compile(r"(\btaskctl (?:job|logs|why|wait|cancel|retry|batch) |--after )(\d+)\b")
 # What `run` and `wait` print on stderr of a job's progress where it is no terminal; on a
 # terminal it is a bar, redrawn in place and cleared at the end, as the samples show it.
 PROGRESS_LINE = re.compile(r"^\d+(\.\d+)?(/\d+(\.\d+)?)?( .*)?$")
@@ -512,7 +512,11 @@ def help_examples() -> list[str]:
 
 
 def job_for(example: str, root: Path) -> str:
-    """A job id that suits the example: one to cancel, one to retry, else a finished one."""
+    """A job id that suits the example: one to cancel, one to retry, else a finished one;
+    for `taskctl batch`, a batch's id."""
+    if example.startswith("taskctl batch"):
+        made = bash("echo '{}' | taskctl enqueue hello --each - --on-finish hello", root)
+        return made.stdout.strip()
     if re.match(r"taskctl (cancel|retry) ", example):
         job_id = bash("taskctl enqueue hello --delay 1h", root).stdout.strip()
         if example.startswith("taskctl retry"):

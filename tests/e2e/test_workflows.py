@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from taskctl import enqueue_params
 from taskd.models import Job
 from taskd.schedules import jitter_offset
 from tests.backends import drop_schema, postgres_url, unique_schema
@@ -184,6 +185,19 @@ from taskd import define_task
 async def loop(payload: dict) -> None:
     raise ValueError("a hook that fails")
 """,
+    "item.py": """
+import asyncio
+
+from taskd import define_task
+
+
+@define_task(max_attempts=1)
+async def item(payload: dict) -> int:
+    await asyncio.sleep(payload.get("sleep", 0))
+    if payload.get("fail"):
+        raise ValueError(f"item {payload['n']} fails")
+    return payload["n"]
+""",
     "plain.py": """
 from taskd import define_task
 
@@ -291,3 +305,98 @@ def test_jitter_is_the_same_on_every_daemon_and_within_range(backend: Backend) -
         if fired.started_at is not None:  # not before its offset
             assert fired.started_at >= fired.run_at
     assert len({round(offset, 6) for offset in offsets}) > 1  # each tick has its own
+
+
+# -- batches -------------------------------------------------------------------------------
+
+
+def callbacks(daemon: Taskd) -> list[Job]:
+    with daemon.client() as client:
+        return [j for j in client.jobs(task="notify", limit=100, payloads=True)]
+
+
+def wait_for_callback(daemon: Taskd, batch: int) -> Job:
+    def done() -> Job | None:
+        with daemon.client() as client:
+            info = client.batch(batch)
+            if info.callback_id is None:
+                return None
+            return client.wait(info.callback_id, timeout=30)
+
+    job: Job = wait_until(done, timeout=120, what=f"the callback of batch {batch}")
+    return job
+
+
+def check_batch(daemon: Taskd, batch: int, ids: list[int], failing: set[int]) -> None:
+    callback = wait_for_callback(daemon, batch)
+    assert callback.origin == "batch" and callback.status == "succeeded"
+    expected_failed = sorted(ids[n] for n in failing)
+    assert callback.payload == {
+        "batch": batch,
+        "succeeded": sorted(set(ids) - set(expected_failed)),
+        "failed": expected_failed,
+        "cancelled": [],
+    }
+    assert [j.origin for j in callbacks(daemon)] == ["batch"]  # exactly once
+    shown = daemon.ctl("batch", str(batch))
+    assert shown.returncode == 0, shown.stderr
+    total = len(ids)
+    assert f"batch {batch}: {total}/{total} ended, {len(failing)} failed" in shown.stdout
+    info = json.loads(daemon.ctl("--json", "batch", str(batch)).stdout)
+    counts = {"succeeded": total - len(failing), "failed": len(failing)}
+    assert info["counts"] == {status: n for status, n in counts.items() if n}
+
+
+def test_a_batch_fires_its_callback_once(backend: Backend, short_tmp: Path) -> None:
+    daemon = backend.daemon("workers = 8\n", tasks=hook_tasks(short_tmp)).start()
+    failing = {3, 500, 999}
+    payloads = short_tmp / "payloads.jsonl"
+    payloads.write_text("".join(json.dumps({"n": n, "fail": n in failing}) + "\n"
+                                for n in range(1000)))  # fmt: skip
+    done = daemon.ctl("enqueue", "item", "--each", f"@{payloads}", "--on-finish", "notify")
+    assert done.returncode == 0, done.stderr
+    batch = int(done.stdout)
+    with daemon.client() as client:
+        ids = sorted(j.id for j in client.jobs(task="item", limit=1000))
+    assert len(ids) == 1000
+    check_batch(daemon, batch, ids, failing)
+    with daemon.client() as client:  # an empty batch ends at once; with the Python client
+        empty = client.enqueue_many([], on_finish="notify")
+        assert empty.batch is not None and client.batch(empty.batch).finished_at is not None
+    assert daemon.stop() == 0
+
+
+def test_a_batch_survives_kill_9_halfway(backend: Backend, short_tmp: Path) -> None:
+    daemon = backend.daemon("workers = 4\n", tasks=hook_tasks(short_tmp)).start()
+    failing = {7, 400}
+    # A job running at the kill loses an attempt: those that succeed have a second one.
+    jobs = [enqueue_params("item", {"n": n, "fail": n in failing, "sleep": 0.01},
+                           max_attempts=1 if n in failing else 2)
+            for n in range(1000)]  # fmt: skip
+    with daemon.client() as client:
+        enqueued = client.enqueue_many(jobs, on_finish="notify")
+        batch = enqueued.batch
+        assert batch is not None
+        ids = [result.job_id for result in enqueued]
+        wait_until(lambda: client.batch(batch).ended >= 300, timeout=60, what="300 ended")
+    daemon.kill()
+    daemon = backend.daemon("workers = 4\n", tasks=hook_tasks(short_tmp)).start()
+    check_batch(daemon, batch, ids, failing)
+    assert daemon.stop() == 0
+
+
+def test_two_daemons_drain_a_batch_together(short_tmp: Path, taskd_factory: type[Taskd]) -> None:
+    backend = Backend("postgres", taskd_factory, short_tmp)
+    try:
+        tasks = hook_tasks(short_tmp)
+        first, second = (backend.daemon("workers = 4\n", node=n, tasks=tasks).start()
+                         for n in "ab")  # fmt: skip
+        jobs = [enqueue_params("item", {"n": n, "sleep": 0.005}) for n in range(1000)]
+        with first.client() as client:
+            enqueued = client.enqueue_many(jobs, on_finish="notify")
+        assert enqueued.batch is not None
+        check_batch(second, enqueued.batch, [r.job_id for r in enqueued], set())
+        for daemon in (first, second):
+            assert daemon.stop() == 0
+    finally:
+        backend.close()

@@ -77,9 +77,9 @@ def lock_parents(tx: Tx, jobs: Sequence[NewJob]) -> Steps[dict[int, JobStatus]]:
 
 def link_children(
     tx: Tx, jobs: Sequence[NewJob], inserted: Sequence[Inserted], parents: dict[int, JobStatus]
-) -> Steps[None]:
+) -> Steps[list[Job]]:
     """Link the new jobs to their parents; hold those with parents still to end, and decide
-    at once those whose parents have all ended."""
+    at once those whose parents have all ended; the jobs it cancelled."""
     links: list[dict[str, int]] = []
     cancel: dict[int, str] = {}
     for job, result in zip(jobs, inserted, strict=True):
@@ -98,13 +98,14 @@ def link_children(
             tx.notes.new.pop(child, None)  # not due: nobody need wake up for it
     if links:
         yield Statement(LINK_SQL, links, many=True)
-    yield from _cancel(tx, cancel)  # new jobs: none waits for them yet
+    return (yield from _cancel(tx, cancel))  # new jobs: none waits for them yet
 
 
-def settle_children(tx: Tx, jobs: Sequence[Job | None]) -> Steps[None]:
+def settle_children(tx: Tx, jobs: Sequence[Job | None]) -> Steps[list[Job]]:
     """The children of the jobs that ended: counted down (and due once they wait for no
-    parent), or cancelled, and so on down their own children."""
+    parent), or cancelled, and so on down their own children; the jobs it cancelled."""
     ended = {job.id: job.status for job in jobs if job is not None and job.status in FINISHED}
+    cancelled: list[Job] = []
     while ended:
         cancel: dict[int, str] = {}
         counted: Counter[int] = Counter()
@@ -118,7 +119,10 @@ def settle_children(tx: Tx, jobs: Sequence[Job | None]) -> Steps[None]:
             counted.pop(child, None)
         yield from _count_down(tx, counted)
         # The children it cancelled are ended parents in turn.
-        ended = {job.id: job.status for job in (yield from _cancel(tx, cancel))}
+        round_ = yield from _cancel(tx, cancel)
+        cancelled += round_
+        ended = {job.id: job.status for job in round_}
+    return cancelled
 
 
 def parent_ended(parent: int, status: str) -> str:

@@ -8,6 +8,7 @@ PostgreSQL write differently are their dialects'.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NoReturn, cast
 
 import msgspec
@@ -24,7 +25,7 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
-from taskd.store.core import deps
+from taskd.store.core import batches, deps
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
@@ -107,7 +108,8 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
         if not remaining:
             inserted = cast(list[Inserted], results)  # a round fills in each job it returns not
             if parents:
-                yield from deps.link_children(tx, jobs, inserted, parents)
+                decided = yield from deps.link_children(tx, jobs, inserted, parents)
+                yield from jobs_ended(tx, decided)
             return inserted
     raise StoreError("could not insert jobs: the active jobs with their keys kept changing")
 
@@ -209,7 +211,7 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
         if outcome.hook is not None and outcome.job_id in updated
     ]
     yield from enqueue_hooks(tx, hooks)
-    yield from deps.settle_children(tx, list(updated.values()))
+    yield from jobs_ended(tx, list(updated.values()))
     return [updated.get(outcome.job_id) for outcome in outcomes]
 
 
@@ -221,6 +223,43 @@ def finish_and_claim(
     for outcomes, request in items:
         jobs = (yield from finish_jobs(tx, outcomes)) if outcomes else []
         results.append(Finished(jobs=jobs, claimed=(yield from claim(tx, request))))
+    return results
+
+
+def jobs_ended(tx: Tx, jobs: Sequence[Job | None]) -> Steps[None]:
+    """What the end of jobs decides in their transaction: their children (due, or cancelled
+    in turn), and the batches this finishes, whose callbacks it enqueues."""
+    ended = [job for job in jobs if job is not None]
+    if not ended:
+        return
+    ended += yield from deps.settle_children(tx, ended)
+    if not any(job.batch_id is not None for job in ended):
+        return
+    yield from _enqueue_callbacks(tx, (yield from batches.count_ended(tx, ended)))
+
+
+def _enqueue_callbacks(tx: Tx, finished: list[tuple[int, NewJob | None]]) -> Steps[None]:
+    callbacks = [(batch, job) for batch, job in finished if job is not None]
+    if callbacks:
+        inserted = yield from insert_jobs(tx, [job for _, job in callbacks])
+        for (batch, _), result in zip(callbacks, inserted, strict=True):
+            yield batches.record_callback(batch, result.job_id)
+
+
+def insert_batches(
+    tx: Tx, items: list[tuple[list[NewJob], Hook | None]]
+) -> Steps[list[tuple[int, list[Inserted]]]]:
+    """Jobs inserted as a batch: its id, and theirs; its callback (a Hook) is enqueued in
+    the transaction that ends its last job."""
+    results = []
+    for jobs, on_finish in items:
+        batch = yield from batches.create(tx, len(jobs), on_finish)
+        members = [msgspec.structs.replace(job, batch_id=batch) for job in jobs]
+        inserted = yield from insert_jobs(tx, members)
+        duplicates = sum(result.duplicate for result in inserted)
+        if duplicates or not jobs:
+            yield from _enqueue_callbacks(tx, (yield from batches.joined(tx, batch, duplicates)))
+        results.append((batch, inserted))
     return results
 
 
@@ -284,7 +323,7 @@ def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list
             if job.status == "failed" and job.task in on_failure
         ]
         yield from enqueue_hooks(tx, hooks)
-        yield from deps.settle_children(tx, jobs)
+        yield from jobs_ended(tx, jobs)
         results.append(jobs)
     return results
 
@@ -301,7 +340,7 @@ def cancel_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
         job = job_from_row(rows[0])
         tx.notes.finished.append(job)
         tx.notes.cancelled.append(job.id)
-        yield from deps.settle_children(tx, [job])
+        yield from jobs_ended(tx, [job])
         jobs.append(job)
     return jobs
 
@@ -311,6 +350,7 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
     holds the key)."""
     jobs = []
     for job_id in job_ids:
+        yield from batches.uncount(tx, job_id)
         rows = yield Statement(
             "UPDATE {s}.jobs SET status = 'pending', attempts = 0, crashes = 0, run_at = :now,"
             " started_at = NULL, finished_at = NULL, result = NULL, error = NULL,"

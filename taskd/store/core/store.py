@@ -9,7 +9,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import wraps
 from typing import Any, ClassVar, TypeVar, cast
 
-from taskd.models import FINISHED_STATUSES, Hook, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
+from taskd.models import (
+    FINISHED_STATUSES,
+    BatchInfo,
+    Hook,
+    Job,
+    JobLogs,
+    JobStatus,
+    NodeInfo,
+    TaskCounts,
+)
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -27,7 +36,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.batching import GroupCommit
-from taskd.store.core import activity, jobs, nodes, reads, schedules
+from taskd.store.core import activity, batches, jobs, nodes, reads, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
 from taskd.store.core.notes import Notes, tell
@@ -146,6 +155,17 @@ class SqlStore:
         # Linking jobs to their parents takes several statements: a transaction.
         writer = self._commits if any(job.after for job in new) else self._inserts
         return await writer.submit(jobs.insert_jobs, list(new))
+
+    @store_write
+    async def insert_batch(
+        self, new: Sequence[NewJob], on_finish: Hook | None = None
+    ) -> tuple[int, list[Inserted]]:
+        (result,) = await self._commits.submit(jobs.insert_batches, [(list(new), on_finish)])
+        return result
+
+    @store_read
+    async def batch(self, batch_id: int) -> BatchInfo | None:
+        return await self._read(batches.batch_info, batch_id)
 
     @store_write
     async def insert_and_claim(

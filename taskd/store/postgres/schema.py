@@ -158,6 +158,25 @@ MIGRATIONS: list[list[str]] = [
         )
         """,
         "CREATE INDEX job_deps_child ON {s}.job_deps (child_id)",
+        # Batches (`enqueue_many(..., on_finish=TASK)`): a counter row each, so that a job's
+        # end costs one update of it, never a scan of the batch.
+        "ALTER TABLE {s}.jobs ADD COLUMN batch_id bigint",
+        "CREATE INDEX jobs_batch ON {s}.jobs (batch_id) WHERE batch_id IS NOT NULL",
+        """
+        CREATE TABLE {s}.batches (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            on_finish text,
+            on_finish_attempts integer NOT NULL DEFAULT 3,
+            total integer NOT NULL,
+            ended integer NOT NULL DEFAULT 0,
+            succeeded integer NOT NULL DEFAULT 0,
+            failed integer NOT NULL DEFAULT 0,
+            cancelled integer NOT NULL DEFAULT 0,
+            created_at double precision NOT NULL,
+            finished_at double precision,
+            callback_id bigint
+        )
+        """,
     ],
 ]
 

@@ -173,6 +173,25 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID
         """,
         "CREATE INDEX job_deps_child ON job_deps (child_id)",
+        # Batches (`enqueue_many(..., on_finish=TASK)`): a counter row each, so that a job's
+        # end costs one update of it, never a scan of the batch.
+        "ALTER TABLE jobs ADD COLUMN batch_id INTEGER",
+        "CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL",
+        """
+        CREATE TABLE batches (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            on_finish TEXT,
+            on_finish_attempts INTEGER NOT NULL DEFAULT 3,
+            total INTEGER NOT NULL,
+            ended INTEGER NOT NULL DEFAULT 0,
+            succeeded INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            cancelled INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            callback_id INTEGER
+        )
+        """,
     ],
 ]
 
