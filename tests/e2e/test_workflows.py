@@ -17,6 +17,7 @@ from taskctl import enqueue_params
 from taskd.models import Job
 from taskd.schedules import jitter_offset
 from tests.backends import drop_schema, postgres_url, unique_schema
+from tests.http_support import HttpClient, http_config
 from tests.support import Taskd, wait_until
 
 BACKENDS = ["sqlite", "postgres"]
@@ -400,3 +401,23 @@ def test_two_daemons_drain_a_batch_together(short_tmp: Path, taskd_factory: type
             assert daemon.stop() == 0
     finally:
         backend.close()
+
+
+def test_after_and_batches_over_http(backend: Backend, short_tmp: Path) -> None:
+    daemon = backend.daemon(http_config(), tasks=hook_tasks(short_tmp)).start()
+    api = HttpClient.of(daemon)
+    parent = api.post("/jobs", {"task": "item", "payload": {"n": 1}, "delay": "1h"}).json()
+    child = api.post("/jobs", {"task": "item", "payload": {"n": 2}, "after": [parent["job_id"]]})
+    assert child.status == 201, child.json()
+    shown = api.get(f"/jobs/{child.json()['job_id']}").json()
+    assert shown["status"] == "pending" and shown["parents"] == [parent["job_id"]]
+    missing = api.post("/jobs", {"task": "item", "payload": {"n": 3}, "after": [999999]})
+    assert missing.status == 404 and missing.json()["error"]["code"] == "unknown_job"
+    with daemon.client() as client:
+        batch = client.enqueue_many([enqueue_params("item", {"n": 4})], on_finish="notify").batch
+    assert batch is not None
+    wait_until(lambda: api.get(f"/batches/{batch}").json()["callback_id"], timeout=30)
+    reply = api.get(f"/batches/{batch}").json()
+    assert reply["total"] == reply["ended"] == 1 and reply["counts"] == {"succeeded": 1}
+    assert api.get("/batches/999999").status == 404
+    assert daemon.stop() == 0
