@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 from pathlib import Path
@@ -30,7 +31,7 @@ def chain(client: Client, length: int) -> list[float]:
     jobs = [client.job(job_id) for job_id in ids]
     return [
         child.started_at - parent.finished_at
-        for parent, child in zip(jobs, jobs[1:], strict=False)
+        for parent, child in itertools.pairwise(jobs)
         if child.started_at is not None and parent.finished_at is not None
     ]
 
