@@ -199,6 +199,15 @@ async def item(payload: dict) -> int:
         raise ValueError(f"item {payload['n']} fails")
     return payload["n"]
 """,
+    "fanout.py": """
+from taskd import TaskContext, define_task
+
+
+@define_task()
+async def fanout(payload: dict, ctx: TaskContext) -> int:
+    # A job that runs once this one has succeeded.
+    return await ctx.enqueue("notify", {"after": ctx.job_id}, after=[ctx.job_id])
+""",
     "plain.py": """
 from taskd import define_task
 
@@ -257,6 +266,18 @@ def test_a_hook_that_fails_triggers_no_hook(backend: Backend, short_tmp: Path) -
         # Had the hook's failure had a hook, it would have been enqueued in the transaction
         # that recorded that failure, which has committed.
         assert [j.task for j in client.jobs(task="loop", limit=10)] == ["loop", "loop"]
+    assert daemon.stop() == 0
+
+
+def test_a_task_enqueues_a_job_that_waits_for_it(backend: Backend, short_tmp: Path) -> None:
+    daemon = backend.daemon(tasks=hook_tasks(short_tmp)).start()
+    with daemon.client() as client:
+        parent = client.run("fanout", {}, max_attempts=1)  # its result: the child's id
+        child = client.wait(parent, timeout=30)
+        assert child.status == "succeeded" and client.job(child.id).parents
+        (fanout,) = client.jobs(task="fanout", limit=1)
+        assert child.started_at is not None and fanout.finished_at is not None
+        assert child.started_at >= fanout.finished_at
     assert daemon.stop() == 0
 
 
@@ -420,4 +441,6 @@ def test_after_and_batches_over_http(backend: Backend, short_tmp: Path) -> None:
     reply = api.get(f"/batches/{batch}").json()
     assert reply["total"] == reply["ended"] == 1 and reply["counts"] == {"succeeded": 1}
     assert api.get("/batches/999999").status == 404
+    assert daemon.ctl("prune", "--older-than", "0s").returncode == 0  # finished: pruned too
+    assert api.get(f"/batches/{batch}").status == 404
     assert daemon.stop() == 0

@@ -233,8 +233,10 @@ class SqlStore:
         for status, age in older_than.items():
             deleted += await self._in_slices(jobs.prune_jobs, (status, age))
         if (ticks_age := older_than.get("succeeded")) is not None:
-            # A tick's record is kept as long as the succeeded jobs it may have started.
+            # A tick's record is kept as long as the succeeded jobs it may have started; a
+            # batch's, as long as its jobs.
             await self._in_slices(schedules.prune_ticks, ticks_age)
+            await self._in_slices(batches.prune_batches, ticks_age)
         return deleted
 
     async def _in_slices(self, operation: Operation, item: Any) -> int:
