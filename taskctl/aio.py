@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from taskctl.client import (
     CLIENT_MAX_FRAME,
     MAX_HELD_EVENTS,
     Client,
+    Enqueued,
     enqueue_params,
     hello_params,
     job_result,
@@ -33,9 +34,10 @@ from taskctl.client import (
 )
 from taskctl.errors import ProtocolError, TaskdError
 from taskd import protocol
-from taskd.models import Job, JobLogs, ScheduleInfo, Status, TaskInfo
+from taskd.models import AfterFailure, BatchInfo, Job, JobLogs, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
     HEADER,
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
     EnqueueParams,
@@ -248,6 +250,8 @@ class AsyncClient:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        after: Sequence[int] = (),
+        after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
         params = enqueue_params(
             task,
@@ -257,11 +261,19 @@ class AsyncClient:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            after=after,
+            after_failure=after_failure,
         )
         return await self._call(protocol.ENQUEUE, params)
 
-    async def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
-        return (await self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs))).jobs
+    async def enqueue_many(
+        self, jobs: list[EnqueueParams], on_finish: str | None = None
+    ) -> Enqueued:
+        params = EnqueueManyParams(jobs, on_finish)
+        return Enqueued.of(await self._call(protocol.ENQUEUE_MANY, params))
+
+    async def batch(self, batch_id: int) -> BatchInfo:
+        return await self._call(protocol.BATCH, BatchParams(batch_id))
 
     async def job(self, job_id: int) -> Job:
         return await self._call(protocol.JOB, JobParams(job_id))

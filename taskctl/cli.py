@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 import msgspec
 
 from taskctl import errors
-from taskctl.client import WAIT_MARGIN, Client
+from taskctl.client import WAIT_MARGIN, Client, enqueue_params
 from taskd import __version__, protocol
 from taskd.models import (
     FINISHED_STATUSES,
@@ -263,10 +263,39 @@ def _next_attempt(job: Any, error: Any) -> str:
     return f"{said}; retrying in {format_duration(wait)}" if wait > 0 else f"{said}; retrying now"
 
 
+def read_payloads(spec: str) -> list[Any]:
+    """--each: a file (@FILE) or stdin (-) of JSON payloads, one a line (blank lines skipped)."""
+    name = "stdin" if spec == "-" else spec.removeprefix("@")
+    if spec != "-" and not spec.startswith("@"):
+        raise UsageError(f"--each takes @FILE or -, got {spec!r}: one JSON payload a line")
+    try:
+        if spec == "-":
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            with open(name, "rb") as file:
+                lines = file.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read payloads file {name}: {exc.strerror}") from None
+    payloads = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                payloads.append(msgspec.json.decode(line))
+            except msgspec.DecodeError as exc:
+                raise UsageError(f"{name} line {number} is not valid JSON: {exc}") from None
+    if not payloads:
+        raise UsageError(f"{name} holds no payloads: write one JSON payload a line")
+    return payloads
+
+
 def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
-    payload = read_payload(args.payload)
     if args.delay is not None and args.at is not None:
         raise UsageError("give --delay or --at, not both")
+    if args.each is not None:
+        return _enqueue_each(client, args)
+    if args.on_finish is not None:
+        raise UsageError("--on-finish needs --each: it runs once the batch's jobs have ended")
+    payload = read_payload(args.payload)
     result = client.enqueue(
         args.task,
         payload,
@@ -275,6 +304,8 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         priority=args.priority,
         max_attempts=args.max_attempts,
         key=args.key,
+        after=args.after or (),
+        after_failure="run" if args.after_failure == "run" else "cancel",
     )
     if args.json:
         _render().print_json(result)
@@ -287,6 +318,38 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
                 file=sys.stderr,
             )
     return Exit.OK
+
+
+def _enqueue_each(client: Client, args: argparse.Namespace) -> Exit:
+    """One job per payload of --each, in one transaction; with --on-finish, a batch."""
+    if args.payload is not None or args.key is not None:
+        raise UsageError("--each gives each job its payload: leave out --payload and --key")
+    jobs = [
+        enqueue_params(
+            args.task,
+            payload,
+            delay=args.delay,
+            run_at=args.at,
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            after=args.after or (),
+            after_failure="run" if args.after_failure == "run" else "cancel",
+        )
+        for payload in read_payloads(args.each)
+    ]
+    enqueued = client.enqueue_many(jobs, on_finish=args.on_finish)
+    if args.json:
+        _render().print_json({"batch": enqueued.batch, "jobs": list(enqueued)})
+    elif enqueued.batch is not None:
+        print(enqueued.batch)
+    else:
+        print("\n".join(str(result.job_id) for result in enqueued))
+    return Exit.OK
+
+
+def cmd_batch(client: Client, args: argparse.Namespace) -> Exit:
+    batch = client.batch(args.id)
+    return _show(args, batch, lambda: _render().batch_detail(batch))
 
 
 def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
@@ -585,6 +648,19 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)),
         Arg("--key", metavar="K",
             help="unique key: no second pending or running job with this key"),
+        Arg("--after", type=positive_int, action="append", metavar="ID",
+            help="wait until job ID has succeeded (repeat for several jobs)"),
+        Arg("--after-failure", choices=("cancel", "run"), default="cancel",
+            help="when a job of --after fails or is cancelled: cancel this one too (default), "
+            "or run it all the same"),
+        Arg("--each", metavar="@FILE",
+            help="one job per line of FILE (JSON payloads; - for stdin), in one transaction"),
+        Arg("--on-finish", metavar="TASK", complete="tasks",
+            help="with --each: make the jobs a batch, and enqueue TASK once they have all ended"),
+    )),
+    Command("batch", cmd_batch, protocol.BATCH, (
+        Arg("id", type=positive_int, metavar="BATCH",
+            help="a batch id, as enqueue --each prints it"),
     )),
     Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
     Command("jobs", cmd_jobs, protocol.JOBS, (

@@ -12,7 +12,7 @@ import collections
 import errno
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -27,6 +27,8 @@ from taskctl.errors import (
 )
 from taskd import protocol
 from taskd.models import (
+    AfterFailure,
+    BatchInfo,
     Job,
     JobLogs,
     ScheduleInfo,
@@ -40,8 +42,10 @@ from taskd.protocol import (
     HEADER,
     METHODS,
     PROTOCOL_VERSION,
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
+    EnqueueManyResult,
     EnqueueParams,
     EnqueueResult,
     HelloParams,
@@ -120,6 +124,19 @@ def timestamp(value: float | dt.datetime | None) -> float | None:
     return value if value is None or isinstance(value, float | int) else value.timestamp()
 
 
+class Enqueued(list[EnqueueResult]):
+    """What `enqueue_many` returns: a result per job, in order; and `batch`, the batch's id
+    when it was given `on_finish` (else None)."""
+
+    batch: int | None = None
+
+    @classmethod
+    def of(cls, result: EnqueueManyResult) -> Enqueued:
+        enqueued = cls(result.jobs)
+        enqueued.batch = result.batch
+        return enqueued
+
+
 def enqueue_params(
     task: str,
     payload: Any = None,
@@ -129,8 +146,11 @@ def enqueue_params(
     priority: int = 0,
     max_attempts: int | None = None,
     key: str | None = None,
+    after: Sequence[int] = (),
+    after_failure: AfterFailure = "cancel",
 ) -> EnqueueParams:
-    """The params of one enqueue; also what `enqueue_many` takes a list of."""
+    """The params of one enqueue; also what `enqueue_many` takes a list of. With `after`,
+    the job waits until those jobs have succeeded (see `after_failure`)."""
     return EnqueueParams(
         task=task,
         payload=encode_payload(payload),
@@ -139,6 +159,8 @@ def enqueue_params(
         priority=priority,
         max_attempts=max_attempts,
         key=key,
+        after=list(after),
+        after_failure=after_failure,
     )
 
 
@@ -387,8 +409,13 @@ class Client:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        after: Sequence[int] = (),
+        after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
-        """Add a job to the queue; `duplicate` says an active job with this key was returned."""
+        """Add a job to the queue; `duplicate` says an active job with this key was returned.
+
+        With `after`, it stays pending until those jobs have succeeded; when one fails or is
+        cancelled it is cancelled too, unless `after_failure="run"`."""
         params = enqueue_params(
             task,
             payload,
@@ -397,13 +424,21 @@ class Client:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            after=after,
+            after_failure=after_failure,
         )
         return self._call(protocol.ENQUEUE, params)
 
-    def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
+    def enqueue_many(self, jobs: list[EnqueueParams], on_finish: str | None = None) -> Enqueued:
         """Enqueue a batch in one round trip and one transaction (build items with
-        `taskctl.enqueue_params`); nothing is enqueued if one is invalid."""
-        return self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs)).jobs
+        `taskctl.enqueue_params`); nothing is enqueued if one is invalid. With `on_finish`,
+        the jobs are a batch (its id: `.batch` of the result) and that task is enqueued once
+        they have all ended, with {"batch", "succeeded", "failed", "cancelled"}."""
+        return Enqueued.of(self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs, on_finish)))
+
+    def batch(self, batch_id: int) -> BatchInfo:
+        """A batch's progress: its jobs by status, and its callback once they have ended."""
+        return self._call(protocol.BATCH, BatchParams(batch_id))
 
     def job(self, job_id: int) -> Job:
         """The job, with the errors of all its attempts."""

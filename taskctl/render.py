@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from taskd.models import (
+    BatchInfo,
     ConnectionStats,
     HttpStats,
     Job,
@@ -191,7 +192,14 @@ def job_detail(job: Job) -> str:
         f"  created:   {stamped(job.created_at, now)}",
     ]
     if job.status == "pending":
-        lines.append(f"  runs at:   {stamped(job.run_at, now)}")
+        parents = "1 parent" if job.blocked == 1 else f"{job.blocked} parents"
+        waits = f" (waiting for {parents})" if job.blocked else ""
+        lines.append(f"  runs at:   {stamped(job.run_at, now)}{waits}")
+    if job.parents:
+        also = "; runs even if one fails" if job.after_failure == "run" else ""
+        lines.append(f"  after:     {', '.join(map(str, job.parents))}{also}")
+    if job.children:
+        lines.append(f"  children:  {', '.join(map(str, job.children))}")
     if job.started_at is not None:
         lines.append(f"  started:   {stamped(job.started_at, now)}")
     if job.finished_at is not None:
@@ -216,6 +224,23 @@ def job_detail(job: Job) -> str:
         lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {error.message}")
         if error.traceback:
             lines.extend("      " + line for line in error.traceback.rstrip().splitlines())
+    return "\n".join(lines)
+
+
+def batch_detail(batch: BatchInfo) -> str:
+    """`batch 3: 812/1000 ended, 3 failed`, its jobs by status, and its callback."""
+    now = time.time()
+    failed = batch.counts.get("failed", 0)
+    lines = [f"batch {batch.id}: {batch.ended}/{batch.total} ended, {failed} failed"]
+    for status in ("pending", "running", "succeeded", "failed", "cancelled"):
+        if batch.counts.get(status):
+            lines.append(f"  {status + ':':<11}{batch.counts[status]}")
+    lines.append(f"  created:   {stamped(batch.created_at, now)}")
+    if batch.finished_at is not None:
+        lines.append(f"  ended:     {stamped(batch.finished_at, now)}")
+    if batch.on_finish is not None:
+        callback = f" (job {batch.callback_id})" if batch.callback_id is not None else ""
+        lines.append(f"  on_finish: {batch.on_finish}{callback}")
     return "\n".join(lines)
 
 

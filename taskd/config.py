@@ -49,6 +49,8 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff: Seconds | None = None
     max_backoff: Seconds | None = None
     concurrency: int | None = None
+    on_failure: str | None = None  # a task enqueued when a job fails after its last attempt
+    on_success: str | None = None  # a task enqueued when a job succeeds
 
     def __post_init__(self) -> None:
         for field in ("max_attempts", "concurrency"):
@@ -67,6 +69,9 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cancelled: Seconds = Seconds(30 * 86400)
 
 
+MAX_JITTER = 86400.0  # a day: a longer spread is a different schedule
+
+
 class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A `[[schedule]]` table: the long form of a `[scheduled_tasks]` entry."""
 
@@ -78,8 +83,14 @@ class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     catch_up: Literal["skip", "latest", "all"] = "skip"
     max_catch_up: int = 10
     enabled: bool = True
+    # Each tick's jobs are due at an offset in [0, jitter) after the tick, the same on every
+    # daemon (derived from the schedule's id and the tick): spreads the load of many daemons
+    # or schedules on one minute, like systemd's RandomizedDelaySec=.
+    jitter: Seconds | None = None
 
     def __post_init__(self) -> None:
+        if self.jitter is not None and not 0 <= self.jitter <= MAX_JITTER:
+            raise ValueError(f"jitter must be 0 to 1 day, got {self.jitter:g} s")
         if self.max_catch_up < 1:
             raise ValueError(f"max_catch_up must be at least 1, got {self.max_catch_up}")
 

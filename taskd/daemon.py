@@ -120,7 +120,7 @@ def build_engine(
     runtime = Runtime(submitter, slots, activity)
     attempts = Attempts(tasks, runtime, threads, worker=worker, max_result=max_payload)
     executor = Executor(store, slots, attempts, activity, news, on_attempt=on_attempt)
-    leases = LeaseKeeper(store, slots, executor, quarantine_after=config.quarantine_after)
+    leases = LeaseKeeper(store, slots, executor, tasks, quarantine_after=config.quarantine_after)
     return Engine(slots, submitter, activity, threads, executor, leases)
 
 
@@ -370,7 +370,8 @@ class Daemon:
         """Register this start of the node; take back the jobs of workers that are gone,
         our own previous start's among them. Returns our worker id."""
         worker = await store.register_node(node, ttl=self.config.lease)
-        recovered = await store.recover(self.config.quarantine_after)
+        hooks = self._tasks().failure_hooks()
+        recovered = await store.recover(self.config.quarantine_after, hooks)
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)
             logger.warning(

@@ -21,7 +21,10 @@ FINISHED_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 Access = Literal["full", "readonly"]
 
 # What created a job: `taskctl run`/Client.run, `enqueue`, a cron tick, or a task calling another.
-JobOrigin = Literal["run", "enqueue", "schedule", "task"]
+JobOrigin = Literal["run", "enqueue", "schedule", "task", "hook", "batch"]
+# What a job waiting for others (`after`) does when one of them fails or is cancelled:
+# "cancel" it (and, in turn, the jobs waiting for it), or "run" it all the same.
+AfterFailure = Literal["cancel", "run"]
 
 # The unique key a `run` uses unless it is given one: at most one active run per task.
 RUN_KEY = "@run"
@@ -98,6 +101,32 @@ class Job(msgspec.Struct):
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []  # filled by the `job` method only
     progress: Progress | None = None  # the latest `ctx.progress` of its latest attempt
+    blocked: int = 0  # parents (`after`) it still waits for; it is pending meanwhile
+    after_failure: AfterFailure = "cancel"  # what a parent that fails or is cancelled does
+    parents: list[int] = []  # the jobs it waits for (`after`); filled by the `job` method only
+    children: list[int] = []  # the jobs waiting for it; filled by the `job` method only
+    batch_id: int | None = None  # the batch (`enqueue_many` with `on_finish`) it belongs to
+
+
+class Hook(msgspec.Struct, frozen=True):
+    """A hook job to enqueue as a job ends: its task, and the attempts that task gives."""
+
+    task: str
+    max_attempts: int
+
+
+class BatchInfo(msgspec.Struct, frozen=True):
+    """A batch of jobs (`enqueue_many` with `on_finish`): its jobs by status, how many have
+    ended, and its callback job once they all have."""
+
+    id: int
+    total: int
+    ended: int
+    counts: dict[str, int]  # jobs by status
+    created_at: float
+    on_finish: str | None = None
+    finished_at: float | None = None  # when its last job ended
+    callback_id: int | None = None  # the job of on_finish, once enqueued
 
 
 class TaskInfo(msgspec.Struct, frozen=True):
@@ -114,6 +143,8 @@ class TaskInfo(msgspec.Struct, frozen=True):
     max_backoff: float | None = None
     concurrency: int | None = None
     payload_schema: dict[str, Any] | None = None
+    on_success: str | None = None  # the task enqueued when one of its jobs succeeds
+    on_failure: str | None = None  # ... and when one fails after its last attempt
 
 
 class FiredJob(msgspec.Struct, frozen=True):

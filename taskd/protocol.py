@@ -19,6 +19,8 @@ import msgspec
 
 from taskd.models import (
     Access,
+    AfterFailure,
+    BatchInfo,
     Job,
     JobLogs,
     JobStatus,
@@ -74,6 +76,15 @@ Key = Annotated[
     ),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST)]
+MAX_PARENTS = 100
+JobId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Parents = Annotated[
+    list[JobId],
+    msgspec.Meta(
+        max_length=MAX_PARENTS,
+        description="ids of jobs this job waits for: it stays pending until all succeeded",
+    ),
+]
 Payload = Annotated[
     msgspec.Raw,
     msgspec.Meta(description="any msgpack value, passed to the task; absent: {}, as in Nitro"),
@@ -294,6 +305,9 @@ class EnqueueParams(Params):
     priority: Priority = 0
     max_attempts: Attempts | None = None
     key: Key | None = None
+    after: Parents = []
+    # A parent that fails or is cancelled cancels the job ("cancel"), or not ("run").
+    after_failure: AfterFailure = "cancel"
 
 
 class EnqueueResult(msgspec.Struct, frozen=True):
@@ -311,16 +325,21 @@ ENQUEUE = Method(
         "taskctl enqueue jobs:send-email --delay 5m --payload "
         """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
         "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
+        "taskctl enqueue hello --after 42",
     ),
 )
 
 
 class EnqueueManyParams(Params):
     jobs: list[EnqueueParams]
+    # Make the jobs a batch, and enqueue this task once they have all ended, with the
+    # payload {"batch", "succeeded", "failed", "cancelled"}.
+    on_finish: str | None = None
 
 
 class EnqueueManyResult(msgspec.Struct, frozen=True):
     jobs: list[EnqueueResult]
+    batch: int | None = None  # the batch's id, with `on_finish`
 
 
 ENQUEUE_MANY = Method(
@@ -329,6 +348,19 @@ ENQUEUE_MANY = Method(
     EnqueueManyResult,
     writes=True,
     help="enqueue a batch in one transaction; nothing is enqueued if one is invalid",
+)
+
+
+class BatchParams(Params):
+    id: Int64
+
+
+BATCH = Method(
+    "batch",
+    BatchParams,
+    BatchInfo,
+    help="show a batch's progress: its jobs by status, and its on_finish callback",
+    examples=("taskctl batch 42", "taskctl batch 42 --json"),
 )
 
 
@@ -619,9 +651,9 @@ WHY = Method(
 METHODS: dict[str, Method[Any, Any]] = {
     method.name: method
     for method in (
-        HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, JOB, JOBS, WAIT, CANCEL, RETRY, STATUS,
-        PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE, METRICS,
-        LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
+        HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, BATCH, JOB, JOBS, WAIT, CANCEL, RETRY,
+        STATUS, PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE,
+        METRICS, LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
     )
 }  # fmt: skip
 

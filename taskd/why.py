@@ -22,6 +22,7 @@ class Facts(msgspec.Struct, frozen=True):
     busy: int  # this daemon's slots taken
     workers: int
     stopping: bool
+    parents: tuple[tuple[int, str, str], ...] = ()  # (id, task, status) of those it waits for
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
@@ -45,7 +46,7 @@ def _named_moment(job: Job, now: float) -> float | None:
         return job.started_at
     if job.status in ("succeeded", "failed", "cancelled"):
         return job.finished_at
-    return job.run_at if job.run_at > now else None
+    return job.run_at if job.run_at > now and not job.blocked else None
 
 
 def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
@@ -59,6 +60,9 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
     if job.status in ("failed", "cancelled"):
         ended = f"{job.status} at {_when(job.finished_at, now)}"
         return job.status, f"{ended}: {job.error}" if job.error else ended, None
+    if job.blocked and facts.parents:
+        waits = ", ".join(f"job {id_} ({task}, {status})" for id_, task, status in facts.parents)
+        return "parents", f"waits for {waits}", None
     if not facts.task_loaded:
         return "unknown_task", f"waits for task {job.task}, which taskd has not loaded", None
     if facts.stopping:

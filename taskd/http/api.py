@@ -17,8 +17,9 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from taskd import protocol
-from taskd.models import Job
+from taskd.models import BatchInfo, Job
 from taskd.protocol import (
+    BatchParams,
     Duration,
     EnqueueParams,
     EnqueueResult,
@@ -209,6 +210,9 @@ _ROUTES = [
     _call("POST", "/jobs/{id}/retry", "retry_job",
           "Put a failed or cancelled job back in the queue", protocol.RETRY, _JOB_CHANGE,
           path_params=JobParams),
+    _call("GET", "/batches/{id}", "get_batch",
+          "A batch's progress: its jobs by status, and its on_finish callback", protocol.BATCH,
+          {200: BatchInfo, 404: ErrorReply}, path_params=BatchParams),
     Route("GET", "/healthz", "health",
           "200 while the job store answers and its writes go through, else 503", "public",
           {200: Health, 503: Health}),

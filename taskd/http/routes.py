@@ -39,6 +39,7 @@ from taskd.limits import out_of_limits
 from taskd.models import Job, Peer, counted, parse_duration
 from taskd.protocol import (
     EMPTY_MAP,
+    BatchParams,
     CancelParams,
     EnqueueParams,
     ErrorBody,
@@ -239,6 +240,10 @@ class HttpApi:
     async def get_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         params = _path_params(path, JobParams)
         return _json(200, _plain(await self._dispatch.call(protocol.JOB, params)))
+
+    async def get_batch(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = _path_params(path, BatchParams)
+        return _json(200, await self._dispatch.call(protocol.BATCH, params))
 
     async def cancel_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from taskd import protocol
 from taskd.activity import ActivityRecorder
-from taskd.models import Job, JobLogs
+from taskd.models import BatchInfo, Job, JobLogs
 from taskd.protocol import (
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -59,6 +60,7 @@ class JobMethods:
             bind(protocol.RUN, self.run),
             bind(protocol.ENQUEUE, self.enqueue),
             bind(protocol.ENQUEUE_MANY, self.enqueue_many),
+            bind(protocol.BATCH, self.batch),
             bind(protocol.JOB, self.job),
             bind(protocol.JOBS, self.jobs),
             bind(protocol.WAIT, self.wait),
@@ -88,12 +90,27 @@ class JobMethods:
         return result
 
     async def enqueue_many(self, params: EnqueueManyParams) -> EnqueueManyResult:
-        return EnqueueManyResult(await self._enqueue(params.jobs, numbered=True))
+        if params.on_finish is None:
+            return EnqueueManyResult(await self._enqueue(params.jobs, numbered=True))
+        requests = self._requests(params.jobs)
+        batch, inserted = await self._submitter.submit_batch(requests, params.on_finish)
+        return EnqueueManyResult([EnqueueResult(i.job_id, i.duplicate) for i in inserted], batch)
+
+    async def batch(self, params: BatchParams) -> BatchInfo:
+        info = await self._store.batch(params.id)
+        if info is None:
+            raise RpcError(ErrorCode.UNKNOWN_JOB, f"no batch with id {params.id}")
+        return info
 
     async def _enqueue(
         self, jobs: Sequence[EnqueueParams], *, numbered: bool = False
     ) -> list[EnqueueResult]:
-        requests = [
+        inserted = await self._submitter.submit(self._requests(jobs), numbered=numbered)
+        return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
+
+    @staticmethod
+    def _requests(jobs: Sequence[EnqueueParams]) -> list[JobRequest]:
+        return [
             JobRequest(
                 task=p.task,
                 payload=bytes(p.payload),
@@ -103,11 +120,11 @@ class JobMethods:
                 priority=p.priority,
                 max_attempts=p.max_attempts,
                 key=p.key,
+                after=tuple(p.after),
+                after_failure=p.after_failure,
             )
             for p in jobs
         ]
-        inserted = await self._submitter.submit(requests, numbered=numbered)
-        return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
 
     async def job(self, params: JobParams) -> Job:
         return await get_job(self._store, params.id)

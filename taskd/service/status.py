@@ -85,8 +85,15 @@ class StatusMethods:
         if job.status == "pending" and task is not None and task.concurrency is not None:
             counts = {entry.task: entry.counts for entry in await self._store.counts()}
             running = counts.get(job.task, {}).get("running", 0)
+        parents = []
+        if job.status == "pending" and job.blocked:
+            for parent_id in job.parents:
+                parent = await self._store.get(parent_id)
+                if parent is not None and parent.status in ("pending", "running"):
+                    parents.append((parent.id, parent.task, parent.status))
         slots = self._node.slots()
         facts = Facts(
+            parents=tuple(parents),
             now=self._clock(),
             task_loaded=task is not None,
             concurrency=task.concurrency if task is not None else None,

@@ -47,7 +47,18 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from taskd.models import FiredJob, Job, JobLogs, JobOrigin, JobStatus, NodeInfo, TaskCounts
+from taskd.models import (
+    AfterFailure,
+    BatchInfo,
+    FiredJob,
+    Hook,
+    Job,
+    JobLogs,
+    JobOrigin,
+    JobStatus,
+    NodeInfo,
+    TaskCounts,
+)
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
 
@@ -68,6 +79,16 @@ class StoreError(Exception):
 class JobNotFound(StoreError):
     def __init__(self, job_id: int) -> None:
         super().__init__(f"no job with id {job_id}")
+        self.job_id = job_id
+
+
+class ParentNotFound(JobNotFound):
+    """A job was to wait for a job that does not exist (or was pruned)."""
+
+    def __init__(self, job_id: int) -> None:
+        StoreError.__init__(
+            self, f"no job with id {job_id} to wait for (after); give the id of an existing job"
+        )
         self.job_id = job_id
 
 
@@ -94,7 +115,8 @@ def refused(job_id: int, status: str, verb: str) -> InvalidTransition:
 class NewJob(msgspec.Struct, frozen=True):
     """A job to insert; `payload` is msgpack already validated against the task's schema.
 
-    It is due `delay` seconds after the insert, or at `run_at` (a time a person gave) if set.
+    It is due `delay` seconds after the insert, or at `run_at` (a time a person gave) if set,
+    and not before every job in `after` has succeeded (see `after_failure`).
     """
 
     task: str
@@ -106,6 +128,9 @@ class NewJob(msgspec.Struct, frozen=True):
     parent_id: int | None = None
     delay: float = 0.0
     run_at: float | None = None
+    after: tuple[int, ...] = ()
+    after_failure: AfterFailure = "cancel"
+    batch_id: int | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -139,6 +164,9 @@ class Outcome(msgspec.Struct, frozen=True):
     result: bytes | None = None
     error: Failure | None = None
     retry_in: float = 0.0
+    # The hook job its task enqueues should the job end with this outcome (succeeded, or
+    # failed for good), in the same transaction.
+    hook: Hook | None = None
 
 
 class ClaimRequest(msgspec.Struct, frozen=True):
@@ -296,11 +324,24 @@ class Store(Protocol):
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         """Mark a running job as waiting for another job (or no longer); False if fenced."""
 
-    async def recover(self, quarantine_after: int) -> list[Job]:
+    async def insert_batch(
+        self, new: Sequence[NewJob], on_finish: Hook | None = None
+    ) -> tuple[int, list[Inserted]]:
+        """Insert jobs as a batch in one transaction; its id, and the jobs' as `insert`. Once
+        every job of the batch has ended, `on_finish` is enqueued (exactly once) with the
+        payload {"batch", "succeeded", "failed", "cancelled"} (lists of ids)."""
+
+    async def batch(self, batch_id: int) -> BatchInfo | None:
+        """A batch's progress and its jobs by status; None if there is no such batch."""
+
+    async def recover(
+        self, quarantine_after: int, on_failure: Mapping[str, Hook] | None = None
+    ) -> list[Job]:
         """Take back the running jobs whose lease expired or whose worker is not alive.
 
         The lost attempt is counted and recorded as `interrupted`; a job interrupted
-        `quarantine_after` times, or on its last attempt, fails instead of going back.
+        `quarantine_after` times, or on its last attempt, fails instead of going back (and
+        the hook `on_failure` names for its task is enqueued).
         """
 
     async def cancel(self, job_id: int) -> Job:

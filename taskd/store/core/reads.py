@@ -25,6 +25,13 @@ def get(sql: Dialect, job_id: int) -> Steps[Job | None]:
         return None
     job = job_from_row(rows[0])
     job.errors = [error_from_row(row) for row in (yield Statement(sql.errors_sql, {"id": job_id}))]
+    links = yield Statement(
+        "SELECT parent_id, child_id FROM {s}.job_deps WHERE child_id = :id OR parent_id = :id"
+        " ORDER BY parent_id, child_id",
+        {"id": job_id},
+    )
+    job.parents = [row["parent_id"] for row in links if row["child_id"] == job_id]
+    job.children = [row["child_id"] for row in links if row["parent_id"] == job_id]
     return job
 
 
@@ -57,7 +64,7 @@ def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
         for row in (
             yield Statement(
                 "SELECT task, :now - min(CASE WHEN run_at <= :now THEN run_at END) AS oldest_age,"
-                " min(CASE WHEN run_at > :now THEN run_at END) AS next_due"
+                " min(CASE WHEN run_at > :now AND blocked = 0 THEN run_at END) AS next_due"
                 " FROM {s}.jobs WHERE status = 'pending' GROUP BY task"
             )
         )
