@@ -83,7 +83,8 @@ def slow(record: Path, seconds: float = 0.2, **extra: Any) -> str:
 def test_a_three_job_chain_runs_in_order(backend: Backend, short_tmp: Path) -> None:
     daemon = backend.daemon("workers = 4\n").start()
     record = short_tmp / "record.txt"
-    first = enqueue(daemon, "slow", "--payload", slow(record, 3))
+    release = short_tmp / "release"
+    first = enqueue(daemon, "slow", "--payload", slow(record, 0, until=str(release)))
     second = enqueue(daemon, "slow", "--payload", slow(record), "--after", str(first))
     third = enqueue(daemon, "slow", "--payload", slow(record), "--after", str(second))
     # The third waits for the second, which waits for the first (running or pending).
@@ -95,6 +96,7 @@ def test_a_three_job_chain_runs_in_order(backend: Backend, short_tmp: Path) -> N
     assert f"waits for job {second} (slow, pending)" in why["message"]
     human = daemon.ctl("job", str(second)).stdout
     assert f"after:     {first}" in human and f"children:  {third}" in human
+    release.touch()
     jobs = [ended(daemon, job_id) for job_id in (first, second, third)]
     assert [j.status for j in jobs] == ["succeeded"] * 3
     order = [int(line.split()[0]) for line in record.read_text().splitlines()]
