@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import itertools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def test_a_three_job_chain_runs_in_order(backend: Backend, short_tmp: Path) -> N
     daemon = backend.daemon("workers = 4\n").start()
     record = short_tmp / "record.txt"
     release = short_tmp / "release"
+    os.mkfifo(release)
     first = enqueue(daemon, "slow", "--payload", slow(record, 0, until=str(release)))
     second = enqueue(daemon, "slow", "--payload", slow(record), "--after", str(first))
     third = enqueue(daemon, "slow", "--payload", slow(record), "--after", str(second))
@@ -96,7 +98,7 @@ def test_a_three_job_chain_runs_in_order(backend: Backend, short_tmp: Path) -> N
     assert f"waits for job {second} (slow, pending)" in why["message"]
     human = daemon.ctl("job", str(second)).stdout
     assert f"after:     {first}" in human and f"children:  {third}" in human
-    release.touch()
+    release.write_bytes(b"go")  # once the first job reads it
     jobs = [ended(daemon, job_id) for job_id in (first, second, third)]
     assert [j.status for j in jobs] == ["succeeded"] * 3
     order = [int(line.split()[0]) for line in record.read_text().splitlines()]
