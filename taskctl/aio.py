@@ -320,13 +320,18 @@ class AsyncClient:
     # -- live events -----------------------------------------------------------------------
 
     async def subscribe(
-        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+        self,
+        job: int | None = None,
+        *,
+        logs: bool = True,
+        task: str | None = None,
+        timeout: float | None = None,
     ) -> int:
         limit = shorter(self._timeout, timeout)
         if self.server is None:
             await self._connect(limit)
         subscription: int = await self._send(
-            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs), limit
+            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs, task=task), limit
         )
         return subscription
 

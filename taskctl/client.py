@@ -479,9 +479,15 @@ class Client:
     # -- live events -----------------------------------------------------------------------
 
     def subscribe(
-        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+        self,
+        job: int | None = None,
+        *,
+        logs: bool = True,
+        task: str | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Start receiving events (of one job, or of all with "changed" events too); returns
+        """Start receiving events (of one job, of one `task`'s jobs, or of all, with "changed"
+        events but for one job); returns
         the subscription's id once it is live. Read them with `next_event`. RequestTimeout
         if taskd has not started it within the client's timeout (or `timeout`, if shorter)."""
         limit = shorter(self._timeout, timeout)
@@ -494,7 +500,7 @@ class Client:
         sock.settimeout(limit)  # _hung_up left it non-blocking
         request_id = self._next_id
         self._next_id += 1
-        params = SubscribeParams(job=job, logs=logs)
+        params = SubscribeParams(job=job, logs=logs, task=task)
         try:
             sock.sendall(encode_frame(Request(request_id, protocol.SUBSCRIBE.name, _raw(params))))
             while True:  # until the first event: "subscribed", or the error refusing it

@@ -164,6 +164,7 @@ class Daemon:
         self._server: ControlServer | None = None
         self._http: HttpServer | None = None
         self._listener: socket.socket | None = None
+        self._live: LiveEvents | None = None
         self._socket_lock: int | None = None
         self._started_at = time.time()
         self._stopping = False  # shutdown has begun: no more reloads
@@ -299,7 +300,8 @@ class Daemon:
             status.bindings(),
             NodeMethods(store, self, metrics).bindings(),
         )
-        await self._serve_socket(dispatch, LiveEvents(store.events, news), settings, listener)
+        live = self._live = LiveEvents(store.events, news, store.job_activity)
+        await self._serve_socket(dispatch, live, settings, listener)
         if settings.http is not None:
             await self._start_http(dispatch, status, settings)
         self._start_background(engine, self._scheduler, peers)
@@ -536,6 +538,8 @@ class Daemon:
         if self._http is not None:
             await self._http.close()
         await self._background.close()
+        if self._live is not None:
+            await self._live.close()
         if self._store is not None:
             if self._worker is not None:
                 try:

@@ -147,7 +147,8 @@ class JobEvent(msgspec.Struct, frozen=True):
     """One event of a `subscribe` stream (contrib/protocol.md: "Live events").
 
     kind "subscribed": the stream is live (the first event); "state": job `job_id` of `task`
-    is now `status`; "progress": its `progress`; "log": a `line` it wrote; "changed": jobs
+    is now `status`; "progress": its `progress`; "log": a `line` it wrote (`task` named when
+    known); "changed": jobs
     were added, started or ended (read again what you show); "dropped": `dropped` events
     were let go because the subscriber read too slowly.
     """
@@ -552,6 +553,7 @@ LOGS = Method(
 class SubscribeParams(Params):
     job: Int64 | None = None  # only this job's events (and no "changed"); None: every job's
     logs: bool = True  # include "log" events
+    task: str | None = None  # only the events of this task's jobs (and "changed")
 
 
 class SubscribeResult(msgspec.Struct, frozen=True):

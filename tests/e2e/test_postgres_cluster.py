@@ -25,6 +25,7 @@ import pytest
 from taskctl import Client, DaemonUnavailable, StoreFailure, enqueue_params
 from taskd.config import PostgresOptions
 from taskd.models import Job
+from taskd.protocol import JobEvent
 from taskd.store import JobFilter, Store, store_for
 from tests.backends import drop_schema, postgres_url, unique_schema
 from tests.support import Taskd, wait_until
@@ -391,3 +392,72 @@ def test_a_start_up_that_cannot_reach_the_database_promises_no_reconnect(
     (line,) = [line for line in daemon.refused().splitlines() if "cannot start" in line]
     assert f"cannot connect to job store postgresql://postgres@127.0.0.1:{port}/test" in line
     assert "reconnects by itself" not in line  # the process exits
+
+
+def _events_until(client: Client, done: Callable[[list[JobEvent]], bool]) -> list[JobEvent]:
+    events: list[JobEvent] = []
+    deadline = time.monotonic() + 30
+    while not done(events):
+        assert time.monotonic() < deadline, f"events so far: {events[-5:]}"
+        event = client.next_event(1)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_progress_and_lines_of_a_job_on_another_daemon_reach_subscribers_here(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    (b,) = cluster.start("workers = 2", count=1)
+    files = {name: str(short_tmp / name) for name in ("started", "go", "release")}
+    with b.client() as client:
+        job_id = client.enqueue("chatter", {**files, "lines": 3}).job_id
+    wait_until(Path(files["started"]).exists, what="the job to start on b")
+    (a,) = cluster.start("workers = 2", count=1)
+    with a.client() as one_job, a.client() as its_task, a.client() as other_task:
+        one_job.subscribe(job_id)
+        its_task.subscribe(task="chatter")
+        other_task.subscribe(task="record")
+        Path(files["go"]).touch()
+        for client in (one_job, its_task):
+            events = _events_until(client, lambda seen: any(e.kind == "progress" for e in seen))
+            lines = [e.line.message for e in events if e.kind == "log" and e.line is not None]
+            assert lines == ["line 0", "line 1", "line 2"]
+            assert {e.job_id for e in events if e.kind in ("log", "progress")} == {job_id}
+            assert {e.task for e in events if e.kind in ("log", "progress")} == {"chatter"}
+            progress = next(e.progress for e in events if e.kind == "progress")
+            assert progress is not None and progress.message == "written"
+        Path(files["release"]).touch()
+        events = _events_until(one_job, lambda seen: any(e.kind == "state" for e in seen))
+        assert [(e.kind, e.status) for e in events] == [("state", "succeeded")]
+        assert all(e.kind in ("changed", "subscribed") for e in _drain(other_task))
+
+
+def test_a_flood_of_lines_on_another_daemon_reaches_subscribers_bounded(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    (b,) = cluster.start("workers = 2", count=1)
+    files = {name: str(short_tmp / name) for name in ("started", "go", "release")}
+    with b.client() as client:
+        job_id = client.enqueue("chatter", {**files, "lines": 3000}).job_id
+    wait_until(Path(files["started"]).exists, what="the job to start on b")
+    (a,) = cluster.start("workers = 2", count=1)
+    with a.client() as client:
+        client.subscribe(job_id)
+        Path(files["go"]).touch()
+        events = _events_until(
+            client, lambda seen: {"progress", "dropped"} <= {e.kind for e in seen}
+        )
+        Path(files["release"]).touch()
+    lines = [e.line.message for e in events if e.kind == "log" and e.line is not None]
+    dropped = sum(e.dropped for e in events if e.kind == "dropped")
+    assert lines[-1] == "line 2999"  # the newest are relayed, the older ones counted
+    # b keeps the last 1,000 lines of its burst; of them a reads the newest, counts the rest
+    assert len(lines) <= 128 and len(lines) + dropped >= 1000, (len(lines), dropped)
+
+
+def _drain(client: Client) -> list[JobEvent]:
+    events = []
+    while (event := client.next_event(0.2)) is not None:
+        events.append(event)
+    return events
