@@ -370,6 +370,9 @@ def http_lines(stats: HttpStats) -> list[str]:
     lines = [
         f"  http:      {stats.open} open ({stats.authenticated} with a token); at most "
         f"{stats.max_connections}, {stats.unauthenticated_share} of them without one",
+        f"             event streams: {stats.event_streams} open, at most "
+        f"{stats.max_event_streams}"
+        + (f"; refused {stats.refused_event_streams}" if stats.refused_event_streams else ""),
     ]
     counts = (stats.refused_unauthenticated, stats.refused_header_timeout, stats.refused_busy)
     if any(counts) or stats.closed_idle:

@@ -409,7 +409,7 @@ class Daemon:
 
         http = settings.http
         assert http is not None
-        api = HttpApi(dispatch, status.healthy, self._tasks())
+        api = HttpApi(dispatch, status.healthy, self._tasks(), self._live)
         self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
         try:
             await self._http.start()

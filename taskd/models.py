@@ -195,6 +195,9 @@ class HttpStats(msgspec.Struct, frozen=True):
     refused_unauthenticated: int  # closed to make room for a newer connection in the share
     refused_busy: int  # a request with a token found every authenticated connection busy: 503
     closed_idle: int  # waiting for a request: after keepalive_timeout, or to make room
+    event_streams: int = 0  # `GET /events` streams open (each also counted in `authenticated`)
+    max_event_streams: int = 0
+    refused_event_streams: int = 0  # a `GET /events` found max_event_streams open: 503
 
 
 class ThreadStats(msgspec.Struct, frozen=True):
