@@ -273,8 +273,9 @@ class AsyncClient:
         task: str | None = None,
         limit: int = 50,
         payloads: bool = False,
+        origin: str | None = None,
     ) -> list[Job]:
-        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
+        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
 
     async def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None

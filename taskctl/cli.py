@@ -18,6 +18,7 @@ from taskctl.client import WAIT_MARGIN, Client
 from taskd import __version__, protocol
 from taskd.models import (
     FINISHED_STATUSES,
+    JOB_ORIGINS,
     JOB_STATUSES,
     counted,
     format_duration,
@@ -297,11 +298,15 @@ def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
 def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
     wanted = [name for group in args.status or [] for name in group] or None
     if args.watch:
-        fetch = lambda: client.jobs(status=wanted, task=args.task, limit=args.limit)  # noqa: E731
+        fetch = lambda: client.jobs(  # noqa: E731
+            status=wanted, task=args.task, limit=args.limit, origin=args.origin
+        )
         with contextlib.suppress(KeyboardInterrupt):
             _live().watch_jobs(client, fetch, sys.stdout)
         return Exit.OK
-    jobs = client.jobs(status=wanted, task=args.task, limit=args.limit, payloads=args.payloads)
+    jobs = client.jobs(
+        status=wanted, task=args.task, limit=args.limit, payloads=args.payloads, origin=args.origin
+    )
     return _show(args, jobs, lambda: _render().jobs_table(jobs))
 
 
@@ -591,6 +596,8 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--status", type=statuses, action="append", metavar="S", complete=JOB_STATUSES,
             help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}"),
         Arg("--task", metavar="NAME", complete="tasks", help="only jobs of this task"),
+        Arg("--origin", choices=JOB_ORIGINS, complete=JOB_ORIGINS,
+            help="only jobs made so: by `run`, `enqueue`, a schedule's tick, or a task"),
         Arg("--limit", type=positive_int, default=50, metavar="N", help="default 50"),
         Arg("--payloads", action="store_true",
             help="with --json: include each job's payload and result (`taskctl job ID` shows "

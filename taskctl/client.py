@@ -143,9 +143,14 @@ def enqueue_params(
 
 
 def jobs_params(
-    status: list[str] | None, task: str | None, limit: int, payloads: bool
+    status: list[str] | None,
+    task: str | None,
+    limit: int,
+    payloads: bool,
+    origin: str | None = None,
 ) -> JobsParams:
     fields = {"status": status, "task": task, "limit": limit, "payloads": payloads}
+    fields["origin"] = origin
     return msgspec.convert(fields, JobsParams)
 
 
@@ -416,9 +421,10 @@ class Client:
         task: str | None = None,
         limit: int = 50,
         payloads: bool = False,
+        origin: str | None = None,
     ) -> list[Job]:
         """Recent jobs, newest first; their payload and result only with `payloads`."""
-        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
+        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
 
     def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None

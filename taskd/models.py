@@ -22,6 +22,7 @@ Access = Literal["full", "readonly"]
 
 # What created a job: `taskctl run`/Client.run, `enqueue`, a cron tick, or a task calling another.
 JobOrigin = Literal["run", "enqueue", "schedule", "task"]
+JOB_ORIGINS: tuple[JobOrigin, ...] = ("run", "enqueue", "schedule", "task")
 
 # The unique key a `run` uses unless it is given one: at most one active run per task.
 RUN_KEY = "@run"

@@ -21,6 +21,7 @@ from taskd.models import (
     Access,
     Job,
     JobLogs,
+    JobOrigin,
     JobStatus,
     LogLine,
     Progress,
@@ -351,6 +352,7 @@ class JobsParams(Params):
     task: str | None = None
     limit: Limit = 50
     payloads: bool = False  # include each job's payload and result (else they are nil)
+    origin: JobOrigin | None = None  # only jobs made so: run, enqueue, schedule (a tick), task
 
 
 JOBS = Method(

@@ -188,6 +188,7 @@ class JobFilter(msgspec.Struct, frozen=True):
     statuses: Sequence[JobStatus] | None = None
     task: str | None = None
     limit: int = 50
+    origin: JobOrigin | None = None
 
 
 class ScheduleState(msgspec.Struct):

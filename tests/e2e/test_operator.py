@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.http_support import HttpClient, http_config
 from tests.support import Taskd
 
 SLOW_RETRY = '[task."fail"]\nbackoff = 3600\n'
@@ -108,3 +109,24 @@ def test_jobs_of_an_unknown_task_is_an_error(taskd: Taskd) -> None:
     assert run.returncode == 4 and 'did you mean "echo"?' in run.stderr, run.stderr
     none_yet = taskd.ctl("jobs", "--task", "echo")
     assert none_yet.returncode == 0 and none_yet.stdout.strip() == "no jobs"
+
+
+def test_jobs_filtered_by_how_they_were_made(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config=http_config()).start()
+    ran = int(json.loads(daemon.ctl("--json", "run", "echo").stdout)["id"])
+    enqueued = int(daemon.ctl("enqueue", "echo", "--payload", "{}").stdout)
+    by_task = json.loads(daemon.ctl("--json", "run", "parent", "--payload", "{}").stdout)["id"]
+    child = [job["id"] for job in json.loads(daemon.ctl("--json", "jobs", "--task", "slow").stdout)]
+    for origin, ids in (("run", [by_task, ran]), ("enqueue", [enqueued]), ("task", child)):
+        listed = json.loads(daemon.ctl("--json", "jobs", "--origin", origin).stdout)
+        assert [job["id"] for job in listed] == ids, (origin, listed)
+        assert {job["origin"] for job in listed} == {origin}
+        over_http = HttpClient.of(daemon).get(f"/jobs?origin={origin}").json()["jobs"]
+        assert [job["id"] for job in over_http] == ids
+        with daemon.client() as client:
+            assert [job.id for job in client.jobs(origin=origin)] == ids
+    assert json.loads(daemon.ctl("--json", "jobs", "--origin", "schedule").stdout) == []
+    wrong = daemon.ctl("jobs", "--origin", "tick")
+    assert (
+        wrong.returncode == 2 and "choose from 'run', 'enqueue', 'schedule', 'task'" in wrong.stderr
+    )

@@ -38,6 +38,9 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
     if query.task is not None:
         clauses.append("task = :task")
         params["task"] = query.task
+    if query.origin is not None:
+        clauses.append("origin = :origin")
+        params["origin"] = query.origin
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = yield Statement(
         f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs {where} ORDER BY id DESC LIMIT :limit", params
