@@ -21,6 +21,7 @@ from taskd.models import (
     JOB_ORIGINS,
     JOB_STATUSES,
     counted,
+    since_retry,
     format_duration,
     parse_duration,
 )
@@ -229,7 +230,8 @@ def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[s
     """Wait for the job's end, saying (on stderr) each failed attempt and when the next starts.
 
     Each `wait` returns at the job's end or at the next failed attempt (taskd tells it):
-    no polling."""
+    no polling. Attempts count from 1 again after a `retry` by request: only those since
+    the latest one are the job's current attempts."""
     deadline = None if timeout is None else time.monotonic() + timeout
     reported = 0  # the highest attempt whose failure was shown
     while True:
@@ -243,8 +245,8 @@ def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[s
             raise errors.WaitTimeout(message, exc.data) from None
         if job.status in FINISHED_STATUSES:
             return job
-        for error in job.errors:
-            if error.kind != "retried" and error.attempt > reported:
+        for error in since_retry(job.errors):
+            if error.attempt > reported:
                 reported = error.attempt
                 if error.attempt >= job.attempts:  # the latest: say when the next one starts
                     say(f"taskctl: {_next_attempt(job, error)}")

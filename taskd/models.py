@@ -41,6 +41,13 @@ class AttemptError(msgspec.Struct, frozen=True):
     worker: str | None = None  # the worker (`node/N`) that ran it
 
 
+def since_retry(errors: list[AttemptError]) -> list[AttemptError]:
+    """The errors of the attempts since the latest `retry` by request (whose attempts count
+    from 1 again), oldest first."""
+    retried = [index for index, error in enumerate(errors) if error.kind == "retried"]
+    return errors[retried[-1] + 1 :] if retried else errors
+
+
 class Progress(msgspec.Struct, frozen=True):
     """How far a running job says it is (`ctx.progress`): `done` of `total` (None: unknown),
     what it is doing, and when taskd recorded it (Unix seconds)."""

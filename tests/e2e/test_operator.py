@@ -130,3 +130,24 @@ def test_jobs_filtered_by_how_they_were_made(taskd_factory: type[Taskd]) -> None
     assert (
         wrong.returncode == 2 and "choose from 'run', 'enqueue', 'schedule', 'task'" in wrong.stderr
     )
+
+
+def test_wait_after_a_retry_follows_the_new_attempts(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    # Attempts count from 1 again after a retry: the earlier run's failures are not news.
+    daemon = taskd_factory(config='[task."flaky"]\nbackoff = 2\n').start()
+    payload = json.dumps({"log": str(short_tmp / "log.txt")})
+    first = daemon.ctl("run", "flaky", "--payload", payload, "--max-attempts", "2")
+    assert first.returncode == 1, first.stderr
+    job_id = json.loads(daemon.ctl("--json", "jobs", "--task", "flaky").stdout)[0]["id"]
+    assert daemon.ctl("retry", str(job_id)).returncode == 0
+    waited = daemon.ctl("wait", str(job_id))
+    assert waited.returncode == 1, waited.stderr
+    said = [line for line in waited.stderr.splitlines() if line.startswith("taskctl: attempt")]
+    assert len(said) == 1, waited.stderr  # not the two of the first run
+    assert said[0].startswith("taskctl: attempt 1 failed: RuntimeError: attempt 1 failed; ")
+    with daemon.client() as client:  # as the Python client's wait sees it
+        job = client.job(job_id)
+        assert job.status == "failed" and job.attempts == 2
+        assert client.wait(job_id, after_attempt=0).status == "failed"
