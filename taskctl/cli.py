@@ -21,9 +21,9 @@ from taskd.models import (
     JOB_ORIGINS,
     JOB_STATUSES,
     counted,
-    since_retry,
     format_duration,
     parse_duration,
+    since_retry,
 )
 from taskd.protocol import (
     Method,
