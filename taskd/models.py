@@ -102,7 +102,8 @@ class Job(msgspec.Struct):
     parent_id: int | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    worker: str | None = None  # the daemon running it, as `node/start`, while it runs
+    # The worker (`node/start`) of its latest attempt: running it now, or where it ran.
+    worker: str | None = None
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []  # filled by the `job` method only
     progress: Progress | None = None  # the latest `ctx.progress` of its latest attempt

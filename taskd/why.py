@@ -92,16 +92,18 @@ def timeline(job: Job) -> list[TimelineEvent]:
         attempt = error.attempt if error.kind != "retried" else None
         if error.started_at is not None:
             events.append(TimelineEvent(error.started_at, "started", attempt, error.worker))
-        events.append(TimelineEvent(error.at, error.kind, attempt, message=error.message))
+        # An older taskd wrote "interrupted: worker ..." (the kind twice, once shown).
+        message = error.message.removeprefix(f"{error.kind}: ")
+        events.append(TimelineEvent(error.at, error.kind, attempt, error.worker, message))
     ended = {error.started_at for error in job.errors if error.started_at is not None}
     cancelled = any(error.kind == "cancelled" for error in job.errors)  # while running
     if job.started_at is not None and job.attempts and job.started_at not in ended:
-        # The latest attempt's start is on the job (and its worker, while it runs).
+        # The latest attempt's start and worker are on the job.
         start = TimelineEvent(job.started_at, "started", job.attempts, job.worker)
         events.append(start)
     if job.status in ("succeeded", "failed") and job.finished_at is not None:
         outcome = job.error if job.status == "failed" else None
-        events.append(TimelineEvent(job.finished_at, job.status, job.attempts, message=outcome))
+        events.append(TimelineEvent(job.finished_at, job.status, job.attempts, job.worker, outcome))
     elif job.status == "cancelled" and job.finished_at is not None and not cancelled:
         events.append(TimelineEvent(job.finished_at, "cancelled", message=job.error))
     return sorted(events, key=lambda event: event.at)

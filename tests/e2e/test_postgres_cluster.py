@@ -461,3 +461,34 @@ def _drain(client: Client) -> list[JobEvent]:
     while (event := client.next_event(0.2)) is not None:
         events.append(event)
     return events
+
+
+def test_after_a_failover_the_timeline_shows_where_each_attempt_ran(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b = cluster.start("lease = 2\nworkers = 1", count=2)
+    started, log = short_tmp / "started.log", short_tmp / "done.log"
+    with a.client() as client:
+        job_id = client.enqueue("record", {"seconds": 3, "started": str(started),
+                                           "log": str(log)}).job_id  # fmt: skip
+    wait_until(lambda: lines(started), timeout=30, what="the job to start")
+    assert a.process is not None
+    on_a = lines(started)[0][1] == str(a.process.pid)
+    (killed, lost), (other, ran) = ((a, "a/1"), (b, "b/1")) if on_a else ((b, "b/1"), (a, "a/1"))
+    killed.kill()
+    with other.client() as client:
+        assert client.wait(job_id, timeout=60).status == "succeeded"
+        job = client.job(job_id)
+        why = client.why(job_id)
+    assert job.worker == ran  # kept once it has ended
+    events = [(e.event, e.attempt, e.worker) for e in why.timeline]
+    assert events[1:] == [
+        ("started", 1, lost),
+        ("interrupted", 1, lost),
+        ("started", 2, ran),
+        ("succeeded", 2, ran),
+    ]
+    assert why.timeline[2].message == f"worker {lost} went away during attempt 1"
+    text = other.ctl("why", str(job_id)).stdout
+    assert f"attempt 1 started on {lost}" in text and f"attempt 2 started on {ran}" in text
+    assert "interrupted: interrupted" not in text and "interrupted: worker" in text
