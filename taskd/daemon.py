@@ -371,7 +371,7 @@ class Daemon:
     async def _join(self, store: Store, node: str) -> str:
         """Register this start of the node; take back the jobs of workers that are gone,
         our own previous start's among them. Returns our worker id."""
-        worker = await store.register_node(node, ttl=self.config.lease)
+        worker = await store.register_node(node, ttl=self.config.lease, slots=self.config.workers)
         recovered = await store.recover(self.config.quarantine_after)
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)

@@ -265,6 +265,7 @@ class NodeInfo(msgspec.Struct, frozen=True):
     seen_at: float
     running: int = 0
     schedules: str | None = None
+    slots: int = 0  # its `workers`: jobs it runs at once (0: a taskd that did not say)
 
 
 class Status(msgspec.Struct, frozen=True):

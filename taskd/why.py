@@ -1,7 +1,8 @@
 """Why a job is not running yet, and its timeline: pure functions over what the store holds.
 
 The daemon gathers the facts (the job with its errors, its task's limit and running jobs,
-this daemon's slots) and `explain` turns them into a reason code and a sentence.
+the store's clock, the slots of this daemon and of the others sharing the store) and
+`explain` turns them into a reason code and a sentence.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ class Facts(msgspec.Struct, frozen=True):
     task_loaded: bool
     concurrency: int | None  # the task's limit, if it has one
     task_running: int  # the task's running jobs, whoever runs them
-    busy: int  # this daemon's slots taken
-    workers: int
+    busy: int  # slots taken: this daemon's, and the running jobs of the others alive
+    workers: int  # this daemon's slots and those of the others alive
     stopping: bool
+    daemons: int = 1  # alive and sharing the store, this one included
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
@@ -80,6 +82,8 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
         return "concurrency_limit", message, None
     if facts.busy >= facts.workers:
         busy = "its one worker is" if facts.workers == 1 else f"all {facts.workers} workers are"
+        if facts.daemons > 1:
+            busy = f"all {facts.workers} workers of {facts.daemons} daemons are"
         message = f"waits for a free worker: {busy} busy"
         return "workers_busy", message, None
     return "due", "is due and starts as soon as a worker claims it", None

@@ -272,8 +272,9 @@ class Store(Protocol):
 
     # -- nodes ---------------------------------------------------------------------------
 
-    async def register_node(self, node: str, ttl: float) -> str:
-        """Start a new worker of `node` with a heartbeat of `ttl` seconds; return its id.
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        """Start a new worker of `node` with a heartbeat of `ttl` seconds and `slots` jobs
+        at once (its `workers`, which `nodes()` reports); return its id.
 
         The node's previous worker is no longer alive: its running jobs can be recovered.
         """
@@ -366,6 +367,9 @@ class Store(Protocol):
 
     async def counts(self) -> list[TaskCounts]:
         """Jobs per task and status, and per task the oldest due pending job's age."""
+
+    async def clock(self) -> float:
+        """The store's "now" (Unix seconds): the clock every instant in it is written by."""
 
     async def queue_depth(self) -> int:
         """How many jobs are pending (cheap: for status lines updated as jobs come and go)."""

@@ -492,3 +492,52 @@ def test_after_a_failover_the_timeline_shows_where_each_attempt_ran(
     text = other.ctl("why", str(job_id)).stdout
     assert f"attempt 1 started on {lost}" in text and f"attempt 2 started on {ran}" in text
     assert "interrupted: interrupted" not in text and "interrupted: worker" in text
+
+
+def test_why_counts_the_workers_of_every_daemon(cluster: Cluster, short_tmp: Path) -> None:
+    a, b = cluster.start("workers = 1", count=2)
+    releases = []
+    for name in ("one", "two"):  # a job on each daemon, holding its one worker
+        files = {key: str(short_tmp / f"{name}-{key}") for key in ("started", "go", "release")}
+        releases += [Path(files["go"]), Path(files["release"])]
+        with a.client() as client:
+            client.enqueue("chatter", {**files, "lines": 0})
+        wait_until(Path(files["started"]).exists, what=f"job {name} to start")
+    try:
+        with a.client() as client:
+            job_id = client.enqueue("record", {"log": str(short_tmp / "log")}).job_id
+            why = client.why(job_id)
+        assert why.reason == "workers_busy", why
+        assert why.message.endswith("waits for a free worker: all 2 workers of 2 daemons are busy")
+        nodes = msgspec.json.decode(b.ctl("status", "--json").stdout)["nodes"]
+        assert [(node["id"], node["slots"], node["running"]) for node in nodes] == [
+            ("a", 1, 1),
+            ("b", 1, 1),
+        ]
+    finally:
+        for release in releases:
+            release.touch()
+
+
+def test_why_judges_a_delay_by_the_stores_clock(cluster: Cluster) -> None:
+    (a,) = cluster.start(count=1)
+
+    async def behind() -> None:  # the database's clock an hour behind the daemon's
+        import asyncpg
+
+        connection = await asyncpg.connect(cluster.url)
+        try:
+            await connection.execute(
+                f"CREATE OR REPLACE FUNCTION {cluster.schema}.now() RETURNS double precision"
+                " LANGUAGE sql STABLE AS $$ SELECT extract(epoch FROM statement_timestamp())"
+                "::double precision - 3600 $$"
+            )
+        finally:
+            await connection.close()
+
+    asyncio.run(behind())
+    with a.client() as client:
+        job_id = client.enqueue("record", {"log": "/dev/null"}, delay=1800).job_id
+        why = client.why(job_id)
+    assert why.reason == "delayed", why  # by the daemon's clock it was due 30 minutes ago
+    assert why.message.endswith("(in 30m)") or why.message.endswith("(in 29m59s)"), why.message

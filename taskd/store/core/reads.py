@@ -81,6 +81,12 @@ def queue_depth(sql: Dialect) -> Steps[int]:
     return int(rows[0]["n"])
 
 
+def clock(sql: Dialect) -> Steps[float]:
+    """The store's "now"."""
+    rows = yield Statement("SELECT :now AS now")
+    return float(rows[0]["now"])
+
+
 def nodes(sql: Dialect) -> Steps[list[NodeInfo]]:
     """The nodes alive, in the order of their ids."""
     rows = yield Statement(

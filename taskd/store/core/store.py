@@ -121,8 +121,8 @@ class SqlStore:
     # -- nodes ---------------------------------------------------------------------------
 
     @store_write
-    async def register_node(self, node: str, ttl: float) -> str:
-        (worker,) = await self._commits.submit(nodes.register, [(node, ttl)])
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        (worker,) = await self._commits.submit(nodes.register, [(node, ttl, slots)])
         return worker
 
     @store_write
@@ -256,6 +256,10 @@ class SqlStore:
     @store_read
     async def counts(self) -> list[TaskCounts]:
         return await self._read(reads.counts)
+
+    @store_read
+    async def clock(self) -> float:
+        return await self._read(reads.clock)
 
     @store_read
     async def queue_depth(self) -> int:

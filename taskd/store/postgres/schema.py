@@ -141,6 +141,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE {s}.job_errors ADD COLUMN started_at double precision",
         "ALTER TABLE {s}.job_errors ADD COLUMN worker text",
     ],
+    # Each worker's slots (`workers`), for `why` to count the workers busy on every daemon.
+    ["ALTER TABLE {s}.nodes ADD COLUMN slots integer NOT NULL DEFAULT 0"],
 ]
 
 

@@ -158,6 +158,8 @@ MIGRATIONS: list[list[str]] = [
         """,
         "INSERT INTO store_state (id, closed_cleanly) VALUES (1, 0)",
     ],
+    # Each worker's slots (`workers`), for `why` to count the workers busy everywhere.
+    ["ALTER TABLE nodes ADD COLUMN slots INTEGER NOT NULL DEFAULT 0"],
 ]
 
 
