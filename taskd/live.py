@@ -269,6 +269,9 @@ class Relay:
         try:
             while (wanted := self._wanted.pop(job_id, None)) is not None:
                 epoch, seq, progress = wanted
+                known = self._after.get(job_id)  # lines relayed since that notice came
+                if known is not None and known > (epoch, seq):
+                    epoch, seq = known
                 async with self._turns:
                     try:
                         activity = await self._read(job_id, (epoch, seq), RELAY_LINES)
