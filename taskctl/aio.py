@@ -285,8 +285,9 @@ class AsyncClient:
         task: str | None = None,
         limit: int = 50,
         payloads: bool = False,
+        origin: str | None = None,
     ) -> list[Job]:
-        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
+        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
 
     async def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
@@ -332,13 +333,18 @@ class AsyncClient:
     # -- live events -----------------------------------------------------------------------
 
     async def subscribe(
-        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+        self,
+        job: int | None = None,
+        *,
+        logs: bool = True,
+        task: str | None = None,
+        timeout: float | None = None,
     ) -> int:
         limit = shorter(self._timeout, timeout)
         if self.server is None:
             await self._connect(limit)
         subscription: int = await self._send(
-            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs), limit
+            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs, task=task), limit
         )
         return subscription
 

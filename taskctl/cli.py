@@ -18,10 +18,12 @@ from taskctl.client import WAIT_MARGIN, Client, enqueue_params
 from taskd import __version__, protocol
 from taskd.models import (
     FINISHED_STATUSES,
+    JOB_ORIGINS,
     JOB_STATUSES,
     counted,
     format_duration,
     parse_duration,
+    since_retry,
 )
 from taskd.protocol import (
     Method,
@@ -228,7 +230,8 @@ def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[s
     """Wait for the job's end, saying (on stderr) each failed attempt and when the next starts.
 
     Each `wait` returns at the job's end or at the next failed attempt (taskd tells it):
-    no polling."""
+    no polling. Attempts count from 1 again after a `retry` by request: only those since
+    the latest one are the job's current attempts."""
     deadline = None if timeout is None else time.monotonic() + timeout
     reported = 0  # the highest attempt whose failure was shown
     while True:
@@ -242,8 +245,8 @@ def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[s
             raise errors.WaitTimeout(message, exc.data) from None
         if job.status in FINISHED_STATUSES:
             return job
-        for error in job.errors:
-            if error.kind != "retried" and error.attempt > reported:
+        for error in since_retry(job.errors):
+            if error.attempt > reported:
                 reported = error.attempt
                 if error.attempt >= job.attempts:  # the latest: say when the next one starts
                     say(f"taskctl: {_next_attempt(job, error)}")
@@ -360,11 +363,15 @@ def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
 def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
     wanted = [name for group in args.status or [] for name in group] or None
     if args.watch:
-        fetch = lambda: client.jobs(status=wanted, task=args.task, limit=args.limit)  # noqa: E731
+        fetch = lambda: client.jobs(  # noqa: E731
+            status=wanted, task=args.task, limit=args.limit, origin=args.origin
+        )
         with contextlib.suppress(KeyboardInterrupt):
             _live().watch_jobs(client, fetch, sys.stdout)
         return Exit.OK
-    jobs = client.jobs(status=wanted, task=args.task, limit=args.limit, payloads=args.payloads)
+    jobs = client.jobs(
+        status=wanted, task=args.task, limit=args.limit, payloads=args.payloads, origin=args.origin
+    )
     return _show(args, jobs, lambda: _render().jobs_table(jobs))
 
 
@@ -667,6 +674,8 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--status", type=statuses, action="append", metavar="S", complete=JOB_STATUSES,
             help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}"),
         Arg("--task", metavar="NAME", complete="tasks", help="only jobs of this task"),
+        Arg("--origin", choices=JOB_ORIGINS, complete=JOB_ORIGINS,
+            help="only jobs made so: by `run`, `enqueue`, a schedule's tick, or a task"),
         Arg("--limit", type=positive_int, default=50, metavar="N", help="default 50"),
         Arg("--payloads", action="store_true",
             help="with --json: include each job's payload and result (`taskctl job ID` shows "

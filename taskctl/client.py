@@ -165,9 +165,14 @@ def enqueue_params(
 
 
 def jobs_params(
-    status: list[str] | None, task: str | None, limit: int, payloads: bool
+    status: list[str] | None,
+    task: str | None,
+    limit: int,
+    payloads: bool,
+    origin: str | None = None,
 ) -> JobsParams:
     fields = {"status": status, "task": task, "limit": limit, "payloads": payloads}
+    fields["origin"] = origin
     return msgspec.convert(fields, JobsParams)
 
 
@@ -451,9 +456,10 @@ class Client:
         task: str | None = None,
         limit: int = 50,
         payloads: bool = False,
+        origin: str | None = None,
     ) -> list[Job]:
         """Recent jobs, newest first; their payload and result only with `payloads`."""
-        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
+        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
 
     def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
@@ -514,9 +520,15 @@ class Client:
     # -- live events -----------------------------------------------------------------------
 
     def subscribe(
-        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+        self,
+        job: int | None = None,
+        *,
+        logs: bool = True,
+        task: str | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Start receiving events (of one job, or of all with "changed" events too); returns
+        """Start receiving events (of one job, of one `task`'s jobs, or of all, with "changed"
+        events but for one job); returns
         the subscription's id once it is live. Read them with `next_event`. RequestTimeout
         if taskd has not started it within the client's timeout (or `timeout`, if shorter)."""
         limit = shorter(self._timeout, timeout)
@@ -529,7 +541,7 @@ class Client:
         sock.settimeout(limit)  # _hung_up left it non-blocking
         request_id = self._next_id
         self._next_id += 1
-        params = SubscribeParams(job=job, logs=logs)
+        params = SubscribeParams(job=job, logs=logs, task=task)
         try:
             sock.sendall(encode_frame(Request(request_id, protocol.SUBSCRIBE.name, _raw(params))))
             while True:  # until the first event: "subscribed", or the error refusing it

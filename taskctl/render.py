@@ -221,7 +221,8 @@ def job_detail(job: Job) -> str:
         if error.kind == "retried":
             lines.append(f"  retried at {when}: its attempts start again from 1")
             continue
-        lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {error.message}")
+        message = error.message.removeprefix(f"{error.kind}: ")  # as older taskd wrote it
+        lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {message}")
         if error.traceback:
             lines.extend("      " + line for line in error.traceback.rstrip().splitlines())
     return "\n".join(lines)
@@ -276,7 +277,7 @@ def why_text(why: Any) -> str:
     lines = [message, f"timeline ({zone()}):"]
     for event in why.timeline:
         what = event.event if event.attempt is None else f"attempt {event.attempt} {event.event}"
-        worker = f" on {event.worker}" if event.worker else ""
+        worker = f" on {event.worker}" if event.worker and event.event == "started" else ""
         said = (
             ""
             if not event.message
@@ -395,6 +396,9 @@ def http_lines(stats: HttpStats) -> list[str]:
     lines = [
         f"  http:      {stats.open} open ({stats.authenticated} with a token); at most "
         f"{stats.max_connections}, {stats.unauthenticated_share} of them without one",
+        f"             event streams: {stats.event_streams} open, at most "
+        f"{stats.max_event_streams}"
+        + (f"; refused {stats.refused_event_streams}" if stats.refused_event_streams else ""),
     ]
     counts = (stats.refused_unauthenticated, stats.refused_header_timeout, stats.refused_busy)
     if any(counts) or stats.closed_idle:

@@ -150,6 +150,11 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout: Annotated[Seconds, RESTART] = Seconds(5)
     # A connection waiting for a request is closed after this.
     keepalive_timeout: Annotated[Seconds, RESTART] = Seconds(5)
+    # `GET /events` streams open at once (each holds a connection with a token; one such
+    # connection is always left for other requests).
+    max_event_streams: Annotated[int, RESTART] = 32
+    # A stream with nothing to say sends a comment this often, so that proxies keep it open.
+    event_heartbeat: Annotated[Seconds, RESTART] = Seconds(15)
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -158,7 +163,9 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_body_size must be at least 1024 bytes, got {self.max_body_size}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
-        for name in ("read_timeout", "header_timeout", "keepalive_timeout"):
+        if self.max_event_streams < 0:
+            raise ValueError(f"max_event_streams must be 0 or more, got {self.max_event_streams}")
+        for name in ("read_timeout", "header_timeout", "keepalive_timeout", "event_heartbeat"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
 

@@ -164,6 +164,7 @@ class Daemon:
         self._server: ControlServer | None = None
         self._http: HttpServer | None = None
         self._listener: socket.socket | None = None
+        self._live: LiveEvents | None = None
         self._socket_lock: int | None = None
         self._started_at = time.time()
         self._stopping = False  # shutdown has begun: no more reloads
@@ -299,7 +300,8 @@ class Daemon:
             status.bindings(),
             NodeMethods(store, self, metrics).bindings(),
         )
-        await self._serve_socket(dispatch, LiveEvents(store.events, news), settings, listener)
+        live = self._live = LiveEvents(store.events, news, store.job_activity)
+        await self._serve_socket(dispatch, live, settings, listener)
         if settings.http is not None:
             await self._start_http(dispatch, status, settings)
         self._start_background(engine, self._scheduler, peers)
@@ -369,7 +371,7 @@ class Daemon:
     async def _join(self, store: Store, node: str) -> str:
         """Register this start of the node; take back the jobs of workers that are gone,
         our own previous start's among them. Returns our worker id."""
-        worker = await store.register_node(node, ttl=self.config.lease)
+        worker = await store.register_node(node, ttl=self.config.lease, slots=self.config.workers)
         hooks = self._tasks().failure_hooks()
         recovered = await store.recover(self.config.quarantine_after, hooks)
         if recovered:
@@ -408,7 +410,7 @@ class Daemon:
 
         http = settings.http
         assert http is not None
-        api = HttpApi(dispatch, status.healthy, self._tasks())
+        api = HttpApi(dispatch, status.healthy, self._tasks(), self._live)
         self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
         try:
             await self._http.start()
@@ -537,6 +539,8 @@ class Daemon:
         if self._http is not None:
             await self._http.close()
         await self._background.close()
+        if self._live is not None:
+            await self._live.close()
         if self._store is not None:
             if self._worker is not None:
                 try:

@@ -23,6 +23,7 @@ from taskd.models import (
     BatchInfo,
     Job,
     JobLogs,
+    JobOrigin,
     JobStatus,
     LogLine,
     Progress,
@@ -158,7 +159,8 @@ class JobEvent(msgspec.Struct, frozen=True):
     """One event of a `subscribe` stream (contrib/protocol.md: "Live events").
 
     kind "subscribed": the stream is live (the first event); "state": job `job_id` of `task`
-    is now `status`; "progress": its `progress`; "log": a `line` it wrote; "changed": jobs
+    is now `status`; "progress": its `progress`; "log": a `line` it wrote (`task` named when
+    known); "changed": jobs
     were added, started or ended (read again what you show); "dropped": `dropped` events
     were let go because the subscriber read too slowly.
     """
@@ -382,6 +384,7 @@ class JobsParams(Params):
     task: str | None = None
     limit: Limit = 50
     payloads: bool = False  # include each job's payload and result (else they are nil)
+    origin: JobOrigin | None = None  # only jobs made so: run, enqueue, schedule (a tick), task
 
 
 JOBS = Method(
@@ -584,6 +587,7 @@ LOGS = Method(
 class SubscribeParams(Params):
     job: Int64 | None = None  # only this job's events (and no "changed"); None: every job's
     logs: bool = True  # include "log" events
+    task: str | None = None  # only the events of this task's jobs (and "changed")
 
 
 class SubscribeResult(msgspec.Struct, frozen=True):

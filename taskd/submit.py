@@ -21,6 +21,7 @@ from taskd.models import (
     Job,
     JobOrigin,
     did_you_mean,
+    since_retry,
 )
 from taskd.policy import default_attempts
 from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
@@ -268,8 +269,9 @@ class Submitter:
 
 
 def _failed_after(job: Job, attempt: int) -> bool:
-    """Whether an attempt of the job numbered above `attempt` has failed."""
-    return any(e.attempt > attempt and e.kind != "retried" for e in job.errors)
+    """Whether an attempt of the job numbered above `attempt` has failed (since its latest
+    retry by request: attempts count from 1 again after one)."""
+    return any(e.attempt > attempt for e in since_retry(job.errors))
 
 
 def _due_now(job: NewJob) -> bool:

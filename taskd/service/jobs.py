@@ -142,7 +142,9 @@ class JobMethods:
         return logs
 
     async def jobs(self, params: JobsParams) -> list[Job]:
-        query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)
+        query = JobFilter(
+            statuses=params.status, task=params.task, limit=params.limit, origin=params.origin
+        )
         jobs = await self._store.list_jobs(query)
         if not jobs and params.task is not None and params.task not in self._tasks:
             raise UnknownTask(params.task, self._tasks.names())  # a typo, not "no jobs"

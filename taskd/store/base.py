@@ -35,6 +35,9 @@ The contract:
   became claimable or will in `delay` seconds (inserted, retried, returned to the queue) or
   a running job started waiting (its task's limit has room again);
   `cancel_requested(job_id)` when a job was cancelled (whoever runs it stops it);
+  `activity(job_id, epoch, seq, progress)` when another daemon sharing the store recorded
+  progress (`progress`) or log lines (from line `seq` of attempt `epoch`) of a job it runs
+  (a daemon's own activity is its news, not a store event);
   `resync()` when the store may have missed some of these (a lost database connection):
   listeners then read again what they wait for. A daemon's own wake-ups (a slot it freed)
   are its business, not store events.
@@ -56,7 +59,9 @@ from taskd.models import (
     JobLogs,
     JobOrigin,
     JobStatus,
+    LogLine,
     NodeInfo,
+    Progress,
     TaskCounts,
 )
 from taskd.store.events import JobEvents
@@ -203,6 +208,7 @@ class JobFilter(msgspec.Struct, frozen=True):
     statuses: Sequence[JobStatus] | None = None
     task: str | None = None
     limit: int = 50
+    origin: JobOrigin | None = None
 
 
 class ScheduleState(msgspec.Struct):
@@ -256,6 +262,17 @@ class LogNote(msgspec.Struct, frozen=True):
     ago: float = 0.0
 
 
+class JobActivity(msgspec.Struct, frozen=True):
+    """What a job did lately (`Store.job_activity`): its task and status, its latest
+    progress, and its newest lines after a given one; `skipped` older ones were not read."""
+
+    task: str
+    status: JobStatus
+    progress: Progress | None
+    lines: list[LogLine]
+    skipped: int = 0
+
+
 MAX_LOG_LINES = 1000  # lines a job keeps; older ones are let go and counted
 MAX_LOG_BYTES = 64 * 1024  # bytes (UTF-8) of messages a job keeps
 
@@ -275,8 +292,9 @@ class Store(Protocol):
 
     # -- nodes ---------------------------------------------------------------------------
 
-    async def register_node(self, node: str, ttl: float) -> str:
-        """Start a new worker of `node` with a heartbeat of `ttl` seconds; return its id.
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        """Start a new worker of `node` with a heartbeat of `ttl` seconds and `slots` jobs
+        at once (its `workers`, which `nodes()` reports); return its id.
 
         The node's previous worker is no longer alive: its running jobs can be recovered.
         """
@@ -368,6 +386,12 @@ class Store(Protocol):
     async def job_logs(self, job_id: int) -> JobLogs | None:
         """The lines kept of a job, oldest first; None if there is no such job."""
 
+    async def job_activity(
+        self, job_id: int, after: tuple[int, int], limit: int
+    ) -> JobActivity | None:
+        """A job's task, status and progress, and its newest `limit` lines after the line
+        `after` (epoch, seq); None if there is no such job."""
+
     async def get(self, job_id: int) -> Job | None:
         """One job with the errors of all its attempts."""
 
@@ -376,6 +400,9 @@ class Store(Protocol):
 
     async def counts(self) -> list[TaskCounts]:
         """Jobs per task and status, and per task the oldest due pending job's age."""
+
+    async def clock(self) -> float:
+        """The store's "now" (Unix seconds): the clock every instant in it is written by."""
 
     async def queue_depth(self) -> int:
         """How many jobs are pending (cheap: for status lines updated as jobs come and go)."""

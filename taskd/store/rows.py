@@ -18,7 +18,7 @@ JOB_COLUMNS = (
 )
 ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
-NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"  # PostgreSQL adds schedules
+NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, slots"  # PostgreSQL adds schedules
 
 # A tick's jobs, as a schedule's state and a tick's record keep them.
 fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
@@ -108,4 +108,5 @@ def node_from_row(row: Row) -> NodeInfo:
         seen_at=row["seen_at"],
         running=row["running"],
         schedules=row["schedules"],
+        slots=row["slots"],
     )

@@ -45,7 +45,7 @@ REGISTERED = "EXISTS (SELECT 1 FROM {s}.nodes WHERE worker = :worker AND expires
 
 # What an outcome `v` (id, epoch, worker, outcome, result, message, retry_in) does to a job
 # running its claim: "retry" puts it back for later, "released" at once and without
-# counting the attempt.
+# counting the attempt (nor its worker). The job keeps the worker of its latest attempt.
 FINISHED = """result = v.result,
     status = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN v.outcome ELSE 'pending' END,
     error = CASE WHEN v.outcome = 'succeeded' THEN NULL ELSE coalesce(v.message, jobs.error) END,
@@ -53,7 +53,8 @@ FINISHED = """result = v.result,
         ELSE jobs.run_at END,
     attempts = jobs.attempts - CASE WHEN v.outcome = 'released' THEN 1 ELSE 0 END,
     finished_at = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN :now END,
-    worker = NULL, lease_expires = NULL, waiting = false"""
+    worker = CASE WHEN v.outcome = 'released' THEN NULL ELSE jobs.worker END,
+    lease_expires = NULL, waiting = false"""
 # The outcome's job still runs the claim it reports on (fencing).
 FINISHING = (
     "jobs.id = v.id AND jobs.epoch = v.epoch AND jobs.worker = v.worker AND jobs.status = 'running'"
@@ -76,20 +77,17 @@ RECOVERED = """crashes = crashes + 1,
         ELSE 'interrupted during attempt ' || attempts || '; it will run again' END,
     finished_at = CASE WHEN crashes + 1 >= :quarantine OR attempts >= max_attempts
         THEN :now END,
-    run_at = :now, worker = NULL, lease_expires = NULL, waiting = false"""
+    run_at = :now, lease_expires = NULL, waiting = false"""
 
 
 def interrupted(worker: str) -> str:
     """What a recovery records of the attempt it took back (the worker in column `worker`)."""
-    return (
-        f"'interrupted: worker ' || coalesce({worker}, '?') || ' went away during attempt '"
-        " || attempts"
-    )
+    return f"'worker ' || coalesce({worker}, '?') || ' went away during attempt ' || attempts"
 
 
 # What a cancel does to a pending or running job.
 CANCELLED = (
-    "status = 'cancelled', finished_at = :now, error = 'cancelled by request', worker = NULL,"
+    "status = 'cancelled', finished_at = :now, error = 'cancelled by request',"
     " lease_expires = NULL, waiting = false"
 )
 

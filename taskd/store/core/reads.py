@@ -45,6 +45,9 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
     if query.task is not None:
         clauses.append("task = :task")
         params["task"] = query.task
+    if query.origin is not None:
+        clauses.append("origin = :origin")
+        params["origin"] = query.origin
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = yield Statement(
         f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs {where} ORDER BY id DESC LIMIT :limit", params
@@ -83,6 +86,12 @@ def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
 def queue_depth(sql: Dialect) -> Steps[int]:
     rows = yield Statement(sql.queue_depth_sql)
     return int(rows[0]["n"])
+
+
+def clock(sql: Dialect) -> Steps[float]:
+    """The store's "now"."""
+    rows = yield Statement("SELECT :now AS now")
+    return float(rows[0]["now"])
 
 
 def nodes(sql: Dialect) -> Steps[list[NodeInfo]]:

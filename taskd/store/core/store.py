@@ -25,6 +25,7 @@ from taskd.store.base import (
     Finished,
     Inserted,
     InvalidTransition,
+    JobActivity,
     JobFilter,
     JobNotFound,
     LogNote,
@@ -129,8 +130,8 @@ class SqlStore:
     # -- nodes ---------------------------------------------------------------------------
 
     @store_write
-    async def register_node(self, node: str, ttl: float) -> str:
-        (worker,) = await self._commits.submit(nodes.register, [(node, ttl)])
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        (worker,) = await self._commits.submit(nodes.register, [(node, ttl, slots)])
         return worker
 
     @store_write
@@ -267,6 +268,12 @@ class SqlStore:
         return await self._read(activity.job_logs, job_id)
 
     @store_read
+    async def job_activity(
+        self, job_id: int, after: tuple[int, int], limit: int
+    ) -> JobActivity | None:
+        return await self._read(activity.job_activity, job_id, after, limit)
+
+    @store_read
     async def get(self, job_id: int) -> Job | None:
         return await self._read(reads.get, job_id)
 
@@ -277,6 +284,10 @@ class SqlStore:
     @store_read
     async def counts(self) -> list[TaskCounts]:
         return await self._read(reads.counts)
+
+    @store_read
+    async def clock(self) -> float:
+        return await self._read(reads.clock)
 
     @store_read
     async def queue_depth(self) -> int:
@@ -327,11 +338,19 @@ class SqlStore:
     # -- the writes of other daemons sharing the store ------------------------------------
 
     def _heard(
-        self, due: float | None, finished: Sequence[tuple[int, str]], cancelled: Sequence[int]
+        self,
+        due: float | None,
+        finished: Sequence[tuple[int, str]],
+        cancelled: Sequence[int],
+        activity: Sequence[tuple[int, int, int, bool]] = (),
     ) -> None:
         """Another daemon committed a transaction that made jobs due in `due` seconds, ended
-        these (id, task) (or put them back for a retry), and cancelled these: our listeners
-        hear of it (see `Store.events`)."""
+        these (id, task) (or put them back for a retry), cancelled these, and recorded the
+        activity of these: our listeners hear of it (see `Store.events`)."""
+        for job_id, epoch, seq, progress in activity:
+            self.events.activity(job_id, epoch, seq, progress)
+        if not (due is not None or finished or cancelled):
+            return  # only activity: no job changed state
         wake = False
         for job_id, task in finished:
             if self.events.watching(job_id):

@@ -178,6 +178,8 @@ MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    # Each worker's slots (`workers`), for `why` to count the workers busy on every daemon.
+    ["ALTER TABLE {s}.nodes ADD COLUMN slots integer NOT NULL DEFAULT 0"],
 ]
 
 

@@ -193,6 +193,8 @@ MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    # Each worker's slots (`workers`), for `why` to count the workers busy everywhere.
+    ["ALTER TABLE nodes ADD COLUMN slots INTEGER NOT NULL DEFAULT 0"],
 ]
 
 
