@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
 import msgspec
 
 import taskd
@@ -152,6 +151,8 @@ async def _exchange(
     headers: list[tuple[str, str]],
     body: bytes,
 ) -> tuple[int, str]:
+    import h11  # only once a webhook is delivered: a daemon without [http] loads no h11
+
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
     head = [("Host", host), ("Content-Length", str(len(body))), ("Connection", "close")]
     request = h11.Request(method="POST", target=target, headers=head + headers)
