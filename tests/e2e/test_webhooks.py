@@ -160,6 +160,30 @@ def test_a_finished_batch_is_delivered(backend: Backend) -> None:
         server.close()
 
 
+def test_a_reload_applies_webhooks_and_keeps_them_if_a_secret_is_missing(
+    taskd_factory: type[Taskd], short_tmp: Path, receiver: Receiver
+) -> None:
+    receiver.statuses = [200]
+    daemon = taskd_factory(short_tmp).start()
+    (short_tmp / "secret.txt").write_text(SECRET)
+    daemon.config_file.write_text(webhook_config(receiver.url, '["job.failed"]'))
+    reloaded = daemon.ctl("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    (short_tmp / "secret.txt").unlink()
+    refused = daemon.ctl("reload")
+    assert refused.returncode != 0 and "cannot read secret_file" in refused.stderr, refused
+    with daemon.client() as client:
+        failed = client.enqueue("fail", "x", max_attempts=1).job_id
+        wait_until(lambda: receiver.received, 30, "a delivery after the reload")
+        (delivery,) = client.jobs(task="taskd:webhook")
+        assert client.wait(delivery.id, timeout=30).status == "succeeded"
+    headers, body = receiver.received[0]
+    assert json.loads(body)["job"]["id"] == failed
+    expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["X-Taskd-Signature"] == f"sha256={expected}"  # the secret read at reload
+    assert daemon.stop() == 0
+
+
 def check(root: Path, config: str, secret: bool = True) -> subprocess.CompletedProcess[str]:
     (root / "taskd.toml").write_text(config)
     if secret:
