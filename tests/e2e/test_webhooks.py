@@ -139,6 +139,30 @@ def test_a_cancelled_job_is_delivered_and_a_delivery_triggers_none(
         server.close()
 
 
+def test_a_delivery_survives_kill_9(backend: Backend) -> None:
+    server = Receiver([500])
+    try:
+        config = webhook_config(server.url, '["job.failed"]').replace("0.2", "1")
+        daemon = backend.daemon(config)
+        (daemon.root / "secret.txt").write_text(SECRET)
+        daemon.start()
+        with daemon.client() as client:
+            failed = client.enqueue("fail", "x", max_attempts=1).job_id
+            wait_until(lambda: server.received, 30, "a first attempt")
+        daemon.kill()
+        server.statuses = [200]
+        daemon = backend.daemon(config).start()
+        wait_until(lambda: len(server.received) >= 2, 30, "a delivery after the restart")
+        with daemon.client() as client:
+            (delivery,) = client.jobs(task="taskd:webhook")
+            assert client.wait(delivery.id, timeout=30).status == "succeeded"
+        assert server.received[0][1] == server.received[-1][1]
+        assert json.loads(server.received[-1][1])["job"]["id"] == failed
+        assert daemon.stop() == 0
+    finally:
+        server.close()
+
+
 def test_a_finished_batch_is_delivered(backend: Backend) -> None:
     server = Receiver([200])
     try:
