@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from taskctl.client import (
     CLIENT_MAX_FRAME,
     MAX_HELD_EVENTS,
     Client,
+    Enqueued,
     enqueue_params,
     hello_params,
     job_result,
@@ -33,9 +34,10 @@ from taskctl.client import (
 )
 from taskctl.errors import ProtocolError, TaskdError
 from taskd import protocol
-from taskd.models import Job, JobLogs, ScheduleInfo, Status, TaskInfo
+from taskd.models import AfterFailure, BatchInfo, Job, JobLogs, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
     HEADER,
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
     EnqueueParams,
@@ -254,6 +256,8 @@ class AsyncClient:
         unique_for: float | str | dt.timedelta | None = None,
         debounce: float | str | dt.timedelta | None = None,
         max_wait: float | str | dt.timedelta | None = None,
+        after: Sequence[int] = (),
+        after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
         params = enqueue_params(
             task,
@@ -266,11 +270,19 @@ class AsyncClient:
             unique_for=unique_for,
             debounce=debounce,
             max_wait=max_wait,
+            after=after,
+            after_failure=after_failure,
         )
         return await self._call(protocol.ENQUEUE, params)
 
-    async def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
-        return (await self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs))).jobs
+    async def enqueue_many(
+        self, jobs: list[EnqueueParams], on_finish: str | None = None
+    ) -> Enqueued:
+        params = EnqueueManyParams(jobs, on_finish)
+        return Enqueued.of(await self._call(protocol.ENQUEUE_MANY, params))
+
+    async def batch(self, batch_id: int) -> BatchInfo:
+        return await self._call(protocol.BATCH, BatchParams(batch_id))
 
     async def job(self, job_id: int) -> Job:
         return await self._call(protocol.JOB, JobParams(job_id))
@@ -282,8 +294,9 @@ class AsyncClient:
         task: str | None = None,
         limit: int = 50,
         payloads: bool = False,
+        origin: str | None = None,
     ) -> list[Job]:
-        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
+        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
 
     async def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
@@ -335,13 +348,18 @@ class AsyncClient:
     # -- live events -----------------------------------------------------------------------
 
     async def subscribe(
-        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+        self,
+        job: int | None = None,
+        *,
+        logs: bool = True,
+        task: str | None = None,
+        timeout: float | None = None,
     ) -> int:
         limit = shorter(self._timeout, timeout)
         if self.server is None:
             await self._connect(limit)
         subscription: int = await self._send(
-            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs), limit
+            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs, task=task), limit
         )
         return subscription
 

@@ -43,7 +43,16 @@ class Attempts:
         self._max_result = max_result
 
     async def run(self, job: Job) -> Outcome:
-        """Run one attempt of `job`; its outcome (asyncio.CancelledError if stopped)."""
+        """Run one attempt of `job`; its outcome (asyncio.CancelledError if stopped), with
+        the hook its task enqueues should the job end so (never for a hook's own job)."""
+        outcome = await self._attempt(job)
+        task = self._tasks.get(job.task)
+        if outcome.status not in ("succeeded", "failed") or task is None or job.origin == "hook":
+            return outcome
+        hook = self._tasks.hook(task, outcome.status)
+        return outcome if hook is None else msgspec.structs.replace(outcome, hook=hook)
+
+    async def _attempt(self, job: Job) -> Outcome:
         task = self._tasks.get(job.task)
         if task is None:
             return self._failed(job, None, f"task {job.task} is not loaded", final=True)

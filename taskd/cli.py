@@ -201,10 +201,11 @@ def check(config: Config, paths: Paths) -> int:
     from taskd.access import AccessPolicy, group_id
     from taskd.http.settings import load_settings
     from taskd.schedules import load_schedules
-    from taskd.tasks import TaskLoadError, load_tasks
+    from taskd.tasks import TaskLoadError
+    from taskd.webhooks import load_tasks_and_webhooks
 
     try:
-        registry = load_tasks(paths.tasks, config.task)
+        registry, _ = load_tasks_and_webhooks(paths.tasks, config)
         schedules = load_schedules(config, registry)
         AccessPolicy.from_config(config)
         if config.sqlite.group is not None:

@@ -52,6 +52,8 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limit: str | None = None  # "10/s", "600/m", "100/15m": see README, "Flow control"
     unique_for: Seconds | None = None  # an enqueue's key stays taken this long
     single_flight: SingleFlight | None = None  # "task", "payload" or "none"
+    on_failure: str | None = None  # a task enqueued when a job fails after its last attempt
+    on_success: str | None = None  # a task enqueued when a job succeeds
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None:
@@ -72,6 +74,9 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cancelled: Seconds = Seconds(30 * 86400)
 
 
+MAX_JITTER = 86400.0  # a day: a longer spread is a different schedule
+
+
 class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A `[[schedule]]` table: the long form of a `[scheduled_tasks]` entry."""
 
@@ -83,10 +88,51 @@ class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     catch_up: Literal["skip", "latest", "all"] = "skip"
     max_catch_up: int = 10
     enabled: bool = True
+    # Each tick's jobs are due at an offset in [0, jitter) after the tick, the same on every
+    # daemon (derived from the schedule's id and the tick): spreads the load of many daemons
+    # or schedules on one minute, like systemd's RandomizedDelaySec=.
+    jitter: Seconds | None = None
 
     def __post_init__(self) -> None:
+        if self.jitter is not None and not 0 <= self.jitter <= MAX_JITTER:
+            raise ValueError(f"jitter must be 0 to 1 day, got {self.jitter:g} s")
         if self.max_catch_up < 1:
             raise ValueError(f"max_catch_up must be at least 1, got {self.max_catch_up}")
+
+
+WEBHOOK_EVENTS = ("job.failed", "job.succeeded", "job.cancelled", "batch.finished")
+# Events the issue names that taskd cannot deliver yet, and why.
+UNDELIVERED_EVENTS = {
+    "schedule.missed": "taskd logs the ticks a schedule missed but keeps no record of them "
+    "in the job store to deliver from",
+}
+
+
+class Webhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A `[[webhook]]` table: where to POST which events, signed with the secret in a file."""
+
+    url: str
+    events: list[str]
+    secret_file: str
+    tasks: list[str] = []  # fnmatch patterns of task names; none: every task's events
+
+    def __post_init__(self) -> None:
+        scheme = self.url.partition("://")[0] if "://" in self.url else ""
+        if scheme not in ("http", "https") or not self.url.partition("://")[2].strip("/"):
+            raise ValueError(
+                f"url {self.url!r}: only http:// and https:// URLs, such as "
+                '"https://hooks.example.com/taskd"'
+            )
+        if not self.events:
+            raise ValueError(f"events is empty; name some of {', '.join(WEBHOOK_EVENTS)}")
+        for event in self.events:
+            if event in UNDELIVERED_EVENTS:
+                raise ValueError(f"event {event!r} is not delivered: {UNDELIVERED_EVENTS[event]}")
+            if event not in WEBHOOK_EVENTS:
+                raise ValueError(
+                    f"unknown event {event!r}{did_you_mean(event, WEBHOOK_EVENTS)}"
+                    f" (events: {', '.join(WEBHOOK_EVENTS)})"
+                )
 
 
 class SqliteOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -144,6 +190,11 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout: Annotated[Seconds, RESTART] = Seconds(5)
     # A connection waiting for a request is closed after this.
     keepalive_timeout: Annotated[Seconds, RESTART] = Seconds(5)
+    # `GET /events` streams open at once (each holds a connection with a token; one such
+    # connection is always left for other requests).
+    max_event_streams: Annotated[int, RESTART] = 32
+    # A stream with nothing to say sends a comment this often, so that proxies keep it open.
+    event_heartbeat: Annotated[Seconds, RESTART] = Seconds(15)
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -152,7 +203,9 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_body_size must be at least 1024 bytes, got {self.max_body_size}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
-        for name in ("read_timeout", "header_timeout", "keepalive_timeout"):
+        if self.max_event_streams < 0:
+            raise ValueError(f"max_event_streams must be 0 or more, got {self.max_event_streams}")
+        for name in ("read_timeout", "header_timeout", "keepalive_timeout", "event_heartbeat"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
 
@@ -200,6 +253,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     readonly_users: list[str | int] = []
     readonly_groups: list[str | int] = []
     http: HttpConfig | None = None  # no [http] table: no HTTP listener
+    webhook: list[Webhook] = []  # README.md, "Signed webhooks"
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -327,6 +381,12 @@ def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
     base = file.resolve().parent
     if config.http is not None:
         config = msgspec.structs.replace(config, http=config.http.resolved(base))
+    if config.webhook:
+        webhooks = [
+            msgspec.structs.replace(hook, secret_file=os.path.abspath(base / hook.secret_file))
+            for hook in config.webhook
+        ]
+        config = msgspec.structs.replace(config, webhook=webhooks)
     return config, base
 
 

@@ -25,7 +25,7 @@ from taskd.leases import LeaseKeeper
 from taskd.limits import max_payload_size
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
-from taskd.models import ConnectionStats, HttpStats, ThreadStats, counted
+from taskd.models import ConnectionStats, HttpStats, ThreadStats, WebhookRule, counted
 from taskd.news import DaemonNews
 from taskd.peers import PeerSchedules
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
@@ -53,8 +53,9 @@ from taskd.systemd import (
     pick_control_socket,
     watchdog_interval,
 )
-from taskd.tasks import TaskLoadError, TaskRegistry, load_tasks
+from taskd.tasks import TaskLoadError, TaskRegistry
 from taskd.threads import TaskThreads
+from taskd.webhooks import load_tasks_and_webhooks
 
 if TYPE_CHECKING:
     from taskd.http.server import HttpServer
@@ -120,7 +121,7 @@ def build_engine(
     runtime = Runtime(submitter, slots, activity)
     attempts = Attempts(tasks, runtime, threads, worker=worker, max_result=max_payload)
     executor = Executor(store, slots, attempts, activity, news, on_attempt=on_attempt)
-    leases = LeaseKeeper(store, slots, executor, quarantine_after=config.quarantine_after)
+    leases = LeaseKeeper(store, slots, executor, tasks, quarantine_after=config.quarantine_after)
     return Engine(slots, submitter, activity, threads, executor, leases)
 
 
@@ -164,10 +165,12 @@ class Daemon:
         self._server: ControlServer | None = None
         self._http: HttpServer | None = None
         self._listener: socket.socket | None = None
+        self._live: LiveEvents | None = None
         self._socket_lock: int | None = None
         self._started_at = time.time()
         self._stopping = False  # shutdown has begun: no more reloads
         self._peers: PeerSchedules | None = None
+        self._webhooks: tuple[WebhookRule, ...] = ()  # [[webhook]], for the store's writes
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
@@ -259,7 +262,7 @@ class Daemon:
         """The tasks and what the configuration says, checked (exit 78 if broken)."""
         config = self.config
         try:
-            self.tasks = load_tasks(self.paths.tasks, config.task)
+            self.tasks, self._webhooks = load_tasks_and_webhooks(self.paths.tasks, config)
             return _Settings(
                 schedules=load_schedules(config, self.tasks),
                 access=AccessPolicy.from_config(config),
@@ -276,6 +279,7 @@ class Daemon:
         """Open the store, build the parts, serve the socket, start the background loops."""
         config, paths = self.config, self.paths
         store = self._store = await self._open_store(paths, settings.file_group)
+        store.webhooks = self._webhooks
         news = DaemonNews()
         store.events.on_change(news.changed)  # the store's changes and ours, on one bus
         news.on_change(self._status.changed)
@@ -299,7 +303,8 @@ class Daemon:
             status.bindings(),
             NodeMethods(store, self, metrics).bindings(),
         )
-        await self._serve_socket(dispatch, LiveEvents(store.events, news), settings, listener)
+        live = self._live = LiveEvents(store.events, news, store.job_activity)
+        await self._serve_socket(dispatch, live, settings, listener)
         if settings.http is not None:
             await self._start_http(dispatch, status, settings)
         self._start_background(engine, self._scheduler, peers)
@@ -369,8 +374,9 @@ class Daemon:
     async def _join(self, store: Store, node: str) -> str:
         """Register this start of the node; take back the jobs of workers that are gone,
         our own previous start's among them. Returns our worker id."""
-        worker = await store.register_node(node, ttl=self.config.lease)
-        recovered = await store.recover(self.config.quarantine_after)
+        worker = await store.register_node(node, ttl=self.config.lease, slots=self.config.workers)
+        hooks = self._tasks().failure_hooks()
+        recovered = await store.recover(self.config.quarantine_after, hooks)
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)
             logger.warning(
@@ -407,7 +413,7 @@ class Daemon:
 
         http = settings.http
         assert http is not None
-        api = HttpApi(dispatch, status.healthy, self._tasks())
+        api = HttpApi(dispatch, status.healthy, self._tasks(), self._live)
         self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
         try:
             await self._http.start()
@@ -476,7 +482,7 @@ class Daemon:
     async def _reload(self) -> ReloadResult:
         try:
             config, paths = self._load_config()
-            registry = load_tasks(paths.tasks, config.task)
+            registry, webhooks = load_tasks_and_webhooks(paths.tasks, config)
             schedules = load_schedules(config, registry)
             access = AccessPolicy.from_config(config)
             http = load_settings(config.http) if config.http is not None else None
@@ -495,6 +501,8 @@ class Daemon:
             logger.warning("%s changed; it takes effect at the next restart", setting)
         self.config = config
         self._tasks().replace(registry)
+        if self._store is not None:
+            self._store.webhooks = webhooks
         self.paths = Paths(
             tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
         )
@@ -536,6 +544,8 @@ class Daemon:
         if self._http is not None:
             await self._http.close()
         await self._background.close()
+        if self._live is not None:
+            await self._live.close()
         if self._store is not None:
             if self._worker is not None:
                 try:

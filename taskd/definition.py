@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from taskd.models import SINGLE_FLIGHT_MODES, parse_duration, parse_rate
 
@@ -120,8 +120,11 @@ class TaskContext:
         unique_for: float | str | None = None,
         debounce: float | str | None = None,
         max_wait: float | str | None = None,
+        after: Sequence[int] = (),
+        after_failure: Literal["cancel", "run"] = "cancel",
     ) -> int:
-        """Enqueue task `name` like `taskctl enqueue` and return the job id."""
+        """Enqueue task `name` like `taskctl enqueue` and return the job id; with `after`,
+        the job waits until those jobs have succeeded."""
         options = {
             "debounce": None if debounce is None else _seconds(debounce, "debounce"),
             "max_wait": None if max_wait is None else _seconds(max_wait, "max_wait"),
@@ -131,6 +134,8 @@ class TaskContext:
             "priority": priority,
             "max_attempts": max_attempts,
             "key": key,
+            "after": tuple(after),
+            "after_failure": after_failure,
         }
         return await self._runtime.enqueue(self.job_id, name, payload, options)
 
@@ -214,6 +219,8 @@ class TaskDefinition:
         "max_attempts",
         "max_backoff",
         "name",
+        "on_failure",
+        "on_success",
         "rate_limit",
         "single_flight",
         "timeout",
@@ -234,6 +241,8 @@ class TaskDefinition:
         rate_limit: str | None = None,
         unique_for: float | str | None = None,
         single_flight: str | None = None,
+        on_failure: str | None = None,
+        on_success: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"define_task() needs a function, got {type(fn).__name__}")
@@ -256,6 +265,8 @@ class TaskDefinition:
                 f"got {single_flight!r}"
             )
         self.single_flight = single_flight
+        self.on_failure = _task_name(on_failure, "on_failure")
+        self.on_success = _task_name(on_success, "on_success")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -278,6 +289,8 @@ def define_task(
     rate_limit: str | None = None,
     unique_for: float | str | None = None,
     single_flight: str | None = None,
+    on_failure: str | None = None,
+    on_success: str | None = None,
 ) -> Any:
     """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
 
@@ -297,6 +310,10 @@ def define_task(
     created, even once it has finished. `single_flight` says which concurrent runs share an
     execution: "task" (all of them, the default), "payload" (those with equal payloads) or
     "none" (each run gets its own job).
+
+    `on_failure` and `on_success` name tasks (hooks) enqueued, in the transaction that
+    records it, when a job of this task fails after its last attempt or succeeds, with the
+    payload {"job", "task", "status", "error", "attempts"}.
     """
 
     def wrap(function: Callable[..., Any]) -> TaskDefinition:
@@ -312,6 +329,8 @@ def define_task(
             rate_limit=rate_limit,
             unique_for=unique_for,
             single_flight=single_flight,
+            on_failure=on_failure,
+            on_success=on_success,
         )
 
     return wrap if fn is None else wrap(fn)
@@ -323,6 +342,12 @@ def _seconds(value: float | str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"{what} must be seconds >= 0 or a duration such as '30s', got {value!r}")
     return float(value)
+
+
+def _task_name(value: str | None, what: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{what} must name a task, got {value!r}")
+    return value
 
 
 def _positive(value: float | str | None, what: str) -> float | None:

@@ -14,7 +14,17 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from taskd.limits import max_payload_size, out_of_limits, rule_broken
-from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, SingleFlight, did_you_mean
+from taskd.models import (
+    FINISHED_STATUSES,
+    RUN_KEY,
+    AfterFailure,
+    Hook,
+    Job,
+    JobOrigin,
+    SingleFlight,
+    did_you_mean,
+    since_retry,
+)
 from taskd.policy import default_attempts
 from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
@@ -63,6 +73,8 @@ class JobRequest(msgspec.Struct, frozen=True):
     unique_for: float | None = None  # with a key: taken this long after its job's creation
     debounce: float | None = None  # with a key: a pending job's payload and due time move
     max_wait: float | None = None  # ... never past its first enqueue and this
+    after: tuple[int, ...] = ()  # the jobs it waits for
+    after_failure: AfterFailure = "cancel"
 
 
 R = TypeVar("R")
@@ -141,6 +153,8 @@ class Submitter:
             unique_for=None if request.key is None else _first(request.unique_for, task.unique_for),
             debounce=request.debounce,
             max_wait=request.max_wait,
+            after=request.after,
+            after_failure=request.after_failure,
         )
 
     @staticmethod
@@ -169,6 +183,7 @@ class Submitter:
                 "unique_for": request.unique_for,
                 "debounce": request.debounce,
                 "max_wait": request.max_wait,
+                "after": list(request.after),
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:
                 raise InvalidRequest(problem)
@@ -180,6 +195,29 @@ class Submitter:
 
         With `numbered` (a batch from a client), a refusal names the item: `jobs[3]: ...`.
         """
+        rows = self._prepare_all(requests, numbered=numbered)
+        # A run starts in its insert's commit if a slot is free (its caller waits for it);
+        # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
+        runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
+        if self._claimer is None or not any(_due_now(row) for row in runs):
+            return await self._store.insert(rows)
+        inserted, _ = await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
+        return inserted
+
+    async def submit_batch(
+        self, requests: Sequence[JobRequest], on_finish: str
+    ) -> tuple[int, list[Inserted]]:
+        """Validate all, then insert all as a batch in one transaction, whose last job's end
+        enqueues `on_finish`; the batch's id and the jobs'."""
+        task = self._tasks.get(on_finish)
+        if task is None:
+            raise UnknownTask(on_finish, self._tasks.names())
+        rows = self._prepare_all(requests, numbered=True)
+        hook = Hook(task.name, default_attempts(False, task.max_attempts))
+        return await self._store.insert_batch(rows, hook)
+
+    def _prepare_all(self, requests: Sequence[JobRequest], *, numbered: bool) -> list[NewJob]:
+        """The rows of all requests; the first refusal, which names its item if `numbered`."""
         rows = []
         for index, request in enumerate(requests):
             try:
@@ -189,13 +227,7 @@ class Submitter:
                     exc.index = index
                     exc.args = (f"jobs[{index}]: {exc}",)
                 raise
-        # A run starts in its insert's commit if a slot is free (its caller waits for it);
-        # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
-        runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
-        if self._claimer is None or not any(_due_now(row) for row in runs):
-            return await self._store.insert(rows)
-        inserted, _ = await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
-        return inserted
+        return rows
 
     async def _insert(
         self, rows: list[NewJob], claim: ClaimRequest | None
@@ -260,8 +292,9 @@ class Submitter:
 
 
 def _failed_after(job: Job, attempt: int) -> bool:
-    """Whether an attempt of the job numbered above `attempt` has failed."""
-    return any(e.attempt > attempt and e.kind != "retried" for e in job.errors)
+    """Whether an attempt of the job numbered above `attempt` has failed (since its latest
+    retry by request: attempts count from 1 again after one)."""
+    return any(e.attempt > attempt for e in since_retry(job.errors))
 
 
 def _due_now(job: NewJob) -> bool:

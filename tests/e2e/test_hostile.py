@@ -343,11 +343,13 @@ def test_thousands_of_idle_connections(daemon: Taskd) -> None:
     before = rss_kib(daemon.process.pid)
     with RawConnection(daemon.socket) as keeper:  # greeted before the flood
         idle = []
+        started = time.monotonic()
         for _ in range(2000):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(str(daemon.socket))  # blocking: waits while the backlog is full
             sock.settimeout(10)
             idle.append(RawConnectionFromSocket(sock))
+        flooded_for = time.monotonic() - started
         # The daemon keeps serving the connections it has while the flood goes on.
         assert "result" in keeper.call("status")
         codes: dict[str, int] = {}
@@ -356,10 +358,13 @@ def test_thousands_of_idle_connections(daemon: Taskd) -> None:
             codes[code] = codes.get(code, 0) + 1
             assert connection.closed_by_taskd()
             connection.sock.close()
-        # At most max_connections were let in (the keeper holds one); they were dropped
-        # after read_timeout without a hello. The rest were told `busy` and closed at once.
-        assert codes.get("bad_frame", 0) <= MAX_CONNECTIONS - 1
-        assert codes["busy"] >= 2000 - (MAX_CONNECTIONS - 1)
+        # At most max_connections were let in at once (the keeper holds one); they were
+        # dropped after read_timeout without a hello, making room for as many more, as often
+        # as read_timeout passed while the flood lasted (on a loaded machine, more than
+        # once). The rest were told `busy` and closed at once.
+        let_in = (MAX_CONNECTIONS - 1) * (1 + int(flooded_for / READ_TIMEOUT))
+        assert codes.get("bad_frame", 0) <= let_in, flooded_for
+        assert codes["busy"] >= 2000 - let_in
         assert sum(codes.values()) == 2000
         assert "result" in keeper.call("jobs", {"limit": 1})
     # And newcomers get in again.

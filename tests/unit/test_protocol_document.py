@@ -44,6 +44,7 @@ LISTINGS = {
     "WhyResult": "as the daemon\nsees it in the job store. Result: `",
     "RunResult": "with it, at once.\nResult: `",
     "TaskPauseResult": "survives restarts. Result:\n`",
+    "BatchInfo": "(a batch's id). Result: `",
 }
 # The reply envelope is documented by its own table and rules ("Requests and replies").
 ENVELOPE = {"Reply"}

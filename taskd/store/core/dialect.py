@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from taskd.models import JobStatus
+from taskd.models import JobStatus, WebhookRule
 from taskd.store.base import ClaimRequest, NewJob, Outcome
 from taskd.store.core.notes import Notes
 from taskd.store.core.statements import Statement, Steps
@@ -25,6 +25,7 @@ class Dialect(Protocol):
     queue_depth_sql: str  # `n`: the pending jobs
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
+    lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
         """Orders the claims (shared) after a pause (exclusive) that committed before them
@@ -75,6 +76,9 @@ class Tx:
 
     sql: Dialect
     notes: Notes
+    # The [[webhook]] rules of the daemon writing: the events they receive are enqueued in
+    # the transaction that makes them.
+    webhooks: Sequence[WebhookRule] = ()
 
 
 # A store operation: the writes of one kind that met in a batch, run in one transaction;

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from taskd.models import JobStatus
 from taskd.store.base import ClaimRequest, NewJob, Outcome
 from taskd.store.core.activity import trim_logs_sql
+from taskd.store.core.deps import HELD
 from taskd.store.core.jobs import (
     ABANDONED,
     CANCELLED,
@@ -42,13 +43,15 @@ from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
 INSERT_SQL = """
 WITH new AS (
     INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
-                          parent_id, created_at)
+                          parent_id, batch_id, created_at)
     SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
-           max_attempts, key, parent_id, :now
+           max_attempts, key, parent_id, batch_id, :now
     FROM unnest(:task::text[], :origin::text[], :payload::bytea[], :priority::integer[],
                 :run_at::double precision[], :delay::double precision[],
-                :max_attempts::integer[], :key::text[], :parent_id::bigint[]) WITH ORDINALITY
-         AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id, n)
+                :max_attempts::integer[], :key::text[], :parent_id::bigint[],
+                :batch_id::bigint[]) WITH ORDINALITY
+         AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id,
+              batch_id, n)
     ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - :now AS due_in
@@ -194,6 +197,9 @@ WITH doomed AS (
     DELETE FROM {s}.job_errors WHERE job_id IN (SELECT id FROM doomed)
 ), logs AS (
     DELETE FROM {s}.job_logs WHERE job_id IN (SELECT id FROM doomed)
+), links AS (
+    DELETE FROM {s}.job_deps WHERE parent_id IN (SELECT id FROM doomed)
+        OR child_id IN (SELECT id FROM doomed)
 ), deleted AS (
     DELETE FROM {s}.jobs WHERE id IN (SELECT id FROM doomed) RETURNING id
 )
@@ -225,6 +231,8 @@ class PostgresSql:
     queue_depth_sql = "SELECT count(*) AS n FROM {s}.jobs WHERE status = 'pending'"
     trim_logs_sql = trim_logs_sql("octet_length(message)")
     lock_rows = " FOR UPDATE"
+    # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
+    lock_shared = " FOR SHARE"
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema
@@ -266,8 +274,10 @@ class PostgresSql:
 
     def next_due(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[float | None]:
         (next_due,) = yield Statement(NEXT_DUE_SQL, _claim_params(request, quotas))
-        due_in = next_due["due_in"]
-        return None if due_in is None else max(0.0, due_in)
+        due_in: float | None = next_due["due_in"]
+        if due_in is None or due_in >= HELD / 2:  # only jobs waiting for their parents
+            return None
+        return max(0.0, due_in)
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
         errors = [outcome.error or NO_FAILURE for outcome in outcomes]

@@ -124,7 +124,7 @@ class PostgresStore(SqlStore):
         self, operations: list[tuple[Operation, list[Any]]], notes: Notes, durable: bool = True
     ) -> list[list[Any]]:
         async with self._connections.acquire(begin=True) as db:
-            tx = Tx(self._sql, notes)
+            tx = Tx(self._sql, notes, self.webhooks)
             try:
                 outputs = [await self._run(db, op(tx, items)) for op, items in operations]
                 # The notice goes with the commit: the others hear of it once it holds.
@@ -142,7 +142,7 @@ class PostgresStore(SqlStore):
     ) -> list[list[Any]]:
         """Statements that commit each on their own (and notify the others themselves)."""
         async with self._connections.acquire() as db:
-            tx = Tx(self._sql, notes)
+            tx = Tx(self._sql, notes, self.webhooks)
             return [await self._run(db, op(tx, items)) for op, items in operations]
 
     def _run(self, db: Any, steps: Steps[T]) -> Awaitable[T]:
@@ -179,7 +179,7 @@ class PostgresStore(SqlStore):
     def _on_notice(self, payload: str) -> None:
         notice = decode_notice(payload)
         if notice is not None and notice.sender != self._sender:
-            self._heard(notice.due, notice.finished, notice.cancelled)
+            self._heard(notice.due, notice.finished, notice.cancelled, notice.activity)
 
     # -- nodes: those sharing the store compare the digests of their schedules ------------
 
