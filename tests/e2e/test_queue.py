@@ -64,9 +64,10 @@ def test_retries_with_backoff_then_success(taskd: Taskd, short_tmp: Path) -> Non
     assert waited.stdout.strip() == "3"
     times = [float(line.split()[2]) for line in log.read_text().splitlines()]
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-    # backoff 0.2 s: 0.2 s then 0.4 s, each plus up to 10% jitter (and a little scheduling).
-    assert 0.2 <= gaps[0] < 0.2 * 1.1 + 0.3, gaps
-    assert 0.4 <= gaps[1] < 0.4 * 1.1 + 0.3, gaps
+    # backoff 0.2 s: 0.2 s then 0.4 s, each plus up to 10% jitter (tests/unit/test_models.py
+    # checks the jitter) and the scheduling of a machine that may be loaded.
+    assert 0.2 <= gaps[0] < 0.2 * 1.1 + 1.5, gaps
+    assert 0.4 <= gaps[1] < 0.4 * 1.1 + 1.5, gaps
     shown = job(taskd, job_id)
     assert shown["attempts"] == 3 and shown["status"] == "succeeded" and shown["error"] is None
     assert [e["message"] for e in shown["errors"]] == [
