@@ -303,10 +303,18 @@ class PrivatePostgres:
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *command: str) -> None:
-        subprocess.run(
-            [*self.as_owner, str(self.bin / command[0]), *command[1:]],
-            check=True, timeout=120, capture_output=True,
-        )  # fmt: skip
+        # Output to a file, not a pipe: the server pg_ctl starts would hold a pipe open.
+        with open(self.root / "commands.log", "ab") as output:
+            done = subprocess.run(
+                [*self.as_owner, str(self.bin / command[0]), *command[1:]],
+                stdout=output, stderr=subprocess.STDOUT, timeout=120, check=False,
+            )  # fmt: skip
+        if done.returncode != 0:
+            server_log = self.root / "log"
+            raise AssertionError(
+                f"{command[0]} failed: {(self.root / 'commands.log').read_text()}"
+                + (server_log.read_text() if server_log.exists() else "")
+            )
 
     def start(self) -> PrivatePostgres:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
@@ -316,7 +324,8 @@ class PrivatePostgres:
         return self
 
     def restart(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "restart")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-m", "fast",
+                  "-w", "restart")  # fmt: skip
 
     def remove(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError):
