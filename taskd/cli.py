@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from taskd.output import routed_output
 
     daemon = Daemon(source, config, paths, allow_empty_store=args.allow_empty_store)
+    _quiet_replies_after_the_loop()
     try:
         with routed_output():
             status = uvloop.run(daemon.run())
@@ -183,6 +184,23 @@ def main(argv: list[str] | None = None) -> int:
         logging.shutdown()
         os._exit(status)
     return status
+
+
+def _quiet_replies_after_the_loop() -> None:
+    """A thread whose call ends once the event loop has closed (a database call of a
+    start-up that was stopped, a task thread) cannot hand its reply back: its "Event loop is
+    closed" is expected, nobody waits for the reply, and it is no traceback in the log."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        error = args.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            name = args.thread.name if args.thread is not None else "a thread"
+            logging.getLogger("taskd").debug("%s ended after the event loop closed", name)
+            return
+        previous(args)
+
+    threading.excepthook = hook
 
 
 def _threads_left(grace: float) -> bool:
