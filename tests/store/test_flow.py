@@ -138,3 +138,28 @@ async def test_a_debounce_gathers_a_burst_into_one_job_with_the_last_payload(
     # While it runs its key is taken: an enqueue with the key returns the running job.
     (after,) = await store.insert([burst(4)])
     assert after.job_id == first.job_id and after.duplicate
+
+
+async def test_a_debounce_of_a_job_waiting_for_its_parent_keeps_it_waiting(
+    store: Store, clock: Clock
+) -> None:
+    """A debounce moves the time a job waiting for its parents (`after`) is due at, not
+    its hold: it starts only once the parent has succeeded, and then at that time."""
+    (parent,) = await store.insert([new("p")])
+
+    def burst(n: int) -> NewJob:
+        return new("t", key="k", debounce=2.0, delay=2.0, after=(parent.job_id,),
+                   payload=msgspec.msgpack.encode({"n": n}))  # fmt: skip
+
+    (first,) = await store.insert([burst(1)])
+    clock.now = NOW + 1.0
+    (second,) = await store.insert([burst(2)])
+    assert second.job_id == first.job_id and second.duplicate
+    job = await store.get(first.job_id)
+    assert job is not None and job.blocked == 1 and job.run_at == NOW + 3.0
+    clock.now = NOW + 10.0
+    (started,) = (await store.claim(request())).jobs  # the parent only
+    assert started.id == parent.job_id
+    await store.finish([Outcome(parent.job_id, 1, W1, "succeeded")])
+    (child,) = (await store.claim(request())).jobs
+    assert child.id == first.job_id and msgspec.msgpack.decode(child.payload) == {"n": 2}
