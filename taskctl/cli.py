@@ -27,6 +27,7 @@ from taskd.protocol import (
     Method,
     client_socket_path,
 )
+from taskd.traceparent import header_traceparent
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
@@ -197,7 +198,12 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
     payload = read_payload(args.payload)
     # Started detached, then waited for: a Ctrl-C while waiting can name the job.
     outcome = client.run_job(
-        args.task, payload, key=args.key, max_attempts=args.max_attempts, detach=True
+        args.task,
+        payload,
+        key=args.key,
+        max_attempts=args.max_attempts,
+        detach=True,
+        traceparent=_traceparent(args),
     )
     job = outcome.job
     if outcome.joined:
@@ -275,6 +281,7 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         priority=args.priority,
         max_attempts=args.max_attempts,
         key=args.key,
+        traceparent=_traceparent(args),
     )
     if args.json:
         _render().print_json(result)
@@ -287,6 +294,14 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
                 file=sys.stderr,
             )
     return Exit.OK
+
+
+def _traceparent(args: argparse.Namespace) -> str | None:
+    """--traceparent, else $TRACEPARENT (how OpenTelemetry hands a context to a child
+    process), which is ignored if malformed, as a malformed traceparent header is."""
+    if args.traceparent is not None:
+        return str(args.traceparent)
+    return header_traceparent(os.environ.get("TRACEPARENT"))
 
 
 def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
@@ -551,6 +566,12 @@ PAYLOAD = Arg(
     help="the payload: JSON text, @FILE with JSON, or - to read JSON from stdin "
     "(without it the task gets {})",
 )
+TRACEPARENT = Arg(
+    "--traceparent",
+    metavar="TP",
+    help="the W3C traceparent (00-TRACEID-SPANID-FLAGS) of the span its attempts are traced "
+    "under (default: $TRACEPARENT)",
+)
 ATTEMPTS_HELP = "attempts before the job fails for good (default: the task's max_attempts, else {})"
 SCHEDULE_HELP = (
     "{}. Name the schedule by its id or by its cron expression (quoted, so that the shell "
@@ -575,6 +596,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--detach", action="store_true", help="print the job id and return at once"),
         Arg("--key", help="single-flight key: runs with the same key share one execution"),
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1)),
+        TRACEPARENT,
     )),
     Command("enqueue", cmd_enqueue, protocol.ENQUEUE, (
         NAME, PAYLOAD,
@@ -585,6 +607,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)),
         Arg("--key", metavar="K",
             help="unique key: no second pending or running job with this key"),
+        TRACEPARENT,
     )),
     Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
     Command("jobs", cmd_jobs, protocol.JOBS, (

@@ -160,13 +160,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from taskd.daemon import Daemon, StartupError
     from taskd.output import routed_output
+    from taskd.tracing import start_tracing
 
-    daemon = Daemon(source, config, paths, allow_empty_store=args.allow_empty_store)
+    try:
+        tracing = start_tracing(config.otel)  # None, and nothing imported, unless it traces
+    except ConfigError as exc:
+        print(f"taskd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    daemon = Daemon(
+        source, config, paths, allow_empty_store=args.allow_empty_store, tracing=tracing
+    )
     try:
         with routed_output():
             status = uvloop.run(daemon.run())
     except StartupError as exc:  # the daemon has logged why
         status = exc.exit_code
+    if tracing is not None:
+        tracing.shutdown()  # the spans still queued go out (for a few seconds at most)
     if (threads := daemon.threads_alive()) > 0:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
         # waiting for the threads could take forever.

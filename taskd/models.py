@@ -98,6 +98,7 @@ class Job(msgspec.Struct):
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []  # filled by the `job` method only
     progress: Progress | None = None  # the latest `ctx.progress` of its latest attempt
+    traceparent: str | None = None  # the W3C traceparent of whoever created it (tracing)
 
 
 class TaskInfo(msgspec.Struct, frozen=True):

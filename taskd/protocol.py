@@ -74,6 +74,24 @@ Key = Annotated[
     ),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST)]
+# The W3C Trace Context `traceparent` of the caller's span (version 00, lowercase hex, the
+# trace and parent ids not all zeros): the job's attempts are traced as its children.
+TRACEPARENT_LENGTH = 55
+TRACEPARENT_PATTERN = "^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$"
+Traceparent = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=TRACEPARENT_LENGTH,
+        max_length=TRACEPARENT_LENGTH,
+        pattern=TRACEPARENT_PATTERN,
+        description="the W3C traceparent of the caller's span, 00-TRACEID-SPANID-FLAGS: "
+        "the job's attempts are traced as its children",
+        extra={
+            "form": "a W3C traceparent: 00-<32 hex digits>-<16 hex digits>-<2 hex digits>, "
+            "in lowercase, the ids not all zeros"
+        },
+    ),
+]
 Payload = Annotated[
     msgspec.Raw,
     msgspec.Meta(description="any msgpack value, passed to the task; absent: {}, as in Nitro"),
@@ -265,6 +283,7 @@ class RunParams(Params):
     key: Key | None = None
     detach: bool = False
     max_attempts: Attempts | None = None
+    traceparent: Traceparent | None = None
 
 
 class RunResult(msgspec.Struct, frozen=True):
@@ -294,6 +313,7 @@ class EnqueueParams(Params):
     priority: Priority = 0
     max_attempts: Attempts | None = None
     key: Key | None = None
+    traceparent: Traceparent | None = None
 
 
 class EnqueueResult(msgspec.Struct, frozen=True):

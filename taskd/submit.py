@@ -59,6 +59,7 @@ class JobRequest(msgspec.Struct, frozen=True):
     max_attempts: int | None = None
     key: str | None = None
     parent_id: int | None = None
+    traceparent: str | None = None  # W3C: the span that asked for it (tracing)
 
 
 R = TypeVar("R")
@@ -132,6 +133,7 @@ class Submitter:
             priority=priority,
             key=key,
             parent_id=request.parent_id,
+            traceparent=request.traceparent,
         )
 
     @staticmethod
@@ -147,6 +149,7 @@ class Submitter:
                 "priority": request.priority,
                 "max_attempts": request.max_attempts,
                 "key": request.key,
+                "traceparent": request.traceparent,
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:
                 raise InvalidRequest(problem)

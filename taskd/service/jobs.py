@@ -75,6 +75,7 @@ class JobMethods:
             single_flight=True,
             key=params.key,
             max_attempts=params.max_attempts,
+            traceparent=params.traceparent,
         )
         (inserted,) = await self._submitter.submit([request])
         if params.detach:
@@ -103,6 +104,7 @@ class JobMethods:
                 priority=p.priority,
                 max_attempts=p.max_attempts,
                 key=p.key,
+                traceparent=p.traceparent,
             )
             for p in jobs
         ]

@@ -106,6 +106,7 @@ class NewJob(msgspec.Struct, frozen=True):
     parent_id: int | None = None
     delay: float = 0.0
     run_at: float | None = None
+    traceparent: str | None = None  # the W3C traceparent of whoever created it
 
 
 class Inserted(msgspec.Struct, frozen=True):

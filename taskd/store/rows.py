@@ -13,7 +13,7 @@ from taskd.store.base import ScheduleState
 JOB_COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
     " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
-    " progress_done, progress_total, progress_message, progress_at"
+    " progress_done, progress_total, progress_message, progress_at, traceparent"
 )
 ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
@@ -55,6 +55,7 @@ def job_from_row(row: Row) -> Job:
         worker=row["worker"],
         epoch=row["epoch"],
         progress=progress_from_row(row),
+        traceparent=row["traceparent"],
     )
 
 

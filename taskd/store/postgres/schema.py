@@ -7,6 +7,8 @@ statements is that schema's name. No asyncpg here: `taskd.outbox` imports this m
 
 from __future__ import annotations
 
+from taskd.store.core.migrations import TRACEPARENT_COLUMN
+
 # The store's "now", in seconds since the epoch: the database's clock (the statement's
 # start), unless a session sets `taskd.now` (the tests' clock, which the store passes in).
 NOW_FUNCTION = """
@@ -141,6 +143,7 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE {s}.job_errors ADD COLUMN started_at double precision",
         "ALTER TABLE {s}.job_errors ADD COLUMN worker text",
     ],
+    [TRACEPARENT_COLUMN.replace("{s}", "{s}.")],
 ]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from taskd.store.core.migrations import log_migrated, versions_to_apply
+from taskd.store.core.migrations import TRACEPARENT_COLUMN, log_migrated, versions_to_apply
 
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
@@ -158,6 +158,7 @@ MIGRATIONS: list[list[str]] = [
         """,
         "INSERT INTO store_state (id, closed_cleanly) VALUES (1, 0)",
     ],
+    [TRACEPARENT_COLUMN.format(s="")],
 ]
 
 
