@@ -337,6 +337,8 @@ def test_the_traceparent_is_stored_from_every_way_in(
         parent = client.run_job("child", {}, traceparent=other).job
         stored = {job.id: job.traceparent for job in client.jobs(limit=100)}
     assert stored[explicit] == TRACEPARENT
+    shown_job = taskd.ctl("job", str(explicit))
+    assert f"trace:     {TRACEPARENT}" in shown_job.stdout, shown_job.stdout
     assert stored[ambient] == stored[batched.job_id] == _traceparent(caller)
     assert stored[untraced] is None
     assert stored[in_async] is not None and stored[in_async] != stored[ambient]
