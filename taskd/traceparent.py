@@ -10,13 +10,18 @@ taskctl imports this module.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 
 from taskd.protocol import TRACEPARENT_PATTERN
 
-_TRACEPARENT = re.compile(TRACEPARENT_PATTERN)
-_FUTURE_VERSION = re.compile("(?!00)[0-9a-f]{2}-")
+
+@functools.cache
+def _patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The traceparent, and a later version's start: compiled on first use (taskctl starts
+    without them)."""
+    return re.compile(TRACEPARENT_PATTERN), re.compile("(?!00)[0-9a-f]{2}-")
 
 
 def current_traceparent() -> str | None:
@@ -40,7 +45,7 @@ def format_traceparent(trace_id: int, span_id: int, flags: int) -> str:
 
 def parse_traceparent(text: str) -> tuple[int, int, int] | None:
     """(trace id, span id, flags) of a valid traceparent, else None."""
-    if len(text) != 55 or _TRACEPARENT.match(text) is None:
+    if len(text) != 55 or _patterns()[0].match(text) is None:
         return None
     return int(text[3:35], 16), int(text[36:52], 16), int(text[53:55], 16)
 
@@ -66,7 +71,7 @@ def header_traceparent(value: str | bytes | None) -> str | None:
         except UnicodeDecodeError:
             return None
     value = value.strip()
-    future = _FUTURE_VERSION.match(value) is not None and value[:2] != "ff"
+    future = _patterns()[1].match(value) is not None and value[:2] != "ff"
     if future and (len(value) == 55 or value[55:56] == "-"):
         value = "00" + value[2:55]  # a later version: its first fields are version 00's
     return value if is_traceparent(value) else None
