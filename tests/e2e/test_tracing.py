@@ -40,6 +40,8 @@ STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
 
 TASKS = {
     "traced.py": """
+from opentelemetry import trace
+
 from taskd import TaskContext, define_task
 
 
@@ -47,16 +49,22 @@ from taskd import TaskContext, define_task
 async def traced(payload: dict, ctx: TaskContext) -> dict:
     if ctx.attempt == 1:
         raise RuntimeError("the first attempt fails")
+    with trace.get_tracer("tasks").start_as_current_span("inside the task"):
+        pass
     queued = await ctx.enqueue("leaf")
     ran = await ctx.run_task("leaf")
     return {"traceparent": ctx.traceparent, "queued": queued, "ran": ran}
 """,
     "leaf.py": """
+from opentelemetry import trace
+
 from taskd import TaskContext, define_task
 
 
 @define_task
-def leaf(ctx: TaskContext) -> str | None:
+def leaf(ctx: TaskContext) -> str | None:  # a plain function: it runs in a thread
+    with trace.get_tracer("tasks").start_as_current_span("inside a thread"):
+        pass
     return ctx.traceparent
 """,
 }
@@ -231,7 +239,8 @@ def test_each_attempt_is_a_span_under_the_client_and_a_retry_links_to_the_first(
 
     spans = collector.wait_for(
         lambda spans: len(runs_of(spans, "traced")) == 2 and len(runs_of(spans, "leaf")) == 3
-        and any(span["name"].startswith("taskd.tick") for span in spans) and spans
+        and any(span["name"].startswith("taskd.tick") for span in spans)
+        and sum(span["name"] == "inside a thread" for span in spans) == 3 and spans
     )  # fmt: skip
     first, second = sorted(runs_of(spans, "traced"), key=lambda s: s["attributes"]["taskd.attempt"])
     for number, attempt in enumerate((first, second), 1):
@@ -274,6 +283,11 @@ def test_each_attempt_is_a_span_under_the_client_and_a_retry_links_to_the_first(
         assert (child["trace_id"], child["parent"]) == (trace_id, second["span_id"])
     (ran,) = started - {job.result["queued"]}
     assert job.result["ran"].startswith(f"00-{trace_id}-{children[ran]['span_id']}-")
+    # Spans a task makes are the attempt's children, on the loop and in a thread alike.
+    (inside,) = [span for span in spans if span["name"] == "inside the task"]
+    assert (inside["trace_id"], inside["parent"]) == (trace_id, second["span_id"])
+    in_threads = {span["parent"] for span in spans if span["name"] == "inside a thread"}
+    assert {span["span_id"] for span in children.values()} <= in_threads
 
     # The tick: a span of its own, the parent of its job's attempt.
     (tick,) = [span for span in spans if span["name"].startswith("taskd.tick")]
