@@ -175,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             status = uvloop.run(daemon.run())
     except StartupError as exc:  # the daemon has logged why
         status = exc.exit_code
-    if tracing is not None:
-        tracing.shutdown()  # the spans still queued go out (for a few seconds at most)
+    if tracing is not None and not tracing.shutdown():  # the spans still queued go out
+        logging.getLogger("taskd").warning(
+            "the last spans could not be sent within a few seconds; exiting without them"
+        )
+        logging.shutdown()
+        os._exit(status)  # the exporter's threads may still be trying: not waited for
     if (threads := daemon.threads_alive()) > 0:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
         # waiting for the threads could take forever.

@@ -265,12 +265,13 @@ class Tracing:
         finally:
             span.end()
 
-    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
         """Send the spans still queued, for `timeout` seconds at most (an unreachable
-        collector does not hold up taskd's exit)."""
+        collector does not hold up taskd's exit); whether that was done in time."""
         closing = threading.Thread(target=self._provider.shutdown, daemon=True)
         closing.start()
         closing.join(timeout)
+        return not closing.is_alive()
 
 
 class TickSpan:

@@ -14,9 +14,11 @@ import asyncio
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -458,3 +460,21 @@ def test_otel_variables_without_the_extra_are_a_warning(taskd_factory: type[Task
     with taskd.client() as client:
         assert client.run("echo", {"a": 1}) == {"a": 1}
     assert taskd.stop() == 0
+
+
+def test_an_unreachable_collector_holds_up_neither_jobs_nor_the_exit_for_long(
+    taskd_factory: type[Taskd],
+) -> None:
+    closed = socket.socket()  # bound, not listening: connections are refused
+    closed.bind(("127.0.0.1", 0))
+    try:
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        taskd = taskd_factory().start(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+        with taskd.client() as client:
+            assert client.run("echo", {"n": 1}) == {"n": 1}  # spans wait in the queue
+        began = time.monotonic()
+        assert taskd.stop() == 0, taskd.log
+    finally:
+        closed.close()
+    assert time.monotonic() - began < 20  # 5 s for the spans, and the usual stop
+    assert "the last spans could not be sent within a few seconds" in taskd.log
