@@ -216,8 +216,10 @@ def check(config: Config, paths: Paths) -> int:
     from taskd.http.settings import load_settings
     from taskd.schedules import load_schedules
     from taskd.tasks import TaskLoadError, load_tasks
+    from taskd.tracing import check_tracing
 
     try:
+        tracing = check_tracing(config.otel)
         registry = load_tasks(paths.tasks, config.task)
         schedules = load_schedules(config, registry)
         AccessPolicy.from_config(config)
@@ -237,6 +239,8 @@ def check(config: Config, paths: Paths) -> int:
             f" {schedule.expression}" if schedule.id != schedule.expression else ""
         )
         print(f"  schedule {name} ({schedule.timezone}): {', '.join(schedule.tasks)}")
+    if tracing is not None:
+        print(tracing)
     return 0
 
 

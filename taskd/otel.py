@@ -28,7 +28,7 @@ import hashlib
 import threading
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -95,11 +95,11 @@ def attempt_span_id(trace_id: int, job: Job, epoch: int) -> int:
     return _derived("taskd-attempt", trace_id, job.id, job.created_at, epoch, size=8)
 
 
-def exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
-    """The span exporters OTEL_TRACES_EXPORTER names (default: otlp), made as the
-    OpenTelemetry SDK makes them: each reads its own OTEL_EXPORTER_* settings."""
-    names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
-    made = []
+def exporter_entries(environ: Mapping[str, str]) -> list[tuple[str, EntryPoint]]:
+    """The span exporters OTEL_TRACES_EXPORTER names (default: otlp), each with the entry
+    point that makes it; ConfigError naming one that is not installed."""
+    names = [n.strip() for n in (environ.get("OTEL_TRACES_EXPORTER") or "otlp").split(",")]
+    entries = []
     for name in filter(None, names):
         if name == "none":
             continue
@@ -122,8 +122,17 @@ def exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 f"OTEL_TRACES_EXPORTER={name}: no span exporter {entry!r} is installed "
                 f"({EXTRA_HINT} installs otlp; console comes with it)"
             )
+        entries.append((name, found[0]))
+    return entries
+
+
+def exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    """The span exporters OTEL_TRACES_EXPORTER names, made as the OpenTelemetry SDK makes
+    them: each reads its own OTEL_EXPORTER_* settings."""
+    made = []
+    for name, entry in exporter_entries(environ):
         try:
-            made.append(found[0].load()())
+            made.append(entry.load()())
         except Exception as exc:
             raise ConfigError(f"OTEL_TRACES_EXPORTER={name}: the exporter failed: {exc}") from exc
     return made

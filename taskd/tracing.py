@@ -36,6 +36,21 @@ def tracing_wanted(setting: bool | None, environ: Mapping[str, str] = os.environ
     return any(environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
 
 
+def check_tracing(setting: bool | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """For `taskd --check`: ConfigError if tracing would stop taskd's start; else a line
+    saying whether taskd would trace."""
+    if not tracing_wanted(setting, environ):
+        return None
+    if not otel_installed():
+        if setting:
+            raise ConfigError(f"otel = true: {OTEL_MISSING}")
+        return f"OTEL_* variables ask for traces, but {OTEL_MISSING}: taskd would run untraced"
+    from taskd.otel import exporter_entries
+
+    names = ", ".join(name for name, _ in exporter_entries(environ)) or "none"
+    return f"tracing: on, exporting to {names}"
+
+
 def start_tracing(setting: bool | None, environ: Mapping[str, str] = os.environ) -> Tracing | None:
     """The tracer of this daemon if it traces, else None (and nothing is imported).
 

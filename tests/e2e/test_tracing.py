@@ -445,6 +445,17 @@ def test_an_exporter_that_is_not_installed_exits_78(short_tmp: Path) -> None:
     )  # fmt: skip
     assert started.returncode == 78, started.stderr
     assert "OTEL_TRACES_EXPORTER=zipkin: no span exporter 'zipkin' is installed" in started.stderr
+    # `taskd --check` says so too; and what it would export to, when it can.
+    for exporter, status, said in [
+        ("zipkin", 78, "no span exporter 'zipkin' is installed"),
+        ("otlp,console", 0, "tracing: on, exporting to otlp, console"),
+    ]:
+        checked = subprocess.run(
+            [sys.executable, "-m", "taskd", "--check", "--tasks", str(short_tmp)],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "OTEL_TRACES_EXPORTER": exporter},
+        )  # fmt: skip
+        assert checked.returncode == status and said in checked.stdout + checked.stderr
 
 
 def test_otel_variables_without_the_extra_are_a_warning(taskd_factory: type[Taskd]) -> None:
