@@ -205,8 +205,11 @@ class RawReply(msgspec.Struct, frozen=True):
 # durations are seconds (float); payloads and results are any msgpack value.
 
 
-class Params(msgspec.Struct, forbid_unknown_fields=True):
-    """Base of all params; unknown fields are refused so that typos are not ignored."""
+class Params(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of all params; unknown fields are refused so that typos are not ignored.
+
+    Clients leave out the fields that have their default: a daemon that predates an
+    optional field (`traceparent`, say) still takes the requests that do not use it."""
 
 
 P = TypeVar("P", bound=Params)

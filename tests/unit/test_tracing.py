@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
+from taskctl import enqueue_params
 from taskd.limits import out_of_limits
 from taskd.models import Job
 from taskd.otel import attempt_span_id, job_trace_id
-from taskd.protocol import EnqueueParams, RunParams
+from taskd.protocol import EnqueueParams, Params, RunParams
 from taskd.traceparent import header_traceparent, parse_traceparent
 from taskd.tracing import tracing_wanted
 
@@ -73,3 +75,20 @@ def test_attempt_span_ids_are_the_same_on_every_daemon_and_differ_by_claim() -> 
     assert len(ids) == 99 and 0 not in ids
     assert attempt_span_id(trace, job, 1) == attempt_span_id(trace, again, 1)
     assert job_trace_id(job) < 2**128 and max(ids) < 2**64
+
+
+def test_a_request_without_a_traceparent_is_one_an_older_daemon_takes() -> None:
+    class OlderEnqueueParams(Params):  # `enqueue` before traceparent
+        task: str
+        payload: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"\x80"))
+        delay: float | None = None
+        run_at: float | None = None
+        priority: int = 0
+        max_attempts: int | None = None
+        key: str | None = None
+
+    older = msgspec.msgpack.Decoder(OlderEnqueueParams)
+    assert older.decode(msgspec.msgpack.encode(enqueue_params("t", {"a": 1}, key="k"))).key == "k"
+    sent = msgspec.msgpack.encode(enqueue_params("t", traceparent=TRACEPARENT))
+    with pytest.raises(msgspec.ValidationError, match="unknown field `traceparent`"):
+        older.decode(sent)
