@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from taskctl.client import (
     CLIENT_MAX_FRAME,
     MAX_HELD_EVENTS,
     Client,
+    Enqueued,
     enqueue_params,
     hello_params,
     job_result,
@@ -33,9 +34,10 @@ from taskctl.client import (
 )
 from taskctl.errors import ProtocolError, TaskdError
 from taskd import protocol
-from taskd.models import Job, JobLogs, ScheduleInfo, Status, TaskInfo
+from taskd.models import AfterFailure, BatchInfo, Job, JobLogs, ScheduleInfo, Status, TaskInfo
 from taskd.protocol import (
     HEADER,
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
     EnqueueParams,
@@ -258,6 +260,8 @@ class AsyncClient:
         max_attempts: int | None = None,
         key: str | None = None,
         traceparent: str | None = None,
+        after: Sequence[int] = (),
+        after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
         params = enqueue_params(
             task,
@@ -268,11 +272,19 @@ class AsyncClient:
             max_attempts=max_attempts,
             key=key,
             traceparent=traceparent,
+            after=after,
+            after_failure=after_failure,
         )
         return await self._call(protocol.ENQUEUE, params)
 
-    async def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
-        return (await self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs))).jobs
+    async def enqueue_many(
+        self, jobs: list[EnqueueParams], on_finish: str | None = None
+    ) -> Enqueued:
+        params = EnqueueManyParams(jobs, on_finish)
+        return Enqueued.of(await self._call(protocol.ENQUEUE_MANY, params))
+
+    async def batch(self, batch_id: int) -> BatchInfo:
+        return await self._call(protocol.BATCH, BatchParams(batch_id))
 
     async def job(self, job_id: int) -> Job:
         return await self._call(protocol.JOB, JobParams(job_id))
@@ -284,8 +296,9 @@ class AsyncClient:
         task: str | None = None,
         limit: int = 50,
         payloads: bool = False,
+        origin: str | None = None,
     ) -> list[Job]:
-        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
+        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
 
     async def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
@@ -331,13 +344,18 @@ class AsyncClient:
     # -- live events -----------------------------------------------------------------------
 
     async def subscribe(
-        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+        self,
+        job: int | None = None,
+        *,
+        logs: bool = True,
+        task: str | None = None,
+        timeout: float | None = None,
     ) -> int:
         limit = shorter(self._timeout, timeout)
         if self.server is None:
             await self._connect(limit)
         subscription: int = await self._send(
-            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs), limit
+            protocol.SUBSCRIBE.name, SubscribeParams(job=job, logs=logs, task=task), limit
         )
         return subscription
 

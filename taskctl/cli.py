@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 import msgspec
 
 from taskctl import errors
-from taskctl.client import WAIT_MARGIN, Client
+from taskctl.client import WAIT_MARGIN, Client, enqueue_params
 from taskd import __version__, protocol
 from taskd.models import (
     FINISHED_STATUSES,
+    JOB_ORIGINS,
     JOB_STATUSES,
     counted,
     format_duration,
     parse_duration,
+    since_retry,
 )
 from taskd.protocol import (
     Method,
@@ -234,7 +236,8 @@ def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[s
     """Wait for the job's end, saying (on stderr) each failed attempt and when the next starts.
 
     Each `wait` returns at the job's end or at the next failed attempt (taskd tells it):
-    no polling."""
+    no polling. Attempts count from 1 again after a `retry` by request: only those since
+    the latest one are the job's current attempts."""
     deadline = None if timeout is None else time.monotonic() + timeout
     reported = 0  # the highest attempt whose failure was shown
     while True:
@@ -248,8 +251,8 @@ def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[s
             raise errors.WaitTimeout(message, exc.data) from None
         if job.status in FINISHED_STATUSES:
             return job
-        for error in job.errors:
-            if error.kind != "retried" and error.attempt > reported:
+        for error in since_retry(job.errors):
+            if error.attempt > reported:
                 reported = error.attempt
                 if error.attempt >= job.attempts:  # the latest: say when the next one starts
                     say(f"taskctl: {_next_attempt(job, error)}")
@@ -269,10 +272,39 @@ def _next_attempt(job: Any, error: Any) -> str:
     return f"{said}; retrying in {format_duration(wait)}" if wait > 0 else f"{said}; retrying now"
 
 
+def read_payloads(spec: str) -> list[Any]:
+    """--each: a file (@FILE) or stdin (-) of JSON payloads, one a line (blank lines skipped)."""
+    name = "stdin" if spec == "-" else spec.removeprefix("@")
+    if spec != "-" and not spec.startswith("@"):
+        raise UsageError(f"--each takes @FILE or -, got {spec!r}: one JSON payload a line")
+    try:
+        if spec == "-":
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            with open(name, "rb") as file:
+                lines = file.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read payloads file {name}: {exc.strerror}") from None
+    payloads = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                payloads.append(msgspec.json.decode(line))
+            except msgspec.DecodeError as exc:
+                raise UsageError(f"{name} line {number} is not valid JSON: {exc}") from None
+    if not payloads:
+        raise UsageError(f"{name} holds no payloads: write one JSON payload a line")
+    return payloads
+
+
 def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
-    payload = read_payload(args.payload)
     if args.delay is not None and args.at is not None:
         raise UsageError("give --delay or --at, not both")
+    if args.each is not None:
+        return _enqueue_each(client, args)
+    if args.on_finish is not None:
+        raise UsageError("--on-finish needs --each: it runs once the batch's jobs have ended")
+    payload = read_payload(args.payload)
     result = client.enqueue(
         args.task,
         payload,
@@ -282,6 +314,8 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         max_attempts=args.max_attempts,
         key=args.key,
         traceparent=_traceparent(args),
+        after=args.after or (),
+        after_failure="run" if args.after_failure == "run" else "cancel",
     )
     if args.json:
         _render().print_json(result)
@@ -304,6 +338,40 @@ def _traceparent(args: argparse.Namespace) -> str | None:
     return header_traceparent(os.environ.get("TRACEPARENT"))
 
 
+def _enqueue_each(client: Client, args: argparse.Namespace) -> Exit:
+    """One job per payload of --each, in one transaction; with --on-finish, a batch."""
+    if args.payload is not None or args.key is not None:
+        raise UsageError("--each gives each job its payload: leave out --payload and --key")
+    traceparent = _traceparent(args)
+    jobs = [
+        enqueue_params(
+            args.task,
+            payload,
+            delay=args.delay,
+            run_at=args.at,
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            traceparent=traceparent,
+            after=args.after or (),
+            after_failure="run" if args.after_failure == "run" else "cancel",
+        )
+        for payload in read_payloads(args.each)
+    ]
+    enqueued = client.enqueue_many(jobs, on_finish=args.on_finish)
+    if args.json:
+        _render().print_json({"batch": enqueued.batch, "jobs": list(enqueued)})
+    elif enqueued.batch is not None:
+        print(enqueued.batch)
+    else:
+        print("\n".join(str(result.job_id) for result in enqueued))
+    return Exit.OK
+
+
+def cmd_batch(client: Client, args: argparse.Namespace) -> Exit:
+    batch = client.batch(args.id)
+    return _show(args, batch, lambda: _render().batch_detail(batch))
+
+
 def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
     job = client.job(args.id)
     return _show(args, job, lambda: _render().job_detail(job))
@@ -312,11 +380,15 @@ def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
 def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
     wanted = [name for group in args.status or [] for name in group] or None
     if args.watch:
-        fetch = lambda: client.jobs(status=wanted, task=args.task, limit=args.limit)  # noqa: E731
+        fetch = lambda: client.jobs(  # noqa: E731
+            status=wanted, task=args.task, limit=args.limit, origin=args.origin
+        )
         with contextlib.suppress(KeyboardInterrupt):
             _live().watch_jobs(client, fetch, sys.stdout)
         return Exit.OK
-    jobs = client.jobs(status=wanted, task=args.task, limit=args.limit, payloads=args.payloads)
+    jobs = client.jobs(
+        status=wanted, task=args.task, limit=args.limit, payloads=args.payloads, origin=args.origin
+    )
     return _show(args, jobs, lambda: _render().jobs_table(jobs))
 
 
@@ -608,12 +680,27 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--key", metavar="K",
             help="unique key: no second pending or running job with this key"),
         TRACEPARENT,
+        Arg("--after", type=positive_int, action="append", metavar="ID",
+            help="wait until job ID has succeeded (repeat for several jobs)"),
+        Arg("--after-failure", choices=("cancel", "run"), default="cancel",
+            help="when a job of --after fails or is cancelled: cancel this one too (default), "
+            "or run it all the same"),
+        Arg("--each", metavar="@FILE",
+            help="one job per line of FILE (JSON payloads; - for stdin), in one transaction"),
+        Arg("--on-finish", metavar="TASK", complete="tasks",
+            help="with --each: make the jobs a batch, and enqueue TASK once they have all ended"),
+    )),
+    Command("batch", cmd_batch, protocol.BATCH, (
+        Arg("id", type=positive_int, metavar="BATCH",
+            help="a batch id, as enqueue --each prints it"),
     )),
     Command("job", cmd_job, protocol.JOB, (JOB_ID,)),
     Command("jobs", cmd_jobs, protocol.JOBS, (
         Arg("--status", type=statuses, action="append", metavar="S", complete=JOB_STATUSES,
             help=f"only these statuses (comma-separated or repeated): {', '.join(JOB_STATUSES)}"),
         Arg("--task", metavar="NAME", complete="tasks", help="only jobs of this task"),
+        Arg("--origin", choices=JOB_ORIGINS, complete=JOB_ORIGINS,
+            help="only jobs made so: by `run`, `enqueue`, a schedule's tick, or a task"),
         Arg("--limit", type=positive_int, default=50, metavar="N", help="default 50"),
         Arg("--payloads", action="store_true",
             help="with --json: include each job's payload and result (`taskctl job ID` shows "

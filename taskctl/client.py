@@ -12,7 +12,7 @@ import collections
 import errno
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -27,6 +27,8 @@ from taskctl.errors import (
 )
 from taskd import protocol
 from taskd.models import (
+    AfterFailure,
+    BatchInfo,
     Job,
     JobLogs,
     ScheduleInfo,
@@ -40,8 +42,10 @@ from taskd.protocol import (
     HEADER,
     METHODS,
     PROTOCOL_VERSION,
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
+    EnqueueManyResult,
     EnqueueParams,
     EnqueueResult,
     HelloParams,
@@ -121,6 +125,19 @@ def timestamp(value: float | dt.datetime | None) -> float | None:
     return value if value is None or isinstance(value, float | int) else value.timestamp()
 
 
+class Enqueued(list[EnqueueResult]):
+    """What `enqueue_many` returns: a result per job, in order; and `batch`, the batch's id
+    when it was given `on_finish` (else None)."""
+
+    batch: int | None = None
+
+    @classmethod
+    def of(cls, result: EnqueueManyResult) -> Enqueued:
+        enqueued = cls(result.jobs)
+        enqueued.batch = result.batch
+        return enqueued
+
+
 def enqueue_params(
     task: str,
     payload: Any = None,
@@ -131,8 +148,11 @@ def enqueue_params(
     max_attempts: int | None = None,
     key: str | None = None,
     traceparent: str | None = None,
+    after: Sequence[int] = (),
+    after_failure: AfterFailure = "cancel",
 ) -> EnqueueParams:
-    """The params of one enqueue; also what `enqueue_many` takes a list of.
+    """The params of one enqueue; also what `enqueue_many` takes a list of. With `after`,
+    the job waits until those jobs have succeeded (see `after_failure`).
 
     `traceparent` (W3C) defaults to the caller's current OpenTelemetry span, if any."""
     return EnqueueParams(
@@ -144,13 +164,20 @@ def enqueue_params(
         max_attempts=max_attempts,
         key=key,
         traceparent=traceparent_or_current(traceparent),
+        after=list(after),
+        after_failure=after_failure,
     )
 
 
 def jobs_params(
-    status: list[str] | None, task: str | None, limit: int, payloads: bool
+    status: list[str] | None,
+    task: str | None,
+    limit: int,
+    payloads: bool,
+    origin: str | None = None,
 ) -> JobsParams:
     fields = {"status": status, "task": task, "limit": limit, "payloads": payloads}
+    fields["origin"] = origin
     return msgspec.convert(fields, JobsParams)
 
 
@@ -413,10 +440,14 @@ class Client:
         max_attempts: int | None = None,
         key: str | None = None,
         traceparent: str | None = None,
+        after: Sequence[int] = (),
+        after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
         """Add a job to the queue; `duplicate` says an active job with this key was returned.
 
-        `traceparent` as for `run`: default, the current OpenTelemetry span's."""
+        With `after`, it stays pending until those jobs have succeeded; when one fails or is
+        cancelled it is cancelled too, unless `after_failure="run"`. `traceparent` as for
+        `run`: default, the current OpenTelemetry span's."""
         params = enqueue_params(
             task,
             payload,
@@ -426,13 +457,21 @@ class Client:
             max_attempts=max_attempts,
             key=key,
             traceparent=traceparent,
+            after=after,
+            after_failure=after_failure,
         )
         return self._call(protocol.ENQUEUE, params)
 
-    def enqueue_many(self, jobs: list[EnqueueParams]) -> list[EnqueueResult]:
+    def enqueue_many(self, jobs: list[EnqueueParams], on_finish: str | None = None) -> Enqueued:
         """Enqueue a batch in one round trip and one transaction (build items with
-        `taskctl.enqueue_params`); nothing is enqueued if one is invalid."""
-        return self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs)).jobs
+        `taskctl.enqueue_params`); nothing is enqueued if one is invalid. With `on_finish`,
+        the jobs are a batch (its id: `.batch` of the result) and that task is enqueued once
+        they have all ended, with {"batch", "succeeded", "failed", "cancelled"}."""
+        return Enqueued.of(self._call(protocol.ENQUEUE_MANY, EnqueueManyParams(jobs, on_finish)))
+
+    def batch(self, batch_id: int) -> BatchInfo:
+        """A batch's progress: its jobs by status, and its callback once they have ended."""
+        return self._call(protocol.BATCH, BatchParams(batch_id))
 
     def job(self, job_id: int) -> Job:
         """The job, with the errors of all its attempts."""
@@ -445,9 +484,10 @@ class Client:
         task: str | None = None,
         limit: int = 50,
         payloads: bool = False,
+        origin: str | None = None,
     ) -> list[Job]:
         """Recent jobs, newest first; their payload and result only with `payloads`."""
-        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads))
+        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
 
     def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
@@ -508,9 +548,15 @@ class Client:
     # -- live events -----------------------------------------------------------------------
 
     def subscribe(
-        self, job: int | None = None, *, logs: bool = True, timeout: float | None = None
+        self,
+        job: int | None = None,
+        *,
+        logs: bool = True,
+        task: str | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Start receiving events (of one job, or of all with "changed" events too); returns
+        """Start receiving events (of one job, of one `task`'s jobs, or of all, with "changed"
+        events but for one job); returns
         the subscription's id once it is live. Read them with `next_event`. RequestTimeout
         if taskd has not started it within the client's timeout (or `timeout`, if shorter)."""
         limit = shorter(self._timeout, timeout)
@@ -523,7 +569,7 @@ class Client:
         sock.settimeout(limit)  # _hung_up left it non-blocking
         request_id = self._next_id
         self._next_id += 1
-        params = SubscribeParams(job=job, logs=logs)
+        params = SubscribeParams(job=job, logs=logs, task=task)
         try:
             sock.sendall(encode_frame(Request(request_id, protocol.SUBSCRIBE.name, _raw(params))))
             while True:  # until the first event: "subscribed", or the error refusing it

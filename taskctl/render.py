@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from taskd.models import (
+    BatchInfo,
     ConnectionStats,
     HttpStats,
     Job,
@@ -191,7 +192,14 @@ def job_detail(job: Job) -> str:
         f"  created:   {stamped(job.created_at, now)}",
     ]
     if job.status == "pending":
-        lines.append(f"  runs at:   {stamped(job.run_at, now)}")
+        parents = "1 parent" if job.blocked == 1 else f"{job.blocked} parents"
+        waits = f" (waiting for {parents})" if job.blocked else ""
+        lines.append(f"  runs at:   {stamped(job.run_at, now)}{waits}")
+    if job.parents:
+        also = "; runs even if one fails" if job.after_failure == "run" else ""
+        lines.append(f"  after:     {', '.join(map(str, job.parents))}{also}")
+    if job.children:
+        lines.append(f"  children:  {', '.join(map(str, job.children))}")
     if job.started_at is not None:
         lines.append(f"  started:   {stamped(job.started_at, now)}")
     if job.finished_at is not None:
@@ -215,9 +223,27 @@ def job_detail(job: Job) -> str:
         if error.kind == "retried":
             lines.append(f"  retried at {when}: its attempts start again from 1")
             continue
-        lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {error.message}")
+        message = error.message.removeprefix(f"{error.kind}: ")  # as older taskd wrote it
+        lines.append(f"  attempt {error.attempt} {error.kind} at {when}: {message}")
         if error.traceback:
             lines.extend("      " + line for line in error.traceback.rstrip().splitlines())
+    return "\n".join(lines)
+
+
+def batch_detail(batch: BatchInfo) -> str:
+    """`batch 3: 812/1000 ended, 3 failed`, its jobs by status, and its callback."""
+    now = time.time()
+    failed = batch.counts.get("failed", 0)
+    lines = [f"batch {batch.id}: {batch.ended}/{batch.total} ended, {failed} failed"]
+    for status in ("pending", "running", "succeeded", "failed", "cancelled"):
+        if batch.counts.get(status):
+            lines.append(f"  {status + ':':<11}{batch.counts[status]}")
+    lines.append(f"  created:   {stamped(batch.created_at, now)}")
+    if batch.finished_at is not None:
+        lines.append(f"  ended:     {stamped(batch.finished_at, now)}")
+    if batch.on_finish is not None:
+        callback = f" (job {batch.callback_id})" if batch.callback_id is not None else ""
+        lines.append(f"  on_finish: {batch.on_finish}{callback}")
     return "\n".join(lines)
 
 
@@ -253,7 +279,7 @@ def why_text(why: Any) -> str:
     lines = [message, f"timeline ({zone()}):"]
     for event in why.timeline:
         what = event.event if event.attempt is None else f"attempt {event.attempt} {event.event}"
-        worker = f" on {event.worker}" if event.worker else ""
+        worker = f" on {event.worker}" if event.worker and event.event == "started" else ""
         said = (
             ""
             if not event.message
@@ -372,6 +398,9 @@ def http_lines(stats: HttpStats) -> list[str]:
     lines = [
         f"  http:      {stats.open} open ({stats.authenticated} with a token); at most "
         f"{stats.max_connections}, {stats.unauthenticated_share} of them without one",
+        f"             event streams: {stats.event_streams} open, at most "
+        f"{stats.max_event_streams}"
+        + (f"; refused {stats.refused_event_streams}" if stats.refused_event_streams else ""),
     ]
     counts = (stats.refused_unauthenticated, stats.refused_header_timeout, stats.refused_busy)
     if any(counts) or stats.closed_idle:

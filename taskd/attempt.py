@@ -48,7 +48,17 @@ class Attempts:
         self._tracing = tracing
 
     async def run(self, job: Job) -> Outcome:
-        """Run one attempt of `job`; its outcome (asyncio.CancelledError if stopped)."""
+        """Run one attempt of `job`; its outcome (asyncio.CancelledError if stopped), with
+        the hook its task enqueues should the job end so (never for a hook's own job)."""
+        outcome = await self._traced(job)
+        task = self._tasks.get(job.task)
+        if outcome.status not in ("succeeded", "failed") or task is None or job.origin == "hook":
+            return outcome
+        hook = self._tasks.hook(task, outcome.status)
+        return outcome if hook is None else msgspec.structs.replace(outcome, hook=hook)
+
+    async def _traced(self, job: Job) -> Outcome:
+        """The attempt, in a span of its own when taskd traces."""
         if self._tracing is None:
             return await self._run(job, None)
         span = self._tracing.attempt(job, self._worker)

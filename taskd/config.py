@@ -49,6 +49,8 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff: Seconds | None = None
     max_backoff: Seconds | None = None
     concurrency: int | None = None
+    on_failure: str | None = None  # a task enqueued when a job fails after its last attempt
+    on_success: str | None = None  # a task enqueued when a job succeeds
 
     def __post_init__(self) -> None:
         for field in ("max_attempts", "concurrency"):
@@ -67,6 +69,9 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cancelled: Seconds = Seconds(30 * 86400)
 
 
+MAX_JITTER = 86400.0  # a day: a longer spread is a different schedule
+
+
 class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A `[[schedule]]` table: the long form of a `[scheduled_tasks]` entry."""
 
@@ -78,8 +83,14 @@ class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     catch_up: Literal["skip", "latest", "all"] = "skip"
     max_catch_up: int = 10
     enabled: bool = True
+    # Each tick's jobs are due at an offset in [0, jitter) after the tick, the same on every
+    # daemon (derived from the schedule's id and the tick): spreads the load of many daemons
+    # or schedules on one minute, like systemd's RandomizedDelaySec=.
+    jitter: Seconds | None = None
 
     def __post_init__(self) -> None:
+        if self.jitter is not None and not 0 <= self.jitter <= MAX_JITTER:
+            raise ValueError(f"jitter must be 0 to 1 day, got {self.jitter:g} s")
         if self.max_catch_up < 1:
             raise ValueError(f"max_catch_up must be at least 1, got {self.max_catch_up}")
 
@@ -139,6 +150,11 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout: Annotated[Seconds, RESTART] = Seconds(5)
     # A connection waiting for a request is closed after this.
     keepalive_timeout: Annotated[Seconds, RESTART] = Seconds(5)
+    # `GET /events` streams open at once (each holds a connection with a token; one such
+    # connection is always left for other requests).
+    max_event_streams: Annotated[int, RESTART] = 32
+    # A stream with nothing to say sends a comment this often, so that proxies keep it open.
+    event_heartbeat: Annotated[Seconds, RESTART] = Seconds(15)
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -147,7 +163,9 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_body_size must be at least 1024 bytes, got {self.max_body_size}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
-        for name in ("read_timeout", "header_timeout", "keepalive_timeout"):
+        if self.max_event_streams < 0:
+            raise ValueError(f"max_event_streams must be 0 or more, got {self.max_event_streams}")
+        for name in ("read_timeout", "header_timeout", "keepalive_timeout", "event_heartbeat"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
 

@@ -124,7 +124,7 @@ def build_engine(
         tasks, runtime, threads, worker=worker, max_result=max_payload, tracing=tracing
     )
     executor = Executor(store, slots, attempts, activity, news, on_attempt=on_attempt)
-    leases = LeaseKeeper(store, slots, executor, quarantine_after=config.quarantine_after)
+    leases = LeaseKeeper(store, slots, executor, tasks, quarantine_after=config.quarantine_after)
     return Engine(slots, submitter, activity, threads, executor, leases)
 
 
@@ -170,6 +170,7 @@ class Daemon:
         self._server: ControlServer | None = None
         self._http: HttpServer | None = None
         self._listener: socket.socket | None = None
+        self._live: LiveEvents | None = None
         self._socket_lock: int | None = None
         self._started_at = time.time()
         self._stopping = False  # shutdown has begun: no more reloads
@@ -315,7 +316,8 @@ class Daemon:
             status.bindings(),
             NodeMethods(store, self, metrics).bindings(),
         )
-        await self._serve_socket(dispatch, LiveEvents(store.events, news), settings, listener)
+        live = self._live = LiveEvents(store.events, news, store.job_activity)
+        await self._serve_socket(dispatch, live, settings, listener)
         if settings.http is not None:
             await self._start_http(dispatch, status, settings)
         self._start_background(engine, self._scheduler, peers)
@@ -385,8 +387,9 @@ class Daemon:
     async def _join(self, store: Store, node: str) -> str:
         """Register this start of the node; take back the jobs of workers that are gone,
         our own previous start's among them. Returns our worker id."""
-        worker = await store.register_node(node, ttl=self.config.lease)
-        recovered = await store.recover(self.config.quarantine_after)
+        worker = await store.register_node(node, ttl=self.config.lease, slots=self.config.workers)
+        hooks = self._tasks().failure_hooks()
+        recovered = await store.recover(self.config.quarantine_after, hooks)
         if recovered:
             failed = sum(job.status == "failed" for job in recovered)
             logger.warning(
@@ -423,7 +426,7 @@ class Daemon:
 
         http = settings.http
         assert http is not None
-        api = HttpApi(dispatch, status.healthy, self._tasks())
+        api = HttpApi(dispatch, status.healthy, self._tasks(), self._live)
         self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
         try:
             await self._http.start()
@@ -552,6 +555,8 @@ class Daemon:
         if self._http is not None:
             await self._http.close()
         await self._background.close()
+        if self._live is not None:
+            await self._live.close()
         if self._store is not None:
             if self._worker is not None:
                 try:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from taskd.models import parse_duration
 from taskd.traceparent import current_traceparent
@@ -128,8 +128,11 @@ class TaskContext:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        after: Sequence[int] = (),
+        after_failure: Literal["cancel", "run"] = "cancel",
     ) -> int:
-        """Enqueue task `name` like `taskctl enqueue` and return the job id."""
+        """Enqueue task `name` like `taskctl enqueue` and return the job id; with `after`,
+        the job waits until those jobs have succeeded."""
         options = {
             "delay": None if delay is None else _seconds(delay, "delay"),
             "run_at": run_at,
@@ -137,6 +140,8 @@ class TaskContext:
             "max_attempts": max_attempts,
             "key": key,
             "traceparent": current_traceparent() or self.traceparent,
+            "after": tuple(after),
+            "after_failure": after_failure,
         }
         return await self._runtime.enqueue(self.job_id, name, payload, options)
 
@@ -220,6 +225,8 @@ class TaskDefinition:
         "max_attempts",
         "max_backoff",
         "name",
+        "on_failure",
+        "on_success",
         "timeout",
     )
 
@@ -234,6 +241,8 @@ class TaskDefinition:
         backoff: float | str | None,
         max_backoff: float | str | None,
         concurrency: int | None,
+        on_failure: str | None = None,
+        on_success: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"define_task() needs a function, got {type(fn).__name__}")
@@ -246,6 +255,8 @@ class TaskDefinition:
         self.max_backoff = None if max_backoff is None else _seconds(max_backoff, "max_backoff")
         self.max_attempts = _at_least_one(max_attempts, "max_attempts")
         self.concurrency = _at_least_one(concurrency, "concurrency")
+        self.on_failure = _task_name(on_failure, "on_failure")
+        self.on_success = _task_name(on_success, "on_success")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -265,6 +276,8 @@ def define_task(
     backoff: float | str | None = None,
     max_backoff: float | str | None = None,
     concurrency: int | None = None,
+    on_failure: str | None = None,
+    on_success: str | None = None,
 ) -> Any:
     """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
 
@@ -277,6 +290,10 @@ def define_task(
     TypedDict or dataclass gets those it declares, so that a strict one
     (`forbid_unknown_fields`) need not declare them. Either way the task can read them as
     `ctx.scheduled_time` (a datetime) and `ctx.cron`.
+
+    `on_failure` and `on_success` name tasks (hooks) enqueued, in the transaction that
+    records it, when a job of this task fails after its last attempt or succeeds, with the
+    payload {"job", "task", "status", "error", "attempts"}.
     """
 
     def wrap(function: Callable[..., Any]) -> TaskDefinition:
@@ -289,6 +306,8 @@ def define_task(
             backoff=backoff,
             max_backoff=max_backoff,
             concurrency=concurrency,
+            on_failure=on_failure,
+            on_success=on_success,
         )
 
     return wrap if fn is None else wrap(fn)
@@ -300,6 +319,12 @@ def _seconds(value: float | str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"{what} must be seconds >= 0 or a duration such as '30s', got {value!r}")
     return float(value)
+
+
+def _task_name(value: str | None, what: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{what} must name a task, got {value!r}")
+    return value
 
 
 def _positive(value: float | str | None, what: str) -> float | None:

@@ -12,6 +12,7 @@ from taskd.executor import Executor
 from taskd.models import counted
 from taskd.slots import Slots
 from taskd.store import Store, StoreError
+from taskd.tasks import TaskRegistry
 
 logger = logging.getLogger("taskd.executor")  # the name operators know these lines by
 
@@ -20,11 +21,18 @@ class LeaseKeeper:
     """Renews the leases of one worker's jobs while its executor runs."""
 
     def __init__(
-        self, store: Store, slots: Slots, executor: Executor, *, quarantine_after: int
+        self,
+        store: Store,
+        slots: Slots,
+        executor: Executor,
+        tasks: TaskRegistry,
+        *,
+        quarantine_after: int,
     ) -> None:
         self._store = store
         self._slots = slots
         self._executor = executor
+        self._tasks = tasks  # their on_failure hooks, for the jobs a recovery fails
         self._quarantine_after = quarantine_after
 
     async def run(self) -> None:
@@ -37,7 +45,9 @@ class LeaseKeeper:
                 return
             try:
                 await self._renew()
-                recovered = await self._store.recover(self._quarantine_after)
+                recovered = await self._store.recover(
+                    self._quarantine_after, self._tasks.failure_hooks()
+                )
             except StoreError as exc:
                 logger.error("cannot renew job leases: %s", exc)
                 continue

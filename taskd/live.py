@@ -5,30 +5,45 @@ place of the ones it missed, and a count of the events let go.
 
 Covered: state changes of every job this daemon runs or ends, and progress and log lines
 of the jobs it runs. On a shared store, the end of a job another daemon ran reaches a
-subscription to that job (the store reads it on its notice), and "changed" events tell of
-the others' writes; their jobs' progress and log lines are not relayed (read them from the
-store: `job`, `logs`).
+subscription to that job (the store reads it on its notice), "changed" events tell of the
+others' writes, and the progress and log lines of the jobs they run are relayed: their
+notice names the jobs, and while someone here subscribes to them this daemon reads them
+from the store (`Relay`), at most one read per job at a time (notices that come during a
+read make one more), at most RELAY_READS reads at once and RELAY_LINES lines a read; lines
+past those are counted as dropped, as a slow reader's are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+from collections.abc import Awaitable, Callable
 
-from taskd.models import Job, LogLine, Progress
+from taskd.models import FINISHED_STATUSES, Job, LogLine, Progress
 from taskd.news import DaemonNews
 from taskd.protocol import JobEvent
+from taskd.store.base import JobActivity, StoreError
 from taskd.store.events import JobEvents
 
+logger = logging.getLogger(__name__)
+
 MAX_QUEUED = 256  # events a subscription holds for its reader
+RELAY_READS = 4  # reads of other daemons' activity at once
+RELAY_LINES = MAX_QUEUED // 2  # lines a read takes (the newest; older ones count as dropped),
+# so that the progress read with them finds room in a subscription
+MAX_TRACKED = 10_000  # running jobs whose task and last relayed line are remembered
+
+ReadActivity = Callable[[int, tuple[int, int], int], Awaitable[JobActivity | None]]
 
 
 class Subscription:
     """The events for one subscriber, in order, at most MAX_QUEUED of them."""
 
-    def __init__(self, job_id: int | None, logs: bool) -> None:
+    def __init__(self, job_id: int | None, logs: bool, task: str | None = None) -> None:
         self.job_id = job_id
         self.logs = logs
+        self.task = task
         self.sent = 0
         self.dropped = 0  # all told
         self._unreported = 0  # let go since the last "dropped" event
@@ -49,6 +64,14 @@ class Subscription:
         self._queue.append(event)
         self._ready.set()
 
+    def lost(self, count: int) -> None:
+        """`count` events for it were let go before they reached it (counted as dropped)."""
+        if self.closed or count <= 0:
+            return
+        self.dropped += count
+        self._unreported += count
+        self._ready.set()
+
     def _replace(self, event: JobEvent) -> bool:
         """In a full queue, put a job's progress in place of its older one (or not at all)."""
         if event.kind != "progress":
@@ -64,7 +87,7 @@ class Subscription:
 
     async def take(self) -> list[JobEvent]:
         """The events queued (waiting for one); [] once closed."""
-        while not self._queue and not self.closed:
+        while not self._queue and not self._unreported and not self.closed:
             self._ready.clear()
             await self._ready.wait()
         events = list(self._queue)
@@ -86,18 +109,24 @@ class Subscription:
 class LiveEvents:
     """Turns the store's events and the daemon's news into `JobEvent`s for subscriptions."""
 
-    def __init__(self, events: JobEvents, news: DaemonNews) -> None:
+    def __init__(
+        self, events: JobEvents, news: DaemonNews, read: ReadActivity | None = None
+    ) -> None:
         self._events = events
         self._all: set[Subscription] = set()
         self._by_job: dict[int, set[Subscription]] = {}
+        self._tasks: dict[int, str] = {}  # the task of jobs running, as far as known
+        self._relay = Relay(self, read) if read is not None else None
         events.on_finished(self._state)
         news.on_started(self._state)
         news.on_progress(self._progress)
         news.on_log(self._log)
         news.on_change(self._changed)
+        if self._relay is not None:
+            events.on_activity(self._relay.heard)
 
-    def subscribe(self, job_id: int | None, logs: bool) -> Subscription:
-        subscription = Subscription(job_id, logs)
+    def subscribe(self, job_id: int | None, logs: bool, task: str | None = None) -> Subscription:
+        subscription = Subscription(job_id, logs, task)
         if job_id is None:
             self._all.add(subscription)
         else:
@@ -115,6 +144,15 @@ class LiveEvents:
                 if not subscribers:
                     del self._by_job[subscription.job_id]
 
+    async def close(self) -> None:
+        if self._relay is not None:
+            await self._relay.close()
+
+    def interested(self, job_id: int) -> tuple[bool, bool]:
+        """Whether anyone here wants the job's progress, and its log lines."""
+        subscribers = [*self._all, *self._by_job.get(job_id, ())]
+        return bool(subscribers), any(subscription.logs for subscription in subscribers)
+
     def _watch(self, subscription: Subscription, job_id: int) -> None:
         """Wait for the job's end, so that a shared store reads it when another daemon ends
         it (its `finished` then reaches us); after a resync, watch again."""
@@ -130,20 +168,132 @@ class LiveEvents:
 
         watch.add_done_callback(again)
 
+    def _subscribers(self, job_id: int, task: str | None) -> list[Subscription]:
+        return [
+            subscription
+            for subscription in (*self._all, *self._by_job.get(job_id, ()))
+            if subscription.task is None or subscription.task == task
+        ]
+
     def _publish(self, job_id: int, event: JobEvent) -> None:
-        for subscription in (*self._all, *self._by_job.get(job_id, ())):
+        for subscription in self._subscribers(job_id, event.task):
             if event.kind != "log" or subscription.logs:
                 subscription.offer(event)
 
     def _state(self, job: Job) -> None:
+        if job.status in FINISHED_STATUSES:
+            self._tasks.pop(job.id, None)
+            if self._relay is not None:
+                self._relay.forget(job.id)
+        else:
+            self.know_task(job.id, job.task)
         self._publish(job.id, JobEvent("state", job.id, task=job.task, status=job.status))
 
+    def know_task(self, job_id: int, task: str) -> None:
+        if job_id not in self._tasks and len(self._tasks) >= MAX_TRACKED:
+            del self._tasks[next(iter(self._tasks))]
+        self._tasks[job_id] = task
+
     def _progress(self, job_id: int, progress: Progress) -> None:
-        self._publish(job_id, JobEvent("progress", job_id, progress=progress))
+        task = self._tasks.get(job_id)
+        self._publish(job_id, JobEvent("progress", job_id, task=task, progress=progress))
 
     def _log(self, job_id: int, line: LogLine) -> None:
-        self._publish(job_id, JobEvent("log", job_id, line=line))
+        self._publish(job_id, JobEvent("log", job_id, task=self._tasks.get(job_id), line=line))
+
+    def relayed(self, job_id: int, activity: JobActivity, progress: bool) -> None:
+        """What another daemon's job did, read from the store, to the subscribers here."""
+        self.know_task(job_id, activity.task)
+        if activity.skipped:
+            for subscription in self._subscribers(job_id, activity.task):
+                if subscription.logs:
+                    subscription.lost(activity.skipped)
+        for line in activity.lines:
+            self._log(job_id, line)
+        if progress and activity.progress is not None:
+            self._progress(job_id, activity.progress)
 
     def _changed(self) -> None:
         for subscription in self._all:
             subscription.offer(JobEvent("changed"))
+
+
+class Relay:
+    """Reads the progress and log lines of jobs other daemons run, for the subscribers here
+    (on a shared store): only of the jobs someone here subscribes to, one read per job at a
+    time (what is heard meanwhile makes one more read), RELAY_READS at once."""
+
+    def __init__(self, live: LiveEvents, read: ReadActivity) -> None:
+        self._live = live
+        self._read = read
+        self._after: dict[int, tuple[int, int]] = {}  # the last line relayed, by job
+        self._wanted: dict[int, tuple[int, int, bool]] = {}  # reads to make: after, progress
+        self._reading: set[int] = set()
+        self._turns = asyncio.Semaphore(RELAY_READS)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def heard(self, job_id: int, epoch: int, seq: int, progress: bool) -> None:
+        wants_progress, wants_logs = self._live.interested(job_id)
+        if not wants_progress:
+            return
+        after = self._after.get(job_id)
+        if after is None or after[0] < epoch:
+            # New to us (or a new attempt): from this batch's first line on.
+            after = (epoch, seq - 1) if seq >= 0 else (epoch, 1 << 62)
+        if not wants_logs:
+            after = (epoch, 1 << 62)  # no lines: progress only
+        wanted = self._wanted.get(job_id)
+        if wanted is not None:
+            after = min(after, wanted[:2])
+            progress = progress or wanted[2]
+        self._wanted[job_id] = (after[0], after[1], progress)
+        if job_id not in self._reading:
+            self._start(job_id)
+
+    def forget(self, job_id: int) -> None:
+        self._after.pop(job_id, None)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+
+    def _start(self, job_id: int) -> None:
+        self._reading.add(job_id)
+        task = asyncio.create_task(self._relay(job_id), name=f"taskd-relay-{job_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _relay(self, job_id: int) -> None:
+        try:
+            while (wanted := self._wanted.pop(job_id, None)) is not None:
+                epoch, seq, progress = wanted
+                known = self._after.get(job_id)  # lines relayed since that notice came
+                if known is not None and known > (epoch, seq):
+                    epoch, seq = known
+                async with self._turns:
+                    try:
+                        activity = await self._read(job_id, (epoch, seq), RELAY_LINES)
+                    except StoreError as exc:
+                        logger.info(
+                            "cannot read what job %d did on another daemon: %s", job_id, exc
+                        )
+                        return
+                if activity is None or activity.status in FINISHED_STATUSES:
+                    self._after.pop(job_id, None)
+                    if activity is None:
+                        return
+                elif activity.lines:
+                    last = activity.lines[-1]
+                    self._remember(job_id, (last.epoch, last.seq))
+                elif seq < (1 << 62):
+                    self._remember(job_id, (epoch, seq))
+                self._live.relayed(job_id, activity, progress)
+        finally:
+            self._reading.discard(job_id)
+
+    def _remember(self, job_id: int, after: tuple[int, int]) -> None:
+        if job_id not in self._after and len(self._after) >= MAX_TRACKED:
+            del self._after[next(iter(self._after))]
+        self._after[job_id] = after

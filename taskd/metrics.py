@@ -160,7 +160,8 @@ class _HttpConnections(Collector):
             "HTTP connections refused or closed by the limits: header_timeout (its request "
             "line and headers came too slowly), unauthenticated_share (closed for a newer "
             "connection without a token), max_connections (a request with a token found "
-            "every authenticated connection busy)",
+            "every authenticated connection busy), max_event_streams (a GET /events found "
+            "as many streams open)",
             labels=["reason"],
         )
         refused.add_metric(["header_timeout"], stats.refused_header_timeout)
@@ -172,4 +173,9 @@ class _HttpConnections(Collector):
             "keepalive_timeout, or to make room for one with a token",
         )
         closed.add_metric([], stats.closed_idle)
-        yield from (connections, refused, closed)
+        streams = GaugeMetricFamily(
+            "taskd_http_event_streams", "Open GET /events streams (Server-Sent Events)"
+        )
+        streams.add_metric([], stats.event_streams)
+        refused.add_metric(["max_event_streams"], stats.refused_event_streams)
+        yield from (connections, refused, closed, streams)

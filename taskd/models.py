@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -21,7 +21,11 @@ FINISHED_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 Access = Literal["full", "readonly"]
 
 # What created a job: `taskctl run`/Client.run, `enqueue`, a cron tick, or a task calling another.
-JobOrigin = Literal["run", "enqueue", "schedule", "task"]
+JobOrigin = Literal["run", "enqueue", "schedule", "task", "hook", "batch"]
+JOB_ORIGINS: tuple[JobOrigin, ...] = get_args(JobOrigin)
+# What a job waiting for others (`after`) does when one of them fails or is cancelled:
+# "cancel" it (and, in turn, the jobs waiting for it), or "run" it all the same.
+AfterFailure = Literal["cancel", "run"]
 
 # The unique key a `run` uses unless it is given one: at most one active run per task.
 RUN_KEY = "@run"
@@ -38,6 +42,13 @@ class AttemptError(msgspec.Struct, frozen=True):
     traceback: str | None = None
     started_at: float | None = None  # when the attempt started (not known before schema 6)
     worker: str | None = None  # the worker (`node/N`) that ran it
+
+
+def since_retry(errors: list[AttemptError]) -> list[AttemptError]:
+    """The errors of the attempts since the latest `retry` by request (whose attempts count
+    from 1 again), oldest first."""
+    retried = [index for index, error in enumerate(errors) if error.kind == "retried"]
+    return errors[retried[-1] + 1 :] if retried else errors
 
 
 class Progress(msgspec.Struct, frozen=True):
@@ -94,11 +105,38 @@ class Job(msgspec.Struct):
     parent_id: int | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    worker: str | None = None  # the daemon running it, as `node/start`, while it runs
+    # The worker (`node/start`) of its latest attempt: running it now, or where it ran.
+    worker: str | None = None
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []  # filled by the `job` method only
     progress: Progress | None = None  # the latest `ctx.progress` of its latest attempt
     traceparent: str | None = None  # the W3C traceparent of whoever created it (tracing)
+    blocked: int = 0  # parents (`after`) it still waits for; it is pending meanwhile
+    after_failure: AfterFailure = "cancel"  # what a parent that fails or is cancelled does
+    parents: list[int] = []  # the jobs it waits for (`after`); filled by the `job` method only
+    children: list[int] = []  # the jobs waiting for it; filled by the `job` method only
+    batch_id: int | None = None  # the batch (`enqueue_many` with `on_finish`) it belongs to
+
+
+class Hook(msgspec.Struct, frozen=True):
+    """A hook job to enqueue as a job ends: its task, and the attempts that task gives."""
+
+    task: str
+    max_attempts: int
+
+
+class BatchInfo(msgspec.Struct, frozen=True):
+    """A batch of jobs (`enqueue_many` with `on_finish`): its jobs by status, how many have
+    ended, and its callback job once they all have."""
+
+    id: int
+    total: int
+    ended: int
+    counts: dict[str, int]  # jobs by status
+    created_at: float
+    on_finish: str | None = None
+    finished_at: float | None = None  # when its last job ended
+    callback_id: int | None = None  # the job of on_finish, once enqueued
 
 
 class TaskInfo(msgspec.Struct, frozen=True):
@@ -115,6 +153,8 @@ class TaskInfo(msgspec.Struct, frozen=True):
     max_backoff: float | None = None
     concurrency: int | None = None
     payload_schema: dict[str, Any] | None = None
+    on_success: str | None = None  # the task enqueued when one of its jobs succeeds
+    on_failure: str | None = None  # ... and when one fails after its last attempt
 
 
 class FiredJob(msgspec.Struct, frozen=True):
@@ -196,6 +236,9 @@ class HttpStats(msgspec.Struct, frozen=True):
     refused_unauthenticated: int  # closed to make room for a newer connection in the share
     refused_busy: int  # a request with a token found every authenticated connection busy: 503
     closed_idle: int  # waiting for a request: after keepalive_timeout, or to make room
+    event_streams: int = 0  # `GET /events` streams open (each also counted in `authenticated`)
+    max_event_streams: int = 0
+    refused_event_streams: int = 0  # a `GET /events` found max_event_streams open: 503
 
 
 class ThreadStats(msgspec.Struct, frozen=True):
@@ -254,6 +297,7 @@ class NodeInfo(msgspec.Struct, frozen=True):
     seen_at: float
     running: int = 0
     schedules: str | None = None
+    slots: int = 0  # its `workers`: jobs it runs at once (0: a taskd that did not say)
 
 
 class Status(msgspec.Struct, frozen=True):

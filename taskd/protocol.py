@@ -19,8 +19,11 @@ import msgspec
 
 from taskd.models import (
     Access,
+    AfterFailure,
+    BatchInfo,
     Job,
     JobLogs,
+    JobOrigin,
     JobStatus,
     LogLine,
     Progress,
@@ -90,6 +93,15 @@ Traceparent = Annotated[
             "form": "a W3C traceparent: 00-<32 hex digits>-<16 hex digits>-<2 hex digits>, "
             "in lowercase, the ids not all zeros"
         },
+    ),
+]
+MAX_PARENTS = 100
+JobId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Parents = Annotated[
+    list[JobId],
+    msgspec.Meta(
+        max_length=MAX_PARENTS,
+        description="ids of jobs this job waits for: it stays pending until all succeeded",
     ),
 ]
 Payload = Annotated[
@@ -165,7 +177,8 @@ class JobEvent(msgspec.Struct, frozen=True):
     """One event of a `subscribe` stream (contrib/protocol.md: "Live events").
 
     kind "subscribed": the stream is live (the first event); "state": job `job_id` of `task`
-    is now `status`; "progress": its `progress`; "log": a `line` it wrote; "changed": jobs
+    is now `status`; "progress": its `progress`; "log": a `line` it wrote (`task` named when
+    known); "changed": jobs
     were added, started or ended (read again what you show); "dropped": `dropped` events
     were let go because the subscriber read too slowly.
     """
@@ -317,6 +330,9 @@ class EnqueueParams(Params):
     max_attempts: Attempts | None = None
     key: Key | None = None
     traceparent: Traceparent | None = None
+    after: Parents = []
+    # A parent that fails or is cancelled cancels the job ("cancel"), or not ("run").
+    after_failure: AfterFailure = "cancel"
 
 
 class EnqueueResult(msgspec.Struct, frozen=True):
@@ -334,16 +350,21 @@ ENQUEUE = Method(
         "taskctl enqueue jobs:send-email --delay 5m --payload "
         """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
         "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
+        "taskctl enqueue hello --after 42",
     ),
 )
 
 
 class EnqueueManyParams(Params):
     jobs: list[EnqueueParams]
+    # Make the jobs a batch, and enqueue this task once they have all ended, with the
+    # payload {"batch", "succeeded", "failed", "cancelled"}.
+    on_finish: str | None = None
 
 
 class EnqueueManyResult(msgspec.Struct, frozen=True):
     jobs: list[EnqueueResult]
+    batch: int | None = None  # the batch's id, with `on_finish`
 
 
 ENQUEUE_MANY = Method(
@@ -352,6 +373,19 @@ ENQUEUE_MANY = Method(
     EnqueueManyResult,
     writes=True,
     help="enqueue a batch in one transaction; nothing is enqueued if one is invalid",
+)
+
+
+class BatchParams(Params):
+    id: Int64
+
+
+BATCH = Method(
+    "batch",
+    BatchParams,
+    BatchInfo,
+    help="show a batch's progress: its jobs by status, and its on_finish callback",
+    examples=("taskctl batch 42", "taskctl batch 42 --json"),
 )
 
 
@@ -373,6 +407,7 @@ class JobsParams(Params):
     task: str | None = None
     limit: Limit = 50
     payloads: bool = False  # include each job's payload and result (else they are nil)
+    origin: JobOrigin | None = None  # only jobs made so: run, enqueue, schedule (a tick), task
 
 
 JOBS = Method(
@@ -575,6 +610,7 @@ LOGS = Method(
 class SubscribeParams(Params):
     job: Int64 | None = None  # only this job's events (and no "changed"); None: every job's
     logs: bool = True  # include "log" events
+    task: str | None = None  # only the events of this task's jobs (and "changed")
 
 
 class SubscribeResult(msgspec.Struct, frozen=True):
@@ -642,9 +678,9 @@ WHY = Method(
 METHODS: dict[str, Method[Any, Any]] = {
     method.name: method
     for method in (
-        HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, JOB, JOBS, WAIT, CANCEL, RETRY, STATUS,
-        PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE, METRICS,
-        LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
+        HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, BATCH, JOB, JOBS, WAIT, CANCEL, RETRY,
+        STATUS, PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE,
+        METRICS, LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
     )
 }  # fmt: skip
 

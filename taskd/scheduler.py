@@ -363,6 +363,8 @@ class Scheduler:
             for task in spec.tasks
             if (new := self._job(spec, task, tick, traceparent)) is not None
         ]
+        if regular and spec.jitter:  # due at the tick's offset; scheduled_time stays the tick
+            jobs = [msgspec.structs.replace(job, run_at=spec.due_at(tick)) for job in jobs]
         try:  # with a claim for our free slots, so that the tick's jobs start in one commit
             fired = await self._submitter.claiming(
                 lambda claim: self._store.fire_tick(

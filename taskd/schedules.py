@@ -41,16 +41,31 @@ class ScheduleSpec:
     catch_up: CatchUp = "skip"
     max_catch_up: int = 10
     enabled: bool = True
+    jitter: float = 0.0
 
     @property
     def startup(self) -> bool:
         return self.cron is None
+
+    def due_at(self, tick: float) -> float:
+        """When the jobs of the tick at `tick` are due: the tick, plus its jitter."""
+        return tick + jitter_offset(self.id, tick, self.jitter)
 
     def tick_payload(self, tick: float) -> bytes:
         """The payload of a firing at `tick`: its time in the schedule's zone, the
         expression, and the static payload."""
         fields = {"scheduled_time": iso(tick, self.zone), "cron": self.expression}
         return msgspec.msgpack.encode({**fields, **self.payload})
+
+
+def jitter_offset(schedule: str, tick: float, jitter: float) -> float:
+    """The offset in [0, jitter) of a schedule's tick: a hash of the schedule's id and the
+    tick, so that every daemon (and every restart) computes the same one, and the tick
+    still fires once."""
+    if jitter <= 0:
+        return 0.0
+    digest = hashlib.sha256(f"{schedule}\0{tick!r}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * jitter
 
 
 def load_schedules(config: Config, registry: TaskRegistry) -> list[ScheduleSpec]:
@@ -125,7 +140,10 @@ def _spec(entry: Schedule, default_zone: str, registry: TaskRegistry) -> Schedul
         catch_up=entry.catch_up,
         max_catch_up=entry.max_catch_up,
         enabled=entry.enabled,
+        jitter=float(entry.jitter or 0.0),
     )
+    if cron is None and spec.jitter:
+        raise CronError(f"{STARTUP} fires once at each start; jitter does not apply to it")
     for task in tasks:
         _check_task(spec, task, registry)
     return spec

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect
 
-from taskd.http.api import ALIASES, JSON, ROUTES, ErrorReply, Route
+from taskd.http.api import ALIASES, DOCUMENTED_TOO, JSON, ROUTES, STREAMED, ErrorReply, Route
 from taskd.protocol import (
     METHODS,
     PROTOCOL_VERSION,
@@ -131,6 +131,7 @@ def _integer_keys(types: list[Any], definitions: dict[str, Any]) -> None:
 def openapi_schema() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the HTTP API (taskd/http/api.py's routes)."""
     sent = [t for route in ROUTES for t in route.responses.values() if not isinstance(t, str)]
+    sent += DOCUMENTED_TOO
     received = [t for r in ROUTES for t in (r.path_params, r.query, r.body) if t is not None]
     types = list(dict.fromkeys([*received, *sent, ErrorReply]))
     schemas, definitions = _schemas(types, [*sent, ErrorReply], COMPONENT)
@@ -187,6 +188,8 @@ def _operation(
         "summary": route.summary,
         "x-taskd-access": route.access,
     }
+    if route.description is not None:
+        operation["description"] = route.description
     parameters = _parameters(route, schema_of, definitions)
     if parameters:
         operation["parameters"] = parameters
@@ -222,6 +225,8 @@ def _content(body: Any, schema_of: dict[Any, dict[str, Any]]) -> tuple[str, dict
         return JSON, {"type": "object"}
     if isinstance(body, str):
         return body.split(";")[0], {"type": "string"}
+    if body in STREAMED:  # the schema of one event
+        return STREAMED[body], schema_of[body]
     return JSON, schema_of[body]
 
 

@@ -510,7 +510,7 @@ class ControlServer:
         if self._live is None or len(connection.subscriptions) >= MAX_SUBSCRIPTIONS:
             message = f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection"
             return Reply(request_id, error=RpcError(ErrorCode.BUSY, message).body())
-        subscription = self._live.subscribe(params.job, params.logs)
+        subscription = self._live.subscribe(params.job, params.logs, params.task)
         connection.subscriptions[request_id] = subscription
         try:
             await self._write(connection, Reply(request_id, event=JobEvent("subscribed")))

@@ -13,7 +13,16 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from taskd.limits import max_payload_size, out_of_limits, rule_broken
-from taskd.models import FINISHED_STATUSES, RUN_KEY, Job, JobOrigin, did_you_mean
+from taskd.models import (
+    FINISHED_STATUSES,
+    RUN_KEY,
+    AfterFailure,
+    Hook,
+    Job,
+    JobOrigin,
+    did_you_mean,
+    since_retry,
+)
 from taskd.policy import default_attempts
 from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
 from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
@@ -60,6 +69,8 @@ class JobRequest(msgspec.Struct, frozen=True):
     key: str | None = None
     parent_id: int | None = None
     traceparent: str | None = None  # W3C: the span that asked for it (tracing)
+    after: tuple[int, ...] = ()  # the jobs it waits for
+    after_failure: AfterFailure = "cancel"
 
 
 R = TypeVar("R")
@@ -134,6 +145,8 @@ class Submitter:
             key=key,
             parent_id=request.parent_id,
             traceparent=request.traceparent,
+            after=request.after,
+            after_failure=request.after_failure,
         )
 
     @staticmethod
@@ -150,6 +163,7 @@ class Submitter:
                 "max_attempts": request.max_attempts,
                 "key": request.key,
                 "traceparent": request.traceparent,
+                "after": list(request.after),
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:
                 raise InvalidRequest(problem)
@@ -161,6 +175,29 @@ class Submitter:
 
         With `numbered` (a batch from a client), a refusal names the item: `jobs[3]: ...`.
         """
+        rows = self._prepare_all(requests, numbered=numbered)
+        # A run starts in its insert's commit if a slot is free (its caller waits for it);
+        # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
+        runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
+        if self._claimer is None or not any(_due_now(row) for row in runs):
+            return await self._store.insert(rows)
+        inserted, _ = await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
+        return inserted
+
+    async def submit_batch(
+        self, requests: Sequence[JobRequest], on_finish: str
+    ) -> tuple[int, list[Inserted]]:
+        """Validate all, then insert all as a batch in one transaction, whose last job's end
+        enqueues `on_finish`; the batch's id and the jobs'."""
+        task = self._tasks.get(on_finish)
+        if task is None:
+            raise UnknownTask(on_finish, self._tasks.names())
+        rows = self._prepare_all(requests, numbered=True)
+        hook = Hook(task.name, default_attempts(False, task.max_attempts))
+        return await self._store.insert_batch(rows, hook)
+
+    def _prepare_all(self, requests: Sequence[JobRequest], *, numbered: bool) -> list[NewJob]:
+        """The rows of all requests; the first refusal, which names its item if `numbered`."""
         rows = []
         for index, request in enumerate(requests):
             try:
@@ -170,13 +207,7 @@ class Submitter:
                     exc.index = index
                     exc.args = (f"jobs[{index}]: {exc}",)
                 raise
-        # A run starts in its insert's commit if a slot is free (its caller waits for it);
-        # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
-        runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
-        if self._claimer is None or not any(_due_now(row) for row in runs):
-            return await self._store.insert(rows)
-        inserted, _ = await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
-        return inserted
+        return rows
 
     async def _insert(
         self, rows: list[NewJob], claim: ClaimRequest | None
@@ -241,8 +272,9 @@ class Submitter:
 
 
 def _failed_after(job: Job, attempt: int) -> bool:
-    """Whether an attempt of the job numbered above `attempt` has failed."""
-    return any(e.attempt > attempt and e.kind != "retried" for e in job.errors)
+    """Whether an attempt of the job numbered above `attempt` has failed (since its latest
+    retry by request: attempts count from 1 again after one)."""
+    return any(e.attempt > attempt for e in since_retry(job.errors))
 
 
 def _due_now(job: NewJob) -> bool:

@@ -18,7 +18,8 @@ import msgspec
 
 from taskd.config import TaskOptions
 from taskd.definition import TaskContext, TaskDefinition
-from taskd.models import TaskInfo
+from taskd.models import Hook, TaskInfo, did_you_mean
+from taskd.policy import default_attempts
 
 MODULE_PREFIX = "taskd_tasks."
 TICK_FIELDS = ("scheduled_time", "cron")  # what taskd merges into the payload of every tick
@@ -65,6 +66,8 @@ class Task:
         "max_attempts",
         "max_backoff",
         "name",
+        "on_failure",
+        "on_success",
         "other_keys",
         "payload_decoder",
         "payload_schema",
@@ -85,6 +88,8 @@ class Task:
         self.backoff = _first(options.backoff, definition.backoff)
         self.max_backoff = _first(options.max_backoff, definition.max_backoff)
         self.concurrency = _first(options.concurrency, definition.concurrency)
+        self.on_failure = _first(options.on_failure, definition.on_failure)
+        self.on_success = _first(options.on_success, definition.on_success)
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.takes_payload, self.takes_context, self.payload_type = _call_shape(self.fn)
         try:
@@ -153,6 +158,8 @@ class Task:
             max_backoff=self.max_backoff,
             concurrency=self.concurrency,
             payload_schema=self.payload_schema,
+            on_success=self.on_success,
+            on_failure=self.on_failure,
         )
 
 
@@ -183,6 +190,20 @@ class TaskRegistry:
     def names(self) -> list[str]:
         return list(self._tasks)
 
+    def hook(self, task: Task, status: str) -> Hook | None:
+        """The hook job to enqueue when a job of `task` ends `status` (succeeded or failed
+        for good), if it has one."""
+        name = task.on_success if status == "succeeded" else task.on_failure
+        hook = self._tasks.get(name) if name is not None else None
+        if hook is None:
+            return None
+        return Hook(hook.name, default_attempts(False, hook.max_attempts))
+
+    def failure_hooks(self) -> dict[str, Hook]:
+        """The on_failure hook of each task that has one (for jobs a recovery fails)."""
+        hooks = {task.name: self.hook(task, "failed") for task in self}
+        return {name: hook for name, hook in hooks.items() if hook is not None}
+
 
 def load_tasks(directory: Path, options: Mapping[str, TaskOptions] | None = None) -> TaskRegistry:
     """Load every task file under `directory`; all problems are reported together."""
@@ -207,6 +228,13 @@ def load_tasks(directory: Path, options: Mapping[str, TaskOptions] | None = None
     for name in options:
         if name not in tasks:
             errors.append(f'configuration [task."{name}"] names no task in {directory}')
+    for task in tasks.values():
+        for what, hook in (("on_failure", task.on_failure), ("on_success", task.on_success)):
+            if hook is not None and hook not in tasks:
+                errors.append(
+                    f"task {task.name}: {what} names task {hook!r}, which is not in {directory}"
+                    f"{did_you_mean(hook, list(tasks))}"
+                )
     if errors:
         raise TaskLoadError("\n".join(errors))
     return TaskRegistry(directory, tasks)

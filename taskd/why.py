@@ -1,7 +1,8 @@
 """Why a job is not running yet, and its timeline: pure functions over what the store holds.
 
 The daemon gathers the facts (the job with its errors, its task's limit and running jobs,
-this daemon's slots) and `explain` turns them into a reason code and a sentence.
+the store's clock, the slots of this daemon and of the others sharing the store) and
+`explain` turns them into a reason code and a sentence.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ class Facts(msgspec.Struct, frozen=True):
     task_loaded: bool
     concurrency: int | None  # the task's limit, if it has one
     task_running: int  # the task's running jobs, whoever runs them
-    busy: int  # this daemon's slots taken
-    workers: int
+    busy: int  # slots taken: this daemon's, and the running jobs of the others alive
+    workers: int  # this daemon's slots and those of the others alive
     stopping: bool
+    parents: tuple[tuple[int, str, str], ...] = ()  # (id, task, status) of those it waits for
+    daemons: int = 1  # alive and sharing the store, this one included
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
@@ -45,7 +48,7 @@ def _named_moment(job: Job, now: float) -> float | None:
         return job.started_at
     if job.status in ("succeeded", "failed", "cancelled"):
         return job.finished_at
-    return job.run_at if job.run_at > now else None
+    return job.run_at if job.run_at > now and not job.blocked else None
 
 
 def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
@@ -59,6 +62,9 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
     if job.status in ("failed", "cancelled"):
         ended = f"{job.status} at {_when(job.finished_at, now)}"
         return job.status, f"{ended}: {job.error}" if job.error else ended, None
+    if job.blocked and facts.parents:
+        waits = ", ".join(f"job {id_} ({task}, {status})" for id_, task, status in facts.parents)
+        return "parents", f"waits for {waits}", None
     if not facts.task_loaded:
         return "unknown_task", f"waits for task {job.task}, which taskd has not loaded", None
     if facts.stopping:
@@ -80,6 +86,8 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
         return "concurrency_limit", message, None
     if facts.busy >= facts.workers:
         busy = "its one worker is" if facts.workers == 1 else f"all {facts.workers} workers are"
+        if facts.daemons > 1:
+            busy = f"all {facts.workers} workers of {facts.daemons} daemons are"
         message = f"waits for a free worker: {busy} busy"
         return "workers_busy", message, None
     return "due", "is due and starts as soon as a worker claims it", None
@@ -92,16 +100,18 @@ def timeline(job: Job) -> list[TimelineEvent]:
         attempt = error.attempt if error.kind != "retried" else None
         if error.started_at is not None:
             events.append(TimelineEvent(error.started_at, "started", attempt, error.worker))
-        events.append(TimelineEvent(error.at, error.kind, attempt, message=error.message))
+        # An older taskd wrote "interrupted: worker ..." (the kind twice, once shown).
+        message = error.message.removeprefix(f"{error.kind}: ")
+        events.append(TimelineEvent(error.at, error.kind, attempt, error.worker, message))
     ended = {error.started_at for error in job.errors if error.started_at is not None}
     cancelled = any(error.kind == "cancelled" for error in job.errors)  # while running
     if job.started_at is not None and job.attempts and job.started_at not in ended:
-        # The latest attempt's start is on the job (and its worker, while it runs).
+        # The latest attempt's start and worker are on the job.
         start = TimelineEvent(job.started_at, "started", job.attempts, job.worker)
         events.append(start)
     if job.status in ("succeeded", "failed") and job.finished_at is not None:
         outcome = job.error if job.status == "failed" else None
-        events.append(TimelineEvent(job.finished_at, job.status, job.attempts, message=outcome))
+        events.append(TimelineEvent(job.finished_at, job.status, job.attempts, job.worker, outcome))
     elif job.status == "cancelled" and job.finished_at is not None and not cancelled:
         events.append(TimelineEvent(job.finished_at, "cancelled", message=job.error))
     return sorted(events, key=lambda event: event.at)

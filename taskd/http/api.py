@@ -17,13 +17,15 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from taskd import protocol
-from taskd.models import Job
+from taskd.models import BatchInfo, Job, JobLogs
 from taskd.protocol import (
+    BatchParams,
     Duration,
     EnqueueParams,
     EnqueueResult,
     ErrorBody,
     ErrorCode,
+    JobEvent,
     JobParams,
     Method,
     Timestamp,
@@ -32,6 +34,39 @@ from taskd.protocol import (
 JSON = "application/json"
 # The text format prometheus_client's generate_latest writes.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+EVENT_STREAM = "text/event-stream"
+EVENTS_DESCRIPTION = (
+    "Server-Sent Events, one per event of the socket's `subscribe` stream (protocol.md, "
+    '"Live events"): `event: KIND` and `data: JSON` (the event as a JSON object), the first '
+    "`subscribed`. `job=ID` gives only that job's events, `task=NAME` only those of that "
+    "task's jobs (and `changed`), `logs=false` leaves out log lines. A reader that falls "
+    "behind gets a `dropped` event counting what was let go. A comment (`: keepalive`) comes "
+    "every `event_heartbeat` seconds while nothing else does, so that proxies keep the "
+    "connection open; the stream ends (the response's end) when taskd stops. At most "
+    "`max_event_streams` are open at once; past that, 503 `busy`."
+)
+
+
+class ServerSentEvent(msgspec.Struct, frozen=True):
+    """One event of `GET /events`: its `event` line is the kind, its `data` line the event
+    (a JobEvent, as in the socket's `subscribe` stream) as JSON."""
+
+    event: Literal["subscribed", "state", "progress", "log", "changed", "dropped"]
+    data: Annotated[
+        str,
+        msgspec.Meta(
+            extra_json_schema={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/JobEvent"},
+            }
+        ),
+    ]
+
+
+# Response bodies that are streams of events, each described by the type's schema.
+STREAMED: dict[Any, str] = {ServerSentEvent: EVENT_STREAM}
+DOCUMENTED_TOO = (JobEvent,)  # in the document's schemas, for the events' `contentSchema`
+
 # Nitro's paths come first; the short ones are aliases.
 ALIASES = {"/_nitro/tasks": "/tasks", "/_nitro/tasks/{name}": "/tasks/{name}"}
 
@@ -170,6 +205,7 @@ class Route(NamedTuple):
     body_required: bool = False
     rpc: Method[Any, Any] | None = None  # the protocol's method the route calls
     traced: bool = False  # takes a `traceparent` header: the jobs it starts are traced under it
+    description: str | None = None
 
 
 def _call(
@@ -207,11 +243,20 @@ _ROUTES = [
           {200: JobList, 404: ErrorReply}, query=protocol.JOBS.params),  # 404: an unknown task
     _call("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",
           protocol.JOB, {200: Job, 404: ErrorReply}, path_params=JobParams),
+    _call("GET", "/jobs/{id}/logs", "job_logs", "The lines a job wrote with ctx.logger",
+          protocol.LOGS, {200: JobLogs, 404: ErrorReply}, path_params=protocol.LOGS.params),
+    _call("GET", "/events", "events",
+          "Live events as Server-Sent Events: the `subscribe` stream", protocol.SUBSCRIBE,
+          {200: ServerSentEvent}, query=protocol.SUBSCRIBE.params,
+          description=EVENTS_DESCRIPTION),
     _call("POST", "/jobs/{id}/cancel", "cancel_job", "Cancel a pending or running job",
           protocol.CANCEL, _JOB_CHANGE, path_params=JobParams),
     _call("POST", "/jobs/{id}/retry", "retry_job",
           "Put a failed or cancelled job back in the queue", protocol.RETRY, _JOB_CHANGE,
           path_params=JobParams),
+    _call("GET", "/batches/{id}", "get_batch",
+          "A batch's progress: its jobs by status, and its on_finish callback", protocol.BATCH,
+          {200: BatchInfo, 404: ErrorReply}, path_params=BatchParams),
     Route("GET", "/healthz", "health",
           "200 while the job store answers and its writes go through, else 503", "public",
           {200: Health, 503: Health}),

@@ -19,6 +19,7 @@ import msgspec
 
 from taskd import protocol
 from taskd.http.api import (
+    EVENT_STREAM,
     JSON,
     METRICS_CONTENT_TYPE,
     ROUTES,
@@ -36,21 +37,26 @@ from taskd.http.api import (
     path_pattern,
 )
 from taskd.limits import out_of_limits
+from taskd.live import LiveEvents, Subscription
 from taskd.models import Job, Peer, counted, parse_duration
 from taskd.protocol import (
     EMPTY_MAP,
+    BatchParams,
     CancelParams,
     EnqueueParams,
     ErrorBody,
     ErrorCode,
+    JobEvent,
     JobParams,
     JobsParams,
     ListTasksParams,
+    LogsParams,
     MetricsParams,
     RetryParams,
     RpcError,
     RunParams,
     SchedulesParams,
+    SubscribeParams,
 )
 from taskd.schema import openapi_schema
 from taskd.service import Dispatch
@@ -85,6 +91,40 @@ class HttpResponse(NamedTuple):
     body: bytes
     content_type: str = JSON
     headers: tuple[tuple[str, str], ...] = ()
+    stream: EventStream | None = None  # a body that goes on (after `body`) until it ends
+
+
+class EventStream:
+    """The events of one `GET /events` as Server-Sent Events; the server writes them as they
+    come (`take`), with heartbeats between, and closes the stream when it ends."""
+
+    def __init__(self, live: LiveEvents, params: SubscribeParams) -> None:
+        self._live = live
+        self._params = params
+        self._subscription: Subscription | None = None
+
+    def open(self) -> bytes:
+        """Subscribe; the first event ("subscribed"), encoded."""
+        params = self._params
+        self._subscription = self._live.subscribe(params.job, params.logs, params.task)
+        return _sse([JobEvent("subscribed")])
+
+    async def take(self) -> bytes:
+        """The next events, encoded (waiting for them); b"" once the stream has ended."""
+        assert self._subscription is not None
+        return _sse(await self._subscription.take())
+
+    def close(self) -> None:
+        if self._subscription is not None:
+            self._live.unsubscribe(self._subscription)
+            self._subscription = None
+
+
+def _sse(events: list[JobEvent]) -> bytes:
+    return b"".join(
+        b"event: " + event.kind.encode() + b"\ndata: " + _encoder.encode(event) + b"\n\n"
+        for event in events
+    )
 
 
 class HttpError(Exception):
@@ -121,9 +161,14 @@ class HttpApi:
     """Routes requests to their handlers, checks access, and turns errors into responses."""
 
     def __init__(
-        self, dispatch: Dispatch, healthy: Callable[[], Awaitable[None]], tasks: TaskRegistry
+        self,
+        dispatch: Dispatch,
+        healthy: Callable[[], Awaitable[None]],
+        tasks: TaskRegistry,
+        live: LiveEvents | None = None,
     ) -> None:
         self._dispatch = dispatch
+        self._live = live
         self._healthy = healthy  # returns while the job store is healthy, else StoreError
         self._tasks = tasks  # a run's query values take the types of its payload's fields
         self._openapi = msgspec.json.encode(openapi_schema())
@@ -246,6 +291,22 @@ class HttpApi:
     async def get_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         params = _path_params(path, JobParams)
         return _json(200, _plain(await self._dispatch.call(protocol.JOB, params)))
+
+    async def get_batch(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = _path_params(path, BatchParams)
+        return _json(200, await self._dispatch.call(protocol.BATCH, params))
+
+    async def job_logs(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = _path_params(path, LogsParams)
+        return _json(200, await self._dispatch.call(protocol.LOGS, params))
+
+    async def events(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = _query_params(request.target, SubscribeParams)
+        if self._live is None:
+            raise HttpError(ErrorCode.SHUTTING_DOWN, "taskd is not serving live events")
+        headers = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
+        stream = EventStream(self._live, params)
+        return HttpResponse(200, b"", EVENT_STREAM, headers, stream=stream)
 
     async def cancel_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id

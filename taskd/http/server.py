@@ -90,6 +90,7 @@ class _Connection:
         "protocol",
         "reader",
         "reserved",
+        "streaming",
         "writer",
     )
 
@@ -107,6 +108,7 @@ class _Connection:
         self.reserved = 0  # body bytes this connection holds of the shared budget
         self.idle = False  # waiting for a request, nothing of it received
         self.in_head = False  # part of a request's line and headers received, not the rest
+        self.streaming = False  # sending a `GET /events` stream
 
 
 class _Received(NamedTuple):
@@ -138,6 +140,9 @@ class HttpServer:
         self._admission: Admission[_Connection] = Admission(self._config.max_connections)
         self._refusals = RefusalLog("an HTTP connection", logger)
         self._closed_idle = 0
+        self._streams = 0  # `GET /events` streams open
+        self._refused_streams = 0
+        self._stopping = asyncio.Event()  # streams end
         self._connections: set[_Connection] = set()
         self._serving: set[asyncio.Task[None]] = set()  # one per connection, refused ones too
         self._bodies = ByteBudget(max(BODY_BUDGET, self._config.max_body_size))
@@ -186,7 +191,15 @@ class HttpServer:
             refused_unauthenticated=refused["unauthenticated_share"],
             refused_busy=refused["max_connections"],
             closed_idle=self._closed_idle,
+            event_streams=self._streams,
+            max_event_streams=self._max_streams,
+            refused_event_streams=self._refused_streams,
         )
+
+    @property
+    def _max_streams(self) -> int:
+        """Streams allowed at once: the setting, leaving one connection with a token."""
+        return min(self._config.max_event_streams, self._admission.max_authenticated - 1)
 
     def reconfigure(self, settings: HttpSettings, access: AccessPolicy) -> None:
         """After a reload: new tokens and access rules apply from the next request on."""
@@ -205,12 +218,13 @@ class HttpServer:
     async def close(self) -> None:
         """Stop accepting; answer requests in progress with 503; close every connection."""
         self._closing = True
+        self._stopping.set()  # streams end their responses
         self.stop_accepting()
         await self._accepting.close()
         for connection in list(self._connections):
             if connection.handling is not None:
                 connection.handling.cancel()
-            else:
+            elif not connection.streaming:
                 connection.writer.close()
         if self._serving:  # let them send their last response
             await asyncio.wait(self._serving, timeout=LINGER + 1.0)
@@ -321,7 +335,12 @@ class HttpServer:
         finally:
             self._release(connection)
         if connection.protocol.their_state is not h11.DONE:  # its body was not read
+            if response.stream is not None:
+                response.stream.close()
             await self._close_with(connection, response)
+            return False
+        if response.stream is not None:
+            await self._stream(connection, response)
             return False
         await self._send(connection, response)
         if self._closing or connection.protocol.our_state is not h11.DONE:
@@ -539,6 +558,84 @@ class HttpServer:
             data = (data or b"") + (protocol.send(h11.Data(data=response.body)) or b"")
         data = (data or b"") + (protocol.send(h11.EndOfMessage()) or b"")
         if connection.writer.is_closing():  # closed to make room for another
+            raise ConnectionResetError("the connection was closed")
+        connection.writer.write(data)
+        try:
+            async with asyncio.timeout(self._config.read_timeout):
+                await connection.writer.drain()
+        except TimeoutError:
+            connection.writer.transport.abort()
+            raise
+
+    async def _stream(self, connection: _Connection, response: HttpResponse) -> None:
+        """Send a response whose body goes on: `GET /events`, until taskd stops or the client
+        leaves; a heartbeat comment every event_heartbeat seconds while nothing else comes.
+        At most max_event_streams at once (503 past that)."""
+        stream = response.stream
+        assert stream is not None
+        if self._streams >= self._max_streams or self._closing:
+            stream.close()
+            self._refused_streams += 1
+            message = (
+                f"{self._max_streams} event streams are open, as many as taskd allows "
+                "(max_event_streams in [http]); try again later"
+            )
+            if self._closing:
+                message = "taskd is stopping"
+            code = ErrorCode.SHUTTING_DOWN if self._closing else ErrorCode.BUSY
+            await self._close_with(
+                connection, error_response(code, message, None, (("Retry-After", "5"),))
+            )
+            return
+        self._streams += 1
+        connection.streaming = True
+        taking: asyncio.Future[bytes] | None = None
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        # The client says nothing more on this connection: a read ends when it hangs up.
+        hangup = asyncio.ensure_future(connection.reader.read(1))
+        try:
+            headers = [
+                ("Content-Type", response.content_type),
+                ("Server", SERVER),
+                ("Connection", "close"),
+                *response.headers,
+            ]
+            head = h11.Response(status_code=200, headers=headers, reason=b"OK")
+            await self._write(connection, [head, h11.Data(data=stream.open())])
+            while True:
+                taking = taking or asyncio.ensure_future(stream.take())
+                await asyncio.wait(
+                    (taking, stopping, hangup),
+                    timeout=float(self._config.event_heartbeat),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if hangup.done():
+                    return  # gone (or it sent more than it may: it is closed all the same)
+                if stopping.done():
+                    await self._write(connection, [h11.Data(data=b": taskd is stopping\n\n")])
+                    break
+                if not taking.done():
+                    await self._write(connection, [h11.Data(data=b": keepalive\n\n")])
+                    continue
+                data, taking = taking.result(), None
+                if not data:
+                    break
+                await self._write(connection, [h11.Data(data=data)])
+            await self._write(connection, [h11.EndOfMessage()])
+        finally:
+            for future in (taking, stopping, hangup):
+                if future is not None:
+                    future.cancel()
+                    if future.done() and not future.cancelled():
+                        future.exception()  # retrieved: a hang-up is no news
+            stream.close()
+            self._streams -= 1
+            connection.streaming = False
+
+    async def _write(self, connection: _Connection, events: list[Any]) -> None:
+        """Send h11 events; a client that does not read them within read_timeout is dropped."""
+        data = b"".join(connection.protocol.send(event) or b"" for event in events)
+        if connection.writer.is_closing():
             raise ConnectionResetError("the connection was closed")
         connection.writer.write(data)
         try:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from taskd import protocol
 from taskd.activity import ActivityRecorder
-from taskd.models import Job, JobLogs
+from taskd.models import BatchInfo, Job, JobLogs
 from taskd.protocol import (
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -59,6 +60,7 @@ class JobMethods:
             bind(protocol.RUN, self.run),
             bind(protocol.ENQUEUE, self.enqueue),
             bind(protocol.ENQUEUE_MANY, self.enqueue_many),
+            bind(protocol.BATCH, self.batch),
             bind(protocol.JOB, self.job),
             bind(protocol.JOBS, self.jobs),
             bind(protocol.WAIT, self.wait),
@@ -89,12 +91,27 @@ class JobMethods:
         return result
 
     async def enqueue_many(self, params: EnqueueManyParams) -> EnqueueManyResult:
-        return EnqueueManyResult(await self._enqueue(params.jobs, numbered=True))
+        if params.on_finish is None:
+            return EnqueueManyResult(await self._enqueue(params.jobs, numbered=True))
+        requests = self._requests(params.jobs)
+        batch, inserted = await self._submitter.submit_batch(requests, params.on_finish)
+        return EnqueueManyResult([EnqueueResult(i.job_id, i.duplicate) for i in inserted], batch)
+
+    async def batch(self, params: BatchParams) -> BatchInfo:
+        info = await self._store.batch(params.id)
+        if info is None:
+            raise RpcError(ErrorCode.UNKNOWN_JOB, f"no batch with id {params.id}")
+        return info
 
     async def _enqueue(
         self, jobs: Sequence[EnqueueParams], *, numbered: bool = False
     ) -> list[EnqueueResult]:
-        requests = [
+        inserted = await self._submitter.submit(self._requests(jobs), numbered=numbered)
+        return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
+
+    @staticmethod
+    def _requests(jobs: Sequence[EnqueueParams]) -> list[JobRequest]:
+        return [
             JobRequest(
                 task=p.task,
                 payload=bytes(p.payload),
@@ -105,11 +122,11 @@ class JobMethods:
                 max_attempts=p.max_attempts,
                 key=p.key,
                 traceparent=p.traceparent,
+                after=tuple(p.after),
+                after_failure=p.after_failure,
             )
             for p in jobs
         ]
-        inserted = await self._submitter.submit(requests, numbered=numbered)
-        return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
 
     async def job(self, params: JobParams) -> Job:
         return await get_job(self._store, params.id)
@@ -127,7 +144,9 @@ class JobMethods:
         return logs
 
     async def jobs(self, params: JobsParams) -> list[Job]:
-        query = JobFilter(statuses=params.status, task=params.task, limit=params.limit)
+        query = JobFilter(
+            statuses=params.status, task=params.task, limit=params.limit, origin=params.origin
+        )
         jobs = await self._store.list_jobs(query)
         if not jobs and params.task is not None and params.task not in self._tasks:
             raise UnknownTask(params.task, self._tasks.names())  # a typo, not "no jobs"

@@ -85,15 +85,28 @@ class StatusMethods:
         if job.status == "pending" and task is not None and task.concurrency is not None:
             counts = {entry.task: entry.counts for entry in await self._store.counts()}
             running = counts.get(job.task, {}).get("running", 0)
+        parents = []
+        if job.status == "pending" and job.blocked:
+            for parent_id in job.parents:
+                parent = await self._store.get(parent_id)
+                if parent is not None and parent.status in ("pending", "running"):
+                    parents.append((parent.id, parent.task, parent.status))
         slots = self._node.slots()
+        busy, workers, daemons = slots.busy, slots.workers, 1
+        if job.status == "pending":  # the other daemons sharing the store take jobs too
+            for node in await self._store.nodes():
+                if node.worker != slots.worker:
+                    busy, workers, daemons = busy + node.running, workers + node.slots, daemons + 1
         facts = Facts(
-            now=self._clock(),
+            parents=tuple(parents),
+            now=await self._store.clock(),  # run_at and the rest are the store's instants
             task_loaded=task is not None,
             concurrency=task.concurrency if task is not None else None,
             task_running=running,
-            busy=slots.busy,
-            workers=slots.workers,
+            busy=busy,
+            workers=workers,
             stopping=slots.stopping,
+            daemons=daemons,
         )
         return explain(job, facts)
 

@@ -35,6 +35,9 @@ The contract:
   became claimable or will in `delay` seconds (inserted, retried, returned to the queue) or
   a running job started waiting (its task's limit has room again);
   `cancel_requested(job_id)` when a job was cancelled (whoever runs it stops it);
+  `activity(job_id, epoch, seq, progress)` when another daemon sharing the store recorded
+  progress (`progress`) or log lines (from line `seq` of attempt `epoch`) of a job it runs
+  (a daemon's own activity is its news, not a store event);
   `resync()` when the store may have missed some of these (a lost database connection):
   listeners then read again what they wait for. A daemon's own wake-ups (a slot it freed)
   are its business, not store events.
@@ -47,7 +50,20 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from taskd.models import FiredJob, Job, JobLogs, JobOrigin, JobStatus, NodeInfo, TaskCounts
+from taskd.models import (
+    AfterFailure,
+    BatchInfo,
+    FiredJob,
+    Hook,
+    Job,
+    JobLogs,
+    JobOrigin,
+    JobStatus,
+    LogLine,
+    NodeInfo,
+    Progress,
+    TaskCounts,
+)
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
 
@@ -68,6 +84,16 @@ class StoreError(Exception):
 class JobNotFound(StoreError):
     def __init__(self, job_id: int) -> None:
         super().__init__(f"no job with id {job_id}")
+        self.job_id = job_id
+
+
+class ParentNotFound(JobNotFound):
+    """A job was to wait for a job that does not exist (or was pruned)."""
+
+    def __init__(self, job_id: int) -> None:
+        StoreError.__init__(
+            self, f"no job with id {job_id} to wait for (after); give the id of an existing job"
+        )
         self.job_id = job_id
 
 
@@ -94,7 +120,8 @@ def refused(job_id: int, status: str, verb: str) -> InvalidTransition:
 class NewJob(msgspec.Struct, frozen=True):
     """A job to insert; `payload` is msgpack already validated against the task's schema.
 
-    It is due `delay` seconds after the insert, or at `run_at` (a time a person gave) if set.
+    It is due `delay` seconds after the insert, or at `run_at` (a time a person gave) if set,
+    and not before every job in `after` has succeeded (see `after_failure`).
     """
 
     task: str
@@ -107,6 +134,9 @@ class NewJob(msgspec.Struct, frozen=True):
     delay: float = 0.0
     run_at: float | None = None
     traceparent: str | None = None  # the W3C traceparent of whoever created it
+    after: tuple[int, ...] = ()
+    after_failure: AfterFailure = "cancel"
+    batch_id: int | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -140,6 +170,9 @@ class Outcome(msgspec.Struct, frozen=True):
     result: bytes | None = None
     error: Failure | None = None
     retry_in: float = 0.0
+    # The hook job its task enqueues should the job end with this outcome (succeeded, or
+    # failed for good), in the same transaction.
+    hook: Hook | None = None
 
 
 class ClaimRequest(msgspec.Struct, frozen=True):
@@ -176,6 +209,7 @@ class JobFilter(msgspec.Struct, frozen=True):
     statuses: Sequence[JobStatus] | None = None
     task: str | None = None
     limit: int = 50
+    origin: JobOrigin | None = None
 
 
 class ScheduleState(msgspec.Struct):
@@ -229,6 +263,17 @@ class LogNote(msgspec.Struct, frozen=True):
     ago: float = 0.0
 
 
+class JobActivity(msgspec.Struct, frozen=True):
+    """What a job did lately (`Store.job_activity`): its task and status, its latest
+    progress, and its newest lines after a given one; `skipped` older ones were not read."""
+
+    task: str
+    status: JobStatus
+    progress: Progress | None
+    lines: list[LogLine]
+    skipped: int = 0
+
+
 MAX_LOG_LINES = 1000  # lines a job keeps; older ones are let go and counted
 MAX_LOG_BYTES = 64 * 1024  # bytes (UTF-8) of messages a job keeps
 
@@ -248,8 +293,9 @@ class Store(Protocol):
 
     # -- nodes ---------------------------------------------------------------------------
 
-    async def register_node(self, node: str, ttl: float) -> str:
-        """Start a new worker of `node` with a heartbeat of `ttl` seconds; return its id.
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        """Start a new worker of `node` with a heartbeat of `ttl` seconds and `slots` jobs
+        at once (its `workers`, which `nodes()` reports); return its id.
 
         The node's previous worker is no longer alive: its running jobs can be recovered.
         """
@@ -297,11 +343,24 @@ class Store(Protocol):
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         """Mark a running job as waiting for another job (or no longer); False if fenced."""
 
-    async def recover(self, quarantine_after: int) -> list[Job]:
+    async def insert_batch(
+        self, new: Sequence[NewJob], on_finish: Hook | None = None
+    ) -> tuple[int, list[Inserted]]:
+        """Insert jobs as a batch in one transaction; its id, and the jobs' as `insert`. Once
+        every job of the batch has ended, `on_finish` is enqueued (exactly once) with the
+        payload {"batch", "succeeded", "failed", "cancelled"} (lists of ids)."""
+
+    async def batch(self, batch_id: int) -> BatchInfo | None:
+        """A batch's progress and its jobs by status; None if there is no such batch."""
+
+    async def recover(
+        self, quarantine_after: int, on_failure: Mapping[str, Hook] | None = None
+    ) -> list[Job]:
         """Take back the running jobs whose lease expired or whose worker is not alive.
 
         The lost attempt is counted and recorded as `interrupted`; a job interrupted
-        `quarantine_after` times, or on its last attempt, fails instead of going back.
+        `quarantine_after` times, or on its last attempt, fails instead of going back (and
+        the hook `on_failure` names for its task is enqueued).
         """
 
     async def cancel(self, job_id: int) -> Job:
@@ -328,6 +387,12 @@ class Store(Protocol):
     async def job_logs(self, job_id: int) -> JobLogs | None:
         """The lines kept of a job, oldest first; None if there is no such job."""
 
+    async def job_activity(
+        self, job_id: int, after: tuple[int, int], limit: int
+    ) -> JobActivity | None:
+        """A job's task, status and progress, and its newest `limit` lines after the line
+        `after` (epoch, seq); None if there is no such job."""
+
     async def get(self, job_id: int) -> Job | None:
         """One job with the errors of all its attempts."""
 
@@ -336,6 +401,9 @@ class Store(Protocol):
 
     async def counts(self) -> list[TaskCounts]:
         """Jobs per task and status, and per task the oldest due pending job's age."""
+
+    async def clock(self) -> float:
+        """The store's "now" (Unix seconds): the clock every instant in it is written by."""
 
     async def queue_depth(self) -> int:
         """How many jobs are pending (cheap: for status lines updated as jobs come and go)."""

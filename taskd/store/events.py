@@ -27,6 +27,7 @@ class JobEvents:
         self._cancelled = _Listeners("cancellations")
         self._resync = _Listeners("resyncs")
         self._changed = _Listeners("changes")
+        self._activity = _Listeners("activity elsewhere")
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -63,6 +64,11 @@ class JobEvents:
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` whenever jobs are added, started or ended (it must be cheap)."""
         self._changed.add(listener)
+
+    def on_activity(self, listener: Callable[[int, int, int, bool], None]) -> None:
+        """`listener(job_id, epoch, seq, progress)`: another daemon recorded progress or log
+        lines (from line `seq` of attempt `epoch`; -1: none) of a job it runs."""
+        self._activity.add(listener)
 
     def _forget(self, job_id: int, future: asyncio.Future[Job | None]) -> None:
         waiters = self._waiters.get(job_id)
@@ -121,6 +127,10 @@ class JobEvents:
                     future.set_result(None)
         self._resync()
         self._changed()
+
+    def activity(self, job_id: int, epoch: int, seq: int, progress: bool) -> None:
+        """Another daemon recorded progress or log lines of a job it runs."""
+        self._activity(job_id, epoch, seq, progress)
 
     def changed(self) -> None:
         """The queue or the running jobs changed (for status lines)."""

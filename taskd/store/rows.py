@@ -13,11 +13,12 @@ from taskd.store.base import ScheduleState
 JOB_COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
     " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
-    " progress_done, progress_total, progress_message, progress_at, traceparent"
+    " progress_done, progress_total, progress_message, progress_at, blocked, release_at,"
+    " after_failure, batch_id, traceparent"
 )
 ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
-NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at"  # PostgreSQL adds schedules
+NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, slots"  # PostgreSQL adds schedules
 
 # A tick's jobs, as a schedule's state and a tick's record keep them.
 fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
@@ -48,7 +49,8 @@ def job_from_row(row: Row) -> Job:
         key=row["key"],
         crashes=row["crashes"],
         parent_id=row["parent_id"],
-        run_at=row["run_at"],
+        # A job waiting for its parents keeps the time it is due in release_at.
+        run_at=row["release_at"] if row["blocked"] else row["run_at"],
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
@@ -56,6 +58,9 @@ def job_from_row(row: Row) -> Job:
         epoch=row["epoch"],
         progress=progress_from_row(row),
         traceparent=row["traceparent"],
+        blocked=row["blocked"],
+        after_failure=row["after_failure"],
+        batch_id=row["batch_id"],
     )
 
 
@@ -104,4 +109,5 @@ def node_from_row(row: Row) -> NodeInfo:
         seen_at=row["seen_at"],
         running=row["running"],
         schedules=row["schedules"],
+        slots=row["slots"],
     )

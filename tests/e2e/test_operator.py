@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.http_support import HttpClient, http_config
 from tests.support import Taskd
 
 SLOW_RETRY = '[task."fail"]\nbackoff = 3600\n'
@@ -108,3 +109,45 @@ def test_jobs_of_an_unknown_task_is_an_error(taskd: Taskd) -> None:
     assert run.returncode == 4 and 'did you mean "echo"?' in run.stderr, run.stderr
     none_yet = taskd.ctl("jobs", "--task", "echo")
     assert none_yet.returncode == 0 and none_yet.stdout.strip() == "no jobs"
+
+
+def test_jobs_filtered_by_how_they_were_made(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config=http_config()).start()
+    ran = int(json.loads(daemon.ctl("--json", "run", "echo").stdout)["id"])
+    enqueued = int(daemon.ctl("enqueue", "echo", "--payload", "{}").stdout)
+    by_task = json.loads(daemon.ctl("--json", "run", "parent", "--payload", "{}").stdout)["id"]
+    child = [job["id"] for job in json.loads(daemon.ctl("--json", "jobs", "--task", "slow").stdout)]
+    for origin, ids in (("run", [by_task, ran]), ("enqueue", [enqueued]), ("task", child)):
+        listed = json.loads(daemon.ctl("--json", "jobs", "--origin", origin).stdout)
+        assert [job["id"] for job in listed] == ids, (origin, listed)
+        assert {job["origin"] for job in listed} == {origin}
+        over_http = HttpClient.of(daemon).get(f"/jobs?origin={origin}").json()["jobs"]
+        assert [job["id"] for job in over_http] == ids
+        with daemon.client() as client:
+            assert [job.id for job in client.jobs(origin=origin)] == ids
+    assert json.loads(daemon.ctl("--json", "jobs", "--origin", "schedule").stdout) == []
+    wrong = daemon.ctl("jobs", "--origin", "tick")
+    assert (
+        wrong.returncode == 2 and "choose from 'run', 'enqueue', 'schedule', 'task'" in wrong.stderr
+    )
+
+
+def test_wait_after_a_retry_follows_the_new_attempts(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    # Attempts count from 1 again after a retry: the earlier run's failures are not news.
+    daemon = taskd_factory(config='[task."flaky"]\nbackoff = 2\n').start()
+    payload = json.dumps({"log": str(short_tmp / "log.txt")})
+    first = daemon.ctl("run", "flaky", "--payload", payload, "--max-attempts", "2")
+    assert first.returncode == 1, first.stderr
+    job_id = json.loads(daemon.ctl("--json", "jobs", "--task", "flaky").stdout)[0]["id"]
+    assert daemon.ctl("retry", str(job_id)).returncode == 0
+    waited = daemon.ctl("wait", str(job_id))
+    assert waited.returncode == 1, waited.stderr
+    said = [line for line in waited.stderr.splitlines() if line.startswith("taskctl: attempt")]
+    assert len(said) == 1, waited.stderr  # not the two of the first run
+    assert said[0].startswith("taskctl: attempt 1 failed: RuntimeError: attempt 1 failed; ")
+    with daemon.client() as client:  # as the Python client's wait sees it
+        job = client.job(job_id)
+        assert job.status == "failed" and job.attempts == 2
+        assert client.wait(job_id, after_attempt=0).status == "failed"

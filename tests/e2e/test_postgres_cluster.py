@@ -25,6 +25,7 @@ import pytest
 from taskctl import Client, DaemonUnavailable, StoreFailure, enqueue_params
 from taskd.config import PostgresOptions
 from taskd.models import Job
+from taskd.protocol import JobEvent
 from taskd.store import JobFilter, Store, store_for
 from tests.backends import drop_schema, postgres_url, unique_schema
 from tests.support import Taskd, wait_until
@@ -391,3 +392,154 @@ def test_a_start_up_that_cannot_reach_the_database_promises_no_reconnect(
     (line,) = [line for line in daemon.refused().splitlines() if "cannot start" in line]
     assert f"cannot connect to job store postgresql://postgres@127.0.0.1:{port}/test" in line
     assert "reconnects by itself" not in line  # the process exits
+
+
+def _events_until(client: Client, done: Callable[[list[JobEvent]], bool]) -> list[JobEvent]:
+    events: list[JobEvent] = []
+    deadline = time.monotonic() + 30
+    while not done(events):
+        assert time.monotonic() < deadline, f"events so far: {events[-5:]}"
+        event = client.next_event(1)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_progress_and_lines_of_a_job_on_another_daemon_reach_subscribers_here(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    (b,) = cluster.start("workers = 2", count=1)
+    files = {name: str(short_tmp / name) for name in ("started", "go", "release")}
+    with b.client() as client:
+        job_id = client.enqueue("chatter", {**files, "lines": 3}).job_id
+    wait_until(Path(files["started"]).exists, what="the job to start on b")
+    (a,) = cluster.start("workers = 2", count=1)
+    with a.client() as one_job, a.client() as its_task, a.client() as other_task:
+        one_job.subscribe(job_id)
+        its_task.subscribe(task="chatter")
+        other_task.subscribe(task="record")
+        Path(files["go"]).touch()
+        for client in (one_job, its_task):
+            events = _events_until(client, lambda seen: any(e.kind == "progress" for e in seen))
+            lines = [e.line.message for e in events if e.kind == "log" and e.line is not None]
+            assert lines == ["line 0", "line 1", "line 2"]
+            assert {e.job_id for e in events if e.kind in ("log", "progress")} == {job_id}
+            assert {e.task for e in events if e.kind in ("log", "progress")} == {"chatter"}
+            progress = next(e.progress for e in events if e.kind == "progress")
+            assert progress is not None and progress.message == "written"
+        Path(files["release"]).touch()
+        events = _events_until(one_job, lambda seen: any(e.kind == "state" for e in seen))
+        assert [(e.kind, e.status) for e in events] == [("state", "succeeded")]
+        assert all(e.kind in ("changed", "subscribed") for e in _drain(other_task))
+
+
+def test_a_flood_of_lines_on_another_daemon_reaches_subscribers_bounded(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    (b,) = cluster.start("workers = 2", count=1)
+    files = {name: str(short_tmp / name) for name in ("started", "go", "release")}
+    with b.client() as client:
+        job_id = client.enqueue("chatter", {**files, "lines": 3000}).job_id
+    wait_until(Path(files["started"]).exists, what="the job to start on b")
+    (a,) = cluster.start("workers = 2", count=1)
+    with a.client() as client:
+        client.subscribe(job_id)
+        Path(files["go"]).touch()
+        events = _events_until(
+            client, lambda seen: {"progress", "dropped"} <= {e.kind for e in seen}
+        )
+        Path(files["release"]).touch()
+    lines = [e.line.message for e in events if e.kind == "log" and e.line is not None]
+    dropped = sum(e.dropped for e in events if e.kind == "dropped")
+    assert lines[-1] == "line 2999"  # the newest are relayed, the older ones counted
+    numbers = [int(line.split()[1]) for line in lines]
+    assert numbers == sorted(set(numbers)), "lines relayed twice or out of order"
+    # At most 128 lines a read; the lines b wrote that a did not relay are counted.
+    assert len(lines) < 3000 and dropped > 0 and len(lines) + dropped >= 1000, (len(lines), dropped)
+
+
+def _drain(client: Client) -> list[JobEvent]:
+    events = []
+    while (event := client.next_event(0.2)) is not None:
+        events.append(event)
+    return events
+
+
+def test_after_a_failover_the_timeline_shows_where_each_attempt_ran(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b = cluster.start("lease = 2\nworkers = 1", count=2)
+    started, log = short_tmp / "started.log", short_tmp / "done.log"
+    with a.client() as client:
+        job_id = client.enqueue("record", {"seconds": 3, "started": str(started),
+                                           "log": str(log)}).job_id  # fmt: skip
+    wait_until(lambda: lines(started), timeout=30, what="the job to start")
+    assert a.process is not None
+    on_a = lines(started)[0][1] == str(a.process.pid)
+    (killed, lost), (other, ran) = ((a, "a/1"), (b, "b/1")) if on_a else ((b, "b/1"), (a, "a/1"))
+    killed.kill()
+    with other.client() as client:
+        assert client.wait(job_id, timeout=60).status == "succeeded"
+        job = client.job(job_id)
+        why = client.why(job_id)
+    assert job.worker == ran  # kept once it has ended
+    events = [(e.event, e.attempt, e.worker) for e in why.timeline]
+    assert events[1:] == [
+        ("started", 1, lost),
+        ("interrupted", 1, lost),
+        ("started", 2, ran),
+        ("succeeded", 2, ran),
+    ]
+    assert why.timeline[2].message == f"worker {lost} went away during attempt 1"
+    text = other.ctl("why", str(job_id)).stdout
+    assert f"attempt 1 started on {lost}" in text and f"attempt 2 started on {ran}" in text
+    assert "interrupted: interrupted" not in text and "interrupted: worker" in text
+
+
+def test_why_counts_the_workers_of_every_daemon(cluster: Cluster, short_tmp: Path) -> None:
+    a, b = cluster.start("workers = 1", count=2)
+    releases = []
+    for name in ("one", "two"):  # a job on each daemon, holding its one worker
+        files = {key: str(short_tmp / f"{name}-{key}") for key in ("started", "go", "release")}
+        releases += [Path(files["go"]), Path(files["release"])]
+        with a.client() as client:
+            client.enqueue("chatter", {**files, "lines": 0})
+        wait_until(Path(files["started"]).exists, what=f"job {name} to start")
+    try:
+        with a.client() as client:
+            job_id = client.enqueue("record", {"log": str(short_tmp / "log")}).job_id
+            why = client.why(job_id)
+        assert why.reason == "workers_busy", why
+        assert why.message.endswith("waits for a free worker: all 2 workers of 2 daemons are busy")
+        nodes = msgspec.json.decode(b.ctl("status", "--json").stdout)["nodes"]
+        assert [(node["id"], node["slots"], node["running"]) for node in nodes] == [
+            ("a", 1, 1),
+            ("b", 1, 1),
+        ]
+    finally:
+        for release in releases:
+            release.touch()
+
+
+def test_why_judges_a_delay_by_the_stores_clock(cluster: Cluster) -> None:
+    (a,) = cluster.start(count=1)
+
+    async def behind() -> None:  # the database's clock an hour behind the daemon's
+        import asyncpg
+
+        connection = await asyncpg.connect(cluster.url)
+        try:
+            await connection.execute(
+                f"CREATE OR REPLACE FUNCTION {cluster.schema}.now() RETURNS double precision"
+                " LANGUAGE sql STABLE AS $$ SELECT extract(epoch FROM statement_timestamp())"
+                "::double precision - 3600 $$"
+            )
+        finally:
+            await connection.close()
+
+    asyncio.run(behind())
+    with a.client() as client:
+        job_id = client.enqueue("record", {"log": "/dev/null"}, delay=1800).job_id
+        why = client.why(job_id)
+    assert why.reason == "delayed", why  # by the daemon's clock it was due 30 minutes ago
+    assert why.message.endswith("(in 30m)") or why.message.endswith("(in 29m59s)"), why.message

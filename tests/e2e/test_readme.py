@@ -96,6 +96,8 @@ def checked_by(block: Block) -> str | None:
         return "test_the_toml_blocks_are_configurations"
     if block.language == "python" and "from taskctl import" in block.text:
         return "test_the_python_examples_run_as_written"
+    if block.language == "python" and "on_failure=" in block.text:
+        return "test_the_hook_example_is_working_tasks"
     if block.language == "python" and "@define_task" in block.text:
         return "test_the_task_file_example_is_a_working_task"
     if block.subsection == "Your own tasks":
@@ -236,7 +238,7 @@ VARYING = [
 # Job ids in output: taskctl enqueue's and run --detach's line, `job N`, a result's "job".
 JOB_IDS = re.compile(r"^(\d+)$|\bjob (\d+)\b|\"job\":(\d+)", flags=re.M)
 # Arguments that are job ids.
-JOB_ARGUMENTS = re.compile(r"\b(taskctl (?:job|logs|why|wait|cancel|retry) )(\d+)\b")
+JOB_ARGUMENTS = re.compile(r"(\btaskctl (?:job|logs|why|wait|cancel|retry|batch) |--after )(\d+)\b")
 # What `run` and `wait` print on stderr of a job's progress where it is no terminal; on a
 # terminal it is a bar, redrawn in place and cleared at the end, as the samples show it.
 PROGRESS_LINE = re.compile(r"^\d+(\.\d+)?(/\d+(\.\d+)?)?( .*)?$")
@@ -390,6 +392,22 @@ def test_the_task_file_example_is_a_working_task(tmp_path: Path) -> None:
     assert "jobs:send-email" in checked_file.stdout
 
 
+def test_the_hook_example_is_working_tasks(tmp_path: Path) -> None:
+    """The task hooks example: two task files, the first naming the second its hook."""
+    (example,) = checked("test_the_hook_example_is_working_tasks")
+    for part in re.split(r"^(?=# tasks/)", example.text, flags=re.M):
+        if part.strip():
+            path = tmp_path / part.splitlines()[0].removeprefix("# ")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(part)
+    checked_files = subprocess.run(
+        [VENV / "bin" / "taskd", "--check", "--tasks", str(tmp_path / "tasks")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert checked_files.returncode == 0, checked_files.stderr
+    assert "reports:build" in checked_files.stdout and "alerts:notify" in checked_files.stdout
+
+
 def test_the_toml_blocks_are_configurations(tmp_path: Path) -> None:
     blocks = checked("test_the_toml_blocks_are_configurations")
     assert len(blocks) >= 4
@@ -495,7 +513,11 @@ def help_examples() -> list[str]:
 
 
 def job_for(example: str, root: Path) -> str:
-    """A job id that suits the example: one to cancel, one to retry, else a finished one."""
+    """A job id that suits the example: one to cancel, one to retry, else a finished one;
+    for `taskctl batch`, a batch's id."""
+    if example.startswith("taskctl batch"):
+        made = bash("echo '{}' | taskctl enqueue hello --each - --on-finish hello", root)
+        return made.stdout.strip()
     if re.match(r"taskctl (cancel|retry) ", example):
         job_id = bash("taskctl enqueue hello --delay 1h", root).stdout.strip()
         if example.startswith("taskctl retry"):

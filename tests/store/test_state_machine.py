@@ -162,7 +162,7 @@ class JobStateMachine(RuleBasedStateMachine):
         (recorded,) = self.run(self.store.finish([outcome])).jobs
         assert recorded is not None
         assert recorded.status == ("pending" if status == "retry" else status)
-        job.status, job.worker = recorded.status, None
+        job.status = recorded.status  # it keeps the worker of its latest attempt
         if status == "retry":
             job.run_at = self.now
 
@@ -186,7 +186,7 @@ class JobStateMachine(RuleBasedStateMachine):
         assert job.status in ("pending", "running") and cancelled.status == "cancelled"
         if job.status == "running":
             self._lose(job_id)
-        job.status, job.worker = "cancelled", None
+        job.status = "cancelled"  # keeping the worker of its latest attempt, if any
 
     @rule(job_id=jobs)
     def retry(self, job_id: int) -> None:
@@ -263,7 +263,7 @@ class JobStateMachine(RuleBasedStateMachine):
             self._lose(job_id)
             job.crashes += 1
             out_of_luck = job.crashes >= QUARANTINE or job.attempts >= job.max_attempts
-            job.status, job.worker = ("failed" if out_of_luck else "pending"), None
+            job.status = "failed" if out_of_luck else "pending"  # worker: where it was lost
             job.run_at = self.now
 
     # -- ticks ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ BLOCKING_ONLY = {"fileno", "held_events"}
 # where it is not the method's own name (`run` waits and returns the result).
 CALLED_AS = {"hello": "connect", "run": "run_job"}
 # A params field named `id` is the id of what the method is about.
-ID_PARAMETER = {"unsubscribe": "subscription"}
+ID_PARAMETER = {"unsubscribe": "subscription", "batch": "batch_id"}
 
 
 def public(cls: type) -> dict[str, Callable[..., Any]]:

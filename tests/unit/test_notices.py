@@ -6,13 +6,17 @@ from taskd.store.core.notices import Notice, decode_notice, encode_notices
 
 
 def test_a_notice_naming_many_jobs_is_split_into_payloads_that_fit() -> None:
-    notice = Notice("me", 1.5, [(n, f"task-{n}") for n in range(2000)], list(range(3000, 3500)))
+    activity = [(n, 1, n * 10, n % 2 == 0) for n in range(4000, 4600)]
+    notice = Notice(
+        "me", 1.5, [(n, f"task-{n}") for n in range(2000)], list(range(3000, 3500)), activity
+    )
     payloads = encode_notices(notice, 7900)
     assert len(payloads) > 1 and all(len(p.encode()) <= 7900 for p in payloads)
     heard = [decode_notice(payload) for payload in payloads]
     assert all(part is not None and part.sender == "me" for part in heard)
     assert [job for part in heard if part for job in part.finished] == notice.finished
     assert [job for part in heard if part for job in part.cancelled] == notice.cancelled
+    assert [job for part in heard if part for job in part.activity] == notice.activity
     assert [part.due for part in heard if part and part.due is not None] == [1.5]
 
 

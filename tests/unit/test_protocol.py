@@ -11,6 +11,7 @@ from taskctl.client import decode_result
 from taskctl.errors import PayloadInvalid, ProtocolError, UnknownTask, error_for
 from taskd.models import (
     AttemptError,
+    BatchInfo,
     FiredJob,
     Job,
     JobLogs,
@@ -23,6 +24,7 @@ from taskd.models import (
 from taskd.protocol import (
     HEADER,
     METHODS,
+    BatchParams,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -95,6 +97,17 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "enqueue_many": (
         EnqueueManyParams([EnqueueParams(task="t"), EnqueueParams(task="u", run_at=10.0)]),
         EnqueueManyResult([EnqueueResult(1, False), EnqueueResult(1, True)]),
+    ),
+    "batch": (
+        BatchParams(id=3),
+        BatchInfo(
+            3,
+            total=2,
+            ended=1,
+            counts={"succeeded": 1, "running": 1},
+            created_at=1.0,
+            on_finish="t",
+        ),
     ),
     "job": (JobParams(id=7), JOB),
     "jobs": (JobsParams(status=["failed", "pending"], task="t", limit=5), [JOB, JOB]),

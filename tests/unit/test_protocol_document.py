@@ -44,6 +44,7 @@ LISTINGS = {
     "TimelineEvent": '"timeline": [',
     "WhyResult": "as the daemon\nsees it in the job store. Result: `",
     "RunResult": "with it, at once.\nResult: `",
+    "BatchInfo": "(a batch's id). Result: `",
 }
 # The reply envelope is documented by its own table and rules ("Requests and replies").
 ENVELOPE = {"Reply"}

@@ -62,14 +62,14 @@ def test_the_limit_and_the_backoff_say_their_numbers() -> None:
 
 def test_a_timeline_in_order_with_each_attempt() -> None:
     job = pending(
-        status="succeeded", attempts=2, started_at=NOW - 10, finished_at=NOW - 9,
+        status="succeeded", attempts=2, started_at=NOW - 10, finished_at=NOW - 9, worker="m/1",
         errors=[AttemptError(1, "error", "boom", NOW - 40, started_at=NOW - 41, worker="n/1")],
     )  # fmt: skip
     events = [(e.event, e.attempt, e.worker) for e in timeline(job)]
-    assert events == [
+    assert events == [  # where each attempt ran, the one that succeeded too
         ("created", None, None),
         ("started", 1, "n/1"),
-        ("error", 1, None),
-        ("started", 2, None),
-        ("succeeded", 2, None),
+        ("error", 1, "n/1"),
+        ("started", 2, "m/1"),
+        ("succeeded", 2, "m/1"),
     ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from taskd.models import JobLogs, LogLine
-from taskd.store.base import MAX_LOG_BYTES, MAX_LOG_LINES, LogNote, ProgressNote
+from taskd.store.base import MAX_LOG_BYTES, MAX_LOG_LINES, JobActivity, LogNote, ProgressNote
 from taskd.store.core.dialect import Dialect, Tx
 from taskd.store.core.statements import Statement, Steps
+from taskd.store.rows import progress_from_row
 
 Activity = tuple[list[ProgressNote], list[LogNote], dict[int, int]]
 
@@ -25,6 +26,15 @@ def trim_logs_sql(message_bytes: str) -> str:
 
 def record_activity(tx: Tx, items: list[Activity]) -> Steps[list[None]]:
     for progress, lines, dropped in items:
+        # The others hear which jobs wrote what (a reference: they read it if they care).
+        first: dict[int, tuple[int, int]] = {}
+        for line in lines:
+            first.setdefault(line.job_id, (line.epoch, line.seq))
+        for moving in progress:
+            first.setdefault(moving.job_id, (moving.epoch, -1))
+        moved = {note.job_id for note in progress}
+        for job_id, (epoch, seq) in first.items():
+            tx.notes.activity.append((job_id, epoch, seq, job_id in moved))
         if progress:
             yield Statement(
                 "UPDATE {s}.jobs SET progress_done = :done, progress_total = :total,"
@@ -78,3 +88,29 @@ def job_logs(sql: Dialect, job_id: int) -> Steps[JobLogs | None]:
     )
     lines = [LogLine(r["epoch"], r["seq"], r["at"], r["level"], r["message"]) for r in rows]
     return JobLogs(job_id, lines, int(jobs[0]["logs_dropped"]))
+
+
+def job_activity(
+    sql: Dialect, job_id: int, after: tuple[int, int], limit: int
+) -> Steps[JobActivity | None]:
+    """A running job's task, status, progress and its newest `limit` lines after the line
+    `after` (epoch, seq), with how many more there were; None if there is no such job."""
+    jobs = yield Statement(
+        "SELECT task, status, progress_done, progress_total, progress_message, progress_at"
+        " FROM {s}.jobs WHERE id = :id",
+        {"id": job_id},
+    )
+    if not jobs:
+        return None
+    epoch, seq = after
+    rows = yield Statement(
+        "SELECT epoch, seq, at, level, message, count(*) OVER () AS total FROM {s}.job_logs"
+        " WHERE job_id = :id AND (epoch > :epoch OR (epoch = :epoch AND seq > :seq))"
+        " ORDER BY id DESC LIMIT :limit",
+        {"id": job_id, "epoch": epoch, "seq": seq, "limit": limit},
+    )
+    lines = [LogLine(r["epoch"], r["seq"], r["at"], r["level"], r["message"]) for r in rows]
+    lines.reverse()
+    skipped = int(rows[0]["total"]) - len(rows) if rows else 0
+    row = jobs[0]
+    return JobActivity(row["task"], row["status"], progress_from_row(row), lines, skipped)

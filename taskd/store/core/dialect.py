@@ -24,6 +24,7 @@ class Dialect(Protocol):
     errors_sql: str  # a job's attempt errors (`:id`), oldest first
     queue_depth_sql: str  # `n`: the pending jobs
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
+    lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
 
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         """Inserts the jobs but those whose key is taken; returns id, task, key, due_in."""

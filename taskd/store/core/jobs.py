@@ -8,9 +8,12 @@ PostgreSQL write differently are their dialects'.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NoReturn, cast
 
-from taskd.models import Job, JobStatus
+import msgspec
+
+from taskd.models import Hook, Job, JobStatus
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -22,6 +25,7 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
+from taskd.store.core import batches, deps
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
@@ -41,7 +45,7 @@ REGISTERED = "EXISTS (SELECT 1 FROM {s}.nodes WHERE worker = :worker AND expires
 
 # What an outcome `v` (id, epoch, worker, outcome, result, message, retry_in) does to a job
 # running its claim: "retry" puts it back for later, "released" at once and without
-# counting the attempt.
+# counting the attempt (nor its worker). The job keeps the worker of its latest attempt.
 FINISHED = """result = v.result,
     status = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN v.outcome ELSE 'pending' END,
     error = CASE WHEN v.outcome = 'succeeded' THEN NULL ELSE coalesce(v.message, jobs.error) END,
@@ -49,7 +53,8 @@ FINISHED = """result = v.result,
         ELSE jobs.run_at END,
     attempts = jobs.attempts - CASE WHEN v.outcome = 'released' THEN 1 ELSE 0 END,
     finished_at = CASE WHEN v.outcome IN ('succeeded', 'failed') THEN :now END,
-    worker = NULL, lease_expires = NULL, waiting = false"""
+    worker = CASE WHEN v.outcome = 'released' THEN NULL ELSE jobs.worker END,
+    lease_expires = NULL, waiting = false"""
 # The outcome's job still runs the claim it reports on (fencing).
 FINISHING = (
     "jobs.id = v.id AND jobs.epoch = v.epoch AND jobs.worker = v.worker AND jobs.status = 'running'"
@@ -72,20 +77,17 @@ RECOVERED = """crashes = crashes + 1,
         ELSE 'interrupted during attempt ' || attempts || '; it will run again' END,
     finished_at = CASE WHEN crashes + 1 >= :quarantine OR attempts >= max_attempts
         THEN :now END,
-    run_at = :now, worker = NULL, lease_expires = NULL, waiting = false"""
+    run_at = :now, lease_expires = NULL, waiting = false"""
 
 
 def interrupted(worker: str) -> str:
     """What a recovery records of the attempt it took back (the worker in column `worker`)."""
-    return (
-        f"'interrupted: worker ' || coalesce({worker}, '?') || ' went away during attempt '"
-        " || attempts"
-    )
+    return f"'worker ' || coalesce({worker}, '?') || ' went away during attempt ' || attempts"
 
 
 # What a cancel does to a pending or running job.
 CANCELLED = (
-    "status = 'cancelled', finished_at = :now, error = 'cancelled by request', worker = NULL,"
+    "status = 'cancelled', finished_at = :now, error = 'cancelled by request',"
     " lease_expires = NULL, waiting = false"
 )
 
@@ -94,13 +96,19 @@ CANCELLED = (
 
 
 def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
-    """Insert jobs; a job whose task and key are taken by an active job joins that job."""
+    """Insert jobs; a job whose task and key are taken by an active job joins that job; a
+    job with parents (`after`) waits for them."""
+    parents = yield from deps.lock_parents(tx, jobs)
     results: list[Inserted | None] = [None] * len(jobs)
     remaining = list(range(len(jobs)))
     for _ in range(INSERT_ROUNDS):
         remaining = yield from _insert_round(tx, jobs, remaining, results)
         if not remaining:
-            return cast(list[Inserted], results)  # a round fills in each job it does not return
+            inserted = cast(list[Inserted], results)  # a round fills in each job it returns not
+            if parents:
+                decided = yield from deps.link_children(tx, jobs, inserted, parents)
+                yield from jobs_ended(tx, decided)
+            return inserted
     raise StoreError("could not insert jobs: the active jobs with their keys kept changing")
 
 
@@ -195,6 +203,13 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
     for row in (yield from tx.sql.finish(outcomes)):
         job = updated[row["id"]] = job_from_row(row)
         tx.notes.ended(job, row["due_in"], retrying=job.id in retried)
+    hooks = [
+        (updated[outcome.job_id], outcome.hook)
+        for outcome in outcomes
+        if outcome.hook is not None and outcome.job_id in updated
+    ]
+    yield from enqueue_hooks(tx, hooks)
+    yield from jobs_ended(tx, list(updated.values()))
     return [updated.get(outcome.job_id) for outcome in outcomes]
 
 
@@ -207,6 +222,74 @@ def finish_and_claim(
         jobs = (yield from finish_jobs(tx, outcomes)) if outcomes else []
         results.append(Finished(jobs=jobs, claimed=(yield from claim(tx, request))))
     return results
+
+
+def jobs_ended(tx: Tx, jobs: Sequence[Job | None]) -> Steps[None]:
+    """What the end of jobs decides in their transaction: their children (due, or cancelled
+    in turn), and the batches this finishes, whose callbacks it enqueues."""
+    ended = [job for job in jobs if job is not None]
+    if not ended:
+        return
+    ended += yield from deps.settle_children(tx, ended)
+    if not any(job.batch_id is not None for job in ended):
+        return
+    yield from _enqueue_callbacks(tx, (yield from batches.count_ended(tx, ended)))
+
+
+def _enqueue_callbacks(tx: Tx, finished: list[tuple[int, NewJob | None]]) -> Steps[None]:
+    callbacks = [(batch, job) for batch, job in finished if job is not None]
+    if callbacks:
+        inserted = yield from insert_jobs(tx, [job for _, job in callbacks])
+        for (batch, _), result in zip(callbacks, inserted, strict=True):
+            yield batches.record_callback(batch, result.job_id)
+
+
+def insert_batches(
+    tx: Tx, items: list[tuple[list[NewJob], Hook | None]]
+) -> Steps[list[tuple[int, list[Inserted]]]]:
+    """Jobs inserted as a batch: its id, and theirs; its callback (a Hook) is enqueued in
+    the transaction that ends its last job."""
+    results = []
+    for jobs, on_finish in items:
+        batch = yield from batches.create(tx, len(jobs), on_finish)
+        members = [msgspec.structs.replace(job, batch_id=batch) for job in jobs]
+        inserted = yield from insert_jobs(tx, members)
+        duplicates = sum(result.duplicate for result in inserted)
+        if duplicates or not jobs:
+            yield from _enqueue_callbacks(tx, (yield from batches.joined(tx, batch, duplicates)))
+        results.append((batch, inserted))
+    return results
+
+
+def enqueue_hooks(tx: Tx, hooks: list[tuple[Job, Hook]]) -> Steps[None]:
+    """The hook jobs of jobs that ended (succeeded, or failed for good), in the transaction
+    that records their end: a crash never loses one nor makes two. A hook job's own end
+    has no hook (its origin says so), so that hooks never loop."""
+    jobs = [
+        NewJob(
+            task=hook.task,
+            payload=_hook_payload(job),
+            origin="hook",
+            max_attempts=hook.max_attempts,
+            parent_id=job.id,
+        )
+        for job, hook in hooks
+        if job.status in ("succeeded", "failed") and job.origin != "hook"
+    ]
+    if jobs:
+        yield from insert_jobs(tx, jobs)
+
+
+def _hook_payload(job: Job) -> bytes:
+    return msgspec.msgpack.encode(
+        {
+            "job": job.id,
+            "task": job.task,
+            "status": job.status,
+            "error": job.error,
+            "attempts": job.attempts,
+        }
+    )
 
 
 def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> Steps[list[bool]]:
@@ -226,12 +309,19 @@ def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> Steps[list[b
 # -- recovery ----------------------------------------------------------------------------
 
 
-def recover_jobs(tx: Tx, quarantine: list[int]) -> Steps[list[list[Job]]]:
+def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list[list[Job]]]:
     results = []
-    for quarantine_after in quarantine:
+    for quarantine_after, on_failure in items:
         jobs = [job_from_row(row) for row in (yield from tx.sql.recover(quarantine_after))]
         for job in jobs:  # an interrupted attempt is a failed one
             tx.notes.ended(job, 0.0, retrying=True)
+        hooks = [
+            (job, on_failure[job.task])
+            for job in jobs
+            if job.status == "failed" and job.task in on_failure
+        ]
+        yield from enqueue_hooks(tx, hooks)
+        yield from jobs_ended(tx, jobs)
         results.append(jobs)
     return results
 
@@ -248,6 +338,7 @@ def cancel_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
         job = job_from_row(rows[0])
         tx.notes.finished.append(job)
         tx.notes.cancelled.append(job.id)
+        yield from jobs_ended(tx, [job])
         jobs.append(job)
     return jobs
 
@@ -257,9 +348,11 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
     holds the key)."""
     jobs = []
     for job_id in job_ids:
+        yield from batches.uncount(tx, job_id)
         rows = yield Statement(
             "UPDATE {s}.jobs SET status = 'pending', attempts = 0, crashes = 0, run_at = :now,"
-            " started_at = NULL, finished_at = NULL, result = NULL, error = NULL"
+            " started_at = NULL, finished_at = NULL, result = NULL, error = NULL,"
+            " blocked = 0, release_at = NULL"  # retried by a person: it waits for no parent
             f" WHERE id = :id AND status IN ('failed', 'cancelled') RETURNING {JOB_COLUMNS}",
             {"id": job_id},
         )

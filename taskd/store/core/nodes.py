@@ -10,21 +10,22 @@ from taskd.store.core.statements import Statement, Steps
 
 # A node's next worker (`node/N`, N counting its starts); each dialect ends it.
 REGISTER_SQL = """
-INSERT INTO {s}.nodes (id, worker, starts, host, pid, started_at, seen_at, expires)
-VALUES (:id, :id || '/1', 1, :host, :pid, :now, :now, :now + :ttl)
+INSERT INTO {s}.nodes (id, worker, starts, host, pid, started_at, seen_at, expires, slots)
+VALUES (:id, :id || '/1', 1, :host, :pid, :now, :now, :now + :ttl, :slots)
 ON CONFLICT (id) DO UPDATE SET starts = nodes.starts + 1,
     worker = nodes.id || '/' || (nodes.starts + 1), host = excluded.host, pid = excluded.pid,
+    slots = excluded.slots,
     started_at = excluded.started_at, seen_at = excluded.seen_at, expires = excluded.expires"""
 
 
-def register(tx: Tx, items: list[tuple[str, float]]) -> Steps[list[str]]:
-    """Start a new worker (`node/N`) for each (node, ttl); the node's previous one is gone."""
+def register(tx: Tx, items: list[tuple[str, float, int]]) -> Steps[list[str]]:
+    """Start a new worker (`node/N`) for each (node, ttl, slots); the node's previous one is
+    gone."""
     host, pid = socket.gethostname(), os.getpid()
     workers = []
-    for node, ttl in items:
-        rows = yield Statement(
-            tx.sql.register_sql, {"id": node, "host": host, "pid": pid, "ttl": ttl}
-        )
+    for node, ttl, slots in items:
+        parameters = {"id": node, "host": host, "pid": pid, "ttl": ttl, "slots": slots}
+        rows = yield Statement(tx.sql.register_sql, parameters)
         workers.append(rows[0]["worker"])
     return workers
 

@@ -17,6 +17,8 @@ class Notes:
     finished: list[Job] = field(default_factory=list)
     retrying: list[Job] = field(default_factory=list)  # an attempt failed; another follows
     cancelled: list[int] = field(default_factory=list)
+    # progress or lines recorded: (job id, epoch, first line's seq or -1, progress recorded)
+    activity: list[tuple[int, int, int, bool]] = field(default_factory=list)
 
     def made_due(self, delay: float) -> None:
         self.due = delay if self.due is None else min(self.due, delay)

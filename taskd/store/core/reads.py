@@ -25,6 +25,13 @@ def get(sql: Dialect, job_id: int) -> Steps[Job | None]:
         return None
     job = job_from_row(rows[0])
     job.errors = [error_from_row(row) for row in (yield Statement(sql.errors_sql, {"id": job_id}))]
+    links = yield Statement(
+        "SELECT parent_id, child_id FROM {s}.job_deps WHERE child_id = :id OR parent_id = :id"
+        " ORDER BY parent_id, child_id",
+        {"id": job_id},
+    )
+    job.parents = [row["parent_id"] for row in links if row["child_id"] == job_id]
+    job.children = [row["child_id"] for row in links if row["parent_id"] == job_id]
     return job
 
 
@@ -38,6 +45,9 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
     if query.task is not None:
         clauses.append("task = :task")
         params["task"] = query.task
+    if query.origin is not None:
+        clauses.append("origin = :origin")
+        params["origin"] = query.origin
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = yield Statement(
         f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs {where} ORDER BY id DESC LIMIT :limit", params
@@ -57,7 +67,7 @@ def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
         for row in (
             yield Statement(
                 "SELECT task, :now - min(CASE WHEN run_at <= :now THEN run_at END) AS oldest_age,"
-                " min(CASE WHEN run_at > :now THEN run_at END) AS next_due"
+                " min(CASE WHEN run_at > :now AND blocked = 0 THEN run_at END) AS next_due"
                 " FROM {s}.jobs WHERE status = 'pending' GROUP BY task"
             )
         )
@@ -76,6 +86,12 @@ def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
 def queue_depth(sql: Dialect) -> Steps[int]:
     rows = yield Statement(sql.queue_depth_sql)
     return int(rows[0]["n"])
+
+
+def clock(sql: Dialect) -> Steps[float]:
+    """The store's "now"."""
+    rows = yield Statement("SELECT :now AS now")
+    return float(rows[0]["now"])
 
 
 def nodes(sql: Dialect) -> Steps[list[NodeInfo]]:

@@ -9,13 +9,23 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import wraps
 from typing import Any, ClassVar, TypeVar, cast
 
-from taskd.models import FINISHED_STATUSES, Job, JobLogs, JobStatus, NodeInfo, TaskCounts
+from taskd.models import (
+    FINISHED_STATUSES,
+    BatchInfo,
+    Hook,
+    Job,
+    JobLogs,
+    JobStatus,
+    NodeInfo,
+    TaskCounts,
+)
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
     Finished,
     Inserted,
     InvalidTransition,
+    JobActivity,
     JobFilter,
     JobNotFound,
     LogNote,
@@ -27,7 +37,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.batching import GroupCommit
-from taskd.store.core import activity, jobs, nodes, reads, schedules
+from taskd.store.core import activity, batches, jobs, nodes, reads, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
 from taskd.store.core.notes import Notes, tell
@@ -120,8 +130,8 @@ class SqlStore:
     # -- nodes ---------------------------------------------------------------------------
 
     @store_write
-    async def register_node(self, node: str, ttl: float) -> str:
-        (worker,) = await self._commits.submit(nodes.register, [(node, ttl)])
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        (worker,) = await self._commits.submit(nodes.register, [(node, ttl, slots)])
         return worker
 
     @store_write
@@ -143,7 +153,20 @@ class SqlStore:
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
-        return await self._inserts.submit(jobs.insert_jobs, list(new))
+        # Linking jobs to their parents takes several statements: a transaction.
+        writer = self._commits if any(job.after for job in new) else self._inserts
+        return await writer.submit(jobs.insert_jobs, list(new))
+
+    @store_write
+    async def insert_batch(
+        self, new: Sequence[NewJob], on_finish: Hook | None = None
+    ) -> tuple[int, list[Inserted]]:
+        (result,) = await self._commits.submit(jobs.insert_batches, [(list(new), on_finish)])
+        return result
+
+    @store_read
+    async def batch(self, batch_id: int) -> BatchInfo | None:
+        return await self._read(batches.batch_info, batch_id)
 
     @store_write
     async def insert_and_claim(
@@ -181,8 +204,12 @@ class SqlStore:
         return changed
 
     @store_write
-    async def recover(self, quarantine_after: int) -> list[Job]:
-        (recovered,) = await self._commits.submit(jobs.recover_jobs, [quarantine_after])
+    async def recover(
+        self, quarantine_after: int, on_failure: Mapping[str, Hook] | None = None
+    ) -> list[Job]:
+        (recovered,) = await self._commits.submit(
+            jobs.recover_jobs, [(quarantine_after, dict(on_failure or {}))]
+        )
         return recovered
 
     @store_write
@@ -207,8 +234,10 @@ class SqlStore:
         for status, age in older_than.items():
             deleted += await self._in_slices(jobs.prune_jobs, (status, age))
         if (ticks_age := older_than.get("succeeded")) is not None:
-            # A tick's record is kept as long as the succeeded jobs it may have started.
+            # A tick's record is kept as long as the succeeded jobs it may have started; a
+            # batch's, as long as its jobs.
             await self._in_slices(schedules.prune_ticks, ticks_age)
+            await self._in_slices(batches.prune_batches, ticks_age)
         return deleted
 
     async def _in_slices(self, operation: Operation, item: Any) -> int:
@@ -239,6 +268,12 @@ class SqlStore:
         return await self._read(activity.job_logs, job_id)
 
     @store_read
+    async def job_activity(
+        self, job_id: int, after: tuple[int, int], limit: int
+    ) -> JobActivity | None:
+        return await self._read(activity.job_activity, job_id, after, limit)
+
+    @store_read
     async def get(self, job_id: int) -> Job | None:
         return await self._read(reads.get, job_id)
 
@@ -249,6 +284,10 @@ class SqlStore:
     @store_read
     async def counts(self) -> list[TaskCounts]:
         return await self._read(reads.counts)
+
+    @store_read
+    async def clock(self) -> float:
+        return await self._read(reads.clock)
 
     @store_read
     async def queue_depth(self) -> int:
@@ -299,11 +338,19 @@ class SqlStore:
     # -- the writes of other daemons sharing the store ------------------------------------
 
     def _heard(
-        self, due: float | None, finished: Sequence[tuple[int, str]], cancelled: Sequence[int]
+        self,
+        due: float | None,
+        finished: Sequence[tuple[int, str]],
+        cancelled: Sequence[int],
+        activity: Sequence[tuple[int, int, int, bool]] = (),
     ) -> None:
         """Another daemon committed a transaction that made jobs due in `due` seconds, ended
-        these (id, task) (or put them back for a retry), and cancelled these: our listeners
-        hear of it (see `Store.events`)."""
+        these (id, task) (or put them back for a retry), cancelled these, and recorded the
+        activity of these: our listeners hear of it (see `Store.events`)."""
+        for job_id, epoch, seq, progress in activity:
+            self.events.activity(job_id, epoch, seq, progress)
+        if not (due is not None or finished or cancelled):
+            return  # only activity: no job changed state
         wake = False
         for job_id, task in finished:
             if self.events.watching(job_id):

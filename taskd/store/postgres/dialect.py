@@ -22,6 +22,7 @@ from typing import Any, Literal
 from taskd.models import JobStatus
 from taskd.store.base import ClaimRequest, NewJob, Outcome
 from taskd.store.core.activity import trim_logs_sql
+from taskd.store.core.deps import HELD
 from taskd.store.core.jobs import (
     ABANDONED,
     CANCELLED,
@@ -42,15 +43,15 @@ from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
 INSERT_SQL = """
 WITH new AS (
     INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
-                          parent_id, created_at, traceparent)
+                          parent_id, batch_id, created_at, traceparent)
     SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
-           max_attempts, key, parent_id, :now, traceparent
+           max_attempts, key, parent_id, batch_id, :now, traceparent
     FROM unnest(:task::text[], :origin::text[], :payload::bytea[], :priority::integer[],
                 :run_at::double precision[], :delay::double precision[],
                 :max_attempts::integer[], :key::text[], :parent_id::bigint[],
-                :traceparent::text[]) WITH ORDINALITY
+                :batch_id::bigint[], :traceparent::text[]) WITH ORDINALITY
          AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id,
-              traceparent, n)
+              batch_id, traceparent, n)
     ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - :now AS due_in
@@ -191,6 +192,9 @@ WITH doomed AS (
     DELETE FROM {s}.job_errors WHERE job_id IN (SELECT id FROM doomed)
 ), logs AS (
     DELETE FROM {s}.job_logs WHERE job_id IN (SELECT id FROM doomed)
+), links AS (
+    DELETE FROM {s}.job_deps WHERE parent_id IN (SELECT id FROM doomed)
+        OR child_id IN (SELECT id FROM doomed)
 ), deleted AS (
     DELETE FROM {s}.jobs WHERE id IN (SELECT id FROM doomed) RETURNING id
 )
@@ -221,6 +225,8 @@ class PostgresSql:
     )
     queue_depth_sql = "SELECT count(*) AS n FROM {s}.jobs WHERE status = 'pending'"
     trim_logs_sql = trim_logs_sql("octet_length(message)")
+    # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
+    lock_shared = " FOR SHARE"
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema
@@ -247,7 +253,9 @@ class PostgresSql:
         )  # fmt: skip
         (next_due,) = yield Statement(NEXT_DUE_SQL, {"tasks": tasks, "caps": caps})
         due_in = next_due["due_in"]
-        return rows, None if due_in is None else max(0.0, due_in)
+        if due_in is None or due_in >= HELD / 2:  # only jobs waiting for their parents
+            return rows, None
+        return rows, max(0.0, due_in)
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
         errors = [outcome.error or NO_FAILURE for outcome in outcomes]

@@ -143,6 +143,45 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE {s}.job_errors ADD COLUMN started_at double precision",
         "ALTER TABLE {s}.job_errors ADD COLUMN worker text",
     ],
+    # Workflows: a job that waits for other jobs (`after`) counts the parents it still waits
+    # for in `blocked`, and meanwhile keeps the time it is due in `release_at` (its `run_at`
+    # is HELD, past any claim); `job_deps` links parents to children.
+    [
+        """
+        ALTER TABLE {s}.jobs ADD COLUMN blocked integer NOT NULL DEFAULT 0,
+            ADD COLUMN release_at double precision,
+            ADD COLUMN after_failure text NOT NULL DEFAULT 'cancel'
+        """,
+        """
+        CREATE TABLE {s}.job_deps (
+            parent_id bigint NOT NULL,
+            child_id bigint NOT NULL,
+            PRIMARY KEY (parent_id, child_id)
+        )
+        """,
+        "CREATE INDEX job_deps_child ON {s}.job_deps (child_id)",
+        # Batches (`enqueue_many(..., on_finish=TASK)`): a counter row each, so that a job's
+        # end costs one update of it, never a scan of the batch.
+        "ALTER TABLE {s}.jobs ADD COLUMN batch_id bigint",
+        "CREATE INDEX jobs_batch ON {s}.jobs (batch_id) WHERE batch_id IS NOT NULL",
+        """
+        CREATE TABLE {s}.batches (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            on_finish text,
+            on_finish_attempts integer NOT NULL DEFAULT 3,
+            total integer NOT NULL,
+            ended integer NOT NULL DEFAULT 0,
+            succeeded integer NOT NULL DEFAULT 0,
+            failed integer NOT NULL DEFAULT 0,
+            cancelled integer NOT NULL DEFAULT 0,
+            created_at double precision NOT NULL,
+            finished_at double precision,
+            callback_id bigint
+        )
+        """,
+    ],
+    # Each worker's slots (`workers`), for `why` to count the workers busy on every daemon.
+    ["ALTER TABLE {s}.nodes ADD COLUMN slots integer NOT NULL DEFAULT 0"],
     [TRACEPARENT_COLUMN.replace("{s}", "{s}.")],
 ]
 

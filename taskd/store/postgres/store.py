@@ -179,7 +179,7 @@ class PostgresStore(SqlStore):
     def _on_notice(self, payload: str) -> None:
         notice = decode_notice(payload)
         if notice is not None and notice.sender != self._sender:
-            self._heard(notice.due, notice.finished, notice.cancelled)
+            self._heard(notice.due, notice.finished, notice.cancelled, notice.activity)
 
     # -- nodes: those sharing the store compare the digests of their schedules ------------
 

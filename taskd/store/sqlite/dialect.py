@@ -17,6 +17,7 @@ from typing import Any
 from taskd.models import JobStatus
 from taskd.store.base import ClaimRequest, NewJob, Outcome
 from taskd.store.core.activity import trim_logs_sql
+from taskd.store.core.deps import HELD
 from taskd.store.core.jobs import (
     ABANDONED,
     CANCELLED,
@@ -108,6 +109,7 @@ class SqliteSql:
         "SELECT count(*) AS n FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'"
     )
     trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
+    lock_shared = ""  # one writer: nothing else writes until the commit
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -117,12 +119,12 @@ class SqliteSql:
         for job in jobs:
             run_at = job.run_at if job.run_at is not None else self.now + job.delay
             params += (job.task, job.origin, job.payload, job.priority, run_at,
-                       job.max_attempts, job.key, job.parent_id, self.now,
-                       job.traceparent)  # fmt: skip
+                       job.max_attempts, job.key, job.parent_id, job.batch_id,
+                       self.now, job.traceparent)  # fmt: skip
         return Statement(
             "INSERT INTO jobs (task, status, origin, payload, priority, run_at, max_attempts,"
-            " key, parent_id, created_at, traceparent) VALUES "
-            + ", ".join(["(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs))
+            " key, parent_id, batch_id, created_at, traceparent) VALUES "
+            + ", ".join(["(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs))
             + " ON CONFLICT DO NOTHING RETURNING id, task, key, run_at - ? AS due_in",
             [*params, self.now],
         )
@@ -147,7 +149,10 @@ class SqliteSql:
         if len(rows) == request.limit:
             return rows, 0.0  # there may be more: no need to look
         (next_due,) = yield Statement(NEXT_DUE_SQL, params)
-        return rows, None if next_due["due"] is None else max(0.0, next_due["due"] - self.now)
+        due = next_due["due"]
+        if due is None or due >= HELD:  # only jobs waiting for their parents
+            return rows, None
+        return rows, max(0.0, due - self.now)
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
         params: list[Any] = [self.now]
@@ -200,6 +205,10 @@ class SqliteSql:
             marks = ", ".join("?" * len(ids))
             yield Statement(f"DELETE FROM job_errors WHERE job_id IN ({marks})", ids)
             yield Statement(f"DELETE FROM job_logs WHERE job_id IN ({marks})", ids)
+            yield Statement(
+                f"DELETE FROM job_deps WHERE parent_id IN ({marks}) OR child_id IN ({marks})",
+                ids + ids,
+            )
             yield Statement(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
         return len(ids)
 

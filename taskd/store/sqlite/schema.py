@@ -158,6 +158,43 @@ MIGRATIONS: list[list[str]] = [
         """,
         "INSERT INTO store_state (id, closed_cleanly) VALUES (1, 0)",
     ],
+    # Workflows: a job that waits for other jobs (`after`) counts the parents it still waits
+    # for in `blocked`, and meanwhile keeps the time it is due in `release_at` (its `run_at`
+    # is HELD, past any claim); `job_deps` links parents to children.
+    [
+        "ALTER TABLE jobs ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN release_at REAL",
+        "ALTER TABLE jobs ADD COLUMN after_failure TEXT NOT NULL DEFAULT 'cancel'",
+        """
+        CREATE TABLE job_deps (
+            parent_id INTEGER NOT NULL,
+            child_id INTEGER NOT NULL,
+            PRIMARY KEY (parent_id, child_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX job_deps_child ON job_deps (child_id)",
+        # Batches (`enqueue_many(..., on_finish=TASK)`): a counter row each, so that a job's
+        # end costs one update of it, never a scan of the batch.
+        "ALTER TABLE jobs ADD COLUMN batch_id INTEGER",
+        "CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL",
+        """
+        CREATE TABLE batches (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            on_finish TEXT,
+            on_finish_attempts INTEGER NOT NULL DEFAULT 3,
+            total INTEGER NOT NULL,
+            ended INTEGER NOT NULL DEFAULT 0,
+            succeeded INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            cancelled INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            callback_id INTEGER
+        )
+        """,
+    ],
+    # Each worker's slots (`workers`), for `why` to count the workers busy everywhere.
+    ["ALTER TABLE nodes ADD COLUMN slots INTEGER NOT NULL DEFAULT 0"],
     [TRACEPARENT_COLUMN.format(s="")],
 ]
 
