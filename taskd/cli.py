@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(
         source, config, paths, allow_empty_store=args.allow_empty_store, tracing=tracing
     )
+    _quiet_replies_after_the_loop()
     try:
         with routed_output():
             status = uvloop.run(daemon.run())
@@ -199,6 +200,23 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def _quiet_replies_after_the_loop() -> None:
+    """A thread whose call ends once the event loop has closed (a database call of a
+    start-up that was stopped, a task thread) cannot hand its reply back: its "Event loop is
+    closed" is expected, nobody waits for the reply, and it is no traceback in the log."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        error = args.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            name = args.thread.name if args.thread is not None else "a thread"
+            logging.getLogger("taskd").debug("%s ended after the event loop closed", name)
+            return
+        previous(args)
+
+    threading.excepthook = hook
+
+
 def _threads_left(grace: float) -> bool:
     """Whether threads the interpreter would wait for at exit still run after `grace` s."""
     deadline = time.monotonic() + grace
@@ -215,12 +233,13 @@ def check(config: Config, paths: Paths) -> int:
     from taskd.access import AccessPolicy, group_id
     from taskd.http.settings import load_settings
     from taskd.schedules import load_schedules
-    from taskd.tasks import TaskLoadError, load_tasks
+    from taskd.tasks import TaskLoadError
     from taskd.tracing import check_tracing
+    from taskd.webhooks import load_tasks_and_webhooks
 
     try:
         tracing = check_tracing(config.otel)
-        registry = load_tasks(paths.tasks, config.task)
+        registry, _ = load_tasks_and_webhooks(paths.tasks, config)
         schedules = load_schedules(config, registry)
         AccessPolicy.from_config(config)
         if config.sqlite.group is not None:

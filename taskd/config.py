@@ -95,6 +95,41 @@ class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_catch_up must be at least 1, got {self.max_catch_up}")
 
 
+WEBHOOK_EVENTS = ("job.failed", "job.succeeded", "job.cancelled", "batch.finished")
+# Events the issue names that taskd cannot deliver yet, and why.
+UNDELIVERED_EVENTS = {
+    "schedule.missed": "taskd logs the ticks a schedule missed but keeps no record of them "
+    "in the job store to deliver from",
+}
+
+
+class Webhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A `[[webhook]]` table: where to POST which events, signed with the secret in a file."""
+
+    url: str
+    events: list[str]
+    secret_file: str
+    tasks: list[str] = []  # fnmatch patterns of task names; none: every task's events
+
+    def __post_init__(self) -> None:
+        scheme = self.url.partition("://")[0] if "://" in self.url else ""
+        if scheme not in ("http", "https") or not self.url.partition("://")[2].strip("/"):
+            raise ValueError(
+                f"url {self.url!r}: only http:// and https:// URLs, such as "
+                '"https://hooks.example.com/taskd"'
+            )
+        if not self.events:
+            raise ValueError(f"events is empty; name some of {', '.join(WEBHOOK_EVENTS)}")
+        for event in self.events:
+            if event in UNDELIVERED_EVENTS:
+                raise ValueError(f"event {event!r} is not delivered: {UNDELIVERED_EVENTS[event]}")
+            if event not in WEBHOOK_EVENTS:
+                raise ValueError(
+                    f"unknown event {event!r}{did_you_mean(event, WEBHOOK_EVENTS)}"
+                    f" (events: {', '.join(WEBHOOK_EVENTS)})"
+                )
+
+
 class SqliteOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`[sqlite]`: how the embedded store trades durability for speed."""
 
@@ -216,6 +251,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Traces (the otel extra): true, false, or absent: on when OTEL_* variables name an
     # exporter or an OTLP endpoint (README, "Tracing (OpenTelemetry)").
     otel: Annotated[bool | None, RESTART] = None
+    webhook: list[Webhook] = []  # README.md, "Signed webhooks"
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -343,6 +379,12 @@ def load_config(path: str | os.PathLike[str] | None) -> tuple[Config, Path]:
     base = file.resolve().parent
     if config.http is not None:
         config = msgspec.structs.replace(config, http=config.http.resolved(base))
+    if config.webhook:
+        webhooks = [
+            msgspec.structs.replace(hook, secret_file=os.path.abspath(base / hook.secret_file))
+            for hook in config.webhook
+        ]
+        config = msgspec.structs.replace(config, webhook=webhooks)
     return config, base
 
 

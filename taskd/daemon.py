@@ -25,7 +25,7 @@ from taskd.leases import LeaseKeeper
 from taskd.limits import max_payload_size
 from taskd.live import LiveEvents
 from taskd.metrics import Metrics
-from taskd.models import ConnectionStats, HttpStats, ThreadStats, counted
+from taskd.models import ConnectionStats, HttpStats, ThreadStats, WebhookRule, counted
 from taskd.news import DaemonNews
 from taskd.peers import PeerSchedules
 from taskd.protocol import ErrorCode, ReloadResult, RpcError
@@ -53,8 +53,9 @@ from taskd.systemd import (
     pick_control_socket,
     watchdog_interval,
 )
-from taskd.tasks import TaskLoadError, TaskRegistry, load_tasks
+from taskd.tasks import TaskLoadError, TaskRegistry
 from taskd.threads import TaskThreads
+from taskd.webhooks import load_tasks_and_webhooks
 
 if TYPE_CHECKING:
     from taskd.http.server import HttpServer
@@ -175,6 +176,7 @@ class Daemon:
         self._started_at = time.time()
         self._stopping = False  # shutdown has begun: no more reloads
         self._peers: PeerSchedules | None = None
+        self._webhooks: tuple[WebhookRule, ...] = ()  # [[webhook]], for the store's writes
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
@@ -266,7 +268,7 @@ class Daemon:
         """The tasks and what the configuration says, checked (exit 78 if broken)."""
         config = self.config
         try:
-            self.tasks = load_tasks(self.paths.tasks, config.task)
+            self.tasks, self._webhooks = load_tasks_and_webhooks(self.paths.tasks, config)
             return _Settings(
                 schedules=load_schedules(config, self.tasks),
                 access=AccessPolicy.from_config(config),
@@ -283,6 +285,7 @@ class Daemon:
         """Open the store, build the parts, serve the socket, start the background loops."""
         config, paths = self.config, self.paths
         store = self._store = await self._open_store(paths, settings.file_group)
+        store.webhooks = self._webhooks
         news = DaemonNews()
         store.events.on_change(news.changed)  # the store's changes and ours, on one bus
         news.on_change(self._status.changed)
@@ -495,7 +498,7 @@ class Daemon:
     async def _reload(self) -> ReloadResult:
         try:
             config, paths = self._load_config()
-            registry = load_tasks(paths.tasks, config.task)
+            registry, webhooks = load_tasks_and_webhooks(paths.tasks, config)
             schedules = load_schedules(config, registry)
             access = AccessPolicy.from_config(config)
             http = load_settings(config.http) if config.http is not None else None
@@ -514,6 +517,8 @@ class Daemon:
             logger.warning("%s changed; it takes effect at the next restart", setting)
         self.config = config
         self._tasks().replace(registry)
+        if self._store is not None:
+            self._store.webhooks = webhooks
         self.paths = Paths(
             tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
         )

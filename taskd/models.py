@@ -125,6 +125,22 @@ class Hook(msgspec.Struct, frozen=True):
     max_attempts: int
 
 
+# The built-in task that delivers webhook events ([[webhook]] in taskd.toml); its jobs'
+# own ends trigger no webhook, so that deliveries never loop.
+WEBHOOK_TASK = "taskd:webhook"
+WebhookEvent = Literal["job.failed", "job.succeeded", "job.cancelled", "batch.finished"]
+
+
+class WebhookRule(msgspec.Struct, frozen=True):
+    """Which events a [[webhook]] receives: its url, its events, and the fnmatch patterns of
+    the tasks whose events it receives (none: every task's)."""
+
+    url: str
+    events: frozenset[str]
+    tasks: tuple[str, ...] = ()
+    max_attempts: int = 8  # of each delivery (the built-in task's, [task."taskd:webhook"])
+
+
 class BatchInfo(msgspec.Struct, frozen=True):
     """A batch of jobs (`enqueue_many` with `on_finish`): its jobs by status, how many have
     ended, and its callback job once they all have."""

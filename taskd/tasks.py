@@ -175,6 +175,10 @@ class TaskRegistry:
         """From now on, hold the tasks of `other` (a reload's)."""
         self.directory, self._tasks = other.directory, other._tasks
 
+    def with_task(self, task: Task) -> TaskRegistry:
+        """These tasks and a built-in one (taskd's own, defined in no file)."""
+        return TaskRegistry(self.directory, {**self._tasks, task.name: task})
+
     def get(self, name: str) -> Task | None:
         return self._tasks.get(name)
 

@@ -13,14 +13,7 @@ from tests.support import Clock, Taskd, short_tempdir
 NOW = 1_000_000.0  # where the tests' clock starts
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that restart the shared PostgreSQL server run last, so that no other test
-    meets the restart."""
-    items.sort(key=lambda item: item.get_closest_marker("restarts_postgres") is not None)
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "restarts_postgres: restarts the shared PostgreSQL server")
     config.addinivalue_line(
         "markers", "nspawn: boots a Debian container with systemd-nspawn (make test-systemd)"
     )

@@ -60,6 +60,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         pause = min(pause * 2, 0.1)
 
 
+def wait_for_clock(instant: float) -> None:
+    """Wait until the wall clock (`time.time()`) has passed `instant`: for time that must go
+    by with nothing running to report it (schedule ticks missed while taskd is down)."""
+    while (left := instant - time.time()) > 0:
+        time.sleep(left)
+
+
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
 

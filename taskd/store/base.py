@@ -63,6 +63,7 @@ from taskd.models import (
     NodeInfo,
     Progress,
     TaskCounts,
+    WebhookRule,
 )
 from taskd.store.events import JobEvents
 from taskd.store.health import StoreHealth
@@ -285,6 +286,9 @@ class Store(Protocol):
     events: JobEvents
     health: StoreHealth  # the kinds of write failing now; each write reports its end to it
     description: str  # where the data lives, for status output
+    # The [[webhook]] rules of this daemon: its writes enqueue the events they receive, in
+    # the transaction that makes them (a job's end, a batch's end).
+    webhooks: tuple[WebhookRule, ...]
 
     async def open(self) -> None:
         """Create or migrate the schema; raise StoreError if the store cannot be used."""

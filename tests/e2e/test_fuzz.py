@@ -23,12 +23,15 @@ from tests.bench.fuzz_socket import (
 from tests.fuzzing import campaign, write_tasks
 from tests.support import Taskd
 
-FRAMES = int(os.environ.get("TASKD_FUZZ_FRAMES", "200000"))
+FRAMES = int(os.environ.get("TASKD_FUZZ_FRAMES", "100000"))
 SEED = int(os.environ["TASKD_FUZZ_SEED"]) if os.environ.get("TASKD_FUZZ_SEED") else None
 MIB = 1024
 
 
-@pytest.mark.timeout(max(120, FRAMES // 1000))
+# Frames/s fall from thousands on an idle machine to ~200 on 2 cores shared with stress-ng
+# and other test runs: the limit catches a hang, not a slow machine (each exchange has its
+# own 30 s limit).
+@pytest.mark.timeout(max(300, FRAMES // 100))
 def test_fuzzed_frames_do_no_harm(
     taskd_factory: type[Taskd], short_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -306,6 +306,16 @@ def case_enqueue_many(connection: Checked, daemon: Taskd, folder: Path) -> None:
     assert reply["error"]["data"]["index"] == 1
 
 
+def case_batch(connection: Checked, daemon: Taskd, folder: Path) -> None:
+    jobs = [{"task": "echo", "payload": n} for n in range(2)]
+    made = connection.result("enqueue_many", {"jobs": jobs, "on_finish": "echo"})
+    for job in made["jobs"]:
+        until_ended(connection, job["job_id"])
+    batch = connection.result("batch", {"id": made["batch"]})
+    assert batch["total"] == 2 and batch["ended"] == 2 and batch["callback_id"] is not None
+    assert connection.error("batch", {"id": 10**12}) == "unknown_job"
+
+
 def case_job(connection: Checked, daemon: Taskd, folder: Path) -> None:
     timed_out = connection.result("run", {"task": "timeout", "payload": {"seconds": 5}})["job"]
     shown = connection.result("job", {"id": timed_out["id"]})

@@ -124,16 +124,17 @@ def test_status_follows_the_jobs_and_is_rate_limited(
     daemon.wait_for_notification("STATUS=1 running, 0 queued, 2 tasks loaded")
     daemon.wait_for_notification("STATUS=0 running, 0 queued, 2 tasks loaded")
 
-    # 320 jobs of 100 ms on 16 workers change the summary 640 times in two seconds; the
-    # daemon tells systemd at most once a second.
+    # 320 jobs of 100 ms on 16 workers change the summary 640 times in two seconds (or more
+    # on a loaded machine); the daemon tells systemd at most once a second.
+    first = len(daemon.notifications)
     with daemon.client() as client:
         client.enqueue_many([enqueue_params("slow", {"seconds": 0.1}) for _ in range(320)])
-    window = daemon.collect_notifications(3.5)
+    daemon.wait_for_notification("STATUS=0 running, 0 queued, 2 tasks loaded", timeout=60)
+    window = zip(daemon.received_at[first:], daemon.notifications[first:], strict=True)
     updates = [(at, message) for at, message in window if message.startswith("STATUS=")]
-    assert 2 <= len(updates) <= 5, updates
+    assert len(updates) >= 2, updates
     assert all(later[0] - earlier[0] > 0.9 for earlier, later in itertools.pairwise(updates))
-    assert "16 running" in updates[0][1] or "16 running" in updates[1][1], updates
-    assert updates[-1][1] == "STATUS=0 running, 0 queued, 2 tasks loaded"
+    assert any("16 running" in message for _, message in updates), updates
     # Idle: nothing wakes up, nothing is sent.
     assert daemon.collect_notifications(1.2) == []
 
@@ -187,12 +188,15 @@ def test_a_job_running_across_a_reload_finishes(
 def test_watchdog_is_pinged_at_half_its_interval(taskd_factory: type[Taskd]) -> None:
     daemon = taskd_factory().start(env={"WATCHDOG_USEC": "400000"})
     daemon.wait_for_notification("WATCHDOG=1")
+    daemon.collect_notifications(0.05)  # read what waited in the socket: arrival times from now
     first = len(watchdog_times(daemon))
-    daemon.collect_notifications(1.5)
+    for _ in range(8):
+        daemon.wait_for_notification("WATCHDOG=1")
     pings = watchdog_times(daemon)[first:]
-    assert 6 <= len(pings) <= 9, pings  # every 0.2 s: 7 or 8 in 1.5 s
-    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
-    assert all(0.1 < gap < 0.4 for gap in gaps), gaps
+    gaps = sorted(later - earlier for earlier, later in itertools.pairwise(pings))
+    # Every 0.2 s: never sooner; later only by the delays of a loaded machine, which a
+    # few pings may meet but not the typical one.
+    assert gaps[0] > 0.15 and gaps[len(gaps) // 2] < 0.35, gaps
 
 
 def test_watchdog_meant_for_another_process_is_left_alone(taskd_factory: type[Taskd]) -> None:
@@ -210,11 +214,18 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(
     daemon.wait_for_notification("WATCHDOG=1")
     with daemon.client() as client:
         client.enqueue("hog", 1.0)
-        daemon.collect_notifications(2.0)
-    pings = watchdog_times(daemon)
-    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
-    assert max(gaps) >= 0.9, gaps  # systemd would have seen the daemon hang
-    assert 0.05 < gaps[-1] < 0.2  # and the pings resume
+
+    def gaps() -> list[float]:
+        pings = watchdog_times(daemon)
+        return [later - earlier for earlier, later in itertools.pairwise(pings)]
+
+    deadline = time.monotonic() + 60
+    while not any(gap >= 0.9 for gap in gaps()):  # systemd would have seen the daemon hang
+        assert time.monotonic() < deadline, gaps()
+        daemon.wait_for_notification("WATCHDOG=1")
+    for _ in range(3):  # and the pings resume, every 0.1 s
+        daemon.wait_for_notification("WATCHDOG=1")
+    assert all(gap < 0.5 for gap in gaps()[-2:]), gaps()
 
 
 def test_abstract_notify_socket(taskd_factory: type[Taskd]) -> None:

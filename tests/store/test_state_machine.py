@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
@@ -304,6 +305,13 @@ class JobStateMachine(RuleBasedStateMachine):
         }
 
 
+# The run's length is a number of examples, so its duration follows the machine's load: on
+# 2 busy cores PostgreSQL's 200 examples took over 120 s (the suite's per-test timeout) and the
+# timeout, raised inside an example, made Hypothesis replay it and report
+# FlakyStrategyDefinition. Its own, generous limit; no deadline per example for the same reason.
+TIMEOUT = 900
+
+
 def _test_case(backend: str) -> Any:
     machine = type(f"JobStateMachine_{backend}", (JobStateMachine,), {"backend": backend})
     case = machine.TestCase
@@ -313,6 +321,7 @@ def _test_case(backend: str) -> Any:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
+    case.pytestmark = [pytest.mark.timeout(TIMEOUT)]
     return case
 
 

@@ -114,13 +114,16 @@ async def test_a_new_run_starts_after_the_previous_one_ended(stack: Stack) -> No
     assert (value(first.job.result), value(second.job.result)) == (1, 2)
 
 
-async def test_plain_functions_run_in_threads_without_blocking_the_loop(stack: Stack) -> None:
-    blocking = asyncio.create_task(stack.jobs.run(stack.run_params("blocking", {"seconds": 0.5})))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    quick = await stack.jobs.run(stack.run_params("echo", "fast"))
+async def test_plain_functions_run_in_threads_without_blocking_the_loop(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"  # the thread holds until the test lets it go
+    params = stack.run_params("blocking", {"gate": str(gate)})
+    blocking = asyncio.create_task(stack.jobs.run(params))
+    quick = await asyncio.wait_for(stack.jobs.run(stack.run_params("echo", "fast")), 30)
     assert value(quick.job.result) == "fast"
-    assert time.monotonic() - started < 0.4  # answered while the thread still sleeps
+    assert not blocking.done()  # answered while the thread still blocks
+    gate.touch()
     result = await blocking
     assert value(result.job.result)["thread"].startswith("taskd-task")  # type: ignore[index]
 

@@ -192,7 +192,8 @@ async def test_status_updates_are_sent_on_change_at_most_once_per_interval() -> 
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.25)
     times = [at for at, _ in notifier.sent]
-    assert 4 <= len(times) <= 8, notifier.sent  # 0.5 s of changes, at most one per 0.1 s
+    # 0.5 s of changes (longer on a loaded machine), sent at most once per 0.1 s.
+    assert len(times) >= 4, notifier.sent
     assert all(b - a >= 0.09 for a, b in itertools.pairwise(times))
     assert notifier.sent[-1][1] == "STATUS=49 running"
     updates.changed()  # same text: not sent again

@@ -78,3 +78,31 @@ async def test_a_thread_that_finished_is_reused_not_doubled() -> None:
     names = {await threads.run(lambda: threading.current_thread().name, "j") for _ in range(50)}
     assert names == {"taskd-task-1"}  # never refused, never a second thread
     threads.close()
+
+
+def test_a_reply_that_finds_the_event_loop_closed_is_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database call of a stopped start-up that ends after taskd's loop closed: its thread
+    cannot hand the reply back, and says so at debug level only; other errors still show."""
+    from taskd.cli import _quiet_replies_after_the_loop
+
+    shown: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: shown.append(args.exc_value))
+    _quiet_replies_after_the_loop()
+    loop = asyncio.new_event_loop()
+    loop.close()
+
+    def late_reply() -> None:
+        loop.call_soon_threadsafe(print)  # as aiosqlite's thread does
+
+    def bug() -> None:
+        raise ValueError("a real error")
+
+    caplog.set_level("DEBUG", logger="taskd")
+    for target in (late_reply, bug):
+        thread = threading.Thread(target=target, name=target.__name__)
+        thread.start()
+        thread.join()
+    assert [type(error) for error in shown] == [ValueError]
+    assert "late_reply ended after the event loop closed" in caplog.text

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from taskd.models import JobStatus
+from taskd.models import JobStatus, WebhookRule
 from taskd.store.base import ClaimRequest, NewJob, Outcome
 from taskd.store.core.notes import Notes
 from taskd.store.core.statements import Statement, Steps
@@ -65,6 +65,9 @@ class Tx:
 
     sql: Dialect
     notes: Notes
+    # The [[webhook]] rules of the daemon writing: the events they receive are enqueued in
+    # the transaction that makes them.
+    webhooks: Sequence[WebhookRule] = ()
 
 
 # A store operation: the writes of one kind that met in a batch, run in one transaction;

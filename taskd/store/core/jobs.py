@@ -25,7 +25,7 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
-from taskd.store.core import batches, deps
+from taskd.store.core import batches, deps, webhooks
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
@@ -231,12 +231,16 @@ def jobs_ended(tx: Tx, jobs: Sequence[Job | None]) -> Steps[None]:
     if not ended:
         return
     ended += yield from deps.settle_children(tx, ended)
+    if deliveries := webhooks.job_events(tx, ended):
+        yield from insert_jobs(tx, deliveries)
     if not any(job.batch_id is not None for job in ended):
         return
     yield from _enqueue_callbacks(tx, (yield from batches.count_ended(tx, ended)))
 
 
 def _enqueue_callbacks(tx: Tx, finished: list[tuple[int, NewJob | None]]) -> Steps[None]:
+    if deliveries := webhooks.batch_events(tx, finished):
+        yield from insert_jobs(tx, deliveries)
     callbacks = [(batch, job) for batch, job in finished if job is not None]
     if callbacks:
         inserted = yield from insert_jobs(tx, [job for _, job in callbacks])

@@ -18,6 +18,7 @@ from taskd.models import (
     JobStatus,
     NodeInfo,
     TaskCounts,
+    WebhookRule,
 )
 from taskd.store.base import (
     Claimed,
@@ -105,6 +106,8 @@ class SqlStore:
         self.description = description
         self.events = JobEvents()
         self.health = StoreHealth(f"job store {name}")
+        # The [[webhook]] rules: each write transaction enqueues the events they receive.
+        self.webhooks: tuple[WebhookRule, ...] = ()
         self._limited: frozenset[str] = frozenset()  # tasks with a limit, at the last claim
         self._fetching: set[asyncio.Task[None]] = set()  # jobs others ended, read for waiters
         # The writers, which a backend sets (`_group_commit`): the durable writes; inserts

@@ -12,7 +12,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import msgspec
 
-from taskd.models import NodeInfo
+from taskd.models import NodeInfo, WebhookRule
 from taskd.store.base import StoreError
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.notes import Notes
@@ -44,13 +44,14 @@ def _transact(
     operations: list[tuple[Operation, list[Any]]],
     notes: Notes,
     space: WalSpace,
+    webhooks: Sequence[WebhookRule],
 ) -> list[list[Any]]:
     """In the writer's thread: the operations of a batch in one IMMEDIATE transaction."""
     space.before_transaction(db)
     db.execute("BEGIN IMMEDIATE")
     try:
         now = clock()
-        tx, run = Tx(SqliteSql(now), notes), partial(execute, db, now)
+        tx, run = Tx(SqliteSql(now), notes, webhooks), partial(execute, db, now)
         outputs = [run_steps(operation(tx, items), run) for operation, items in operations]
         db.execute("COMMIT")
     except BaseException as exc:
@@ -240,7 +241,9 @@ class SqliteStore(SqlStore):
         """A batch of writes as one transaction, run whole in the writer's thread."""
         # aiosqlite runs each call in its connection's thread; `_execute` hands that thread
         # a function of ours, so that a transaction costs one hop instead of one per statement.
-        return await self._in_writer(_transact, self._clock, operations, notes, self._space)
+        return await self._in_writer(
+            _transact, self._clock, operations, notes, self._space, self.webhooks
+        )
 
     async def _read(self, read: Callable[..., Steps[R]], *args: Any) -> R:
         """A read run whole in the reader's thread."""
