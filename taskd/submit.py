@@ -68,6 +68,7 @@ class JobRequest(msgspec.Struct, frozen=True):
     max_attempts: int | None = None
     key: str | None = None
     parent_id: int | None = None
+    traceparent: str | None = None  # W3C: the span that asked for it (tracing)
     after: tuple[int, ...] = ()  # the jobs it waits for
     after_failure: AfterFailure = "cancel"
 
@@ -143,6 +144,7 @@ class Submitter:
             priority=priority,
             key=key,
             parent_id=request.parent_id,
+            traceparent=request.traceparent,
             after=request.after,
             after_failure=request.after_failure,
         )
@@ -160,6 +162,7 @@ class Submitter:
                 "priority": request.priority,
                 "max_attempts": request.max_attempts,
                 "key": request.key,
+                "traceparent": request.traceparent,
                 "after": list(request.after),
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:

@@ -77,6 +77,7 @@ class JobMethods:
             single_flight=True,
             key=params.key,
             max_attempts=params.max_attempts,
+            traceparent=params.traceparent,
         )
         (inserted,) = await self._submitter.submit([request])
         if params.detach:
@@ -120,6 +121,7 @@ class JobMethods:
                 priority=p.priority,
                 max_attempts=p.max_attempts,
                 key=p.key,
+                traceparent=p.traceparent,
                 after=tuple(p.after),
                 after_failure=p.after_failure,
             )

@@ -134,6 +134,7 @@ class NewJob(msgspec.Struct, frozen=True):
     parent_id: int | None = None
     delay: float = 0.0
     run_at: float | None = None
+    traceparent: str | None = None  # the W3C traceparent of whoever created it
     after: tuple[int, ...] = ()
     after_failure: AfterFailure = "cancel"
     batch_id: int | None = None
