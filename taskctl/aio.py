@@ -74,6 +74,7 @@ from taskd.protocol import (
     client_socket_path,
     encode_frame,
 )
+from taskd.traceparent import traceparent_or_current
 
 
 class AsyncClient:
@@ -229,8 +230,14 @@ class AsyncClient:
         *,
         key: str | None = None,
         max_attempts: int | None = None,
+        traceparent: str | None = None,
     ) -> Any:
-        return job_result(await self.run_job(task, payload, key=key, max_attempts=max_attempts))
+        # The traceparent is read here, in the caller's context, not in a task of the client.
+        traceparent = traceparent_or_current(traceparent)
+        job = await self.run_job(
+            task, payload, key=key, max_attempts=max_attempts, traceparent=traceparent
+        )
+        return job_result(job)
 
     async def run_job(
         self,
@@ -240,8 +247,10 @@ class AsyncClient:
         key: str | None = None,
         max_attempts: int | None = None,
         detach: bool = False,
+        traceparent: str | None = None,
     ) -> RunResult:
-        return await self._call(protocol.RUN, run_params(task, payload, key, max_attempts, detach))
+        params = run_params(task, payload, key, max_attempts, detach, traceparent)
+        return await self._call(protocol.RUN, params)
 
     async def enqueue(
         self,
@@ -256,6 +265,7 @@ class AsyncClient:
         unique_for: float | str | dt.timedelta | None = None,
         debounce: float | str | dt.timedelta | None = None,
         max_wait: float | str | dt.timedelta | None = None,
+        traceparent: str | None = None,
         after: Sequence[int] = (),
         after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
@@ -270,6 +280,7 @@ class AsyncClient:
             unique_for=unique_for,
             debounce=debounce,
             max_wait=max_wait,
+            traceparent=traceparent,
             after=after,
             after_failure=after_failure,
         )

@@ -30,6 +30,7 @@ from taskd.protocol import (
     Method,
     client_socket_path,
 )
+from taskd.traceparent import header_traceparent
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
@@ -200,7 +201,12 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
     payload = read_payload(args.payload)
     # Started detached, then waited for: a Ctrl-C while waiting can name the job.
     outcome = client.run_job(
-        args.task, payload, key=args.key, max_attempts=args.max_attempts, detach=True
+        args.task,
+        payload,
+        key=args.key,
+        max_attempts=args.max_attempts,
+        detach=True,
+        traceparent=_traceparent(args),
     )
     job = outcome.job
     if outcome.joined:
@@ -321,6 +327,7 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         unique_for=args.unique_for,
         debounce=args.debounce,
         max_wait=args.max_wait,
+        traceparent=_traceparent(args),
         after=args.after or (),
         after_failure="run" if args.after_failure == "run" else "cancel",
     )
@@ -343,10 +350,19 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+def _traceparent(args: argparse.Namespace) -> str | None:
+    """--traceparent, else $TRACEPARENT (how OpenTelemetry hands a context to a child
+    process), which is ignored if malformed, as a malformed traceparent header is."""
+    if args.traceparent is not None:
+        return str(args.traceparent)
+    return header_traceparent(os.environ.get("TRACEPARENT"))
+
+
 def _enqueue_each(client: Client, args: argparse.Namespace) -> Exit:
     """One job per payload of --each, in one transaction; with --on-finish, a batch."""
     if args.payload is not None or args.key is not None:
         raise UsageError("--each gives each job its payload: leave out --payload and --key")
+    traceparent = _traceparent(args)
     jobs = [
         enqueue_params(
             args.task,
@@ -355,6 +371,7 @@ def _enqueue_each(client: Client, args: argparse.Namespace) -> Exit:
             run_at=args.at,
             priority=args.priority,
             max_attempts=args.max_attempts,
+            traceparent=traceparent,
             after=args.after or (),
             after_failure="run" if args.after_failure == "run" else "cancel",
         )
@@ -661,6 +678,12 @@ PAYLOAD = Arg(
     help="the payload: JSON text, @FILE with JSON, or - to read JSON from stdin "
     "(without it the task gets {})",
 )
+TRACEPARENT = Arg(
+    "--traceparent",
+    metavar="TP",
+    help="the W3C traceparent (00-TRACEID-SPANID-FLAGS) of the span its attempts are traced "
+    "under (default: $TRACEPARENT)",
+)
 ATTEMPTS_HELP = "attempts before the job fails for good (default: the task's max_attempts, else {})"
 SCHEDULE_HELP = (
     "{}. Name the schedule by its id or by its cron expression (quoted, so that the shell "
@@ -685,6 +708,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--detach", action="store_true", help="print the job id and return at once"),
         Arg("--key", help="single-flight key: runs with the same key share one execution"),
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(1)),
+        TRACEPARENT,
     )),
     Command("enqueue", cmd_enqueue, protocol.ENQUEUE, (
         NAME, PAYLOAD,
@@ -703,6 +727,7 @@ COMMANDS: tuple[Command, ...] = (
             "due DUR from now (a burst of enqueues runs once, with the last payload)"),
         Arg("--max-wait", type=duration, metavar="DUR",
             help="with --debounce: never later than this after the first enqueue"),
+        TRACEPARENT,
         Arg("--after", type=positive_int, action="append", metavar="ID",
             help="wait until job ID has succeeded (repeat for several jobs)"),
         Arg("--after-failure", choices=("cancel", "run"), default="cancel",

@@ -84,6 +84,7 @@ from taskd.protocol import (
     client_socket_path,
     encode_frame,
 )
+from taskd.traceparent import traceparent_or_current
 
 if TYPE_CHECKING:  # datetime costs a millisecond or two that `taskctl list` need not pay
     import datetime as dt
@@ -152,11 +153,14 @@ def enqueue_params(
     unique_for: float | str | dt.timedelta | None = None,
     debounce: float | str | dt.timedelta | None = None,
     max_wait: float | str | dt.timedelta | None = None,
+    traceparent: str | None = None,
     after: Sequence[int] = (),
     after_failure: AfterFailure = "cancel",
 ) -> EnqueueParams:
     """The params of one enqueue; also what `enqueue_many` takes a list of. With `after`,
-    the job waits until those jobs have succeeded (see `after_failure`)."""
+    the job waits until those jobs have succeeded (see `after_failure`).
+
+    `traceparent` (W3C) defaults to the caller's current OpenTelemetry span, if any."""
     return EnqueueParams(
         debounce=seconds(debounce),
         max_wait=seconds(max_wait),
@@ -168,6 +172,7 @@ def enqueue_params(
         priority=priority,
         max_attempts=max_attempts,
         key=key,
+        traceparent=traceparent_or_current(traceparent),
         after=list(after),
         after_failure=after_failure,
     )
@@ -186,9 +191,21 @@ def jobs_params(
 
 
 def run_params(
-    task: str, payload: Any, key: str | None, max_attempts: int | None, detach: bool
+    task: str,
+    payload: Any,
+    key: str | None,
+    max_attempts: int | None,
+    detach: bool,
+    traceparent: str | None = None,
 ) -> RunParams:
-    return RunParams(task, encode_payload(payload), key, detach, max_attempts)
+    return RunParams(
+        task,
+        encode_payload(payload),
+        key,
+        detach,
+        max_attempts,
+        traceparent_or_current(traceparent),
+    )
 
 
 def job_result(outcome: RunResult) -> Any:
@@ -397,9 +414,15 @@ class Client:
         *,
         key: str | None = None,
         max_attempts: int | None = None,
+        traceparent: str | None = None,
     ) -> Any:
-        """Run (or join) the task, wait, and return its result; raises JobFailed if it fails."""
-        return job_result(self.run_job(task, payload, key=key, max_attempts=max_attempts))
+        """Run (or join) the task, wait, and return its result; raises JobFailed if it fails.
+
+        `traceparent` (W3C; default: the current OpenTelemetry span's, if any) is the span
+        its attempts are traced under, where taskd traces (README, "Tracing")."""
+        return job_result(
+            self.run_job(task, payload, key=key, max_attempts=max_attempts, traceparent=traceparent)
+        )
 
     def run_job(
         self,
@@ -409,9 +432,11 @@ class Client:
         key: str | None = None,
         max_attempts: int | None = None,
         detach: bool = False,
+        traceparent: str | None = None,
     ) -> RunResult:
         """Run (or join) the task; the finished job (or, with `detach`, the pending one)."""
-        return self._call(protocol.RUN, run_params(task, payload, key, max_attempts, detach))
+        params = run_params(task, payload, key, max_attempts, detach, traceparent)
+        return self._call(protocol.RUN, params)
 
     def enqueue(
         self,
@@ -426,13 +451,15 @@ class Client:
         unique_for: float | str | dt.timedelta | None = None,
         debounce: float | str | dt.timedelta | None = None,
         max_wait: float | str | dt.timedelta | None = None,
+        traceparent: str | None = None,
         after: Sequence[int] = (),
         after_failure: AfterFailure = "cancel",
     ) -> EnqueueResult:
         """Add a job to the queue; `duplicate` says an active job with this key was returned.
 
         With `after`, it stays pending until those jobs have succeeded; when one fails or is
-        cancelled it is cancelled too, unless `after_failure="run"`."""
+        cancelled it is cancelled too, unless `after_failure="run"`. `traceparent` as for
+        `run`: default, the current OpenTelemetry span's."""
         params = enqueue_params(
             task,
             payload,
@@ -444,6 +471,7 @@ class Client:
             unique_for=unique_for,
             debounce=debounce,
             max_wait=max_wait,
+            traceparent=traceparent,
             after=after,
             after_failure=after_failure,
         )

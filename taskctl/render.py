@@ -211,6 +211,8 @@ def job_detail(job: Job) -> str:
         lines.append(f"  finished:  {stamped(job.finished_at, now)}{took}")
     if job.worker:
         lines.append(f"  worker:    {job.worker}")
+    if job.traceparent:  # the trace its attempts are in: 00-TRACE_ID-PARENT_SPAN_ID-FLAGS
+        lines.append(f"  trace:     {job.traceparent}")
     if job.progress is not None:
         lines.append(f"  progress:  {progress_text(job.progress)}")
     lines.append(f"  payload:   {_json(job.payload)}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -18,6 +18,9 @@ from taskd.output import job_output
 from taskd.store import Outcome
 from taskd.tasks import Task, TaskRegistry, read_tick
 from taskd.threads import TaskThreads
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only where taskd traces
+    from taskd.otel import AttemptSpan, Tracing
 
 
 class _TimedOut(Exception):
@@ -35,24 +38,40 @@ class Attempts:
         *,
         worker: str,
         max_result: int,
+        tracing: Tracing | None = None,
     ) -> None:
         self._tasks = tasks
         self._runtime = runtime
         self._threads = threads
         self._worker = worker
         self._max_result = max_result
+        self._tracing = tracing
 
     async def run(self, job: Job) -> Outcome:
         """Run one attempt of `job`; its outcome (asyncio.CancelledError if stopped), with
         the hook its task enqueues should the job end so (never for a hook's own job)."""
-        outcome = await self._attempt(job)
+        outcome = await self._traced(job)
         task = self._tasks.get(job.task)
         if outcome.status not in ("succeeded", "failed") or task is None or job.origin == "hook":
             return outcome
         hook = self._tasks.hook(task, outcome.status)
         return outcome if hook is None else msgspec.structs.replace(outcome, hook=hook)
 
-    async def _attempt(self, job: Job) -> Outcome:
+    async def _traced(self, job: Job) -> Outcome:
+        """The attempt, in a span of its own when taskd traces."""
+        if self._tracing is None:
+            return await self._run(job, None)
+        span = self._tracing.attempt(job, self._worker)
+        try:
+            with span.current():
+                outcome = await self._run(job, span)
+        except BaseException:
+            span.stopped()
+            raise
+        span.ended(outcome)
+        return outcome
+
+    async def _run(self, job: Job, span: AttemptSpan | None) -> Outcome:
         task = self._tasks.get(job.task)
         if task is None:
             return self._failed(job, None, f"task {job.task} is not loaded", final=True)
@@ -63,6 +82,7 @@ class Attempts:
             message = f"payload no longer matches the task's schema: {exc}"
             return self._failed(job, task, message, final=True)
         ctx = TaskContext(job.task, job.id, job.attempts, job.max_attempts, self._runtime)
+        ctx.traceparent = span.traceparent if span is not None else job.traceparent
         if tick is not None:
             ctx.scheduled_time, ctx.cron = tick.scheduled_time, tick.cron
         try:
@@ -70,11 +90,13 @@ class Attempts:
         except _TimedOut:
             message = f"timed out after {task.timeout:g} s"
             return failed(job, task, "timeout", message, worker=self._worker)
-        except Fail as exc:
-            return self._failed(job, task, describe(exc), exc=exc, final=True)
-        except Retry as exc:
-            return self._failed(job, task, describe(exc), exc=exc, delay=exc.delay)
         except Exception as exc:
+            if span is not None:
+                span.caught(exc)
+            if isinstance(exc, Fail):
+                return self._failed(job, task, describe(exc), exc=exc, final=True)
+            if isinstance(exc, Retry):
+                return self._failed(job, task, describe(exc), exc=exc, delay=exc.delay)
             return self._failed(job, task, describe(exc), exc=exc)
         try:
             encoded = msgspec.msgpack.encode(result)

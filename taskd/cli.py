@@ -160,14 +160,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from taskd.daemon import Daemon, StartupError
     from taskd.output import routed_output
+    from taskd.tracing import start_tracing
 
-    daemon = Daemon(source, config, paths, allow_empty_store=args.allow_empty_store)
+    try:
+        tracing = start_tracing(config.otel)  # None, and nothing imported, unless it traces
+    except ConfigError as exc:
+        print(f"taskd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    daemon = Daemon(
+        source, config, paths, allow_empty_store=args.allow_empty_store, tracing=tracing
+    )
     _quiet_replies_after_the_loop()
     try:
         with routed_output():
             status = uvloop.run(daemon.run())
     except StartupError as exc:  # the daemon has logged why
         status = exc.exit_code
+    if tracing is not None and not tracing.shutdown():  # the spans still queued go out
+        logging.getLogger("taskd").warning(
+            "the last spans could not be sent within a few seconds; exiting without them"
+        )
+        logging.shutdown()
+        os._exit(status)  # the exporter's threads may still be trying: not waited for
     if (threads := daemon.threads_alive()) > 0:
         # Plain-function tasks cannot be interrupted; their jobs are back in the queue, and
         # waiting for the threads could take forever.
@@ -220,9 +234,11 @@ def check(config: Config, paths: Paths) -> int:
     from taskd.http.settings import load_settings
     from taskd.schedules import load_schedules
     from taskd.tasks import TaskLoadError
+    from taskd.tracing import check_tracing
     from taskd.webhooks import load_tasks_and_webhooks
 
     try:
+        tracing = check_tracing(config.otel)
         registry, _ = load_tasks_and_webhooks(paths.tasks, config)
         schedules = load_schedules(config, registry)
         AccessPolicy.from_config(config)
@@ -242,6 +258,8 @@ def check(config: Config, paths: Paths) -> int:
             f" {schedule.expression}" if schedule.id != schedule.expression else ""
         )
         print(f"  schedule {name} ({schedule.timezone}): {', '.join(schedule.tasks)}")
+    if tracing is not None:
+        print(tracing)
     return 0
 
 

@@ -253,6 +253,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     readonly_users: list[str | int] = []
     readonly_groups: list[str | int] = []
     http: HttpConfig | None = None  # no [http] table: no HTTP listener
+    # Traces (the otel extra): true, false, or absent: on when OTEL_* variables name an
+    # exporter or an OTLP endpoint (README, "Tracing (OpenTelemetry)").
+    otel: Annotated[bool | None, RESTART] = None
     webhook: list[Webhook] = []  # README.md, "Signed webhooks"
 
     def __post_init__(self) -> None:
@@ -435,6 +438,8 @@ def resolve_paths(config: Config, base: Path) -> Paths:
     database = database_url(config.database or str(state_directory() / "taskd.db"), base)
     if is_postgres(database):
         _postgres_driver()
+    if config.otel and not otel_installed():
+        raise ConfigError(f"otel = true: {OTEL_MISSING}")
     socket = base / config.socket if config.socket else Path(default_socket_path())
     return Paths(
         tasks=Path(os.path.abspath(base / config.tasks)),
@@ -452,6 +457,22 @@ def _postgres_driver() -> None:
             "database: PostgreSQL needs asyncpg, which taskd's postgres extra installs: "
             "pip install 'taskd[postgres]'"
         ) from None
+
+
+OTEL_MISSING = (
+    "tracing needs OpenTelemetry, which taskd's otel extra installs: pip install 'taskd[otel]'"
+)
+
+
+def otel_installed() -> bool:
+    """Whether tracing's extra is installed: found, not imported (a daemon that does not
+    trace never imports it). `otel = true` without it is one line, exit 78."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("opentelemetry.sdk") is not None
+    except (ImportError, ValueError):  # `opentelemetry` itself is missing or broken
+        return False
 
 
 def is_postgres(url: str) -> bool:

@@ -59,6 +59,7 @@ from taskd.webhooks import load_tasks_and_webhooks
 
 if TYPE_CHECKING:
     from taskd.http.server import HttpServer
+    from taskd.otel import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def build_engine(
     config: Config,
     *,
     on_attempt: AttemptObserver | None = None,
+    tracing: Tracing | None = None,
 ) -> Engine:
     """The worker's slots, the submitter that claims for them in its inserts, and the
     executor that runs what they hold, each given what it needs."""
@@ -119,7 +121,9 @@ def build_engine(
     activity = ActivityRecorder(store, news)
     threads = TaskThreads(config.workers, config.max_stuck_threads)
     runtime = Runtime(submitter, slots, activity)
-    attempts = Attempts(tasks, runtime, threads, worker=worker, max_result=max_payload)
+    attempts = Attempts(
+        tasks, runtime, threads, worker=worker, max_result=max_payload, tracing=tracing
+    )
     executor = Executor(store, slots, attempts, activity, news, on_attempt=on_attempt)
     leases = LeaseKeeper(store, slots, executor, tasks, quarantine_after=config.quarantine_after)
     return Engine(slots, submitter, activity, threads, executor, leases)
@@ -143,8 +147,10 @@ class Daemon:
         paths: Paths,
         *,
         allow_empty_store: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self._load_config = load_config
+        self._tracing = tracing
         self.config = config
         self._started_with = config  # what the restart-only settings are until a restart
         self.paths = paths
@@ -288,10 +294,20 @@ class Daemon:
         metrics = Metrics(store, self)
         tasks = self._tasks()
         engine = self._engine = build_engine(
-            store, tasks, news, worker, config, on_attempt=metrics.attempt_ended
+            store,
+            tasks,
+            news,
+            worker,
+            config,
+            on_attempt=metrics.attempt_ended,
+            tracing=self._tracing,
         )
         self._scheduler = Scheduler(
-            store, engine.submitter, started_at=self._started_at, on_fired=metrics.tick_fired
+            store,
+            engine.submitter,
+            started_at=self._started_at,
+            on_fired=metrics.tick_fired,
+            tracing=self._tracing,
         )
         await self._scheduler.load(settings.schedules)
         peers = self._peers = PeerSchedules(store, worker)

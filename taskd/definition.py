@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from taskd.models import SINGLE_FLIGHT_MODES, parse_duration, parse_rate
+from taskd.traceparent import current_traceparent
 
 if TYPE_CHECKING:  # logging costs milliseconds that taskctl, which imports taskd, does not pay
     import datetime
@@ -33,7 +34,9 @@ class Fail(Exception):
 class TaskRuntime(Protocol):
     """What a running task can ask of the daemon (taskd.runtime.Runtime provides it)."""
 
-    async def run_task(self, parent_id: int, name: str, payload: Any, key: str | None) -> Any: ...
+    async def run_task(
+        self, parent_id: int, name: str, payload: Any, key: str | None, traceparent: str | None
+    ) -> Any: ...
 
     async def enqueue(
         self, parent_id: int, name: str, payload: Any, options: dict[str, Any]
@@ -52,6 +55,11 @@ class TaskContext:
     In a job a schedule started, `scheduled_time` is the tick's time (an aware datetime in
     the schedule's zone; for @startup and a trigger, when it fired) and `cron` the
     schedule's expression; both are None in other jobs.
+
+    `traceparent` is the W3C traceparent of this attempt's span where taskd traces
+    (README, "Tracing"), else the one the job was created with, else None. The jobs the
+    task starts (`run_task`, `enqueue`) carry the current span's, which is the attempt's
+    unless the task made spans of its own.
     """
 
     __slots__ = (
@@ -63,6 +71,7 @@ class TaskContext:
         "max_attempts",
         "name",
         "scheduled_time",
+        "traceparent",
     )
 
     def __init__(
@@ -74,6 +83,7 @@ class TaskContext:
         self.max_attempts = max_attempts
         self.scheduled_time: datetime.datetime | None = None
         self.cron: str | None = None
+        self.traceparent: str | None = None
         self._runtime = runtime
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
@@ -105,7 +115,8 @@ class TaskContext:
 
         Raises taskd.TaskFailed when that job fails.
         """
-        return await self._runtime.run_task(self.job_id, name, payload, key)
+        traceparent = current_traceparent() or self.traceparent
+        return await self._runtime.run_task(self.job_id, name, payload, key, traceparent)
 
     async def enqueue(
         self,
@@ -134,6 +145,7 @@ class TaskContext:
             "priority": priority,
             "max_attempts": max_attempts,
             "key": key,
+            "traceparent": current_traceparent() or self.traceparent,
             "after": tuple(after),
             "after_failure": after_failure,
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,7 +66,8 @@ def rule_broken(delay: float | None, run_at: float | None, key: str | None) -> s
 
 def _check(kind: types.Type, value: Any, path: str, unit: str | None) -> str | None:
     if isinstance(kind, types.Metadata):
-        return _check(kind.type, value, path, (kind.extra or {}).get("unit", unit))
+        extra = kind.extra or {}
+        return _check(kind.type, value, path, extra.get("unit", extra.get("form", unit)))
     if isinstance(kind, types.UnionType):
         for member in kind.types:
             if (problem := _check(member, value, path, unit)) is not None:
@@ -87,7 +89,7 @@ def _check(kind: types.Type, value: Any, path: str, unit: str | None) -> str | N
     if isinstance(kind, types.IntType | types.FloatType) and _is_number(value):
         return _number(kind, value, path, unit)
     if isinstance(kind, types.StrType) and isinstance(value, str):
-        return _length(kind, value, path)
+        return _form(kind, value, path, unit) or _length(kind, value, path)
     return None
 
 
@@ -113,9 +115,19 @@ def _number(
 def _length(kind: types.StrType, value: str, path: str) -> str | None:
     shortest, longest = kind.min_length or 0, kind.max_length
     if len(value) < shortest or (longest is not None and len(value) > longest):
+        if shortest == longest:
+            return f"{path}: exactly {longest} characters, got {len(value)}"
         most = f" to {longest}" if longest is not None else " or more"
         return f"{path}: {shortest}{most} characters, got {len(value)}"
     return None
+
+
+def _form(kind: types.StrType, value: str, path: str, form: str | None) -> str | None:
+    """A string that does not have the form its pattern gives (`form` says it in words)."""
+    if kind.pattern is None or re.search(kind.pattern, value) is not None:
+        return None
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    return f"{path}: expected {form or 'a string matching ' + kind.pattern}, got {shown!r}"
 
 
 def _shown(number: float, unit: str | None) -> str:

@@ -115,6 +115,7 @@ class Job(msgspec.Struct):
     epoch: int = 0  # claims so far: the fencing token (attempts is reset by a retry, this is not)
     errors: list[AttemptError] = []  # filled by the `job` method only
     progress: Progress | None = None  # the latest `ctx.progress` of its latest attempt
+    traceparent: str | None = None  # the W3C traceparent of whoever created it (tracing)
     blocked: int = 0  # parents (`after`) it still waits for; it is pending meanwhile
     after_failure: AfterFailure = "cancel"  # what a parent that fails or is cancelled does
     parents: list[int] = []  # the jobs it waits for (`after`); filled by the `job` method only

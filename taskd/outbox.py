@@ -37,6 +37,7 @@ from taskd.store.core.notes import Notes
 from taskd.store.core.statements import Statement, Steps, run_steps, run_steps_async
 from taskd.store.postgres.dialect import PostgresSql, execute, render
 from taskd.store.rows import Row
+from taskd.traceparent import traceparent_or_current
 
 __all__ = ["EnqueueResult", "enqueue", "enqueue_sync"]
 
@@ -53,6 +54,7 @@ def _new_job(
     priority: int,
     max_attempts: int | None,
     key: str | None,
+    traceparent: str | None,
 ) -> NewJob:
     """The job, checked as far as it can be without the daemons."""
     if not isinstance(task, str) or not task:
@@ -69,6 +71,7 @@ def _new_job(
         "priority": priority,
         "max_attempts": max_attempts,
         "key": key,
+        "traceparent": (traceparent := traceparent_or_current(traceparent)),
     }
     if (problem := enqueue_problem(options)) is not None:
         raise ValueError(problem)
@@ -81,6 +84,7 @@ def _new_job(
         key=key,
         delay=delay or 0.0,
         run_at=run_at,
+        traceparent=traceparent,
     )
 
 
@@ -117,10 +121,14 @@ async def enqueue(
     max_attempts: int | None = None,
     key: str | None = None,
     schema: str = "taskd",
+    traceparent: str | None = None,
 ) -> EnqueueResult:
     """Insert a job in the connection's transaction (asyncpg, or psycopg's AsyncConnection);
-    with `key`, an active job of the task with that key is returned instead (`duplicate`)."""
-    steps = _insert(schema, _new_job(task, payload, delay, run_at, priority, max_attempts, key))
+    with `key`, an active job of the task with that key is returned instead (`duplicate`).
+
+    `traceparent` (W3C) defaults to the current OpenTelemetry span's, if there is one."""
+    job = _new_job(task, payload, delay, run_at, priority, max_attempts, key, traceparent)
+    steps = _insert(schema, job)
 
     async def on_psycopg(statement: Statement) -> list[Row]:
         sql, _ = render(statement.sql, schema, "psycopg")
@@ -148,9 +156,11 @@ def enqueue_sync(
     max_attempts: int | None = None,
     key: str | None = None,
     schema: str = "taskd",
+    traceparent: str | None = None,
 ) -> EnqueueResult:
     """`enqueue` on a psycopg 3 (synchronous) `Connection`."""
-    steps = _insert(schema, _new_job(task, payload, delay, run_at, priority, max_attempts, key))
+    job = _new_job(task, payload, delay, run_at, priority, max_attempts, key, traceparent)
+    steps = _insert(schema, job)
 
     def on_psycopg(statement: Statement) -> list[Row]:
         cursor = conn.execute(render(statement.sql, schema, "psycopg")[0], statement.params)

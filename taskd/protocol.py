@@ -77,6 +77,24 @@ Key = Annotated[
     ),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST)]
+# The W3C Trace Context `traceparent` of the caller's span (version 00, lowercase hex, the
+# trace and parent ids not all zeros): the job's attempts are traced as its children.
+TRACEPARENT_LENGTH = 55
+TRACEPARENT_PATTERN = "^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$"
+Traceparent = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=TRACEPARENT_LENGTH,
+        max_length=TRACEPARENT_LENGTH,
+        pattern=TRACEPARENT_PATTERN,
+        description="the W3C traceparent of the caller's span, 00-TRACEID-SPANID-FLAGS: "
+        "the job's attempts are traced as its children",
+        extra={
+            "form": "a W3C traceparent: 00-<32 hex digits>-<16 hex digits>-<2 hex digits>, "
+            "in lowercase, the ids not all zeros"
+        },
+    ),
+]
 MAX_PARENTS = 100
 JobId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Parents = Annotated[
@@ -200,8 +218,11 @@ class RawReply(msgspec.Struct, frozen=True):
 # durations are seconds (float); payloads and results are any msgpack value.
 
 
-class Params(msgspec.Struct, forbid_unknown_fields=True):
-    """Base of all params; unknown fields are refused so that typos are not ignored."""
+class Params(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of all params; unknown fields are refused so that typos are not ignored.
+
+    Clients leave out the fields that have their default: a daemon that predates an
+    optional field (`traceparent`, say) still takes the requests that do not use it."""
 
 
 P = TypeVar("P", bound=Params)
@@ -278,6 +299,7 @@ class RunParams(Params):
     key: Key | None = None
     detach: bool = False
     max_attempts: Attempts | None = None
+    traceparent: Traceparent | None = None
 
 
 class RunResult(msgspec.Struct, frozen=True):
@@ -315,6 +337,7 @@ class EnqueueParams(Params):
     # after its first enqueue.
     debounce: Duration | None = None
     max_wait: Duration | None = None
+    traceparent: Traceparent | None = None
     after: Parents = []
     # A parent that fails or is cancelled cancels the job ("cancel"), or not ("run").
     after_failure: AfterFailure = "cancel"

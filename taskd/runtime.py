@@ -25,7 +25,9 @@ class Runtime:
         self.progress = activity.progress
         self.log = activity.log
 
-    async def run_task(self, parent_id: int, name: str, payload: Any, key: str | None) -> Any:
+    async def run_task(
+        self, parent_id: int, name: str, payload: Any, key: str | None, traceparent: str | None
+    ) -> Any:
         request = JobRequest(
             task=name,
             payload=encode_payload(payload),
@@ -33,6 +35,7 @@ class Runtime:
             single_flight=True,
             key=key,
             parent_id=parent_id,
+            traceparent=traceparent,
         )
         (inserted,) = await self._submitter.submit([request])
         if inserted.job_id == parent_id:

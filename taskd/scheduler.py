@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -35,6 +36,9 @@ from taskd.models import FiredJob, JobStatus, ScheduleInfo
 from taskd.schedules import CatchUp, ScheduleSpec
 from taskd.store import JobNotFound, NewJob, ScheduleState, Store, StoreError
 from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter, UnknownTask
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only where taskd traces
+    from taskd.otel import TickSpan, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +126,10 @@ class Scheduler:
         started_at: float | None = None,
         clock: Callable[[], float] = time.time,
         on_fired: FiringObserver | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._on_fired = on_fired
         self._submitter = submitter
         self._clock = clock
@@ -333,10 +339,30 @@ class Scheduler:
     ) -> list[FiredJob]:
         """Start each task of the schedule for `tick` (a task that cannot be started is
         logged and spares the others) in one write with the tick's record. Only `regular`
-        firings are ticks (unique, moving last_tick); a trigger is not."""
+        firings are ticks (unique, moving last_tick); a trigger is not. Where taskd traces,
+        the firing is a span, and its jobs are its children."""
+        if self._tracing is None:
+            return await self._fire_traced(entry, tick, regular, covered_until, None)
+        spec = entry.spec
+        with self._tracing.tick(spec.id, spec.expression, tick, regular=regular) as span:
+            return await self._fire_traced(entry, tick, regular, covered_until, span)
+
+    async def _fire_traced(
+        self,
+        entry: _Entry,
+        tick: float,
+        regular: bool,
+        covered_until: float | None,
+        span: TickSpan | None,
+    ) -> list[FiredJob]:
         spec = entry.spec
         when = iso(tick, spec.zone)
-        jobs = [new for task in spec.tasks if (new := self._job(spec, task, tick)) is not None]
+        traceparent = span.traceparent if span is not None else None
+        jobs = [
+            new
+            for task in spec.tasks
+            if (new := self._job(spec, task, tick, traceparent)) is not None
+        ]
         if regular and spec.jitter:  # due at the tick's offset; scheduled_time stays the tick
             jobs = [msgspec.structs.replace(job, run_at=spec.due_at(tick)) for job in jobs]
         try:  # with a claim for our free slots, so that the tick's jobs start in one commit
@@ -352,8 +378,13 @@ class Scheduler:
             )
         except StoreError as exc:
             logger.error('schedule "%s": cannot fire the tick of %s: %s', spec.id, when, exc)
+            if span is not None:
+                span.failed(f"cannot fire the tick: {exc}")
             return []
         crash_point("tick-fired")
+        if span is not None:
+            joined = sum(job.joined for job in fired.jobs)
+            span.fired(fired.fired, [job.id for job in fired.jobs], joined)
         if not fired.fired:
             logger.debug('schedule "%s": the tick of %s has fired already', spec.id, when)
             return fired.jobs
@@ -374,8 +405,16 @@ class Scheduler:
             self._on_fired(spec.id, late, fired.jobs)
         return fired.jobs
 
-    def _job(self, spec: ScheduleSpec, task: str, tick: float) -> NewJob | None:
-        request = JobRequest(task, spec.tick_payload(tick), "schedule", single_flight=True)
+    def _job(
+        self, spec: ScheduleSpec, task: str, tick: float, traceparent: str | None
+    ) -> NewJob | None:
+        request = JobRequest(
+            task,
+            spec.tick_payload(tick),
+            "schedule",
+            single_flight=True,
+            traceparent=traceparent,
+        )
         try:
             return self._submitter.prepare(request)
         except (UnknownTask, PayloadInvalid, InvalidRequest) as exc:

@@ -18,7 +18,15 @@ import msgspec
 import msgspec.inspect
 
 from taskd.http.api import ALIASES, DOCUMENTED_TOO, JSON, ROUTES, STREAMED, ErrorReply, Route
-from taskd.protocol import METHODS, PROTOCOL_VERSION, ErrorBody, JobEvent, Reply, Request
+from taskd.protocol import (
+    METHODS,
+    PROTOCOL_VERSION,
+    ErrorBody,
+    JobEvent,
+    Reply,
+    Request,
+    Traceparent,
+)
 
 REF = "#/$defs/{name}"
 COMPONENT = "#/components/schemas/{name}"
@@ -248,6 +256,17 @@ def _parameters(
             if parameter["schema"].get("type") == "array":  # status=pending,failed
                 parameter |= {"style": "form", "explode": False}
             parameters.append(parameter)
+    if route.traced:
+        schema = msgspec.json.schema(Traceparent)
+        parameters.append({
+            "name": "traceparent",
+            "in": "header",
+            "required": False,
+            "description": "W3C Trace Context: the caller's span, under which the job's "
+            "attempts are traced (README, \"Tracing\"); a malformed one is ignored"
+            + (", and the body's `traceparent` wins" if route.operation == "enqueue" else ""),
+            "schema": {k: v for k, v in schema.items() if k != "description"},
+        })  # fmt: skip
     return parameters
 
 

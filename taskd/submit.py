@@ -73,6 +73,7 @@ class JobRequest(msgspec.Struct, frozen=True):
     unique_for: float | None = None  # with a key: taken this long after its job's creation
     debounce: float | None = None  # with a key: a pending job's payload and due time move
     max_wait: float | None = None  # ... never past its first enqueue and this
+    traceparent: str | None = None  # W3C: the span that asked for it (tracing)
     after: tuple[int, ...] = ()  # the jobs it waits for
     after_failure: AfterFailure = "cancel"
 
@@ -153,6 +154,7 @@ class Submitter:
             unique_for=None if request.key is None else _first(request.unique_for, task.unique_for),
             debounce=request.debounce,
             max_wait=request.max_wait,
+            traceparent=request.traceparent,
             after=request.after,
             after_failure=request.after_failure,
         )
@@ -183,6 +185,7 @@ class Submitter:
                 "unique_for": request.unique_for,
                 "debounce": request.debounce,
                 "max_wait": request.max_wait,
+                "traceparent": request.traceparent,
                 "after": list(request.after),
             }
             if (problem := out_of_limits(EnqueueParams, options)) is not None:

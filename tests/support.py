@@ -270,15 +270,20 @@ class Taskd:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def ctl(
-        self, *args: str, input: str | None = None, timeout: float = 60.0
+        self,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the real taskctl against this daemon."""
+        """Run the real taskctl against this daemon (`env`: variables to add)."""
         return subprocess.run(
             [*self.ctl_command(), *args],
             input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
+            env={**os.environ, **env} if env is not None else None,
         )
 
     def ctl_command(self) -> list[str]:

@@ -204,6 +204,7 @@ class Route(NamedTuple):
     body: Any = None
     body_required: bool = False
     rpc: Method[Any, Any] | None = None  # the protocol's method the route calls
+    traced: bool = False  # takes a `traceparent` header: the jobs it starts are traced under it
     description: str | None = None
 
 
@@ -230,12 +231,14 @@ _ROUTES = [
           protocol.LIST_TASKS, {200: NitroTasks}),
     _call("GET", "/_nitro/tasks/{name}", "run_task",
           "Run a task with the query parameters as its payload, wait, return its result",
-          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery),
+          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, traced=True),
     _call("POST", "/_nitro/tasks/{name}", "run_task",
           "Run a task with the body's payload over the query parameters, wait, return its result",
-          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody),
+          protocol.RUN, _RUN_RESPONSES, path_params=TaskPath, query=RunQuery, body=RunBody,
+          traced=True),
     _call("POST", "/jobs", "enqueue", "Add a job to the queue (200 if its key was taken)",
-          protocol.ENQUEUE, _ENQUEUE_RESPONSES, body=EnqueueBody, body_required=True),
+          protocol.ENQUEUE, _ENQUEUE_RESPONSES, body=EnqueueBody, body_required=True,
+          traced=True),
     _call("GET", "/jobs", "list_jobs", "Recent jobs, newest first", protocol.JOBS,
           {200: JobList, 404: ErrorReply}, query=protocol.JOBS.params),  # 404: an unknown task
     _call("GET", "/jobs/{id}", "get_job", "One job, with the errors of all its attempts",

@@ -84,6 +84,9 @@ class HttpRequest(NamedTuple):
     access: str | None  # "full" or "readonly" (from a token or the credentials), None: neither
     peer: Peer
     client: str  # who it is, for the log: an address, or a process and its user
+    # Its `traceparent` header (W3C), if valid: a malformed one is ignored, as the standard
+    # says; the jobs it starts are traced under it.
+    traceparent: str | None = None
 
 
 class HttpResponse(NamedTuple):
@@ -250,7 +253,9 @@ class HttpApi:
         if (task := self._tasks.get(path["name"])) is not None:  # else: unknown_task below
             query = task.query_payload(query)
         payload = _merged(query, body.payload)
-        params = RunParams(task=path["name"], payload=_msgpack(payload))
+        params = RunParams(
+            task=path["name"], payload=_msgpack(payload), traceparent=request.traceparent
+        )
         outcome = await self._dispatch.call(protocol.RUN, params)
         job = outcome.job
         headers = (("Taskd-Job-Id", str(job.id)), ("Taskd-Joined", str(outcome.joined).lower()))
@@ -275,6 +280,8 @@ class HttpApi:
         params = _convert(_times_read(fields), EnqueueParams)
         if payload is not EMPTY_MAP:
             params.payload = _msgpack(payload)
+        if params.traceparent is None:  # the body's, else the header's
+            params.traceparent = request.traceparent
         result = await self._dispatch.call(protocol.ENQUEUE, params)
         location = ("Location", f"/jobs/{result.job_id}")
         return _json(200 if result.duplicate else 201, result, (location,))

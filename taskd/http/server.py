@@ -48,6 +48,7 @@ from taskd.models import HttpStats, Peer
 from taskd.protocol import ErrorCode
 from taskd.server import ACCESS_HINT, bind_socket, release_socket
 from taskd.stream_limits import LINGER, ByteBudget, Lingering
+from taskd.traceparent import header_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -508,6 +509,9 @@ class HttpServer:
             access=access,
             peer=peer,
             client=connection.client,
+            traceparent=header_traceparent(
+                next((v for k, v in head.headers if k == b"traceparent"), None)
+            ),
         )
         connection.handling = asyncio.ensure_future(self._api.handle(request))
         try:

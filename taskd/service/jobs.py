@@ -77,6 +77,7 @@ class JobMethods:
             single_flight=True,
             key=params.key,
             max_attempts=params.max_attempts,
+            traceparent=params.traceparent,
         )
         (inserted,) = await self._submitter.submit([request])
         if params.detach:
@@ -123,6 +124,7 @@ class JobMethods:
                 unique_for=p.unique_for,
                 debounce=p.debounce,
                 max_wait=p.max_wait,
+                traceparent=p.traceparent,
                 after=tuple(p.after),
                 after_failure=p.after_failure,
             )

@@ -143,6 +143,7 @@ class NewJob(msgspec.Struct, frozen=True):
     # that job is returned (else this one is inserted, due in `delay` = `debounce`).
     debounce: float | None = None
     max_wait: float | None = None
+    traceparent: str | None = None  # the W3C traceparent of whoever created it
     after: tuple[int, ...] = ()
     after_failure: AfterFailure = "cancel"
     batch_id: int | None = None

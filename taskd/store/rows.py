@@ -14,7 +14,7 @@ JOB_COLUMNS = (
     "id, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,"
     " crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,"
     " progress_done, progress_total, progress_message, progress_at, blocked, release_at,"
-    " after_failure, batch_id"
+    " after_failure, batch_id, traceparent"
 )
 ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
@@ -57,6 +57,7 @@ def job_from_row(row: Row) -> Job:
         worker=row["worker"],
         epoch=row["epoch"],
         progress=progress_from_row(row),
+        traceparent=row["traceparent"],
         blocked=row["blocked"],
         after_failure=row["after_failure"],
         batch_id=row["batch_id"],

@@ -82,6 +82,7 @@ NOT_RUN = {
     "# taskd in a virtual environment of its own": "sets up the system service: root, systemd",
     "taskctl list                     # finds /run/taskd": "the system service's",
     "python3 -m venv ~/.local/share/taskd/venv": "sets up a per-user service: systemd",
+    "[Service]": "a systemd drop-in; tests/e2e/test_tracing.py sets the same variables",
     "# the receiving end: check X-Taskd-Signature": "a receiver's code; tests/e2e/"
     "test_webhooks.py checks the signatures taskd sends the same way",
 }

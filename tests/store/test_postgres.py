@@ -124,9 +124,37 @@ async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:
     assert msgspec.msgpack.decode(delayed.payload) == [1, 2]
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_the_outbox_stores_the_traceparent_given_or_of_the_current_span(
+    store: PostgresStore,
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("app")
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        given = await taskd.outbox.enqueue(
+            connection, "t", traceparent=TRACEPARENT, schema=store.schema
+        )
+        with tracer.start_as_current_span("checkout") as span:
+            ambient = await taskd.outbox.enqueue(connection, "t", schema=store.schema)
+        untraced = await taskd.outbox.enqueue(connection, "t", schema=store.schema)
+    finally:
+        await connection.close()
+    context = span.get_span_context()
+    jobs = [await store.get(result.job_id) for result in (given, ambient, untraced)]
+    assert [job.traceparent for job in jobs if job is not None] == [
+        TRACEPARENT,
+        f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}",
+        None,
+    ]
+
+
 def test_the_outbox_needs_neither_asyncpg_nor_the_daemon() -> None:
     modules = loaded_modules("import taskd.outbox")
-    assert not {"asyncpg", "aiosqlite", "taskd.store.postgres.store"} & modules
+    assert not {"asyncpg", "aiosqlite", "taskd.store.postgres.store", "opentelemetry"} & modules
 
 
 def test_taskd_pg_is_the_outbox_by_its_first_name() -> None:
@@ -144,6 +172,7 @@ def test_taskd_pg_is_the_outbox_by_its_first_name() -> None:
         ({"max_attempts": 0}, "max_attempts: at least 1, got 0"),
         ({"delay": 20 * 365 * 86400}, "delay: at most 10 years, got 20 years"),
         ({"schema": "Robert'); DROP"}, "not a schema name"),
+        ({"traceparent": "00-abc-01"}, "traceparent: expected a W3C traceparent"),
     ],
 )
 async def test_enqueue_refuses_what_it_can_check(options: dict[str, object], message: str) -> None:

@@ -69,6 +69,23 @@ async def test_insert_and_get_round_trip(store: Store) -> None:
     assert await store.get(inserted.job_id + 1000) is None
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_job_keeps_the_traceparent_it_was_created_with(store: Store) -> None:
+    traced, untraced = await store.insert([new(traceparent=TRACEPARENT), new()])
+    (joined,) = await store.insert([new(traceparent=TRACEPARENT.replace("b7", "c8"), key="k")])
+    (again,) = await store.insert([new(key="k", traceparent=TRACEPARENT)])
+    assert again.job_id == joined.job_id and again.duplicate
+    jobs = {job.id: job for job in await store.list_jobs(JobFilter())}
+    assert jobs[traced.job_id].traceparent == TRACEPARENT
+    assert jobs[untraced.job_id].traceparent is None
+    # A job joined by a later request keeps the traceparent of the request that created it.
+    assert jobs[joined.job_id].traceparent == TRACEPARENT.replace("b7", "c8")
+    claimed = {job.id: job for job in (await claim(store)).jobs}
+    assert claimed[traced.job_id].traceparent == TRACEPARENT  # what the attempt is traced under
+
+
 async def test_due_time_from_a_delay_or_a_given_instant(store: Store) -> None:
     delayed, at = await store.insert([new(delay=30), new(run_at=NOW + 99, delay=5)])
     jobs = {job.id: job for job in await store.list_jobs(JobFilter())}

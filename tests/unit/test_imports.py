@@ -10,8 +10,9 @@ HEAVY = {"asyncio", "uvloop", "aiosqlite", "sqlite3", "croniter", "logging", "co
          "prometheus_client", "h11"}  # fmt: skip
 # What taskctl does without, to start in a few milliseconds: the socket module (the C one
 # serves), shutil (argparse's width), the task API.
-AVOIDED = {"socket", "shutil", "selectors", "taskd.definition"}
-ALLOWED_TASKD = {"taskd", "taskd.protocol", "taskd.models"}
+AVOIDED = {"socket", "shutil", "selectors", "taskd.definition", "opentelemetry"}
+# taskd.traceparent: the W3C traceparent a client sends (standard library only).
+ALLOWED_TASKD = {"taskd", "taskd.protocol", "taskd.models", "taskd.traceparent"}
 
 
 def loaded_modules(statement: str) -> set[str]:

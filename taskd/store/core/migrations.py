@@ -9,6 +9,12 @@ from taskd.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
+# Migrations both stores make the same way; `{s}` is where a backend puts its schema's name
+# and a dot (PostgreSQL) or nothing (SQLite).
+# The W3C traceparent of whoever created the job (tracing: its attempts are that span's
+# children), at most 55 characters, checked before it is stored.
+TRACEPARENT_COLUMN = "ALTER TABLE {s}jobs ADD COLUMN traceparent text"
+
 
 def versions_to_apply(version: int, latest: int, name: str) -> range:
     """The migrations a schema at `version` needs; a schema newer than this taskd's is refused."""

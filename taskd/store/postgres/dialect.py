@@ -43,15 +43,15 @@ from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
 INSERT_SQL = """
 WITH new AS (
     INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
-                          parent_id, batch_id, created_at)
+                          parent_id, batch_id, created_at, traceparent)
     SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
-           max_attempts, key, parent_id, batch_id, :now
+           max_attempts, key, parent_id, batch_id, :now, traceparent
     FROM unnest(:task::text[], :origin::text[], :payload::bytea[], :priority::integer[],
                 :run_at::double precision[], :delay::double precision[],
                 :max_attempts::integer[], :key::text[], :parent_id::bigint[],
-                :batch_id::bigint[]) WITH ORDINALITY
+                :batch_id::bigint[], :traceparent::text[]) WITH ORDINALITY
          AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id,
-              batch_id, n)
+              batch_id, traceparent, n)
     ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - :now AS due_in

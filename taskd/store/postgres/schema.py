@@ -7,6 +7,8 @@ statements is that schema's name. No asyncpg here: `taskd.outbox` imports this m
 
 from __future__ import annotations
 
+from taskd.store.core.migrations import TRACEPARENT_COLUMN
+
 # The store's "now", in seconds since the epoch: the database's clock (the statement's
 # start), unless a session sets `taskd.now` (the tests' clock, which the store passes in).
 NOW_FUNCTION = """
@@ -180,6 +182,7 @@ MIGRATIONS: list[list[str]] = [
     ],
     # Each worker's slots (`workers`), for `why` to count the workers busy on every daemon.
     ["ALTER TABLE {s}.nodes ADD COLUMN slots integer NOT NULL DEFAULT 0"],
+    [TRACEPARENT_COLUMN.replace("{s}", "{s}.")],
     # Tasks paused (`taskctl pause NAME`): no attempt of theirs starts until resumed.
     [
         """

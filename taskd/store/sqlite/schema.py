@@ -6,7 +6,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from taskd.store.core.migrations import log_migrated, versions_to_apply
+from taskd.store.core.migrations import TRACEPARENT_COLUMN, log_migrated, versions_to_apply
 
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
@@ -195,6 +195,7 @@ MIGRATIONS: list[list[str]] = [
     ],
     # Each worker's slots (`workers`), for `why` to count the workers busy everywhere.
     ["ALTER TABLE nodes ADD COLUMN slots INTEGER NOT NULL DEFAULT 0"],
+    [TRACEPARENT_COLUMN.format(s="")],
     # Tasks paused (`taskctl pause NAME`): no attempt of theirs starts until resumed.
     [
         """
