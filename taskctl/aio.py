@@ -52,17 +52,20 @@ from taskd.protocol import (
     P,
     Params,
     PauseScheduleParams,
+    PauseTaskParams,
     PruneParams,
     R,
     ReloadParams,
     ReloadResult,
     Request,
     ResumeScheduleParams,
+    ResumeTaskParams,
     RetryParams,
     RunResult,
     SchedulesParams,
     StatusParams,
     SubscribeParams,
+    TaskPauseResult,
     TriggerScheduleParams,
     UnsubscribeParams,
     WaitParams,
@@ -259,6 +262,9 @@ class AsyncClient:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        unique_for: float | str | dt.timedelta | None = None,
+        debounce: float | str | dt.timedelta | None = None,
+        max_wait: float | str | dt.timedelta | None = None,
         traceparent: str | None = None,
         after: Sequence[int] = (),
         after_failure: AfterFailure = "cancel",
@@ -271,6 +277,9 @@ class AsyncClient:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            unique_for=unique_for,
+            debounce=debounce,
+            max_wait=max_wait,
             traceparent=traceparent,
             after=after,
             after_failure=after_failure,
@@ -334,6 +343,12 @@ class AsyncClient:
 
     async def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         return await self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
+
+    async def pause_task(self, task: str) -> TaskPauseResult:
+        return await self._call(protocol.PAUSE_TASK, PauseTaskParams(task))
+
+    async def resume_task(self, task: str) -> TaskPauseResult:
+        return await self._call(protocol.RESUME_TASK, ResumeTaskParams(task))
 
     async def metrics(self) -> str:
         return await self._call(protocol.METRICS, MetricsParams())

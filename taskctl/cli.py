@@ -26,6 +26,7 @@ from taskd.models import (
     since_retry,
 )
 from taskd.protocol import (
+    HELD_REASONS,
     Method,
     client_socket_path,
 )
@@ -216,6 +217,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
             f"taskctl: joined job {job.id} of {job.task}, which was already {state}{whose}",
             file=sys.stderr,
         )
+    if job.status == "pending":
+        _say_what_holds(client, job.id)
     render = _render()
     if args.detach:
         if args.json:
@@ -230,6 +233,14 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
     elif job.status == "succeeded":
         print(render.result_text(job.result))
     return _job_exit(job)
+
+
+def _say_what_holds(client: Client, job_id: int) -> None:
+    """A run that flow control holds back (its task paused, its rate limit) says so on
+    stderr, and waits."""
+    why = client.why(job_id)
+    if why.reason in HELD_REASONS:
+        print(f"taskctl: {why.message}", file=sys.stderr)
 
 
 def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[str], None]) -> Any:
@@ -313,6 +324,9 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         priority=args.priority,
         max_attempts=args.max_attempts,
         key=args.key,
+        unique_for=args.unique_for,
+        debounce=args.debounce,
+        max_wait=args.max_wait,
         traceparent=_traceparent(args),
         after=args.after or (),
         after_failure="run" if args.after_failure == "run" else "cancel",
@@ -321,10 +335,16 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
         _render().print_json(result)
     else:
         print(result.job_id)
-        if result.duplicate:
+        if result.duplicate and args.debounce is not None:
+            print(
+                f"taskctl: job {result.job_id} has key {args.key!r}: if it is still pending, it "
+                "takes this payload and waits again",
+                file=sys.stderr,
+            )
+        elif result.duplicate:
             print(
                 f"taskctl: job {result.job_id} with key {args.key!r} is already pending or "
-                "running; nothing new was enqueued",
+                "running, or was created within its uniqueness window; nothing new was enqueued",
                 file=sys.stderr,
             )
     return Exit.OK
@@ -503,6 +523,26 @@ def cmd_schedules_trigger(client: Client, args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+def cmd_pause(client: Client, args: argparse.Namespace) -> Exit:
+    result = client.pause_task(args.task)
+    already = "" if result.changed else " already"
+    since = _render().stamped(result.since)
+    return _show(
+        args,
+        result,
+        lambda: (
+            f"task {result.task} is{already} paused since {since}: no new job of it "
+            f"starts until `taskctl resume {result.task}`"
+        ),
+    )
+
+
+def cmd_resume(client: Client, args: argparse.Namespace) -> Exit:
+    result = client.resume_task(args.task)
+    state = "resumed" if result.changed else "was not paused"
+    return _show(args, result, lambda: f"task {result.task} {state}: its jobs start as usual")
+
+
 def cmd_completion(client: Client, args: argparse.Namespace) -> Exit:
     from taskctl.completion import script
 
@@ -679,6 +719,14 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--max-attempts", type=positive_int, metavar="N", help=ATTEMPTS_HELP.format(3)),
         Arg("--key", metavar="K",
             help="unique key: no second pending or running job with this key"),
+        Arg("--unique-for", type=duration, metavar="DUR",
+            help="with --key: the key stays taken this long after its job was created, even "
+            "once it has finished (default: the task's unique_for)"),
+        Arg("--debounce", type=duration, metavar="DUR",
+            help="with --key: while that key's job is pending, take this payload and make it "
+            "due DUR from now (a burst of enqueues runs once, with the last payload)"),
+        Arg("--max-wait", type=duration, metavar="DUR",
+            help="with --debounce: never later than this after the first enqueue"),
         TRACEPARENT,
         Arg("--after", type=positive_int, action="append", metavar="ID",
             help="wait until job ID has succeeded (repeat for several jobs)"),
@@ -728,6 +776,8 @@ COMMANDS: tuple[Command, ...] = (
             help="delete finished jobs older than this (1d, 12h ...), whatever the retention"),
     )),
     Command("reload", cmd_reload, protocol.RELOAD),
+    Command("pause", cmd_pause, protocol.PAUSE_TASK, (NAME,)),
+    Command("resume", cmd_resume, protocol.RESUME_TASK, (NAME,)),
     Command("metrics", cmd_metrics, protocol.METRICS),
     Command("schedules", cmd_schedules, protocol.SCHEDULES, actions=(
         schedule_action("pause", cmd_schedules_pause, protocol.PAUSE_SCHEDULE),

@@ -60,6 +60,7 @@ from taskd.protocol import (
     P,
     Params,
     PauseScheduleParams,
+    PauseTaskParams,
     PruneParams,
     R,
     RawReply,
@@ -67,12 +68,14 @@ from taskd.protocol import (
     ReloadResult,
     Request,
     ResumeScheduleParams,
+    ResumeTaskParams,
     RetryParams,
     RunParams,
     RunResult,
     SchedulesParams,
     StatusParams,
     SubscribeParams,
+    TaskPauseResult,
     TriggerScheduleParams,
     UnsubscribeParams,
     WaitParams,
@@ -147,6 +150,9 @@ def enqueue_params(
     priority: int = 0,
     max_attempts: int | None = None,
     key: str | None = None,
+    unique_for: float | str | dt.timedelta | None = None,
+    debounce: float | str | dt.timedelta | None = None,
+    max_wait: float | str | dt.timedelta | None = None,
     traceparent: str | None = None,
     after: Sequence[int] = (),
     after_failure: AfterFailure = "cancel",
@@ -156,6 +162,9 @@ def enqueue_params(
 
     `traceparent` (W3C) defaults to the caller's current OpenTelemetry span, if any."""
     return EnqueueParams(
+        debounce=seconds(debounce),
+        max_wait=seconds(max_wait),
+        unique_for=seconds(unique_for),
         task=task,
         payload=encode_payload(payload),
         delay=seconds(delay),
@@ -439,6 +448,9 @@ class Client:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        unique_for: float | str | dt.timedelta | None = None,
+        debounce: float | str | dt.timedelta | None = None,
+        max_wait: float | str | dt.timedelta | None = None,
         traceparent: str | None = None,
         after: Sequence[int] = (),
         after_failure: AfterFailure = "cancel",
@@ -456,6 +468,9 @@ class Client:
             priority=priority,
             max_attempts=max_attempts,
             key=key,
+            unique_for=unique_for,
+            debounce=debounce,
+            max_wait=max_wait,
             traceparent=traceparent,
             after=after,
             after_failure=after_failure,
@@ -536,6 +551,15 @@ class Client:
     def trigger_schedule(self, schedule: str) -> ScheduleInfo:
         """Fire a schedule now; `last_jobs` of the result are the jobs it started or joined."""
         return self._call(protocol.TRIGGER_SCHEDULE, TriggerScheduleParams(schedule))
+
+    def pause_task(self, task: str) -> TaskPauseResult:
+        """Start no new job of the task, on any daemon sharing the store, until it is resumed
+        (its jobs still queue up; running ones finish). Remembered across restarts."""
+        return self._call(protocol.PAUSE_TASK, PauseTaskParams(task))
+
+    def resume_task(self, task: str) -> TaskPauseResult:
+        """Let a paused task's jobs start again."""
+        return self._call(protocol.RESUME_TASK, ResumeTaskParams(task))
 
     def metrics(self) -> str:
         """The Prometheus exposition of the daemon (text format), as `GET /metrics` gives it."""

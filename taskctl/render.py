@@ -111,7 +111,9 @@ def tasks_table(tasks: list[TaskInfo]) -> str:
             t.name,
             ", ".join(t.schedules) or "-",
             local_time(t.next_run_at, now),
-            t.description,
+            t.description
+            if t.paused_since is None
+            else f"(paused since {local_time(t.paused_since, now)}) {t.description}".rstrip(),
         ]
         for t in tasks
     ]
@@ -316,6 +318,15 @@ def status_detail(status: Status) -> str:
     ]
     if status.store_failing is not None:
         lines.append(store_failing_line(status.store_failing))
+    if status.paused_tasks:
+        now = time.time()
+        lines.append(
+            "  paused:    "
+            + ", ".join(
+                f"{task} (since {local_time(since, now)})"
+                for task, since in sorted(status.paused_tasks.items())
+            )
+        )
     if len(status.nodes) > 1:
         lines.append(
             "  nodes:     "

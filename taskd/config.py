@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import msgspec.inspect
 
-from taskd.models import did_you_mean, parse_duration
+from taskd.models import SingleFlight, did_you_mean, parse_duration, parse_rate
 from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
 
 
@@ -49,10 +49,15 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff: Seconds | None = None
     max_backoff: Seconds | None = None
     concurrency: int | None = None
+    rate_limit: str | None = None  # "10/s", "600/m", "100/15m": see README, "Flow control"
+    unique_for: Seconds | None = None  # an enqueue's key stays taken this long
+    single_flight: SingleFlight | None = None  # "task", "payload" or "none"
     on_failure: str | None = None  # a task enqueued when a job fails after its last attempt
     on_success: str | None = None  # a task enqueued when a job succeeds
 
     def __post_init__(self) -> None:
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)
         for field in ("max_attempts", "concurrency"):
             value = getattr(self, field)
             if value is not None and value < 1:
@@ -347,7 +352,7 @@ def _bare(annotation: Any) -> Any:
     """The type of a setting, without its markings and its None."""
     if typing.get_origin(annotation) is Annotated:
         annotation = typing.get_args(annotation)[0]
-    if isinstance(annotation, types.UnionType):
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         others = [member for member in typing.get_args(annotation) if member is not type(None)]
         return others[0] if len(others) == 1 else annotation
     return annotation

@@ -315,7 +315,7 @@ class Daemon:
         status = StatusMethods(store, tasks, self._info(node, store), self)
         dispatch = Dispatch(
             JobMethods(store, engine.submitter, tasks, engine.activity).bindings(),
-            ScheduleMethods(self._scheduler, tasks).bindings(),
+            ScheduleMethods(self._scheduler, tasks, store).bindings(),
             status.bindings(),
             NodeMethods(store, self, metrics).bindings(),
         )

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from taskd.models import parse_duration
+from taskd.models import SINGLE_FLIGHT_MODES, parse_duration, parse_rate
 from taskd.traceparent import current_traceparent
 
 if TYPE_CHECKING:  # logging costs milliseconds that taskctl, which imports taskd, does not pay
@@ -128,12 +128,18 @@ class TaskContext:
         priority: int = 0,
         max_attempts: int | None = None,
         key: str | None = None,
+        unique_for: float | str | None = None,
+        debounce: float | str | None = None,
+        max_wait: float | str | None = None,
         after: Sequence[int] = (),
         after_failure: Literal["cancel", "run"] = "cancel",
     ) -> int:
         """Enqueue task `name` like `taskctl enqueue` and return the job id; with `after`,
         the job waits until those jobs have succeeded."""
         options = {
+            "debounce": None if debounce is None else _seconds(debounce, "debounce"),
+            "max_wait": None if max_wait is None else _seconds(max_wait, "max_wait"),
+            "unique_for": None if unique_for is None else _seconds(unique_for, "unique_for"),
             "delay": None if delay is None else _seconds(delay, "delay"),
             "run_at": run_at,
             "priority": priority,
@@ -227,7 +233,10 @@ class TaskDefinition:
         "name",
         "on_failure",
         "on_success",
+        "rate_limit",
+        "single_flight",
         "timeout",
+        "unique_for",
     )
 
     def __init__(
@@ -241,6 +250,9 @@ class TaskDefinition:
         backoff: float | str | None,
         max_backoff: float | str | None,
         concurrency: int | None,
+        rate_limit: str | None = None,
+        unique_for: float | str | None = None,
+        single_flight: str | None = None,
         on_failure: str | None = None,
         on_success: str | None = None,
     ) -> None:
@@ -255,6 +267,16 @@ class TaskDefinition:
         self.max_backoff = None if max_backoff is None else _seconds(max_backoff, "max_backoff")
         self.max_attempts = _at_least_one(max_attempts, "max_attempts")
         self.concurrency = _at_least_one(concurrency, "concurrency")
+        if rate_limit is not None:
+            parse_rate(rate_limit)  # its error names the mistake, at import
+        self.rate_limit = rate_limit
+        self.unique_for = None if unique_for is None else _seconds(unique_for, "unique_for")
+        if single_flight not in (None, *SINGLE_FLIGHT_MODES):
+            raise ValueError(
+                f"single_flight must be one of {', '.join(map(repr, SINGLE_FLIGHT_MODES))}, "
+                f"got {single_flight!r}"
+            )
+        self.single_flight = single_flight
         self.on_failure = _task_name(on_failure, "on_failure")
         self.on_success = _task_name(on_success, "on_success")
 
@@ -276,6 +298,9 @@ def define_task(
     backoff: float | str | None = None,
     max_backoff: float | str | None = None,
     concurrency: int | None = None,
+    rate_limit: str | None = None,
+    unique_for: float | str | None = None,
+    single_flight: str | None = None,
     on_failure: str | None = None,
     on_success: str | None = None,
 ) -> Any:
@@ -290,6 +315,13 @@ def define_task(
     TypedDict or dataclass gets those it declares, so that a strict one
     (`forbid_unknown_fields`) need not declare them. Either way the task can read them as
     `ctx.scheduled_time` (a datetime) and `ctx.cron`.
+
+    `concurrency` and `rate_limit` ("10/s", "600/m", "100/15m": at most that many attempts
+    start per period) are counted by the job store across every daemon sharing it.
+    `unique_for` ("10m") keeps the key of an enqueue taken that long after its job was
+    created, even once it has finished. `single_flight` says which concurrent runs share an
+    execution: "task" (all of them, the default), "payload" (those with equal payloads) or
+    "none" (each run gets its own job).
 
     `on_failure` and `on_success` name tasks (hooks) enqueued, in the transaction that
     records it, when a job of this task fails after its last attempt or succeeds, with the
@@ -306,6 +338,9 @@ def define_task(
             backoff=backoff,
             max_backoff=max_backoff,
             concurrency=concurrency,
+            rate_limit=rate_limit,
+            unique_for=unique_for,
+            single_flight=single_flight,
             on_failure=on_failure,
             on_success=on_success,
         )

@@ -29,6 +29,11 @@ AfterFailure = Literal["cancel", "run"]
 
 # The unique key a `run` uses unless it is given one: at most one active run per task.
 RUN_KEY = "@run"
+# How concurrent runs of a task share an execution (Nitro's concurrency modes): "task", all
+# of them (the key RUN_KEY); "payload", those with equal payloads (by a canonical hash);
+# "none", none (each run its own job).
+SingleFlight = Literal["task", "payload", "none"]
+SINGLE_FLIGHT_MODES: tuple[SingleFlight, ...] = ("task", "payload", "none")
 
 
 class AttemptError(msgspec.Struct, frozen=True):
@@ -168,7 +173,10 @@ class TaskInfo(msgspec.Struct, frozen=True):
     backoff: float | None = None
     max_backoff: float | None = None
     concurrency: int | None = None
+    rate_limit: str | None = None  # "10/s": at most that many attempts start per period
+    single_flight: SingleFlight = "task"  # which concurrent runs share an execution
     payload_schema: dict[str, Any] | None = None
+    paused_since: float | None = None  # `taskctl pause NAME`: no job of it starts until resumed
     on_success: str | None = None  # the task enqueued when one of its jobs succeeds
     on_failure: str | None = None  # ... and when one fails after its last attempt
 
@@ -342,6 +350,7 @@ class Status(msgspec.Struct, frozen=True):
     # Lines of taskd's own log dropped since it started: its output (the journal, a pipe)
     # did not take them as fast as they came.
     log_dropped: int = 0
+    paused_tasks: dict[str, float] = {}  # task -> since when it is paused (`taskctl pause`)
 
 
 class Peer(msgspec.Struct, frozen=True):
@@ -407,6 +416,24 @@ def parse_duration(text: str) -> float:
     if not spec:
         raise ValueError("invalid duration '': it is empty")
     return total
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """A rate limit such as `10/s`, `600/m`, `1000/h`, `5/d` or `100/15m`: (starts, period
+    in seconds). Raises ValueError with a message meant for the person who wrote it."""
+    count, slash, period = str(text).partition("/")
+    try:
+        starts = int(count.strip())
+        unit = period.strip().lower()
+        seconds = _UNIT_SECONDS[unit] if unit in _UNIT_SECONDS else parse_duration(unit)
+    except ValueError:
+        starts, seconds = 0, 0.0
+    if not slash or starts < 1 or seconds <= 0:
+        raise ValueError(
+            f"invalid rate limit {text!r}: use starts per period, such as 10/s, 600/m, "
+            "1000/h or 100/15m"
+        )
+    return starts, seconds
 
 
 def format_duration(seconds: float) -> str:

@@ -329,6 +329,14 @@ class EnqueueParams(Params):
     priority: Priority = 0
     max_attempts: Attempts | None = None
     key: Key | None = None
+    # With `key`: the key stays taken this long after its job was created, even once that
+    # job has finished (default: the task's `unique_for`).
+    unique_for: Duration | None = None
+    # With `key`: while its job is pending, an enqueue with the key replaces its payload and
+    # makes it due `debounce` seconds from now, but never later than `max_wait` seconds
+    # after its first enqueue.
+    debounce: Duration | None = None
+    max_wait: Duration | None = None
     traceparent: Traceparent | None = None
     after: Parents = []
     # A parent that fails or is cancelled cancels the job ("cancel"), or not ("run").
@@ -350,6 +358,8 @@ ENQUEUE = Method(
         "taskctl enqueue jobs:send-email --delay 5m --payload "
         """'{"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"}'""",
         "taskctl enqueue reports:daily --at 2027-01-04T08:00:00+01:00 --key 2027-01-04",
+        "taskctl enqueue hello --key welcome-ada --unique-for 1h",
+        "taskctl enqueue hello --key reindex --debounce 2s --max-wait 30s",
         "taskctl enqueue hello --after 42",
     ),
 )
@@ -548,7 +558,8 @@ PAUSE_SCHEDULE = Method(
     PauseScheduleParams,
     ScheduleInfo,
     writes=True,
-    help="stop a schedule ticking (remembered across restarts)",
+    help="stop a schedule ticking (remembered across restarts); its task's jobs queued "
+    "otherwise still start (to hold those back, see `taskctl pause TASK`)",
     examples=("taskctl schedules pause nightly-index",),
 )
 
@@ -578,6 +589,46 @@ TRIGGER_SCHEDULE = Method(
     writes=True,
     help="fire a schedule now; its regular ticks stay",
     examples=("taskctl schedules trigger nightly-index",),
+)
+
+
+class PauseTaskParams(Params):
+    task: str
+
+
+class TaskPauseResult(msgspec.Struct, frozen=True):
+    """A task's state after `pause_task` or `resume_task`: paused since `since` (Unix
+    seconds; kept from the first pause), or not paused (None); `changed` is false when it
+    already was so."""
+
+    task: str
+    since: float | None
+    changed: bool
+
+
+PAUSE_TASK = Method(
+    "pause_task",
+    PauseTaskParams,
+    TaskPauseResult,
+    writes=True,
+    help="start no new job of a task, on any daemon, until it is resumed (jobs still queue "
+    "up; running ones finish; remembered across restarts). For a schedule's ticks, see "
+    "`taskctl schedules pause`",
+    examples=("taskctl pause jobs:send-email",),
+)
+
+
+class ResumeTaskParams(Params):
+    task: str
+
+
+RESUME_TASK = Method(
+    "resume_task",
+    ResumeTaskParams,
+    TaskPauseResult,
+    writes=True,
+    help="let a paused task's jobs start again",
+    examples=("taskctl resume jobs:send-email",),
 )
 
 
@@ -666,6 +717,10 @@ class WhyResult(msgspec.Struct, frozen=True):
     at: float | None = None
 
 
+# The `why` reasons of a pending job that flow control holds back (README: "Flow
+# control"): `taskctl run` says so on stderr while it waits.
+HELD_REASONS = ("task_paused", "rate_limit", "shared_limit")
+
 WHY = Method(
     "why",
     WhyParams,
@@ -680,7 +735,7 @@ METHODS: dict[str, Method[Any, Any]] = {
     for method in (
         HELLO, LIST_TASKS, RUN, ENQUEUE, ENQUEUE_MANY, BATCH, JOB, JOBS, WAIT, CANCEL, RETRY,
         STATUS, PRUNE, RELOAD, SCHEDULES, PAUSE_SCHEDULE, RESUME_SCHEDULE, TRIGGER_SCHEDULE,
-        METRICS, LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
+        PAUSE_TASK, RESUME_TASK, METRICS, LOGS, SUBSCRIBE, UNSUBSCRIBE, WHY,
     )
 }  # fmt: skip
 

@@ -73,8 +73,9 @@ class Slots:
     def request(self, want: int) -> ClaimRequest:
         """A claim of `want` jobs, with the concurrency limits of the tasks loaded now."""
         limits = {t.name: t.concurrency for t in self._tasks if t.concurrency is not None}
+        rates = {t.name: t.rate_interval for t in self._tasks if t.rate_interval is not None}
         self.limited = set(limits)
-        return ClaimRequest(self.worker, want, self.lease, limits)
+        return ClaimRequest(self.worker, want, self.lease, limits, rates)
 
     def claim_request(self) -> ClaimRequest | None:
         """A claim for the free slots, to make in another write (a run's insert, a tick's):

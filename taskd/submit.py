@@ -7,6 +7,7 @@ through here, so payloads are validated once, in one way, before anything is sto
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -20,6 +21,7 @@ from taskd.models import (
     Hook,
     Job,
     JobOrigin,
+    SingleFlight,
     did_you_mean,
     since_retry,
 )
@@ -68,6 +70,9 @@ class JobRequest(msgspec.Struct, frozen=True):
     max_attempts: int | None = None
     key: str | None = None
     parent_id: int | None = None
+    unique_for: float | None = None  # with a key: taken this long after its job's creation
+    debounce: float | None = None  # with a key: a pending job's payload and due time move
+    max_wait: float | None = None  # ... never past its first enqueue and this
     traceparent: str | None = None  # W3C: the span that asked for it (tracing)
     after: tuple[int, ...] = ()  # the jobs it waits for
     after_failure: AfterFailure = "cancel"
@@ -132,18 +137,23 @@ class Submitter:
         priority = request.priority
         if priority is None:
             priority = RUN_PRIORITY if request.single_flight else 0
-        key = RUN_KEY if request.single_flight and request.key is None else request.key
+        key = request.key
+        if request.single_flight and key is None:
+            key = run_key(task.single_flight, request.payload)
         return NewJob(
             task=task.name,
             payload=request.payload,
             origin=request.origin,
-            delay=request.delay or 0.0,
+            delay=request.delay or request.debounce or 0.0,
             run_at=request.run_at,
             max_attempts=request.max_attempts
             or default_attempts(request.single_flight, task.max_attempts),
             priority=priority,
             key=key,
             parent_id=request.parent_id,
+            unique_for=None if request.key is None else _first(request.unique_for, task.unique_for),
+            debounce=request.debounce,
+            max_wait=request.max_wait,
             traceparent=request.traceparent,
             after=request.after,
             after_failure=request.after_failure,
@@ -155,6 +165,16 @@ class Submitter:
         protocol's types state (a client's request was checked as it was decoded)."""
         if (problem := rule_broken(request.delay, request.run_at, request.key)) is not None:
             raise InvalidRequest(problem)
+        if request.debounce is not None and request.key is None:
+            raise InvalidRequest(
+                "debounce gathers the enqueues of one key into one job: give a key with it"
+            )
+        if request.max_wait is not None and request.debounce is None:
+            raise InvalidRequest("max_wait bounds a debounce: give debounce with it")
+        if request.debounce is not None and (request.delay, request.run_at) != (None, None):
+            raise InvalidRequest("give debounce or delay/run_at, not both")
+        if request.unique_for is not None and request.key is None:
+            raise InvalidRequest("unique_for keeps a key taken for a while: give a key with it")
         if request.origin == "task":
             options = {
                 "delay": request.delay,
@@ -162,6 +182,9 @@ class Submitter:
                 "priority": request.priority,
                 "max_attempts": request.max_attempts,
                 "key": request.key,
+                "unique_for": request.unique_for,
+                "debounce": request.debounce,
+                "max_wait": request.max_wait,
                 "traceparent": request.traceparent,
                 "after": list(request.after),
             }
@@ -290,3 +313,25 @@ def encode_payload(payload: Any) -> bytes:
         return msgspec.msgpack.encode(payload)
     except (TypeError, ValueError, OverflowError) as exc:
         raise PayloadInvalid(f"payload cannot be encoded: {exc}") from None
+
+
+def _first(given: float | None, default: float | None) -> float | None:
+    return given if given is not None else default
+
+
+_canonical = msgspec.msgpack.Encoder(order="sorted")
+
+
+def run_key(mode: SingleFlight, payload: bytes) -> str | None:
+    """The key a run without one is given, which decides the runs it joins: every run of
+    its task ("task"), those with an equal payload ("payload": a hash of the payload with
+    its maps' keys sorted), or none ("none")."""
+    if mode == "none":
+        return None
+    if mode == "payload":
+        try:
+            canonical = _canonical.encode(msgspec.msgpack.decode(payload))
+        except (msgspec.DecodeError, RecursionError):  # the payload was checked already
+            canonical = payload
+        return f"{RUN_KEY}:{hashlib.sha256(canonical).hexdigest()}"
+    return RUN_KEY

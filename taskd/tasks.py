@@ -18,7 +18,7 @@ import msgspec
 
 from taskd.config import TaskOptions
 from taskd.definition import TaskContext, TaskDefinition
-from taskd.models import Hook, TaskInfo, did_you_mean
+from taskd.models import Hook, SingleFlight, TaskInfo, did_you_mean, parse_rate
 from taskd.policy import default_attempts
 
 MODULE_PREFIX = "taskd_tasks."
@@ -72,10 +72,14 @@ class Task:
         "payload_decoder",
         "payload_schema",
         "payload_type",
+        "rate_interval",
+        "rate_limit",
+        "single_flight",
         "takes_context",
         "takes_payload",
         "timeout",
         "undeclared_tick_fields",
+        "unique_for",
     )
 
     def __init__(self, name: str, file: Path, definition: TaskDefinition, options: TaskOptions):
@@ -88,6 +92,16 @@ class Task:
         self.backoff = _first(options.backoff, definition.backoff)
         self.max_backoff = _first(options.max_backoff, definition.max_backoff)
         self.concurrency = _first(options.concurrency, definition.concurrency)
+        self.rate_limit = _first(options.rate_limit, definition.rate_limit)
+        self.unique_for = _first(options.unique_for, definition.unique_for)
+        self.single_flight: SingleFlight = (
+            options.single_flight or definition.single_flight or "task"
+        )
+        # Seconds between two starts under the rate limit (None: none).
+        self.rate_interval: float | None = None
+        if self.rate_limit is not None:
+            starts, period = parse_rate(self.rate_limit)
+            self.rate_interval = period / starts
         self.on_failure = _first(options.on_failure, definition.on_failure)
         self.on_success = _first(options.on_success, definition.on_success)
         self.is_async = inspect.iscoroutinefunction(self.fn)
@@ -157,6 +171,8 @@ class Task:
             backoff=self.backoff,
             max_backoff=self.max_backoff,
             concurrency=self.concurrency,
+            rate_limit=self.rate_limit,
+            single_flight=self.single_flight,
             payload_schema=self.payload_schema,
             on_success=self.on_success,
             on_failure=self.on_failure,

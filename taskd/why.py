@@ -23,6 +23,9 @@ class Facts(msgspec.Struct, frozen=True):
     busy: int  # slots taken: this daemon's, and the running jobs of the others alive
     workers: int  # this daemon's slots and those of the others alive
     stopping: bool
+    paused_since: float | None = None  # the task is paused (`taskctl pause`) since then
+    rate_limit: str | None = None  # the task's rate limit ("10/s"), if it has one
+    next_start: float | None = None  # when that limit next allows a start
     parents: tuple[tuple[int, str, str], ...] = ()  # (id, task, status) of those it waits for
     daemons: int = 1  # alive and sharing the store, this one included
 
@@ -30,6 +33,7 @@ class Facts(msgspec.Struct, frozen=True):
 def explain(job: Job, facts: Facts) -> WhyResult:
     """The reason code, the sentence and the timeline of `job`."""
     reason, message, until = _reason(job, facts)
+    now = facts.now
     return WhyResult(
         id=job.id,
         task=job.task,
@@ -38,7 +42,7 @@ def explain(job: Job, facts: Facts) -> WhyResult:
         message=f"job {job.id} ({job.task}) {message}",
         until=until,
         timeline=timeline(job),
-        at=_named_moment(job, facts.now),
+        at=facts.paused_since if reason == "task_paused" else until or _named_moment(job, now),
     )
 
 
@@ -69,6 +73,9 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
         return "unknown_task", f"waits for task {job.task}, which taskd has not loaded", None
     if facts.stopping:
         return "draining", "waits: taskd is stopping and starts no new jobs", None
+    if facts.paused_since is not None:
+        since = utc_stamp(facts.paused_since)
+        return "task_paused", f"waits: task {job.task} is paused (since {since})", None
     if job.run_at > now:
         if job.attempts > 0:
             message = (
@@ -78,6 +85,12 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
             )
             return "retry_backoff", message, job.run_at
         return "delayed", f"waits for its delay, until {_when(job.run_at, now)}", job.run_at
+    if facts.rate_limit is not None and facts.next_start is not None and facts.next_start > now:
+        message = (
+            f"waits for its rate limit ({facts.rate_limit}): next start at "
+            f"{utc_stamp(facts.next_start)}"
+        )
+        return "rate_limit", message, facts.next_start
     if facts.concurrency is not None and facts.task_running >= facts.concurrency:
         message = (
             f"waits for its task's concurrency limit ({facts.concurrency}): "

@@ -33,6 +33,7 @@ from taskd.http.api import (
     NitroTasks,
     Route,
     RunBody,
+    TaskPath,
     TaskResult,
     path_pattern,
 )
@@ -52,6 +53,8 @@ from taskd.protocol import (
     ListTasksParams,
     LogsParams,
     MetricsParams,
+    PauseTaskParams,
+    ResumeTaskParams,
     RetryParams,
     RpcError,
     RunParams,
@@ -315,6 +318,14 @@ class HttpApi:
     async def retry_job(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         job_id = _path_params(path, JobParams).id
         return _json(200, _plain(await self._dispatch.call(protocol.RETRY, RetryParams(job_id))))
+
+    async def pause_task(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = PauseTaskParams(_path_params(path, TaskPath).name)
+        return _json(200, await self._dispatch.call(protocol.PAUSE_TASK, params))
+
+    async def resume_task(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
+        params = ResumeTaskParams(_path_params(path, TaskPath).name)
+        return _json(200, await self._dispatch.call(protocol.RESUME_TASK, params))
 
     async def health(self, request: HttpRequest, path: dict[str, str]) -> HttpResponse:
         try:

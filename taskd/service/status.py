@@ -4,7 +4,7 @@ why a job is not running yet (`why`), and whether the store is healthy (HTTP's /
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import msgspec
@@ -92,6 +92,11 @@ class StatusMethods:
                 if parent is not None and parent.status in ("pending", "running"):
                     parents.append((parent.id, parent.task, parent.status))
         slots = self._node.slots()
+        paused = await self._store.paused_tasks() if job.status == "pending" else {}
+        rate_limit = task.rate_limit if task is not None else None
+        starts: Mapping[str, float] = {}
+        if job.status == "pending" and task is not None and task.rate_interval is not None:
+            starts = await self._store.rate_limit_starts({job.task: task.rate_interval})
         busy, workers, daemons = slots.busy, slots.workers, 1
         if job.status == "pending":  # the other daemons sharing the store take jobs too
             for node in await self._store.nodes():
@@ -100,6 +105,9 @@ class StatusMethods:
         facts = Facts(
             parents=tuple(parents),
             now=await self._store.clock(),  # run_at and the rest are the store's instants
+            paused_since=paused.get(job.task),
+            rate_limit=rate_limit,
+            next_start=starts.get(job.task),
             task_loaded=task is not None,
             concurrency=task.concurrency if task is not None else None,
             task_running=running,
@@ -148,6 +156,7 @@ class StatusMethods:
             slots=WorkerSlots(slots.busy, slots.claimed_ahead, slots.ending),
             store_failing=self._store.health.report(),
             log_dropped=dropped_lines(),
+            paused_tasks=dict(await self._store.paused_tasks()),
         )
 
     async def healthy(self) -> None:

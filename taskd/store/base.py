@@ -22,7 +22,8 @@ The contract:
   recovery, so that two daemons can never take the same job (SQLite: one writer; a server:
   `FOR UPDATE SKIP LOCKED`). Ids come from the database.
 - **Limits across everyone.** `claim` gets each task's configured concurrency and counts
-  the task's running jobs whoever runs them. A running job that waits for another job
+  the task's running jobs whoever runs them; it starts no job of a paused task
+  (`set_task_paused`, remembered in the store). A running job that waits for another job
   (`set_waiting`, for `ctx.run_task`) counts against neither.
 - **Fencing.** Each claim increments the job's `epoch`; an outcome, a lease renewal or a
   change of the waiting flag applies only while the job runs under that worker (and epoch).
@@ -134,6 +135,14 @@ class NewJob(msgspec.Struct, frozen=True):
     parent_id: int | None = None
     delay: float = 0.0
     run_at: float | None = None
+    # With a key: a job of the task with this key created less than this many seconds ago,
+    # whatever its status, is returned instead (a uniqueness window).
+    unique_for: float | None = None
+    # With a key: if a job of the task with this key is pending, its payload is replaced and
+    # it is due `debounce` seconds from now, never later than `max_wait` after it was created;
+    # that job is returned (else this one is inserted, due in `delay` = `debounce`).
+    debounce: float | None = None
+    max_wait: float | None = None
     traceparent: str | None = None  # the W3C traceparent of whoever created it
     after: tuple[int, ...] = ()
     after_failure: AfterFailure = "cancel"
@@ -181,12 +190,15 @@ class ClaimRequest(msgspec.Struct, frozen=True):
 
     `limits` is the configured concurrency of the tasks that have one: the store counts
     each task's running jobs across every worker (those waiting for another job excepted).
+    `rates` is, for the tasks with a rate limit, the seconds between two of their starts:
+    the store spaces the starts of each across every worker (taskd.store.core.flow).
     """
 
     worker: str
     limit: int
     lease: float
     limits: Mapping[str, int] = {}
+    rates: Mapping[str, float] = {}
 
 
 class Claimed(msgspec.Struct, frozen=True):
@@ -318,7 +330,8 @@ class Store(Protocol):
     # -- job writes ----------------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[NewJob]) -> list[Inserted]:
-        """Insert jobs; one with the task and key of an active job returns that job instead."""
+        """Insert jobs; one with the task and key of an active job returns that job instead,
+        and so does one with `unique_for` and the key of a job created within that window."""
 
     async def insert_and_claim(
         self, jobs: Sequence[NewJob], claim: ClaimRequest
@@ -411,6 +424,20 @@ class Store(Protocol):
 
     async def queue_depth(self) -> int:
         """How many jobs are pending (cheap: for status lines updated as jobs come and go)."""
+
+    # -- flow control --------------------------------------------------------------------
+
+    async def set_task_paused(self, task: str, paused: bool) -> float | None:
+        """Pause a task (no attempt of it starts on any daemon, its jobs wait as pending) or
+        resume it; since when it is paused now (pausing a paused task keeps its time), None
+        once resumed."""
+
+    async def paused_tasks(self) -> Mapping[str, float]:
+        """The paused tasks, and since when."""
+
+    async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
+        """When the rate limit of each of these tasks (task -> seconds between starts) next
+        allows a start (those that have started a job under one); a time past means now."""
 
     # -- schedules -----------------------------------------------------------------------
 

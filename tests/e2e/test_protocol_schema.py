@@ -427,6 +427,20 @@ def case_trigger_schedule(connection: Checked, daemon: Taskd, folder: Path) -> N
     assert fired["last_outcome"] == "succeeded" and fired["last_jobs"][0]["status"]
 
 
+def case_pause_task(connection: Checked, daemon: Taskd, folder: Path) -> None:
+    paused = connection.result("pause_task", {"task": "chatty"})
+    assert paused["changed"] and paused["since"] is not None
+    assert not connection.result("pause_task", {"task": "chatty"})["changed"]
+    connection.result("resume_task", {"task": "chatty"})
+    assert connection.error("pause_task", {"task": "nope"}) == "unknown_task"
+
+
+def case_resume_task(connection: Checked, daemon: Taskd, folder: Path) -> None:
+    connection.result("pause_task", {"task": "chatty"})
+    resumed = connection.result("resume_task", {"task": "chatty"})
+    assert resumed["changed"] and resumed["since"] is None
+
+
 def case_metrics(connection: Checked, daemon: Taskd, folder: Path) -> None:
     assert connection.result("metrics").startswith("# HELP")
 

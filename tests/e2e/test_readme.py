@@ -547,6 +547,8 @@ def test_the_help_examples_run_against_make_runs_daemon(checkout: Path, example:
         assert done.returncode == 0, done.stdout + done.stderr
     if (paused := re.match(r"taskctl schedules pause (.*)", command)) is not None:
         assert bash(f"taskctl schedules resume {paused.group(1)}", checkout).returncode == 0
+    if (paused := re.match(r"taskctl pause (.*)", command)) is not None:
+        assert bash(f"taskctl resume {paused.group(1)}", checkout).returncode == 0
 
 
 def _quits_with_q(command: str, root: Path) -> bool:

@@ -175,6 +175,7 @@ async def test_a_claim_reads_only_what_it_can_take(tmp_path: Path) -> None:
         await store.close()
     db = sqlite3.connect(tmp_path / "jobs.db")
     params = {"now": NOW, "limit": 16, "limits": '{"throttled": 1}', "worker": worker,
+              "quotas": '{"throttled": 0, "later": 0}',
               "lease": 60}  # fmt: skip
     for sql in (
         f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES}) SELECT id FROM candidates",

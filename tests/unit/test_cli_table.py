@@ -25,9 +25,12 @@ def test_the_exit_statuses_help_lists_every_status() -> None:
 
 
 def test_a_command_for_a_method_says_what_the_method_declares() -> None:
-    commands = [*COMMANDS, *(action for command in COMMANDS for action in command.actions)]
-    for command in commands:
-        method = METHODS.get(command.name) or METHODS.get(f"{command.name}_schedule")
+    # `pause NAME` pauses a task, `schedules pause ID` a schedule.
+    commands = [(command, "task") for command in COMMANDS] + [
+        (action, "schedule") for command in COMMANDS for action in command.actions
+    ]
+    for command, of in commands:
+        method = METHODS.get(command.name) or METHODS.get(f"{command.name}_{of}")
         if method is not None:
             assert (command.help, command.examples) == (method.help, method.examples)
         assert command.help and command.examples, f"{command.name} needs a help and examples"

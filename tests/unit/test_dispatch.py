@@ -24,7 +24,7 @@ NOTHING: Any = None  # binding a handler does not use what the class would use
 def concerns() -> list[Any]:
     return [
         JobMethods(NOTHING, NOTHING, NOTHING, NOTHING).bindings(),
-        ScheduleMethods(NOTHING, NOTHING).bindings(),
+        ScheduleMethods(NOTHING, NOTHING, NOTHING).bindings(),
         StatusMethods(NOTHING, NOTHING, NOTHING, NOTHING).bindings(),
         NodeMethods(NOTHING, NOTHING, NOTHING).bindings(),
     ]

@@ -19,8 +19,7 @@ LISTINGS = {
     "AttemptError": "filled by `job` only (empty elsewhere): `",
     "ConnectionStats": "`connections`: `",
     "EnqueueManyResult": "of `invalid_params`, `$.jobs[i]...`). Result: `",
-    "EnqueueResult": "duplicate returns the existing job. The reply is sent after the job has been "
-    "committed\nto disk. Result: `",
+    "EnqueueResult": "The reply is\nsent after the job has been committed\nto disk. Result: `",
     "ErrorBody": "| `error`  | map  | `",
     "FiredJob": "the jobs of the last firing: `",
     "HelloResult": "- result: `",
@@ -44,6 +43,7 @@ LISTINGS = {
     "TimelineEvent": '"timeline": [',
     "WhyResult": "as the daemon\nsees it in the job store. Result: `",
     "RunResult": "with it, at once.\nResult: `",
+    "TaskPauseResult": "survives restarts. Result:\n`",
     "BatchInfo": "(a batch's id). Result: `",
 }
 # The reply envelope is documented by its own table and rules ("Requests and replies").

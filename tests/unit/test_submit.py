@@ -40,3 +40,17 @@ def test_the_rules_beyond_the_types_hold_for_every_request() -> None:
         SUBMITTER.prepare(JobRequest("echo", b"\xc0", "enqueue", delay=1.0, run_at=2.0))
     with pytest.raises(InvalidRequest, match="reserved for taskd"):
         SUBMITTER.prepare(JobRequest("echo", b"\xc0", "run", key="@mine"))
+
+
+def test_run_keys_by_concurrency_mode() -> None:
+    import msgspec
+
+    from taskd.submit import run_key
+
+    ab = msgspec.msgpack.encode({"a": 1, "b": [1, {"y": 2, "x": 1}]})
+    ba = msgspec.msgpack.encode({"b": [1, {"x": 1, "y": 2}], "a": 1})
+    other = msgspec.msgpack.encode({"a": 2, "b": [1, {"x": 1, "y": 2}]})
+    assert run_key("task", ab) == run_key("task", other) == "@run"
+    assert run_key("none", ab) is None
+    assert run_key("payload", ab) == run_key("payload", ba) != run_key("payload", other)
+    assert (run_key("payload", ab) or "").startswith("@run:")

@@ -37,6 +37,11 @@ def facts(**fields: object) -> Facts:
         (pending(), facts(concurrency=2, task_running=2), "concurrency_limit"),
         (pending(), facts(concurrency=2, task_running=1), "due"),
         (pending(), facts(busy=4), "workers_busy"),
+        (pending(), facts(paused_since=NOW - 5), "task_paused"),
+        (pending(run_at=NOW + 30), facts(paused_since=NOW - 5), "task_paused"),
+        (pending(), facts(rate_limit="10/s", next_start=NOW + 0.3), "rate_limit"),
+        (pending(), facts(rate_limit="10/s", next_start=NOW - 0.3), "due"),
+        (pending(run_at=NOW + 30), facts(rate_limit="10/s", next_start=NOW + 0.3), "delayed"),
         # A stopping daemon starts nothing, whatever else holds the job back.
         (pending(run_at=NOW + 30), facts(stopping=True, busy=4), "draining"),
         (pending(), facts(task_loaded=False, stopping=True), "unknown_task"),
@@ -73,3 +78,17 @@ def test_a_timeline_in_order_with_each_attempt() -> None:
         ("started", 2, "m/1"),
         ("succeeded", 2, "m/1"),
     ]
+
+
+def test_flow_control_says_what_holds_the_job_and_until_when() -> None:
+    paused = explain(pending(), facts(paused_since=NOW - 5))
+    assert (
+        paused.message
+        == "job 7 (report) waits: task report is paused (since 1970-01-12 13:46:35 UTC)"
+    )
+    assert paused.at == NOW - 5 and paused.until is None
+    limited = explain(pending(), facts(rate_limit="10/s", next_start=NOW + 3))
+    assert limited.message == (
+        "job 7 (report) waits for its rate limit (10/s): next start at 1970-01-12 13:46:43 UTC"
+    )
+    assert limited.until == limited.at == NOW + 3

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +24,13 @@ class Dialect(Protocol):
     errors_sql: str  # a job's attempt errors (`:id`), oldest first
     queue_depth_sql: str  # `n`: the pending jobs
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
+    lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
+
+    def flow_lock(self, exclusive: bool) -> Statement | None:
+        """Orders the claims (shared) after a pause (exclusive) that committed before them
+        and before their claim statement (SQLite: its one writer does; None)."""
+        ...
 
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         """Inserts the jobs but those whose key is taken; returns id, task, key, due_in."""
@@ -34,8 +40,13 @@ class Dialect(Protocol):
         """The active jobs with these (task, key): id, task, key."""
         ...
 
-    def claim(self, request: ClaimRequest) -> Steps[tuple[list[Row], float | None]]:
-        """Marks the jobs the request takes running; their rows, and when the next is due."""
+    def claim(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[list[Row]]:
+        """Marks the jobs the request takes running, no more of a task than its room under
+        its concurrency limit and its quota (`quotas`: taskd.store.core.flow); their rows."""
+        ...
+
+    def next_due(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[float | None]:
+        """In how many seconds the next pending job of a task with room is due (None: none)."""
         ...
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:

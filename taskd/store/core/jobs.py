@@ -25,13 +25,20 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
-from taskd.store.core import batches, deps, webhooks
+from taskd.store.core import batches, deps, flow, webhooks
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
 
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds a writer long
+MAX_WAIT = 10 * 365 * 86400.0  # a debounce without max_wait: ten years (no bound)
+# When a debounced job is due again: `debounce` from now, never past `max_wait` after it was
+# created (a job waiting for its parents keeps that time in `release_at`).
+DEBOUNCED = (
+    "CASE WHEN :now + :debounce < created_at + :max_wait THEN :now + :debounce"
+    " ELSE created_at + :max_wait END"
+)
 
 # What a claim does to each job it takes for :worker.
 CLAIMED = (
@@ -100,9 +107,33 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     job with parents (`after`) waits for them."""
     parents = yield from deps.lock_parents(tx, jobs)
     results: list[Inserted | None] = [None] * len(jobs)
-    remaining = list(range(len(jobs)))
+    remaining = []
+    for index, job in enumerate(jobs):
+        if job.key is not None and job.debounce is not None:
+            moved = yield Statement(
+                f"UPDATE {{s}}.jobs SET payload = :payload,"
+                f" run_at = CASE WHEN blocked > 0 THEN run_at ELSE {DEBOUNCED} END,"
+                f" release_at = CASE WHEN blocked > 0 THEN {DEBOUNCED} ELSE release_at END"
+                " WHERE task = :task AND key = :key AND status = 'pending' RETURNING id",
+                {"payload": job.payload, "debounce": job.debounce, "task": job.task,
+                 "key": job.key, "max_wait": MAX_WAIT if job.max_wait is None else job.max_wait},
+            )  # fmt: skip
+            if moved:  # the pending job of the key takes this payload, and waits again
+                results[index] = Inserted(moved[0]["id"], duplicate=True)
+                continue
+        if job.key is not None and job.unique_for is not None:
+            taken = yield Statement(
+                "SELECT id FROM {s}.jobs WHERE task = :task AND key = :key"
+                " AND created_at >= :now - :window ORDER BY id DESC LIMIT 1",
+                {"task": job.task, "key": job.key, "window": job.unique_for},
+            )
+            if taken:  # its key is still taken: within the uniqueness window
+                results[index] = Inserted(taken[0]["id"], duplicate=True)
+                continue
+        remaining.append(index)
     for _ in range(INSERT_ROUNDS):
-        remaining = yield from _insert_round(tx, jobs, remaining, results)
+        if remaining:
+            remaining = yield from _insert_round(tx, jobs, remaining, results)
         if not remaining:
             inserted = cast(list[Inserted], results)  # a round fills in each job it returns not
             if parents:
@@ -180,10 +211,21 @@ def claim_jobs(tx: Tx, requests: list[ClaimRequest]) -> Steps[list[Claimed]]:
 
 
 def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
-    rows, next_due_in = yield from tx.sql.claim(request)
+    """The due jobs the request may take (flow control: `taskd.store.core.flow`), and when
+    to claim again: at once if it took all it asked for, else when the next job is due or
+    a task held back may start again."""
+    held = yield from flow.holds(tx, request)
+    rows = yield from tx.sql.claim(request, held.quotas)
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
     tx.notes.claimed(jobs)
-    return Claimed(jobs=jobs, next_due_in=next_due_in)
+    yield from flow.started(tx, request, held, jobs)
+    if len(jobs) == request.limit:
+        return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
+    left = held.left(jobs)
+    due = yield from tx.sql.next_due(request, left)
+    if (wake := (yield from flow.wake(tx, request, held, left))) is not None:
+        due = wake if due is None else min(due, wake)
+    return Claimed(jobs=jobs, next_due_in=due)
 
 
 def claim_in(tx: Tx, request: ClaimRequest | None) -> Steps[Claimed | None]:

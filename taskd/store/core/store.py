@@ -38,7 +38,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.batching import GroupCommit
-from taskd.store.core import activity, batches, jobs, nodes, reads, schedules
+from taskd.store.core import activity, batches, flow, jobs, nodes, reads, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
 from taskd.store.core.notes import Notes, tell
@@ -295,6 +295,21 @@ class SqlStore:
     @store_read
     async def queue_depth(self) -> int:
         return await self._read(reads.queue_depth)
+
+    # -- flow control --------------------------------------------------------------------
+
+    @store_write
+    async def set_task_paused(self, task: str, paused: bool) -> float | None:
+        (since,) = await self._commits.submit(flow.set_task_paused, [(task, paused)])
+        return since
+
+    @store_read
+    async def paused_tasks(self) -> Mapping[str, float]:
+        return await self._read(flow.paused_tasks)
+
+    @store_read
+    async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
+        return await self._read(flow.rate_limit_starts, dict(rates))
 
     # -- schedules -----------------------------------------------------------------------
 

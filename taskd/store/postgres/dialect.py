@@ -14,7 +14,7 @@ psycopg's (`taskd.outbox`).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -78,13 +78,17 @@ SELECT pg_advisory_xact_lock(k) FROM (
     ORDER BY k) AS keys
 """
 
-# Counts against concurrency limits: running, and not waiting for another job.
+# Counts against concurrency limits: running, and not waiting for another job. A task in
+# :tasks has a concurrency limit (:caps, NULL: none) or a quota of jobs this claim may start
+# (:quotas, NULL: none; flow control: 0 for a paused task, what its rate limit allows now).
 CLAIM_SQL = compose(
     """
 WITH limited AS (
-    SELECT t.task, greatest(0, t.cap - (SELECT count(*) FROM {s}.jobs r
-        WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting)) AS room
-    FROM unnest(:tasks::text[], :caps::integer[]) AS t(task, cap)
+    SELECT t.task, greatest(0, least(
+        coalesce(t.cap - (SELECT count(*) FROM {s}.jobs r
+            WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting), :limit),
+        coalesce(t.quota, :limit))) AS room
+    FROM unnest(:tasks::text[], :caps::integer[], :quotas::integer[]) AS t(task, cap, quota)
 ), picked AS (
     SELECT * FROM (
         SELECT id, priority, run_at FROM {s}.jobs
@@ -110,8 +114,9 @@ RETURNING {columns}
 
 NEXT_DUE_SQL = """
 WITH full_tasks AS (
-    SELECT t.task FROM unnest(:tasks::text[], :caps::integer[]) AS t(task, cap)
-    WHERE (SELECT count(*) FROM {s}.jobs r
+    SELECT t.task FROM unnest(:tasks::text[], :caps::integer[], :quotas::integer[])
+        AS t(task, cap, quota)
+    WHERE coalesce(t.quota, 1) <= 0 OR (SELECT count(*) FROM {s}.jobs r
            WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting) >= t.cap
 )
 SELECT min(run_at) - :now AS due_in FROM {s}.jobs
@@ -225,6 +230,7 @@ class PostgresSql:
     )
     queue_depth_sql = "SELECT count(*) AS n FROM {s}.jobs WHERE status = 'pending'"
     trim_logs_sql = trim_logs_sql("octet_length(message)")
+    lock_rows = " FOR UPDATE"
     # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
     lock_shared = " FOR SHARE"
 
@@ -232,6 +238,15 @@ class PostgresSql:
         self.schema = schema
         self.channel = channel(schema)
         self.sender = sender
+
+    def flow_lock(self, exclusive: bool) -> Statement | None:
+        # A claim reads what holds jobs back before its claim statement: a pause waits for
+        # the claims in flight, and the claims after it see it.
+        kind = "" if exclusive else "_shared"
+        return Statement(
+            f"SELECT pg_advisory_xact_lock{kind}(hashtextextended(:key, 0))",
+            {"key": f"taskd:{self.schema}:flow"},
+        )
 
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         params = _arrays(jobs, NewJob.__struct_fields__)
@@ -242,20 +257,27 @@ class PostgresSql:
             ACTIVE_KEYS_SQL, {"tasks": [key[0] for key in keys], "keys": [key[1] for key in keys]}
         )
 
-    def claim(self, request: ClaimRequest) -> Steps[tuple[list[Row], float | None]]:
-        tasks, caps = list(request.limits), list(request.limits.values())
-        if tasks:
-            yield Statement(LOCK_LIMITED_SQL, {"tasks": tasks, "prefix": f"taskd:{self.schema}:"})
-        rows = yield Statement(
-            CLAIM_SQL,
-            {"worker": request.worker, "limit": request.limit, "lease": request.lease,
-             "tasks": tasks, "caps": caps},
+    def claim(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[list[Row]]:
+        params = _claim_params(request, quotas)
+        # Two daemons must not both fill the same room: the tasks whose room this claim
+        # counts are locked (a quota is its own lock: taskd.store.core.flow).
+        locked = [task for task in request.limits if quotas.get(task) != 0]
+        if locked:
+            yield Statement(LOCK_LIMITED_SQL, {"tasks": locked, "prefix": f"taskd:{self.schema}:"})
+        return (
+            yield Statement(
+                CLAIM_SQL,
+                {"worker": request.worker, "limit": request.limit, "lease": request.lease,
+                 **params},
+            )
         )  # fmt: skip
-        (next_due,) = yield Statement(NEXT_DUE_SQL, {"tasks": tasks, "caps": caps})
-        due_in = next_due["due_in"]
+
+    def next_due(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[float | None]:
+        (next_due,) = yield Statement(NEXT_DUE_SQL, _claim_params(request, quotas))
+        due_in: float | None = next_due["due_in"]
         if due_in is None or due_in >= HELD / 2:  # only jobs waiting for their parents
-            return rows, None
-        return rows, max(0.0, due_in)
+            return None
+        return max(0.0, due_in)
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
         errors = [outcome.error or NO_FAILURE for outcome in outcomes]
@@ -281,6 +303,16 @@ class PostgresSql:
 OUTCOME_FIELDS = ("job_id", "epoch", "worker", "status", "result", "retry_in")
 FAILURE_FIELDS = ("kind", "message", "traceback")
 NO_FAILURE = SimpleNamespace(**dict.fromkeys(FAILURE_FIELDS))
+
+
+def _claim_params(request: ClaimRequest, quotas: Mapping[str, int]) -> dict[str, list[Any]]:
+    """The tasks a claim counts (with a concurrency limit or a quota), as arrays."""
+    tasks = list({**request.limits, **quotas})
+    return {
+        "tasks": tasks,
+        "caps": [request.limits.get(task) for task in tasks],
+        "quotas": [quotas.get(task) for task in tasks],
+    }
 
 
 def _arrays(items: Sequence[Any], fields: Sequence[str]) -> dict[str, list[Any]]:

@@ -183,6 +183,28 @@ MIGRATIONS: list[list[str]] = [
     # Each worker's slots (`workers`), for `why` to count the workers busy on every daemon.
     ["ALTER TABLE {s}.nodes ADD COLUMN slots integer NOT NULL DEFAULT 0"],
     [TRACEPARENT_COLUMN.replace("{s}", "{s}.")],
+    # Tasks paused (`taskctl pause NAME`): no attempt of theirs starts until resumed.
+    [
+        """
+        CREATE TABLE {s}.paused_tasks (
+            task text PRIMARY KEY,
+            since double precision NOT NULL
+        )
+        """,
+    ],
+    # Rate limits (GCRA): per limit, the theoretical arrival time of its next start.
+    [
+        """
+        CREATE TABLE {s}.rate_limits (
+            kind text NOT NULL,
+            name text NOT NULL,
+            tat double precision NOT NULL,
+            PRIMARY KEY (kind, name)
+        )
+        """,
+    ],
+    # Uniqueness windows (`unique_for`): the jobs of a task and key, by creation.
+    ["CREATE INDEX jobs_task_key ON {s}.jobs (task, key, created_at) WHERE key IS NOT NULL"],
 ]
 
 

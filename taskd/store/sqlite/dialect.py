@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -39,7 +39,9 @@ INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bo
 # skipping along the pending jobs' (task, priority, run_at, id) index, and each task's room
 # under its concurrency limit (:limits, JSON: {task: limit}). A claim reads, per queue of a
 # task with room, only the due jobs it may take, so that delayed jobs and the backlog of a
-# task at its limit cost nothing however many they are.
+# task at its limit cost nothing however many they are. :quotas (JSON: {task: n}) caps the
+# jobs of a task this claim may start (flow control: 0 for a paused task, what its rate
+# limit allows now).
 QUEUES = """
 tasks(task) AS (
     SELECT min(task) FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'
@@ -58,9 +60,13 @@ queues(task, priority) AS (
     FROM queues AS q WHERE q.priority IS NOT NULL
 ),
 room(task, free) AS MATERIALIZED (
-    SELECT limits.key, max(0, limits.value - (SELECT count(*) FROM jobs
-        WHERE task = limits.key AND status = 'running' AND NOT waiting))
-    FROM tasks JOIN json_each(:limits) AS limits ON limits.key = tasks.task
+    SELECT tasks.task, min(
+        coalesce((SELECT max(0, l.value - (SELECT count(*) FROM jobs
+            WHERE task = tasks.task AND status = 'running' AND NOT waiting))
+            FROM json_each(:limits) AS l WHERE l.key = tasks.task), :limit),
+        coalesce((SELECT q.value FROM json_each(:quotas) AS q WHERE q.key = tasks.task), :limit))
+    FROM tasks WHERE tasks.task IN (SELECT key FROM json_each(:limits)
+                                    UNION ALL SELECT key FROM json_each(:quotas))
 )"""
 # The jobs a claim takes: of each queue of a task with room, its first due jobs; of those,
 # no more per task than its room, in claim order, at most :limit.
@@ -109,10 +115,14 @@ class SqliteSql:
         "SELECT count(*) AS n FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'"
     )
     trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
+    lock_rows = ""  # one writer
     lock_shared = ""  # one writer: nothing else writes until the commit
 
     def __init__(self, now: float) -> None:
         self.now = now
+
+    def flow_lock(self, exclusive: bool) -> Statement | None:
+        return None  # one writer: a pause and a claim never overlap
 
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         params: list[Any] = []
@@ -138,21 +148,15 @@ class SqliteSql:
             [value for key in keys for value in key],
         )
 
-    def claim(self, request: ClaimRequest) -> Steps[tuple[list[Row], float | None]]:
-        params = {
-            "limit": request.limit,
-            "limits": json.dumps(dict(request.limits)),
-            "worker": request.worker,
-            "lease": request.lease,
-        }
-        rows = yield Statement(CLAIM_SQL, params)
-        if len(rows) == request.limit:
-            return rows, 0.0  # there may be more: no need to look
-        (next_due,) = yield Statement(NEXT_DUE_SQL, params)
-        due = next_due["due"]
+    def claim(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[list[Row]]:
+        return (yield Statement(CLAIM_SQL, _claim_params(request, quotas)))
+
+    def next_due(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[float | None]:
+        (next_due,) = yield Statement(NEXT_DUE_SQL, _claim_params(request, quotas))
+        due: float | None = next_due["due"]
         if due is None or due >= HELD:  # only jobs waiting for their parents
-            return rows, None
-        return rows, max(0.0, due - self.now)
+            return None
+        return max(0.0, due - self.now)
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
         params: list[Any] = [self.now]
@@ -227,6 +231,16 @@ class SqliteSql:
             {**params, "worker": worker, "lease": lease},
         )
         return {row["id"] for row in rows}
+
+
+def _claim_params(request: ClaimRequest, quotas: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        "limit": request.limit,
+        "limits": json.dumps(dict(request.limits)),
+        "quotas": json.dumps(dict(quotas)),
+        "worker": request.worker,
+        "lease": request.lease,
+    }
 
 
 @lru_cache(maxsize=64)

@@ -196,6 +196,28 @@ MIGRATIONS: list[list[str]] = [
     # Each worker's slots (`workers`), for `why` to count the workers busy everywhere.
     ["ALTER TABLE nodes ADD COLUMN slots INTEGER NOT NULL DEFAULT 0"],
     [TRACEPARENT_COLUMN.format(s="")],
+    # Tasks paused (`taskctl pause NAME`): no attempt of theirs starts until resumed.
+    [
+        """
+        CREATE TABLE paused_tasks (
+            task TEXT PRIMARY KEY,
+            since REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ],
+    # Rate limits (GCRA): per limit, the theoretical arrival time of its next start.
+    [
+        """
+        CREATE TABLE rate_limits (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            tat REAL NOT NULL,
+            PRIMARY KEY (kind, name)
+        ) WITHOUT ROWID
+        """,
+    ],
+    # Uniqueness windows (`unique_for`): the jobs of a task and key, by creation.
+    ["CREATE INDEX jobs_task_key ON jobs (task, key, created_at) WHERE key IS NOT NULL"],
 ]
 
 
