@@ -148,8 +148,8 @@ def resource(environ: Mapping[str, str]) -> Resource:
     return found
 
 
-class AttemptSpan:
-    """The span of one attempt, current while its task runs."""
+class _Span:
+    """A span, and its W3C traceparent for the jobs made under it."""
 
     __slots__ = ("span", "traceparent")
 
@@ -159,6 +159,12 @@ class AttemptSpan:
         self.traceparent = format_traceparent(
             context.trace_id, context.span_id, int(context.trace_flags)
         )
+
+
+class AttemptSpan(_Span):
+    """The span of one attempt, current while its task runs."""
+
+    __slots__ = ()
 
     @contextlib.contextmanager
     def current(self) -> Iterator[None]:
@@ -283,15 +289,10 @@ class Tracing:
         return not closing.is_alive()
 
 
-class TickSpan:
-    __slots__ = ("span", "traceparent")
+class TickSpan(_Span):
+    """The span of one firing of a schedule (a tick or a trigger)."""
 
-    def __init__(self, span: Span) -> None:
-        self.span = span
-        context = span.get_span_context()
-        self.traceparent = format_traceparent(
-            context.trace_id, context.span_id, int(context.trace_flags)
-        )
+    __slots__ = ()
 
     def fired(self, fired: bool, job_ids: list[int], joined: int) -> None:
         self.span.set_attribute("taskd.fired", fired)

@@ -549,23 +549,14 @@ class HttpServer:
         ]
         if close or self._closing:
             headers.append(("Connection", "close"))
-        protocol = connection.protocol
         reason = http.HTTPStatus(response.status).phrase.encode()
-        data = protocol.send(
+        events: list[Any] = [
             h11.Response(status_code=response.status, headers=headers, reason=reason)
-        )
+        ]
         if response.body and connection.method != b"HEAD":
-            data = (data or b"") + (protocol.send(h11.Data(data=response.body)) or b"")
-        data = (data or b"") + (protocol.send(h11.EndOfMessage()) or b"")
-        if connection.writer.is_closing():  # closed to make room for another
-            raise ConnectionResetError("the connection was closed")
-        connection.writer.write(data)
-        try:
-            async with asyncio.timeout(self._config.read_timeout):
-                await connection.writer.drain()
-        except TimeoutError:
-            connection.writer.transport.abort()
-            raise
+            events.append(h11.Data(data=response.body))
+        events.append(h11.EndOfMessage())
+        await self._write(connection, events)
 
     async def _stream(self, connection: _Connection, response: HttpResponse) -> None:
         """Send a response whose body goes on: `GET /events`, until taskd stops or the client
@@ -635,7 +626,7 @@ class HttpServer:
     async def _write(self, connection: _Connection, events: list[Any]) -> None:
         """Send h11 events; a client that does not read them within read_timeout is dropped."""
         data = b"".join(connection.protocol.send(event) or b"" for event in events)
-        if connection.writer.is_closing():
+        if connection.writer.is_closing():  # closed to make room for another
             raise ConnectionResetError("the connection was closed")
         connection.writer.write(data)
         try:
