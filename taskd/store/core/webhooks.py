@@ -1,7 +1,7 @@
 """Webhook events ([[webhook]] in taskd.toml) as jobs of the built-in task WEBHOOK_TASK,
 inserted in the transaction that records what they tell of (a job's end, a batch's end, a
-schedule's missed ticks): a crash never loses one nor makes two. The rules come with the transaction (`Tx.webhooks`);
-a delivery's own end triggers none."""
+schedule's missed ticks): a crash never loses one nor makes two. The rules come with the
+transaction (`Tx.webhooks`); a delivery's own end triggers none."""
 
 from __future__ import annotations
 
