@@ -100,12 +100,13 @@ class Schedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_catch_up must be at least 1, got {self.max_catch_up}")
 
 
-WEBHOOK_EVENTS = ("job.failed", "job.succeeded", "job.cancelled", "batch.finished")
-# Events the issue names that taskd cannot deliver yet, and why.
-UNDELIVERED_EVENTS = {
-    "schedule.missed": "taskd logs the ticks a schedule missed but keeps no record of them "
-    "in the job store to deliver from",
-}
+WEBHOOK_EVENTS = (
+    "job.failed",
+    "job.succeeded",
+    "job.cancelled",
+    "batch.finished",
+    "schedule.missed",
+)
 
 
 class Webhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -126,8 +127,6 @@ class Webhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not self.events:
             raise ValueError(f"events is empty; name some of {', '.join(WEBHOOK_EVENTS)}")
         for event in self.events:
-            if event in UNDELIVERED_EVENTS:
-                raise ValueError(f"event {event!r} is not delivered: {UNDELIVERED_EVENTS[event]}")
             if event not in WEBHOOK_EVENTS:
                 raise ValueError(
                     f"unknown event {event!r}{did_you_mean(event, WEBHOOK_EVENTS)}"

@@ -133,7 +133,9 @@ class Hook(msgspec.Struct, frozen=True):
 # The built-in task that delivers webhook events ([[webhook]] in taskd.toml); its jobs'
 # own ends trigger no webhook, so that deliveries never loop.
 WEBHOOK_TASK = "taskd:webhook"
-WebhookEvent = Literal["job.failed", "job.succeeded", "job.cancelled", "batch.finished"]
+WebhookEvent = Literal[
+    "job.failed", "job.succeeded", "job.cancelled", "batch.finished", "schedule.missed"
+]
 
 
 class WebhookRule(msgspec.Struct, frozen=True):

@@ -16,7 +16,10 @@ started and less than ON_TIME_WINDOW ago; earlier due ticks were missed (taskd w
 the machine was suspended, the clock was set forward) and the schedule's catch_up decides:
 "skip" fires none, "latest" the most recent one unless an on-time tick fires anyway, "all"
 up to max_catch_up of the most recent ones, one run after another. A tick at or before the
-last one dealt with is never fired again, whatever the clock does.
+last one dealt with is never fired again, whatever the clock does. The ticks that go by
+unfired are reported (a schedule.missed webhook event, if a [[webhook]] wants it) by the
+write that covers the schedule past them, guarded by the covered_until they were counted
+from: of several daemons, only the first to move it reports them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -34,7 +38,7 @@ from taskd.cron import CronError, iso, next_tick, normalize, recent_ticks
 from taskd.faults import crash_point
 from taskd.models import FiredJob, JobStatus, ScheduleInfo
 from taskd.schedules import CatchUp, ScheduleSpec
-from taskd.store import JobNotFound, NewJob, ScheduleState, Store, StoreError
+from taskd.store import JobNotFound, MissedTicks, NewJob, ScheduleState, Store, StoreError
 from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter, UnknownTask
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only where taskd traces
@@ -43,6 +47,10 @@ if TYPE_CHECKING:  # OpenTelemetry is imported only where taskd traces
 logger = logging.getLogger(__name__)
 
 ON_TIME_WINDOW = 60.0  # a due tick noticed later than this was missed, not merely late
+# A schedule.missed webhook event lists the first missed ticks up to this, and counts them
+# up to MISSED_COUNTED (a year of an every-second schedule would take minutes to count).
+MISSED_LISTED = 100
+MISSED_COUNTED = 1000
 # The loop's sleep is measured on the monotonic clock, which stops while the machine is
 # suspended and ignores changes to the wall clock; waking at least this often notices both
 # (and a schedule resumed by another daemon sharing the store).
@@ -80,6 +88,42 @@ def plan_firings(
     if catch_up == "latest" and on_time is None:
         return missed[-1:], None
     return [], on_time
+
+
+def missed_ticks(
+    spec: ScheduleSpec, after: float, now: float, fired: Sequence[float]
+) -> MissedTicks | None:
+    """The ticks in (`after`, `now`] that go by unfired (the `fired` ones are the latest),
+    for a schedule.missed event; None if there are none. Pure, but counting may take a few
+    tenths of a second: run it in a thread."""
+    assert spec.cron is not None
+    until = min(fired) if fired else math.inf
+    listed: list[str] = []
+    count, last, tick = 0, after, after
+    while True:
+        tick = next_tick(spec.cron, spec.zone, tick)
+        if tick > now or tick >= until:
+            exact = True
+            break
+        if count == MISSED_COUNTED:
+            exact = False
+            last = recent_ticks(spec.cron, spec.zone, after, min(now, until - 0.001), 1)[-1]
+            break
+        count, last = count + 1, tick
+        if len(listed) < MISSED_LISTED:
+            listed.append(iso(tick, spec.zone))
+    if not count:
+        return None
+    return MissedTicks(
+        schedule=spec.id,
+        tasks=spec.tasks,
+        after=after,
+        missed=listed,
+        count=count,
+        exact=exact,
+        last=iso(last, spec.zone),
+        fired=iso(min(fired), spec.zone) if fired else None,
+    )
 
 
 def outcome(jobs: Sequence[FiredJob]) -> str | None:
@@ -278,18 +322,26 @@ class Scheduler:
         if missed := [tick for tick in due if tick != on_time]:
             self._log_missed(spec, after, missed[-1], catch_up)
         ticks = catch_up + ([on_time] if on_time is not None else [])
+        report = None
+        if missed and state.covered_until is not None and self._reports_missed():
+            report = await asyncio.to_thread(missed_ticks, spec, state.covered_until, now, ticks)
         state.covered_until = max(after, now)  # here even if the store fails: no busy loop
         self._schedule_next(entry)
         if len(ticks) == 1:
-            await self._fire(entry, ticks[0], covered_until=now)
+            await self._fire(entry, ticks[0], covered_until=now, missed=report)
             return
         try:
-            await self._store.cover_schedules([spec.id], until=now)
+            await self._store.cover_schedules(
+                [spec.id], until=now, missed=[report] if report is not None else []
+            )
         except StoreError as exc:
             logger.error('schedule "%s": cannot save what was dealt with: %s', spec.id, exc)
             return
         if ticks:  # "all": one run after another, without holding up the loop
             self._start_catch_up(entry, ticks)
+
+    def _reports_missed(self) -> bool:
+        return any("schedule.missed" in rule.events for rule in self._store.webhooks)
 
     def _log_missed(
         self, spec: ScheduleSpec, after: float, last: float, catch_up: list[float]
@@ -336,16 +388,17 @@ class Scheduler:
         *,
         regular: bool = True,
         covered_until: float | None = None,
+        missed: MissedTicks | None = None,
     ) -> list[FiredJob]:
         """Start each task of the schedule for `tick` (a task that cannot be started is
         logged and spares the others) in one write with the tick's record. Only `regular`
         firings are ticks (unique, moving last_tick); a trigger is not. Where taskd traces,
         the firing is a span, and its jobs are its children."""
         if self._tracing is None:
-            return await self._fire_traced(entry, tick, regular, covered_until, None)
+            return await self._fire_traced(entry, tick, regular, covered_until, missed, None)
         spec = entry.spec
         with self._tracing.tick(spec.id, spec.expression, tick, regular=regular) as span:
-            return await self._fire_traced(entry, tick, regular, covered_until, span)
+            return await self._fire_traced(entry, tick, regular, covered_until, missed, span)
 
     async def _fire_traced(
         self,
@@ -353,6 +406,7 @@ class Scheduler:
         tick: float,
         regular: bool,
         covered_until: float | None,
+        missed: MissedTicks | None,
         span: TickSpan | None,
     ) -> list[FiredJob]:
         spec = entry.spec
@@ -373,6 +427,7 @@ class Scheduler:
                     jobs,
                     covered_until=covered_until,
                     claim=claim if jobs else None,
+                    missed=missed,
                 ),
                 lambda result: result.claimed,
             )

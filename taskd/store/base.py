@@ -253,6 +253,24 @@ class TickFired(msgspec.Struct, frozen=True):
     claimed: Claimed | None = None
 
 
+class MissedTicks(msgspec.Struct, frozen=True):
+    """Ticks of a schedule that went by unfired (taskd was down, catch_up dropped them),
+    reported as a `schedule.missed` webhook event by the transaction that moves the
+    schedule's covered_until from `after`, the value it was read with: of the daemons that
+    deal with the same ticks, only the first reports them. `missed` holds the first of them
+    (ISO times), `count` how many there were, counted up to a bound (`exact` False past it);
+    `last` is the latest, `fired` the tick fired instead, if any."""
+
+    schedule: str
+    tasks: tuple[str, ...]
+    after: float
+    missed: list[str]
+    count: int
+    exact: bool
+    last: str
+    fired: str | None = None
+
+
 class ProgressNote(msgspec.Struct, frozen=True):
     """A running job's latest progress, as of `ago` seconds before the write; applies only
     while the job is at claim `epoch`."""
@@ -448,8 +466,11 @@ class Store(Protocol):
         """Remember schedules: those new to the store, or never covered, are covered until
         `first_seen` (the ticks after it that go by unfired are the missed ones)."""
 
-    async def cover_schedules(self, ids: Sequence[str], until: float) -> None:
-        """Every tick of these schedules up to `until` has been dealt with (never moves back)."""
+    async def cover_schedules(
+        self, ids: Sequence[str], until: float, *, missed: Sequence[MissedTicks] = ()
+    ) -> None:
+        """Every tick of these schedules up to `until` has been dealt with (never moves back);
+        `missed` ticks of them are reported in the same transaction."""
 
     async def set_paused(
         self, schedule: str, paused: bool, *, covered_until: float | None = None
@@ -465,9 +486,11 @@ class Store(Protocol):
         *,
         covered_until: float | None = None,
         claim: ClaimRequest | None = None,
+        missed: MissedTicks | None = None,
     ) -> TickFired:
         """Insert a tick's jobs and record the firing in one transaction (with `claim`,
-        claiming in it too, as `insert_and_claim` does).
+        claiming in it too, as `insert_and_claim` does), reporting the `missed` ticks
+        before it in that transaction.
 
         A tick fires once, however many daemons try: the store keeps a unique (schedule,
         tick) row. `tick` None is a firing out of schedule (trigger), unique in nothing.

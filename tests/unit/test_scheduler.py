@@ -13,9 +13,16 @@ import pytest
 
 from taskd.config import Config, load_config
 from taskd.daemon import Engine, build_engine
-from taskd.models import Job
+from taskd.models import WEBHOOK_TASK, Job, WebhookRule
 from taskd.news import DaemonNews
-from taskd.scheduler import AmbiguousSchedule, Scheduler, UnknownSchedule, plan_firings
+from taskd.scheduler import (
+    MISSED_COUNTED,
+    MISSED_LISTED,
+    AmbiguousSchedule,
+    Scheduler,
+    UnknownSchedule,
+    plan_firings,
+)
 from taskd.schedules import ScheduleSpec, load_schedules
 from taskd.store import JobFilter, ScheduleState, Store
 from taskd.submit import Submitter
@@ -24,6 +31,7 @@ from tests.support import FIXTURE_TASKS, Clock
 
 T = dt.datetime(2026, 6, 1, 10, 0, tzinfo=dt.UTC).timestamp()  # a whole minute, UTC
 EVERY_SECOND = '[scheduled_tasks]\n"* * * * * *" = "echo"\n'
+MISSED_RULE = WebhookRule("http://127.0.0.1:9/hooks", frozenset({"schedule.missed"}), ("e*",))
 
 
 class Harness:
@@ -244,6 +252,84 @@ async def test_all_fires_the_latest_missed_ticks_one_run_after_another(
     for before, after in itertools.pairwise(caught_up):
         assert before.finished_at is not None and after.started_at is not None
         assert before.finished_at <= after.started_at  # back to back, never overlapping
+
+
+def iso_utc(instant: float) -> str:
+    return dt.datetime.fromtimestamp(instant, dt.UTC).isoformat()
+
+
+async def missed_events(harness: Harness) -> list[dict[str, object]]:
+    """The schedule parts of the schedule.missed deliveries in the store, oldest first."""
+    events = []
+    for job in await harness.jobs(WEBHOOK_TASK):
+        delivery = payload(job)
+        assert delivery["event"] == "schedule.missed", delivery
+        body = msgspec.json.decode(str(delivery["body"]))
+        assert body["event"] == "schedule.missed"
+        events.append(body["schedule"])
+    return events
+
+
+@pytest.mark.parametrize(
+    ("catch_up", "missed", "fired"),
+    [
+        ("skip", range(2, 11), None),  # T+2..T+10 went by unfired
+        ("latest", range(2, 10), 10),  # T+10 fired, in the transaction that reports the rest
+        ("all", range(2, 7), 7),  # T+7..T+10 caught up (max_catch_up = 4)
+    ],
+)
+async def test_missed_ticks_are_reported_once_as_a_webhook_event(
+    harness: Harness,
+    running: Callable[[], Engine],
+    catch_up: str,
+    missed: range,
+    fired: int | None,
+) -> None:
+    harness.store.webhooks = (MISSED_RULE,)
+    if catch_up == "all":
+        running()  # the caught-up ticks run one after another
+    await restart_after_downtime(harness, catch_up, max_catch_up=4)
+    await harness.at(await harness.scheduler(EVERY_SECOND, started_at=T + 11.5), T + 12.001)
+    (event,) = await missed_events(harness)  # none for the ticks on time, none on a restart
+    assert event == {
+        "id": "* * * * * *",
+        "tasks": ["echo"],
+        "missed": [iso_utc(T + n) for n in missed],
+        "count": len(missed),
+        "count_exact": True,
+        "last": iso_utc(T + missed[-1]),
+        "fired": None if fired is None else iso_utc(T + fired),
+    }
+
+
+async def test_a_long_gap_lists_the_first_missed_ticks_and_counts_up_to_a_bound(
+    harness: Harness,
+) -> None:
+    harness.store.webhooks = (MISSED_RULE,)
+    scheduler = await harness.scheduler(EVERY_SECOND, started_at=T)
+    await harness.at(scheduler, T + 1.001)
+    await harness.at(scheduler, T + 3600.3)  # T+3600 is on time, T+2..T+3599 were missed
+    (event,) = await missed_events(harness)
+    assert event["missed"] == [iso_utc(T + n) for n in range(2, 2 + MISSED_LISTED)]
+    assert event["count"] == MISSED_COUNTED and event["count_exact"] is False
+    assert event["last"] == iso_utc(T + 3599) and event["fired"] == iso_utc(T + 3600)
+
+
+async def test_two_daemons_report_the_same_missed_ticks_once(harness: Harness) -> None:
+    harness.store.webhooks = (MISSED_RULE,)
+    first = await harness.scheduler(EVERY_SECOND, started_at=T)
+    await harness.at(first, T + 1.001)
+    harness.clock.now = T + 10.5
+    daemons = [await harness.scheduler(EVERY_SECOND, started_at=T + 10.5) for _ in range(2)]
+    await asyncio.gather(*(daemon.run_due() for daemon in daemons))
+    (event,) = await missed_events(harness)
+    assert event["count"] == 9
+
+
+async def test_no_rule_for_the_schedule_no_event(harness: Harness) -> None:
+    harness.store.webhooks = (msgspec.structs.replace(MISSED_RULE, tasks=("reports:*",)),)
+    await restart_after_downtime(harness, "skip")
+    assert await missed_events(harness) == []
 
 
 async def test_a_schedule_that_never_fired_catches_up_from_when_it_was_first_seen(

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import msgspec
 
 from taskd.models import FiredJob
-from taskd.store.base import ClaimRequest, NewJob, TickFired
+from taskd.store.base import ClaimRequest, MissedTicks, NewJob, TickFired
+from taskd.store.core import webhooks
 from taskd.store.core.dialect import Tx
 from taskd.store.core.jobs import PRUNE_SLICE, claim_in, insert_jobs
 from taskd.store.core.statements import Statement, Steps
@@ -19,7 +20,9 @@ COVER = (
     " ELSE :until END"
 )
 
-Firing = tuple[str, float | None, Sequence[NewJob], float | None, ClaimRequest | None]
+Firing = tuple[
+    str, float | None, Sequence[NewJob], float | None, ClaimRequest | None, MissedTicks | None
+]
 
 
 def add_schedules(tx: Tx, items: list[tuple[str, float]]) -> Steps[list[None]]:
@@ -32,14 +35,36 @@ def add_schedules(tx: Tx, items: list[tuple[str, float]]) -> Steps[list[None]]:
     return [None] * len(items)
 
 
-def cover_schedules(tx: Tx, items: list[tuple[str, float]]) -> Steps[list[None]]:
+def cover_schedules(
+    tx: Tx, items: list[tuple[str, float, MissedTicks | None]]
+) -> Steps[list[None]]:
+    for schedule, until, missed in items:
+        if missed is not None:
+            yield from _report_missed(tx, schedule, until, missed)
     yield Statement(
         "INSERT INTO {s}.schedules (id, covered_until) VALUES (:id, :until) ON CONFLICT (id)"
         f" DO UPDATE SET {COVER}",
-        [{"id": schedule, "until": until} for schedule, until in items],
+        [{"id": schedule, "until": until} for schedule, until, _ in items],
         many=True,
     )
     return [None] * len(items)
+
+
+def _report_missed(tx: Tx, schedule: str, until: float, missed: MissedTicks) -> Steps[None]:
+    """Enqueue the schedule.missed deliveries of `missed` if this transaction is the one
+    that moves the schedule's covered_until from where the missed ticks were counted: of the
+    daemons that deal with the same ticks, the first reports them, the others find
+    covered_until moved. Each tick missed is reported once, none twice."""
+    deliveries = webhooks.schedule_events(tx, missed)
+    if not deliveries:
+        return
+    owned = yield Statement(
+        "UPDATE {s}.schedules SET covered_until = :until"
+        " WHERE id = :id AND covered_until = :after RETURNING id",
+        {"id": schedule, "until": until, "after": missed.after},
+    )
+    if owned:
+        yield from insert_jobs(tx, deliveries)
 
 
 def set_paused(tx: Tx, items: list[tuple[str, bool, float | None]]) -> Steps[list[bool]]:
@@ -58,8 +83,8 @@ def set_paused(tx: Tx, items: list[tuple[str, bool, float | None]]) -> Steps[lis
 
 def fire_ticks(tx: Tx, items: list[Firing]) -> Steps[list[TickFired]]:
     results = []
-    for schedule, tick, jobs, covered_until, claim in items:
-        results.append((yield from _fire(tx, schedule, tick, jobs, covered_until, claim)))
+    for schedule, tick, jobs, covered_until, claim, missed in items:
+        results.append((yield from _fire(tx, schedule, tick, jobs, covered_until, claim, missed)))
     return results
 
 
@@ -70,7 +95,10 @@ def _fire(
     jobs: Sequence[NewJob],
     covered_until: float | None,
     claim: ClaimRequest | None,
+    missed: MissedTicks | None = None,
 ) -> Steps[TickFired]:
+    if missed is not None and covered_until is not None:
+        yield from _report_missed(tx, schedule, covered_until, missed)
     cover = f"DO UPDATE SET {COVER}" if covered_until is not None else "DO NOTHING"
     yield Statement(
         "INSERT INTO {s}.schedules (id, covered_until) VALUES (:id, :until)"

@@ -30,6 +30,7 @@ from taskd.store.base import (
     JobFilter,
     JobNotFound,
     LogNote,
+    MissedTicks,
     NewJob,
     Outcome,
     ProgressNote,
@@ -323,9 +324,14 @@ class SqlStore:
             await self._commits.submit(schedules.add_schedules, [(i, first_seen) for i in ids])
 
     @store_write
-    async def cover_schedules(self, ids: Sequence[str], until: float) -> None:
+    async def cover_schedules(
+        self, ids: Sequence[str], until: float, *, missed: Sequence[MissedTicks] = ()
+    ) -> None:
         if ids:
-            await self._commits.submit(schedules.cover_schedules, [(i, until) for i in ids])
+            reports = {m.schedule: m for m in missed}
+            await self._commits.submit(
+                schedules.cover_schedules, [(i, until, reports.get(i)) for i in ids]
+            )
 
     @store_write
     async def set_paused(
@@ -345,11 +351,12 @@ class SqlStore:
         *,
         covered_until: float | None = None,
         claim: ClaimRequest | None = None,
+        missed: MissedTicks | None = None,
     ) -> TickFired:
         if claim is not None:
             self._limited = frozenset(claim.limits)
         (fired,) = await self._commits.submit(
-            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim)]
+            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim, missed)]
         )
         return fired
 

@@ -1,7 +1,7 @@
 """Webhook events ([[webhook]] in taskd.toml) as jobs of the built-in task WEBHOOK_TASK,
-inserted in the transaction that records what they tell of (a job's end, a batch's end):
-a crash never loses one nor makes two. The rules come with the transaction (`Tx.webhooks`);
-a delivery's own end triggers none."""
+inserted in the transaction that records what they tell of (a job's end, a batch's end, a
+schedule's missed ticks): a crash never loses one nor makes two. The rules come with the
+transaction (`Tx.webhooks`); a delivery's own end triggers none."""
 
 from __future__ import annotations
 
@@ -12,17 +12,43 @@ from typing import Any
 import msgspec
 
 from taskd.models import FINISHED_STATUSES, WEBHOOK_TASK, Job, WebhookRule
-from taskd.store.base import NewJob
+from taskd.store.base import MissedTicks, NewJob
 from taskd.store.core.dialect import Tx
 
 
 def wants(rule: WebhookRule, event: str, task: str | None) -> bool:
     """Whether `rule` receives `event` about a job (or a batch callback) of `task`."""
+    return wants_any(rule, event, () if task is None else (task,))
+
+
+def wants_any(rule: WebhookRule, event: str, tasks: Sequence[str]) -> bool:
+    """Whether `rule` receives `event` about one of `tasks` (a schedule's)."""
     if event not in rule.events:
         return False
     if not rule.tasks:
         return True
-    return task is not None and any(fnmatch.fnmatchcase(task, p) for p in rule.tasks)
+    return any(fnmatch.fnmatchcase(task, p) for task in tasks for p in rule.tasks)
+
+
+def schedule_events(tx: Tx, missed: MissedTicks) -> list[NewJob]:
+    """The deliveries of the report of ticks a schedule missed (the rules' `tasks` patterns
+    match any of the schedule's tasks)."""
+    rules = [rule for rule in tx.webhooks if wants_any(rule, "schedule.missed", missed.tasks)]
+    if not rules:
+        return []
+    body = {
+        "event": "schedule.missed",
+        "schedule": {
+            "id": missed.schedule,
+            "tasks": list(missed.tasks),
+            "missed": missed.missed,
+            "count": missed.count,
+            "count_exact": missed.exact,
+            "last": missed.last,
+            "fired": missed.fired,
+        },
+    }
+    return [_delivery(rule, "schedule.missed", body, None) for rule in rules]
 
 
 def job_events(tx: Tx, jobs: Sequence[Job]) -> list[NewJob]:
