@@ -592,8 +592,10 @@ def test_a_flood_of_lines_on_another_daemon_reaches_subscribers_bounded(
     assert lines[-1] == "line 2999"  # the newest are relayed, the older ones counted
     numbers = [int(line.split()[1]) for line in lines]
     assert numbers == sorted(set(numbers)), "lines relayed twice or out of order"
-    # At most 128 lines a read; the lines b wrote that a did not relay are counted.
-    assert len(lines) < 3000 and dropped > 0 and len(lines) + dropped >= 1000, (len(lines), dropped)
+    # At most 128 lines a read; lines in the store that a did not relay are counted. (Lines b
+    # let go before they reached the store, as a loaded b does, are counted in the job's own
+    # `dropped`, which `taskctl logs` shows, not here.)
+    assert len(lines) < 3000 and dropped > 0, (len(lines), dropped)
 
 
 def _drain(client: Client) -> list[JobEvent]:
