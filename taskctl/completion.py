@@ -37,6 +37,8 @@ _taskctl() {
         _files
     fi
 }
+# compdef comes with zsh's completion system: start it if ~/.zshrc has not (yet).
+(( $+functions[compdef] )) || { autoload -Uz compinit && compinit -i }
 compdef _taskctl taskctl
 """,
     "fish": """\
