@@ -9,6 +9,7 @@ set they fail instead, so that CI never passes without them.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import secrets
@@ -20,6 +21,7 @@ import pytest
 from taskd.store import Store
 from taskd.store.postgres.store import PostgresStore
 from taskd.store.sqlite import SqliteStore
+from tests.support import Taskd
 
 BACKENDS = ["sqlite", "postgres"]
 POSTGRES_VARIABLE = "TASKD_TEST_POSTGRES"
@@ -75,3 +77,30 @@ async def open_backend(name: str, folder: Path, clock: Callable[[], float]) -> S
         raise ValueError(f"unknown backend {name}")
     await store.open()
     return store
+
+
+class Backend:
+    """Daemons on one store: a SQLite file, or a PostgreSQL schema of its own."""
+
+    def __init__(self, name: str, factory: type[Taskd], root: Path) -> None:
+        self.name = name
+        self.factory = factory
+        self.root = root
+        self.url = postgres_url() if name == "postgres" else ""
+        self.schema = unique_schema() if name == "postgres" else ""
+
+    def daemon(self, config: str = "", node: str = "a", tasks: Path | None = None) -> Taskd:
+        root = self.root / node
+        root.mkdir(exist_ok=True)
+        if self.name == "postgres":
+            config = f'node_id = "{node}"\n{config}\n[postgres]\nschema = "{self.schema}"\n'
+        daemon = self.factory(root, config=config, **({"tasks": tasks} if tasks else {}))
+        if self.name == "postgres":
+            daemon.database = self.url  # type: ignore[assignment]
+        else:
+            daemon.database = self.root / "taskd.db"
+        return daemon
+
+    def close(self) -> None:
+        if self.schema:
+            asyncio.run(drop_schema(self.url, self.schema))

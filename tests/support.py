@@ -411,3 +411,10 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def enqueue(daemon: Taskd, *args: str, input: str | None = None) -> int:
+    """`taskctl enqueue ARGS` against `daemon`, which must succeed: the new job's id."""
+    done = daemon.ctl("enqueue", *args, input=input)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)

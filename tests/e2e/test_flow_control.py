@@ -10,19 +10,13 @@ import time
 from pathlib import Path
 
 from tests.http_support import READONLY_TOKEN, HttpClient, http_config
-from tests.support import Taskd, wait_until
+from tests.support import Taskd, enqueue, wait_until
 
 
 def ctl_json(daemon: Taskd, *args: str) -> object:
     done = daemon.ctl(*args, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def enqueue(daemon: Taskd, *args: str) -> int:
-    done = daemon.ctl("enqueue", *args)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
 
 
 def test_a_paused_task_queues_jobs_that_start_once_resumed_even_after_a_restart(

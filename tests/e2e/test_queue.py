@@ -16,19 +16,13 @@ import pytest
 
 from taskctl import Client, DaemonUnavailable, PayloadInvalid, ProtocolError, enqueue_params
 from taskd.models import counted
-from tests.support import RawConnection, Taskd, wait_until
+from tests.support import RawConnection, Taskd, enqueue, wait_until
 
 
 def job(daemon: Taskd, job_id: int) -> dict:  # type: ignore[type-arg]
     shown = daemon.ctl("--json", "job", str(job_id))
     assert shown.returncode == 0, shown.stderr
     return json.loads(shown.stdout)  # type: ignore[no-any-return]
-
-
-def enqueue(daemon: Taskd, *args: str) -> int:
-    done = daemon.ctl("enqueue", *args)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
 
 
 def test_enqueue_runs_and_wait_prints_the_result(taskd: Taskd) -> None:

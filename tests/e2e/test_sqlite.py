@@ -19,13 +19,7 @@ import pytest
 
 from taskctl.errors import TaskdError
 from taskd.store import NewJob
-from tests.support import Taskd, wait_until
-
-
-def enqueue(daemon: Taskd, *args: str, input: str | None = None) -> int:
-    done = daemon.ctl("enqueue", *args, input=input)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
+from tests.support import Taskd, enqueue, wait_until
 
 
 def test_database_locked_gives_an_error_and_the_daemon_recovers(taskd_factory: type[Taskd]) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from taskctl import enqueue_params
 from taskd.models import Job
-from tests.e2e.test_workflows import BACKENDS, Backend
+from tests.backends import Backend
 from tests.support import FIXTURE_TASKS, Taskd, wait_for_clock, wait_until
 
 SECRET = "s3cret-for-tests"
@@ -63,15 +63,6 @@ def receiver() -> Iterator[Receiver]:
     server = Receiver([500, 200])
     yield server
     server.close()
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(
-    request: pytest.FixtureRequest, taskd_factory: type[Taskd], short_tmp: Path
-) -> Iterator[Backend]:
-    chosen = Backend(request.param, taskd_factory, short_tmp)
-    yield chosen
-    chosen.close()
 
 
 def webhook_config(url: str, events: str, tasks: str = "") -> str:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import RawConnection, Taskd, wait_until
+from tests.support import RawConnection, Taskd, enqueue, wait_until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "tasks"
 
@@ -20,12 +20,6 @@ def why(daemon: Taskd, job_id: int) -> dict[str, Any]:
     shown = daemon.ctl("why", str(job_id), "--json")
     assert shown.returncode == 0, shown.stderr
     return json.loads(shown.stdout)  # type: ignore[no-any-return]
-
-
-def enqueue(daemon: Taskd, *args: str) -> int:
-    done = daemon.ctl("enqueue", *args)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
 
 
 def start_slow(daemon: Taskd, started: Path, seconds: float = 60) -> int:

@@ -3,12 +3,10 @@ task hooks, cron jitter."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import itertools
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,53 +15,9 @@ import pytest
 from taskctl import enqueue_params
 from taskd.models import Job
 from taskd.schedules import jitter_offset
-from tests.backends import drop_schema, postgres_url, unique_schema
+from tests.backends import Backend
 from tests.http_support import HttpClient, http_config
-from tests.support import Taskd, wait_until
-
-BACKENDS = ["sqlite", "postgres"]
-
-
-class Backend:
-    """Daemons on one store: a SQLite file, or a PostgreSQL schema of its own."""
-
-    def __init__(self, name: str, factory: type[Taskd], root: Path) -> None:
-        self.name = name
-        self.factory = factory
-        self.root = root
-        self.url = postgres_url() if name == "postgres" else ""
-        self.schema = unique_schema() if name == "postgres" else ""
-
-    def daemon(self, config: str = "", node: str = "a", tasks: Path | None = None) -> Taskd:
-        root = self.root / node
-        root.mkdir(exist_ok=True)
-        if self.name == "postgres":
-            config = f'node_id = "{node}"\n{config}\n[postgres]\nschema = "{self.schema}"\n'
-        daemon = self.factory(root, config=config, **({"tasks": tasks} if tasks else {}))
-        if self.name == "postgres":
-            daemon.database = self.url  # type: ignore[assignment]
-        else:
-            daemon.database = self.root / "taskd.db"
-        return daemon
-
-    def close(self) -> None:
-        if self.schema:
-            asyncio.run(drop_schema(self.url, self.schema))
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(
-    request: pytest.FixtureRequest, taskd_factory: type[Taskd], short_tmp: Path
-) -> Iterator[Backend]:
-    chosen = Backend(request.param, taskd_factory, short_tmp)
-    yield chosen
-    chosen.close()
-
-
-def enqueue(daemon: Taskd, *args: str) -> int:
-    done = daemon.ctl("enqueue", *args)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
+from tests.support import Taskd, enqueue, wait_until
 
 
 def job(daemon: Taskd, job_id: int) -> dict[str, Any]:

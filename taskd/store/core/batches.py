@@ -20,7 +20,6 @@ from taskd.store.core.dialect import Dialect, Tx
 from taskd.store.core.statements import Statement, Steps
 from taskd.store.rows import Row
 
-PRUNE_SLICE = 2000  # as the jobs'
 BATCH_STATE = "ended, total, finished_at, on_finish, on_finish_attempts"
 
 
@@ -113,19 +112,6 @@ def _finished(tx: Tx, batch: int, state: Row) -> Steps[list[tuple[int, NewJob | 
         max_attempts=state["on_finish_attempts"],
     )
     return [(batch, callback)]
-
-
-def prune_batches(tx: Tx, ages: list[float]) -> Steps[list[int]]:
-    """Forget batches that finished more than `age` seconds ago (a slice at a time)."""
-    counts = []
-    for age in ages:
-        rows = yield Statement(
-            "DELETE FROM {s}.batches WHERE id IN (SELECT id FROM {s}.batches"
-            " WHERE finished_at < :now - :age LIMIT :slice) RETURNING id",
-            {"age": age, "slice": PRUNE_SLICE},
-        )
-        counts.append(len(rows))
-    return counts
 
 
 def batch_info(sql: Dialect, batch: int) -> Steps[BatchInfo | None]:

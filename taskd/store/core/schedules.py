@@ -10,7 +10,7 @@ from taskd.models import FiredJob
 from taskd.store.base import ClaimRequest, MissedTicks, NewJob, TickFired
 from taskd.store.core import webhooks
 from taskd.store.core.dialect import Tx
-from taskd.store.core.jobs import PRUNE_SLICE, claim_in, insert_jobs
+from taskd.store.core.jobs import claim_in, insert_jobs
 from taskd.store.core.statements import Statement, Steps
 from taskd.store.rows import fired_jobs_json
 
@@ -150,16 +150,3 @@ def _record_firing(schedule: str, tick: float | None, fired: list[FiredJob]) -> 
         " ELSE :tick END WHERE id = :id",
         {"id": schedule, "jobs": encoded, "tick": tick, "joined": sum(j.joined for j in fired)},
     )
-
-
-def prune_ticks(tx: Tx, ages: list[float]) -> Steps[list[int]]:
-    """Forget ticks fired more than `age` seconds ago (a slice at a time)."""
-    counts = []
-    for age in ages:
-        rows = yield Statement(
-            "DELETE FROM {s}.schedule_ticks WHERE (schedule, tick) IN (SELECT schedule, tick"
-            " FROM {s}.schedule_ticks WHERE fired_at < :now - :age LIMIT :slice) RETURNING tick",
-            {"age": age, "slice": PRUNE_SLICE},
-        )
-        counts.append(len(rows))
-    return counts

@@ -39,7 +39,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.batching import GroupCommit
-from taskd.store.core import activity, batches, flow, jobs, nodes, reads, schedules
+from taskd.store.core import activity, batches, flow, jobs, nodes, reads, retention, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
 from taskd.store.core.notes import Notes, tell
@@ -240,8 +240,8 @@ class SqlStore:
         if (ticks_age := older_than.get("succeeded")) is not None:
             # A tick's record is kept as long as the succeeded jobs it may have started; a
             # batch's, as long as its jobs.
-            await self._in_slices(schedules.prune_ticks, ticks_age)
-            await self._in_slices(batches.prune_batches, ticks_age)
+            for table in retention.RECORDS:
+                await self._in_slices(retention.prune_records, (table, ticks_age))
         return deleted
 
     async def _in_slices(self, operation: Operation, item: Any) -> int:
