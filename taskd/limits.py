@@ -153,7 +153,7 @@ def params_error(method: str, kind: Any, raw: bytes, exc: msgspec.ValidationErro
     if that is what is wrong, else msgspec's own message."""
     try:
         value = msgspec.msgpack.decode(raw)
-    except (msgspec.DecodeError, RecursionError, UnicodeError):
-        value = None
+    except (msgspec.DecodeError, RecursionError, UnicodeError, TypeError):
+        value = None  # TypeError: a map as a map's key, before msgspec 0.19 called it malformed
     problem = out_of_limits(kind, value) if value is not None else None
     return f"invalid params for {method}: {problem or exc}"

@@ -245,6 +245,12 @@ CASES: dict[str, tuple[bytes, str, int | None, str]] = {
         7,
         f"over the limit of {MAX_FRAME // 4}",
     ),
+    "params with a map as a key": (
+        request("jobs", b"\x81\x81\xa1a\x01\x02"),  # {{"a": 1}: 2}
+        "invalid_params",
+        7,
+        "jobs",
+    ),
     "prune NaN": (
         request("prune", encode({"older_than": float("nan")})),
         "invalid_params",
