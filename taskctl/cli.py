@@ -319,17 +319,11 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
     result = client.enqueue(
         args.task,
         payload,
-        delay=args.delay,
-        run_at=args.at,
-        priority=args.priority,
-        max_attempts=args.max_attempts,
         key=args.key,
         unique_for=args.unique_for,
         debounce=args.debounce,
         max_wait=args.max_wait,
-        traceparent=_traceparent(args),
-        after=args.after or (),
-        after_failure="run" if args.after_failure == "run" else "cancel",
+        **_job_options(args),
     )
     if args.json:
         _render().print_json(result)
@@ -350,6 +344,19 @@ def cmd_enqueue(client: Client, args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+def _job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `enqueue` that apply to each job alike, with --each too."""
+    return {
+        "delay": args.delay,
+        "run_at": args.at,
+        "priority": args.priority,
+        "max_attempts": args.max_attempts,
+        "traceparent": _traceparent(args),
+        "after": args.after or (),
+        "after_failure": "run" if args.after_failure == "run" else "cancel",
+    }
+
+
 def _traceparent(args: argparse.Namespace) -> str | None:
     """--traceparent, else $TRACEPARENT (how OpenTelemetry hands a context to a child
     process), which is ignored if malformed, as a malformed traceparent header is."""
@@ -362,21 +369,8 @@ def _enqueue_each(client: Client, args: argparse.Namespace) -> Exit:
     """One job per payload of --each, in one transaction; with --on-finish, a batch."""
     if args.payload is not None or args.key is not None:
         raise UsageError("--each gives each job its payload: leave out --payload and --key")
-    traceparent = _traceparent(args)
-    jobs = [
-        enqueue_params(
-            args.task,
-            payload,
-            delay=args.delay,
-            run_at=args.at,
-            priority=args.priority,
-            max_attempts=args.max_attempts,
-            traceparent=traceparent,
-            after=args.after or (),
-            after_failure="run" if args.after_failure == "run" else "cancel",
-        )
-        for payload in read_payloads(args.each)
-    ]
+    options = _job_options(args)
+    jobs = [enqueue_params(args.task, payload, **options) for payload in read_payloads(args.each)]
     enqueued = client.enqueue_many(jobs, on_finish=args.on_finish)
     if args.json:
         _render().print_json({"batch": enqueued.batch, "jobs": list(enqueued)})
