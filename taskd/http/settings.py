@@ -81,6 +81,13 @@ def load_settings(config: HttpConfig) -> HttpSettings:
     address has no token (any local user can reach one, even on the loopback)."""
     listen = parse_listen(config.listen)
     tokens = load_tokens(config)
+    for proxy in config.trusted_proxies:
+        try:
+            ipaddress.ip_address(proxy)
+        except ValueError:
+            raise ConfigError(
+                f"[http] trusted_proxies: {proxy!r} is not an IP address (such as 127.0.0.1)"
+            ) from None
     if listen.path is None and not tokens:
         raise ConfigError(
             f"[http] listen = {config.listen!r} is a TCP address, which every user of this "
