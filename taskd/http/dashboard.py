@@ -292,9 +292,11 @@ class Dashboard:
         live = pages.overview_live(status, finished, CHART_WINDOW)
         if visit.query.get("part") == "live":
             return _page(200, live)
+        # At most every 2 s while jobs change (throttle), and once more when they stop
+        # (delay), since the counts read every job's status.
         body = (
             '<div id="live" hx-get="/ui/?part=live" hx-trigger="sse:changed throttle:2s, '
-            f'sse:state throttle:2s, sse:subscribed">{live}</div>'
+            f'sse:changed delay:2s, sse:subscribed">{live}</div>'
         )
         events = "/ui/events?logs=false"
         return _page(200, pages.layout("Overview", body, visit.viewer, "/ui/", live=events))

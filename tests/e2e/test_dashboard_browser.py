@@ -1,0 +1,261 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by playwright).
+
+One taskd and one browser for the module; each test opens its own browser context (its own
+cookies). Every request a page makes is recorded, and the last test checks that none left
+127.0.0.1. Without chromium the module is skipped, unless CI is set: then it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.http_support import READONLY_TOKEN, TOKEN, HttpClient, http_config, http_port
+from tests.support import Taskd, short_tempdir, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+if not os.environ.get("CI"):  # in CI (.ci/run installs chromium) they run or fail
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(
+            f"{CHROMIUM} is not installed (apt-get install chromium); CI=1 runs these tests",
+            allow_module_level=True,
+        )
+    pytest.importorskip("playwright.sync_api", reason="the `test` extra installs playwright")
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright  # noqa: E402
+
+SCHEDULES = """
+[[schedule]]
+id = "nightly"
+cron = "30 2 * * *"
+tasks = ["echo"]
+"""
+REQUESTS: list[str] = []  # every URL any page of this module asked for
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Taskd]:
+    root = short_tempdir()
+    taskd = Taskd(root, config=SCHEDULES + http_config(), log_level="info").start()
+    yield taskd
+    if taskd.running:
+        taskd.stop()
+    taskd.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    context = browser.new_context()
+    context.on("request", lambda request: REQUESTS.append(request.url))
+    context.set_default_timeout(10_000)
+    yield context
+    context.close()
+
+
+def base(daemon: Taskd) -> str:
+    return f"http://127.0.0.1:{http_port(daemon)}"
+
+
+def signed_in(context: BrowserContext, daemon: Taskd, token: str = TOKEN) -> Page:
+    page = context.new_page()
+    page.goto(base(daemon) + "/ui/")
+    expect(page).to_have_url(re.compile(r"/ui/sign-in$"))
+    page.get_by_label("Token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+    return page
+
+
+def api(daemon: Taskd) -> HttpClient:
+    return HttpClient.of(daemon)
+
+
+def job_of(daemon: Taskd, job_id: int) -> dict[str, Any]:
+    reply = api(daemon).get(f"/jobs/{job_id}")
+    assert reply.status == 200, reply
+    job: dict[str, Any] = reply.json()
+    return job
+
+
+def failed_job(daemon: Taskd, why: str) -> int:
+    """A job of `fail`, enqueued (no key: runs of a task share one) and failed."""
+    reply = api(daemon).post("/jobs", {"task": "fail", "payload": {"why": why}, "max_attempts": 1})
+    job_id = int(reply.json()["job_id"])
+    wait_until(lambda: job_of(daemon, job_id)["status"] == "failed", what=f"job {job_id} to fail")
+    return job_id
+
+
+def test_sign_in_with_a_full_token_and_sign_out(context: BrowserContext, daemon: Taskd) -> None:
+    page = signed_in(context, daemon)
+    expect(page.get_by_text("full access")).to_be_visible()
+    expect(page.get_by_role("heading", name="Jobs by status")).to_be_visible()
+    cookies = context.cookies()
+    assert [c["httpOnly"] for c in cookies] == [True] and cookies[0]["sameSite"] == "Strict"
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"/ui/sign-in$"))
+    page.goto(base(daemon) + "/ui/jobs")
+    expect(page).to_have_url(re.compile(r"/ui/sign-in$"))  # the session has ended
+    assert TOKEN not in " ".join(REQUESTS)
+
+
+def test_a_read_only_token_sees_no_action_and_a_forged_one_gets_403(
+    context: BrowserContext, daemon: Taskd
+) -> None:
+    failed_job(daemon, "read-only view")
+    page = signed_in(context, daemon, READONLY_TOKEN)
+    expect(page.get_by_text("read-only")).to_be_visible()
+    for path in ("/ui/tasks", "/ui/jobs", "/ui/schedules", f"/ui/jobs/{failed_job(daemon, 'x')}"):
+        page.goto(base(daemon) + path)
+        buttons = page.locator("main").get_by_role("button")
+        names = [name.strip() for name in buttons.all_inner_texts()]
+        assert set(names) <= {"Filter"}, (path, names)
+    # What the page would send if it had the button, with its own session's CSRF token.
+    csrf = page.locator('input[name="csrf"]').first.get_attribute("value")
+    assert csrf
+    forged = page.request.post(
+        base(daemon) + "/ui/tasks/echo/pause", form={"csrf": csrf, "back": "/ui/tasks"}
+    )
+    assert forged.status == 403
+    assert "echo" not in json.loads(daemon.ctl("status", "--json").stdout)["paused_tasks"]
+
+
+def test_a_state_changing_request_without_the_csrf_token_is_refused(
+    context: BrowserContext, daemon: Taskd
+) -> None:
+    page = signed_in(context, daemon)
+    refused = page.request.post(base(daemon) + "/ui/tasks/echo/pause", form={"back": "/ui/"})
+    assert refused.status == 403
+    assert "echo" not in json.loads(daemon.ctl("status", "--json").stdout)["paused_tasks"]
+
+
+def test_filtering_jobs_and_retrying_one_and_all_failed_jobs_of_a_task(
+    context: BrowserContext, daemon: Taskd
+) -> None:
+    first, second = failed_job(daemon, "first"), failed_job(daemon, "second")
+    api(daemon).post("/tasks/echo", {"payload": {"needle": "haystack"}})
+    page = signed_in(context, daemon)
+    page.get_by_role("link", name="Jobs", exact=True).click()
+    page.get_by_label("Task").select_option("fail")
+    page.get_by_label("Status").select_option("failed")
+    page.get_by_role("button", name="Filter").click()
+    expect(page).to_have_url(re.compile(r"task=fail&status=failed"))
+    rows = page.locator("#jobs tbody tr")
+    assert rows.count() >= 2
+    assert set(page.locator("#jobs tbody tr td:nth-child(2)").all_inner_texts()) == {"fail"}
+    page.get_by_label("Payload contains").fill("haystack")
+    page.get_by_label("Task").select_option("")
+    page.get_by_label("Status").select_option("")
+    page.get_by_role("button", name="Filter").click()
+    expect(rows).to_have_count(1)
+    # Retry one: the button in its row.
+    page.goto(base(daemon) + "/ui/jobs?task=fail&status=failed")
+    page.locator(f'#jobs tr:has(a[href="/ui/jobs/{first}"])').get_by_role(
+        "button", name="Retry"
+    ).click()
+    wait_until(lambda: any(e["kind"] == "retried" for e in job_of(daemon, first)["errors"]))
+    wait_until(lambda: job_of(daemon, first)["status"] == "failed", what="the retry to fail")
+    # Retry all: the confirmation says how many.
+    failed = len(api(daemon).get("/jobs?task=fail&status=failed&limit=1000").json()["jobs"])
+    page.goto(base(daemon) + "/ui/jobs?task=fail&status=failed")
+    page.get_by_role("link", name="Retry all matching…").click()
+    expect(page.locator("main")).to_contain_text(f"Retry {failed} failed or cancelled jobs")
+    page.get_by_role("button", name=f"Retry {failed} jobs").click()
+    expect(page.get_by_role("status")).to_contain_text(f"Retried {failed} jobs")
+    retried = [e["kind"] for e in job_of(daemon, second)["errors"]].count("retried")
+    assert retried == 1
+
+
+def test_a_running_jobs_progress_and_log_lines_appear_live(
+    context: BrowserContext, daemon: Taskd
+) -> None:
+    gate_path = daemon.root / "gate"
+    os.mkfifo(gate_path)
+    payload = {"steps": 3, "gate": str(gate_path)}
+    job_id = int(api(daemon).post("/jobs", {"task": "steps", "payload": payload}).json()["job_id"])
+    page = signed_in(context, daemon)
+    with open(gate_path, "w") as gate:  # opens once the task has opened its end
+        page.goto(base(daemon) + f"/ui/jobs/{job_id}")
+        expect(page.locator("#job-status")).to_have_text("running")
+        page.wait_for_function("document.querySelector('[sse-connect]') !== null")
+        for step in (1, 2):
+            gate.write("\n")
+            gate.flush()
+            expect(page.locator("ol.log")).to_contain_text(f"step {step} of 3")
+            expect(page.locator("#live")).to_contain_text(f"{step} of 3")
+        gate.write("\n")
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    assert page.url.endswith(f"/ui/jobs/{job_id}")  # no reload, no navigation
+
+
+def test_pausing_and_triggering_a_schedule(context: BrowserContext, daemon: Taskd) -> None:
+    page = signed_in(context, daemon)
+    page.get_by_role("link", name="Schedules").click()
+    row = page.locator("#schedule-nightly")
+    expect(row).to_contain_text("active")
+    row.get_by_role("button", name="Pause").click()
+    expect(row).to_contain_text("paused")
+    schedules = json.loads(daemon.ctl("schedules", "--json").stdout)
+    assert [s["paused"] for s in schedules if s["id"] == "nightly"] == [True]
+    row.get_by_role("button", name="Trigger").click()
+    wait_until(
+        lambda: (
+            [
+                s["last_jobs"]
+                for s in json.loads(daemon.ctl("schedules", "--json").stdout)
+                if s["id"] == "nightly"
+            ]
+            != [[]]
+        ),  # fmt: skip
+        what="the trigger's job",
+    )
+    page.reload()
+    expect(row.get_by_role("link", name=re.compile(r"echo \d+"))).to_be_visible()
+    row.get_by_role("button", name="Resume").click()
+    expect(row).to_contain_text("active")
+
+
+def test_times_are_shown_in_the_browsers_zone(browser: Browser, daemon: Taskd) -> None:
+    context = browser.new_context(timezone_id="Asia/Tokyo")
+    context.on("request", lambda request: REQUESTS.append(request.url))
+    try:
+        page = signed_in(context, daemon)
+        page.goto(base(daemon) + "/ui/jobs")
+        expect(page.locator("footer .zone")).to_have_text("Asia/Tokyo")
+        expect(page.locator("time").first).to_contain_text("GMT+9")
+    finally:
+        context.close()
+
+
+def test_no_request_left_127_0_0_1() -> None:
+    assert REQUESTS, "the tests above made no request"
+    hosts = {urllib.parse.urlsplit(url).hostname for url in REQUESTS}
+    assert hosts == {"127.0.0.1"}, sorted(hosts)
+
+
+def screenshots(daemon: Taskd, browser: Browser, folder: Path) -> None:
+    """The Overview and Jobs pages, light and dark, 1000 px wide (docs/, the README)."""
+    for scheme in ("light", "dark"):
+        context = browser.new_context(
+            viewport={"width": 1000, "height": 700}, color_scheme=scheme, timezone_id="UTC"
+        )
+        page = signed_in(context, daemon)
+        page.screenshot(path=str(folder / f"dashboard-overview-{scheme}.png"), full_page=False)
+        page.goto(base(daemon) + "/ui/jobs")
+        page.screenshot(path=str(folder / f"dashboard-jobs-{scheme}.png"), full_page=False)
+        context.close()
