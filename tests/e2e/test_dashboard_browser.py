@@ -203,6 +203,12 @@ def test_a_running_jobs_progress_and_log_lines_appear_live(
     assert page.url.endswith(f"/ui/jobs/{job_id}")  # no reload, no navigation
 
 
+def nightly(daemon: Taskd) -> dict[str, Any]:
+    schedules = json.loads(daemon.ctl("schedules", "--json").stdout)
+    (schedule,) = (s for s in schedules if s["id"] == "nightly")
+    return dict(schedule)
+
+
 def test_pausing_and_triggering_a_schedule(context: BrowserContext, daemon: Taskd) -> None:
     page = signed_in(context, daemon)
     page.get_by_role("link", name="Schedules").click()
@@ -210,20 +216,9 @@ def test_pausing_and_triggering_a_schedule(context: BrowserContext, daemon: Task
     expect(row).to_contain_text("active")
     row.get_by_role("button", name="Pause").click()
     expect(row).to_contain_text("paused")
-    schedules = json.loads(daemon.ctl("schedules", "--json").stdout)
-    assert [s["paused"] for s in schedules if s["id"] == "nightly"] == [True]
+    assert nightly(daemon)["paused"] is True
     row.get_by_role("button", name="Trigger").click()
-    wait_until(
-        lambda: (
-            [
-                s["last_jobs"]
-                for s in json.loads(daemon.ctl("schedules", "--json").stdout)
-                if s["id"] == "nightly"
-            ]
-            != [[]]
-        ),  # fmt: skip
-        what="the trigger's job",
-    )
+    wait_until(lambda: nightly(daemon)["last_jobs"], what="the trigger's job")
     page.reload()
     expect(row.get_by_role("link", name=re.compile(r"echo \d+"))).to_be_visible()
     row.get_by_role("button", name="Resume").click()
