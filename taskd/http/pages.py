@@ -388,7 +388,7 @@ def _text(name: str, label: str, value: str, hint: str = "") -> str:
 
 
 def _filter_form(filters: Mapping[str, str], task_names: Sequence[str]) -> str:
-    when = "2026-12-01T08:00+01:00, or 2h (ago)"
+    when = "2026-12-01T08:00+01:00"
     return (
         '<form method="get" action="/ui/jobs" class="filters" role="search">'
         f"{_select('task', 'Task', task_names, filters.get('task', ''))}"

@@ -237,6 +237,32 @@ def test_times_are_shown_in_the_browsers_zone(browser: Browser, daemon: Taskd) -
         context.close()
 
 
+def test_keyboard_only_at_400_px_wide_in_dark_mode(browser: Browser, daemon: Taskd) -> None:
+    context = browser.new_context(viewport={"width": 400, "height": 800}, color_scheme="dark")
+    context.on("request", lambda request: REQUESTS.append(request.url))
+    try:
+        page = context.new_page()
+        page.goto(base(daemon) + "/ui/sign-in")
+        page.keyboard.type(TOKEN)  # the Token field has the focus
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+        page.keyboard.press("Tab")
+        expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+        page.keyboard.press("Tab")
+        page.keyboard.press("Tab")
+        expect(page.get_by_role("link", name="Tasks")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("heading", name="Tasks", level=1)).to_be_visible()
+        dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert dark == "rgb(13, 17, 23)"
+        for path in ("/ui/", "/ui/tasks", "/ui/jobs", "/ui/schedules"):
+            page.goto(base(daemon) + path)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 400, (path, width)  # wide tables scroll inside their own box
+    finally:
+        context.close()
+
+
 def test_no_request_left_127_0_0_1() -> None:
     assert REQUESTS, "the tests above made no request"
     hosts = {urllib.parse.urlsplit(url).hostname for url in REQUESTS}
