@@ -7,6 +7,8 @@ cookies). Every request a page makes is recorded, and the last test checks that 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
 import re
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.backends import BACKENDS, drop_schema, postgres_url, unique_schema
 from tests.http_support import READONLY_TOKEN, TOKEN, HttpClient, http_config, http_port
 from tests.support import Taskd, short_tempdir, wait_until
 
@@ -40,15 +43,25 @@ tasks = ["echo"]
 REQUESTS: list[str] = []  # every URL any page of this module asked for
 
 
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Taskd]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def daemon(request: pytest.FixtureRequest) -> Iterator[Taskd]:
+    """A taskd on each job store in turn (PostgreSQL: a schema of its own)."""
     root = short_tempdir()
-    taskd = Taskd(root, config=SCHEDULES + http_config(), log_level="info").start()
-    yield taskd
+    config, schema = SCHEDULES + http_config(), None
+    if request.param == "postgres":
+        url, schema = postgres_url(), unique_schema()
+        config = f'[postgres]\nschema = "{schema}"\n' + config
+    taskd = Taskd(root, config=config, log_level="info")
+    if schema is not None:
+        taskd.database = url  # type: ignore[assignment]
+    yield taskd.start()
     if taskd.running:
         taskd.stop()
     taskd.close()
     shutil.rmtree(root, ignore_errors=True)
+    if schema is not None:  # in a thread: playwright's event loop runs in this one
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            thread.submit(asyncio.run, drop_schema(url, schema)).result()
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +79,12 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
     context.set_default_timeout(10_000)
     yield context
     context.close()
+    assert_local(REQUESTS)
+
+
+def assert_local(urls: list[str]) -> None:
+    hosts = {urllib.parse.urlsplit(url).hostname for url in urls}
+    assert hosts <= {"127.0.0.1"}, sorted(hosts)
 
 
 def base(daemon: Taskd) -> str:
@@ -265,8 +284,9 @@ def test_keyboard_only_at_400_px_wide_in_dark_mode(browser: Browser, daemon: Tas
 
 def test_no_request_left_127_0_0_1() -> None:
     assert REQUESTS, "the tests above made no request"
-    hosts = {urllib.parse.urlsplit(url).hostname for url in REQUESTS}
-    assert hosts == {"127.0.0.1"}, sorted(hosts)
+    assert_local(REQUESTS)
+    paths = {urllib.parse.urlsplit(url).path for url in REQUESTS}
+    assert {"/ui/static/htmx.min.js", "/ui/events"} <= paths  # what the pages load, recorded
 
 
 def screenshots(daemon: Taskd, browser: Browser, folder: Path) -> None:
