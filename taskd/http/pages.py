@@ -43,6 +43,7 @@ def _e(value: object) -> str:
 
 
 _CURRENT = ' aria-current="page"'
+_CONNECTION = ' · updates: <span class="connection" role="status">connecting…</span>'
 
 
 class Viewer(NamedTuple):
@@ -125,7 +126,9 @@ def layout(title: str, body: str, viewer: Viewer, current: str, *, live: str = "
         f'<div class="who">{access} {sign_out}</div></header>'
         f'<main id="main"{sse}><h1>{_e(title)}</h1>{body}</main>'
         f"<footer>taskd {_e(taskd.__version__)} · times in "
-        '<span class="zone">UTC</span></footer></body>',
+        '<span class="zone">UTC</span>'
+        f"{_CONNECTION if live else ''}"
+        "</footer></body>",
     )
 
 
@@ -486,10 +489,11 @@ def job_page(job: Job, why: WhyResult, batch: BatchInfo | None, viewer: Viewer, 
     )
     return (
         f'<div class="actions">{action}</div>'
-        # One request at a time (htmx queues the latest event meanwhile): no event is missed,
-        # and a chatty job costs one read of the job and its lines per round trip.
-        f'<div id="live" hx-get="{_e(here)}?part=live" '
-        f'hx-trigger="sse:state, sse:progress, sse:log, sse:subscribed">{live}</div>'
+        # Read again when its state changes, and after each (re)connection: a resync.
+        f'<div id="live" data-job="{job.id}" hx-get="{_e(here)}?part=live" '
+        f'hx-trigger="sse:state, sse:subscribed">{live}</div>'
+        # Its progress and lines as they come, for dashboard.js (no request).
+        '<div hidden class="job-events" hx-trigger="sse:progress, sse:log"></div>'
         f"<dl><div><dt>Task</dt><dd>{_e(job.task)}</dd></div>"
         f"<div><dt>Origin</dt><dd>{job.origin}</dd></div>"
         f"<div><dt>Key</dt><dd>{_e(job.key or '—')}</dd></div>"
@@ -505,28 +509,32 @@ def job_page(job: Job, why: WhyResult, batch: BatchInfo | None, viewer: Viewer, 
 
 
 def job_live(job: Job, logs: JobLogs) -> str:
-    """The part of a job's page that its events refresh: status, progress, log lines."""
+    """The part of a job's page its `state` events refresh: status, progress, log lines.
+
+    Its `progress` and `log` events are shown as they come by /ui/static/dashboard.js (a read
+    could miss what the daemon has not written yet); `data-line` keeps a line from showing
+    twice."""
     progress = job.progress
-    bar = ""
+    value, text, hidden = "", "", " hidden"
     if progress is not None:
         total = progress.total
         value = f' value="{progress.done:g}" max="{total:g}"' if total else ""
         text = f"{progress.done:g}" + (f" of {total:g}" if total else "")
-        bar = (
-            f'<p><label for="progress">Progress</label> <progress id="progress"{value}>'
-            f"{text}</progress> <span>{text}</span>"
-            f"{f' — {_e(progress.message)}' if progress.message else ''}</p>"
-        )
+        text += f" — {progress.message}" if progress.message else ""
+        hidden = ""
     lines = "".join(
-        f'<li>{_time(line.at)} <span class="level">{_e(line.level)}</span> {_e(line.message)}</li>'
+        f'<li data-line="{line.epoch}.{line.seq}">{_time(line.at)} '
+        f'<span class="level">{_e(line.level)}</span> {_e(line.message)}</li>'
         for line in logs.lines[-200:]
     )
     dropped = f"<p>{logs.dropped} older lines were let go.</p>" if logs.dropped else ""
     return (
         f'<p>Status: <span class="status {job.status}" id="job-status">{job.status}</span>; '
         f"attempts {job.attempts}/{job.max_attempts}"
-        f"{f'; on {_e(job.worker)}' if job.worker else ''}</p>{bar}"
-        f'<h2>Log</h2>{dropped}<ol class="log" aria-live="polite">{lines}</ol>'
+        f"{f'; on {_e(job.worker)}' if job.worker else ''}</p>"
+        f'<p id="job-progress"{hidden}><label for="progress">Progress</label> '
+        f'<progress id="progress"{value}></progress> <span id="progress-text">{_e(text)}</span>'
+        f'</p><h2>Log</h2>{dropped}<ol class="log" aria-live="polite">{lines}</ol>'
     )
 
 
