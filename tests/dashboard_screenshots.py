@@ -1,4 +1,4 @@
-"""The README's screenshots of the dashboard, light and dark: `python -m tests.dashboard_screenshots`.
+"""The README's screenshots of the dashboard: `python -m tests.dashboard_screenshots`.
 
 Starts taskd on the example tasks (contrib/examples) with an [http] table, gives it some
 work (jobs that succeed, fail and wait), and saves the Overview and Jobs pages as the
