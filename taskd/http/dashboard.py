@@ -31,7 +31,7 @@ from taskd.http.api import EVENT_STREAM, STATUS_FOR_CODE
 from taskd.http.pages import RunForm, Viewer
 from taskd.http.routes import EventStream, HttpError, HttpRequest, HttpResponse, instant
 from taskd.http.sessions import Session, Sessions
-from taskd.http.settings import Tokens
+from taskd.http.settings import Tokens, fingerprint
 from taskd.live import LiveEvents
 from taskd.models import ACTIVE_STATUSES, JOB_ORIGINS, JOB_STATUSES, JobStatus
 from taskd.protocol import (
@@ -158,8 +158,10 @@ class Dashboard:
         self.sessions = sessions
         self._trusted = frozenset(trusted_proxies)
 
-    def reconfigure(self, idle: float, trusted_proxies: Sequence[str]) -> None:
-        self.sessions.reconfigure(idle)
+    def reconfigure(self, idle: float, trusted_proxies: Sequence[str], tokens: Tokens) -> None:
+        """After a reload; the sessions of tokens no longer accepted end."""
+        if ended := self.sessions.reconfigure(idle, tokens.fingerprints()):
+            logger.info("dashboard: signed out %d sessions whose token was removed", ended)
         self._trusted = frozenset(trusted_proxies)
 
     # -- what the listener asks before reading a request --------------------------------
@@ -257,7 +259,7 @@ class Dashboard:
             )
             error = "That is not a token this taskd accepts."
             return _page(401, pages.sign_in(error))
-        session = self.sessions.open(access, request.client)
+        session = self.sessions.open(access, fingerprint(token), request.client)
         logger.info("dashboard: %s signed in (%s access)", request.client, access)
         secure = "; Secure" if self._secure(request) else ""
         cookie = f"{COOKIE}={session.id}; Path=/ui; HttpOnly; SameSite=Strict{secure}"

@@ -135,9 +135,6 @@ class HttpServer:
         self._listen = settings.listen
         self._tokens = settings.tokens
         self._access = access
-        if self._dashboard is not None:
-            config = settings.config
-            self._dashboard.reconfigure(float(config.session_idle), config.trusted_proxies)
         self._socket_group = socket_group
         self._listeners: list[socket.socket] = []
         self._accepting = Background()
@@ -217,6 +214,11 @@ class HttpServer:
                 logger.warning("[http] %s changed; it takes effect at the next restart", setting)
         self._tokens = settings.tokens
         self._access = access
+        if self._dashboard is not None:
+            config = settings.config
+            self._dashboard.reconfigure(
+                float(config.session_idle), config.trusted_proxies, settings.tokens
+            )
 
     def stop_accepting(self) -> None:
         for loop in self._accept_loops:

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal, NamedTuple
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ class Session(NamedTuple):
     id: str
     access: Access
     csrf: str  # sent back by every state-changing request of this session
+    token: str  # the SHA-256 of the token it was opened with (taskd.http.settings.fingerprint)
 
     def csrf_matches(self, given: str | None) -> bool:
         return given is not None and hmac.compare_digest(self.csrf.encode(), given.encode())
@@ -48,7 +49,7 @@ class Sessions:
         self._drop_idle()
         return len(self._used)
 
-    def open(self, access: Access, client: str) -> Session:
+    def open(self, access: Access, token: str, client: str) -> Session:
         """A new session; the least recently used one is signed out if there is no room."""
         self._drop_idle()
         while len(self._used) >= self.max_sessions:
@@ -60,7 +61,7 @@ class Sessions:
                 self.max_sessions,
                 client,
             )
-        session = Session(secrets.token_urlsafe(32), access, secrets.token_urlsafe(32))
+        session = Session(secrets.token_urlsafe(32), access, secrets.token_urlsafe(32), token)
         self._used[session.id] = (session, self._clock())
         return session
 
@@ -80,8 +81,18 @@ class Sessions:
     def close(self, session_id: str) -> None:
         self._used.pop(session_id, None)
 
-    def reconfigure(self, idle: float) -> None:
+    def reconfigure(self, idle: float, tokens: Mapping[str, Access]) -> int:
+        """After a reload: the new idle time; a session whose token is gone, or now grants
+        other access, ends. How many ended."""
         self.idle = idle
+        ended = [
+            session_id
+            for session_id, (session, _) in self._used.items()
+            if tokens.get(session.token) != session.access
+        ]
+        for session_id in ended:
+            del self._used[session_id]
+        return len(ended)
 
     def _drop_idle(self) -> None:
         now = self._clock()

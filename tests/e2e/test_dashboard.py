@@ -136,3 +136,15 @@ def test_dashboard_false_turns_it_off(taskd_factory: type[Taskd]) -> None:
     assert api.get("/ui/sign-in").status in (401, 404)
     assert HttpClient.of(daemon).get("/ui/").status == 404
     assert http_stats(daemon)["max_sessions"] == 0
+
+
+def test_a_reload_without_a_token_signs_out_its_sessions(taskd_factory: type[Taskd]) -> None:
+    daemon = taskd_factory(config=http_config()).start()
+    full, readonly = Browser(daemon), Browser(daemon)
+    full.sign_in(TOKEN)
+    readonly.sign_in(READONLY_TOKEN)
+    daemon.config_file.write_text(f'[http]\nlisten = "127.0.0.1:0"\ntokens = ["{TOKEN}"]\n')
+    assert daemon.ctl("reload").returncode == 0
+    assert full.get("/ui/").status == 200
+    assert readonly.get("/ui/").status == 303  # to the sign-in page
+    assert readonly.sign_in(READONLY_TOKEN).status == 401
