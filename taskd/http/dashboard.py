@@ -210,6 +210,8 @@ class Dashboard:
         if route.need == "public":
             return None
         if session is None:
+            if _header(request.headers, b"hx-request"):  # a live part: the whole page goes
+                return _page(200, "", (("HX-Redirect", "/ui/sign-in"),))
             if request.method == "GET" and route.handler != "events":
                 return _redirect("/ui/sign-in")
             message = "Your session has ended (signed out, or idle too long): sign in again."

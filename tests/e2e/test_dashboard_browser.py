@@ -41,6 +41,7 @@ cron = "30 2 * * *"
 tasks = ["echo"]
 """
 REQUESTS: list[str] = []  # every URL any page of this module asked for
+CONSOLE_ERRORS: list[str] = []  # a script that failed, or the CSP refusing something
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -76,10 +77,19 @@ def browser() -> Iterator[Browser]:
 def context(browser: Browser) -> Iterator[BrowserContext]:
     context = browser.new_context()
     context.on("request", lambda request: REQUESTS.append(request.url))
+    context.on("console", lambda message: record_console(message.type, message.text))
+    context.on("weberror", lambda error: CONSOLE_ERRORS.append(str(error.error)))
     context.set_default_timeout(10_000)
     yield context
     context.close()
     assert_local(REQUESTS)
+    assert CONSOLE_ERRORS == []
+
+
+def record_console(kind: str, text: str) -> None:
+    # A refused request (403, 422) is logged by the browser too: what the test meant.
+    if kind == "error" and "Failed to load resource" not in text:
+        CONSOLE_ERRORS.append(text)
 
 
 def assert_local(urls: list[str]) -> None:
@@ -221,6 +231,51 @@ def test_a_running_jobs_progress_and_log_lines_appear_live(
         gate.write("\n")
     expect(page.locator("#job-status")).to_have_text("succeeded")
     assert page.evaluate("window.notReloaded") is True  # no reload, no navigation
+
+
+def test_running_a_task_from_its_page_shows_the_servers_validation_error(
+    context: BrowserContext, daemon: Taskd
+) -> None:
+    page = signed_in(context, daemon)
+    page.get_by_role("link", name="Tasks").click()
+    email = page.locator("#task-email")
+    email.get_by_text("Run…").click()
+    email.get_by_text("Payload schema").click()
+    expect(email.locator("pre")).to_contain_text('"to"')
+    email.get_by_label("Payload (JSON)").fill('{"to": 5, "subject": "s", "body": "b"}')
+    email.get_by_role("button", name="Run").click()
+    alert = page.locator("#task-email").get_by_role("alert")
+    expect(alert).to_contain_text("$.to")  # the server's message, next to the field
+    expect(page.locator("#task-email").get_by_label("Payload (JSON)")).to_have_value(
+        '{"to": 5, "subject": "s", "body": "b"}'
+    )
+    echo = page.locator("#task-echo")
+    echo.get_by_text("Run…").click()
+    echo.get_by_label("Payload (JSON)").fill('{"name": "Ada"}')
+    echo.get_by_role("button", name="Run").click()
+    expect(page).to_have_url(re.compile(r"/ui/jobs/\d+$"))
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.locator("main")).to_contain_text('"name": "Ada"')
+
+
+def test_pausing_a_task_and_the_overview_following_the_queue_live(
+    context: BrowserContext, daemon: Taskd
+) -> None:
+    page = signed_in(context, daemon)
+    pending = page.locator("dl.counts div").filter(has_text="pending").locator("dd")
+    before = int(pending.inner_text())
+    page.evaluate("window.notReloaded = true")
+    expect(page.locator("footer .connection")).to_have_text("live")
+    api(daemon).post("/jobs", {"task": "echo", "delay": "1h"})
+    expect(pending).to_have_text(str(before + 1))
+    assert page.evaluate("window.notReloaded") is True
+    page.goto(base(daemon) + "/ui/tasks")
+    page.locator("#task-echo").get_by_role("button", name="Pause").click()
+    expect(page.locator("#task-echo")).to_contain_text("Paused since")
+    assert "echo" in json.loads(daemon.ctl("status", "--json").stdout)["paused_tasks"]
+    page.locator("#task-echo").get_by_role("button", name="Resume").click()
+    expect(page.locator("#task-echo").get_by_role("button", name="Pause")).to_be_visible()
+    assert "echo" not in json.loads(daemon.ctl("status", "--json").stdout)["paused_tasks"]
 
 
 def nightly(daemon: Taskd) -> dict[str, Any]:
