@@ -148,3 +148,30 @@ def test_a_reload_without_a_token_signs_out_its_sessions(taskd_factory: type[Tas
     assert full.get("/ui/").status == 200
     assert readonly.get("/ui/").status == 303  # to the sign-in page
     assert readonly.sign_in(READONLY_TOKEN).status == 401
+
+
+def test_cancel_all_matching_says_how_many_first(daemon: Taskd) -> None:
+    api = HttpClient.of(daemon)
+    ids = [api.post("/jobs", {"task": "slow", "delay": "1h"}).json()["job_id"] for _ in range(3)]
+    browser = Browser(daemon)
+    browser.sign_in(TOKEN)
+    page = browser.get("/ui/jobs/confirm?action=cancel&task=slow").body.decode()
+    assert "Cancel <strong>3</strong> pending or running jobs matching task = slow" in page
+    done = browser.post("/ui/jobs/cancel", {"csrf": browser.csrf(), "task": "slow"})
+    assert done.status == 200 and b"Cancelled 3 jobs." in done.body
+    assert {api.get(f"/jobs/{job_id}").json()["status"] for job_id in ids} == {"cancelled"}
+    none = browser.get("/ui/jobs/confirm?action=cancel&task=slow").body
+    assert b"No pending or running job matches task = slow" in none
+
+
+def test_a_jobs_page_links_its_parents_and_children(daemon: Taskd) -> None:
+    api = HttpClient.of(daemon)
+    parent = api.post("/jobs", {"task": "echo", "delay": "1h"}).json()["job_id"]
+    child = api.post("/jobs", {"task": "echo", "after": [parent]}).json()["job_id"]
+    browser = Browser(daemon)
+    browser.sign_in(TOKEN)
+    child_page = browser.get(f"/ui/jobs/{child}").body.decode()
+    assert f'parent <a href="/ui/jobs/{parent}">{parent}</a>' in child_page
+    parent_page = browser.get(f"/ui/jobs/{parent}").body.decode()
+    assert f'child <a href="/ui/jobs/{child}">{child}</a>' in parent_page
+    assert "<h2>Why</h2>" in child_page and "created" in child_page

@@ -37,6 +37,7 @@
     level.textContent = line.level;
     item.append(timeElement(line.at), " ", level, " " + line.message);
     list.append(item);
+    while (list.children.length > 1000) list.firstElementChild.remove();  // a chatty job
     localize(item);
   }
 
