@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,36 @@ def test_a_running_jobs_progress_and_log_lines_appear_live(
         gate.write("\n")
     expect(page.locator("#job-status")).to_have_text("succeeded")
     assert page.evaluate("window.notReloaded") is True  # no reload, no navigation
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ss") is None,
+    reason="cutting taskd's connections takes root and `ss -K` (iproute2); CI runs as root",
+)
+def test_a_lost_connection_reconnects_and_resyncs(context: BrowserContext, daemon: Taskd) -> None:
+    gate_path = daemon.root / "gate-resync"
+    os.mkfifo(gate_path)
+    payload = {"steps": 2, "gate": str(gate_path)}
+    job_id = int(api(daemon).post("/jobs", {"task": "steps", "payload": payload}).json()["job_id"])
+    page = signed_in(context, daemon)
+    with open(gate_path, "w") as gate:
+        page.goto(base(daemon) + f"/ui/jobs/{job_id}")
+        expect(page.locator("footer .connection")).to_have_text("live")
+        context.route("**/ui/events*", lambda route: route.abort())  # no way back, for now
+        cut = subprocess.run(  # taskd's end of every connection to it: the stream's too
+            ["ss", "-K", f"sport = :{http_port(daemon)}"], capture_output=True, text=True
+        )
+        assert cut.returncode == 0, cut.stderr
+        expect(page.locator("footer .connection")).to_have_text("reconnecting…")
+        gate.write("\n\n")  # both steps while the page is cut off: it misses their events
+        gate.flush()
+        wait_until(lambda: job_of(daemon, job_id)["status"] == "succeeded", what="the job")
+        context.unroute("**/ui/events*")
+    expect(page.locator("footer .connection")).to_have_text("live", timeout=20_000)
+    expect(page.locator("#job-status")).to_have_text("succeeded")  # read again on reconnecting
+    expect(page.locator("ol.log")).to_contain_text("step 2 of 2")
+    # htmx's SSE extension logs the lost stream (an Event) as an error: here it was meant.
+    CONSOLE_ERRORS[:] = [text for text in CONSOLE_ERRORS if text != "[object Event]"]
 
 
 def test_running_a_task_from_its_page_shows_the_servers_validation_error(
