@@ -390,11 +390,16 @@ def _text(name: str, label: str, value: str, hint: str = "") -> str:
     )
 
 
+def _with(names: Sequence[str], chosen: str) -> Sequence[str]:
+    """The tasks to choose from, and the one chosen (a task no longer loaded has jobs still)."""
+    return names if not chosen or chosen in names else [*names, chosen]
+
+
 def _filter_form(filters: Mapping[str, str], task_names: Sequence[str]) -> str:
     when = "2026-12-01T08:00+01:00"
     return (
         '<form method="get" action="/ui/jobs" class="filters" role="search">'
-        f"{_select('task', 'Task', task_names, filters.get('task', ''))}"
+        f"{_select('task', 'Task', _with(task_names, filters.get('task', '')), filters.get('task', ''))}"
         f"{_select('status', 'Status', JOB_STATUSES, filters.get('status', ''))}"
         f"{_select('origin', 'Origin', JOB_ORIGINS, filters.get('origin', ''))}"
         f"{_text('key', 'Key', filters.get('key', ''))}"
