@@ -396,10 +396,10 @@ def _with(names: Sequence[str], chosen: str) -> Sequence[str]:
 
 
 def _filter_form(filters: Mapping[str, str], task_names: Sequence[str]) -> str:
-    when = "2026-12-01T08:00+01:00"
+    when, task = "2026-12-01T08:00+01:00", filters.get("task", "")
     return (
         '<form method="get" action="/ui/jobs" class="filters" role="search">'
-        f"{_select('task', 'Task', _with(task_names, filters.get('task', '')), filters.get('task', ''))}"
+        f"{_select('task', 'Task', _with(task_names, task), task)}"
         f"{_select('status', 'Status', JOB_STATUSES, filters.get('status', ''))}"
         f"{_select('origin', 'Origin', JOB_ORIGINS, filters.get('origin', ''))}"
         f"{_text('key', 'Key', filters.get('key', ''))}"
