@@ -306,8 +306,17 @@ class AsyncClient:
         limit: int = 50,
         payloads: bool = False,
         origin: str | None = None,
+        key: str | None = None,
+        before: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        text: str | None = None,
     ) -> list[Job]:
-        return await self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
+        params = jobs_params(
+            status, task, limit, payloads, origin,
+            key=key, before=before, since=since, until=until, text=text,
+        )  # fmt: skip
+        return await self._call(protocol.JOBS, params)
 
     async def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None

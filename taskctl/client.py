@@ -184,10 +184,13 @@ def jobs_params(
     limit: int,
     payloads: bool,
     origin: str | None = None,
+    **filters: Any,
 ) -> JobsParams:
+    """`filters`: key, before (an id), since and until (Unix seconds), text."""
     fields = {"status": status, "task": task, "limit": limit, "payloads": payloads}
     fields["origin"] = origin
-    return msgspec.convert(fields, JobsParams)
+    fields.update(filters)
+    return msgspec.convert({k: v for k, v in fields.items() if v is not None}, JobsParams)
 
 
 def run_params(
@@ -500,9 +503,20 @@ class Client:
         limit: int = 50,
         payloads: bool = False,
         origin: str | None = None,
+        key: str | None = None,
+        before: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        text: str | None = None,
     ) -> list[Job]:
-        """Recent jobs, newest first; their payload and result only with `payloads`."""
-        return self._call(protocol.JOBS, jobs_params(status, task, limit, payloads, origin))
+        """Recent jobs, newest first; their payload and result only with `payloads`. Only
+        those with `key`, with an id below `before` (the next page), created in
+        [`since`, `until`), or whose payload holds `text`, when given."""
+        params = jobs_params(
+            status, task, limit, payloads, origin,
+            key=key, before=before, since=since, until=until, text=text,
+        )  # fmt: skip
+        return self._call(protocol.JOBS, params)
 
     def wait(
         self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None

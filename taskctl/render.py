@@ -413,6 +413,16 @@ def http_lines(stats: HttpStats) -> list[str]:
         f"{stats.max_event_streams}"
         + (f"; refused {stats.refused_event_streams}" if stats.refused_event_streams else ""),
     ]
+    if stats.max_sessions:
+        lines.append(
+            f"             dashboard sessions: {stats.sessions} signed in, at most "
+            f"{stats.max_sessions}"
+            + (
+                f"; signed out {stats.sessions_evicted} least recently used to make room"
+                if stats.sessions_evicted
+                else ""
+            )
+        )
     counts = (stats.refused_unauthenticated, stats.refused_header_timeout, stats.refused_busy)
     if any(counts) or stats.closed_idle:
         lines.append(

@@ -24,13 +24,15 @@ MAX_INBOX = 10_000  # reports from threads waiting for the event loop; more are 
 
 
 class _Attempt:
-    __slots__ = ("dropped", "epoch", "lines", "progress", "seq")
+    __slots__ = ("dropped", "epoch", "lines", "progress", "seq", "writing")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.seq = 0  # lines written so far
         self.progress: tuple[Progress, float] | None = None  # unwritten, with its monotonic time
         self.lines: list[tuple[LogLine, float]] = []  # unwritten
+        # Being written now (not yet readable from the store): still shown by `logs`.
+        self.writing: list[LogLine] = []
         self.dropped = 0  # lines let go before they were written
 
 
@@ -66,7 +68,9 @@ class ActivityRecorder:
     def pending_lines(self, job_id: int) -> list[LogLine]:
         """The lines of a job running here that are not written yet."""
         attempt = self._attempts.get(job_id)
-        return [line for line, _ in attempt.lines] if attempt is not None else []
+        if attempt is None:
+            return []
+        return attempt.writing + [line for line, _ in attempt.lines]
 
     def progress(self, job_id: int, done: float, total: float | None, message: str | None) -> None:
         if message is not None and len(message) > MAX_MESSAGE:
@@ -181,6 +185,9 @@ class ActivityRecorder:
                     counted(len(jobs), "job"),
                     exc,
                 )
+            finally:
+                for attempt in self._attempts.values():
+                    attempt.writing = []
 
     def _take(self) -> tuple[list[ProgressNote], list[LogNote], dict[int, int]]:
         """What is unwritten, as notes for the store."""
@@ -196,6 +203,7 @@ class ActivityRecorder:
                         job_id, attempt.epoch, value.done, value.total, value.message, now - when
                     )
                 )
+            attempt.writing = [line for line, _ in attempt.lines]
             for line, when in attempt.lines:
                 lines.append(
                     LogNote(job_id, attempt.epoch, line.seq, line.level, line.message, now - when)

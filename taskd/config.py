@@ -194,6 +194,14 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_event_streams: Annotated[int, RESTART] = 32
     # A stream with nothing to say sends a comment this often, so that proxies keep it open.
     event_heartbeat: Annotated[Seconds, RESTART] = Seconds(15)
+    # The web dashboard under /ui/ (README, "Dashboard").
+    dashboard: Annotated[bool, RESTART] = True
+    # A dashboard session not used for this long is signed out.
+    session_idle: Seconds = Seconds(30 * 60)
+    # Sessions held at once; past that, signing in signs out the least recently used one.
+    max_sessions: Annotated[int, RESTART] = 64
+    # Proxies (IP addresses) whose `X-Forwarded-Proto: https` marks the session cookie Secure.
+    trusted_proxies: list[str] = []
 
     def __post_init__(self) -> None:
         if not self.listen.strip():
@@ -204,7 +212,15 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
         if self.max_event_streams < 0:
             raise ValueError(f"max_event_streams must be 0 or more, got {self.max_event_streams}")
-        for name in ("read_timeout", "header_timeout", "keepalive_timeout", "event_heartbeat"):
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        for name in (
+            "read_timeout",
+            "header_timeout",
+            "keepalive_timeout",
+            "event_heartbeat",
+            "session_idle",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
 

@@ -430,7 +430,23 @@ class Daemon:
         http = settings.http
         assert http is not None
         api = HttpApi(dispatch, status.healthy, self._tasks(), self._live)
-        self._http = HttpServer(api, http, settings.access, socket_group=settings.socket_group)
+        dashboard = None
+        if http.config.dashboard:
+            from taskd.http.dashboard import Dashboard
+            from taskd.http.sessions import Sessions
+
+            assert self._store is not None
+            sessions = Sessions(http.config.max_sessions, float(http.config.session_idle))
+            dashboard = Dashboard(
+                dispatch,
+                self._live,
+                self._store.finished_recently,
+                sessions,
+                http.config.trusted_proxies,
+            )
+        self._http = HttpServer(
+            api, http, settings.access, socket_group=settings.socket_group, dashboard=dashboard
+        )
         try:
             await self._http.start()
         except SocketInUse as exc:

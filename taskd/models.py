@@ -265,6 +265,9 @@ class HttpStats(msgspec.Struct, frozen=True):
     event_streams: int = 0  # `GET /events` streams open (each also counted in `authenticated`)
     max_event_streams: int = 0
     refused_event_streams: int = 0  # a `GET /events` found max_event_streams open: 503
+    sessions: int = 0  # dashboard sessions signed in (None of them idle past session_idle)
+    max_sessions: int = 0  # 0: no dashboard
+    sessions_evicted: int = 0  # signed out to make room for a newer one (max_sessions)
 
 
 class ThreadStats(msgspec.Struct, frozen=True):

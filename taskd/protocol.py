@@ -77,6 +77,7 @@ Key = Annotated[
     ),
 ]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST)]
+SearchText = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 # The W3C Trace Context `traceparent` of the caller's span (version 00, lowercase hex, the
 # trace and parent ids not all zeros): the job's attempts are traced as its children.
 TRACEPARENT_LENGTH = 55
@@ -418,6 +419,12 @@ class JobsParams(Params):
     limit: Limit = 50
     payloads: bool = False  # include each job's payload and result (else they are nil)
     origin: JobOrigin | None = None  # only jobs made so: run, enqueue, schedule (a tick), task
+    key: Key | None = None  # only jobs with this unique key
+    before: Int64 | None = None  # only jobs with a lower id: the next page after that id
+    since: Timestamp | None = None  # only jobs created at or after this instant
+    until: Timestamp | None = None  # only jobs created before this instant
+    # Only jobs whose payload holds this text (not indexed: a scan of the other filters' jobs)
+    text: SearchText | None = None
 
 
 JOBS = Method(

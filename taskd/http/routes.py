@@ -87,6 +87,7 @@ class HttpRequest(NamedTuple):
     # Its `traceparent` header (W3C), if valid: a malformed one is ignored, as the standard
     # says; the jobs it starts are traced under it.
     traceparent: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # as h11 gives them: names in lower case
 
 
 class HttpResponse(NamedTuple):
@@ -399,27 +400,28 @@ def _times_read(fields: dict[str, Any]) -> dict[str, Any]:
         except ValueError as exc:
             raise HttpError(ErrorCode.INVALID_PARAMS, f"invalid body: delay: {exc}") from None
     if isinstance(run_at, str):
-        fields["run_at"] = _instant(run_at)
+        fields["run_at"] = instant(run_at, "invalid body: run_at")
     return fields
 
 
-def _instant(text: str) -> float:
+def instant(text: str, what: str) -> float:
+    """An ISO-8601 time with an offset as Unix seconds; HttpError naming `what` if not one."""
     example = "such as 2026-12-01T08:00:00+01:00 or 2026-12-01T07:00:00Z"
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
-        message = f"invalid body: run_at {text!r} is not an ISO-8601 time {example}"
+        message = f"{what} {text!r} is not an ISO-8601 time {example}"
         raise HttpError(ErrorCode.INVALID_PARAMS, message) from None
     if moment.tzinfo is None:
         message = (
-            f"invalid body: run_at {text!r} has no offset, and taskd's time zone need not be "
+            f"{what} {text!r} has no offset, and taskd's time zone need not be "
             f"the caller's: give one, {example}"
         )
         raise HttpError(ErrorCode.INVALID_PARAMS, message)
     try:
         return moment.timestamp()
     except (OverflowError, ValueError, OSError):
-        message = f"invalid body: run_at {text!r} is out of range"
+        message = f"{what} {text!r} is out of range"
         raise HttpError(ErrorCode.INVALID_PARAMS, message) from None
 
 

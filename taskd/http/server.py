@@ -40,6 +40,7 @@ from taskd.access import AccessPolicy, peer_groups, peer_of, user_name
 from taskd.background import Background
 from taskd.config import HttpConfig, restart_only
 from taskd.connection_limits import RefusalLog
+from taskd.http import dashboard as ui
 from taskd.http.admission import Admission, Closing
 from taskd.http.api import HttpErrorCode
 from taskd.http.routes import HttpApi, HttpRequest, HttpResponse, error_response
@@ -126,8 +127,10 @@ class HttpServer:
         access: AccessPolicy,
         *,
         socket_group: int | None,
+        dashboard: ui.Dashboard | None = None,
     ) -> None:
         self._api = api
+        self._dashboard = dashboard
         self._config = settings.config
         self._listen = settings.listen
         self._tokens = settings.tokens
@@ -194,6 +197,9 @@ class HttpServer:
             event_streams=self._streams,
             max_event_streams=self._max_streams,
             refused_event_streams=self._refused_streams,
+            sessions=len(self._dashboard.sessions) if self._dashboard else 0,
+            max_sessions=self._dashboard.sessions.max_sessions if self._dashboard else 0,
+            sessions_evicted=self._dashboard.sessions.evicted if self._dashboard else 0,
         )
 
     @property
@@ -208,6 +214,11 @@ class HttpServer:
                 logger.warning("[http] %s changed; it takes effect at the next restart", setting)
         self._tokens = settings.tokens
         self._access = access
+        if self._dashboard is not None:
+            config = settings.config
+            self._dashboard.reconfigure(
+                float(config.session_idle), config.trusted_proxies, settings.tokens
+            )
 
     def stop_accepting(self) -> None:
         for loop in self._accept_loops:
@@ -447,14 +458,12 @@ class HttpServer:
             admitted, closing = admission.authenticate(connection)
             if closing is not None:
                 self._close_for_room(closing, connection)
-            if not admitted and not self._api.public(
-                request.method.decode("ascii", "replace"), request.target.decode("latin-1")
-            ):
+            if not admitted and not self._public(request):
                 detail = f"all {admission.max_authenticated} connections with a token are busy"
                 self._refusals.refused("max_connections", connection.client, detail)
                 raise _Refusal(ErrorCode.BUSY, BUSY, counted=True)
         if not admission.authenticated(connection):
-            return not _declares_body(request)
+            return not _declares_body(request) or self._signs_in(request)
         for name, value in request.headers:
             if name == b"content-length":
                 self._check_size(int(value))
@@ -466,10 +475,38 @@ class HttpServer:
         return True
 
     def _has_credential(self, connection: _Connection, request: h11.Request) -> bool:
+        """A token, an allowed peer, or (for a page of the dashboard) a session cookie."""
         if connection.peer is not None:
             return True
         authorization = next((v for k, v in request.headers if k == b"authorization"), None)
-        return self._tokens.access(authorization) is not None
+        if self._tokens.access(authorization) is not None:
+            return True
+        return (
+            self._dashboard is not None
+            and ui.serves(_path(request))
+            and self._dashboard.session_of(request.headers) is not None
+        )
+
+    def _public(self, request: h11.Request) -> bool:
+        """Whether the request needs no credential (`/healthz`, the sign-in page)."""
+        method, target = request.method.decode("ascii", "replace"), request.target.decode("latin-1")
+        if self._dashboard is not None and ui.serves(_path(request)):
+            return self._dashboard.public(method, target)
+        return self._api.public(method, target)
+
+    def _signs_in(self, request: h11.Request) -> bool:
+        """The dashboard's sign-in form: a small body read without a credential."""
+        if self._dashboard is None or not self._dashboard.signs_in(
+            request.method.decode("ascii", "replace"), request.target.decode("latin-1")
+        ):
+            return False
+        lengths = [int(v) for k, v in request.headers if k == b"content-length"]
+        if not lengths or lengths[0] > ui.SIGN_IN_BODY:
+            raise _Refusal(
+                HttpErrorCode.BODY_TOO_LARGE,
+                f"a sign-in form has {ui.SIGN_IN_BODY} bytes at most, with a Content-Length",
+            )
+        return True
 
     def _check_size(self, size: int) -> None:
         if size > self._config.max_body_size:
@@ -512,8 +549,13 @@ class HttpServer:
             traceparent=header_traceparent(
                 next((v for k, v in head.headers if k == b"traceparent"), None)
             ),
+            headers=tuple(head.headers),
         )
-        connection.handling = asyncio.ensure_future(self._api.handle(request))
+        if self._dashboard is not None and ui.serves(_path(head)):
+            handling = self._dashboard.handle(request, self._tokens)
+        else:
+            handling = self._api.handle(request)
+        connection.handling = asyncio.ensure_future(handling)
         try:
             response = await connection.handling
         except asyncio.CancelledError:
@@ -666,6 +708,10 @@ def _has_bytes(sock: socket.socket) -> bool:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except (BlockingIOError, InterruptedError):
         return False
+
+
+def _path(request: h11.Request) -> str:
+    return request.target.decode("latin-1").split("?", 1)[0]
 
 
 def _declares_body(request: h11.Request) -> bool:

@@ -6,6 +6,7 @@ and in `taskd --check`.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -35,6 +36,11 @@ class Tokens:
     def __bool__(self) -> bool:
         return bool(self._tokens)
 
+    def fingerprints(self) -> dict[str, Access]:
+        """Each token's SHA-256 (hex) and access: what a dashboard session remembers of the
+        token it was opened with, so that a reload without that token ends it."""
+        return {fingerprint(token.decode()): access for token, access in self._tokens}
+
     def access(self, authorization: bytes | None) -> Access | None:
         """The access an `Authorization: Bearer TOKEN` header grants, or None.
 
@@ -48,6 +54,10 @@ class Tokens:
             if hmac.compare_digest(token, given) and granted is None:
                 granted = access
         return granted if match else None
+
+
+def fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Listen(NamedTuple):
@@ -81,6 +91,13 @@ def load_settings(config: HttpConfig) -> HttpSettings:
     address has no token (any local user can reach one, even on the loopback)."""
     listen = parse_listen(config.listen)
     tokens = load_tokens(config)
+    for proxy in config.trusted_proxies:
+        try:
+            ipaddress.ip_address(proxy)
+        except ValueError:
+            raise ConfigError(
+                f"[http] trusted_proxies: {proxy!r} is not an IP address (such as 127.0.0.1)"
+            ) from None
     if listen.path is None and not tokens:
         raise ConfigError(
             f"[http] listen = {config.listen!r} is a TCP address, which every user of this "

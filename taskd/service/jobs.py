@@ -148,7 +148,15 @@ class JobMethods:
 
     async def jobs(self, params: JobsParams) -> list[Job]:
         query = JobFilter(
-            statuses=params.status, task=params.task, limit=params.limit, origin=params.origin
+            statuses=params.status,
+            task=params.task,
+            limit=params.limit,
+            origin=params.origin,
+            key=params.key,
+            before=params.before,
+            since=params.since,
+            until=params.until,
+            text=params.text,
         )
         jobs = await self._store.list_jobs(query)
         if not jobs and params.task is not None and params.task not in self._tasks:

@@ -223,6 +223,11 @@ class JobFilter(msgspec.Struct, frozen=True):
     task: str | None = None
     limit: int = 50
     origin: JobOrigin | None = None
+    key: str | None = None
+    before: int | None = None  # ids below this one
+    since: float | None = None  # created_at at or after
+    until: float | None = None  # created_at before
+    text: str | None = None  # in the payload (its msgpack bytes hold strings as UTF-8)
 
 
 class ScheduleState(msgspec.Struct):
@@ -436,6 +441,10 @@ class Store(Protocol):
 
     async def counts(self) -> list[TaskCounts]:
         """Jobs per task and status, and per task the oldest due pending job's age."""
+
+    async def finished_recently(self, window: float, buckets: int) -> list[tuple[int, int]]:
+        """Jobs that succeeded and failed in each of `buckets` equal spans of the last
+        `window` seconds, oldest span first."""
 
     async def clock(self) -> float:
         """The store's "now" (Unix seconds): the clock every instant in it is written by."""

@@ -108,6 +108,8 @@ def checked_by(block: Block) -> str | None:
         return "test_the_quick_start_runs_as_written"
     if block.section == "Quick start" and block.first_line == "$ taskctl list":
         return "test_make_run_prints_what_the_readme_shows"
+    if block.section == "Dashboard" and block.language == "sh":
+        return "test_the_dashboard_example_runs_as_written"
     if block.language == "sh" and "curl " in block.text:
         return "test_the_curl_examples_run_as_written"
     if block.language == "" and re.match(r"taskd \S+ on ", block.first_line):
@@ -494,6 +496,18 @@ def test_the_curl_examples_run_as_written(http_checkout: tuple[Path, str, str]) 
         'taskd_jobs{status="succeeded",task="jobs:send-email"} 1.0',
     ):
         assert expected in done.stdout, (expected, done.stdout)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_dashboard_example_runs_as_written(http_checkout: tuple[Path, str, str]) -> None:
+    root, url, token = http_checkout
+    (block,) = checked("test_the_dashboard_example_runs_as_written")
+    script = f"set -euo pipefail\nTOKEN={token}\nURL={url}\n" + block.text
+    done = subprocess.run(["bash", "-c", script], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (said,) = re.findall(r"^prints `(.*)`\.$", README[README.index("\n## Dashboard\n") :], re.M)
+    assert done.stdout.strip() == said
+    assert "HttpOnly" in (root / "cookies.txt").read_text()
 
 
 # -- taskctl's --help examples ------------------------------------------------------------

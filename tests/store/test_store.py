@@ -430,6 +430,50 @@ async def test_list_counts_prune(store: Store, clock: Clock) -> None:
     assert await store.get(ids[0]) is None
 
 
+async def test_the_dashboards_filters_key_page_time_and_payload_text(
+    store: Store, clock: Clock
+) -> None:
+    texts = [{"to": "ada@example.com"}, {"to": "bob@example.com", "note": "café"}, [1, 2]]
+    ids = []
+    for index, payload in enumerate(texts):
+        clock.now = NOW + index * 10
+        (inserted,) = await store.insert(
+            [new(key=f"k{index}", payload=msgspec.msgpack.encode(payload))]
+        )
+        ids.append(inserted.job_id)
+
+    async def listed(**query: object) -> list[int]:
+        return [job.id for job in await store.list_jobs(JobFilter(**query))]  # type: ignore[arg-type]
+
+    assert await listed(key="k1") == [ids[1]]
+    assert await listed(before=ids[2]) == [ids[1], ids[0]]
+    assert await listed(before=ids[2], limit=1) == [ids[1]]
+    assert await listed(since=NOW + 10) == [ids[2], ids[1]]
+    assert await listed(until=NOW + 10) == [ids[0]]
+    assert await listed(since=NOW + 5, until=NOW + 15) == [ids[1]]
+    assert await listed(text="example.com") == [ids[1], ids[0]]
+    assert await listed(text="café") == [ids[1]]  # UTF-8, as msgpack holds it
+    assert await listed(text="ada@", key="k1") == []
+    assert await listed(text="%") == []  # no pattern: the text as it is
+
+
+async def test_jobs_finished_in_each_span_of_the_last_hour(store: Store, clock: Clock) -> None:
+    ids = [i.job_id for i in await store.insert([new(max_attempts=1) for _ in range(4)])]
+    await claim(store)
+    clock.now = NOW + 100
+    await store.finish([succeeded(ids[0]), succeeded(ids[1])])
+    await store.finish([Outcome(ids[2], 1, W1, "failed", error=ERROR)])
+    clock.now = NOW + 1900
+    await store.finish([succeeded(ids[3])])
+    clock.now = NOW + 2000
+    spans = await store.finished_recently(3600, 12)  # 5 minutes each
+    assert len(spans) == 12 and sum(s for s, _ in spans) == 3 and sum(f for _, f in spans) == 1
+    assert spans[5] == (2, 1)  # 1900 s ago: the sixth span (2100..1800 s ago)
+    assert spans[11] == (1, 0)  # 100 s ago: the last
+    clock.now = NOW + 4000  # the first three finished over an hour ago, the last 2100 s ago
+    assert await store.finished_recently(3600, 12) == [(0, 0)] * 5 + [(1, 0)] + [(0, 0)] * 6
+
+
 # -- schedules -----------------------------------------------------------------------------
 
 

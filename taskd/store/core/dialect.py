@@ -26,6 +26,7 @@ class Dialect(Protocol):
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
+    payload_holds: str  # a condition: the payload's bytes hold `:text` (as UTF-8)
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
         """Orders the claims (shared) after a pause (exclusive) that committed before them

@@ -45,9 +45,20 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
     if query.task is not None:
         clauses.append("task = :task")
         params["task"] = query.task
-    if query.origin is not None:
-        clauses.append("origin = :origin")
-        params["origin"] = query.origin
+    for column, value in (("origin", query.origin), ("key", query.key)):
+        if value is not None:
+            clauses.append(f"{column} = :{column}")
+            params[column] = value
+    bounds: tuple[tuple[str, str, object], ...] = (
+        ("id < :before", "before", query.before),
+        ("created_at >= :since", "since", query.since),
+        ("created_at < :until", "until", query.until),
+        (sql.payload_holds, "text", query.text),
+    )
+    for clause, name, bound in bounds:
+        if bound is not None:
+            clauses.append(clause)
+            params[name] = bound
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = yield Statement(
         f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs {where} ORDER BY id DESC LIMIT :limit", params
@@ -81,6 +92,25 @@ def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
         )
         for task, task_counts in sorted(by_task.items())
     ]
+
+
+def finished_recently(sql: Dialect, window: float, buckets: int) -> Steps[list[tuple[int, int]]]:
+    """Succeeded and failed jobs per span of the last `window` seconds (the index on
+    (status, finished_at) finds them); the spans' bounds are numbers, not parameters."""
+    span = window / buckets
+    sums = ", ".join(
+        f"sum(CASE WHEN finished_at >= :now - {window - i * span!r}"
+        f" AND finished_at < :now - {window - (i + 1) * span!r} THEN 1 ELSE 0 END) AS n{i}"
+        for i in range(buckets)
+    )
+    rows = yield Statement(
+        f"SELECT status, {sums} FROM {{s}}.jobs WHERE status IN ('succeeded', 'failed')"
+        f" AND finished_at >= :now - {float(window)!r} GROUP BY status"
+    )
+    by_status = {row["status"]: [int(row[f"n{i}"] or 0) for i in range(buckets)] for row in rows}
+    succeeded = by_status.get("succeeded", [0] * buckets)
+    failed = by_status.get("failed", [0] * buckets)
+    return list(zip(succeeded, failed, strict=True))
 
 
 def queue_depth(sql: Dialect) -> Steps[int]:

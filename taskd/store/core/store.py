@@ -290,6 +290,10 @@ class SqlStore:
         return await self._read(reads.counts)
 
     @store_read
+    async def finished_recently(self, window: float, buckets: int) -> list[tuple[int, int]]:
+        return await self._read(reads.finished_recently, window, buckets)
+
+    @store_read
     async def clock(self) -> float:
         return await self._read(reads.clock)
 

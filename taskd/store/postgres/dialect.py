@@ -233,6 +233,7 @@ class PostgresSql:
     lock_rows = " FOR UPDATE"
     # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
     lock_shared = " FOR SHARE"
+    payload_holds = "position(convert_to(:text, 'UTF8') in payload) > 0"
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema

@@ -117,6 +117,7 @@ class SqliteSql:
     trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
     lock_rows = ""  # one writer
     lock_shared = ""  # one writer: nothing else writes until the commit
+    payload_holds = "instr(payload, CAST(:text AS BLOB)) > 0"
 
     def __init__(self, now: float) -> None:
         self.now = now
