@@ -159,6 +159,8 @@ class Bench:
                                              jobs=self.jobs(5000))))  # fmt: skip
 
     def command_latency(self, runs: int) -> None:
+        """Each command `runs` times per round, taking turns with the floor; a round's
+        figure is its median, the row's the median of `repeat` rounds'."""
         listing = self.row("`taskctl list`, whole process", "ms", "python -c 'import msgspec'",
                            "<= 1.25x")  # fmt: skip
         running = self.row("`taskctl run` of a no-op task, whole process", "ms",
@@ -168,16 +170,18 @@ class Bench:
             if TASKCTL is None:
                 taskctl[1:1] = ["-m", "taskctl"]
             floor = [sys.executable, "-c", "import msgspec"]
-            commands: list[tuple[list[str], list[float]]] = [
-                ([*taskctl, "list"], listing.taskd),
-                ([*taskctl, "run", "noop"], running.taskd),
-                (floor, listing.reference),
-            ]
-            for command, _ in commands:
-                timed(command)  # the page cache is warm for all
-            for _ in range(runs):
-                for command, samples in commands:
-                    samples.append(timed(command) * 1000)
+            commands = {"list": [*taskctl, "list"], "run": [*taskctl, "run", "noop"],
+                        "floor": floor}  # fmt: skip
+            for command in commands.values():
+                timed(command)  # the page cache is warm for all, the bytecode written
+            for _ in range(self.repeat):
+                samples: dict[str, list[float]] = {name: [] for name in commands}
+                for _ in range(runs):
+                    for name, command in commands.items():
+                        samples[name].append(timed(command) * 1000)
+                listing.taskd.append(statistics.median(samples["list"]))
+                running.taskd.append(statistics.median(samples["run"]))
+                listing.reference.append(statistics.median(samples["floor"]))
             running.reference = listing.reference
 
     def table(self) -> str:
@@ -194,9 +198,15 @@ def fill_backlog(daemon: Taskd, size: int) -> None:
             client.enqueue_many([enqueue_params("limited", n) for n in range(count)])
 
 
+# Commands run as an installed taskctl runs: from bytecode, which pip writes at install
+# (PYTHONDONTWRITEBYTECODE would have every run compile taskctl's modules again).
+_INSTALLED = {name: value for name, value in os.environ.items()
+              if name != "PYTHONDONTWRITEBYTECODE"}  # fmt: skip
+
+
 def timed(command: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=_INSTALLED)
     return time.perf_counter() - started
 
 
@@ -240,7 +250,16 @@ def main(argv: list[str] | None = None) -> None:
         "--startup-jobs", type=int, default=1_000_000, help="jobs in the big store; 0: skip"
     )
     parser.add_argument("--runs", type=int, default=30, help="runs of each command")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help=f"where the table goes (default: {RESULTS.name}, not with --only)",
+    )
+    parser.add_argument(
+        "--only", action="append", metavar="SECTION",
+        help="run only this section (repeatable): throughput, commands, single-flight, backlog,"
+        " cron, start-up, PostgreSQL ...; the table is printed, RESULTS.md left as it is",
+    )  # fmt: skip
     parser.add_argument(
         "--postgres",
         default=os.environ.get("TASKD_TEST_POSTGRES"),
@@ -281,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
 
         shared = PostgresBench(args.postgres, args.scale, args.repeat, peers=peers_measured)
         sections.append(("PostgreSQL", shared.run))
+    if args.only:
+        sections = [(name, run) for name, run in sections if name in args.only]
     for name, run in sections:
         print(f"[{time.monotonic() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True)
         run()
@@ -291,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     if shared is not None:
         text += f"\n## PostgreSQL\n\n{shared.table()}\n"
     print(text)
-    args.output.write_text(text)
+    output = args.output or (None if args.only else RESULTS)
+    if output is not None:
+        output.write_text(text)
 
 
 if __name__ == "__main__":
