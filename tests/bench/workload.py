@@ -17,6 +17,15 @@ TASKS = {
 async def noop(payload) -> None:
     return None
 """,
+    "hold.py": """import asyncio
+
+from taskd import define_task
+
+
+@define_task(description="Holds its execution open for payload['seconds']: callers join it")
+async def hold(payload) -> None:
+    await asyncio.sleep(payload["seconds"])
+""",
     "limited.py": """import asyncio
 
 from taskd import define_task
