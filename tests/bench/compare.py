@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from taskctl import enqueue_params
-from tests.bench.workload import bench_daemon
+from tests.bench.workload import bench_daemon, cpu_seconds, daemon_pid
 from tests.support import TASKCTL, Taskd
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -117,21 +117,35 @@ class Bench:
         drain4 = self.row(
             f"no-op drain, 16 workers ({sync})", "jobs/s", "huey, 4 thread workers", "-"
         )
+        cpu_rows = {
+            row.name: self.row(
+                f"{row.name}: daemon CPU per job, all threads",
+                "us",
+                "-",
+                "<= 50 us" if row is drain else "report",
+            )
+            for row in (single, many, batch, drain)
+        }
         for _ in range(self.repeat):
             with bench_daemon(self.config) as daemon:
                 socket = str(daemon.socket)
-                single.taskd.append(rate(drive("taskd-enqueue", socket=socket,
-                                                jobs=self.jobs(2000), connections=1)))  # fmt: skip
-                many.taskd.append(rate(drive("taskd-enqueue", socket=socket,
-                                              jobs=self.jobs(20000), connections=16)))  # fmt: skip
-                batch.taskd.append(rate(drive("taskd-enqueue-many", socket=socket,
-                                               jobs=self.jobs(100_000), batch=1000)))  # fmt: skip
+                for row, scenario, options in (
+                    (single, "taskd-enqueue", {"jobs": self.jobs(2000), "connections": 1}),
+                    (many, "taskd-enqueue", {"jobs": self.jobs(20000), "connections": 16}),
+                    (batch, "taskd-enqueue-many", {"jobs": self.jobs(100_000), "batch": 1000}),
+                ):
+                    before = cpu_seconds(daemon_pid(daemon))
+                    row.taskd.append(rate(drive(scenario, socket=socket, **options)))
+                    spent = cpu_seconds(daemon_pid(daemon)) - before
+                    cpu_rows[row.name].taskd.append(spent / options["jobs"] * 1e6)
             many.reference += peer_rate("huey-enqueue", jobs=self.jobs(5000))
             batch.reference.append(rate(drive("sqlite-floor", jobs=self.jobs(100_000), batch=1000)))
             with bench_daemon(self.config) as daemon:
-                result = drive("taskd-drain", socket=str(daemon.socket), jobs=self.jobs(10_000))
+                result = drive("taskd-drain", socket=str(daemon.socket), jobs=self.jobs(10_000),
+                               pid=daemon_pid(daemon))  # fmt: skip
                 drain.taskd.append(rate(result))
                 drain4.taskd.append(rate(result))
+                cpu_rows[drain.name].taskd.append(result["cpu"] / result["jobs"] * 1e6)
             drain.reference += peer_rate("huey-drain", jobs=self.jobs(5000), workers=1)
             drain4.reference += peer_rate("huey-drain", jobs=self.jobs(5000), workers=4)
 

@@ -94,9 +94,14 @@ def taskd_enqueue_many(socket: str, jobs: int, batch: int) -> dict[str, Any]:
     return {"jobs": jobs, "seconds": seconds}
 
 
-def taskd_drain(socket: str, jobs: int, batch: int = 1000) -> dict[str, Any]:
+def taskd_drain(socket: str, jobs: int, batch: int = 1000, pid: int = 0) -> dict[str, Any]:
     """Queue `jobs` no-op jobs due at one instant, then time the executor from that instant
-    to the end of the last job (both read from the job rows)."""
+    to the end of the last job (both read from the job rows). With the daemon's `pid`, also
+    the CPU time it spent meanwhile (`cpu`, seconds: from just before that instant until the
+    last job has been waited for)."""
+    from tests.bench.workload import cpu_seconds
+
+    cpu = 0.0
     with Client(socket) as client:
         due = time.time() + 1.0 + jobs / 50_000  # after every enqueue below has returned
         ids = []
@@ -106,14 +111,19 @@ def taskd_drain(socket: str, jobs: int, batch: int = 1000) -> dict[str, Any]:
             ids += [inserted.job_id for inserted in client.enqueue_many(items)]
         if time.time() >= due:
             raise RuntimeError("enqueueing took longer than the head start; raise it")
+        if pid:
+            time.sleep(max(0.0, due - time.time() - 0.02))  # the daemon idles until then
+            cpu = -cpu_seconds(pid)
         last = client.wait(ids[-1], timeout=600)
+        if pid:
+            cpu += cpu_seconds(pid)  # before the waits below, which are not the drain's
         for job_id in ids:
             job = client.wait(job_id, timeout=600)
             if job.status != "succeeded":
                 raise RuntimeError(f"job {job_id} {job.status}: {job.error}")
             last = job if (job.finished_at or 0) > (last.finished_at or 0) else last
     assert last.finished_at is not None
-    return {"jobs": jobs, "seconds": last.finished_at - due}
+    return {"jobs": jobs, "seconds": last.finished_at - due, "cpu": cpu}
 
 
 def taskd_single_flight(socket: str, callers: int, connections: int, hold: float) -> dict[str, Any]:
@@ -397,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--pid", type=int, default=0, help="taskd's, for its CPU time")
     parser.add_argument("--hold", type=float, default=3.0, help="seconds the execution lasts")
     args = parser.parse_args(argv)
     match args.scenario:
@@ -405,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         case "taskd-enqueue-many":
             result = taskd_enqueue_many(args.socket, args.jobs, args.batch)
         case "taskd-drain":
-            result = taskd_drain(args.socket, args.jobs, args.batch)
+            result = taskd_drain(args.socket, args.jobs, args.batch, args.pid)
         case "huey-enqueue":
             result = huey_enqueue(args.jobs)
         case "huey-drain":
