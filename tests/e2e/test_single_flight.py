@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from taskd.server import MAX_IN_FLIGHT
 from tests.support import RawConnection, Taskd
 
 CONNECTIONS = 4
@@ -49,3 +50,24 @@ def test_callers_of_one_run_on_many_connections_share_its_end(taskd: Taskd, tmp_
     ended = [reply for reply in replies if reply["id"] not in last_ids]
     assert len(ended) == CALLERS * (CONNECTIONS - 1)
     assert {reply["result"]["job"]["status"] for reply in ended} == {"succeeded"}
+
+
+def test_runs_waiting_for_their_end_count_against_a_connections_bound(
+    taskd: Taskd, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    os.mkfifo(release)
+    run = {"task": "slow", "payload": {"until": str(release), "seconds": 0}}
+    with RawConnection(taskd.socket) as connection:
+        waiting = [connection.request("run", run) for _ in range(MAX_IN_FLIGHT - 1)]
+        connection.sock.sendall(
+            b"".join([*waiting, connection.request("run", {**run, "detach": True})])
+        )
+        assert connection.reply()["result"]["joined"]  # the runs before it wait for the end
+        connection.sock.sendall(connection.request("run", run) + connection.request("run", run))
+        refused = connection.reply()  # the one over the bound, at once
+        assert refused["id"] == MAX_IN_FLIGHT + 3, refused
+        assert refused["error"]["code"] == "busy", refused
+        release.write_bytes(b"go")
+        answered = [connection.reply() for _ in range(MAX_IN_FLIGHT)]
+    assert {reply["result"]["job"]["status"] for reply in answered} == {"succeeded"}
