@@ -2,7 +2,8 @@
 many `run` callers joined.
 
 A handler returns one instead of waiting itself. The control server then keeps only which
-requests wait for it and, once it is known, sends it to all of them from one callback,
+requests wait for it (and forgets those of a connection that closes) and, once it is known,
+sends it to all of them from one callback,
 encoded once and in one write per connection; no task per caller is woken to reply. Callers
 that wait one by one (the HTTP API, tests) await `result()`.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -23,15 +24,13 @@ def _unchanged(exc: BaseException) -> BaseException | None:
 class Deferred(Generic[T]):
     """A result (or an error) that a future gives later, to any number of waiting requests."""
 
-    __slots__ = ("future", "translate", "waiting")
+    __slots__ = ("future", "translate")
 
     def __init__(self, future: asyncio.Future[T]) -> None:
         self.future = future
         # The error reply an exception stands for (None: an internal error), set by the
         # dispatch that handed this out: the error codes are given there and nowhere else.
         self.translate: Callable[[BaseException], BaseException | None] = _unchanged
-        # The requests the control server will answer with it: (connection, request id).
-        self.waiting: list[tuple[Any, int]] = []
 
     async def result(self) -> T:
         """The result, or the exception standing for its error; cancelling the caller

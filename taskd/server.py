@@ -249,6 +249,8 @@ class ControlServer:
         self._read_timeout = read_timeout
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        # The requests each Deferred result is to answer, by connection (see _reply_later).
+        self._waiting: dict[Deferred[Any], dict[_Connection, list[int]]] = {}
         self._closing = False
         self._stopping = False  # new connections are refused: the daemon is stopping
         self._linger = Lingering(drop_at_most=MAX_HELLO_FRAME, chunk=4096)
@@ -356,7 +358,7 @@ class ControlServer:
             self._connections.discard(connection)
             for task in connection.in_flight:
                 task.cancel()  # the client is gone; its waits are pointless
-            connection.later.clear()
+            self._forget_later(connection)
             writer.close()
 
     async def _refuse(
@@ -578,22 +580,35 @@ class ControlServer:
         if deferred.future.done():
             self._send_frame(connection, self._frames_of(deferred)(request_id))
             return
-        if not deferred.waiting:
+        waiting = self._waiting.get(deferred)
+        if waiting is None:
+            waiting = self._waiting[deferred] = {}
             deferred.future.add_done_callback(functools.partial(self._answer_waiting, deferred))
-        deferred.waiting.append((connection, request_id))
+        waiting.setdefault(connection, []).append(request_id)
         connection.later[request_id] = deferred
+
+    def _forget_later(self, connection: _Connection) -> None:
+        """A connection is gone: nothing waits for its replies any more."""
+        for deferred in set(connection.later.values()):
+            self._waiting.get(deferred, {}).pop(connection, None)
+        connection.later.clear()
 
     def _answer_waiting(self, deferred: Deferred[Any], _: object = None) -> None:
         """Send a Deferred result to every request still waiting for it: encoded once, the
         replies to one connection in one write, each connection's as soon as they are made
         (10,000 callers of one run are answered within milliseconds, none of them woken)."""
-        waiting, deferred.waiting = deferred.waiting, []
-        by_connection: dict[_Connection, list[int]] = {}
-        for connection, request_id in waiting:
-            if connection.later.pop(request_id, None) is not None:  # else gone, or answered
-                by_connection.setdefault(connection, []).append(request_id)
+        by_connection = {
+            connection: [
+                request_id
+                for request_id in request_ids
+                if connection.later.pop(request_id, None) is not None
+            ]
+            for connection, request_ids in self._waiting.pop(deferred, {}).items()
+        }
         frame_for = self._frames_of(deferred)
         for connection, request_ids in by_connection.items():
+            if not request_ids:  # answered already: taskd is stopping
+                continue
             frames = [frame_for(request_id) for request_id in request_ids]
             built = [frame for frame in frames if frame is not None]
             self._send_frame(connection, b"".join(built) if len(built) == len(frames) else None)
