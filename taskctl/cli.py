@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import enum
 import os
@@ -13,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import msgspec
 
-from taskctl import errors
+from taskctl import errors, plain_args
 from taskctl.client import WAIT_MARGIN, Client, enqueue_params
-from taskd import __version__, protocol
+from taskd import protocol
 from taskd.models import (
     FINISHED_STATUSES,
     JOB_ORIGINS,
@@ -28,9 +27,11 @@ from taskd.models import (
 from taskd.protocol import (
     HELD_REASONS,
     Method,
-    client_socket_path,
 )
 from taskd.traceparent import header_traceparent
+
+if TYPE_CHECKING:  # argparse is imported only when a command line needs it (taskctl.parser)
+    import argparse
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
@@ -112,6 +113,13 @@ def _fail(args: argparse.Namespace, kind: str, message: str, code: Exit) -> NoRe
 # -- argument types ----------------------------------------------------------------------
 
 
+def _bad_value(message: str) -> Exception:
+    """argparse's error for a value an argument type refuses (argparse says it, with usage)."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
 def read_payload(spec: str | None) -> Any:
     """--payload: JSON text, @FILE holding JSON, or - for JSON on stdin (absent: None, {})."""
     if spec is None:
@@ -146,7 +154,7 @@ def duration(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise _bad_value(str(exc)) from None
 
 
 def moment(text: str) -> float:
@@ -158,7 +166,7 @@ def moment(text: str) -> float:
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
+        raise _bad_value(
             f"invalid time {text!r}: use ISO-8601 such as 2026-12-01T08:00:00+01:00"
         ) from None
     stamp = value.timestamp()
@@ -173,9 +181,9 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise _bad_value(f"{text!r} is not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise _bad_value(f"must be at least 1, got {value}")
     return value
 
 
@@ -183,9 +191,7 @@ def statuses(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         if name not in JOB_STATUSES:
-            raise argparse.ArgumentTypeError(
-                f"unknown status {name!r}; choose from {', '.join(JOB_STATUSES)}"
-            )
+            raise _bad_value(f"unknown status {name!r}; choose from {', '.join(JOB_STATUSES)}")
     return names
 
 
@@ -581,8 +587,8 @@ def _live() -> Any:
 
 # -- the command table: the parser, the epilogs and the completion derive from it -----------
 
-Handler = Callable[[Client, argparse.Namespace], Exit]
 if TYPE_CHECKING:
+    Handler = Callable[[Client, argparse.Namespace], Exit]
     # What completion offers for an argument: the running taskd's tasks, jobs or schedules,
     # or these words (an argument with `choices` offers them).
     Completion = Literal["tasks", "jobs", "schedules"] | tuple[str, ...]
@@ -795,75 +801,12 @@ VALUED_OPTIONS = frozenset(
 )
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter, told the terminal's width as argparse would find it, but
-    without importing shutil (and, through it, compression modules) on every call."""
-
-    def __init__(self, prog: str) -> None:
-        try:
-            width = int(os.environ["COLUMNS"])
-        except (KeyError, ValueError):
-            try:
-                width = os.get_terminal_size(1).columns
-            except (ValueError, OSError):
-                width = 80
-        super().__init__(prog, width=width - 2)
-
-
-def _epilog(examples: tuple[str, ...]) -> str:
-    lines = "".join(f"\n  {line}" for line in examples)
-    return (
-        f"example{'s' if len(examples) > 1 else ''}:{lines}\n\nexit statuses: see `taskctl --help`"
-    )
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """taskctl's parser; with `only`, with just that command (a command line names one, and
-    building the other sixteen would cost it milliseconds)."""
-    parser = argparse.ArgumentParser(
-        prog="taskctl",
-        description="Control taskd: list and run tasks, enqueue jobs, inspect them.",
-        epilog=exit_help(),
-        formatter_class=_Formatter,
-    )
-    socket = client_socket_path()
-    _add_global_options(parser, socket, top=True)
-    parser.add_argument("--version", action="version", version=f"taskctl {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        if only is None or command.name == only:
-            _add_command(commands, command, socket)
-    return parser
+    """taskctl's parser (argparse's); with `only`, with just that command (a command line
+    names one, and building the other sixteen would cost it milliseconds)."""
+    from taskctl.parser import build_parser as build
 
-
-def _add_global_options(parser: argparse.ArgumentParser, socket: str, *, top: bool) -> None:
-    """The global options; below the top level they default to SUPPRESS, so that a
-    subcommand without them keeps what was given before it."""
-    for option in GLOBAL_OPTIONS:
-        options = {**option.options, "help": option.options["help"].format(socket=socket)}
-        if not top:
-            options["default"] = argparse.SUPPRESS
-        parser.add_argument(*option.flags, **options)
-
-
-def _add_command(parent: Any, command: Command, socket: str) -> None:
-    """`command`'s parser, under `parent` (argparse's subparsers action)."""
-    sub = parent.add_parser(
-        command.name,
-        help=command.help,
-        usage=command.usage,
-        description=command.description,
-        epilog=_epilog(command.examples),
-        formatter_class=_Formatter,
-    )
-    _add_global_options(sub, socket, top=False)
-    for option in command.args:
-        sub.add_argument(*option.flags, **option.options)
-    sub.set_defaults(handler=command.handler)
-    if command.actions:
-        actions = sub.add_subparsers(dest="action", metavar="[ACTION]")
-        for action in command.actions:
-            _add_command(actions, action, socket)
+    return build(only)
 
 
 def command_of(words: list[str]) -> str | None:
@@ -885,11 +828,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(complete(words[1:])))
         return int(Exit.OK)
-    parser = build_parser(command_of(words))
-    args = parser.parse_args(words)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return int(Exit.USAGE)
+    args: Any = plain_args.read(words, COMMANDS, GLOBAL_OPTIONS)
+    if args is None:  # help, or a mistake to explain: argparse's
+        parser = build_parser(command_of(words))
+        args = parser.parse_args(words)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return int(Exit.USAGE)
     handler: Handler = args.handler
     try:
         timeout = args.request_timeout or None

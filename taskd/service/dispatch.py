@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple
 
+from taskd.deferred import Deferred
 from taskd.protocol import METHODS, ErrorCode, Method, P, Params, R, RpcError
 from taskd.scheduler import AmbiguousSchedule, UnknownSchedule
 from taskd.store import InvalidTransition, JobNotFound, StoreError
@@ -19,8 +20,9 @@ class Binding(NamedTuple):
     handler: Handler
 
 
-def bind(method: Method[P, R], handler: Callable[[P], Awaitable[R]]) -> Binding:
-    """`handler` answers `method` (typed: it takes the method's params, gives its result)."""
+def bind(method: Method[P, R], handler: Callable[[P], Awaitable[R | Deferred[R]]]) -> Binding:
+    """`handler` answers `method` (typed: it takes the method's params, gives its result,
+    or a Deferred one)."""
     return Binding(method, handler)
 
 
@@ -42,27 +44,45 @@ class Dispatch:
         self._handlers = handlers
 
     async def __call__(self, method: str, params: Params) -> Any:
-        """The result of `method` (a name the server has checked), or RpcError."""
+        """The result of `method` (a name the server has checked), or RpcError; or a
+        Deferred result, whose errors are given the same codes."""
         try:
-            return await self._handlers[method](params)
-        except Refused as exc:
-            raise _refusal(exc) from None
-        except UnknownSchedule as exc:
-            data = {"schedule": exc.reference}
-            raise RpcError(ErrorCode.UNKNOWN_SCHEDULE, str(exc), data) from None
-        except AmbiguousSchedule as exc:
-            raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
-        except JobNotFound as exc:
-            raise RpcError(ErrorCode.UNKNOWN_JOB, str(exc), {"id": exc.job_id}) from None
-        except InvalidTransition as exc:
-            raise RpcError(ErrorCode.CONFLICT, str(exc)) from None
-        except StoreError as exc:
-            raise RpcError(ErrorCode.STORE_ERROR, str(exc)) from None
+            result = await self._handlers[method](params)
+        except Exception as exc:
+            error = rpc_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        if isinstance(result, Deferred):
+            result.translate = rpc_error
+        return result
 
     async def call(self, method: Method[P, R], params: P) -> R:
         """`method`'s result, typed (for callers in the daemon, such as the HTTP API)."""
-        result: R = await self(method.name, params)
-        return result
+        result = await self(method.name, params)
+        if isinstance(result, Deferred):
+            result = await result.result()
+        typed: R = result
+        return typed
+
+
+def rpc_error(exc: BaseException) -> RpcError | None:
+    """The error reply a domain exception stands for; None for any other exception."""
+    if isinstance(exc, RpcError):
+        return exc
+    if isinstance(exc, Refused):
+        return _refusal(exc)
+    if isinstance(exc, UnknownSchedule):
+        return RpcError(ErrorCode.UNKNOWN_SCHEDULE, str(exc), {"schedule": exc.reference})
+    if isinstance(exc, AmbiguousSchedule):
+        return RpcError(ErrorCode.INVALID_PARAMS, str(exc))
+    if isinstance(exc, JobNotFound):
+        return RpcError(ErrorCode.UNKNOWN_JOB, str(exc), {"id": exc.job_id})
+    if isinstance(exc, InvalidTransition):
+        return RpcError(ErrorCode.CONFLICT, str(exc))
+    if isinstance(exc, StoreError):
+        return RpcError(ErrorCode.STORE_ERROR, str(exc))
+    return None
 
 
 def _refusal(exc: Refused) -> RpcError:

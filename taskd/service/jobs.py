@@ -3,10 +3,13 @@ them, and read their logs."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Sequence
 
 from taskd import protocol
 from taskd.activity import ActivityRecorder
+from taskd.deferred import Deferred
 from taskd.models import BatchInfo, Job, JobLogs
 from taskd.protocol import (
     BatchParams,
@@ -54,10 +57,12 @@ class JobMethods:
         self._submitter = submitter
         self._tasks = tasks
         self._activity = activity
+        # The outcomes of the runs waiting for a job's end, by job id (see `start_run`).
+        self._ends: dict[int, tuple[Deferred[RunResult], Deferred[RunResult]]] = {}
 
     def bindings(self) -> list[Binding]:
         return [
-            bind(protocol.RUN, self.run),
+            bind(protocol.RUN, self.start_run),
             bind(protocol.ENQUEUE, self.enqueue),
             bind(protocol.ENQUEUE_MANY, self.enqueue_many),
             bind(protocol.BATCH, self.batch),
@@ -70,6 +75,16 @@ class JobMethods:
         ]
 
     async def run(self, params: RunParams) -> RunResult:
+        """The run's outcome once its job has ended (with `detach`, once it is stored)."""
+        outcome = await self.start_run(params)
+        return await outcome.result() if isinstance(outcome, Deferred) else outcome
+
+    async def start_run(self, params: RunParams) -> RunResult | Deferred[RunResult]:
+        """Start (or join) the run; its outcome, Deferred to its job's end unless detached.
+
+        Every caller of one job here shares one wait for its end, and one Deferred outcome
+        per kind (the caller that started it, the callers that joined it): the control
+        server answers them all from one callback."""
         request = JobRequest(
             task=params.task,
             payload=bytes(params.payload),
@@ -82,9 +97,34 @@ class JobMethods:
         (inserted,) = await self._submitter.submit([request])
         if params.detach:
             job = await get_job(self._store, inserted.job_id)
-        else:
-            job = await self._submitter.wait(inserted.job_id)
-        return RunResult(job=job, joined=inserted.duplicate)
+            return RunResult(job=job, joined=inserted.duplicate)
+        return self._end_of(inserted.job_id)[inserted.duplicate]
+
+    def _end_of(self, job_id: int) -> tuple[Deferred[RunResult], Deferred[RunResult]]:
+        """The outcomes of the job's runs: for the caller that started it, for those that
+        joined it. The first caller starts the one wait for its end."""
+        ends = self._ends.get(job_id)
+        if ends is None:
+            loop = asyncio.get_running_loop()
+            ends = self._ends[job_id] = (
+                Deferred(loop.create_future()),
+                Deferred(loop.create_future()),
+            )
+            waiting = asyncio.ensure_future(self._submitter.wait(job_id))
+            waiting.add_done_callback(functools.partial(self._ended, job_id))
+        return ends
+
+    def _ended(self, job_id: int, waiting: asyncio.Future[Job]) -> None:
+        """The wait for the job's end is over: its outcomes are known (or its error)."""
+        ends = self._ends.pop(job_id)
+        for joined, end in enumerate(ends):
+            if waiting.cancelled():
+                end.future.cancel()
+            elif (error := waiting.exception()) is not None:
+                end.future.set_exception(error)
+                end.future.exception()  # retrieved: it is each waiting caller's to report
+            else:
+                end.future.set_result(RunResult(job=waiting.result(), joined=bool(joined)))
 
     async def enqueue(self, params: EnqueueParams) -> EnqueueResult:
         (result,) = await self._enqueue([params])

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from taskctl import enqueue_params
-from tests.bench.workload import bench_daemon
+from tests.bench.workload import bench_daemon, cpu_seconds, daemon_pid
 from tests.support import TASKCTL, Taskd
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -117,21 +117,35 @@ class Bench:
         drain4 = self.row(
             f"no-op drain, 16 workers ({sync})", "jobs/s", "huey, 4 thread workers", "-"
         )
+        cpu_rows = {
+            row.name: self.row(
+                f"{row.name}: daemon CPU per job, all threads",
+                "us",
+                "-",
+                "<= 50 us" if row is drain else "report",
+            )
+            for row in (single, many, batch, drain)
+        }
         for _ in range(self.repeat):
             with bench_daemon(self.config) as daemon:
                 socket = str(daemon.socket)
-                single.taskd.append(rate(drive("taskd-enqueue", socket=socket,
-                                                jobs=self.jobs(2000), connections=1)))  # fmt: skip
-                many.taskd.append(rate(drive("taskd-enqueue", socket=socket,
-                                              jobs=self.jobs(20000), connections=16)))  # fmt: skip
-                batch.taskd.append(rate(drive("taskd-enqueue-many", socket=socket,
-                                               jobs=self.jobs(100_000), batch=1000)))  # fmt: skip
+                for row, scenario, options in (
+                    (single, "taskd-enqueue", {"jobs": self.jobs(2000), "connections": 1}),
+                    (many, "taskd-enqueue", {"jobs": self.jobs(20000), "connections": 16}),
+                    (batch, "taskd-enqueue-many", {"jobs": self.jobs(100_000), "batch": 1000}),
+                ):
+                    before = cpu_seconds(daemon_pid(daemon))
+                    row.taskd.append(rate(drive(scenario, socket=socket, **options)))
+                    spent = cpu_seconds(daemon_pid(daemon)) - before
+                    cpu_rows[row.name].taskd.append(spent / options["jobs"] * 1e6)
             many.reference += peer_rate("huey-enqueue", jobs=self.jobs(5000))
             batch.reference.append(rate(drive("sqlite-floor", jobs=self.jobs(100_000), batch=1000)))
             with bench_daemon(self.config) as daemon:
-                result = drive("taskd-drain", socket=str(daemon.socket), jobs=self.jobs(10_000))
+                result = drive("taskd-drain", socket=str(daemon.socket), jobs=self.jobs(10_000),
+                               pid=daemon_pid(daemon))  # fmt: skip
                 drain.taskd.append(rate(result))
                 drain4.taskd.append(rate(result))
+                cpu_rows[drain.name].taskd.append(result["cpu"] / result["jobs"] * 1e6)
             drain.reference += peer_rate("huey-drain", jobs=self.jobs(5000), workers=1)
             drain4.reference += peer_rate("huey-drain", jobs=self.jobs(5000), workers=4)
 
@@ -159,26 +173,58 @@ class Bench:
                                              jobs=self.jobs(5000))))  # fmt: skip
 
     def command_latency(self, runs: int) -> None:
-        listing = self.row("`taskctl list`, whole process", "ms", "python -c 'import msgspec'",
-                           "<= 1.25x")  # fmt: skip
-        running = self.row("`taskctl run` of a no-op task, whole process", "ms",
-                           "python -c 'import msgspec'", "<= 1.25x")  # fmt: skip
+        """Each command `runs` times per round, taking turns with the floor; a round's
+        figure is its median, the row's the median of `repeat` rounds'. Beside the wall
+        time, the CPU time of the process (user and system), which a busy machine moves less."""
+        floor = "python -c 'import msgspec'"
+        rows = {
+            ("list", "wall"): self.row("`taskctl list`, whole process", "ms", floor, "<= 1.25x"),
+            ("run", "wall"): self.row(
+                "`taskctl run` of a no-op task, whole process", "ms", floor, "<= 1.25x"
+            ),
+            ("list", "cpu"): self.row(
+                "`taskctl list`, CPU time of the process", "ms", floor, "report"
+            ),
+            ("run", "cpu"): self.row(
+                "`taskctl run` of a no-op task, CPU time of the process", "ms", floor, "report"
+            ),
+        }
         with bench_daemon(self.config) as daemon:
             taskctl = [TASKCTL or sys.executable, "--socket", str(daemon.socket)]
             if TASKCTL is None:
                 taskctl[1:1] = ["-m", "taskctl"]
-            floor = [sys.executable, "-c", "import msgspec"]
-            commands: list[tuple[list[str], list[float]]] = [
-                ([*taskctl, "list"], listing.taskd),
-                ([*taskctl, "run", "noop"], running.taskd),
-                (floor, listing.reference),
-            ]
-            for command, _ in commands:
-                timed(command)  # the page cache is warm for all
-            for _ in range(runs):
-                for command, samples in commands:
-                    samples.append(timed(command) * 1000)
-            running.reference = listing.reference
+            commands = {"list": [*taskctl, "list"], "run": [*taskctl, "run", "noop"],
+                        "floor": [sys.executable, "-c", "import msgspec"]}  # fmt: skip
+            for command in commands.values():
+                timed(command)  # the page cache is warm for all, the bytecode written
+            for _ in range(self.repeat):
+                samples: dict[tuple[str, str], list[float]] = {}
+                for _ in range(runs):
+                    for name, command in commands.items():
+                        wall, cpu = timed(command)
+                        samples.setdefault((name, "wall"), []).append(wall * 1000)
+                        samples.setdefault((name, "cpu"), []).append(cpu * 1000)
+                for (name, kind), row in rows.items():
+                    row.taskd.append(statistics.median(samples[name, kind]))
+                    row.reference.append(statistics.median(samples["floor", kind]))
+
+    def single_flight(self, callers: int, connections: int) -> None:
+        """`callers` concurrent runs of one task over `connections` connections: one
+        execution, and the delay from its end to each caller's reply (median and slowest)."""
+        label = f"{callers:,} `run` callers of one task over {connections} connections"
+        median = self.row(f"{label}: reply after the execution's end, median", "ms", "-",
+                          "<= 50 ms")  # fmt: skip
+        slowest = self.row(f"{label}: reply after the execution's end, max", "ms", "-",
+                           "<= 50 ms")  # fmt: skip
+        for _ in range(self.repeat):
+            # One user's connections: more than the default 32 of them.
+            config = f"max_connections_per_user = {connections}\n{self.config}"
+            with bench_daemon(config) as daemon:
+                result = drive("taskd-single-flight", socket=str(daemon.socket), jobs=callers,
+                               connections=connections, hold=max(3.0, callers / 2000))  # fmt: skip
+            delays = result["delays"]
+            median.taskd.append(statistics.median(delays) * 1000)
+            slowest.taskd.append(max(delays) * 1000)
 
     def table(self) -> str:
         header = ["scenario", "taskd", "peer or floor", "peer", "taskd / peer", "goal"]
@@ -194,10 +240,22 @@ def fill_backlog(daemon: Taskd, size: int) -> None:
             client.enqueue_many([enqueue_params("limited", n) for n in range(count)])
 
 
-def timed(command: list[str]) -> float:
+# Commands run as an installed taskctl runs: from bytecode, which pip writes at install
+# (PYTHONDONTWRITEBYTECODE would have every run compile taskctl's modules again).
+_INSTALLED = {name: value for name, value in os.environ.items()
+              if name != "PYTHONDONTWRITEBYTECODE"}  # fmt: skip
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """The wall time of the command and its CPU time (user and system), in seconds."""
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=_INSTALLED)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def cron_rows(bench: Bench, ticks: int) -> None:
@@ -240,7 +298,16 @@ def main(argv: list[str] | None = None) -> None:
         "--startup-jobs", type=int, default=1_000_000, help="jobs in the big store; 0: skip"
     )
     parser.add_argument("--runs", type=int, default=30, help="runs of each command")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help=f"where the table goes (default: {RESULTS.name}, not with --only)",
+    )
+    parser.add_argument(
+        "--only", action="append", metavar="SECTION",
+        help="run only this section (repeatable): throughput, commands, single-flight, backlog,"
+        " cron, start-up, PostgreSQL ...; the table is printed, RESULTS.md left as it is",
+    )  # fmt: skip
     parser.add_argument(
         "--postgres",
         default=os.environ.get("TASKD_TEST_POSTGRES"),
@@ -266,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         sections += [
             ("throughput", bench.throughput),
             ("commands", lambda: bench.command_latency(args.runs)),
+            ("single-flight", lambda: bench.single_flight(bench.jobs(10_000), 80)),
             ("throughput, synchronous = normal", normal.throughput),
         ]
         if args.backlog:
@@ -281,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
 
         shared = PostgresBench(args.postgres, args.scale, args.repeat, peers=peers_measured)
         sections.append(("PostgreSQL", shared.run))
+    if args.only:
+        sections = [(name, run) for name, run in sections if name in args.only]
     for name, run in sections:
         print(f"[{time.monotonic() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True)
         run()
@@ -291,7 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     if shared is not None:
         text += f"\n## PostgreSQL\n\n{shared.table()}\n"
     print(text)
-    args.output.write_text(text)
+    output = args.output or (None if args.only else RESULTS)
+    if output is not None:
+        output.write_text(text)
 
 
 if __name__ == "__main__":

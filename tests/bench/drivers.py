@@ -18,7 +18,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from socket import MSG_WAITALL
 from typing import Any
+
+import msgspec
 
 from taskctl import AsyncClient, Client, enqueue_params
 
@@ -91,9 +94,14 @@ def taskd_enqueue_many(socket: str, jobs: int, batch: int) -> dict[str, Any]:
     return {"jobs": jobs, "seconds": seconds}
 
 
-def taskd_drain(socket: str, jobs: int, batch: int = 1000) -> dict[str, Any]:
+def taskd_drain(socket: str, jobs: int, batch: int = 1000, pid: int = 0) -> dict[str, Any]:
     """Queue `jobs` no-op jobs due at one instant, then time the executor from that instant
-    to the end of the last job (both read from the job rows)."""
+    to the end of the last job (both read from the job rows). With the daemon's `pid`, also
+    the CPU time it spent meanwhile (`cpu`, seconds: from just before that instant until the
+    last job has been waited for)."""
+    from tests.bench.workload import cpu_seconds
+
+    cpu = 0.0
     with Client(socket) as client:
         due = time.time() + 1.0 + jobs / 50_000  # after every enqueue below has returned
         ids = []
@@ -103,14 +111,97 @@ def taskd_drain(socket: str, jobs: int, batch: int = 1000) -> dict[str, Any]:
             ids += [inserted.job_id for inserted in client.enqueue_many(items)]
         if time.time() >= due:
             raise RuntimeError("enqueueing took longer than the head start; raise it")
+        if pid:
+            time.sleep(max(0.0, due - time.time() - 0.02))  # the daemon idles until then
+            cpu = -cpu_seconds(pid)
         last = client.wait(ids[-1], timeout=600)
+        if pid:
+            cpu += cpu_seconds(pid)  # before the waits below, which are not the drain's
         for job_id in ids:
             job = client.wait(job_id, timeout=600)
             if job.status != "succeeded":
                 raise RuntimeError(f"job {job_id} {job.status}: {job.error}")
             last = job if (job.finished_at or 0) > (last.finished_at or 0) else last
     assert last.finished_at is not None
-    return {"jobs": jobs, "seconds": last.finished_at - due}
+    return {"jobs": jobs, "seconds": last.finished_at - due, "cpu": cpu}
+
+
+def taskd_single_flight(socket: str, callers: int, connections: int, hold: float) -> dict[str, Any]:
+    """`callers` runs of the task `hold` (one execution held open for `hold` seconds), sent
+    at once over `connections` connections; each reply is stamped as it is read, before
+    anything is decoded, then all are checked (one job, succeeded) and the delays from the
+    job's end (`finished_at`) to each reply are returned, in seconds, sorted."""
+    import selectors
+    from socket import AF_UNIX, SOCK_STREAM
+    from socket import socket as unix_socket
+
+    from taskctl.client import CLIENT_MAX_FRAME, hello_params
+    from taskd.protocol import HEADER, RawReply, Request, RunParams, RunResult, encode_frame
+
+    payload = msgspec.Raw(msgspec.msgpack.encode({"seconds": hold}))
+    run = msgspec.Raw(msgspec.msgpack.encode(RunParams("hold", payload)))
+    links = []
+    for _ in range(connections):
+        link = unix_socket(AF_UNIX, SOCK_STREAM)
+        link.connect(socket)
+        link.sendall(
+            encode_frame(Request(0, "hello", msgspec.Raw(msgspec.msgpack.encode(hello_params()))))
+        )
+        (size,) = HEADER.unpack(link.recv(HEADER.size, MSG_WAITALL))
+        link.recv(size, MSG_WAITALL)
+        links.append(link)
+    share, extra = divmod(callers, connections)
+    expected = {}
+    for number, link in enumerate(links):
+        count = share + (number < extra)
+        link.sendall(b"".join(encode_frame(Request(n + 1, "run", run)) for n in range(count)))
+        expected[link] = count
+    selector = selectors.DefaultSelector()
+    buffers = {}
+    for link in links:
+        link.setblocking(False)
+        selector.register(link, selectors.EVENT_READ)
+        buffers[link] = bytearray()
+    stamped: list[tuple[float, bytes]] = []
+    while expected:
+        for key, _ in selector.select():
+            link = key.fileobj
+            chunk = link.recv(1 << 20)
+            now = time.time()
+            if not chunk:
+                raise RuntimeError("taskd closed a connection")
+            buffer = buffers[link]
+            buffer += chunk
+            while len(buffer) >= HEADER.size:
+                (size,) = HEADER.unpack_from(buffer)
+                if size > CLIENT_MAX_FRAME or len(buffer) < HEADER.size + size:
+                    break
+                stamped.append((now, bytes(buffer[HEADER.size : HEADER.size + size])))
+                del buffer[: HEADER.size + size]
+                expected[link] -= 1
+                if not expected[link]:
+                    del expected[link]
+                    selector.unregister(link)
+    for link in links:
+        link.close()
+    replies = msgspec.msgpack.Decoder(RawReply)
+    results = msgspec.msgpack.Decoder(RunResult)
+    delays, jobs, joined = [], set(), 0
+    for received, body in stamped:
+        reply = replies.decode(body)
+        if reply.error is not None:
+            raise RuntimeError(f"a run failed: {reply.error.message}")
+        outcome = results.decode(reply.result)
+        if outcome.job.status != "succeeded" or outcome.job.finished_at is None:
+            raise RuntimeError(f"job {outcome.job.id} {outcome.job.status}")
+        jobs.add(outcome.job.id)
+        joined += outcome.joined
+        delays.append(received - outcome.job.finished_at)
+    if len(jobs) != 1:
+        raise RuntimeError(
+            f"{len(jobs)} executions, not one: callers came after its end; raise --hold"
+        )
+    return {"jobs": callers, "joined": joined, "delays": sorted(delays)}
 
 
 def _huey(path: Path) -> Any:
@@ -305,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         "scenario",
         choices=[
             "taskd-enqueue", "taskd-enqueue-many", "taskd-drain", "huey-enqueue", "huey-drain",
-            "sqlite-floor", "pgqueuer", "procrastinate",
+            "sqlite-floor", "pgqueuer", "procrastinate", "taskd-single-flight",
         ],
     )  # fmt: skip
     parser.add_argument("--url", help="PostgreSQL, for the PostgreSQL peers")
@@ -316,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--pid", type=int, default=0, help="taskd's, for its CPU time")
+    parser.add_argument("--hold", type=float, default=3.0, help="seconds the execution lasts")
     args = parser.parse_args(argv)
     match args.scenario:
         case "taskd-enqueue":
@@ -323,11 +416,13 @@ def main(argv: list[str] | None = None) -> None:
         case "taskd-enqueue-many":
             result = taskd_enqueue_many(args.socket, args.jobs, args.batch)
         case "taskd-drain":
-            result = taskd_drain(args.socket, args.jobs, args.batch)
+            result = taskd_drain(args.socket, args.jobs, args.batch, args.pid)
         case "huey-enqueue":
             result = huey_enqueue(args.jobs)
         case "huey-drain":
             result = huey_drain(args.jobs, args.workers)
+        case "taskd-single-flight":
+            result = taskd_single_flight(args.socket, args.jobs, args.connections, args.hold)
         case "sqlite-floor":
             result = sqlite_floor(args.jobs, args.batch)
         case "pgqueuer":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,15 @@ TASKS = {
 async def noop(payload) -> None:
     return None
 """,
+    "hold.py": """import asyncio
+
+from taskd import define_task
+
+
+@define_task(description="Holds its execution open for payload['seconds']: callers join it")
+async def hold(payload) -> None:
+    await asyncio.sleep(payload["seconds"])
+""",
     "limited.py": """import asyncio
 
 from taskd import define_task
@@ -27,6 +37,18 @@ async def limited(payload) -> None:
     await asyncio.sleep(10)
 """,
 }
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system, all threads) process `pid` has used so far, from
+    /proc/PID/stat, in seconds (to the kernel's clock tick, 10 ms on most machines)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pid(daemon: Taskd) -> int:
+    assert daemon.process is not None
+    return daemon.process.pid
 
 
 class BenchTaskd(Taskd):

@@ -29,6 +29,13 @@ def test_taskctl_cli_imports_only_the_protocol() -> None:
     assert {m for m in modules if m.split(".")[0] == "taskd"} <= ALLOWED_TASKD
 
 
+def test_a_plain_command_line_is_read_without_argparse() -> None:
+    modules = loaded_modules(
+        "from taskctl import cli; cli.plain_args.read(['list'], cli.COMMANDS, cli.GLOBAL_OPTIONS)"
+    )
+    assert "taskctl.cli" in modules and not {"argparse", "gettext", "locale"} & modules
+
+
 def test_task_api_is_cheap_to_import() -> None:
     modules = loaded_modules("from taskd import define_task, TaskContext, Retry, Fail")
     assert not HEAVY & modules, HEAVY & modules

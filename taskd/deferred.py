@@ -1,0 +1,46 @@
+"""A result known later and shared by every request waiting for it: the end of a job that
+many `run` callers joined.
+
+A handler returns one instead of waiting itself. The control server then keeps only which
+requests wait for it (and forgets those of a connection that closes) and, once it is known,
+sends it to all of them from one callback,
+encoded once and in one write per connection; no task per caller is woken to reply. Callers
+that wait one by one (the HTTP API, tests) await `result()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def _unchanged(exc: BaseException) -> BaseException | None:
+    return None
+
+
+class Deferred(Generic[T]):
+    """A result (or an error) that a future gives later, to any number of waiting requests."""
+
+    __slots__ = ("future", "translate")
+
+    def __init__(self, future: asyncio.Future[T]) -> None:
+        self.future = future
+        # The error reply an exception stands for (None: an internal error), set by the
+        # dispatch that handed this out: the error codes are given there and nowhere else.
+        self.translate: Callable[[BaseException], BaseException | None] = _unchanged
+
+    async def result(self) -> T:
+        """The result, or the exception standing for its error; cancelling the caller
+        leaves the result to the other callers."""
+        try:
+            return await asyncio.shield(self.future)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = self.translate(exc)
+            if error is None:
+                raise
+            raise error from None
