@@ -3,9 +3,9 @@ many `run` callers joined.
 
 A handler returns one instead of waiting itself. The control server then keeps only which
 requests wait for it (and forgets those of a connection that closes) and, once it is known,
-sends it to all of them from one callback,
-encoded once and in one write per connection; no task per caller is woken to reply. Callers
-that wait one by one (the HTTP API, tests) await `result()`.
+sends it to all of them from one callback, encoded once and in one write per connection; no
+task per caller is woken to reply. Callers that wait one by one (the HTTP API, tests) await
+`result()`.
 """
 
 from __future__ import annotations
