@@ -52,6 +52,7 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limit: str | None = None  # "10/s", "600/m", "100/15m": see README, "Flow control"
     unique_for: Seconds | None = None  # an enqueue's key stays taken this long
     single_flight: SingleFlight | None = None  # "task", "payload" or "none"
+    limits: list[str] | None = None  # shared limits ([limits.NAME]) its jobs also count against
     on_failure: str | None = None  # a task enqueued when a job fails after its last attempt
     on_success: str | None = None  # a task enqueued when a job succeeds
 
@@ -64,6 +65,22 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{field} must be at least 1, got {value}")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout must be more than 0 seconds, got {self.timeout}")
+
+
+class SharedLimitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A `[limits.NAME]` table: a budget several tasks share (`limits = ["NAME"]` on each),
+    such as one external API's. See README, "Flow control"."""
+
+    rate: str | None = None  # "25/s": at most that many of their attempts start per period
+    concurrency: int | None = None  # at most that many of their jobs run at once
+
+    def __post_init__(self) -> None:
+        if self.rate is None and self.concurrency is None:
+            raise ValueError('give rate (such as "25/s"), concurrency (such as 4), or both')
+        if self.rate is not None:
+            parse_rate(self.rate)
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
 
 
 class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -244,6 +261,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sqlite: Annotated[SqliteOptions, RESTART] = SqliteOptions()
     postgres: Annotated[PostgresOptions, RESTART] = PostgresOptions()
     task: dict[str, TaskOptions] = {}
+    limits: dict[str, SharedLimitOptions] = {}  # shared limits, by name: [limits.NAME]
     scheduled_tasks: dict[str, list[str] | str] = {}
     schedule: list[Schedule] = []
     socket_group: Annotated[str | None, RESTART] = None

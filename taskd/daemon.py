@@ -291,8 +291,8 @@ class Daemon:
         news.on_change(self._status.changed)
         node = node_id(config, paths)
         worker = self._worker = await self._join(store, node)
-        metrics = Metrics(store, self)
         tasks = self._tasks()
+        metrics = Metrics(store, self, tasks=tasks)
         engine = self._engine = build_engine(
             store,
             tasks,

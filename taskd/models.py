@@ -181,6 +181,21 @@ class TaskInfo(msgspec.Struct, frozen=True):
     paused_since: float | None = None  # `taskctl pause NAME`: no job of it starts until resumed
     on_success: str | None = None  # the task enqueued when one of its jobs succeeds
     on_failure: str | None = None  # ... and when one fails after its last attempt
+    limits: list[str] = []  # the shared limits ([limits.NAME]) its jobs count against
+
+
+class LimitUse(msgspec.Struct, frozen=True):
+    """A shared limit (`[limits.NAME]`) and its use across every daemon sharing the store:
+    the jobs of its tasks running and due (`waiting`), and when its rate (if it has one)
+    next allows a start (Unix seconds; None: now, or nothing started yet)."""
+
+    name: str
+    tasks: list[str]
+    running: int
+    waiting: int
+    concurrency: int | None = None
+    rate: str | None = None  # "25/s"
+    next_start: float | None = None
 
 
 class FiredJob(msgspec.Struct, frozen=True):
@@ -353,6 +368,7 @@ class Status(msgspec.Struct, frozen=True):
     # did not take them as fast as they came.
     log_dropped: int = 0
     paused_tasks: dict[str, float] = {}  # task -> since when it is paused (`taskctl pause`)
+    limits: list[LimitUse] = []  # the shared limits ([limits.NAME]) and their use
 
 
 class Peer(msgspec.Struct, frozen=True):

@@ -13,6 +13,16 @@ from taskd.models import Job, counted, format_duration, utc_stamp
 from taskd.protocol import TimelineEvent, WhyResult
 
 
+class LimitFact(msgspec.Struct, frozen=True):
+    """A shared limit the job's task counts against, and how it stands."""
+
+    name: str
+    running: int  # its tasks' running jobs, whoever runs them
+    concurrency: int | None = None
+    rate: str | None = None  # "25/s"
+    next_start: float | None = None  # when its rate next allows a start
+
+
 class Facts(msgspec.Struct, frozen=True):
     """What decides whether a pending job can start now."""
 
@@ -28,6 +38,7 @@ class Facts(msgspec.Struct, frozen=True):
     next_start: float | None = None  # when that limit next allows a start
     parents: tuple[tuple[int, str, str], ...] = ()  # (id, task, status) of those it waits for
     daemons: int = 1  # alive and sharing the store, this one included
+    limits: tuple[LimitFact, ...] = ()  # the shared limits its task counts against
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
@@ -97,6 +108,8 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
             f"{counted(facts.task_running, 'job')} of {job.task} running"
         )
         return "concurrency_limit", message, None
+    if (shared := _shared_limit(facts)) is not None:
+        return shared
     if facts.busy >= facts.workers:
         busy = "its one worker is" if facts.workers == 1 else f"all {facts.workers} workers are"
         if facts.daemons > 1:
@@ -104,6 +117,27 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
         message = f"waits for a free worker: {busy} busy"
         return "workers_busy", message, None
     return "due", "is due and starts as soon as a worker claims it", None
+
+
+def _shared_limit(facts: Facts) -> tuple[str, str, float | None] | None:
+    """The first shared limit that holds the task's jobs back, if one does: its rate (until
+    its next start), or its concurrency."""
+    for limit in facts.limits:
+        if limit.rate is not None and (limit.next_start or 0.0) > facts.now:
+            assert limit.next_start is not None
+            message = (
+                f"waits for shared limit {limit.name} ({limit.rate}): next start at "
+                f"{utc_stamp(limit.next_start)}"
+            )
+            return "shared_limit", message, limit.next_start
+    for limit in facts.limits:
+        if limit.concurrency is not None and limit.running >= limit.concurrency:
+            message = (
+                f"waits for shared limit {limit.name} (concurrency {limit.concurrency},"
+                f" {limit.running} running)"
+            )
+            return "shared_limit", message, None
+    return None
 
 
 def timeline(job: Job) -> list[TimelineEvent]:

@@ -15,9 +15,10 @@ from taskd.models import ConnectionStats, HttpStats, Status, ThreadStats, Worker
 from taskd.protocol import MAX_LIST, StatusParams, WhyParams, WhyResult
 from taskd.service.dispatch import Binding, bind
 from taskd.service.jobs import get_job
+from taskd.shared_limits import limit_uses
 from taskd.store import JobFilter, Store, StoreError
 from taskd.tasks import TaskRegistry
-from taskd.why import Facts, explain
+from taskd.why import Facts, LimitFact, explain
 
 
 class DaemonInfo(msgspec.Struct, frozen=True):
@@ -97,6 +98,13 @@ class StatusMethods:
         starts: Mapping[str, float] = {}
         if job.status == "pending" and task is not None and task.rate_interval is not None:
             starts = await self._store.rate_limit_starts({job.task: task.rate_interval})
+        limits: list[LimitFact] = []
+        if job.status == "pending" and task is not None and task.limits:
+            limits = [
+                LimitFact(use.name, use.running, use.concurrency, use.rate, use.next_start)
+                for use in await limit_uses(self._store, self._tasks)
+                if use.name in task.limits
+            ]
         busy, workers, daemons = slots.busy, slots.workers, 1
         if job.status == "pending":  # the other daemons sharing the store take jobs too
             for node in await self._store.nodes():
@@ -115,6 +123,7 @@ class StatusMethods:
             workers=workers,
             stopping=slots.stopping,
             daemons=daemons,
+            limits=tuple(limits),
         )
         return explain(job, facts)
 
@@ -157,6 +166,7 @@ class StatusMethods:
             store_failing=self._store.health.report(),
             log_dropped=dropped_lines(),
             paused_tasks=dict(await self._store.paused_tasks()),
+            limits=await limit_uses(self._store, self._tasks),
         )
 
     async def healthy(self) -> None:

@@ -185,6 +185,26 @@ class Outcome(msgspec.Struct, frozen=True):
     hook: Hook | None = None
 
 
+class SharedLimit(msgspec.Struct, frozen=True):
+    """A limit several tasks share (`[limits.NAME]`): at most `concurrency` of their jobs
+    running at once, and their starts spaced `interval` seconds apart (GCRA, as a task's
+    own rate limit: taskd.store.core.flow)."""
+
+    tasks: tuple[str, ...]
+    concurrency: int | None = None
+    interval: float | None = None
+
+
+class LimitState(msgspec.Struct, frozen=True):
+    """How a shared limit stands: its tasks' jobs running (those waiting for another job
+    excepted), those due and pending, and when its rate next allows a start (None: it has
+    no rate, or has started nothing yet)."""
+
+    running: int
+    waiting: int
+    next_start: float | None = None
+
+
 class ClaimRequest(msgspec.Struct, frozen=True):
     """A worker asks for up to `limit` due jobs, each leased to it for `lease` seconds.
 
@@ -192,6 +212,8 @@ class ClaimRequest(msgspec.Struct, frozen=True):
     each task's running jobs across every worker (those waiting for another job excepted).
     `rates` is, for the tasks with a rate limit, the seconds between two of their starts:
     the store spaces the starts of each across every worker (taskd.store.core.flow).
+    `shared` are the limits several tasks share, by name: a job starts only when its own
+    task's limits and every shared limit its task is in allow it.
     """
 
     worker: str
@@ -199,6 +221,13 @@ class ClaimRequest(msgspec.Struct, frozen=True):
     lease: float
     limits: Mapping[str, int] = {}
     rates: Mapping[str, float] = {}
+    shared: Mapping[str, SharedLimit] = {}
+
+    def limited(self) -> frozenset[str]:
+        """The tasks whose room a job of theirs frees when it ends: those with a
+        concurrency limit of their own or in a shared one."""
+        members = (task for limit in self.shared.values() for task in limit.tasks)
+        return frozenset(self.limits).union(members)
 
 
 class Claimed(msgspec.Struct, frozen=True):
@@ -456,6 +485,9 @@ class Store(Protocol):
     async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
         """When the rate limit of each of these tasks (task -> seconds between starts) next
         allows a start (those that have started a job under one); a time past means now."""
+
+    async def limit_states(self, limits: Mapping[str, SharedLimit]) -> Mapping[str, LimitState]:
+        """How each of these shared limits stands (a read)."""
 
     # -- schedules -----------------------------------------------------------------------
 

@@ -1,14 +1,21 @@
 """Flow control through the real interfaces: a paused task (taskctl, the clients, HTTP),
-on a real daemon and its SQLite file; the PostgreSQL cluster cases are in
-test_postgres_cluster.py."""
+on a real daemon and its SQLite file; shared limits on a daemon of each store; the
+PostgreSQL cluster cases are in test_postgres_cluster.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
+from tests.backends import BACKENDS, drop_schema, postgres_url, unique_schema
+from tests.e2e.test_metrics import scrape, value
 from tests.http_support import READONLY_TOKEN, HttpClient, http_config
 from tests.support import Taskd, wait_until
 
@@ -273,3 +280,117 @@ def test_nothing_waiting_on_a_rate_limit_is_lost_or_run_twice_under_kill_9(
     done = [line.split()[0] for line in record.read_text().splitlines()]
     assert sorted(map(int, done)) == sorted(ids)  # each ran, and once
     assert daemon.stop() == 0
+
+
+# -- shared limits, on each store ----------------------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+def on_store(
+    request: pytest.FixtureRequest, taskd_factory: type[Taskd]
+) -> Iterator[Callable[[str], Taskd]]:
+    """Make a taskd with these configuration tables on SQLite, or on PostgreSQL (a schema
+    of its own, dropped at the end)."""
+    schemas: list[str] = []
+
+    def make(tables: str) -> Taskd:
+        if request.param == "sqlite":
+            return taskd_factory(config=tables)
+        schemas.append(unique_schema())
+        daemon = taskd_factory(config=f'{tables}\n[postgres]\nschema = "{schemas[-1]}"\n')
+        daemon.database = postgres_url()  # type: ignore[assignment]
+        return daemon
+
+    yield make
+    for schema in schemas:
+        asyncio.run(drop_schema(postgres_url(), schema))
+
+
+SHARED = """
+[limits.stripe]
+concurrency = 1
+[task."slow"]
+limits = ["stripe"]
+[task."echo"]
+limits = ["stripe"]
+"""
+
+
+def test_a_shared_concurrency_limit_holds_the_jobs_of_all_its_tasks(
+    on_store: Callable[[str], Taskd], short_tmp: Path
+) -> None:
+    daemon = on_store("workers = 4\n" + SHARED).start()
+    release = short_tmp / "release"
+    os.mkfifo(release)
+    started = short_tmp / "started"
+    running = enqueue(
+        daemon,
+        "slow",
+        "--payload",
+        json.dumps({"until": str(release), "started": str(started), "seconds": 0}),
+    )
+    wait_until(lambda: started.exists(), what="the slow job running")  # fmt: skip
+    held = enqueue(daemon, "echo", "--payload", '"after"')
+    why = ctl_json(daemon, "why", str(held))
+    assert isinstance(why, dict) and why["reason"] == "shared_limit", why
+    assert why["message"] == (
+        f"job {held} (echo) waits for shared limit stripe (concurrency 1, 1 running)"
+    )
+    assert (
+        "waits for shared limit stripe (concurrency 1, 1 running)"
+        in daemon.ctl("why", str(held)).stdout
+    )
+    shown = daemon.ctl("status").stdout
+    assert "limits:    stripe (echo, slow): 1 of 1 running, 1 waiting" in shown, shown
+    status = ctl_json(daemon, "status")
+    assert isinstance(status, dict)
+    assert status["limits"] == [{"name": "stripe", "tasks": ["echo", "slow"], "running": 1,
+                                 "waiting": 1, "concurrency": 1, "rate": None,
+                                 "next_start": None}]  # fmt: skip
+    metrics = scrape(daemon)
+    assert value(metrics, "taskd_limit_waiting_jobs", limit="stripe") == 1
+    assert value(metrics, "taskd_limit_running_jobs", limit="stripe") == 1
+    listed = {task["name"]: task["limits"] for task in ctl_json(daemon, "list")}  # type: ignore[union-attr]
+    assert listed["echo"] == ["stripe"] and listed["work"] == []
+    with daemon.client() as client:
+        assert client.job(held).status == "pending"
+        with open(release, "w") as gate:
+            gate.write("go")
+        first, second = client.wait(running, timeout=30), client.wait(held, timeout=30)
+    assert first.finished_at is not None and second.started_at is not None
+    assert second.started_at >= first.finished_at  # never both at once
+    assert daemon.stop() == 0
+
+
+def test_a_shared_rate_limit_holds_across_a_restart(on_store: Callable[[str], Taskd]) -> None:
+    tables = '[limits.api]\nrate = "1/h"\n[task."echo"]\nlimits = ["api"]\n'
+    daemon = on_store(tables + '[task."work"]\nlimits = ["api"]\n').start()
+    with daemon.client() as client:
+        assert client.run("echo", "first") == "first"
+        job_id = client.enqueue("work", {}).job_id  # another task of the same limit
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as client:
+        why = client.why(job_id)
+        assert why.reason == "shared_limit" and why.until is not None, why
+        assert why.message.startswith(f"job {job_id} (work) waits for shared limit api (1/h): "
+                                      "next start at ")  # fmt: skip
+        assert 3500 < why.until - time.time() <= 3600
+        assert client.job(job_id).status == "pending"
+    shown = daemon.ctl("status").stdout
+    assert "limits:    api (echo, work): 0 running, 1/h next start at " in shown, shown
+    assert daemon.stop() == 0
+
+
+def test_a_task_naming_an_unknown_shared_limit_is_refused_with_the_closest_name(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory(config='[limits.stripe]\nrate = "25/s"\n[task."echo"]\n'
+                                  'limits = ["strpe"]\n')  # fmt: skip
+    done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "task echo: limits names 'strpe'" in done.stderr
+    assert 'did you mean "stripe"?' in done.stderr
+    empty = taskd_factory(config="[limits.stripe]\n")
+    done = subprocess.run(empty.command(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "give rate" in done.stderr, done.stderr

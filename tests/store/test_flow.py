@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from taskd.store import ClaimRequest, NewJob, Outcome, Store
+from taskd.store import ClaimRequest, LimitState, NewJob, Outcome, SharedLimit, Store
 from tests.conftest import NOW
 from tests.support import Clock
 
@@ -163,3 +163,57 @@ async def test_a_debounce_of_a_job_waiting_for_its_parent_keeps_it_waiting(
     await store.finish([Outcome(parent.job_id, 1, W1, "succeeded")])
     (child,) = (await store.claim(request())).jobs
     assert child.id == first.job_id and msgspec.msgpack.decode(child.payload) == {"n": 2}
+
+
+# -- shared limits ------------------------------------------------------------------------
+
+
+def stripe(concurrency: int | None = None, interval: float | None = None) -> dict[str, object]:
+    """A claim's shared limit `stripe` over tasks a and b (and c in none)."""
+    return {"stripe": SharedLimit(("a", "b"), concurrency, interval)}
+
+
+async def test_a_shared_concurrency_limit_counts_the_jobs_of_all_its_tasks_on_every_worker(
+    store: Store,
+) -> None:
+    await store.insert([new("a"), new("b"), new("a"), new("b"), new("a"), new("c")])
+    first = await store.claim(request(worker=W1, shared=stripe(concurrency=3)))
+    # Its budget goes to its tasks' first due jobs in claim order, whichever task.
+    assert [job.task for job in first.jobs] == ["a", "b", "a", "c"]
+    second = await store.claim(request(worker=W2, shared=stripe(concurrency=3)))
+    assert second.jobs == [] and second.next_due_in is None  # a finish wakes it, not a timer
+    states = await store.limit_states(stripe(concurrency=3))
+    assert states == {"stripe": LimitState(running=3, waiting=2, next_start=None)}
+    done = first.jobs[1]
+    await store.finish([Outcome(done.id, done.epoch, W1, "succeeded")])
+    (third,) = (await store.claim(request(worker=W2, shared=stripe(concurrency=3)))).jobs
+    assert third.task == "b"  # the oldest due job of its tasks
+
+
+async def test_a_task_in_a_shared_limit_keeps_its_own_limits(store: Store) -> None:
+    await store.insert([new("a"), new("a"), new("b"), new("b")])
+    await store.set_task_paused("b", True)
+    claimed = await store.claim(request(limits={"a": 1}, shared=stripe(concurrency=3)))
+    assert [job.task for job in claimed.jobs] == ["a"]  # a's own limit, b paused
+
+
+async def test_a_shared_rate_limit_spaces_the_starts_of_all_its_tasks(
+    store: Store, clock: Clock
+) -> None:
+    await store.insert([new("a"), new("b"), new("a"), new("b"), new("c")])
+    shared = stripe(interval=0.5)  # 2/s: an idle limit lets two through at once
+    first = await store.claim(request(worker=W1, shared=shared))
+    assert [job.task for job in first.jobs] == ["a", "b", "c"]
+    assert first.next_due_in == pytest.approx(0.5)  # when the limit next allows a start
+    assert (await store.claim(request(worker=W2, shared=shared))).jobs == []
+    states = await store.limit_states(shared)
+    assert states["stripe"].next_start == pytest.approx(NOW + 0.5)
+    clock.now = NOW + 0.5
+    assert [job.task for job in (await store.claim(request(worker=W2, shared=shared))).jobs] == [
+        "a"
+    ]
+    # The task's own rate limit and the shared one: the stricter holds.
+    clock.now = NOW + 100
+    both = await store.claim(request(shared=shared, rates={"b": 100.0}))
+    assert [job.task for job in both.jobs] == ["b"]
+    assert (await store.claim(request(shared=shared, rates={"b": 100.0}))).jobs == []

@@ -8,7 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from taskd.config import TaskOptions
+from taskd import define_task
+from taskd.config import SharedLimitOptions, TaskOptions
 from taskd.tasks import TaskLoadError, discover, load_tasks, task_name
 from tests.support import FIXTURE_TASKS
 
@@ -281,3 +282,23 @@ def test_query_values_take_the_types_of_the_payloads_fields(
     task = load_tasks(tmp_path).get("t")
     assert task is not None
     assert task.query_payload({"keep": "7", "other": "x"}) == expected
+
+
+def test_shared_limits_from_define_task_or_the_configuration(tmp_path: Path) -> None:
+    write(tmp_path, {"a.py": TASK.replace("@define_task", '@define_task(limits=["api"])'),
+                     "b.py": TASK, "c.py": TASK})  # fmt: skip
+    limits = {"api": SharedLimitOptions(rate="25/s"), "db": SharedLimitOptions(concurrency=2)}
+    registry = load_tasks(tmp_path, {"b": TaskOptions(limits=["api", "db"])}, limits)
+    assert {name: limit.tasks for name, limit in registry.limits.items()} == {
+        "api": ("a", "b"),
+        "db": ("b",),
+    }
+    assert registry.limits["api"].interval == pytest.approx(0.04)
+    info = registry.get("b")
+    assert info is not None and info.info().limits == ["api", "db"]
+    with pytest.raises(TaskLoadError, match="task a: limits names 'api', which no"):
+        load_tasks(tmp_path, {}, {"apo": SharedLimitOptions(rate="1/s")})
+    with pytest.raises(TaskLoadError, match='did you mean "apo"'):
+        load_tasks(tmp_path, {}, {"apo": SharedLimitOptions(rate="1/s")})
+    with pytest.raises(ValueError, match="limits must be a list"):
+        define_task(lambda: None, limits="api")  # type: ignore[arg-type]

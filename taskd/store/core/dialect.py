@@ -26,6 +26,9 @@ class Dialect(Protocol):
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
+    # Follows `FROM {s}.jobs` in a walk of one task's pending jobs in claim order, to make
+    # sure it takes their index (SQLite: INDEXED BY; PostgreSQL's planner does).
+    task_claim_order: str
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
         """Orders the claims (shared) after a pause (exclusive) that committed before them

@@ -215,7 +215,7 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     to claim again: at once if it took all it asked for, else when the next job is due or
     a task held back may start again."""
     held = yield from flow.holds(tx, request)
-    rows = yield from tx.sql.claim(request, held.quotas)
+    rows = yield from tx.sql.claim(request, held.for_claim())
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
     tx.notes.claimed(jobs)
     yield from flow.started(tx, request, held, jobs)

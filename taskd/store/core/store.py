@@ -29,12 +29,14 @@ from taskd.store.base import (
     JobActivity,
     JobFilter,
     JobNotFound,
+    LimitState,
     LogNote,
     MissedTicks,
     NewJob,
     Outcome,
     ProgressNote,
     ScheduleState,
+    SharedLimit,
     StoreError,
     TickFired,
 )
@@ -176,13 +178,13 @@ class SqlStore:
     async def insert_and_claim(
         self, new: Sequence[NewJob], claim: ClaimRequest
     ) -> tuple[list[Inserted], Claimed]:
-        self._limited = frozenset(claim.limits)
+        self._limited = claim.limited()
         (result,) = await self._commits.submit(jobs.insert_and_claim, [(list(new), claim)])
         return result
 
     @store_write
     async def claim(self, request: ClaimRequest) -> Claimed:
-        self._limited = frozenset(request.limits)
+        self._limited = request.limited()
         (claimed,) = await self._claims.submit(jobs.claim_jobs, [request])
         return claimed
 
@@ -196,7 +198,7 @@ class SqlStore:
             return Finished(jobs=await self._commits.submit(jobs.finish_jobs, list(outcomes)))
         if not outcomes:  # a claim alone: in a claim's transaction, its health the claims'
             return Finished(jobs=[], claimed=await self.claim(claim))
-        self._limited = frozenset(claim.limits)
+        self._limited = claim.limited()
         (finished,) = await self._commits.submit(jobs.finish_and_claim, [(list(outcomes), claim)])
         return finished
 
@@ -312,6 +314,10 @@ class SqlStore:
     async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
         return await self._read(flow.rate_limit_starts, dict(rates))
 
+    @store_read
+    async def limit_states(self, limits: Mapping[str, SharedLimit]) -> Mapping[str, LimitState]:
+        return await self._read(flow.limit_states, dict(limits))
+
     # -- schedules -----------------------------------------------------------------------
 
     @store_read
@@ -354,7 +360,7 @@ class SqlStore:
         missed: MissedTicks | None = None,
     ) -> TickFired:
         if claim is not None:
-            self._limited = frozenset(claim.limits)
+            self._limited = claim.limited()
         (fired,) = await self._commits.submit(
             schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim, missed)]
         )

@@ -233,6 +233,7 @@ class PostgresSql:
     lock_rows = " FOR UPDATE"
     # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
     lock_shared = " FOR SHARE"
+    task_claim_order = ""  # the planner takes jobs_task_claim_order
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema

@@ -117,6 +117,7 @@ class SqliteSql:
     trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
     lock_rows = ""  # one writer
     lock_shared = ""  # one writer: nothing else writes until the commit
+    task_claim_order = " INDEXED BY jobs_task_claim_order"
 
     def __init__(self, now: float) -> None:
         self.now = now
