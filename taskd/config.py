@@ -14,7 +14,13 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import msgspec.inspect
 
-from taskd.models import SingleFlight, did_you_mean, parse_duration, parse_rate
+from taskd.models import (
+    SingleFlight,
+    check_limit_key,
+    did_you_mean,
+    parse_duration,
+    parse_rate,
+)
 from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
 
 
@@ -53,12 +59,17 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     unique_for: Seconds | None = None  # an enqueue's key stays taken this long
     single_flight: SingleFlight | None = None  # "task", "payload" or "none"
     limits: list[str] | None = None  # shared limits ([limits.NAME]) its jobs also count against
+    # A payload field ("customer_id", dotted for a nested one): concurrency and rate_limit
+    # count per value of it, and the values take turns.
+    limit_key: str | None = None
     on_failure: str | None = None  # a task enqueued when a job fails after its last attempt
     on_success: str | None = None  # a task enqueued when a job succeeds
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None:
             parse_rate(self.rate_limit)
+        if self.limit_key is not None:
+            check_limit_key(self.limit_key)
         for field in ("max_attempts", "concurrency"):
             value = getattr(self, field)
             if value is not None and value < 1:

@@ -182,6 +182,7 @@ class TaskInfo(msgspec.Struct, frozen=True):
     on_success: str | None = None  # the task enqueued when one of its jobs succeeds
     on_failure: str | None = None  # ... and when one fails after its last attempt
     limits: list[str] = []  # the shared limits ([limits.NAME]) its jobs count against
+    limit_key: str | None = None  # the payload field its limits count per value of
 
 
 class LimitUse(msgspec.Struct, frozen=True):
@@ -452,6 +453,37 @@ def parse_rate(text: str) -> tuple[int, float]:
             "1000/h or 100/15m"
         )
     return starts, seconds
+
+
+def check_limit_key(path: str) -> str:
+    """A `limit_key` as written: a payload field, dotted for a nested one; raises ValueError
+    saying what to write."""
+    if not isinstance(path, str) or not all(part.strip() for part in path.split(".")):
+        raise ValueError(
+            f'invalid limit_key {path!r}: name a payload field, such as "customer_id", or a '
+            'nested one with dots, such as "customer.id"'
+        )
+    return path
+
+
+def limit_key_of(payload: bytes, path: str) -> str:
+    """The value of a task's `limit_key` in a payload (msgpack): the field `path` names
+    (`customer_id`, or dotted for a nested one: `customer.id`) as text (a string as it is,
+    anything else as JSON); '' where the payload has no such field."""
+    try:
+        value: Any = msgspec.msgpack.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return ""
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return ""
+        value = value[part]
+    if isinstance(value, str):
+        return value
+    try:
+        return msgspec.json.encode(value, order="sorted").decode()
+    except (TypeError, msgspec.EncodeError):
+        return str(value)
 
 
 def format_duration(seconds: float) -> str:

@@ -76,8 +76,9 @@ class Slots:
         limits = {t.name: t.concurrency for t in self._tasks if t.concurrency is not None}
         rates = {t.name: t.rate_interval for t in self._tasks if t.rate_interval is not None}
         request = ClaimRequest(
-            self.worker, want, self.lease, limits, rates, store_limits(self._tasks)
-        )
+            self.worker, want, self.lease, limits, rates, store_limits(self._tasks),
+            frozenset(self._tasks.limit_keys()),
+        )  # fmt: skip
         self.limited = set(request.limited())
         return request
 

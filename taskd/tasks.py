@@ -63,6 +63,7 @@ class Task:
         "file",
         "fn",
         "is_async",
+        "limit_key",
         "limits",
         "max_attempts",
         "max_backoff",
@@ -108,6 +109,8 @@ class Task:
         # The shared limits ([limits.NAME]) its jobs count against, besides its own.
         limits = options.limits if options.limits is not None else definition.limits
         self.limits: tuple[str, ...] = tuple(dict.fromkeys(limits or ()))
+        # The payload field its concurrency and rate limit count per value of.
+        self.limit_key = _first(options.limit_key, definition.limit_key)
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.takes_payload, self.takes_context, self.payload_type = _call_shape(self.fn)
         try:
@@ -181,6 +184,7 @@ class Task:
             on_success=self.on_success,
             on_failure=self.on_failure,
             limits=list(self.limits),
+            limit_key=self.limit_key,
         )
 
 
@@ -245,6 +249,10 @@ class TaskRegistry:
 
     def names(self) -> list[str]:
         return list(self._tasks)
+
+    def limit_keys(self) -> dict[str, str]:
+        """The `limit_key` of each task that has one (task -> payload field)."""
+        return {t.name: t.limit_key for t in self._tasks.values() if t.limit_key is not None}
 
     def hook(self, task: Task, status: str) -> Hook | None:
         """The hook job to enqueue when a job of `task` ends `status` (succeeded or failed

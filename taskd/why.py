@@ -39,6 +39,10 @@ class Facts(msgspec.Struct, frozen=True):
     parents: tuple[tuple[int, str, str], ...] = ()  # (id, task, status) of those it waits for
     daemons: int = 1  # alive and sharing the store, this one included
     limits: tuple[LimitFact, ...] = ()  # the shared limits its task counts against
+    # The task's `limit_key` and the job's value of it: its concurrency (task_running) and
+    # its rate limit (next_start) are those of that value.
+    limit_key: str | None = None
+    key_value: str | None = None
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
@@ -96,16 +100,20 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
             )
             return "retry_backoff", message, job.run_at
         return "delayed", f"waits for its delay, until {_when(job.run_at, now)}", job.run_at
+    per = with_key = ""
+    if facts.limit_key is not None:
+        per = f" per {facts.limit_key} {facts.key_value!r}"
+        with_key = f" with {facts.limit_key} {facts.key_value!r}"
     if facts.rate_limit is not None and facts.next_start is not None and facts.next_start > now:
         message = (
-            f"waits for its rate limit ({facts.rate_limit}): next start at "
+            f"waits for its rate limit ({facts.rate_limit}{per}): next start at "
             f"{utc_stamp(facts.next_start)}"
         )
         return "rate_limit", message, facts.next_start
     if facts.concurrency is not None and facts.task_running >= facts.concurrency:
         message = (
-            f"waits for its task's concurrency limit ({facts.concurrency}): "
-            f"{counted(facts.task_running, 'job')} of {job.task} running"
+            f"waits for its task's concurrency limit ({facts.concurrency}{per}): "
+            f"{counted(facts.task_running, 'job')} of {job.task}{with_key} running"
         )
         return "concurrency_limit", message, None
     if (shared := _shared_limit(facts)) is not None:

@@ -11,7 +11,14 @@ import msgspec
 
 from taskd import protocol
 from taskd.logqueue import dropped_lines
-from taskd.models import ConnectionStats, HttpStats, Status, ThreadStats, WorkerSlots
+from taskd.models import (
+    ConnectionStats,
+    HttpStats,
+    Status,
+    ThreadStats,
+    WorkerSlots,
+    limit_key_of,
+)
 from taskd.protocol import MAX_LIST, StatusParams, WhyParams, WhyResult
 from taskd.service.dispatch import Binding, bind
 from taskd.service.jobs import get_job
@@ -82,8 +89,14 @@ class StatusMethods:
         """Why the job is not running yet, or what it is doing; and its timeline."""
         job = await get_job(self._store, params.id)
         task = self._tasks.get(job.task)
-        running = 0
-        if job.status == "pending" and task is not None and task.concurrency is not None:
+        running, key_value, key_start = 0, None, None
+        if job.status == "pending" and task is not None and task.limit_key is not None:
+            # Its limits count per value of its limit_key: this job's value's.
+            key_value = limit_key_of(job.payload, task.limit_key)
+            running, key_start = await self._store.key_state(
+                job.task, key_value, task.rate_interval
+            )
+        elif job.status == "pending" and task is not None and task.concurrency is not None:
             counts = {entry.task: entry.counts for entry in await self._store.counts()}
             running = counts.get(job.task, {}).get("running", 0)
         parents = []
@@ -96,7 +109,9 @@ class StatusMethods:
         paused = await self._store.paused_tasks() if job.status == "pending" else {}
         rate_limit = task.rate_limit if task is not None else None
         starts: Mapping[str, float] = {}
-        if job.status == "pending" and task is not None and task.rate_interval is not None:
+        if key_value is not None:
+            starts = {job.task: key_start} if key_start is not None else {}
+        elif job.status == "pending" and task is not None and task.rate_interval is not None:
             starts = await self._store.rate_limit_starts({job.task: task.rate_interval})
         limits: list[LimitFact] = []
         if job.status == "pending" and task is not None and task.limits:
@@ -124,6 +139,8 @@ class StatusMethods:
             stopping=slots.stopping,
             daemons=daemons,
             limits=tuple(limits),
+            limit_key=task.limit_key if task is not None else None,
+            key_value=key_value,
         )
         return explain(job, facts)
 

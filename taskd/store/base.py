@@ -147,6 +147,9 @@ class NewJob(msgspec.Struct, frozen=True):
     after: tuple[int, ...] = ()
     after_failure: AfterFailure = "cancel"
     batch_id: int | None = None
+    # The value of its task's `limit_key` in the payload (None: the store works it out if
+    # the task has one, else ''): its task's limits count per value.
+    limit_key: str | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -222,6 +225,9 @@ class ClaimRequest(msgspec.Struct, frozen=True):
     limits: Mapping[str, int] = {}
     rates: Mapping[str, float] = {}
     shared: Mapping[str, SharedLimit] = {}
+    # The tasks with a `limit_key`: their concurrency and rate count per key value, and
+    # their keys take turns (taskd.store.core.keys).
+    keyed: frozenset[str] = frozenset()
 
     def limited(self) -> frozenset[str]:
         """The tasks whose room a job of theirs frees when it ends: those with a
@@ -348,6 +354,9 @@ class Store(Protocol):
     # The [[webhook]] rules of this daemon: its writes enqueue the events they receive, in
     # the transaction that makes them (a job's end, a batch's end).
     webhooks: tuple[WebhookRule, ...]
+    # The `limit_key` of the tasks that have one (task -> field path): an insert records
+    # each job's key value.
+    limit_keys: Mapping[str, str]
 
     async def open(self) -> None:
         """Create or migrate the schema; raise StoreError if the store cannot be used."""
@@ -485,6 +494,13 @@ class Store(Protocol):
     async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
         """When the rate limit of each of these tasks (task -> seconds between starts) next
         allows a start (those that have started a job under one); a time past means now."""
+
+    async def key_state(
+        self, task: str, key: str, interval: float | None
+    ) -> tuple[int, float | None]:
+        """A value of a keyed task's `limit_key`: its running jobs (those waiting for another
+        job excepted), and when its rate limit (`interval` seconds between starts) next
+        allows a start (None: nothing started under it yet)."""
 
     async def limit_states(self, limits: Mapping[str, SharedLimit]) -> Mapping[str, LimitState]:
         """How each of these shared limits stands (a read)."""

@@ -394,3 +394,87 @@ def test_a_task_naming_an_unknown_shared_limit_is_refused_with_the_closest_name(
     empty = taskd_factory(config="[limits.stripe]\n")
     done = subprocess.run(empty.command(), capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "give rate" in done.stderr, done.stderr
+
+
+# -- per-key limits and fairness, on each store ----------------------------------------------
+
+
+def test_a_keyed_concurrency_limit_holds_one_key_and_lets_the_others_run(
+    on_store: Callable[[str], Taskd], short_tmp: Path
+) -> None:
+    tables = '[task."slow"]\nlimit_key = "order.customer"\nconcurrency = 1\n'
+    daemon = on_store("workers = 4\n" + tables).start()
+    release, started = short_tmp / "release", short_tmp / "started"
+    os.mkfifo(release)
+
+    def slow(customer: str | None, **more: object) -> str:
+        order = {} if customer is None else {"order": {"customer": customer}}
+        return json.dumps({"seconds": 0, **order, **more})
+
+    first = enqueue(daemon, "slow", "--payload",
+                    slow("acme", until=str(release), started=str(started)))  # fmt: skip
+    wait_until(lambda: started.exists(), what="acme's first job running")
+    second = enqueue(daemon, "slow", "--payload", slow("acme"))
+    why = ctl_json(daemon, "why", str(second))
+    assert isinstance(why, dict) and why["reason"] == "concurrency_limit", why
+    assert why["message"] == (
+        f"job {second} (slow) waits for its task's concurrency limit (1 per order.customer"
+        " 'acme'): 1 job of slow with order.customer 'acme' running"
+    )
+    listed = {task["name"]: task["limit_key"] for task in ctl_json(daemon, "list")}  # type: ignore[union-attr]
+    assert listed["slow"] == "order.customer" and listed["echo"] is None
+    with daemon.client() as client:
+        # Another customer, and a payload without the field (the empty key): not held.
+        others = [enqueue(daemon, "slow", "--payload", slow(c)) for c in ("globex", None)]
+        assert {client.wait(job_id, timeout=30).status for job_id in others} == {"succeeded"}
+        assert client.job(second).status == "pending"
+        with open(release, "w") as gate:
+            gate.write("go")
+        done = client.wait(first, timeout=30), client.wait(second, timeout=30)
+    assert done[0].finished_at is not None and done[1].started_at is not None
+    assert done[1].started_at >= done[0].finished_at
+    assert daemon.stop() == 0
+
+
+def test_a_keyed_rate_limit_holds_one_key_across_a_restart(
+    on_store: Callable[[str], Taskd],
+) -> None:
+    daemon = on_store('[task."echo"]\nlimit_key = "customer"\nrate_limit = "1/h"\n').start()
+    with daemon.client() as client:
+        assert client.run("echo", {"customer": "acme", "n": 1})["n"] == 1
+        held = client.enqueue("echo", {"customer": "acme", "n": 2}).job_id
+        # Another customer's job is not held by acme's limit.
+        assert client.run("echo", {"customer": "globex"})["customer"] == "globex"
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as client:
+        why = client.why(held)
+        assert why.reason == "rate_limit" and why.until is not None, why
+        assert why.message.startswith(
+            f"job {held} (echo) waits for its rate limit (1/h per customer 'acme'): next start at "
+        )
+        assert 3500 < why.until - time.time() <= 3600
+        assert client.job(held).status == "pending"
+        assert client.run("echo", {"customer": "initech"})["customer"] == "initech"
+    assert daemon.stop() == 0
+
+
+def test_fair_turns_a_big_backlog_of_one_key_does_not_hold_the_others(
+    on_store: Callable[[str], Taskd],
+) -> None:
+    """One customer's 2,000 jobs, then one job each of five others: with one worker, the
+    five start within the next few starts, not after the 2,000."""
+    from taskctl import enqueue_params
+
+    daemon = on_store('workers = 1\n[task."echo"]\nlimit_key = "customer"\n').start()
+    with daemon.client() as client:
+        client.pause_task("echo")
+        backlog = [enqueue_params("echo", {"customer": "big", "n": n}) for n in range(2000)]
+        client.enqueue_many(backlog)
+        small = [client.enqueue("echo", {"customer": f"c{n}"}).job_id for n in range(5)]
+        client.resume_task("echo")
+        jobs = [client.wait(job_id, timeout=60) for job_id in small]
+        waiting = client.status().counts.get("pending", 0)
+    assert {job.status for job in jobs} == {"succeeded"}
+    assert waiting > 1900  # they started while nearly all of the backlog still waited
+    assert daemon.stop() == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from taskd.models import Job
 from taskd.store import ClaimRequest, LimitState, NewJob, Outcome, SharedLimit, Store
 from tests.conftest import NOW
 from tests.support import Clock
@@ -217,3 +218,87 @@ async def test_a_shared_rate_limit_spaces_the_starts_of_all_its_tasks(
     both = await store.claim(request(shared=shared, rates={"b": 100.0}))
     assert [job.task for job in both.jobs] == ["b"]
     assert (await store.claim(request(shared=shared, rates={"b": 100.0}))).jobs == []
+
+
+# -- per-key limits and fairness ----------------------------------------------------------
+
+
+def of(customer: object = None, n: int = 0) -> NewJob:
+    """A job of the keyed task `t` for this customer (none: no such field)."""
+    payload = {"n": n} if customer is None else {"n": n, "order": {"customer": customer}}
+    return new("t", payload=msgspec.msgpack.encode(payload))
+
+
+def keyed(**options: object) -> ClaimRequest:
+    return request(keyed=frozenset({"t"}), **options)
+
+
+def customers(jobs: list[Job]) -> list[object]:
+    return [msgspec.msgpack.decode(job.payload).get("order", {}).get("customer") for job in jobs]
+
+
+@pytest.fixture
+def keyed_store(store: Store) -> Store:
+    store.limit_keys = {"t": "order.customer"}
+    return store
+
+
+async def test_keys_take_turns_so_a_backlog_does_not_hold_another_keys_job(
+    keyed_store: Store,
+) -> None:
+    store = keyed_store
+    await store.insert([of("a", n) for n in range(50)])
+    await store.insert([of("b"), of(None), new("other")])
+    taken = [job for _ in range(4) for job in (await store.claim(keyed(limit=1))).jobs]
+    # One job of each key in turn: b's single job and the keyless one (key '') are not
+    # behind a's 50, and the unkeyed task takes its turn too.
+    assert len(taken) == 4
+    assert [job.task for job in taken].count("other") == 1
+    assert sorted(map(str, customers([job for job in taken if job.task == "t"]))) == [
+        "None",
+        "a",
+        "b",
+    ]
+    # Then a's backlog, one a claim.
+    assert customers((await store.claim(keyed(limit=1))).jobs) == ["a"]
+
+
+async def test_a_keyed_tasks_concurrency_counts_per_key(keyed_store: Store) -> None:
+    store = keyed_store
+    await store.insert([of("a", n) for n in range(5)] + [of("b", n) for n in range(5)])
+    await store.insert([of(7), of(None)])  # a number is a key as well; no field: key ''
+    claimed = await store.claim(keyed(limit=10, limits={"t": 1}))
+    assert sorted(map(str, customers(claimed.jobs))) == ["7", "None", "a", "b"]
+    assert claimed.next_due_in is None  # every key is at its limit: an end wakes the claims
+    again = await store.claim(keyed(worker=W2, limit=10, limits={"t": 1}))
+    assert again.jobs == [] and again.next_due_in is None
+    a = next(job for job in claimed.jobs if customers([job]) == ["a"])
+    await store.finish([Outcome(a.id, a.epoch, W1, "succeeded")])
+    (next_a,) = (await store.claim(keyed(worker=W2, limit=10, limits={"t": 1}))).jobs
+    assert customers([next_a]) == ["a"]
+
+
+async def test_a_keyed_tasks_rate_limit_counts_per_key(keyed_store: Store, clock: Clock) -> None:
+    store = keyed_store
+    await store.insert([of("a", n) for n in range(3)] + [of("b", n) for n in range(3)])
+    rates = {"t": 10.0}  # one start per key every 10 s
+    first = await store.claim(keyed(rates=rates))
+    assert sorted(customers(first.jobs)) == ["a", "b"]  # type: ignore[type-var]
+    assert first.next_due_in == pytest.approx(9.0)  # a start may come a second early
+    assert (await store.claim(keyed(rates=rates))).jobs == []
+    clock.now = NOW + 9
+    assert sorted(customers((await store.claim(keyed(rates=rates))).jobs)) == ["a", "b"]  # type: ignore[type-var]
+
+
+async def test_a_claim_reads_a_bounded_number_of_keys_and_the_next_goes_on(
+    keyed_store: Store,
+) -> None:
+    store = keyed_store
+    await store.insert([of(f"k{n:03}") for n in range(100)])
+    first = await store.claim(keyed(limit=500, limits={"t": 1}))
+    assert len(first.jobs) == 64 and first.next_due_in == 0.0  # WALK keys, then at once
+    second = await store.claim(keyed(limit=500, limits={"t": 1}))
+    assert len(second.jobs) == 36
+    assert len(set(customers(first.jobs + second.jobs))) == 100
+    third = await store.claim(keyed(limit=500, limits={"t": 1}))
+    assert third.jobs == [] and third.next_due_in is None

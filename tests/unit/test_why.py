@@ -110,3 +110,17 @@ def test_a_shared_limit_says_its_name_and_its_use_or_its_next_start() -> None:
     # The task's own limits are named first.
     own = facts(concurrency=1, task_running=1, limits=(full,))
     assert explain(pending(), own).reason == "concurrency_limit"
+
+
+def test_a_keyed_tasks_limits_say_the_key() -> None:
+    keyed = {"limit_key": "customer", "key_value": "acme"}
+    full = explain(pending(), facts(concurrency=2, task_running=2, **keyed))
+    assert full.message == (
+        "job 7 (report) waits for its task's concurrency limit (2 per customer 'acme'): "
+        "2 jobs of report with customer 'acme' running"
+    )
+    rated = explain(pending(), facts(rate_limit="10/s", next_start=NOW + 3, **keyed))
+    assert rated.message == (
+        "job 7 (report) waits for its rate limit (10/s per customer 'acme'): next start at "
+        "1970-01-12 13:46:43 UTC"
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from taskd.models import JobStatus, WebhookRule
@@ -26,9 +26,11 @@ class Dialect(Protocol):
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
-    # Follows `FROM {s}.jobs` in a walk of one task's pending jobs in claim order, to make
-    # sure it takes their index (SQLite: INDEXED BY; PostgreSQL's planner does).
-    task_claim_order: str
+
+    def indexed_by(self, index: str) -> str:
+        """Follows `FROM {s}.jobs` in a walk of an index of the pending jobs, to make sure
+        it takes it (SQLite: INDEXED BY; PostgreSQL's planner does)."""
+        ...
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
         """Orders the claims (shared) after a pause (exclusive) that committed before them
@@ -82,6 +84,9 @@ class Tx:
     # The [[webhook]] rules of the daemon writing: the events they receive are enqueued in
     # the transaction that makes them.
     webhooks: Sequence[WebhookRule] = ()
+    # The `limit_key` of the tasks that have one (task -> field path): an insert records
+    # each job's value of it.
+    limit_keys: Mapping[str, str] = field(default_factory=dict)
 
 
 # A store operation: the writes of one kind that met in a batch, run in one transaction;

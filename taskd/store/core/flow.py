@@ -105,7 +105,12 @@ def holds(tx: Tx, request: ClaimRequest) -> Steps[Holds]:
         yield lock
     rows = yield Statement("SELECT task FROM {s}.paused_tasks")
     held = Holds(quotas={row["task"]: 0 for row in rows})
-    rates = {task: gap for task, gap in request.rates.items() if task not in held.quotas}
+    # A keyed task's rate limit counts per key (taskd.store.core.keys).
+    rates = {
+        task: gap
+        for task, gap in request.rates.items()
+        if task not in held.quotas and task not in request.keyed
+    }
     if rates or request.shared:
         yield from _rate_quotas(tx, rates, request.shared, held)
     if request.shared:
@@ -164,7 +169,8 @@ def _cap(request: ClaimRequest, held: Holds, running: Mapping[str, int], task: s
     """The most jobs of a task in shared limits this claim could start: the least of the
     claim's size, its own quota and room, and the budget of each of its shared limits."""
     cap = min(request.limit, held.quotas.get(task, request.limit))
-    if (concurrency := request.limits.get(task)) is not None:
+    concurrency = request.limits.get(task)
+    if concurrency is not None and task not in request.keyed:  # else it counts per key
         cap = min(cap, concurrency - running.get(task, 0))
     for hold in held.shared.values():
         if task in hold.tasks:
@@ -180,9 +186,10 @@ def _first_due(tx: Tx, caps: Mapping[str, int]) -> Steps[dict[str, list[tuple[ob
     parts: list[str] = []
     params: dict[str, object] = {}
     for n, (task, cap) in enumerate(caps.items()):
+        index = tx.sql.indexed_by("jobs_task_claim_order")
         parts.append(
-            f"SELECT * FROM (SELECT priority, run_at, id, task FROM {{s}}.jobs"
-            f"{tx.sql.task_claim_order} WHERE task = :task_{n} AND status = 'pending'"
+            f"SELECT * FROM (SELECT priority, run_at, id, task FROM {{s}}.jobs{index}"
+            f" WHERE task = :task_{n} AND status = 'pending'"
             f" AND run_at <= :now ORDER BY priority, run_at, id LIMIT :cap_{n}) AS first_{n}"
         )
         params |= {f"task_{n}": task, f"cap_{n}": cap}

@@ -13,7 +13,7 @@ from typing import NoReturn, cast
 
 import msgspec
 
-from taskd.models import Hook, Job, JobStatus
+from taskd.models import Hook, Job, JobStatus, limit_key_of
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -25,9 +25,9 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
-from taskd.store.core import batches, deps, flow, webhooks
+from taskd.store.core import batches, deps, flow, keys, webhooks
 from taskd.store.core.dialect import Tx
-from taskd.store.core.statements import Statement, Steps
+from taskd.store.core.statements import Statement, Steps, members
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
 
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
@@ -105,18 +105,21 @@ CANCELLED = (
 def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     """Insert jobs; a job whose task and key are taken by an active job joins that job; a
     job with parents (`after`) waits for them."""
+    if tx.limit_keys:
+        jobs = [_with_limit_key(tx, job) for job in jobs]
     parents = yield from deps.lock_parents(tx, jobs)
     results: list[Inserted | None] = [None] * len(jobs)
     remaining = []
     for index, job in enumerate(jobs):
         if job.key is not None and job.debounce is not None:
             moved = yield Statement(
-                f"UPDATE {{s}}.jobs SET payload = :payload,"
+                f"UPDATE {{s}}.jobs SET payload = :payload, limit_key = :limit_key,"
                 f" run_at = CASE WHEN blocked > 0 THEN run_at ELSE {DEBOUNCED} END,"
                 f" release_at = CASE WHEN blocked > 0 THEN {DEBOUNCED} ELSE release_at END"
                 " WHERE task = :task AND key = :key AND status = 'pending' RETURNING id",
                 {"payload": job.payload, "debounce": job.debounce, "task": job.task,
-                 "key": job.key, "max_wait": MAX_WAIT if job.max_wait is None else job.max_wait},
+                 "key": job.key, "max_wait": MAX_WAIT if job.max_wait is None else job.max_wait,
+                 "limit_key": job.limit_key or ""},
             )  # fmt: skip
             if moved:  # the pending job of the key takes this payload, and waits again
                 results[index] = Inserted(moved[0]["id"], duplicate=True)
@@ -141,6 +144,14 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
                 yield from jobs_ended(tx, decided)
             return inserted
     raise StoreError("could not insert jobs: the active jobs with their keys kept changing")
+
+
+def _with_limit_key(tx: Tx, job: NewJob) -> NewJob:
+    """The job with its value of its task's `limit_key`, if the task has one."""
+    path = tx.limit_keys.get(job.task)
+    if path is None or job.limit_key is not None:
+        return job
+    return msgspec.structs.replace(job, limit_key=limit_key_of(job.payload, path))
 
 
 def _insert_round(
@@ -215,17 +226,40 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     to claim again: at once if it took all it asked for, else when the next job is due or
     a task held back may start again."""
     held = yield from flow.holds(tx, request)
-    rows = yield from tx.sql.claim(request, held.for_claim())
+    quotas = held.for_claim()
+    walks = (yield from keys.walks(tx, request, quotas)) if request.keyed else []
+    # A keyed task's jobs are taken in its keys' turns (taskd.store.core.keys), not here.
+    quotas |= dict.fromkeys(request.keyed, 0)
+    rows = yield from tx.sql.claim(request, quotas)
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
+    if walks:
+        picks = keys.chosen(walks, jobs, request.limit)
+        jobs += map(job_from_row, (yield from _claim_ids(request, [p.order[2] for p in picks])))
     tx.notes.claimed(jobs)
     yield from flow.started(tx, request, held, jobs)
-    if len(jobs) == request.limit:
+    keyed_due = (yield from keys.settle(tx, request, walks, jobs)) if walks else None
+    if len(jobs) >= request.limit:
         return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
-    left = held.left(jobs)
+    left = held.left(jobs) | dict.fromkeys(request.keyed, 0)
     due = yield from tx.sql.next_due(request, left)
-    if (wake := (yield from flow.wake(tx, request, held, left))) is not None:
-        due = wake if due is None else min(due, wake)
+    for wake in (keyed_due, (yield from flow.wake(tx, request, held, left))):
+        if wake is not None:
+            due = wake if due is None else min(due, wake)
     return Claimed(jobs=jobs, next_due_in=due)
+
+
+def _claim_ids(request: ClaimRequest, ids: list[int]) -> Steps[list[Row]]:
+    """Marks these jobs running for the request's worker (those still pending); their rows."""
+    if not ids:
+        return []
+    listed, params = members("id", ids)
+    return (
+        yield Statement(
+            f"UPDATE {{s}}.jobs SET {CLAIMED} WHERE id IN ({listed}) AND status = 'pending'"
+            f" AND {REGISTERED} RETURNING {JOB_COLUMNS}",
+            {**params, "worker": request.worker, "lease": request.lease},
+        )
+    )
 
 
 def claim_in(tx: Tx, request: ClaimRequest | None) -> Steps[Claimed | None]:

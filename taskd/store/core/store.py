@@ -41,7 +41,7 @@ from taskd.store.base import (
     TickFired,
 )
 from taskd.store.batching import GroupCommit
-from taskd.store.core import activity, batches, flow, jobs, nodes, reads, schedules
+from taskd.store.core import activity, batches, flow, jobs, keys, nodes, reads, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
 from taskd.store.core.notes import Notes, tell
@@ -111,6 +111,8 @@ class SqlStore:
         self.health = StoreHealth(f"job store {name}")
         # The [[webhook]] rules: each write transaction enqueues the events they receive.
         self.webhooks: tuple[WebhookRule, ...] = ()
+        # The `limit_key` of each task that has one: each insert records its jobs' values.
+        self.limit_keys: Mapping[str, str] = {}
         self._limited: frozenset[str] = frozenset()  # tasks with a limit, at the last claim
         self._fetching: set[asyncio.Task[None]] = set()  # jobs others ended, read for waiters
         # The writers, which a backend sets (`_group_commit`): the durable writes; inserts
@@ -313,6 +315,12 @@ class SqlStore:
     @store_read
     async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
         return await self._read(flow.rate_limit_starts, dict(rates))
+
+    @store_read
+    async def key_state(
+        self, task: str, key: str, interval: float | None
+    ) -> tuple[int, float | None]:
+        return await self._read(keys.key_state, task, key, interval)
 
     @store_read
     async def limit_states(self, limits: Mapping[str, SharedLimit]) -> Mapping[str, LimitState]:

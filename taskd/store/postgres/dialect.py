@@ -43,15 +43,15 @@ from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
 INSERT_SQL = """
 WITH new AS (
     INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
-                          parent_id, batch_id, created_at, traceparent)
+                          parent_id, batch_id, created_at, traceparent, limit_key)
     SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
-           max_attempts, key, parent_id, batch_id, :now, traceparent
+           max_attempts, key, parent_id, batch_id, :now, traceparent, coalesce(limit_key, '')
     FROM unnest(:task::text[], :origin::text[], :payload::bytea[], :priority::integer[],
                 :run_at::double precision[], :delay::double precision[],
                 :max_attempts::integer[], :key::text[], :parent_id::bigint[],
-                :batch_id::bigint[], :traceparent::text[]) WITH ORDINALITY
+                :batch_id::bigint[], :traceparent::text[], :limit_key::text[]) WITH ORDINALITY
          AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id,
-              batch_id, traceparent, n)
+              batch_id, traceparent, limit_key, n)
     ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - :now AS due_in
@@ -233,7 +233,6 @@ class PostgresSql:
     lock_rows = " FOR UPDATE"
     # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
     lock_shared = " FOR SHARE"
-    task_claim_order = ""  # the planner takes jobs_task_claim_order
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema
@@ -248,6 +247,9 @@ class PostgresSql:
             f"SELECT pg_advisory_xact_lock{kind}(hashtextextended(:key, 0))",
             {"key": f"taskd:{self.schema}:flow"},
         )
+
+    def indexed_by(self, index: str) -> str:
+        return ""  # the planner takes it
 
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         params = _arrays(jobs, NewJob.__struct_fields__)
