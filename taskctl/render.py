@@ -350,6 +350,12 @@ def status_detail(status: Status) -> str:
         )
     for number, limit in enumerate(status.limits):
         lines.append(("  limits:    " if number == 0 else " " * 13) + limit_line(limit))
+    for number, use in enumerate(status.keyed):
+        lines.append(
+            ("  per key:   " if number == 0 else " " * 13)
+            + f"{use.task} by {use.limit_key}: {counted(use.running, 'value')} running,"
+            f" {counted(use.waiting, 'value')} waiting"
+        )
     if len(status.nodes) > 1:
         lines.append(
             "  nodes:     "

@@ -20,8 +20,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from taskd.executor import AttemptEnd
-from taskd.models import FiredJob, HttpStats, Job, LimitUse, TaskCounts
-from taskd.shared_limits import limit_uses
+from taskd.models import FiredJob, HttpStats, Job, KeyedUse, LimitUse, TaskCounts
+from taskd.shared_limits import keyed_uses, limit_uses
 from taskd.store import Store
 from taskd.tasks import TaskRegistry
 
@@ -104,11 +104,15 @@ class Metrics:
     async def render(self) -> str:
         """The exposition in Prometheus's text format; raises StoreError."""
         counts = await self._store.counts()
-        limits = await limit_uses(self._store, self._tasks) if self._tasks is not None else []
+        limits: list[LimitUse] = []
+        keyed: list[KeyedUse] = []
+        if self._tasks is not None:
+            limits = await limit_uses(self._store, self._tasks)
+            keyed = await keyed_uses(self._store, self._tasks)
         registry = CollectorRegistry(auto_describe=True)
         events = (self._durations, self._retries, self._ticks, self._coalesced, self._lateness)
         http = self._listeners.http() if self._listeners is not None else None
-        for collector in (*events, _Queue(counts), _Limits(limits), _HttpConnections(http)):
+        for collector in (*events, _Queue(counts), _Limits(limits, keyed), _HttpConnections(http)):
             registry.register(collector)
         return generate_latest(registry).decode()
 
@@ -144,12 +148,24 @@ class _Queue(Collector):
 
 
 class _Limits(Collector):
-    """The shared limits ([limits.NAME]): the jobs of their tasks waiting and running."""
+    """The shared limits ([limits.NAME]): the jobs of their tasks waiting and running; the
+    keyed tasks (limit_key): their values with jobs waiting and running."""
 
-    def __init__(self, limits: list[LimitUse]) -> None:
+    def __init__(self, limits: list[LimitUse], keyed: list[KeyedUse]) -> None:
         self._limits = limits
+        self._keyed = keyed
 
     def collect(self) -> Iterator[Metric]:
+        if self._keyed:
+            values = GaugeMetricFamily(
+                "taskd_limit_key_values",
+                "Values of a task's limit_key with due jobs waiting, and with jobs running",
+                labels=["task", "state"],
+            )
+            for use in self._keyed:
+                values.add_metric([use.task, "waiting"], use.waiting)
+                values.add_metric([use.task, "running"], use.running)
+            yield values
         if not self._limits:
             return
         waiting = GaugeMetricFamily(

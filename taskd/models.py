@@ -199,6 +199,16 @@ class LimitUse(msgspec.Struct, frozen=True):
     next_start: float | None = None
 
 
+class KeyedUse(msgspec.Struct, frozen=True):
+    """A task with a `limit_key` and how its values stand across every daemon: the values
+    with jobs running, and those with due jobs waiting to start."""
+
+    task: str
+    limit_key: str
+    running: int  # values with jobs running
+    waiting: int  # values with due jobs pending
+
+
 class FiredJob(msgspec.Struct, frozen=True):
     """The job one task of a schedule got at a firing; `joined` when the firing coalesced
     into that task's run that was still pending or running."""
@@ -370,6 +380,7 @@ class Status(msgspec.Struct, frozen=True):
     log_dropped: int = 0
     paused_tasks: dict[str, float] = {}  # task -> since when it is paused (`taskctl pause`)
     limits: list[LimitUse] = []  # the shared limits ([limits.NAME]) and their use
+    keyed: list[KeyedUse] = []  # the tasks with a limit_key and their values' use
 
 
 class Peer(msgspec.Struct, frozen=True):

@@ -1,9 +1,10 @@
 """The shared limits (`[limits.NAME]`) of the tasks loaded, as the store counts them, and
-their use as `taskctl status`, `why` and /metrics show it."""
+their use, and that of the keyed tasks' values (`limit_key`), as `taskctl status`, `why`
+and /metrics show it."""
 
 from __future__ import annotations
 
-from taskd.models import LimitUse
+from taskd.models import KeyedUse, LimitUse
 from taskd.store import SharedLimit, Store
 from taskd.tasks import TaskRegistry
 
@@ -16,6 +17,16 @@ def store_limits(tasks: TaskRegistry, *, unused: bool = False) -> dict[str, Shar
         for name, limit in tasks.limits.items()
         if limit.tasks or unused
     }
+
+
+async def keyed_uses(store: Store, tasks: TaskRegistry) -> list[KeyedUse]:
+    """Each task with a `limit_key`, and how many of its values run and wait; raises
+    StoreError."""
+    keyed = tasks.limit_keys()
+    if not keyed:
+        return []
+    used = await store.values_in_use(list(keyed))
+    return [KeyedUse(task, path, *used[task]) for task, path in keyed.items()]
 
 
 async def limit_uses(store: Store, tasks: TaskRegistry) -> list[LimitUse]:

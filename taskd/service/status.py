@@ -22,7 +22,7 @@ from taskd.models import (
 from taskd.protocol import MAX_LIST, StatusParams, WhyParams, WhyResult
 from taskd.service.dispatch import Binding, bind
 from taskd.service.jobs import get_job
-from taskd.shared_limits import limit_uses
+from taskd.shared_limits import keyed_uses, limit_uses
 from taskd.store import JobFilter, Store, StoreError
 from taskd.tasks import TaskRegistry
 from taskd.why import Facts, LimitFact, explain
@@ -184,6 +184,7 @@ class StatusMethods:
             log_dropped=dropped_lines(),
             paused_tasks=dict(await self._store.paused_tasks()),
             limits=await limit_uses(self._store, self._tasks),
+            keyed=await keyed_uses(self._store, self._tasks),
         )
 
     async def healthy(self) -> None:

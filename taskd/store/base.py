@@ -495,6 +495,10 @@ class Store(Protocol):
         """When the rate limit of each of these tasks (task -> seconds between starts) next
         allows a start (those that have started a job under one); a time past means now."""
 
+    async def values_in_use(self, tasks: Sequence[str]) -> Mapping[str, tuple[int, int]]:
+        """Of each of these keyed tasks, how many values of its `limit_key` have jobs
+        running, and how many have due jobs pending (counts the backlog: for status)."""
+
     async def key_state(
         self, task: str, key: str, interval: float | None
     ) -> tuple[int, float | None]:

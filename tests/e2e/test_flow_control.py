@@ -423,6 +423,11 @@ def test_a_keyed_concurrency_limit_holds_one_key_and_lets_the_others_run(
     )
     listed = {task["name"]: task["limit_key"] for task in ctl_json(daemon, "list")}  # type: ignore[union-attr]
     assert listed["slow"] == "order.customer" and listed["echo"] is None
+    shown = daemon.ctl("status").stdout
+    assert "per key:   slow by order.customer: 1 value running, 1 value waiting" in shown, shown
+    metrics = scrape(daemon)
+    assert value(metrics, "taskd_limit_key_values", task="slow", state="waiting") == 1
+    assert value(metrics, "taskd_limit_key_values", task="slow", state="running") == 1
     with daemon.client() as client:
         # Another customer, and a payload without the field (the empty key): not held.
         others = [enqueue(daemon, "slow", "--payload", slow(c)) for c in ("globex", None)]

@@ -288,6 +288,12 @@ async def test_a_keyed_tasks_rate_limit_counts_per_key(keyed_store: Store, clock
     assert (await store.claim(keyed(rates=rates))).jobs == []
     clock.now = NOW + 9
     assert sorted(customers((await store.claim(keyed(rates=rates))).jobs)) == ["a", "b"]  # type: ignore[type-var]
+    assert await store.key_state("t", "a", 10.0) == (2, pytest.approx(NOW + 18))
+    # A value's row, once its limit has long allowed a start, is pruned: it allows one still.
+    clock.now = NOW + 200
+    await store.prune({"succeeded": 86400.0})
+    assert await store.key_state("t", "a", 10.0) == (2, None)
+    assert sorted(customers((await store.claim(keyed(rates=rates))).jobs)) == ["a", "b"]  # type: ignore[type-var]
 
 
 async def test_a_claim_reads_a_bounded_number_of_keys_and_the_next_goes_on(
@@ -302,3 +308,30 @@ async def test_a_claim_reads_a_bounded_number_of_keys_and_the_next_goes_on(
     assert len(set(customers(first.jobs + second.jobs))) == 100
     third = await store.claim(keyed(limit=500, limits={"t": 1}))
     assert third.jobs == [] and third.next_due_in is None
+
+
+async def test_a_key_that_gets_room_behind_the_walk_is_found_on_its_next_round(
+    keyed_store: Store, clock: Clock
+) -> None:
+    store = keyed_store
+    await store.insert([of(f"k{n:03}", m) for n in range(100) for m in range(2)])
+    full = keyed(limit=500, limits={"t": 1})
+    running = (await store.claim(full)).jobs + (await store.claim(full)).jobs
+    assert len(running) == 100  # one of each key: every key is at its limit now
+    clock.now = NOW + 1
+    third = await store.claim(full)  # k000..k063: nothing; the walk goes on at once
+    assert third.jobs == [] and third.next_due_in == 0.0
+    clock.now = NOW + 2
+    k040 = next(job for job in running if customers([job]) == ["k040"])
+    await store.finish([Outcome(k040.id, k040.epoch, W1, "succeeded")])
+    # This round comes back to where the fruitless walks began, but k040, behind it, has
+    # room since: the walk goes round again instead of waiting for an end.
+    fourth = await store.claim(full)
+    assert fourth.jobs == [] and fourth.next_due_in == 0.0
+    taken = []
+    for _ in range(3):
+        taken += (await store.claim(full)).jobs
+    assert customers(taken) == ["k040"]
+    # Once round with nothing to take, the claims wait for an end: they do not spin.
+    dues = [(await store.claim(full)).next_due_in for _ in range(4)]
+    assert None in dues, dues

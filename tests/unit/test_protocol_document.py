@@ -46,6 +46,7 @@ LISTINGS = {
     "TaskPauseResult": "survives restarts. Result:\n`",
     "BatchInfo": "(a batch's id). Result: `",
     "LimitUse": "store, a LimitUse: `",
+    "KeyedUse": "a `limit_key`, a KeyedUse: `",
 }
 # The reply envelope is documented by its own table and rules ("Requests and replies").
 ENVELOPE = {"Reply"}

@@ -457,8 +457,10 @@ def _refuse(job_id: int, verb: str) -> Steps[NoReturn]:
 
 
 def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> Steps[list[int]]:
-    """Delete up to PRUNE_SLICE finished jobs of a status that finished `age` seconds ago."""
+    """Delete up to PRUNE_SLICE finished jobs of a status that finished `age` seconds ago
+    (and as many rows of per-key rate limits that allow a start now: taskd.store.core.keys)."""
     counts = []
     for status, age in slices:
         counts.append((yield from tx.sql.prune(status, age)))
+    yield from keys.forget_idle(PRUNE_SLICE)
     return counts

@@ -178,6 +178,21 @@ def _first_due(tx: Tx, task: str, counts: Mapping[str, int]) -> Steps[dict[str, 
     return due
 
 
+def values_in_use(sql: object, tasks: list[str]) -> Steps[dict[str, tuple[int, int]]]:
+    """Of each keyed task, how many values have jobs running and how many have due jobs
+    pending (a read, for status: it counts the backlog)."""
+    used = {}
+    for task in tasks:
+        (row,) = yield Statement(
+            "SELECT (SELECT count(DISTINCT limit_key) FROM {s}.jobs WHERE task = :task"
+            " AND status = 'running') AS running, (SELECT count(DISTINCT limit_key) FROM"
+            " {s}.jobs WHERE task = :task AND status = 'pending' AND run_at <= :now) AS waiting",
+            {"task": task},
+        )
+        used[task] = (int(row["running"]), int(row["waiting"]))
+    return used
+
+
 def key_state(
     sql: object, task: str, key: str, interval: float | None
 ) -> Steps[tuple[int, float | None]]:
@@ -192,6 +207,21 @@ def key_state(
     tat = row["tat"]
     start = float(tat) - tolerance(interval) if tat is not None and interval else None
     return int(row["running"]), start
+
+
+IDLE = 60.0  # seconds past its TAT after which a value's rate row is forgotten
+
+
+def forget_idle(most: int) -> Steps[None]:
+    """Forget up to `most` rate rows of values whose limit has allowed a start for IDLE
+    seconds: a missing row allows a start now, as theirs does, so that the rows of a
+    task's values do not pile up."""
+    yield Statement(
+        "DELETE FROM {s}.rate_limits WHERE (kind, name) IN (SELECT kind, name FROM"
+        " {s}.rate_limits WHERE kind >= 'key:' AND kind < 'key;' AND tat < :now - :idle"
+        " LIMIT :most)",
+        {"idle": IDLE, "most": most},
+    )
 
 
 def _in_turns(due: Mapping[str, list[Pick]], keys: list[str], cap: int) -> list[Pick]:
@@ -270,20 +300,45 @@ def _turned(
     )
 
 
+# The first time after :after at which a pending job of :task is due: one seek per priority
+# of its pending jobs (a skip along their index), never the backlog of those due before.
+FIRST_DUE_AFTER = """
+WITH RECURSIVE priorities(p) AS (
+    SELECT (SELECT min(priority) FROM {s}.jobs{index} WHERE task = :task AND status = 'pending')
+    UNION ALL
+    SELECT (SELECT min(priority) FROM {s}.jobs{index}
+            WHERE task = :task AND status = 'pending' AND priority > priorities.p)
+    FROM priorities WHERE p IS NOT NULL
+)
+SELECT min((SELECT min(run_at) FROM {s}.jobs{index} WHERE task = :task AND status = 'pending'
+            AND priority = priorities.p AND run_at > :after)) AS first
+FROM priorities WHERE p IS NOT NULL
+"""
+
+
+def _first_due_after(tx: Tx, task: str, after: float) -> Steps[float | None]:
+    sql = FIRST_DUE_AFTER.format(s="{s}", index=tx.sql.indexed_by("jobs_task_claim_order"))
+    (row,) = yield Statement(sql, {"task": task, "after": after})
+    return None if row["first"] is None else float(row["first"])
+
+
 def _changed(tx: Tx, request: ClaimRequest, walk: Walk) -> Steps[bool]:
     """Whether a value of the task may have room it had not when its run of fruitless
     walks began: a job of it came due or ended since, or a value's rate limit allows a
     start it did not."""
+    since = walk.lap_at or 0.0
+    first = yield from _first_due_after(tx, walk.task, since)
+    if first is not None and first <= walk.now:
+        return True
     early = tolerance(request.rates.get(walk.task) or 0.0)
+    ended = tx.sql.indexed_by("jobs_finished")  # what ended since, not the history
     rows = yield Statement(
-        "SELECT CASE WHEN EXISTS (SELECT 1 FROM {s}.jobs WHERE status = 'pending'"
-        " AND run_at > :since AND run_at <= :now AND task = :task)"
-        " OR EXISTS (SELECT 1 FROM {s}.jobs WHERE status IN ('succeeded', 'failed',"
-        " 'cancelled') AND finished_at > :since AND task = :task)"
+        f"SELECT CASE WHEN EXISTS (SELECT 1 FROM {{s}}.jobs{ended} WHERE status IN"
+        " ('succeeded', 'failed', 'cancelled') AND finished_at > :since AND task = :task)"
         " OR EXISTS (SELECT 1 FROM {s}.rate_limits WHERE kind = :kind AND tat > :since_tat"
         " AND tat <= :now + :early) THEN 1 ELSE 0 END AS changed",
-        {"since": walk.lap_at or 0.0, "since_tat": (walk.lap_at or 0.0) + early,
-         "early": early, "task": walk.task, "kind": rate_kind(walk.task)},
+        {"since": since, "since_tat": since + early, "early": early, "task": walk.task,
+         "kind": rate_kind(walk.task)},
     )  # fmt: skip
     return bool(rows[0]["changed"])
 
@@ -316,9 +371,12 @@ def _next_due(tx: Tx, request: ClaimRequest, task: str) -> Steps[float | None]:
     early = tolerance(request.rates.get(task) or 0.0)
     rows = yield Statement(
         "SELECT (SELECT min(tat) FROM {s}.rate_limits WHERE kind = :kind"
-        " AND tat > :now + :early) - :early - :now AS held, (SELECT min(run_at) FROM {s}.jobs"
-        " WHERE status = 'pending' AND task = :task AND run_at > :now) - :now AS delayed",
-        {"kind": rate_kind(task), "task": task, "early": early},
+        " AND tat > :now + :early) - :early - :now AS held, :now AS now",
+        {"kind": rate_kind(task), "early": early},
     )
-    due = [float(value) for value in (rows[0]["held"], rows[0]["delayed"]) if value is not None]
+    now = float(rows[0]["now"])
+    delayed = yield from _first_due_after(tx, task, now)
+    due = [float(rows[0]["held"])] if rows[0]["held"] is not None else []
+    if delayed is not None:
+        due.append(delayed - now)
     return max(0.0, min(due)) if due else None

@@ -317,6 +317,10 @@ class SqlStore:
         return await self._read(flow.rate_limit_starts, dict(rates))
 
     @store_read
+    async def values_in_use(self, tasks: Sequence[str]) -> Mapping[str, tuple[int, int]]:
+        return await self._read(keys.values_in_use, list(tasks))
+
+    @store_read
     async def key_state(
         self, task: str, key: str, interval: float | None
     ) -> tuple[int, float | None]:
