@@ -26,6 +26,9 @@ class Dialect(Protocol):
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
+    # `insert` stirs the turns of the keyed tasks it inserts jobs of (PostgreSQL: an insert
+    # may commit on its own, and must stir in its statement); else the insert's caller does.
+    insert_stirs: bool
 
     def indexed_by(self, index: str) -> str:
         """Follows `FROM {s}.jobs` in a walk of an index of the pending jobs, to make sure

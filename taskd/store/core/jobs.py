@@ -107,6 +107,8 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     job with parents (`after`) waits for them."""
     if tx.limit_keys:
         jobs = [_with_limit_key(tx, job) for job in jobs]
+        if any(job.after for job in jobs):  # a keyed task's turn before its parents' rows,
+            yield from keys.stirred(tx, [job.task for job in jobs])  # as a claim locks them
     parents = yield from deps.lock_parents(tx, jobs)
     results: list[Inserted | None] = [None] * len(jobs)
     remaining = []
@@ -139,6 +141,10 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
             remaining = yield from _insert_round(tx, jobs, remaining, results)
         if not remaining:
             inserted = cast(list[Inserted], results)  # a round fills in each job it returns not
+            new = [job.task for job, result in zip(jobs, inserted, strict=True)
+                   if not result.duplicate]  # fmt: skip
+            if not tx.sql.insert_stirs:
+                yield from keys.stirred(tx, new)
             if parents:
                 decided = yield from deps.link_children(tx, jobs, inserted, parents)
                 yield from jobs_ended(tx, decided)
@@ -225,9 +231,12 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     """The due jobs the request may take (flow control: `taskd.store.core.flow`), and when
     to claim again: at once if it took all it asked for, else when the next job is due or
     a task held back may start again."""
+    # The keyed tasks' turns first: the writes that stir them lock them before anything
+    # a claim locks after (taskd.store.core.keys.stirred).
+    turns = (yield from keys.turns(tx, request)) if request.keyed else {}
     held = yield from flow.holds(tx, request)
     quotas = held.for_claim()
-    walks = (yield from keys.walks(tx, request, quotas)) if request.keyed else []
+    walks = (yield from keys.walks(tx, request, quotas, turns)) if request.keyed else []
     # A keyed task's jobs are taken in its keys' turns (taskd.store.core.keys), not here.
     quotas |= dict.fromkeys(request.keyed, 0)
     rows = yield from tx.sql.claim(request, quotas)
@@ -279,6 +288,7 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
     for row in (yield from tx.sql.finish(outcomes)):
         job = updated[row["id"]] = job_from_row(row)
         tx.notes.ended(job, row["due_in"], retrying=job.id in retried)
+    yield from keys.stirred(tx, [job.task for job in updated.values()])
     hooks = [
         (updated[outcome.job_id], outcome.hook)
         for outcome in outcomes
@@ -377,11 +387,12 @@ def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> Steps[list[b
     for job_id, epoch, worker, waiting in items:
         rows = yield Statement(
             "UPDATE {s}.jobs SET waiting = :waiting WHERE id = :id AND epoch = :epoch"
-            " AND worker = :worker AND status = 'running' RETURNING id",
+            " AND worker = :worker AND status = 'running' RETURNING id, task",
             {"waiting": waiting, "id": job_id, "epoch": epoch, "worker": worker},
         )
         if rows and waiting:
             tx.notes.made_due(0.0)  # the job's task has room for another of its jobs
+            yield from keys.stirred(tx, [rows[0]["task"]])
         results.append(bool(rows))
     return results
 
@@ -393,6 +404,7 @@ def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list
     results = []
     for quarantine_after, on_failure in items:
         jobs = [job_from_row(row) for row in (yield from tx.sql.recover(quarantine_after))]
+        yield from keys.stirred(tx, [job.task for job in jobs])
         for job in jobs:  # an interrupted attempt is a failed one
             tx.notes.ended(job, 0.0, retrying=True)
         hooks = [
@@ -412,6 +424,9 @@ def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list
 def cancel_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
     jobs = []
     for job_id in job_ids:
+        if tx.limit_keys:  # its room, first: a claim locks a keyed task's turn, then jobs
+            task = yield Statement("SELECT task FROM {s}.jobs WHERE id = :id", {"id": job_id})
+            yield from keys.stirred(tx, [row["task"] for row in task])
         rows = yield from tx.sql.cancel(job_id)
         if not rows:
             yield from _refuse(job_id, "cancelled")
@@ -446,6 +461,7 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
         )
         tx.notes.made_due(0.0)
         jobs.append(job_from_row(rows[0]))
+    yield from keys.stirred(tx, [job.task for job in jobs])
     return jobs
 
 

@@ -16,22 +16,25 @@ value among the others, and its next job waits for the others' turn. No claim re
 than WALK values and WALK times its size of jobs, whatever the backlog.
 
 A walk that found nothing to take moves on from where it stopped; once it has come round
-to where its fruitless run began (`key_turns.lap_from`), the task waits for the moment a
-value's rate limit allows a start again, a delayed job, or (concurrency) a job's end.
-On PostgreSQL a task's `key_turns` row is locked for the claim, so that the claims of a
-keyed task are one at a time across the daemons and count the same running jobs.
+to where its fruitless run began (`key_turns.lap_from`), the task rests (`rested_at`):
+its claims walk no more until a write that may make room for a value (a job of it
+inserted, ended, put back, released by its parents: `stirred`), or the moment a value's
+rate limit allows a start again or a delayed job is due (`rested_wake`). On PostgreSQL a
+task's `key_turns` row is locked for the claim, so that the claims of a keyed task are
+one at a time across the daemons and count the same running jobs, and a write that stirs
+it waits for the claim in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from taskd.models import Job
 from taskd.store.base import ClaimRequest
 from taskd.store.core.dialect import Tx
 from taskd.store.core.flow import allowed_starts, tolerance
-from taskd.store.core.statements import Statement, Steps
+from taskd.store.core.statements import Statement, Steps, members
 from taskd.store.rows import Row
 
 WALK = 64  # key values a claim reads at most, per keyed task
@@ -61,27 +64,47 @@ class Walk:
     last_key: str | None = None  # where the previous claim stopped
     lap_from: str | None = None  # where a run of fruitless walks began, and when
     lap_at: float | None = None
+    resting: bool = False  # it came round with nothing to take, and nothing changed since
+    wake: float | None = None  # while resting: when a held value or a delayed job may start
     now: float = 0.0
     more: bool = False  # values it did not look at, or more jobs than it could take
 
 
-def walks(tx: Tx, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[list[Walk]]:
+def turns(tx: Tx, request: ClaimRequest) -> Steps[dict[str, Row]]:
+    """The turn of each keyed task, locked until the claim commits: first of all that a
+    claim locks, as the writes that stir them do (see `stirred`)."""
+    found = {}
+    for task in sorted(request.keyed):
+        found[task] = yield from _turn(tx, task)
+    return found
+
+
+def walks(
+    tx: Tx, request: ClaimRequest, quotas: Mapping[str, int], turns: Mapping[str, Row]
+) -> Steps[list[Walk]]:
     """For each keyed task the claim may start jobs of (`quotas`: none if paused, its share
     of a shared limit), the jobs it may start, in turns by value."""
     found = []
     for task in sorted(request.keyed):
         cap = min(request.limit, quotas.get(task, request.limit))
         if cap > 0:
-            found.append((yield from _walk(tx, request, task, cap)))
+            found.append((yield from _walk(tx, request, task, cap, turns[task])))
     return found
 
 
-def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int) -> Steps[Walk]:
-    turn = yield from _turn(tx, task)
+def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int, turn: Row) -> Steps[Walk]:
     walk = Walk(task, last_key=turn["last_key"], lap_from=turn["lap_from"],
-                lap_at=turn["lap_at"])  # fmt: skip
+                lap_at=turn["lap_at"], now=float(turn["now"]))  # fmt: skip
+    if turn["rested_at"] is not None:
+        # Its last walk came round with nothing to take: none is needed until a write that
+        # may make room (`stirred`), or the time it would wake at.
+        wake = turn["rested_wake"]
+        if wake is None or walk.now < float(wake):
+            walk.resting, walk.wake = True, wake
+            return walk
+        walk.lap_from = walk.lap_at = None  # its rest is over: a new round
     rows = yield from _values(tx, request, task, walk.last_key)
-    now = walk.now = float(rows[0]["now"]) if rows else 0.0
+    now = walk.now
     allowed: dict[str, int] = {}
     interval, concurrency = request.rates.get(task), request.limits.get(task)
     for row in rows:
@@ -105,8 +128,9 @@ def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int) -> Steps[Walk]:
 def _turn(tx: Tx, task: str) -> Steps[Row]:
     """The task's turn among its values, locked until the claim commits (made if new)."""
     select = Statement(
-        "SELECT last_key, lap_from, lap_at FROM {s}.key_turns WHERE task = :task"
-        + tx.sql.lock_rows,
+        "SELECT last_key, lap_from, lap_at, rested_at, rested_wake, :now AS now"
+        " FROM {s}.key_turns"
+        " WHERE task = :task" + tx.sql.lock_rows,
         {"task": task},
     )
     rows = yield select
@@ -259,6 +283,10 @@ def settle(
     taken = {job.id: job for job in jobs}
     due: list[float] = []
     for walk in walks:
+        if walk.resting:
+            if walk.wake is not None:
+                due.append(max(0.0, walk.wake - walk.now))
+            continue
         served = [pick for pick in walk.picks if pick.order[2] in taken]
         yield from _spaced(tx, request, walk.task, served, taken)
         if served:
@@ -279,25 +307,34 @@ def settle(
             lap_from, lap_at, come_round = walk.visited[0], walk.now, True
         elif lap_from is None:
             lap_from, lap_at = walk.visited[0], walk.now
-        elif come_round and (yield from _changed(tx, request, walk)):
-            lap_from, lap_at, come_round = walk.visited[0], walk.now, False
-        yield from _turned(tx, walk.task, walk.visited[-1], lap_from, lap_at)
         if not come_round:
+            yield from _turned(tx, walk.task, walk.visited[-1], lap_from, lap_at)
             due.append(0.0)
             continue
-        if (wake := (yield from _next_due(tx, request, walk.task))) is not None:
+        # It rests until something changes, and remembers when it would wake.
+        wake = yield from _next_due(tx, request, walk.task)
+        rest = (walk.now, None if wake is None else walk.now + wake)
+        yield from _turned(tx, walk.task, walk.visited[-1], lap_from, lap_at, *rest)
+        if wake is not None:
             due.append(wake)
     return min(due) if due else None
 
 
 def _turned(
-    tx: Tx, task: str, last: str, lap_from: str | None, lap_at: float | None
+    tx: Tx,
+    task: str,
+    last: str,
+    lap_from: str | None,
+    lap_at: float | None,
+    rested_at: float | None = None,
+    rested_wake: float | None = None,
 ) -> Steps[None]:
     yield Statement(
-        "UPDATE {s}.key_turns SET last_key = :last, lap_from = :lap_from, lap_at = :lap_at"
-        " WHERE task = :task",
-        {"last": last, "lap_from": lap_from, "lap_at": lap_at, "task": task},
-    )
+        "UPDATE {s}.key_turns SET last_key = :last, lap_from = :lap_from, lap_at = :lap_at,"
+        " rested_at = :rested_at, rested_wake = :rested_wake WHERE task = :task",
+        {"last": last, "lap_from": lap_from, "lap_at": lap_at, "rested_at": rested_at,
+         "rested_wake": rested_wake, "task": task},
+    )  # fmt: skip
 
 
 # The first time after :after at which a pending job of :task is due: one seek per priority
@@ -322,25 +359,22 @@ def _first_due_after(tx: Tx, task: str, after: float) -> Steps[float | None]:
     return None if row["first"] is None else float(row["first"])
 
 
-def _changed(tx: Tx, request: ClaimRequest, walk: Walk) -> Steps[bool]:
-    """Whether a value of the task may have room it had not when its run of fruitless
-    walks began: a job of it came due or ended since, or a value's rate limit allows a
-    start it did not."""
-    since = walk.lap_at or 0.0
-    first = yield from _first_due_after(tx, walk.task, since)
-    if first is not None and first <= walk.now:
-        return True
-    early = tolerance(request.rates.get(walk.task) or 0.0)
-    ended = tx.sql.indexed_by("jobs_finished")  # what ended since, not the history
-    rows = yield Statement(
-        f"SELECT CASE WHEN EXISTS (SELECT 1 FROM {{s}}.jobs{ended} WHERE status IN"
-        " ('succeeded', 'failed', 'cancelled') AND finished_at > :since AND task = :task)"
-        " OR EXISTS (SELECT 1 FROM {s}.rate_limits WHERE kind = :kind AND tat > :since_tat"
-        " AND tat <= :now + :early) THEN 1 ELSE 0 END AS changed",
-        {"since": since, "since_tat": since + early, "early": early, "task": walk.task,
-         "kind": rate_kind(walk.task)},
-    )  # fmt: skip
-    return bool(rows[0]["changed"])
+def stirred(tx: Tx, tasks: Iterable[str]) -> Steps[None]:
+    """A write that may make room for these tasks' values (a job inserted, ended, put back,
+    released by its parents, or waiting for another): a keyed task among them walks again
+    from its next claim. Its row is written (and so, on PostgreSQL, locked) whatever it
+    held: a claim in flight finishes first, and one that comes after waits for this write
+    to commit, and sees it. Only the keyed tasks this daemon knows of (PostgreSQL's insert
+    stirs any itself)."""
+    keyed = sorted({task for task in tasks if task in tx.limit_keys})
+    if not keyed:
+        return
+    listed, params = members("task", keyed)
+    yield Statement(
+        "UPDATE {s}.key_turns SET lap_from = NULL, lap_at = NULL, rested_at = NULL,"
+        f" rested_wake = NULL WHERE task IN ({listed})",
+        params,
+    )
 
 
 def _spaced(

@@ -55,6 +55,15 @@ WITH new AS (
     ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - :now AS due_in
+), stirred AS (
+    -- A keyed task's turn walks again (taskd.store.core.keys.stirred), written (locked) by
+    -- the statement that commits the jobs: a claim after it waits, and sees them. Keyed:
+    -- a job with a limit_key, or a task that has a turn (an insert from taskd.outbox).
+    INSERT INTO {s}.key_turns (task)
+    SELECT DISTINCT t FROM unnest(:task::text[], :limit_key::text[]) AS k(t, value)
+    WHERE value IS NOT NULL OR t IN (SELECT task FROM {s}.key_turns)
+    ON CONFLICT (task) DO UPDATE SET lap_from = NULL, lap_at = NULL, rested_at = NULL,
+        rested_wake = NULL
 ), notice AS (
     SELECT pg_notify(:channel, json_build_object('sender', :sender::text,
                                                  'due', min(due_in))::text)
@@ -233,6 +242,7 @@ class PostgresSql:
     lock_rows = " FOR UPDATE"
     # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
     lock_shared = " FOR SHARE"
+    insert_stirs = True  # INSERT_SQL stirs the keyed tasks' turns itself
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema

@@ -223,7 +223,9 @@ MIGRATIONS: list[list[str]] = [
             task text PRIMARY KEY,
             last_key text,
             lap_from text,
-            lap_at double precision
+            lap_at double precision,
+            rested_at double precision,
+            rested_wake double precision
         )
         """,
         "CREATE INDEX rate_limits_tat ON {s}.rate_limits (kind, tat)",

@@ -117,6 +117,7 @@ class SqliteSql:
     trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
     lock_rows = ""  # one writer
     lock_shared = ""  # one writer: nothing else writes until the commit
+    insert_stirs = False  # the insert's transaction does (taskd.store.core.keys.stirred)
 
     def __init__(self, now: float) -> None:
         self.now = now

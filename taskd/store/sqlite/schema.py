@@ -236,7 +236,9 @@ MIGRATIONS: list[list[str]] = [
             task TEXT PRIMARY KEY,
             last_key TEXT,
             lap_from TEXT,
-            lap_at REAL
+            lap_at REAL,
+            rested_at REAL,
+            rested_wake REAL
         ) WITHOUT ROWID
         """,
         "CREATE INDEX rate_limits_tat ON rate_limits (kind, tat)",
