@@ -63,11 +63,14 @@ $(VENV)/.bench-stamp: $(STAMP)
 # quicker: make bench BENCH_ARGS="--repeat 1 --scale 0.2"; one section, printed and not
 # written: BENCH_ARGS="--only single-flight"); cron_lateness.py adds the tick
 # lateness under load and the idle CPU (fewer ticks: CRON_ARGS="--ticks 30"); workflows.py
-# the parent-end to child-start delay of a chain, and a 1,000-job batch's last job to callback.
+# the parent-end to child-start delay of a chain, and a 1,000-job batch's last job to callback;
+# keyed_claims.py what a keyed, rate-limited backlog (100,000 jobs on 1,000 keys) costs an
+# enqueue and a no-op claim of other work.
 bench: $(VENV)/.bench-stamp
 	$(BIN)/python -m tests.bench.compare $(BENCH_ARGS)
 	$(BIN)/python -m tests.bench.cron_lateness $(CRON_ARGS)
 	$(BIN)/python -m tests.bench.workflows
+	$(BIN)/python -m tests.bench.keyed_claims
 
 clean:
 	rm -rf .venv .venv-oldest .run .pytest_cache .mypy_cache .ruff_cache

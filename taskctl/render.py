@@ -14,6 +14,7 @@ from taskd.models import (
     ConnectionStats,
     HttpStats,
     Job,
+    LimitUse,
     LogLine,
     Progress,
     ScheduleInfo,
@@ -293,6 +294,26 @@ def why_text(why: Any) -> str:
     return "\n".join(lines)
 
 
+def limit_line(limit: LimitUse) -> str:
+    """A shared limit's use: `stripe (charge, refund): 4 of 4 running, 25/s next start at
+    12:00:03, 10 waiting`."""
+    parts = []
+    if limit.concurrency is not None:
+        parts.append(f"{limit.running} of {limit.concurrency} running")
+    else:
+        parts.append(f"{limit.running} running")
+    if limit.rate is not None:
+        now = time.time()
+        when = limit.next_start
+        parts.append(
+            limit.rate
+            + (f" next start at {local_time(when, now)}" if when is not None and when > now else "")
+        )
+    parts.append(f"{limit.waiting} waiting")
+    tasks = ", ".join(limit.tasks) or "no task loaded names it"
+    return f"{limit.name} ({tasks}): {', '.join(parts)}"
+
+
 def status_detail(status: Status) -> str:
     counts = ", ".join(
         f"{status.counts.get(s, 0)} {s}"
@@ -326,6 +347,14 @@ def status_detail(status: Status) -> str:
                 f"{task} (since {local_time(since, now)})"
                 for task, since in sorted(status.paused_tasks.items())
             )
+        )
+    for number, limit in enumerate(status.limits):
+        lines.append(("  limits:    " if number == 0 else " " * 13) + limit_line(limit))
+    for number, use in enumerate(status.keyed):
+        lines.append(
+            ("  per key:   " if number == 0 else " " * 13)
+            + f"{use.task} by {use.limit_key}: {counted(use.running, 'value')} running,"
+            f" {counted(use.waiting, 'value')} waiting"
         )
     if len(status.nodes) > 1:
         lines.append(

@@ -14,7 +14,13 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import msgspec.inspect
 
-from taskd.models import SingleFlight, did_you_mean, parse_duration, parse_rate
+from taskd.models import (
+    SingleFlight,
+    check_limit_key,
+    did_you_mean,
+    parse_duration,
+    parse_rate,
+)
 from taskd.protocol import DEFAULT_MAX_FRAME, default_socket_path
 
 
@@ -52,18 +58,40 @@ class TaskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limit: str | None = None  # "10/s", "600/m", "100/15m": see README, "Flow control"
     unique_for: Seconds | None = None  # an enqueue's key stays taken this long
     single_flight: SingleFlight | None = None  # "task", "payload" or "none"
+    limits: list[str] | None = None  # shared limits ([limits.NAME]) its jobs also count against
+    # A payload field ("customer_id", dotted for a nested one): concurrency and rate_limit
+    # count per value of it, and the values take turns.
+    limit_key: str | None = None
     on_failure: str | None = None  # a task enqueued when a job fails after its last attempt
     on_success: str | None = None  # a task enqueued when a job succeeds
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None:
             parse_rate(self.rate_limit)
+        if self.limit_key is not None:
+            check_limit_key(self.limit_key)
         for field in ("max_attempts", "concurrency"):
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise ValueError(f"{field} must be at least 1, got {value}")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout must be more than 0 seconds, got {self.timeout}")
+
+
+class SharedLimitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A `[limits.NAME]` table: a budget several tasks share (`limits = ["NAME"]` on each),
+    such as one external API's. See README, "Flow control"."""
+
+    rate: str | None = None  # "25/s": at most that many of their attempts start per period
+    concurrency: int | None = None  # at most that many of their jobs run at once
+
+    def __post_init__(self) -> None:
+        if self.rate is None and self.concurrency is None:
+            raise ValueError('give rate (such as "25/s"), concurrency (such as 4), or both')
+        if self.rate is not None:
+            parse_rate(self.rate)
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
 
 
 class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -260,6 +288,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sqlite: Annotated[SqliteOptions, RESTART] = SqliteOptions()
     postgres: Annotated[PostgresOptions, RESTART] = PostgresOptions()
     task: dict[str, TaskOptions] = {}
+    limits: dict[str, SharedLimitOptions] = {}  # shared limits, by name: [limits.NAME]
     scheduled_tasks: dict[str, list[str] | str] = {}
     schedule: list[Schedule] = []
     socket_group: Annotated[str | None, RESTART] = None

@@ -286,13 +286,14 @@ class Daemon:
         config, paths = self.config, self.paths
         store = self._store = await self._open_store(paths, settings.file_group)
         store.webhooks = self._webhooks
+        store.limit_keys = self._tasks().limit_keys()
         news = DaemonNews()
         store.events.on_change(news.changed)  # the store's changes and ours, on one bus
         news.on_change(self._status.changed)
         node = node_id(config, paths)
         worker = self._worker = await self._join(store, node)
-        metrics = Metrics(store, self)
         tasks = self._tasks()
+        metrics = Metrics(store, self, tasks=tasks)
         engine = self._engine = build_engine(
             store,
             tasks,
@@ -535,6 +536,7 @@ class Daemon:
         self._tasks().replace(registry)
         if self._store is not None:
             self._store.webhooks = webhooks
+            self._store.limit_keys = registry.limit_keys()
         self.paths = Paths(
             tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
         )

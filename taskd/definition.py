@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from taskd.models import SINGLE_FLIGHT_MODES, parse_duration, parse_rate
+from taskd.models import SINGLE_FLIGHT_MODES, check_limit_key, parse_duration, parse_rate
 from taskd.traceparent import current_traceparent
 
 if TYPE_CHECKING:  # logging costs milliseconds that taskctl, which imports taskd, does not pay
@@ -228,6 +228,8 @@ class TaskDefinition:
         "concurrency",
         "description",
         "fn",
+        "limit_key",
+        "limits",
         "max_attempts",
         "max_backoff",
         "name",
@@ -255,6 +257,8 @@ class TaskDefinition:
         single_flight: str | None = None,
         on_failure: str | None = None,
         on_success: str | None = None,
+        limits: Sequence[str] | None = None,
+        limit_key: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"define_task() needs a function, got {type(fn).__name__}")
@@ -277,6 +281,8 @@ class TaskDefinition:
                 f"got {single_flight!r}"
             )
         self.single_flight = single_flight
+        self.limits = _limit_names(limits)
+        self.limit_key = None if limit_key is None else check_limit_key(limit_key)
         self.on_failure = _task_name(on_failure, "on_failure")
         self.on_success = _task_name(on_success, "on_success")
 
@@ -303,6 +309,8 @@ def define_task(
     single_flight: str | None = None,
     on_failure: str | None = None,
     on_success: str | None = None,
+    limits: Sequence[str] | None = None,
+    limit_key: str | None = None,
 ) -> Any:
     """Make a function a task: `@define_task` or `@define_task(description=..., timeout=...)`.
 
@@ -321,7 +329,10 @@ def define_task(
     `unique_for` ("10m") keeps the key of an enqueue taken that long after its job was
     created, even once it has finished. `single_flight` says which concurrent runs share an
     execution: "task" (all of them, the default), "payload" (those with equal payloads) or
-    "none" (each run gets its own job).
+    "none" (each run gets its own job). `limits` names shared limits (`[limits.NAME]` in
+    taskd.toml, such as one external API's budget) its jobs also count against.
+    `limit_key` ("customer_id", or "customer.id" for a nested field) makes `concurrency`
+    and `rate_limit` count per value of that payload field, and the values take turns.
 
     `on_failure` and `on_success` name tasks (hooks) enqueued, in the transaction that
     records it, when a job of this task fails after its last attempt or succeeds, with the
@@ -343,6 +354,8 @@ def define_task(
             single_flight=single_flight,
             on_failure=on_failure,
             on_success=on_success,
+            limits=limits,
+            limit_key=limit_key,
         )
 
     return wrap if fn is None else wrap(fn)
@@ -360,6 +373,14 @@ def _task_name(value: str | None, what: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise ValueError(f"{what} must name a task, got {value!r}")
     return value
+
+
+def _limit_names(value: Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(name, str) and name for name in value):
+        raise ValueError(f"limits must be a list of shared limits' names, got {value!r}")
+    return tuple(value)
 
 
 def _positive(value: float | str | None, what: str) -> float | None:

@@ -20,8 +20,10 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from taskd.executor import AttemptEnd
-from taskd.models import FiredJob, HttpStats, Job, TaskCounts
+from taskd.models import FiredJob, HttpStats, Job, KeyedUse, LimitUse, TaskCounts
+from taskd.shared_limits import keyed_uses, limit_uses
 from taskd.store import Store
+from taskd.tasks import TaskRegistry
 
 INF = float("inf")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
@@ -44,9 +46,11 @@ class Metrics:
         store: Store,
         listeners: Listeners | None = None,
         clock: Callable[[], float] = time.time,
+        tasks: TaskRegistry | None = None,
     ) -> None:
         self._store = store
         self._listeners = listeners
+        self._tasks = tasks  # their shared limits' use is read at each scrape
         self._clock = clock
         self._durations = Histogram(
             "taskd_job_duration_seconds",
@@ -100,10 +104,15 @@ class Metrics:
     async def render(self) -> str:
         """The exposition in Prometheus's text format; raises StoreError."""
         counts = await self._store.counts()
+        limits: list[LimitUse] = []
+        keyed: list[KeyedUse] = []
+        if self._tasks is not None:
+            limits = await limit_uses(self._store, self._tasks)
+            keyed = await keyed_uses(self._store, self._tasks)
         registry = CollectorRegistry(auto_describe=True)
         events = (self._durations, self._retries, self._ticks, self._coalesced, self._lateness)
         http = self._listeners.http() if self._listeners is not None else None
-        for collector in (*events, _Queue(counts), _HttpConnections(http)):
+        for collector in (*events, _Queue(counts), _Limits(limits, keyed), _HttpConnections(http)):
             registry.register(collector)
         return generate_latest(registry).decode()
 
@@ -136,6 +145,43 @@ class _Queue(Collector):
             depth.add_metric([entry.task], entry.counts.get("pending", 0))
             oldest.add_metric([entry.task], entry.oldest_pending_age or 0.0)
         yield from (jobs, depth, oldest)
+
+
+class _Limits(Collector):
+    """The shared limits ([limits.NAME]): the jobs of their tasks waiting and running; the
+    keyed tasks (limit_key): their values with jobs waiting and running."""
+
+    def __init__(self, limits: list[LimitUse], keyed: list[KeyedUse]) -> None:
+        self._limits = limits
+        self._keyed = keyed
+
+    def collect(self) -> Iterator[Metric]:
+        if self._keyed:
+            values = GaugeMetricFamily(
+                "taskd_limit_key_values",
+                "Values of a task's limit_key with due jobs waiting, and with jobs running",
+                labels=["task", "state"],
+            )
+            for use in self._keyed:
+                values.add_metric([use.task, "waiting"], use.waiting)
+                values.add_metric([use.task, "running"], use.running)
+            yield values
+        if not self._limits:
+            return
+        waiting = GaugeMetricFamily(
+            "taskd_limit_waiting_jobs",
+            "Due jobs of the tasks sharing a limit ([limits.NAME]) that wait to start",
+            labels=["limit"],
+        )
+        running = GaugeMetricFamily(
+            "taskd_limit_running_jobs",
+            "Running jobs of the tasks sharing a limit, on every daemon",
+            labels=["limit"],
+        )
+        for limit in self._limits:
+            waiting.add_metric([limit.name], limit.waiting)
+            running.add_metric([limit.name], limit.running)
+        yield from (waiting, running)
 
 
 class _HttpConnections(Collector):

@@ -181,6 +181,32 @@ class TaskInfo(msgspec.Struct, frozen=True):
     paused_since: float | None = None  # `taskctl pause NAME`: no job of it starts until resumed
     on_success: str | None = None  # the task enqueued when one of its jobs succeeds
     on_failure: str | None = None  # ... and when one fails after its last attempt
+    limits: list[str] = []  # the shared limits ([limits.NAME]) its jobs count against
+    limit_key: str | None = None  # the payload field its limits count per value of
+
+
+class LimitUse(msgspec.Struct, frozen=True):
+    """A shared limit (`[limits.NAME]`) and its use across every daemon sharing the store:
+    the jobs of its tasks running and due (`waiting`), and when its rate (if it has one)
+    next allows a start (Unix seconds; None: now, or nothing started yet)."""
+
+    name: str
+    tasks: list[str]
+    running: int
+    waiting: int
+    concurrency: int | None = None
+    rate: str | None = None  # "25/s"
+    next_start: float | None = None
+
+
+class KeyedUse(msgspec.Struct, frozen=True):
+    """A task with a `limit_key` and how its values stand across every daemon: the values
+    with jobs running, and those with due jobs waiting to start."""
+
+    task: str
+    limit_key: str
+    running: int  # values with jobs running
+    waiting: int  # values with due jobs pending
 
 
 class FiredJob(msgspec.Struct, frozen=True):
@@ -356,6 +382,8 @@ class Status(msgspec.Struct, frozen=True):
     # did not take them as fast as they came.
     log_dropped: int = 0
     paused_tasks: dict[str, float] = {}  # task -> since when it is paused (`taskctl pause`)
+    limits: list[LimitUse] = []  # the shared limits ([limits.NAME]) and their use
+    keyed: list[KeyedUse] = []  # the tasks with a limit_key and their values' use
 
 
 class Peer(msgspec.Struct, frozen=True):
@@ -439,6 +467,37 @@ def parse_rate(text: str) -> tuple[int, float]:
             "1000/h or 100/15m"
         )
     return starts, seconds
+
+
+def check_limit_key(path: str) -> str:
+    """A `limit_key` as written: a payload field, dotted for a nested one; raises ValueError
+    saying what to write."""
+    if not isinstance(path, str) or not all(part.strip() for part in path.split(".")):
+        raise ValueError(
+            f'invalid limit_key {path!r}: name a payload field, such as "customer_id", or a '
+            'nested one with dots, such as "customer.id"'
+        )
+    return path
+
+
+def limit_key_of(payload: bytes, path: str) -> str:
+    """The value of a task's `limit_key` in a payload (msgpack): the field `path` names
+    (`customer_id`, or dotted for a nested one: `customer.id`) as text (a string as it is,
+    anything else as JSON); '' where the payload has no such field."""
+    try:
+        value: Any = msgspec.msgpack.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return ""
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return ""
+        value = value[part]
+    if isinstance(value, str):
+        return value
+    try:
+        return msgspec.json.encode(value, order="sorted").decode()
+    except (TypeError, msgspec.EncodeError):
+        return str(value)
 
 
 def format_duration(seconds: float) -> str:

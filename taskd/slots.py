@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from taskd.models import Job
+from taskd.shared_limits import store_limits
 from taskd.store import Claimed, ClaimRequest, Store, StoreError
 from taskd.tasks import TaskRegistry
 
@@ -74,8 +75,12 @@ class Slots:
         """A claim of `want` jobs, with the concurrency limits of the tasks loaded now."""
         limits = {t.name: t.concurrency for t in self._tasks if t.concurrency is not None}
         rates = {t.name: t.rate_interval for t in self._tasks if t.rate_interval is not None}
-        self.limited = set(limits)
-        return ClaimRequest(self.worker, want, self.lease, limits, rates)
+        request = ClaimRequest(
+            self.worker, want, self.lease, limits, rates, store_limits(self._tasks),
+            frozenset(self._tasks.limit_keys()),
+        )  # fmt: skip
+        self.limited = set(request.limited())
+        return request
 
     def claim_request(self) -> ClaimRequest | None:
         """A claim for the free slots, to make in another write (a run's insert, a tick's):

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.config import TaskOptions
+from taskd.config import SharedLimitOptions, TaskOptions
 from taskd.definition import TaskContext, TaskDefinition
 from taskd.models import Hook, SingleFlight, TaskInfo, did_you_mean, parse_rate
 from taskd.policy import default_attempts
@@ -63,6 +63,8 @@ class Task:
         "file",
         "fn",
         "is_async",
+        "limit_key",
+        "limits",
         "max_attempts",
         "max_backoff",
         "name",
@@ -104,6 +106,11 @@ class Task:
             self.rate_interval = period / starts
         self.on_failure = _first(options.on_failure, definition.on_failure)
         self.on_success = _first(options.on_success, definition.on_success)
+        # The shared limits ([limits.NAME]) its jobs count against, besides its own.
+        limits = options.limits if options.limits is not None else definition.limits
+        self.limits: tuple[str, ...] = tuple(dict.fromkeys(limits or ()))
+        # The payload field its concurrency and rate limit count per value of.
+        self.limit_key = _first(options.limit_key, definition.limit_key)
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self.takes_payload, self.takes_context, self.payload_type = _call_shape(self.fn)
         try:
@@ -176,24 +183,57 @@ class Task:
             payload_schema=self.payload_schema,
             on_success=self.on_success,
             on_failure=self.on_failure,
+            limits=list(self.limits),
+            limit_key=self.limit_key,
         )
+
+
+class SharedLimitDefinition:
+    """A `[limits.NAME]` table and the tasks that name it: their jobs share its budget."""
+
+    __slots__ = ("concurrency", "interval", "name", "rate", "tasks")
+
+    def __init__(self, name: str, options: SharedLimitOptions, tasks: tuple[str, ...]) -> None:
+        self.name = name
+        self.rate = options.rate  # "25/s"
+        self.concurrency = options.concurrency
+        self.tasks = tasks
+        self.interval: float | None = None  # seconds between two starts under its rate
+        if options.rate is not None:
+            starts, period = parse_rate(options.rate)
+            self.interval = period / starts
 
 
 class TaskRegistry:
     """The tasks loaded from one scan of the tasks folder. The daemon keeps one and, at a
     reload, puts the tasks of the new scan in it (`replace`), for every part that has it."""
 
-    def __init__(self, directory: Path, tasks: Mapping[str, Task]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        tasks: Mapping[str, Task],
+        limits: Mapping[str, SharedLimitOptions] | None = None,
+    ) -> None:
         self.directory = directory
         self._tasks = dict(sorted(tasks.items()))
+        self._limit_options = dict(limits or {})
+        # The shared limits, with the tasks that count against each.
+        self.limits: dict[str, SharedLimitDefinition] = {
+            name: SharedLimitDefinition(
+                name, options, tuple(t.name for t in self._tasks.values() if name in t.limits)
+            )
+            for name, options in sorted(self._limit_options.items())
+        }
 
     def replace(self, other: TaskRegistry) -> None:
         """From now on, hold the tasks of `other` (a reload's)."""
         self.directory, self._tasks = other.directory, other._tasks
+        self._limit_options, self.limits = other._limit_options, other.limits
 
     def with_task(self, task: Task) -> TaskRegistry:
         """These tasks and a built-in one (taskd's own, defined in no file)."""
-        return TaskRegistry(self.directory, {**self._tasks, task.name: task})
+        tasks = {**self._tasks, task.name: task}
+        return TaskRegistry(self.directory, tasks, self._limit_options)
 
     def get(self, name: str) -> Task | None:
         return self._tasks.get(name)
@@ -210,6 +250,10 @@ class TaskRegistry:
     def names(self) -> list[str]:
         return list(self._tasks)
 
+    def limit_keys(self) -> dict[str, str]:
+        """The `limit_key` of each task that has one (task -> payload field)."""
+        return {t.name: t.limit_key for t in self._tasks.values() if t.limit_key is not None}
+
     def hook(self, task: Task, status: str) -> Hook | None:
         """The hook job to enqueue when a job of `task` ends `status` (succeeded or failed
         for good), if it has one."""
@@ -225,8 +269,13 @@ class TaskRegistry:
         return {name: hook for name, hook in hooks.items() if hook is not None}
 
 
-def load_tasks(directory: Path, options: Mapping[str, TaskOptions] | None = None) -> TaskRegistry:
-    """Load every task file under `directory`; all problems are reported together."""
+def load_tasks(
+    directory: Path,
+    options: Mapping[str, TaskOptions] | None = None,
+    limits: Mapping[str, SharedLimitOptions] | None = None,
+) -> TaskRegistry:
+    """Load every task file under `directory`, with the shared limits of the configuration
+    (`limits`); all problems are reported together."""
     if not directory.is_dir():
         raise TaskLoadError(f"tasks folder {directory} does not exist or is not a folder")
     options = options or {}
@@ -255,9 +304,18 @@ def load_tasks(directory: Path, options: Mapping[str, TaskOptions] | None = None
                     f"task {task.name}: {what} names task {hook!r}, which is not in {directory}"
                     f"{did_you_mean(hook, list(tasks))}"
                 )
+    limits = limits or {}
+    for task in tasks.values():
+        for name in task.limits:
+            if name not in limits:
+                known = f" (known: {', '.join(sorted(limits))})" if limits else ""
+                errors.append(
+                    f"task {task.name}: limits names {name!r}, which no [limits.{name}] table "
+                    f"in the configuration defines{did_you_mean(name, list(limits))}{known}"
+                )
     if errors:
         raise TaskLoadError("\n".join(errors))
-    return TaskRegistry(directory, tasks)
+    return TaskRegistry(directory, tasks, limits)
 
 
 def _load_file(directory: Path, path: Path, options: Mapping[str, TaskOptions]) -> Task:

@@ -46,7 +46,7 @@ def load_tasks_and_webhooks(
     secrets read now); the rules the store enqueues events by. Raises ConfigError or
     TaskLoadError."""
     options = {name: opts for name, opts in config.task.items() if name != WEBHOOK_TASK}
-    registry = load_tasks(directory, options)
+    registry = load_tasks(directory, options, config.limits)
     if not config.webhook:
         return registry, ()
     if WEBHOOK_TASK in registry:

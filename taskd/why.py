@@ -13,6 +13,16 @@ from taskd.models import Job, counted, format_duration, utc_stamp
 from taskd.protocol import TimelineEvent, WhyResult
 
 
+class LimitFact(msgspec.Struct, frozen=True):
+    """A shared limit the job's task counts against, and how it stands."""
+
+    name: str
+    running: int  # its tasks' running jobs, whoever runs them
+    concurrency: int | None = None
+    rate: str | None = None  # "25/s"
+    next_start: float | None = None  # when its rate next allows a start
+
+
 class Facts(msgspec.Struct, frozen=True):
     """What decides whether a pending job can start now."""
 
@@ -28,6 +38,11 @@ class Facts(msgspec.Struct, frozen=True):
     next_start: float | None = None  # when that limit next allows a start
     parents: tuple[tuple[int, str, str], ...] = ()  # (id, task, status) of those it waits for
     daemons: int = 1  # alive and sharing the store, this one included
+    limits: tuple[LimitFact, ...] = ()  # the shared limits its task counts against
+    # The task's `limit_key` and the job's value of it: its concurrency (task_running) and
+    # its rate limit (next_start) are those of that value.
+    limit_key: str | None = None
+    key_value: str | None = None
 
 
 def explain(job: Job, facts: Facts) -> WhyResult:
@@ -85,18 +100,24 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
             )
             return "retry_backoff", message, job.run_at
         return "delayed", f"waits for its delay, until {_when(job.run_at, now)}", job.run_at
+    per = with_key = ""
+    if facts.limit_key is not None:
+        per = f" per {facts.limit_key} {facts.key_value!r}"
+        with_key = f" with {facts.limit_key} {facts.key_value!r}"
     if facts.rate_limit is not None and facts.next_start is not None and facts.next_start > now:
         message = (
-            f"waits for its rate limit ({facts.rate_limit}): next start at "
+            f"waits for its rate limit ({facts.rate_limit}{per}): next start at "
             f"{utc_stamp(facts.next_start)}"
         )
         return "rate_limit", message, facts.next_start
     if facts.concurrency is not None and facts.task_running >= facts.concurrency:
         message = (
-            f"waits for its task's concurrency limit ({facts.concurrency}): "
-            f"{counted(facts.task_running, 'job')} of {job.task} running"
+            f"waits for its task's concurrency limit ({facts.concurrency}{per}): "
+            f"{counted(facts.task_running, 'job')} of {job.task}{with_key} running"
         )
         return "concurrency_limit", message, None
+    if (shared := _shared_limit(facts)) is not None:
+        return shared
     if facts.busy >= facts.workers:
         busy = "its one worker is" if facts.workers == 1 else f"all {facts.workers} workers are"
         if facts.daemons > 1:
@@ -104,6 +125,27 @@ def _reason(job: Job, facts: Facts) -> tuple[str, str, float | None]:
         message = f"waits for a free worker: {busy} busy"
         return "workers_busy", message, None
     return "due", "is due and starts as soon as a worker claims it", None
+
+
+def _shared_limit(facts: Facts) -> tuple[str, str, float | None] | None:
+    """The first shared limit that holds the task's jobs back, if one does: its rate (until
+    its next start), or its concurrency."""
+    for limit in facts.limits:
+        if limit.rate is not None and (limit.next_start or 0.0) > facts.now:
+            assert limit.next_start is not None
+            message = (
+                f"waits for shared limit {limit.name} ({limit.rate}): next start at "
+                f"{utc_stamp(limit.next_start)}"
+            )
+            return "shared_limit", message, limit.next_start
+    for limit in facts.limits:
+        if limit.concurrency is not None and limit.running >= limit.concurrency:
+            message = (
+                f"waits for shared limit {limit.name} (concurrency {limit.concurrency},"
+                f" {limit.running} running)"
+            )
+            return "shared_limit", message, None
+    return None
 
 
 def timeline(job: Job) -> list[TimelineEvent]:

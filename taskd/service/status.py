@@ -11,13 +11,21 @@ import msgspec
 
 from taskd import protocol
 from taskd.logqueue import dropped_lines
-from taskd.models import ConnectionStats, HttpStats, Status, ThreadStats, WorkerSlots
+from taskd.models import (
+    ConnectionStats,
+    HttpStats,
+    Status,
+    ThreadStats,
+    WorkerSlots,
+    limit_key_of,
+)
 from taskd.protocol import MAX_LIST, StatusParams, WhyParams, WhyResult
 from taskd.service.dispatch import Binding, bind
 from taskd.service.jobs import get_job
+from taskd.shared_limits import keyed_uses, limit_uses
 from taskd.store import JobFilter, Store, StoreError
 from taskd.tasks import TaskRegistry
-from taskd.why import Facts, explain
+from taskd.why import Facts, LimitFact, explain
 
 
 class DaemonInfo(msgspec.Struct, frozen=True):
@@ -81,8 +89,14 @@ class StatusMethods:
         """Why the job is not running yet, or what it is doing; and its timeline."""
         job = await get_job(self._store, params.id)
         task = self._tasks.get(job.task)
-        running = 0
-        if job.status == "pending" and task is not None and task.concurrency is not None:
+        running, key_value, key_start = 0, None, None
+        if job.status == "pending" and task is not None and task.limit_key is not None:
+            # Its limits count per value of its limit_key: this job's value's.
+            key_value = limit_key_of(job.payload, task.limit_key)
+            running, key_start = await self._store.key_state(
+                job.task, key_value, task.rate_interval
+            )
+        elif job.status == "pending" and task is not None and task.concurrency is not None:
             counts = {entry.task: entry.counts for entry in await self._store.counts()}
             running = counts.get(job.task, {}).get("running", 0)
         parents = []
@@ -95,8 +109,17 @@ class StatusMethods:
         paused = await self._store.paused_tasks() if job.status == "pending" else {}
         rate_limit = task.rate_limit if task is not None else None
         starts: Mapping[str, float] = {}
-        if job.status == "pending" and task is not None and task.rate_interval is not None:
+        if key_value is not None:
+            starts = {job.task: key_start} if key_start is not None else {}
+        elif job.status == "pending" and task is not None and task.rate_interval is not None:
             starts = await self._store.rate_limit_starts({job.task: task.rate_interval})
+        limits: list[LimitFact] = []
+        if job.status == "pending" and task is not None and task.limits:
+            limits = [
+                LimitFact(use.name, use.running, use.concurrency, use.rate, use.next_start)
+                for use in await limit_uses(self._store, self._tasks)
+                if use.name in task.limits
+            ]
         busy, workers, daemons = slots.busy, slots.workers, 1
         if job.status == "pending":  # the other daemons sharing the store take jobs too
             for node in await self._store.nodes():
@@ -115,6 +138,9 @@ class StatusMethods:
             workers=workers,
             stopping=slots.stopping,
             daemons=daemons,
+            limits=tuple(limits),
+            limit_key=task.limit_key if task is not None else None,
+            key_value=key_value,
         )
         return explain(job, facts)
 
@@ -157,6 +183,8 @@ class StatusMethods:
             store_failing=self._store.health.report(),
             log_dropped=dropped_lines(),
             paused_tasks=dict(await self._store.paused_tasks()),
+            limits=await limit_uses(self._store, self._tasks),
+            keyed=await keyed_uses(self._store, self._tasks),
         )
 
     async def healthy(self) -> None:

@@ -147,6 +147,9 @@ class NewJob(msgspec.Struct, frozen=True):
     after: tuple[int, ...] = ()
     after_failure: AfterFailure = "cancel"
     batch_id: int | None = None
+    # The value of its task's `limit_key` in the payload (None: the store works it out if
+    # the task has one, else ''): its task's limits count per value.
+    limit_key: str | None = None
 
 
 class Inserted(msgspec.Struct, frozen=True):
@@ -185,6 +188,26 @@ class Outcome(msgspec.Struct, frozen=True):
     hook: Hook | None = None
 
 
+class SharedLimit(msgspec.Struct, frozen=True):
+    """A limit several tasks share (`[limits.NAME]`): at most `concurrency` of their jobs
+    running at once, and their starts spaced `interval` seconds apart (GCRA, as a task's
+    own rate limit: taskd.store.core.flow)."""
+
+    tasks: tuple[str, ...]
+    concurrency: int | None = None
+    interval: float | None = None
+
+
+class LimitState(msgspec.Struct, frozen=True):
+    """How a shared limit stands: its tasks' jobs running (those waiting for another job
+    excepted), those due and pending, and when its rate next allows a start (None: it has
+    no rate, or has started nothing yet)."""
+
+    running: int
+    waiting: int
+    next_start: float | None = None
+
+
 class ClaimRequest(msgspec.Struct, frozen=True):
     """A worker asks for up to `limit` due jobs, each leased to it for `lease` seconds.
 
@@ -192,6 +215,8 @@ class ClaimRequest(msgspec.Struct, frozen=True):
     each task's running jobs across every worker (those waiting for another job excepted).
     `rates` is, for the tasks with a rate limit, the seconds between two of their starts:
     the store spaces the starts of each across every worker (taskd.store.core.flow).
+    `shared` are the limits several tasks share, by name: a job starts only when its own
+    task's limits and every shared limit its task is in allow it.
     """
 
     worker: str
@@ -199,6 +224,16 @@ class ClaimRequest(msgspec.Struct, frozen=True):
     lease: float
     limits: Mapping[str, int] = {}
     rates: Mapping[str, float] = {}
+    shared: Mapping[str, SharedLimit] = {}
+    # The tasks with a `limit_key`: their concurrency and rate count per key value, and
+    # their keys take turns (taskd.store.core.keys).
+    keyed: frozenset[str] = frozenset()
+
+    def limited(self) -> frozenset[str]:
+        """The tasks whose room a job of theirs frees when it ends: those with a
+        concurrency limit of their own or in a shared one."""
+        members = (task for limit in self.shared.values() for task in limit.tasks)
+        return frozenset(self.limits).union(members)
 
 
 class Claimed(msgspec.Struct, frozen=True):
@@ -324,6 +359,9 @@ class Store(Protocol):
     # The [[webhook]] rules of this daemon: its writes enqueue the events they receive, in
     # the transaction that makes them (a job's end, a batch's end).
     webhooks: tuple[WebhookRule, ...]
+    # The `limit_key` of the tasks that have one (task -> field path): an insert records
+    # each job's key value.
+    limit_keys: Mapping[str, str]
 
     async def open(self) -> None:
         """Create or migrate the schema; raise StoreError if the store cannot be used."""
@@ -465,6 +503,20 @@ class Store(Protocol):
     async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
         """When the rate limit of each of these tasks (task -> seconds between starts) next
         allows a start (those that have started a job under one); a time past means now."""
+
+    async def values_in_use(self, tasks: Sequence[str]) -> Mapping[str, tuple[int, int]]:
+        """Of each of these keyed tasks, how many values of its `limit_key` have jobs
+        running, and how many have due jobs pending (counts the backlog: for status)."""
+
+    async def key_state(
+        self, task: str, key: str, interval: float | None
+    ) -> tuple[int, float | None]:
+        """A value of a keyed task's `limit_key`: its running jobs (those waiting for another
+        job excepted), and when its rate limit (`interval` seconds between starts) next
+        allows a start (None: nothing started under it yet)."""
+
+    async def limit_states(self, limits: Mapping[str, SharedLimit]) -> Mapping[str, LimitState]:
+        """How each of these shared limits stands (a read)."""
 
     # -- schedules -----------------------------------------------------------------------
 

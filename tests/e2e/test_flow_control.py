@@ -1,14 +1,21 @@
 """Flow control through the real interfaces: a paused task (taskctl, the clients, HTTP),
-on a real daemon and its SQLite file; the PostgreSQL cluster cases are in
-test_postgres_cluster.py."""
+on a real daemon and its SQLite file; shared limits on a daemon of each store; the
+PostgreSQL cluster cases are in test_postgres_cluster.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
+from tests.backends import BACKENDS, drop_schema, postgres_url, unique_schema
+from tests.e2e.test_metrics import scrape, value
 from tests.http_support import READONLY_TOKEN, HttpClient, http_config
 from tests.support import Taskd, enqueue, wait_until
 
@@ -266,4 +273,207 @@ def test_nothing_waiting_on_a_rate_limit_is_lost_or_run_twice_under_kill_9(
     assert {job.status for job in jobs} == {"succeeded"}
     done = [line.split()[0] for line in record.read_text().splitlines()]
     assert sorted(map(int, done)) == sorted(ids)  # each ran, and once
+    assert daemon.stop() == 0
+
+
+# -- shared limits, on each store ----------------------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+def on_store(
+    request: pytest.FixtureRequest, taskd_factory: type[Taskd]
+) -> Iterator[Callable[[str], Taskd]]:
+    """Make a taskd with these configuration tables on SQLite, or on PostgreSQL (a schema
+    of its own, dropped at the end)."""
+    schemas: list[str] = []
+
+    def make(tables: str) -> Taskd:
+        if request.param == "sqlite":
+            return taskd_factory(config=tables)
+        schemas.append(unique_schema())
+        daemon = taskd_factory(config=f'{tables}\n[postgres]\nschema = "{schemas[-1]}"\n')
+        daemon.database = postgres_url()  # type: ignore[assignment]
+        return daemon
+
+    yield make
+    for schema in schemas:
+        asyncio.run(drop_schema(postgres_url(), schema))
+
+
+SHARED = """
+[limits.stripe]
+concurrency = 1
+[task."slow"]
+limits = ["stripe"]
+[task."echo"]
+limits = ["stripe"]
+"""
+
+
+def test_a_shared_concurrency_limit_holds_the_jobs_of_all_its_tasks(
+    on_store: Callable[[str], Taskd], short_tmp: Path
+) -> None:
+    daemon = on_store("workers = 4\n" + SHARED).start()
+    release = short_tmp / "release"
+    os.mkfifo(release)
+    started = short_tmp / "started"
+    running = enqueue(
+        daemon,
+        "slow",
+        "--payload",
+        json.dumps({"until": str(release), "started": str(started), "seconds": 0}),
+    )
+    wait_until(lambda: started.exists(), what="the slow job running")  # fmt: skip
+    held = enqueue(daemon, "echo", "--payload", '"after"')
+    why = ctl_json(daemon, "why", str(held))
+    assert isinstance(why, dict) and why["reason"] == "shared_limit", why
+    assert why["message"] == (
+        f"job {held} (echo) waits for shared limit stripe (concurrency 1, 1 running)"
+    )
+    assert (
+        "waits for shared limit stripe (concurrency 1, 1 running)"
+        in daemon.ctl("why", str(held)).stdout
+    )
+    shown = daemon.ctl("status").stdout
+    assert "limits:    stripe (echo, slow): 1 of 1 running, 1 waiting" in shown, shown
+    status = ctl_json(daemon, "status")
+    assert isinstance(status, dict)
+    assert status["limits"] == [{"name": "stripe", "tasks": ["echo", "slow"], "running": 1,
+                                 "waiting": 1, "concurrency": 1, "rate": None,
+                                 "next_start": None}]  # fmt: skip
+    metrics = scrape(daemon)
+    assert value(metrics, "taskd_limit_waiting_jobs", limit="stripe") == 1
+    assert value(metrics, "taskd_limit_running_jobs", limit="stripe") == 1
+    listed = {task["name"]: task["limits"] for task in ctl_json(daemon, "list")}  # type: ignore[union-attr]
+    assert listed["echo"] == ["stripe"] and listed["work"] == []
+    with daemon.client() as client:
+        assert client.job(held).status == "pending"
+        with open(release, "w") as gate:
+            gate.write("go")
+        first, second = client.wait(running, timeout=30), client.wait(held, timeout=30)
+    assert first.finished_at is not None and second.started_at is not None
+    assert second.started_at >= first.finished_at  # never both at once
+    assert daemon.stop() == 0
+
+
+def test_a_shared_rate_limit_holds_across_a_restart(on_store: Callable[[str], Taskd]) -> None:
+    tables = '[limits.api]\nrate = "1/h"\n[task."echo"]\nlimits = ["api"]\n'
+    daemon = on_store(tables + '[task."work"]\nlimits = ["api"]\n').start()
+    with daemon.client() as client:
+        assert client.run("echo", "first") == "first"
+        job_id = client.enqueue("work", {}).job_id  # another task of the same limit
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as client:
+        why = client.why(job_id)
+        assert why.reason == "shared_limit" and why.until is not None, why
+        assert why.message.startswith(f"job {job_id} (work) waits for shared limit api (1/h): "
+                                      "next start at ")  # fmt: skip
+        assert 3500 < why.until - time.time() <= 3600
+        assert client.job(job_id).status == "pending"
+    shown = daemon.ctl("status").stdout
+    assert "limits:    api (echo, work): 0 running, 1/h next start at " in shown, shown
+    assert daemon.stop() == 0
+
+
+def test_a_task_naming_an_unknown_shared_limit_is_refused_with_the_closest_name(
+    taskd_factory: type[Taskd],
+) -> None:
+    daemon = taskd_factory(config='[limits.stripe]\nrate = "25/s"\n[task."echo"]\n'
+                                  'limits = ["strpe"]\n')  # fmt: skip
+    done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "task echo: limits names 'strpe'" in done.stderr
+    assert 'did you mean "stripe"?' in done.stderr
+    empty = taskd_factory(config="[limits.stripe]\n")
+    done = subprocess.run(empty.command(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "give rate" in done.stderr, done.stderr
+
+
+# -- per-key limits and fairness, on each store ----------------------------------------------
+
+
+def test_a_keyed_concurrency_limit_holds_one_key_and_lets_the_others_run(
+    on_store: Callable[[str], Taskd], short_tmp: Path
+) -> None:
+    tables = '[task."slow"]\nlimit_key = "order.customer"\nconcurrency = 1\n'
+    daemon = on_store("workers = 4\n" + tables).start()
+    release, started = short_tmp / "release", short_tmp / "started"
+    os.mkfifo(release)
+
+    def slow(customer: str | None, **more: object) -> str:
+        order = {} if customer is None else {"order": {"customer": customer}}
+        return json.dumps({"seconds": 0, **order, **more})
+
+    first = enqueue(daemon, "slow", "--payload",
+                    slow("acme", until=str(release), started=str(started)))  # fmt: skip
+    wait_until(lambda: started.exists(), what="acme's first job running")
+    second = enqueue(daemon, "slow", "--payload", slow("acme"))
+    why = ctl_json(daemon, "why", str(second))
+    assert isinstance(why, dict) and why["reason"] == "concurrency_limit", why
+    assert why["message"] == (
+        f"job {second} (slow) waits for its task's concurrency limit (1 per order.customer"
+        " 'acme'): 1 job of slow with order.customer 'acme' running"
+    )
+    listed = {task["name"]: task["limit_key"] for task in ctl_json(daemon, "list")}  # type: ignore[union-attr]
+    assert listed["slow"] == "order.customer" and listed["echo"] is None
+    shown = daemon.ctl("status").stdout
+    assert "per key:   slow by order.customer: 1 value running, 1 value waiting" in shown, shown
+    metrics = scrape(daemon)
+    assert value(metrics, "taskd_limit_key_values", task="slow", state="waiting") == 1
+    assert value(metrics, "taskd_limit_key_values", task="slow", state="running") == 1
+    with daemon.client() as client:
+        # Another customer, and a payload without the field (the empty key): not held.
+        others = [enqueue(daemon, "slow", "--payload", slow(c)) for c in ("globex", None)]
+        assert {client.wait(job_id, timeout=30).status for job_id in others} == {"succeeded"}
+        assert client.job(second).status == "pending"
+        with open(release, "w") as gate:
+            gate.write("go")
+        done = client.wait(first, timeout=30), client.wait(second, timeout=30)
+    assert done[0].finished_at is not None and done[1].started_at is not None
+    assert done[1].started_at >= done[0].finished_at
+    assert daemon.stop() == 0
+
+
+def test_a_keyed_rate_limit_holds_one_key_across_a_restart(
+    on_store: Callable[[str], Taskd],
+) -> None:
+    daemon = on_store('[task."echo"]\nlimit_key = "customer"\nrate_limit = "1/h"\n').start()
+    with daemon.client() as client:
+        assert client.run("echo", {"customer": "acme", "n": 1})["n"] == 1
+        held = client.enqueue("echo", {"customer": "acme", "n": 2}).job_id
+        # Another customer's job is not held by acme's limit.
+        assert client.run("echo", {"customer": "globex"})["customer"] == "globex"
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.client() as client:
+        why = client.why(held)
+        assert why.reason == "rate_limit" and why.until is not None, why
+        assert why.message.startswith(
+            f"job {held} (echo) waits for its rate limit (1/h per customer 'acme'): next start at "
+        )
+        assert 3500 < why.until - time.time() <= 3600
+        assert client.job(held).status == "pending"
+        assert client.run("echo", {"customer": "initech"})["customer"] == "initech"
+    assert daemon.stop() == 0
+
+
+def test_fair_turns_a_big_backlog_of_one_key_does_not_hold_the_others(
+    on_store: Callable[[str], Taskd],
+) -> None:
+    """One customer's 2,000 jobs, then one job each of five others: with one worker, the
+    five start within the next few starts, not after the 2,000."""
+    from taskctl import enqueue_params
+
+    daemon = on_store('workers = 1\n[task."echo"]\nlimit_key = "customer"\n').start()
+    with daemon.client() as client:
+        client.pause_task("echo")
+        backlog = [enqueue_params("echo", {"customer": "big", "n": n}) for n in range(2000)]
+        client.enqueue_many(backlog)
+        small = [client.enqueue("echo", {"customer": f"c{n}"}).job_id for n in range(5)]
+        client.resume_task("echo")
+        jobs = [client.wait(job_id, timeout=60) for job_id in small]
+        waiting = client.status().counts.get("pending", 0)
+    assert {job.status for job in jobs} == {"succeeded"}
+    assert waiting > 1900  # they started while nearly all of the backlog still waited
     assert daemon.stop() == 0

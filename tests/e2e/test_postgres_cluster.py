@@ -303,6 +303,76 @@ def test_a_rate_limit_holds_across_the_daemons(cluster: Cluster, short_tmp: Path
     assert starts[-1] - starts[0] <= 38 * 0.05 * 1.1 + 0.2, starts
 
 
+def test_a_shared_limit_holds_the_jobs_of_its_tasks_across_the_daemons(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    """Two tasks share one budget: at no instant do more than two of their jobs run, and
+    no second starts more than 10 (and the burst of one), whichever daemon claims them."""
+    limits = '[limits.api]\nconcurrency = 2\nrate = "10/s"\n'
+    tables = limits + '[task."record"]\nlimits = ["api"]\n[task."tick"]\nlimits = ["api"]\n'
+    daemons = cluster.start(tables=tables, count=2)
+    log, ticks = short_tmp / "done.log", short_tmp / "ticks.log"
+    ids = []
+    for n in range(20):
+        with daemons[n % 2].client() as client:
+            if n % 4 == 3:
+                payload = {"log": str(ticks), "scheduled_time": "now"}
+                ids.append(client.enqueue("tick", payload).job_id)
+            else:
+                ids.append(client.enqueue("record", {"seconds": 0.3, "log": str(log)}).job_id)
+    with daemons[1].client() as client:
+        status = client.status()
+        assert [limit.name for limit in status.limits] == ["api"]
+        assert status.limits[0].tasks == ["record", "tick"]
+    with daemons[0].client() as client:
+        jobs = [client.wait(job_id, timeout=60) for job_id in ids]
+    assert {job.status for job in jobs} == {"succeeded"}
+    events = sorted(
+        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
+        key=lambda event: (event[0], event[1]),
+    )
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak == 2
+    starts = sorted(job.started_at or 0.0 for job in jobs)
+    assert max(sum(start <= s < start + 1 for s in starts) for start in starts) <= 10 + 1
+    assert len({pid for _, pid in lines(log)}) == 2  # both daemons started some
+
+
+def test_a_keyed_concurrency_limit_holds_per_key_across_the_daemons(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    """Each customer's jobs run one at a time whichever daemon claims them, and different
+    customers' run side by side."""
+    tables = '[task."record"]\nlimit_key = "customer"\nconcurrency = 1\n'
+    daemons = cluster.start(tables=tables, count=2)
+    log = short_tmp / "done.log"
+    ids = []
+    for n in range(18):
+        with daemons[n % 2].client() as client:
+            payload = {"seconds": 0.2, "log": str(log), "customer": "abc"[n % 3]}
+            ids.append(client.enqueue("record", payload).job_id)
+    with daemons[0].client() as client:
+        jobs = [client.wait(job_id, timeout=60) for job_id in ids]
+    assert {job.status for job in jobs} == {"succeeded"}
+
+    def peak(of: list[Job]) -> int:
+        events = sorted([(job.started_at, 1) for job in of] + [(job.finished_at, -1) for job in of],
+                        key=lambda event: (event[0], event[1]))  # fmt: skip
+        running = most = 0
+        for _, change in events:
+            running += change
+            most = max(most, running)
+        return most
+
+    for customer in range(3):
+        assert peak(jobs[customer::3]) == 1
+    assert peak(jobs) > 1  # customers side by side
+    assert len({pid for _, pid in lines(log)}) == 2  # both daemons ran some
+
+
 def test_daemons_with_different_schedules_are_told_loudly(cluster: Cluster) -> None:
     cluster.start(tables='[scheduled_tasks]\n"@hourly" = "tick"\n', count=1)
     (b,) = cluster.start(tables='[scheduled_tasks]\n"@daily" = "tick"\n', count=1)

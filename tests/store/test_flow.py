@@ -6,7 +6,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from taskd.store import ClaimRequest, NewJob, Outcome, Store
+from taskd.models import Job
+from taskd.store import ClaimRequest, LimitState, NewJob, Outcome, SharedLimit, Store
 from tests.conftest import NOW
 from tests.support import Clock
 
@@ -163,3 +164,174 @@ async def test_a_debounce_of_a_job_waiting_for_its_parent_keeps_it_waiting(
     await store.finish([Outcome(parent.job_id, 1, W1, "succeeded")])
     (child,) = (await store.claim(request())).jobs
     assert child.id == first.job_id and msgspec.msgpack.decode(child.payload) == {"n": 2}
+
+
+# -- shared limits ------------------------------------------------------------------------
+
+
+def stripe(concurrency: int | None = None, interval: float | None = None) -> dict[str, object]:
+    """A claim's shared limit `stripe` over tasks a and b (and c in none)."""
+    return {"stripe": SharedLimit(("a", "b"), concurrency, interval)}
+
+
+async def test_a_shared_concurrency_limit_counts_the_jobs_of_all_its_tasks_on_every_worker(
+    store: Store,
+) -> None:
+    await store.insert([new("a"), new("b"), new("a"), new("b"), new("a"), new("c")])
+    first = await store.claim(request(worker=W1, shared=stripe(concurrency=3)))
+    # Its budget goes to its tasks' first due jobs in claim order, whichever task.
+    assert [job.task for job in first.jobs] == ["a", "b", "a", "c"]
+    second = await store.claim(request(worker=W2, shared=stripe(concurrency=3)))
+    assert second.jobs == [] and second.next_due_in is None  # a finish wakes it, not a timer
+    states = await store.limit_states(stripe(concurrency=3))
+    assert states == {"stripe": LimitState(running=3, waiting=2, next_start=None)}
+    done = first.jobs[1]
+    await store.finish([Outcome(done.id, done.epoch, W1, "succeeded")])
+    (third,) = (await store.claim(request(worker=W2, shared=stripe(concurrency=3)))).jobs
+    assert third.task == "b"  # the oldest due job of its tasks
+
+
+async def test_a_task_in_a_shared_limit_keeps_its_own_limits(store: Store) -> None:
+    await store.insert([new("a"), new("a"), new("b"), new("b")])
+    await store.set_task_paused("b", True)
+    claimed = await store.claim(request(limits={"a": 1}, shared=stripe(concurrency=3)))
+    assert [job.task for job in claimed.jobs] == ["a"]  # a's own limit, b paused
+
+
+async def test_a_shared_rate_limit_spaces_the_starts_of_all_its_tasks(
+    store: Store, clock: Clock
+) -> None:
+    await store.insert([new("a"), new("b"), new("a"), new("b"), new("c")])
+    shared = stripe(interval=0.5)  # 2/s: an idle limit lets two through at once
+    first = await store.claim(request(worker=W1, shared=shared))
+    assert [job.task for job in first.jobs] == ["a", "b", "c"]
+    assert first.next_due_in == pytest.approx(0.5)  # when the limit next allows a start
+    assert (await store.claim(request(worker=W2, shared=shared))).jobs == []
+    states = await store.limit_states(shared)
+    assert states["stripe"].next_start == pytest.approx(NOW + 0.5)
+    clock.now = NOW + 0.5
+    assert [job.task for job in (await store.claim(request(worker=W2, shared=shared))).jobs] == [
+        "a"
+    ]
+    # The task's own rate limit and the shared one: the stricter holds.
+    clock.now = NOW + 100
+    both = await store.claim(request(shared=shared, rates={"b": 100.0}))
+    assert [job.task for job in both.jobs] == ["b"]
+    assert (await store.claim(request(shared=shared, rates={"b": 100.0}))).jobs == []
+
+
+# -- per-key limits and fairness ----------------------------------------------------------
+
+
+def of(customer: object = None, n: int = 0) -> NewJob:
+    """A job of the keyed task `t` for this customer (none: no such field)."""
+    payload = {"n": n} if customer is None else {"n": n, "order": {"customer": customer}}
+    return new("t", payload=msgspec.msgpack.encode(payload))
+
+
+def keyed(**options: object) -> ClaimRequest:
+    return request(keyed=frozenset({"t"}), **options)
+
+
+def customers(jobs: list[Job]) -> list[object]:
+    return [msgspec.msgpack.decode(job.payload).get("order", {}).get("customer") for job in jobs]
+
+
+@pytest.fixture
+def keyed_store(store: Store) -> Store:
+    store.limit_keys = {"t": "order.customer"}
+    return store
+
+
+async def test_keys_take_turns_so_a_backlog_does_not_hold_another_keys_job(
+    keyed_store: Store,
+) -> None:
+    store = keyed_store
+    await store.insert([of("a", n) for n in range(50)])
+    await store.insert([of("b"), of(None), new("other")])
+    taken = [job for _ in range(4) for job in (await store.claim(keyed(limit=1))).jobs]
+    # One job of each key in turn: b's single job and the keyless one (key '') are not
+    # behind a's 50, and the unkeyed task takes its turn too.
+    assert len(taken) == 4
+    assert [job.task for job in taken].count("other") == 1
+    assert sorted(map(str, customers([job for job in taken if job.task == "t"]))) == [
+        "None",
+        "a",
+        "b",
+    ]
+    # Then a's backlog, one a claim.
+    assert customers((await store.claim(keyed(limit=1))).jobs) == ["a"]
+
+
+async def test_a_keyed_tasks_concurrency_counts_per_key(keyed_store: Store) -> None:
+    store = keyed_store
+    await store.insert([of("a", n) for n in range(5)] + [of("b", n) for n in range(5)])
+    await store.insert([of(7), of(None)])  # a number is a key as well; no field: key ''
+    claimed = await store.claim(keyed(limit=10, limits={"t": 1}))
+    assert sorted(map(str, customers(claimed.jobs))) == ["7", "None", "a", "b"]
+    assert claimed.next_due_in is None  # every key is at its limit: an end wakes the claims
+    again = await store.claim(keyed(worker=W2, limit=10, limits={"t": 1}))
+    assert again.jobs == [] and again.next_due_in is None
+    a = next(job for job in claimed.jobs if customers([job]) == ["a"])
+    await store.finish([Outcome(a.id, a.epoch, W1, "succeeded")])
+    (next_a,) = (await store.claim(keyed(worker=W2, limit=10, limits={"t": 1}))).jobs
+    assert customers([next_a]) == ["a"]
+
+
+async def test_a_keyed_tasks_rate_limit_counts_per_key(keyed_store: Store, clock: Clock) -> None:
+    store = keyed_store
+    await store.insert([of("a", n) for n in range(3)] + [of("b", n) for n in range(3)])
+    rates = {"t": 10.0}  # one start per key every 10 s
+    first = await store.claim(keyed(rates=rates))
+    assert sorted(customers(first.jobs)) == ["a", "b"]  # type: ignore[type-var]
+    assert first.next_due_in == pytest.approx(9.0)  # a start may come a second early
+    assert (await store.claim(keyed(rates=rates))).jobs == []
+    clock.now = NOW + 9
+    assert sorted(customers((await store.claim(keyed(rates=rates))).jobs)) == ["a", "b"]  # type: ignore[type-var]
+    assert await store.key_state("t", "a", 10.0) == (2, pytest.approx(NOW + 18))
+    # A value's row, once its limit has long allowed a start, is pruned: it allows one still.
+    clock.now = NOW + 200
+    await store.prune({"succeeded": 86400.0})
+    assert await store.key_state("t", "a", 10.0) == (2, None)
+    assert sorted(customers((await store.claim(keyed(rates=rates))).jobs)) == ["a", "b"]  # type: ignore[type-var]
+
+
+async def test_a_claim_reads_a_bounded_number_of_keys_and_the_next_goes_on(
+    keyed_store: Store,
+) -> None:
+    store = keyed_store
+    await store.insert([of(f"k{n:03}") for n in range(100)])
+    first = await store.claim(keyed(limit=500, limits={"t": 1}))
+    assert len(first.jobs) == 64 and first.next_due_in == 0.0  # WALK keys, then at once
+    second = await store.claim(keyed(limit=500, limits={"t": 1}))
+    assert len(second.jobs) == 36
+    assert len(set(customers(first.jobs + second.jobs))) == 100
+    third = await store.claim(keyed(limit=500, limits={"t": 1}))
+    assert third.jobs == [] and third.next_due_in is None
+
+
+async def test_a_key_that_gets_room_behind_the_walk_is_found_on_its_next_round(
+    keyed_store: Store, clock: Clock
+) -> None:
+    store = keyed_store
+    await store.insert([of(f"k{n:03}", m) for n in range(100) for m in range(2)])
+    full = keyed(limit=500, limits={"t": 1})
+    running = (await store.claim(full)).jobs + (await store.claim(full)).jobs
+    assert len(running) == 100  # one of each key: every key is at its limit now
+    clock.now = NOW + 1
+    third = await store.claim(full)  # k000..k063: nothing; the walk goes on at once
+    assert third.jobs == [] and third.next_due_in == 0.0
+    clock.now = NOW + 2
+    k040 = next(job for job in running if customers([job]) == ["k040"])
+    await store.finish([Outcome(k040.id, k040.epoch, W1, "succeeded")])
+    # This round comes back to where the fruitless walks began, but k040, behind it, has
+    # room since: the walk goes round again instead of waiting for an end.
+    fourth = await store.claim(full)
+    assert fourth.jobs == [] and fourth.next_due_in == 0.0
+    taken = []
+    for _ in range(3):
+        taken += (await store.claim(full)).jobs
+    assert customers(taken) == ["k040"]
+    # Once round with nothing to take, the claims wait for an end: they do not spin.
+    dues = [(await store.claim(full)).next_due_in for _ in range(4)]
+    assert None in dues, dues

@@ -45,6 +45,8 @@ LISTINGS = {
     "RunResult": "with it, at once.\nResult: `",
     "TaskPauseResult": "survives restarts. Result:\n`",
     "BatchInfo": "(a batch's id). Result: `",
+    "LimitUse": "store, a LimitUse: `",
+    "KeyedUse": "a `limit_key`, a KeyedUse: `",
 }
 # The reply envelope is documented by its own table and rules ("Requests and replies").
 ENVELOPE = {"Reply"}

@@ -8,7 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from taskd.config import TaskOptions
+from taskd import define_task
+from taskd.config import SharedLimitOptions, TaskOptions
+from taskd.models import limit_key_of
 from taskd.tasks import TaskLoadError, discover, load_tasks, task_name
 from tests.support import FIXTURE_TASKS
 
@@ -281,3 +283,50 @@ def test_query_values_take_the_types_of_the_payloads_fields(
     task = load_tasks(tmp_path).get("t")
     assert task is not None
     assert task.query_payload({"keep": "7", "other": "x"}) == expected
+
+
+def test_shared_limits_from_define_task_or_the_configuration(tmp_path: Path) -> None:
+    write(tmp_path, {"a.py": TASK.replace("@define_task", '@define_task(limits=["api"])'),
+                     "b.py": TASK, "c.py": TASK})  # fmt: skip
+    limits = {"api": SharedLimitOptions(rate="25/s"), "db": SharedLimitOptions(concurrency=2)}
+    registry = load_tasks(tmp_path, {"b": TaskOptions(limits=["api", "db"])}, limits)
+    assert {name: limit.tasks for name, limit in registry.limits.items()} == {
+        "api": ("a", "b"),
+        "db": ("b",),
+    }
+    assert registry.limits["api"].interval == pytest.approx(0.04)
+    info = registry.get("b")
+    assert info is not None and info.info().limits == ["api", "db"]
+    with pytest.raises(TaskLoadError, match="task a: limits names 'api', which no"):
+        load_tasks(tmp_path, {}, {"apo": SharedLimitOptions(rate="1/s")})
+    with pytest.raises(TaskLoadError, match='did you mean "apo"'):
+        load_tasks(tmp_path, {}, {"apo": SharedLimitOptions(rate="1/s")})
+    with pytest.raises(ValueError, match="limits must be a list"):
+        define_task(lambda: None, limits="api")  # type: ignore[arg-type]
+
+
+def test_a_limit_key_from_define_task_or_the_configuration(tmp_path: Path) -> None:
+    keyed = TASK.replace("@define_task", '@define_task(limit_key="customer.id", concurrency=2)')
+    write(tmp_path, {"a.py": keyed, "b.py": TASK})
+    registry = load_tasks(tmp_path, {"b": TaskOptions(limit_key="tenant")})
+    assert registry.limit_keys() == {"a": "customer.id", "b": "tenant"}
+    info = registry.get("a")
+    assert info is not None and info.info().limit_key == "customer.id"
+    with pytest.raises(ValueError, match=r"invalid limit_key 'customer\.': name a payload field"):
+        TaskOptions(limit_key="customer.")
+
+
+@pytest.mark.parametrize(
+    ("payload", "path", "key"),
+    [
+        ({"customer_id": "acme"}, "customer_id", "acme"),
+        ({"customer_id": 42}, "customer_id", "42"),
+        ({"customer": {"id": "x"}}, "customer.id", "x"),
+        ({"customer": {"id": {"b": 1, "a": 2}}}, "customer.id", '{"a":2,"b":1}'),
+        ({"other": 1}, "customer_id", ""),
+        ({"customer": "flat"}, "customer.id", ""),
+        ([1, 2], "customer_id", ""),
+    ],
+)
+def test_the_key_of_a_payload(payload: object, path: str, key: str) -> None:
+    assert limit_key_of(msgspec.msgpack.encode(payload), path) == key

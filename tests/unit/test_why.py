@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from taskd.models import AttemptError, Job
-from taskd.why import Facts, explain, timeline
+from taskd.why import Facts, LimitFact, explain, timeline
 
 NOW = 1_000_000.0
 
@@ -92,3 +92,35 @@ def test_flow_control_says_what_holds_the_job_and_until_when() -> None:
         "job 7 (report) waits for its rate limit (10/s): next start at 1970-01-12 13:46:43 UTC"
     )
     assert limited.until == limited.at == NOW + 3
+
+
+def test_a_shared_limit_says_its_name_and_its_use_or_its_next_start() -> None:
+    full = LimitFact("stripe", running=4, concurrency=4)
+    held = explain(pending(), facts(limits=(LimitFact("other", 0, concurrency=2), full)))
+    assert held.reason == "shared_limit" and held.until is None
+    assert held.message == "job 7 (report) waits for shared limit stripe (concurrency 4, 4 running)"
+    spaced = LimitFact("stripe", running=1, concurrency=4, rate="25/s", next_start=NOW + 3)
+    timed = explain(pending(), facts(limits=(spaced,)))
+    assert timed.message == (
+        "job 7 (report) waits for shared limit stripe (25/s): next start at 1970-01-12 13:46:43 UTC"
+    )
+    assert timed.until == timed.at == NOW + 3
+    room = LimitFact("stripe", running=3, concurrency=4, rate="25/s", next_start=NOW - 1)
+    assert explain(pending(), facts(limits=(room,))).reason == "due"
+    # The task's own limits are named first.
+    own = facts(concurrency=1, task_running=1, limits=(full,))
+    assert explain(pending(), own).reason == "concurrency_limit"
+
+
+def test_a_keyed_tasks_limits_say_the_key() -> None:
+    keyed = {"limit_key": "customer", "key_value": "acme"}
+    full = explain(pending(), facts(concurrency=2, task_running=2, **keyed))
+    assert full.message == (
+        "job 7 (report) waits for its task's concurrency limit (2 per customer 'acme'): "
+        "2 jobs of report with customer 'acme' running"
+    )
+    rated = explain(pending(), facts(rate_limit="10/s", next_start=NOW + 3, **keyed))
+    assert rated.message == (
+        "job 7 (report) waits for its rate limit (10/s per customer 'acme'): next start at "
+        "1970-01-12 13:46:43 UTC"
+    )

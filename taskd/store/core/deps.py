@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from taskd.models import FINISHED_STATUSES as FINISHED
 from taskd.models import Job, JobStatus
 from taskd.store.base import Inserted, NewJob, ParentNotFound
+from taskd.store.core import keys
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps, members
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
@@ -39,7 +40,7 @@ RELEASE_SQL = """UPDATE {{s}}.jobs SET blocked = blocked - :n,
         THEN (CASE WHEN release_at > :now THEN release_at ELSE :now END) ELSE run_at END,
     release_at = CASE WHEN blocked = :n THEN NULL ELSE release_at END
 WHERE id IN ({ids}) AND status = 'pending' AND blocked >= :n
-RETURNING id, blocked, run_at - :now AS due_in"""
+RETURNING id, task, blocked, run_at - :now AS due_in"""
 
 CANCEL_CHILD_SQL = (
     "UPDATE {s}.jobs SET status = 'cancelled', finished_at = :now, error = :reason"
@@ -168,3 +169,4 @@ def _count_down(tx: Tx, counted: Counter[int]) -> Steps[None]:
             for row in rows:
                 if row["blocked"] == 0:
                     tx.notes.made_due(max(0.0, row["due_in"]))
+            yield from keys.stirred(tx, [row["task"] for row in rows if row["blocked"] == 0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from taskd.models import JobStatus, WebhookRule
@@ -27,6 +27,14 @@ class Dialect(Protocol):
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit
     payload_holds: str  # a condition: the payload's bytes hold `:text` (as UTF-8)
+    # `insert` stirs the turns of the keyed tasks it inserts jobs of (PostgreSQL: an insert
+    # may commit on its own, and must stir in its statement); else the insert's caller does.
+    insert_stirs: bool
+
+    def indexed_by(self, index: str) -> str:
+        """Follows `FROM {s}.jobs` in a walk of an index of the pending jobs, to make sure
+        it takes it (SQLite: INDEXED BY; PostgreSQL's planner does)."""
+        ...
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
         """Orders the claims (shared) after a pause (exclusive) that committed before them
@@ -80,6 +88,9 @@ class Tx:
     # The [[webhook]] rules of the daemon writing: the events they receive are enqueued in
     # the transaction that makes them.
     webhooks: Sequence[WebhookRule] = ()
+    # The `limit_key` of the tasks that have one (task -> field path): an insert records
+    # each job's value of it.
+    limit_keys: Mapping[str, str] = field(default_factory=dict)
 
 
 # A store operation: the writes of one kind that met in a batch, run in one transaction;

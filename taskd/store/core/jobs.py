@@ -13,7 +13,7 @@ from typing import NoReturn, cast
 
 import msgspec
 
-from taskd.models import Hook, Job, JobStatus
+from taskd.models import Hook, Job, JobStatus, limit_key_of
 from taskd.store.base import (
     Claimed,
     ClaimRequest,
@@ -25,9 +25,9 @@ from taskd.store.base import (
     StoreError,
     refused,
 )
-from taskd.store.core import batches, deps, flow, webhooks
+from taskd.store.core import batches, deps, flow, keys, webhooks
 from taskd.store.core.dialect import Tx
-from taskd.store.core.statements import Statement, Steps
+from taskd.store.core.statements import Statement, Steps, members
 from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
 
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
@@ -105,18 +105,23 @@ CANCELLED = (
 def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     """Insert jobs; a job whose task and key are taken by an active job joins that job; a
     job with parents (`after`) waits for them."""
+    if tx.limit_keys:
+        jobs = [_with_limit_key(tx, job) for job in jobs]
+        if any(job.after for job in jobs):  # a keyed task's turn before its parents' rows,
+            yield from keys.stirred(tx, [job.task for job in jobs])  # as a claim locks them
     parents = yield from deps.lock_parents(tx, jobs)
     results: list[Inserted | None] = [None] * len(jobs)
     remaining = []
     for index, job in enumerate(jobs):
         if job.key is not None and job.debounce is not None:
             moved = yield Statement(
-                f"UPDATE {{s}}.jobs SET payload = :payload,"
+                f"UPDATE {{s}}.jobs SET payload = :payload, limit_key = :limit_key,"
                 f" run_at = CASE WHEN blocked > 0 THEN run_at ELSE {DEBOUNCED} END,"
                 f" release_at = CASE WHEN blocked > 0 THEN {DEBOUNCED} ELSE release_at END"
                 " WHERE task = :task AND key = :key AND status = 'pending' RETURNING id",
                 {"payload": job.payload, "debounce": job.debounce, "task": job.task,
-                 "key": job.key, "max_wait": MAX_WAIT if job.max_wait is None else job.max_wait},
+                 "key": job.key, "max_wait": MAX_WAIT if job.max_wait is None else job.max_wait,
+                 "limit_key": job.limit_key or ""},
             )  # fmt: skip
             if moved:  # the pending job of the key takes this payload, and waits again
                 results[index] = Inserted(moved[0]["id"], duplicate=True)
@@ -136,11 +141,23 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
             remaining = yield from _insert_round(tx, jobs, remaining, results)
         if not remaining:
             inserted = cast(list[Inserted], results)  # a round fills in each job it returns not
+            new = [job.task for job, result in zip(jobs, inserted, strict=True)
+                   if not result.duplicate]  # fmt: skip
+            if not tx.sql.insert_stirs:
+                yield from keys.stirred(tx, new)
             if parents:
                 decided = yield from deps.link_children(tx, jobs, inserted, parents)
                 yield from jobs_ended(tx, decided)
             return inserted
     raise StoreError("could not insert jobs: the active jobs with their keys kept changing")
+
+
+def _with_limit_key(tx: Tx, job: NewJob) -> NewJob:
+    """The job with its value of its task's `limit_key`, if the task has one."""
+    path = tx.limit_keys.get(job.task)
+    if path is None or job.limit_key is not None:
+        return job
+    return msgspec.structs.replace(job, limit_key=limit_key_of(job.payload, path))
 
 
 def _insert_round(
@@ -214,18 +231,44 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     """The due jobs the request may take (flow control: `taskd.store.core.flow`), and when
     to claim again: at once if it took all it asked for, else when the next job is due or
     a task held back may start again."""
+    # The keyed tasks' turns first: the writes that stir them lock them before anything
+    # a claim locks after (taskd.store.core.keys.stirred).
+    turns = (yield from keys.turns(tx, request)) if request.keyed else {}
     held = yield from flow.holds(tx, request)
-    rows = yield from tx.sql.claim(request, held.quotas)
+    quotas = held.for_claim()
+    walks = (yield from keys.walks(tx, request, quotas, turns)) if request.keyed else []
+    # A keyed task's jobs are taken in its keys' turns (taskd.store.core.keys), not here.
+    quotas |= dict.fromkeys(request.keyed, 0)
+    rows = yield from tx.sql.claim(request, quotas)
     jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
+    if walks:
+        picks = keys.chosen(walks, jobs, request.limit)
+        jobs += map(job_from_row, (yield from _claim_ids(request, [p.order[2] for p in picks])))
     tx.notes.claimed(jobs)
     yield from flow.started(tx, request, held, jobs)
-    if len(jobs) == request.limit:
+    keyed_due = (yield from keys.settle(tx, request, walks, jobs)) if walks else None
+    if len(jobs) >= request.limit:
         return Claimed(jobs=jobs, next_due_in=0.0)  # there may be more: no need to look
-    left = held.left(jobs)
+    left = held.left(jobs) | dict.fromkeys(request.keyed, 0)
     due = yield from tx.sql.next_due(request, left)
-    if (wake := (yield from flow.wake(tx, request, held, left))) is not None:
-        due = wake if due is None else min(due, wake)
+    for wake in (keyed_due, (yield from flow.wake(tx, request, held, left))):
+        if wake is not None:
+            due = wake if due is None else min(due, wake)
     return Claimed(jobs=jobs, next_due_in=due)
+
+
+def _claim_ids(request: ClaimRequest, ids: list[int]) -> Steps[list[Row]]:
+    """Marks these jobs running for the request's worker (those still pending); their rows."""
+    if not ids:
+        return []
+    listed, params = members("id", ids)
+    return (
+        yield Statement(
+            f"UPDATE {{s}}.jobs SET {CLAIMED} WHERE id IN ({listed}) AND status = 'pending'"
+            f" AND {REGISTERED} RETURNING {JOB_COLUMNS}",
+            {**params, "worker": request.worker, "lease": request.lease},
+        )
+    )
 
 
 def claim_in(tx: Tx, request: ClaimRequest | None) -> Steps[Claimed | None]:
@@ -245,6 +288,7 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
     for row in (yield from tx.sql.finish(outcomes)):
         job = updated[row["id"]] = job_from_row(row)
         tx.notes.ended(job, row["due_in"], retrying=job.id in retried)
+    yield from keys.stirred(tx, [job.task for job in updated.values()])
     hooks = [
         (updated[outcome.job_id], outcome.hook)
         for outcome in outcomes
@@ -343,11 +387,12 @@ def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> Steps[list[b
     for job_id, epoch, worker, waiting in items:
         rows = yield Statement(
             "UPDATE {s}.jobs SET waiting = :waiting WHERE id = :id AND epoch = :epoch"
-            " AND worker = :worker AND status = 'running' RETURNING id",
+            " AND worker = :worker AND status = 'running' RETURNING id, task",
             {"waiting": waiting, "id": job_id, "epoch": epoch, "worker": worker},
         )
         if rows and waiting:
             tx.notes.made_due(0.0)  # the job's task has room for another of its jobs
+            yield from keys.stirred(tx, [rows[0]["task"]])
         results.append(bool(rows))
     return results
 
@@ -359,6 +404,7 @@ def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list
     results = []
     for quarantine_after, on_failure in items:
         jobs = [job_from_row(row) for row in (yield from tx.sql.recover(quarantine_after))]
+        yield from keys.stirred(tx, [job.task for job in jobs])
         for job in jobs:  # an interrupted attempt is a failed one
             tx.notes.ended(job, 0.0, retrying=True)
         hooks = [
@@ -378,6 +424,9 @@ def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list
 def cancel_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
     jobs = []
     for job_id in job_ids:
+        if tx.limit_keys:  # its room, first: a claim locks a keyed task's turn, then jobs
+            task = yield Statement("SELECT task FROM {s}.jobs WHERE id = :id", {"id": job_id})
+            yield from keys.stirred(tx, [row["task"] for row in task])
         rows = yield from tx.sql.cancel(job_id)
         if not rows:
             yield from _refuse(job_id, "cancelled")
@@ -412,6 +461,7 @@ def retry_jobs(tx: Tx, job_ids: list[int]) -> Steps[list[Job]]:
         )
         tx.notes.made_due(0.0)
         jobs.append(job_from_row(rows[0]))
+    yield from keys.stirred(tx, [job.task for job in jobs])
     return jobs
 
 
@@ -423,8 +473,10 @@ def _refuse(job_id: int, verb: str) -> Steps[NoReturn]:
 
 
 def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> Steps[list[int]]:
-    """Delete up to PRUNE_SLICE finished jobs of a status that finished `age` seconds ago."""
+    """Delete up to PRUNE_SLICE finished jobs of a status that finished `age` seconds ago
+    (and as many rows of per-key rate limits that allow a start now: taskd.store.core.keys)."""
     counts = []
     for status, age in slices:
         counts.append((yield from tx.sql.prune(status, age)))
+    yield from keys.forget_idle(PRUNE_SLICE)
     return counts

@@ -29,17 +29,19 @@ from taskd.store.base import (
     JobActivity,
     JobFilter,
     JobNotFound,
+    LimitState,
     LogNote,
     MissedTicks,
     NewJob,
     Outcome,
     ProgressNote,
     ScheduleState,
+    SharedLimit,
     StoreError,
     TickFired,
 )
 from taskd.store.batching import GroupCommit
-from taskd.store.core import activity, batches, flow, jobs, nodes, reads, retention, schedules
+from taskd.store.core import activity, batches, flow, jobs, keys, nodes, reads, retention, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
 from taskd.store.core.notes import Notes, tell
@@ -109,6 +111,8 @@ class SqlStore:
         self.health = StoreHealth(f"job store {name}")
         # The [[webhook]] rules: each write transaction enqueues the events they receive.
         self.webhooks: tuple[WebhookRule, ...] = ()
+        # The `limit_key` of each task that has one: each insert records its jobs' values.
+        self.limit_keys: Mapping[str, str] = {}
         self._limited: frozenset[str] = frozenset()  # tasks with a limit, at the last claim
         self._fetching: set[asyncio.Task[None]] = set()  # jobs others ended, read for waiters
         # The writers, which a backend sets (`_group_commit`): the durable writes; inserts
@@ -176,13 +180,13 @@ class SqlStore:
     async def insert_and_claim(
         self, new: Sequence[NewJob], claim: ClaimRequest
     ) -> tuple[list[Inserted], Claimed]:
-        self._limited = frozenset(claim.limits)
+        self._limited = claim.limited()
         (result,) = await self._commits.submit(jobs.insert_and_claim, [(list(new), claim)])
         return result
 
     @store_write
     async def claim(self, request: ClaimRequest) -> Claimed:
-        self._limited = frozenset(request.limits)
+        self._limited = request.limited()
         (claimed,) = await self._claims.submit(jobs.claim_jobs, [request])
         return claimed
 
@@ -196,7 +200,7 @@ class SqlStore:
             return Finished(jobs=await self._commits.submit(jobs.finish_jobs, list(outcomes)))
         if not outcomes:  # a claim alone: in a claim's transaction, its health the claims'
             return Finished(jobs=[], claimed=await self.claim(claim))
-        self._limited = frozenset(claim.limits)
+        self._limited = claim.limited()
         (finished,) = await self._commits.submit(jobs.finish_and_claim, [(list(outcomes), claim)])
         return finished
 
@@ -316,6 +320,20 @@ class SqlStore:
     async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
         return await self._read(flow.rate_limit_starts, dict(rates))
 
+    @store_read
+    async def values_in_use(self, tasks: Sequence[str]) -> Mapping[str, tuple[int, int]]:
+        return await self._read(keys.values_in_use, list(tasks))
+
+    @store_read
+    async def key_state(
+        self, task: str, key: str, interval: float | None
+    ) -> tuple[int, float | None]:
+        return await self._read(keys.key_state, task, key, interval)
+
+    @store_read
+    async def limit_states(self, limits: Mapping[str, SharedLimit]) -> Mapping[str, LimitState]:
+        return await self._read(flow.limit_states, dict(limits))
+
     # -- schedules -----------------------------------------------------------------------
 
     @store_read
@@ -358,7 +376,7 @@ class SqlStore:
         missed: MissedTicks | None = None,
     ) -> TickFired:
         if claim is not None:
-            self._limited = frozenset(claim.limits)
+            self._limited = claim.limited()
         (fired,) = await self._commits.submit(
             schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim, missed)]
         )

@@ -43,18 +43,27 @@ from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
 INSERT_SQL = """
 WITH new AS (
     INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
-                          parent_id, batch_id, created_at, traceparent)
+                          parent_id, batch_id, created_at, traceparent, limit_key)
     SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
-           max_attempts, key, parent_id, batch_id, :now, traceparent
+           max_attempts, key, parent_id, batch_id, :now, traceparent, coalesce(limit_key, '')
     FROM unnest(:task::text[], :origin::text[], :payload::bytea[], :priority::integer[],
                 :run_at::double precision[], :delay::double precision[],
                 :max_attempts::integer[], :key::text[], :parent_id::bigint[],
-                :batch_id::bigint[], :traceparent::text[]) WITH ORDINALITY
+                :batch_id::bigint[], :traceparent::text[], :limit_key::text[]) WITH ORDINALITY
          AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id,
-              batch_id, traceparent, n)
+              batch_id, traceparent, limit_key, n)
     ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - :now AS due_in
+), stirred AS (
+    -- A keyed task's turn walks again (taskd.store.core.keys.stirred), written (locked) by
+    -- the statement that commits the jobs: a claim after it waits, and sees them. Keyed:
+    -- a job with a limit_key, or a task that has a turn (an insert from taskd.outbox).
+    INSERT INTO {s}.key_turns (task)
+    SELECT DISTINCT t FROM unnest(:task::text[], :limit_key::text[]) AS k(t, value)
+    WHERE value IS NOT NULL OR t IN (SELECT task FROM {s}.key_turns)
+    ON CONFLICT (task) DO UPDATE SET lap_from = NULL, lap_at = NULL, rested_at = NULL,
+        rested_wake = NULL
 ), notice AS (
     SELECT pg_notify(:channel, json_build_object('sender', :sender::text,
                                                  'due', min(due_in))::text)
@@ -234,6 +243,7 @@ class PostgresSql:
     # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.
     lock_shared = " FOR SHARE"
     payload_holds = "position(convert_to(:text, 'UTF8') in payload) > 0"
+    insert_stirs = True  # INSERT_SQL stirs the keyed tasks' turns itself
 
     def __init__(self, schema: str, sender: str) -> None:
         self.schema = schema
@@ -248,6 +258,9 @@ class PostgresSql:
             f"SELECT pg_advisory_xact_lock{kind}(hashtextextended(:key, 0))",
             {"key": f"taskd:{self.schema}:flow"},
         )
+
+    def indexed_by(self, index: str) -> str:
+        return ""  # the planner takes it
 
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         params = _arrays(jobs, NewJob.__struct_fields__)

@@ -205,6 +205,31 @@ MIGRATIONS: list[list[str]] = [
     ],
     # Uniqueness windows (`unique_for`): the jobs of a task and key, by creation.
     ["CREATE INDEX jobs_task_key ON {s}.jobs (task, key, created_at) WHERE key IS NOT NULL"],
+    # Per-key limits (`limit_key`): each job's key value ('' for the tasks without one), the
+    # pending jobs of each key in claim order and the running ones, and each task's turn
+    # among its keys (round-robin).
+    [
+        "ALTER TABLE {s}.jobs ADD COLUMN limit_key text NOT NULL DEFAULT ''",
+        """
+        CREATE INDEX jobs_task_limit_key_claim ON {s}.jobs (task, limit_key, priority, run_at, id)
+            WHERE status = 'pending'
+        """,
+        """
+        CREATE INDEX jobs_task_limit_key_running ON {s}.jobs (task, limit_key)
+            WHERE status = 'running'
+        """,
+        """
+        CREATE TABLE {s}.key_turns (
+            task text PRIMARY KEY,
+            last_key text,
+            lap_from text,
+            lap_at double precision,
+            rested_at double precision,
+            rested_wake double precision
+        )
+        """,
+        "CREATE INDEX rate_limits_tat ON {s}.rate_limits (kind, tat)",
+    ],
 ]
 
 

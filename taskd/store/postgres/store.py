@@ -124,7 +124,7 @@ class PostgresStore(SqlStore):
         self, operations: list[tuple[Operation, list[Any]]], notes: Notes, durable: bool = True
     ) -> list[list[Any]]:
         async with self._connections.acquire(begin=True) as db:
-            tx = Tx(self._sql, notes, self.webhooks)
+            tx = Tx(self._sql, notes, self.webhooks, self.limit_keys)
             try:
                 outputs = [await self._run(db, op(tx, items)) for op, items in operations]
                 # The notice goes with the commit: the others hear of it once it holds.
@@ -142,7 +142,7 @@ class PostgresStore(SqlStore):
     ) -> list[list[Any]]:
         """Statements that commit each on their own (and notify the others themselves)."""
         async with self._connections.acquire() as db:
-            tx = Tx(self._sql, notes, self.webhooks)
+            tx = Tx(self._sql, notes, self.webhooks, self.limit_keys)
             return [await self._run(db, op(tx, items)) for op, items in operations]
 
     def _run(self, db: Any, steps: Steps[T]) -> Awaitable[T]:

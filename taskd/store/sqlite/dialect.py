@@ -118,6 +118,7 @@ class SqliteSql:
     lock_rows = ""  # one writer
     lock_shared = ""  # one writer: nothing else writes until the commit
     payload_holds = "instr(payload, CAST(:text AS BLOB)) > 0"
+    insert_stirs = False  # the insert's transaction does (taskd.store.core.keys.stirred)
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -125,17 +126,20 @@ class SqliteSql:
     def flow_lock(self, exclusive: bool) -> Statement | None:
         return None  # one writer: a pause and a claim never overlap
 
+    def indexed_by(self, index: str) -> str:
+        return f" INDEXED BY {index}"
+
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         params: list[Any] = []
         for job in jobs:
             run_at = job.run_at if job.run_at is not None else self.now + job.delay
             params += (job.task, job.origin, job.payload, job.priority, run_at,
                        job.max_attempts, job.key, job.parent_id, job.batch_id,
-                       self.now, job.traceparent)  # fmt: skip
+                       self.now, job.traceparent, job.limit_key or "")  # fmt: skip
         return Statement(
             "INSERT INTO jobs (task, status, origin, payload, priority, run_at, max_attempts,"
-            " key, parent_id, batch_id, created_at, traceparent) VALUES "
-            + ", ".join(["(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs))
+            " key, parent_id, batch_id, created_at, traceparent, limit_key) VALUES "
+            + ", ".join(["(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(jobs))
             + " ON CONFLICT DO NOTHING RETURNING id, task, key, run_at - ? AS due_in",
             [*params, self.now],
         )

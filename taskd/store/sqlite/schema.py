@@ -218,6 +218,31 @@ MIGRATIONS: list[list[str]] = [
     ],
     # Uniqueness windows (`unique_for`): the jobs of a task and key, by creation.
     ["CREATE INDEX jobs_task_key ON jobs (task, key, created_at) WHERE key IS NOT NULL"],
+    # Per-key limits (`limit_key`): each job's key value ('' for the tasks without one), the
+    # pending jobs of each key in claim order and the running ones, and each task's turn
+    # among its keys (round-robin).
+    [
+        "ALTER TABLE jobs ADD COLUMN limit_key TEXT NOT NULL DEFAULT ''",
+        """
+        CREATE INDEX jobs_task_limit_key_claim ON jobs (task, limit_key, priority, run_at, id)
+            WHERE status = 'pending'
+        """,
+        """
+        CREATE INDEX jobs_task_limit_key_running ON jobs (task, limit_key)
+            WHERE status = 'running'
+        """,
+        """
+        CREATE TABLE key_turns (
+            task TEXT PRIMARY KEY,
+            last_key TEXT,
+            lap_from TEXT,
+            lap_at REAL,
+            rested_at REAL,
+            rested_wake REAL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX rate_limits_tat ON rate_limits (kind, tat)",
+    ],
 ]
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -45,13 +45,14 @@ def _transact(
     notes: Notes,
     space: WalSpace,
     webhooks: Sequence[WebhookRule],
+    limit_keys: Mapping[str, str],
 ) -> list[list[Any]]:
     """In the writer's thread: the operations of a batch in one IMMEDIATE transaction."""
     space.before_transaction(db)
     db.execute("BEGIN IMMEDIATE")
     try:
         now = clock()
-        tx, run = Tx(SqliteSql(now), notes, webhooks), partial(execute, db, now)
+        tx, run = Tx(SqliteSql(now), notes, webhooks, limit_keys), partial(execute, db, now)
         outputs = [run_steps(operation(tx, items), run) for operation, items in operations]
         db.execute("COMMIT")
     except BaseException as exc:
@@ -242,7 +243,7 @@ class SqliteStore(SqlStore):
         # aiosqlite runs each call in its connection's thread; `_execute` hands that thread
         # a function of ours, so that a transaction costs one hop instead of one per statement.
         return await self._in_writer(
-            _transact, self._clock, operations, notes, self._space, self.webhooks
+            _transact, self._clock, operations, notes, self._space, self.webhooks, self.limit_keys
         )
 
     async def _read(self, read: Callable[..., Steps[R]], *args: Any) -> R:
