@@ -60,7 +60,8 @@ $(VENV)/.bench-stamp: $(STAMP)
 
 # Measurements quoted in the issues' closing notes, each next to a peer measured in the same
 # run: tests/bench/compare.py writes its table to tests/bench/RESULTS.md (about 15 minutes;
-# quicker: make bench BENCH_ARGS="--repeat 1 --scale 0.2"); cron_lateness.py adds the tick
+# quicker: make bench BENCH_ARGS="--repeat 1 --scale 0.2"; some sections only:
+# BENCH_ARGS='--only "rate-limited backlog"'); cron_lateness.py adds the tick
 # lateness under load and the idle CPU (fewer ticks: CRON_ARGS="--ticks 30"); workflows.py
 # the parent-end to child-start delay of a chain, and a 1,000-job batch's last job to callback.
 bench: $(VENV)/.bench-stamp

@@ -1,6 +1,6 @@
 """taskd next to huey (and to the floors under both) in one run on this machine.
 
-    .venv/bin/python -m tests.bench.compare [--repeat 3] [--scale 1.0] [--quick]
+    .venv/bin/python -m tests.bench.compare [--repeat 3] [--scale 1.0] [--only SECTION,...]
 
 Each scenario runs `--repeat` times, alternating taskd and its peer so that the machine's
 load touches both alike; the table gives medians and the ratio taskd / peer (higher is
