@@ -60,9 +60,9 @@ $(VENV)/.bench-stamp: $(STAMP)
 
 # Measurements quoted in the issues' closing notes, each next to a peer measured in the same
 # run: tests/bench/compare.py writes its table to tests/bench/RESULTS.md (about 15 minutes;
-# quicker: make bench BENCH_ARGS="--repeat 1 --scale 0.2"; one section, printed and not
-# written: BENCH_ARGS="--only single-flight"); cron_lateness.py adds the tick
-# lateness under load and the idle CPU (fewer ticks: CRON_ARGS="--ticks 30"); workflows.py
+# quicker: make bench BENCH_ARGS="--repeat 1 --scale 0.2"; some sections only, printed
+# and not written: BENCH_ARGS='--only single-flight --only "rate-limited backlog"');
+# cron_lateness.py adds the tick lateness under load and the idle CPU (fewer ticks: CRON_ARGS="--ticks 30"); workflows.py
 # the parent-end to child-start delay of a chain, and a 1,000-job batch's last job to callback;
 # keyed_claims.py what a keyed, rate-limited backlog (100,000 jobs on 1,000 keys) costs an
 # enqueue and a no-op claim of other work.

@@ -1,6 +1,6 @@
 """taskd next to huey (and to the floors under both) in one run on this machine.
 
-    .venv/bin/python -m tests.bench.compare [--repeat 3] [--scale 1.0] [--quick]
+    .venv/bin/python -m tests.bench.compare [--repeat 3] [--scale 1.0] [--only SECTION,...]
 
 Each scenario runs `--repeat` times, alternating taskd and its peer so that the machine's
 load touches both alike; the table gives medians and the ratio taskd / peer (higher is
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 # installs; `make test` runs the scenarios on taskd alone (`--no-peers`).
 PEERS = ("huey", "pgqueuer", "procrastinate")
 peers_measured = True
+StartDaemon = Callable[[], AbstractContextManager[Taskd]]  # a fresh daemon, stopped after
 
 
 def drive(scenario: str, **options: Any) -> dict[str, Any]:
@@ -172,6 +174,27 @@ class Bench:
                 samples[1].append(rate(drive("taskd-drain", socket=socket,
                                              jobs=self.jobs(5000))))  # fmt: skip
 
+    def rate_limited_backlog(self, size: int, keys: int, stores: dict[str, StartDaemon]) -> None:
+        """Other work next to a backlog of due jobs held by a rate limit, their payloads
+        spread over `keys` values (issue 19: claims stay scan-free), on each store."""
+        for store, start in stores.items():
+            backlog = f"{size:,} rate-limited jobs, {keys:,} keys"
+            enqueues = self.row(f"single enqueues next to {backlog} ({store})", "jobs/s",
+                                "the same, no backlog", "within 1.5x")  # fmt: skip
+            drains = self.row(f"no-op drain next to {backlog} ({store})", "jobs/s",
+                              "the same, no backlog", "within 1.5x")  # fmt: skip
+            for _ in range(self.repeat):
+                for with_backlog in (False, True):
+                    with start() as daemon:
+                        if with_backlog:
+                            fill_backlog(daemon, size, task="throttled", keys=keys)
+                        socket = str(daemon.socket)
+                        enqueued = rate(drive("taskd-enqueue", socket=socket,
+                                              jobs=self.jobs(1000), connections=1))  # fmt: skip
+                        drained = rate(drive("taskd-drain", socket=socket, jobs=self.jobs(5000)))
+                    (enqueues.taskd if with_backlog else enqueues.reference).append(enqueued)
+                    (drains.taskd if with_backlog else drains.reference).append(drained)
+
     def command_latency(self, runs: int) -> None:
         """Each command `runs` times per round, taking turns with the floor; a round's
         figure is its median, the row's the median of `repeat` rounds'. Beside the wall
@@ -233,11 +256,13 @@ class Bench:
         return "\n".join(lines)
 
 
-def fill_backlog(daemon: Taskd, size: int) -> None:
+def fill_backlog(daemon: Taskd, size: int, task: str = "limited", keys: int = 0) -> None:
+    """`size` jobs of `task`; with `keys`, their payloads take that many distinct values."""
     with daemon.client() as client:
         for first in range(0, size, 1000):
             count = min(1000, size - first)
-            client.enqueue_many([enqueue_params("limited", n) for n in range(count)])
+            payloads = [{"customer": (first + n) % keys} if keys else n for n in range(count)]
+            client.enqueue_many([enqueue_params(task, payload) for payload in payloads])
 
 
 # Commands run as an installed taskctl runs: from bytecode, which pip writes at install
@@ -288,6 +313,24 @@ def startup_rows(bench: Bench, jobs: int) -> None:
     loaded.reference = times["empty store, after a clean stop"]
 
 
+def rate_backlog_stores(
+    bench: Bench, postgres: str | None, postgres_only: bool
+) -> dict[str, StartDaemon]:
+    """The stores the rate-limited backlog rows run on: SQLite, and PostgreSQL if given."""
+    stores: dict[str, StartDaemon] = {}
+    if not postgres_only:
+        stores["SQLite"] = lambda: bench_daemon(bench.config)
+    if postgres:
+        from tests.bench.postgres import daemon
+
+        stores["PostgreSQL"] = lambda: daemon(postgres)
+    return stores
+
+
+SECTIONS = ("throughput", "commands", "single-flight", "throughput, synchronous = normal",
+            "backlog", "cron", "start-up", "rate-limited backlog", "PostgreSQL")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -305,9 +348,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only", action="append", metavar="SECTION",
-        help="run only this section (repeatable): throughput, commands, single-flight, backlog,"
-        " cron, start-up, PostgreSQL ...; the table is printed, RESULTS.md left as it is",
+        help=f"run only this section (repeatable: {', '.join(SECTIONS)}); the table is printed,"
+        " RESULTS.md left as it is",
     )  # fmt: skip
+    parser.add_argument(
+        "--rate-backlog", type=int, default=100_000,
+        help="jobs held by a rate limit next to other work, on each store; 0: skip",
+    )  # fmt: skip
+    parser.add_argument("--rate-keys", type=int, default=1000, help="their distinct payloads")
     parser.add_argument(
         "--postgres",
         default=os.environ.get("TASKD_TEST_POSTGRES"),
@@ -343,6 +391,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.startup_jobs:
             jobs = int(args.startup_jobs * args.scale)
             sections.append(("start-up", lambda: startup_rows(bench, jobs)))
+    if args.rate_backlog:
+        stores = rate_backlog_stores(bench, args.postgres, args.postgres_only)
+        size = int(args.rate_backlog * args.scale)
+        sections.append(
+            ("rate-limited backlog",
+             lambda: bench.rate_limited_backlog(size, args.rate_keys, stores))
+        )  # fmt: skip
     shared = None
     if args.postgres:
         from tests.bench.postgres import PostgresBench
@@ -350,13 +405,18 @@ def main(argv: list[str] | None = None) -> None:
         shared = PostgresBench(args.postgres, args.scale, args.repeat, peers=peers_measured)
         sections.append(("PostgreSQL", shared.run))
     if args.only:
+        if unknown := set(args.only) - set(SECTIONS):
+            parser.error(
+                f"no section {', '.join(sorted(unknown))}; sections: {', '.join(SECTIONS)}"
+            )
         sections = [(name, run) for name, run in sections if name in args.only]
+        shared = shared if "PostgreSQL" in args.only else None
     for name, run in sections:
         print(f"[{time.monotonic() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True)
         run()
     bench.rows += normal.rows
     text = f"# make bench\n\n{heading}\n"
-    if not args.postgres_only:
+    if bench.rows:
         text += f"\n{bench.table()}\n"
     if shared is not None:
         text += f"\n## PostgreSQL\n\n{shared.table()}\n"

@@ -52,6 +52,13 @@ def daemons(url: str, count: int) -> Iterator[list[Taskd]]:
         asyncio.run(drop_schema(url, schema))
 
 
+@contextmanager
+def daemon(url: str) -> Iterator[Taskd]:
+    """One fresh daemon on a fresh schema, stopped and dropped after."""
+    with daemons(url, 1) as started:
+        yield started[0]
+
+
 class PostgresBench:
     def __init__(self, url: str, scale: float, repeat: int, *, peers: bool) -> None:
         self.url = url

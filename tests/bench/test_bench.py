@@ -30,6 +30,7 @@ def test_every_benchmark_scenario_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     rows = table(output.read_text())
     assert len(rows) >= 12, rows
+    assert sum("rate-limited jobs" in name and "(SQLite)" in name for name in rows) == 2, rows
     for name, cells in rows.items():
         assert cells[1] != "-", f"no taskd figure for {name}"
         if cells[2].startswith(PEERS):
@@ -45,6 +46,9 @@ def test_every_postgres_benchmark_scenario_runs(tmp_path: Path) -> None:
          "--no-peers", "--output", str(output)]
     )  # fmt: skip
     text = output.read_text()
+    limited = table(text[: text.index("## PostgreSQL")])  # next to a rate-limited backlog
+    assert [name.endswith("(PostgreSQL)") for name in limited] == [True, True], limited
+    assert all(cells[1] != "-" and cells[3] != "-" for cells in limited.values()), limited
     rows = table(text[text.index("## PostgreSQL") :])
     assert len(rows) == 3, rows
     for name, cells in rows.items():

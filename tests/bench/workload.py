@@ -36,6 +36,13 @@ from taskd import define_task
 async def limited(payload) -> None:
     await asyncio.sleep(10)
 """,
+    "throttled.py": """from taskd import define_task
+
+
+@define_task(description="One start an hour: a backlog held by its rate limit", rate_limit="1/h")
+async def throttled(payload) -> None:
+    return None
+""",
 }
 
 

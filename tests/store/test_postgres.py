@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -13,6 +15,7 @@ import pytest
 import taskd.outbox
 import taskd.pg
 from taskd.store import ClaimRequest, NewJob, StoreError
+from taskd.store.postgres.dialect import CLAIM_SQL, NEXT_DUE_SQL, render
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
 from tests.support import Clock
@@ -162,6 +165,55 @@ def test_taskd_pg_is_the_outbox_by_its_first_name() -> None:
         taskd.outbox.enqueue,
         taskd.outbox.enqueue_sync,
     )
+
+
+def rows_read(plan: dict[str, Any]) -> float:
+    """The rows a plan read from the jobs table: those it kept and those it filtered out,
+    over all its loops."""
+    read = 0.0
+    if plan.get("Relation Name") == "jobs":
+        kept = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+        read += kept * plan["Actual Loops"]
+    return read + sum(rows_read(child) for child in plan.get("Plans", []))
+
+
+async def test_a_claim_reads_only_what_it_can_take(store: PostgresStore) -> None:
+    """Delayed jobs and the backlogs of tasks held back (at their concurrency, their rate
+    limit, paused) cost a claim and its next due time nothing, with or without the
+    planner's statistics: they read a few rows, not the backlogs, and take the right jobs."""
+    backlog = 3000
+    delayed = [msgspec.structs.replace(new("later"), delay=3600.0)] * backlog
+    held = [new(task) for task in ("throttled", "limited", "paused") for _ in range(backlog)]
+    await store.insert([*delayed, *held, new("free"), new("free")])
+    await store.set_task_paused("paused", True)
+    worker = await store.register_node("n", 60)
+    limits, rates = {"throttled": 1}, {"limited": 3600.0}
+    first = await store.claim(ClaimRequest(worker, 16, 60, limits, rates))
+    assert sorted(job.task for job in first.jobs) == ["free", "free", "limited", "throttled"]
+    second = await store.claim(ClaimRequest(worker, 16, 60, limits, rates))
+    assert second.jobs == [] and second.next_due_in == pytest.approx(3599, abs=1)
+    tasks = ["throttled", "limited", "paused"]
+    params = {"worker": worker, "limit": 16, "lease": 60.0, "tasks": tasks,
+              "caps": [1, None, None], "quotas": [None, 0, 0]}  # fmt: skip
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        await connection.execute(f"SET taskd.now = '{await store.clock()}'")
+        for analyzed in (False, True):
+            if analyzed:
+                await connection.execute(f"ANALYZE {store.schema}.jobs")
+            for statement in (CLAIM_SQL, NEXT_DUE_SQL):
+                sql, names = render(statement, store.schema)
+                explained = connection.transaction()
+                await explained.start()
+                try:
+                    (plan,) = json.loads(await connection.fetchval(
+                        f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *[params[n] for n in names]
+                    ))  # fmt: skip
+                finally:
+                    await explained.rollback()  # EXPLAIN ANALYZE ran the claim: undo it
+                assert rows_read(plan["Plan"]) < 100, (analyzed, plan)
+    finally:
+        await connection.close()
 
 
 @pytest.mark.parametrize(

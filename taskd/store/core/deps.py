@@ -137,10 +137,14 @@ def _pending_children(parents: list[int]) -> Steps[list[Row]]:
     rows: list[Row] = []
     for start in range(0, len(parents), RELEASE_CHUNK):
         ids, params = members("p", parents[start : start + RELEASE_CHUNK])
+        # One probe of the jobs per link: as a join, a planner without statistics may read
+        # every pending job instead (a backlog held by a limit makes every job's end slow).
         rows += yield Statement(
-            "SELECT d.parent_id, d.child_id, c.after_failure FROM {s}.job_deps AS d"
-            " JOIN {s}.jobs AS c ON c.id = d.child_id"
-            f" WHERE d.parent_id IN ({ids}) AND c.status = 'pending' ORDER BY d.child_id",
+            "SELECT parent_id, child_id, after_failure FROM (SELECT d.parent_id, d.child_id,"
+            " (SELECT c.after_failure FROM {s}.jobs AS c WHERE c.id = d.child_id"
+            " AND c.status = 'pending') AS after_failure"
+            f" FROM {{s}}.job_deps AS d WHERE d.parent_id IN ({ids})) AS links"
+            " WHERE after_failure IS NOT NULL ORDER BY child_id",
             params,
         )
     return rows

@@ -14,9 +14,10 @@ from taskd.store.rows import Row
 
 
 class Dialect(Protocol):
-    """The SQL where SQLite and PostgreSQL differ: a claim (a walk of the pending jobs' index
-    vs FOR UPDATE SKIP LOCKED under advisory locks), batches (VALUES lists vs arrays), and
-    what PostgreSQL does in one statement with data-modifying CTEs."""
+    """The SQL where SQLite and PostgreSQL differ: a claim (both walk the pending jobs' index
+    as queues, SQLite with equalities under index hints, PostgreSQL with row-comparison
+    ranges and FOR UPDATE SKIP LOCKED under advisory locks), batches (VALUES lists vs
+    arrays), and what PostgreSQL does in one statement with data-modifying CTEs."""
 
     insert_chunk: int  # jobs per INSERT statement
     register_sql: str  # a node's next worker; returns `worker`

@@ -1,8 +1,10 @@
 """PostgreSQL's own SQL, where it differs from SQLite's, and how a statement runs on it.
 
-A claim takes its jobs with FOR UPDATE SKIP LOCKED, so that daemons never take the same
-job, and counts the limited tasks' running jobs under a transaction-scoped advisory lock
-per task, so that two daemons cannot both fill the same room. Batches are arrays; an
+A claim walks the pending jobs' index as queues, as SQLite's does (so that the backlog of a
+task held back costs it nothing), takes its jobs with FOR UPDATE SKIP LOCKED, so that
+daemons never take the same job, and counts the limited tasks' running jobs under a
+transaction-scoped advisory lock per task, so that two daemons cannot both fill the same
+room. Batches are arrays; an
 outcome, a recovery, a cancel and a prune are each one statement (data-modifying CTEs).
 An insert notifies the other daemons itself (at its commit), so that it needs no
 transaction around it, and `taskd.outbox` can run it in an application's.
@@ -90,47 +92,87 @@ SELECT pg_advisory_xact_lock(k) FROM (
 # Counts against concurrency limits: running, and not waiting for another job. A task in
 # :tasks has a concurrency limit (:caps, NULL: none) or a quota of jobs this claim may start
 # (:quotas, NULL: none; flow control: 0 for a paused task, what its rate limit allows now).
-CLAIM_SQL = compose(
-    """
-WITH limited AS (
+ROOM = """
+room AS MATERIALIZED (
     SELECT t.task, greatest(0, least(
         coalesce(t.cap - (SELECT count(*) FROM {s}.jobs r
             WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting), :limit),
-        coalesce(t.quota, :limit))) AS room
+        coalesce(t.quota, :limit))) AS free
     FROM unnest(:tasks::text[], :caps::integer[], :quotas::integer[]) AS t(task, cap, quota)
-), picked AS (
-    SELECT * FROM (
-        SELECT id, priority, run_at FROM {s}.jobs
-        WHERE status = 'pending' AND run_at <= :now AND task <> ALL(:tasks::text[])
-        ORDER BY priority, run_at, id LIMIT :limit FOR UPDATE SKIP LOCKED) AS unlimited
+)"""
+# The pending jobs, seen as queues: one per (task, priority) that has pending jobs, found by
+# skipping along the pending jobs' (task, priority, run_at, id) index, one probe a queue
+# (as SQLite's claim does). A claim, and its next due time, read per queue of a task with
+# room only its first jobs, so that delayed jobs and the backlog of a task held back (at
+# its concurrency, its rate limit, paused) cost nothing however many they are. Each probe
+# is a range of that index bounded by a row comparison alone, read in its order: with an
+# equality on the task the planner may take another index (jobs_task_status) and read the
+# whole backlog of a task it believes small, as it does before its first ANALYZE.
+QUEUES = (
+    """
+queues(task, priority) AS (
+    SELECT task, priority FROM {s}.jobs WHERE id = (
+        SELECT id FROM {s}.jobs WHERE status = 'pending'
+        ORDER BY task, priority, run_at, id LIMIT 1)
     UNION ALL
-    SELECT p.* FROM limited AS l, LATERAL (
-        SELECT id, priority, run_at FROM {s}.jobs
-        WHERE task = l.task AND status = 'pending' AND run_at <= :now
-        ORDER BY priority, run_at, id LIMIT least(:limit, l.room) FOR UPDATE SKIP LOCKED) AS p
+    SELECT j.task, j.priority FROM queues AS q JOIN {s}.jobs AS j ON j.id = (
+        SELECT id FROM {s}.jobs
+        WHERE status = 'pending' AND (task, priority) > (q.task, q.priority)
+        ORDER BY task, priority, run_at, id LIMIT 1)
+),"""
+    + ROOM
+)
+# The pending jobs from the start of queue `q` on, in that index's order (a row comparison
+# again). The rows read past the queue's due jobs, at most the LIMIT, are left out after it
+# (a claim locks them until it commits: other daemons' claims skip them meanwhile).
+FROM_QUEUE = (
+    "SELECT id, task, priority, run_at FROM {s}.jobs WHERE status = 'pending'"
+    " AND (task, priority) >= (q.task, q.priority) ORDER BY task, priority, run_at, id"
+)
+
+# Of each queue of a task with room, its first due jobs, locked (SKIP LOCKED: another
+# daemon's claim takes those it locked); of those, no more per task than its room, in claim
+# order, at most :limit.
+CLAIM_SQL = compose(
+    """
+WITH RECURSIVE {queues}, picked AS (
+    SELECT p.*, r.free FROM queues AS q LEFT JOIN room AS r ON r.task = q.task, LATERAL (
+        {from_queue} LIMIT least(:limit, coalesce(r.free, :limit)) FOR UPDATE SKIP LOCKED
+    ) AS p
+    WHERE coalesce(r.free, 1) > 0
+        AND p.task = q.task AND p.priority = q.priority AND p.run_at <= :now
 ), chosen AS (
-    SELECT id FROM picked ORDER BY priority, run_at, id LIMIT :limit
+    SELECT id FROM (
+        SELECT id, priority, run_at, free,
+            row_number() OVER (PARTITION BY task ORDER BY priority, run_at, id) AS nth
+        FROM picked) AS ranked
+    WHERE nth <= coalesce(free, :limit)
+    ORDER BY priority, run_at, id LIMIT :limit
 )
 UPDATE {s}.jobs AS j SET {claimed}
 FROM chosen
 WHERE j.id = chosen.id AND {registered}
 RETURNING {columns}
 """,
+    queues=QUEUES,
+    from_queue=FROM_QUEUE,
     claimed=CLAIMED,
     registered=REGISTERED,
     columns=job_columns("j"),
 )
 
-NEXT_DUE_SQL = """
-WITH full_tasks AS (
-    SELECT t.task FROM unnest(:tasks::text[], :caps::integer[], :quotas::integer[])
-        AS t(task, cap, quota)
-    WHERE coalesce(t.quota, 1) <= 0 OR (SELECT count(*) FROM {s}.jobs r
-           WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting) >= t.cap
+# When the next pending job of a task with room is due (room counted after the claim): a
+# queue's first job.
+NEXT_DUE_SQL = compose(
+    """
+WITH RECURSIVE {queues}
+SELECT min((SELECT run_at FROM ({from_queue} LIMIT 1) AS first)) - :now AS due_in
+FROM queues AS q LEFT JOIN room AS r ON r.task = q.task
+WHERE coalesce(r.free, 1) > 0
+""",
+    queues=QUEUES,
+    from_queue=FROM_QUEUE,
 )
-SELECT min(run_at) - :now AS due_in FROM {s}.jobs
-WHERE status = 'pending' AND task NOT IN (SELECT task FROM full_tasks)
-"""
 
 FINISH_SQL = compose(
     """
@@ -287,7 +329,8 @@ class PostgresSql:
         )  # fmt: skip
 
     def next_due(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[float | None]:
-        (next_due,) = yield Statement(NEXT_DUE_SQL, _claim_params(request, quotas))
+        params = {"limit": request.limit, **_claim_params(request, quotas)}
+        (next_due,) = yield Statement(NEXT_DUE_SQL, params)
         due_in: float | None = next_due["due_in"]
         if due_in is None or due_in >= HELD / 2:  # only jobs waiting for their parents
             return None
