@@ -175,8 +175,8 @@ class Bench:
                                              jobs=self.jobs(5000))))  # fmt: skip
 
     def rate_limited_backlog(self, size: int, keys: int, stores: dict[str, StartDaemon]) -> None:
-        """Other work next to a backlog of due jobs held by a rate limit, their payloads
-        spread over `keys` values (issue 19: claims stay scan-free), on each store."""
+        """Other work next to a backlog of due jobs held by a per-key rate limit, spread
+        over `keys` values of its limit_key (issue 19: claims stay scan-free), on each store."""
         for store, start in stores.items():
             backlog = f"{size:,} rate-limited jobs, {keys:,} keys"
             enqueues = self.row(f"single enqueues next to {backlog} ({store})", "jobs/s",
@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
         "--rate-backlog", type=int, default=100_000,
         help="jobs held by a rate limit next to other work, on each store; 0: skip",
     )  # fmt: skip
-    parser.add_argument("--rate-keys", type=int, default=1000, help="their distinct payloads")
+    parser.add_argument(
+        "--rate-keys", type=int, default=1000, help="their distinct limit_key values"
+    )
     parser.add_argument(
         "--postgres",
         default=os.environ.get("TASKD_TEST_POSTGRES"),

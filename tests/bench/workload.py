@@ -39,7 +39,11 @@ async def limited(payload) -> None:
     "throttled.py": """from taskd import define_task
 
 
-@define_task(description="One start an hour: a backlog held by its rate limit", rate_limit="1/h")
+@define_task(
+    description="One start an hour per customer: a backlog held by its per-key rate limit",
+    rate_limit="1/h",
+    limit_key="customer",
+)
 async def throttled(payload) -> None:
     return None
 """,
