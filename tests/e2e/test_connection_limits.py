@@ -43,6 +43,9 @@ def limit_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
 
+# About 2.4 GB of replies cross the socket once the peers read: 70-90 s on a loaded 2-core
+# machine, more beside another test run.
+@pytest.mark.timeout(600)
 def test_peers_that_read_no_replies_cannot_grow_the_daemon(taskd_factory: type[Taskd]) -> None:
     daemon = taskd_factory(log_level="info").start(preexec_fn=limit_address_space)
     assert daemon.process is not None
