@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 import msgspec
 
@@ -175,6 +175,37 @@ def moment(text: str) -> float:
         print(f"taskctl: --at {text}{local} is in the past: the job is due at once",
               file=sys.stderr)  # fmt: skip
     return stamp
+
+
+class TimeBound(NamedTuple):
+    """--since, --until: a Unix time, or (`ago`) that many seconds before the call."""
+
+    seconds: float
+    ago: bool = False
+
+    def at(self, now: float) -> float:
+        return max(0.0, now - self.seconds) if self.ago else self.seconds
+
+
+def time_bound(text: str) -> TimeBound:
+    """--since, --until: an ISO-8601 time (local time without an offset), @UNIX seconds (as
+    the `jobs` method and `GET /jobs` take them), or a duration meaning that long ago."""
+    import datetime as dt
+
+    if text.startswith("@"):
+        with contextlib.suppress(ValueError):
+            if 0 <= (seconds := float(text[1:])) <= protocol.MAX_TIME:
+                return TimeBound(seconds)
+    else:
+        with contextlib.suppress(ValueError):
+            return TimeBound(parse_duration(text), ago=True)
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            return TimeBound(dt.datetime.fromisoformat(text).timestamp())
+    raise _bad_value(
+        f"invalid time {text!r}: use ISO-8601 such as 2026-12-01T08:00:00+01:00 (local time "
+        "without an offset), @UNIX seconds such as @1764572400, or a duration meaning that "
+        "long ago such as 90m, 2h, 7d"
+    )
 
 
 def positive_int(text: str) -> int:
@@ -399,16 +430,22 @@ def cmd_job(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_jobs(client: Client, args: argparse.Namespace) -> Exit:
     wanted = [name for group in args.status or [] for name in group] or None
+
+    def fetch(payloads: bool = False) -> list[Any]:
+        # A duration given to --since/--until counts back from each call (--watch slides).
+        now = time.time()
+        return client.jobs(
+            status=wanted, task=args.task, limit=args.limit, payloads=payloads,
+            origin=args.origin, key=args.key, before=args.before, text=args.text,
+            since=None if args.since is None else args.since.at(now),
+            until=None if args.until is None else args.until.at(now),
+        )  # fmt: skip
+
     if args.watch:
-        fetch = lambda: client.jobs(  # noqa: E731
-            status=wanted, task=args.task, limit=args.limit, origin=args.origin
-        )
         with contextlib.suppress(KeyboardInterrupt):
             _live().watch_jobs(client, fetch, sys.stdout)
         return Exit.OK
-    jobs = client.jobs(
-        status=wanted, task=args.task, limit=args.limit, payloads=args.payloads, origin=args.origin
-    )
+    jobs = fetch(args.payloads)
     return _show(args, jobs, lambda: _render().jobs_table(jobs))
 
 
@@ -749,6 +786,17 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--task", metavar="NAME", complete="tasks", help="only jobs of this task"),
         Arg("--origin", choices=JOB_ORIGINS, complete=JOB_ORIGINS,
             help="only jobs made so: by `run`, `enqueue`, a schedule's tick, or a task"),
+        Arg("--key", metavar="K", help="only jobs with this unique key (`enqueue --key`)"),
+        Arg("--since", type=time_bound, metavar="TIME",
+            help="only jobs created at or after TIME: ISO-8601 (local time without an "
+            "offset), @UNIX seconds, or a duration meaning that long ago (90m, 2h, 7d)"),
+        Arg("--until", type=time_bound, metavar="TIME",
+            help="only jobs created before TIME (as --since)"),
+        Arg("--text", metavar="S",
+            help="only jobs whose payload holds this text (not indexed: it reads the jobs "
+            "the other filters leave, so narrow them on a big store)"),
+        Arg("--before", type=positive_int, metavar="ID",
+            help="only jobs with a lower id: the next page after the last ID listed"),
         Arg("--limit", type=positive_int, default=50, metavar="N", help="default 50"),
         Arg("--payloads", action="store_true",
             help="with --json: include each job's payload and result (`taskctl job ID` shows "

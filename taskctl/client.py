@@ -19,6 +19,7 @@ import msgspec
 
 from taskctl.errors import (
     DaemonUnavailable,
+    InvalidParams,
     JobFailed,
     PermissionDenied,
     ProtocolError,
@@ -190,7 +191,10 @@ def jobs_params(
     fields = {"status": status, "task": task, "limit": limit, "payloads": payloads}
     fields["origin"] = origin
     fields.update(filters)
-    return msgspec.convert({k: v for k, v in fields.items() if v is not None}, JobsParams)
+    try:
+        return msgspec.convert({k: v for k, v in fields.items() if v is not None}, JobsParams)
+    except msgspec.ValidationError as exc:  # a filter out of range: as taskd would say it
+        raise InvalidParams(f"invalid filter: {exc}") from None
 
 
 def run_params(

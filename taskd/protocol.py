@@ -435,6 +435,8 @@ JOBS = Method(
     examples=(
         "taskctl jobs --status failed --task jobs:send-email",
         "taskctl jobs --json --payloads --limit 10",
+        "taskctl jobs --since 2h --until 30m --text ada@example.com",
+        "taskctl jobs --task jobs:send-email --before 42    # the page after job 42",
         "taskctl jobs --watch --status running,pending",
     ),
 )

@@ -43,10 +43,12 @@ FILTERS = [
     ("origin=schedule", {"origin": "schedule"}),
     ("key", {"key": "key-4240"}),
     ("created since (newest 1%)", {"since": "SINCE"}),
-    ("payload text", {"text": "user-4242"}),
-    # Where no index helps: every job is read.
+    # Only old jobs, or none, match: an id range (found on the primary key), an index.
     ("created until (oldest 1%)", {"until": "UNTIL"}),
+    ("created in an old hour", {"since": "OLD_SINCE", "until": "UNTIL"}),
     ("origin=hook (none)", {"origin": "hook"}),
+    # Not indexed: the jobs are read, newest first, until a page is full.
+    ("payload text", {"text": "user-4242"}),
     ("payload text (no match)", {"text": "no-such-text"}),
 ]
 
@@ -141,12 +143,18 @@ def jobs_page(daemon: Taskd, count: int) -> None:
     before = re.search(r"before=(\d+)", first)
     since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(NOW - count * 0.5 * 0.01))
     until = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(NOW - count * 0.5 * 0.99))
+    old_since = time.strftime(
+        "%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(NOW - count * 0.5 * 0.99 - 3600)
+    )
     print(f"Jobs page, {count:,} jobs: median of 5 (ms), rows shown")
     for name, query in FILTERS:
         values = {
-            k: {"BEFORE": before.group(1) if before else "", "SINCE": since, "UNTIL": until}.get(
-                v, v
-            )
+            k: {
+                "BEFORE": before.group(1) if before else "",
+                "SINCE": since,
+                "OLD_SINCE": old_since,
+                "UNTIL": until,
+            }.get(v, v)
             for k, v in query.items()
         }
         path = "/ui/jobs" + ("?" + urllib.parse.urlencode(values) if values else "")

@@ -71,6 +71,35 @@ def test_jobs_shows_origin_and_when_a_delayed_job_is_due(taskd: Taskd) -> None:
     assert ran[3] == "run" and queued[3] == "enqueue" and ":" in " ".join(queued[6:8])
 
 
+def test_jobs_filters_by_key_text_creation_time_and_pages_by_id(taskd: Taskd) -> None:
+    def enqueue(*args: str) -> int:
+        made = taskd.ctl("enqueue", "echo", "--delay", "1h", *args)
+        assert made.returncode == 0, made.stderr
+        return int(made.stdout)
+
+    ada = enqueue("--payload", '{"to": "ada@example.com"}', "--key", "k-ada")
+    bob = enqueue("--payload", '{"to": "bob@example.com"}')
+    eve = enqueue("--payload", '{"to": "eve@example.com"}', "--key", "k-eve")
+
+    def ids(*filters: str) -> list[int]:
+        listed = taskd.ctl("--json", "jobs", "--task", "echo", *filters)
+        assert listed.returncode == 0, listed.stderr
+        return [job["id"] for job in json.loads(listed.stdout)]
+
+    assert ids() == [eve, bob, ada]
+    assert ids("--key", "k-ada") == [ada]
+    assert ids("--text", "bob@") == [bob]
+    assert ids("--before", str(eve), "--limit", "1") == [bob]  # the next page after eve
+    assert ids("--since", "1h") == [eve, bob, ada]
+    assert ids("--until", "1h") == []
+    assert ids("--since", "2999-01-01T00:00:00+00:00") == []
+    assert ids("--until", "@32503680000", "--text", "example.com", "--before", str(bob)) == [ada]
+    wrong = taskd.ctl("jobs", "--since", "yesterday")
+    assert wrong.returncode == 2 and "--since" in wrong.stderr and "ISO-8601" in wrong.stderr
+    too_long = taskd.ctl("jobs", "--text", "x" * 201)
+    assert too_long.returncode == 2 and "text" in too_long.stderr, too_long.stderr
+
+
 def test_a_time_in_the_past_is_said(taskd: Taskd) -> None:
     result = taskd.ctl("enqueue", "echo", "--at", "2020-01-01T00:00:00")
     assert (

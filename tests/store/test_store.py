@@ -457,6 +457,35 @@ async def test_the_dashboards_filters_key_page_time_and_payload_text(
     assert await listed(text="%") == []  # no pattern: the text as it is
 
 
+async def test_a_time_window_filter_finds_its_edges_across_gaps_in_the_ids(
+    store: Store, clock: Clock
+) -> None:
+    """since/until are looked up as an id range: at every edge, with ids pruned away, and
+    with a job whose clock read went back (less than the slack) after a later id's."""
+    created: dict[int, float] = {}
+    for index in range(40):
+        clock.now = NOW + index * 100 - (130 if index == 25 else 0)  # 30 s before the last
+        (inserted,) = await store.insert([new()])
+        created[inserted.job_id] = clock.now
+    for job_id in list(created)[5:30:3]:  # gaps: cancelled, then pruned
+        await store.cancel(job_id)
+        del created[job_id]
+    clock.now = NOW + 10_000
+    assert await store.prune({"cancelled": 0}) == 9
+
+    async def listed(**query: object) -> list[int]:
+        jobs = await store.list_jobs(JobFilter(**{"limit": 100, **query}))  # type: ignore[arg-type]
+        return [job.id for job in jobs]
+
+    newest_first = sorted(created, reverse=True)
+    for moment in (NOW - 1, *sorted(created.values()), NOW + 2400, NOW + 2450, NOW + 9_999):
+        assert await listed(since=moment) == [i for i in newest_first if created[i] >= moment]
+        assert await listed(until=moment) == [i for i in newest_first if created[i] < moment]
+    window = [i for i in newest_first if NOW + 1000 <= created[i] < NOW + 3000]
+    assert await listed(since=NOW + 1000, until=NOW + 3000) == window
+    assert await listed(since=NOW + 1000, until=NOW + 3000, limit=2) == window[:2]
+
+
 async def test_jobs_finished_in_each_span_of_the_last_hour(store: Store, clock: Clock) -> None:
     ids = [i.job_id for i in await store.insert([new(max_attempts=1) for _ in range(4)])]
     await claim(store)

@@ -22,6 +22,9 @@ PLAIN = [
     ["enqueue", "hello", "--each", "@jobs.jsonl", "--on-finish", "report"],
     ["jobs", "--status", "failed,pending", "--status", "running", "--limit", "5"],
     ["jobs", "--origin", "schedule", "--payloads", "--task", "hello"],
+    ["jobs", "--key", "k", "--since", "2h", "--until=30m", "--text", "ada", "--before", "7"],
+    ["jobs", "--since", "2026-12-01T08:00:00+01:00", "--until", "@1764572400"],
+    ["jobs", "--since", "2026-12-01T08:00"],  # local time
     ["job", "42"],
     ["logs", "-f", "42"],
     ["wait", "42", "--timeout", "1m"],
@@ -46,6 +49,9 @@ LEFT_TO_ARGPARSE = [
     ["enqueue", "hello", "--delay", "soon"],  # a type refuses it
     ["jobs", "--origin", "cron"],  # not a choice
     ["jobs", "--limit", "0"],
+    ["jobs", "--since", "yesterday"],  # neither a time nor a duration
+    ["jobs", "--until", "@soon"],
+    ["jobs", "--before", "0"],
     ["run", "--", "hello"],
     ["run", "hello", "--detach=yes"],
     ["job", "-1"],  # looks like an option
@@ -64,3 +70,9 @@ def test_a_plain_command_line_reads_as_argparse_reads_it(words: list[str]) -> No
 @pytest.mark.parametrize("words", LEFT_TO_ARGPARSE, ids=" ".join)
 def test_any_other_command_line_is_left_to_argparse(words: list[str]) -> None:
     assert read(words, COMMANDS, GLOBAL_OPTIONS) is None
+
+
+def test_a_duration_since_or_until_counts_back_from_the_call() -> None:
+    args = read(["jobs", "--since", "2h", "--until", "@1764572400"], COMMANDS, GLOBAL_OPTIONS)
+    assert args is not None
+    assert args.since.at(10_000.0) == 10_000.0 - 7200 and args.until.at(10_000.0) == 1764572400

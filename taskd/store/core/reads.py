@@ -35,6 +35,14 @@ def get(sql: Dialect, job_id: int) -> Steps[Job | None]:
     return job
 
 
+# How far a job's created_at may lag behind that of a job with a lower id. Ids grow with
+# creation: SQLite's one writer reads its clock once per transaction; PostgreSQL takes a
+# job's id and its created_at (the statement's start) in the same statement. A clock stepped
+# back further than this, or a statement that runs longer, can hide a job at the edge of a
+# --since/--until window.
+CREATION_ORDER_SLACK = 60.0
+
+
 def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
     clauses: list[str] = []
     params: dict[str, object] = {"limit": query.limit}
@@ -49,8 +57,19 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
         if value is not None:
             clauses.append(f"{column} = :{column}")
             params[column] = value
+    # A time window is also an id range, found on the primary key, so that the newest jobs
+    # of the window come first off the id order without an index on created_at.
+    since_id = until_id = None
+    if query.since is not None:
+        since_id = yield from _first_created_at_or_after(query.since - CREATION_ORDER_SLACK)
+        if since_id is None:
+            return []
+    if query.until is not None:
+        until_id = yield from _first_created_at_or_after(query.until + CREATION_ORDER_SLACK)
     bounds: tuple[tuple[str, str, object], ...] = (
         ("id < :before", "before", query.before),
+        ("id >= :since_id", "since_id", since_id),
+        ("id < :until_id", "until_id", until_id),
         ("created_at >= :since", "since", query.since),
         ("created_at < :until", "until", query.until),
         (sql.payload_holds, "text", query.text),
@@ -64,6 +83,34 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
         f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs {where} ORDER BY id DESC LIMIT :limit", params
     )
     return [job_from_row(row) for row in rows]
+
+
+def _first_created_at_or_after(moment: float) -> Steps[int | None]:
+    """The lowest id of a job created at or after `moment` (None: no such job), by a binary
+    search of the ids that holds as long as created_at grows with the id: some twenty
+    lookups by primary key for a million jobs, however old the moment."""
+    rows = yield Statement(  # each alone in its query, so that each is one index lookup
+        "SELECT (SELECT min(id) FROM {s}.jobs) AS low, (SELECT max(id) FROM {s}.jobs) AS high"
+    )
+    if rows[0]["high"] is None:
+        return None
+    # Every job below `low` was created before the moment, every one from `high` on at or
+    # after it; `end`: past the last job.
+    low, high = int(rows[0]["low"]), int(rows[0]["high"]) + 1
+    end = high
+    while low < high:
+        rows = yield Statement(
+            "SELECT id, created_at FROM {s}.jobs WHERE id >= :id AND id < :high"
+            " ORDER BY id LIMIT 1",
+            {"id": (low + high) // 2, "high": high},
+        )
+        if not rows:  # no job in [middle, high): the jobs from the middle on are high's
+            high = (low + high) // 2
+        elif rows[0]["created_at"] >= moment:
+            high = int(rows[0]["id"])
+        else:
+            low = int(rows[0]["id"]) + 1
+    return None if low == end else low
 
 
 def counts(sql: Dialect) -> Steps[list[TaskCounts]]:

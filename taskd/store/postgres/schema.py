@@ -230,6 +230,8 @@ MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX rate_limits_tat ON {s}.rate_limits (kind, tat)",
     ],
+    # The Jobs page's origin filter: the newest jobs of an origin, however rare.
+    ["CREATE INDEX jobs_origin ON {s}.jobs (origin, id)"],
 ]
 
 
