@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from taskctl import AsyncClient, Client, enqueue_params
 from tests.e2e.test_access import NOGROUP, needs_root
 from tests.support import RawConnection, Taskd, wait_until
