@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "nspawn: boots a Debian container with systemd-nspawn (make test-systemd)"
     )
+    # A shell starts a background job (`make test &` in a script) with SIGINT ignored, and
+    # the processes the tests start would inherit that: taskctl could not be stopped with
+    # Ctrl-C. A handler of our own is not inherited across exec; each child gets the default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
