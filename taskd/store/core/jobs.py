@@ -427,4 +427,6 @@ def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> Steps[list[int]
     counts = []
     for status, age in slices:
         counts.append((yield from tx.sql.prune(status, age)))
+    if tx.sql.fold_counts_sql:
+        yield Statement(tx.sql.fold_counts_sql)
     return counts
