@@ -8,6 +8,7 @@ import pytest
 
 from taskd.store import ClaimRequest, NewJob, Outcome, Store
 from tests.conftest import NOW
+from tests.store.counting import counters_match_the_jobs  # noqa: F401
 from tests.support import Clock
 
 PAYLOAD = msgspec.msgpack.encode({})

@@ -21,6 +21,7 @@ from taskd.store import (
     Store,
 )
 from tests.conftest import NOW
+from tests.store.counting import counters_match_the_jobs  # noqa: F401
 from tests.support import Clock
 
 PAYLOAD = msgspec.msgpack.encode({"x": 1})
