@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from taskctl.client import Client
 from tests.backends import drop_schema, unique_schema
 from tests.bench.workload import BenchTaskd, make_tasks
 from tests.support import TASKCTL, Taskd, short_tempdir
@@ -122,9 +123,8 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def answers(daemon: Taskd, job_id: int) -> dict[str, Callable[[], object]]:
+def answers(client: Client, job_id: int) -> dict[str, Callable[[], object]]:
     """Each request alone, on one open connection (what the daemon takes to answer)."""
-    client = daemon.client()
     return {
         "taskctl status": client.status,
         "taskctl jobs": lambda: client.jobs(),
@@ -141,9 +141,9 @@ def answered(call: Callable[[], object]) -> float:
 
 def measure(jobs: int, repeat: int, url: str | None) -> dict[str, tuple[float, float]]:
     """Median milliseconds of each request (alone, and as a whole process)."""
-    with backlog(jobs, url) as daemon:
+    with backlog(jobs, url) as daemon, daemon.client() as client:
         runs, job_id = commands(daemon)
-        calls = answers(daemon, job_id)
+        calls = answers(client, job_id)
         for name, command in runs.items():
             timed(command)  # warm
             answered(calls[name])
