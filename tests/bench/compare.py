@@ -328,7 +328,24 @@ def rate_backlog_stores(
 
 
 SECTIONS = ("throughput", "commands", "single-flight", "throughput, synchronous = normal",
-            "backlog", "cron", "start-up", "rate-limited backlog", "PostgreSQL")  # fmt: skip
+            "backlog", "cron", "inspect", "start-up", "rate-limited backlog",
+            "PostgreSQL")  # fmt: skip
+
+
+def inspect_rows(bench: Bench, jobs: int, postgres: str | None) -> None:
+    """Each inspecting request, alone, next to `jobs` pending jobs."""
+    from tests.bench import inspect_backlog
+
+    backends = [("SQLite", None), *([("PostgreSQL", postgres)] if postgres else [])]
+    for backend, url in backends:
+        goal = "< 50 ms" if url is None else "< 100 ms"
+        rows = {
+            command: bench.row(f"{command} with {jobs:,} pending jobs ({backend})", "ms", "-", goal)
+            for command in inspect_backlog.COMMANDS
+        }
+        # One store of that size per backend (it takes a while to fill); medians inside.
+        for command, (alone, _) in inspect_backlog.measure(jobs, bench.repeat, url).items():
+            rows[command].taskd.append(alone)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ticks", type=int, default=60, help="0: skip the cron scenario")
     parser.add_argument(
         "--startup-jobs", type=int, default=1_000_000, help="jobs in the big store; 0: skip"
+    )
+    parser.add_argument(
+        "--inspect-jobs", type=int, default=1_000_000, help="pending jobs to inspect; 0: skip"
     )
     parser.add_argument("--runs", type=int, default=30, help="runs of each command")
     parser.add_argument(
@@ -390,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(("backlog", lambda: bench.backlog(int(args.backlog * args.scale))))
         if args.ticks:
             sections.append(("cron", lambda: cron_rows(bench, args.ticks)))
+        if args.inspect_jobs:
+            pending = int(args.inspect_jobs * args.scale)
+            sections.append(("inspect", lambda: inspect_rows(bench, pending, args.postgres)))
         if args.startup_jobs:
             jobs = int(args.startup_jobs * args.scale)
             sections.append(("start-up", lambda: startup_rows(bench, jobs)))

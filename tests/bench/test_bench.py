@@ -26,7 +26,8 @@ def test_every_benchmark_scenario_runs(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     compare.main(
         ["--repeat", "1", "--scale", "0.01", "--backlog", "20000", "--ticks", "2", "--runs", "1",
-         "--startup-jobs", "20000", "--postgres", "", "--no-peers", "--output", str(output)]
+         "--startup-jobs", "20000", "--inspect-jobs", "20000", "--postgres", "", "--no-peers",
+         "--output", str(output)]
     )  # fmt: skip
     rows = table(output.read_text())
     assert len(rows) >= 12, rows

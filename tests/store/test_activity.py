@@ -8,6 +8,7 @@ import pytest
 from taskd.store import ClaimRequest, JobFilter, LogNote, NewJob, Outcome, ProgressNote, Store
 from taskd.store.base import MAX_LOG_BYTES, MAX_LOG_LINES
 from tests.conftest import NOW
+from tests.store.counting import counters_match_the_jobs  # noqa: F401
 
 W1 = "w1/1"
 

@@ -9,6 +9,7 @@ import pytest
 from taskd.models import Job
 from taskd.store import ClaimRequest, LimitState, NewJob, Outcome, SharedLimit, Store
 from tests.conftest import NOW
+from tests.store.counting import counters_match_the_jobs  # noqa: F401
 from tests.support import Clock
 
 PAYLOAD = msgspec.msgpack.encode({})

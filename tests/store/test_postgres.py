@@ -14,8 +14,10 @@ import pytest
 
 import taskd.outbox
 import taskd.pg
+from taskd.models import TaskCounts
 from taskd.store import ClaimRequest, NewJob, StoreError
 from taskd.store.postgres.dialect import CLAIM_SQL, NEXT_DUE_SQL, render
+from taskd.store.postgres.schema import MIGRATIONS
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
 from tests.support import Clock
@@ -243,3 +245,76 @@ async def test_two_stores_migrating_at_once_make_one_schema() -> None:
         for s in stores:
             await s.close()
         await drop_schema(url, schema)
+
+
+async def test_the_job_counters_are_filled_by_the_migration_and_kept_by_every_writer() -> None:
+    """The migration counts the jobs already there; then the daemons' writes and an
+    application's (the outbox, in its own transaction) keep the counters, each server
+    process in rows of its own, which a prune folds once that process is gone."""
+    url, schema = postgres_url(), unique_schema()
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f"CREATE SCHEMA {schema}")
+        for statement in (s for migration in MIGRATIONS[:-1] for s in migration):
+            await connection.execute(statement.format(s=schema))
+        await connection.execute(
+            f"CREATE TABLE {schema}.migrations (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await connection.executemany(
+            f"INSERT INTO {schema}.migrations (version) VALUES ($1)",
+            [(n,) for n in range(1, len(MIGRATIONS))],
+        )
+        await connection.execute(
+            f"INSERT INTO {schema}.jobs (task, status, origin, payload, run_at, max_attempts,"
+            " created_at) SELECT t, s, 'enqueue', '\\x80', 0, 3, 0"
+            " FROM unnest(ARRAY['a', 'a', 'a', 'b'], ARRAY['pending', 'pending', 'failed',"
+            " 'pending']) AS v(t, s)"
+        )
+        store = PostgresStore(url, schema=schema, pool_size=2)  # the clock of the outbox
+        await store.open()
+        try:
+            assert counted(await store.counts()) == {"a": {"pending": 2, "failed": 1},
+                                                     "b": {"pending": 1}}  # fmt: skip
+            async with connection.transaction():
+                await taskd.outbox.enqueue(connection, "b", schema=schema)
+            worker = await store.register_node("n", 60)
+            claimed = await store.claim(ClaimRequest(worker, 10, 60))
+            assert len(claimed.jobs) == 4
+            assert counted(await store.counts()) == {"a": {"running": 2, "failed": 1},
+                                                     "b": {"running": 2}}  # fmt: skip
+            writers = f"SELECT count(DISTINCT backend) FROM {schema}.job_counts"
+            assert await connection.fetchval(writers) >= 2  # the migration's, the outbox's...
+            await connection.close()  # a server process gone: its rows are folded
+            connection = await asyncpg.connect(url)
+            await wait_for_backends_gone(connection, schema)
+            await store.prune({"succeeded": 3600})
+            assert counted(await store.counts()) == {"a": {"running": 2, "failed": 1},
+                                                     "b": {"running": 2}}  # fmt: skip
+            alive = await connection.fetchval(
+                f"SELECT count(*) FROM {schema}.job_counts c WHERE NOT EXISTS"
+                " (SELECT 1 FROM pg_stat_activity a WHERE a.pid = c.backend)"
+            )
+            assert alive == 0
+        finally:
+            await store.close()
+    finally:
+        await drop_schema(url, schema)
+        await connection.close()
+
+
+def counted(entries: list[TaskCounts]) -> dict[str, dict[str, int]]:
+    return {entry.task: entry.counts for entry in entries}
+
+
+async def wait_for_backends_gone(connection: asyncpg.Connection, schema: str) -> None:
+    """Until pg_stat_activity no longer lists the closed connection's process."""
+    gone = (
+        f"SELECT count(*) FROM {schema}.job_counts c WHERE c.backend <> 0 AND NOT EXISTS"
+        " (SELECT 1 FROM pg_stat_activity a WHERE a.pid = c.backend)"
+    )
+    for _ in range(200):
+        if await connection.fetchval(gone):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the closed connection's server process is still listed")

@@ -89,12 +89,16 @@ async def test_a_version_1_database_is_migrated(
     migrated = [r.getMessage() for r in caplog.records if "schema version" in r.getMessage()]
     assert migrated == [f"job store {path} migrated from schema version 1 to {len(MIGRATIONS)}"]
     try:
+        (entry,) = await store.counts()  # the migration counted the jobs there
+        assert (entry.task, entry.counts) == ("t", {"pending": 1, "running": 1})
         (recovered,) = await store.recover(3)
         assert recovered.status == "pending" and recovered.errors == []
         job = await store.get(recovered.id)
         assert job is not None and "worker host:12:abcd went away" in job.errors[0].message
         claimed = await store.claim(ClaimRequest(await store.register_node("n", 60), 5, 60))
         assert [(job.task, job.epoch) for job in claimed.jobs] == [("t", 1), ("t", 1)]
+        (entry,) = await store.counts()
+        assert entry.counts == {"running": 2}
         (state,) = await store.schedule_states()
         assert state == ScheduleState("x", last_tick=5.0, paused=True, covered_until=5.0)
     finally:

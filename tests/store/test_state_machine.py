@@ -26,6 +26,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from taskd.models import FiredJob
 from taskd.store import ClaimRequest, Failure, InvalidTransition, JobFilter, NewJob, Outcome, Store
 from tests.backends import BACKENDS, open_backend
+from tests.store.counting import job_counts
 from tests.support import Clock
 
 QUARANTINE = 3
@@ -296,6 +297,13 @@ class JobStateMachine(RuleBasedStateMachine):
             job.key for job in stored if job.key and job.status in ("pending", "running")
         ]
         assert len(active_keys) == len(set(active_keys))
+
+    @invariant()
+    def the_counters_are_the_jobs_counted(self) -> None:
+        stored = self.run(self.store.list_jobs(JobFilter(limit=10_000)))
+        counted = job_counts(stored, self.run(self.store.clock()))
+        assert self.run(self.store.counts()) == counted
+        assert self.run(self.store.queue_depth()) == sum(j.status == "pending" for j in stored)
 
     @invariant()
     def the_nodes_alive_are_the_models(self) -> None:

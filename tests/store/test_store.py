@@ -21,6 +21,7 @@ from taskd.store import (
     Store,
 )
 from tests.conftest import NOW
+from tests.store.counting import counters_match_the_jobs  # noqa: F401
 from tests.support import Clock
 
 PAYLOAD = msgspec.msgpack.encode({"x": 1})
@@ -428,6 +429,34 @@ async def test_list_counts_prune(store: Store, clock: Clock) -> None:
     assert await store.prune({"succeeded": 4}) == 0  # finished exactly 4 s ago
     assert await store.prune({"succeeded": 2}) == 1
     assert await store.get(ids[0]) is None
+    assert {entry.task: entry.counts for entry in await store.counts()} == {
+        "a": {"pending": 1}, "b": {"pending": 1},
+    }  # fmt: skip
+
+
+async def test_counts_find_the_oldest_and_the_next_job_at_every_priority(
+    store: Store, clock: Clock
+) -> None:
+    (parent,) = await store.insert([new("p", delay=1000)])
+    await store.insert([
+        new("c", priority=5),  # due now: the oldest
+        new("c", priority=1, delay=20),
+        new("c", priority=9, delay=7),  # the next due
+        new("c", priority=-3, after=(parent.job_id,)),  # waits for its parent: never due
+    ])  # fmt: skip
+    clock.now = NOW + 2
+    entry = {entry.task: entry for entry in await store.counts()}["c"]
+    assert (entry.counts, entry.oldest_pending_age, entry.next_due_at) == (
+        {"pending": 4}, 2, NOW + 7,
+    )  # fmt: skip
+    (running,) = (await claim(store, limit=1)).jobs
+    assert [job.id for job in await store.list_jobs(JobFilter(statuses=["running"]))] == [
+        running.id
+    ]
+    entry = {entry.task: entry for entry in await store.counts()}["c"]
+    assert (entry.counts, entry.oldest_pending_age, entry.next_due_at) == (
+        {"pending": 3, "running": 1}, None, NOW + 7,
+    )  # fmt: skip
 
 
 async def test_the_dashboards_filters_key_page_time_and_payload_text(

@@ -8,6 +8,7 @@ import msgspec
 from taskd.models import Hook
 from taskd.store import JobFilter, JobNotFound, Outcome, Store
 from tests.conftest import NOW
+from tests.store.counting import counters_match_the_jobs  # noqa: F401
 from tests.store.test_store import ERROR, W1, claim, new, succeeded, workers  # noqa: F401
 
 

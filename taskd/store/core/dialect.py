@@ -23,7 +23,12 @@ class Dialect(Protocol):
     register_sql: str  # a node's next worker; returns `worker`
     node_columns: str  # NODE_COLUMNS and `schedules`
     errors_sql: str  # a job's attempt errors (`:id`), oldest first
-    queue_depth_sql: str  # `n`: the pending jobs
+    pending_index: str  # follows `{s}.jobs` to read it by (task, priority, run_at) of pending jobs
+    running_index: str  # follows `{s}.jobs` to read the running jobs by their own index
+    next_priority_sql: (
+        str  # the next priority of task `:task`'s pending jobs after `levels.priority`
+    )
+    fold_counts_sql: str  # merges the job counters a prune may merge ("": none)
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit

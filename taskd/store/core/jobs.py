@@ -479,4 +479,6 @@ def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> Steps[list[int]
     for status, age in slices:
         counts.append((yield from tx.sql.prune(status, age)))
     yield from keys.forget_idle(PRUNE_SLICE)
+    if tx.sql.fold_counts_sql:
+        yield Statement(tx.sql.fold_counts_sql)
     return counts

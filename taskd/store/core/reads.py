@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from taskd.models import Job, NodeInfo, TaskCounts
 from taskd.store.base import JobFilter, ScheduleState
+from taskd.store.core.deps import HELD
 from taskd.store.core.dialect import Dialect
-from taskd.store.core.statements import Statement, Steps, members
+from taskd.store.core.statements import Statement, Steps, compose, members
 from taskd.store.rows import (
     JOB_COLUMNS,
     SCHEDULE_COLUMNS,
@@ -17,6 +18,33 @@ from taskd.store.rows import (
     node_from_row,
     schedule_from_row,
 )
+
+# The counters: PostgreSQL keeps a row per server process that wrote (see its schema).
+COUNTS_SQL = (
+    "SELECT task, status, sum(n) AS n FROM {s}.job_counts GROUP BY task, status HAVING sum(n) <> 0"
+)
+# A task's earliest pending job (`first_at`; due if not after `now`) and the earliest one
+# due later that waits for no parent (`next_due`), from the pending jobs' index (task,
+# priority, run_at): the minimum of each priority's, visiting the priorities one by one
+# (`next_priority`: the dialect's). The row comparison, and the order only that index
+# gives, keep PostgreSQL's planner off the index by (priority, run_at) of every task.
+PENDING_EDGES_SQL = f"""
+WITH RECURSIVE levels(priority) AS (
+    SELECT min(priority) FROM {{s}}.jobs{{indexed}} WHERE status = 'pending' AND task = :task
+    UNION ALL
+    SELECT ({{next_priority}}) FROM levels WHERE levels.priority IS NOT NULL
+)
+SELECT :now AS now,
+    min((SELECT min(run_at) FROM {{s}}.jobs{{indexed}}
+         WHERE status = 'pending' AND task = :task AND priority = levels.priority)) AS first_at,
+    min((SELECT run_at FROM (
+            SELECT task, priority, run_at FROM {{s}}.jobs{{indexed}} WHERE status = 'pending'
+                AND (task, priority, run_at) > (:task, levels.priority, :now)
+            ORDER BY task, priority, run_at LIMIT 1
+         ) AS later WHERE later.task = :task AND later.priority = levels.priority
+             AND later.run_at < {HELD!r})) AS next_due
+FROM levels WHERE levels.priority IS NOT NULL
+"""
 
 
 def get(sql: Dialect, job_id: int) -> Steps[Job | None]:
@@ -46,7 +74,13 @@ CREATION_ORDER_SLACK = 60.0
 def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
     clauses: list[str] = []
     params: dict[str, object] = {"limit": query.limit}
-    if query.statuses:
+    index = ""
+    if list(query.statuses or ()) == ["running"]:
+        # A few jobs, however long the backlog: read through the running jobs' own index
+        # (a partial one, which a bound parameter would not select).
+        clauses.append("status = 'running'")
+        index = sql.running_index
+    elif query.statuses:
         statuses, values = members("status", query.statuses)
         clauses.append(f"status IN ({statuses})")
         params.update(values)
@@ -80,7 +114,8 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
             params[name] = bound
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = yield Statement(
-        f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs {where} ORDER BY id DESC LIMIT :limit", params
+        f"SELECT {JOB_COLUMNS} FROM {{s}}.jobs{index} {where} ORDER BY id DESC LIMIT :limit",
+        params,
     )
     return [job_from_row(row) for row in rows]
 
@@ -114,31 +149,24 @@ def _first_created_at_or_after(moment: float) -> Steps[int | None]:
 
 
 def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
-    """Jobs per task and status, and per task the oldest due pending job's age."""
+    """Jobs per task and status (the counters the writes keep, see `job_counts` in the
+    schemas), and per task the oldest due pending job's age and when the next one is due
+    (each a few steps down the pending jobs' index)."""
     by_task: dict[str, dict[str, int]] = {}
-    for row in (
-        yield Statement("SELECT task, status, count(*) AS n FROM {s}.jobs GROUP BY task, status")
-    ):
-        by_task.setdefault(row["task"], {})[row["status"]] = row["n"]
-    waiting = {
-        row["task"]: (row["oldest_age"], row["next_due"])
-        for row in (
-            yield Statement(
-                "SELECT task, :now - min(CASE WHEN run_at <= :now THEN run_at END) AS oldest_age,"
-                " min(CASE WHEN run_at > :now AND blocked = 0 THEN run_at END) AS next_due"
-                " FROM {s}.jobs WHERE status = 'pending' GROUP BY task"
-            )
-        )
-    }
-    return [
-        TaskCounts(
-            task=task,
-            counts=task_counts,
-            oldest_pending_age=waiting.get(task, (None, None))[0],
-            next_due_at=waiting.get(task, (None, None))[1],
-        )
-        for task, task_counts in sorted(by_task.items())
-    ]
+    for row in (yield Statement(COUNTS_SQL)):
+        by_task.setdefault(row["task"], {})[row["status"]] = int(row["n"])
+    entries = []
+    for task, task_counts in sorted(by_task.items()):
+        oldest_age = next_due = None
+        if task_counts.get("pending"):
+            (row,) = yield Statement(compose(PENDING_EDGES_SQL, indexed=sql.pending_index,
+                                             next_priority=sql.next_priority_sql),
+                                     {"task": task})  # fmt: skip
+            if row["first_at"] is not None and row["first_at"] <= row["now"]:
+                oldest_age = row["now"] - row["first_at"]
+            next_due = row["next_due"]
+        entries.append(TaskCounts(task, task_counts, oldest_age, next_due))
+    return entries
 
 
 def finished_recently(sql: Dialect, window: float, buckets: int) -> Steps[list[tuple[int, int]]]:
@@ -161,7 +189,9 @@ def finished_recently(sql: Dialect, window: float, buckets: int) -> Steps[list[t
 
 
 def queue_depth(sql: Dialect) -> Steps[int]:
-    rows = yield Statement(sql.queue_depth_sql)
+    rows = yield Statement(
+        "SELECT coalesce(sum(n), 0) AS n FROM {s}.job_counts WHERE status = 'pending'"
+    )
     return int(rows[0]["n"])
 
 

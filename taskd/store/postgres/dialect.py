@@ -74,6 +74,20 @@ WITH new AS (
 SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new
 """
 
+# The job counters of server processes that are gone, added to this one's (a process reusing
+# a pid in the meantime only has its counts moved, not changed).
+FOLD_COUNTS_SQL = """
+WITH gone AS (
+    DELETE FROM {s}.job_counts AS c WHERE backend <> pg_backend_pid()
+        AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = c.backend)
+    RETURNING task, status, n
+)
+INSERT INTO {s}.job_counts AS c (task, status, backend, n)
+SELECT task, status, pg_backend_pid(), sum(n) FROM gone GROUP BY task, status
+ORDER BY task, status
+ON CONFLICT (task, status, backend) DO UPDATE SET n = c.n + excluded.n
+"""
+
 ACTIVE_KEYS_SQL = """
 SELECT id, task, key FROM {s}.jobs
 WHERE key IS NOT NULL AND status IN ('pending', 'running')
@@ -279,7 +293,15 @@ class PostgresSql:
     errors_sql = compose(
         "SELECT {columns} FROM {s}.job_errors WHERE job_id = :id ORDER BY id", columns=ERROR_COLUMNS
     )
-    queue_depth_sql = "SELECT count(*) AS n FROM {s}.jobs WHERE status = 'pending'"
+    pending_index = ""
+    running_index = ""  # the planner picks jobs_running for `status = 'running'`
+    # A row comparison, and an order, that only the index by (task, priority, run_at) serves.
+    next_priority_sql = (
+        "SELECT priority FROM (SELECT task, priority FROM {s}.jobs WHERE status = 'pending'"
+        " AND (task, priority) > (:task, levels.priority) ORDER BY task, priority LIMIT 1)"
+        " AS higher WHERE higher.task = :task"
+    )
+    fold_counts_sql = FOLD_COUNTS_SQL
     trim_logs_sql = trim_logs_sql("octet_length(message)")
     lock_rows = " FOR UPDATE"
     # A parent's end (an UPDATE of its row) waits for the insert linking a child to it.

@@ -232,6 +232,63 @@ MIGRATIONS: list[list[str]] = [
     ],
     # The Jobs page's origin filter: the newest jobs of an origin, however rare.
     ["CREATE INDEX jobs_origin ON {s}.jobs (origin, id)"],
+    # The jobs per task and status, kept by triggers in the transaction of every statement
+    # that makes, moves or deletes jobs: `status` and `/metrics` sum them, never count the
+    # jobs. Each server process (`backend`, its pid) writes rows of its own, which no other
+    # transaction writes at the same time: daemons never wait on each other for a counter.
+    # `prune` folds the rows of processes that are gone into its own.
+    [
+        """
+        CREATE TABLE {s}.job_counts (
+            task text NOT NULL,
+            status text NOT NULL,
+            backend integer NOT NULL,
+            n bigint NOT NULL,
+            PRIMARY KEY (task, status, backend)
+        )
+        """,
+        "INSERT INTO {s}.job_counts (task, status, backend, n)"
+        " SELECT task, status, 0, count(*) FROM {s}.jobs GROUP BY task, status",
+        """
+        CREATE FUNCTION {s}.count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO {s}.job_counts AS c (task, status, backend, n)
+                SELECT task, status, pg_backend_pid(), count(*) FROM new_rows
+                GROUP BY task, status ORDER BY task, status
+                ON CONFLICT (task, status, backend) DO UPDATE SET n = c.n + excluded.n;
+            ELSIF TG_OP = 'DELETE' THEN
+                INSERT INTO {s}.job_counts AS c (task, status, backend, n)
+                SELECT task, status, pg_backend_pid(), -count(*) FROM old_rows
+                GROUP BY task, status ORDER BY task, status
+                ON CONFLICT (task, status, backend) DO UPDATE SET n = c.n + excluded.n;
+            ELSE
+                INSERT INTO {s}.job_counts AS c (task, status, backend, n)
+                SELECT task, status, pg_backend_pid(), sum(n) FROM (
+                    SELECT task, status, 1 AS n FROM new_rows
+                    UNION ALL SELECT task, status, -1 FROM old_rows
+                ) AS moved
+                GROUP BY task, status HAVING sum(n) <> 0 ORDER BY task, status
+                ON CONFLICT (task, status, backend) DO UPDATE SET n = c.n + excluded.n;
+            END IF;
+            RETURN NULL;
+        END
+        $$
+        """,
+        """
+        CREATE TRIGGER jobs_counted_insert AFTER INSERT ON {s}.jobs
+        REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_jobs()
+        """,
+        """
+        CREATE TRIGGER jobs_counted_update AFTER UPDATE ON {s}.jobs
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_jobs()
+        """,
+        """
+        CREATE TRIGGER jobs_counted_delete AFTER DELETE ON {s}.jobs
+        REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_jobs()
+        """,
+    ],
 ]
 
 

@@ -110,10 +110,14 @@ class SqliteSql:
     register_sql = REGISTER_SQL + " RETURNING worker"
     node_columns = NODE_COLUMNS + ", NULL AS schedules"  # the store keeps them in memory
     errors_sql = f"SELECT {ERROR_COLUMNS} FROM job_errors WHERE job_id = :id ORDER BY rowid"
-    # The partial index holds only pending jobs: counting them never scans the history.
-    queue_depth_sql = (
-        "SELECT count(*) AS n FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'"
+    # The planner would rather walk the (task, status) index, through every pending job.
+    pending_index = " INDEXED BY jobs_task_claim_order"
+    running_index = " INDEXED BY jobs_running_lease"
+    next_priority_sql = (
+        "SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order"
+        " WHERE status = 'pending' AND task = :task AND priority > levels.priority"
     )
+    fold_counts_sql = ""  # one row per task and status
     trim_logs_sql = trim_logs_sql("length(CAST(message AS BLOB))")
     lock_rows = ""  # one writer
     lock_shared = ""  # one writer: nothing else writes until the commit

@@ -8,6 +8,10 @@ import aiosqlite
 
 from taskd.store.core.migrations import TRACEPARENT_COLUMN, log_migrated, versions_to_apply
 
+# What a trigger adds to the count of a job's (task, status): `row` is new or old.
+_COUNT = """INSERT INTO job_counts (task, status, n) VALUES ({row}.task, {row}.status, {n})
+            ON CONFLICT (task, status) DO UPDATE SET n = n + {n}"""
+
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
 MIGRATIONS: list[list[str]] = [
@@ -246,6 +250,37 @@ MIGRATIONS: list[list[str]] = [
     # The Jobs page's origin filter: the newest jobs of an origin, however rare (the rowid
     # is in every index).
     ["CREATE INDEX jobs_origin ON jobs (origin)"],
+    # The jobs per task and status, kept by triggers in the transaction of every write that
+    # makes, moves or deletes a job: `status` and `/metrics` read them, never count the jobs.
+    [
+        """
+        CREATE TABLE job_counts (
+            task TEXT NOT NULL,
+            status TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (task, status)
+        ) WITHOUT ROWID
+        """,
+        "INSERT INTO job_counts (task, status, n)"
+        " SELECT task, status, count(*) FROM jobs GROUP BY task, status",
+        f"""
+        CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+            {_COUNT.format(row="new", n=1)};
+        END
+        """,
+        f"""
+        CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+            {_COUNT.format(row="old", n=-1)};
+        END
+        """,
+        f"""
+        CREATE TRIGGER jobs_counted_update AFTER UPDATE OF task, status ON jobs
+        WHEN old.task IS NOT new.task OR old.status IS NOT new.status BEGIN
+            {_COUNT.format(row="old", n=-1)};
+            {_COUNT.format(row="new", n=1)};
+        END
+        """,
+    ],
 ]
 
 
