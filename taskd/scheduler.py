@@ -181,7 +181,8 @@ class _Early:
 
 class _Entry:
     """A schedule, its state as last read from the store, and its next tick (None: not
-    ticking, because it is paused, disabled or @startup); `early`, a tick fired ahead."""
+    ticking, because it is paused, disabled or @startup); `early`, its ticks fired ahead and
+    not started yet (more than one only when jitter delays them past the next tick)."""
 
     __slots__ = ("early", "next_tick", "spec", "state")
 
@@ -189,7 +190,7 @@ class _Entry:
         self.spec = spec
         self.state = state
         self.next_tick: float | None = None
-        self.early: _Early | None = None
+        self.early: list[_Early] = []
 
     @property
     def active(self) -> bool:
@@ -255,9 +256,9 @@ class Scheduler:
             entries = {spec.id: _Entry(spec, ScheduleState(spec.id)) for spec in specs}
             for spec in specs:  # a tick fired ahead for the same schedule still starts
                 old = self._entries.get(spec.id)
-                if old is not None and old.spec == spec and old.early is not None:
-                    entries[spec.id].early, old.early = old.early, None
-            await self._withdraw([e for e in self._entries.values() if e.early is not None])
+                if old is not None and old.spec == spec:
+                    entries[spec.id].early, old.early = old.early, []
+            await self._withdraw([e for e in self._entries.values() if e.early])
             removed = self._entries.keys() - entries.keys()
             for key in removed:
                 if (task := self._catching_up.get(key)) is not None:
@@ -340,14 +341,14 @@ class Scheduler:
         """Start the ticks fired ahead at their time (a little later than now) before the
         executor stops; those further off are left held: they go back to the queue, due at
         their time, when this node leaves the store."""
-        waits = [e.early.done.wait() for e in self._entries.values() if e.early is not None]
+        waits = [early.done.wait() for e in self._entries.values() for early in e.early]
         if waits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), STOP_WAITS_FOR_EARLY)
         for entry in self._entries.values():
-            if entry.early is not None:
-                entry.early.cancel()
-                entry.early = None
+            for early in entry.early:
+                early.cancel()
+            entry.early = []
 
     async def settle(self) -> None:
         """Wait until the catch-up runs in progress have all fired (tests use it)."""
@@ -393,8 +394,10 @@ class Scheduler:
         if not fired.held:
             return
         due = fired.held[0].run_at
-        early = entry.early = _Early(tick, due, fired.jobs, fired.held)
+        early = _Early(tick, due, fired.jobs, fired.held)
+        entry.early.append(early)
         self._arm(entry, early)
+        crash_point("tick-held")
 
     def _arm(self, entry: _Entry, early: _Early) -> None:
         loop = asyncio.get_running_loop()
@@ -406,8 +409,8 @@ class Scheduler:
         if self._clock() < early.due:
             self._arm(entry, early)
             return
-        if entry.early is early:
-            entry.early = None
+        if early in entry.early:
+            entry.early.remove(early)
         early.done.set()
         jobs = list(early.held.values())
         early.held.clear()
@@ -431,31 +434,28 @@ class Scheduler:
     def _cancelled(self, job_id: int) -> None:
         """A job was cancelled (a pause here or on another daemon): not to start at its tick."""
         for entry in self._entries.values():
-            early = entry.early
-            if early is None or early.held.pop(job_id, None) is None:
-                continue
-            if not early.held:
-                early.cancel()
-                entry.early = None
+            for early in entry.early:
+                if early.held.pop(job_id, None) is not None and not early.held:
+                    early.cancel()
+            entry.early = [early for early in entry.early if early.held]
 
     async def _withdraw(self, entries: Iterable[_Entry]) -> None:
         """Cancel the jobs of ticks fired ahead for these entries (changed or removed by a
         reload, or stopping), so that no stale tick runs."""
         for entry in entries:
-            early, entry.early = entry.early, None
-            if early is None:
-                continue
-            early.cancel()
-            for job in early.jobs:
-                if job.joined:
-                    continue
-                with contextlib.suppress(JobNotFound, InvalidTransition, StoreError):
-                    await self._store.cancel(job.id)
-            logger.info(
-                'schedule "%s": its tick of %s, fired ahead, withdrawn',
-                entry.spec.id,
-                iso(early.tick, entry.spec.zone),
-            )
+            withdrawn, entry.early = entry.early, []
+            for early in withdrawn:
+                early.cancel()
+                for job in early.jobs:
+                    if job.joined:
+                        continue
+                    with contextlib.suppress(JobNotFound, InvalidTransition, StoreError):
+                        await self._store.cancel(job.id)
+                logger.info(
+                    'schedule "%s": its tick of %s, fired ahead, withdrawn',
+                    entry.spec.id,
+                    iso(early.tick, entry.spec.zone),
+                )
 
     async def _fire_due(self, entry: _Entry, now: float) -> None:
         """Plan the due ticks of one schedule, fire them, and cover it until now."""
