@@ -264,9 +264,9 @@ def test_a_kill_between_a_tick_fired_ahead_and_its_time_runs_it_once_on_restart(
 def test_pausing_a_schedule_withdraws_its_tick_fired_ahead(
     taskd_factory: type[Taskd], short_tmp: Path
 ) -> None:
-    # With jitter the held job waits a few seconds past its tick: time to pause it.
+    # With jitter the held job waits up to 5 s past its tick: time to pause it.
     log = short_tmp / "runs.log"
-    daemon = taskd_factory(config=work_schedule(log, jitter=30)).start()
+    daemon = taskd_factory(config=work_schedule(log, jitter=5)).start()
 
     def held() -> Job | None:
         waiting = [
@@ -286,6 +286,32 @@ def test_pausing_a_schedule_withdraws_its_tick_fired_ahead(
     with daemon.client() as client:
         assert client.job(job.id).status == "cancelled"
     assert all(j.status == "cancelled" for j in jobs_of(daemon, "work") if j.id not in runs(log))
+    assert daemon.stop() == 0
+
+
+def test_a_reload_that_changes_a_schedule_withdraws_its_tick_fired_ahead(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    log, other = short_tmp / "runs.log", short_tmp / "other.log"
+    daemon = taskd_factory(config=work_schedule(log, jitter=5)).start()
+
+    def held() -> Job | None:
+        waiting = [
+            job
+            for job in jobs_of(daemon, "work")
+            if job.status == "running" and job.started_at is None and job.run_at > time.time() + 2
+        ]
+        return waiting[0] if waiting else None
+
+    job = wait_until(held, timeout=60, what="a job held for its jittered tick")
+    daemon.config_file.write_text(work_schedule(other, jitter=5))  # another payload
+    reloaded = daemon.ctl("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    with daemon.client() as client:
+        assert client.job(job.id).status == "cancelled"
+    wait_for_clock(job.run_at + 1)
+    assert job.id not in runs(log) and job.id not in runs(other)
+    assert "fired ahead, withdrawn" in daemon.log
     assert daemon.stop() == 0
 
 

@@ -133,17 +133,10 @@ def withdraw_early(tx: Tx, schedule: str) -> Steps[list[Job]]:
     return withdrawn
 
 
-def withdraw_ticks(tx: Tx, schedules: list[str]) -> Steps[list[list[Job]]]:
-    results = []
-    for schedule in schedules:
-        results.append((yield from withdraw_early(tx, schedule)))
-    return results
-
-
 def ticks_started(tx: Tx, items: list[tuple[int, int]]) -> Steps[list[None]]:
     yield Statement(
-        "UPDATE {s}.jobs SET started_at = :now WHERE id = :id AND epoch = :epoch"
-        " AND started_at IS NULL",
+        "UPDATE {s}.jobs SET started_at = CASE WHEN run_at > :now THEN run_at ELSE :now END"
+        " WHERE id = :id AND epoch = :epoch AND started_at IS NULL",
         [{"id": job_id, "epoch": epoch} for job_id, epoch in items],
         many=True,
     )
