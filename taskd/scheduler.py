@@ -412,13 +412,14 @@ class Scheduler:
         if early in entry.early:
             entry.early.remove(early)
         early.done.set()
-        jobs = list(early.held.values())
+        now = self._clock()
+        jobs = [msgspec.structs.replace(job, started_at=now) for job in early.held.values()]
         early.held.clear()
         if not jobs:
             return
         self._submitter.start_held(jobs)
         if self._on_fired is not None:
-            self._on_fired(entry.spec.id, self._clock() - early.tick, early.jobs)
+            self._on_fired(entry.spec.id, now - early.tick, early.jobs)
         write = asyncio.create_task(self._started(jobs), name=f"tick started {entry.spec.id}")
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
