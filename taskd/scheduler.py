@@ -36,9 +36,18 @@ import msgspec
 
 from taskd.cron import CronError, iso, next_tick, normalize, recent_ticks
 from taskd.faults import crash_point
-from taskd.models import FiredJob, JobStatus, ScheduleInfo
+from taskd.models import FiredJob, Job, JobStatus, ScheduleInfo
 from taskd.schedules import CatchUp, ScheduleSpec
-from taskd.store import JobNotFound, MissedTicks, NewJob, ScheduleState, Store, StoreError
+from taskd.store import (
+    InvalidTransition,
+    JobNotFound,
+    MissedTicks,
+    NewJob,
+    ScheduleState,
+    Store,
+    StoreError,
+    TickFired,
+)
 from taskd.submit import InvalidRequest, JobRequest, PayloadInvalid, Submitter, UnknownTask
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only where taskd traces
@@ -55,6 +64,13 @@ MISSED_COUNTED = 1000
 # suspended and ignores changes to the wall clock; waking at least this often notices both
 # (and a schedule resumed by another daemon sharing the store).
 MAX_SLEEP = 30.0
+# A cron tick fires this long before its time: its record and its jobs are committed then,
+# the jobs held for this daemon's worker (taskd.store.base.Hold) and due at the tick, and
+# at the tick a timer starts them from memory, with no commit in the way.
+EARLY = 0.1
+# Stopping waits this long at most for ticks fired ahead to come (a jittered one may be due
+# later); those still held then go back to the queue, due at their time, as this node leaves.
+STOP_WAITS_FOR_EARLY = 2.0
 # Told of each firing: the schedule's id, how late a cron tick fired (None for @startup and
 # triggers), and the jobs it started or joined.
 FiringObserver = Callable[[str, float | None, list[FiredJob]], None]
@@ -143,16 +159,38 @@ def _same_timing(old: ScheduleSpec, new: ScheduleSpec) -> bool:
     return (old.expression, old.timezone) == (new.expression, new.timezone)
 
 
+class _Early:
+    """A tick fired ahead of its time: its jobs, those held here to start at `due`, and the
+    timer that starts them."""
+
+    __slots__ = ("done", "due", "held", "jobs", "tick", "timer")
+
+    def __init__(self, tick: float, due: float, jobs: list[FiredJob], held: list[Job]) -> None:
+        self.tick = tick
+        self.due = due
+        self.jobs = jobs
+        self.held = {job.id: job for job in held}
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = asyncio.Event()  # started, or all its jobs cancelled
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.done.set()
+
+
 class _Entry:
     """A schedule, its state as last read from the store, and its next tick (None: not
-    ticking, because it is paused, disabled or @startup)."""
+    ticking, because it is paused, disabled or @startup); `early`, its ticks fired ahead and
+    not started yet (more than one only when jitter delays them past the next tick)."""
 
-    __slots__ = ("next_tick", "spec", "state")
+    __slots__ = ("early", "next_tick", "spec", "state")
 
     def __init__(self, spec: ScheduleSpec, state: ScheduleState) -> None:
         self.spec = spec
         self.state = state
         self.next_tick: float | None = None
+        self.early: list[_Early] = []
 
     @property
     def active(self) -> bool:
@@ -171,8 +209,10 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         on_fired: FiringObserver | None = None,
         tracing: Tracing | None = None,
+        early: float = EARLY,
     ) -> None:
         self._store = store
+        self._early = early  # seconds ahead of its time a tick fires (0: at its time)
         self._tracing = tracing
         self._on_fired = on_fired
         self._submitter = submitter
@@ -185,7 +225,9 @@ class Scheduler:
         self._stopping = False
         self._running = False
         self._finished = asyncio.Event()
+        self._writes: set[asyncio.Task[None]] = set()  # started ticks being recorded
         store.events.on_resync(self._wake.set)
+        store.events.on_cancel(self._cancelled)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -212,6 +254,11 @@ class Scheduler:
             except StoreError as exc:
                 logger.error("cannot save the state of the schedules: %s", exc)
             entries = {spec.id: _Entry(spec, ScheduleState(spec.id)) for spec in specs}
+            for spec in specs:  # a tick fired ahead for the same schedule still starts
+                old = self._entries.get(spec.id)
+                if old is not None and old.spec == spec:
+                    entries[spec.id].early, old.early = old.early, []
+            await self._withdraw([e for e in self._entries.values() if e.early])
             removed = self._entries.keys() - entries.keys()
             for key in removed:
                 if (task := self._catching_up.get(key)) is not None:
@@ -281,12 +328,27 @@ class Scheduler:
         """Fire nothing more; wait for a firing in progress; drop unfinished catch-ups."""
         self._stopping = True
         self._wake.set()
+        await self._wait_for_early()
         catching_up = list(self._catching_up.values())
         for task in catching_up:
             task.cancel()
         await asyncio.gather(*catching_up, return_exceptions=True)
         if self._running:
             await self._finished.wait()
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def _wait_for_early(self) -> None:
+        """Start the ticks fired ahead at their time (a little later than now) before the
+        executor stops; those further off are left held: they go back to the queue, due at
+        their time, when this node leaves the store."""
+        waits = [early.done.wait() for e in self._entries.values() for early in e.early]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), STOP_WAITS_FOR_EARLY)
+        for entry in self._entries.values():
+            for early in entry.early:
+                early.cancel()
+            entry.early = []
 
     async def settle(self) -> None:
         """Wait until the catch-up runs in progress have all fired (tests use it)."""
@@ -301,14 +363,100 @@ class Scheduler:
             await asyncio.gather(*(self._fire(entry, now) for entry in entries))
 
     async def run_due(self) -> float | None:
-        """Fire what is due now; the seconds until the next tick (None: nothing ticks)."""
+        """Fire what is due now, and ahead of its time the ticks due within EARLY; the
+        seconds until the next firing (None: nothing ticks)."""
         now = self._clock()
-        due = [e for e in self._entries.values() if e.next_tick is not None and e.next_tick <= now]
+        soon = now + self._early
+        due = [e for e in self._entries.values() if e.next_tick is not None and e.next_tick <= soon]
         if due:
             await self._refresh(due)  # the store's word: paused or fired meanwhile?
-            due = [e for e in due if e.next_tick is not None and e.next_tick <= now]
-            await asyncio.gather(*(self._fire_due(entry, now) for entry in due))
+            now = self._clock()
+            late = [e for e in due if e.next_tick is not None and e.next_tick <= now]
+            early = [e for e in due if e.next_tick is not None and now < e.next_tick <= soon]
+            await asyncio.gather(
+                *(self._fire_due(entry, now) for entry in late),
+                *(self._fire_early(entry) for entry in early),
+            )
         return self._delay()
+
+    async def _fire_early(self, entry: _Entry) -> None:
+        """Fire the next tick ahead of its time: its jobs are due at the tick, and those held
+        here start then from memory (`_start_early`)."""
+        tick = entry.next_tick
+        assert tick is not None
+        entry.state.last_tick = tick  # here even if the store fails: no busy loop
+        entry.state.covered_until = max(entry.state.covered_until or tick, tick)
+        self._schedule_next(entry)
+        await self._fire(entry, tick, covered_until=tick, early=True)
+
+    def _hold_early(self, entry: _Entry, tick: float, fired: TickFired) -> None:
+        """Keep the jobs held for the tick, and set the timer that starts them."""
+        if not fired.held:
+            return
+        due = fired.held[0].run_at
+        early = _Early(tick, due, fired.jobs, fired.held)
+        entry.early.append(early)
+        self._arm(entry, early)
+        crash_point("tick-held")
+
+    def _arm(self, entry: _Entry, early: _Early) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(0.0, early.due - self._clock())
+        early.timer = loop.call_at(at, self._start_early, entry, early)
+
+    def _start_early(self, entry: _Entry, early: _Early) -> None:
+        """The tick's time: start its held jobs (a timer that fired a little early waits)."""
+        if self._clock() < early.due:
+            self._arm(entry, early)
+            return
+        if early in entry.early:
+            entry.early.remove(early)
+        early.done.set()
+        now = self._clock()
+        jobs = [msgspec.structs.replace(job, started_at=now) for job in early.held.values()]
+        early.held.clear()
+        if not jobs:
+            return
+        self._submitter.start_held(jobs)
+        if self._on_fired is not None:
+            self._on_fired(entry.spec.id, now - early.tick, early.jobs)
+        write = asyncio.create_task(self._started(jobs), name=f"tick started {entry.spec.id}")
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def _started(self, jobs: list[Job]) -> None:
+        """Record that the held jobs started (then a crash interrupts them, as any job)."""
+        try:
+            await self._store.ticks_started([(job.id, job.epoch) for job in jobs])
+        except StoreError as exc:
+            ids = ", ".join(str(job.id) for job in jobs)
+            logger.warning("cannot record that the jobs %s of a tick started: %s", ids, exc)
+
+    def _cancelled(self, job_id: int) -> None:
+        """A job was cancelled (a pause here or on another daemon): not to start at its tick."""
+        for entry in self._entries.values():
+            for early in entry.early:
+                if early.held.pop(job_id, None) is not None and not early.held:
+                    early.cancel()
+            entry.early = [early for early in entry.early if early.held]
+
+    async def _withdraw(self, entries: Iterable[_Entry]) -> None:
+        """Cancel the jobs of ticks fired ahead for these entries (changed or removed by a
+        reload, or stopping), so that no stale tick runs."""
+        for entry in entries:
+            withdrawn, entry.early = entry.early, []
+            for early in withdrawn:
+                early.cancel()
+                for job in early.jobs:
+                    if job.joined:
+                        continue
+                    with contextlib.suppress(JobNotFound, InvalidTransition, StoreError):
+                        await self._store.cancel(job.id)
+                logger.info(
+                    'schedule "%s": its tick of %s, fired ahead, withdrawn',
+                    entry.spec.id,
+                    iso(early.tick, entry.spec.zone),
+                )
 
     async def _fire_due(self, entry: _Entry, now: float) -> None:
         """Plan the due ticks of one schedule, fire them, and cover it until now."""
@@ -377,7 +525,7 @@ class Scheduler:
 
     def _delay(self) -> float | None:
         ticks = [e.next_tick for e in self._entries.values() if e.next_tick is not None]
-        return max(0.0, min(ticks) - self._clock()) if ticks else None
+        return max(0.0, min(ticks) - self._early - self._clock()) if ticks else None
 
     # -- firing ----------------------------------------------------------------------------
 
@@ -389,16 +537,18 @@ class Scheduler:
         regular: bool = True,
         covered_until: float | None = None,
         missed: MissedTicks | None = None,
+        early: bool = False,
     ) -> list[FiredJob]:
         """Start each task of the schedule for `tick` (a task that cannot be started is
         logged and spares the others) in one write with the tick's record. Only `regular`
-        firings are ticks (unique, moving last_tick); a trigger is not. Where taskd traces,
-        the firing is a span, and its jobs are its children."""
+        firings are ticks (unique, moving last_tick); a trigger is not. An `early` one fires
+        ahead of the tick (run_due). Where taskd traces, the firing is a span, and its jobs
+        are its children."""
         if self._tracing is None:
-            return await self._fire_traced(entry, tick, regular, covered_until, missed, None)
+            return await self._fire_traced(entry, tick, regular, covered_until, missed, None, early)
         spec = entry.spec
         with self._tracing.tick(spec.id, spec.expression, tick, regular=regular) as span:
-            return await self._fire_traced(entry, tick, regular, covered_until, missed, span)
+            return await self._fire_traced(entry, tick, regular, covered_until, missed, span, early)
 
     async def _fire_traced(
         self,
@@ -408,6 +558,7 @@ class Scheduler:
         covered_until: float | None,
         missed: MissedTicks | None,
         span: TickSpan | None,
+        early: bool = False,
     ) -> list[FiredJob]:
         spec = entry.spec
         when = iso(tick, spec.zone)
@@ -417,26 +568,34 @@ class Scheduler:
             for task in spec.tasks
             if (new := self._job(spec, task, tick, traceparent)) is not None
         ]
-        if regular and spec.jitter:  # due at the tick's offset; scheduled_time stays the tick
+        if regular and (spec.jitter or early):  # due at the tick (plus its offset)
             jobs = [msgspec.structs.replace(job, run_at=spec.due_at(tick)) for job in jobs]
-        try:  # with a claim for our free slots, so that the tick's jobs start in one commit
-            fired = await self._submitter.claiming(
-                lambda claim: self._store.fire_tick(
-                    spec.id,
-                    tick if regular else None,
-                    jobs,
-                    covered_until=covered_until,
-                    claim=claim if jobs else None,
-                    missed=missed,
-                ),
-                lambda result: result.claimed,
-            )
+        try:
+            if early:  # its jobs held here, to start at the tick
+                hold = self._submitter.hold(spec.tasks)
+                fired = await self._store.fire_tick(
+                    spec.id, tick, jobs, covered_until=covered_until, hold=hold
+                )
+            else:  # with a claim for our free slots, so that its jobs start in one commit
+                fired = await self._submitter.claiming(
+                    lambda claim: self._store.fire_tick(
+                        spec.id,
+                        tick if regular else None,
+                        jobs,
+                        covered_until=covered_until,
+                        claim=claim if jobs else None,
+                        missed=missed,
+                    ),
+                    lambda result: result.claimed,
+                )
         except StoreError as exc:
             logger.error('schedule "%s": cannot fire the tick of %s: %s', spec.id, when, exc)
             if span is not None:
                 span.failed(f"cannot fire the tick: {exc}")
             return []
         crash_point("tick-fired")
+        if early:
+            self._hold_early(entry, tick, fired)
         if span is not None:
             joined = sum(job.joined for job in fired.jobs)
             span.fired(fired.fired, [job.id for job in fired.jobs], joined)
@@ -455,9 +614,9 @@ class Scheduler:
                 )
             else:
                 logger.debug('schedule "%s": job %d of %s for %s', spec.id, job.id, job.task, when)
-        if self._on_fired is not None:
+        if self._on_fired is not None and not fired.held:  # else told as they start
             late = self._clock() - tick if regular and not spec.startup else None
-            self._on_fired(spec.id, late, fired.jobs)
+            self._on_fired(spec.id, None if early else late, fired.jobs)
         return fired.jobs
 
     def _job(

@@ -100,6 +100,11 @@ class Slots:
         if claimed is not None and self._on_claimed is not None:
             self._on_claimed(claimed.jobs)
 
+    def deliver(self, jobs: list[Job]) -> None:
+        """Jobs held for this worker (a tick fired ahead of its time), to start now."""
+        if self._on_claimed is not None:
+            self._on_claimed(jobs)
+
     def on_claimed(self, listener: Callable[[list[Job]], None]) -> None:
         """`listener(jobs)`: the jobs a claim made in another write took (the executor)."""
         self._on_claimed = listener

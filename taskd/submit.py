@@ -27,7 +27,7 @@ from taskd.models import (
 )
 from taskd.policy import default_attempts
 from taskd.protocol import DEFAULT_MAX_FRAME, EnqueueParams
-from taskd.store import Claimed, ClaimRequest, Inserted, JobNotFound, NewJob, Store
+from taskd.store import Claimed, ClaimRequest, Hold, Inserted, JobNotFound, NewJob, Store
 from taskd.tasks import TaskRegistry
 
 # Runs (taskctl run, ctx.run_task, cron ticks) have a caller or a clock waiting for them:
@@ -90,6 +90,17 @@ class Claimer(Protocol):
 
     def accept(self, request: ClaimRequest, claimed: Claimed | None) -> None:
         """What the claim took (None: the write failed, the slots are free again)."""
+
+    @property
+    def worker(self) -> str:
+        """The worker the slots belong to (who holds the jobs of a tick fired early)."""
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claim leases its jobs for."""
+
+    def deliver(self, jobs: list[Job]) -> None:
+        """Jobs held for this worker, to start now (a tick's, at its time)."""
 
 
 class Submitter:
@@ -263,6 +274,23 @@ class Submitter:
             return result
 
         return await asyncio.shield(shielded())
+
+    def hold(self, tasks: Sequence[str]) -> Hold | None:
+        """A hold for a tick fired ahead of its time, if this daemon runs jobs and none of
+        `tasks` has a concurrency or rate limit (those are enforced by claims at the tick)."""
+        claimer = self._claimer
+        if claimer is None:
+            return None
+        for name in tasks:
+            task = self._tasks.get(name)
+            if task is None or task.concurrency is not None or task.rate_interval is not None:
+                return None
+        return Hold(claimer.worker, claimer.lease)
+
+    def start_held(self, jobs: list[Job]) -> None:
+        """Start jobs held for this worker (a tick's, at its time), from memory."""
+        if self._claimer is not None and jobs:
+            self._claimer.deliver(jobs)
 
     async def wait(
         self, job_id: int, timeout: float | None = None, after_attempt: int | None = None

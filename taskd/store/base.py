@@ -291,6 +291,17 @@ class TickFired(msgspec.Struct, frozen=True):
     fired: bool
     jobs: list[FiredJob]
     claimed: Claimed | None = None
+    held: list[Job] = []  # the jobs a `hold` took, to start at their due time
+
+
+class Hold(msgspec.Struct, frozen=True):
+    """A tick fired ahead of its time holds its jobs for `worker`: they are claimed (leased
+    until their due time plus `lease`) but not started, so that the worker starts them at
+    their time without a commit; if it goes away first, recovery puts them back as they
+    were (taskd.store.core.schedules.release_held)."""
+
+    worker: str
+    lease: float
 
 
 class MissedTicks(msgspec.Struct, frozen=True):
@@ -539,6 +550,11 @@ class Store(Protocol):
         """Pause or resume a schedule (resuming also covers it until `covered_until`);
         False if it already was so."""
 
+    async def ticks_started(self, held: Sequence[tuple[int, int]]) -> None:
+        """The held jobs (id, epoch) have started: their attempts count from now on (their
+        started_at is set), and a recovery takes them back as interrupted ones."""
+        ...
+
     async def fire_tick(
         self,
         schedule: str,
@@ -548,6 +564,7 @@ class Store(Protocol):
         covered_until: float | None = None,
         claim: ClaimRequest | None = None,
         missed: MissedTicks | None = None,
+        hold: Hold | None = None,
     ) -> TickFired:
         """Insert a tick's jobs and record the firing in one transaction (with `claim`,
         claiming in it too, as `insert_and_claim` does), reporting the `missed` ticks
@@ -555,5 +572,6 @@ class Store(Protocol):
 
         A tick fires once, however many daemons try: the store keeps a unique (schedule,
         tick) row. `tick` None is a firing out of schedule (trigger), unique in nothing.
-        The schedule is covered until `covered_until` either way.
+        The schedule is covered until `covered_until` either way. With `hold` (a tick
+        fired ahead of its time), the new jobs are held for that worker (TickFired.held).
         """

@@ -10,6 +10,7 @@ job row: `created_at` (taken when the scheduler submits the tick) minus the tick
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 from taskctl import Client, enqueue_params
@@ -92,18 +94,38 @@ def measure(daemon: Taskd, ticks: int, label: str) -> list[float]:
     return started
 
 
-def started_lateness(ticks: int) -> list[float]:
-    """Milliseconds from each of `ticks` every-second ticks to its task's start, idle."""
+def started_lateness(ticks: int, *, busy: bool = False) -> list[float]:
+    """Milliseconds from each of `ticks` every-second ticks to its task's start, idle or
+    (`busy`) while another process keeps about 2000 quick jobs queued."""
     root = short_tempdir()
     try:
         config = '[scheduled_tasks]\n"* * * * * *" = "tick"\n'
         daemon = BenchTaskd(root, tasks=make_tasks(root), config=config).start()
         try:
-            return measure(daemon, ticks, "idle")
+            if not busy:
+                return measure(daemon, ticks, "idle")
+            with flooding(daemon):
+                return measure(daemon, ticks, BUSY)
         finally:
             daemon.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+BUSY = "busy (another process keeps ~2000 quick jobs queued)"
+
+
+@contextlib.contextmanager
+def flooding(daemon: Taskd) -> Iterator[None]:
+    """Another process keeps about FLOOD_BATCH * FLOOD_BACKLOG quick jobs queued meanwhile."""
+    flooder = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.cron_lateness", "--flood", str(daemon.socket)]
+    )
+    try:
+        yield
+    finally:
+        flooder.kill()
+        flooder.wait()
 
 
 def uvloop_lateness(ticks: int) -> list[float]:
@@ -141,20 +163,13 @@ def lateness(ticks: int) -> None:
         daemon = BenchTaskd(root, tasks=make_tasks(root), config=config).start()
         try:
             measure(daemon, ticks, "idle")
-            flooder = subprocess.Popen(
-                [sys.executable, "-m", "tests.bench.cron_lateness", "--flood", str(daemon.socket)]
-            )
-            try:
-                with daemon.client() as client:
-                    before = client.status().counts.get("succeeded", 0)
-                    started = time.time()
-                    measure(daemon, ticks, "busy (another process keeps ~2000 quick jobs queued)")
-                    done = client.status().counts.get("succeeded", 0) - before
-                    rate = done / (time.time() - started)
-                print(f"  meanwhile the executor finished {rate:,.0f} queued jobs/s")
-            finally:
-                flooder.kill()
-                flooder.wait()
+            with flooding(daemon), daemon.client() as client:
+                before = client.status().counts.get("succeeded", 0)
+                started = time.time()
+                measure(daemon, ticks, BUSY)
+                done = client.status().counts.get("succeeded", 0) - before
+                rate = done / (time.time() - started)
+            print(f"  meanwhile the executor finished {rate:,.0f} queued jobs/s")
         finally:
             daemon.stop()
     finally:

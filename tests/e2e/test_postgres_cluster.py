@@ -150,6 +150,39 @@ def test_a_one_second_schedule_fires_once_per_tick_across_three(
     assert 1 <= len(lines(boots)) <= 3
 
 
+def test_a_pause_on_one_daemon_withdraws_a_tick_another_fired_ahead(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    # A jittered tick's job is held, past its tick, by the daemon that fired it ahead; a
+    # pause through another daemon cancels it there, and it never runs.
+    log = short_tmp / "ticks.log"
+    tables = (
+        f'[[schedule]]\nid = "spread"\ncron = "* * * * * *"\ntasks = ["tick"]\njitter = 5\n'
+        f'payload = {{ log = "{log}" }}\n'
+    )
+    daemons = cluster.start(tables=tables, count=2)
+
+    def held() -> Job | None:
+        with daemons[0].client() as client:
+            jobs = client.jobs(task="tick", status=["running"], limit=100, payloads=True)
+        waiting = [j for j in jobs if j.started_at is None and j.run_at > time.time() + 2]
+        return waiting[0] if waiting else None
+
+    job = wait_until(held, timeout=60, what="a job held for its jittered tick")
+    assert job.worker is not None
+    (other,) = [
+        d for d, node in zip(daemons, "ab", strict=True) if not job.worker.startswith(f"{node}/")
+    ]
+    paused = other.ctl("schedules", "pause", "spread")
+    assert paused.returncode == 0, paused.stderr
+    with other.client() as client:
+        assert client.job(job.id).status == "cancelled"
+    wait_until(lambda: time.time() > job.run_at + 1, timeout=40, what="the held job's time")
+    assert job.payload["scheduled_time"] not in [scheduled for scheduled, _ in lines(log)]
+    for daemon in daemons:
+        assert daemon.stop() == 0, daemon.log
+
+
 async def fired_ticks(schema: str, schedule: str) -> list[int]:
     """The ticks of a schedule the store recorded, in order (whole seconds)."""
     import asyncpg

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from taskd.models import Job
+from taskd.scheduler import EARLY
 from tests.support import Taskd, wait_for_clock, wait_until
 
 
@@ -51,8 +52,11 @@ def test_every_second_schedule_fires_each_tick_with_its_own_time(
     for job, tick in zip(jobs, ticks, strict=True):
         assert job["origin"] == "schedule" and job["payload"]["cron"] == "* * * * * *"
         assert tick.microsecond == 0 and tick.utcoffset() == tick.astimezone(berlin).utcoffset()
+        # Committed up to EARLY ahead of the tick, started at it (not before).
         lateness = instant(job["created_at"]) - tick.timestamp()
-        assert 0 <= lateness < 0.5, (job, lateness)
+        assert -EARLY - 0.05 <= lateness < 0.5, (job, lateness)
+        if job["started_at"] is not None:
+            assert 0 <= instant(job["started_at"]) - tick.timestamp() < 0.5, job
     assert [b.timestamp() - a.timestamp() for a, b in itertools.pairwise(ticks)] == [1.0] * (
         len(ticks) - 1
     )  # one job per tick, each with its own scheduled_time
@@ -192,6 +196,122 @@ def test_a_kill_right_after_a_tick_fired_does_not_fire_it_again(
     ticks = [tick_of(job) for job in jobs_of(daemon, "echo")]
     assert ticks.count(killed_at) == 1 and len(ticks) == len(set(ticks)), ticks
     assert ticks[1] == killed_at + 1  # the missed ones were caught up, from the next one
+    assert daemon.stop() == 0
+
+
+def work_schedule(log: Path, jitter: float = 0.0) -> str:
+    """An every-second schedule of the fixture task `work`, which logs each run's job id."""
+    extra = f"jitter = {jitter}\n" if jitter else ""
+    return (
+        '[[schedule]]\nid = "each"\ncron = "* * * * * *"\ntasks = "work"\n'
+        f'payload = {{ log = "{log}" }}\n{extra}'
+    )
+
+
+def runs(log: Path) -> list[int]:
+    return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+def test_a_tick_is_committed_ahead_of_its_time_and_starts_at_it(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    log = short_tmp / "runs.log"
+    daemon = taskd_factory(config=work_schedule(log)).start()
+    wait_until(lambda: len(runs(log)) >= 3, timeout=15, what="three ticks run")
+    jobs = [job for job in jobs_of(daemon, "work") if job.status == "succeeded"]
+    assert daemon.stop() == 0
+    ahead = [job for job in jobs if job.created_at < tick_of(job)]
+    assert ahead, [(job.created_at, tick_of(job)) for job in jobs]  # the first may be late
+    for job in ahead:  # committed (the store's clock) before the tick, started at it
+        assert tick_of(job) - job.created_at <= EARLY + 0.05
+        assert job.started_at is not None and job.started_at >= tick_of(job)
+        assert job.attempts == 1
+    assert sorted(runs(log)) == sorted(job.id for job in jobs)  # each ran once
+
+
+def test_a_kill_between_a_tick_fired_ahead_and_its_time_runs_it_once_on_restart(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    # kill -9 right after the tick's job was committed and held for this daemon, before
+    # the tick: the restart (its worker gone) puts the job back, due at the tick, and runs
+    # it once, its attempt not counted twice.
+    log = short_tmp / "runs.log"
+    config = "lease = 1\n" + work_schedule(log)
+    daemon = taskd_factory(config=config)
+    daemon.start(env={"TASKD_TEST_CRASH_AT": "tick-held"}, wait=False)
+    assert daemon.process is not None
+    assert daemon.process.wait(30) == -signal.SIGKILL, daemon.log
+    killed_at = time.time()
+    daemon.close()
+    held = [job for job in daemon.stored_jobs() if job.status == "running"]
+    assert len(held) == 1 and held[0].started_at is None, daemon.stored_jobs()
+    (job,) = held
+    assert job.created_at < tick_of(job)  # committed ahead of the tick
+    assert runs(log) == []  # and never started
+    daemon.start()
+    wait_until(lambda: job.id in runs(log), timeout=20, what="the held tick to run")
+    with daemon.client() as client:
+        again = client.job(job.id)
+        again = client.wait(job.id, timeout=10) if again.status != "succeeded" else again
+    assert again.status == "succeeded" and again.attempts == 1 and again.crashes == 0, again
+    assert again.started_at is not None and again.started_at > killed_at
+    ticks = [tick_of(j) for j in jobs_of(daemon, "work")]
+    assert ticks.count(tick_of(job)) == 1, ticks  # the tick fired once
+    assert daemon.stop() == 0
+    assert runs(log).count(job.id) == 1
+
+
+def test_pausing_a_schedule_withdraws_its_tick_fired_ahead(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    # With jitter the held job waits up to 5 s past its tick: time to pause it.
+    log = short_tmp / "runs.log"
+    daemon = taskd_factory(config=work_schedule(log, jitter=5)).start()
+
+    def held() -> Job | None:
+        waiting = [
+            job
+            for job in jobs_of(daemon, "work")
+            if job.status == "running" and job.started_at is None and job.run_at > time.time() + 2
+        ]
+        return waiting[0] if waiting else None
+
+    job = wait_until(held, timeout=60, what="a job held for its jittered tick")
+    paused = daemon.ctl("schedules", "pause", "each")
+    assert paused.returncode == 0, paused.stderr
+    with daemon.client() as client:
+        assert client.job(job.id).status == "cancelled"
+    wait_for_clock(job.run_at + 1)  # past its time: it did not start
+    assert job.id not in runs(log)
+    with daemon.client() as client:
+        assert client.job(job.id).status == "cancelled"
+    assert all(j.status == "cancelled" for j in jobs_of(daemon, "work") if j.id not in runs(log))
+    assert daemon.stop() == 0
+
+
+def test_a_reload_that_changes_a_schedule_withdraws_its_tick_fired_ahead(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    log, other = short_tmp / "runs.log", short_tmp / "other.log"
+    daemon = taskd_factory(config=work_schedule(log, jitter=5)).start()
+
+    def held() -> Job | None:
+        waiting = [
+            job
+            for job in jobs_of(daemon, "work")
+            if job.status == "running" and job.started_at is None and job.run_at > time.time() + 2
+        ]
+        return waiting[0] if waiting else None
+
+    job = wait_until(held, timeout=60, what="a job held for its jittered tick")
+    daemon.config_file.write_text(work_schedule(other, jitter=5))  # another payload
+    reloaded = daemon.ctl("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    with daemon.client() as client:
+        assert client.job(job.id).status == "cancelled"
+    wait_for_clock(job.run_at + 1)
+    assert job.id not in runs(log) and job.id not in runs(other)
+    assert "fired ahead, withdrawn" in daemon.log
     assert daemon.stop() == 0
 
 

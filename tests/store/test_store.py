@@ -12,6 +12,7 @@ from taskd.models import FiredJob
 from taskd.store import (
     ClaimRequest,
     Failure,
+    Hold,
     InvalidTransition,
     JobFilter,
     JobNotFound,
@@ -587,6 +588,58 @@ async def test_a_tick_joins_runs_in_progress_and_a_trigger_is_no_tick(
     assert (await store.fire_tick("s", NOW + 30, tick_jobs("a"))).fired
     (state,) = await store.schedule_states(["s"])
     assert state.last_tick == NOW + 120
+
+
+async def test_a_tick_fired_ahead_holds_its_jobs_and_a_recovery_puts_them_back(
+    store: Store, clock: Clock
+) -> None:
+    await store.add_schedules(["s"], first_seen=NOW)
+    clock.now = NOW + 59.9  # 0.1 s before the tick
+    jobs = [msgspec.structs.replace(job, run_at=NOW + 60) for job in tick_jobs("a")]
+    fired = await store.fire_tick("s", NOW + 60, jobs, covered_until=NOW + 60, hold=Hold(W1, LEASE))
+    (held,) = fired.held
+    assert (held.status, held.worker, held.attempts, held.started_at) == ("running", W1, 1, None)
+    assert held.run_at == NOW + 60
+    assert (await claim(store, worker=W2)).jobs == []  # held for W1
+    # W1 goes away before the tick: the job is back as it was, due at the tick, and its
+    # attempt is not counted (it never started).
+    await store.leave(W1)
+    clock.now = NOW + 61
+    assert await store.recover(3) == []  # nothing was interrupted
+    back = await store.get(held.id)
+    assert back is not None
+    assert (back.status, back.attempts, back.crashes, back.run_at) == ("pending", 0, 0, NOW + 60)
+    (claimed,) = (await claim(store, worker=W2)).jobs
+    assert claimed.id == held.id and claimed.attempts == 1
+    assert not (await store.fire_tick("s", NOW + 60, jobs)).fired  # still fired once
+
+
+async def test_a_held_tick_that_started_is_interrupted_as_any_job(
+    store: Store, clock: Clock
+) -> None:
+    clock.now = NOW + 59.9
+    jobs = [msgspec.structs.replace(job, run_at=NOW + 60) for job in tick_jobs("a")]
+    (held,) = (await store.fire_tick("s", NOW + 60, jobs, hold=Hold(W1, LEASE))).held
+    clock.now = NOW + 60.001
+    await store.ticks_started([(held.id, held.epoch)])
+    started = await store.get(held.id)
+    assert started is not None and started.started_at == NOW + 60.001
+    await store.leave(W1)
+    (recovered,) = await store.recover(3)
+    assert (recovered.id, recovered.crashes, recovered.status) == (held.id, 1, "pending")
+
+
+async def test_pausing_a_schedule_cancels_its_ticks_fired_ahead(store: Store, clock: Clock) -> None:
+    clock.now = NOW + 59.9
+    jobs = [msgspec.structs.replace(job, run_at=NOW + 60) for job in tick_jobs("a", "b")]
+    fired = await store.fire_tick("s", NOW + 60, jobs, hold=Hold(W1, LEASE))
+    cancelled: list[int] = []
+    store.events.on_cancel(cancelled.append)
+    assert await store.set_paused("s", True)
+    assert sorted(cancelled) == sorted(job.id for job in fired.jobs)
+    for job in fired.jobs:
+        got = await store.get(job.id)
+        assert got is not None and got.status == "cancelled"
 
 
 async def test_pruning_forgets_old_ticks(store: Store, clock: Clock) -> None:

@@ -57,7 +57,10 @@ class Harness:
         return load_schedules(config, self.registry)
 
     async def scheduler(self, text: str, started_at: float | None = None) -> Scheduler:
-        scheduler = Scheduler(self.store, self.submitter, started_at=started_at, clock=self.clock)
+        # Ticks fire at their time (early=0): the tests step the clock to exact moments.
+        scheduler = Scheduler(
+            self.store, self.submitter, started_at=started_at, clock=self.clock, early=0.0
+        )
         await scheduler.load(self.specs(text))
         return scheduler
 

@@ -403,6 +403,7 @@ def set_waiting(tx: Tx, items: list[tuple[int, int, str, bool]]) -> Steps[list[b
 def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list[list[Job]]]:
     results = []
     for quarantine_after, on_failure in items:
+        yield from release_held(tx)
         jobs = [job_from_row(row) for row in (yield from tx.sql.recover(quarantine_after))]
         yield from keys.stirred(tx, [job.task for job in jobs])
         for job in jobs:  # an interrupted attempt is a failed one
@@ -416,6 +417,19 @@ def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list
         yield from jobs_ended(tx, jobs)
         results.append(jobs)
     return results
+
+
+def release_held(tx: Tx) -> Steps[None]:
+    """Put back the held jobs of workers that went away before starting them (schedules.HELD:
+    running with no started_at) as they were before the hold: pending, due at their time,
+    the attempt not counted. They never started: nothing was interrupted."""
+    rows = yield Statement(
+        "UPDATE {s}.jobs SET status = 'pending', attempts = attempts - 1, worker = NULL,"
+        f" lease_expires = NULL WHERE {ABANDONED} AND started_at IS NULL"
+        " RETURNING run_at - :now AS due_in"
+    )
+    for row in rows:
+        tx.notes.made_due(max(0.0, row["due_in"]))
 
 
 # -- cancel, retry, prune ----------------------------------------------------------------

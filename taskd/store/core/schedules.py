@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import msgspec
 
-from taskd.models import FiredJob
-from taskd.store.base import ClaimRequest, MissedTicks, NewJob, TickFired
+from taskd.models import FiredJob, Job
+from taskd.store.base import ClaimRequest, Hold, MissedTicks, NewJob, TickFired
 from taskd.store.core import webhooks
 from taskd.store.core.dialect import Tx
-from taskd.store.core.jobs import claim_in, insert_jobs
+from taskd.store.core.jobs import CANCELLED, claim_in, insert_jobs, jobs_ended
 from taskd.store.core.statements import Statement, Steps
-from taskd.store.rows import fired_jobs_json
+from taskd.store.rows import JOB_COLUMNS, fired_jobs_json, job_from_row
 
 # Covering a schedule until :until: the instant only moves forward.
 COVER = (
@@ -21,8 +21,25 @@ COVER = (
 )
 
 Firing = tuple[
-    str, float | None, Sequence[NewJob], float | None, ClaimRequest | None, MissedTicks | None
+    str,
+    float | None,
+    Sequence[NewJob],
+    float | None,
+    ClaimRequest | None,
+    MissedTicks | None,
+    Hold | None,
 ]
+# What holding a tick's job does to it: claimed for :worker as a claim does (jobs.CLAIMED),
+# leased until its due time plus :lease, but with no started_at: that marks a job held
+# and not started, which a recovery puts back as it was (jobs.release_held).
+HELD = (
+    "status = 'running', attempts = attempts + 1, epoch = epoch + 1, started_at = NULL,"
+    " worker = :worker, lease_expires = run_at + :lease, waiting = false,"
+    " progress_done = NULL, progress_total = NULL, progress_message = NULL, progress_at = NULL"
+)
+# Pausing a schedule withdraws the jobs of its latest ticks that are not due yet: held ones
+# (not started) and pending ones.
+WITHDRAWN_TICKS = 2
 
 
 def add_schedules(tx: Tx, items: list[tuple[str, float]]) -> Steps[list[None]]:
@@ -77,14 +94,61 @@ def set_paused(tx: Tx, items: list[tuple[str, bool, float | None]]) -> Steps[lis
             + " WHERE id = :id AND paused <> :paused RETURNING id",
             {"id": schedule, "paused": paused, "until": covered_until},
         )
+        if rows and paused:
+            yield from withdraw_early(tx, schedule)
         results.append(bool(rows))
     return results
 
 
+def withdraw_early(tx: Tx, schedule: str) -> Steps[list[Job]]:
+    """Cancel the jobs of the schedule's ticks fired ahead of their time (held and not
+    started, or pending) that are not due yet: a paused or changed schedule must not run
+    them. The daemon holding one hears of the cancel and drops it."""
+    rows = yield Statement(
+        "SELECT jobs FROM {s}.schedule_ticks WHERE schedule = :id ORDER BY tick DESC"
+        f" LIMIT {WITHDRAWN_TICKS}",
+        {"id": schedule},
+    )
+    ids = [
+        job.id
+        for row in rows
+        if row["jobs"] is not None
+        for job in fired_jobs_json.decode(row["jobs"])
+        if not job.joined
+    ]
+    withdrawn = []
+    for job_id in ids:
+        cancelled = yield Statement(
+            f"UPDATE {{s}}.jobs SET {CANCELLED} WHERE id = :id AND run_at > :now AND"
+            " (status = 'pending' OR (status = 'running' AND started_at IS NULL))"
+            f" RETURNING {JOB_COLUMNS}",
+            {"id": job_id},
+        )
+        for row in cancelled:
+            job = job_from_row(row)
+            tx.notes.finished.append(job)
+            tx.notes.cancelled.append(job.id)
+            withdrawn.append(job)
+    yield from jobs_ended(tx, withdrawn)
+    return withdrawn
+
+
+def ticks_started(tx: Tx, items: list[tuple[int, int]]) -> Steps[list[None]]:
+    yield Statement(
+        "UPDATE {s}.jobs SET started_at = CASE WHEN run_at > :now THEN run_at ELSE :now END"
+        " WHERE id = :id AND epoch = :epoch AND started_at IS NULL",
+        [{"id": job_id, "epoch": epoch} for job_id, epoch in items],
+        many=True,
+    )
+    return [None] * len(items)
+
+
 def fire_ticks(tx: Tx, items: list[Firing]) -> Steps[list[TickFired]]:
     results = []
-    for schedule, tick, jobs, covered_until, claim, missed in items:
-        results.append((yield from _fire(tx, schedule, tick, jobs, covered_until, claim, missed)))
+    for schedule, tick, jobs, covered_until, claim, missed, hold in items:
+        results.append(
+            (yield from _fire(tx, schedule, tick, jobs, covered_until, claim, missed, hold))
+        )
     return results
 
 
@@ -96,6 +160,7 @@ def _fire(
     covered_until: float | None,
     claim: ClaimRequest | None,
     missed: MissedTicks | None = None,
+    hold: Hold | None = None,
 ) -> Steps[TickFired]:
     if missed is not None and covered_until is not None:
         yield from _report_missed(tx, schedule, covered_until, missed)
@@ -115,7 +180,25 @@ def _fire(
         for job, row in zip(jobs, inserted, strict=True)
     ]
     yield from _record_firing(schedule, tick, fired)
-    return TickFired(fired=True, jobs=fired, claimed=(yield from claim_in(tx, claim)))
+    held = (yield from _hold(tx, fired, hold)) if hold is not None else []
+    claimed = yield from claim_in(tx, claim)
+    return TickFired(fired=True, jobs=fired, claimed=claimed, held=held)
+
+
+def _hold(tx: Tx, fired: list[FiredJob], hold: Hold) -> Steps[list[Job]]:
+    """Hold the tick's new jobs for the worker (see HELD)."""
+    held: list[Job] = []
+    for job in fired:
+        if job.joined:
+            continue
+        rows = yield Statement(
+            f"UPDATE {{s}}.jobs SET {HELD} WHERE id = :id AND status = 'pending'"
+            f" RETURNING {JOB_COLUMNS}",
+            {"id": job.id, "worker": hold.worker, "lease": hold.lease},
+        )
+        held += map(job_from_row, rows)
+    tx.notes.claimed(held)  # not news: nobody else is to claim them
+    return held
 
 
 def _take_tick(schedule: str, tick: float) -> Steps[list[FiredJob] | None]:

@@ -24,6 +24,7 @@ from taskd.store.base import (
     Claimed,
     ClaimRequest,
     Finished,
+    Hold,
     Inserted,
     InvalidTransition,
     JobActivity,
@@ -374,13 +375,19 @@ class SqlStore:
         covered_until: float | None = None,
         claim: ClaimRequest | None = None,
         missed: MissedTicks | None = None,
+        hold: Hold | None = None,
     ) -> TickFired:
         if claim is not None:
             self._limited = claim.limited()
         (fired,) = await self._commits.submit(
-            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim, missed)]
+            schedules.fire_ticks, [(schedule, tick, jobs, covered_until, claim, missed, hold)]
         )
         return fired
+
+    @store_write
+    async def ticks_started(self, held: Sequence[tuple[int, int]]) -> None:
+        if held:
+            await self._commits.submit(schedules.ticks_started, list(held))
 
     # -- the writes of other daemons sharing the store ------------------------------------
 
