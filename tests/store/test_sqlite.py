@@ -78,9 +78,9 @@ async def test_a_version_1_database_is_migrated(
         # Left running by a taskd of that version: its owner is no worker of today's.
         connection.execute(
             "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at,"
-            " attempts, lease_owner, lease_expires)"
-            " VALUES ('t', 'running', 'enqueue', x'c0', 3, ?, ?, 1, 'host:12:abcd', ?)",
-            (NOW, NOW, NOW + 3600),
+            " started_at, attempts, lease_owner, lease_expires)"
+            " VALUES ('t', 'running', 'enqueue', x'c0', 3, ?, ?, ?, 1, 'host:12:abcd', ?)",
+            (NOW, NOW, NOW, NOW + 3600),
         )
         connection.execute("INSERT INTO schedules (id, last_tick, paused) VALUES ('x', 5.0, 1)")
     store = SqliteStore(path, clock=Clock(NOW))
