@@ -4,6 +4,7 @@ own parser, after jobs ran, failed, retried, waited and ticked."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,10 +51,12 @@ def scrape(daemon: Taskd) -> dict[tuple[str, frozenset[tuple[str, str]]], float]
 def test_taskctl_metrics_after_jobs_ran(taskd_factory: type[Taskd], short_tmp: Path) -> None:
     daemon = taskd_factory(config=CONFIG + http_config()).start()
     started = short_tmp / "started"
-    # The one worker is busy with a slow run; a tick of the same task joins it (coalesced),
-    # and an enqueued job waits for the worker.
+    release = short_tmp / "release"
+    os.mkfifo(release)
+    # The one worker is busy with a slow run, until the test releases it; a tick of the
+    # same task joins it (coalesced), and an enqueued job waits for the worker.
     slow = daemon.ctl("run", "slow", "--detach", "--payload", json.dumps(
-        {"seconds": 1.5, "started": str(started)}
+        {"seconds": 0, "started": str(started), "until": str(release)}
     ))  # fmt: skip
     wait_until(started.exists, what="the slow run to start")
     assert daemon.ctl("schedules", "trigger", "slow-tick").returncode == 0
@@ -62,6 +65,7 @@ def test_taskctl_metrics_after_jobs_ran(taskd_factory: type[Taskd], short_tmp: P
     assert value(during, "taskd_jobs", task="slow", status="running") == 1
     assert value(during, "taskd_queue_depth", task="echo") == 1
     assert value(during, "taskd_oldest_pending_age_seconds", task="echo") > 0
+    release.write_bytes(b"go")
     assert daemon.ctl("wait", slow.stdout.strip()).returncode == 0
     assert daemon.ctl("wait", waiting).returncode == 0
     # Runs that succeed, one that fails, one that fails once and is retried.
