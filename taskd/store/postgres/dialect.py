@@ -105,12 +105,14 @@ SELECT pg_advisory_xact_lock(k) FROM (
 
 # Counts against concurrency limits: running, and not waiting for another job. A task in
 # :tasks has a concurrency limit (:caps, NULL: none) or a quota of jobs this claim may start
-# (:quotas, NULL: none; flow control: 0 for a paused task, what its rate limit allows now).
+# (:quotas, NULL: none; flow control: 0 for a paused task, what its rate limit allows now,
+# a keyed task's jobs taken in its keys' turns). A task with a quota of none has its running
+# jobs left uncounted: it has no room whatever they are.
 ROOM = """
 room AS MATERIALIZED (
     SELECT t.task, greatest(0, least(
-        coalesce(t.cap - (SELECT count(*) FROM {s}.jobs r
-            WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting), :limit),
+        coalesce(CASE WHEN t.quota IS DISTINCT FROM 0 THEN t.cap - (SELECT count(*) FROM {s}.jobs r
+            WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting) END, :limit),
         coalesce(t.quota, :limit))) AS free
     FROM unnest(:tasks::text[], :caps::integer[], :quotas::integer[]) AS t(task, cap, quota)
 )"""
