@@ -94,12 +94,16 @@ WHERE key IS NOT NULL AND status IN ('pending', 'running')
   AND (task, key) IN (SELECT * FROM unnest(:tasks::text[], :keys::text[]))
 """
 
+# The tasks with pending jobs (due or not: a lock too many only waits), each found by one
+# probe of the pending jobs' (task, priority, run_at, id) index bounded by a comparison
+# alone, as QUEUES does: with an equality on the task and a bound on run_at the planner may
+# read every due job of the other tasks (a backlog held by its rate limit) a claim.
 LOCK_LIMITED_SQL = """
 SELECT pg_advisory_xact_lock(k) FROM (
     SELECT DISTINCT hashtextextended(:prefix || t.task, 0) AS k
     FROM unnest(:tasks::text[]) AS t(task)
-    WHERE EXISTS (SELECT 1 FROM {s}.jobs j WHERE j.task = t.task AND j.status = 'pending'
-                  AND j.run_at <= :now)
+    WHERE t.task = (SELECT j.task FROM {s}.jobs j WHERE j.status = 'pending'
+                    AND j.task >= t.task ORDER BY j.task, j.priority, j.run_at, j.id LIMIT 1)
     ORDER BY k) AS keys
 """
 
