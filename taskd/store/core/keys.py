@@ -144,14 +144,20 @@ def _turn(tx: Tx, task: str) -> Steps[Row]:
 
 
 # The values of a task's pending jobs after :after (or from the first, with >=), at most
-# :most, each with its running jobs and its rate limit's TAT: one index probe a value.
+# :most, each with its running jobs and its rate limit's TAT: one index probe a value. Each
+# probe is a range of the (task, limit_key, priority, run_at, id) index bounded by a row
+# comparison alone, read in its order, its first row's value kept if it is the task's: with
+# equalities on the task PostgreSQL's planner may take another index and read the task's
+# whole backlog a probe, as it does before its first ANALYZE (see its QUEUES).
 VALUES = """
 WITH RECURSIVE walk(n, key) AS (
-    SELECT 1, (SELECT min(limit_key) FROM {s}.jobs{index}
-               WHERE task = :task AND status = 'pending' AND limit_key {first} :after)
+    SELECT 1, (SELECT CASE WHEN task = :task THEN limit_key END FROM {s}.jobs{index}
+               WHERE status = 'pending' AND (task, limit_key) {first} (:task, :after)
+               ORDER BY task, limit_key, priority, run_at, id LIMIT 1)
     UNION ALL
-    SELECT n + 1, (SELECT min(limit_key) FROM {s}.jobs{index}
-                   WHERE task = :task AND status = 'pending' AND limit_key > walk.key)
+    SELECT n + 1, (SELECT CASE WHEN task = :task THEN limit_key END FROM {s}.jobs{index}
+                   WHERE status = 'pending' AND (task, limit_key) > (:task, walk.key)
+                   ORDER BY task, limit_key, priority, run_at, id LIMIT 1)
     FROM walk WHERE walk.key IS NOT NULL AND n < :most{before}
 )
 SELECT key, :now AS now,

@@ -94,23 +94,29 @@ WHERE key IS NOT NULL AND status IN ('pending', 'running')
   AND (task, key) IN (SELECT * FROM unnest(:tasks::text[], :keys::text[]))
 """
 
+# The tasks with pending jobs (due or not: a lock too many only waits), each found by one
+# probe of the pending jobs' (task, priority, run_at, id) index bounded by a comparison
+# alone, as QUEUES does: with an equality on the task and a bound on run_at the planner may
+# read every due job of the other tasks (a backlog held by its rate limit) a claim.
 LOCK_LIMITED_SQL = """
 SELECT pg_advisory_xact_lock(k) FROM (
     SELECT DISTINCT hashtextextended(:prefix || t.task, 0) AS k
     FROM unnest(:tasks::text[]) AS t(task)
-    WHERE EXISTS (SELECT 1 FROM {s}.jobs j WHERE j.task = t.task AND j.status = 'pending'
-                  AND j.run_at <= :now)
+    WHERE t.task = (SELECT j.task FROM {s}.jobs j WHERE j.status = 'pending'
+                    AND j.task >= t.task ORDER BY j.task, j.priority, j.run_at, j.id LIMIT 1)
     ORDER BY k) AS keys
 """
 
 # Counts against concurrency limits: running, and not waiting for another job. A task in
 # :tasks has a concurrency limit (:caps, NULL: none) or a quota of jobs this claim may start
-# (:quotas, NULL: none; flow control: 0 for a paused task, what its rate limit allows now).
+# (:quotas, NULL: none; flow control: 0 for a paused task, what its rate limit allows now,
+# a keyed task's jobs taken in its keys' turns). A task with a quota of none has its running
+# jobs left uncounted: it has no room whatever they are.
 ROOM = """
 room AS MATERIALIZED (
     SELECT t.task, greatest(0, least(
-        coalesce(t.cap - (SELECT count(*) FROM {s}.jobs r
-            WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting), :limit),
+        coalesce(CASE WHEN t.quota IS DISTINCT FROM 0 THEN t.cap - (SELECT count(*) FROM {s}.jobs r
+            WHERE r.task = t.task AND r.status = 'running' AND NOT r.waiting) END, :limit),
         coalesce(t.quota, :limit))) AS free
     FROM unnest(:tasks::text[], :caps::integer[], :quotas::integer[]) AS t(task, cap, quota)
 )"""

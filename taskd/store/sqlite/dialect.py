@@ -41,7 +41,8 @@ INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bo
 # task with room, only the due jobs it may take, so that delayed jobs and the backlog of a
 # task at its limit cost nothing however many they are. :quotas (JSON: {task: n}) caps the
 # jobs of a task this claim may start (flow control: 0 for a paused task, what its rate
-# limit allows now).
+# limit allows now, a keyed task's jobs taken in its keys' turns): a task with none is no
+# queue at all, so that its backlog costs a claim nothing (not even a look at its queues).
 QUEUES = """
 tasks(task) AS (
     SELECT min(task) FROM jobs INDEXED BY jobs_task_claim_order WHERE status = 'pending'
@@ -54,6 +55,7 @@ queues(task, priority) AS (
     SELECT task, (SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order
                   WHERE status = 'pending' AND task = tasks.task)
     FROM tasks WHERE task IS NOT NULL
+        AND task NOT IN (SELECT key FROM json_each(:quotas) WHERE value = 0)
     UNION ALL
     SELECT q.task, (SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order
                     WHERE status = 'pending' AND task = q.task AND priority > q.priority)
@@ -63,7 +65,9 @@ room(task, free) AS MATERIALIZED (
     SELECT tasks.task, min(
         coalesce((SELECT max(0, l.value - (SELECT count(*) FROM jobs
             WHERE task = tasks.task AND status = 'running' AND NOT waiting))
-            FROM json_each(:limits) AS l WHERE l.key = tasks.task), :limit),
+            FROM json_each(:limits) AS l WHERE l.key = tasks.task
+                AND tasks.task NOT IN (SELECT key FROM json_each(:quotas) WHERE value = 0)),
+            :limit),
         coalesce((SELECT q.value FROM json_each(:quotas) AS q WHERE q.key = tasks.task), :limit))
     FROM tasks WHERE tasks.task IN (SELECT key FROM json_each(:limits)
                                     UNION ALL SELECT key FROM json_each(:quotas))
