@@ -136,7 +136,7 @@ class Taskd:
 
     def start(
         self,
-        timeout: float = 30.0,
+        timeout: float = 60.0,  # a loaded machine, beside another test run, can take 30 s
         env: dict[str, str] | None = None,
         *,
         wait: bool = True,
