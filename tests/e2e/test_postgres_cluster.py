@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from taskd.models import Job
 from taskd.protocol import JobEvent
 from taskd.store import JobFilter, Store, store_for
 from tests.backends import drop_schema, postgres_url, unique_schema
-from tests.support import Taskd, wait_until
+from tests.support import Gate, Taskd, enqueue, wait_until
 
 T = TypeVar("T")
 CLUSTER_TASKS = Path(__file__).parent.parent / "fixtures" / "cluster_tasks"
@@ -786,3 +787,169 @@ def test_why_judges_a_delay_by_the_stores_clock(cluster: Cluster) -> None:
         why = client.why(job_id)
     assert why.reason == "delayed", why  # by the daemon's clock it was due 30 minutes ago
     assert why.message.endswith("(in 30m)") or why.message.endswith("(in 29m59s)"), why.message
+
+
+# -- uniqueness windows, debounce and concurrency modes across the daemons -----------------
+
+
+def test_a_uniqueness_window_holds_across_the_daemons(cluster: Cluster, short_tmp: Path) -> None:
+    a, b, c = cluster.start()
+    log = short_tmp / "done.log"
+    payload = json.dumps({"log": str(log)})
+    window = ("--key", "k", "--unique-for", "10m", "--payload", payload)
+    first = enqueue(a, "record", *window)
+    with c.client() as client:
+        assert client.wait(first, timeout=60).status == "succeeded"
+    # Its job has ended on whichever daemon ran it; the key stays taken on all of them.
+    again = b.ctl("enqueue", "record", *window, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"job_id": first, "duplicate": True}
+    with c.client() as client:
+        duplicate = client.enqueue("record", {"log": str(log)}, key="k", unique_for="10m")
+        assert (duplicate.job_id, duplicate.duplicate) == (first, True)
+
+    # Enqueues of one new key, at the same moment on the three daemons: one job.
+    results: list[tuple[int, bool]] = []
+    barrier = threading.Barrier(6)
+
+    def enqueue_at_once(daemon: Taskd) -> None:
+        with daemon.client() as client:
+            barrier.wait(timeout=60)
+            done = client.enqueue("record", {"log": str(log)}, key="race", unique_for="10m")
+            results.append((done.job_id, done.duplicate))
+
+    threads = [threading.Thread(target=enqueue_at_once, args=(d,)) for d in (a, b, c) * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 6
+    assert len({job_id for job_id, _ in results}) == 1, results
+    assert sorted(duplicate for _, duplicate in results) == [False] + [True] * 5, results
+    (raced,) = {job_id for job_id, _ in results}
+    with a.client() as client:
+        assert client.wait(raced, timeout=60).status == "succeeded"
+    assert Counter(int(job_id) for job_id, _ in lines(log)) == {first: 1, raced: 1}
+    assert [job.id for job in cluster.jobs("record")] == [raced, first]
+
+
+def test_a_debounced_burst_over_two_daemons_runs_once_with_the_last_payload(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b = cluster.start(count=2)
+    log = short_tmp / "ticks.log"
+
+    def burst(n: int) -> dict[str, str]:
+        return {"log": str(log), "scheduled_time": f"burst-{n}"}
+
+    with a.client() as on_a, b.client() as on_b:
+        results = []
+        for n in range(5):
+            last_at = time.time()
+            results.append((on_a, on_b)[n % 2].enqueue("tick", burst(n), key="k", debounce="3s"))
+        # taskctl takes the same options; the last enqueue of the burst comes through it.
+        last_at = time.time()
+        last = enqueue(b, "tick", "--key", "k", "--debounce", "3s", "--payload",
+                       json.dumps(burst(5)))  # fmt: skip
+        assert {result.job_id for result in results} == {last}
+        assert [result.duplicate for result in results] == [False] + [True] * 4
+        job = on_a.wait(last, timeout=60)
+    assert job.status == "succeeded"
+    assert [scheduled for scheduled, _ in lines(log)] == ["burst-5"]  # once, the last payload
+    assert job.started_at is not None
+    # Due 3 s after the last enqueue, whichever daemon took it: a daemon that had its alarm
+    # set for an earlier due time, moved by the other, still wakes for the job.
+    assert last_at + 3 <= job.started_at <= last_at + 3 + 10, job.started_at - last_at
+    assert [j.id for j in cluster.jobs("tick")] == [last]
+
+
+def test_runs_on_two_daemons_share_an_execution_only_when_their_payloads_are_equal(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b = cluster.start(tables='[task."record"]\nsingle_flight = "payload"\n', count=2)
+    gate = Gate(short_tmp / "gate")
+    started, log, stderr = short_tmp / "started.log", short_tmp / "done.log", short_tmp / "err"
+    payload = {"gate": str(gate), "started": str(started), "log": str(log), "n": 1}
+    with a.client() as client:
+        first = client.run_job("record", payload, detach=True)
+    assert not first.joined
+    wait_until(lambda: lines(started), timeout=60, what="the first run to start")
+    # An equal payload (its keys in another order) through taskctl on b: it joins.
+    equal = json.dumps(dict(reversed(list(payload.items()))))
+    with stderr.open("w") as errors:
+        joined = subprocess.Popen(
+            [*b.ctl_command(), "run", "record", "--payload", equal, "--json"],
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+        )  # fmt: skip
+        wait_until(lambda: "joined" in stderr.read_text(), timeout=60, what="taskctl to join")
+    assert f"joined job {first.job.id} of record" in stderr.read_text()
+    with b.client() as client:
+        again = client.run_job("record", payload, detach=True)
+        other = client.run_job("record", {**payload, "n": 2}, detach=True)
+    assert again.joined and again.job.id == first.job.id
+    assert not other.joined and other.job.id != first.job.id
+    gate.open()
+    out, _ = joined.communicate(timeout=60)
+    assert joined.returncode == 0, stderr.read_text()
+    with a.client() as client:
+        ran = client.wait(first.job.id, timeout=60)
+        assert client.wait(other.job.id, timeout=60).status == "succeeded"
+    assert json.loads(out)["result"] == ran.result  # one execution, two callers
+    executions = Counter(int(job_id) for job_id, _ in lines(log))
+    assert executions == {first.job.id: 1, other.job.id: 1}
+
+
+# -- kill -9 of one daemon while jobs wait on a shared limit ------------------------------
+
+
+def test_a_daemon_killed_while_jobs_wait_on_a_shared_limit_loses_none_and_runs_none_twice(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    """Daemon a holds the whole budget of a shared limit with two jobs at a gate, and
+    others of two tasks wait on it, when it is killed. b and c take back its jobs once its
+    lease has run out, and run every job once."""
+    limits = '[limits.api]\nconcurrency = 2\n[task."record"]\nlimits = ["api"]\n'
+    tables = limits + '[task."tick"]\nlimits = ["api"]\n'
+    (a,) = cluster.start("lease = 2\nworkers = 4", tables=tables, count=1)
+    gate = Gate(short_tmp / "gate")
+    started, log, ticks = (short_tmp / name for name in ("started.log", "done.log", "ticks.log"))
+    with a.client() as client:
+        payload = {"gate": str(gate), "started": str(started), "log": str(log)}
+        held = [client.enqueue("record", payload).job_id for _ in range(2)]
+        wait_until(lambda: len(lines(started)) == 2, timeout=60, what="a's jobs at the gate")
+        waiting = [
+            client.enqueue("record", {"log": str(log), "seconds": 0.1}).job_id
+            if n % 2
+            else client.enqueue("tick", {"log": str(ticks), "scheduled_time": f"t{n}"}).job_id
+            for n in range(12)
+        ]
+        assert client.why(waiting[-1]).reason == "shared_limit"
+    b, _ = cluster.start("lease = 2\nworkers = 4", tables=tables, count=2)
+    assert a.process is not None
+    killed = str(a.process.pid)
+    a.kill()
+    gate.open()  # for the attempts b and c take back
+    with b.client() as client:
+        jobs = [client.job(client.wait(job_id, timeout=120).id) for job_id in held + waiting]
+    assert {job.status for job in jobs} == {"succeeded"}
+    records = held + waiting[1::2]  # each ran to its end once, and only on b or c
+    assert Counter(int(job_id) for job_id, _ in lines(log)) == Counter(records)
+    assert sorted(scheduled for scheduled, _ in lines(ticks)) == sorted(
+        f"t{n}" for n in range(0, 12, 2)
+    )
+    assert killed not in {pid for _, pid in lines(log) + lines(ticks)}
+    for job in jobs:
+        if job.id in held:  # a's attempt was lost, and counted
+            assert job.attempts == 2 and [e.kind for e in job.errors] == ["interrupted"], job
+            assert "worker a/1 went away" in job.errors[0].message
+        else:
+            assert job.attempts == 1 and not job.errors, job
+    events = sorted(
+        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
+        key=lambda event: (event[0], event[1]),
+    )
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak <= 2
