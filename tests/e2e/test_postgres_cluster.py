@@ -953,3 +953,40 @@ def test_a_daemon_killed_while_jobs_wait_on_a_shared_limit_loses_none_and_runs_n
         running += change
         peak = max(peak, running)
     assert peak <= 2
+
+
+def test_a_uniqueness_window_holds_against_a_batch_on_another_daemon(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    """A batch on a reads the window of each of its 2,001 keys before it inserts them; the
+    contested key's job, enqueued on b meanwhile, may have run and ended by then. Still one
+    job a key."""
+    a, b = cluster.start("workers = 4", count=2)
+    log = short_tmp / "done.log"
+    for round in range(3):
+        contested = f"contested-{round}"
+        keys = [contested] + [f"{round}-{n}" for n in range(2000)]
+        batch = [enqueue_params("record", {"log": str(log)}, key=key, unique_for="10m")
+                 for key in keys]  # fmt: skip
+        stop, on_b = threading.Event(), list[int]()
+        thread = threading.Thread(target=_enqueue_until, args=(stop, b, contested, log, on_b))
+        thread.start()
+        try:
+            with a.client() as client:
+                on_a = client.enqueue_many(batch)[0].job_id
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert on_b and set(on_b) == {on_a}, (round, on_a, sorted(set(on_b)))
+    keyed = Counter(job.key for job in cluster.jobs("record"))
+    assert all(count == 1 for count in keyed.values()), keyed.most_common(3)
+
+
+def _enqueue_until(
+    stop: threading.Event, daemon: Taskd, key: str, log: Path, ids: list[int]
+) -> None:
+    """Enqueue a job with `key` and a 10-minute window again and again until `stop`."""
+    with daemon.client() as client:
+        while not stop.is_set():
+            ids.append(client.enqueue("record", {"log": str(log)}, key=key,
+                                      unique_for="10m").job_id)  # fmt: skip
