@@ -281,16 +281,7 @@ def test_a_concurrency_limit_holds_across_the_daemons(cluster: Cluster, short_tm
     with daemons[0].client() as client:
         jobs = [client.wait(job_id, timeout=60) for job_id in ids]
     assert {job.status for job in jobs} == {"succeeded"}
-    # The store's own times: at no instant did more than two run.
-    events = sorted(
-        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
-        key=lambda event: (event[0], event[1]),
-    )
-    running = peak = 0
-    for _, change in events:
-        running += change
-        peak = max(peak, running)
-    assert peak == 2
+    assert peak(jobs) == 2  # by the store's own times: at no instant did more than two run
     assert len({pid for _, pid in lines(log)}) >= 2
 
 
@@ -361,15 +352,7 @@ def test_a_shared_limit_holds_the_jobs_of_its_tasks_across_the_daemons(
     with daemons[0].client() as client:
         jobs = [client.wait(job_id, timeout=60) for job_id in ids]
     assert {job.status for job in jobs} == {"succeeded"}
-    events = sorted(
-        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
-        key=lambda event: (event[0], event[1]),
-    )
-    running = peak = 0
-    for _, change in events:
-        running += change
-        peak = max(peak, running)
-    assert peak == 2
+    assert peak(jobs) == 2
     starts = sorted(job.started_at or 0.0 for job in jobs)
     assert max(sum(start <= s < start + 1 for s in starts) for start in starts) <= 10 + 1
     assert len({pid for _, pid in lines(log)}) == 2  # both daemons started some
@@ -391,15 +374,6 @@ def test_a_keyed_concurrency_limit_holds_per_key_across_the_daemons(
     with daemons[0].client() as client:
         jobs = [client.wait(job_id, timeout=60) for job_id in ids]
     assert {job.status for job in jobs} == {"succeeded"}
-
-    def peak(of: list[Job]) -> int:
-        events = sorted([(job.started_at, 1) for job in of] + [(job.finished_at, -1) for job in of],
-                        key=lambda event: (event[0], event[1]))  # fmt: skip
-        running = most = 0
-        for _, change in events:
-            running += change
-            most = max(most, running)
-        return most
 
     for customer in range(3):
         assert peak(jobs[customer::3]) == 1
@@ -902,28 +876,44 @@ def test_runs_on_two_daemons_share_an_execution_only_when_their_payloads_are_equ
 # -- kill -9 of one daemon while jobs wait on a shared limit ------------------------------
 
 
-def test_a_daemon_killed_while_jobs_wait_on_a_shared_limit_loses_none_and_runs_none_twice(
-    cluster: Cluster, short_tmp: Path
+KILLED_WHILE_HELD = {
+    # Two tasks share a budget of two.
+    "shared": '[limits.api]\nconcurrency = 2\n[task."record"]\nlimits = ["api"]\n'
+    '[task."tick"]\nlimits = ["api"]\n',
+    # One at a time per customer: x and y, each with a backlog.
+    "per-key": '[task."record"]\nlimit_key = "customer"\nconcurrency = 1\n',
+}
+
+
+@pytest.mark.parametrize("limit", KILLED_WHILE_HELD)
+def test_a_daemon_killed_while_jobs_wait_on_a_limit_loses_none_and_runs_none_twice(
+    cluster: Cluster, short_tmp: Path, limit: str
 ) -> None:
-    """Daemon a holds the whole budget of a shared limit with two jobs at a gate, and
-    others of two tasks wait on it, when it is killed. b and c take back its jobs once its
-    lease has run out, and run every job once."""
-    limits = '[limits.api]\nconcurrency = 2\n[task."record"]\nlimits = ["api"]\n'
-    tables = limits + '[task."tick"]\nlimits = ["api"]\n'
+    """Daemon a holds the whole room of the limit with two jobs at a gate, and others wait
+    on it, when it is killed. b and c take back its jobs once its lease has run out, and
+    run every job once."""
+    tables = KILLED_WHILE_HELD[limit]
     (a,) = cluster.start("lease = 2\nworkers = 4", tables=tables, count=1)
     gate = Gate(short_tmp / "gate")
     started, log, ticks = (short_tmp / name for name in ("started.log", "done.log", "ticks.log"))
+    customers: dict[int, str] = {}
     with a.client() as client:
         payload = {"gate": str(gate), "started": str(started), "log": str(log)}
-        held = [client.enqueue("record", payload).job_id for _ in range(2)]
+        held = [client.enqueue("record", {**payload, "customer": c}).job_id for c in "xy"]
+        customers |= dict(zip(held, "xy", strict=True))
         wait_until(lambda: len(lines(started)) == 2, timeout=60, what="a's jobs at the gate")
-        waiting = [
-            client.enqueue("record", {"log": str(log), "seconds": 0.1}).job_id
-            if n % 2
-            else client.enqueue("tick", {"log": str(ticks), "scheduled_time": f"t{n}"}).job_id
-            for n in range(12)
-        ]
-        assert client.why(waiting[-1]).reason == "shared_limit"
+        waiting = []
+        for n in range(12):
+            if n % 2 == 0 and limit == "shared":
+                tick = {"log": str(ticks), "scheduled_time": f"t{n}"}
+                waiting.append(client.enqueue("tick", tick).job_id)
+            else:
+                customer = "xy"[n % 2]
+                record = {"log": str(log), "seconds": 0.1, "customer": customer}
+                waiting.append(client.enqueue("record", record).job_id)
+                customers[waiting[-1]] = customer
+        reason = {"shared": "shared_limit", "per-key": "concurrency_limit"}[limit]
+        assert client.why(waiting[-1]).reason == reason
     b, _ = cluster.start("lease = 2\nworkers = 4", tables=tables, count=2)
     assert a.process is not None
     killed = str(a.process.pid)
@@ -932,10 +922,10 @@ def test_a_daemon_killed_while_jobs_wait_on_a_shared_limit_loses_none_and_runs_n
     with b.client() as client:
         jobs = [client.job(client.wait(job_id, timeout=120).id) for job_id in held + waiting]
     assert {job.status for job in jobs} == {"succeeded"}
-    records = held + waiting[1::2]  # each ran to its end once, and only on b or c
-    assert Counter(int(job_id) for job_id, _ in lines(log)) == Counter(records)
+    # Each ran to its end once, and only on b or c.
+    assert Counter(int(job_id) for job_id, _ in lines(log)) == Counter(list(customers))
     assert sorted(scheduled for scheduled, _ in lines(ticks)) == sorted(
-        f"t{n}" for n in range(0, 12, 2)
+        f"t{n}" for n in range(0, 12, 2) if limit == "shared"
     )
     assert killed not in {pid for _, pid in lines(log) + lines(ticks)}
     for job in jobs:
@@ -944,15 +934,22 @@ def test_a_daemon_killed_while_jobs_wait_on_a_shared_limit_loses_none_and_runs_n
             assert "worker a/1 went away" in job.errors[0].message
         else:
             assert job.attempts == 1 and not job.errors, job
-    events = sorted(
-        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
-        key=lambda event: (event[0], event[1]),
-    )
-    running = peak = 0
+    if limit == "shared":
+        assert peak(jobs) <= 2
+    else:
+        for customer in "xy":
+            assert peak([job for job in jobs if customers[job.id] == customer]) == 1
+
+
+def peak(jobs: list[Job]) -> int:
+    """The most of these jobs that ran at one instant, by the store's own times."""
+    events = sorted([(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
+                    key=lambda event: (event[0], event[1]))  # fmt: skip
+    running = most = 0
     for _, change in events:
         running += change
-        peak = max(peak, running)
-    assert peak <= 2
+        most = max(most, running)
+    return most
 
 
 def test_a_uniqueness_window_holds_against_a_batch_on_another_daemon(
