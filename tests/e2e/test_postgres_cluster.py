@@ -873,6 +873,40 @@ def test_runs_on_two_daemons_share_an_execution_only_when_their_payloads_are_equ
     assert executions == {first.job.id: 1, other.job.id: 1}
 
 
+def test_debounced_enqueues_of_one_key_at_once_on_two_daemons_keep_the_later_payload(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    """Of two debounced enqueues of a new key at the same moment, one makes the job and the
+    other, told `duplicate`, came after it: the job has the other's payload."""
+    a, b = cluster.start(count=2)
+    log = str(short_tmp / "ticks.log")
+    for round in range(20):
+        barrier = threading.Barrier(2)
+        told: dict[str, tuple[int, bool]] = {}
+
+        def enqueue_at_once(
+            daemon: Taskd,
+            told: dict[str, tuple[int, bool]] = told,
+            barrier: threading.Barrier = barrier,
+            key: str = f"k{round}",
+        ) -> None:
+            with daemon.client() as client:
+                barrier.wait(timeout=60)
+                payload = {"log": log, "scheduled_time": daemon.root.name}
+                done = client.enqueue("tick", payload, key=key, debounce="1h")
+                told[daemon.root.name] = (done.job_id, done.duplicate)
+
+        threads = [threading.Thread(target=enqueue_at_once, args=(d,)) for d in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len({job_id for job_id, _ in told.values()}) == 1, told
+        (later,) = [name for name, (_, duplicate) in told.items() if duplicate]
+        job = cluster.job(told[later][0])
+        assert msgspec.msgpack.decode(job.payload)["scheduled_time"] == later, (round, told)
+
+
 # -- kill -9 of one daemon while jobs wait on a shared limit ------------------------------
 
 
