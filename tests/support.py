@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import select
 import shutil
@@ -15,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import msgspec
 
@@ -418,3 +419,28 @@ def enqueue(daemon: Taskd, *args: str, input: str | None = None) -> int:
     done = daemon.ctl("enqueue", *args, input=input)
     assert done.returncode == 0, done.stderr
     return int(done.stdout)
+
+
+def job_ids_in(path: Path) -> list[int]:
+    """The job ids fixture tasks appended to a file (the first field of each line), in
+    order; none if the file is not there yet."""
+    return [int(line.split()[0]) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class Gate:
+    """A file the test holds locked: a fixture task given its path as "gate" waits (in a
+    thread, without polling) until the test opens the gate, and every attempt after that
+    passes at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held: IO[str] | None = path.open("w")
+        fcntl.flock(self._held, fcntl.LOCK_EX)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def open(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None

@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import pytest
 from tests.backends import BACKENDS, drop_schema, postgres_url, unique_schema
 from tests.e2e.test_metrics import scrape, value
 from tests.http_support import READONLY_TOKEN, HttpClient, http_config
-from tests.support import Taskd, enqueue, wait_until
+from tests.support import Gate, Taskd, enqueue, job_ids_in, wait_until
 
 
 def ctl_json(daemon: Taskd, *args: str) -> object:
@@ -255,27 +257,6 @@ def test_200_jobs_at_50_per_second_on_one_daemon_keep_the_rate(
     assert daemon.stop() == 0
 
 
-def test_nothing_waiting_on_a_rate_limit_is_lost_or_run_twice_under_kill_9(
-    taskd_factory: type[Taskd], short_tmp: Path
-) -> None:
-    record = short_tmp / "record.txt"
-    daemon = taskd_factory(config='[task."slow"]\nrate_limit = "4/s"\n').start()
-    with daemon.client() as client:
-        ids = [
-            client.enqueue("slow", {"seconds": 0, "record": str(record), "n": n}).job_id
-            for n in range(12)
-        ]
-    wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 3)
-    daemon.kill()
-    daemon.start()
-    with daemon.client() as client:
-        jobs = [client.wait(job_id, timeout=60) for job_id in ids]
-    assert {job.status for job in jobs} == {"succeeded"}
-    done = [line.split()[0] for line in record.read_text().splitlines()]
-    assert sorted(map(int, done)) == sorted(ids)  # each ran, and once
-    assert daemon.stop() == 0
-
-
 # -- shared limits, on each store ----------------------------------------------------------
 
 
@@ -373,6 +354,90 @@ def test_a_shared_rate_limit_holds_across_a_restart(on_store: Callable[[str], Ta
         assert client.job(job_id).status == "pending"
     shown = daemon.ctl("status").stdout
     assert "limits:    api (echo, work): 0 running, 1/h next start at " in shown, shown
+    assert daemon.stop() == 0
+
+
+# -- nothing waiting on a limit is lost or run twice under kill -9, on each store ------------
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    """Jobs that wait on a limit: its tables, the jobs (task, payload fields), how many it
+    lets run at once (None for a rate, which lets more through as time goes by), and the
+    reason `why` gives for the jobs it holds."""
+
+    tables: str
+    jobs: list[tuple[str, dict[str, str]]]
+    room: int | None
+    reason: str
+
+
+HELD_BACK = {
+    "rate": HeldBack('[task."slow"]\nrate_limit = "2/s"\n', [("slow", {})] * 12, None,
+                     "rate_limit"),
+    "shared": HeldBack(  # two tasks, one budget
+        '[limits.api]\nconcurrency = 2\n[task."slow"]\nlimits = ["api"]\n'
+        '[task."work"]\nlimits = ["api"]\n',
+        [("slow", {}), ("work", {})] * 6, 2, "shared_limit",
+    ),
+    "per-key": HeldBack(  # four customers, one of them with a backlog
+        '[task."slow"]\nlimit_key = "customer"\nconcurrency = 1\n',
+        [("slow", {"customer": c}) for c in "abc" * 2] + [("slow", {"customer": "big"})] * 8,
+        4, "concurrency_limit",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("limit", HELD_BACK)
+def test_nothing_waiting_on_a_limit_is_lost_or_run_twice_under_kill_9(
+    on_store: Callable[[str], Taskd], short_tmp: Path, limit: str
+) -> None:
+    """taskd is killed while the jobs the limit let through wait at a gate (none has ended,
+    so none may end twice) and the others wait on the limit; after the restart the limit
+    holds again, and once the gate opens every job ends once. Only the attempts the kill
+    interrupted run again."""
+    case = HELD_BACK[limit]
+    gate, started, record = Gate(short_tmp / "gate"), short_tmp / "started", short_tmp / "record"
+    # slow records its end in "record", work in "log"
+    files = {"gate": str(gate), "started": str(started), "record": str(record),
+             "log": str(record), "seconds": 0}  # fmt: skip
+    daemon = on_store("workers = 16\n" + case.tables).start()
+    with daemon.client() as client:
+        ids = [client.enqueue(task, {**files, **fields}).job_id for task, fields in case.jobs]
+    first_room = case.room or 3
+    wait_until(lambda: len(job_ids_in(started)) >= first_room, timeout=60, what="jobs at the gate")
+    daemon.kill()
+    interrupted_starts = set(job_ids_in(started))
+    if case.room is not None:
+        assert len(interrupted_starts) == case.room  # the limit held them back
+    daemon.start()
+    # The interrupted attempts run again, and the limit holds back the others as before.
+    again = len(interrupted_starts) + (case.room or 1)
+    wait_until(lambda: len(job_ids_in(started)) >= again, timeout=60, what="jobs at the gate again")
+    with daemon.client() as client:
+        pending = client.jobs(status=["pending"], limit=100)
+        assert pending, "the limit held nothing back"
+        last = max(pending, key=lambda job: (job.run_at, job.id))  # the last to start
+        # (Between a rate's next start and the claim that takes it, a moment, every job the
+        # rate holds is due: ask again.)
+        wait_until(
+            lambda: client.why(last.id).reason == case.reason, timeout=30, what="why's reason"
+        )
+        gate.open()
+        jobs = [client.wait(job_id, timeout=120) for job_id in ids]
+        jobs = [client.job(job.id) for job in jobs]  # with their attempts' errors
+    assert {job.status for job in jobs} == {"succeeded"}
+    assert Counter(job_ids_in(record)) == Counter(ids)  # each ran to its end, and once
+    interrupted = {job.id for job in jobs if job.attempts > 1}
+    assert interrupted_starts <= interrupted  # (a rate may have started one more unseen)
+    if case.room is not None:
+        assert interrupted == interrupted_starts
+    for job in jobs:
+        expected = ["interrupted"] if job.id in interrupted else []
+        assert ([error.kind for error in job.errors], job.attempts) == (
+            expected,
+            len(expected) + 1,
+        ), job
     assert daemon.stop() == 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from taskd.models import Job
 from taskd.protocol import JobEvent
 from taskd.store import JobFilter, Store, store_for
 from tests.backends import drop_schema, postgres_url, unique_schema
-from tests.support import Taskd, wait_until
+from tests.support import Gate, Taskd, enqueue, wait_until
 
 T = TypeVar("T")
 CLUSTER_TASKS = Path(__file__).parent.parent / "fixtures" / "cluster_tasks"
@@ -280,16 +281,7 @@ def test_a_concurrency_limit_holds_across_the_daemons(cluster: Cluster, short_tm
     with daemons[0].client() as client:
         jobs = [client.wait(job_id, timeout=60) for job_id in ids]
     assert {job.status for job in jobs} == {"succeeded"}
-    # The store's own times: at no instant did more than two run.
-    events = sorted(
-        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
-        key=lambda event: (event[0], event[1]),
-    )
-    running = peak = 0
-    for _, change in events:
-        running += change
-        peak = max(peak, running)
-    assert peak == 2
+    assert peak(jobs) == 2  # by the store's own times: at no instant did more than two run
     assert len({pid for _, pid in lines(log)}) >= 2
 
 
@@ -360,15 +352,7 @@ def test_a_shared_limit_holds_the_jobs_of_its_tasks_across_the_daemons(
     with daemons[0].client() as client:
         jobs = [client.wait(job_id, timeout=60) for job_id in ids]
     assert {job.status for job in jobs} == {"succeeded"}
-    events = sorted(
-        [(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
-        key=lambda event: (event[0], event[1]),
-    )
-    running = peak = 0
-    for _, change in events:
-        running += change
-        peak = max(peak, running)
-    assert peak == 2
+    assert peak(jobs) == 2
     starts = sorted(job.started_at or 0.0 for job in jobs)
     assert max(sum(start <= s < start + 1 for s in starts) for start in starts) <= 10 + 1
     assert len({pid for _, pid in lines(log)}) == 2  # both daemons started some
@@ -390,15 +374,6 @@ def test_a_keyed_concurrency_limit_holds_per_key_across_the_daemons(
     with daemons[0].client() as client:
         jobs = [client.wait(job_id, timeout=60) for job_id in ids]
     assert {job.status for job in jobs} == {"succeeded"}
-
-    def peak(of: list[Job]) -> int:
-        events = sorted([(job.started_at, 1) for job in of] + [(job.finished_at, -1) for job in of],
-                        key=lambda event: (event[0], event[1]))  # fmt: skip
-        running = most = 0
-        for _, change in events:
-            running += change
-            most = max(most, running)
-        return most
 
     for customer in range(3):
         assert peak(jobs[customer::3]) == 1
@@ -786,3 +761,263 @@ def test_why_judges_a_delay_by_the_stores_clock(cluster: Cluster) -> None:
         why = client.why(job_id)
     assert why.reason == "delayed", why  # by the daemon's clock it was due 30 minutes ago
     assert why.message.endswith("(in 30m)") or why.message.endswith("(in 29m59s)"), why.message
+
+
+# -- uniqueness windows, debounce and concurrency modes across the daemons -----------------
+
+
+def test_a_uniqueness_window_holds_across_the_daemons(cluster: Cluster, short_tmp: Path) -> None:
+    a, b, c = cluster.start()
+    log = short_tmp / "done.log"
+    payload = json.dumps({"log": str(log)})
+    window = ("--key", "k", "--unique-for", "10m", "--payload", payload)
+    first = enqueue(a, "record", *window)
+    with c.client() as client:
+        assert client.wait(first, timeout=60).status == "succeeded"
+    # Its job has ended on whichever daemon ran it; the key stays taken on all of them.
+    again = b.ctl("enqueue", "record", *window, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"job_id": first, "duplicate": True}
+    with c.client() as client:
+        duplicate = client.enqueue("record", {"log": str(log)}, key="k", unique_for="10m")
+        assert (duplicate.job_id, duplicate.duplicate) == (first, True)
+
+    # Enqueues of one new key, at the same moment on the three daemons: one job.
+    results: list[tuple[int, bool]] = []
+    barrier = threading.Barrier(6)
+
+    def enqueue_at_once(daemon: Taskd) -> None:
+        with daemon.client() as client:
+            barrier.wait(timeout=60)
+            done = client.enqueue("record", {"log": str(log)}, key="race", unique_for="10m")
+            results.append((done.job_id, done.duplicate))
+
+    threads = [threading.Thread(target=enqueue_at_once, args=(d,)) for d in (a, b, c) * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 6
+    assert len({job_id for job_id, _ in results}) == 1, results
+    assert sorted(duplicate for _, duplicate in results) == [False] + [True] * 5, results
+    (raced,) = {job_id for job_id, _ in results}
+    with a.client() as client:
+        assert client.wait(raced, timeout=60).status == "succeeded"
+    assert Counter(int(job_id) for job_id, _ in lines(log)) == {first: 1, raced: 1}
+    assert [job.id for job in cluster.jobs("record")] == [raced, first]
+
+
+def test_a_debounced_burst_over_two_daemons_runs_once_with_the_last_payload(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b = cluster.start(count=2)
+    log = short_tmp / "ticks.log"
+
+    def burst(n: int) -> dict[str, str]:
+        return {"log": str(log), "scheduled_time": f"burst-{n}"}
+
+    with a.client() as on_a, b.client() as on_b:
+        results = []
+        for n in range(5):
+            last_at = time.time()
+            results.append((on_a, on_b)[n % 2].enqueue("tick", burst(n), key="k", debounce="3s"))
+        # taskctl takes the same options; the last enqueue of the burst comes through it.
+        last_at = time.time()
+        last = enqueue(b, "tick", "--key", "k", "--debounce", "3s", "--payload",
+                       json.dumps(burst(5)))  # fmt: skip
+        assert {result.job_id for result in results} == {last}
+        assert [result.duplicate for result in results] == [False] + [True] * 4
+        job = on_a.wait(last, timeout=60)
+    assert job.status == "succeeded"
+    assert [scheduled for scheduled, _ in lines(log)] == ["burst-5"]  # once, the last payload
+    assert job.started_at is not None
+    # Due 3 s after the last enqueue, whichever daemon took it: a daemon that had its alarm
+    # set for an earlier due time, moved by the other, still wakes for the job.
+    assert last_at + 3 <= job.started_at <= last_at + 3 + 10, job.started_at - last_at
+    assert [j.id for j in cluster.jobs("tick")] == [last]
+
+
+def test_runs_on_two_daemons_share_an_execution_only_when_their_payloads_are_equal(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    a, b = cluster.start(tables='[task."record"]\nsingle_flight = "payload"\n', count=2)
+    gate = Gate(short_tmp / "gate")
+    started, log, stderr = short_tmp / "started.log", short_tmp / "done.log", short_tmp / "err"
+    payload = {"gate": str(gate), "started": str(started), "log": str(log), "n": 1}
+    with a.client() as client:
+        first = client.run_job("record", payload, detach=True)
+    assert not first.joined
+    wait_until(lambda: lines(started), timeout=60, what="the first run to start")
+    # An equal payload (its keys in another order) through taskctl on b: it joins.
+    equal = json.dumps(dict(reversed(list(payload.items()))))
+    with stderr.open("w") as errors:
+        joined = subprocess.Popen(
+            [*b.ctl_command(), "run", "record", "--payload", equal, "--json"],
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+        )  # fmt: skip
+        wait_until(lambda: "joined" in stderr.read_text(), timeout=60, what="taskctl to join")
+    assert f"joined job {first.job.id} of record" in stderr.read_text()
+    with b.client() as client:
+        again = client.run_job("record", payload, detach=True)
+        other = client.run_job("record", {**payload, "n": 2}, detach=True)
+    assert again.joined and again.job.id == first.job.id
+    assert not other.joined and other.job.id != first.job.id
+    gate.open()
+    out, _ = joined.communicate(timeout=60)
+    assert joined.returncode == 0, stderr.read_text()
+    with a.client() as client:
+        ran = client.wait(first.job.id, timeout=60)
+        assert client.wait(other.job.id, timeout=60).status == "succeeded"
+    assert json.loads(out)["result"] == ran.result  # one execution, two callers
+    executions = Counter(int(job_id) for job_id, _ in lines(log))
+    assert executions == {first.job.id: 1, other.job.id: 1}
+
+
+def test_debounced_enqueues_of_one_key_at_once_on_two_daemons_keep_the_later_payload(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    """Of two debounced enqueues of a new key at the same moment, one makes the job and the
+    other, told `duplicate`, came after it: the job has the other's payload."""
+    a, b = cluster.start(count=2)
+    log = str(short_tmp / "ticks.log")
+    for round in range(20):
+        barrier = threading.Barrier(2)
+        told: dict[str, tuple[int, bool]] = {}
+
+        def enqueue_at_once(
+            daemon: Taskd,
+            told: dict[str, tuple[int, bool]] = told,
+            barrier: threading.Barrier = barrier,
+            key: str = f"k{round}",
+        ) -> None:
+            with daemon.client() as client:
+                barrier.wait(timeout=60)
+                payload = {"log": log, "scheduled_time": daemon.root.name}
+                done = client.enqueue("tick", payload, key=key, debounce="1h")
+                told[daemon.root.name] = (done.job_id, done.duplicate)
+
+        threads = [threading.Thread(target=enqueue_at_once, args=(d,)) for d in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len({job_id for job_id, _ in told.values()}) == 1, told
+        (later,) = [name for name, (_, duplicate) in told.items() if duplicate]
+        job = cluster.job(told[later][0])
+        assert msgspec.msgpack.decode(job.payload)["scheduled_time"] == later, (round, told)
+
+
+# -- kill -9 of one daemon while jobs wait on a shared limit ------------------------------
+
+
+KILLED_WHILE_HELD = {
+    # Two tasks share a budget of two.
+    "shared": '[limits.api]\nconcurrency = 2\n[task."record"]\nlimits = ["api"]\n'
+    '[task."tick"]\nlimits = ["api"]\n',
+    # One at a time per customer: x and y, each with a backlog.
+    "per-key": '[task."record"]\nlimit_key = "customer"\nconcurrency = 1\n',
+}
+
+
+@pytest.mark.parametrize("limit", KILLED_WHILE_HELD)
+def test_a_daemon_killed_while_jobs_wait_on_a_limit_loses_none_and_runs_none_twice(
+    cluster: Cluster, short_tmp: Path, limit: str
+) -> None:
+    """Daemon a holds the whole room of the limit with two jobs at a gate, and others wait
+    on it, when it is killed. b and c take back its jobs once its lease has run out, and
+    run every job once."""
+    tables = KILLED_WHILE_HELD[limit]
+    (a,) = cluster.start("lease = 2\nworkers = 4", tables=tables, count=1)
+    gate = Gate(short_tmp / "gate")
+    started, log, ticks = (short_tmp / name for name in ("started.log", "done.log", "ticks.log"))
+    customers: dict[int, str] = {}
+    with a.client() as client:
+        payload = {"gate": str(gate), "started": str(started), "log": str(log)}
+        held = [client.enqueue("record", {**payload, "customer": c}).job_id for c in "xy"]
+        customers |= dict(zip(held, "xy", strict=True))
+        wait_until(lambda: len(lines(started)) == 2, timeout=60, what="a's jobs at the gate")
+        waiting = []
+        for n in range(12):
+            if n % 2 == 0 and limit == "shared":
+                tick = {"log": str(ticks), "scheduled_time": f"t{n}"}
+                waiting.append(client.enqueue("tick", tick).job_id)
+            else:
+                customer = "xy"[n % 2]
+                record = {"log": str(log), "seconds": 0.1, "customer": customer}
+                waiting.append(client.enqueue("record", record).job_id)
+                customers[waiting[-1]] = customer
+        reason = {"shared": "shared_limit", "per-key": "concurrency_limit"}[limit]
+        assert client.why(waiting[-1]).reason == reason
+    b, _ = cluster.start("lease = 2\nworkers = 4", tables=tables, count=2)
+    assert a.process is not None
+    killed = str(a.process.pid)
+    a.kill()
+    gate.open()  # for the attempts b and c take back
+    with b.client() as client:
+        jobs = [client.job(client.wait(job_id, timeout=120).id) for job_id in held + waiting]
+    assert {job.status for job in jobs} == {"succeeded"}
+    # Each ran to its end once, and only on b or c.
+    assert Counter(int(job_id) for job_id, _ in lines(log)) == Counter(list(customers))
+    assert sorted(scheduled for scheduled, _ in lines(ticks)) == sorted(
+        f"t{n}" for n in range(0, 12, 2) if limit == "shared"
+    )
+    assert killed not in {pid for _, pid in lines(log) + lines(ticks)}
+    for job in jobs:
+        if job.id in held:  # a's attempt was lost, and counted
+            assert job.attempts == 2 and [e.kind for e in job.errors] == ["interrupted"], job
+            assert "worker a/1 went away" in job.errors[0].message
+        else:
+            assert job.attempts == 1 and not job.errors, job
+    if limit == "shared":
+        assert peak(jobs) <= 2
+    else:
+        for customer in "xy":
+            assert peak([job for job in jobs if customers[job.id] == customer]) == 1
+
+
+def peak(jobs: list[Job]) -> int:
+    """The most of these jobs that ran at one instant, by the store's own times."""
+    events = sorted([(job.started_at, 1) for job in jobs] + [(job.finished_at, -1) for job in jobs],
+                    key=lambda event: (event[0], event[1]))  # fmt: skip
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def test_a_uniqueness_window_holds_against_a_batch_on_another_daemon(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    """A batch on a reads the window of each of its 2,001 keys before it inserts them; the
+    contested key's job, enqueued on b meanwhile, may have run and ended by then. Still one
+    job a key."""
+    a, b = cluster.start("workers = 4", count=2)
+    log = short_tmp / "done.log"
+    for round in range(3):
+        contested = f"contested-{round}"
+        keys = [contested] + [f"{round}-{n}" for n in range(2000)]
+        batch = [enqueue_params("record", {"log": str(log)}, key=key, unique_for="10m")
+                 for key in keys]  # fmt: skip
+        stop, on_b = threading.Event(), list[int]()
+        thread = threading.Thread(target=_enqueue_until, args=(stop, b, contested, log, on_b))
+        thread.start()
+        try:
+            with a.client() as client:
+                on_a = client.enqueue_many(batch)[0].job_id
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert on_b and set(on_b) == {on_a}, (round, on_a, sorted(set(on_b)))
+    keyed = Counter(job.key for job in cluster.jobs("record"))
+    assert all(count == 1 for count in keyed.values()), keyed.most_common(3)
+
+
+def _enqueue_until(
+    stop: threading.Event, daemon: Taskd, key: str, log: Path, ids: list[int]
+) -> None:
+    """Enqueue a job with `key` and a 10-minute window again and again until `stop`."""
+    with daemon.client() as client:
+        while not stop.is_set():
+            ids.append(client.enqueue("record", {"log": str(log)}, key=key,
+                                      unique_for="10m").job_id)  # fmt: skip

@@ -47,6 +47,12 @@ class Dialect(Protocol):
         and before their claim statement (SQLite: its one writer does; None)."""
         ...
 
+    def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
+        """Holds these (task, key) pairs until the commit, so that a concurrent insert of
+        one of them reads its uniqueness window or its debounced job only once this one's
+        job is there to see (SQLite: its one writer does; None)."""
+        ...
+
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         """Inserts the jobs but those whose key is taken; returns id, task, key, due_in."""
         ...

@@ -102,9 +102,19 @@ CANCELLED = (
 # -- insert ------------------------------------------------------------------------------
 
 
+def windowed(job: NewJob) -> bool:
+    """Whether inserting the job reads what else has its key first (a uniqueness window, a
+    debounced job), which a concurrent insert of that key must not slip between."""
+    return job.key is not None and (job.unique_for is not None or job.debounce is not None)
+
+
 def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     """Insert jobs; a job whose task and key are taken by an active job joins that job; a
     job with parents (`after`) waits for them."""
+    # Before any other lock: only inserts take these, and always first.
+    keys_read = sorted({(job.task, cast(str, job.key)) for job in jobs if windowed(job)})
+    if keys_read and (lock := tx.sql.lock_windows(keys_read)) is not None:
+        yield lock
     if tx.limit_keys:
         jobs = [_with_limit_key(tx, job) for job in jobs]
         if any(job.after for job in jobs):  # a keyed task's turn before its parents' rows,

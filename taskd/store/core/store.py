@@ -162,8 +162,10 @@ class SqlStore:
     async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
         if not new:
             return []
-        # Linking jobs to their parents takes several statements: a transaction.
-        writer = self._commits if any(job.after for job in new) else self._inserts
+        # Linking jobs to their parents takes several statements, and so does reading a
+        # key's window (or its debounced job) before inserting under its lock: a transaction.
+        transaction = any(job.after or jobs.windowed(job) for job in new)
+        writer = self._commits if transaction else self._inserts
         return await writer.submit(jobs.insert_jobs, list(new))
 
     @store_write

@@ -107,6 +107,15 @@ SELECT pg_advisory_xact_lock(k) FROM (
     ORDER BY k) AS keys
 """
 
+# The (task, key) pairs an insert reads the window or the debounced job of, locked in one
+# order (a chr(31) in no task name: no task's own lock above has the same text).
+LOCK_WINDOWS_SQL = """
+SELECT pg_advisory_xact_lock(k) FROM (
+    SELECT DISTINCT hashtextextended(:prefix || w.task || chr(31) || w.key, 0) AS k
+    FROM unnest(:tasks::text[], :keys::text[]) AS w(task, key)
+    ORDER BY k) AS keys
+"""
+
 # Counts against concurrency limits: running, and not waiting for another job. A task in
 # :tasks has a concurrency limit (:caps, NULL: none) or a quota of jobs this claim may start
 # (:quotas, NULL: none; flow control: 0 for a paused task, what its rate limit allows now,
@@ -328,6 +337,13 @@ class PostgresSql:
             f"SELECT pg_advisory_xact_lock{kind}(hashtextextended(:key, 0))",
             {"key": f"taskd:{self.schema}:flow"},
         )
+
+    def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
+        return Statement(
+            LOCK_WINDOWS_SQL,
+            {"tasks": [task for task, _ in keys], "keys": [key for _, key in keys],
+             "prefix": f"taskd:{self.schema}:window:"},
+        )  # fmt: skip
 
     def indexed_by(self, index: str) -> str:
         return ""  # the planner takes it

@@ -134,6 +134,9 @@ class SqliteSql:
     def flow_lock(self, exclusive: bool) -> Statement | None:
         return None  # one writer: a pause and a claim never overlap
 
+    def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
+        return None  # one writer: two inserts never overlap
+
     def indexed_by(self, index: str) -> str:
         return f" INDEXED BY {index}"
 
