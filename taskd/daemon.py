@@ -537,6 +537,8 @@ class Daemon:
         if self._store is not None:
             self._store.webhooks = webhooks
             self._store.limit_keys = registry.limit_keys()
+        if self._engine is not None:  # its limits may hold back fewer jobs now
+            self._engine.executor.limits_changed()
         self.paths = Paths(
             tasks=paths.tasks, database=self.paths.database, socket=self.paths.socket
         )

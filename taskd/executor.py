@@ -206,6 +206,10 @@ class Executor:
         self._work_announced += 1
         self._wake.set()
 
+    def limits_changed(self) -> None:
+        """The tasks' limits changed (a reload): jobs a claim held back may start now."""
+        self._work_came()
+
     def _finished(self, job: Job) -> None:
         # A job of a limited task ended elsewhere: its task may have room for ours again.
         if job.task in self._slots.limited and job.id not in self._running:

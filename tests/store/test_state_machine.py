@@ -10,24 +10,17 @@ recovery takes back exactly the jobs of workers that are gone; a tick fires once
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import msgspec
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import Bundle, invariant, rule
 
 from taskd.models import FiredJob
-from taskd.store import ClaimRequest, Failure, InvalidTransition, JobFilter, NewJob, Outcome, Store
-from tests.backends import BACKENDS, open_backend
+from taskd.store import ClaimRequest, Failure, InvalidTransition, JobFilter, NewJob, Outcome
 from tests.store.counting import job_counts
-from tests.support import Clock
+from tests.store.machine import StoreMachine, backend_cases
 
 QUARANTINE = 3
 LEASE = 60.0
@@ -55,34 +48,15 @@ class ModelNode:
     expires: float
 
 
-class JobStateMachine(RuleBasedStateMachine):
-    backend = "sqlite"
-
+class JobStateMachine(StoreMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.folder = Path(tempfile.mkdtemp(prefix="tdsm"))
-        self.clock = Clock(1_000_000.0)
-        try:
-            self.store: Store = self.run(open_backend(self.backend, self.folder, self.clock))
-        except BaseException:  # a skip (no PostgreSQL here) too: teardown will not run
-            self.loop.close()
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise
         self.model: dict[int, ModelJob] = {}
         self.nodes: dict[str, ModelNode] = {}  # the node rows: stopped nodes have none
         self.starts: dict[str, int] = dict.fromkeys(NODES, 0)
         self.workers: list[str] = []  # every worker ever started, current or gone
         self.stale: list[tuple[int, int, str]] = []  # (job, epoch, worker) no longer current
         self.ticks: dict[tuple[str, float], list[FiredJob]] = {}
-
-    def run(self, coroutine: Any) -> Any:
-        return self.loop.run_until_complete(coroutine)
-
-    def teardown(self) -> None:
-        self.run(self.store.close())
-        self.loop.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
     @property
     def now(self) -> float:
@@ -320,17 +294,13 @@ class JobStateMachine(RuleBasedStateMachine):
 TIMEOUT = 900
 
 
-def _test_case(backend: str) -> Any:
-    machine = type(f"JobStateMachine_{backend}", (JobStateMachine,), {"backend": backend})
-    case = machine.TestCase
-    case.settings = settings(
+def _settings(backend: str) -> settings:
+    return settings(
         max_examples=200,
         stateful_step_count=50,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
-    case.pytestmark = [pytest.mark.timeout(TIMEOUT)]
-    return case
 
 
-globals().update({f"TestJobStateMachine_{backend}": _test_case(backend) for backend in BACKENDS})
+globals().update(backend_cases(JobStateMachine, "JobStateMachine", _settings, TIMEOUT))
