@@ -80,16 +80,32 @@ def turns(tx: Tx, request: ClaimRequest) -> Steps[dict[str, Row]]:
 
 
 def walks(
-    tx: Tx, request: ClaimRequest, quotas: Mapping[str, int], turns: Mapping[str, Row]
+    tx: Tx, request: ClaimRequest, caps: Mapping[str, int], turns: Mapping[str, Row]
 ) -> Steps[list[Walk]]:
-    """For each keyed task the claim may start jobs of (`quotas`: none if paused, its share
-    of a shared limit), the jobs it may start, in turns by value."""
+    """For each keyed task the claim may start jobs of (`caps`: none if paused or its
+    shared limits have no room), the jobs it may start, in turns by value."""
     found = []
     for task in sorted(request.keyed):
-        cap = min(request.limit, quotas.get(task, request.limit))
+        cap = min(request.limit, caps.get(task, request.limit))
         if cap > 0:
             found.append((yield from _walk(tx, request, task, cap, turns[task])))
     return found
+
+
+def within(walks: list[Walk], quotas: Mapping[str, int]) -> list[Walk]:
+    """The walks with no more picks than their task's share of its shared limits
+    (`quotas`), the first in turn; a walk whose jobs are all left to other tasks is as if
+    not walked (its turn stays, and it does not rest: its values had room)."""
+    kept = []
+    for walk in walks:
+        share = quotas.get(walk.task, len(walk.picks))
+        if share < len(walk.picks):
+            if share <= 0:
+                continue
+            # Its shared limits are spent: their jobs' ends wake the claims, not this one.
+            walk.picks, walk.more = walk.picks[:share], False
+        kept.append(walk)
+    return kept
 
 
 def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int, turn: Row) -> Steps[Walk]:
@@ -119,6 +135,10 @@ def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int, turn: Row) -> Step
     if allowed:
         each = 1 if len(allowed) >= cap else cap
         due = yield from _first_due(tx, task, {key: min(n, each) for key, n in allowed.items()})
+        if each < cap and sum(map(len, due.values())) < cap:
+            # Some values had no due job (delayed ones): the others may take more turns.
+            full = {key: min(n, cap) for key, n in allowed.items() if n > each and key in due}
+            due |= (yield from _first_due(tx, task, full)) if full else {}
         walk.picks = _in_turns(due, [key for key in walk.visited if key in due], cap)
     # Values it did not look at, or a full claim: there may be more to take at once.
     walk.more = len(walk.visited) >= WALK or len(walk.picks) >= cap
