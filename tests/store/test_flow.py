@@ -395,3 +395,19 @@ async def test_values_with_only_delayed_jobs_leave_their_turns_to_the_others(
     await store.insert([of("a", n) for n in range(3)] + [of("c")])
     claimed = await store.claim(keyed(limit=3, limits={"t": 2}))
     assert sorted(customers(claimed.jobs)) == ["a", "a", "c"]  # type: ignore[type-var]
+
+
+async def test_jobs_queued_before_their_task_is_keyed_count_under_their_values_once_rekeyed(
+    store: Store,
+) -> None:
+    await store.insert([of("a", n) for n in range(2)] + [of("b"), of(None)])
+    (running,) = (await store.claim(request(limit=1, limits={"t": 1}))).jobs
+    assert customers([running]) == ["a"]
+    store.limit_keys = {"t": "order.customer"}  # a reload gives t a limit_key
+    await store.rekey("t", "order.customer")
+    assert await store.key_state("t", "a", None) == (1, None)  # the running job's value too
+    claimed = await store.claim(keyed(limit=10, limits={"t": 1}))
+    assert sorted(map(str, customers(claimed.jobs))) == ["None", "b"]
+    store.limit_keys = {}
+    await store.rekey("t", None)  # and one that takes it away: all under the empty value
+    assert await store.key_state("t", "", None) == (3, None)

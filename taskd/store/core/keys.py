@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from taskd.models import Job
+from taskd.models import Job, limit_key_of
 from taskd.store.base import ClaimRequest
 from taskd.store.core.dialect import Tx
 from taskd.store.core.flow import allowed_starts, tolerance
@@ -440,3 +440,38 @@ def _next_due(tx: Tx, request: ClaimRequest, task: str) -> Steps[float | None]:
     if delayed is not None:
         due.append(delayed - now)
     return max(0.0, min(due)) if due else None
+
+
+REKEY_SLICE = 500  # jobs a transaction of `rekeyed` reads at most
+
+
+def rekeyed(tx: Tx, items: list[tuple[str, str | None, int]]) -> Steps[list[int | None]]:
+    """A slice of a task's active jobs (pending or running, ids after the given one) with
+    their `limit_key` values computed again from their payloads under the task's new path
+    (None: it has none now, the empty value); the last id read, None once none are left.
+    The payloads are msgpack, which SQL cannot read: the values are computed here."""
+    results: list[int | None] = []
+    for task, path, after in items:
+        rows = yield Statement(
+            "SELECT id, payload, limit_key FROM {s}.jobs WHERE task = :task"
+            " AND status IN ('pending', 'running') AND id > :after ORDER BY id LIMIT :most",
+            {"task": task, "after": after, "most": REKEY_SLICE},
+        )
+        values = {
+            int(row["id"]): value
+            for row in rows
+            if (value := "" if path is None else limit_key_of(bytes(row["payload"]), path))
+            != row["limit_key"]
+        }
+        if values:
+            cases = " ".join(f"WHEN :id_{n} THEN :value_{n}" for n in range(len(values)))
+            params: dict[str, object] = {f"id_{n}": id_ for n, id_ in enumerate(values)}
+            params |= {f"value_{n}": value for n, value in enumerate(values.values())}
+            yield Statement(
+                f"UPDATE {{s}}.jobs SET limit_key = CASE id {cases} END"
+                f" WHERE id IN ({', '.join(f':id_{n}' for n in range(len(values)))})",
+                params,
+            )
+            yield from stirred(tx, [task])
+        results.append(int(rows[-1]["id"]) if len(rows) >= REKEY_SLICE else None)
+    return results
