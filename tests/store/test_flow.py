@@ -336,3 +336,19 @@ async def test_a_key_that_gets_room_behind_the_walk_is_found_on_its_next_round(
     # Once round with nothing to take, the claims wait for an end: they do not spin.
     dues = [(await store.claim(full)).next_due_in for _ in range(4)]
     assert None in dues, dues
+
+
+async def test_a_keyed_task_without_pending_jobs_rests_until_a_write_stirs_it(
+    keyed_store: Store,
+) -> None:
+    # Its claims then leave its turn unlocked (PostgreSQL): the daemons' claims do not wait
+    # for each other on a task with nothing to start.
+    store = keyed_store
+    for _ in range(2):  # the first finds no value and rests the task; the second, resting
+        claimed = await store.claim(keyed())
+        assert claimed.jobs == [] and claimed.next_due_in is None
+    await store.insert([of("a")])
+    (job,) = (await store.claim(keyed())).jobs
+    assert (await store.claim(keyed())).jobs == []  # a runs: nothing pending, it rests again
+    await store.finish([Outcome(job.id, job.epoch, W1, "released")])
+    assert customers((await store.claim(keyed())).jobs) == ["a"]  # put back: stirred
