@@ -134,6 +134,9 @@ class SqliteSql:
     def flow_lock(self, exclusive: bool) -> Statement | None:
         return None  # one writer: a pause and a claim never overlap
 
+    def paused(self) -> Statement:
+        return Statement("SELECT task FROM paused_tasks")
+
     def indexed_by(self, index: str) -> str:
         return f" INDEXED BY {index}"
 
