@@ -318,3 +318,32 @@ async def wait_for_backends_gone(connection: asyncpg.Connection, schema: str) ->
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the closed connection's server process is still listed")
+
+
+async def test_a_claim_waits_for_a_pause_in_flight_and_leaves_its_jobs(
+    store: PostgresStore,
+) -> None:
+    """A claim's flow lock and its read of the paused tasks are one statement; the read
+    still sees a pause that committed while the claim waited for the lock."""
+    await store.insert([new("t")])
+    worker = await store.register_node("n", 60)
+    pause = await asyncpg.connect(postgres_url())
+    try:
+        await pause.execute("BEGIN")
+        await pause.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"taskd:{store.schema}:flow"
+        )
+        await pause.execute(f"INSERT INTO {store.schema}.paused_tasks VALUES ('t', 0)")
+        claim = asyncio.create_task(store.claim(ClaimRequest(worker, 16, 60)))
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND wait_event = 'advisory'"
+        )
+        while not await pause.fetchval(waiting, f"taskd {store.schema}"):
+            assert not claim.done()  # it waits for the lock (or fails the test)
+            await asyncio.sleep(0.01)
+        await pause.execute("COMMIT")
+        claimed = await asyncio.wait_for(claim, 10)
+        assert claimed.jobs == []
+    finally:
+        await pause.close()

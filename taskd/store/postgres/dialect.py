@@ -345,6 +345,13 @@ class PostgresSql:
              "prefix": f"taskd:{self.schema}:window:"},
         )  # fmt: skip
 
+    def paused(self) -> Statement:
+        # The shared flow lock and the read after it, in one round trip (schema.py).
+        return Statement(
+            "SELECT task FROM {s}.paused_after_flow_lock(:key) AS task",
+            {"key": f"taskd:{self.schema}:flow"},
+        )
+
     def indexed_by(self, index: str) -> str:
         return ""  # the planner takes it
 

@@ -289,6 +289,20 @@ MIGRATIONS: list[list[str]] = [
         REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_jobs()
         """,
     ],
+    # A claim's flow lock and its read of the paused tasks in one round trip: each statement
+    # of a volatile function takes a snapshot of its own, so the read sees every pause that
+    # committed before the lock was granted (READ COMMITTED), as a statement after it would.
+    [
+        """
+        CREATE FUNCTION {s}.paused_after_flow_lock(flow text) RETURNS SETOF text
+        LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock_shared(hashtextextended(flow, 0));
+            RETURN QUERY SELECT task FROM {s}.paused_tasks;
+        END
+        $$
+        """,
+    ],
 ]
 
 

@@ -137,6 +137,9 @@ class SqliteSql:
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
         return None  # one writer: two inserts never overlap
 
+    def paused(self) -> Statement:
+        return Statement("SELECT task FROM paused_tasks")
+
     def indexed_by(self, index: str) -> str:
         return f" INDEXED BY {index}"
 
