@@ -45,7 +45,12 @@ async def test_wal_and_the_configured_durability(tmp_path: Path) -> None:
         assert writer is not None
         (mode,) = await writer.execute_fetchall("PRAGMA journal_mode")
         (synchronous,) = await writer.execute_fetchall("PRAGMA synchronous")
-        assert (mode[0], synchronous[0]) == ("wal", 1)  # 1: NORMAL
+        (cache,) = await writer.execute_fetchall("PRAGMA cache_size")
+        assert (mode[0], synchronous[0], cache[0]) == ("wal", 1, -2048)  # 1: NORMAL; KiB
+        reader = store._reader
+        assert reader is not None
+        (cache,) = await reader.execute_fetchall("PRAGMA cache_size")
+        assert cache[0] == -2048
     finally:
         await store.close()
     assert oct((tmp_path / "sub").stat().st_mode & 0o777) == oct(0o700)
