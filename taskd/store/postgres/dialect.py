@@ -309,7 +309,7 @@ class PostgresSql:
         "SELECT {columns} FROM {s}.job_errors WHERE job_id = :id ORDER BY id", columns=ERROR_COLUMNS
     )
     pending_index = ""
-    running_index = ""  # the planner picks jobs_running for `status = 'running'`
+    running_index = ""  # the planner picks jobs_task_limit_key_running for `status = 'running'`
     # A row comparison, and an order, that only the index by (task, priority, run_at) serves.
     next_priority_sql = (
         "SELECT priority FROM (SELECT task, priority FROM {s}.jobs WHERE status = 'pending'"
