@@ -192,6 +192,8 @@ class Bench:
                                 "the same, no backlog", "within 1.5x")  # fmt: skip
             drains = self.row(f"no-op drain next to {backlog} ({store})", "jobs/s",
                               "the same, no backlog", "within 1.5x")  # fmt: skip
+            cpu = self.row(f"no-op drain next to {backlog} ({store}): daemon CPU per job, all"
+                           " threads", "us", "the same, no backlog", "report")  # fmt: skip
             for _ in range(self.repeat):
                 for with_backlog in (False, True):
                     with start() as daemon:
@@ -200,9 +202,13 @@ class Bench:
                         socket = str(daemon.socket)
                         enqueued = rate(drive("taskd-enqueue", socket=socket,
                                               jobs=self.jobs(1000), connections=1))  # fmt: skip
-                        drained = rate(drive("taskd-drain", socket=socket, jobs=self.jobs(5000)))
+                        result = drive("taskd-drain", socket=socket, jobs=self.jobs(5000),
+                                       pid=daemon_pid(daemon))  # fmt: skip
                     (enqueues.taskd if with_backlog else enqueues.reference).append(enqueued)
-                    (drains.taskd if with_backlog else drains.reference).append(drained)
+                    (drains.taskd if with_backlog else drains.reference).append(rate(result))
+                    (cpu.taskd if with_backlog else cpu.reference).append(
+                        result["cpu"] / result["jobs"] * 1e6
+                    )
 
     def command_latency(self, runs: int) -> None:
         """Each command `runs` times per round, taking turns with the floor; a round's

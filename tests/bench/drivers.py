@@ -94,36 +94,51 @@ def taskd_enqueue_many(socket: str, jobs: int, batch: int) -> dict[str, Any]:
     return {"jobs": jobs, "seconds": seconds}
 
 
-def taskd_drain(socket: str, jobs: int, batch: int = 1000, pid: int = 0) -> dict[str, Any]:
-    """Queue `jobs` no-op jobs due at one instant, then time the executor from that instant
-    to the end of the last job (both read from the job rows). With the daemon's `pid`, also
-    the CPU time it spent meanwhile (`cpu`, seconds: from just before that instant until the
-    last job has been waited for)."""
-    from tests.bench.workload import cpu_seconds
+def taskd_drain(
+    socket: str, jobs: int, batch: int = 1000, pids: str = "", server: int = 0, wait: float = 0.0
+) -> dict[str, Any]:
+    """Queue `jobs` jobs due at one instant, then time the executors from that instant to
+    the end of the last job (both read from the job rows). The jobs are no-ops, or with
+    `wait` each awaits asyncio.sleep(wait) (a job waiting on I/O). With the daemons' `pids`
+    (comma-separated), also the CPU time they spent meanwhile (`cpu`, seconds: from just
+    before that instant until the last job has been waited for); with the PostgreSQL
+    postmaster's pid `server`, the CPU time each of its processes spent in that window
+    (`server_cpu`, by pid; a process started meanwhile counts whole, one that ended
+    meanwhile is not counted), for the caller to pick the processes that served the daemons."""
+    from tests.bench.workload import cpu_seconds, server_cpu_seconds
 
+    task, payload = ("hold", {"seconds": wait}) if wait else ("noop", None)
+    daemons = [int(pid) for pid in pids.split(",") if pid]
     cpu = 0.0
+    server_cpu: dict[int, float] = {}
     with Client(socket) as client:
-        due = time.time() + 1.0 + jobs / 50_000  # after every enqueue below has returned
+        due = time.time() + 2.0 + jobs / 10_000  # after every enqueue below has returned
         ids = []
         for first in range(0, jobs, batch):
             count = min(batch, jobs - first)
-            items = [enqueue_params("noop", n, run_at=due) for n in range(first, first + count)]
+            items = [
+                enqueue_params(task, payload if wait else n, run_at=due)
+                for n in range(first, first + count)
+            ]
             ids += [inserted.job_id for inserted in client.enqueue_many(items)]
         if time.time() >= due:
             raise RuntimeError("enqueueing took longer than the head start; raise it")
-        if pid:
-            time.sleep(max(0.0, due - time.time() - 0.02))  # the daemon idles until then
-            cpu = -cpu_seconds(pid)
+        if daemons or server:
+            time.sleep(max(0.0, due - time.time() - 0.02))  # the daemons idle until then
+            cpu = -sum(map(cpu_seconds, daemons))
+            before = server_cpu_seconds(server)
         last = client.wait(ids[-1], timeout=600)
-        if pid:
-            cpu += cpu_seconds(pid)  # before the waits below, which are not the drain's
+        if daemons or server:  # before the waits below, which are not the drain's
+            cpu += sum(map(cpu_seconds, daemons))
+            after = server_cpu_seconds(server)
+            server_cpu = {pid: spent - before.get(pid, 0.0) for pid, spent in after.items()}
         for job_id in ids:
             job = client.wait(job_id, timeout=600)
             if job.status != "succeeded":
                 raise RuntimeError(f"job {job_id} {job.status}: {job.error}")
             last = job if (job.finished_at or 0) > (last.finished_at or 0) else last
     assert last.finished_at is not None
-    return {"jobs": jobs, "seconds": last.finished_at - due, "cpu": cpu}
+    return {"jobs": jobs, "seconds": last.finished_at - due, "cpu": cpu, "server_cpu": server_cpu}
 
 
 def taskd_single_flight(socket: str, callers: int, connections: int, hold: float) -> dict[str, Any]:
@@ -409,7 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--synchronous", default="full", help="SQLite's, for sqlite-floor")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--pid", type=int, default=0, help="taskd's, for its CPU time")
+    parser.add_argument("--pid", default="", help="the daemons' (comma-separated): CPU time")
+    parser.add_argument("--server", type=int, default=0, help="PostgreSQL's postmaster pid")
+    parser.add_argument("--wait", type=float, default=0.0, help="seconds each drained job waits")
     parser.add_argument("--hold", type=float, default=3.0, help="seconds the execution lasts")
     args = parser.parse_args(argv)
     match args.scenario:
@@ -418,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
         case "taskd-enqueue-many":
             result = taskd_enqueue_many(args.socket, args.jobs, args.batch)
         case "taskd-drain":
-            result = taskd_drain(args.socket, args.jobs, args.batch, args.pid)
+            result = taskd_drain(
+                args.socket, args.jobs, args.batch, args.pid, args.server, args.wait
+            )
         case "huey-enqueue":
             result = huey_enqueue(args.jobs)
         case "huey-drain":

@@ -57,6 +57,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds(postmaster: int) -> dict[int, float]:
+    """The CPU time so far of each process of a local PostgreSQL server (its postmaster and
+    the postmaster's children: backends, writers), by pid, found in /proc; only read, never
+    signalled. Empty for pid 0."""
+    spent: dict[int, float] = {}
+    if not postmaster:
+        return spent
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(entry.name) == postmaster or int(fields[1]) == postmaster:
+            spent[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return spent
+
+
 def daemon_pid(daemon: Taskd) -> int:
     assert daemon.process is not None
     return daemon.process.pid

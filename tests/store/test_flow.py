@@ -411,3 +411,19 @@ async def test_jobs_queued_before_their_task_is_keyed_count_under_their_values_o
     store.limit_keys = {}
     await store.rekey("t", None)  # and one that takes it away: all under the empty value
     assert await store.key_state("t", "", None) == (3, None)
+
+
+async def test_a_keyed_task_without_pending_jobs_rests_until_a_write_stirs_it(
+    keyed_store: Store,
+) -> None:
+    # Its claims then leave its turn unlocked (PostgreSQL): the daemons' claims do not wait
+    # for each other on a task with nothing to start.
+    store = keyed_store
+    for _ in range(2):  # the first finds no value and rests the task; the second, resting
+        claimed = await store.claim(keyed())
+        assert claimed.jobs == [] and claimed.next_due_in is None
+    await store.insert([of("a")])
+    (job,) = (await store.claim(keyed())).jobs
+    assert (await store.claim(keyed())).jobs == []  # a runs: nothing pending, it rests again
+    await store.finish([Outcome(job.id, job.epoch, W1, "released")])
+    assert customers((await store.claim(keyed())).jobs) == ["a"]  # put back: stirred

@@ -16,7 +16,7 @@ import taskd.outbox
 import taskd.pg
 from taskd.models import TaskCounts
 from taskd.store import ClaimRequest, NewJob, StoreError
-from taskd.store.postgres.dialect import CLAIM_SQL, NEXT_DUE_SQL, render
+from taskd.store.postgres.dialect import CLAIM_SQL, NEXT_DUE_SQL, RECOVER_SQL, render
 from taskd.store.postgres.schema import MIGRATIONS
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
@@ -218,6 +218,61 @@ async def test_a_claim_reads_only_what_it_can_take(store: PostgresStore) -> None
         await connection.close()
 
 
+# Every index of the jobs table: each one is written by the claims and finishes that change
+# what it holds, so each must be read by a statement that would scan without it.
+JOBS_INDEXES = {
+    "jobs_pkey", "jobs_active_key", "jobs_task_claim_order", "jobs_finished",
+    "jobs_task_status", "jobs_batch", "jobs_task_key", "jobs_task_limit_key_claim",
+    "jobs_task_limit_key_running", "jobs_origin",
+}  # fmt: skip
+
+
+async def test_the_jobs_table_has_no_index_that_nothing_needs(store: PostgresStore) -> None:
+    """The indexes of all pending jobs by (priority, run_at) and by run_at, and of the
+    running jobs by task, were written by every claim and finish and needed by none."""
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        names = await connection.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = $1 AND tablename = 'jobs'",
+            store.schema,
+        )
+    finally:
+        await connection.close()
+    assert {row["indexname"] for row in names} == JOBS_INDEXES
+
+
+async def test_the_reads_of_running_jobs_skip_the_pending_ones(store: PostgresStore) -> None:
+    """Listing the running jobs, a recovery and a task's room read the running jobs only,
+    next to a backlog of pending ones, with or without the planner's statistics."""
+    await store.insert([new("backlog") for _ in range(3000)] + [new("t") for _ in range(3)])
+    worker = await store.register_node("n", 60)
+    await store.claim(ClaimRequest(worker, 3, 60, {}, {}, keyed=frozenset()))
+    statements = [
+        ("SELECT id FROM {s}.jobs WHERE status = 'running' ORDER BY id DESC LIMIT 50", []),
+        (RECOVER_SQL, [3]),
+        ("SELECT count(*) FROM {s}.jobs WHERE task = $1 AND status = 'running' AND NOT waiting",
+         ["t"]),
+    ]  # fmt: skip
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        for analyzed in (False, True):
+            if analyzed:
+                await connection.execute(f"ANALYZE {store.schema}.jobs")
+            for statement, args in statements:
+                sql = render(statement, store.schema)[0]
+                explained = connection.transaction()
+                await explained.start()
+                try:
+                    (plan,) = json.loads(
+                        await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+                    )
+                finally:
+                    await explained.rollback()
+                assert rows_read(plan["Plan"]) < 20, (analyzed, statement, plan)
+    finally:
+        await connection.close()
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -255,7 +310,11 @@ async def test_the_job_counters_are_filled_by_the_migration_and_kept_by_every_wr
     connection = await asyncpg.connect(url)
     try:
         await connection.execute(f"CREATE SCHEMA {schema}")
-        for statement in (s for migration in MIGRATIONS[:-1] for s in migration):
+        # The schema as it was before the counters' migration, then jobs written to it.
+        counters = next(
+            n for n, m in enumerate(MIGRATIONS) if "CREATE TABLE {s}.job_counts" in m[0]
+        )
+        for statement in (s for migration in MIGRATIONS[:counters] for s in migration):
             await connection.execute(statement.format(s=schema))
         await connection.execute(
             f"CREATE TABLE {schema}.migrations (version integer PRIMARY KEY,"
@@ -263,7 +322,7 @@ async def test_the_job_counters_are_filled_by_the_migration_and_kept_by_every_wr
         )
         await connection.executemany(
             f"INSERT INTO {schema}.migrations (version) VALUES ($1)",
-            [(n,) for n in range(1, len(MIGRATIONS))],
+            [(n,) for n in range(1, counters + 1)],
         )
         await connection.execute(
             f"INSERT INTO {schema}.jobs (task, status, origin, payload, run_at, max_attempts,"
@@ -318,3 +377,32 @@ async def wait_for_backends_gone(connection: asyncpg.Connection, schema: str) ->
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the closed connection's server process is still listed")
+
+
+async def test_a_claim_waits_for_a_pause_in_flight_and_leaves_its_jobs(
+    store: PostgresStore,
+) -> None:
+    """A claim's flow lock and its read of the paused tasks are one statement; the read
+    still sees a pause that committed while the claim waited for the lock."""
+    await store.insert([new("t")])
+    worker = await store.register_node("n", 60)
+    pause = await asyncpg.connect(postgres_url())
+    try:
+        await pause.execute("BEGIN")
+        await pause.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"taskd:{store.schema}:flow"
+        )
+        await pause.execute(f"INSERT INTO {store.schema}.paused_tasks VALUES ('t', 0)")
+        claim = asyncio.create_task(store.claim(ClaimRequest(worker, 16, 60)))
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND wait_event = 'advisory'"
+        )
+        while not await pause.fetchval(waiting, f"taskd {store.schema}"):
+            assert not claim.done()  # it waits for the lock (or fails the test)
+            await asyncio.sleep(0.01)
+        await pause.execute("COMMIT")
+        claimed = await asyncio.wait_for(claim, 10)
+        assert claimed.jobs == []
+    finally:
+        await pause.close()

@@ -12,8 +12,9 @@ import msgspec
 import pytest
 
 from taskd.store import ClaimRequest, JobFilter, NewJob, ScheduleState, StoreError, store_for
+from taskd.store.core import reads as reads_module
 from taskd.store.sqlite import SqliteStore
-from taskd.store.sqlite.dialect import CANDIDATES, NEXT_DUE, QUEUES
+from taskd.store.sqlite.dialect import CANDIDATES, NEXT_DUE, QUEUES, SqliteSql
 from taskd.store.sqlite.schema import MIGRATIONS
 from tests.conftest import NOW
 from tests.support import Clock
@@ -44,7 +45,12 @@ async def test_wal_and_the_configured_durability(tmp_path: Path) -> None:
         assert writer is not None
         (mode,) = await writer.execute_fetchall("PRAGMA journal_mode")
         (synchronous,) = await writer.execute_fetchall("PRAGMA synchronous")
-        assert (mode[0], synchronous[0]) == ("wal", 1)  # 1: NORMAL
+        (cache,) = await writer.execute_fetchall("PRAGMA cache_size")
+        assert (mode[0], synchronous[0], cache[0]) == ("wal", 1, -2048)  # 1: NORMAL; KiB
+        reader = store._reader
+        assert reader is not None
+        (cache,) = await reader.execute_fetchall("PRAGMA cache_size")
+        assert cache[0] == -2048
     finally:
         await store.close()
     assert oct((tmp_path / "sub").stat().st_mode & 0o777) == oct(0o700)
@@ -189,6 +195,24 @@ async def test_a_claim_reads_only_what_it_can_take(tmp_path: Path) -> None:
         scans = [step for step in plan if step.split()[:2] in (["SCAN", t] for t in TABLES)]
         assert not scans, plan
         assert any("jobs_task_claim_order" in step for step in plan), plan
+    db.close()
+
+
+async def test_the_reads_of_ended_jobs_search_their_index(tmp_path: Path) -> None:
+    """A prune and the Dashboard's finished jobs per minute read the ended jobs through
+    their index, however many jobs are pending (SQLite takes a partial index only for a
+    statement whose WHERE holds the index's term as written)."""
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    await store.close()
+    sql = SqliteSql(NOW)
+    reads = [next(reads_module.finished_recently(sql, 3600, 60)), next(sql.prune("failed", 60))]
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    for statement in reads:
+        params = {**(statement.params or {}), "now": NOW}
+        text = statement.sql.replace("{s}.", "")  # as the store runs it
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {text}", params)]
+        assert any("INDEX jobs_finished" in step for step in plan), (statement.sql, plan)
     db.close()
 
 

@@ -43,8 +43,14 @@ class Dialect(Protocol):
         ...
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
-        """Orders the claims (shared) after a pause (exclusive) that committed before them
-        and before their claim statement (SQLite: its one writer does; None)."""
+        """Orders the claims (shared: `paused` takes it) after a pause (exclusive) that
+        committed before them and before their claim statement (SQLite: its one writer
+        does; None)."""
+        ...
+
+    def paused(self) -> Statement:
+        """The paused tasks (`task`), as a claim reads them: after its flow lock (shared),
+        taken by the same statement."""
         ...
 
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:

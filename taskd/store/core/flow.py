@@ -107,9 +107,7 @@ class Holds:
 
 def holds(tx: Tx, request: ClaimRequest) -> Steps[Holds]:
     """What holds back the jobs a claim may take (tiny tables, read at each claim)."""
-    if (lock := tx.sql.flow_lock(exclusive=False)) is not None:
-        yield lock
-    rows = yield Statement("SELECT task FROM {s}.paused_tasks")
+    rows = yield tx.sql.paused()
     held = Holds(quotas={row["task"]: 0 for row in rows})
     # A keyed task's rate limit counts per key (taskd.store.core.keys).
     rates = {

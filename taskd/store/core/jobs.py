@@ -32,6 +32,9 @@ from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
 
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds a writer long
+# The ended jobs, as the WHERE of their index (status, finished_at) says it: SQLite reads a
+# partial index only for a statement whose WHERE holds the index's own term, word for word.
+ENDED = "status IN ('succeeded', 'failed', 'cancelled')"
 MAX_WAIT = 10 * 365 * 86400.0  # a debounce without max_wait: ten years (no bound)
 # When a debounced job is due again: `debounce` from now, never past `max_wait` after it was
 # created (a job waiting for its parents keeps that time in `release_at`).

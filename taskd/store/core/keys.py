@@ -71,8 +71,11 @@ class Walk:
 
 
 def turns(tx: Tx, request: ClaimRequest) -> Steps[dict[str, Row]]:
-    """The turn of each keyed task, locked until the claim commits: first of all that a
-    claim locks, as the writes that stir them do (see `stirred`)."""
+    """The turn of each keyed task, locked until the claim commits (first of all that a
+    claim locks, as the writes that stir them do: see `stirred`), unless it rests: a claim
+    takes nothing of a resting task and writes nothing of its turn, so that the claims of
+    several daemons do not wait for each other's commits on a task that has nothing to
+    start (one with no pending job, as the others wait for a write that stirs it)."""
     found = {}
     for task in sorted(request.keyed):
         found[task] = yield from _turn(tx, task)
@@ -146,21 +149,35 @@ def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int, turn: Row) -> Step
 
 
 def _turn(tx: Tx, task: str) -> Steps[Row]:
-    """The task's turn among its values, locked until the claim commits (made if new)."""
-    select = Statement(
-        "SELECT last_key, lap_from, lap_at, rested_at, rested_wake, :now AS now"
-        " FROM {s}.key_turns"
-        " WHERE task = :task" + tx.sql.lock_rows,
-        {"task": task},
-    )
+    """The task's turn among its values, locked until the claim commits unless it rests
+    (made if new)."""
+    select = Statement(TURN.format(s="{s}", lock=tx.sql.lock_rows), {"task": task})
     rows = yield select
-    if not rows:
+    if not rows:  # new (or it stopped resting between the two reads: the lock decides)
         yield Statement(
             "INSERT INTO {s}.key_turns (task) VALUES (:task) ON CONFLICT (task) DO NOTHING",
             {"task": task},
         )
-        rows = yield select
+        rows = yield Statement(
+            f"SELECT {TURN_COLUMNS} FROM {{s}}.key_turns WHERE task = :task{tx.sql.lock_rows}",
+            {"task": task},
+        )
     return rows[0]
+
+
+TURN_COLUMNS = "last_key, lap_from, lap_at, rested_at, rested_wake, :now AS now"
+# A task's turn rests from the claim that came round with nothing to take until a write
+# stirs it, or until the time it would wake at (a value's rate limit, a delayed job).
+RESTS = "rested_at IS NOT NULL AND (rested_wake IS NULL OR :now < rested_wake)"
+# A task's turn, locked ({lock}) only if it does not rest. A turn another claim is writing
+# meanwhile may be found in neither part (the lock waits, then reads it resting).
+TURN = (
+    f"WITH resting AS (SELECT {TURN_COLUMNS} FROM {{s}}.key_turns"
+    f" WHERE task = :task AND {RESTS}),"
+    f" turning AS (SELECT {TURN_COLUMNS} FROM {{s}}.key_turns"
+    f" WHERE task = :task AND NOT ({RESTS}){{lock}})"
+    " SELECT * FROM resting UNION ALL SELECT * FROM turning"
+)
 
 
 # The values of a task's pending jobs after :after (or from the first, with >=), at most
@@ -323,7 +340,8 @@ def settle(
             elif (wake := (yield from _next_due(tx, request, walk.task))) is not None:
                 due.append(wake)
             continue
-        if not walk.visited:
+        if not walk.visited:  # no pending job: it rests until a write stirs it
+            yield from _turned(tx, walk.task, walk.last_key, None, None, walk.now)
             continue
         # A fruitless walk: the next starts where it stopped; the run of them began at the
         # first value of the first (and at its time), unless something changed since.
@@ -349,7 +367,7 @@ def settle(
 def _turned(
     tx: Tx,
     task: str,
-    last: str,
+    last: str | None,
     lap_from: str | None,
     lap_at: float | None,
     rested_at: float | None = None,

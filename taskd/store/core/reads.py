@@ -9,6 +9,7 @@ from taskd.models import Job, NodeInfo, TaskCounts
 from taskd.store.base import JobFilter, ScheduleState
 from taskd.store.core.deps import HELD
 from taskd.store.core.dialect import Dialect
+from taskd.store.core.jobs import ENDED
 from taskd.store.core.statements import Statement, Steps, compose, members
 from taskd.store.rows import (
     JOB_COLUMNS,
@@ -170,8 +171,9 @@ def counts(sql: Dialect) -> Steps[list[TaskCounts]]:
 
 
 def finished_recently(sql: Dialect, window: float, buckets: int) -> Steps[list[tuple[int, int]]]:
-    """Succeeded and failed jobs per span of the last `window` seconds (the index on
-    (status, finished_at) finds them); the spans' bounds are numbers, not parameters."""
+    """Succeeded and failed jobs per span of the last `window` seconds (the index of ended
+    jobs, on (status, finished_at), finds them); the spans' bounds are numbers, not
+    parameters."""
     span = window / buckets
     sums = ", ".join(
         f"sum(CASE WHEN finished_at >= :now - {window - i * span!r}"
@@ -179,7 +181,7 @@ def finished_recently(sql: Dialect, window: float, buckets: int) -> Steps[list[t
         for i in range(buckets)
     )
     rows = yield Statement(
-        f"SELECT status, {sums} FROM {{s}}.jobs WHERE status IN ('succeeded', 'failed')"
+        f"SELECT status, {sums} FROM {{s}}.jobs WHERE {ENDED} AND status IN ('succeeded', 'failed')"
         f" AND finished_at >= :now - {float(window)!r} GROUP BY status"
     )
     by_status = {row["status"]: [int(row[f"n{i}"] or 0) for i in range(buckets)] for row in rows}

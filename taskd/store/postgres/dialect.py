@@ -309,7 +309,7 @@ class PostgresSql:
         "SELECT {columns} FROM {s}.job_errors WHERE job_id = :id ORDER BY id", columns=ERROR_COLUMNS
     )
     pending_index = ""
-    running_index = ""  # the planner picks jobs_running for `status = 'running'`
+    running_index = ""  # the planner picks jobs_task_limit_key_running for `status = 'running'`
     # A row comparison, and an order, that only the index by (task, priority, run_at) serves.
     next_priority_sql = (
         "SELECT priority FROM (SELECT task, priority FROM {s}.jobs WHERE status = 'pending'"
@@ -344,6 +344,13 @@ class PostgresSql:
             {"tasks": [task for task, _ in keys], "keys": [key for _, key in keys],
              "prefix": f"taskd:{self.schema}:window:"},
         )  # fmt: skip
+
+    def paused(self) -> Statement:
+        # The shared flow lock and the read after it, in one round trip (schema.py).
+        return Statement(
+            "SELECT task FROM {s}.paused_after_flow_lock(:key) AS task",
+            {"key": f"taskd:{self.schema}:flow"},
+        )
 
     def indexed_by(self, index: str) -> str:
         return ""  # the planner takes it

@@ -22,6 +22,7 @@ from taskd.store.core.jobs import (
     ABANDONED,
     CANCELLED,
     CLAIMED,
+    ENDED,
     FINISHED,
     FINISHING,
     PRUNE_SLICE,
@@ -137,6 +138,9 @@ class SqliteSql:
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
         return None  # one writer: two inserts never overlap
 
+    def paused(self) -> Statement:
+        return Statement("SELECT task FROM paused_tasks")
+
     def indexed_by(self, index: str) -> str:
         return f" INDEXED BY {index}"
 
@@ -217,7 +221,8 @@ class SqliteSql:
 
     def prune(self, status: JobStatus, age: float) -> Steps[int]:
         rows = yield Statement(
-            "SELECT id FROM jobs WHERE status = :status AND finished_at < :now - :age LIMIT :slice",
+            f"SELECT id FROM jobs WHERE {ENDED} AND status = :status"
+            " AND finished_at < :now - :age LIMIT :slice",
             {"status": status, "age": age, "slice": PRUNE_SLICE},
         )
         ids = [row["id"] for row in rows]
