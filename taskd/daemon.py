@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 import taskd
@@ -536,7 +536,7 @@ class Daemon:
         self._tasks().replace(registry)
         if self._store is not None:
             self._store.webhooks = webhooks
-            self._store.limit_keys = registry.limit_keys()
+            await self._rekey(self._store, registry.limit_keys())
         if self._engine is not None:  # its limits may hold back fewer jobs now
             self._engine.executor.limits_changed()
         self.paths = Paths(
@@ -555,6 +555,24 @@ class Daemon:
         logging.getLogger().setLevel(config.log_level.upper())
         logger.info("reloaded: %s from %s", counted(len(registry), "task"), paths.tasks)
         return ReloadResult(len(registry), len(schedules), restart_needed)
+
+    @staticmethod
+    async def _rekey(store: Store, limit_keys: Mapping[str, str]) -> None:
+        """New `limit_key` paths: the jobs already queued of the tasks whose path changed
+        count under their values from now on, as those inserted from now on."""
+        changed = sorted(
+            task
+            for task in store.limit_keys.keys() | limit_keys.keys()
+            if store.limit_keys.get(task) != limit_keys.get(task)
+        )
+        store.limit_keys = limit_keys
+        for task in changed:
+            try:
+                await store.rekey(task, limit_keys.get(task))
+            except StoreError as exc:
+                logger.warning(
+                    "task %s: its queued jobs keep their limit_key values: %s", task, exc
+                )
 
     # -- stop ----------------------------------------------------------------------------
 

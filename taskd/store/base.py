@@ -508,6 +508,11 @@ class Store(Protocol):
         resume it; since when it is paused now (pausing a paused task keeps its time), None
         once resumed."""
 
+    async def rekey(self, task: str, path: str | None) -> None:
+        """Record again the `limit_key` value of a task's pending and running jobs, from
+        their payloads under its new path (None: it has none now): after a reload that
+        gives a task a `limit_key` or changes it (set `limit_keys` first)."""
+
     async def paused_tasks(self) -> Mapping[str, float]:
         """The paused tasks, and since when."""
 

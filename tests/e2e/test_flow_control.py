@@ -615,12 +615,6 @@ def test_a_reload_that_raises_a_concurrency_starts_the_jobs_waiting(
     assert daemon.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a job records its task's limit_key value when it is inserted; those"
-    " inserted before a reload that gives the task a limit_key all count under the empty"
-    " value (status: '1 value running, 1 value waiting'), while why reads the payload",
-)
 def test_a_reload_that_keys_a_tasks_concurrency_lets_other_keys_waiting_start(
     on_store: Callable[[str], Taskd], short_tmp: Path
 ) -> None:

@@ -99,7 +99,10 @@ class FlowMachine(StoreMachine):
         for series, starts in self.starts.items():
             self._check_rate(series, starts)
         if len(claimed.jobs) < limit:
-            self._check_nothing_left_behind(claimed.next_due_in)
+            self._check_nothing_left_behind()
+        # A claim that took nothing has nothing to claim at once: claiming again now would
+        # take nothing again (a busy loop).
+        assert claimed.jobs or claimed.next_due_in != 0.0, claimed
 
     @precondition(lambda self: self.running)
     @rule(data=st.data(), status=st.sampled_from(["succeeded", "failed"]))
@@ -178,15 +181,12 @@ class FlowMachine(StoreMachine):
                 gap = starts[j] - first
                 assert gap >= (j - i) * interval - early - EPSILON, (series, starts)
 
-    def _check_nothing_left_behind(self, next_due_in: float | None) -> None:
+    def _check_nothing_left_behind(self) -> None:
         """Every due pending job the claim left is held back: its task paused, or at its
         concurrency or waiting for its rate limit (a keyed task's: its value's), or one of
-        its shared limits is. Two known gaps excepted, where the claim says to claim again
-        at once (`_shares_lost`)."""
+        its shared limits is."""
         pending = self.run(self.store.list_jobs(JobFilter(statuses=["pending"], limit=1000)))
         held_tasks = self._held_tasks()
-        if next_due_in == 0.0:
-            held_tasks |= self._shares_lost()
         tasks, keys, _ = self._running()
         for job in pending:
             if job.run_at > self.now or job.task in held_tasks:
@@ -204,20 +204,6 @@ class FlowMachine(StoreMachine):
         assert counted == running[task, key], (task, key, counted, running[task, key])
         full = counted >= self.CONCURRENCY.get(task, counted + 1)
         return full or (start is not None and start > self.now + EPSILON)
-
-    def _shares_lost(self) -> set[str]:
-        """The tasks whose share of a shared limit a claim may give to another task that
-        cannot use it, known gaps (test_flow.py, the strict xfails): the limit's tasks beside
-        a keyed task (the budget goes to its first due jobs whatever its values' room), and
-        those of a limit one of whose tasks is in another (that one's share may be none)."""
-        lost: set[str] = set()
-        for name, limit in self.SHARED.items():
-            others = {
-                task for other, of in self.SHARED.items() if other != name for task in of.tasks
-            }
-            if set(limit.tasks) & (set(self.KEYED) | others):
-                lost.update(task for task in limit.tasks if task not in self.KEYED)
-        return lost
 
     def _held_tasks(self) -> set[str]:
         """The tasks held back as a whole: paused, waiting for their own rate limit (those

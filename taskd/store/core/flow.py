@@ -1,17 +1,20 @@
 """Flow control, written once for both stores: what holds a task's jobs back at claim time.
 
 A claim first asks `holds` how many jobs of each held task it may start (its quota: 0 for a
-paused task, what its rate limit allows now, its share of the shared limits it is in),
-hands those quotas to the dialect's claim, tells `started` what it took, and asks for the
-next due time with what is left of them, or when a task held back may start again. The
-state lives in the store (`paused_tasks`, `rate_limits`), so that every daemon sharing it
-holds the same jobs back.
+paused task, what its rate limit allows now) and what its shared limits allow, then `share`
+for each task's share of those (after the keyed tasks' walks), hands the quotas to the
+dialect's claim, tells `started` what it took, and asks for the next due time with what is
+left of them, or when a task held back may start again. The state lives in the store
+(`paused_tasks`, `rate_limits`), so that every daemon sharing it holds the same jobs back.
 
 A shared limit (`[limits.NAME]`, several tasks' budget) allows as many starts as its room
 under its concurrency (its tasks' running jobs counted) and its rate (a GCRA row of kind
-`limit`) leave; that budget goes to its tasks' first due jobs in claim order (read with one
-bounded probe of the pending jobs' index per task, at most the claim's size each), so that
-the claim never takes more of them than the budget, whichever of its tasks they are.
+`limit`) leave; that budget goes, in claim order, to those of its tasks' jobs that can
+start: a plain task's first due jobs as its own limits allow (read with one bounded probe
+of the pending jobs' index per task, at most the claim's size each), a keyed task's jobs its
+values' turns would take (taskd.store.core.keys), none of a task that another of its shared
+limits holds back. So the claim never takes more of them than the budget, whichever of its
+tasks they are, and gives none of it to a job that cannot start while another could.
 
 Rate limits are GCRA (the generic cell rate algorithm): per limit one row, its theoretical
 arrival time (TAT). A start moves TAT to max(TAT, now) + interval (the period divided by
@@ -42,6 +45,7 @@ TASK = "task"  # the kind of a task's own rate limit in `rate_limits` (by the ta
 LIMIT = "limit"  # the kind of a shared limit's row in `rate_limits` (by the limit's name)
 MIN_TOLERANCE = 0.05  # seconds a start may come early, at least (a daemon's claim latency)
 MAX_TOLERANCE = 1.0  # seconds a start may come early, at most
+Order = tuple[int, float, int]  # a job's place in the claim order: priority, run_at, id
 
 
 def tolerance(interval: float) -> float:
@@ -58,12 +62,13 @@ def allowed_starts(now: float, tat: float, interval: float) -> int:
 @dataclass(slots=True)
 class SharedHold:
     """A shared limit in one claim: the starts it allows (`budget`: its room under its
-    concurrency and its rate), of which its rate allows `by_rate` (None: it has no rate);
-    both less the starts the claim made."""
+    concurrency and its rate), of which its rate allows `by_rate` (None: it has no rate)
+    and its concurrency `room`; all less the starts the claim made."""
 
     tasks: tuple[str, ...]
     budget: int
     by_rate: int | None = None
+    room: int | None = None  # under its concurrency (None: it has none)
 
 
 @dataclass(slots=True)
@@ -78,6 +83,7 @@ class Holds:
     tats: dict[tuple[str, str], float] = field(default_factory=dict)
     shared: dict[str, SharedHold] = field(default_factory=dict)
     allotted: dict[str, int] = field(default_factory=dict)
+    running: Counter[str] = field(default_factory=Counter)
 
     def for_claim(self) -> dict[str, int]:
         """The quota of each held task in this claim: its own, and its share."""
@@ -112,7 +118,7 @@ def holds(tx: Tx, request: ClaimRequest) -> Steps[Holds]:
     if rates or request.shared:
         yield from _rate_quotas(tx, rates, request.shared, held)
     if request.shared:
-        yield from _shared_quotas(tx, request, held)
+        yield from _shared_budgets(tx, request, held)
     return held
 
 
@@ -136,9 +142,9 @@ def _rate_quotas(
             held.shared[name] = SharedHold(shared[name].tasks, allowed, allowed)
 
 
-def _shared_quotas(tx: Tx, request: ClaimRequest, held: Holds) -> Steps[None]:
-    """Each shared limit's budget (its room and what its rate allows), shared out among its
-    tasks' first due jobs in claim order: each task's quota is its share."""
+def _shared_budgets(tx: Tx, request: ClaimRequest, held: Holds) -> Steps[None]:
+    """Each shared limit's budget: its room under its concurrency (its tasks' running jobs
+    counted) and what its rate allows, at most the claim's size."""
     tasks = sorted({task for limit in request.shared.values() for task in limit.tasks})
     listed, params = members("task", tasks)
     rows = yield Statement(
@@ -146,30 +152,68 @@ def _shared_quotas(tx: Tx, request: ClaimRequest, held: Holds) -> Steps[None]:
         f" AND task IN ({listed}) GROUP BY task",
         params,
     )
-    running = Counter({row["task"]: int(row["n"]) for row in rows})
+    held.running = Counter({row["task"]: int(row["n"]) for row in rows})
     for name, limit in request.shared.items():
-        budget = request.limit
+        budget, room = request.limit, None
         if limit.concurrency is not None:
-            room = limit.concurrency - sum(running[task] for task in limit.tasks)
+            room = limit.concurrency - sum(held.running[task] for task in limit.tasks)
             budget = max(0, min(budget, room))
         hold = held.shared.setdefault(name, SharedHold(limit.tasks, budget))
-        hold.budget = min(hold.budget, budget)
-    caps = {task: _cap(request, held, running, task) for task in tasks}
+        hold.budget, hold.room = min(hold.budget, budget), room
+
+
+def keyed_caps(request: ClaimRequest, held: Holds) -> dict[str, int]:
+    """The most jobs of each keyed task a claim could start (its turns read at most these):
+    the least of the claim's size, its own quota and the budget of each of its shared
+    limits."""
+    return {task: _cap(request, held, task) for task in request.keyed}
+
+
+def share(
+    tx: Tx, request: ClaimRequest, held: Holds, keyed: Mapping[str, list[Order]]
+) -> Steps[None]:
+    """Each shared limit's budget shared out among the jobs of its tasks that can start, in
+    claim order: the first due jobs of its plain tasks (their own limits allowing), and
+    the jobs a keyed task's turns would take (`keyed`: none where its values have no room),
+    so that no share goes to a job that cannot start."""
+    tasks = {task for limit in request.shared.values() for task in limit.tasks}
+    caps = {task: _cap(request, held, task) for task in sorted(tasks - request.keyed)}
     firsts = yield from _first_due(tx, {task: cap for task, cap in caps.items() if cap > 0})
-    for hold in held.shared.values():
-        chosen = sorted(job for task in hold.tasks for job in firsts.get(task, []))
-        shares = Counter(task for *_, task in chosen[: hold.budget])
-        for task in hold.tasks:
-            held.allotted[task] = min(shares[task], held.allotted.get(task, shares[task]))
+    for task in tasks & request.keyed:
+        firsts[task] = [(*order, task) for order in keyed.get(task, [])]
+    held.allotted = _allot(held, {task: sorted(jobs) for task, jobs in firsts.items()})
 
 
-def _cap(request: ClaimRequest, held: Holds, running: Mapping[str, int], task: str) -> int:
-    """The most jobs of a task in shared limits this claim could start: the least of the
-    claim's size, its own quota and room, and the budget of each of its shared limits."""
+def _allot(held: Holds, candidates: Mapping[str, list[tuple[object, ...]]]) -> dict[str, int]:
+    """Each task's share: as many of its candidates (in claim order) as every one of its
+    shared limits gives it. A task one limit gives less than another takes only that much
+    of the others, whose rest goes to their other tasks: the shares are dealt again with
+    its candidates cut to that, until its limits agree (they are only cut: it ends)."""
+    bounds = {task: len(jobs) for task, jobs in candidates.items()}
+    while True:
+        given: dict[str, list[int]] = {}
+        for hold in held.shared.values():
+            chosen = sorted(
+                job
+                for task in hold.tasks
+                for job in candidates.get(task, [])[: bounds.get(task, 0)]
+            )
+            shares = Counter(job[-1] for job in chosen[: max(0, hold.budget)])
+            for task in hold.tasks:
+                given.setdefault(task, []).append(shares[task])
+        cut = {task: min(shares) for task, shares in given.items() if min(shares) < max(shares)}
+        if not cut:
+            return {task: min(shares) for task, shares in given.items()}
+        bounds |= cut
+
+
+def _cap(request: ClaimRequest, held: Holds, task: str) -> int:
+    """The most jobs of a task this claim could start: the least of the claim's size, its
+    own quota and room, and the budget of each of its shared limits."""
     cap = min(request.limit, held.quotas.get(task, request.limit))
     concurrency = request.limits.get(task)
     if concurrency is not None and task not in request.keyed:  # else it counts per key
-        cap = min(cap, concurrency - running.get(task, 0))
+        cap = min(cap, concurrency - held.running.get(task, 0))
     for hold in held.shared.values():
         if task in hold.tasks:
             cap = min(cap, hold.budget)
@@ -202,31 +246,53 @@ def _first_due(tx: Tx, caps: Mapping[str, int]) -> Steps[dict[str, list[tuple[ob
 def wake(
     tx: Tx, request: ClaimRequest, held: Holds, left: Mapping[str, int]
 ) -> Steps[float | None]:
-    """In how many seconds the first rate limit that holds back pending jobs allows a start
-    again (after the claim's starts: 0 if it allows more now); None: none does. A limit
-    with starts left held nothing back (its task had no more due jobs)."""
-    waiting: list[tuple[float, tuple[str, ...]]] = []
-    for (kind, name), tat in held.tats.items():
-        if kind == TASK and left.get(name) == 0:
-            early = tolerance(request.rates[name])
-            waiting.append((max(0.0, tat - early - held.now), (name,)))
-        elif kind == LIMIT and (hold := held.shared[name]).by_rate == 0:
-            early = tolerance(request.shared[name].interval or 0.0)
-            waiting.append((max(0.0, tat - early - held.now), hold.tasks))
+    """In how many seconds the first task held back by rate limits with pending jobs may
+    start again (after the claim's starts: 0 if it may start more now); None: none may
+    before a job's end. A task held by several limits waits for the last of them (a task
+    whose shared limit is full waits for a job's end, whatever its rates allow), so that a
+    claim never says to claim again at once for a task still held."""
+    held_tasks = {name for kind, name in held.tats if kind == TASK and left.get(name) == 0}
+    for name, hold in held.shared.items():
+        if (LIMIT, name) in held.tats and hold.by_rate == 0:
+            held_tasks.update(hold.tasks)
+    waiting = {
+        task: seconds
+        for task in sorted(held_tasks)
+        if (seconds := _held_for(request, held, task)) is not None
+    }
     if not waiting:
         return None
-    tasks = sorted({task for _, held_tasks in waiting for task in held_tasks})
-    names = " UNION ALL ".join(f"SELECT CAST(:name_{n} AS TEXT) AS name" for n in range(len(tasks)))
-    params = {f"name_{n}": task for n, task in enumerate(tasks)}
+    names = " UNION ALL ".join(
+        f"SELECT CAST(:name_{n} AS TEXT) AS name" for n in range(len(waiting))
+    )
+    params = {f"name_{n}": task for n, task in enumerate(waiting)}
     # One index probe a task, however long its backlog.
     rows = yield Statement(
         f"SELECT name FROM ({names}) AS limited WHERE EXISTS (SELECT 1 FROM {{s}}.jobs"
         " WHERE task = limited.name AND status = 'pending')",
         params,
     )
-    pending = {row["name"] for row in rows}
-    due = [seconds for seconds, held_tasks in waiting if pending.intersection(held_tasks)]
+    due = [waiting[row["name"]] for row in rows]
     return min(due) if due else None
+
+
+def _held_for(request: ClaimRequest, held: Holds, task: str) -> float | None:
+    """In how many seconds every rate limit over a task allows it a start again; None: it
+    is paused, or a shared limit of it is full (a job's end wakes the claims)."""
+    if held.quotas.get(task) == 0 and (TASK, task) not in held.tats:
+        return None  # paused
+    seconds = 0.0
+    if (tat := held.tats.get((TASK, task))) is not None:
+        seconds = tat - tolerance(request.rates[task]) - held.now
+    for name, hold in held.shared.items():
+        if task not in hold.tasks:
+            continue
+        if hold.room is not None and hold.room <= 0:
+            return None  # full: it has room again when a job of it ends
+        if hold.by_rate == 0:
+            interval = request.shared[name].interval or 0.0
+            seconds = max(seconds, held.tats[LIMIT, name] - tolerance(interval) - held.now)
+    return max(0.0, seconds)
 
 
 def _limit_rows(tx: Tx, limits: list[tuple[str, str]]) -> Steps[list[Row]]:
@@ -267,6 +333,8 @@ def started(tx: Tx, request: ClaimRequest, held: Holds, jobs: list[Job]) -> Step
     for hold in held.shared.values():
         spent = sum(counts[task] for task in hold.tasks)
         hold.budget -= spent
+        if hold.room is not None:
+            hold.room -= spent
         if hold.by_rate is not None:
             hold.by_rate = max(0, hold.by_rate - spent)
     for (kind, name), tat in list(held.tats.items()):

@@ -248,8 +248,14 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     # a claim locks after (taskd.store.core.keys.stirred).
     turns = (yield from keys.turns(tx, request)) if request.keyed else {}
     held = yield from flow.holds(tx, request)
+    caps = flow.keyed_caps(request, held)
+    walks = (yield from keys.walks(tx, request, caps, turns)) if request.keyed else []
+    if request.shared:
+        # Shared budgets go only to jobs that can start: a keyed task's, to its turns' picks.
+        turned = {walk.task: [pick.order for pick in walk.picks] for walk in walks}
+        yield from flow.share(tx, request, held, turned)
     quotas = held.for_claim()
-    walks = (yield from keys.walks(tx, request, quotas, turns)) if request.keyed else []
+    walks = keys.within(walks, quotas)
     # A keyed task's jobs are taken in its keys' turns (taskd.store.core.keys), not here.
     quotas |= dict.fromkeys(request.keyed, 0)
     rows = yield from tx.sql.claim(request, quotas)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from taskd.models import Job
+from taskd.models import Job, limit_key_of
 from taskd.store.base import ClaimRequest
 from taskd.store.core.dialect import Tx
 from taskd.store.core.flow import allowed_starts, tolerance
@@ -83,16 +83,32 @@ def turns(tx: Tx, request: ClaimRequest) -> Steps[dict[str, Row]]:
 
 
 def walks(
-    tx: Tx, request: ClaimRequest, quotas: Mapping[str, int], turns: Mapping[str, Row]
+    tx: Tx, request: ClaimRequest, caps: Mapping[str, int], turns: Mapping[str, Row]
 ) -> Steps[list[Walk]]:
-    """For each keyed task the claim may start jobs of (`quotas`: none if paused, its share
-    of a shared limit), the jobs it may start, in turns by value."""
+    """For each keyed task the claim may start jobs of (`caps`: none if paused or its
+    shared limits have no room), the jobs it may start, in turns by value."""
     found = []
     for task in sorted(request.keyed):
-        cap = min(request.limit, quotas.get(task, request.limit))
+        cap = min(request.limit, caps.get(task, request.limit))
         if cap > 0:
             found.append((yield from _walk(tx, request, task, cap, turns[task])))
     return found
+
+
+def within(walks: list[Walk], quotas: Mapping[str, int]) -> list[Walk]:
+    """The walks with no more picks than their task's share of its shared limits
+    (`quotas`), the first in turn; a walk whose jobs are all left to other tasks is as if
+    not walked (its turn stays, and it does not rest: its values had room)."""
+    kept = []
+    for walk in walks:
+        share = quotas.get(walk.task, len(walk.picks))
+        if share < len(walk.picks):
+            if share <= 0:
+                continue
+            # Its shared limits are spent: their jobs' ends wake the claims, not this one.
+            walk.picks, walk.more = walk.picks[:share], False
+        kept.append(walk)
+    return kept
 
 
 def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int, turn: Row) -> Steps[Walk]:
@@ -122,6 +138,10 @@ def _walk(tx: Tx, request: ClaimRequest, task: str, cap: int, turn: Row) -> Step
     if allowed:
         each = 1 if len(allowed) >= cap else cap
         due = yield from _first_due(tx, task, {key: min(n, each) for key, n in allowed.items()})
+        if each < cap and sum(map(len, due.values())) < cap:
+            # Some values had no due job (delayed ones): the others may take more turns.
+            full = {key: min(n, cap) for key, n in allowed.items() if n > each and key in due}
+            due |= (yield from _first_due(tx, task, full)) if full else {}
         walk.picks = _in_turns(due, [key for key in walk.visited if key in due], cap)
     # Values it did not look at, or a full claim: there may be more to take at once.
     walk.more = len(walk.visited) >= WALK or len(walk.picks) >= cap
@@ -438,3 +458,38 @@ def _next_due(tx: Tx, request: ClaimRequest, task: str) -> Steps[float | None]:
     if delayed is not None:
         due.append(delayed - now)
     return max(0.0, min(due)) if due else None
+
+
+REKEY_SLICE = 500  # jobs a transaction of `rekeyed` reads at most
+
+
+def rekeyed(tx: Tx, items: list[tuple[str, str | None, int]]) -> Steps[list[int | None]]:
+    """A slice of a task's active jobs (pending or running, ids after the given one) with
+    their `limit_key` values computed again from their payloads under the task's new path
+    (None: it has none now, the empty value); the last id read, None once none are left.
+    The payloads are msgpack, which SQL cannot read: the values are computed here."""
+    results: list[int | None] = []
+    for task, path, after in items:
+        rows = yield Statement(
+            "SELECT id, payload, limit_key FROM {s}.jobs WHERE task = :task"
+            " AND status IN ('pending', 'running') AND id > :after ORDER BY id LIMIT :most",
+            {"task": task, "after": after, "most": REKEY_SLICE},
+        )
+        values = {
+            int(row["id"]): value
+            for row in rows
+            if (value := "" if path is None else limit_key_of(bytes(row["payload"]), path))
+            != row["limit_key"]
+        }
+        if values:
+            cases = " ".join(f"WHEN :id_{n} THEN :value_{n}" for n in range(len(values)))
+            params: dict[str, object] = {f"id_{n}": id_ for n, id_ in enumerate(values)}
+            params |= {f"value_{n}": value for n, value in enumerate(values.values())}
+            yield Statement(
+                f"UPDATE {{s}}.jobs SET limit_key = CASE id {cases} END"
+                f" WHERE id IN ({', '.join(f':id_{n}' for n in range(len(values)))})",
+                params,
+            )
+            yield from stirred(tx, [task])
+        results.append(int(rows[-1]["id"]) if len(rows) >= REKEY_SLICE else None)
+    return results

@@ -315,6 +315,12 @@ class SqlStore:
         (since,) = await self._commits.submit(flow.set_task_paused, [(task, paused)])
         return since
 
+    @store_write
+    async def rekey(self, task: str, path: str | None) -> None:
+        after: int | None = 0
+        while after is not None:  # a slice a transaction: a long backlog holds no writer long
+            (after,) = await self._commits.submit(keys.rekeyed, [(task, path, after)])
+
     @store_read
     async def paused_tasks(self) -> Mapping[str, float]:
         return await self._read(flow.paused_tasks)
