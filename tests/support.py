@@ -171,9 +171,11 @@ class Taskd:
             elif wait:
                 self.wait_for_notification("READY=1", timeout)
                 if not self.unread_pipe and self.log_level in ("debug", "info"):
-                    # What taskd logged before READY, its log thread writes soon after.
-                    ready = f"ready (pid {self.process.pid})"
-                    wait_until(lambda: ready in self.log, timeout, "taskd's ready line")
+                    # What taskd logged before READY, its log thread writes soon after,
+                    # unless a task ends the process first (os._exit: nothing more is written).
+                    ready, process = f"ready (pid {self.process.pid})", self.process
+                    wait_until(lambda: ready in self.log or process.poll() is not None,
+                               timeout, "taskd's ready line")  # fmt: skip
         except BaseException:
             self.close()
             raise
