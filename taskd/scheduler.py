@@ -412,7 +412,7 @@ class Scheduler:
         if early in entry.early:
             entry.early.remove(early)
         early.done.set()
-        now = self._clock()
+        now, started = self._clock(), time.monotonic()
         jobs = [msgspec.structs.replace(job, started_at=now) for job in early.held.values()]
         early.held.clear()
         if not jobs:
@@ -420,14 +420,16 @@ class Scheduler:
         self._submitter.start_held(jobs)
         if self._on_fired is not None:
             self._on_fired(entry.spec.id, now - early.tick, early.jobs)
-        write = asyncio.create_task(self._started(jobs), name=f"tick started {entry.spec.id}")
+        write = asyncio.create_task(
+            self._started(jobs, started), name=f"tick started {entry.spec.id}"
+        )
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
 
-    async def _started(self, jobs: list[Job]) -> None:
+    async def _started(self, jobs: list[Job], started: float) -> None:
         """Record that the held jobs started (then a crash interrupts them, as any job)."""
         try:
-            await self._store.ticks_started([(job.id, job.epoch) for job in jobs])
+            await self._store.ticks_started([(job.id, job.epoch) for job in jobs], started)
         except StoreError as exc:
             ids = ", ".join(str(job.id) for job in jobs)
             logger.warning("cannot record that the jobs %s of a tick started: %s", ids, exc)

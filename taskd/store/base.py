@@ -555,9 +555,12 @@ class Store(Protocol):
         """Pause or resume a schedule (resuming also covers it until `covered_until`);
         False if it already was so."""
 
-    async def ticks_started(self, held: Sequence[tuple[int, int]]) -> None:
-        """The held jobs (id, epoch) have started: their attempts count from now on (their
-        started_at is set), and a recovery takes them back as interrupted ones."""
+    async def ticks_started(
+        self, held: Sequence[tuple[int, int]], started: float | None = None
+    ) -> None:
+        """The held jobs (id, epoch) have started, at `started` (time.monotonic(); None: now):
+        their attempts count from then on (their started_at is set, by the store's clock,
+        never before their time), and a recovery takes them back as interrupted ones."""
         ...
 
     async def fire_tick(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -133,11 +134,19 @@ def withdraw_early(tx: Tx, schedule: str) -> Steps[list[Job]]:
     return withdrawn
 
 
-def ticks_started(tx: Tx, items: list[tuple[int, int]]) -> Steps[list[None]]:
+def ticks_started(
+    tx: Tx, items: list[tuple[list[tuple[int, int]], float | None]]
+) -> Steps[list[None]]:
+    """Held jobs started, each list at its instant (time.monotonic(), None: now): the store's
+    clock less how long ago that was (this write may come a while after the start)."""
+    params = []
+    for held, started in items:
+        ago = 0.0 if started is None else max(0.0, time.monotonic() - started)
+        params += [{"id": job_id, "epoch": epoch, "ago": ago} for job_id, epoch in held]
     yield Statement(
-        "UPDATE {s}.jobs SET started_at = CASE WHEN run_at > :now THEN run_at ELSE :now END"
-        " WHERE id = :id AND epoch = :epoch AND started_at IS NULL",
-        [{"id": job_id, "epoch": epoch} for job_id, epoch in items],
+        "UPDATE {s}.jobs SET started_at = CASE WHEN run_at > :now - :ago THEN run_at"
+        " ELSE :now - :ago END WHERE id = :id AND epoch = :epoch AND started_at IS NULL",
+        params,
         many=True,
     )
     return [None] * len(items)

@@ -393,9 +393,11 @@ class SqlStore:
         return fired
 
     @store_write
-    async def ticks_started(self, held: Sequence[tuple[int, int]]) -> None:
+    async def ticks_started(
+        self, held: Sequence[tuple[int, int]], started: float | None = None
+    ) -> None:
         if held:
-            await self._commits.submit(schedules.ticks_started, list(held))
+            await self._commits.submit(schedules.ticks_started, [(list(held), started)])
 
     # -- the writes of other daemons sharing the store ------------------------------------
 
