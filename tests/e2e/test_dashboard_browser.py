@@ -352,7 +352,9 @@ def test_keyboard_only_at_400_px_wide_in_dark_mode(browser: Browser, daemon: Tas
     try:
         page = context.new_page()
         page.goto(base(daemon) + "/ui/sign-in")
-        page.keyboard.type(TOKEN)  # the Token field has the focus
+        # The Token field has the focus (keys typed before it has would be lost: wait for it).
+        expect(page.get_by_role("textbox", name="Token")).to_be_focused()
+        page.keyboard.type(TOKEN)
         page.keyboard.press("Enter")
         expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
         page.keyboard.press("Tab")
