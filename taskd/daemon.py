@@ -286,7 +286,7 @@ class Daemon:
         config, paths = self.config, self.paths
         store = self._store = await self._open_store(paths, settings.file_group)
         store.webhooks = self._webhooks
-        store.limit_keys = self._tasks().limit_keys()
+        await self._rekey(store, self._tasks().limit_keys())
         news = DaemonNews()
         store.events.on_change(news.changed)  # the store's changes and ours, on one bus
         news.on_change(self._status.changed)
@@ -558,15 +558,25 @@ class Daemon:
 
     @staticmethod
     async def _rekey(store: Store, limit_keys: Mapping[str, str]) -> None:
-        """New `limit_key` paths: the jobs already queued of the tasks whose path changed
-        count under their values from now on, as those inserted from now on."""
+        """The configuration's `limit_key` paths, at a start or a reload: the jobs already
+        queued of the tasks whose path differs from the one the store says they were keyed
+        by count under their new values from now on, as those inserted from now on."""
+        store.limit_keys = limit_keys
+        try:
+            keyed_by = await store.limit_key_paths()
+        except StoreError as exc:
+            logger.warning("queued jobs keep their limit_key values: %s", exc)
+            return
         changed = sorted(
             task
-            for task in store.limit_keys.keys() | limit_keys.keys()
-            if store.limit_keys.get(task) != limit_keys.get(task)
+            for task in keyed_by.keys() | limit_keys.keys()
+            if keyed_by.get(task) != limit_keys.get(task)
         )
-        store.limit_keys = limit_keys
         for task in changed:
+            logger.info(
+                "task %s: limit_key %s (its queued jobs were keyed by %s): keying them again",
+                task, limit_keys.get(task, "none"), keyed_by.get(task, "none"),
+            )  # fmt: skip
             try:
                 await store.rekey(task, limit_keys.get(task))
             except StoreError as exc:

@@ -10,7 +10,7 @@ enqueue: it is the store's own insert (`taskd.store.core.jobs.insert_jobs`), run
 application's connection. It works on an asyncpg connection, a psycopg 3
 `AsyncConnection` (`await enqueue(...)`) and a psycopg 3 `Connection`
 (`enqueue_sync(...)`); the schema must have been created by a taskd daemon (the first
-start does it).
+start does it, and a daemon of this version must have started on it once).
 
 What it cannot check: the task's payload schema and its settings live in the daemons, not
 in the database. A payload the task rejects, or a task no daemon knows, fails the job when
@@ -89,10 +89,19 @@ def _new_job(
 
 
 def _insert(schema: str, job: NewJob) -> Steps[list[Inserted]]:
-    """The store's insert of one job, as the application's `SENDER`."""
+    """The store's insert of one job, as the application's `SENDER`, with its value of its
+    task's `limit_key` (the path the daemons recorded in the store)."""
     if not SCHEMA_NAME.fullmatch(schema):
         raise ValueError(f"schema {schema!r} is not a schema name taskd uses")
-    return insert_jobs(Tx(PostgresSql(schema, SENDER), Notes()), [job])
+    return _keyed_insert(PostgresSql(schema, SENDER), job)
+
+
+def _keyed_insert(sql: PostgresSql, job: NewJob) -> Steps[list[Inserted]]:
+    paths = yield Statement(
+        "SELECT path FROM {s}.limit_key_paths WHERE task = :task", {"task": job.task}
+    )
+    limit_keys = {job.task: paths[0]["path"]} if paths else {}
+    return (yield from insert_jobs(Tx(sql, Notes(), limit_keys=limit_keys), [job]))
 
 
 def _result(inserted: list[Inserted]) -> EnqueueResult:

@@ -510,8 +510,12 @@ class Store(Protocol):
 
     async def rekey(self, task: str, path: str | None) -> None:
         """Record again the `limit_key` value of a task's pending and running jobs, from
-        their payloads under its new path (None: it has none now): after a reload that
-        gives a task a `limit_key` or changes it (set `limit_keys` first)."""
+        their payloads under its new path (None: it has none now), and that path as the
+        one they are keyed by: when a start or a reload gives a task a `limit_key`, changes
+        it or takes it away (set `limit_keys` first)."""
+
+    async def limit_key_paths(self) -> Mapping[str, str]:
+        """The `limit_key` path each task's active jobs are keyed by (see `rekey`)."""
 
     async def paused_tasks(self) -> Mapping[str, float]:
         """The paused tasks, and since when."""

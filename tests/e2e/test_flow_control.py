@@ -634,3 +634,29 @@ def test_a_reload_that_keys_a_tasks_concurrency_lets_other_keys_waiting_start(
     assert "per customer 'acme'" in why["message"], why
     gated.release()
     assert daemon.stop() == 0
+
+
+def test_a_restart_that_keys_a_tasks_concurrency_keys_the_jobs_already_queued(
+    on_store: Callable[[str], Taskd], short_tmp: Path
+) -> None:
+    """As a reload does: the store records the path its queued jobs were keyed by, and a
+    start under another path keys them again (before, they kept the old values for good)."""
+    daemon = on_store('workers = 4\n[task."slow"]\nconcurrency = 1\n').start()
+    assert daemon.ctl("pause", "slow").returncode == 0
+    gated = Gated(daemon, short_tmp)
+    acme, later, globex = (gated.enqueue(customer=name) for name in ("acme", "acme", "globex"))
+    assert daemon.stop() == 0
+    text = daemon.config_file.read_text()
+    daemon.config_file.write_text(
+        text.replace("concurrency = 1", 'concurrency = 1\nlimit_key = "customer"')
+    )
+    daemon.start()
+    assert daemon.ctl("resume", "slow").returncode == 0
+    gated.wait_running(acme, globex)  # one at a time per customer, not one at a time
+    why = ctl_json(daemon, "why", str(later))
+    assert isinstance(why, dict) and why["reason"] == "concurrency_limit", why
+    assert "per customer 'acme'" in why["message"], why
+    assert "keying them again" in daemon.log, "the start says what it does"
+    gated.release()
+    assert gated.running() == {acme, later, globex}
+    assert daemon.stop() == 0

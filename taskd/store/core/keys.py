@@ -491,5 +491,23 @@ def rekeyed(tx: Tx, items: list[tuple[str, str | None, int]]) -> Steps[list[int 
                 params,
             )
             yield from stirred(tx, [task])
-        results.append(int(rows[-1]["id"]) if len(rows) >= REKEY_SLICE else None)
+        if len(rows) >= REKEY_SLICE:
+            results.append(int(rows[-1]["id"]))
+            continue
+        results.append(None)  # the last slice: the task's jobs are keyed by `path` now
+        if path is None:
+            yield Statement("DELETE FROM {s}.limit_key_paths WHERE task = :task", {"task": task})
+        else:
+            yield Statement(
+                "INSERT INTO {s}.limit_key_paths (task, path) VALUES (:task, :path)"
+                " ON CONFLICT (task) DO UPDATE SET path = excluded.path",
+                {"task": task, "path": path},
+            )
     return results
+
+
+def limit_key_paths(sql: object) -> Steps[Mapping[str, str]]:
+    """The `limit_key` path each task's active jobs were keyed by (a read); a task that
+    has none is not there."""
+    rows = yield Statement("SELECT task, path FROM {s}.limit_key_paths")
+    return {row["task"]: row["path"] for row in rows}

@@ -326,6 +326,10 @@ class SqlStore:
         return await self._read(flow.paused_tasks)
 
     @store_read
+    async def limit_key_paths(self) -> Mapping[str, str]:
+        return await self._read(keys.limit_key_paths)
+
+    @store_read
     async def rate_limit_starts(self, rates: Mapping[str, float]) -> Mapping[str, float]:
         return await self._read(flow.rate_limit_starts, dict(rates))
 

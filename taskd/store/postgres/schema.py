@@ -315,6 +315,9 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX {s}.jobs_pending_due",
         "DROP INDEX {s}.jobs_running",
     ],
+    # The `limit_key` path each task's active jobs were keyed by: a start whose
+    # configuration changed it keys them again, as a reload does.
+    ["CREATE TABLE {s}.limit_key_paths (task text PRIMARY KEY, path text NOT NULL)"],
 ]
 
 

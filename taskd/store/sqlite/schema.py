@@ -281,6 +281,9 @@ MIGRATIONS: list[list[str]] = [
         END
         """,
     ],
+    # The `limit_key` path each task's active jobs were keyed by: a start whose
+    # configuration changed it keys them again, as a reload does.
+    ["CREATE TABLE limit_key_paths (task TEXT PRIMARY KEY, path TEXT NOT NULL)"],
 ]
 
 
