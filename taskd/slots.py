@@ -42,7 +42,7 @@ class Slots:
         self._lent: set[int] = set()  # of them, those waiting for another job
         # Claimed ahead of the free slots, to start the moment one frees: (order, job).
         self._ready: list[tuple[tuple[int, float, int], Job]] = []
-        self._prefetch = workers  # jobs claimed ahead of free slots, while jobs are short
+        self._prefetch = workers * int(__import__("os").environ.get("SQD_PF", "1"))  # jobs claimed ahead of free slots, while jobs are short
         self._typical = SHORT_JOB  # seconds an attempt takes, as a moving average
         self._reserved = 0  # jobs asked for by claims in flight in other writes
         self.claims_landed = asyncio.Event()  # set while no such claim is in flight
