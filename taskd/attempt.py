@@ -140,7 +140,8 @@ class Attempts:
     async def _invoke(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
         """The task's function: a coroutine on the loop, a plain function in a thread (in a
         copy of the context: what it prints is the job's too)."""
-        with job_output(ctx.logger.log):
+        # The job's logger is made only if the job writes something.
+        with job_output(lambda level, line: ctx.logger.log(level, line)):
             if task.is_async:
                 return await task.call(payload, ctx)
             call = functools.partial(contextvars.copy_context().run, task.call, payload, ctx)

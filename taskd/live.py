@@ -187,7 +187,8 @@ class LiveEvents:
                 self._relay.forget(job.id)
         else:
             self.know_task(job.id, job.task)
-        self._publish(job.id, JobEvent("state", job.id, task=job.task, status=job.status))
+        if self._all or job.id in self._by_job:  # told of every start and end: mostly to nobody
+            self._publish(job.id, JobEvent("state", job.id, task=job.task, status=job.status))
 
     def know_task(self, job_id: int, task: str) -> None:
         if job_id not in self._tasks and len(self._tasks) >= MAX_TRACKED:

@@ -52,6 +52,8 @@ class Metrics:
         self._listeners = listeners
         self._tasks = tasks  # their shared limits' use is read at each scrape
         self._clock = clock
+        # Each (task, end)'s histogram, looked up once: `labels` takes a lock and builds a key.
+        self._duration_of: dict[tuple[str, str], Histogram] = {}
         self._durations = Histogram(
             "taskd_job_duration_seconds",
             "How long attempts took, by task and outcome (succeeded, failed, retry: failed "
@@ -89,7 +91,10 @@ class Metrics:
         if end in ("released", "lost") or job.started_at is None:
             return  # handed back at a stop, or taken over: not an attempt that ended here
         duration = max(0.0, self._clock() - job.started_at)
-        self._durations.labels(job.task, end).observe(duration)
+        histogram = self._duration_of.get((job.task, end))
+        if histogram is None:
+            histogram = self._duration_of[job.task, end] = self._durations.labels(job.task, end)
+        histogram.observe(duration)
         if end == "retry":
             self._retries.labels(job.task).inc()
 

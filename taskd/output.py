@@ -66,21 +66,25 @@ class _Lines:
 
 
 class Output:
-    """Where one writer's text goes: a line at a time, to `log(level, line)`."""
+    """Where one writer's text goes: a line at a time, to `log(level, line)`. A stream's
+    lines are set up when it is first written to (most jobs write nothing)."""
 
     def __init__(self, log: Log) -> None:
         self.closed = False
-        self._streams = {
-            stream: _Lines(functools.partial(log, level)) for stream, level in LEVELS.items()
-        }
+        self._log = log
+        self._streams: dict[str, _Lines] = {}
 
     def write(self, stream: str, text: str) -> None:
-        self._streams[stream].write(text)
+        lines = self._streams.get(stream)
+        if lines is None:  # setdefault: of two threads that write first, one's lines win
+            made = _Lines(functools.partial(self._log, LEVELS[stream]))
+            lines = self._streams.setdefault(stream, made)
+        lines.write(text)
 
     def close(self) -> None:
         """Pass on the lines left without their newline."""
         self.closed = True
-        for lines in self._streams.values():
+        for lines in list(self._streams.values()):
             lines.close()
 
 
@@ -144,14 +148,19 @@ def routed_output() -> Iterator[None]:
         outside.close()
 
 
-@contextlib.contextmanager
-def job_output(log: Log) -> Iterator[None]:
+class job_output:
     """While within, what this context writes to sys.stdout and sys.stderr is a job's
-    (`log` is its `ctx.logger.log`)."""
-    output = Output(log)
-    token = _job.set(output)
-    try:
-        yield
-    finally:
-        _job.reset(token)
-        output.close()
+    (`log` is its `ctx.logger.log`). A class rather than a generator: it is entered for
+    every attempt."""
+
+    __slots__ = ("_output", "_token")
+
+    def __init__(self, log: Log) -> None:
+        self._output = Output(log)
+
+    def __enter__(self) -> None:
+        self._token = _job.set(self._output)
+
+    def __exit__(self, *exc: object) -> None:
+        _job.reset(self._token)
+        self._output.close()
