@@ -48,9 +48,12 @@ class Dialect(Protocol):
         does; None)."""
         ...
 
-    def paused(self) -> Statement:
-        """The paused tasks (`task`), as a claim reads them: after its flow lock (shared),
-        taken by the same statement."""
+    def paused(self, limited: frozenset[str]) -> Statement:
+        """The paused tasks (`task`, `paused` true), as a claim reads them: after its flow
+        lock (shared), taken by the same statement; and (`paused` false) those of the
+        `limited` tasks whose room under their concurrency limit the claim may count: on
+        PostgreSQL those with pending jobs, each locked until the commit, so that two
+        daemons cannot both fill the same room (SQLite: every one; its one writer does)."""
         ...
 
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
@@ -77,7 +80,9 @@ class Dialect(Protocol):
         ...
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
-        """Records the outcomes (see FINISHED) and their errors; the jobs' rows, with due_in."""
+        """Records the outcomes (see FINISHED) and their errors; the jobs' rows, with due_in
+        and `linked`: whether other jobs wait for it (`after`), read after any insert that
+        linked one committed (false for a job that did not end: it has none to settle)."""
         ...
 
     def recover(self, quarantine_after: int) -> Steps[list[Row]]:

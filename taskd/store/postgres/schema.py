@@ -315,6 +315,49 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX {s}.jobs_pending_due",
         "DROP INDEX {s}.jobs_running",
     ],
+    # What a claim locks before it reads anything else but its keyed tasks' turns, in one
+    # round trip: the flow lock (shared) and the paused tasks after it (`paused`), then of
+    # the tasks whose room it counts under their concurrency limits (`limited`) those with
+    # pending jobs (one probe of the pending jobs' index each), each locked in one order so
+    # that two daemons cannot both fill the same room; it names them (`paused` false). A
+    # task with no pending job is not locked: the claims of several daemons do not wait for
+    # each other on a limited task with nothing to start. Each statement of a volatile
+    # function takes a snapshot of its own: the claim statement after it counts the running
+    # jobs the claims that held these locks before committed.
+    [
+        """
+        CREATE FUNCTION {s}.claim_locks(flow text, prefix text, limited text[])
+        RETURNS TABLE (claim_task text, is_paused boolean)
+        LANGUAGE plpgsql VOLATILE AS $$
+        DECLARE
+            pending text[];
+        BEGIN
+            PERFORM pg_advisory_xact_lock_shared(hashtextextended(flow, 0));
+            RETURN QUERY SELECT p.task, true FROM {s}.paused_tasks AS p;
+            SELECT array_agg(t.task) INTO pending FROM unnest(limited) AS t(task)
+            WHERE NOT EXISTS (SELECT 1 FROM {s}.paused_tasks AS p WHERE p.task = t.task)
+              AND t.task = (SELECT j.task FROM {s}.jobs AS j WHERE j.status = 'pending'
+                            AND j.task >= t.task ORDER BY j.task, j.priority, j.run_at, j.id
+                            LIMIT 1);
+            PERFORM pg_advisory_xact_lock(k) FROM (
+                SELECT DISTINCT hashtextextended(prefix || t.task, 0) AS k
+                FROM unnest(pending) AS t(task) ORDER BY k) AS keys;
+            RETURN QUERY SELECT t.task, false FROM unnest(pending) AS t(task);
+        END
+        $$
+        """,
+        # Whether jobs wait for this one (`after`), as a job's end reads it in the statement
+        # that records it: a snapshot of its own, taken after the end's UPDATE got the row,
+        # sees the link of an insert that held the row (FOR SHARE) until its commit.
+        """
+        CREATE FUNCTION {s}.has_children(parent bigint) RETURNS boolean
+        LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            RETURN EXISTS (SELECT 1 FROM {s}.job_deps WHERE parent_id = parent);
+        END
+        $$
+        """,
+    ],
 ]
 
 

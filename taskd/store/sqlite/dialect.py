@@ -138,8 +138,13 @@ class SqliteSql:
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
         return None  # one writer: two inserts never overlap
 
-    def paused(self) -> Statement:
-        return Statement("SELECT task FROM paused_tasks")
+    def paused(self, limited: frozenset[str]) -> Statement:
+        # The one writer: the claim counts every limited task's room on its own.
+        return Statement(
+            "SELECT task, 1 AS paused FROM paused_tasks"
+            " UNION ALL SELECT value, 0 FROM json_each(:limited)",
+            {"limited": json.dumps(sorted(limited))},
+        )
 
     def indexed_by(self, index: str) -> str:
         return f" INDEXED BY {index}"
@@ -275,7 +280,8 @@ def _finish_sql(count: int) -> str:
         f"UPDATE jobs SET {FINISHED.replace(':now', '?1')} FROM (SELECT column1 AS id,"
         " column2 AS epoch, column3 AS worker, column4 AS outcome, column5 AS result,"
         f" column6 AS message, column7 AS retry_in FROM (VALUES {values})) AS v"
-        f" WHERE {FINISHING} RETURNING {JOB_COLUMNS}, run_at - ?1 AS due_in"
+        f" WHERE {FINISHING} RETURNING {JOB_COLUMNS}, run_at - ?1 AS due_in,"
+        " EXISTS (SELECT 1 FROM job_deps WHERE parent_id = id) AS linked"
     )
 
 
