@@ -48,12 +48,14 @@ class Dialect(Protocol):
         does; None)."""
         ...
 
-    def paused(self, limited: frozenset[str]) -> Statement:
-        """The paused tasks (`task`, `paused` true), as a claim reads them: after its flow
-        lock (shared), taken by the same statement; and (`paused` false) those of the
-        `limited` tasks whose room under their concurrency limit the claim may count: on
-        PostgreSQL those with pending jobs, each locked until the commit, so that two
-        daemons cannot both fill the same room (SQLite: every one; its one writer does)."""
+    def claim_start(self, keyed: Sequence[str], limited: Sequence[str]) -> Statement:
+        """What a claim reads first, in one statement, as rows (kind, task, ...): the turn
+        of each `keyed` task (kind `turn`, with TURN_COLUMNS of taskd.store.core.keys;
+        PostgreSQL: locked unless it rests, made if new, in this order), then, after its
+        flow lock (shared), the paused tasks (`paused`), then those of the `limited` tasks
+        whose room under their concurrency limit the claim may count (`counted`;
+        PostgreSQL: those with pending jobs, each locked until the commit, so that two
+        daemons cannot both fill the same room; SQLite: every one, its one writer does)."""
         ...
 
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:

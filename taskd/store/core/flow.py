@@ -105,14 +105,14 @@ class Holds:
         return left
 
 
-def holds(tx: Tx, request: ClaimRequest) -> Steps[Holds]:
-    """What holds back the jobs a claim may take (tiny tables, read at each claim)."""
-    rows = yield tx.sql.paused(room_counted(request))
-    held = Holds(quotas={row["task"]: 0 for row in rows if row["paused"]})
+def holds(tx: Tx, request: ClaimRequest, start: list[Row]) -> Steps[Holds]:
+    """What holds back the jobs a claim may take (tiny tables, read at each claim), from
+    what the claim read first (`start`: the dialect's claim_start)."""
+    held = Holds(quotas={row["task"]: 0 for row in start if row["kind"] == "paused"})
     # A task with a concurrency limit whose room the claim may not count (PostgreSQL: it
     # had no pending job as the claim began, and is not locked) starts none of its jobs:
     # a job of it enqueued since is announced, and claimed again for.
-    counted = {row["task"] for row in rows if not row["paused"]}
+    counted = {row["task"] for row in start if row["kind"] == "counted"}
     unlocked = dict.fromkeys(room_counted(request) - counted - held.quotas.keys(), 0)
     # A keyed task's rate limit counts per key (taskd.store.core.keys).
     rates = {

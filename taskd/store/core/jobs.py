@@ -246,8 +246,9 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     a task held back may start again."""
     # The keyed tasks' turns first: the writes that stir them lock them before anything
     # a claim locks after (taskd.store.core.keys.stirred).
-    turns = (yield from keys.turns(tx, request)) if request.keyed else {}
-    held = yield from flow.holds(tx, request)
+    start = yield tx.sql.claim_start(sorted(request.keyed), sorted(flow.room_counted(request)))
+    turns = (yield from keys.turns(tx, request, start)) if request.keyed else {}
+    held = yield from flow.holds(tx, request, start)
     caps = flow.keyed_caps(request, held)
     walks = (yield from keys.walks(tx, request, caps, turns)) if request.keyed else []
     if request.shared:

@@ -333,14 +333,17 @@ class PostgresSql:
              "prefix": f"taskd:{self.schema}:window:"},
         )  # fmt: skip
 
-    def paused(self, limited: frozenset[str]) -> Statement:
-        # The shared flow lock, the read after it and the limited tasks' locks, in one
-        # round trip (schema.py). A task's lock has the text of no window's (LOCK_WINDOWS).
+    def claim_start(self, keyed: Sequence[str], limited: Sequence[str]) -> Statement:
+        # The keyed tasks' turns, the shared flow lock, the read after it and the limited
+        # tasks' locks, in one round trip (schema.py). A task's lock has the text of no
+        # window's (LOCK_WINDOWS_SQL).
         return Statement(
-            "SELECT claim_task AS task, is_paused AS paused"
-            " FROM {s}.claim_locks(:key, :prefix, :limited::text[])",
+            "SELECT t_kind AS kind, t_task AS task, t_last_key AS last_key,"
+            " t_lap_from AS lap_from, t_lap_at AS lap_at, t_rested_at AS rested_at,"
+            " t_rested_wake AS rested_wake, t_now AS now"
+            " FROM {s}.claim_start(:key, :prefix, :keyed::text[], :limited::text[])",
             {"key": f"taskd:{self.schema}:flow", "prefix": f"taskd:{self.schema}:",
-             "limited": sorted(limited)},
+             "keyed": list(keyed), "limited": list(limited)},
         )  # fmt: skip
 
     def indexed_by(self, index: str) -> str:

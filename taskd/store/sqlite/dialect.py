@@ -138,12 +138,15 @@ class SqliteSql:
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
         return None  # one writer: two inserts never overlap
 
-    def paused(self, limited: frozenset[str]) -> Statement:
-        # The one writer: the claim counts every limited task's room on its own.
+    def claim_start(self, keyed: Sequence[str], limited: Sequence[str]) -> Statement:
+        # The one writer: nothing to lock, and the claim counts every limited task's room.
+        nulls = "NULL, NULL, NULL, NULL, NULL, NULL"
         return Statement(
-            "SELECT task, 1 AS paused FROM paused_tasks"
-            " UNION ALL SELECT value, 0 FROM json_each(:limited)",
-            {"limited": json.dumps(sorted(limited))},
+            "SELECT 'turn' AS kind, task, last_key, lap_from, lap_at, rested_at, rested_wake,"
+            " :now AS now FROM key_turns WHERE task IN (SELECT value FROM json_each(:keyed))"
+            f" UNION ALL SELECT 'paused', task, {nulls} FROM paused_tasks"
+            f" UNION ALL SELECT 'counted', value, {nulls} FROM json_each(:limited)",
+            {"keyed": json.dumps(list(keyed)), "limited": json.dumps(list(limited))},
         )
 
     def indexed_by(self, index: str) -> str:
