@@ -43,7 +43,7 @@ class Dialect(Protocol):
         ...
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
-        """Orders the claims (shared: `paused` takes it) after a pause (exclusive) that
+        """Orders the claims (shared: `claim_start` takes it) after a pause (exclusive) that
         committed before them and before their claim statement (SQLite: its one writer
         does; None)."""
         ...

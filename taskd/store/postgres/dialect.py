@@ -360,7 +360,7 @@ class PostgresSql:
 
     def claim(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[list[Row]]:
         params = _claim_params(request, quotas)
-        # The tasks whose room this claim counts are locked already (`paused`); the others
+        # The tasks whose room this claim counts are locked already (`claim_start`); the others
         # have a quota of none, or are their own lock (taskd.store.core.flow).
         return (
             yield Statement(
