@@ -15,7 +15,7 @@ import pytest
 import taskd.outbox
 import taskd.pg
 from taskd.models import TaskCounts
-from taskd.store import ClaimRequest, NewJob, StoreError
+from taskd.store import ClaimRequest, NewJob, Outcome, StoreError
 from taskd.store.postgres.dialect import CLAIM_SQL, NEXT_DUE_SQL, RECOVER_SQL, render
 from taskd.store.postgres.schema import MIGRATIONS
 from taskd.store.postgres.store import PostgresStore
@@ -428,3 +428,48 @@ async def test_a_claim_waits_for_a_pause_in_flight_and_leaves_its_jobs(
         assert claimed.jobs == []
     finally:
         await pause.close()
+
+
+async def _until_waiting(db: Any, schema: str, *writes: asyncio.Task[Any]) -> None:
+    """Until as many connections of the stores on `schema` as `writes` wait for a lock."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        " AND wait_event_type = 'Lock'"
+    )
+    while await db.fetchval(query, f"taskd {schema}") < len(writes):
+        assert not any(write.done() for write in writes)  # they wait (or fail the test)
+        await asyncio.sleep(0.01)
+
+
+async def test_a_parents_end_sees_the_child_linked_while_it_waited(store: PostgresStore) -> None:
+    """A job's end reads whether jobs wait for it in the statement that records it; it
+    still sees the link of another daemon's insert that held its row until its commit."""
+    worker = await store.register_node("n", 60)
+    (parent,) = await store.insert([new("p")])
+    (running,) = (await store.claim(ClaimRequest(worker, 1, 60))).jobs
+    other = PostgresStore(postgres_url(), schema=store.schema)  # another daemon's writer
+    await other.open()
+    side = await asyncpg.connect(postgres_url())
+    try:
+        # An uncommitted job holds the child's key: the other store's insert, which locked
+        # the parent's row first, waits for it; the parent's end waits for that insert.
+        await side.execute("BEGIN")
+        await side.execute(
+            f"INSERT INTO {store.schema}.jobs (task, status, origin, payload, max_attempts,"
+            " key, run_at, created_at) VALUES ('c', 'pending', 'enqueue', '', 3, 'k', 0, 0)"
+        )
+        child = msgspec.structs.replace(new("c"), key="k", after=(parent.job_id,))
+        inserting = asyncio.create_task(other.insert([child]))
+        await asyncio.wait_for(_until_waiting(side, store.schema, inserting), 10)
+        outcome = Outcome(running.id, running.epoch, worker, "succeeded")
+        finishing = asyncio.create_task(store.finish([outcome]))
+        await asyncio.wait_for(_until_waiting(side, store.schema, inserting, finishing), 10)
+        await side.execute("ROLLBACK")
+        (inserted,) = await asyncio.wait_for(inserting, 10)
+        (ended,) = (await asyncio.wait_for(finishing, 10)).jobs
+        assert ended is not None and ended.status == "succeeded"
+        released = await store.get(inserted.job_id)
+        assert released is not None and (released.status, released.blocked) == ("pending", 0)
+    finally:
+        await side.close()
+        await other.close()

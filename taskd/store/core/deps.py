@@ -102,10 +102,18 @@ def link_children(
     return (yield from _cancel(tx, cancel))  # new jobs: none waits for them yet
 
 
-def settle_children(tx: Tx, jobs: Sequence[Job | None]) -> Steps[list[Job]]:
+def settle_children(
+    tx: Tx, jobs: Sequence[Job | None], parents: set[int] | None = None
+) -> Steps[list[Job]]:
     """The children of the jobs that ended: counted down (and due once they wait for no
-    parent), or cancelled, and so on down their own children; the jobs it cancelled."""
-    ended = {job.id: job.status for job in jobs if job is not None and job.status in FINISHED}
+    parent), or cancelled, and so on down their own children; the jobs it cancelled.
+    `parents`: those of the jobs that have children, if known (the others are not looked
+    up: a job's end costs no probe of the links when none wait for it)."""
+    ended = {
+        job.id: job.status
+        for job in jobs
+        if job is not None and job.status in FINISHED and (parents is None or job.id in parents)
+    }
     cancelled: list[Job] = []
     while ended:
         cancel: dict[int, str] = {}

@@ -43,14 +43,19 @@ class Dialect(Protocol):
         ...
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
-        """Orders the claims (shared: `paused` takes it) after a pause (exclusive) that
+        """Orders the claims (shared: `claim_start` takes it) after a pause (exclusive) that
         committed before them and before their claim statement (SQLite: its one writer
         does; None)."""
         ...
 
-    def paused(self) -> Statement:
-        """The paused tasks (`task`), as a claim reads them: after its flow lock (shared),
-        taken by the same statement."""
+    def claim_start(self, keyed: Sequence[str], limited: Sequence[str]) -> Statement:
+        """What a claim reads first, in one statement, as rows (kind, task, ...): the turn
+        of each `keyed` task (kind `turn`, with TURN_COLUMNS of taskd.store.core.keys;
+        PostgreSQL: locked unless it rests, made if new, in this order), then, after its
+        flow lock (shared), the paused tasks (`paused`), then those of the `limited` tasks
+        whose room under their concurrency limit the claim may count (`counted`;
+        PostgreSQL: those with pending jobs, each locked until the commit, so that two
+        daemons cannot both fill the same room; SQLite: every one, its one writer does)."""
         ...
 
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
@@ -77,7 +82,9 @@ class Dialect(Protocol):
         ...
 
     def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
-        """Records the outcomes (see FINISHED) and their errors; the jobs' rows, with due_in."""
+        """Records the outcomes (see FINISHED) and their errors; the jobs' rows, with due_in
+        and `linked`: whether other jobs wait for it (`after`), read after any insert that
+        linked one committed (false for a job that did not end: it has none to settle)."""
         ...
 
     def recover(self, quarantine_after: int) -> Steps[list[Row]]:

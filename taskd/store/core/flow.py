@@ -105,10 +105,15 @@ class Holds:
         return left
 
 
-def holds(tx: Tx, request: ClaimRequest) -> Steps[Holds]:
-    """What holds back the jobs a claim may take (tiny tables, read at each claim)."""
-    rows = yield tx.sql.paused()
-    held = Holds(quotas={row["task"]: 0 for row in rows})
+def holds(tx: Tx, request: ClaimRequest, start: list[Row]) -> Steps[Holds]:
+    """What holds back the jobs a claim may take (tiny tables, read at each claim), from
+    what the claim read first (`start`: the dialect's claim_start)."""
+    held = Holds(quotas={row["task"]: 0 for row in start if row["kind"] == "paused"})
+    # A task with a concurrency limit whose room the claim may not count (PostgreSQL: it
+    # had no pending job as the claim began, and is not locked) starts none of its jobs:
+    # a job of it enqueued since is announced, and claimed again for.
+    counted = {row["task"] for row in start if row["kind"] == "counted"}
+    unlocked = dict.fromkeys(room_counted(request) - counted - held.quotas.keys(), 0)
     # A keyed task's rate limit counts per key (taskd.store.core.keys).
     rates = {
         task: gap
@@ -117,9 +122,16 @@ def holds(tx: Tx, request: ClaimRequest) -> Steps[Holds]:
     }
     if rates or request.shared:
         yield from _rate_quotas(tx, rates, request.shared, held)
+    held.quotas |= unlocked  # after the rate limits' quotas: none whatever they allow
     if request.shared:
         yield from _shared_budgets(tx, request, held)
     return held
+
+
+def room_counted(request: ClaimRequest) -> frozenset[str]:
+    """The tasks whose room a claim counts under their concurrency limits itself (a keyed
+    task's counts per value, in its turns: taskd.store.core.keys)."""
+    return frozenset(request.limits) - request.keyed
 
 
 def _rate_quotas(

@@ -246,8 +246,9 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     a task held back may start again."""
     # The keyed tasks' turns first: the writes that stir them lock them before anything
     # a claim locks after (taskd.store.core.keys.stirred).
-    turns = (yield from keys.turns(tx, request)) if request.keyed else {}
-    held = yield from flow.holds(tx, request)
+    start = yield tx.sql.claim_start(sorted(request.keyed), sorted(flow.room_counted(request)))
+    turns = (yield from keys.turns(tx, request, start)) if request.keyed else {}
+    held = yield from flow.holds(tx, request, start)
     caps = flow.keyed_caps(request, held)
     walks = (yield from keys.walks(tx, request, caps, turns)) if request.keyed else []
     if request.shared:
@@ -304,9 +305,12 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
     """Record outcomes; None where the job no longer runs under the outcome's claim."""
     retried = {outcome.job_id for outcome in outcomes if outcome.status == "retry"}
     updated = {}
+    parents = set()
     for row in (yield from tx.sql.finish(outcomes)):
         job = updated[row["id"]] = job_from_row(row)
         tx.notes.ended(job, row["due_in"], retrying=job.id in retried)
+        if row["linked"]:
+            parents.add(job.id)
     yield from keys.stirred(tx, [job.task for job in updated.values()])
     hooks = [
         (updated[outcome.job_id], outcome.hook)
@@ -314,7 +318,7 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
         if outcome.hook is not None and outcome.job_id in updated
     ]
     yield from enqueue_hooks(tx, hooks)
-    yield from jobs_ended(tx, list(updated.values()))
+    yield from jobs_ended(tx, list(updated.values()), parents)
     return [updated.get(outcome.job_id) for outcome in outcomes]
 
 
@@ -329,13 +333,14 @@ def finish_and_claim(
     return results
 
 
-def jobs_ended(tx: Tx, jobs: Sequence[Job | None]) -> Steps[None]:
+def jobs_ended(tx: Tx, jobs: Sequence[Job | None], parents: set[int] | None = None) -> Steps[None]:
     """What the end of jobs decides in their transaction: their children (due, or cancelled
-    in turn), and the batches this finishes, whose callbacks it enqueues."""
+    in turn), and the batches this finishes, whose callbacks it enqueues. `parents`: those
+    of the jobs that have children, when the write that ended them read it (None: any)."""
     ended = [job for job in jobs if job is not None]
     if not ended:
         return
-    ended += yield from deps.settle_children(tx, ended)
+    ended += yield from deps.settle_children(tx, ended, parents)
     if deliveries := webhooks.job_events(tx, ended):
         yield from insert_jobs(tx, deliveries)
     if not any(job.batch_id is not None for job in ended):

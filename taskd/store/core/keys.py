@@ -70,14 +70,14 @@ class Walk:
     more: bool = False  # values it did not look at, or more jobs than it could take
 
 
-def turns(tx: Tx, request: ClaimRequest) -> Steps[dict[str, Row]]:
+def turns(tx: Tx, request: ClaimRequest, start: list[Row]) -> Steps[dict[str, Row]]:
     """The turn of each keyed task, locked until the claim commits (first of all that a
     claim locks, as the writes that stir them do: see `stirred`), unless it rests: a claim
     takes nothing of a resting task and writes nothing of its turn, so that the claims of
     several daemons do not wait for each other's commits on a task that has nothing to
     start (one with no pending job, as the others wait for a write that stirs it)."""
-    found = {}
-    for task in sorted(request.keyed):
+    found = {row["task"]: row for row in start if row["kind"] == "turn"}
+    for task in sorted(request.keyed - found.keys()):  # SQLite's start makes none
         found[task] = yield from _turn(tx, task)
     return found
 

@@ -94,19 +94,6 @@ WHERE key IS NOT NULL AND status IN ('pending', 'running')
   AND (task, key) IN (SELECT * FROM unnest(:tasks::text[], :keys::text[]))
 """
 
-# The tasks with pending jobs (due or not: a lock too many only waits), each found by one
-# probe of the pending jobs' (task, priority, run_at, id) index bounded by a comparison
-# alone, as QUEUES does: with an equality on the task and a bound on run_at the planner may
-# read every due job of the other tasks (a backlog held by its rate limit) a claim.
-LOCK_LIMITED_SQL = """
-SELECT pg_advisory_xact_lock(k) FROM (
-    SELECT DISTINCT hashtextextended(:prefix || t.task, 0) AS k
-    FROM unnest(:tasks::text[]) AS t(task)
-    WHERE t.task = (SELECT j.task FROM {s}.jobs j WHERE j.status = 'pending'
-                    AND j.task >= t.task ORDER BY j.task, j.priority, j.run_at, j.id LIMIT 1)
-    ORDER BY k) AS keys
-"""
-
 # The (task, key) pairs an insert reads the window or the debounced job of, locked in one
 # order (a chr(31) in no task name: no task's own lock above has the same text).
 LOCK_WINDOWS_SQL = """
@@ -214,7 +201,8 @@ WITH v AS (
     UPDATE {s}.jobs SET {finished}
     FROM v WHERE {finishing}
     RETURNING {columns}, v.kind, v.message, v.traceback, v.worker AS ran_on,
-        jobs.run_at - :now AS due_in
+        jobs.run_at - :now AS due_in,
+        jobs.status IN ('succeeded', 'failed') AND {s}.has_children(jobs.id) AS linked
 ), errors AS (
     INSERT INTO {s}.job_errors ({error_columns})
     SELECT id, attempts, kind, message, traceback, :now, started_at, ran_on FROM done
@@ -345,12 +333,18 @@ class PostgresSql:
              "prefix": f"taskd:{self.schema}:window:"},
         )  # fmt: skip
 
-    def paused(self) -> Statement:
-        # The shared flow lock and the read after it, in one round trip (schema.py).
+    def claim_start(self, keyed: Sequence[str], limited: Sequence[str]) -> Statement:
+        # The keyed tasks' turns, the shared flow lock, the read after it and the limited
+        # tasks' locks, in one round trip (schema.py). A task's lock has the text of no
+        # window's (LOCK_WINDOWS_SQL).
         return Statement(
-            "SELECT task FROM {s}.paused_after_flow_lock(:key) AS task",
-            {"key": f"taskd:{self.schema}:flow"},
-        )
+            "SELECT t_kind AS kind, t_task AS task, t_last_key AS last_key,"
+            " t_lap_from AS lap_from, t_lap_at AS lap_at, t_rested_at AS rested_at,"
+            " t_rested_wake AS rested_wake, t_now AS now"
+            " FROM {s}.claim_start(:key, :prefix, :keyed::text[], :limited::text[])",
+            {"key": f"taskd:{self.schema}:flow", "prefix": f"taskd:{self.schema}:",
+             "keyed": list(keyed), "limited": list(limited)},
+        )  # fmt: skip
 
     def indexed_by(self, index: str) -> str:
         return ""  # the planner takes it
@@ -366,11 +360,8 @@ class PostgresSql:
 
     def claim(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[list[Row]]:
         params = _claim_params(request, quotas)
-        # Two daemons must not both fill the same room: the tasks whose room this claim
-        # counts are locked (a quota is its own lock: taskd.store.core.flow).
-        locked = [task for task in request.limits if quotas.get(task) != 0]
-        if locked:
-            yield Statement(LOCK_LIMITED_SQL, {"tasks": locked, "prefix": f"taskd:{self.schema}:"})
+        # The tasks whose room this claim counts are locked already (`claim_start`); the others
+        # have a quota of none, or are their own lock (taskd.store.core.flow).
         return (
             yield Statement(
                 CLAIM_SQL,

@@ -318,6 +318,77 @@ MIGRATIONS: list[list[str]] = [
     # The `limit_key` path each task's active jobs were keyed by: a start whose
     # configuration changed it keys them again, as a reload does.
     ["CREATE TABLE {s}.limit_key_paths (task text PRIMARY KEY, path text NOT NULL)"],
+    # What a claim reads and locks before its claim statement, in one round trip: each keyed
+    # task's turn (`turn`; locked unless it rests, made if new: taskd.store.core.keys), in
+    # the order given; then the flow lock (shared) and the paused tasks after it (`paused`);
+    # then of the tasks whose room it counts under their concurrency limits (`limited`)
+    # those with pending jobs (one probe of the pending jobs' index each), each locked in
+    # one order, so that two daemons cannot both fill the same room (`counted`). A task with
+    # no pending job is not locked: the claims of several daemons do not wait for each
+    # other on a limited task with nothing to start. Each statement of a volatile function
+    # takes a snapshot of its own: each read sees what committed before the lock it follows,
+    # and the claim statement after it counts the running jobs of the claims that held them.
+    [
+        """
+        CREATE FUNCTION {s}.claim_start(flow text, prefix text, keyed text[], limited text[])
+        RETURNS TABLE (t_kind text, t_task text, t_last_key text, t_lap_from text,
+                       t_lap_at double precision, t_rested_at double precision,
+                       t_rested_wake double precision, t_now double precision)
+        LANGUAGE plpgsql VOLATILE AS $$
+        DECLARE
+            turn text;
+            pending text[];
+        BEGIN
+            FOREACH turn IN ARRAY keyed LOOP
+                RETURN QUERY SELECT 'turn', k.task, k.last_key, k.lap_from, k.lap_at,
+                    k.rested_at, k.rested_wake, {s}.now() FROM {s}.key_turns AS k
+                WHERE k.task = turn AND k.rested_at IS NOT NULL
+                    AND (k.rested_wake IS NULL OR {s}.now() < k.rested_wake);
+                IF NOT FOUND THEN
+                    RETURN QUERY SELECT 'turn', k.task, k.last_key, k.lap_from, k.lap_at,
+                        k.rested_at, k.rested_wake, {s}.now() FROM {s}.key_turns AS k
+                    WHERE k.task = turn AND NOT (k.rested_at IS NOT NULL
+                        AND (k.rested_wake IS NULL OR {s}.now() < k.rested_wake))
+                    FOR UPDATE OF k;
+                END IF;
+                IF NOT FOUND THEN  -- new, or it came to rest meanwhile: the lock decides
+                    INSERT INTO {s}.key_turns AS k (task) VALUES (turn)
+                    ON CONFLICT ON CONSTRAINT key_turns_pkey DO NOTHING;
+                    RETURN QUERY SELECT 'turn', k.task, k.last_key, k.lap_from, k.lap_at,
+                        k.rested_at, k.rested_wake, {s}.now() FROM {s}.key_turns AS k
+                    WHERE k.task = turn FOR UPDATE OF k;
+                END IF;
+            END LOOP;
+            PERFORM pg_advisory_xact_lock_shared(hashtextextended(flow, 0));
+            RETURN QUERY SELECT 'paused', p.task, NULL, NULL, NULL::double precision,
+                NULL::double precision, NULL::double precision, NULL::double precision
+            FROM {s}.paused_tasks AS p;
+            SELECT array_agg(t.task) INTO pending FROM unnest(limited) AS t(task)
+            WHERE NOT EXISTS (SELECT 1 FROM {s}.paused_tasks AS p WHERE p.task = t.task)
+              AND t.task = (SELECT j.task FROM {s}.jobs AS j WHERE j.status = 'pending'
+                            AND j.task >= t.task ORDER BY j.task, j.priority, j.run_at, j.id
+                            LIMIT 1);
+            PERFORM pg_advisory_xact_lock(k) FROM (
+                SELECT DISTINCT hashtextextended(prefix || t.task, 0) AS k
+                FROM unnest(pending) AS t(task) ORDER BY k) AS keys;
+            RETURN QUERY SELECT 'counted', t.task, NULL, NULL, NULL::double precision,
+                NULL::double precision, NULL::double precision, NULL::double precision
+            FROM unnest(pending) AS t(task);
+        END
+        $$
+        """,
+        # Whether jobs wait for this one (`after`), as a job's end reads it in the statement
+        # that records it: a snapshot of its own, taken after the end's UPDATE got the row,
+        # sees the link of an insert that held the row (FOR SHARE) until its commit.
+        """
+        CREATE FUNCTION {s}.has_children(parent bigint) RETURNS boolean
+        LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            RETURN EXISTS (SELECT 1 FROM {s}.job_deps WHERE parent_id = parent);
+        END
+        $$
+        """,
+    ],
 ]
 
 

@@ -159,8 +159,16 @@ class SqliteSql:
     def lock_windows(self, keys: Sequence[tuple[str, str]]) -> Statement | None:
         return None  # one writer: two inserts never overlap
 
-    def paused(self) -> Statement:
-        return Statement("SELECT task FROM paused_tasks")
+    def claim_start(self, keyed: Sequence[str], limited: Sequence[str]) -> Statement:
+        # The one writer: nothing to lock, and the claim counts every limited task's room.
+        nulls = "NULL, NULL, NULL, NULL, NULL, NULL"
+        return Statement(
+            "SELECT 'turn' AS kind, task, last_key, lap_from, lap_at, rested_at, rested_wake,"
+            " :now AS now FROM key_turns WHERE task IN (SELECT value FROM json_each(:keyed))"
+            f" UNION ALL SELECT 'paused', task, {nulls} FROM paused_tasks"
+            f" UNION ALL SELECT 'counted', value, {nulls} FROM json_each(:limited)",
+            {"keyed": json.dumps(list(keyed)), "limited": json.dumps(list(limited))},
+        )
 
     def indexed_by(self, index: str) -> str:
         return f" INDEXED BY {index}"
@@ -304,7 +312,8 @@ def _finish_sql(count: int) -> str:
         f"UPDATE jobs SET {FINISHED.replace(':now', '?1')} FROM (SELECT column1 AS id,"
         " column2 AS epoch, column3 AS worker, column4 AS outcome, column5 AS result,"
         f" column6 AS message, column7 AS retry_in FROM (VALUES {values})) AS v"
-        f" WHERE {FINISHING} RETURNING {JOB_COLUMNS}, run_at - ?1 AS due_in"
+        f" WHERE {FINISHING} RETURNING {JOB_COLUMNS}, run_at - ?1 AS due_in,"
+        " EXISTS (SELECT 1 FROM job_deps WHERE parent_id = id) AS linked"
     )
 
 
