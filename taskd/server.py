@@ -8,14 +8,13 @@ to finish one) is closed. Nothing a client sends can stop the server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import functools
 import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -388,39 +387,60 @@ class ControlServer:
             await self._output_room(connection)
 
     async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
-        """The body of the next frame; _StreamBroken if it is too large or too slow."""
+        """The body of the next frame; _StreamBroken if it is too large or too slow; a
+        connection with nothing in flight that sends nothing for idle_timeout is closed
+        (ConnectionResetError). One timer per frame, moved from one deadline to the next."""
         loop = asyncio.get_running_loop()
         if connection.greeted:
             # A client may stay silent between requests while it waits for replies (or for
             # idle_timeout), but a frame it has started must be complete within read_timeout.
-            first = await self._first_byte(reader, connection)
-            deadline = loop.time() + self._read_timeout
+            until = None if connection.busy else loop.time() + self._idle_timeout
             limit = self._max_frame
         else:
             # Until hello, the connection gets read_timeout in all to say it.
-            first = b""
-            deadline = connection.opened + self._read_timeout
+            until = deadline = connection.opened + self._read_timeout
             limit = min(self._max_frame, MAX_HELLO_FRAME)
+        idle = connection.greeted
         try:
-            async with asyncio.timeout_at(deadline):
-                header = first + await reader.readexactly(HEADER.size - len(first))
+            async with asyncio.timeout_at(until) as timer:
+                header = b""
+                if idle:
+                    connection.idle_timer = timer
+                    try:
+                        header = await reader.readexactly(1)
+                    finally:
+                        connection.idle_timer = None
+                    idle = False
+                    deadline = loop.time() + self._read_timeout
+                    timer.reschedule(deadline)
+                header += await reader.readexactly(HEADER.size - len(header))
+                (size,) = HEADER.unpack(header)
+                if size > limit:
+                    if connection.greeted:
+                        message = f"frame of {size} bytes is over the limit of {limit}; closing"
+                    else:
+                        message = f"frame of {size} bytes before hello (limit {limit}); closing"
+                    raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
+                if not self._budget.take(size):
+                    # The wait for the budget is not the client's: its deadline moves on by it.
+                    timer.reschedule(None)
+                    waited = await self._budget.wait_for(size)
+                    timer.reschedule(deadline + waited)
+                try:
+                    return await reader.readexactly(size)
+                finally:
+                    self._budget.give_back(size)
         except TimeoutError:
-            raise self._too_slow(connection) from None
-        (size,) = HEADER.unpack(header)
-        if size > limit:
-            if connection.greeted:
-                message = f"frame of {size} bytes is over the limit of {limit}; closing"
-            else:
-                message = f"frame of {size} bytes before hello (limit {limit}); closing"
-            raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
-        waited = await self._budget.wait_for(size)
-        try:
-            async with asyncio.timeout_at(deadline + waited):
-                return await reader.readexactly(size)
-        except TimeoutError:
-            raise self._too_slow(connection) from None
-        finally:
-            self._budget.give_back(size)
+            if not idle:
+                raise self._too_slow(connection) from None
+            self._closed_idle += 1
+            logger.info(
+                "closing the connection from %s: idle for %gs with no request in flight "
+                "(idle_timeout)",
+                connection.peer,
+                self._idle_timeout,
+            )
+            raise ConnectionResetError("idle") from None
 
     def _too_slow(self, connection: _Connection) -> _StreamBroken:
         if connection.greeted:
@@ -499,12 +519,17 @@ class ControlServer:
             if isinstance(params, SubscribeParams | UnsubscribeParams):
                 await self._write(connection, await self._stream(connection, request_id, params))
                 return
-            async with self._reads_in_turn(connection, method, params):
-                reply = await self._answer(connection.peer, request_id, method, params)
-                if isinstance(reply, Deferred):
-                    self._reply_later(connection, request_id, reply)
-                else:
-                    await self._write(connection, reply)
+            declared = METHODS[method]
+            if declared.writes or declared.waits:
+                # Changes are answered in a few bytes; waits must not block each other.
+                await self._answer_and_reply(connection, request_id, method, params)
+                return
+            # Reads that are answered at once, with replies as large as the store's
+            # contents, are worked on one at a time per connection, and only while its peer
+            # keeps up with its replies: a peer that reads nothing costs at most about one.
+            async with connection.reads:
+                await self._output_room(connection)
+                await self._answer_and_reply(connection, request_id, method, params)
         except asyncio.CancelledError:
             if not self._closing:
                 raise
@@ -542,20 +567,14 @@ class ControlServer:
         result = SubscribeResult(events=subscription.sent, dropped=subscription.dropped)
         return Reply(request_id, result=result)
 
-    @contextlib.asynccontextmanager
-    async def _reads_in_turn(
-        self, connection: _Connection, method: str, params: Params
-    ) -> AsyncIterator[None]:
-        """Reads that are answered at once, with replies as large as the store's contents,
-        are worked on one at a time per connection, and only while its peer keeps up with
-        its replies: a peer that reads nothing costs at most about one such reply."""
-        declared = METHODS[method]
-        if declared.writes or declared.waits:
-            yield  # changes are answered in a few bytes; waits must not block each other
-            return
-        async with connection.reads:
-            await self._output_room(connection)
-            yield
+    async def _answer_and_reply(
+        self, connection: _Connection, request_id: int, method: str, params: Params
+    ) -> None:
+        reply = await self._answer(connection.peer, request_id, method, params)
+        if isinstance(reply, Deferred):
+            self._reply_later(connection, request_id, reply)
+        else:
+            await self._write(connection, reply)
 
     async def _answer(
         self, peer: Peer, request_id: int, method: str, params: Params
@@ -638,6 +657,9 @@ class ControlServer:
 
     async def _write(self, connection: _Connection, reply: Reply) -> None:
         """Send a reply once the connection's unsent replies are under the output budget."""
+        if not connection.output.locked() and connection.unsent <= OUTPUT_BUDGET:
+            self._send(connection, reply)  # room now, and no reply waits for it before this
+            return
         async with connection.output:
             await self._output_room(connection)
             self._send(connection, reply)
@@ -674,27 +696,6 @@ class ControlServer:
                 )
                 connection.writer.transport.abort()
             raise ConnectionResetError("the peer does not read its replies") from None
-
-    async def _first_byte(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
-        """The first byte of the next frame; a connection with nothing in flight that sends
-        nothing for idle_timeout is closed (ConnectionResetError)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if connection.busy else loop.time() + self._idle_timeout
-        try:
-            async with asyncio.timeout_at(deadline) as timer:
-                connection.idle_timer = timer
-                return await reader.readexactly(1)
-        except TimeoutError:
-            self._closed_idle += 1
-            logger.info(
-                "closing the connection from %s: idle for %gs with no request in flight "
-                "(idle_timeout)",
-                connection.peer,
-                self._idle_timeout,
-            )
-            raise ConnectionResetError("idle") from None
-        finally:
-            connection.idle_timer = None
 
     def _finished(self, connection: _Connection, task: asyncio.Task[None]) -> None:
         connection.in_flight.discard(task)

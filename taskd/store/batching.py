@@ -17,7 +17,9 @@ from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
-GATHER_TURNS = 2  # turns of the event loop a batch waits for company before it commits
+# Turns of the event loop a batch waits for company before it commits, when the last batch
+# had company: a lone caller's write starts at once.
+GATHER_TURNS = 2
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -60,6 +62,7 @@ class GroupCommit(Generic[Context]):
         self._worth_splitting = worth_splitting
         self._queue: asyncio.Queue[_Write[Any, Any] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._company = True  # the last batch held more than one write
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="taskd-group-commit")
@@ -86,8 +89,9 @@ class GroupCommit(Generic[Context]):
             raise RuntimeError("the store is closed")
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Write(operation, items, future))
-        # Shielded: a caller that gives up must not leave a half-reported write behind.
-        return await asyncio.shield(future)
+        # A caller that gives up cancels its wait, not the write: the writer commits it and
+        # tells what it made known all the same (it only drops a result no one waits for).
+        return await future
 
     async def _run(self) -> None:
         stopping = False
@@ -97,9 +101,11 @@ class GroupCommit(Generic[Context]):
                 break
             # Let the loop read what else has arrived (other clients' requests that came
             # while the last transaction committed) before this one starts: one
-            # transaction, one sync, for all of them.
-            for _ in range(GATHER_TURNS):
-                await asyncio.sleep(0)
+            # transaction, one sync, for all of them. Not after a batch that found no
+            # company: a lone caller's write does not wait for others who are not there.
+            if self._company or not self._queue.empty():
+                for _ in range(GATHER_TURNS):
+                    await asyncio.sleep(0)
             batch, size = [first], len(first.items)
             while size < self._max_items and not self._queue.empty():
                 write = self._queue.get_nowait()
@@ -108,6 +114,7 @@ class GroupCommit(Generic[Context]):
                     break
                 batch.append(write)
                 size += len(write.items)
+            self._company = len(batch) > 1
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Write[Any, Any]]) -> None:

@@ -41,19 +41,37 @@ from taskd.store.core.statements import Statement, Steps, compose
 from taskd.store.postgres.schema import channel
 from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
 
+# The columns of an insert, and their types. Each is sent as an array of one value a job, or,
+# when every job of the batch has the same value (most do: the task, the origin, no key...),
+# as that value once: unnest() pads the arrays not sent with NULLs, which coalesce() fills
+# with the value sent once (`:name_all`); `pad` makes the rows however few arrays are sent.
+# A driver checks each element of an array it sends: an array not sent costs nothing.
+INSERT_COLUMNS = {
+    "task": "text", "origin": "text", "payload": "bytea", "priority": "integer",
+    "run_at": "double precision", "delay": "double precision", "max_attempts": "integer",
+    "key": "text", "parent_id": "bigint", "batch_id": "bigint", "traceparent": "text",
+    "limit_key": "text",
+}  # fmt: skip
+_INSERT_ROWS = (
+    "SELECT "
+    + ", ".join(f"coalesce(v.{name}, :{name}_all::{kind}) AS {name}"
+                for name, kind in INSERT_COLUMNS.items())
+    + ", n FROM unnest("
+    + ", ".join(f":{name}::{kind}[]" for name, kind in INSERT_COLUMNS.items())
+    + ", array_fill(0, ARRAY[:count::integer])) WITH ORDINALITY AS v("
+    + ", ".join(INSERT_COLUMNS)
+    + ", pad, n)"
+)  # fmt: skip
+
 # One row per job, in order. The statement tells the other daemons itself.
-INSERT_SQL = """
-WITH new AS (
-    INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
+INSERT_SQL = f"""
+WITH given AS MATERIALIZED ({_INSERT_ROWS}),
+new AS (
+    INSERT INTO {{s}}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
                           parent_id, batch_id, created_at, traceparent, limit_key)
     SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
            max_attempts, key, parent_id, batch_id, :now, traceparent, coalesce(limit_key, '')
-    FROM unnest(:task::text[], :origin::text[], :payload::bytea[], :priority::integer[],
-                :run_at::double precision[], :delay::double precision[],
-                :max_attempts::integer[], :key::text[], :parent_id::bigint[],
-                :batch_id::bigint[], :traceparent::text[], :limit_key::text[]) WITH ORDINALITY
-         AS v(task, origin, payload, priority, run_at, delay, max_attempts, key, parent_id,
-              batch_id, traceparent, limit_key, n)
+    FROM given
     ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - :now AS due_in
@@ -61,9 +79,9 @@ WITH new AS (
     -- A keyed task's turn walks again (taskd.store.core.keys.stirred), written (locked) by
     -- the statement that commits the jobs: a claim after it waits, and sees them. Keyed:
     -- a job with a limit_key, or a task that has a turn (an insert from taskd.outbox).
-    INSERT INTO {s}.key_turns (task)
-    SELECT DISTINCT t FROM unnest(:task::text[], :limit_key::text[]) AS k(t, value)
-    WHERE value IS NOT NULL OR t IN (SELECT task FROM {s}.key_turns)
+    INSERT INTO {{s}}.key_turns (task)
+    SELECT DISTINCT task FROM given
+    WHERE limit_key IS NOT NULL OR task IN (SELECT task FROM {{s}}.key_turns)
     ON CONFLICT (task) DO UPDATE SET lap_from = NULL, lap_at = NULL, rested_at = NULL,
         rested_wake = NULL
 ), notice AS (
@@ -350,8 +368,15 @@ class PostgresSql:
         return ""  # the planner takes it
 
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
-        params = _arrays(jobs, NewJob.__struct_fields__)
-        return Statement(INSERT_SQL, {**params, "channel": self.channel, "sender": self.sender})
+        params: dict[str, Any] = {"count": len(jobs), "channel": self.channel,
+                                  "sender": self.sender}  # fmt: skip
+        for name in INSERT_COLUMNS:
+            values = [getattr(job, name) for job in jobs]
+            if values.count(values[0]) == len(values):  # one value for all: sent once
+                params[name], params[f"{name}_all"] = None, values[0]
+            else:
+                params[name], params[f"{name}_all"] = values, None
+        return Statement(INSERT_SQL, params)
 
     def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
         return Statement(
