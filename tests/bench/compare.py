@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output",
         type=Path,
-        help=f"where the table goes (default: {RESULTS.name}, not with --only)",
+        help=f"where the table goes (default: {RESULTS.name}, not with --only or --postgres-only)",
     )
     parser.add_argument(
         "--only", action="append", metavar="SECTION",
@@ -409,7 +409,10 @@ def main(argv: list[str] | None = None) -> None:
         help="a PostgreSQL database for the PostgreSQL scenarios (default: $TASKD_TEST_POSTGRES;"
         " none: they are skipped)",
     )
-    parser.add_argument("--postgres-only", action="store_true", help="only those scenarios")
+    parser.add_argument(
+        "--postgres-only", action="store_true",
+        help="only those scenarios; the table is printed, RESULTS.md left as it is",
+    )  # fmt: skip
     parser.add_argument(
         "--no-peers", action="store_true", help="taskd alone (the peers need the bench extra)"
     )
@@ -471,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     if shared is not None:
         text += f"\n## PostgreSQL\n\n{shared.table()}\n"
     print(text)
-    output = args.output or (None if args.only else RESULTS)
+    output = args.output or (None if args.only or args.postgres_only else RESULTS)
     if output is not None:
         output.write_text(text)
 
