@@ -1,7 +1,7 @@
 """taskd on PostgreSQL, one daemon and three, next to pgqueuer and procrastinate (same server).
 
 Each system works in a schema of its own, made fresh for each run and dropped after it;
-every figure (jobs per second; for drains, CPU time per job of the daemons and of the
+every figure (jobs per second; the daemons' CPU time per job; for drains, also that of the
 server processes that served them) is a median over `--repeat` runs, the systems taking turns.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.backends import drop_schema, unique_schema
 from tests.bench.compare import PEERS, drive, rate
-from tests.bench.workload import BenchTaskd, daemon_pid, make_tasks
+from tests.bench.workload import BenchTaskd, cpu_seconds, daemon_pid, make_tasks
 from tests.support import Taskd, short_tempdir
 
 SYSTEMS = ["taskd, 1 daemon", "taskd, 3 daemons", "pgqueuer", "procrastinate"]
@@ -134,11 +134,15 @@ class PostgresBench:
                 sockets = [str(daemon.socket) for daemon in started]
                 if what == "drain":
                     return self._drain(started, schema, jobs, wait)
+                before = sum(cpu_seconds(daemon_pid(daemon)) for daemon in started)
                 if batch == 1:
-                    return {"rate": rate(drive("taskd-enqueue", socket=",".join(sockets),
-                                               jobs=jobs, connections=len(sockets)))}  # fmt: skip
-                return {"rate": rate(drive("taskd-enqueue-many", socket=",".join(sockets),
-                                           jobs=jobs, batch=batch))}  # fmt: skip
+                    result = drive("taskd-enqueue", socket=",".join(sockets), jobs=jobs,
+                                   connections=len(sockets))  # fmt: skip
+                else:
+                    result = drive("taskd-enqueue-many", socket=",".join(sockets), jobs=jobs,
+                                   batch=batch)  # fmt: skip
+                spent = sum(cpu_seconds(daemon_pid(daemon)) for daemon in started) - before
+                return {"rate": rate(result), "daemon_us": spent / jobs * 1e6}
         schema = unique_schema()
         try:
             return {"rate": rate(drive(system, url=self.url, schema=schema, what=what, jobs=jobs,
