@@ -656,7 +656,7 @@ def test_a_restart_that_keys_a_tasks_concurrency_keys_the_jobs_already_queued(
     why = ctl_json(daemon, "why", str(later))
     assert isinstance(why, dict) and why["reason"] == "concurrency_limit", why
     assert "per customer 'acme'" in why["message"], why
-    assert "keying them again" in daemon.log, "the start says what it does"
+    wait_until(lambda: "keying them again" in daemon.log, timeout=30, what="the start's line")
     gated.release()
     assert gated.running() == {acme, later, globex}
     assert daemon.stop() == 0

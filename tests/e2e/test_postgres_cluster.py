@@ -386,7 +386,8 @@ def test_a_keyed_concurrency_limit_holds_per_key_across_the_daemons(
 def test_daemons_with_different_schedules_are_told_loudly(cluster: Cluster) -> None:
     cluster.start(tables='[scheduled_tasks]\n"@hourly" = "tick"\n', count=1)
     (b,) = cluster.start(tables='[scheduled_tasks]\n"@daily" = "tick"\n', count=1)
-    assert "RUN DIFFERENT SCHEDULES" in b.log
+    # Said before READY=1; its log's writer thread may write it a moment after.
+    wait_until(lambda: "RUN DIFFERENT SCHEDULES" in b.log, timeout=30, what="the loud line")
     assert "a has " in b.log.split("RUN DIFFERENT SCHEDULES")[1]
 
 
