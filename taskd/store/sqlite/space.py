@@ -28,6 +28,9 @@ WAL_SIZE_LIMIT = 16 * 1024 * 1024
 # A shortage of space ends when the file system has room for the WAL to grow to its
 # checkpoint (1000 pages of 4 KiB) twice over.
 ROOM_FOR_WAL = 8 * 1024 * 1024
+# Short of space, a transaction starts only while the file system has this much room: a
+# job's pages (its row and index entries) in the WAL and again in the database.
+ROOM_FOR_COMMIT = 64 * 1024
 
 
 def size(path: Path) -> int:
@@ -71,9 +74,16 @@ class WalSpace:
 
     def before_transaction(self, db: sqlite3.Connection) -> None:
         """Short of space: the WAL's room goes to the database before anything else; raises
-        the space error if there is none, and the transaction does not start."""
+        the space error if there is none, or if the file system has no room left for a
+        transaction's pages twice (in the WAL, then in the database when the WAL is copied
+        back): then the transaction does not start. Without that room a commit could take
+        the last of the space into the WAL, which then keeps it until space is freed."""
         if self.short:
             self.checkpoint(db)
+            if self._room() < ROOM_FOR_COMMIT:
+                full = sqlite3.OperationalError("database or disk is full")
+                full.sqlite_errorcode = sqlite3.SQLITE_FULL  # as SQLite's own
+                raise full
 
     def committed(self, db: sqlite3.Connection) -> None:
         if not self.short:
