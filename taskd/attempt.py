@@ -109,7 +109,7 @@ class Attempts:
                 "(a quarter of max_frame_size); return a reference to the data instead"
             )
             return self._failed(job, task, message, final=True)
-        return Outcome(job.id, job.epoch, self._worker, "succeeded", result=encoded)
+        return Outcome(job.id, job.epoch, self._worker, "succeeded", result=encoded, job=job)
 
     def _failed(
         self,

@@ -276,7 +276,7 @@ class Executor:
             logger.info(
                 "job %d %s: returned to the queue, the daemon is stopping", job.id, job.task
             )
-            return Outcome(job.id, job.epoch, self._slots.worker, "released")
+            return Outcome(job.id, job.epoch, self._slots.worker, "released", job=job)
         logger.info(
             "job %d %s: outcome of attempt %d not recorded, the job was cancelled or taken "
             "over meanwhile",
@@ -325,7 +325,7 @@ class Executor:
         self._wake.set()
 
     def _release(self, job: Job) -> None:
-        outcome = Outcome(job.id, job.epoch, self._slots.worker, "released")
+        outcome = Outcome(job.id, job.epoch, self._slots.worker, "released", job=job)
         self._outcomes.append((job, outcome))
 
     async def drain(self, grace: float) -> None:

@@ -44,7 +44,7 @@ def failed(
     where = f"job {job.id} {job.task} attempt {job.attempts}/{job.max_attempts}"
     if final or task is None or job.attempts >= job.max_attempts:
         logger.error("%s failed: %s%s", where, message, _indent(trace), extra=_fields(job))
-        return Outcome(job.id, job.epoch, worker, "failed", error=error)
+        return Outcome(job.id, job.epoch, worker, "failed", error=error, job=job)
     if delay is None:
         delay = backoff_delay(
             job.attempts,
@@ -60,7 +60,7 @@ def failed(
         _indent(trace),
         extra=_fields(job),
     )
-    return Outcome(job.id, job.epoch, worker, "retry", error=error, retry_in=delay)
+    return Outcome(job.id, job.epoch, worker, "retry", error=error, retry_in=delay, job=job)
 
 
 def describe(exc: BaseException) -> str:

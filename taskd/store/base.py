@@ -186,6 +186,10 @@ class Outcome(msgspec.Struct, frozen=True):
     # The hook job its task enqueues should the job end with this outcome (succeeded, or
     # failed for good), in the same transaction.
     hook: Hook | None = None
+    # The job as its worker claimed it: the finish then reads back only what the attempt's
+    # end changed, or the run may have (its progress), not the whole row (taskd's executor
+    # always gives it; without it the finish reads the whole job).
+    job: Job | None = None
 
 
 class SharedLimit(msgspec.Struct, frozen=True):

@@ -17,6 +17,13 @@ JOB_COLUMNS = (
     " progress_done, progress_total, progress_message, progress_at, blocked, release_at,"
     " after_failure, batch_id, traceparent"
 )
+# What a finish changes of a running job, or what may have changed while it ran (its
+# progress; started_at, which the start of a tick's held job sets): with the job as its
+# worker claimed it, the job as it ended (finished_job), for half the columns of a job.
+FINISHED_COLUMNS = (
+    "id, status, result, error, attempts, run_at, started_at, finished_at, worker,"
+    " progress_done, progress_total, progress_message, progress_at"
+)
 ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, slots"  # PostgreSQL adds schedules
@@ -26,11 +33,12 @@ fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
 
 
 _JOB_WIDTH = len(JOB_COLUMNS.split(","))
+_FINISHED_WIDTH = len(FINISHED_COLUMNS.split(","))
 
 
-def job_columns(table: str) -> str:
-    """JOB_COLUMNS qualified with a table name (for statements that join)."""
-    return ", ".join(f"{table}.{column.strip()}" for column in JOB_COLUMNS.split(","))
+def job_columns(table: str, columns: str = JOB_COLUMNS) -> str:
+    """JOB_COLUMNS (or others) qualified with a table name (for statements that join)."""
+    return ", ".join(f"{table}.{column.strip()}" for column in columns.split(","))
 
 
 class Row(Protocol):
@@ -75,6 +83,30 @@ def job_from_row(row: Row) -> Job:
         blocked=blocked,
         after_failure=after_failure,
         batch_id=batch_id,
+    )
+
+
+def finished_job(claimed: Job, row: Row) -> Job:
+    """The job as a finish left it: the job as its worker claimed it, with what a row that
+    starts with FINISHED_COLUMNS says (every other column of a running job stays as the
+    claim left it: a change to any of them ends the attempt, and the finish with it)."""
+    (_, status, result, error, attempts, run_at, started_at, finished_at, worker, progress_done,
+     progress_total, progress_message, progress_at) = row[:_FINISHED_WIDTH]  # fmt: skip
+    return msgspec.structs.replace(
+        claimed,
+        status=status,
+        result=None if result is None else msgspec.Raw(result),
+        error=error,
+        attempts=attempts,
+        run_at=claimed.run_at if claimed.blocked else run_at,  # as job_from_row reads it
+        started_at=started_at,
+        finished_at=finished_at,
+        worker=worker,
+        progress=None
+        if progress_done is None
+        else Progress(
+            done=progress_done, total=progress_total, message=progress_message, at=progress_at
+        ),
     )
 
 

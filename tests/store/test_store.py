@@ -18,6 +18,7 @@ from taskd.store import (
     JobNotFound,
     NewJob,
     Outcome,
+    ProgressNote,
     ScheduleState,
     Store,
 )
@@ -267,6 +268,42 @@ async def test_released_gives_the_attempt_back(store: Store) -> None:
     (job,) = (await store.finish([Outcome(inserted.job_id, 1, W1, "released")])).jobs
     assert job is not None and job.status == "pending" and job.attempts == 0
     assert job.run_at == NOW and job.worker is None and job.crashes == 0
+
+
+async def test_a_finish_given_the_claimed_jobs_returns_each_whole_job(
+    store: Store, clock: Clock
+) -> None:
+    """The executor gives the finish the jobs as it claimed them, and the finish reads back
+    only what their end changed: each job it returns is the job as the store keeps it."""
+    (parent,) = await store.insert([new("p")])
+    await claim(store)
+    await store.finish([succeeded(parent.job_id)])
+    kinds = ["succeeded", "failed", "retry", "released"]
+    inserted = await store.insert(
+        [new(priority=n, key=f"k{n}", parent_id=parent.job_id, traceparent=f"00-{n}")
+         for n, _ in enumerate(kinds)]
+    )  # fmt: skip
+    claimed = sorted((await claim(store)).jobs, key=lambda job: job.id)
+    assert [job.id for job in claimed] == [each.job_id for each in inserted]
+    await store.record_activity([ProgressNote(claimed[0].id, claimed[0].epoch, 2, 3, "half")], [])
+    clock.now += 5
+    # A held job's start (a tick's) sets started_at after its worker had it: read back too.
+    claimed[1] = msgspec.structs.replace(claimed[1], started_at=None)
+    outcomes = [
+        Outcome(job.id, job.epoch, W1, kind, result=msgspec.msgpack.encode(kind),  # type: ignore[arg-type]
+                error=None if kind in ("succeeded", "released") else ERROR, retry_in=7, job=job)
+        for job, kind in zip(claimed, kinds, strict=True)
+    ]  # fmt: skip
+    finished = (await store.finish(outcomes)).jobs
+    assert [job.status if job else None for job in finished] == [
+        "succeeded", "failed", "pending", "pending"
+    ]  # fmt: skip
+    for job in finished:
+        assert job is not None
+        kept = await store.get(job.id)
+        assert kept is not None and job == msgspec.structs.replace(kept, errors=[])
+    assert finished[0].progress is not None and finished[0].progress.message == "half"
+    assert finished[2].run_at == NOW + 5 + 7 and finished[3].worker is None
 
 
 # -- nodes, leases and recovery ----------------------------------------------------------

@@ -81,10 +81,11 @@ class Dialect(Protocol):
         """In how many seconds the next pending job of a task with room is due (None: none)."""
         ...
 
-    def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
-        """Records the outcomes (see FINISHED) and their errors; the jobs' rows, with due_in
-        and `linked`: whether other jobs wait for it (`after`), read after any insert that
-        linked one committed (false for a job that did not end: it has none to settle)."""
+    def finish(self, outcomes: Sequence[Outcome], columns: str) -> Steps[list[Row]]:
+        """Records the outcomes (see FINISHED) and their errors; the jobs' rows: `columns`
+        (JOB_COLUMNS, or FINISHED_COLUMNS), then due_in and `linked`: whether other jobs
+        wait for it (`after`), read after any insert that linked one committed (false for a
+        job that did not end: it has none to settle)."""
         ...
 
     def recover(self, quarantine_after: int) -> Steps[list[Row]]:

@@ -28,7 +28,7 @@ from taskd.store.base import (
 from taskd.store.core import batches, deps, flow, keys, webhooks
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps, members
-from taskd.store.rows import JOB_COLUMNS, Row, job_from_row
+from taskd.store.rows import FINISHED_COLUMNS, JOB_COLUMNS, Row, finished_job, job_from_row
 
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds a writer long
@@ -306,8 +306,12 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
     retried = {outcome.job_id for outcome in outcomes if outcome.status == "retry"}
     updated = {}
     parents = set()
-    for row in (yield from tx.sql.finish(outcomes)):
-        job = updated[row["id"]] = job_from_row(row)
+    # With the jobs as their worker claimed them, the rows say only what their end changed.
+    claimed = {outcome.job_id: outcome.job for outcome in outcomes}
+    whole = any(job is None for job in claimed.values())
+    for row in (yield from tx.sql.finish(outcomes, JOB_COLUMNS if whole else FINISHED_COLUMNS)):
+        job = job_from_row(row) if whole else finished_job(cast(Job, claimed[row[0]]), row)
+        updated[job.id] = job
         tx.notes.ended(job, row["due_in"], retrying=job.id in retried)
         if row["linked"]:
             parents.add(job.id)

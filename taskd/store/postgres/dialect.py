@@ -39,7 +39,14 @@ from taskd.store.core.jobs import (
 from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, compose
 from taskd.store.postgres.schema import channel
-from taskd.store.rows import ERROR_COLUMNS, NODE_COLUMNS, Row, job_columns
+from taskd.store.rows import (
+    ERROR_COLUMNS,
+    FINISHED_COLUMNS,
+    JOB_COLUMNS,
+    NODE_COLUMNS,
+    Row,
+    job_columns,
+)
 
 # The columns of an insert, and their types. Each is sent as an array of one value a job, or,
 # when every job of the batch has the same value (most do: the task, the origin, no key...),
@@ -208,8 +215,12 @@ WHERE coalesce(r.free, 1) > 0
     from_queue=FROM_QUEUE,
 )
 
-FINISH_SQL = compose(
-    """
+
+def _finish_sql(columns: str) -> str:
+    """The statement that records outcomes and their errors; it returns `columns`, due_in
+    and linked (not the errors it was given)."""
+    return compose(
+        """
 WITH v AS (
     SELECT * FROM unnest(:job_id::bigint[], :epoch::integer[], :worker::text[],
                          :status::text[], :result::bytea[], :kind::text[],
@@ -218,7 +229,7 @@ WITH v AS (
 ), done AS (
     UPDATE {s}.jobs SET {finished}
     FROM v WHERE {finishing}
-    RETURNING {columns}, v.kind, v.message, v.traceback, v.worker AS ran_on,
+    RETURNING {returned}, v.kind, v.message, v.traceback, v.worker AS ran_on,
         jobs.run_at - :now AS due_in,
         jobs.status IN ('succeeded', 'failed') AND {s}.has_children(jobs.id) AS linked
 ), errors AS (
@@ -226,13 +237,18 @@ WITH v AS (
     SELECT id, attempts, kind, message, traceback, :now, started_at, ran_on FROM done
     WHERE kind IS NOT NULL
 )
-SELECT * FROM done
+SELECT {columns}, due_in, linked FROM done
 """,
-    finished=FINISHED,
-    finishing=FINISHING,
-    columns=job_columns("jobs"),
-    error_columns=ERROR_COLUMNS,
-)
+        finished=FINISHED,
+        finishing=FINISHING,
+        returned=job_columns("jobs", columns),
+        columns=columns,
+        error_columns=ERROR_COLUMNS,
+    )
+
+
+FINISH_SQL = {columns: _finish_sql(columns) for columns in (JOB_COLUMNS, FINISHED_COLUMNS)}
+
 
 RECOVER_SQL = compose(
     """
@@ -403,10 +419,10 @@ class PostgresSql:
             return None
         return max(0.0, due_in)
 
-    def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
+    def finish(self, outcomes: Sequence[Outcome], columns: str) -> Steps[list[Row]]:
         errors = [outcome.error or NO_FAILURE for outcome in outcomes]
         params = _arrays(outcomes, OUTCOME_FIELDS) | _arrays(errors, FAILURE_FIELDS)
-        return (yield Statement(FINISH_SQL, params))
+        return (yield Statement(FINISH_SQL[columns], params))
 
     def recover(self, quarantine_after: int) -> Steps[list[Row]]:
         return (yield Statement(RECOVER_SQL, {"quarantine": quarantine_after}))

@@ -215,12 +215,12 @@ class SqliteSql:
             return None
         return max(0.0, due - self.now)
 
-    def finish(self, outcomes: Sequence[Outcome]) -> Steps[list[Row]]:
+    def finish(self, outcomes: Sequence[Outcome], columns: str) -> Steps[list[Row]]:
         params: list[Any] = [self.now]
         for o in outcomes:
             message = o.error.message if o.error is not None else None
             params += (o.job_id, o.epoch, o.worker, o.status, o.result, message, o.retry_in)
-        rows = yield Statement(_finish_sql(len(outcomes)), params)
+        rows = yield Statement(_finish_sql(len(outcomes), columns), params)
         if not any(outcome.error for outcome in outcomes):
             return rows
         ended = {row["id"]: row for row in rows}
@@ -302,9 +302,10 @@ def _claim_params(request: ClaimRequest, quotas: Mapping[str, int]) -> dict[str,
 
 
 @lru_cache(maxsize=64)
-def _finish_sql(count: int) -> str:
+def _finish_sql(count: int, columns: str) -> str:
     """The statement that records `count` outcomes, bound by position (quicker than by name,
-    for a statement on the hot path): ?1 is now, then seven values per outcome."""
+    for a statement on the hot path): ?1 is now, then seven values per outcome; it returns
+    `columns` and due_in."""
     values = ", ".join(
         "(" + ", ".join(f"?{2 + 7 * n + column}" for column in range(7)) + ")" for n in range(count)
     )
@@ -312,7 +313,7 @@ def _finish_sql(count: int) -> str:
         f"UPDATE jobs SET {FINISHED.replace(':now', '?1')} FROM (SELECT column1 AS id,"
         " column2 AS epoch, column3 AS worker, column4 AS outcome, column5 AS result,"
         f" column6 AS message, column7 AS retry_in FROM (VALUES {values})) AS v"
-        f" WHERE {FINISHING} RETURNING {JOB_COLUMNS}, run_at - ?1 AS due_in,"
+        f" WHERE {FINISHING} RETURNING {columns}, run_at - ?1 AS due_in,"
         " EXISTS (SELECT 1 FROM job_deps WHERE parent_id = id) AS linked"
     )
 
