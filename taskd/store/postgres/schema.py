@@ -389,68 +389,6 @@ MIGRATIONS: list[list[str]] = [
         $$
         """,
     ],
-    # The claim's statements planned once per connection, not at each claim: PostgreSQL's
-    # plan cache kept choosing a custom plan for the claim statement (and its next-due
-    # statement), planned at every execution, ~1 ms of the server's CPU each on a store of
-    # 600,000 pending jobs (planning 3.4 ms vs execution 1.1 ms mid-drain), for the same plan
-    # as the generic one: each probe a range of the pending jobs' index bounded by a row
-    # comparison, whatever the parameters. claim_start runs first in every claim, and sets
-    # it for the rest of its transaction (the statements of a claim and of the writes after
-    # it in that transaction, which compare a status with a literal, as every partial
-    # index's WHERE does, so that a generic plan reads the same index). The prune, whose
-    # status is a parameter, runs in a transaction of its own.
-    [
-        """
-        CREATE OR REPLACE FUNCTION {s}.claim_start(
-            flow text, prefix text, keyed text[], limited text[])
-        RETURNS TABLE (t_kind text, t_task text, t_last_key text, t_lap_from text,
-                       t_lap_at double precision, t_rested_at double precision,
-                       t_rested_wake double precision, t_now double precision)
-        LANGUAGE plpgsql VOLATILE AS $$
-        DECLARE
-            turn text;
-            pending text[];
-        BEGIN
-            PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
-            FOREACH turn IN ARRAY keyed LOOP
-                RETURN QUERY SELECT 'turn', k.task, k.last_key, k.lap_from, k.lap_at,
-                    k.rested_at, k.rested_wake, {s}.now() FROM {s}.key_turns AS k
-                WHERE k.task = turn AND k.rested_at IS NOT NULL
-                    AND (k.rested_wake IS NULL OR {s}.now() < k.rested_wake);
-                IF NOT FOUND THEN
-                    RETURN QUERY SELECT 'turn', k.task, k.last_key, k.lap_from, k.lap_at,
-                        k.rested_at, k.rested_wake, {s}.now() FROM {s}.key_turns AS k
-                    WHERE k.task = turn AND NOT (k.rested_at IS NOT NULL
-                        AND (k.rested_wake IS NULL OR {s}.now() < k.rested_wake))
-                    FOR UPDATE OF k;
-                END IF;
-                IF NOT FOUND THEN  -- new, or it came to rest meanwhile: the lock decides
-                    INSERT INTO {s}.key_turns AS k (task) VALUES (turn)
-                    ON CONFLICT ON CONSTRAINT key_turns_pkey DO NOTHING;
-                    RETURN QUERY SELECT 'turn', k.task, k.last_key, k.lap_from, k.lap_at,
-                        k.rested_at, k.rested_wake, {s}.now() FROM {s}.key_turns AS k
-                    WHERE k.task = turn FOR UPDATE OF k;
-                END IF;
-            END LOOP;
-            PERFORM pg_advisory_xact_lock_shared(hashtextextended(flow, 0));
-            RETURN QUERY SELECT 'paused', p.task, NULL, NULL, NULL::double precision,
-                NULL::double precision, NULL::double precision, NULL::double precision
-            FROM {s}.paused_tasks AS p;
-            SELECT array_agg(t.task) INTO pending FROM unnest(limited) AS t(task)
-            WHERE NOT EXISTS (SELECT 1 FROM {s}.paused_tasks AS p WHERE p.task = t.task)
-              AND t.task = (SELECT j.task FROM {s}.jobs AS j WHERE j.status = 'pending'
-                            AND j.task >= t.task ORDER BY j.task, j.priority, j.run_at, j.id
-                            LIMIT 1);
-            PERFORM pg_advisory_xact_lock(k) FROM (
-                SELECT DISTINCT hashtextextended(prefix || t.task, 0) AS k
-                FROM unnest(pending) AS t(task) ORDER BY k) AS keys;
-            RETURN QUERY SELECT 'counted', t.task, NULL, NULL, NULL::double precision,
-                NULL::double precision, NULL::double precision, NULL::double precision
-            FROM unnest(pending) AS t(task);
-        END
-        $$
-        """,
-    ],
 ]
 
 
