@@ -74,11 +74,7 @@ def job_from_row(row: Row) -> Job:
         finished_at=finished_at,
         worker=worker,
         epoch=epoch,
-        progress=None
-        if progress_done is None
-        else Progress(
-            done=progress_done, total=progress_total, message=progress_message, at=progress_at
-        ),
+        progress=_progress(progress_done, progress_total, progress_message, progress_at),
         traceparent=traceparent,
         blocked=blocked,
         after_failure=after_failure,
@@ -102,22 +98,17 @@ def finished_job(claimed: Job, row: Row) -> Job:
         started_at=started_at,
         finished_at=finished_at,
         worker=worker,
-        progress=None
-        if progress_done is None
-        else Progress(
-            done=progress_done, total=progress_total, message=progress_message, at=progress_at
-        ),
+        progress=_progress(progress_done, progress_total, progress_message, progress_at),
     )
 
 
+def _progress(done: Any, total: Any, message: Any, at: Any) -> Progress | None:
+    return None if done is None else Progress(done=done, total=total, message=message, at=at)
+
+
 def progress_from_row(row: Row) -> Progress | None:
-    if row["progress_done"] is None:
-        return None
-    return Progress(
-        done=row["progress_done"],
-        total=row["progress_total"],
-        message=row["progress_message"],
-        at=row["progress_at"],
+    return _progress(
+        row["progress_done"], row["progress_total"], row["progress_message"], row["progress_at"]
     )
 
 
