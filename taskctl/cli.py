@@ -285,13 +285,20 @@ def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[s
 
     Each `wait` returns at the job's end or at the next failed attempt (taskd tells it):
     no polling. Attempts count from 1 again after a `retry` by request: only those since
-    the latest one are the job's current attempts."""
+    the latest one are the job's current attempts. Each asks for the job's progress
+    meanwhile (to `client.on_event`), unless taskd predates that."""
     deadline = None if timeout is None else time.monotonic() + timeout
     reported = 0  # the highest attempt whose failure was shown
+    progress = True
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            job = client.wait(job_id, left, after_attempt=reported)
+            job = client.wait(job_id, left, after_attempt=reported, progress=progress)
+        except errors.InvalidParams:
+            if not progress:
+                raise
+            progress = False  # a taskd without `progress` in `wait`: wait without it
+            continue
         except errors.WaitTimeout as exc:  # said of the whole --timeout, not of its rest
             status = exc.data.get("status", "unfinished")
             spent = format_duration(timeout or 0.0)

@@ -523,12 +523,20 @@ class Client:
         return self._call(protocol.JOBS, params)
 
     def wait(
-        self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
+        self,
+        job_id: int,
+        timeout: float | str | None = None,
+        *,
+        after_attempt: int | None = None,
+        progress: bool = False,
     ) -> Job:
         """The job once it has ended; raises WaitTimeout after `timeout` (RequestTimeout if
         taskd has not answered WAIT_MARGIN seconds later). With `after_attempt`, also as soon
-        as an attempt numbered above it has failed (the job is then not finished)."""
-        return self._call(protocol.WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
+        as an attempt numbered above it has failed (the job is then not finished). With
+        `progress`, the job's "progress" events meanwhile go to `on_event` (if set; else
+        they are held for `next_event`)."""
+        params = WaitParams(job_id, seconds(timeout), after_attempt, progress)
+        return self._call(protocol.WAIT, params)
 
     def why(self, job_id: int) -> WhyResult:
         """Why the job is not running yet (or what it is doing), and its timeline."""
