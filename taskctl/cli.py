@@ -920,5 +920,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(Exit.OK)
 
 
+def command() -> NoReturn:
+    """The `taskctl` command: `main`, then an exit that leaves the interpreter's teardown
+    out (freeing every module and object: ~15% of a command's CPU time, for nothing, as
+    taskctl registers no exit handlers). Output is flushed first; a flush that fails (a
+    full disk) is left to the interpreter's own exit to report, as without this."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        if not isinstance(exc.code, int | None):
+            raise  # a message to print: the interpreter's exit says it
+        code = exc.code or 0
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        raise SystemExit(code) from None
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
