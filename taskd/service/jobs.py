@@ -94,9 +94,10 @@ class JobMethods:
             max_attempts=params.max_attempts,
             traceparent=params.traceparent,
         )
-        (inserted,) = await self._submitter.submit([request])
+        inserted, started = await self._submitter.submit_run(request)
         if params.detach:
-            job = await get_job(self._store, inserted.job_id)
+            # The job as its insert's commit started it, else as the store has it now.
+            job = started if started is not None else await get_job(self._store, inserted.job_id)
             return RunResult(job=job, joined=inserted.duplicate)
         return self._end_of(inserted.job_id)[inserted.duplicate]
 
