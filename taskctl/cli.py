@@ -264,7 +264,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
             print(job.id)
         return Exit.OK
     args.waiting_for = job.id
-    job = _live().wait_showing_progress(client, job.id, None, _follow)
+    job = _live().wait_showing_progress(client, job.id, None, _follow, job)
     if args.json:
         render.print_json(job)
     elif job.status == "succeeded":
@@ -472,7 +472,10 @@ def cmd_top(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> Exit:
     args.waiting_for = args.id
-    job = _live().wait_showing_progress(client, args.id, args.timeout, _follow)
+    # Its progress as stored first: a daemon sharing the store may run it, whose progress
+    # this one hears only from now on.
+    known = client.job(args.id)
+    job = _live().wait_showing_progress(client, args.id, args.timeout, _follow, known)
     render = _render()
     if args.json:
         render.print_json(job)

@@ -100,10 +100,13 @@ Follow = Callable[[Client, int, "float | None", Callable[[str], None]], Job]
 
 
 def wait_showing_progress(
-    client: Client, job_id: int, timeout: float | None, follow: Follow
+    client: Client, job_id: int, timeout: float | None, follow: Follow, known: Job | None = None
 ) -> Job:
-    """`follow(client, job_id, timeout, say)`, showing the job's progress on stderr meanwhile."""
+    """`follow(client, job_id, timeout, say)`, showing the job's progress on stderr meanwhile,
+    from that of `known` (the job as last read) on."""
     display = ProgressDisplay(sys.stderr)
+    if known is not None and known.status == "running" and known.progress is not None:
+        display.show(known.progress)
 
     def show(event: JobEvent) -> None:
         if event.kind == "progress" and event.job_id == job_id and event.progress is not None:
