@@ -10,7 +10,6 @@ from __future__ import annotations
 import _socket as socket
 import collections
 import errno
-import select
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -641,6 +640,8 @@ class Client:
         sock = self._sock
         if sock is None:
             raise ProtocolError("no subscription is open")
+        import select  # only for streams of events: the other commands start without it
+
         readable, _, _ = select.select([sock], [], [], timeout)
         if not readable:
             return None
