@@ -255,7 +255,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
             file=sys.stderr,
         )
     if job.status == "pending":
-        _say_what_holds(client, job.id)
+        _say_what_holds(client, job.id, outcome.held)
     render = _render()
     if args.detach:
         if args.json:
@@ -272,12 +272,15 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
     return _job_exit(job)
 
 
-def _say_what_holds(client: Client, job_id: int) -> None:
+def _say_what_holds(client: Client, job_id: int, held: str | msgspec.UnsetType | None) -> None:
     """A run that flow control holds back (its task paused, its rate limit) says so on
-    stderr, and waits."""
-    why = client.why(job_id)
-    if why.reason in HELD_REASONS:
-        print(f"taskctl: {why.message}", file=sys.stderr)
+    stderr, and waits. The run's reply says what holds it; a taskd that predates that
+    is asked."""
+    if held is msgspec.UNSET:
+        why = client.why(job_id)
+        held = why.message if why.reason in HELD_REASONS else None
+    if held:
+        print(f"taskctl: {held}", file=sys.stderr)
 
 
 def _follow(client: Client, job_id: int, timeout: float | None, say: Callable[[str], None]) -> Any:

@@ -308,6 +308,10 @@ class RunParams(Params):
 class RunResult(msgspec.Struct, frozen=True):
     job: Job
     joined: bool  # true when the run joined an execution that was already pending or running
+    # A detached run of a pending job: what holds it back (the `why` message when its
+    # reason is one of HELD_REASONS); else nil. Always sent; UNSET only in a reply of a
+    # daemon that predates it (then ask `why`).
+    held: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 RUN = Method(
