@@ -1,5 +1,3 @@
-import sys
+from taskctl.cli import command
 
-from taskctl.cli import main
-
-sys.exit(main())
+command()

@@ -195,8 +195,8 @@ class AsyncClient:
         entry = self._pending.get(reply.id)
         future = entry[1] if entry is not None and not entry[1].done() else None
         if reply.event is not None:
-            if future is not None:  # the first event of a subscription: it is live
-                future.set_result(reply.id)
+            if future is not None and entry is not None and entry[0] == protocol.SUBSCRIBE.name:
+                future.set_result(reply.id)  # the first event of a subscription: it is live
             elif self.on_event is not None:
                 self.on_event(reply.event)
             else:
@@ -319,9 +319,15 @@ class AsyncClient:
         return await self._call(protocol.JOBS, params)
 
     async def wait(
-        self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
+        self,
+        job_id: int,
+        timeout: float | str | None = None,
+        *,
+        after_attempt: int | None = None,
+        progress: bool = False,
     ) -> Job:
-        return await self._call(protocol.WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
+        params = WaitParams(job_id, seconds(timeout), after_attempt, progress)
+        return await self._call(protocol.WAIT, params)
 
     async def why(self, job_id: int) -> WhyResult:
         return await self._call(protocol.WHY, WhyParams(job_id))

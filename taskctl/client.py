@@ -10,7 +10,6 @@ from __future__ import annotations
 import _socket as socket
 import collections
 import errno
-import select
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -523,12 +522,20 @@ class Client:
         return self._call(protocol.JOBS, params)
 
     def wait(
-        self, job_id: int, timeout: float | str | None = None, *, after_attempt: int | None = None
+        self,
+        job_id: int,
+        timeout: float | str | None = None,
+        *,
+        after_attempt: int | None = None,
+        progress: bool = False,
     ) -> Job:
         """The job once it has ended; raises WaitTimeout after `timeout` (RequestTimeout if
         taskd has not answered WAIT_MARGIN seconds later). With `after_attempt`, also as soon
-        as an attempt numbered above it has failed (the job is then not finished)."""
-        return self._call(protocol.WAIT, WaitParams(job_id, seconds(timeout), after_attempt))
+        as an attempt numbered above it has failed (the job is then not finished). With
+        `progress`, the job's "progress" events meanwhile go to `on_event` (if set; else
+        they are held for `next_event`)."""
+        params = WaitParams(job_id, seconds(timeout), after_attempt, progress)
+        return self._call(protocol.WAIT, params)
 
     def why(self, job_id: int) -> WhyResult:
         """Why the job is not running yet (or what it is doing), and its timeline."""
@@ -633,6 +640,8 @@ class Client:
         sock = self._sock
         if sock is None:
             raise ProtocolError("no subscription is open")
+        import select  # only for streams of events: the other commands start without it
+
         readable, _, _ = select.select([sock], [], [], timeout)
         if not readable:
             return None

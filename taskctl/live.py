@@ -1,16 +1,16 @@
-"""Live output of taskctl over `subscribe`: a job's progress while `run`/`wait` wait for it,
-`logs -f`, and `jobs --watch`. Loaded only by the commands that show it."""
+"""Live output of taskctl: a job's progress while `run`/`wait` wait for it (events of the
+wait itself), and, over `subscribe`, `logs -f` and `jobs --watch`. Loaded only by the
+commands that show it."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
 
-from taskctl import errors, render
-from taskctl.client import WAIT_MARGIN, Client
+from taskctl import render
+from taskctl.client import Client
 from taskd.models import FINISHED_STATUSES, Job, Progress, counted
 from taskd.protocol import JobEvent
 
@@ -94,30 +94,26 @@ def bar(progress: Progress, width: int = BAR_WIDTH) -> str:
     return f"[{gauge}] {render.progress_text(progress)}"
 
 
-# Waits for a job's end, telling `say` what happens on the way (taskctl's failed attempts).
+# Waits for a job's end, telling `say` what happens on the way (taskctl's failed attempts);
+# its waits ask for the job's progress (`wait` with `progress`), which `on_event` is given.
 Follow = Callable[[Client, int, "float | None", Callable[[str], None]], Job]
 
 
 def wait_showing_progress(
-    client: Client, job_id: int, timeout: float | None, follow: Follow
+    client: Client, job_id: int, timeout: float | None, follow: Follow, known: Job | None = None
 ) -> Job:
-    """`follow(client, job_id, timeout, say)`, showing the job's progress on stderr meanwhile."""
+    """`follow(client, job_id, timeout, say)`, showing the job's progress on stderr meanwhile,
+    from that of `known` (the job as last read) on."""
     display = ProgressDisplay(sys.stderr)
-    limit = None if timeout is None else timeout + WAIT_MARGIN  # as the wait's own
-    try:
-        subscription = client.subscribe(job_id, logs=False, timeout=limit)
-    except (errors.Busy, errors.ShuttingDown):  # then without progress
-        return follow(client, job_id, timeout, display.say)
+    if known is not None and known.status == "running" and known.progress is not None:
+        display.show(known.progress)
 
     def show(event: JobEvent) -> None:
-        if event.kind == "progress" and event.progress is not None:
+        if event.kind == "progress" and event.job_id == job_id and event.progress is not None:
             display.show(event.progress)
 
     client.on_event = show
     try:
-        job = client.job(job_id)
-        if job.status == "running" and job.progress is not None and display.empty:
-            display.show(job.progress)
         job = follow(client, job_id, timeout, display.say)
     except BaseException:  # Ctrl-C may have cut a frame short: the connection is done
         display.close()
@@ -125,8 +121,6 @@ def wait_showing_progress(
         raise
     client.on_event = None
     display.close()
-    with contextlib.suppress(errors.TaskdError):  # taskd may be stopping
-        client.unsubscribe(subscription)
     return job
 
 

@@ -315,7 +315,7 @@ class Daemon:
         await peers.announce(settings.schedules)
         status = StatusMethods(store, tasks, self._info(node, store), self)
         dispatch = Dispatch(
-            JobMethods(store, engine.submitter, tasks, engine.activity).bindings(),
+            JobMethods(store, engine.submitter, tasks, engine.activity, status.why).bindings(),
             ScheduleMethods(self._scheduler, tasks, store).bindings(),
             status.bindings(),
             NodeMethods(store, self, metrics).bindings(),

@@ -98,6 +98,13 @@ class Subscription:
         self.sent += len(events)
         return [] if self.closed else events
 
+    def take_queued(self) -> list[JobEvent]:
+        """The events queued now, without waiting for one."""
+        events = list(self._queue)
+        self._queue.clear()
+        self.sent += len(events)
+        return events
+
     def close(self) -> None:
         self.closed = True
         self._queue.clear()
@@ -116,6 +123,7 @@ class LiveEvents:
         self._all: set[Subscription] = set()
         self._by_job: dict[int, set[Subscription]] = {}
         self._tasks: dict[int, str] = {}  # the task of jobs running, as far as known
+        self._latest: dict[int, Progress] = {}  # the attempt's latest progress, as far as known
         self._relay = Relay(self, read) if read is not None else None
         events.on_finished(self._state)
         news.on_started(self._state)
@@ -180,7 +188,15 @@ class LiveEvents:
             if event.kind != "log" or subscription.logs:
                 subscription.offer(event)
 
+    def latest_progress(self, job_id: int) -> JobEvent | None:
+        """The latest progress of the job's attempt heard here, as an event (None: none)."""
+        progress = self._latest.get(job_id)
+        if progress is None:
+            return None
+        return JobEvent("progress", job_id, task=self._tasks.get(job_id), progress=progress)
+
     def _state(self, job: Job) -> None:
+        self._latest.pop(job.id, None)  # an attempt starts or the job ends: none yet
         if job.status in FINISHED_STATUSES:
             self._tasks.pop(job.id, None)
             if self._relay is not None:
@@ -196,6 +212,9 @@ class LiveEvents:
         self._tasks[job_id] = task
 
     def _progress(self, job_id: int, progress: Progress) -> None:
+        if job_id not in self._latest and len(self._latest) >= MAX_TRACKED:
+            del self._latest[next(iter(self._latest))]
+        self._latest[job_id] = progress
         task = self._tasks.get(job_id)
         self._publish(job_id, JobEvent("progress", job_id, task=task, progress=progress))
 

@@ -175,7 +175,8 @@ class RpcError(Exception):
 
 
 class JobEvent(msgspec.Struct, frozen=True):
-    """One event of a `subscribe` stream (contrib/protocol.md: "Live events").
+    """One event of a `subscribe` stream (contrib/protocol.md: "Live events"), or a
+    "progress" event of a `wait` that asked for them.
 
     kind "subscribed": the stream is live (the first event); "state": job `job_id` of `task`
     is now `status`; "progress": its `progress`; "log": a `line` it wrote (`task` named when
@@ -195,7 +196,8 @@ class JobEvent(msgspec.Struct, frozen=True):
 
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     """A reply envelope as the daemon writes it: `result` or `error`, never both; or, for
-    a `subscribe` request still open, an `event` (any number of them, before its reply).
+    a `subscribe` request still open (or a `wait` with `progress`), an `event` (any number
+    of them, before its reply).
 
     `id` is null when the request was too broken to read its id.
     """
@@ -306,6 +308,10 @@ class RunParams(Params):
 class RunResult(msgspec.Struct, frozen=True):
     job: Job
     joined: bool  # true when the run joined an execution that was already pending or running
+    # A detached run of a pending job: what holds it back (the `why` message when its
+    # reason is one of HELD_REASONS); else nil. Always sent; UNSET only in a reply of a
+    # daemon that predates it (then ask `why`).
+    held: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 RUN = Method(
@@ -448,6 +454,9 @@ class WaitParams(Params):
     # Also return as soon as an attempt numbered above this one has failed (the job is then
     # pending a retry, or running its next attempt): `taskctl run` shows each failure.
     after_attempt: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    # Also send the job's progress while it waits: "progress" events under the request's
+    # id (the latest known first), then the reply; `taskctl run` and `wait` show them.
+    progress: bool = False
 
 
 WAIT = Method(

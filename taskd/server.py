@@ -47,6 +47,7 @@ from taskd.protocol import (
     SubscribeParams,
     SubscribeResult,
     UnsubscribeParams,
+    WaitParams,
     encode_frame,
 )
 from taskd.stream_limits import ByteBudget, Lingering
@@ -520,6 +521,9 @@ class ControlServer:
                 await self._write(connection, await self._stream(connection, request_id, params))
                 return
             declared = METHODS[method]
+            if isinstance(params, WaitParams) and params.progress and self._live is not None:
+                await self._wait_with_progress(connection, request_id, method, params)
+                return
             if declared.writes or declared.waits:
                 # Changes are answered in a few bytes; waits must not block each other.
                 await self._answer_and_reply(connection, request_id, method, params)
@@ -566,6 +570,44 @@ class ControlServer:
             del connection.subscriptions[request_id]
         result = SubscribeResult(events=subscription.sent, dropped=subscription.dropped)
         return Reply(request_id, result=result)
+
+    async def _wait_with_progress(
+        self, connection: _Connection, request_id: int, method: str, params: WaitParams
+    ) -> None:
+        """A `wait` that asked for progress: the job's progress events under the request's
+        id while it waits (the latest known first), then its reply."""
+        assert self._live is not None
+        subscription = self._live.subscribe(params.id, logs=False)
+        latest = self._live.latest_progress(params.id)  # at once: what comes next is queued
+        forwarding = asyncio.create_task(
+            self._forward_progress(connection, request_id, latest, subscription)
+        )
+        try:
+            reply = await self._answer(connection.peer, request_id, method, params)
+            forwarding.cancel()
+            await asyncio.gather(forwarding, return_exceptions=True)
+            for event in subscription.take_queued():  # the last progress, before the end
+                if event.kind == "progress":
+                    await self._write(connection, Reply(request_id, event=event))
+        finally:
+            forwarding.cancel()
+            self._live.unsubscribe(subscription)
+        assert isinstance(reply, Reply)  # a wait is answered when it ends
+        await self._write(connection, reply)
+
+    async def _forward_progress(
+        self,
+        connection: _Connection,
+        request_id: int,
+        latest: JobEvent | None,
+        subscription: Subscription,
+    ) -> None:
+        if latest is not None:
+            await self._write(connection, Reply(request_id, event=latest))
+        while events := await subscription.take():
+            for event in events:
+                if event.kind == "progress":
+                    await self._write(connection, Reply(request_id, event=event))
 
     async def _answer_and_reply(
         self, connection: _Connection, request_id: int, method: str, params: Params

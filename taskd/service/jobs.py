@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from taskd import protocol
 from taskd.activity import ActivityRecorder
 from taskd.deferred import Deferred
 from taskd.models import BatchInfo, Job, JobLogs
 from taskd.protocol import (
+    HELD_REASONS,
     BatchParams,
     CancelParams,
     EnqueueManyParams,
@@ -27,6 +28,8 @@ from taskd.protocol import (
     RunParams,
     RunResult,
     WaitParams,
+    WhyParams,
+    WhyResult,
 )
 from taskd.service.dispatch import Binding, bind
 from taskd.store import JobFilter, JobNotFound, Store
@@ -52,11 +55,13 @@ class JobMethods:
         submitter: Submitter,
         tasks: TaskRegistry,
         activity: ActivityRecorder,
+        why: Callable[[WhyParams], Awaitable[WhyResult]] | None = None,
     ) -> None:
         self._store = store
         self._submitter = submitter
         self._tasks = tasks
         self._activity = activity
+        self._why = why  # what holds a detached run's pending job (the `why` method)
         # The outcomes of the runs waiting for a job's end, by job id (see `start_run`).
         self._ends: dict[int, tuple[Deferred[RunResult], Deferred[RunResult]]] = {}
 
@@ -94,10 +99,15 @@ class JobMethods:
             max_attempts=params.max_attempts,
             traceparent=params.traceparent,
         )
-        (inserted,) = await self._submitter.submit([request])
+        inserted, started = await self._submitter.submit_run(request)
         if params.detach:
-            job = await get_job(self._store, inserted.job_id)
-            return RunResult(job=job, joined=inserted.duplicate)
+            # The job as its insert's commit started it, else as the store has it now.
+            job = started if started is not None else await get_job(self._store, inserted.job_id)
+            if job.status != "pending" or self._why is None:
+                return RunResult(job=job, joined=inserted.duplicate, held=None)
+            why = await self._why(WhyParams(job.id))
+            held = why.message if why.reason in HELD_REASONS else None
+            return RunResult(job=job, joined=inserted.duplicate, held=held)
         return self._end_of(inserted.job_id)[inserted.duplicate]
 
     def _end_of(self, job_id: int) -> tuple[Deferred[RunResult], Deferred[RunResult]]:
@@ -124,7 +134,9 @@ class JobMethods:
                 end.future.set_exception(error)
                 end.future.exception()  # retrieved: it is each waiting caller's to report
             else:
-                end.future.set_result(RunResult(job=waiting.result(), joined=bool(joined)))
+                end.future.set_result(
+                    RunResult(job=waiting.result(), joined=bool(joined), held=None)
+                )
 
     async def enqueue(self, params: EnqueueParams) -> EnqueueResult:
         (result,) = await self._enqueue([params])

@@ -75,6 +75,19 @@ def test_taskctl_run_of_a_paused_task_says_so_and_waits(taskd: Taskd, short_tmp:
     assert run.returncode == 0 and out.strip() == '"hi"'
 
 
+def test_a_detached_run_says_what_holds_its_job(taskd: Taskd) -> None:
+    # In its reply: taskctl run needs no `why` to say it.
+    with taskd.client() as client:
+        client.pause_task("echo")
+        held = client.run_job("echo", "held", detach=True)
+        assert held.job.status == "pending"
+        assert held.held is not None and "waits: task echo is paused (since" in held.held
+        client.resume_task("echo")
+        assert client.wait(held.job.id, 30).status == "succeeded"
+        started = client.run_job("echo", "free", detach=True)
+        assert started.job.status == "running" and started.held is None
+
+
 def test_unknown_tasks_are_refused_with_the_closest_name(taskd: Taskd) -> None:
     refused = taskd.ctl("pause", "ecko")
     assert refused.returncode != 0 and "did you mean" in refused.stderr and "echo" in refused.stderr

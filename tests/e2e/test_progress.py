@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -10,17 +11,21 @@ import pty
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import msgspec
+
 from taskctl import AsyncClient
-from taskd.protocol import JobEvent
+from taskd.protocol import HEADER, JobEvent
 from taskd.server import MAX_SUBSCRIPTIONS
 from tests.support import RawConnection, Taskd, wait_until
 
@@ -404,3 +409,90 @@ def test_run_prints_plain_progress_lines_when_piped(taskd: Taskd) -> None:
     ran = taskd.ctl("run", "steps", "--payload", '{"steps": 2}')
     assert ran.returncode == 0 and ran.stdout.strip() == "2"
     assert all(re.fullmatch(r"\d/2 step \d", line) for line in ran.stderr.splitlines())
+
+
+@contextmanager
+def recording_relay(taskd: Taskd) -> Iterator[tuple[Path, list[str]]]:
+    """A socket that relays one connection to taskd, and the methods of the requests it
+    carried (in order)."""
+    path = taskd.root / "relay.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    methods: list[str] = []
+
+    def pump(source: socket.socket, sink: socket.socket, record: bool) -> None:
+        buffer = b""
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+            buffer += chunk
+            while record and len(buffer) >= HEADER.size:
+                (size,) = HEADER.unpack(buffer[: HEADER.size])
+                if len(buffer) < HEADER.size + size:
+                    break
+                frame, buffer = (
+                    buffer[HEADER.size : HEADER.size + size],
+                    buffer[HEADER.size + size :],
+                )
+                methods.append(msgspec.msgpack.decode(frame)["method"])
+        sink.shutdown(socket.SHUT_WR)
+
+    def relay() -> None:
+        client, _ = listener.accept()
+        daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        daemon.connect(str(taskd.socket))
+        back = threading.Thread(target=pump, args=(daemon, client, False), daemon=True)
+        back.start()
+        pump(client, daemon, True)
+        back.join()
+        client.close()
+        daemon.close()
+
+    relaying = threading.Thread(target=relay, daemon=True)
+    relaying.start()
+    try:
+        yield path, methods
+        relaying.join(timeout=20)
+    finally:
+        listener.close()
+
+
+def test_run_shows_progress_from_its_one_wait(taskd: Taskd) -> None:
+    # hello, a detached run, and a wait that streams the job's progress: no subscription to
+    # open and close, no extra read of the job.
+    fifo = taskd.root / "gate"
+    os.mkfifo(fifo)
+    payload = json.dumps({"steps": 2, "gate": str(fifo)})
+    with recording_relay(taskd) as (path, methods):
+        command = [*taskd.ctl_command()[:-1], str(path), "run", "steps", "--payload", payload]
+        running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert running.stderr is not None
+        progress = Output(running.stderr.fileno())
+        with open(fifo, "w") as gate:
+            step(gate)
+            progress.until("1/2 step 1\n")  # shown while the job runs
+            step(gate)
+        result, rest = running.communicate(timeout=20)
+    assert running.returncode == 0 and result.decode().strip() == "2"
+    assert (progress.text + rest.decode()).splitlines() == ["1/2 step 1", "2/2 step 2"]
+    assert methods == ["hello", "run", "wait"]
+
+
+async def test_the_async_client_waits_with_progress(taskd: Taskd) -> None:
+    with gated_job(taskd, steps=2) as (job_id, gate):
+        async with AsyncClient(str(taskd.socket), timeout=10) as client:
+            shown: list[float] = []
+            first = asyncio.Event()
+
+            def show(event: JobEvent) -> None:
+                assert event.kind == "progress" and event.progress is not None
+                shown.append(event.progress.done)
+                first.set()
+
+            client.on_event = show
+            waiting = asyncio.ensure_future(client.wait(job_id, 20, progress=True))
+            step(gate)
+            await asyncio.wait_for(first.wait(), 20)
+            step(gate)
+            job = await waiting
+    assert job.status == "succeeded" and shown == [1.0, 2.0]

@@ -13,7 +13,7 @@ import pytest
 from taskd.config import Config, TaskOptions
 from taskd.daemon import build_engine
 from taskd.news import DaemonNews
-from taskd.protocol import RunParams
+from taskd.protocol import RunParams, RunResult
 from taskd.service import JobMethods
 from taskd.store import ClaimRequest, JobFilter, NewJob, Store
 from taskd.submit import JobRequest
@@ -234,3 +234,22 @@ async def test_a_run_with_a_free_slot_starts_in_its_inserts_commit(make_stack: M
     enqueued = await stack.enqueue("echo", "queued")  # acknowledged first, claimed after
     done = await asyncio.wait_for(stack.submitter.wait(enqueued), 10)
     assert done.started_at is not None and done.started_at > done.created_at
+
+
+async def test_a_detached_run_is_answered_with_the_job_its_commit_started(
+    make_stack: MakeStack,
+) -> None:
+    """No read after the commit: the reply is the row the claim took, as the store has it."""
+    stack = await make_stack()
+    params = stack.run_params("echo", "detached")
+    params.detach = True
+    outcome = await stack.jobs.start_run(params)
+    assert isinstance(outcome, RunResult) and not outcome.joined
+    started = outcome.job
+    assert started.status == "running" and started.started_at == started.created_at
+    ended = await asyncio.wait_for(stack.submitter.wait(started.id), 10)
+    stored = await stack.store.get(started.id)
+    assert stored is not None and ended.status == "succeeded"
+    same = {f: getattr(stored, f) for f in stored.__struct_fields__}
+    same.update(status="running", finished_at=None, result=None)
+    assert {f: getattr(started, f) for f in started.__struct_fields__} == same
