@@ -23,6 +23,7 @@ import msgspec
 
 from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
 from taskd.connection_limits import ConnectionLimits
+from taskd.deadline import MovingDeadline
 from taskd.deferred import Deferred
 from taskd.envelope import Unreadable, deepest_field, field_path, invalid_string, request_head
 from taskd.limits import params_error
@@ -187,10 +188,12 @@ class _StreamBroken(Exception):
 
 class _Connection:
     __slots__ = (
+        "deadline",
         "greeted",
-        "idle_timer",
+        "idle",
         "in_flight",
         "later",
+        "loop",
         "opened",
         "output",
         "pause_logged",
@@ -200,17 +203,27 @@ class _Connection:
         "writer",
     )
 
-    def __init__(self, peer: Peer, writer: asyncio.StreamWriter, opened: float) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        writer: asyncio.StreamWriter,
+        opened: float,
+        reading: asyncio.Task[object],
+    ) -> None:
         self.peer = peer
         self.writer = writer
         self.opened = opened
+        self.loop = reading.get_loop()
         self.greeted = False
         self.in_flight: set[asyncio.Task[None]] = set()
         # Requests to answer with a Deferred result once it is known, by request id.
         self.later: dict[int, Deferred[Any]] = {}
         self.reads = asyncio.Lock()  # reads answered at once (lists, a job): one at a time
         self.output = asyncio.Lock()  # replies go out one at a time, each when there is room
-        self.idle_timer: asyncio.Timeout | None = None  # while waiting for the next request
+        # The reads' deadline (the task `reading` them): read_timeout for hello and for a
+        # frame begun, idle_timeout while nothing is in flight and no frame has begun.
+        self.deadline = MovingDeadline(reading)
+        self.idle = False  # waiting for a frame to begin
         self.pause_logged = False  # the first pause is logged, not every one
         self.subscriptions: dict[int, Subscription] = {}  # by the id of their `subscribe`
 
@@ -346,7 +359,9 @@ class ControlServer:
         if (refusal := self._limits.admit(uid)) is not None:
             await self._refuse(reader, writer, ErrorCode.BUSY, refusal)
             return
-        connection = _Connection(peer, writer, asyncio.get_running_loop().time())
+        reading = asyncio.current_task()
+        assert reading is not None
+        connection = _Connection(peer, writer, asyncio.get_running_loop().time(), reading)
         writer.transport.set_write_buffer_limits(high=OUTPUT_BUDGET)
         self._connections.add(connection)
         try:
@@ -354,6 +369,7 @@ class ControlServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client hung up, possibly mid-frame
         finally:
+            connection.deadline.close()
             self._limits.release(uid)
             self._connections.discard(connection)
             for task in connection.in_flight:
@@ -390,30 +406,32 @@ class ControlServer:
     async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
         """The body of the next frame; _StreamBroken if it is too large or too slow; a
         connection with nothing in flight that sends nothing for idle_timeout is closed
-        (ConnectionResetError). One timer per frame, moved from one deadline to the next."""
-        loop = asyncio.get_running_loop()
+        (ConnectionResetError). One deadline per connection, moved from frame to frame."""
+        loop = connection.loop
+        deadline = connection.deadline
         if connection.greeted:
             # A client may stay silent between requests while it waits for replies (or for
             # idle_timeout), but a frame it has started must be complete within read_timeout.
-            until = None if connection.busy else loop.time() + self._idle_timeout
+            deadline.move(None if connection.busy else loop.time() + self._idle_timeout)
             limit = self._max_frame
         else:
             # Until hello, the connection gets read_timeout in all to say it.
-            until = deadline = connection.opened + self._read_timeout
+            until = connection.opened + self._read_timeout
+            deadline.move(until)
             limit = min(self._max_frame, MAX_HELLO_FRAME)
         idle = connection.greeted
         try:
-            async with asyncio.timeout_at(until) as timer:
+            async with deadline:
                 header = b""
                 if idle:
-                    connection.idle_timer = timer
+                    connection.idle = True
                     try:
                         header = await reader.readexactly(1)
                     finally:
-                        connection.idle_timer = None
+                        connection.idle = False
                     idle = False
-                    deadline = loop.time() + self._read_timeout
-                    timer.reschedule(deadline)
+                    until = loop.time() + self._read_timeout
+                    deadline.move(until)
                 header += await reader.readexactly(HEADER.size - len(header))
                 (size,) = HEADER.unpack(header)
                 if size > limit:
@@ -424,9 +442,9 @@ class ControlServer:
                     raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
                 if not self._budget.take(size):
                     # The wait for the budget is not the client's: its deadline moves on by it.
-                    timer.reschedule(None)
+                    deadline.move(None)
                     waited = await self._budget.wait_for(size)
-                    timer.reschedule(deadline + waited)
+                    deadline.move(until + waited)
                 try:
                     return await reader.readexactly(size)
                 finally:
@@ -468,7 +486,8 @@ class ControlServer:
             )
             self._send(connection, Reply(request.id, result=hello))
             return
-        task = asyncio.create_task(self._call(connection, request.id, request.method, params))
+        call = self._call(connection, request.id, request.method, params)
+        task = connection.loop.create_task(call)
         connection.in_flight.add(task)
         task.add_done_callback(functools.partial(self._finished, connection))
 
@@ -745,9 +764,8 @@ class ControlServer:
 
     def _restart_idle_timer(self, connection: _Connection) -> None:
         """A connection with nothing in flight any more is idle from now."""
-        timer = connection.idle_timer
-        if not connection.busy and timer is not None and not timer.expired():
-            timer.reschedule(asyncio.get_running_loop().time() + self._idle_timeout)
+        if connection.idle and not connection.busy:
+            connection.deadline.move(connection.loop.time() + self._idle_timeout)
 
     def _send_error(
         self, connection: _Connection, request_id: int | None, code: ErrorCode, message: str

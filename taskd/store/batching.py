@@ -11,6 +11,7 @@ one hop from the event loop). An operation is a generator of statements (`taskd.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, TypeVar
@@ -60,17 +61,21 @@ class GroupCommit(Generic[Context]):
         # Whether a failed batch is retried write by write: not when the database is gone,
         # which would fail each write again (after a timeout each, perhaps).
         self._worth_splitting = worth_splitting
-        self._queue: asyncio.Queue[_Write[Any, Any] | None] = asyncio.Queue()
+        # The writes submitted and not yet taken into a batch (None: stop after them).
+        self._queue: collections.deque[_Write[Any, Any] | None] = collections.deque()
+        self._arrived: asyncio.Future[None] | None = None  # the writer waits for a write
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._company = True  # the last batch held more than one write
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="taskd-group-commit")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="taskd-group-commit")
 
     async def stop(self) -> None:
         """Commit what was submitted before, then stop."""
         if self._task is not None:
-            self._queue.put_nowait(None)
+            self._put(None)
             await self._task
             self._task = None
 
@@ -85,30 +90,46 @@ class GroupCommit(Generic[Context]):
         to tell once it commits, also when the caller has stopped waiting (a client that
         hung up).
         """
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self._loop is None:
             raise RuntimeError("the store is closed")
-        future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(operation, items, future))
+        future: asyncio.Future[list[Result]] = self._loop.create_future()
+        self._put(_Write(operation, items, future))
         # A caller that gives up cancels its wait, not the write: the writer commits it and
         # tells what it made known all the same (it only drops a result no one waits for).
         return await future
 
+    def _put(self, write: _Write[Any, Any] | None) -> None:
+        self._queue.append(write)
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    async def _next(self) -> _Write[Any, Any] | None:
+        """The first write not yet taken; waits for one."""
+        while not self._queue:
+            assert self._loop is not None
+            self._arrived = self._loop.create_future()
+            try:
+                await self._arrived
+            finally:
+                self._arrived = None
+        return self._queue.popleft()
+
     async def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = await self._queue.get()
+            first = await self._next()
             if first is None:
                 break
             # Let the loop read what else has arrived (other clients' requests that came
             # while the last transaction committed) before this one starts: one
             # transaction, one sync, for all of them. Not after a batch that found no
             # company: a lone caller's write does not wait for others who are not there.
-            if self._company or not self._queue.empty():
+            if self._company or self._queue:
                 for _ in range(GATHER_TURNS):
                     await asyncio.sleep(0)
             batch, size = [first], len(first.items)
-            while size < self._max_items and not self._queue.empty():
-                write = self._queue.get_nowait()
+            while size < self._max_items and self._queue:
+                write = self._queue.popleft()
                 if write is None:
                     stopping = True
                     break
