@@ -475,10 +475,7 @@ def cmd_top(client: Client, args: argparse.Namespace) -> Exit:
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> Exit:
     args.waiting_for = args.id
-    # Its progress as stored first: a daemon sharing the store may run it, whose progress
-    # this one hears only from now on.
-    known = client.job(args.id)
-    job = _live().wait_showing_progress(client, args.id, args.timeout, _follow, known)
+    job = _live().wait_showing_progress(client, args.id, args.timeout, _follow)
     render = _render()
     if args.json:
         render.print_json(job)

@@ -206,6 +206,10 @@ class LiveEvents:
         if self._all or job.id in self._by_job:  # told of every start and end: mostly to nobody
             self._publish(job.id, JobEvent("state", job.id, task=job.task, status=job.status))
 
+    def knows(self, job_id: int) -> bool:
+        """Whether the job is running as far as heard here (its progress would be known)."""
+        return job_id in self._tasks
+
     def know_task(self, job_id: int, task: str) -> None:
         if job_id not in self._tasks and len(self._tasks) >= MAX_TRACKED:
             del self._tasks[next(iter(self._tasks))]

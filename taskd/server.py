@@ -33,6 +33,7 @@ from taskd.protocol import (
     DEFAULT_MAX_FRAME,
     EMPTY_MAP,
     HEADER,
+    JOB,
     MAX_HELLO_FRAME,
     METHODS,
     NIL,
@@ -41,6 +42,7 @@ from taskd.protocol import (
     HelloParams,
     HelloResult,
     JobEvent,
+    JobParams,
     Params,
     Reply,
     Request,
@@ -599,7 +601,7 @@ class ControlServer:
         subscription = self._live.subscribe(params.id, logs=False)
         latest = self._live.latest_progress(params.id)  # at once: what comes next is queued
         forwarding = asyncio.create_task(
-            self._forward_progress(connection, request_id, latest, subscription)
+            self._forward_progress(connection, request_id, params.id, latest, subscription)
         )
         try:
             reply = await self._answer(connection.peer, request_id, method, params)
@@ -618,15 +620,30 @@ class ControlServer:
         self,
         connection: _Connection,
         request_id: int,
+        job_id: int,
         latest: JobEvent | None,
         subscription: Subscription,
     ) -> None:
+        assert self._live is not None
+        if latest is None and not self._live.knows(job_id):
+            latest = await self._stored_progress(job_id)
         if latest is not None:
             await self._write(connection, Reply(request_id, event=latest))
         while events := await subscription.take():
             for event in events:
                 if event.kind == "progress":
                     await self._write(connection, Reply(request_id, event=event))
+
+    async def _stored_progress(self, job_id: int) -> JobEvent | None:
+        """The progress the store holds of a job this daemon has not heard of (another
+        daemon sharing the store may be running it)."""
+        try:
+            job = await self._handler(JOB.name, JobParams(job_id))
+        except RpcError:
+            return None  # no such job: the wait says so
+        if job.status != "running" or job.progress is None:
+            return None
+        return JobEvent("progress", job.id, task=job.task, progress=job.progress)
 
     async def _answer_and_reply(
         self, connection: _Connection, request_id: int, method: str, params: Params

@@ -652,6 +652,31 @@ def test_progress_and_lines_of_a_job_on_another_daemon_reach_subscribers_here(
         assert all(e.kind in ("changed", "subscribed") for e in _drain(other_task))
 
 
+def test_a_wait_here_starts_from_the_progress_of_a_job_on_another_daemon(
+    cluster: Cluster, short_tmp: Path
+) -> None:
+    (b,) = cluster.start("workers = 2", count=1)
+    files = {name: str(short_tmp / name) for name in ("started", "go", "release")}
+    with b.client() as client:
+        job_id = client.enqueue("chatter", {**files, "lines": 1}).job_id
+        wait_until(Path(files["started"]).exists, what="the job to start on b")
+        Path(files["go"]).touch()
+        wait_until(lambda: client.job(job_id).progress is not None, what="b to store progress")
+    (a,) = cluster.start("workers = 2", count=1)
+    heard: list[JobEvent] = []
+
+    def hear(event: JobEvent) -> None:  # what b's job said before a was there, then its end
+        heard.append(event)
+        Path(files["release"]).touch()
+
+    with a.client() as client:
+        client.on_event = hear
+        job = client.wait(job_id, 60, progress=True)
+    assert job.status == "succeeded"
+    assert heard and heard[0].kind == "progress" and heard[0].progress is not None
+    assert heard[0].progress.message == "written"
+
+
 def test_a_flood_of_lines_on_another_daemon_reaches_subscribers_bounded(
     cluster: Cluster, short_tmp: Path
 ) -> None:
