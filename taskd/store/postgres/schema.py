@@ -398,9 +398,11 @@ MIGRATIONS: list[list[str]] = [
     # the table's size as it is, where a generic plan made while the table was small (a
     # fresh store) read all pending jobs at each claim (by the partial index of the
     # pending jobs, for a few ids). The claim's statements compare a status with a
-    # literal, as every partial index's WHERE does, and join the jobs table to nothing by
-    # a join whose method a row estimate chooses (dialect.QUEUES), so that their generic
-    # plan reads the same indexes whatever the parameters and the table's size.
+    # literal, as every partial index's WHERE does, and read the jobs table by index probes
+    # only, with no join whose method a row estimate chooses (dialect.QUEUES), so that
+    # their generic plan reads the same indexes whatever the parameters and the table's
+    # size. The writes after a claim in its transaction (the next item of a group commit)
+    # plan generic too: an outcome's (FINISH_SQL) reads the running jobs' partial index.
     [
         """
         CREATE OR REPLACE FUNCTION {s}.claim_start(
