@@ -16,7 +16,13 @@ import taskd.outbox
 import taskd.pg
 from taskd.models import TaskCounts
 from taskd.store import ClaimRequest, NewJob, Outcome, StoreError
-from taskd.store.postgres.dialect import CLAIM_SQL, NEXT_DUE_SQL, RECOVER_SQL, render
+from taskd.store.postgres.dialect import (
+    CLAIM_SQL,
+    NEXT_DUE_SQL,
+    RECOVER_SQL,
+    PostgresSql,
+    render,
+)
 from taskd.store.postgres.schema import MIGRATIONS
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
@@ -201,10 +207,41 @@ def rows_read(plan: dict[str, Any]) -> float:
     return read + sum(rows_read(child) for child in plan.get("Plans", []))
 
 
+def literals(params: dict[str, Any], names: tuple[str, ...]) -> str:
+    """The parameters as SQL literals (EXECUTE takes no bound parameters in an EXPLAIN)."""
+
+    def literal(value: Any) -> str:
+        if value is None:
+            return "NULL"
+        if isinstance(value, list):
+            return "'{" + ",".join("NULL" if item is None else str(item) for item in value) + "}'"
+        return "'" + str(value).replace("'", "''") + "'"
+
+    return ", ".join(literal(params[name]) for name in names)
+
+
 async def test_a_claim_reads_only_what_it_can_take(store: PostgresStore) -> None:
     """Delayed jobs and the backlogs of tasks held back (at their concurrency, their rate
     limit, paused) cost a claim and its next due time nothing, with or without the
-    planner's statistics: they read a few rows, not the backlogs, and take the right jobs."""
+    planner's statistics, and with the generic plans a claim uses (claim_start), made while
+    the table was empty: they read a few rows, not the backlogs, and take the right jobs."""
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        await connection.execute(f"SET taskd.now = '{await store.clock()}'")
+        await connection.execute("SET plan_cache_mode = force_generic_plan")
+        empty = {"worker": "n", "limit": 16, "lease": 60.0, "tasks": [], "caps": [], "quotas": []}
+        for name, statement in (("claim", CLAIM_SQL), ("next_due", NEXT_DUE_SQL)):
+            sql, names = render(statement, store.schema)
+            await connection.execute(f"PREPARE {name} AS {sql}")
+            await connection.fetch(f"EXPLAIN EXECUTE {name}({literals(empty, names)})")  # planned
+        await _a_claim_reads_only_what_it_can_take(store, connection)
+    finally:
+        await connection.close()
+
+
+async def _a_claim_reads_only_what_it_can_take(
+    store: PostgresStore, generic: asyncpg.Connection
+) -> None:
     backlog = 3000
     delayed = [msgspec.structs.replace(new("later"), delay=3600.0)] * backlog
     held = [new(task) for task in ("throttled", "limited", "paused") for _ in range(backlog)]
@@ -222,15 +259,18 @@ async def test_a_claim_reads_only_what_it_can_take(store: PostgresStore) -> None
     connection = await asyncpg.connect(postgres_url())
     try:
         await connection.execute(f"SET taskd.now = '{await store.clock()}'")
-        for analyzed in (False, True):
+        for analyzed in (None, False, True):  # None: the generic plans made on an empty table
             if analyzed:
                 await connection.execute(f"ANALYZE {store.schema}.jobs")
-            for statement in (CLAIM_SQL, NEXT_DUE_SQL):
+            for name, statement in (("claim", CLAIM_SQL), ("next_due", NEXT_DUE_SQL)):
                 sql, names = render(statement, store.schema)
-                explained = connection.transaction()
+                db = connection if analyzed is not None else generic
+                if db is generic:
+                    sql, names = f"EXECUTE {name}({literals(params, names)})", ()
+                explained = db.transaction()
                 await explained.start()
                 try:
-                    (plan,) = json.loads(await connection.fetchval(
+                    (plan,) = json.loads(await db.fetchval(
                         f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *[params[n] for n in names]
                     ))  # fmt: skip
                 finally:
@@ -238,6 +278,29 @@ async def test_a_claim_reads_only_what_it_can_take(store: PostgresStore) -> None
                 assert rows_read(plan["Plan"]) < 100, (analyzed, plan)
     finally:
         await connection.close()
+
+
+async def test_a_claim_plans_generic_unless_a_keyed_turn_walks(store: PostgresStore) -> None:
+    """A claim's own statements run with the plans made once per connection (generic),
+    from its start on; those of a claim in which a keyed task's turn walks are planned at
+    each execution (the default), also after a claim with generic plans in the same
+    transaction."""
+    walking = PostgresSql(store.schema, "test").claim_start(["keyed"], [])
+    plain = PostgresSql(store.schema, "test").claim_start([], [])
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        default = await connection.fetchval("SELECT current_setting('plan_cache_mode')")
+        async with connection.transaction():
+            modes = []
+            for statement in (plain, walking, plain):
+                sql, names = render(statement.sql, store.schema)
+                await connection.fetch(sql, *[statement.params[name] for name in names])
+                modes.append(await connection.fetchval("SELECT current_setting('plan_cache_mode')"))
+        after = await connection.fetchval("SELECT current_setting('plan_cache_mode')")
+    finally:
+        await connection.close()
+    assert modes == ["force_generic_plan", default, "force_generic_plan"]
+    assert after == default != "force_generic_plan"
 
 
 # Every index of the jobs table: each one is written by the claims and finishes that change

@@ -148,18 +148,20 @@ room AS MATERIALIZED (
 # its concurrency, its rate limit, paused) cost nothing however many they are. Each probe
 # is a range of that index bounded by a row comparison alone, read in its order: with an
 # equality on the task the planner may take another index (jobs_task_status) and read the
-# whole backlog of a task it believes small, as it does before its first ANALYZE.
+# whole backlog of a task it believes small, as it does before its first ANALYZE. Each
+# probe reads its row's (task, priority) from that index itself (LATERAL), joined to no
+# other scan of the jobs: a generic plan (schema.py, claim_start) made while the table was
+# small hashed a join by id over a scan of the whole table, at each claim.
 QUEUES = (
     """
 queues(task, priority) AS (
-    SELECT task, priority FROM {s}.jobs WHERE id = (
-        SELECT id FROM {s}.jobs WHERE status = 'pending'
-        ORDER BY task, priority, run_at, id LIMIT 1)
+    (SELECT task, priority FROM {s}.jobs WHERE status = 'pending'
+     ORDER BY task, priority, run_at, id LIMIT 1)
     UNION ALL
-    SELECT j.task, j.priority FROM queues AS q JOIN {s}.jobs AS j ON j.id = (
-        SELECT id FROM {s}.jobs
+    SELECT later.task, later.priority FROM queues AS q, LATERAL (
+        SELECT task, priority FROM {s}.jobs
         WHERE status = 'pending' AND (task, priority) > (q.task, q.priority)
-        ORDER BY task, priority, run_at, id LIMIT 1)
+        ORDER BY task, priority, run_at, id LIMIT 1) AS later
 ),"""
     + ROOM
 )
