@@ -29,6 +29,7 @@ from taskd.store.core.jobs import (
     ABANDONED,
     CANCELLED,
     CLAIMED,
+    ENDED,
     FINISHED,
     FINISHING,
     PRUNE_SLICE,
@@ -332,6 +333,7 @@ class PostgresSql:
     )
     pending_index = ""
     running_index = ""  # the planner picks jobs_task_limit_key_running for `status = 'running'`
+    ended = ENDED
     # A row comparison, and an order, that only the index by (task, priority, run_at) serves.
     next_priority_sql = (
         "SELECT priority FROM (SELECT task, priority FROM {s}.jobs WHERE status = 'pending'"
