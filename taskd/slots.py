@@ -34,7 +34,7 @@ SHORT_JOB = 0.02  # seconds: attempts shorter than this on average are claimed a
 VERY_SHORT_JOB = 0.0025
 AHEAD_PER_SLOT = 4
 AHEAD_TIME = VERY_SHORT_JOB * AHEAD_PER_SLOT
-MOST_AHEAD_PER_SLOT = 16
+MOST_AHEAD_PER_SLOT = 32
 
 
 class Slots:
