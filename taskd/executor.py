@@ -249,7 +249,10 @@ class Executor:
             try:
                 outcome = await self._attempt(job, running)
             finally:
-                await self._activity.end(job.id)  # its last progress and lines, before its end
+                if self._activity.unwritten(job.id):  # most jobs leave nothing: no await
+                    await self._activity.end(job.id)  # its last progress and lines, first
+                else:
+                    self._activity.forget(job.id)
             self._slots.took(loop.time() - began)
             running.reporting = True
             if self._on_attempt is not None:

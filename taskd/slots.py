@@ -11,8 +11,8 @@ while it waits in `ctx.run_task`, so that waiting cannot deadlock.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
-import heapq
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -51,7 +51,9 @@ class Slots:
         self.busy = 0  # slots taken: running jobs that do not wait for another job
         self.running: dict[int, Job] = {}  # started here and not ended
         self._lent: set[int] = set()  # of them, those waiting for another job
-        # Claimed ahead of the free slots, to start the moment one frees: (order, job).
+        # Claimed ahead of the free slots, to start the moment one frees: (order, job) by
+        # order negated, the most urgent last (popped in place; a claim's jobs come in
+        # claim order, behind those claimed before, so that each goes in near the front).
         self._ready: list[tuple[tuple[int, float, int], Job]] = []
         self._typical = SHORT_JOB  # seconds an attempt takes, as a moving average
         self._reserved = 0  # jobs asked for by claims in flight in other writes
@@ -127,12 +129,12 @@ class Slots:
     # -- jobs claimed ahead --------------------------------------------------------------
 
     def add_ready(self, job: Job) -> None:
-        heapq.heappush(self._ready, ((job.priority, job.run_at, job.id), job))
+        bisect.insort(self._ready, ((-job.priority, -job.run_at, -job.id), job))
 
     def next_ready(self) -> Job | None:
         """The most urgent job claimed ahead, if a slot is free for it."""
         if self._ready and self.busy < self.workers and not self.stopping:
-            return heapq.heappop(self._ready)[1]
+            return self._ready.pop()[1]
         return None
 
     def drop_ready(self, job_id: int) -> bool:
@@ -140,7 +142,6 @@ class Slots:
         entries = [entry for entry in self._ready if entry[1].id == job_id]
         if entries:
             self._ready.remove(entries[0])
-            heapq.heapify(self._ready)
         return bool(entries)
 
     def ready_ids(self) -> list[int]:
