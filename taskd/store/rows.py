@@ -24,6 +24,14 @@ FINISHED_COLUMNS = (
     "id, status, result, error, attempts, run_at, started_at, finished_at, worker,"
     " progress_done, progress_total, progress_message, progress_at"
 )
+# What a claim reads back of the jobs it takes: JOB_COLUMNS but those it sets to what the
+# claiming worker knows (status running, the worker, no progress), which claimed_job fills
+# in: fewer columns to convert, for every job claimed.
+CLAIMED_COLUMNS = (
+    "id, task, origin, payload, result, error, attempts, max_attempts, priority, key, crashes,"
+    " parent_id, run_at, created_at, started_at, finished_at, epoch, blocked, release_at,"
+    " after_failure, batch_id, traceparent"
+)
 ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, slots"  # PostgreSQL adds schedules
@@ -34,6 +42,7 @@ fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
 
 _JOB_WIDTH = len(JOB_COLUMNS.split(","))
 _FINISHED_WIDTH = len(FINISHED_COLUMNS.split(","))
+_CLAIMED_WIDTH = len(CLAIMED_COLUMNS.split(","))
 
 
 def job_columns(table: str, columns: str = JOB_COLUMNS) -> str:
@@ -74,6 +83,19 @@ def job_from_row(row: Row) -> Job:
         attempts, max_attempts, priority, key, crashes, parent_id, started_at, finished_at,
         worker, epoch, [], _progress(progress_done, progress_total, progress_message, progress_at),
         traceparent, blocked, after_failure, [], [], batch_id,
+    )  # fmt: skip
+
+
+def claimed_job(row: Row, worker: str) -> Job:
+    """A job as a claim by `worker` left it, from a row that starts with CLAIMED_COLUMNS."""
+    (id_, task, origin, payload, result, error, attempts, max_attempts, priority, key, crashes,
+     parent_id, run_at, created_at, started_at, finished_at, epoch, blocked, release_at,
+     after_failure, batch_id, traceparent) = row[:_CLAIMED_WIDTH]  # fmt: skip
+    return Job(
+        id_, task, "running", origin, created_at, release_at if blocked else run_at,
+        msgspec.Raw(payload), None if result is None else msgspec.Raw(result), error,
+        attempts, max_attempts, priority, key, crashes, parent_id, started_at, finished_at,
+        worker, epoch, [], None, traceparent, blocked, after_failure, [], [], batch_id,
     )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, compose
 from taskd.store.postgres.schema import channel
 from taskd.store.rows import (
+    CLAIMED_COLUMNS,
     ERROR_COLUMNS,
     FINISHED_COLUMNS,
     JOB_COLUMNS,
@@ -200,7 +201,7 @@ RETURNING {columns}
     from_queue=FROM_QUEUE,
     claimed=CLAIMED,
     registered=REGISTERED,
-    columns=job_columns("j"),
+    columns=job_columns("j", CLAIMED_COLUMNS),
 )
 
 # When the next pending job of a task with room is due (room counted after the claim): a

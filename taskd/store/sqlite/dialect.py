@@ -31,7 +31,7 @@ from taskd.store.core.jobs import (
 )
 from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, members
-from taskd.store.rows import ERROR_COLUMNS, JOB_COLUMNS, NODE_COLUMNS, Row
+from taskd.store.rows import CLAIMED_COLUMNS, ERROR_COLUMNS, JOB_COLUMNS, NODE_COLUMNS, Row
 
 INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
 
@@ -97,7 +97,7 @@ NEXT_DUE = """
     WHERE q.priority IS NOT NULL AND coalesce(r.free, 1) > 0"""
 CLAIM_SQL = (
     f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES}) UPDATE jobs SET {CLAIMED}"
-    f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {JOB_COLUMNS}"
+    f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {CLAIMED_COLUMNS}"
 )
 NEXT_DUE_SQL = f"WITH RECURSIVE {QUEUES} {NEXT_DUE}"
 # A claim when no task has room to count (none with a concurrency limit, or a quota other
@@ -116,7 +116,7 @@ UNLIMITED_CANDIDATES = """
 CLAIM_UNLIMITED_SQL = (
     f"WITH RECURSIVE {QUEUES_ONLY}, candidates(id) AS ({UNLIMITED_CANDIDATES}) UPDATE jobs"
     f" SET {CLAIMED} WHERE id IN (SELECT id FROM candidates) AND {REGISTERED}"
-    f" RETURNING {JOB_COLUMNS}"
+    f" RETURNING {CLAIMED_COLUMNS}"
 )
 # An ended job, as the ended jobs' index (jobs_finished) says it since schema version 19,
 # and as a statement must say it for SQLite to read that index: the two statuses it is not
