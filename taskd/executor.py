@@ -140,11 +140,11 @@ class Executor:
     def _take(self, jobs: list[Job]) -> None:
         """Jobs a claim took: ready to start, or, once the daemon stops, back to the queue
         without counting their attempt (a claim in flight as the stop began)."""
+        if not self._slots.stopping:
+            self._slots.add_ready(jobs)
+            return
         for job in jobs:
-            if self._slots.stopping:
-                self._release(job)
-            else:
-                self._slots.add_ready(job)
+            self._release(job)
 
     async def _record(self, claim: ClaimRequest | None) -> Claimed | None:
         """Record the outcomes that came in, and claim (if asked), in one store call."""

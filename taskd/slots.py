@@ -11,7 +11,6 @@ while it waits in `ctx.run_task`, so that waiting cannot deadlock.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -52,8 +51,7 @@ class Slots:
         self.running: dict[int, Job] = {}  # started here and not ended
         self._lent: set[int] = set()  # of them, those waiting for another job
         # Claimed ahead of the free slots, to start the moment one frees: (order, job) by
-        # order negated, the most urgent last (popped in place; a claim's jobs come in
-        # claim order, behind those claimed before, so that each goes in near the front).
+        # order negated, the most urgent last (popped in place).
         self._ready: list[tuple[tuple[int, float, int], Job]] = []
         self._typical = SHORT_JOB  # seconds an attempt takes, as a moving average
         self._reserved = 0  # jobs asked for by claims in flight in other writes
@@ -128,8 +126,12 @@ class Slots:
 
     # -- jobs claimed ahead --------------------------------------------------------------
 
-    def add_ready(self, job: Job) -> None:
-        bisect.insort(self._ready, ((-job.priority, -job.run_at, -job.id), job))
+    def add_ready(self, jobs: list[Job]) -> None:
+        """Jobs claimed, to start as slots free. A claim's come in claim order: sorting
+        merges them with those claimed before (two runs) rather than moving the list
+        for each."""
+        self._ready += [((-job.priority, -job.run_at, -job.id), job) for job in jobs]
+        self._ready.sort()
 
     def next_ready(self) -> Job | None:
         """The most urgent job claimed ahead, if a slot is free for it."""
