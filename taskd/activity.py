@@ -60,9 +60,17 @@ class ActivityRecorder:
 
     async def end(self, job_id: int) -> None:
         """The attempt ended: write what it left unwritten, and record nothing more of it."""
-        attempt = self._attempts.get(job_id)
-        if attempt is not None and (attempt.progress or attempt.lines or attempt.dropped):
+        if self.unwritten(job_id):
             await self._write()
+        self._attempts.pop(job_id, None)
+
+    def unwritten(self, job_id: int) -> bool:
+        """Whether the attempt has progress or lines to write (else `forget` will do)."""
+        attempt = self._attempts.get(job_id)
+        return attempt is not None and bool(attempt.progress or attempt.lines or attempt.dropped)
+
+    def forget(self, job_id: int) -> None:
+        """The attempt ended with nothing to write: record nothing more of it."""
         self._attempts.pop(job_id, None)
 
     def pending_lines(self, job_id: int) -> list[LogLine]:

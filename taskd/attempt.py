@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -50,7 +51,7 @@ class Attempts:
     async def run(self, job: Job) -> Outcome:
         """Run one attempt of `job`; its outcome (asyncio.CancelledError if stopped), with
         the hook its task enqueues should the job end so (never for a hook's own job)."""
-        outcome = await self._traced(job)
+        outcome = await (self._run(job, None) if self._tracing is None else self._traced(job))
         task = self._tasks.get(job.task)
         if outcome.status not in ("succeeded", "failed") or task is None or job.origin == "hook":
             return outcome
@@ -125,10 +126,13 @@ class Attempts:
             job, task, "error", message, worker=self._worker, exc=exc, final=final, delay=delay
         )
 
-    async def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
+    def _call(self, task: Task, payload: Any, ctx: TaskContext) -> Awaitable[Any]:
         if task.timeout is None:
-            return await self._invoke(task, payload, ctx)
-        deadline = asyncio.timeout(task.timeout)
+            return self._invoke(task, payload, ctx)
+        return self._within(task, task.timeout, payload, ctx)
+
+    async def _within(self, task: Task, timeout: float, payload: Any, ctx: TaskContext) -> Any:
+        deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
                 return await self._invoke(task, payload, ctx)

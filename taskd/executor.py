@@ -140,11 +140,11 @@ class Executor:
     def _take(self, jobs: list[Job]) -> None:
         """Jobs a claim took: ready to start, or, once the daemon stops, back to the queue
         without counting their attempt (a claim in flight as the stop began)."""
+        if not self._slots.stopping:
+            self._slots.add_ready(jobs)
+            return
         for job in jobs:
-            if self._slots.stopping:
-                self._release(job)
-            else:
-                self._slots.add_ready(job)
+            self._release(job)
 
     async def _record(self, claim: ClaimRequest | None) -> Claimed | None:
         """Record the outcomes that came in, and claim (if asked), in one store call."""
@@ -217,23 +217,42 @@ class Executor:
 
     def _start_ready(self) -> None:
         """Start claimed jobs in the free slots, most urgent first."""
+        started = False
         while (job := self._slots.next_ready()) is not None:
             handle = asyncio.create_task(self._execute(job), name=f"taskd-job-{job.id}")
-            self._running[job.id] = _Running(job, handle)
-            self._slots.start(job)
-            self._news.started(job)
+            self._run(job, handle)
+            started = True
+        if started:
             self._news.changed()
 
+    def _run(self, job: Job, handle: asyncio.Task[None]) -> None:
+        """The job takes a slot, its attempt run by `handle` (news.changed is the caller's)."""
+        self._running[job.id] = _Running(job, handle)
+        self._slots.start(job)
+        self._news.started(job)
+
     async def _execute(self, job: Job) -> None:
+        """Run the job's attempt, then, in the same asyncio task, those of the jobs claimed
+        ahead that take the slot it frees (a task for each costs more than a no-op job)."""
+        next_job: Job | None = job
+        while next_job is not None:
+            next_job = await self._execute_one(next_job)
+
+    async def _execute_one(self, job: Job) -> Job | None:
+        """Run one attempt; the next job this asyncio task runs (now in the slot it freed)."""
         running = self._running[job.id]
         loop = asyncio.get_running_loop()
         began = loop.time()
+        ended = False  # not stopped by a cancellation of this asyncio task
         self._activity.begin(job.id, job.epoch)
         try:
             try:
                 outcome = await self._attempt(job, running)
             finally:
-                await self._activity.end(job.id)  # its last progress and lines, before its end
+                if self._activity.unwritten(job.id):  # most jobs leave nothing: no await
+                    await self._activity.end(job.id)  # its last progress and lines, first
+                else:
+                    self._activity.forget(job.id)
             self._slots.took(loop.time() - began)
             running.reporting = True
             if self._on_attempt is not None:
@@ -244,6 +263,7 @@ class Executor:
                 self._on_attempt(job, end)
             if outcome is not None:
                 self._outcomes.append((job, outcome))
+            ended = True
         finally:
             if self._running.get(job.id) is running:  # not a later claim of the same job
                 del self._running[job.id]
@@ -252,9 +272,15 @@ class Executor:
             if running.stopped is not None and job.task in self._slots.limited:
                 # Cancelled or lost: no outcome will announce its task's room (_finished).
                 self._work_came()
-            self._start_ready()  # the freed slot takes a job claimed ahead at once
+            # The freed slot takes a job claimed ahead at once: in this asyncio task, unless
+            # it is cancelled (or a cancellation of it was swallowed: a fresh one then).
+            next_job = self._slots.next_ready() if ended and not running.task.cancelling() else None
+            if next_job is not None:
+                self._run(next_job, running.task)
+            self._start_ready()
             self._wake.set()  # an outcome to record, maybe a slot to claim for: our own wake-up
             self._news.changed()
+        return next_job
 
     async def _attempt(self, job: Job, running: _Running) -> Outcome | None:
         """Run one attempt; its outcome, or None if the job was lost meanwhile."""

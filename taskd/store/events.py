@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 
 from taskd.listeners import Listeners as _Listeners
 from taskd.models import Job
@@ -83,11 +83,20 @@ class JobEvents:
 
     def finished(self, job: Job) -> None:
         """The job has ended: wake everyone waiting for it."""
-        for future in self._waiters.pop(job.id, ()):
-            if not future.done():
-                future.set_result(job)
-        self._finished(job)
-        self._changed()
+        self.finished_all([job])
+
+    def finished_all(self, jobs: Iterable[Job]) -> None:
+        """These jobs have ended (in one transaction): wake everyone waiting for each; the
+        listeners of changes hear of them once."""
+        ended = False
+        for job in jobs:
+            for future in self._waiters.pop(job.id, ()):
+                if not future.done():
+                    future.set_result(job)
+            self._finished(job)
+            ended = True
+        if ended:
+            self._changed()
 
     def retrying(self, job: Job) -> None:
         """An attempt of the job failed and it waits for the next: wake its waiters, who

@@ -24,6 +24,14 @@ FINISHED_COLUMNS = (
     "id, status, result, error, attempts, run_at, started_at, finished_at, worker,"
     " progress_done, progress_total, progress_message, progress_at"
 )
+# What a claim reads back of the jobs it takes: JOB_COLUMNS but those it sets to what the
+# claiming worker knows (status running, the worker, no progress), which claimed_job fills
+# in: fewer columns to convert, for every job claimed.
+CLAIMED_COLUMNS = (
+    "id, task, origin, payload, result, error, attempts, max_attempts, priority, key, crashes,"
+    " parent_id, run_at, created_at, started_at, finished_at, epoch, blocked, release_at,"
+    " after_failure, batch_id, traceparent"
+)
 ERROR_COLUMNS = "job_id, attempt, kind, message, traceback, at, started_at, worker"
 SCHEDULE_COLUMNS = "id, last_tick, paused, coalesced, covered_until, fired_at, last_jobs"
 NODE_COLUMNS = "id, worker, host, pid, started_at, seen_at, slots"  # PostgreSQL adds schedules
@@ -34,6 +42,7 @@ fired_jobs_json = msgspec.json.Decoder(list[FiredJob])
 
 _JOB_WIDTH = len(JOB_COLUMNS.split(","))
 _FINISHED_WIDTH = len(FINISHED_COLUMNS.split(","))
+_CLAIMED_WIDTH = len(CLAIMED_COLUMNS.split(","))
 
 
 def job_columns(table: str, columns: str = JOB_COLUMNS) -> str:
@@ -45,41 +54,49 @@ class Row(Protocol):
     def __getitem__(self, column: Any, /) -> Any: ...
 
 
+# Job's fields in the order job_from_row passes them (by position: a third of the cost of
+# naming them); a change to Job's fields fails here, at import, not in a job read wrong.
+_JOB_FIELDS = (
+    "id", "task", "status", "origin", "created_at", "run_at", "payload", "result", "error",
+    "attempts", "max_attempts", "priority", "key", "crashes", "parent_id", "started_at",
+    "finished_at", "worker", "epoch", "errors", "progress", "traceparent", "blocked",
+    "after_failure", "parents", "children", "batch_id",
+)  # fmt: skip
+if Job.__struct_fields__ != _JOB_FIELDS:
+    raise ImportError("taskd.models.Job's fields changed: update taskd.store.rows.job_from_row")
+
+
 def job_from_row(row: Row) -> Job:
     """A job from a row that starts with JOB_COLUMNS, in their order (every statement that
     reads a job puts them first): read by position, which costs a fraction of reading 28
-    columns by name (a sqlite3.Row compares the name with each column's until it matches)."""
+    columns by name (a sqlite3.Row compares the name with each column's until it matches),
+    and made by position (Job's field order: _JOB_FIELDS)."""
     (id_, task, status, origin, payload, result, error, attempts, max_attempts, priority, key,
      crashes, parent_id, run_at, created_at, started_at, finished_at, worker, epoch,
      progress_done, progress_total, progress_message, progress_at, blocked, release_at,
      after_failure, batch_id, traceparent) = row[:_JOB_WIDTH]  # fmt: skip
     return Job(
-        id=id_,
-        task=task,
-        status=status,
-        origin=origin,
-        payload=msgspec.Raw(payload),
-        result=None if result is None else msgspec.Raw(result),
-        error=error,
-        attempts=attempts,
-        max_attempts=max_attempts,
-        priority=priority,
-        key=key,
-        crashes=crashes,
-        parent_id=parent_id,
+        id_, task, status, origin, created_at,
         # A job waiting for its parents keeps the time it is due in release_at.
-        run_at=release_at if blocked else run_at,
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        worker=worker,
-        epoch=epoch,
-        progress=_progress(progress_done, progress_total, progress_message, progress_at),
-        traceparent=traceparent,
-        blocked=blocked,
-        after_failure=after_failure,
-        batch_id=batch_id,
-    )
+        release_at if blocked else run_at,
+        msgspec.Raw(payload), None if result is None else msgspec.Raw(result), error,
+        attempts, max_attempts, priority, key, crashes, parent_id, started_at, finished_at,
+        worker, epoch, [], _progress(progress_done, progress_total, progress_message, progress_at),
+        traceparent, blocked, after_failure, [], [], batch_id,
+    )  # fmt: skip
+
+
+def claimed_job(row: Row, worker: str) -> Job:
+    """A job as a claim by `worker` left it, from a row that starts with CLAIMED_COLUMNS."""
+    (id_, task, origin, payload, result, error, attempts, max_attempts, priority, key, crashes,
+     parent_id, run_at, created_at, started_at, finished_at, epoch, blocked, release_at,
+     after_failure, batch_id, traceparent) = row[:_CLAIMED_WIDTH]  # fmt: skip
+    return Job(
+        id_, task, "running", origin, created_at, release_at if blocked else run_at,
+        msgspec.Raw(payload), None if result is None else msgspec.Raw(result), error,
+        attempts, max_attempts, priority, key, crashes, parent_id, started_at, finished_at,
+        worker, epoch, [], None, traceparent, blocked, after_failure, [], [], batch_id,
+    )  # fmt: skip
 
 
 def finished_job(claimed: Job, row: Row) -> Job:

@@ -25,6 +25,7 @@ class Dialect(Protocol):
     errors_sql: str  # a job's attempt errors (`:id`), oldest first
     pending_index: str  # follows `{s}.jobs` to read it by (task, priority, run_at) of pending jobs
     running_index: str  # follows `{s}.jobs` to read the running jobs by their own index
+    ended: str  # a condition: the job has ended, as the ended jobs' index (jobs_finished) says it
     next_priority_sql: (
         str  # the next priority of task `:task`'s pending jobs after `levels.priority`
     )

@@ -28,7 +28,15 @@ from taskd.store.base import (
 from taskd.store.core import batches, deps, flow, keys, webhooks
 from taskd.store.core.dialect import Tx
 from taskd.store.core.statements import Statement, Steps, members
-from taskd.store.rows import FINISHED_COLUMNS, JOB_COLUMNS, Row, finished_job, job_from_row
+from taskd.store.rows import (
+    CLAIMED_COLUMNS,
+    FINISHED_COLUMNS,
+    JOB_COLUMNS,
+    Row,
+    claimed_job,
+    finished_job,
+    job_from_row,
+)
 
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds a writer long
@@ -259,11 +267,15 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     walks = keys.within(walks, quotas)
     # A keyed task's jobs are taken in its keys' turns (taskd.store.core.keys), not here.
     quotas |= dict.fromkeys(request.keyed, 0)
-    rows = yield from tx.sql.claim(request, quotas)
-    jobs = sorted(map(job_from_row, rows), key=lambda job: (job.priority, job.run_at, job.id))
+    rows = yield from tx.sql.claim(request, quotas)  # CLAIMED_COLUMNS
+    jobs = sorted(
+        (claimed_job(row, request.worker) for row in rows),
+        key=lambda job: (job.priority, job.run_at, job.id),
+    )
     if walks:
         picks = keys.chosen(walks, jobs, request.limit)
-        jobs += map(job_from_row, (yield from _claim_ids(request, [p.order[2] for p in picks])))
+        rows = yield from _claim_ids(request, [pick.order[2] for pick in picks])
+        jobs += (claimed_job(row, request.worker) for row in rows)
     tx.notes.claimed(jobs)
     yield from flow.started(tx, request, held, jobs)
     keyed_due = (yield from keys.settle(tx, request, walks, jobs)) if walks else None
@@ -285,7 +297,7 @@ def _claim_ids(request: ClaimRequest, ids: list[int]) -> Steps[list[Row]]:
     return (
         yield Statement(
             f"UPDATE {{s}}.jobs SET {CLAIMED} WHERE id IN ({listed}) AND status = 'pending'"
-            f" AND {REGISTERED} RETURNING {JOB_COLUMNS}",
+            f" AND {REGISTERED} RETURNING {CLAIMED_COLUMNS}",
             {**params, "worker": request.worker, "lease": request.lease},
         )
     )

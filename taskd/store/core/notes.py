@@ -40,8 +40,7 @@ class Notes:
 
 def tell(events: JobEvents, notes: Notes) -> None:
     """This daemon's listeners hear of a committed transaction."""
-    for job in notes.finished:
-        events.finished(job)
+    events.finished_all(notes.finished)
     for job in notes.retrying:
         events.retrying(job)
     for job_id in notes.cancelled:

@@ -9,7 +9,6 @@ from taskd.models import Job, NodeInfo, TaskCounts
 from taskd.store.base import JobFilter, ScheduleState
 from taskd.store.core.deps import HELD
 from taskd.store.core.dialect import Dialect
-from taskd.store.core.jobs import ENDED
 from taskd.store.core.statements import Statement, Steps, compose, members
 from taskd.store.rows import (
     JOB_COLUMNS,
@@ -181,7 +180,8 @@ def finished_recently(sql: Dialect, window: float, buckets: int) -> Steps[list[t
         for i in range(buckets)
     )
     rows = yield Statement(
-        f"SELECT status, {sums} FROM {{s}}.jobs WHERE {ENDED} AND status IN ('succeeded', 'failed')"
+        f"SELECT status, {sums} FROM {{s}}.jobs WHERE {sql.ended}"
+        " AND status IN ('succeeded', 'failed')"
         f" AND finished_at >= :now - {float(window)!r} GROUP BY status"
     )
     by_status = {row["status"]: [int(row[f"n{i}"] or 0) for i in range(buckets)] for row in rows}

@@ -29,6 +29,7 @@ from taskd.store.core.jobs import (
     ABANDONED,
     CANCELLED,
     CLAIMED,
+    ENDED,
     FINISHED,
     FINISHING,
     PRUNE_SLICE,
@@ -40,6 +41,7 @@ from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, compose
 from taskd.store.postgres.schema import channel
 from taskd.store.rows import (
+    CLAIMED_COLUMNS,
     ERROR_COLUMNS,
     FINISHED_COLUMNS,
     JOB_COLUMNS,
@@ -201,7 +203,7 @@ RETURNING {columns}
     from_queue=FROM_QUEUE,
     claimed=CLAIMED,
     registered=REGISTERED,
-    columns=job_columns("j"),
+    columns=job_columns("j", CLAIMED_COLUMNS),
 )
 
 # When the next pending job of a task with room is due (room counted after the claim): a
@@ -334,6 +336,7 @@ class PostgresSql:
     )
     pending_index = ""
     running_index = ""  # the planner picks jobs_task_limit_key_running for `status = 'running'`
+    ended = ENDED
     # A row comparison, and an order, that only the index by (task, priority, run_at) serves.
     next_priority_sql = (
         "SELECT priority FROM (SELECT task, priority FROM {s}.jobs WHERE status = 'pending'"

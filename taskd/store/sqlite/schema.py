@@ -284,6 +284,16 @@ MIGRATIONS: list[list[str]] = [
     # The `limit_key` path each task's active jobs were keyed by: a start whose
     # configuration changed it keys them again, as a reload does.
     ["CREATE TABLE limit_key_paths (task TEXT PRIMARY KEY, path TEXT NOT NULL)"],
+    # The ended jobs' index says "ended" as two statuses a job is not (taskd.store.sqlite.
+    # dialect.ENDED_SQLITE): SQLite tested its three statuses through a temporary table at
+    # every write of a job's status (a claim, a finish), clearing it each time.
+    [
+        "DROP INDEX jobs_finished",
+        """
+        CREATE INDEX jobs_finished ON jobs (status, finished_at)
+            WHERE status NOT IN ('pending', 'running')
+        """,
+    ],
 ]
 
 
