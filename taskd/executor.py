@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -73,6 +74,9 @@ class Executor:
         self._activity = activity
         self._news = news
         self._on_attempt = on_attempt
+        # Each job's asyncio task starts from this context, not from that of the code that
+        # starts it (often the job just ended, with what it set in its context variables).
+        self._context = contextvars.copy_context()
         self._running: dict[int, _Running] = {}
         self._outcomes: list[tuple[Job, Outcome]] = []  # ended attempts, to be recorded
         self._writing = 0  # outcomes being recorded now
@@ -219,7 +223,9 @@ class Executor:
         """Start claimed jobs in the free slots, most urgent first."""
         started = False
         while (job := self._slots.next_ready()) is not None:
-            handle = asyncio.create_task(self._execute(job), name=f"taskd-job-{job.id}")
+            handle = asyncio.create_task(
+                self._execute(job), name=f"taskd-job-{job.id}", context=self._context.copy()
+            )
             self._run(job, handle)
             started = True
         if started:
@@ -234,12 +240,15 @@ class Executor:
     async def _execute(self, job: Job) -> None:
         """Run the job's attempt, then, in the same asyncio task, those of the jobs claimed
         ahead that take the slot it frees (a task for each costs more than a no-op job)."""
+        fresh = contextvars.copy_context()  # each job's context starts as a new task's would
         next_job: Job | None = job
         while next_job is not None:
-            next_job = await self._execute_one(next_job)
+            next_job = await self._execute_one(next_job, fresh)
 
-    async def _execute_one(self, job: Job) -> Job | None:
-        """Run one attempt; the next job this asyncio task runs (now in the slot it freed)."""
+    async def _execute_one(self, job: Job, fresh: contextvars.Context) -> Job | None:
+        """Run one attempt; the next job this asyncio task runs (now in the slot it freed),
+        if the attempt left the task's context variables as they were (a task that set one
+        and kept it would hand it to the next job: that job gets an asyncio task of its own)."""
         running = self._running[job.id]
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -273,8 +282,10 @@ class Executor:
                 # Cancelled or lost: no outcome will announce its task's room (_finished).
                 self._work_came()
             # The freed slot takes a job claimed ahead at once: in this asyncio task, unless
-            # it is cancelled (or a cancellation of it was swallowed: a fresh one then).
-            next_job = self._slots.next_ready() if ended and not running.task.cancelling() else None
+            # it is cancelled (or a cancellation of it was swallowed), or the attempt left a
+            # context variable set: a fresh one then.
+            reuse = ended and not running.task.cancelling() and _unchanged(fresh)
+            next_job = self._slots.next_ready() if reuse else None
             if next_job is not None:
                 self._run(next_job, running.task)
             self._start_ready()
@@ -395,3 +406,11 @@ class Executor:
                     return
                 logger.warning("recording outcomes failed (%s); retrying", exc)
                 await asyncio.sleep(pause)
+
+
+def _unchanged(fresh: contextvars.Context) -> bool:
+    """Whether the current context holds what `fresh` holds, and nothing more."""
+    now = contextvars.copy_context()
+    return len(now) == len(fresh) and all(
+        var in fresh and fresh[var] is value for var, value in now.items()
+    )

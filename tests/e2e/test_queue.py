@@ -443,3 +443,41 @@ asyncio.run(main())
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+CONTEXT_TASK = """
+import contextvars
+
+from taskd import define_task
+
+SEEN = contextvars.ContextVar("seen")
+
+
+@define_task
+async def remember(payload):
+    before = SEEN.get(None)
+    SEEN.set(payload)
+    return before
+"""
+
+
+def test_a_job_does_not_see_the_context_variables_an_earlier_job_set(
+    taskd_factory: type[Taskd], short_tmp: Path
+) -> None:
+    # Very short jobs are claimed ahead, and a freed slot runs the next in the same asyncio
+    # task: a context variable a job set must not reach the next (as with a task each).
+    tasks = short_tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "remember.py").write_text(CONTEXT_TASK)
+    daemon = taskd_factory(tasks=tasks, config="workers = 2\n").start()
+    with daemon.client() as client:
+        ids = [
+            enqueued.job_id
+            for start in range(0, 3000, 1000)
+            for enqueued in client.enqueue_many(
+                [enqueue_params("remember", n) for n in range(start, start + 1000)]
+            )
+        ]
+        seen = Counter(repr(client.wait(job_id, timeout=60).result) for job_id in ids)
+    assert seen == {"None": 3000}
+    assert daemon.stop() == 0
