@@ -264,7 +264,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> Exit:
             print(job.id)
         return Exit.OK
     args.waiting_for = job.id
-    job = _live().wait_showing_progress(client, job.id, None, _follow, job)
+    job = _live().wait_showing_progress(client, job.id, None, _follow)
     if args.json:
         render.print_json(job)
     elif job.status == "succeeded":

@@ -59,11 +59,6 @@ class ProgressDisplay:
             self._stream.write(bar(self._last))
         self._stream.flush()
 
-    @property
-    def empty(self) -> bool:
-        """Nothing shown yet."""
-        return self._last is None
-
     def close(self) -> None:
         last, printed = self._last, self._printed
         if last is not None and not self._tty and _value(last) != _value(printed):
@@ -100,13 +95,11 @@ Follow = Callable[[Client, int, "float | None", Callable[[str], None]], Job]
 
 
 def wait_showing_progress(
-    client: Client, job_id: int, timeout: float | None, follow: Follow, known: Job | None = None
+    client: Client, job_id: int, timeout: float | None, follow: Follow
 ) -> Job:
-    """`follow(client, job_id, timeout, say)`, showing the job's progress on stderr meanwhile,
-    from that of `known` (the job as last read) on."""
+    """`follow(client, job_id, timeout, say)`, showing the job's progress on stderr meanwhile
+    (taskd sends the latest first)."""
     display = ProgressDisplay(sys.stderr)
-    if known is not None and known.status == "running" and known.progress is not None:
-        display.show(known.progress)
 
     def show(event: JobEvent) -> None:
         if event.kind == "progress" and event.job_id == job_id and event.progress is not None:
