@@ -101,6 +101,22 @@ new AS (
 SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new
 """
 
+# INSERT_SQL for the jobs of tasks without a `limit_key` (taskd.outbox: in one statement
+# when its task has none, the common case): a job of a task that has one is not inserted,
+# and a row of the result gives its task's path instead (id NULL), for the insert to be made
+# again with the job's value of it. The path is read in the statement's own snapshot.
+UNLESS_LIMITED_INSERT_SQL = INSERT_SQL.replace(
+    f"given AS MATERIALIZED ({_INSERT_ROWS})",
+    f"offered AS MATERIALIZED ({_INSERT_ROWS}),"
+    " paths AS (SELECT task, path FROM {s}.limit_key_paths"
+    " WHERE task IN (SELECT task FROM offered)),"
+    " given AS MATERIALIZED (SELECT * FROM offered WHERE task NOT IN (SELECT task FROM paths))",
+).replace(
+    "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new",
+    "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told, NULL AS path"
+    " FROM new UNION ALL SELECT NULL, task, NULL, NULL, NULL, path FROM paths",
+)
+
 # The job counters of server processes that are gone, added to this one's (a process reusing
 # a pid in the meantime only has its counts moved, not changed).
 FOLD_COUNTS_SQL = """
@@ -398,6 +414,11 @@ class PostgresSql:
             else:
                 params[name], params[f"{name}_all"] = values, None
         return Statement(INSERT_SQL, params)
+
+    def insert_unless_limited(self, jobs: Sequence[NewJob]) -> Statement:
+        """`insert`, of the jobs whose task has no `limit_key`; a row (task, path) for
+        each task that has one (UNLESS_LIMITED_INSERT_SQL)."""
+        return self.insert(jobs)._replace(sql=UNLESS_LIMITED_INSERT_SQL)
 
     def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
         return Statement(
