@@ -16,8 +16,9 @@ psycopg's (`taskd.outbox`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from operator import attrgetter, itemgetter
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -71,6 +72,12 @@ _INSERT_ROWS = (
     + ", ".join(INSERT_COLUMNS)
     + ", pad, n)"
 )  # fmt: skip
+
+# A job's values of INSERT_COLUMNS, in order; the parameters of the values sent once, and
+# the arrays not sent when every value is.
+_insert_values = attrgetter(*INSERT_COLUMNS)
+_SENT_ONCE = tuple(f"{name}_all" for name in INSERT_COLUMNS)
+_NOT_SENT = dict.fromkeys(INSERT_COLUMNS)
 
 # One row per job, in order. The statement tells the other daemons itself.
 INSERT_SQL = f"""
@@ -407,12 +414,16 @@ class PostgresSql:
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         params: dict[str, Any] = {"count": len(jobs), "channel": self.channel,
                                   "sender": self.sender}  # fmt: skip
-        for name in INSERT_COLUMNS:
-            values = [getattr(job, name) for job in jobs]
+        if len(jobs) == 1:  # each value sent once (the common case: built in few steps)
+            params.update(_NOT_SENT)
+            params.update(zip(_SENT_ONCE, _insert_values(jobs[0]), strict=True))
+            return Statement(INSERT_SQL, params)
+        columns = zip(*map(_insert_values, jobs), strict=True)
+        for name, once, values in zip(INSERT_COLUMNS, _SENT_ONCE, columns, strict=True):
             if values.count(values[0]) == len(values):  # one value for all: sent once
-                params[name], params[f"{name}_all"] = None, values[0]
+                params[name], params[once] = None, values[0]
             else:
-                params[name], params[f"{name}_all"] = values, None
+                params[name], params[once] = list(values), None
         return Statement(INSERT_SQL, params)
 
     def insert_unless_limited(self, jobs: Sequence[NewJob]) -> Statement:
@@ -511,10 +522,20 @@ def render(
     return _PARAMETER.sub(parameter, sql.replace("{s}", schema)), tuple(names)
 
 
+@lru_cache(maxsize=1024)
+def _rendered(sql: str, schema: str) -> tuple[str, Callable[[Mapping[str, Any]], Any]]:
+    """`render` for asyncpg, and what takes the arguments, in order, from the parameters."""
+    sql, names = render(sql, schema)
+    if len(names) == 1:
+        (name,) = names
+        return sql, lambda params: (params[name],)
+    return sql, itemgetter(*names) if names else lambda params: ()
+
+
 async def execute(db: Any, schema: str, statement: Statement) -> list[Row]:
     """Run a statement on an asyncpg connection (or one with its methods)."""
-    sql, names = render(statement.sql, schema)
+    sql, arguments = _rendered(statement.sql, schema)
     if statement.many:
-        await db.executemany(sql, [[params[n] for n in names] for params in statement.params])
+        await db.executemany(sql, [arguments(params) for params in statement.params])
         return []
-    return list(await db.fetch(sql, *[statement.params[name] for name in names]))
+    return list(await db.fetch(sql, *arguments(statement.params)))
