@@ -46,9 +46,14 @@ def enqueue_problem(fields: Mapping[str, Any]) -> str | None:
     """What is wrong with the options of an enqueue (`EnqueueParams`' fields, None where not
     given) that did not come through the decoder: a limit, or a rule of `rule_broken`;
     None if nothing is."""
-    return out_of_limits(EnqueueParams, fields) or rule_broken(
-        fields.get("delay"), fields.get("run_at"), fields.get("key")
-    )
+    given = {name: value for name, value in fields.items() if value is not None}
+    try:  # msgspec checks the limits in C; only a value it refuses is looked at again, in Python
+        msgspec.convert({"task": "-", **given}, EnqueueParams)
+    except msgspec.ValidationError:
+        problem = out_of_limits(EnqueueParams, fields)
+    else:
+        problem = None
+    return problem or rule_broken(fields.get("delay"), fields.get("run_at"), fields.get("key"))
 
 
 def rule_broken(delay: float | None, run_at: float | None, key: str | None) -> str | None:

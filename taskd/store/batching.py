@@ -157,6 +157,14 @@ class GroupCommit(Generic[Context]):
                 write.future.set_result(result)
 
     async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
+        if len(batch) == 1:  # a lone write (one by one, the common case): nothing to merge
+            (write,) = batch
+            (output,) = await self._runner([(write.operation, list(write.items))])
+            if len(output) != len(write.items):
+                raise RuntimeError(
+                    f"{write.operation!r} returned {len(output)} of {len(write.items)}"
+                )
+            return [output]
         groups: dict[Operation[Context, Any, Any], list[int]] = {}
         for index, write in enumerate(batch):
             groups.setdefault(write.operation, []).append(index)

@@ -303,6 +303,28 @@ def sqlite_floor(jobs: int, batch: int, synchronous: str = "full") -> dict[str, 
     return {"jobs": jobs, "seconds": seconds}
 
 
+async def _outbox_enqueue(url: str, schema: str, jobs: int) -> float:
+    """Enqueue one by one with `taskd.outbox` on the application's own asyncpg connection,
+    each job its own transaction (outside one, as pgqueuer's enqueue: it commits on its own)."""
+    import asyncpg
+
+    import taskd.outbox
+
+    connection = await asyncpg.connect(url)
+    started = time.perf_counter()
+    for n in range(jobs):
+        await taskd.outbox.enqueue(connection, "noop", n, delay=FAR, schema=schema)
+    seconds = time.perf_counter() - started
+    await connection.close()
+    return seconds
+
+
+def taskd_outbox(url: str, schema: str, jobs: int) -> dict[str, Any]:
+    import uvloop
+
+    return {"jobs": jobs, "seconds": uvloop.run(_outbox_enqueue(url, schema, jobs))}
+
+
 # -- the PostgreSQL peers: each in a schema of its own, default settings, one worker ---------
 
 
@@ -412,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         "scenario",
         choices=[
             "taskd-enqueue", "taskd-enqueue-many", "taskd-drain", "huey-enqueue", "huey-drain",
-            "sqlite-floor", "pgqueuer", "procrastinate", "taskd-single-flight",
+            "sqlite-floor", "pgqueuer", "procrastinate", "taskd-single-flight", "taskd-outbox",
         ],
     )  # fmt: skip
     parser.add_argument("--url", help="PostgreSQL, for the PostgreSQL peers")
@@ -432,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     match args.scenario:
         case "taskd-enqueue":
             result = taskd_enqueue(args.socket, args.jobs, args.connections)
+        case "taskd-outbox":
+            result = taskd_outbox(args.url, args.schema, args.jobs)
         case "taskd-enqueue-many":
             result = taskd_enqueue_many(args.socket, args.jobs, args.batch)
         case "taskd-drain":

@@ -53,8 +53,8 @@ def test_every_postgres_benchmark_scenario_runs(tmp_path: Path) -> None:
     assert [name.split(": ")[0].endswith("(PostgreSQL)") for name in limited] == [True] * 3, limited
     assert all(cells[1] != "-" and cells[3] != "-" for cells in limited.values()), limited
     rows = table(text[text.index("## PostgreSQL") :])
-    # Four scenarios; each one's CPU per job of the daemons, each drain's of the server too.
-    assert len(rows) == 10, rows
+    # Five scenarios; each one's CPU per job of the daemons, each drain's of the server too.
+    assert len(rows) == 12, rows
     for name, cells in rows.items():
         unit = " us" if "CPU per job" in name else " jobs/s"
         assert all(cell.endswith(unit) for cell in cells[1:3]), f"a figure missing: {name}"

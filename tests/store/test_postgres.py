@@ -143,6 +143,38 @@ async def test_the_outbox_keys_a_job_by_the_limit_key_the_daemons_recorded(
     assert [row["limit_key"] for row in values] == ["acme", ""]
 
 
+async def test_the_outbox_enqueues_in_one_statement_when_its_task_has_no_limit_key(
+    store: PostgresStore,
+) -> None:
+    """One round trip, as pgqueuer's enqueue: no read of the task's `limit_key` before it;
+    outside a transaction it commits on its own, and the daemons hear of it."""
+    store.limit_keys = {"t": "order.customer"}
+    await store.rekey("t", "order.customer")
+    due = asyncio.Event()
+    store.events.on_due(lambda _: due.set())
+    statements: list[tuple[Any, ...]] = []  # the store's (not asyncpg's reads of its types)
+    connection = await asyncpg.connect(postgres_url())
+    connection.add_query_logger(
+        lambda record: store.schema in record.query and statements.append(record.args)
+    )
+    try:
+        single = await taskd.outbox.enqueue(connection, "u", {"n": 1}, schema=store.schema)
+        keyed = await taskd.outbox.enqueue(
+            connection, "t", {"order": {"customer": "acme"}}, schema=store.schema
+        )
+    finally:
+        await connection.close()  # after the loggers, which the loop calls soon after each
+    await asyncio.wait_for(due.wait(), 10)  # committed: the store heard of it
+    assert [args for args in statements if "u" in args] == statements[:1], statements
+    # The task's limit_key: inserted again with it.
+    assert [("t" in args, "acme" in args) for args in statements[1:]] == [
+        (True, False),
+        (True, True),
+    ]
+    jobs = [await store.get(single.job_id), await store.get(keyed.job_id)]
+    assert [job and (job.task, job.status) for job in jobs] == [("u", "pending"), ("t", "pending")]
+
+
 async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:
     import psycopg
 

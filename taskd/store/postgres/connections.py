@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -123,18 +123,10 @@ class Connections:
             self._backoff,
         )
 
-    @asynccontextmanager
-    async def acquire(self, *, begin: bool = False) -> AsyncIterator[Any]:
+    def acquire(self, *, begin: bool = False) -> _Use:
         """A connection for one use (in a transaction it must end, with `begin`); one that
         failed, or was left in a transaction, is closed rather than used again."""
-        async with self._slots:
-            connection = await self._prepared(begin)
-            try:
-                yield connection
-            except BaseException as exc:
-                self._give_back(connection, exc)
-                raise
-            self._give_back(connection, None)
+        return _Use(self, begin)
 
     async def _prepared(self, begin: bool) -> Any:
         """A connection, in a transaction if asked, with the test clock if there is one. An
@@ -194,6 +186,38 @@ class Connections:
                 await asyncio.wait_for(connection.close(), 5)
             except DRIVER_ERRORS:
                 connection.terminate()
+
+
+class _Use:
+    """`async with connections.acquire() as connection:` (a class, not a generator: it is
+    on the path of every statement)."""
+
+    __slots__ = ("_begin", "_connection", "_connections")
+
+    def __init__(self, connections: Connections, begin: bool) -> None:
+        self._connections = connections
+        self._begin = begin
+
+    async def __aenter__(self) -> Any:
+        slots = self._connections._slots
+        await slots.acquire()
+        try:
+            self._connection = await self._connections._prepared(self._begin)
+        except BaseException:
+            slots.release()
+            raise
+        return self._connection
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            self._connections._give_back(self._connection, exc)
+        finally:
+            self._connections._slots.release()
 
 
 def _describe(exc: BaseException) -> str:

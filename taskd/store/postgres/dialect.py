@@ -16,8 +16,9 @@ psycopg's (`taskd.outbox`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from operator import attrgetter, itemgetter
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -72,6 +73,12 @@ _INSERT_ROWS = (
     + ", pad, n)"
 )  # fmt: skip
 
+# A job's values of INSERT_COLUMNS, in order; the parameters of the values sent once, and
+# the arrays not sent when every value is.
+_insert_values = attrgetter(*INSERT_COLUMNS)
+_SENT_ONCE = tuple(f"{name}_all" for name in INSERT_COLUMNS)
+_NOT_SENT = dict.fromkeys(INSERT_COLUMNS)
+
 # One row per job, in order. The statement tells the other daemons itself.
 INSERT_SQL = f"""
 WITH given AS MATERIALIZED ({_INSERT_ROWS}),
@@ -100,6 +107,22 @@ new AS (
 )
 SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new
 """
+
+# INSERT_SQL for the jobs of tasks without a `limit_key` (taskd.outbox: in one statement
+# when its task has none, the common case): a job of a task that has one is not inserted,
+# and a row of the result gives its task's path instead (id NULL), for the insert to be made
+# again with the job's value of it. The path is read in the statement's own snapshot.
+UNLESS_LIMITED_INSERT_SQL = INSERT_SQL.replace(
+    f"given AS MATERIALIZED ({_INSERT_ROWS})",
+    f"offered AS MATERIALIZED ({_INSERT_ROWS}),"
+    " paths AS (SELECT task, path FROM {s}.limit_key_paths"
+    " WHERE task IN (SELECT task FROM offered)),"
+    " given AS MATERIALIZED (SELECT * FROM offered WHERE task NOT IN (SELECT task FROM paths))",
+).replace(
+    "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new",
+    "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told, NULL AS path"
+    " FROM new UNION ALL SELECT NULL, task, NULL, NULL, NULL, path FROM paths",
+)
 
 # The job counters of server processes that are gone, added to this one's (a process reusing
 # a pid in the meantime only has its counts moved, not changed).
@@ -391,13 +414,22 @@ class PostgresSql:
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         params: dict[str, Any] = {"count": len(jobs), "channel": self.channel,
                                   "sender": self.sender}  # fmt: skip
-        for name in INSERT_COLUMNS:
-            values = [getattr(job, name) for job in jobs]
+        if len(jobs) == 1:  # each value sent once (the common case: built in few steps)
+            params.update(_NOT_SENT)
+            params.update(zip(_SENT_ONCE, _insert_values(jobs[0]), strict=True))
+            return Statement(INSERT_SQL, params)
+        columns = zip(*map(_insert_values, jobs), strict=True)
+        for name, once, values in zip(INSERT_COLUMNS, _SENT_ONCE, columns, strict=True):
             if values.count(values[0]) == len(values):  # one value for all: sent once
-                params[name], params[f"{name}_all"] = None, values[0]
+                params[name], params[once] = None, values[0]
             else:
-                params[name], params[f"{name}_all"] = values, None
+                params[name], params[once] = list(values), None
         return Statement(INSERT_SQL, params)
+
+    def insert_unless_limited(self, jobs: Sequence[NewJob]) -> Statement:
+        """`insert`, of the jobs whose task has no `limit_key`; a row (task, path) for
+        each task that has one (UNLESS_LIMITED_INSERT_SQL)."""
+        return self.insert(jobs)._replace(sql=UNLESS_LIMITED_INSERT_SQL)
 
     def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
         return Statement(
@@ -490,10 +522,20 @@ def render(
     return _PARAMETER.sub(parameter, sql.replace("{s}", schema)), tuple(names)
 
 
+@lru_cache(maxsize=1024)
+def _rendered(sql: str, schema: str) -> tuple[str, Callable[[Mapping[str, Any]], Any]]:
+    """`render` for asyncpg, and what takes the arguments, in order, from the parameters."""
+    sql, names = render(sql, schema)
+    if len(names) == 1:
+        (name,) = names
+        return sql, lambda params: (params[name],)
+    return sql, itemgetter(*names) if names else lambda params: ()
+
+
 async def execute(db: Any, schema: str, statement: Statement) -> list[Row]:
     """Run a statement on an asyncpg connection (or one with its methods)."""
-    sql, names = render(statement.sql, schema)
+    sql, arguments = _rendered(statement.sql, schema)
     if statement.many:
-        await db.executemany(sql, [[params[n] for n in names] for params in statement.params])
+        await db.executemany(sql, [arguments(params) for params in statement.params])
         return []
-    return list(await db.fetch(sql, *[statement.params[name] for name in names]))
+    return list(await db.fetch(sql, *arguments(statement.params)))
