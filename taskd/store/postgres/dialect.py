@@ -108,20 +108,35 @@ new AS (
 SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new
 """
 
+
 # INSERT_SQL for the jobs of tasks without a `limit_key` (taskd.outbox: in one statement
 # when its task has none, the common case): a job of a task that has one is not inserted,
 # and a row of the result gives its task's path instead (id NULL), for the insert to be made
 # again with the job's value of it. The path is read in the statement's own snapshot.
-UNLESS_LIMITED_INSERT_SQL = INSERT_SQL.replace(
-    f"given AS MATERIALIZED ({_INSERT_ROWS})",
-    f"offered AS MATERIALIZED ({_INSERT_ROWS}),"
-    " paths AS (SELECT task, path FROM {s}.limit_key_paths"
-    " WHERE task IN (SELECT task FROM offered)),"
-    " given AS MATERIALIZED (SELECT * FROM offered WHERE task NOT IN (SELECT task FROM paths))",
-).replace(
-    "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new",
-    "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told, NULL AS path"
-    " FROM new UNION ALL SELECT NULL, task, NULL, NULL, NULL, path FROM paths",
+def _rewritten(sql: str, *changes: tuple[str, str]) -> str:
+    """`sql` with each (old, new) made, each old found exactly once (so a change to the
+    statement it derives from cannot leave it silently unchanged)."""
+    for old, new in changes:
+        if sql.count(old) != 1:
+            raise AssertionError(f"not once in the statement: {old!r}")
+        sql = sql.replace(old, new)
+    return sql
+
+
+UNLESS_LIMITED_INSERT_SQL = _rewritten(
+    INSERT_SQL,
+    (
+        f"given AS MATERIALIZED ({_INSERT_ROWS})",
+        f"offered AS MATERIALIZED ({_INSERT_ROWS}),"
+        " paths AS (SELECT task, path FROM {s}.limit_key_paths"
+        " WHERE task IN (SELECT task FROM offered)),"
+        " given AS MATERIALIZED (SELECT * FROM offered WHERE task NOT IN (SELECT task FROM paths))",
+    ),
+    (
+        "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new",
+        "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told, NULL AS path"
+        " FROM new UNION ALL SELECT NULL, task, NULL, NULL, NULL, path FROM paths",
+    ),
 )
 
 # The job counters of server processes that are gone, added to this one's (a process reusing
