@@ -124,7 +124,8 @@ async def test_enqueue_in_an_asyncpg_transaction_exists_only_if_it_commits(
 async def test_the_outbox_keys_a_job_by_the_limit_key_the_daemons_recorded(
     store: PostgresStore,
 ) -> None:
-    """Its jobs count per value of their task's `limit_key`, as the daemons' own do."""
+    """Its jobs count per value of their task's `limit_key`, as the daemons' own do: ''
+    where the payload has none; the jobs of a task without one have no value (NULL)."""
     store.limit_keys = {"t": "order.customer"}
     await store.rekey("t", "order.customer")  # what a daemon's start or reload records
     connection = await asyncpg.connect(postgres_url())
@@ -132,15 +133,16 @@ async def test_the_outbox_keys_a_job_by_the_limit_key_the_daemons_recorded(
         keyed = await taskd.outbox.enqueue(
             connection, "t", {"order": {"customer": "acme"}}, schema=store.schema
         )
+        missing = await taskd.outbox.enqueue(connection, "t", {"order": {}}, schema=store.schema)
         other = await taskd.outbox.enqueue(connection, "u", {"order": {"customer": "acme"}},
                                            schema=store.schema)  # fmt: skip
         values = await connection.fetch(
             f"SELECT id, limit_key FROM {store.schema}.jobs WHERE id = ANY($1) ORDER BY id",
-            [keyed.job_id, other.job_id],
+            [keyed.job_id, missing.job_id, other.job_id],
         )
     finally:
         await connection.close()
-    assert [row["limit_key"] for row in values] == ["acme", ""]
+    assert [row["limit_key"] for row in values] == ["acme", "", None]
 
 
 async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:
