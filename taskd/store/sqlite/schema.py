@@ -70,6 +70,38 @@ def rebuild_jobs(
     return step
 
 
+# The jobs of a task without a `limit_key` have no value of one (NULL; '' is a keyed
+# task's job whose payload has none), and the indexes of the keyed jobs leave them out:
+# an insert, a claim and an end of theirs write no entry there. Their value was '',
+# as that of a keyed job with none: a task whose path `limit_key_paths` does not record
+# has none now (a start keys its jobs again if its configuration gives it one). The
+# status CHECK compares in place: SQLite tested an IN list of five through a temporary
+# table at every write of a job's row (a tenth of a no-op job's instructions).
+KEYLESS_JOBS = rebuild_jobs(
+    edits=[
+        (r"\blimit_key TEXT NOT NULL DEFAULT ''", "limit_key TEXT"),
+        (
+            r"CHECK \(status IN \('pending', 'running', 'succeeded', 'failed',"
+            r" 'cancelled'\)\)",
+            "CHECK (status = 'pending' OR status = 'running' OR status = 'succeeded'"
+            " OR status = 'failed' OR status = 'cancelled')",
+        ),
+    ],
+    copied={"limit_key": "CASE WHEN task IN (SELECT task FROM limit_key_paths) THEN limit_key END"},
+    indexes={
+        "jobs_task_limit_key_claim": (
+            "CREATE INDEX jobs_task_limit_key_claim"
+            " ON jobs (task, limit_key, priority, run_at, id)"
+            " WHERE status = 'pending' AND limit_key IS NOT NULL"
+        ),
+        "jobs_task_limit_key_running": (
+            "CREATE INDEX jobs_task_limit_key_running ON jobs (task, limit_key)"
+            " WHERE status = 'running' AND limit_key IS NOT NULL"
+        ),
+    },
+)
+
+
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
 MIGRATIONS: list[list[str | Step]] = [
@@ -352,41 +384,8 @@ MIGRATIONS: list[list[str | Step]] = [
             WHERE status NOT IN ('pending', 'running')
         """,
     ],
-    # The jobs of a task without a `limit_key` have no value of one (NULL; '' is a keyed
-    # task's job whose payload has none), and the indexes of the keyed jobs leave them out:
-    # an insert, a claim and an end of theirs write no entry there. Their value was '',
-    # as that of a keyed job with none: a task whose path `limit_key_paths` does not record
-    # has none now (a start keys its jobs again if its configuration gives it one). The
-    # status CHECK compares in place: SQLite tested an IN list of five through a temporary
-    # table at every write of a job's row (a tenth of a no-op job's instructions).
-    [
-        rebuild_jobs(
-            edits=[
-                (r"\blimit_key TEXT NOT NULL DEFAULT ''", "limit_key TEXT"),
-                (
-                    r"CHECK \(status IN \('pending', 'running', 'succeeded', 'failed',"
-                    r" 'cancelled'\)\)",
-                    "CHECK (status = 'pending' OR status = 'running' OR status = 'succeeded'"
-                    " OR status = 'failed' OR status = 'cancelled')",
-                ),
-            ],
-            copied={
-                "limit_key": "CASE WHEN task IN (SELECT task FROM limit_key_paths)"
-                " THEN limit_key END"
-            },
-            indexes={
-                "jobs_task_limit_key_claim": (
-                    "CREATE INDEX jobs_task_limit_key_claim"
-                    " ON jobs (task, limit_key, priority, run_at, id)"
-                    " WHERE status = 'pending' AND limit_key IS NOT NULL"
-                ),
-                "jobs_task_limit_key_running": (
-                    "CREATE INDEX jobs_task_limit_key_running ON jobs (task, limit_key)"
-                    " WHERE status = 'running' AND limit_key IS NOT NULL"
-                ),
-            },
-        ),
-    ],
+    # The jobs of tasks without a `limit_key`: no value (see KEYLESS_JOBS).
+    [KEYLESS_JOBS],
 ]
 
 
