@@ -183,10 +183,10 @@ TURN = (
 
 
 # The values of a task's pending jobs after :after (or from the first, with >=), at most
-# :most, each with its running jobs and its rate limit's TAT: one index probe a value (the
-# index of the keyed jobs, which a statement must say it reads: `limit_key IS NOT NULL`,
-# which no planner infers from a row comparison). Each
-# probe is a range of the (task, limit_key, priority, run_at, id) index bounded by a row
+# :most, each with its running jobs and its rate limit's TAT: one index probe a value. Each
+# probe is a range of the (task, limit_key, priority, run_at, id) index of the keyed jobs
+# (partial: each statement says `limit_key IS NOT NULL`, which PostgreSQL's planner does not
+# infer from a row comparison; without it each probe read the whole table) bounded by a row
 # comparison alone, read in its order, its first row's value kept if it is the task's: with
 # equalities on the task PostgreSQL's planner may take another index and read the task's
 # whole backlog a probe, as it does before its first ANALYZE (see its QUEUES).
@@ -475,8 +475,7 @@ def rekeyed(tx: Tx, items: list[tuple[str, str | None, int]]) -> Steps[list[int 
     """A slice of a task's active jobs (pending or running, ids after the given one) with
     their `limit_key` values computed again from their payloads under the task's new path
     (None: it has none now, and they no value: NULL); the last id read, None once none are
-    left.
-    The payloads are msgpack, which SQL cannot read: the values are computed here."""
+    left. The payloads are msgpack, which SQL cannot read: the values are computed here."""
     results: list[int | None] = []
     for task, path, after in items:
         rows = yield Statement(
