@@ -147,8 +147,9 @@ class NewJob(msgspec.Struct, frozen=True):
     after: tuple[int, ...] = ()
     after_failure: AfterFailure = "cancel"
     batch_id: int | None = None
-    # The value of its task's `limit_key` in the payload (None: the store works it out if
-    # the task has one, else ''): its task's limits count per value.
+    # The value of its task's `limit_key` in the payload ('' where the payload has none;
+    # None: the store works it out if the task has one, else the job has no value (NULL),
+    # and is in no index of the keyed jobs): its task's limits count per value.
     limit_key: str | None = None
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from taskd.store.sqlite.schema import MIGRATIONS
+from taskd.store.sqlite.schema import MIGRATIONS, apply
 
 PAYLOAD = msgspec.msgpack.encode({"to": "ada@example.com", "subject": "Hi", "body": "Welcome!"})
 RESULT = msgspec.msgpack.encode({"result": "success", "sent_at": "2026-11-29T20:26:24+00:00"})
@@ -45,8 +45,7 @@ def build(path: Path, jobs: int) -> None:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("BEGIN")
         for migration in MIGRATIONS:
-            for statement in migration:
-                db.execute(statement)
+            apply(db, migration)
         db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
         db.executemany(
             "INSERT INTO jobs (task, status, origin, payload, result, attempts, max_attempts,"

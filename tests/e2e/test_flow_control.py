@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -672,4 +674,67 @@ def test_a_restart_that_keys_a_tasks_concurrency_keys_the_jobs_already_queued(
     wait_until(lambda: "keying them again" in daemon.log, timeout=30, what="the start's line")
     gated.release()
     assert gated.running() == {acme, later, globex}
+    assert daemon.stop() == 0
+
+
+def limit_key_values(daemon: Taskd, job_ids: list[int]) -> list[str | None]:
+    """The `limit_key` value each job's row records (None: NULL, the job has none)."""
+    database = str(daemon.database)
+    if database.startswith("postgres"):
+        import asyncpg
+
+        schema = daemon.config_file.read_text().split('schema = "')[1].split('"')[0]
+
+        async def read() -> list[str | None]:
+            connection = await asyncpg.connect(database)
+            try:
+                rows = await connection.fetch(
+                    f"SELECT id, limit_key FROM {schema}.jobs WHERE id = ANY($1)", job_ids
+                )
+            finally:
+                await connection.close()
+            found = {row["id"]: row["limit_key"] for row in rows}
+            return [found[job_id] for job_id in job_ids]
+
+        return asyncio.run(read())
+    with closing(sqlite3.connect(database)) as connection:
+        found = dict(connection.execute("SELECT id, limit_key FROM jobs").fetchall())
+    return [found[job_id] for job_id in job_ids]
+
+
+def test_a_restart_that_takes_a_tasks_limit_key_away_and_one_that_gives_it_back(
+    on_store: Callable[[str], Taskd], short_tmp: Path
+) -> None:
+    """The queued jobs of a task without a `limit_key` have no value (NULL: they are in no
+    index of the keyed jobs); a start that gives it one again keys them, and its
+    concurrency counts per value again ('' for a job whose payload has none)."""
+    keyed = '[task."slow"]\nconcurrency = 1\nlimit_key = "customer"\n'
+    daemon = on_store("workers = 4\n" + keyed).start()
+    assert daemon.ctl("pause", "slow").returncode == 0
+    gated = Gated(daemon, short_tmp)
+    jobs = [gated.enqueue(customer="acme"), gated.enqueue(customer="acme"),
+            gated.enqueue(customer="globex"), gated.enqueue()]  # fmt: skip
+    assert daemon.stop() == 0
+    assert limit_key_values(daemon, jobs) == ["acme", "acme", "globex", ""]
+    daemon.config_file.write_text(daemon.config_file.read_text().replace(keyed, ""))
+    daemon.start()
+    assert daemon.log.count("keying them again") == 2  # the first start, this one: before READY
+    assert limit_key_values(daemon, jobs) == [None] * 4
+    unkeyed = gated.enqueue(customer="acme")  # inserted while the task has no limit_key
+    jobs.append(unkeyed)
+    assert limit_key_values(daemon, [unkeyed]) == [None]
+    assert daemon.stop() == 0
+    daemon.config_file.write_text(daemon.config_file.read_text() + "\n" + keyed)
+    daemon.start()
+    assert daemon.log.count("keying them again") == 3
+    assert limit_key_values(daemon, jobs) == ["acme", "acme", "globex", "", "acme"]
+    assert daemon.ctl("resume", "slow").returncode == 0
+    first, later, globex, nobody, _ = jobs
+    gated.wait_running(first, globex, nobody)  # one at a time per value, not one at a time
+    assert len(gated.running()) == 3
+    why = ctl_json(daemon, "why", str(later))
+    assert isinstance(why, dict) and why["reason"] == "concurrency_limit", why
+    assert "per customer 'acme'" in why["message"], why
+    gated.release()
+    assert gated.running() == set(jobs)
     assert daemon.stop() == 0

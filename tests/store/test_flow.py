@@ -408,9 +408,12 @@ async def test_jobs_queued_before_their_task_is_keyed_count_under_their_values_o
     assert await store.key_state("t", "a", None) == (1, None)  # the running job's value too
     claimed = await store.claim(keyed(limit=10, limits={"t": 1}))
     assert sorted(map(str, customers(claimed.jobs))) == ["None", "b"]
+    assert await store.key_state("t", "", None) == (1, None)  # the job without a customer
     store.limit_keys = {}
-    await store.rekey("t", None)  # and one that takes it away: all under the empty value
-    assert await store.key_state("t", "", None) == (3, None)
+    await store.rekey("t", None)  # and one that takes it away: its jobs have no value now
+    for value in ("a", "b", ""):
+        assert await store.key_state("t", value, None) == (0, None)
+    assert await store.values_in_use(["t"]) == {"t": (0, 0)}
 
 
 async def test_a_keyed_task_without_pending_jobs_rests_until_a_write_stirs_it(

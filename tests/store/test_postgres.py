@@ -16,6 +16,7 @@ import taskd.outbox
 import taskd.pg
 from taskd.models import TaskCounts
 from taskd.store import ClaimRequest, NewJob, Outcome, StoreError
+from taskd.store.core import keys
 from taskd.store.postgres.dialect import (
     CLAIM_SQL,
     NEXT_DUE_SQL,
@@ -124,7 +125,8 @@ async def test_enqueue_in_an_asyncpg_transaction_exists_only_if_it_commits(
 async def test_the_outbox_keys_a_job_by_the_limit_key_the_daemons_recorded(
     store: PostgresStore,
 ) -> None:
-    """Its jobs count per value of their task's `limit_key`, as the daemons' own do."""
+    """Its jobs count per value of their task's `limit_key`, as the daemons' own do: ''
+    where the payload has none; the jobs of a task without one have no value (NULL)."""
     store.limit_keys = {"t": "order.customer"}
     await store.rekey("t", "order.customer")  # what a daemon's start or reload records
     connection = await asyncpg.connect(postgres_url())
@@ -132,15 +134,16 @@ async def test_the_outbox_keys_a_job_by_the_limit_key_the_daemons_recorded(
         keyed = await taskd.outbox.enqueue(
             connection, "t", {"order": {"customer": "acme"}}, schema=store.schema
         )
+        missing = await taskd.outbox.enqueue(connection, "t", {"order": {}}, schema=store.schema)
         other = await taskd.outbox.enqueue(connection, "u", {"order": {"customer": "acme"}},
                                            schema=store.schema)  # fmt: skip
         values = await connection.fetch(
             f"SELECT id, limit_key FROM {store.schema}.jobs WHERE id = ANY($1) ORDER BY id",
-            [keyed.job_id, other.job_id],
+            [keyed.job_id, missing.job_id, other.job_id],
         )
     finally:
         await connection.close()
-    assert [row["limit_key"] for row in values] == ["acme", ""]
+    assert [row["limit_key"] for row in values] == ["acme", "", None]
 
 
 async def test_the_outbox_enqueues_in_one_statement_when_its_task_has_no_limit_key(
@@ -335,6 +338,43 @@ async def test_a_claim_plans_generic_unless_a_keyed_turn_walks(store: PostgresSt
     assert after == default != "force_generic_plan"
 
 
+async def test_a_keyed_walk_reads_a_few_keyed_jobs_next_to_a_backlog(store: PostgresStore) -> None:
+    """A keyed task's walk of its values (a probe each), its first due jobs of each and the
+    running jobs of a value read the index of the keyed jobs (partial: limit_key IS NOT
+    NULL, as each statement says), not the backlog of the task's values nor that of an
+    unkeyed task beside it (no value: in no such index), with or without statistics."""
+    store.limit_keys = {"k": "c"}
+    keyed = [NewJob("k", msgspec.msgpack.encode({"c": f"v{n % 50}"}), "enqueue", 3)
+             for n in range(3000)]  # fmt: skip
+    await store.insert([*keyed, *(new("kz") for _ in range(3000))])
+    worker = await store.register_node("n", 60)
+    claimed = await store.claim(ClaimRequest(worker, 8, 60, {"k": 1}, keyed=frozenset({"k"})))
+    assert {job.task for job in claimed.jobs} == {"k", "kz"}
+    values = keys.VALUES.format(s="{s}", index="", first=">=", before="", upto="")
+    first_due = (
+        "SELECT priority, run_at, id, limit_key FROM {s}.jobs WHERE task = :task"
+        " AND limit_key = :key AND limit_key IS NOT NULL AND status = 'pending'"
+        " AND run_at <= :now ORDER BY priority, run_at, id LIMIT 2"
+    )
+    params = {"task": "k", "kind": keys.rate_kind("k"), "most": keys.WALK, "after": "",
+              "key": "v7"}  # fmt: skip
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        await connection.execute(f"SET taskd.now = '{await store.clock()}'")
+        for analyzed in (False, True):
+            if analyzed:
+                await connection.execute(f"ANALYZE {store.schema}.jobs")
+            for statement, most in ((values, 50 * 4 + 64), (first_due, 10)):
+                sql, names = render(statement, store.schema)
+                (plan,) = json.loads(await connection.fetchval(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *[params[n] for n in names]
+                ))  # fmt: skip
+                assert rows_read(plan["Plan"]) < most, (analyzed, statement, plan)
+                assert "jobs_task_limit_key_claim" in json.dumps(plan), plan
+    finally:
+        await connection.close()
+
+
 # Every index of the jobs table: each one is written by the claims and finishes that change
 # what it holds, so each must be read by a statement that would scan without it.
 JOBS_INDEXES = {
@@ -416,6 +456,62 @@ async def test_two_stores_migrating_at_once_make_one_schema() -> None:
     finally:
         for s in stores:
             await s.close()
+        await drop_schema(url, schema)
+
+
+async def test_the_jobs_of_tasks_without_a_limit_key_have_no_value_once_migrated() -> None:
+    """The migration that lets `limit_key` be NULL, on a schema of the version before it
+    with jobs in it: the jobs of the tasks `limit_key_paths` records no path for have no
+    value now, the others keep theirs ('' included); the keyed pending jobs' index leaves
+    them out, and a claim of each kind of task still takes its jobs."""
+    url, schema = postgres_url(), unique_schema()
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f"CREATE SCHEMA {schema}")
+        before = next(
+            n
+            for n, m in enumerate(MIGRATIONS)
+            if m[0] == "DROP INDEX {s}.jobs_task_limit_key_claim"
+        )
+        for statement in (s for migration in MIGRATIONS[:before] for s in migration):
+            await connection.execute(statement.format(s=schema))
+        await connection.execute(
+            f"CREATE TABLE {schema}.migrations (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await connection.executemany(
+            f"INSERT INTO {schema}.migrations (version) VALUES ($1)",
+            [(n,) for n in range(1, before + 1)],
+        )
+        await connection.execute(
+            f"INSERT INTO {schema}.limit_key_paths (task, path) VALUES ('k', 'customer')"
+        )
+        await connection.execute(
+            f"INSERT INTO {schema}.jobs (task, status, origin, payload, run_at, max_attempts,"
+            " created_at, limit_key) SELECT t, s, 'enqueue', '\\x80', 0, 3, 0, v"
+            " FROM unnest(ARRAY['k', 'k', 'u', 'u', 'v'], ARRAY['pending', 'pending',"
+            " 'pending', 'failed', 'pending'], ARRAY['acme', '', '', '', 'stale']) AS j(t, s, v)"
+        )
+        store = PostgresStore(url, schema=schema, pool_size=2)
+        await store.open()
+        try:
+            rows = await connection.fetch(f"SELECT task, limit_key FROM {schema}.jobs ORDER BY id")
+            assert [tuple(row) for row in rows] == [("k", "acme"), ("k", ""), ("u", None),
+                                                    ("u", None), ("v", None)]  # fmt: skip
+            index = await connection.fetchval(
+                "SELECT indexdef FROM pg_indexes WHERE schemaname = $1"
+                " AND indexname = 'jobs_task_limit_key_claim'",
+                schema,
+            )
+            assert "(limit_key IS NOT NULL)" in index, index
+            store.limit_keys = {"k": "customer"}
+            worker = await store.register_node("n", 60)
+            claimed = await store.claim(ClaimRequest(worker, 10, 60, keyed=frozenset({"k"})))
+            assert sorted(job.task for job in claimed.jobs) == ["k", "k", "u", "v"]
+        finally:
+            await store.close()
+    finally:
+        await connection.close()
         await drop_schema(url, schema)
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import sqlite3
 import stat
+from contextlib import closing
 from pathlib import Path
 
 import msgspec
@@ -15,7 +16,7 @@ from taskd.store import ClaimRequest, JobFilter, NewJob, ScheduleState, StoreErr
 from taskd.store.core import reads as reads_module
 from taskd.store.sqlite import SqliteStore
 from taskd.store.sqlite.dialect import CANDIDATES, NEXT_DUE, QUEUES, SqliteSql
-from taskd.store.sqlite.schema import MIGRATIONS
+from taskd.store.sqlite.schema import KEYLESS_JOBS, MIGRATIONS, apply
 from tests.conftest import NOW
 from tests.support import Clock
 
@@ -111,6 +112,66 @@ async def test_a_version_1_database_is_migrated(
         await store.close()
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_the_rebuild_of_the_jobs_table_keeps_them_and_their_indexes_and_triggers(
+    tmp_path: Path,
+) -> None:
+    """The migration that rebuilds the jobs table (KEYLESS_JOBS), on a store of the version
+    before it with jobs in it: the jobs of the tasks `limit_key_paths` records no path for
+    have no value now (NULL), the others keep theirs ('' included); ids, counters, indexes,
+    triggers and the status CHECK stay; no write of a job's row tests its status through a
+    temporary table."""
+    path = tmp_path / "old.db"
+    before = next(n for n, migration in enumerate(MIGRATIONS) if KEYLESS_JOBS in migration)
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for migration in MIGRATIONS[:before]:
+            apply(db, migration)
+        db.execute(f"PRAGMA user_version = {before}")
+        db.execute("INSERT INTO limit_key_paths (task, path) VALUES ('k', 'customer')")
+        db.executemany(
+            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at,"
+            " limit_key) VALUES (?, ?, 'enqueue', x'c0', 3, ?, ?, ?)",
+            [(task, status, NOW, NOW, value) for task, status, value in [
+                ("k", "pending", "acme"), ("k", "pending", ""), ("k", "running", "acme"),
+                ("u", "pending", ""), ("u", "succeeded", ""), ("v", "pending", "stale"),
+                ("u", "failed", "")]],
+        )  # fmt: skip
+        db.execute("DELETE FROM jobs WHERE id = 7")  # pruned: its id is not given again
+        objects = "SELECT type, name FROM sqlite_master WHERE tbl_name = 'jobs' ORDER BY name"
+        made = db.execute(objects).fetchall()
+    store = SqliteStore(path, clock=Clock(NOW))
+    await store.open()
+    try:
+        counts = {entry.task: entry.counts for entry in await store.counts()}
+        assert counts == {"k": {"pending": 2, "running": 1}, "u": {"pending": 1, "succeeded": 1},
+                          "v": {"pending": 1}}  # fmt: skip
+        (inserted,) = await store.insert([new("u")])
+        assert inserted.job_id == 8
+        assert {entry.task: entry.counts for entry in await store.counts()}["u"]["pending"] == 2
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT id, task, limit_key FROM jobs ORDER BY id").fetchall() == [
+            (1, "k", "acme"), (2, "k", ""), (3, "k", "acme"), (4, "u", None), (5, "u", None),
+            (6, "v", None), (8, "u", None)]  # fmt: skip
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert db.execute(objects).fetchall() == made
+        for index in ("jobs_task_limit_key_claim", "jobs_task_limit_key_running"):
+            (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index,)).fetchone()
+            assert sql.endswith("AND limit_key IS NOT NULL"), sql
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            db.execute("UPDATE jobs SET status = 'lost' WHERE id = 1")
+        db.text_factory = lambda text: text.decode(errors="replace")  # EXPLAIN's p4
+        for write in (
+            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at)"
+            " VALUES ('u', 'pending', 'enqueue', x'c0', 3, 0, 0)",
+            "UPDATE jobs SET status = 'running', worker = 'w' WHERE id = 8",
+            "UPDATE jobs SET status = 'succeeded', finished_at = 1 WHERE id = 8",
+        ):
+            opcodes = {row[1] for row in db.execute(f"EXPLAIN {write}")}
+            assert "OpenEphemeral" not in opcodes, write
 
 
 async def test_ids_keep_counting_after_a_reopen(tmp_path: Path) -> None:

@@ -142,7 +142,7 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
                 " WHERE task = :task AND key = :key AND status = 'pending' RETURNING id",
                 {"payload": job.payload, "debounce": job.debounce, "task": job.task,
                  "key": job.key, "max_wait": MAX_WAIT if job.max_wait is None else job.max_wait,
-                 "limit_key": job.limit_key or ""},
+                 "limit_key": job.limit_key},
             )  # fmt: skip
             if moved:  # the pending job of the key takes this payload, and waits again
                 results[index] = Inserted(moved[0]["id"], duplicate=True)
@@ -174,7 +174,8 @@ def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
 
 
 def _with_limit_key(tx: Tx, job: NewJob) -> NewJob:
-    """The job with its value of its task's `limit_key`, if the task has one."""
+    """The job with its value of its task's `limit_key`, if the task has one (else None:
+    the job has no value, NULL, and is in no index of the keyed jobs)."""
     path = tx.limit_keys.get(job.task)
     if path is None or job.limit_key is not None:
         return job

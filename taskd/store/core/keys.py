@@ -1,10 +1,12 @@
 """Per-key limits and fairness (`limit_key`), written once for both stores: the jobs of a
 keyed task take turns by their key's value.
 
-Each job records the value of its task's `limit_key` in its payload (`jobs.limit_key`; ''
-where the payload has none). A keyed task's `concurrency` counts its running jobs per value
-(an index of the running jobs by task and value) and its `rate_limit` is a GCRA row per
-value (`rate_limits`, kind `key:TASK`, as in taskd.store.core.flow).
+Each job of a keyed task records the value of its task's `limit_key` in its payload
+(`jobs.limit_key`; '' where the payload has none); the jobs of the other tasks record none
+(NULL), and the indexes of the keyed jobs (SQLite's both, PostgreSQL's of the pending jobs)
+leave them out: an insert of theirs writes no entry there. A keyed task's `concurrency`
+counts its running jobs per value (an index of the running jobs by task and value) and its
+`rate_limit` is a GCRA row per value (`rate_limits`, kind `key:TASK`, as in taskd.store.core.flow).
 
 A claim walks the values that have pending jobs, in order, starting after the one it served
 last (`key_turns.last_key`) and coming round to the first: a skip along the pending jobs'
@@ -182,24 +184,28 @@ TURN = (
 
 # The values of a task's pending jobs after :after (or from the first, with >=), at most
 # :most, each with its running jobs and its rate limit's TAT: one index probe a value. Each
-# probe is a range of the (task, limit_key, priority, run_at, id) index bounded by a row
+# probe is a range of the (task, limit_key, priority, run_at, id) index of the keyed jobs
+# (partial: each statement says `limit_key IS NOT NULL`, which PostgreSQL's planner does not
+# infer from a row comparison; without it each probe read the whole table) bounded by a row
 # comparison alone, read in its order, its first row's value kept if it is the task's: with
 # equalities on the task PostgreSQL's planner may take another index and read the task's
 # whole backlog a probe, as it does before its first ANALYZE (see its QUEUES).
 VALUES = """
 WITH RECURSIVE walk(n, key) AS (
     SELECT 1, (SELECT CASE WHEN task = :task THEN limit_key END FROM {s}.jobs{index}
-               WHERE status = 'pending' AND (task, limit_key) {first} (:task, :after)
+               WHERE status = 'pending' AND limit_key IS NOT NULL
+                   AND (task, limit_key) {first} (:task, :after)
                ORDER BY task, limit_key, priority, run_at, id LIMIT 1)
     UNION ALL
     SELECT n + 1, (SELECT CASE WHEN task = :task THEN limit_key END FROM {s}.jobs{index}
-                   WHERE status = 'pending' AND (task, limit_key) > (:task, walk.key)
+                   WHERE status = 'pending' AND limit_key IS NOT NULL
+                       AND (task, limit_key) > (:task, walk.key)
                    ORDER BY task, limit_key, priority, run_at, id LIMIT 1)
     FROM walk WHERE walk.key IS NOT NULL AND n < :most{before}
 )
 SELECT key, :now AS now,
     (SELECT count(*) FROM {s}.jobs WHERE task = :task AND limit_key = walk.key
-     AND status = 'running' AND NOT waiting) AS running,
+     AND limit_key IS NOT NULL AND status = 'running' AND NOT waiting) AS running,
     (SELECT tat FROM {s}.rate_limits WHERE kind = :kind AND name = walk.key) AS tat
 FROM walk WHERE key IS NOT NULL{upto} ORDER BY n
 """
@@ -234,7 +240,8 @@ def _first_due(tx: Tx, task: str, counts: Mapping[str, int]) -> Steps[dict[str, 
     for n, (key, count) in enumerate(counts.items()):
         parts.append(
             f"SELECT * FROM (SELECT priority, run_at, id, limit_key FROM {{s}}.jobs{index}"
-            f" WHERE task = :task AND limit_key = :key_{n} AND status = 'pending'"
+            f" WHERE task = :task AND limit_key = :key_{n} AND limit_key IS NOT NULL"
+            " AND status = 'pending'"
             f" AND run_at <= :now ORDER BY priority, run_at, id LIMIT :count_{n}) AS due_{n}"
         )
         params |= {f"key_{n}": key, f"count_{n}": count}
@@ -252,8 +259,9 @@ def values_in_use(sql: object, tasks: list[str]) -> Steps[dict[str, tuple[int, i
     for task in tasks:
         (row,) = yield Statement(
             "SELECT (SELECT count(DISTINCT limit_key) FROM {s}.jobs WHERE task = :task"
-            " AND status = 'running') AS running, (SELECT count(DISTINCT limit_key) FROM"
-            " {s}.jobs WHERE task = :task AND status = 'pending' AND run_at <= :now) AS waiting",
+            " AND limit_key IS NOT NULL AND status = 'running') AS running,"
+            " (SELECT count(DISTINCT limit_key) FROM {s}.jobs WHERE task = :task"
+            " AND limit_key IS NOT NULL AND status = 'pending' AND run_at <= :now) AS waiting",
             {"task": task},
         )
         used[task] = (int(row["running"]), int(row["waiting"]))
@@ -267,8 +275,8 @@ def key_state(
     start (None: it has started nothing yet, or has no rate limit) (a read)."""
     (row,) = yield Statement(
         "SELECT (SELECT count(*) FROM {s}.jobs WHERE task = :task AND limit_key = :key"
-        " AND status = 'running' AND NOT waiting) AS running, (SELECT tat FROM {s}.rate_limits"
-        " WHERE kind = :kind AND name = :key) AS tat",
+        " AND limit_key IS NOT NULL AND status = 'running' AND NOT waiting) AS running,"
+        " (SELECT tat FROM {s}.rate_limits WHERE kind = :kind AND name = :key) AS tat",
         {"task": task, "key": key, "kind": rate_kind(task)},
     )
     tat = row["tat"]
@@ -466,8 +474,8 @@ REKEY_SLICE = 500  # jobs a transaction of `rekeyed` reads at most
 def rekeyed(tx: Tx, items: list[tuple[str, str | None, int]]) -> Steps[list[int | None]]:
     """A slice of a task's active jobs (pending or running, ids after the given one) with
     their `limit_key` values computed again from their payloads under the task's new path
-    (None: it has none now, the empty value); the last id read, None once none are left.
-    The payloads are msgpack, which SQL cannot read: the values are computed here."""
+    (None: it has none now, and they no value: NULL); the last id read, None once none are
+    left. The payloads are msgpack, which SQL cannot read: the values are computed here."""
     results: list[int | None] = []
     for task, path, after in items:
         rows = yield Statement(
@@ -478,7 +486,7 @@ def rekeyed(tx: Tx, items: list[tuple[str, str | None, int]]) -> Steps[list[int 
         values = {
             int(row["id"]): value
             for row in rows
-            if (value := "" if path is None else limit_key_of(bytes(row["payload"]), path))
+            if (value := None if path is None else limit_key_of(bytes(row["payload"]), path))
             != row["limit_key"]
         }
         if values:

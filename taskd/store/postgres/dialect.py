@@ -86,7 +86,7 @@ new AS (
     INSERT INTO {{s}}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
                           parent_id, batch_id, created_at, traceparent, limit_key)
     SELECT task, 'pending', origin, payload, priority, coalesce(run_at, :now + delay),
-           max_attempts, key, parent_id, batch_id, :now, traceparent, coalesce(limit_key, '')
+           max_attempts, key, parent_id, batch_id, :now, traceparent, limit_key
     FROM given
     ORDER BY n
     ON CONFLICT DO NOTHING

@@ -185,7 +185,7 @@ class SqliteSql:
             run_at = job.run_at if job.run_at is not None else self.now + job.delay
             params += (job.task, job.origin, job.payload, job.priority, run_at,
                        job.max_attempts, job.key, job.parent_id, job.batch_id,
-                       self.now, job.traceparent, job.limit_key or "")  # fmt: skip
+                       self.now, job.traceparent, job.limit_key)  # fmt: skip
         return Statement(
             "INSERT INTO jobs (task, status, origin, payload, priority, run_at, max_attempts,"
             " key, parent_id, batch_id, created_at, traceparent, limit_key) VALUES "

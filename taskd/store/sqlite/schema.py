@@ -2,19 +2,109 @@
 
 from __future__ import annotations
 
+import re
+import sqlite3
+from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
+from taskd.store.base import StoreError
 from taskd.store.core.migrations import TRACEPARENT_COLUMN, log_migrated, versions_to_apply
+
+# A migration step SQL alone cannot say: it yields statements and is sent the rows of each
+# (tuples), so that it runs on aiosqlite as on sqlite3 (`apply`).
+Step = Callable[[], Generator[str, list[tuple[Any, ...]], None]]
 
 # What a trigger adds to the count of a job's (task, status): `row` is new or old.
 _COUNT = """INSERT INTO job_counts (task, status, n) VALUES ({row}.task, {row}.status, {n})
             ON CONFLICT (task, status) DO UPDATE SET n = n + {n}"""
 
+
+# The jobs table again, for a change of a column's constraints that ALTER TABLE cannot make:
+# SQLite's "12 steps" (https://sqlite.org/lang_altertable.html#otheralter): a new table
+# made from the text of the one there (whatever columns the migrations before this one
+# added), the rows copied, the old one dropped, the new one renamed, then its indexes and
+# triggers made again from their text read before the drop (`indexes` replaces those it
+# names). The rows keep their ids, and AUTOINCREMENT its count (no id is given twice).
+# No foreign key names the jobs table (none is declared): `PRAGMA foreign_key_check`
+# finds nothing, and the migration fails if it ever does.
+def rebuild_jobs(
+    edits: list[tuple[str, str]], copied: dict[str, str], indexes: dict[str, str]
+) -> Step:
+    """The rebuild of the jobs table with each `edits` pattern of its text replaced (each
+    must match once), each column in `copied` copied as that expression."""
+
+    def step() -> Generator[str, list[tuple[Any, ...]], None]:
+        rows = yield "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+        named = r'^\s*CREATE TABLE\s+"?jobs"?\s*\('
+        table = re.sub(named, "CREATE TABLE jobs_rebuilt (", rows[0][0])
+        for pattern, replacement in edits:
+            table, found = re.subn(pattern, replacement, table)
+            if found != 1 or not table.startswith("CREATE TABLE jobs_rebuilt ("):
+                raise StoreError(f"cannot migrate the jobs table: {pattern!r} found {found} times")
+        others = yield (
+            "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'jobs'"
+            " AND type IN ('index', 'trigger') AND sql IS NOT NULL"
+        )
+        columns = [row[1] for row in (yield "PRAGMA table_info(jobs)")]
+        counted = yield "SELECT seq FROM sqlite_sequence WHERE name = 'jobs'"
+        yield table
+        yield (
+            f"INSERT INTO jobs_rebuilt ({', '.join(columns)})"
+            f" SELECT {', '.join(copied.get(column, column) for column in columns)} FROM jobs"
+        )
+        yield "DROP TABLE jobs"
+        yield "ALTER TABLE jobs_rebuilt RENAME TO jobs"
+        for name, sql in others:
+            yield indexes.get(name, sql)
+        yield "DELETE FROM sqlite_sequence WHERE name = 'jobs'"
+        yield (
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'jobs',"
+            f" max({int(counted[0][0]) if counted else 0}, coalesce(max(id), 0)) FROM jobs"
+        )
+        if (yield "PRAGMA foreign_key_check"):
+            raise StoreError("cannot migrate the jobs table: a foreign key check failed")
+
+    return step
+
+
+# The jobs of a task without a `limit_key` have no value of one (NULL; '' is a keyed
+# task's job whose payload has none), and the indexes of the keyed jobs leave them out:
+# an insert, a claim and an end of theirs write no entry there. Their value was '',
+# as that of a keyed job with none: a task whose path `limit_key_paths` does not record
+# has none now (a start keys its jobs again if its configuration gives it one). The
+# status CHECK compares in place: SQLite tested an IN list of five through a temporary
+# table at every write of a job's row (a tenth of a no-op job's instructions).
+KEYLESS_JOBS = rebuild_jobs(
+    edits=[
+        (r"\blimit_key TEXT NOT NULL DEFAULT ''", "limit_key TEXT"),
+        (
+            r"CHECK \(status IN \('pending', 'running', 'succeeded', 'failed',"
+            r" 'cancelled'\)\)",
+            "CHECK (status = 'pending' OR status = 'running' OR status = 'succeeded'"
+            " OR status = 'failed' OR status = 'cancelled')",
+        ),
+    ],
+    copied={"limit_key": "CASE WHEN task IN (SELECT task FROM limit_key_paths) THEN limit_key END"},
+    indexes={
+        "jobs_task_limit_key_claim": (
+            "CREATE INDEX jobs_task_limit_key_claim"
+            " ON jobs (task, limit_key, priority, run_at, id)"
+            " WHERE status = 'pending' AND limit_key IS NOT NULL"
+        ),
+        "jobs_task_limit_key_running": (
+            "CREATE INDEX jobs_task_limit_key_running ON jobs (task, limit_key)"
+            " WHERE status = 'running' AND limit_key IS NOT NULL"
+        ),
+    },
+)
+
+
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
-MIGRATIONS: list[list[str]] = [
+MIGRATIONS: list[list[str | Step]] = [
     [
         """
         CREATE TABLE jobs (
@@ -294,7 +384,24 @@ MIGRATIONS: list[list[str]] = [
             WHERE status NOT IN ('pending', 'running')
         """,
     ],
+    # The jobs of tasks without a `limit_key`: no value (see KEYLESS_JOBS).
+    [KEYLESS_JOBS],
 ]
+
+
+def apply(connection: sqlite3.Connection, migration: list[str | Step]) -> None:
+    """Run a migration's statements on a sqlite3 connection (in the caller's transaction)."""
+    for statement in migration:
+        if isinstance(statement, str):
+            connection.execute(statement)
+            continue
+        steps, rows = statement(), None
+        try:
+            while True:
+                sql = steps.send(rows)  # type: ignore[arg-type]
+                rows = connection.execute(sql).fetchall()
+        except StopIteration:
+            pass
 
 
 async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
@@ -305,10 +412,23 @@ async def migrate(connection: aiosqlite.Connection, path: Path) -> None:
         await connection.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[number]:
-                await connection.execute(statement)
+                if isinstance(statement, str):
+                    await connection.execute(statement)
+                else:
+                    await _run(connection, statement)
             await connection.execute(f"PRAGMA user_version = {number + 1}")
             await connection.execute("COMMIT")
         except BaseException:
             await connection.execute("ROLLBACK")
             raise
     log_migrated(version, len(MIGRATIONS), str(path))
+
+
+async def _run(connection: aiosqlite.Connection, step: Step) -> None:
+    steps, rows = step(), None
+    try:
+        while True:
+            sql = steps.send(rows)  # type: ignore[arg-type]
+            rows = list(await connection.execute_fetchall(sql))
+    except StopIteration:
+        pass
