@@ -534,9 +534,13 @@ class Daemon:
             logger.warning("%s changed; it takes effect at the next restart", setting)
         self.config = config
         self._tasks().replace(registry)
+        not_keyed: StoreError | None = None
         if self._store is not None:
             self._store.webhooks = webhooks
-            await self._rekey(self._store, registry.limit_keys())
+            try:
+                await self._rekey(self._store, registry.limit_keys())
+            except StoreError as exc:  # the rest of the reload still applies
+                not_keyed = exc
         if self._engine is not None:  # its limits may hold back fewer jobs now
             self._engine.executor.limits_changed()
         self.paths = Paths(
@@ -554,19 +558,26 @@ class Daemon:
             await self._peers.announce(schedules)
         logging.getLogger().setLevel(config.log_level.upper())
         logger.info("reloaded: %s from %s", counted(len(registry), "task"), paths.tasks)
+        if not_keyed is not None:
+            message = (
+                "reloaded, but the queued jobs of a task whose limit_key changed could not be"
+                f" keyed again ({not_keyed}); they wait until they are: run `taskctl reload`"
+                " again once the store answers"
+            )
+            logger.error("%s", message)
+            raise RpcError(ErrorCode.STORE_ERROR, message)
         return ReloadResult(len(registry), len(schedules), restart_needed)
 
     @staticmethod
     async def _rekey(store: Store, limit_keys: Mapping[str, str]) -> None:
         """The configuration's `limit_key` paths, at a start or a reload: the jobs already
         queued of the tasks whose path differs from the one the store says they were keyed
-        by count under their new values from now on, as those inserted from now on."""
+        by count under their new values from now on, as those inserted from now on. A store
+        error is raised (a start fails, a reload says so): the jobs of a task that gained a
+        path have no value until they are keyed (the store's record stays as it was, so the
+        next start or reload keys them)."""
         store.limit_keys = limit_keys
-        try:
-            keyed_by = await store.limit_key_paths()
-        except StoreError as exc:
-            logger.warning("queued jobs keep their limit_key values: %s", exc)
-            return
+        keyed_by = await store.limit_key_paths()
         changed = sorted(
             task
             for task in keyed_by.keys() | limit_keys.keys()
@@ -577,12 +588,7 @@ class Daemon:
                 "task %s: limit_key %s (its queued jobs were keyed by %s): keying them again",
                 task, limit_keys.get(task, "none"), keyed_by.get(task, "none"),
             )  # fmt: skip
-            try:
-                await store.rekey(task, limit_keys.get(task))
-            except StoreError as exc:
-                logger.warning(
-                    "task %s: its queued jobs keep their limit_key values: %s", task, exc
-                )
+            await store.rekey(task, limit_keys.get(task))
 
     # -- stop ----------------------------------------------------------------------------
 
