@@ -31,8 +31,8 @@ from taskd import define_task
 
 @define_task(description="Computes for payload milliseconds without awaiting")
 async def spin(payload: float) -> None:
-    end = time.perf_counter() + payload / 1000
-    while time.perf_counter() < end:
+    end = time.thread_time() + payload / 1000
+    while time.thread_time() < end:
         pass
 """
 PROBE_TASK = """import asyncio
