@@ -385,7 +385,9 @@ class Daemon:
             file_group=file_group,
             allow_empty=self._allow_empty_store,
         )
-        await store.open()
+        await self.notifier.starting(
+            store.open(), "opening the job store (a new version of taskd migrates it once)"
+        )
         return store
 
     async def _join(self, store: Store, node: str) -> str:

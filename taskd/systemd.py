@@ -13,13 +13,20 @@ import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from taskd.models import counted
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SD_LISTEN_FDS_START = 3
 STATUS_INTERVAL = 1.0  # seconds: STATUS= is sent at most this often
+# A step of start-up that takes longer than this (seconds) tells systemd, then again as often,
+# that the start goes on (EXTEND_TIMEOUT_USEC, twice as far ahead): a migration that rebuilds
+# a large store outlasts TimeoutStartSec's default of 90 s, and a start killed there would
+# begin the migration again at each restart.
+START_STEP_NOTICE = 5.0
 
 
 class Notifier:
@@ -80,6 +87,18 @@ class Notifier:
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
+
+    async def starting(self, step: Awaitable[T], status: str) -> T:
+        """Await a step of start-up; while it goes on past START_STEP_NOTICE, tell systemd
+        so (with `status`), every START_STEP_NOTICE seconds, that the start is not stuck."""
+        running = asyncio.ensure_future(step)
+        try:
+            while not (await asyncio.wait({running}, timeout=START_STEP_NOTICE))[0]:
+                usec = int(2 * START_STEP_NOTICE * 1_000_000)
+                self.send(f"EXTEND_TIMEOUT_USEC={usec}", f"STATUS={status}")
+        finally:
+            running.cancel()  # if we were cancelled: the step too
+        return running.result()
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")

@@ -1049,3 +1049,42 @@ def _enqueue_until(
         while not stop.is_set():
             ids.append(client.enqueue("record", {"log": str(log)}, key=key,
                                       unique_for="10m").job_id)  # fmt: skip
+
+
+def test_a_start_that_waits_on_a_migration_tells_systemd_it_goes_on(cluster: Cluster) -> None:
+    """A migration that outlasts systemd's start timeout (a large store's) must not get the
+    start killed and begun again: past START_STEP_NOTICE, the daemon extends the timeout."""
+    from taskd.systemd import START_STEP_NOTICE
+
+    taken, release = threading.Event(), threading.Event()
+
+    async def hold_the_migrations_lock() -> None:
+        import asyncpg
+
+        connection = await asyncpg.connect(cluster.url)
+        try:
+            key = f"taskd-migrations:{cluster.schema}"
+            await connection.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+            taken.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        finally:
+            await connection.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold_the_migrations_lock(),))
+    holder.start()
+    try:
+        assert taken.wait(30)
+        root = cluster.root / "a"
+        root.mkdir()
+        text = f'node_id = "a"\n[postgres]\nschema = "{cluster.schema}"\n'
+        daemon = cluster.factory(root, tasks=CLUSTER_TASKS, config=text)
+        daemon.database = cluster.url  # type: ignore[assignment]
+        cluster.daemons.append(daemon.start(wait=False))
+        message = daemon.wait_for_notification("EXTEND_TIMEOUT_USEC=", timeout=60)
+    finally:
+        release.set()
+        holder.join()
+    notified = dict(line.split("=", 1) for line in message.split("\n"))
+    assert int(notified["EXTEND_TIMEOUT_USEC"]) > START_STEP_NOTICE * 1_000_000
+    assert "opening the job store" in notified["STATUS"]
+    daemon.wait_for_notification("READY=1", timeout=60)
