@@ -188,10 +188,11 @@ class PostgresBench:
                 if one is None or three is None:
                     continue
                 cells = ["-" if value is None else f"{value:,.0f} {unit}" for value in medians]
-                versus = "-" if pgqueuer is None else f"{one / pgqueuer:.2f}x"
+                versus = "-" if not pgqueuer else f"{one / pgqueuer:.2f}x"
                 goal = (IO_GOAL if wait else GOALS[what]) if figure == "rate" else (
                     "report; 3/1 not above 1x" if figure == "server_us" else "report"
                 )  # fmt: skip
-                row = [name + label, *cells, versus, f"{three / one:.2f}x", goal]
+                scaled = f"{three / one:.2f}x" if one else "-"  # 0: under the clock's tick
+                row = [name + label, *cells, versus, scaled, goal]
                 lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
