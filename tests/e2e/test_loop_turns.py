@@ -7,35 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from taskctl import enqueue_params
+from tests.bench.loop_turns import PROBE_TASK, SPIN_TASK  # the bench's bad case
 from tests.support import Taskd
 
-SPIN_TASK = """import time
-
-from taskd import define_task
-
-
-@define_task
-async def spin(payload: float) -> None:
-    end = time.perf_counter() + payload / 1000
-    while time.perf_counter() < end:  # computes, never awaits
-        pass
-"""
-PROBE_TASK = """import asyncio
-
-from taskd import define_task
-
-
-@define_task
-async def probe(payload: float) -> list[float]:
-    loop = asyncio.get_running_loop()
-    late = []
-    end = loop.time() + payload
-    while loop.time() < end:
-        asked = loop.time()
-        await asyncio.sleep(0.001)
-        late.append((loop.time() - asked - 0.001) * 1000)
-    return late
-"""
 WORKERS = 16  # one for the probe, the others chain the spinning jobs
 SPINS = 2000  # of 2 ms each: longer than the probe's PROBE_SECONDS on two cores
 PROBE_SECONDS = 2.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -459,6 +459,24 @@ async def test_two_stores_migrating_at_once_make_one_schema() -> None:
         await drop_schema(url, schema)
 
 
+async def migrated_until(
+    connection: asyncpg.Connection, schema: str, first: Callable[[list[str]], bool]
+) -> None:
+    """The schema as the migrations before the `first` one made it, recorded as such (a store
+    of an earlier version, for a migration's test to write to)."""
+    before = next(n for n, migration in enumerate(MIGRATIONS) if first(migration))
+    for statement in (s for migration in MIGRATIONS[:before] for s in migration):
+        await connection.execute(statement.format(s=schema))
+    await connection.execute(
+        f"CREATE TABLE {schema}.migrations (version integer PRIMARY KEY,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    await connection.executemany(
+        f"INSERT INTO {schema}.migrations (version) VALUES ($1)",
+        [(n,) for n in range(1, before + 1)],
+    )
+
+
 async def test_the_jobs_of_tasks_without_a_limit_key_have_no_value_once_migrated() -> None:
     """The migration that lets `limit_key` be NULL, on a schema of the version before it
     with jobs in it: the jobs of the tasks `limit_key_paths` records no path for have no
@@ -468,20 +486,8 @@ async def test_the_jobs_of_tasks_without_a_limit_key_have_no_value_once_migrated
     connection = await asyncpg.connect(url)
     try:
         await connection.execute(f"CREATE SCHEMA {schema}")
-        before = next(
-            n
-            for n, m in enumerate(MIGRATIONS)
-            if m[0] == "DROP INDEX {s}.jobs_task_limit_key_claim"
-        )
-        for statement in (s for migration in MIGRATIONS[:before] for s in migration):
-            await connection.execute(statement.format(s=schema))
-        await connection.execute(
-            f"CREATE TABLE {schema}.migrations (version integer PRIMARY KEY,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        await connection.executemany(
-            f"INSERT INTO {schema}.migrations (version) VALUES ($1)",
-            [(n,) for n in range(1, before + 1)],
+        await migrated_until(
+            connection, schema, lambda m: m[0] == "DROP INDEX {s}.jobs_task_limit_key_claim"
         )
         await connection.execute(
             f"INSERT INTO {schema}.limit_key_paths (task, path) VALUES ('k', 'customer')"
@@ -524,19 +530,7 @@ async def test_the_job_counters_are_filled_by_the_migration_and_kept_by_every_wr
     try:
         await connection.execute(f"CREATE SCHEMA {schema}")
         # The schema as it was before the counters' migration, then jobs written to it.
-        counters = next(
-            n for n, m in enumerate(MIGRATIONS) if "CREATE TABLE {s}.job_counts" in m[0]
-        )
-        for statement in (s for migration in MIGRATIONS[:counters] for s in migration):
-            await connection.execute(statement.format(s=schema))
-        await connection.execute(
-            f"CREATE TABLE {schema}.migrations (version integer PRIMARY KEY,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        await connection.executemany(
-            f"INSERT INTO {schema}.migrations (version) VALUES ($1)",
-            [(n,) for n in range(1, counters + 1)],
-        )
+        await migrated_until(connection, schema, lambda m: "CREATE TABLE {s}.job_counts" in m[0])
         await connection.execute(
             f"INSERT INTO {schema}.jobs (task, status, origin, payload, run_at, max_attempts,"
             " created_at) SELECT t, s, 'enqueue', '\\x80', 0, 3, 0"
