@@ -371,3 +371,30 @@ async def test_damage_met_while_open_makes_the_next_open_check_the_file(tmp_path
             await reopened.open()
     finally:
         await reopened.close()
+
+
+async def test_a_read_sees_one_snapshot_whatever_commits_between_its_statements(
+    tmp_path: Path,
+) -> None:
+    """A job's row and its errors are two statements of one read: a finish committed between
+    them must not show a running job with the error of its failed attempt."""
+    from taskd.store.core.statements import Statement
+
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    try:
+        (inserted,) = await store.insert([new()])
+
+        def read(sql: object) -> object:
+            before = yield Statement("SELECT priority FROM jobs WHERE id = :id", {"id": job_id})
+            with closing(sqlite3.connect(tmp_path / "jobs.db")) as other:
+                other.execute("UPDATE jobs SET priority = 7 WHERE id = ?", (job_id,))
+                other.commit()
+            after = yield Statement("SELECT priority FROM jobs WHERE id = :id", {"id": job_id})
+            return before[0]["priority"], after[0]["priority"]
+
+        job_id = inserted.job_id
+        assert await store._read(read) == (0, 0)
+        assert await store._read(read) == (7, 7)  # the next read sees the commit
+    finally:
+        await store.close()

@@ -66,8 +66,14 @@ def _transact(
 
 
 def _run_read(db: sqlite3.Connection, now: float, read: Callable[..., Steps[R]], args: Any) -> R:
-    """In the reader's thread: a whole read."""
-    return run_steps(read(SqliteSql(now), *args), partial(execute, db, now))
+    """In the reader's thread: a whole read, in one snapshot (its statements see the same
+    commits: a job's row and its errors, say, not the row before a finish and the errors
+    after it)."""
+    db.execute("BEGIN")
+    try:
+        return run_steps(read(SqliteSql(now), *args), partial(execute, db, now))
+    finally:
+        db.execute("COMMIT")  # a read-only transaction: it only lets go of the snapshot
 
 
 def _take_over(tx: Tx, items: list[None]) -> Steps[list[None]]:
