@@ -16,7 +16,9 @@ import taskd.outbox
 import taskd.pg
 from taskd.models import TaskCounts
 from taskd.store import ClaimRequest, NewJob, Outcome, StoreError
+from taskd.store.base import Failure
 from taskd.store.core import keys
+from taskd.store.postgres import store as postgres_store
 from taskd.store.postgres.dialect import (
     CLAIM_SQL,
     NEXT_DUE_SQL,
@@ -89,6 +91,36 @@ async def test_lost_connections_come_back_and_everyone_reads_again(store: Postgr
     assert (await store.get(inserted.job_id)) is not None
     worker = await store.register_node("n", 60)
     assert len((await store.claim(ClaimRequest(worker, 10, 60))).jobs) == 2
+
+
+async def test_a_job_read_sees_one_snapshot_whatever_commits_between_its_statements(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's row and its errors are two statements of `get`: an attempt failing between
+    them must not show a running job with the error of that attempt."""
+    await store.insert([new()])
+    worker = await store.register_node("n", 60)
+    (job,) = (await store.claim(ClaimRequest(worker, 1, 60))).jobs
+    failure = Outcome(
+        job.id, job.epoch, worker, "retry", error=Failure("error", "boom"), retry_in=60
+    )
+    run_statement, failed = postgres_store.execute, False
+
+    async def execute(db: Any, schema: str, statement: Any) -> Any:
+        nonlocal failed
+        rows = await run_statement(db, schema, statement)
+        if not failed:  # after the read's first statement (the job's row)
+            failed = True
+            await store.finish([failure])
+        return rows
+
+    monkeypatch.setattr(postgres_store, "execute", execute)
+    read = await store.get(job.id)
+    assert read is not None and (read.status, read.errors) == ("running", [])
+    monkeypatch.undo()
+    again = await store.get(job.id)
+    assert again is not None and again.status == "pending"
+    assert [error.message for error in again.errors] == ["boom"]
 
 
 # -- taskd.outbox: enqueue in the application's transaction ----------------------------------------

@@ -1,5 +1,7 @@
 """The reads, each run whole on a connection of its own (SQLite: the reader's, in one hop;
-PostgreSQL: a pooled one, outside any transaction)."""
+PostgreSQL: a pooled one), their statements in one snapshot: SQLite's reader wraps each read
+in a transaction; PostgreSQL, whose transaction costs two round trips, only the reads in
+SEVERAL_STATEMENTS."""
 
 from __future__ import annotations
 
@@ -221,3 +223,7 @@ def schedule_states(sql: Dialect, ids: Sequence[str] | None) -> Steps[list[Sched
         where = f" WHERE id IN ({names})"
     rows = yield Statement(f"SELECT {SCHEDULE_COLUMNS} FROM {{s}}.schedules{where}", params)
     return [schedule_from_row(row) for row in rows]
+
+
+# The reads that may run more than one statement (what they return must be of one moment).
+SEVERAL_STATEMENTS = frozenset({get, list_jobs, counts})

@@ -123,15 +123,16 @@ class Connections:
             self._backoff,
         )
 
-    def acquire(self, *, begin: bool = False) -> _Use:
-        """A connection for one use (in a transaction it must end, with `begin`); one that
-        failed, or was left in a transaction, is closed rather than used again."""
+    def acquire(self, *, begin: str = "") -> _Use:
+        """A connection for one use (in a transaction it must end, with `begin`: the BEGIN
+        statement); one that failed, or was left in a transaction, is closed rather than
+        used again."""
         return _Use(self, begin)
 
-    async def _prepared(self, begin: bool) -> Any:
+    async def _prepared(self, begin: str) -> Any:
         """A connection, in a transaction if asked, with the test clock if there is one. An
         idle connection the server has dropped (it restarted) is replaced once."""
-        prelude = ["BEGIN"] if begin else []
+        prelude = [begin] if begin else []
         if self._clock is not None:
             now = repr(float(self._clock()))
             prelude.append(f"SELECT set_config('taskd.now', '{now}', false)")
@@ -194,7 +195,7 @@ class _Use:
 
     __slots__ = ("_begin", "_connection", "_connections")
 
-    def __init__(self, connections: Connections, begin: bool) -> None:
+    def __init__(self, connections: Connections, begin: str) -> None:
         self._connections = connections
         self._begin = begin
 

@@ -23,6 +23,7 @@ from taskd.store.base import StoreError
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.notes import Notes
 from taskd.store.core.notices import decode_notice, encode_notices, notice_of
+from taskd.store.core.reads import SEVERAL_STATEMENTS
 from taskd.store.core.statements import Statement, Steps, run_steps_async
 from taskd.store.core.store import SqlStore, store_write
 from taskd.store.postgres.connections import (
@@ -123,7 +124,7 @@ class PostgresStore(SqlStore):
     async def _transact(
         self, operations: list[tuple[Operation, list[Any]]], notes: Notes, durable: bool = True
     ) -> list[list[Any]]:
-        async with self._connections.acquire(begin=True) as db:
+        async with self._connections.acquire(begin="BEGIN") as db:
             tx = Tx(self._sql, notes, self.webhooks, self.limit_keys)
             try:
                 outputs = [await self._run(db, op(tx, items)) for op, items in operations]
@@ -160,13 +161,22 @@ class PostgresStore(SqlStore):
     async def _read(self, read: Callable[..., Steps[T]], *args: Any) -> T:
         """A read; tried again once on a new connection if the first one was lost."""
         try:
-            async with self._connections.acquire() as db:
-                return await self._run(db, read(self._sql, *args))
+            return await self._read_once(read, args)
         except DRIVER_ERRORS as exc:
             if not connection_failed(exc) or isinstance(exc, Unreachable):
                 raise
-        async with self._connections.acquire() as db:
-            return await self._run(db, read(self._sql, *args))
+        return await self._read_once(read, args)
+
+    async def _read_once(self, read: Callable[..., Steps[T]], args: tuple[Any, ...]) -> T:
+        # A read of several statements sees one snapshot (a job's row and its errors as of
+        # one moment); one of a single statement needs no transaction, and saves its two
+        # round trips.
+        snapshot = read in SEVERAL_STATEMENTS
+        async with self._connections.acquire(begin=SNAPSHOT if snapshot else "") as db:
+            result = await self._run(db, read(self._sql, *args))
+            if snapshot:
+                await db.execute("COMMIT")
+            return result
 
     def _store_error(self, exc: Exception) -> StoreError | None:
         """The driver's error as a StoreError; a start-up that fails does not reconnect."""
@@ -195,6 +205,10 @@ def _announce(tx: Tx, items: list[tuple[str, str]]) -> Steps[list[None]]:
             {"worker": worker, "digest": digest},
         )
     return [None] * len(items)
+
+
+# A read-only transaction whose statements all see the snapshot of its first one.
+SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 
 def _worth_splitting(exc: Exception) -> bool:
