@@ -403,7 +403,8 @@ class ControlServer:
                 self._send_error(connection, None, exc.code, exc.message)
                 return
             self._dispatch(connection, body)
-            await self._output_room(connection)
+            if connection.unsent > OUTPUT_BUDGET:
+                await self._output_room(connection)
 
     async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
         """The body of the next frame; _StreamBroken if it is too large or too slow; a

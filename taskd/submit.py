@@ -235,9 +235,9 @@ class Submitter:
         if self._claimer is None:
             return False
         return any(
-            _due_now(row) for row, request in zip(rows, requests, strict=True)
-            if request.single_flight
-        )  # fmt: skip
+            request.single_flight and _due_now(row)
+            for row, request in zip(rows, requests, strict=True)
+        )
 
     def _insert_claiming(
         self, rows: list[NewJob]
