@@ -87,6 +87,9 @@ class AsyncClient:
         self.socket_path = socket_path or client_socket_path()
         self._timeout = timeout
         self._writer: asyncio.StreamWriter | None = None
+        # The connection's loop, read as it connects: on Python 3.11 each
+        # asyncio.get_running_loop() makes a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._next_id = 1
@@ -121,7 +124,7 @@ class AsyncClient:
                 raise timed_out(self.socket_path, "connect", limit or 0.0) from None
             except OSError as exc:
                 raise unavailable(self.socket_path, exc) from None
-            self._writer = writer
+            self._writer, self._loop = writer, asyncio.get_running_loop()
             self._reader_task = asyncio.create_task(self._read_replies(reader))
             try:
                 result: HelloResult = await self._send(protocol.HELLO.name, hello_params(), limit)
@@ -153,12 +156,12 @@ class AsyncClient:
         return await self._send(method, params, limit)
 
     async def _send(self, method: str, params: Params, limit: float | None) -> Any:
-        writer = self._writer
-        if writer is None:
+        writer, loop = self._writer, self._loop
+        if writer is None or loop is None:
             raise ProtocolError("not connected")
         request_id = self._next_id
         self._next_id += 1
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[request_id] = (method, future)
         raw = msgspec.Raw(msgspec.msgpack.encode(params))
         try:
