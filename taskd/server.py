@@ -403,7 +403,8 @@ class ControlServer:
                 self._send_error(connection, None, exc.code, exc.message)
                 return
             self._dispatch(connection, body)
-            await self._output_room(connection)
+            if connection.unsent > OUTPUT_BUDGET:
+                await self._output_room(connection)
 
     async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
         """The body of the next frame; _StreamBroken if it is too large or too slow; a
@@ -547,14 +548,16 @@ class ControlServer:
                 return
             if declared.writes or declared.waits:
                 # Changes are answered in a few bytes; waits must not block each other.
-                await self._answer_and_reply(connection, request_id, method, params)
+                reply = await self._answer(connection.peer, request_id, method, params)
+                await self._reply(connection, request_id, reply)
                 return
             # Reads that are answered at once, with replies as large as the store's
             # contents, are worked on one at a time per connection, and only while its peer
             # keeps up with its replies: a peer that reads nothing costs at most about one.
             async with connection.reads:
                 await self._output_room(connection)
-                await self._answer_and_reply(connection, request_id, method, params)
+                reply = await self._answer(connection.peer, request_id, method, params)
+                await self._reply(connection, request_id, reply)
         except asyncio.CancelledError:
             if not self._closing:
                 raise
@@ -645,10 +648,12 @@ class ControlServer:
             return None
         return JobEvent("progress", job.id, task=job.task, progress=job.progress)
 
-    async def _answer_and_reply(
-        self, connection: _Connection, request_id: int, method: str, params: Params
+    async def _reply(
+        self, connection: _Connection, request_id: int, reply: Reply | Deferred[Any]
     ) -> None:
-        reply = await self._answer(connection.peer, request_id, method, params)
+        """Send the answer to a request, now or (a Deferred result) once it is known."""
+        # Called once the answer is there, rather than wrapping the wait for it: a request
+        # waiting for its answer (an enqueue, for its commit) is one frame less to resume.
         if isinstance(reply, Deferred):
             self._reply_later(connection, request_id, reply)
         else:

@@ -209,28 +209,40 @@ class Submitter:
 
         With `numbered` (a batch from a client), a refusal names the item: `jobs[3]: ...`.
         """
-        inserted, _ = await self._submit(requests, numbered)
-        return inserted
+        rows = self._prepare_all(requests, numbered=numbered)
+        if self._starts_now(rows, requests):
+            inserted, _ = await self._insert_claiming(rows)
+            return inserted
+        # Enqueued jobs are acknowledged first, and claimed by the executor's next claim.
+        return await self._store.insert(rows)
 
     async def submit_run(self, request: JobRequest) -> tuple[Inserted, Job | None]:
         """Insert one run; with its job as the insert's commit claimed it for this daemon
         (None if it did not: a job joined, held, or no slot free)."""
-        (inserted,), claimed = await self._submit([request], False)
+        rows = self._prepare_all([request], numbered=False)
+        if not self._starts_now(rows, [request]):
+            (inserted,) = await self._store.insert(rows)
+            return inserted, None
+        (inserted,), claimed = await self._insert_claiming(rows)
         jobs = claimed.jobs if claimed is not None else []
         started = next((job for job in jobs if job.id == inserted.job_id), None)
         # A copy: the executor has the claimed one.
         return inserted, None if started is None else msgspec.structs.replace(started)
 
-    async def _submit(
-        self, requests: Sequence[JobRequest], numbered: bool
-    ) -> tuple[list[Inserted], Claimed | None]:
-        rows = self._prepare_all(requests, numbered=numbered)
-        # A run starts in its insert's commit if a slot is free (its caller waits for it);
-        # enqueued jobs are acknowledged first, and claimed by the executor's next claim.
-        runs = [row for row, request in zip(rows, requests, strict=True) if request.single_flight]
-        if self._claimer is None or not any(_due_now(row) for row in runs):
-            return await self._store.insert(rows), None
-        return await self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
+    def _starts_now(self, rows: list[NewJob], requests: Sequence[JobRequest]) -> bool:
+        """Whether the insert is to claim too: a run starts in its insert's commit if it is
+        due and a slot is free (its caller waits for it)."""
+        if self._claimer is None:
+            return False
+        return any(
+            request.single_flight and _due_now(row)
+            for row, request in zip(rows, requests, strict=True)
+        )
+
+    def _insert_claiming(
+        self, rows: list[NewJob]
+    ) -> Awaitable[tuple[list[Inserted], Claimed | None]]:
+        return self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
 
     async def submit_batch(
         self, requests: Sequence[JobRequest], on_finish: str

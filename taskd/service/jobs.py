@@ -139,8 +139,8 @@ class JobMethods:
                 )
 
     async def enqueue(self, params: EnqueueParams) -> EnqueueResult:
-        (result,) = await self._enqueue([params])
-        return result
+        (inserted,) = await self._submitter.submit(self._requests([params]))
+        return EnqueueResult(inserted.job_id, inserted.duplicate)
 
     async def enqueue_many(self, params: EnqueueManyParams) -> EnqueueManyResult:
         if params.on_finish is None:

@@ -79,24 +79,27 @@ class GroupCommit(Generic[Context]):
             await self._task
             self._task = None
 
-    async def submit(
+    def submit(
         self,
         operation: Operation[Context, Item, Result],
         items: Sequence[Item],
-    ) -> list[Result]:
-        """Run `operation` on `items` in the next transaction; return after it commits.
+    ) -> asyncio.Future[list[Result]]:
+        """Run `operation` on `items` in the next transaction; the future of its results,
+        done once it commits.
 
         What others must be told about the write (work to do, a job ended) is the runner's
         to tell once it commits, also when the caller has stopped waiting (a client that
         hung up).
         """
+        # A future rather than a coroutine: the caller awaits it directly, one frame less to
+        # create and to resume for each write (an enqueue passes through a dozen already).
         if self._task is None or self._task.done() or self._loop is None:
             raise RuntimeError("the store is closed")
         future: asyncio.Future[list[Result]] = self._loop.create_future()
         self._put(_Write(operation, items, future))
         # A caller that gives up cancels its wait, not the write: the writer commits it and
         # tells what it made known all the same (it only drops a result no one waits for).
-        return await future
+        return future
 
     def _put(self, write: _Write[Any, Any] | None) -> None:
         self._queue.append(write)

@@ -94,7 +94,7 @@ def store_write(method: Method) -> Method:
             if error is exc:
                 raise
             raise error from exc
-        await store._write_succeeded(method.__name__)
+        store._write_succeeded(method.__name__)
         return result
 
     return cast(Method, wrapper)
@@ -470,5 +470,5 @@ class SqlStore:
     async def _write_failed(self, operation: str, exc: Exception, error: StoreError) -> None:
         self.health.failed(operation, str(error))
 
-    async def _write_succeeded(self, operation: str) -> None:
+    def _write_succeeded(self, operation: str) -> None:
         self.health.succeeded(operation)
