@@ -178,6 +178,19 @@ async def test_the_outbox_keys_a_job_by_the_limit_key_the_daemons_recorded(
     assert [row["limit_key"] for row in values] == ["acme", "", None]
 
 
+def test_jobs_without_a_key_are_inserted_without_on_conflict() -> None:
+    """No unique index can refuse a job without a key: its insert is a plain one, where ON
+    CONFLICT makes each row a speculative insertion (a probe of the primary key, a lock, a
+    second WAL record); a statement with a keyed job keeps it (its key may be taken)."""
+    sql = PostgresSql("taskd", "me")
+    keyed = msgspec.structs.replace(new(), key="k")
+    for insert in (sql.insert, sql.insert_unless_limited):
+        assert "ON CONFLICT DO NOTHING" not in insert([new()]).sql
+        assert "ON CONFLICT DO NOTHING" not in insert([new(), new("u")]).sql
+        assert "ON CONFLICT DO NOTHING" in insert([keyed]).sql
+        assert "ON CONFLICT DO NOTHING" in insert([new(), keyed]).sql
+
+
 async def test_the_outbox_enqueues_in_one_statement_when_its_task_has_no_limit_key(
     store: PostgresStore,
 ) -> None:
