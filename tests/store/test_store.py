@@ -225,6 +225,34 @@ async def test_finish_and_claim_in_one_call(store: Store) -> None:
     assert finished.claimed is not None and [j.id for j in finished.claimed.jobs] == [second]
 
 
+async def test_a_finish_of_hundreds_of_outcomes_records_each(store: Store) -> None:
+    """A drain's finish holds hundreds of outcomes (SQLite records them in chunks): each is
+    recorded, fenced and returned in its place, with its result and error."""
+    ids = [i.job_id for i in await store.insert([new(max_attempts=1) for _ in range(300)])]
+    assert len((await claim(store, limit=300)).jobs) == 300
+    outcomes = [
+        Outcome(job_id, 1, W1, "failed", error=ERROR) if n % 7 == 3
+        else succeeded(job_id, epoch=2) if n % 11 == 5  # a stale claim's: refused
+        else succeeded(job_id, result=n)
+        for n, job_id in enumerate(ids)
+    ]  # fmt: skip
+    finished = (await store.finish(outcomes)).jobs
+    for n, (job_id, job) in enumerate(zip(ids, finished, strict=True)):
+        if n % 7 == 3:
+            assert job is not None and (job.id, job.status, job.error) == (
+                job_id, "failed", "ValueError: boom"
+            )  # fmt: skip
+        elif n % 11 == 5:
+            assert job is None
+        else:
+            assert job is not None and (job.id, job.status) == (job_id, "succeeded")
+            assert job.result is not None and msgspec.msgpack.decode(job.result) == n
+    failed = await store.get(ids[3])
+    assert failed is not None and [e.message for e in failed.errors] == ["ValueError: boom"]
+    stale = await store.get(ids[5])
+    assert stale is not None and stale.status == "running"
+
+
 async def test_fencing_refuses_stale_and_foreign_outcomes(store: Store, clock: Clock) -> None:
     (inserted,) = await store.insert([new()])
     job_id = inserted.job_id
