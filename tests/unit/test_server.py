@@ -125,3 +125,46 @@ def test_a_released_socket_leaves_no_files_and_can_be_taken_again() -> None:
         release_socket(path, lock)
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("piece", [1, 3, 5, 1000])
+async def test_frames_are_read_however_their_bytes_are_cut(piece: int) -> None:
+    """Frames split over many writes, and several in one, are each read and answered."""
+
+    async def handler(method: str, params: Params) -> Any:
+        return method
+
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=4,
+        read_timeout=5,
+    )
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        reader, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
+        requests = [(1, "hello", {"protocol": 1}), (2, "status", {}), (3, "list_tasks", {})]
+        stream = b"".join(
+            encode_frame(Request(request_id, method, msgspec.Raw(msgspec.msgpack.encode(params))))
+            for request_id, method, params in requests
+        )
+        for start in range(0, len(stream), piece):
+            writer.write(stream[start : start + piece])
+            await asyncio.sleep(0)  # a turn of the loop: the server reads this piece alone
+        replies = {}
+        async with asyncio.timeout(10):
+            for _ in requests:
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                reply = msgspec.msgpack.decode(await reader.readexactly(size))
+                replies[reply["id"]] = reply
+        assert replies[1]["result"]["server"] == "test"
+        assert replies[2]["result"] == "status" and replies[3]["result"] == "list_tasks"
+        writer.close()
+        await server.close()
+        os.close(lock)
+    finally:
+        shutil.rmtree(folder)
