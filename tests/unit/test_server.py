@@ -168,3 +168,54 @@ async def test_frames_are_read_however_their_bytes_are_cut(piece: int) -> None:
         os.close(lock)
     finally:
         shutil.rmtree(folder)
+
+
+async def test_a_frame_waits_for_the_shared_budget_and_is_read_once_there_is_room() -> None:
+    """Four connections hold the budget with frames they do not finish; a fifth's frame
+    waits for room, which comes when they are cut off after read_timeout, and is then read
+    and answered: its wait for the budget does not count against its own read_timeout."""
+
+    async def handler(method: str, params: Params) -> Any:
+        return method
+
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=8,
+        read_timeout=0.5,
+    )
+    size = 13 * MIB  # four of them hold 52 of the 64 MiB; a fifth does not fit
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        streams = [await asyncio.open_unix_connection(str(folder / "s.sock")) for _ in range(5)]
+        for reader, writer in streams:
+            writer.write(encode_frame(Request(1, "hello", msgspec.Raw(b"\x81\xa8protocol\x01"))))
+            (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+            await reader.readexactly(length)
+        for _, writer in streams[:4]:
+            writer.write(HEADER.pack(size) + b"x")  # a frame begun, never finished
+        await asyncio.sleep(0)  # a turn of the loop: the server reads them
+        # A whole frame of `size` bytes (a request with a field too many: read, it is
+        # answered under its id; cut off, with an error of no id).
+        body = msgspec.msgpack.encode({"id": 2, "method": "status", "params": {}, "x": "y" * size})
+        last_reader, last_writer = streams[4]
+        last_writer.write(HEADER.pack(len(body)) + body)
+        replies = []
+        async with asyncio.timeout(10):
+            for reader, _ in streams[:4]:
+                (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                replies.append(msgspec.msgpack.decode(await reader.readexactly(length)))
+            (length,) = HEADER.unpack(await last_reader.readexactly(HEADER.size))
+            last = msgspec.msgpack.decode(await last_reader.readexactly(length))
+        assert all("not completed within 0.5s" in r["error"]["message"] for r in replies)
+        assert last["id"] == 2 and "not a valid request" in last["error"]["message"], last
+        for _, writer in streams:
+            writer.close()
+        await server.close()
+        os.close(lock)
+    finally:
+        shutil.rmtree(folder)
