@@ -421,7 +421,7 @@ class _Connection(asyncio.Protocol):
     def move(self, until: float | None) -> None:
         """Set the reads' deadline; the timer is set again only when it comes earlier."""
         self.until = until
-        if until is not None and until < self.timer_at:
+        if until is not None and until < self.timer_at and not self.ended:
             if self.timer is not None:
                 self.timer.cancel()
             self.timer_at = until

@@ -219,3 +219,44 @@ async def test_a_frame_waits_for_the_shared_budget_and_is_read_once_there_is_roo
         os.close(lock)
     finally:
         shutil.rmtree(folder)
+
+
+async def test_a_connection_whose_peer_hangs_up_mid_request_is_let_go() -> None:
+    """Its request is cancelled, and nothing (no idle timer) keeps the connection alive."""
+    started = asyncio.Event()
+
+    async def handler(method: str, params: Params) -> Any:
+        started.set()
+        await asyncio.Event().wait()  # a wait that never ends by itself
+
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=4,
+        read_timeout=5,
+    )
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        _, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
+        for request_id, method, params in [(1, "hello", {"protocol": 1}), (2, "status", {})]:
+            raw = msgspec.Raw(msgspec.msgpack.encode(params))
+            writer.write(encode_frame(Request(request_id, method, raw)))
+        async with asyncio.timeout(10):
+            await started.wait()
+        (connection,) = server._connections
+        (request,) = connection.in_flight
+        writer.close()
+        async with asyncio.timeout(10):
+            await asyncio.gather(request, return_exceptions=True)
+        assert request.cancelled()
+        await asyncio.sleep(0)  # a turn of the loop: the request's callbacks run
+        assert not server._connections
+        assert connection.timer is None  # an idle timer would hold it for idle_timeout
+        await server.close()
+        os.close(lock)
+    finally:
+        shutil.rmtree(folder)
