@@ -10,7 +10,7 @@ import asyncio
 import collections
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -86,11 +86,10 @@ class AsyncClient:
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None) -> None:
         self.socket_path = socket_path or client_socket_path()
         self._timeout = timeout
-        self._writer: asyncio.StreamWriter | None = None
+        self._connection: _Connection | None = None
         # The connection's loop, read as it connects: on Python 3.11 each
         # asyncio.get_running_loop() makes a getpid() system call.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._next_id = 1
         self._connecting = asyncio.Lock()
@@ -113,19 +112,22 @@ class AsyncClient:
 
     async def _connect(self, limit: float | None) -> HelloResult:
         async with self._connecting:
-            if self.server is not None and self._writer is not None:
+            if self.server is not None and self._connection is not None:
                 return self.server
-            if self._writer is not None:
-                self._writer.close()  # taskd closed it (idle_timeout); a new one does as well
+            if self._connection is not None:
+                self._connection.close()  # taskd closed it (idle_timeout); a new one does as well
+                self._connection = None
+            loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(limit):
-                    reader, writer = await asyncio.open_unix_connection(self.socket_path)
+                    _, connection = await loop.create_unix_connection(
+                        lambda: _Connection(self, loop), self.socket_path
+                    )
             except TimeoutError:
                 raise timed_out(self.socket_path, "connect", limit or 0.0) from None
             except OSError as exc:
                 raise unavailable(self.socket_path, exc) from None
-            self._writer, self._loop = writer, asyncio.get_running_loop()
-            self._reader_task = asyncio.create_task(self._read_replies(reader))
+            self._connection, self._loop = connection, loop
             try:
                 result: HelloResult = await self._send(protocol.HELLO.name, hello_params(), limit)
             except BaseException:
@@ -135,13 +137,10 @@ class AsyncClient:
             return result
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            await asyncio.gather(self._reader_task, return_exceptions=True)
-            self._reader_task = None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+            await connection.closed
         self._fail_pending(ProtocolError("the client was closed"))
         self.server = None
 
@@ -156,8 +155,8 @@ class AsyncClient:
         return await self._send(method, params, limit)
 
     async def _send(self, method: str, params: Params, limit: float | None) -> Any:
-        writer, loop = self._writer, self._loop
-        if writer is None or loop is None:
+        connection, loop = self._connection, self._loop
+        if connection is None or loop is None:
             raise ProtocolError("not connected")
         request_id = self._next_id
         self._next_id += 1
@@ -165,38 +164,30 @@ class AsyncClient:
         self._pending[request_id] = (method, future)
         raw = msgspec.Raw(msgspec.msgpack.encode(params))
         try:
-            writer.write(encode_frame(Request(request_id, method, raw)))
+            connection.transport.write(encode_frame(Request(request_id, method, raw)))
             if limit is not None:
                 async with asyncio.timeout(limit):
-                    await writer.drain()
+                    await connection.drain()
                     return await future
             # No limit, as is most often the case: no timer to set, and no drain to await
-            # unless the request is not all sent (drain waits while taskd does not read) or
-            # the connection is going (drain raises).
-            transport = writer.transport
-            if transport.is_closing() or transport.get_write_buffer_size():
-                await writer.drain()
+            # unless the requests sent are over the transport's buffer (drain waits while
+            # taskd does not read them) or the connection is going (drain raises).
+            if connection.paused or connection.transport.is_closing():
+                await connection.drain()
             return await future
         except TimeoutError:
             raise timed_out(self.socket_path, method, limit or 0.0) from None
         finally:
             self._pending.pop(request_id, None)
 
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                if size > CLIENT_MAX_FRAME:
-                    raise ProtocolError(f"taskd announced a reply of {size} bytes; refusing it")
-                body = await reader.readexactly(size)
-                self._deliver(body)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            self._fail_pending(ProtocolError(f"connection to taskd lost: {exc}"))
-        except TaskdError as exc:
-            self._fail_pending(exc)
-        finally:
-            self.server = None
-            self._event_came.set()  # a reader of events learns that the connection is gone
+    def _lost(self, connection: _Connection, error: TaskdError) -> None:
+        """The connection is gone, or what taskd sent cannot be read (`error`): every call
+        waiting on it fails, and the next call connects again."""
+        if connection is not self._connection:
+            return  # an earlier connection, replaced or closed by the client
+        self._fail_pending(error)
+        self.server = None
+        self._event_came.set()  # a reader of events learns that the connection is gone
 
     def _deliver(self, body: bytes) -> None:
         reply = read_reply(body)
@@ -402,7 +393,7 @@ class AsyncClient:
 
     async def next_event(self, timeout: float | None = None) -> JobEvent | None:
         while not self._events:
-            if self._writer is None or self.server is None:
+            if self._connection is None or self.server is None:
                 raise ProtocolError("no subscription is open")
             self._event_came.clear()
             try:
@@ -425,3 +416,109 @@ def _documented_as(cls: type, model: type) -> None:
 
 
 _documented_as(AsyncClient, Client)
+
+
+class _Connection(asyncio.Protocol):
+    """An AsyncClient's connection: reply frames are cut from the bytes as they arrive and
+    handed to the client at once (no reader task, no stream), and writers wait (`drain`)
+    while the requests sent are over the transport's buffer."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, client: AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
+        self._client = client
+        self._buffer = bytearray()  # the start of a frame not all arrived yet
+        self._needed = HEADER.size  # bytes the buffer must hold before a frame can be cut
+        self._broken = False  # taskd sent what cannot be read: the rest is dropped
+        self.paused = False  # the transport's buffer is over its limit
+        self._room: list[asyncio.Future[None]] = []  # writers waiting while paused
+        self._loss: Exception | None = None  # why the connection was lost, once it is
+        self._gone = False
+        self.closed: asyncio.Future[None] = loop.create_future()  # set once it is lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < self._needed:
+                return  # most of a large reply: no copy until all of it is there
+            data = bytes(buffer)
+            buffer.clear()
+        start, end = 0, len(data)
+        try:
+            while end - start >= HEADER.size:
+                (size,) = HEADER.unpack_from(data, start)
+                if size > CLIENT_MAX_FRAME:
+                    raise ProtocolError(f"taskd announced a reply of {size} bytes; refusing it")
+                if end - start - HEADER.size < size:
+                    self._needed = HEADER.size + size
+                    break
+                start += HEADER.size
+                body, start = data[start : start + size], start + size
+                self._client._deliver(body)
+            else:
+                self._needed = HEADER.size
+        except TaskdError as exc:
+            self._broken = True
+            self._client._lost(self, exc)
+            self.transport.abort()
+            return
+        if start < end:
+            buffer += data[start:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
+        if exc is not None:
+            self._loss = exc
+            self._lose(f"connection to taskd lost: {exc}")
+        else:
+            missing = asyncio.IncompleteReadError(bytes(self._buffer), self._needed)
+            self._lose(f"connection to taskd lost: {missing}")
+        for waiter in self._room:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+        self._room.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _lose(self, message: str) -> None:
+        if not self._broken:
+            self._broken = True
+            self._client._lost(self, ProtocolError(message))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for waiter in self._room:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._room.clear()
+
+    async def drain(self) -> None:
+        """Return once the transport has room for more requests (as StreamWriter.drain)."""
+        if self._loss is not None:
+            raise self._loss
+        if self.transport.is_closing():
+            await asyncio.sleep(0)  # let the connection's loss be told first
+        if self._gone:
+            raise ConnectionResetError("Connection lost")
+        if not self.paused:
+            return
+        waiter = self.closed.get_loop().create_future()
+        self._room.append(waiter)
+        await waiter
+
+    def close(self) -> None:
+        """Close the connection; the client is not told (it closed it)."""
+        self._broken = True
+        self.transport.close()

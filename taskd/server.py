@@ -11,19 +11,19 @@ import asyncio
 import fcntl
 import functools
 import logging
+import math
 import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
 from taskd.access import AccessPolicy, group_name, peer_groups, peer_of, user_name
 from taskd.connection_limits import ConnectionLimits
-from taskd.deadline import MovingDeadline
 from taskd.deferred import Deferred
 from taskd.envelope import Unreadable, deepest_field, field_path, invalid_string, request_head
 from taskd.limits import params_error
@@ -188,10 +188,19 @@ class _StreamBroken(Exception):
         self.message = message
 
 
-class _Connection:
+class _Connection(asyncio.Protocol):
+    """One control connection: frames are cut from its bytes as they arrive and handed to
+    the server (`_dispatch`), within the reads' deadline, one timer moved from frame to
+    frame: read_timeout for hello and for a frame begun, idle_timeout while nothing is in
+    flight and no frame has begun."""
+
     __slots__ = (
-        "deadline",
+        "admitted",
+        "buffer",
+        "ended",
+        "frame_until",
         "greeted",
+        "held",
         "idle",
         "in_flight",
         "later",
@@ -201,33 +210,50 @@ class _Connection:
         "pause_logged",
         "peer",
         "reads",
+        "reads_ended",
+        "room",
+        "server",
+        "size",
+        "stalled",
         "subscriptions",
-        "writer",
+        "timer",
+        "timer_at",
+        "transport",
+        "until",
+        "writing_paused",
     )
 
-    def __init__(
-        self,
-        peer: Peer,
-        writer: asyncio.StreamWriter,
-        opened: float,
-        reading: asyncio.Task[object],
-    ) -> None:
-        self.peer = peer
-        self.writer = writer
-        self.opened = opened
-        self.loop = reading.get_loop()
+    transport: asyncio.Transport
+    peer: Peer  # once admitted
+
+    def __init__(self, server: ControlServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.admitted = False
+        self.opened = loop.time()
         self.greeted = False
         self.in_flight: set[asyncio.Task[None]] = set()
         # Requests to answer with a Deferred result once it is known, by request id.
         self.later: dict[int, Deferred[Any]] = {}
         self.reads = asyncio.Lock()  # reads answered at once (lists, a job): one at a time
         self.output = asyncio.Lock()  # replies go out one at a time, each when there is room
-        # The reads' deadline (the task `reading` them): read_timeout for hello and for a
-        # frame begun, idle_timeout while nothing is in flight and no frame has begun.
-        self.deadline = MovingDeadline(reading)
         self.idle = False  # waiting for a frame to begin
         self.pause_logged = False  # the first pause is logged, not every one
         self.subscriptions: dict[int, Subscription] = {}  # by the id of their `subscribe`
+        self.buffer = bytearray()  # the part of a frame that has arrived
+        self.size: int | None = None  # the body's size once its header is read
+        self.held = 0  # bytes of the shared budget held for the frame being received
+        self.frame_until = 0.0  # the read deadline of the frame being received
+        # A wait that stops the reading (for the frame budget, or for the peer to read its
+        # replies), or None.
+        self.stalled: asyncio.Task[None] | None = None
+        self.ended = False
+        self.reads_ended = False  # taskd is stopping: the connection reads no more requests
+        self.until: float | None = None  # the reads' deadline (loop time), or none
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+        self.writing_paused = False
+        self.room: list[asyncio.Future[None]] = []  # waits for the peer to read replies
 
     @property
     def busy(self) -> bool:
@@ -236,7 +262,191 @@ class _Connection:
 
     @property
     def unsent(self) -> int:
-        return self.writer.transport.get_write_buffer_size()
+        return self.transport.get_write_buffer_size()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self.server._admit_connection(self):
+            self.transport.set_write_buffer_limits(high=OUTPUT_BUDGET)
+            self.next_frame()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended or self.reads_ended:
+            return
+        self.buffer += data
+        if self.stalled is None:
+            self.take_frames()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connection_lost(self)
+        for waiter in self.room:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("Connection lost"))
+        self.room.clear()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for waiter in self.room:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.room.clear()
+
+    async def drain(self) -> None:
+        """Return once the peer has read its replies down to the transport's low mark."""
+        if self.transport.is_closing():
+            await asyncio.sleep(0)  # let the connection's loss be told first
+        if self.ended:
+            raise ConnectionResetError("Connection lost")
+        if not self.writing_paused:
+            return
+        waiter = self.loop.create_future()
+        self.room.append(waiter)
+        await waiter
+
+    # -- frames in -----------------------------------------------------------------------
+
+    def next_frame(self, begun: bool = False) -> None:
+        """Wait for the next frame (`begun`: some of it is here): until hello, within
+        read_timeout of connecting; then as long as requests are in flight, or idle_timeout
+        if none is; a frame begun, within read_timeout."""
+        self.size = None
+        if not self.greeted:
+            self.frame_until = self.opened + self.server._read_timeout
+            self.move(self.frame_until)
+        elif begun:
+            self.frame_started()
+        else:
+            self.idle = True
+            busy = self.busy
+            self.move(None if busy else self.loop.time() + self.server._idle_timeout)
+
+    def frame_started(self) -> None:
+        self.idle = False
+        self.frame_until = self.loop.time() + self.server._read_timeout
+        self.move(self.frame_until)
+
+    def take_frames(self) -> None:
+        """Cut and dispatch every frame the buffer holds; stop at one not all there."""
+        server = self.server
+        buffer = self.buffer
+        start = 0
+        try:
+            while True:
+                if self.size is None:
+                    if self.idle and len(buffer) > start:
+                        self.frame_started()
+                    if len(buffer) - start < HEADER.size:
+                        break
+                    (size,) = HEADER.unpack_from(buffer, start)
+                    server._check_size(self, size)
+                    if not server._budget.take(size):
+                        start = self._wait_for_budget(start, size)
+                        return
+                    self.size, self.held = size, size
+                    start += HEADER.size
+                size = self.size
+                if len(buffer) - start < size:
+                    break
+                body = bytes(buffer[start : start + size])
+                start += size
+                self.give_back()
+                self.size = None
+                server._dispatch(self, body)
+                if self.ended or self.transport.is_closing():
+                    return
+                if server._closing:  # taskd is stopping: no requests after this one
+                    self.end_reads()
+                    return
+                if self.unsent > OUTPUT_BUDGET:
+                    self.stall(self._wait_for_output(begun=start < len(buffer)))
+                    return
+                self.next_frame(begun=start < len(buffer))
+        except _StreamBroken as exc:
+            server._broken(self, exc)
+        finally:
+            del buffer[:start]
+
+    def _wait_for_budget(self, start: int, size: int) -> int:
+        """The frame's body must wait for room in the shared budget: reading stops, and its
+        deadline moves on by the time waited (the wait is not the client's)."""
+        self.size = size
+        self.move(None)
+        self.stall(self._budget_room(size))
+        return start + HEADER.size
+
+    async def _budget_room(self, size: int) -> None:
+        waited = await self.server._budget.wait_for(size)
+        self.held = size
+        self.frame_until += waited
+        self.move(self.frame_until)
+
+    async def _wait_for_output(self, begun: bool) -> None:
+        self.move(None)  # the wait is the server's, not the reads'
+        await self.server._output_room(self)
+        self.next_frame(begun)
+
+    def stall(self, wait: Awaitable[None]) -> None:
+        """Read no more until `wait` is over, then go on with the frames buffered."""
+        self.transport.pause_reading()
+        self.stalled = self.loop.create_task(self._stalled(wait))
+
+    async def _stalled(self, wait: Awaitable[None]) -> None:
+        try:
+            await wait
+        except ConnectionError:
+            return  # cut off for not reading its replies
+        self.stalled = None
+        if self.ended:
+            return
+        self.transport.resume_reading()
+        self.take_frames()
+
+    def end_reads(self) -> None:
+        self.reads_ended = True
+        self.move(None)
+        self.transport.pause_reading()
+
+    def give_back(self) -> None:
+        if self.held:
+            self.server._budget.give_back(self.held)
+            self.held = 0
+
+    # -- the reads' deadline -------------------------------------------------------------
+
+    def move(self, until: float | None) -> None:
+        """Set the reads' deadline; the timer is set again only when it comes earlier."""
+        self.until = until
+        if until is not None and until < self.timer_at and not self.ended:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = until
+            self.timer = self.loop.call_at(until, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        set_for = self.timer_at
+        self.timer, self.timer_at = None, math.inf
+        if self.until is None or self.ended:
+            return
+        if self.until > set_for:
+            self.move(self.until)  # it moved on since the timer was set
+            return
+        self.server._reads_timed_out(self)
+
+    def end(self) -> None:
+        """No more reads: the timer, a stalled wait and budget held go."""
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer, self.timer_at = None, math.inf
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
+        self.give_back()
 
 
 class ControlServer:
@@ -274,6 +484,7 @@ class ControlServer:
         self._idle_timeout = float(idle_timeout)
         self._closed_idle = 0
         self._closed_unread = 0
+        self._refusing: set[asyncio.Task[None]] = set()  # refused connections being closed
 
     @property
     def connections(self) -> int:
@@ -298,7 +509,8 @@ class ControlServer:
         )
 
     async def start(self, sock: socket.socket) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self, loop), sock=sock)
 
     def set_access(self, access: AccessPolicy) -> None:
         """Use a new access policy for connections from now on (after a reload)."""
@@ -333,143 +545,104 @@ class ControlServer:
         for connection in list(self._connections):
             if connection.in_flight:
                 await asyncio.wait(connection.in_flight)
-            connection.writer.close()
+            connection.transport.close()
         if self._server is not None:
             with suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     # -- one connection ------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
+    def _admit_connection(self, connection: _Connection) -> bool:
+        """Whether a new connection is served: its peer may use taskd, taskd is not
+        stopping, and the connection limits have room; else it is refused and closed."""
+        transport = connection.transport
+        sock = transport.get_extra_info("socket")
         try:
             pid, uid, gid = peer_of(sock)
             peer = self._access.check(pid, uid, gid, lambda: peer_groups(sock, pid, gid))
         except OSError:
-            writer.close()
-            return
+            transport.close()
+            return False
         if peer is None:
             who = user_name(uid)
             logger.warning("refused control connection from %s, pid %d: not allowed", who, pid)
             message = f"permission denied: {who} may not use this taskd; {ACCESS_HINT}"
-            await self._refuse(reader, writer, ErrorCode.PERMISSION_DENIED, message)
-            return
+            self._refuse(connection, ErrorCode.PERMISSION_DENIED, message)
+            return False
         if self._stopping:
             message = "taskd is stopping; try again once it is back"
-            await self._refuse(reader, writer, ErrorCode.SHUTTING_DOWN, message)
-            return
+            self._refuse(connection, ErrorCode.SHUTTING_DOWN, message)
+            return False
         if (refusal := self._limits.admit(uid)) is not None:
-            await self._refuse(reader, writer, ErrorCode.BUSY, refusal)
-            return
-        reading = asyncio.current_task()
-        assert reading is not None
-        connection = _Connection(peer, writer, asyncio.get_running_loop().time(), reading)
-        writer.transport.set_write_buffer_limits(high=OUTPUT_BUDGET)
+            self._refuse(connection, ErrorCode.BUSY, refusal)
+            return False
+        connection.peer, connection.admitted = peer, True
         self._connections.add(connection)
-        try:
-            await self._read_requests(reader, connection)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client hung up, possibly mid-frame
-        finally:
-            connection.deadline.close()
-            self._limits.release(uid)
-            self._connections.discard(connection)
-            for task in connection.in_flight:
-                task.cancel()  # the client is gone; its waits are pointless
-            self._forget_later(connection)
-            writer.close()
+        return True
 
-    async def _refuse(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        code: ErrorCode,
-        message: str,
-    ) -> None:
-        """Send one error frame, then close without losing it (taskd.stream_limits)."""
+    def _connection_lost(self, connection: _Connection) -> None:
+        """The connection is closed, or is to be: what waits for it is let go."""
+        if not connection.admitted or connection.ended:
+            return
+        connection.end()
+        self._limits.release(connection.peer.uid)
+        self._connections.discard(connection)
+        for task in connection.in_flight:
+            task.cancel()  # the client is gone; its waits are pointless
+        self._forget_later(connection)
+        connection.transport.close()
+
+    def _refuse(self, connection: _Connection, code: ErrorCode, message: str) -> None:
+        """Send one error frame, then close without losing it (taskd.stream_limits): over
+        a stream, as lingering reads what the client still sends."""
+        loop, transport = connection.loop, connection.transport
+        reader = asyncio.StreamReader(limit=2**16, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
 
         async def send() -> None:
             writer.write(encode_frame(Reply(None, error=RpcError(code, message).body())))
             await asyncio.wait_for(writer.drain(), 1.0)
 
-        await self._linger.close_after(reader, writer, send())
+        refusing = loop.create_task(self._linger.close_after(reader, writer, send()))
+        self._refusing.add(refusing)
+        refusing.add_done_callback(self._refusing.discard)
 
-    async def _read_requests(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
-        while not self._closing:
-            try:
-                body = await self._read_frame(reader, connection)
-            except _StreamBroken as exc:
-                logger.debug("closing connection from %s: %s", connection.peer, exc.message)
-                self._send_error(connection, None, exc.code, exc.message)
-                return
-            self._dispatch(connection, body)
-            if connection.unsent > OUTPUT_BUDGET:
-                await self._output_room(connection)
-
-    async def _read_frame(self, reader: asyncio.StreamReader, connection: _Connection) -> bytes:
-        """The body of the next frame; _StreamBroken if it is too large or too slow; a
-        connection with nothing in flight that sends nothing for idle_timeout is closed
-        (ConnectionResetError). One deadline per connection, moved from frame to frame."""
-        loop = connection.loop
-        deadline = connection.deadline
+    def _check_size(self, connection: _Connection, size: int) -> None:
+        """_StreamBroken if a frame of `size` bytes is over the connection's limit."""
         if connection.greeted:
-            # A client may stay silent between requests while it waits for replies (or for
-            # idle_timeout), but a frame it has started must be complete within read_timeout.
-            deadline.move(None if connection.busy else loop.time() + self._idle_timeout)
-            limit = self._max_frame
-        else:
-            # Until hello, the connection gets read_timeout in all to say it.
-            until = connection.opened + self._read_timeout
-            deadline.move(until)
-            limit = min(self._max_frame, MAX_HELLO_FRAME)
-        idle = connection.greeted
-        try:
-            async with deadline:
-                header = b""
-                if idle:
-                    connection.idle = True
-                    try:
-                        header = await reader.readexactly(1)
-                    finally:
-                        connection.idle = False
-                    idle = False
-                    until = loop.time() + self._read_timeout
-                    deadline.move(until)
-                header += await reader.readexactly(HEADER.size - len(header))
-                (size,) = HEADER.unpack(header)
-                if size > limit:
-                    if connection.greeted:
-                        message = f"frame of {size} bytes is over the limit of {limit}; closing"
-                    else:
-                        message = f"frame of {size} bytes before hello (limit {limit}); closing"
-                    raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
-                if not self._budget.take(size):
-                    # The wait for the budget is not the client's: its deadline moves on by it.
-                    deadline.move(None)
-                    waited = await self._budget.wait_for(size)
-                    deadline.move(until + waited)
-                try:
-                    return await reader.readexactly(size)
-                finally:
-                    self._budget.give_back(size)
-        except TimeoutError:
-            if not idle:
-                raise self._too_slow(connection) from None
-            self._closed_idle += 1
-            logger.info(
-                "closing the connection from %s: idle for %gs with no request in flight "
-                "(idle_timeout)",
-                connection.peer,
-                self._idle_timeout,
-            )
-            raise ConnectionResetError("idle") from None
+            if size > self._max_frame:
+                message = f"frame of {size} bytes is over the limit of {self._max_frame}; closing"
+                raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
+        elif size > (limit := min(self._max_frame, MAX_HELLO_FRAME)):
+            message = f"frame of {size} bytes before hello (limit {limit}); closing"
+            raise _StreamBroken(ErrorCode.FRAME_TOO_LARGE, message)
 
-    def _too_slow(self, connection: _Connection) -> _StreamBroken:
-        if connection.greeted:
-            message = f"frame not completed within {self._read_timeout:g}s; closing"
-        else:
-            message = f"no hello within {self._read_timeout:g}s of connecting; closing"
-        return _StreamBroken(ErrorCode.BAD_FRAME, message)
+    def _broken(self, connection: _Connection, exc: _StreamBroken) -> None:
+        """The frame boundaries can no longer be trusted: answer with the error, close."""
+        logger.debug("closing connection from %s: %s", connection.peer, exc.message)
+        self._send_error(connection, None, exc.code, exc.message)
+        self._connection_lost(connection)
+
+    def _reads_timed_out(self, connection: _Connection) -> None:
+        """The reads' deadline is reached: a connection idle for idle_timeout is closed, a
+        frame (or hello) not completed within read_timeout is refused and closed."""
+        if not connection.idle:
+            if connection.greeted:
+                message = f"frame not completed within {self._read_timeout:g}s; closing"
+            else:
+                message = f"no hello within {self._read_timeout:g}s of connecting; closing"
+            self._broken(connection, _StreamBroken(ErrorCode.BAD_FRAME, message))
+            return
+        self._closed_idle += 1
+        logger.info(
+            "closing the connection from %s: idle for %gs with no request in flight (idle_timeout)",
+            connection.peer,
+            self._idle_timeout,
+        )
+        self._connection_lost(connection)
 
     def _dispatch(self, connection: _Connection, body: bytes) -> None:
         try:
@@ -766,9 +939,9 @@ class ControlServer:
             )
         try:
             async with asyncio.timeout(self._idle_timeout):
-                await connection.writer.drain()
+                await connection.drain()
         except TimeoutError:
-            if not connection.writer.is_closing():
+            if not connection.transport.is_closing():
                 self._closed_unread += 1
                 logger.warning(
                     "closing the connection from %s: it has not caught up with its replies "
@@ -777,7 +950,7 @@ class ControlServer:
                     self._idle_timeout,
                     connection.unsent,
                 )
-                connection.writer.transport.abort()
+                connection.transport.abort()
             raise ConnectionResetError("the peer does not read its replies") from None
 
     def _finished(self, connection: _Connection, task: asyncio.Task[None]) -> None:
@@ -787,7 +960,7 @@ class ControlServer:
     def _restart_idle_timer(self, connection: _Connection) -> None:
         """A connection with nothing in flight any more is idle from now."""
         if connection.idle and not connection.busy:
-            connection.deadline.move(connection.loop.time() + self._idle_timeout)
+            connection.move(connection.loop.time() + self._idle_timeout)
 
     def _send_error(
         self, connection: _Connection, request_id: int | None, code: ErrorCode, message: str
@@ -795,7 +968,7 @@ class ControlServer:
         self._send(connection, Reply(request_id, error=RpcError(code, message).body()))
 
     def _send(self, connection: _Connection, reply: Reply) -> None:
-        if connection.writer.is_closing():
+        if connection.transport.is_closing():
             return
         self._send_frame(connection, self._frame(reply))
 
@@ -816,17 +989,17 @@ class ControlServer:
 
     def _send_frame(self, connection: _Connection, frame: bytes | None) -> None:
         """Write frames (None: they could not be built, and the peer is hung up on)."""
-        if connection.writer.is_closing():
+        if connection.transport.is_closing():
             return
         if frame is not None:
             try:
-                connection.writer.write(frame)
+                connection.transport.write(frame)
                 return
             except MemoryError:
                 pass
         # Not even an error fits: hang up, so that the peer is not left waiting.
         logger.error("out of memory replying to %s; closing its connection", connection.peer)
-        connection.writer.transport.abort()
+        connection.transport.abort()
 
 
 def _error_frame(request_id: int | None, code: ErrorCode, message: str) -> bytes | None:

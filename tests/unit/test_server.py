@@ -125,3 +125,138 @@ def test_a_released_socket_leaves_no_files_and_can_be_taken_again() -> None:
         release_socket(path, lock)
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("piece", [1, 3, 5, 1000])
+async def test_frames_are_read_however_their_bytes_are_cut(piece: int) -> None:
+    """Frames split over many writes, and several in one, are each read and answered."""
+
+    async def handler(method: str, params: Params) -> Any:
+        return method
+
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=4,
+        read_timeout=5,
+    )
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        reader, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
+        requests = [(1, "hello", {"protocol": 1}), (2, "status", {}), (3, "list_tasks", {})]
+        stream = b"".join(
+            encode_frame(Request(request_id, method, msgspec.Raw(msgspec.msgpack.encode(params))))
+            for request_id, method, params in requests
+        )
+        for start in range(0, len(stream), piece):
+            writer.write(stream[start : start + piece])
+            await asyncio.sleep(0)  # a turn of the loop: the server reads this piece alone
+        replies = {}
+        async with asyncio.timeout(10):
+            for _ in requests:
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                reply = msgspec.msgpack.decode(await reader.readexactly(size))
+                replies[reply["id"]] = reply
+        assert replies[1]["result"]["server"] == "test"
+        assert replies[2]["result"] == "status" and replies[3]["result"] == "list_tasks"
+        writer.close()
+        await server.close()
+        os.close(lock)
+    finally:
+        shutil.rmtree(folder)
+
+
+async def test_a_frame_waits_for_the_shared_budget_and_is_read_once_there_is_room() -> None:
+    """Four connections hold the budget with frames they do not finish; a fifth's frame
+    waits for room, which comes when they are cut off after read_timeout, and is then read
+    and answered: its wait for the budget does not count against its own read_timeout."""
+
+    async def handler(method: str, params: Params) -> Any:
+        return method
+
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=8,
+        read_timeout=0.5,
+    )
+    size = 13 * MIB  # four of them hold 52 of the 64 MiB; a fifth does not fit
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        streams = [await asyncio.open_unix_connection(str(folder / "s.sock")) for _ in range(5)]
+        for reader, writer in streams:
+            writer.write(encode_frame(Request(1, "hello", msgspec.Raw(b"\x81\xa8protocol\x01"))))
+            (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+            await reader.readexactly(length)
+        for _, writer in streams[:4]:
+            writer.write(HEADER.pack(size) + b"x")  # a frame begun, never finished
+        await asyncio.sleep(0)  # a turn of the loop: the server reads them
+        # A whole frame of `size` bytes (a request with a field too many: read, it is
+        # answered under its id; cut off, with an error of no id).
+        body = msgspec.msgpack.encode({"id": 2, "method": "status", "params": {}, "x": "y" * size})
+        last_reader, last_writer = streams[4]
+        last_writer.write(HEADER.pack(len(body)) + body)
+        replies = []
+        async with asyncio.timeout(10):
+            for reader, _ in streams[:4]:
+                (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                replies.append(msgspec.msgpack.decode(await reader.readexactly(length)))
+            (length,) = HEADER.unpack(await last_reader.readexactly(HEADER.size))
+            last = msgspec.msgpack.decode(await last_reader.readexactly(length))
+        assert all("not completed within 0.5s" in r["error"]["message"] for r in replies)
+        assert last["id"] == 2 and "not a valid request" in last["error"]["message"], last
+        for _, writer in streams:
+            writer.close()
+        await server.close()
+        os.close(lock)
+    finally:
+        shutil.rmtree(folder)
+
+
+async def test_a_connection_whose_peer_hangs_up_mid_request_is_let_go() -> None:
+    """Its request is cancelled, and nothing (no idle timer) keeps the connection alive."""
+    started = asyncio.Event()
+
+    async def handler(method: str, params: Params) -> Any:
+        started.set()
+        await asyncio.Event().wait()  # a wait that never ends by itself
+
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=4,
+        read_timeout=5,
+    )
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        _, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
+        for request_id, method, params in [(1, "hello", {"protocol": 1}), (2, "status", {})]:
+            raw = msgspec.Raw(msgspec.msgpack.encode(params))
+            writer.write(encode_frame(Request(request_id, method, raw)))
+        async with asyncio.timeout(10):
+            await started.wait()
+        (connection,) = server._connections
+        (request,) = connection.in_flight
+        writer.close()
+        async with asyncio.timeout(10):
+            await asyncio.gather(request, return_exceptions=True)
+        assert request.cancelled()
+        await asyncio.sleep(0)  # a turn of the loop: the request's callbacks run
+        assert not server._connections
+        assert connection.timer is None  # an idle timer would hold it for idle_timeout
+        await server.close()
+        os.close(lock)
+    finally:
+        shutil.rmtree(folder)
