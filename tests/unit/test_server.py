@@ -4,9 +4,11 @@ replies it cannot build."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -19,6 +21,46 @@ from taskd.stream_limits import ByteBudget
 from tests.support import short_tempdir
 
 MIB = 1024 * 1024
+
+
+@contextlib.asynccontextmanager
+async def served(
+    handler: Callable[[str, Params], Awaitable[Any]],
+    max_connections: int = 4,
+    read_timeout: float = 5,
+) -> AsyncIterator[tuple[ControlServer, str]]:
+    """A control server answering with `handler`, started on a socket of its own; its path."""
+    server = ControlServer(
+        handler,
+        AccessPolicy(),
+        server_name="test",
+        max_frame=DEFAULT_MAX_FRAME,
+        max_connections=max_connections,
+        read_timeout=read_timeout,
+    )
+    folder = short_tempdir()
+    try:
+        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
+        await server.start(listener)
+        try:
+            yield server, str(folder / "s.sock")
+        finally:
+            await server.close()
+            os.close(lock)
+    finally:
+        shutil.rmtree(folder)
+
+
+def frames(requests: list[tuple[int, str, dict[str, Any]]]) -> bytes:
+    return b"".join(
+        encode_frame(Request(request_id, method, msgspec.Raw(msgspec.msgpack.encode(params))))
+        for request_id, method, params in requests
+    )
+
+
+async def read_reply(reader: asyncio.StreamReader) -> Any:
+    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return msgspec.msgpack.decode(await reader.readexactly(size))
 
 
 async def test_small_frames_never_wait_for_the_budget() -> None:
@@ -79,35 +121,15 @@ async def test_a_reply_that_cannot_be_built_is_answered_with_an_error() -> None:
     async def handler(method: str, params: Params) -> Any:
         return dt.datetime(2026, 1, 1, tzinfo=_OutOfMemory())
 
-    server = ControlServer(
-        handler,
-        AccessPolicy(),
-        server_name="test",
-        max_frame=DEFAULT_MAX_FRAME,
-        max_connections=4,
-        read_timeout=5,
-    )
-    folder = short_tempdir()
-    try:
-        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
-        await server.start(listener)
-        reader, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
-        for request_id, method, params in [(1, "hello", {"protocol": 1}), (2, "status", {})]:
-            raw = msgspec.Raw(msgspec.msgpack.encode(params))
-            writer.write(encode_frame(Request(request_id, method, raw)))
-        replies = []
+    async with served(handler) as (_, path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(frames([(1, "hello", {"protocol": 1}), (2, "status", {})]))
         async with asyncio.timeout(10):  # no reply at all was the bug
-            for _ in range(2):
-                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                replies.append(msgspec.msgpack.decode(await reader.readexactly(size)))
+            replies = [await read_reply(reader) for _ in range(2)]
         assert "result" in replies[0]
         assert replies[1]["id"] == 2 and replies[1]["error"]["code"] == "internal"
         assert "the reply could not be encoded: MemoryError" in replies[1]["error"]["message"]
         writer.close()
-        await server.close()
-        os.close(lock)
-    finally:
-        shutil.rmtree(folder)
 
 
 def test_a_released_socket_leaves_no_files_and_can_be_taken_again() -> None:
@@ -134,40 +156,18 @@ async def test_frames_are_read_however_their_bytes_are_cut(piece: int) -> None:
     async def handler(method: str, params: Params) -> Any:
         return method
 
-    server = ControlServer(
-        handler,
-        AccessPolicy(),
-        server_name="test",
-        max_frame=DEFAULT_MAX_FRAME,
-        max_connections=4,
-        read_timeout=5,
-    )
-    folder = short_tempdir()
-    try:
-        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
-        await server.start(listener)
-        reader, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
+    async with served(handler) as (_, path):
+        reader, writer = await asyncio.open_unix_connection(path)
         requests = [(1, "hello", {"protocol": 1}), (2, "status", {}), (3, "list_tasks", {})]
-        stream = b"".join(
-            encode_frame(Request(request_id, method, msgspec.Raw(msgspec.msgpack.encode(params))))
-            for request_id, method, params in requests
-        )
+        stream = frames(requests)
         for start in range(0, len(stream), piece):
             writer.write(stream[start : start + piece])
             await asyncio.sleep(0)  # a turn of the loop: the server reads this piece alone
-        replies = {}
         async with asyncio.timeout(10):
-            for _ in requests:
-                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                reply = msgspec.msgpack.decode(await reader.readexactly(size))
-                replies[reply["id"]] = reply
+            replies = {reply["id"]: reply for reply in [await read_reply(reader) for _ in requests]}
         assert replies[1]["result"]["server"] == "test"
         assert replies[2]["result"] == "status" and replies[3]["result"] == "list_tasks"
         writer.close()
-        await server.close()
-        os.close(lock)
-    finally:
-        shutil.rmtree(folder)
 
 
 async def test_a_frame_waits_for_the_shared_budget_and_is_read_once_there_is_room() -> None:
@@ -178,24 +178,12 @@ async def test_a_frame_waits_for_the_shared_budget_and_is_read_once_there_is_roo
     async def handler(method: str, params: Params) -> Any:
         return method
 
-    server = ControlServer(
-        handler,
-        AccessPolicy(),
-        server_name="test",
-        max_frame=DEFAULT_MAX_FRAME,
-        max_connections=8,
-        read_timeout=0.5,
-    )
     size = 13 * MIB  # four of them hold 52 of the 64 MiB; a fifth does not fit
-    folder = short_tempdir()
-    try:
-        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
-        await server.start(listener)
-        streams = [await asyncio.open_unix_connection(str(folder / "s.sock")) for _ in range(5)]
+    async with served(handler, max_connections=8, read_timeout=0.5) as (_, path):
+        streams = [await asyncio.open_unix_connection(path) for _ in range(5)]
         for reader, writer in streams:
-            writer.write(encode_frame(Request(1, "hello", msgspec.Raw(b"\x81\xa8protocol\x01"))))
-            (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-            await reader.readexactly(length)
+            writer.write(frames([(1, "hello", {"protocol": 1})]))
+            await read_reply(reader)
         for _, writer in streams[:4]:
             writer.write(HEADER.pack(size) + b"x")  # a frame begun, never finished
         await asyncio.sleep(0)  # a turn of the loop: the server reads them
@@ -204,21 +192,13 @@ async def test_a_frame_waits_for_the_shared_budget_and_is_read_once_there_is_roo
         body = msgspec.msgpack.encode({"id": 2, "method": "status", "params": {}, "x": "y" * size})
         last_reader, last_writer = streams[4]
         last_writer.write(HEADER.pack(len(body)) + body)
-        replies = []
         async with asyncio.timeout(10):
-            for reader, _ in streams[:4]:
-                (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                replies.append(msgspec.msgpack.decode(await reader.readexactly(length)))
-            (length,) = HEADER.unpack(await last_reader.readexactly(HEADER.size))
-            last = msgspec.msgpack.decode(await last_reader.readexactly(length))
+            replies = [await read_reply(reader) for reader, _ in streams[:4]]
+            last = await read_reply(last_reader)
         assert all("not completed within 0.5s" in r["error"]["message"] for r in replies)
         assert last["id"] == 2 and "not a valid request" in last["error"]["message"], last
         for _, writer in streams:
             writer.close()
-        await server.close()
-        os.close(lock)
-    finally:
-        shutil.rmtree(folder)
 
 
 async def test_a_connection_whose_peer_hangs_up_mid_request_is_let_go() -> None:
@@ -229,22 +209,9 @@ async def test_a_connection_whose_peer_hangs_up_mid_request_is_let_go() -> None:
         started.set()
         await asyncio.Event().wait()  # a wait that never ends by itself
 
-    server = ControlServer(
-        handler,
-        AccessPolicy(),
-        server_name="test",
-        max_frame=DEFAULT_MAX_FRAME,
-        max_connections=4,
-        read_timeout=5,
-    )
-    folder = short_tempdir()
-    try:
-        listener, lock = bind_socket(folder / "s.sock", 0o600, None)
-        await server.start(listener)
-        _, writer = await asyncio.open_unix_connection(str(folder / "s.sock"))
-        for request_id, method, params in [(1, "hello", {"protocol": 1}), (2, "status", {})]:
-            raw = msgspec.Raw(msgspec.msgpack.encode(params))
-            writer.write(encode_frame(Request(request_id, method, raw)))
+    async with served(handler) as (server, path):
+        _, writer = await asyncio.open_unix_connection(path)
+        writer.write(frames([(1, "hello", {"protocol": 1}), (2, "status", {})]))
         async with asyncio.timeout(10):
             await started.wait()
         (connection,) = server._connections
@@ -256,7 +223,3 @@ async def test_a_connection_whose_peer_hangs_up_mid_request_is_let_go() -> None:
         await asyncio.sleep(0)  # a turn of the loop: the request's callbacks run
         assert not server._connections
         assert connection.timer is None  # an idle timer would hold it for idle_timeout
-        await server.close()
-        os.close(lock)
-    finally:
-        shutil.rmtree(folder)
