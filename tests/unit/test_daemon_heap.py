@@ -1,0 +1,28 @@
+"""What start-up builds is kept out of the garbage collector's full collections."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+
+from taskd.config import Config, Paths
+from taskd.daemon import Daemon
+from tests.support import short_tempdir
+
+
+async def test_start_up_freezes_what_it_built() -> None:
+    root = short_tempdir()
+    (root / "tasks").mkdir()
+    config = Config()
+    paths = Paths(
+        tasks=root / "tasks", database=f"sqlite://{root / 'taskd.db'}", socket=root / "s.sock"
+    )
+    daemon = Daemon(lambda: (config, paths), config, paths, allow_empty_store=True)
+    gc.unfreeze()
+    try:
+        await daemon.startup()
+        assert gc.get_freeze_count() > 0  # a full collection no longer reads start-up's objects
+    finally:
+        await daemon.shutdown()
+        gc.unfreeze()
+        shutil.rmtree(root, ignore_errors=True)
