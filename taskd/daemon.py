@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -66,6 +67,10 @@ logger = logging.getLogger(__name__)
 PRUNE_INTERVAL = 3600.0
 
 ConfigLoader = Callable[[], tuple[Config, Paths]]
+# The collector's thresholds once started: a young collection after 10,000 new objects, not
+# 700 (at 700, a drain of 5,000 no-op jobs ran 55 young and 5 middle collections, each reading
+# the jobs in flight: 2 us of CPU per job; at 10,000, one).
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def node_id(config: Config, paths: Paths) -> str:
@@ -135,6 +140,14 @@ class StartupError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def _settle_heap() -> None:
+    """What start-up built (modules, tasks, the parts) lives as long as the daemon: out of the
+    collector's sight, a full collection reads only what came after it (one in each 5,000
+    no-op jobs read all of it: 2-3 us of CPU per job)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Daemon:
@@ -325,6 +338,7 @@ class Daemon:
         if settings.http is not None:
             await self._start_http(dispatch, status, settings)
         self._start_background(engine, self._scheduler, peers)
+        _settle_heap()
         self._ready(await self._summary())
         logger.info(
             "taskd %s ready (pid %d): %s from %s, %s, socket %s",
