@@ -96,6 +96,9 @@ class GroupCommit(Generic[Context]):
         if self._task is None or self._task.done() or self._loop is None:
             raise RuntimeError("the store is closed")
         future: asyncio.Future[list[Result]] = self._loop.create_future()
+        if not items:  # nothing to write: done now
+            future.set_result([])
+            return future
         self._put(_Write(operation, items, future))
         # A caller that gives up cancels its wait, not the write: the writer commits it and
         # tells what it made known all the same (it only drops a result no one waits for).

@@ -84,17 +84,12 @@ def store_write(method: Method) -> Method:
     async def wrapper(store: SqlStore, *args: Any, **kwargs: Any) -> Any:
         try:
             result = await method(store, *args, **kwargs)
-        except (InvalidTransition, JobNotFound):
-            raise
         except Exception as exc:
-            error = exc if isinstance(exc, StoreError) else store._store_error(exc)
-            if error is None:
-                raise
-            await store._write_failed(method.__name__, exc, error)
+            error = store._write_failed(method.__name__, exc)
             if error is exc:
                 raise
             raise error from exc
-        store._write_succeeded(method.__name__)
+        store.health.succeeded(method.__name__)
         return result
 
     return cast(Method, wrapper)
@@ -158,22 +153,18 @@ class SqlStore:
 
     # -- job writes ----------------------------------------------------------------------
 
-    @store_write
-    async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
-        if not new:
-            return []
+    def insert(self, new: Sequence[NewJob]) -> asyncio.Future[list[Inserted]]:
         # Linking jobs to their parents takes several statements, and so does reading a
         # key's window (or its debounced job) before inserting under its lock: a transaction.
         transaction = any(job.after or jobs.windowed(job) for job in new)
         writer = self._commits if transaction else self._inserts
-        return await writer.submit(jobs.insert_jobs, list(new))
+        return self._written("insert", writer.submit(jobs.insert_jobs, list(new)))
 
-    @store_write
-    async def insert_batch(
+    def insert_batch(
         self, new: Sequence[NewJob], on_finish: Hook | None = None
-    ) -> tuple[int, list[Inserted]]:
-        (result,) = await self._commits.submit(jobs.insert_batches, [(list(new), on_finish)])
-        return result
+    ) -> asyncio.Future[tuple[int, list[Inserted]]]:
+        write = self._commits.submit(jobs.insert_batches, [(list(new), on_finish)])
+        return self._written("insert_batch", write, _only)
 
     @store_read
     async def batch(self, batch_id: int) -> BatchInfo | None:
@@ -467,8 +458,47 @@ class SqlStore:
         """The StoreError an exception of the database's driver means (None: not one)."""
         raise NotImplementedError
 
-    async def _write_failed(self, operation: str, exc: Exception, error: StoreError) -> None:
+    def _write_failed(self, operation: str, exc: Exception) -> Exception:
+        """The exception a failed write raises (the driver's as StoreError, a refusal such
+        as a job in another state as it is), reported to the store's health if a failure."""
+        if isinstance(exc, InvalidTransition | JobNotFound):
+            return exc
+        error = exc if isinstance(exc, StoreError) else self._store_error(exc)
+        if error is None:
+            return exc
         self.health.failed(operation, str(error))
+        if error is not exc:
+            error.__cause__ = exc
+        return error
 
-    def _write_succeeded(self, operation: str) -> None:
-        self.health.succeeded(operation)
+    def _written(
+        self,
+        operation: str,
+        write: asyncio.Future[list[Any]],
+        shape: Callable[[list[Any]], Any] = lambda results: results,
+    ) -> asyncio.Future[Any]:
+        """The outcome of a write submitted now, as `store_write` gives an awaited one's:
+        a future, so that a caller may answer from its callback rather than wait in a task."""
+        outcome: asyncio.Future[Any] = write.get_loop().create_future()
+
+        def settle(write: asyncio.Future[list[Any]]) -> None:
+            if write.cancelled():
+                outcome.cancel()
+                return
+            exc = write.exception()
+            if exc is not None:
+                error = self._write_failed(operation, cast(Exception, exc))
+                if not outcome.done():
+                    outcome.set_exception(error)
+                return
+            self.health.succeeded(operation)
+            if not outcome.done():
+                outcome.set_result(shape(write.result()))
+
+        write.add_done_callback(settle)
+        return outcome
+
+
+def _only(results: list[T]) -> T:
+    (result,) = results
+    return result
