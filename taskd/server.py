@@ -848,7 +848,7 @@ class ControlServer:
     ) -> None:
         """Send the answer to a request, now or (a Deferred result) once it is known."""
         # Called once the answer is there, rather than wrapping the wait for it: a request
-        # waiting for its answer (an enqueue, for its commit) is one frame less to resume.
+        # waiting for its answer (a cancel, for its commit) is one frame less to resume.
         if isinstance(reply, Deferred):
             self._reply_later(connection, request_id, reply)
         else:
