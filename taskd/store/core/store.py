@@ -41,7 +41,7 @@ from taskd.store.base import (
     StoreError,
     TickFired,
 )
-from taskd.store.batching import GroupCommit
+from taskd.store.batching import Finish, GroupCommit
 from taskd.store.core import activity, batches, flow, jobs, keys, nodes, reads, retention, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
@@ -116,6 +116,9 @@ class SqlStore:
         self._commits: GroupCommit[Tx]
         self._inserts: GroupCommit[Tx]
         self._claims: GroupCommit[Tx]
+        # How the writes that are not awaited (`insert`, `insert_batch`) settle their future.
+        self._inserted = self._finishing("insert")
+        self._batch_inserted = self._finishing("insert_batch", _only)
 
     def _group_commit(
         self, transact: Transact, worth_splitting: Callable[[Exception], bool] = lambda _: True
@@ -158,13 +161,16 @@ class SqlStore:
         # key's window (or its debounced job) before inserting under its lock: a transaction.
         transaction = any(job.after or jobs.windowed(job) for job in new)
         writer = self._commits if transaction else self._inserts
-        return self._written("insert", writer.submit(jobs.insert_jobs, list(new)))
+        return writer.submit(jobs.insert_jobs, list(new), self._inserted)
 
     def insert_batch(
         self, new: Sequence[NewJob], on_finish: Hook | None = None
     ) -> asyncio.Future[tuple[int, list[Inserted]]]:
-        write = self._commits.submit(jobs.insert_batches, [(list(new), on_finish)])
-        return self._written("insert_batch", write, _only)
+        # Its one result, (batch id, jobs), is what `_batch_inserted` settles the future with.
+        write = self._commits.submit(
+            jobs.insert_batches, [(list(new), on_finish)], self._batch_inserted
+        )
+        return cast(asyncio.Future[tuple[int, list[Inserted]]], write)
 
     @store_read
     async def batch(self, batch_id: int) -> BatchInfo | None:
@@ -471,32 +477,24 @@ class SqlStore:
             error.__cause__ = exc
         return error
 
-    def _written(
-        self,
-        operation: str,
-        write: asyncio.Future[list[Any]],
-        shape: Callable[[list[Any]], Any] = lambda results: results,
-    ) -> asyncio.Future[Any]:
-        """The outcome of a write submitted now, as `store_write` gives an awaited one's:
-        a future, so that a caller may answer from its callback rather than wait in a task."""
-        outcome: asyncio.Future[Any] = write.get_loop().create_future()
+    def _finishing(
+        self, operation: str, shape: Callable[[list[Any]], Any] = lambda results: results
+    ) -> Finish:
+        """How a write submitted without awaiting it settles its future, as `store_write`
+        ends an awaited one: its end reported to the store's health, the driver's errors as
+        StoreError; its results given their `shape`."""
 
-        def settle(write: asyncio.Future[list[Any]]) -> None:
-            if write.cancelled():
-                outcome.cancel()
-                return
-            exc = write.exception()
+        def finish(future: asyncio.Future[Any], results: list[Any], exc: Exception | None) -> None:
             if exc is not None:
-                error = self._write_failed(operation, cast(Exception, exc))
-                if not outcome.done():
-                    outcome.set_exception(error)
+                error = self._write_failed(operation, exc)
+                if not future.done():
+                    future.set_exception(error)
                 return
             self.health.succeeded(operation)
-            if not outcome.done():
-                outcome.set_result(shape(write.result()))
+            if not future.done():
+                future.set_result(shape(results))
 
-        write.add_done_callback(settle)
-        return outcome
+        return finish
 
 
 def _only(results: list[T]) -> T:
