@@ -377,6 +377,7 @@ class Daemon:
             max_per_user=config.max_connections_per_user,
             idle_timeout=config.idle_timeout,
             live=live,
+            at_once=dispatch,
         )
         await self._server.start(listener)
 

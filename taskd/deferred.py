@@ -1,5 +1,5 @@
 """A result known later and shared by every request waiting for it: the end of a job that
-many `run` callers joined.
+many `run` callers joined, or the commit of an enqueue.
 
 A handler returns one instead of waiting itself. The control server then keeps only which
 requests wait for it (and forgets those of a connection that closes) and, once it is known,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -21,13 +21,19 @@ def _unchanged(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _same(result: Any) -> Any:
+    return result
+
+
 class Deferred(Generic[T]):
-    """A result (or an error) that a future gives later, to any number of waiting requests."""
+    """A result (or an error) that a future gives later, to any number of waiting requests;
+    `shape` makes the result of what the future gives (an enqueue's reply of its rows)."""
 
-    __slots__ = ("future", "translate")
+    __slots__ = ("future", "shape", "translate")
 
-    def __init__(self, future: asyncio.Future[T]) -> None:
+    def __init__(self, future: asyncio.Future[Any], shape: Callable[[Any], T] = _same) -> None:
         self.future = future
+        self.shape = shape
         # The error reply an exception stands for (None: an internal error), set by the
         # dispatch that handed this out: the error codes are given there and nowhere else.
         self.translate: Callable[[BaseException], BaseException | None] = _unchanged
@@ -36,7 +42,7 @@ class Deferred(Generic[T]):
         """The result, or the exception standing for its error; cancelling the caller
         leaves the result to the other callers."""
         try:
-            return await asyncio.shield(self.future)
+            return self.shape(await asyncio.shield(self.future))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -18,7 +18,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import msgspec
 
@@ -59,6 +59,17 @@ logger = logging.getLogger(__name__)
 
 # Answers a method the server does not answer itself (taskd.service.Dispatch).
 Handler = Callable[[str, Params], Awaitable[Any]]
+
+
+class AtOnce(Protocol):
+    """Answers the methods it names as their requests arrive, without awaiting: a refusal
+    (raised), a result, or a Deferred one (taskd.service.Dispatch, from `bind_at_once`)."""
+
+    answered_at_once: frozenset[str]
+
+    def answer_at_once(self, method: str, params: Params) -> Any: ...
+
+
 # The methods a connection answers itself (declared `connection`): the others go to Handler.
 ANSWERED_HERE = (HelloParams, SubscribeParams, UnsubscribeParams)
 MAX_IN_FLIGHT = 128  # requests one connection may have outstanding
@@ -464,8 +475,11 @@ class ControlServer:
         max_per_user: int | None = None,
         idle_timeout: float = 300.0,
         live: LiveEvents | None = None,
+        at_once: AtOnce | None = None,
     ) -> None:
         self._handler = handler
+        self._at_once = at_once
+        self._answered_at_once = frozenset() if at_once is None else at_once.answered_at_once
         self._live = live
         self._access = access
         self._server_name = server_name
@@ -662,6 +676,14 @@ class ControlServer:
             )
             self._send(connection, Reply(request.id, result=hello))
             return
+        if request.method in self._answered_at_once:
+            # No task: refused or answered now, or (a write) from its commit's future.
+            reply = self._answer_at_once(connection.peer, request.id, request.method, params)
+            if isinstance(reply, Deferred):
+                self._reply_later(connection, request.id, reply)
+            else:
+                self._send(connection, reply)
+            return
         call = self._call(connection, request.id, request.method, params)
         task = connection.loop.create_task(call)
         connection.in_flight.add(task)
@@ -826,7 +848,7 @@ class ControlServer:
     ) -> None:
         """Send the answer to a request, now or (a Deferred result) once it is known."""
         # Called once the answer is there, rather than wrapping the wait for it: a request
-        # waiting for its answer (an enqueue, for its commit) is one frame less to resume.
+        # waiting for its answer (a cancel, for its commit) is one frame less to resume.
         if isinstance(reply, Deferred):
             self._reply_later(connection, request_id, reply)
         else:
@@ -837,15 +859,20 @@ class ControlServer:
     ) -> Reply | Deferred[Any]:
         try:
             result = await self._handler(method, params)
-            if isinstance(result, Deferred):
-                return result
-        except RpcError as exc:
-            return Reply(request_id, error=exc.body())
         except Exception as exc:  # MemoryError too: the request gets an error, not silence
-            logger.exception("%s from %s failed", method, peer)
-            error = RpcError(ErrorCode.INTERNAL, f"internal error: {exc!r}")
-            return Reply(request_id, error=error.body())
-        return Reply(request_id, result=result)
+            return _failed(peer, request_id, method, exc)
+        return result if isinstance(result, Deferred) else Reply(request_id, result=result)
+
+    def _answer_at_once(
+        self, peer: Peer, request_id: int, method: str, params: Params
+    ) -> Reply | Deferred[Any]:
+        """As `_answer`, for a method answered at once."""
+        assert self._at_once is not None
+        try:
+            result = self._at_once.answer_at_once(method, params)
+        except Exception as exc:
+            return _failed(peer, request_id, method, exc)
+        return result if isinstance(result, Deferred) else Reply(request_id, result=result)
 
     def _reply_later(
         self, connection: _Connection, request_id: int, deferred: Deferred[Any]
@@ -904,7 +931,7 @@ class ControlServer:
             body = failure.body()
             return lambda request_id: self._frame(Reply(request_id, error=body))
         try:
-            result = msgspec.Raw(msgspec.msgpack.encode(future.result()))
+            result = msgspec.Raw(msgspec.msgpack.encode(deferred.shape(future.result())))
         except (TypeError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
             logger.exception("cannot encode a deferred reply")
             body = RpcError(ErrorCode.INTERNAL, f"the reply could not be encoded: {exc!r}").body()
@@ -1000,6 +1027,16 @@ class ControlServer:
         # Not even an error fits: hang up, so that the peer is not left waiting.
         logger.error("out of memory replying to %s; closing its connection", connection.peer)
         connection.transport.abort()
+
+
+def _failed(peer: Peer, request_id: int, method: str, exc: Exception) -> Reply:
+    """The reply to a request whose handler raised: its error; an internal one, logged,
+    for an exception that stands for none."""
+    if isinstance(exc, RpcError):
+        return Reply(request_id, error=exc.body())
+    logger.error("%s from %s failed", method, peer, exc_info=exc)
+    error = RpcError(ErrorCode.INTERNAL, f"internal error: {exc!r}")
+    return Reply(request_id, error=error.body())
 
 
 def _error_frame(request_id: int | None, code: ErrorCode, message: str) -> bytes | None:

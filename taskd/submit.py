@@ -216,6 +216,13 @@ class Submitter:
         # Enqueued jobs are acknowledged first, and claimed by the executor's next claim.
         return await self._store.insert(rows)
 
+    def enqueue(
+        self, requests: Sequence[JobRequest], *, numbered: bool = False
+    ) -> asyncio.Future[list[Inserted]]:
+        """As `submit`, for jobs no caller waits to start (enqueues): refusals are raised
+        now, and the insert is submitted now; the future is done once it has committed."""
+        return self._store.insert(self._prepare_all(requests, numbered=numbered))
+
     async def submit_run(self, request: JobRequest) -> tuple[Inserted, Job | None]:
         """Insert one run; with its job as the insert's commit claimed it for this daemon
         (None if it did not: a job joined, held, or no slot free)."""
@@ -244,17 +251,18 @@ class Submitter:
     ) -> Awaitable[tuple[list[Inserted], Claimed | None]]:
         return self.claiming(lambda claim: self._insert(rows, claim), lambda r: r[1])
 
-    async def submit_batch(
+    def submit_batch(
         self, requests: Sequence[JobRequest], on_finish: str
-    ) -> tuple[int, list[Inserted]]:
-        """Validate all, then insert all as a batch in one transaction, whose last job's end
-        enqueues `on_finish`; the batch's id and the jobs'."""
+    ) -> asyncio.Future[tuple[int, list[Inserted]]]:
+        """Validate all (refusals are raised now), then insert all as a batch in one
+        transaction, whose last job's end enqueues `on_finish`; the future of the batch's
+        id and the jobs', done once it has committed."""
         task = self._tasks.get(on_finish)
         if task is None:
             raise UnknownTask(on_finish, self._tasks.names())
         rows = self._prepare_all(requests, numbered=True)
         hook = Hook(task.name, default_attempts(False, task.max_attempts))
-        return await self._store.insert_batch(rows, hook)
+        return self._store.insert_batch(rows, hook)
 
     def _prepare_all(self, requests: Sequence[JobRequest], *, numbered: bool) -> list[NewJob]:
         """The rows of all requests; the first refusal, which names its item if `numbered`."""

@@ -4,7 +4,7 @@ domain's exceptions: stable codes are given here, and nowhere else."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from taskd.deferred import Deferred
 from taskd.protocol import METHODS, ErrorCode, Method, P, Params, R, RpcError
@@ -12,18 +12,26 @@ from taskd.scheduler import AmbiguousSchedule, UnknownSchedule
 from taskd.store import InvalidTransition, JobNotFound, StoreError
 from taskd.submit import PayloadInvalid, Refused, UnknownTask
 
-Handler = Callable[[Any], Awaitable[Any]]
+Handler = Callable[[Any], Any]
 
 
 class Binding(NamedTuple):
     method: Method[Any, Any]
     handler: Handler
+    at_once: bool  # the handler answers without awaiting (see `bind_at_once`)
 
 
 def bind(method: Method[P, R], handler: Callable[[P], Awaitable[R | Deferred[R]]]) -> Binding:
     """`handler` answers `method` (typed: it takes the method's params, gives its result,
     or a Deferred one)."""
-    return Binding(method, handler)
+    return Binding(method, handler, at_once=False)
+
+
+def bind_at_once(method: Method[P, R], handler: Callable[[P], R | Deferred[R]]) -> Binding:
+    """`handler` answers `method` without awaiting: it refuses the request (raises), or
+    gives its result, or a Deferred one (a write it has submitted, answered at its commit).
+    The control server calls it as the request arrives, with no task per request."""
+    return Binding(method, handler, at_once=True)
 
 
 class Dispatch:
@@ -32,30 +40,40 @@ class Dispatch:
 
     def __init__(self, *groups: Iterable[Binding]) -> None:
         handlers: dict[str, Handler] = {}
-        for method, handler in (binding for group in groups for binding in group):
+        at_once: set[str] = set()
+        for method, handler, now in (binding for group in groups for binding in group):
             if method.name in handlers or method.connection:
                 raise ValueError(f"method {method.name} is answered twice")
             handlers[method.name] = handler
+            if now:
+                at_once.add(method.name)
         unanswered = [
             m.name for m in METHODS.values() if not m.connection and m.name not in handlers
         ]
         if unanswered:
             raise ValueError(f"no handler for {', '.join(unanswered)}")
         self._handlers = handlers
+        # The methods `answer_at_once` answers (bound with `bind_at_once`).
+        self.answered_at_once = frozenset(at_once)
 
     async def __call__(self, method: str, params: Params) -> Any:
         """The result of `method` (a name the server has checked), or RpcError; or a
         Deferred result, whose errors are given the same codes."""
+        if method in self.answered_at_once:
+            return self.answer_at_once(method, params)
         try:
             result = await self._handlers[method](params)
         except Exception as exc:
-            error = rpc_error(exc)
-            if error is None:
-                raise
-            raise error from None
-        if isinstance(result, Deferred):
-            result.translate = rpc_error
-        return result
+            _raise_translated(exc)
+        return _translating(result)
+
+    def answer_at_once(self, method: str, params: Params) -> Any:
+        """As calling, for a method in `answered_at_once`: without awaiting."""
+        try:
+            result = self._handlers[method](params)
+        except Exception as exc:
+            _raise_translated(exc)
+        return _translating(result)
 
     async def call(self, method: Method[P, R], params: P) -> R:
         """`method`'s result, typed (for callers in the daemon, such as the HTTP API)."""
@@ -64,6 +82,21 @@ class Dispatch:
             result = await result.result()
         typed: R = result
         return typed
+
+
+def _raise_translated(exc: Exception) -> NoReturn:
+    """Raise the error reply `exc` stands for; `exc` itself if it stands for none."""
+    error = rpc_error(exc)
+    if error is None:
+        raise exc
+    raise error from None
+
+
+def _translating(result: Any) -> Any:
+    """The result; a Deferred one's errors get the same error replies."""
+    if isinstance(result, Deferred):
+        result.translate = rpc_error
+    return result
 
 
 def rpc_error(exc: BaseException) -> RpcError | None:

@@ -31,8 +31,8 @@ from taskd.protocol import (
     WhyParams,
     WhyResult,
 )
-from taskd.service.dispatch import Binding, bind
-from taskd.store import JobFilter, JobNotFound, Store
+from taskd.service.dispatch import Binding, bind, bind_at_once
+from taskd.store import Inserted, JobFilter, JobNotFound, Store
 from taskd.submit import JobRequest, Submitter, UnknownTask
 from taskd.tasks import TaskRegistry
 
@@ -68,8 +68,8 @@ class JobMethods:
     def bindings(self) -> list[Binding]:
         return [
             bind(protocol.RUN, self.start_run),
-            bind(protocol.ENQUEUE, self.enqueue),
-            bind(protocol.ENQUEUE_MANY, self.enqueue_many),
+            bind_at_once(protocol.ENQUEUE, self.enqueue),
+            bind_at_once(protocol.ENQUEUE_MANY, self.enqueue_many),
             bind(protocol.BATCH, self.batch),
             bind(protocol.JOB, self.job),
             bind(protocol.JOBS, self.jobs),
@@ -138,28 +138,25 @@ class JobMethods:
                     RunResult(job=waiting.result(), joined=bool(joined), held=None)
                 )
 
-    async def enqueue(self, params: EnqueueParams) -> EnqueueResult:
-        (inserted,) = await self._submitter.submit(self._requests([params]))
-        return EnqueueResult(inserted.job_id, inserted.duplicate)
+    # Enqueues are answered at once (bind_at_once): refused now, or submitted now and
+    # answered from their commit's future, with no task per request.
 
-    async def enqueue_many(self, params: EnqueueManyParams) -> EnqueueManyResult:
-        if params.on_finish is None:
-            return EnqueueManyResult(await self._enqueue(params.jobs, numbered=True))
+    def enqueue(self, params: EnqueueParams) -> Deferred[EnqueueResult]:
+        return Deferred(self._submitter.enqueue(self._requests([params])), _enqueued_one)
+
+    def enqueue_many(self, params: EnqueueManyParams) -> Deferred[EnqueueManyResult]:
         requests = self._requests(params.jobs)
-        batch, inserted = await self._submitter.submit_batch(requests, params.on_finish)
-        return EnqueueManyResult([EnqueueResult(i.job_id, i.duplicate) for i in inserted], batch)
+        if params.on_finish is None:
+            inserted = self._submitter.enqueue(requests, numbered=True)
+            return Deferred(inserted, _enqueued_many)
+        batch = self._submitter.submit_batch(requests, params.on_finish)
+        return Deferred(batch, _enqueued_batch)
 
     async def batch(self, params: BatchParams) -> BatchInfo:
         info = await self._store.batch(params.id)
         if info is None:
             raise RpcError(ErrorCode.UNKNOWN_JOB, f"no batch with id {params.id}")
         return info
-
-    async def _enqueue(
-        self, jobs: Sequence[EnqueueParams], *, numbered: bool = False
-    ) -> list[EnqueueResult]:
-        inserted = await self._submitter.submit(self._requests(jobs), numbered=numbered)
-        return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
 
     @staticmethod
     def _requests(jobs: Sequence[EnqueueParams]) -> list[JobRequest]:
@@ -235,3 +232,21 @@ class JobMethods:
 
     async def retry(self, params: RetryParams) -> Job:
         return await self._store.retry(params.id)
+
+
+def _enqueued(inserted: list[Inserted]) -> list[EnqueueResult]:
+    return [EnqueueResult(i.job_id, i.duplicate) for i in inserted]
+
+
+def _enqueued_one(inserted: list[Inserted]) -> EnqueueResult:
+    (result,) = _enqueued(inserted)
+    return result
+
+
+def _enqueued_many(inserted: list[Inserted]) -> EnqueueManyResult:
+    return EnqueueManyResult(_enqueued(inserted))
+
+
+def _enqueued_batch(batch: tuple[int, list[Inserted]]) -> EnqueueManyResult:
+    batch_id, inserted = batch
+    return EnqueueManyResult(_enqueued(inserted), batch_id)

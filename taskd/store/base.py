@@ -46,6 +46,7 @@ The contract:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
@@ -406,9 +407,11 @@ class Store(Protocol):
 
     # -- job writes ----------------------------------------------------------------------
 
-    async def insert(self, jobs: Sequence[NewJob]) -> list[Inserted]:
+    def insert(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[Inserted]]:
         """Insert jobs; one with the task and key of an active job returns that job instead,
-        and so does one with `unique_for` and the key of a job created within that window."""
+        and so does one with `unique_for` and the key of a job created within that window.
+        Submitted now; the future is done once they are committed (a caller may answer
+        from its callback rather than wait)."""
 
     async def insert_and_claim(
         self, jobs: Sequence[NewJob], claim: ClaimRequest
@@ -437,10 +440,11 @@ class Store(Protocol):
     async def set_waiting(self, job_id: int, epoch: int, worker: str, waiting: bool) -> bool:
         """Mark a running job as waiting for another job (or no longer); False if fenced."""
 
-    async def insert_batch(
+    def insert_batch(
         self, new: Sequence[NewJob], on_finish: Hook | None = None
-    ) -> tuple[int, list[Inserted]]:
-        """Insert jobs as a batch in one transaction; its id, and the jobs' as `insert`. Once
+    ) -> asyncio.Future[tuple[int, list[Inserted]]]:
+        """Insert jobs as a batch in one transaction (submitted now, as `insert`); its id,
+        and the jobs' as `insert`. Once
         every job of the batch has ended, `on_finish` is enqueued (exactly once) with the
         payload {"batch", "succeeded", "failed", "cancelled"} (lists of ids)."""
 

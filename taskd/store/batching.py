@@ -30,20 +30,34 @@ Context = TypeVar("Context")
 Operation = Callable[[Context, list[Item]], Generator[Any, Any, list[Result]]]
 # Runs the operations of a batch, each with its items, in one transaction; their results.
 Runner = Callable[[list[tuple[Any, list[Any]]]], Awaitable[list[list[Any]]]]
+# Settles a write's future once its outcome is known: its results, or its exception.
+Finish = Callable[[asyncio.Future[Any], list[Any], Exception | None], None]
+
+
+def settle(future: asyncio.Future[Any], results: list[Any], exc: Exception | None) -> None:
+    """The future gets the write's results, or its exception (unless its caller gave up)."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(results)
 
 
 class _Write(Generic[Item, Result]):
-    __slots__ = ("future", "items", "operation")
+    __slots__ = ("finish", "future", "items", "operation")
 
     def __init__(
         self,
         operation: Operation[Any, Item, Result],
         items: Sequence[Item],
-        future: asyncio.Future[list[Result]],
+        future: asyncio.Future[Any],
+        finish: Finish,
     ) -> None:
         self.operation = operation
         self.items = items
         self.future = future
+        self.finish = finish
 
 
 class GroupCommit(Generic[Context]):
@@ -83,9 +97,12 @@ class GroupCommit(Generic[Context]):
         self,
         operation: Operation[Context, Item, Result],
         items: Sequence[Item],
+        finish: Finish = settle,
     ) -> asyncio.Future[list[Result]]:
         """Run `operation` on `items` in the next transaction; the future of its results,
-        done once it commits.
+        done once it commits. `finish` settles the future, in the writer, as the outcome is
+        known (the store's report it to its health, and give errors and results their
+        shape there: its callers' callbacks then run one turn of the loop sooner).
 
         What others must be told about the write (work to do, a job ended) is the runner's
         to tell once it commits, also when the caller has stopped waiting (a client that
@@ -96,7 +113,10 @@ class GroupCommit(Generic[Context]):
         if self._task is None or self._task.done() or self._loop is None:
             raise RuntimeError("the store is closed")
         future: asyncio.Future[list[Result]] = self._loop.create_future()
-        self._put(_Write(operation, items, future))
+        if not items:  # nothing to write: done now
+            finish(future, [], None)
+            return future
+        self._put(_Write(operation, items, future, finish))
         # A caller that gives up cancels its wait, not the write: the writer commits it and
         # tells what it made known all the same (it only drops a result no one waits for).
         return future
@@ -156,8 +176,7 @@ class GroupCommit(Generic[Context]):
                 await self._commit([write])
             return
         for write, result in zip(batch, results, strict=True):
-            if not write.future.done():
-                write.future.set_result(result)
+            _finish(write, result, None)
 
     async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
         if len(batch) == 1:  # a lone write (one by one, the common case): nothing to merge
@@ -190,6 +209,14 @@ class GroupCommit(Generic[Context]):
         return results
 
 
-def _fail(write: _Write[Any, Any], exc: BaseException) -> None:
-    if not write.future.done():
-        write.future.set_exception(exc)
+def _fail(write: _Write[Any, Any], exc: Exception) -> None:
+    _finish(write, [], exc)
+
+
+def _finish(write: _Write[Any, Any], results: list[Any], exc: Exception | None) -> None:
+    """Settle the write's future; a `finish` that fails fails the write, not the writer."""
+    try:
+        write.finish(write.future, results, exc)
+    except Exception as error:
+        logger.exception("settling a write of %r failed", write.operation)
+        settle(write.future, [], error)

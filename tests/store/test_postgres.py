@@ -660,7 +660,7 @@ async def test_a_claim_waits_for_a_pause_in_flight_and_leaves_its_jobs(
         await pause.close()
 
 
-async def _until_waiting(db: Any, schema: str, *writes: asyncio.Task[Any]) -> None:
+async def _until_waiting(db: Any, schema: str, *writes: asyncio.Future[Any]) -> None:
     """Until as many connections of the stores on `schema` as `writes` wait for a lock."""
     query = (
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
@@ -689,7 +689,7 @@ async def test_a_parents_end_sees_the_child_linked_while_it_waited(store: Postgr
             " key, run_at, created_at) VALUES ('c', 'pending', 'enqueue', '', 3, 'k', 0, 0)"
         )
         child = msgspec.structs.replace(new("c"), key="k", after=(parent.job_id,))
-        inserting = asyncio.create_task(other.insert([child]))
+        inserting = asyncio.ensure_future(other.insert([child]))
         await asyncio.wait_for(_until_waiting(side, store.schema, inserting), 10)
         outcome = Outcome(running.id, running.epoch, worker, "succeeded")
         finishing = asyncio.create_task(store.finish([outcome]))

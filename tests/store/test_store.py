@@ -784,11 +784,12 @@ async def test_a_resync_tells_waiters_to_read_again(store: Store) -> None:
 
 
 async def test_others_are_told_of_a_write_whose_caller_gave_up(store: Store) -> None:
-    # A client that hangs up right after `enqueue` cancels the request's task while the
-    # insert is in flight; the job is committed all the same, so the executor must hear.
+    # A caller that gives up right after an insert (a task cancelled while it waits) stops
+    # waiting while the insert is in flight; the job is committed all the same, so the
+    # executor must hear.
     due = asyncio.Event()
     store.events.on_due(lambda _: due.set())
-    caller = asyncio.create_task(store.insert([new()]))
+    caller = asyncio.ensure_future(store.insert([new()]))
     await asyncio.sleep(0)  # the write is queued
     caller.cancel()
     await asyncio.wait_for(due.wait(), 5)

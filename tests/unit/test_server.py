@@ -1,5 +1,5 @@
-"""The control server's shared receive budget for large frames (taskd.stream_limits), and
-replies it cannot build."""
+"""The control server's shared receive budget for large frames (taskd.stream_limits),
+replies it cannot build, and methods answered at once (no task per request)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,26 @@ import msgspec
 import pytest
 
 from taskd.access import AccessPolicy
-from taskd.protocol import DEFAULT_MAX_FRAME, HEADER, MAX_HELLO_FRAME, Params, Request, encode_frame
-from taskd.server import ControlServer, SocketInUse, bind_socket, release_socket
+from taskd.deferred import Deferred
+from taskd.protocol import (
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    MAX_HELLO_FRAME,
+    EnqueueParams,
+    ErrorCode,
+    Params,
+    Request,
+    RpcError,
+    encode_frame,
+)
+from taskd.server import (
+    MAX_IN_FLIGHT,
+    AtOnce,
+    ControlServer,
+    SocketInUse,
+    bind_socket,
+    release_socket,
+)
 from taskd.stream_limits import ByteBudget
 from tests.support import short_tempdir
 
@@ -28,6 +46,9 @@ async def served(
     handler: Callable[[str, Params], Awaitable[Any]],
     max_connections: int = 4,
     read_timeout: float = 5,
+    *,
+    at_once: AtOnce | None = None,
+    idle_timeout: float = 300.0,
 ) -> AsyncIterator[tuple[ControlServer, str]]:
     """A control server answering with `handler`, started on a socket of its own; its path."""
     server = ControlServer(
@@ -37,6 +58,8 @@ async def served(
         max_frame=DEFAULT_MAX_FRAME,
         max_connections=max_connections,
         read_timeout=read_timeout,
+        at_once=at_once,
+        idle_timeout=idle_timeout,
     )
     folder = short_tempdir()
     try:
@@ -223,3 +246,112 @@ async def test_a_connection_whose_peer_hangs_up_mid_request_is_let_go() -> None:
         await asyncio.sleep(0)  # a turn of the loop: the request's callbacks run
         assert not server._connections
         assert connection.timer is None  # an idle timer would hold it for idle_timeout
+
+
+class Commits:
+    """Answers `enqueue` at once, as the daemon's dispatch does: a refusal raised, or a
+    Deferred result whose future the test settles (the write's commit)."""
+
+    answered_at_once = frozenset({"enqueue"})
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[int]] = []
+        self.arrived = asyncio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.pending) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+    def answer_at_once(self, method: str, params: Params) -> Any:
+        assert isinstance(params, EnqueueParams)
+        if params.task == "bad":
+            raise RpcError(ErrorCode.UNKNOWN_TASK, "unknown task 'bad'")
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.arrived.set()
+        deferred: Deferred[dict[str, int]] = Deferred(future, lambda job: {"job_id": job})
+        deferred.translate = lambda exc: RpcError(ErrorCode.STORE_ERROR, str(exc))
+        return deferred
+
+
+async def never_awaited(method: str, params: Params) -> Any:
+    raise AssertionError(f"{method} is answered at once, not by the awaited handler")
+
+
+def enqueue(request_id: int, task: str = "t") -> tuple[int, str, dict[str, Any]]:
+    return (request_id, "enqueue", {"task": task})
+
+
+async def test_methods_answered_at_once_are_replied_from_their_future_with_no_task() -> None:
+    """Refused as they arrive, else answered once their write's future is done (an error
+    as its translation says), with no asyncio task per request; the connection is busy
+    (no idle timer) while any is pending; over MAX_IN_FLIGHT pending they are refused."""
+    commits = Commits()
+    async with served(never_awaited, at_once=commits, idle_timeout=0.2) as (server, path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(frames([(1, "hello", {"protocol": 1})]))
+        await read_reply(reader)
+        tasks = len(asyncio.all_tasks())
+        count = MAX_IN_FLIGHT + 2
+        writer.write(frames([enqueue(2, "bad"), *(enqueue(n) for n in range(3, 3 + count))]))
+        async with asyncio.timeout(10):
+            early = [await read_reply(reader) for _ in range(3)]  # the refusals come at once
+        assert early[0]["id"] == 2 and early[0]["error"]["code"] == "unknown_task"
+        assert [reply["error"]["code"] for reply in early[1:]] == ["busy", "busy"]
+        assert len(commits.pending) == MAX_IN_FLIGHT
+        assert len(asyncio.all_tasks()) == tasks  # none per request
+        await asyncio.sleep(0.4)  # over idle_timeout: pending requests keep it open
+        (connection,) = server._connections
+        assert connection.busy and not connection.transport.is_closing()
+        commits.pending[0].set_exception(OSError("disk full"))
+        for job, future in enumerate(commits.pending[1:], 1):
+            future.set_result(job)
+        async with asyncio.timeout(10):
+            replies = {
+                reply["id"]: reply
+                for reply in [await read_reply(reader) for _ in range(MAX_IN_FLIGHT)]
+            }
+        assert replies[3]["error"]["code"] == "store_error"
+        assert all(
+            replies[n + 3] == {"id": n + 3, "result": {"job_id": n}}
+            for n in range(1, MAX_IN_FLIGHT)
+        )
+        assert not connection.busy and not server._waiting
+        writer.close()
+
+
+async def test_a_peer_that_hangs_up_with_writes_pending_leaves_nothing_behind() -> None:
+    """The writes go on (the future is the store's); the connection and its waits go."""
+    commits = Commits()
+    async with served(never_awaited, at_once=commits) as (server, path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(frames([(1, "hello", {"protocol": 1}), enqueue(2), enqueue(3)]))
+        await read_reply(reader)
+        await commits.wait_for(2)
+        writer.write_eof()  # hung up: taskd closes its end (and lets the connection go)
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        writer.close()
+        assert not server._connections
+        for future in commits.pending:
+            future.set_result(1)
+        await asyncio.sleep(0)  # a turn of the loop: the futures' callbacks run
+        assert not server._waiting
+
+
+async def test_writes_pending_at_close_are_answered_shutting_down() -> None:
+    commits = Commits()
+    async with served(never_awaited, at_once=commits) as (server, path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(frames([(1, "hello", {"protocol": 1}), enqueue(2)]))
+        await read_reply(reader)
+        await commits.wait_for(1)
+        await server.close()  # REPLY_GRACE, then shutting_down
+        reply = await read_reply(reader)
+        assert reply["id"] == 2 and reply["error"]["code"] == "shutting_down"
+        commits.pending[0].set_result(1)  # committed later: nothing more is sent
+        await asyncio.sleep(0)
+        assert await reader.read() == b""
+        writer.close()

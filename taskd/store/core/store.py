@@ -41,7 +41,7 @@ from taskd.store.base import (
     StoreError,
     TickFired,
 )
-from taskd.store.batching import GroupCommit
+from taskd.store.batching import Finish, GroupCommit
 from taskd.store.core import activity, batches, flow, jobs, keys, nodes, reads, retention, schedules
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.jobs import PRUNE_SLICE
@@ -84,17 +84,12 @@ def store_write(method: Method) -> Method:
     async def wrapper(store: SqlStore, *args: Any, **kwargs: Any) -> Any:
         try:
             result = await method(store, *args, **kwargs)
-        except (InvalidTransition, JobNotFound):
-            raise
         except Exception as exc:
-            error = exc if isinstance(exc, StoreError) else store._store_error(exc)
-            if error is None:
-                raise
-            await store._write_failed(method.__name__, exc, error)
+            error = store._write_failed(method.__name__, exc)
             if error is exc:
                 raise
             raise error from exc
-        store._write_succeeded(method.__name__)
+        store.health.succeeded(method.__name__)
         return result
 
     return cast(Method, wrapper)
@@ -121,6 +116,9 @@ class SqlStore:
         self._commits: GroupCommit[Tx]
         self._inserts: GroupCommit[Tx]
         self._claims: GroupCommit[Tx]
+        # How the writes that are not awaited (`insert`, `insert_batch`) settle their future.
+        self._inserted = self._finishing("insert")
+        self._batch_inserted = self._finishing("insert_batch", _only)
 
     def _group_commit(
         self, transact: Transact, worth_splitting: Callable[[Exception], bool] = lambda _: True
@@ -158,22 +156,21 @@ class SqlStore:
 
     # -- job writes ----------------------------------------------------------------------
 
-    @store_write
-    async def insert(self, new: Sequence[NewJob]) -> list[Inserted]:
-        if not new:
-            return []
+    def insert(self, new: Sequence[NewJob]) -> asyncio.Future[list[Inserted]]:
         # Linking jobs to their parents takes several statements, and so does reading a
         # key's window (or its debounced job) before inserting under its lock: a transaction.
         transaction = any(job.after or jobs.windowed(job) for job in new)
         writer = self._commits if transaction else self._inserts
-        return await writer.submit(jobs.insert_jobs, list(new))
+        return writer.submit(jobs.insert_jobs, list(new), self._inserted)
 
-    @store_write
-    async def insert_batch(
+    def insert_batch(
         self, new: Sequence[NewJob], on_finish: Hook | None = None
-    ) -> tuple[int, list[Inserted]]:
-        (result,) = await self._commits.submit(jobs.insert_batches, [(list(new), on_finish)])
-        return result
+    ) -> asyncio.Future[tuple[int, list[Inserted]]]:
+        # Its one result, (batch id, jobs), is what `_batch_inserted` settles the future with.
+        write = self._commits.submit(
+            jobs.insert_batches, [(list(new), on_finish)], self._batch_inserted
+        )
+        return cast(asyncio.Future[tuple[int, list[Inserted]]], write)
 
     @store_read
     async def batch(self, batch_id: int) -> BatchInfo | None:
@@ -467,8 +464,39 @@ class SqlStore:
         """The StoreError an exception of the database's driver means (None: not one)."""
         raise NotImplementedError
 
-    async def _write_failed(self, operation: str, exc: Exception, error: StoreError) -> None:
+    def _write_failed(self, operation: str, exc: Exception) -> Exception:
+        """The exception a failed write raises (the driver's as StoreError, a refusal such
+        as a job in another state as it is), reported to the store's health if a failure."""
+        if isinstance(exc, InvalidTransition | JobNotFound):
+            return exc
+        error = exc if isinstance(exc, StoreError) else self._store_error(exc)
+        if error is None:
+            return exc
         self.health.failed(operation, str(error))
+        if error is not exc:
+            error.__cause__ = exc
+        return error
 
-    def _write_succeeded(self, operation: str) -> None:
-        self.health.succeeded(operation)
+    def _finishing(
+        self, operation: str, shape: Callable[[list[Any]], Any] = lambda results: results
+    ) -> Finish:
+        """How a write submitted without awaiting it settles its future, as `store_write`
+        ends an awaited one: its end reported to the store's health, the driver's errors as
+        StoreError; its results given their `shape`."""
+
+        def finish(future: asyncio.Future[Any], results: list[Any], exc: Exception | None) -> None:
+            if exc is not None:
+                error = self._write_failed(operation, exc)
+                if not future.done():
+                    future.set_exception(error)
+                return
+            self.health.succeeded(operation)
+            if not future.done():
+                future.set_result(shape(results))
+
+        return finish
+
+
+def _only(results: list[T]) -> T:
+    (result,) = results
+    return result
