@@ -74,31 +74,6 @@ async def test_stores_on_one_schema_hear_each_other(store: PostgresStore) -> Non
         await other.close()
 
 
-async def test_notices_that_arrive_together_wake_the_store_once(store: PostgresStore) -> None:
-    """The inserts of another daemon (or of an application) that commit while this one is
-    busy arrive in one read: they are heard as one, the earliest due, not one wake each;
-    a notice that says more (a cancel) is heard as well."""
-    dues: list[float] = []
-    cancelled: list[int] = []
-    heard = asyncio.Event()
-    store.events.on_due(lambda due: (dues.append(due), heard.set()))
-    store.events.on_cancel(cancelled.append)
-    connection = await asyncpg.connect(postgres_url())
-    try:
-        async with connection.transaction():  # delivered together, at its commit
-            for n in range(30):
-                told = {"cancelled": [42]} if n == 7 else {"due": 100.0 - n}
-                await connection.execute(
-                    "SELECT pg_notify($1, $2)",
-                    f"taskd:{store.schema}",
-                    json.dumps({"sender": "app", **told}),
-                )
-    finally:
-        await connection.close()
-    await asyncio.wait_for(heard.wait(), 10)
-    assert dues == [71.0] and cancelled == [42]
-
-
 async def test_lost_connections_come_back_and_everyone_reads_again(store: PostgresStore) -> None:
     resynced = asyncio.Event()
     store.events.on_resync(resynced.set)

@@ -6,10 +6,6 @@ delivers it with the commit, and never for a rollback. Every daemon listens on o
 dedicated connection. When that connection is lost, notices may have been missed: once it
 is back the store says `resync` (everyone reads again what they wait for). A slow timer
 checks the connection and resyncs too, the safety net should a notice ever go missing.
-
-The notices that arrive together (one read of the connection: a burst of commits while the
-daemon was busy, or a transaction that sent several) are handed over together, in order,
-once the loop has seen them all: they cost one wake of the daemon, not one each.
 """
 
 from __future__ import annotations
@@ -35,15 +31,14 @@ class Listener:
         self,
         connect: Callable[[], Awaitable[Any]],
         channel: str,
-        on_notices: Callable[[list[str]], None],
+        on_notice: Callable[[str], None],
         on_resync: Callable[[], None],
         description: str,
         interval: float = SAFETY_INTERVAL,
     ) -> None:
         self._connect = connect
         self._channel = channel
-        self._on_notices = on_notices
-        self._arrived: list[str] = []  # payloads not handed over yet, in order
+        self._on_notice = on_notice
         self._on_resync = on_resync
         self._description = description
         self._interval = interval
@@ -69,15 +64,7 @@ class Listener:
         self._connection = connection
 
     def _received(self, connection: Any, pid: int, channel: str, payload: str) -> None:
-        # The driver calls this soon after its read, once per notice: the hand-over comes
-        # after those of the same read, already queued.
-        if not self._arrived:
-            asyncio.get_running_loop().call_soon(self._hand_over)
-        self._arrived.append(payload)
-
-    def _hand_over(self) -> None:
-        arrived, self._arrived = self._arrived, []
-        self._on_notices(arrived)
+        self._on_notice(payload)
 
     async def _watch(self) -> None:
         while not self._stop.is_set():

@@ -85,7 +85,7 @@ class PostgresStore(SqlStore):
         self._listener = Listener(
             self._connections.connect,
             self._channel,
-            self._on_notices,
+            self._on_notice,
             self.events.resync,
             self.description,
         )
@@ -186,21 +186,10 @@ class PostgresStore(SqlStore):
         hint = UNREACHABLE if connection_failed(exc) else ""
         return StoreError(message + hint, at_start_up=message)
 
-    def _on_notices(self, payloads: list[str]) -> None:
-        """Notices that arrived together, in order: those that only say when new work is
-        due (every insert's) are heard as one, the earliest, after the others."""
-        due: float | None = None
-        for payload in payloads:
-            notice = decode_notice(payload)
-            if notice is None or notice.sender == self._sender:
-                continue
-            if not (notice.finished or notice.cancelled or notice.activity):
-                if notice.due is not None:
-                    due = notice.due if due is None else min(due, notice.due)
-                continue
+    def _on_notice(self, payload: str) -> None:
+        notice = decode_notice(payload)
+        if notice is not None and notice.sender != self._sender:
             self._heard(notice.due, notice.finished, notice.cancelled, notice.activity)
-        if due is not None:
-            self._heard(due, (), ())
 
     # -- nodes: those sharing the store compare the digests of their schedules ------------
 
