@@ -9,11 +9,10 @@ sharing the database hear of it at the commit, through the same notification as 
 enqueue: it is the store's own insert (`taskd.store.core.jobs.insert_jobs`), run on the
 application's connection, in one statement (as pgqueuer's) when the task has no `limit_key`
 (nor a turn among its keys) and the job's key, if any, is free; outside a transaction, it
-commits on its own. It works
-on an asyncpg connection, a psycopg 3 `AsyncConnection` (`await enqueue(...)`) and a
-psycopg 3 `Connection` (`enqueue_sync(...)`); the schema must have been created by a taskd
-daemon (the first start does it, and a daemon of this version must have started on it
-once).
+commits on its own. It works on an asyncpg connection, a psycopg 3 `AsyncConnection`
+(`await enqueue(...)`) and a psycopg 3 `Connection` (`enqueue_sync(...)`); the schema must
+have been created by a taskd daemon (the first start does it, and a daemon of this version
+must have started on it once).
 
 What it cannot check: the task's payload schema and its settings live in the daemons, not
 in the database. A payload the task rejects, or a task no daemon knows, fails the job when
