@@ -96,6 +96,9 @@ class Executor:
         self.closed = asyncio.Event()  # drained: nothing runs or is claimed any more
         self._wake = slots.wake
         self._alarm: asyncio.TimerHandle | None = None
+        # The loop `run` runs on: each get_running_loop() is a system call (getpid), and
+        # `_due` hears every notice of new work.
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Jobs start in this turn of the loop until then (loop time; 0: from the next job's
         # start), later ones after the next turn: _wait_for_turn.
         self._turn_ends = 0.0
@@ -113,6 +116,7 @@ class Executor:
         """Record outcomes and claim jobs until drained; with `until_idle`, also return once
         nothing is running and nothing is due (the deterministic mode tests use)."""
         slots = self._slots
+        self._loop = asyncio.get_running_loop()
         failures = 0
         while True:
             self._wake.clear()
@@ -224,7 +228,7 @@ class Executor:
         if delay <= 0:
             self._work_came()
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         when = loop.time() + delay
         if self._alarm is not None:
             if self._alarm.when() <= when:

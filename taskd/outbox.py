@@ -8,11 +8,11 @@ The job exists if and only if the transaction commits (the outbox pattern); the 
 sharing the database hear of it at the commit, through the same notification as any
 enqueue: it is the store's own insert (`taskd.store.core.jobs.insert_jobs`), run on the
 application's connection, in one statement (as pgqueuer's) when the task has no `limit_key`
-and the job's key, if any, is free; outside a transaction, it commits on its own. It works
-on an asyncpg connection, a psycopg 3 `AsyncConnection` (`await enqueue(...)`) and a
-psycopg 3 `Connection` (`enqueue_sync(...)`); the schema must have been created by a taskd
-daemon (the first start does it, and a daemon of this version must have started on it
-once).
+(nor a turn among its keys) and the job's key, if any, is free; outside a transaction, it
+commits on its own. It works on an asyncpg connection, a psycopg 3 `AsyncConnection`
+(`await enqueue(...)`) and a psycopg 3 `Connection` (`enqueue_sync(...)`); the schema must
+have been created by a taskd daemon (the first start does it, and a daemon of this version
+must have started on it once).
 
 What it cannot check: the task's payload schema and its settings live in the daemons, not
 in the database. A payload the task rejects, or a task no daemon knows, fails the job when
@@ -99,12 +99,12 @@ def _insert(schema: str, job: NewJob) -> Steps[list[Inserted]]:
 
 
 def _keyed_insert(sql: PostgresSql, job: NewJob) -> Steps[list[Inserted]]:
-    # One statement, as the job's task has no limit_key and its key (if any) is free: the
-    # common case. Otherwise the store's insert, given the path the statement read.
-    rows = yield sql.insert_unless_limited([job])
+    # One statement, as the job's task is not keyed (no limit_key, no turn) and its key (if
+    # any) is free: the common case. Otherwise the store's insert, given the path read.
+    rows = yield sql.insert_one_unless_keyed(job)
     if inserted := [row["id"] for row in rows if row["id"] is not None]:
         return [Inserted(inserted[0], duplicate=False)]
-    limit_keys = {row["task"]: row["path"] for row in rows}
+    limit_keys = {row["task"]: row["path"] for row in rows if row["path"] is not None}
     return (yield from insert_jobs(Tx(sql, Notes(), limit_keys=limit_keys), [job]))
 
 

@@ -184,11 +184,42 @@ def test_jobs_without_a_key_are_inserted_without_on_conflict() -> None:
     second WAL record); a statement with a keyed job keeps it (its key may be taken)."""
     sql = PostgresSql("taskd", "me")
     keyed = msgspec.structs.replace(new(), key="k")
-    for insert in (sql.insert, sql.insert_unless_limited):
-        assert "ON CONFLICT DO NOTHING" not in insert([new()]).sql
-        assert "ON CONFLICT DO NOTHING" not in insert([new(), new("u")]).sql
-        assert "ON CONFLICT DO NOTHING" in insert([keyed]).sql
-        assert "ON CONFLICT DO NOTHING" in insert([new(), keyed]).sql
+    assert "ON CONFLICT DO NOTHING" not in sql.insert([new()]).sql
+    assert "ON CONFLICT DO NOTHING" not in sql.insert([new(), new("u")]).sql
+    assert "ON CONFLICT DO NOTHING" in sql.insert([keyed]).sql
+    assert "ON CONFLICT DO NOTHING" in sql.insert([new(), keyed]).sql
+    assert "ON CONFLICT DO NOTHING" not in sql.insert_one_unless_keyed(new()).sql
+    assert "ON CONFLICT DO NOTHING" in sql.insert_one_unless_keyed(keyed).sql
+
+
+def test_the_outbox_statement_writes_the_job_and_nothing_else() -> None:
+    """An unkeyed job's one statement has no write to the keyed tasks' turns, nor any other
+    CTE than its insert and the read of its task's path and turn (each costs the server at
+    every execution, writing or not): a task with a turn takes the store's insert."""
+    for job in (new(), msgspec.structs.replace(new(), key="k")):
+        sql = PostgresSql("taskd", "me").insert_one_unless_keyed(job).sql
+        assert "key_turns (task)" not in sql and "UPDATE" not in sql
+        assert sql.count(" AS (") == 2 and "unnest" not in sql
+
+
+async def test_the_outbox_stirs_the_turn_of_a_task_that_has_one(store: PostgresStore) -> None:
+    """A task with a turn among its keys but no `limit_key` path (its configuration took it
+    away): its job walks the turn again, as the daemons' own insert does."""
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        await connection.execute(
+            f"INSERT INTO {store.schema}.key_turns (task, rested_at) VALUES ('w', 1)"
+        )
+        turned = await taskd.outbox.enqueue(connection, "w", {"n": 1}, schema=store.schema)
+        plain = await taskd.outbox.enqueue(connection, "u", {"n": 2}, schema=store.schema)
+        rested = await connection.fetch(
+            f"SELECT task, rested_at FROM {store.schema}.key_turns ORDER BY task"
+        )
+    finally:
+        await connection.close()
+    assert [(row["task"], row["rested_at"]) for row in rested] == [("w", None)]
+    jobs = [await store.get(turned.job_id), await store.get(plain.job_id)]
+    assert [job and (job.task, job.status) for job in jobs] == [("w", "pending"), ("u", "pending")]
 
 
 async def test_the_outbox_enqueues_in_one_statement_when_its_task_has_no_limit_key(

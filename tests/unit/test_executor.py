@@ -279,3 +279,23 @@ async def test_a_detached_run_is_answered_with_the_job_its_commit_started(
     same = {f: getattr(stored, f) for f in stored.__struct_fields__}
     same.update(status="running", finished_at=None, result=None)
     assert {f: getattr(started, f) for f in started.__struct_fields__} == same
+
+
+async def test_news_of_work_due_later_asks_nothing_of_the_system(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every insert elsewhere (another daemon's, taskd.outbox's) is heard as "due in N
+    seconds": hearing it asks the system nothing (each get_running_loop() is a getpid)."""
+    await asyncio.sleep(0)  # the executor's loop has started
+    real = asyncio.get_running_loop
+    asked: list[str] = []
+
+    def get_running_loop() -> asyncio.AbstractEventLoop:
+        asked.append("loop")
+        return real()
+
+    monkeypatch.setattr(asyncio, "get_running_loop", get_running_loop)
+    for n in range(100):
+        stack.store.events.due(60.0 + n)
+    monkeypatch.undo()
+    assert asked == []

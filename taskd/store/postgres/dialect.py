@@ -111,10 +111,6 @@ SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new
 """
 
 
-# INSERT_SQL for the jobs of tasks without a `limit_key` (taskd.outbox: in one statement
-# when its task has none, the common case): a job of a task that has one is not inserted,
-# and a row of the result gives its task's path instead (id NULL), for the insert to be made
-# again with the job's value of it. The path is read in the statement's own snapshot.
 def _rewritten(sql: str, *changes: tuple[str, str]) -> str:
     """`sql` with each (old, new) made, each old found exactly once (so a change to the
     statement it derives from cannot leave it silently unchanged)."""
@@ -125,28 +121,42 @@ def _rewritten(sql: str, *changes: tuple[str, str]) -> str:
     return sql
 
 
-UNLESS_LIMITED = (
-    (
-        f"given AS MATERIALIZED ({_INSERT_ROWS})",
-        f"offered AS MATERIALIZED ({_INSERT_ROWS}),"
-        " paths AS (SELECT task, path FROM {s}.limit_key_paths"
-        " WHERE task IN (SELECT task FROM offered)),"
-        " given AS MATERIALIZED (SELECT * FROM offered WHERE task NOT IN (SELECT task FROM paths))",
-    ),
-    (
-        "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new",
-        "SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told, NULL AS path"
-        " FROM new UNION ALL SELECT NULL, task, NULL, NULL, NULL, path FROM paths",
-    ),
+# taskd.outbox's insert of one job, in one statement when its task is not keyed (the common
+# case): a job of a task that has a `limit_key` path, or a turn among its keys (a walk to
+# stir), is not inserted, and the rows of the result give its task's path instead (id
+# NULL; path NULL for the turn), for the store's insert (INSERT_SQL) to be made instead, with
+# the job's value of it. Both are read in the statement's own snapshot, as INSERT_SQL reads
+# the turns it stirs. It is INSERT_SQL cut to what one unkeyed job needs: its values as
+# parameters (no arrays), no write to the turns, its notice in the row that returns it
+# (each CTE, each aggregate costs the server at every execution, a data-modifying CTE even
+# when it writes nothing): some 50 µs less of the server's CPU a job, of about 300.
+ONE_UNLESS_KEYED_SQL = """
+WITH paths AS (
+    SELECT task, path FROM {s}.limit_key_paths WHERE task = :task::text
+    UNION ALL SELECT task, NULL FROM {s}.key_turns WHERE task = :task::text
+), new AS (
+    INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
+                          parent_id, batch_id, created_at, traceparent, limit_key)
+    SELECT :task::text, 'pending', :origin::text, :payload::bytea, :priority::integer,
+           coalesce(:run_at::double precision, (SELECT :now) + :delay::double precision),
+           :max_attempts::integer, :key::text, :parent_id::bigint, :batch_id::bigint,
+           (SELECT :now), :traceparent::text, :limit_key::text
+    WHERE NOT EXISTS (SELECT FROM paths)
+    ON CONFLICT DO NOTHING
+    RETURNING id, task, key, run_at - created_at AS due_in
 )
-UNLESS_LIMITED_INSERT_SQL = _rewritten(INSERT_SQL, *UNLESS_LIMITED)
+SELECT id, task, key, due_in, NULL AS path,
+    pg_notify(:channel, json_build_object('sender', :sender::text, 'due', due_in)::text) AS told
+FROM new
+UNION ALL SELECT NULL, task, NULL, NULL, path, NULL FROM paths
+"""
 
 # INSERT_SQL for jobs without a key, which no unique index can refuse: a plain insert, where
 # ON CONFLICT makes each row a speculative insertion (a probe of every unique index first,
 # the primary key's too, a lock, and a second WAL record to confirm the row).
 KEYLESS = ("    ON CONFLICT DO NOTHING\n", "")
 KEYLESS_INSERT_SQL = _rewritten(INSERT_SQL, KEYLESS)
-KEYLESS_UNLESS_LIMITED_INSERT_SQL = _rewritten(INSERT_SQL, KEYLESS, *UNLESS_LIMITED)
+KEYLESS_ONE_UNLESS_KEYED_SQL = _rewritten(ONE_UNLESS_KEYED_SQL, KEYLESS)
 
 # The job counters of server processes that are gone, added to this one's (a process reusing
 # a pid in the meantime only has its counts moved, not changed).
@@ -438,10 +448,12 @@ class PostgresSql:
     def insert(self, jobs: Sequence[NewJob]) -> Statement:
         return self._insert(jobs, INSERT_SQL, KEYLESS_INSERT_SQL)
 
-    def insert_unless_limited(self, jobs: Sequence[NewJob]) -> Statement:
-        """`insert`, of the jobs whose task has no `limit_key`; a row (task, path) for
-        each task that has one (UNLESS_LIMITED_INSERT_SQL)."""
-        return self._insert(jobs, UNLESS_LIMITED_INSERT_SQL, KEYLESS_UNLESS_LIMITED_INSERT_SQL)
+    def insert_one_unless_keyed(self, job: NewJob) -> Statement:
+        """`insert` of one job, unless its task has a `limit_key` path or a turn: then a
+        row (task, path) for each instead (ONE_UNLESS_KEYED_SQL)."""
+        sql = ONE_UNLESS_KEYED_SQL if job.key is not None else KEYLESS_ONE_UNLESS_KEYED_SQL
+        params = dict(zip(INSERT_COLUMNS, _insert_values(job), strict=True))
+        return Statement(sql, {**params, "channel": self.channel, "sender": self.sender})
 
     def _insert(self, jobs: Sequence[NewJob], sql: str, keyless_sql: str) -> Statement:
         params: dict[str, Any] = {"count": len(jobs), "channel": self.channel,
