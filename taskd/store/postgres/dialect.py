@@ -79,16 +79,22 @@ _insert_values = attrgetter(*INSERT_COLUMNS)
 _SENT_ONCE = tuple(f"{name}_all" for name in INSERT_COLUMNS)
 _NOT_SENT = dict.fromkeys(INSERT_COLUMNS)
 
+# The jobs' rows, of the values `given` has (one row a job, a column of INSERT_COLUMNS each).
+_INSERT_GIVEN = """INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at,
+        max_attempts, key, parent_id, batch_id, created_at, traceparent, limit_key)
+    SELECT task, 'pending', origin, payload, priority, coalesce(run_at, (SELECT :now) + delay),
+           max_attempts, key, parent_id, batch_id, (SELECT :now), traceparent, limit_key"""
+
+# One job's values of INSERT_COLUMNS, as parameters (taskd.outbox's one-job statement).
+_ONE_GIVEN = ", ".join(f":{name}::{kind} AS {name}" for name, kind in INSERT_COLUMNS.items())
+
 # One row per job, in order. The statement tells the other daemons itself. Its clock is read
 # once ((SELECT :now), an InitPlan), not for each row: {s}.now() converts the statement's
 # time from numeric to double precision by way of text (some 1 µs a row, twice a row).
 INSERT_SQL = f"""
 WITH given AS MATERIALIZED ({_INSERT_ROWS}),
 new AS (
-    INSERT INTO {{s}}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
-                          parent_id, batch_id, created_at, traceparent, limit_key)
-    SELECT task, 'pending', origin, payload, priority, coalesce(run_at, (SELECT :now) + delay),
-           max_attempts, key, parent_id, batch_id, (SELECT :now), traceparent, limit_key
+    {_INSERT_GIVEN}
     FROM given
     ORDER BY n
     ON CONFLICT DO NOTHING
@@ -130,17 +136,13 @@ def _rewritten(sql: str, *changes: tuple[str, str]) -> str:
 # parameters (no arrays), no write to the turns, its notice in the row that returns it
 # (each CTE, each aggregate costs the server at every execution, a data-modifying CTE even
 # when it writes nothing): some 50 µs less of the server's CPU a job, of about 300.
-ONE_UNLESS_KEYED_SQL = """
+ONE_UNLESS_KEYED_SQL = f"""
 WITH paths AS (
-    SELECT task, path FROM {s}.limit_key_paths WHERE task = :task::text
-    UNION ALL SELECT task, NULL FROM {s}.key_turns WHERE task = :task::text
+    SELECT task, path FROM {{s}}.limit_key_paths WHERE task = :task::text
+    UNION ALL SELECT task, NULL FROM {{s}}.key_turns WHERE task = :task::text
 ), new AS (
-    INSERT INTO {s}.jobs (task, status, origin, payload, priority, run_at, max_attempts, key,
-                          parent_id, batch_id, created_at, traceparent, limit_key)
-    SELECT :task::text, 'pending', :origin::text, :payload::bytea, :priority::integer,
-           coalesce(:run_at::double precision, (SELECT :now) + :delay::double precision),
-           :max_attempts::integer, :key::text, :parent_id::bigint, :batch_id::bigint,
-           (SELECT :now), :traceparent::text, :limit_key::text
+    {_INSERT_GIVEN}
+    FROM (SELECT {_ONE_GIVEN}) AS given
     WHERE NOT EXISTS (SELECT FROM paths)
     ON CONFLICT DO NOTHING
     RETURNING id, task, key, run_at - created_at AS due_in
