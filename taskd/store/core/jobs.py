@@ -145,6 +145,10 @@ def _insert_lone(tx: Tx, job: NewJob, lone: Statement) -> Steps[list[Inserted]]:
         if row["id"] is not None:
             tx.notes.new[row["id"]] = row["due_in"]
             return [Inserted(row["id"], duplicate=False)]
+    if not rows and job.key is not None:  # its key is taken (else a row says why not)
+        active = yield tx.sql.active_keys([(job.task, job.key)])
+        if active:
+            return [Inserted(active[0]["id"], duplicate=True)]
     paths = {row["task"]: row["path"] for row in rows if row["path"] is not None}
     if paths:
         tx = dataclasses.replace(tx, limit_keys={**paths, **tx.limit_keys})
