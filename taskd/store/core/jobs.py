@@ -123,12 +123,12 @@ def windowed(job: NewJob) -> bool:
 def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     """Insert jobs; a job whose task and key are taken by an active job joins that job; a
     job with parents (`after`) waits for them."""
-    if len(jobs) == 1 and (lone := _lone(tx, jobs[0])) is not None:
-        return (yield from _insert_lone(tx, jobs[0], lone))
+    if len(jobs) == 1 and (one := _one_job_statement(tx, jobs[0])) is not None:
+        return (yield from _insert_one(tx, jobs[0], one))
     return (yield from _insert_all(tx, jobs))
 
 
-def _lone(tx: Tx, job: NewJob) -> Statement | None:
+def _one_job_statement(tx: Tx, job: NewJob) -> Statement | None:
     """The dialect's one-job statement for a job inserted alone that needs no more: no
     parents, no key's window, no `limit_key` known here (None: the full insert)."""
     if job.after or windowed(job) or job.task in tx.limit_keys:
@@ -136,11 +136,11 @@ def _lone(tx: Tx, job: NewJob) -> Statement | None:
     return tx.sql.insert_one_unless_keyed(job)
 
 
-def _insert_lone(tx: Tx, job: NewJob, lone: Statement) -> Steps[list[Inserted]]:
+def _insert_one(tx: Tx, job: NewJob, statement: Statement) -> Steps[list[Inserted]]:
     """The job in one statement, as its task is not keyed (no `limit_key` path, no turn
     among its keys) and its key, if any, is free: the common case. Otherwise the full
     insert, with the paths the statement read (those known here come first)."""
-    rows = yield lone
+    rows = yield statement
     for row in rows:
         if row["id"] is not None:
             tx.notes.new[row["id"]] = row["due_in"]
