@@ -95,17 +95,7 @@ def _insert(schema: str, job: NewJob) -> Steps[list[Inserted]]:
     task's `limit_key` (the path the daemons recorded in the store)."""
     if not SCHEMA_NAME.fullmatch(schema):
         raise ValueError(f"schema {schema!r} is not a schema name taskd uses")
-    return _keyed_insert(PostgresSql(schema, SENDER), job)
-
-
-def _keyed_insert(sql: PostgresSql, job: NewJob) -> Steps[list[Inserted]]:
-    # One statement, as the job's task is not keyed (no limit_key, no turn) and its key (if
-    # any) is free: the common case. Otherwise the store's insert, given the path read.
-    rows = yield sql.insert_one_unless_keyed(job)
-    if inserted := [row["id"] for row in rows if row["id"] is not None]:
-        return [Inserted(inserted[0], duplicate=False)]
-    limit_keys = {row["task"]: row["path"] for row in rows if row["path"] is not None}
-    return (yield from insert_jobs(Tx(sql, Notes(), limit_keys=limit_keys), [job]))
+    return insert_jobs(Tx(PostgresSql(schema, SENDER), Notes()), [job])
 
 
 def _result(inserted: list[Inserted]) -> EnqueueResult:

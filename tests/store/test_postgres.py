@@ -16,7 +16,7 @@ import taskd.outbox
 import taskd.pg
 from taskd.models import TaskCounts
 from taskd.store import ClaimRequest, NewJob, Outcome, StoreError
-from taskd.store.base import Failure
+from taskd.store.base import Failure, Inserted
 from taskd.store.core import keys
 from taskd.store.postgres import store as postgres_store
 from taskd.store.postgres.dialect import (
@@ -26,6 +26,7 @@ from taskd.store.postgres.dialect import (
     PostgresSql,
     render,
 )
+from taskd.store.postgres.dialect import execute as postgres_execute
 from taskd.store.postgres.schema import MIGRATIONS
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
@@ -252,6 +253,70 @@ async def test_the_outbox_enqueues_in_one_statement_when_its_task_has_no_limit_k
     ]
     jobs = [await store.get(single.job_id), await store.get(keyed.job_id)]
     assert [job and (job.task, job.status) for job in jobs] == [("u", "pending"), ("t", "pending")]
+
+
+async def test_a_lone_unkeyed_insert_is_one_statement_that_writes_only_the_job(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's insert of one job (an enqueue), of a task with no `limit_key` nor a turn,
+    is the outbox's one-job statement: no arrays, no write to the keyed tasks' turns. A job
+    of a task that has a turn still walks it, one of a keyed task takes the full insert
+    (with its value), and jobs written together one statement of arrays, as before."""
+    statements: list[str] = []
+
+    def recording(db: Any, schema: str, statement: Any) -> Any:
+        statements.append(statement.sql)
+        return postgres_execute(db, schema, statement)
+
+    monkeypatch.setattr(postgres_store, "execute", recording)
+    store.limit_keys = {"t": "order.customer"}
+    due = asyncio.Event()
+    store.events.on_due(lambda _: due.set())
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        (lone,) = await store.insert([new("u")])
+        await asyncio.wait_for(due.wait(), 10)  # this daemon's own listeners heard of it
+        assert len(statements) == 1 and "unnest" not in statements[0], statements
+        assert "key_turns (task)" not in statements[0]
+        await connection.execute(
+            f"INSERT INTO {store.schema}.key_turns (task, rested_at) VALUES ('w', 1)"
+        )
+        statements.clear()
+        (turned,) = await store.insert([new("w")])
+        assert len(statements) == 2 and "key_turns (task)" in statements[1], statements
+        rested = await connection.fetchval(
+            f"SELECT rested_at FROM {store.schema}.key_turns WHERE task = 'w'"
+        )
+        assert rested is None  # stirred
+        statements.clear()
+        payload = msgspec.msgpack.encode({"order": {"customer": "acme"}})
+        (keyed,) = await store.insert([NewJob("t", payload, "enqueue", 3)])
+        assert len(statements) == 1 and "unnest" in statements[0], statements
+        statements.clear()
+        first, again = [
+            await store.insert([msgspec.structs.replace(new("u"), key="k")]) for _ in range(2)
+        ]
+        assert len(statements) == 3 and "stirred" not in "".join(statements), statements
+        assert again == [Inserted(first[0].job_id, duplicate=True)]  # the key's active job
+        statements.clear()
+        together = await store.insert([new("u"), new("u")])
+        assert len(statements) == 1 and "unnest" in statements[0], statements
+        ids = [job.job_id for job in (lone, turned, keyed, *first, *together)]
+        rows = await connection.fetch(
+            f"SELECT task, status, limit_key FROM {store.schema}.jobs WHERE id = ANY($1::bigint[])"
+            " ORDER BY id",
+            ids,
+        )
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in rows] == [
+        ("u", "pending", None),
+        ("w", "pending", None),
+        ("t", "pending", "acme"),
+        ("u", "pending", None),
+        ("u", "pending", None),
+        ("u", "pending", None),
+    ]
 
 
 async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:

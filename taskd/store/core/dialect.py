@@ -69,6 +69,12 @@ class Dialect(Protocol):
         """Inserts the jobs but those whose key is taken; returns id, task, key, due_in."""
         ...
 
+    def insert_one_unless_keyed(self, job: NewJob) -> Statement | None:
+        """`insert` of one job, unless its task has a `limit_key` path or a turn among its
+        keys: then a row (task, path) for each instead, id NULL (path NULL: the turn). None:
+        no such statement (SQLite: its `insert` of one job is as lean already)."""
+        ...
+
     def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
         """The active jobs with these (task, key): id, task, key."""
         ...

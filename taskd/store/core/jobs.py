@@ -8,6 +8,7 @@ PostgreSQL write differently are their dialects'.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import NoReturn, cast
 
@@ -122,6 +123,39 @@ def windowed(job: NewJob) -> bool:
 def insert_jobs(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     """Insert jobs; a job whose task and key are taken by an active job joins that job; a
     job with parents (`after`) waits for them."""
+    if len(jobs) == 1 and (one := _one_job_statement(tx, jobs[0])) is not None:
+        return (yield from _insert_one(tx, jobs[0], one))
+    return (yield from _insert_all(tx, jobs))
+
+
+def _one_job_statement(tx: Tx, job: NewJob) -> Statement | None:
+    """The dialect's one-job statement for a job inserted alone that needs no more: no
+    parents, no key's window, no `limit_key` known here (None: the full insert)."""
+    if job.after or windowed(job) or job.task in tx.limit_keys:
+        return None
+    return tx.sql.insert_one_unless_keyed(job)
+
+
+def _insert_one(tx: Tx, job: NewJob, statement: Statement) -> Steps[list[Inserted]]:
+    """The job in one statement, as its task is not keyed (no `limit_key` path, no turn
+    among its keys) and its key, if any, is free: the common case. Otherwise the full
+    insert, with the paths the statement read (those known here come first)."""
+    rows = yield statement
+    for row in rows:
+        if row["id"] is not None:
+            tx.notes.new[row["id"]] = row["due_in"]
+            return [Inserted(row["id"], duplicate=False)]
+    if not rows and job.key is not None:  # its key is taken (else a row says why not)
+        active = yield tx.sql.active_keys([(job.task, job.key)])
+        if active:
+            return [Inserted(active[0]["id"], duplicate=True)]
+    paths = {row["task"]: row["path"] for row in rows if row["path"] is not None}
+    if paths:
+        tx = dataclasses.replace(tx, limit_keys={**paths, **tx.limit_keys})
+    return (yield from _insert_all(tx, [job]))
+
+
+def _insert_all(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     # Before any other lock: only inserts take these, and always first.
     keys_read = sorted({(job.task, cast(str, job.key)) for job in jobs if windowed(job)})
     if keys_read and (lock := tx.sql.lock_windows(keys_read)) is not None:

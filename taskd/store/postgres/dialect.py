@@ -127,15 +127,16 @@ def _rewritten(sql: str, *changes: tuple[str, str]) -> str:
     return sql
 
 
-# taskd.outbox's insert of one job, in one statement when its task is not keyed (the common
-# case): a job of a task that has a `limit_key` path, or a turn among its keys (a walk to
-# stir), is not inserted, and the rows of the result give its task's path instead (id
-# NULL; path NULL for the turn), for the store's insert (INSERT_SQL) to be made instead, with
-# the job's value of it. Both are read in the statement's own snapshot, as INSERT_SQL reads
-# the turns it stirs. It is INSERT_SQL cut to what one unkeyed job needs: its values as
-# parameters (no arrays), no write to the turns, its notice in the row that returns it
-# (each CTE, each aggregate costs the server at every execution, a data-modifying CTE even
-# when it writes nothing): some 50 µs less of the server's CPU a job, of about 300.
+# The insert of a job alone (taskd.store.core.jobs.insert_jobs: an enqueue, taskd.outbox's),
+# in one statement when its task is not keyed (the common case): a job of a task that has a
+# `limit_key` path, or a turn among its keys (a walk to stir), is not inserted, and the rows
+# of the result give its task's path instead (id NULL; path NULL for the turn), for the
+# store's insert (INSERT_SQL) to be made instead, with the job's value of it. Both are read
+# in the statement's own snapshot, as INSERT_SQL reads the turns it stirs. It is INSERT_SQL
+# cut to what one unkeyed job needs: its values as parameters (no arrays), no write to the
+# turns, its notice in the row that returns it (each CTE, each aggregate costs the server
+# at every execution, a data-modifying CTE even when it writes nothing): some 50 µs less
+# of the server's CPU a job, of about 300.
 ONE_UNLESS_KEYED_SQL = f"""
 WITH paths AS (
     SELECT task, path FROM {{s}}.limit_key_paths WHERE task = :task::text

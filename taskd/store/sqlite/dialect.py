@@ -211,6 +211,9 @@ class SqliteSql:
             [*params, self.now],
         )
 
+    def insert_one_unless_keyed(self, job: NewJob) -> None:
+        return None  # `insert` is one VALUES row already, and stirs nothing itself
+
     def active_keys(self, keys: Sequence[tuple[str, str | None]]) -> Statement:
         return Statement(
             "SELECT id, task, key FROM jobs WHERE key IS NOT NULL"
