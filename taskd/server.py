@@ -880,13 +880,14 @@ class ControlServer:
         """Answer the request when `deferred` is known: with every request waiting for it,
         from one callback (`_answer_waiting`)."""
         if deferred.future.done():
-            self._send_frame(connection, self._frames_of(deferred)(request_id))
+            self._send_frame(connection, self._frames_of(deferred, shared=False)(request_id))
             return
         waiting = self._waiting.get(deferred)
         if waiting is None:
-            waiting = self._waiting[deferred] = {}
+            waiting = self._waiting[deferred] = {connection: [request_id]}
             deferred.future.add_done_callback(functools.partial(self._answer_waiting, deferred))
-        waiting.setdefault(connection, []).append(request_id)
+        else:
+            waiting.setdefault(connection, []).append(request_id)
         connection.later[request_id] = deferred
 
     def _forget_later(self, connection: _Connection) -> None:
@@ -899,25 +900,31 @@ class ControlServer:
         """Send a Deferred result to every request still waiting for it: encoded once, the
         replies to one connection in one write, each connection's as soon as they are made
         (10,000 callers of one run are answered within milliseconds, none of them woken)."""
-        by_connection = {
-            connection: [
-                request_id
-                for request_id in request_ids
-                if connection.later.pop(request_id, None) is not None
-            ]
-            for connection, request_ids in self._waiting.pop(deferred, {}).items()
-        }
-        frame_for = self._frames_of(deferred)
-        for connection, request_ids in by_connection.items():
-            if not request_ids:  # answered already: taskd is stopping
-                continue
-            frames = [frame_for(request_id) for request_id in request_ids]
-            built = [frame for frame in frames if frame is not None]
-            self._send_frame(connection, b"".join(built) if len(built) == len(frames) else None)
+        waiting = self._waiting.pop(deferred, None)
+        if not waiting:  # its connections are gone
+            return
+        # One request (an enqueue's) has its result encoded in its reply; more share it
+        # encoded once.
+        shared = len(waiting) > 1 or len(next(iter(waiting.values()))) > 1
+        frame_for = self._frames_of(deferred, shared=shared)
+        for connection, request_ids in waiting.items():
+            later = connection.later
+            if len(request_ids) == 1:
+                if later.pop(request_ids[0], None) is None:  # answered already: stopping
+                    continue
+                frame = frame_for(request_ids[0])
+            else:
+                frames = [frame_for(i) for i in request_ids if later.pop(i, None) is not None]
+                if not frames:
+                    continue
+                built = [frame for frame in frames if frame is not None]
+                frame = b"".join(built) if len(built) == len(frames) else None
+            self._send_frame(connection, frame)
             self._restart_idle_timer(connection)
 
-    def _frames_of(self, deferred: Deferred[Any]) -> Callable[[int], bytes | None]:
-        """The reply frame of a request, given its id, for a known Deferred result."""
+    def _frames_of(self, deferred: Deferred[Any], *, shared: bool) -> Callable[[int], bytes | None]:
+        """The reply frame of a request, given its id, for a known Deferred result (to be
+        `shared` by more than one request: encoded once for all)."""
         future = deferred.future
         if future.cancelled():
             error = RpcError(ErrorCode.SHUTTING_DOWN, STOPPING).body()
@@ -931,7 +938,9 @@ class ControlServer:
             body = failure.body()
             return lambda request_id: self._frame(Reply(request_id, error=body))
         try:
-            result = msgspec.Raw(msgspec.msgpack.encode(deferred.shape(future.result())))
+            result = deferred.shape(future.result())
+            if shared:
+                result = msgspec.Raw(msgspec.msgpack.encode(result))
         except (TypeError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
             logger.exception("cannot encode a deferred reply")
             body = RpcError(ErrorCode.INTERNAL, f"the reply could not be encoded: {exc!r}").body()

@@ -16,6 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 logger = logging.getLogger(__name__)
 
 # Turns of the event loop a batch waits for company before it commits, when the last batch
@@ -44,20 +46,12 @@ def settle(future: asyncio.Future[Any], results: list[Any], exc: Exception | Non
         future.set_result(results)
 
 
-class _Write(Generic[Item, Result]):
-    __slots__ = ("finish", "future", "items", "operation")
-
-    def __init__(
-        self,
-        operation: Operation[Any, Item, Result],
-        items: Sequence[Item],
-        future: asyncio.Future[Any],
-        finish: Finish,
-    ) -> None:
-        self.operation = operation
-        self.items = items
-        self.future = future
-        self.finish = finish
+class _Write(msgspec.Struct, Generic[Item, Result]):
+    # A Struct: built in C, one Python frame less for each write submitted.
+    operation: Operation[Any, Item, Result]
+    items: Sequence[Item]
+    future: asyncio.Future[Any]
+    finish: Finish
 
 
 class GroupCommit(Generic[Context]):

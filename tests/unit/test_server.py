@@ -322,6 +322,32 @@ async def test_methods_answered_at_once_are_replied_from_their_future_with_no_ta
         writer.close()
 
 
+class Unencodable(Commits):
+    """As Commits, with a result that cannot be encoded."""
+
+    def answer_at_once(self, method: str, params: Params) -> Any:
+        deferred = super().answer_at_once(method, params)
+        deferred.shape = lambda job: dt.datetime(2026, 1, 1, tzinfo=_OutOfMemory())
+        return deferred
+
+
+async def test_a_deferred_result_that_cannot_be_encoded_is_answered_with_an_error() -> None:
+    """One request waiting for it (an enqueue's: its result is encoded in its reply frame)
+    gets an internal error in its place."""
+    commits = Unencodable()
+    async with served(never_awaited, at_once=commits) as (_, path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(frames([(1, "hello", {"protocol": 1}), enqueue(2)]))
+        await read_reply(reader)
+        await commits.wait_for(1)
+        commits.pending[0].set_result(1)
+        async with asyncio.timeout(10):
+            reply = await read_reply(reader)
+        assert reply["id"] == 2 and reply["error"]["code"] == "internal"
+        assert "the reply could not be encoded: MemoryError" in reply["error"]["message"]
+        writer.close()
+
+
 async def test_a_peer_that_hangs_up_with_writes_pending_leaves_nothing_behind() -> None:
     """The writes go on (the future is the store's); the connection and its waits go."""
     commits = Commits()

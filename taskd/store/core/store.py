@@ -159,8 +159,11 @@ class SqlStore:
     def insert(self, new: Sequence[NewJob]) -> asyncio.Future[list[Inserted]]:
         # Linking jobs to their parents takes several statements, and so does reading a
         # key's window (or its debounced job) before inserting under its lock: a transaction.
-        transaction = any(job.after or jobs.windowed(job) for job in new)
-        writer = self._commits if transaction else self._inserts
+        writer = self._inserts
+        for job in new:  # a loop, not any(): no generator to make for each enqueue
+            if job.after or jobs.windowed(job):
+                writer = self._commits
+                break
         return writer.submit(jobs.insert_jobs, list(new), self._inserted)
 
     def insert_batch(
