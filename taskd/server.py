@@ -759,6 +759,10 @@ class ControlServer:
             self._send_error(connection, request_id, ErrorCode.SHUTTING_DOWN, STOPPING)
         except ConnectionError:
             pass  # the peer hung up, or was cut off for not reading its replies
+        finally:
+            # Out of the in-flight count as it ends, not a turn later in `_finished`: its
+            # reply is out, and its peer's next requests may be read before that callback.
+            connection.in_flight.discard(asyncio.current_task(connection.loop))
 
     async def _stream(
         self,
