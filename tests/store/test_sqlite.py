@@ -171,7 +171,7 @@ async def test_the_rebuild_of_the_jobs_table_keeps_them_and_their_indexes_and_tr
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         # Kept, but for (task, status), which a later migration replaces (TASK_INDEXES).
-        replaced = [("index", "jobs_task"), ("index", "jobs_task_running")]
+        replaced = [("index", n) for n in ("jobs_task", "jobs_task_ended", "jobs_task_running")]
         kept = [o for o in made if o != ("index", "jobs_task_status")]
         assert db.execute(objects).fetchall() == sorted(kept + replaced, key=lambda o: o[1])
         for index in ("jobs_task_limit_key_claim", "jobs_task_limit_key_running"):
@@ -279,10 +279,11 @@ async def test_a_status_change_writes_no_task_index_and_a_task_s_reads_stay_sear
     tmp_path: Path,
 ) -> None:
     """A database of the version before TASK_INDEXES, opened: its (task, status) index is
-    replaced by (task), which a claim and a finish do not write, and the running jobs' own
-    (task) index, and every read of a task's jobs searches an index that holds only the jobs
-    it wants (the room under a limit: the running ones; the pending checks and counts: the
-    pending ones), or reads a task's jobs newest first without sorting them all."""
+    replaced by (task), which a claim and a finish do not write, the running jobs' own (task)
+    index and the ended jobs' (task, status), and every read of a task's jobs searches an
+    index that holds only the jobs it wants (the room under a limit: the running ones; the
+    pending checks and counts: the pending ones; a listing of ended ones: those), or reads a
+    task's jobs newest first without sorting them all."""
     path = tmp_path / "old.db"
     before = MIGRATIONS.index(TASK_INDEXES)
     with closing(sqlite3.connect(path, isolation_level=None)) as db:
@@ -302,21 +303,27 @@ async def test_a_status_change_writes_no_task_index_and_a_task_s_reads_stay_sear
         await store.close()
     db = sqlite3.connect(path)
     indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"jobs_task", "jobs_task_running"} <= indexes and "jobs_task_status" not in indexes
+    assert {"jobs_task", "jobs_task_running", "jobs_task_ended"} <= indexes
+    assert "jobs_task_status" not in indexes
     sql = SqliteSql(NOW)
     limited = {"l": SharedLimit(("t", "u"), concurrency=1)}
     states = flow.limit_states(sql, limited)
     next(states)
     listed = next(reads_module.list_jobs(sql, JobFilter(task="t"))).sql
+    failed = JobFilter(task="t", statuses=["failed"])
     expected = {  # each read, and the index it must search
         f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES}) SELECT id FROM candidates": (
             "SEARCH jobs USING INDEX jobs_task_running (task=?)"
         ),
         states.send([]).sql: "SEARCH jobs USING INDEX jobs_task_claim_order (task=?)",
         listed: "SEARCH jobs USING INDEX jobs_task (task=?)",
+        next(reads_module.list_jobs(sql, failed)).sql: (
+            "SEARCH jobs USING INDEX jobs_task_ended (task=? AND status=?)"
+        ),
     }
     params = {"now": NOW, "limit": 16, "limits": '{"t": 1}', "quotas": "{}", "worker": worker,
-              "lease": 60, "task": "t", "task_0": "t", "task_1": "u"}  # fmt: skip
+              "lease": 60, "task": "t", "task_0": "t", "task_1": "u",
+              "status_0": "failed"}  # fmt: skip
     for statement, search in expected.items():
         text = statement.replace("{s}.", "")
         plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {text}", params)]
