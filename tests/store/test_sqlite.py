@@ -19,15 +19,17 @@ from taskd.store import (
     NewJob,
     Outcome,
     ScheduleState,
+    SharedLimit,
     StoreError,
     store_for,
 )
+from taskd.store.core import flow
 from taskd.store.core import reads as reads_module
 from taskd.store.core.statements import Statement, run_steps
 from taskd.store.rows import FINISHED_COLUMNS, Row
 from taskd.store.sqlite import SqliteStore
 from taskd.store.sqlite.dialect import CANDIDATES, NEXT_DUE, QUEUES, SqliteSql
-from taskd.store.sqlite.schema import KEYLESS_JOBS, MIGRATIONS, apply
+from taskd.store.sqlite.schema import KEYLESS_JOBS, MIGRATIONS, TASK_INDEXES, apply
 from tests.conftest import NOW
 from tests.support import Clock
 
@@ -168,7 +170,10 @@ async def test_the_rebuild_of_the_jobs_table_keeps_them_and_their_indexes_and_tr
             (6, "v", None), (8, "u", None)]  # fmt: skip
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-        assert db.execute(objects).fetchall() == made
+        # Kept, but for (task, status), which a later migration replaces (TASK_INDEXES).
+        replaced = [("index", n) for n in ("jobs_task", "jobs_task_ended", "jobs_task_running")]
+        kept = [o for o in made if o != ("index", "jobs_task_status")]
+        assert db.execute(objects).fetchall() == sorted(kept + replaced, key=lambda o: o[1])
         for index in ("jobs_task_limit_key_claim", "jobs_task_limit_key_running"):
             (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index,)).fetchone()
             assert sql.endswith("AND limit_key IS NOT NULL"), sql
@@ -267,6 +272,65 @@ async def test_a_claim_reads_only_what_it_can_take(tmp_path: Path) -> None:
         scans = [step for step in plan if step.split()[:2] in (["SCAN", t] for t in TABLES)]
         assert not scans, plan
         assert any("jobs_task_claim_order" in step for step in plan), plan
+    db.close()
+
+
+async def test_a_status_change_writes_no_task_index_and_a_task_s_reads_stay_searched(
+    tmp_path: Path,
+) -> None:
+    """A database of the version before TASK_INDEXES, opened: its (task, status) index is
+    replaced by (task), which a claim and a finish do not write, the running jobs' own (task)
+    index and the ended jobs' (task, status), and every read of a task's jobs searches an
+    index that holds only the jobs it wants (the room under a limit: the running ones; the
+    pending checks and counts: the pending ones; a listing of ended ones: those), or reads a
+    task's jobs newest first without sorting them all."""
+    path = tmp_path / "old.db"
+    before = MIGRATIONS.index(TASK_INDEXES)
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for migration in MIGRATIONS[:before]:
+            apply(db, migration)
+        db.execute(f"PRAGMA user_version = {before}")
+    store = SqliteStore(path, clock=Clock(NOW))
+    await store.open()
+    try:
+        await store.insert([new("t"), new("t"), new("u")])
+        worker = await store.register_node("n", 60)
+        claimed = await store.claim(ClaimRequest(worker, 1, 60, {"t": 1}))
+        assert [job.task for job in claimed.jobs] == ["t"]
+        (entry,) = [entry for entry in await store.counts() if entry.task == "t"]
+        assert entry.counts == {"pending": 1, "running": 1}
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"jobs_task", "jobs_task_running", "jobs_task_ended"} <= indexes
+    assert "jobs_task_status" not in indexes
+    sql = SqliteSql(NOW)
+    limited = {"l": SharedLimit(("t", "u"), concurrency=1)}
+    states = flow.limit_states(sql, limited)
+    next(states)
+    listed = next(reads_module.list_jobs(sql, JobFilter(task="t"))).sql
+    failed = JobFilter(task="t", statuses=["failed"])
+    expected = {  # each read, and the index it must search
+        f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES}) SELECT id FROM candidates": (
+            "SEARCH jobs USING INDEX jobs_task_running (task=?)"
+        ),
+        states.send([]).sql: "SEARCH jobs USING INDEX jobs_task_claim_order (task=?)",
+        listed: "SEARCH jobs USING INDEX jobs_task (task=?)",
+        next(reads_module.list_jobs(sql, failed)).sql: (
+            "SEARCH jobs USING INDEX jobs_task_ended (task=? AND status=?)"
+        ),
+    }
+    params = {"now": NOW, "limit": 16, "limits": '{"t": 1}', "quotas": "{}", "worker": worker,
+              "lease": 60, "task": "t", "task_0": "t", "task_1": "u",
+              "status_0": "failed"}  # fmt: skip
+    for statement, search in expected.items():
+        text = statement.replace("{s}.", "")
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {text}", params)]
+        assert search in plan, (statement, plan)
+        if statement == listed:  # newest first off the index: no sort of all the task's jobs
+            assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan
+        assert not any("jobs_task_status" in step for step in plan), plan
     db.close()
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from taskd.models import Job
 from taskd.store.base import ClaimRequest, LimitState, SharedLimit
-from taskd.store.core.dialect import Tx
+from taskd.store.core.dialect import Dialect, Tx
 from taskd.store.core.statements import Statement, Steps, members
 from taskd.store.rows import Row
 
@@ -278,10 +278,11 @@ def wake(
         f"SELECT CAST(:name_{n} AS TEXT) AS name" for n in range(len(waiting))
     )
     params = {f"name_{n}": task for n, task in enumerate(waiting)}
-    # One index probe a task, however long its backlog.
+    # One index probe a task, however long its backlog (or its history: read by the
+    # pending jobs' index).
     rows = yield Statement(
-        f"SELECT name FROM ({names}) AS limited WHERE EXISTS (SELECT 1 FROM {{s}}.jobs"
-        " WHERE task = limited.name AND status = 'pending')",
+        f"SELECT name FROM ({names}) AS limited WHERE EXISTS (SELECT 1 FROM"
+        f" {{s}}.jobs{tx.sql.pending_index} WHERE task = limited.name AND status = 'pending')",
         params,
     )
     due = [waiting[row["name"]] for row in rows]
@@ -381,7 +382,7 @@ def rate_limit_starts(sql: object, rates: Mapping[str, float]) -> Steps[Mapping[
     return {row["name"]: row["tat"] - tolerance(rates[row["name"]]) for row in rows}
 
 
-def limit_states(sql: object, limits: Mapping[str, SharedLimit]) -> Steps[dict[str, LimitState]]:
+def limit_states(sql: Dialect, limits: Mapping[str, SharedLimit]) -> Steps[dict[str, LimitState]]:
     """How each of these shared limits stands: its tasks' running and due jobs, and when
     its rate next allows a start (a read)."""
     if not limits:
@@ -403,7 +404,8 @@ def limit_states(sql: object, limits: Mapping[str, SharedLimit]) -> Steps[dict[s
         (counted,) = yield Statement(
             "SELECT (SELECT count(*) FROM {s}.jobs WHERE status = 'running' AND NOT waiting"
             f" AND task IN ({tasks})) AS running, (SELECT count(*) FROM {{s}}.jobs"
-            f" WHERE status = 'pending' AND run_at <= :now AND task IN ({tasks})) AS waiting",
+            f"{sql.pending_index} WHERE status = 'pending' AND run_at <= :now"
+            f" AND task IN ({tasks})) AS waiting",
             params,
         )
         states[name] = LimitState(int(counted["running"]), int(counted["waiting"]), next_start)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from taskd.models import Job, NodeInfo, TaskCounts
+from taskd.models import ACTIVE_STATUSES, Job, NodeInfo, TaskCounts
 from taskd.store.base import JobFilter, ScheduleState
 from taskd.store.core.deps import HELD
 from taskd.store.core.dialect import Dialect
@@ -86,6 +86,10 @@ def list_jobs(sql: Dialect, query: JobFilter) -> Steps[list[Job]]:
         statuses, values = members("status", query.statuses)
         clauses.append(f"status IN ({statuses})")
         params.update(values)
+        if not set(query.statuses) & set(ACTIVE_STATUSES):
+            # Ended jobs only: the ended jobs' indexes (partial ones, which the bound
+            # statuses alone would not select) find a task's without its other jobs.
+            clauses.append(sql.ended)
     if query.task is not None:
         clauses.append("task = :task")
         params["task"] = query.task

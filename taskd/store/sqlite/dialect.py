@@ -158,7 +158,7 @@ class SqliteSql:
     register_sql = REGISTER_SQL + " RETURNING worker"
     node_columns = NODE_COLUMNS + ", NULL AS schedules"  # the store keeps them in memory
     errors_sql = f"SELECT {ERROR_COLUMNS} FROM job_errors WHERE job_id = :id ORDER BY rowid"
-    # The planner would rather walk the (task, status) index, through every pending job.
+    # The planner would rather walk the (task) index, through every job of the task.
     pending_index = " INDEXED BY jobs_task_claim_order"
     running_index = " INDEXED BY jobs_running_lease"
     ended = ENDED_SQLITE

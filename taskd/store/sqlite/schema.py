@@ -102,6 +102,23 @@ KEYLESS_JOBS = rebuild_jobs(
 )
 
 
+# A task's jobs without their status: (task, status) took a delete and an insert at each
+# claim and each finish. A task's jobs newest first read (task) (its rowids order them);
+# its running jobs (the room under its limit) their own index, which a job enters at its
+# claim and leaves at its end (an insert, a delete); its ended ones of a status theirs,
+# which a job enters at its end; its pending ones jobs_task_claim_order (or, newest first,
+# (task), where they are the newest).
+TASK_INDEXES: list[str | Step] = [
+    "DROP INDEX jobs_task_status",
+    "CREATE INDEX jobs_task ON jobs (task)",
+    "CREATE INDEX jobs_task_running ON jobs (task) WHERE status = 'running'",
+    """
+    CREATE INDEX jobs_task_ended ON jobs (task, status)
+        WHERE status NOT IN ('pending', 'running')
+    """,
+]
+
+
 # Version N of the schema is MIGRATIONS[:N]; PRAGMA user_version holds N. Never edit a
 # released migration: add one.
 MIGRATIONS: list[list[str | Step]] = [
@@ -386,6 +403,8 @@ MIGRATIONS: list[list[str | Step]] = [
     ],
     # The jobs of tasks without a `limit_key`: no value (see KEYLESS_JOBS).
     [KEYLESS_JOBS],
+    # A task's jobs without their status (see TASK_INDEXES).
+    TASK_INDEXES,
 ]
 
 
