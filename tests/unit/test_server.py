@@ -9,6 +9,7 @@ import datetime as dt
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -322,6 +323,17 @@ async def test_methods_answered_at_once_are_replied_from_their_future_with_no_ta
         writer.close()
 
 
+async def enqueued(
+    path: Path, commits: Commits, *ids: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that has said hello and sent enqueues of these ids, now submitted."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(frames([(1, "hello", {"protocol": 1}), *(enqueue(i) for i in ids)]))
+    await read_reply(reader)
+    await commits.wait_for(len(ids))
+    return reader, writer
+
+
 class Unencodable(Commits):
     """As Commits, with a result that cannot be encoded."""
 
@@ -336,10 +348,7 @@ async def test_a_deferred_result_that_cannot_be_encoded_is_answered_with_an_erro
     gets an internal error in its place."""
     commits = Unencodable()
     async with served(never_awaited, at_once=commits) as (_, path):
-        reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(frames([(1, "hello", {"protocol": 1}), enqueue(2)]))
-        await read_reply(reader)
-        await commits.wait_for(1)
+        reader, writer = await enqueued(path, commits, 2)
         commits.pending[0].set_result(1)
         async with asyncio.timeout(10):
             reply = await read_reply(reader)
@@ -352,10 +361,7 @@ async def test_a_peer_that_hangs_up_with_writes_pending_leaves_nothing_behind() 
     """The writes go on (the future is the store's); the connection and its waits go."""
     commits = Commits()
     async with served(never_awaited, at_once=commits) as (server, path):
-        reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(frames([(1, "hello", {"protocol": 1}), enqueue(2), enqueue(3)]))
-        await read_reply(reader)
-        await commits.wait_for(2)
+        reader, writer = await enqueued(path, commits, 2, 3)
         writer.write_eof()  # hung up: taskd closes its end (and lets the connection go)
         async with asyncio.timeout(10):
             assert await reader.read() == b""
@@ -370,10 +376,7 @@ async def test_a_peer_that_hangs_up_with_writes_pending_leaves_nothing_behind() 
 async def test_writes_pending_at_close_are_answered_shutting_down() -> None:
     commits = Commits()
     async with served(never_awaited, at_once=commits) as (server, path):
-        reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(frames([(1, "hello", {"protocol": 1}), enqueue(2)]))
-        await read_reply(reader)
-        await commits.wait_for(1)
+        reader, writer = await enqueued(path, commits, 2)
         await server.close()  # REPLY_GRACE, then shutting_down
         reply = await read_reply(reader)
         assert reply["id"] == 2 and reply["error"]["code"] == "shutting_down"
