@@ -84,7 +84,9 @@ def test_an_enqueue_pending_at_a_stop_is_answered_shutting_down_and_kept(daemon:
         holder.execute("BEGIN IMMEDIATE")  # the daemon's writes wait (busy_timeout: 5 s)
         try:
             connection.sock.sendall(enqueues(connection, 3, "stop"))
-            time.sleep(0.3)  # the enqueues have reached their commit, which waits
+            # A read sent after them is answered first: the enqueues were read, and
+            # submitted, before it; their commit waits for the lock.
+            assert "result" in connection.call("list_tasks")
             assert daemon.process is not None
             daemon.process.send_signal(signal.SIGTERM)
             replies = [connection.reply() for _ in range(3)]
