@@ -23,7 +23,7 @@ loaded"), with no retries, where `taskctl job ID` shows why. The task's own
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import msgspec
@@ -90,12 +90,19 @@ def _new_job(
     )
 
 
-def _insert(schema: str, job: NewJob) -> Steps[list[Inserted]]:
-    """The store's insert of one job, as the application's `SENDER`, with its value of its
-    task's `limit_key` (the path the daemons recorded in the store)."""
+@lru_cache(maxsize=64)
+def _dialect(schema: str) -> PostgresSql:
+    """The store's SQL for `schema`, as the application's `SENDER`: made once per schema
+    (it holds nothing that changes), not at each enqueue."""
     if not SCHEMA_NAME.fullmatch(schema):
         raise ValueError(f"schema {schema!r} is not a schema name taskd uses")
-    return insert_jobs(Tx(PostgresSql(schema, SENDER), Notes()), [job])
+    return PostgresSql(schema, SENDER)
+
+
+def _insert(schema: str, job: NewJob) -> Steps[list[Inserted]]:
+    """The store's insert of one job, with its value of its task's `limit_key` (the path the
+    daemons recorded in the store)."""
+    return insert_jobs(Tx(_dialect(schema), Notes()), [job])
 
 
 def _result(inserted: list[Inserted]) -> EnqueueResult:
