@@ -234,8 +234,9 @@ def result_of(method: str, reply: RawReply) -> Any:
     """The result of a reply to `method`, or the exception its error stands for."""
     if reply.error is not None:
         raise error_for(reply.error.code, reply.error.message, reply.error.data)
+    decoder = _result_decoders.get(method)  # built already but for the first call's: a frame less
     try:
-        return _result_decoder(method).decode(reply.result)
+        return (decoder or _result_decoder(method)).decode(reply.result)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
 
