@@ -209,9 +209,13 @@ async def test_a_plain_insert_binds_its_clock_once_and_no_null(tmp_path: Path) -
     assert one is not None and two is not None
     assert (one.key, one.traceparent, one.run_at, one.created_at) == (None, None, NOW, NOW)
     assert (two.key, two.traceparent, two.run_at) == ("k", keyed.traceparent, NOW + 5.0)
+    assert one.payload is not None and two.payload is not None
+    assert bytes(one.payload) == bytes(two.payload) == msgspec.msgpack.encode(None)
     assert third.job_id + 1 == fourth.job_id and first.job_id + 1 == second.job_id
     assert [job.task for job in await store.list_jobs(JobFilter(task="u"))] == ["u", "u"]
     await store.close()
+    with closing(sqlite3.connect(tmp_path / "jobs.db")) as db:  # payloads are BLOBs, as before
+        assert db.execute("SELECT DISTINCT typeof(payload) FROM jobs").fetchall() == [("blob",)]
 
 
 async def test_ids_keep_counting_after_a_reopen(tmp_path: Path) -> None:
