@@ -19,6 +19,7 @@ from taskctl.client import (
     MAX_HELD_EVENTS,
     Client,
     Enqueued,
+    _reply_decoder,
     enqueue_params,
     hello_params,
     job_result,
@@ -38,6 +39,7 @@ from taskd.models import AfterFailure, BatchInfo, Job, JobLogs, ScheduleInfo, St
 from taskd.protocol import (
     HEADER,
     BatchParams,
+    Call,
     CancelParams,
     EnqueueManyParams,
     EnqueueParams,
@@ -57,7 +59,6 @@ from taskd.protocol import (
     R,
     ReloadParams,
     ReloadResult,
-    Request,
     ResumeScheduleParams,
     ResumeTaskParams,
     RetryParams,
@@ -145,8 +146,11 @@ class AsyncClient:
         self.server = None
 
     def _call(self, method: Method[P, R], params: P) -> Awaitable[R]:
-        # The coroutine of `call` itself, not one that awaits it: a frame less per call.
-        return self.call(method.name, params)
+        # Connected, the coroutine of `_send` itself, not one of `call` that awaits it: a
+        # frame less per call.
+        if self.server is None:
+            return self.call(method.name, params)
+        return self._send(method.name, params, request_limit(params, self._timeout))
 
     async def call(self, method: str, params: Params) -> Any:
         limit = request_limit(params, self._timeout)
@@ -162,9 +166,8 @@ class AsyncClient:
         self._next_id += 1
         future: asyncio.Future[Any] = loop.create_future()
         self._pending[request_id] = (method, future)
-        raw = msgspec.Raw(msgspec.msgpack.encode(params))
         try:
-            connection.transport.write(encode_frame(Request(request_id, method, raw)))
+            connection.transport.write(encode_frame(Call(request_id, method, params)))
             if limit is not None:
                 async with asyncio.timeout(limit):
                     await connection.drain()
@@ -190,7 +193,10 @@ class AsyncClient:
         self._event_came.set()  # a reader of events learns that the connection is gone
 
     def _deliver(self, body: bytes) -> None:
-        reply = read_reply(body)
+        try:  # as read_reply, inline: once per reply
+            reply = _reply_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            reply = read_reply(body)  # raises the ProtocolError that says so
         if reply.id is None:  # an error about the whole connection: this raises it
             result_of(protocol.HELLO.name, reply)
             return

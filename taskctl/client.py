@@ -43,6 +43,7 @@ from taskd.protocol import (
     METHODS,
     PROTOCOL_VERSION,
     BatchParams,
+    Call,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -66,7 +67,6 @@ from taskd.protocol import (
     RawReply,
     ReloadParams,
     ReloadResult,
-    Request,
     ResumeScheduleParams,
     ResumeTaskParams,
     RetryParams,
@@ -84,7 +84,7 @@ from taskd.protocol import (
     client_socket_path,
     encode_frame,
 )
-from taskd.traceparent import traceparent_or_current
+from taskd.traceparent import current_traceparent, traceparent_or_current
 
 if TYPE_CHECKING:  # datetime costs a millisecond or two that `taskctl list` need not pay
     import datetime as dt
@@ -161,18 +161,19 @@ def enqueue_params(
     the job waits until those jobs have succeeded (see `after_failure`).
 
     `traceparent` (W3C) defaults to the caller's current OpenTelemetry span, if any."""
+    # The options most enqueues leave out are converted only when given: a call less each.
     return EnqueueParams(
-        debounce=seconds(debounce),
-        max_wait=seconds(max_wait),
-        unique_for=seconds(unique_for),
+        debounce=None if debounce is None else seconds(debounce),
+        max_wait=None if max_wait is None else seconds(max_wait),
+        unique_for=None if unique_for is None else seconds(unique_for),
         task=task,
-        payload=encode_payload(payload),
+        payload=EMPTY_MAP if payload is None else msgspec.Raw(msgspec.msgpack.encode(payload)),
         delay=seconds(delay),
-        run_at=timestamp(run_at),
+        run_at=None if run_at is None else timestamp(run_at),
         priority=priority,
         max_attempts=max_attempts,
         key=key,
-        traceparent=traceparent_or_current(traceparent),
+        traceparent=traceparent if traceparent is not None else current_traceparent(),
         after=list(after),
         after_failure=after_failure,
     )
@@ -233,8 +234,9 @@ def result_of(method: str, reply: RawReply) -> Any:
     """The result of a reply to `method`, or the exception its error stands for."""
     if reply.error is not None:
         raise error_for(reply.error.code, reply.error.message, reply.error.data)
+    decoder = _result_decoders.get(method)  # built already but for the first call's: a frame less
     try:
-        return _result_decoder(method).decode(reply.result)
+        return (decoder or _result_decoder(method)).decode(reply.result)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ProtocolError(f"taskd's reply to {method} has an unexpected shape: {exc}") from None
 
@@ -371,7 +373,7 @@ class Client:
         try:
             try:
                 sock.settimeout(limit)
-                sock.sendall(encode_frame(Request(request_id, method, _raw(params))))
+                sock.sendall(encode_frame(Call(request_id, method, params)))
             except OSError:
                 # taskd may have refused the connection (permission, too many connections)
                 # and hung up before the request was sent: its answer is still to be read.
@@ -620,7 +622,7 @@ class Client:
         self._next_id += 1
         params = SubscribeParams(job=job, logs=logs, task=task)
         try:
-            sock.sendall(encode_frame(Request(request_id, protocol.SUBSCRIBE.name, _raw(params))))
+            sock.sendall(encode_frame(Call(request_id, protocol.SUBSCRIBE.name, params)))
             while True:  # until the first event: "subscribed", or the error refusing it
                 body = self._read_frame(sock, deadline)
                 head = _reply_decoder.decode(body)
@@ -666,10 +668,6 @@ class Client:
         """End a subscription (its events not read yet are dropped)."""
         self._call(protocol.UNSUBSCRIBE, UnsubscribeParams(subscription))
         self._events.clear()
-
-
-def _raw(params: Params) -> msgspec.Raw:
-    return msgspec.Raw(msgspec.msgpack.encode(params))
 
 
 def _hung_up(sock: socket.socket) -> bool:

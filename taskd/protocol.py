@@ -155,6 +155,15 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     params: Annotated[msgspec.Raw, msgspec.Meta(description="absent or nil: {}")] = EMPTY_MAP_FIELD
 
 
+class Call(msgspec.Struct, frozen=True):
+    """A request envelope as a client writes it: `params` (a Params) encoded in place, in
+    the same bytes as a `Request` whose `params` were encoded first (one encoding, not two)."""
+
+    id: int
+    method: str
+    params: Any
+
+
 class ErrorBody(msgspec.Struct, frozen=True):
     code: str
     message: str

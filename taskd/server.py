@@ -333,8 +333,10 @@ class _Connection(asyncio.Protocol):
             self.frame_started()
         else:
             self.idle = True
-            busy = self.busy
-            self.move(None if busy else self.loop.time() + self.server._idle_timeout)
+            if self.in_flight or self.later:  # busy: no deadline while requests are in flight
+                self.move(None)
+            else:
+                self.move(self.loop.time() + self.server._idle_timeout)
 
     def frame_started(self) -> None:
         self.idle = False
@@ -349,23 +351,30 @@ class _Connection(asyncio.Protocol):
         try:
             while True:
                 if self.size is None:
-                    if self.idle and len(buffer) > start:
-                        self.frame_started()
                     if len(buffer) - start < HEADER.size:
+                        if self.idle and len(buffer) > start:
+                            self.frame_started()
                         break
                     (size,) = HEADER.unpack_from(buffer, start)
-                    server._check_size(self, size)
-                    if not server._budget.take(size):
-                        start = self._wait_for_budget(start, size)
-                        return
-                    self.size, self.held = size, size
+                    # A small frame all here (a request, most often) is cut at once: no read
+                    # deadline to set, no limit it can be over, no budget it counts against.
+                    if size > server._small_frame or len(buffer) - start - HEADER.size < size:
+                        if self.idle:
+                            self.frame_started()
+                        server._check_size(self, size)
+                        if not server._budget.take(size):
+                            start = self._wait_for_budget(start, size)
+                            return
+                        self.held = size
+                    self.size = size
                     start += HEADER.size
                 size = self.size
                 if len(buffer) - start < size:
                     break
                 body = bytes(buffer[start : start + size])
                 start += size
-                self.give_back()
+                if self.held:
+                    self.give_back()
                 self.size = None
                 server._dispatch(self, body)
                 if self.ended or self.transport.is_closing():
@@ -373,7 +382,7 @@ class _Connection(asyncio.Protocol):
                 if server._closing:  # taskd is stopping: no requests after this one
                     self.end_reads()
                     return
-                if self.unsent > OUTPUT_BUDGET:
+                if self.transport.get_write_buffer_size() > OUTPUT_BUDGET:
                     self.stall(self._wait_for_output(begun=start < len(buffer)))
                     return
                 self.next_frame(begun=start < len(buffer))
@@ -494,6 +503,9 @@ class ControlServer:
         self._stopping = False  # new connections are refused: the daemon is stopping
         self._linger = Lingering(drop_at_most=MAX_HELLO_FRAME, chunk=4096)
         self._budget = ByteBudget(max(LARGE_FRAME_BUDGET, max_frame), exempt=MAX_HELLO_FRAME)
+        # Frames up to this size are within every connection's limit (before hello too) and
+        # exempt from the budget.
+        self._small_frame = min(max_frame, MAX_HELLO_FRAME)
         self._limits = ConnectionLimits(max_connections, max_per_user or max_connections)
         self._idle_timeout = float(idle_timeout)
         self._closed_idle = 0
@@ -678,11 +690,16 @@ class ControlServer:
             return
         if request.method in self._answered_at_once:
             # No task: refused or answered now, or (a write) from its commit's future.
-            reply = self._answer_at_once(connection.peer, request.id, request.method, params)
-            if isinstance(reply, Deferred):
-                self._reply_later(connection, request.id, reply)
+            assert self._at_once is not None
+            try:
+                result = self._at_once.answer_at_once(request.method, params)
+            except Exception as exc:  # MemoryError too: the request gets an error, not silence
+                self._send(connection, _failed(connection.peer, request.id, request.method, exc))
+                return
+            if isinstance(result, Deferred):
+                self._reply_later(connection, request.id, result)
             else:
-                self._send(connection, reply)
+                self._send(connection, Reply(request.id, result=result))
             return
         call = self._call(connection, request.id, request.method, params)
         task = connection.loop.create_task(call)
@@ -867,17 +884,6 @@ class ControlServer:
             return _failed(peer, request_id, method, exc)
         return result if isinstance(result, Deferred) else Reply(request_id, result=result)
 
-    def _answer_at_once(
-        self, peer: Peer, request_id: int, method: str, params: Params
-    ) -> Reply | Deferred[Any]:
-        """As `_answer`, for a method answered at once."""
-        assert self._at_once is not None
-        try:
-            result = self._at_once.answer_at_once(method, params)
-        except Exception as exc:
-            return _failed(peer, request_id, method, exc)
-        return result if isinstance(result, Deferred) else Reply(request_id, result=result)
-
     def _reply_later(
         self, connection: _Connection, request_id: int, deferred: Deferred[Any]
     ) -> None:
@@ -999,7 +1005,7 @@ class ControlServer:
 
     def _restart_idle_timer(self, connection: _Connection) -> None:
         """A connection with nothing in flight any more is idle from now."""
-        if connection.idle and not connection.busy:
+        if connection.idle and not (connection.in_flight or connection.later):  # not busy
             connection.move(connection.loop.time() + self._idle_timeout)
 
     def _send_error(

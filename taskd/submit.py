@@ -221,6 +221,8 @@ class Submitter:
     ) -> asyncio.Future[list[Inserted]]:
         """As `submit`, for jobs no caller waits to start (enqueues): refusals are raised
         now, and the insert is submitted now; the future is done once it has committed."""
+        if len(requests) == 1 and not numbered:  # one enqueue: a frame less
+            return self._store.insert([self.prepare(requests[0])])
         return self._store.insert(self._prepare_all(requests, numbered=numbered))
 
     async def submit_run(self, request: JobRequest) -> tuple[Inserted, Job | None]:

@@ -73,7 +73,9 @@ class Dispatch:
             result = self._handlers[method](params)
         except Exception as exc:
             _raise_translated(exc)
-        return _translating(result)
+        if isinstance(result, Deferred):  # as `_translating`, inline: once per enqueue
+            result.translate = rpc_error
+        return result
 
     async def call(self, method: Method[P, R], params: P) -> R:
         """`method`'s result, typed (for callers in the daemon, such as the HTTP API)."""

@@ -110,7 +110,9 @@ class GroupCommit(Generic[Context]):
         if not items:  # nothing to write: done now
             finish(future, [], None)
             return future
-        self._put(_Write(operation, items, future, finish))
+        self._queue.append(_Write(operation, items, future, finish))  # as `_put`, inline
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
         # A caller that gives up cancels its wait, not the write: the writer commits it and
         # tells what it made known all the same (it only drops a result no one waits for).
         return future

@@ -190,6 +190,34 @@ async def test_the_rebuild_of_the_jobs_table_keeps_them_and_their_indexes_and_tr
             assert "OpenEphemeral" not in opcodes, write
 
 
+async def test_a_plain_insert_binds_its_clock_once_and_no_null(tmp_path: Path) -> None:
+    """The writer binds each value of an insert (a None is offered to its adapter first):
+    plain jobs (no key, parents, batch, traceparent or limit_key) bind six values each and
+    the clock once; a batch holding another job binds every column, and keeps them."""
+    sql = SqliteSql(NOW)
+    plain = sql.insert([new(), new("u")])
+    assert len(plain.params) == 1 + 6 * 2
+    assert None not in plain.params
+    keyed = msgspec.structs.replace(new(), key="k", traceparent=f"00-{'1' * 32}-{'2' * 16}-01")
+    mixed = sql.insert([new(), keyed])
+    assert len(mixed.params) == 1 + 11 * 2
+    store = SqliteStore(tmp_path / "jobs.db", clock=lambda: NOW)
+    await store.open()
+    first, second = await store.insert([new(), msgspec.structs.replace(keyed, delay=5.0)])
+    third, fourth = await store.insert([new("u"), new("u")])
+    one, two = await store.get(first.job_id), await store.get(second.job_id)
+    assert one is not None and two is not None
+    assert (one.key, one.traceparent, one.run_at, one.created_at) == (None, None, NOW, NOW)
+    assert (two.key, two.traceparent, two.run_at) == ("k", keyed.traceparent, NOW + 5.0)
+    assert one.payload is not None and two.payload is not None
+    assert bytes(one.payload) == bytes(two.payload) == msgspec.msgpack.encode(None)
+    assert third.job_id + 1 == fourth.job_id and first.job_id + 1 == second.job_id
+    assert [job.task for job in await store.list_jobs(JobFilter(task="u"))] == ["u", "u"]
+    await store.close()
+    with closing(sqlite3.connect(tmp_path / "jobs.db")) as db:  # payloads are BLOBs, as before
+        assert db.execute("SELECT DISTINCT typeof(payload) FROM jobs").fetchall() == [("blob",)]
+
+
 async def test_ids_keep_counting_after_a_reopen(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "jobs.db")
     await store.open()

@@ -25,6 +25,7 @@ from taskd.protocol import (
     HEADER,
     METHODS,
     BatchParams,
+    Call,
     CancelParams,
     EnqueueManyParams,
     EnqueueManyResult,
@@ -171,6 +172,14 @@ def test_request_and_reply_round_trip(method: str) -> None:
 
     reply = encode_frame(Reply(11, result=result))
     assert normalise(decode_result(method, reply[4:], 11)) == normalise(result)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_call_is_the_request_its_params_encoded_first_would_be(method: str) -> None:
+    """Clients encode a request in one go (`Call`): the daemon reads the same bytes."""
+    params, _ = SAMPLES[method]
+    encoded_first = Request(11, method, msgspec.Raw(msgspec.msgpack.encode(params)))
+    assert encode_frame(Call(11, method, params)) == encode_frame(encoded_first)
 
 
 def test_error_reply_becomes_typed_exception() -> None:

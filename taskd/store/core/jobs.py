@@ -157,7 +157,9 @@ def _insert_one(tx: Tx, job: NewJob, statement: Statement) -> Steps[list[Inserte
 
 def _insert_all(tx: Tx, jobs: list[NewJob]) -> Steps[list[Inserted]]:
     # Before any other lock: only inserts take these, and always first.
-    keys_read = sorted({(job.task, cast(str, job.key)) for job in jobs if windowed(job)})
+    keys_read = sorted(
+        {(job.task, job.key) for job in jobs if job.key is not None and windowed(job)}
+    )  # `windowed` asked only of keyed jobs: no call for each plain one
     if keys_read and (lock := tx.sql.lock_windows(keys_read)) is not None:
         yield lock
     if tx.limit_keys:
@@ -246,10 +248,17 @@ def _match_inserted(
 ) -> list[int]:
     """Fill in the results of the jobs at `chunk` that its rows inserted; the indexes of
     those it did not (their key was taken)."""
-    keyed = {(row["task"], row["key"]): row["id"] for row in rows if row["key"] is not None}
+    keyed: dict[tuple[str, str], int] = {}
+    ids = []
+    for row in rows:  # each column read once (by name: a lookup each)
+        if (key := row["key"]) is None:
+            ids.append(row["id"])
+        else:
+            keyed[row["task"], key] = row["id"]
     # Rows get ids in the order of the input: the unkeyed ones, sorted, are the unkeyed
     # jobs in order (a keyed row is matched by its key instead).
-    unkeyed = iter(sorted(row["id"] for row in rows if row["key"] is None))
+    ids.sort()
+    unkeyed = iter(ids)
     conflicts = []
     for index in chunk:
         job = jobs[index]

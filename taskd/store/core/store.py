@@ -161,7 +161,7 @@ class SqlStore:
         # key's window (or its debounced job) before inserting under its lock: a transaction.
         writer = self._inserts
         for job in new:  # a loop, not any(): no generator to make for each enqueue
-            if job.after or jobs.windowed(job):
+            if job.after or (job.key is not None and jobs.windowed(job)):
                 writer = self._commits
                 break
         return writer.submit(jobs.insert_jobs, list(new), self._inserted)
