@@ -501,3 +501,40 @@ async def test_a_read_sees_one_snapshot_whatever_commits_between_its_statements(
         assert await store._read(read) == (7, 7)  # the next read sees the commit
     finally:
         await store.close()
+
+
+async def test_a_claim_reads_back_half_the_columns_of_plain_jobs_and_the_others_whole(
+    tmp_path: Path,
+) -> None:
+    """sqlite3 converts every column of every row (letting go of the GIL around each): a
+    claim returns a plain job's few columns that vary, and reads the jobs that are not plain
+    (a key, a parent, a trace, a retried attempt's error ...) again; both as the store has
+    them."""
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    try:
+        trace = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+        (parent,) = await store.insert([new("p")])
+        await store.insert([
+            new(), msgspec.structs.replace(new(), key="k", priority=3),
+            msgspec.structs.replace(new(), traceparent=trace),
+            msgspec.structs.replace(new(), parent_id=parent.job_id, delay=-1.0),
+        ])  # fmt: skip
+        worker = await store.register_node("n", 60)
+        claimed = await store.claim(ClaimRequest(worker, 10, 60))
+        assert len(claimed.jobs) == 5
+        for job in claimed.jobs:
+            stored = await store.get(job.id)
+            assert stored is not None
+            assert job == msgspec.structs.replace(stored, errors=[], parents=[], children=[])
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)) as db:
+        db.execute("UPDATE jobs SET status = 'pending'")
+        steps = SqliteSql(NOW).claim(ClaimRequest(worker, 10, 60), {})
+        statement = next(steps)
+        sql = statement.sql.replace("{s}.", "")
+        cursor = db.execute(sql, {**statement.params, "now": NOW})
+        assert len(cursor.description) <= 11, [column[0] for column in cursor.description]
+        plain = [row[-1] for row in cursor.fetchall()]
+        assert sorted(plain) == [0, 0, 0, 1, 1]  # the key, the trace and the parent's
