@@ -39,6 +39,8 @@ from taskd.store.rows import (
     job_from_row,
 )
 
+JOB_WIDTH = len(JOB_COLUMNS.split(","))
+FINISHED_WIDTH = len(FINISHED_COLUMNS.split(","))
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
 PRUNE_SLICE = 2000  # rows deleted per transaction, so that pruning never holds a writer long
 # The ended jobs, as the WHERE of their index (status, finished_at) says it: SQLite reads a
@@ -356,11 +358,14 @@ def finish_jobs(tx: Tx, outcomes: list[Outcome]) -> Steps[list[Job | None]]:
     # With the jobs as their worker claimed them, the rows say only what their end changed.
     claimed = {outcome.job_id: outcome.job for outcome in outcomes}
     whole = any(job is None for job in claimed.values())
-    for row in (yield from tx.sql.finish(outcomes, JOB_COLUMNS if whole else FINISHED_COLUMNS)):
+    columns, width = (JOB_COLUMNS, JOB_WIDTH) if whole else (FINISHED_COLUMNS, FINISHED_WIDTH)
+    for row in (yield from tx.sql.finish(outcomes, columns)):
         job = job_from_row(row) if whole else finished_job(cast(Job, claimed[row[0]]), row)
         updated[job.id] = job
-        tx.notes.ended(job, row["due_in"], retrying=job.id in retried)
-        if row["linked"]:
+        # due_in and linked follow the columns: read by position (by name, a sqlite3.Row
+        # compares the name with each of its columns' until one matches).
+        tx.notes.ended(job, row[width], retrying=job.id in retried)
+        if row[width + 1]:
             parents.add(job.id)
     yield from keys.stirred(tx, [job.task for job in updated.values()])
     hooks = [
