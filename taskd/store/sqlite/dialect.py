@@ -173,7 +173,7 @@ class SqliteSql:
     errors_sql = f"SELECT {ERROR_COLUMNS} FROM job_errors WHERE job_id = :id ORDER BY rowid"
     # The planner would rather walk the (task) index, through every job of the task.
     pending_index = " INDEXED BY jobs_task_claim_order"
-    running_index = " INDEXED BY jobs_running_lease"
+    running_index = " INDEXED BY jobs_task_running"
     ended = ENDED_SQLITE
     next_priority_sql = (
         "SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order"
