@@ -18,6 +18,7 @@ from taskd.store import (
     JobFilter,
     NewJob,
     Outcome,
+    ProgressNote,
     ScheduleState,
     SharedLimit,
     StoreError,
@@ -540,3 +541,43 @@ async def test_a_claim_reads_back_half_the_columns_of_plain_jobs_and_the_others_
         assert len(cursor.description) <= 11, [column[0] for column in cursor.description]
         plain = [row[-1] for row in cursor.fetchall()]
         assert sorted(plain) == [0, 0, 0, 1, 1]  # the key, the trace and the parent's
+
+
+async def test_a_finish_reads_back_what_the_outcomes_do_not_say_and_progress_if_any(
+    tmp_path: Path,
+) -> None:
+    """A finish returns neither the result (the outcome's) nor the progress but whether
+    there is some (read again then): the jobs as the store has them, in fewer columns."""
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    try:
+        await store.insert([new(), new(), new()])
+        worker = await store.register_node("n", 60)
+        jobs = (await store.claim(ClaimRequest(worker, 10, 60))).jobs
+        await store.record_activity([ProgressNote(jobs[0].id, jobs[0].epoch, 40, 100, "half")], [])
+        outcomes = [
+            Outcome(jobs[0].id, jobs[0].epoch, worker, "succeeded", result=b"\x01", job=jobs[0]),
+            Outcome(jobs[1].id, jobs[1].epoch, worker, "succeeded", result=b"\xc0", job=jobs[1]),
+            Outcome(jobs[2].id, jobs[2].epoch, worker, "released", job=jobs[2]),
+        ]
+        finished = await store.finish(outcomes)
+        assert [job.status if job else None for job in finished.jobs] == [
+            "succeeded", "succeeded", "pending"]  # fmt: skip
+        for job in finished.jobs:
+            assert job is not None
+            stored = await store.get(job.id)
+            assert job == msgspec.structs.replace(stored, errors=[], parents=[], children=[])
+        assert finished.jobs[0] is not None and finished.jobs[0].progress is not None
+        assert finished.jobs[0].progress.message == "half"
+    finally:
+        await store.close()
+    statements: list[Statement] = []
+
+    def execute(statement: Statement) -> list[Row]:
+        statements.append(statement)
+        return []
+
+    run_steps(SqliteSql(NOW).finish(outcomes, FINISHED_COLUMNS), execute)
+    with closing(sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)) as db:
+        cursor = db.execute(statements[0].sql, statements[0].params)
+        assert len(cursor.description) <= 11, [column[0] for column in cursor.description]

@@ -31,7 +31,14 @@ from taskd.store.core.jobs import (
 )
 from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, members
-from taskd.store.rows import CLAIMED_COLUMNS, ERROR_COLUMNS, JOB_COLUMNS, NODE_COLUMNS, Row
+from taskd.store.rows import (
+    CLAIMED_COLUMNS,
+    ERROR_COLUMNS,
+    FINISHED_COLUMNS,
+    JOB_COLUMNS,
+    NODE_COLUMNS,
+    Row,
+)
 
 INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
 # Outcomes per finish statement, at most; the last statement of a finish is padded with rows
@@ -41,6 +48,18 @@ INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bo
 # 128-row chunks its writer's instructions per job are the same for any mix of sizes).
 FINISH_CHUNK = 128
 _NO_OUTCOME = (None,) * 7  # a padding row: its NULL id matches no job
+# What a finish reads back of the jobs it recorded: FINISHED_COLUMNS but the result (the
+# outcome's, which it set) and the progress but whether there is some (progress_done is
+# not NULL): sqlite3 converts each column of each row, letting go of the GIL around each.
+# The progress of the jobs that reported some is read again.
+FINISHED_COMPACT = (
+    "id, status, error, attempts, run_at, started_at, finished_at, worker, progress_done"
+)
+_PROGRESS_AGAIN = (
+    "SELECT id, progress_done, progress_total, progress_message, progress_at FROM jobs"
+    " WHERE id IN (SELECT value FROM json_each(?))"
+)
+_NO_PROGRESS = (None, None, None, None)
 
 # sqlite3 binds an int, a float or a str as it is, but offers any other value (None, bytes)
 # to its adapters first; with none registered for its type it asks the protocol class for
@@ -275,6 +294,8 @@ class SqliteSql:
         return max(0.0, due - self.now)
 
     def finish(self, outcomes: Sequence[Outcome], columns: str) -> Steps[list[Row]]:
+        compact = columns == FINISHED_COLUMNS
+        returned = FINISHED_COMPACT if compact else columns
         rows: list[Row] = []
         for start in range(0, len(outcomes), FINISH_CHUNK):
             chunk = outcomes[start : start + FINISH_CHUNK]
@@ -284,9 +305,15 @@ class SqliteSql:
                 message = o.error.message if o.error is not None else None
                 params += (o.job_id, o.epoch, o.worker, o.status, o.result, message, o.retry_in)
             params += _NO_OUTCOME * (size - len(chunk))
-            rows += yield Statement(_finish_sql(size, columns), params)
-        if not any(outcome.error for outcome in outcomes):
-            return rows
+            rows += yield Statement(_finish_sql(size, returned), params)
+        if any(outcome.error for outcome in outcomes):
+            yield from self._record_errors(outcomes, rows)
+        if compact:
+            return (yield from _finished_rows(outcomes, rows))
+        return rows
+
+    def _record_errors(self, outcomes: Sequence[Outcome], rows: list[Row]) -> Steps[None]:
+        """The errors of the attempts a finish recorded (`rows`: theirs)."""
         ended = {row["id"]: row for row in rows}
         errors = [
             {"job_id": o.job_id, "attempt": ended[o.job_id]["attempts"], "kind": o.error.kind,
@@ -297,7 +324,6 @@ class SqliteSql:
         ]  # fmt: skip
         if errors:
             yield Statement(_INSERT_ERROR, errors, many=True)
-        return rows
 
     def recover(self, quarantine_after: int) -> Steps[list[Row]]:
         # The one writer: the jobs both statements find abandoned are the same.
@@ -353,6 +379,26 @@ class SqliteSql:
             {**params, "worker": worker, "lease": lease},
         )
         return {row["id"] for row in rows}
+
+
+def _finished_rows(outcomes: Sequence[Outcome], rows: list[Row]) -> Steps[list[Row]]:
+    """The rows of FINISHED_COLUMNS, due_in and linked of the jobs a finish recorded, from
+    its FINISHED_COMPACT: the result each outcome gave (the finish set it), and the progress
+    of the jobs that reported some, read again."""
+    results = {o.job_id: o.result for o in outcomes}
+    progressed = [row[0] for row in rows if row[8] is not None]
+    progress = {}
+    if progressed:
+        for row in (yield Statement(_PROGRESS_AGAIN, [json.dumps(progressed)])):
+            progress[row[0]] = row[1:]
+    whole: list[Row] = []
+    for row in rows:
+        (id_, status, error, attempts, run_at, started_at, finished_at, worker, done, due_in,
+         linked) = row[:11]  # fmt: skip
+        done, total, message, at = progress.get(id_, _NO_PROGRESS)
+        whole.append((id_, status, results[id_], error, attempts, run_at, started_at, finished_at,
+                      worker, done, total, message, at, due_in, linked))  # fmt: skip
+    return whole
 
 
 def _claim_params(request: ClaimRequest, quotas: Mapping[str, int]) -> dict[str, Any]:
