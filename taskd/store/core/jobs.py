@@ -9,6 +9,7 @@ PostgreSQL write differently are their dialects'.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import NoReturn, cast
 
@@ -39,6 +40,8 @@ from taskd.store.rows import (
     job_from_row,
 )
 
+# A job's place in the claim order (a key made in C: no Python frame for each job claimed).
+CLAIM_ORDER = operator.attrgetter("priority", "run_at", "id")
 JOB_WIDTH = len(JOB_COLUMNS.split(","))
 FINISHED_WIDTH = len(FINISHED_COLUMNS.split(","))
 INSERT_ROUNDS = 3  # an insert that met an active job which then finished is tried again
@@ -305,10 +308,7 @@ def claim(tx: Tx, request: ClaimRequest) -> Steps[Claimed]:
     # A keyed task's jobs are taken in its keys' turns (taskd.store.core.keys), not here.
     quotas |= dict.fromkeys(request.keyed, 0)
     rows = yield from tx.sql.claim(request, quotas)  # CLAIMED_COLUMNS
-    jobs = sorted(
-        (claimed_job(row, request.worker) for row in rows),
-        key=lambda job: (job.priority, job.run_at, job.id),
-    )
+    jobs = sorted((claimed_job(row, request.worker) for row in rows), key=CLAIM_ORDER)
     if walks:
         picks = keys.chosen(walks, jobs, request.limit)
         rows = yield from _claim_ids(request, [pick.order[2] for pick in picks])
