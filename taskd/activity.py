@@ -55,7 +55,8 @@ class ActivityRecorder:
 
     def begin(self, job_id: int, epoch: int) -> None:
         """An attempt starts: its progress and lines are recorded from now on."""
-        self._loop = asyncio.get_running_loop()
+        if self._loop is None:  # the daemon's one loop; asking again is a getpid each time
+            self._loop = asyncio.get_running_loop()
         self._attempts[job_id] = _Attempt(epoch)
 
     async def end(self, job_id: int) -> None:

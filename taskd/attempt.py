@@ -87,7 +87,9 @@ class Attempts:
         if tick is not None:
             ctx.scheduled_time, ctx.cron = tick.scheduled_time, tick.cron
         try:
-            result = await self._call(task, payload, ctx)
+            # The job's logger is made only if the job writes something.
+            with job_output(lambda level, line: ctx.logger.log(level, line)):
+                result = await self._call(task, payload, ctx)
         except _TimedOut:
             message = f"timed out after {task.timeout:g} s"
             return failed(job, task, "timeout", message, worker=self._worker)
@@ -141,12 +143,12 @@ class Attempts:
                 raise _TimedOut from None
             raise
 
-    async def _invoke(self, task: Task, payload: Any, ctx: TaskContext) -> Any:
+    def _invoke(self, task: Task, payload: Any, ctx: TaskContext) -> Awaitable[Any]:
         """The task's function: a coroutine on the loop, a plain function in a thread (in a
-        copy of the context: what it prints is the job's too)."""
-        # The job's logger is made only if the job writes something.
-        with job_output(lambda level, line: ctx.logger.log(level, line)):
-            if task.is_async:
-                return await task.call(payload, ctx)
-            call = functools.partial(contextvars.copy_context().run, task.call, payload, ctx)
-            return await self._threads.run(call, f"job {ctx.job_id} {task.name}")
+        copy of the context: what it prints is the job's too). Called, and awaited, within
+        the job's output (`_run`): a coroutine of its own would cost each attempt a frame."""
+        if task.is_async:
+            result: Awaitable[Any] = task.call(payload, ctx)
+            return result
+        call = functools.partial(contextvars.copy_context().run, task.call, payload, ctx)
+        return self._threads.run(call, f"job {ctx.job_id} {task.name}")

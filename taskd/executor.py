@@ -326,7 +326,7 @@ class Executor:
     async def _attempt(self, job: Job, running: _Running) -> Outcome | None:
         """Run one attempt, in this turn of the loop if its budget is not spent, else in the
         next; its outcome, or None if the job was lost meanwhile."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         try:
             if loop.time() >= self._turn_ends:
                 await self._wait_for_turn(loop)

@@ -18,6 +18,7 @@ from taskd.store import (
     JobFilter,
     NewJob,
     Outcome,
+    ProgressNote,
     ScheduleState,
     SharedLimit,
     StoreError,
@@ -170,9 +171,11 @@ async def test_the_rebuild_of_the_jobs_table_keeps_them_and_their_indexes_and_tr
             (6, "v", None), (8, "u", None)]  # fmt: skip
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-        # Kept, but for (task, status), which a later migration replaces (TASK_INDEXES).
+        # Kept, but for (task, status), which a later migration replaces (TASK_INDEXES), and
+        # the running jobs' lease index, which a later one drops (jobs_task_running holds them).
         replaced = [("index", n) for n in ("jobs_task", "jobs_task_ended", "jobs_task_running")]
-        kept = [o for o in made if o != ("index", "jobs_task_status")]
+        dropped = [("index", "jobs_task_status"), ("index", "jobs_running_lease")]
+        kept = [o for o in made if o not in dropped]
         assert db.execute(objects).fetchall() == sorted(kept + replaced, key=lambda o: o[1])
         for index in ("jobs_task_limit_key_claim", "jobs_task_limit_key_running"):
             (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index,)).fetchone()
@@ -529,3 +532,80 @@ async def test_a_read_sees_one_snapshot_whatever_commits_between_its_statements(
         assert await store._read(read) == (7, 7)  # the next read sees the commit
     finally:
         await store.close()
+
+
+async def test_a_claim_reads_back_half_the_columns_of_plain_jobs_and_the_others_whole(
+    tmp_path: Path,
+) -> None:
+    """sqlite3 converts every column of every row (letting go of the GIL around each): a
+    claim returns a plain job's few columns that vary, and reads the jobs that are not plain
+    (a key, a parent, a trace, a retried attempt's error ...) again; both as the store has
+    them."""
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    try:
+        trace = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+        (parent,) = await store.insert([new("p")])
+        await store.insert([
+            new(), msgspec.structs.replace(new(), key="k", priority=3),
+            msgspec.structs.replace(new(), traceparent=trace),
+            msgspec.structs.replace(new(), parent_id=parent.job_id, delay=-1.0),
+        ])  # fmt: skip
+        worker = await store.register_node("n", 60)
+        claimed = await store.claim(ClaimRequest(worker, 10, 60))
+        assert len(claimed.jobs) == 5
+        for job in claimed.jobs:
+            stored = await store.get(job.id)
+            assert stored is not None
+            assert job == msgspec.structs.replace(stored, errors=[], parents=[], children=[])
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)) as db:
+        db.execute("UPDATE jobs SET status = 'pending'")
+        steps = SqliteSql(NOW).claim(ClaimRequest(worker, 10, 60), {})
+        statement = next(steps)
+        sql = statement.sql.replace("{s}.", "")
+        cursor = db.execute(sql, {**statement.params, "now": NOW})
+        assert len(cursor.description) <= 11, [column[0] for column in cursor.description]
+        plain = [row[-1] for row in cursor.fetchall()]
+        assert sorted(plain) == [0, 0, 0, 1, 1]  # the key, the trace and the parent's
+
+
+async def test_a_finish_reads_back_what_the_outcomes_do_not_say_and_progress_if_any(
+    tmp_path: Path,
+) -> None:
+    """A finish returns neither the result (the outcome's) nor the progress but whether
+    there is some (read again then): the jobs as the store has them, in fewer columns."""
+    store = SqliteStore(tmp_path / "jobs.db", clock=Clock(NOW))
+    await store.open()
+    try:
+        await store.insert([new(), new(), new()])
+        worker = await store.register_node("n", 60)
+        jobs = (await store.claim(ClaimRequest(worker, 10, 60))).jobs
+        await store.record_activity([ProgressNote(jobs[0].id, jobs[0].epoch, 40, 100, "half")], [])
+        outcomes = [
+            Outcome(jobs[0].id, jobs[0].epoch, worker, "succeeded", result=b"\x01", job=jobs[0]),
+            Outcome(jobs[1].id, jobs[1].epoch, worker, "succeeded", result=b"\xc0", job=jobs[1]),
+            Outcome(jobs[2].id, jobs[2].epoch, worker, "released", job=jobs[2]),
+        ]
+        finished = await store.finish(outcomes)
+        assert [job.status if job else None for job in finished.jobs] == [
+            "succeeded", "succeeded", "pending"]  # fmt: skip
+        for job in finished.jobs:
+            assert job is not None
+            stored = await store.get(job.id)
+            assert job == msgspec.structs.replace(stored, errors=[], parents=[], children=[])
+        assert finished.jobs[0] is not None and finished.jobs[0].progress is not None
+        assert finished.jobs[0].progress.message == "half"
+    finally:
+        await store.close()
+    statements: list[Statement] = []
+
+    def execute(statement: Statement) -> list[Row]:
+        statements.append(statement)
+        return []
+
+    run_steps(SqliteSql(NOW).finish(outcomes, FINISHED_COLUMNS), execute)
+    with closing(sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)) as db:
+        cursor = db.execute(statements[0].sql, statements[0].params)
+        assert len(cursor.description) <= 11, [column[0] for column in cursor.description]

@@ -342,6 +342,8 @@ def _limit_rows(tx: Tx, limits: list[tuple[str, str]]) -> Steps[list[Row]]:
 def started(tx: Tx, request: ClaimRequest, held: Holds, jobs: list[Job]) -> Steps[None]:
     """A claim started these jobs: each rate limit's TAT moves on by one interval a start,
     and each shared limit's budget is less by its tasks' starts."""
+    if not held.shared and not held.tats:  # no limit held the claim: none to count
+        return
     counts = Counter(job.task for job in jobs)
     for hold in held.shared.values():
         spent = sum(counts[task] for task in hold.tasks)

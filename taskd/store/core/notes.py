@@ -34,6 +34,8 @@ class Notes:
 
     def claimed(self, jobs: list[Job]) -> None:
         """New jobs a claim took in the same transaction are no news to anyone."""
+        if not self.new:  # a claim alone: it inserted nothing
+            return
         for job in jobs:
             self.new.pop(job.id, None)
 

@@ -31,7 +31,14 @@ from taskd.store.core.jobs import (
 )
 from taskd.store.core.nodes import REGISTER_SQL
 from taskd.store.core.statements import Statement, Steps, members
-from taskd.store.rows import CLAIMED_COLUMNS, ERROR_COLUMNS, JOB_COLUMNS, NODE_COLUMNS, Row
+from taskd.store.rows import (
+    CLAIMED_COLUMNS,
+    ERROR_COLUMNS,
+    FINISHED_COLUMNS,
+    JOB_COLUMNS,
+    NODE_COLUMNS,
+    Row,
+)
 
 INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bound variables
 # Outcomes per finish statement, at most; the last statement of a finish is padded with rows
@@ -41,6 +48,18 @@ INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bo
 # 128-row chunks its writer's instructions per job are the same for any mix of sizes).
 FINISH_CHUNK = 128
 _NO_OUTCOME = (None,) * 7  # a padding row: its NULL id matches no job
+# What a finish reads back of the jobs it recorded: FINISHED_COLUMNS but the result (the
+# outcome's, which it set) and the progress but whether there is some (progress_done is
+# not NULL): sqlite3 converts each column of each row, letting go of the GIL around each.
+# The progress of the jobs that reported some is read again.
+FINISHED_COMPACT = (
+    "id, status, error, attempts, run_at, started_at, finished_at, worker, progress_done"
+)
+_PROGRESS_AGAIN = (
+    "SELECT id, progress_done, progress_total, progress_message, progress_at FROM jobs"
+    " WHERE id IN (SELECT value FROM json_each(?))"
+)
+_NO_PROGRESS = (None, None, None, None)
 
 # sqlite3 binds an int, a float or a str as it is, but offers any other value (None, bytes)
 # to its adapters first; with none registered for its type it asks the protocol class for
@@ -51,6 +70,19 @@ _NO_OUTCOME = (None,) * 7  # a padding row: its NULL id matches no job
 _NONE: dict[None, None] = {None: None}
 sqlite3.register_adapter(type(None), _NONE.__getitem__)
 sqlite3.register_adapter(bytes, bytes)  # bytes(value) is value
+
+# What a claim reads back of the jobs it takes: the columns of CLAIMED_COLUMNS that most jobs
+# do not leave at their defaults, and whether the job leaves any other at its default
+# (`plain`: no result, error, key, crash, parent, batch, trace, hold). sqlite3 converts each
+# column of each row, letting go of the GIL around each one: half the columns for a claim
+# of plain jobs (a no-op drain's), and the others read again only for the jobs that are not.
+CLAIMED_COMPACT = (
+    "id, task, origin, payload, attempts, max_attempts, priority, run_at, created_at, epoch,"
+    " result IS NULL AND error IS NULL AND key IS NULL AND crashes = 0 AND parent_id IS NULL"
+    " AND finished_at IS NULL AND blocked = 0 AND release_at IS NULL"
+    " AND after_failure = 'cancel' AND batch_id IS NULL AND traceparent IS NULL AS plain"
+)
+_CLAIMED_AGAIN = f"SELECT {CLAIMED_COLUMNS} FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
 
 # The pending jobs, seen as queues: one per (task, priority) that has pending jobs, found by
 # skipping along the pending jobs' (task, priority, run_at, id) index, and each task's room
@@ -114,7 +146,7 @@ NEXT_DUE = """
     WHERE q.priority IS NOT NULL AND coalesce(r.free, 1) > 0"""
 CLAIM_SQL = (
     f"WITH RECURSIVE {QUEUES}, candidates(id) AS ({CANDIDATES}) UPDATE jobs SET {CLAIMED}"
-    f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {CLAIMED_COLUMNS}"
+    f" WHERE id IN (SELECT id FROM candidates) AND {REGISTERED} RETURNING {CLAIMED_COMPACT}"
 )
 NEXT_DUE_SQL = f"WITH RECURSIVE {QUEUES} {NEXT_DUE}"
 # A claim when no task has room to count (none with a concurrency limit, or a quota other
@@ -133,7 +165,7 @@ UNLIMITED_CANDIDATES = """
 CLAIM_UNLIMITED_SQL = (
     f"WITH RECURSIVE {QUEUES_ONLY}, candidates(id) AS ({UNLIMITED_CANDIDATES}) UPDATE jobs"
     f" SET {CLAIMED} WHERE id IN (SELECT id FROM candidates) AND {REGISTERED}"
-    f" RETURNING {CLAIMED_COLUMNS}"
+    f" RETURNING {CLAIMED_COMPACT}"
 )
 # An ended job, as the ended jobs' index (jobs_finished) says it since schema version 19,
 # and as a statement must say it for SQLite to read that index: the two statuses it is not
@@ -160,7 +192,7 @@ class SqliteSql:
     errors_sql = f"SELECT {ERROR_COLUMNS} FROM job_errors WHERE job_id = :id ORDER BY rowid"
     # The planner would rather walk the (task) index, through every job of the task.
     pending_index = " INDEXED BY jobs_task_claim_order"
-    running_index = " INDEXED BY jobs_running_lease"
+    running_index = " INDEXED BY jobs_task_running"
     ended = ENDED_SQLITE
     next_priority_sql = (
         "SELECT min(priority) FROM jobs INDEXED BY jobs_task_claim_order"
@@ -245,7 +277,27 @@ class SqliteSql:
             listed, params = members("task", sorted(counted))
             if (yield Statement(f"{_ANY_PENDING} ({listed}) LIMIT 1", params)):
                 sql = CLAIM_SQL
-        return (yield Statement(sql, _claim_params(request, quotas)))
+        rows = yield Statement(sql, _claim_params(request, quotas))  # CLAIMED_COMPACT
+        return (yield from self._claimed_rows(rows))
+
+    def _claimed_rows(self, rows: list[Row]) -> Steps[list[Row]]:
+        """The rows of CLAIMED_COLUMNS of the jobs a claim took, from its CLAIMED_COMPACT:
+        a plain job's made here (the claim set started_at to now), the others' read again."""
+        now = self.now
+        whole: list[Row] = []
+        others = []
+        for row in rows:
+            (id_, task, origin, payload, attempts, max_attempts, priority, run_at, created_at,
+             epoch, plain) = row[:11]  # fmt: skip
+            if plain:
+                whole.append((id_, task, origin, payload, None, None, attempts, max_attempts,
+                              priority, None, 0, None, run_at, created_at, now, None, epoch, 0,
+                              None, "cancel", None, None))  # fmt: skip
+            else:
+                others.append(id_)
+        if others:
+            whole += yield Statement(_CLAIMED_AGAIN, [json.dumps(others)])
+        return whole
 
     def next_due(self, request: ClaimRequest, quotas: Mapping[str, int]) -> Steps[float | None]:
         (next_due,) = yield Statement(NEXT_DUE_SQL, _claim_params(request, quotas))
@@ -255,6 +307,8 @@ class SqliteSql:
         return max(0.0, due - self.now)
 
     def finish(self, outcomes: Sequence[Outcome], columns: str) -> Steps[list[Row]]:
+        compact = columns == FINISHED_COLUMNS
+        returned = FINISHED_COMPACT if compact else columns
         rows: list[Row] = []
         for start in range(0, len(outcomes), FINISH_CHUNK):
             chunk = outcomes[start : start + FINISH_CHUNK]
@@ -264,9 +318,15 @@ class SqliteSql:
                 message = o.error.message if o.error is not None else None
                 params += (o.job_id, o.epoch, o.worker, o.status, o.result, message, o.retry_in)
             params += _NO_OUTCOME * (size - len(chunk))
-            rows += yield Statement(_finish_sql(size, columns), params)
-        if not any(outcome.error for outcome in outcomes):
-            return rows
+            rows += yield Statement(_finish_sql(size, returned), params)
+        if any(outcome.error for outcome in outcomes):
+            yield from self._record_errors(outcomes, rows)
+        if compact:
+            return (yield from _finished_rows(outcomes, rows))
+        return rows
+
+    def _record_errors(self, outcomes: Sequence[Outcome], rows: list[Row]) -> Steps[None]:
+        """The errors of the attempts a finish recorded (`rows`: theirs)."""
         ended = {row["id"]: row for row in rows}
         errors = [
             {"job_id": o.job_id, "attempt": ended[o.job_id]["attempts"], "kind": o.error.kind,
@@ -277,7 +337,6 @@ class SqliteSql:
         ]  # fmt: skip
         if errors:
             yield Statement(_INSERT_ERROR, errors, many=True)
-        return rows
 
     def recover(self, quarantine_after: int) -> Steps[list[Row]]:
         # The one writer: the jobs both statements find abandoned are the same.
@@ -333,6 +392,26 @@ class SqliteSql:
             {**params, "worker": worker, "lease": lease},
         )
         return {row["id"] for row in rows}
+
+
+def _finished_rows(outcomes: Sequence[Outcome], rows: list[Row]) -> Steps[list[Row]]:
+    """The rows of FINISHED_COLUMNS, due_in and linked of the jobs a finish recorded, from
+    its FINISHED_COMPACT: the result each outcome gave (the finish set it), and the progress
+    of the jobs that reported some, read again."""
+    results = {o.job_id: o.result for o in outcomes}
+    progressed = [row[0] for row in rows if row[8] is not None]
+    progress = {}
+    if progressed:
+        for row in (yield Statement(_PROGRESS_AGAIN, [json.dumps(progressed)])):
+            progress[row[0]] = row[1:]
+    whole: list[Row] = []
+    for row in rows:
+        (id_, status, error, attempts, run_at, started_at, finished_at, worker, done, due_in,
+         linked) = row[:11]  # fmt: skip
+        done, total, message, at = progress.get(id_, _NO_PROGRESS)
+        whole.append((id_, status, results[id_], error, attempts, run_at, started_at, finished_at,
+                      worker, done, total, message, at, due_in, linked))  # fmt: skip
+    return whole
 
 
 def _claim_params(request: ClaimRequest, quotas: Mapping[str, int]) -> dict[str, Any]:

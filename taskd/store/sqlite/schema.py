@@ -405,6 +405,10 @@ MIGRATIONS: list[list[str | Step]] = [
     [KEYLESS_JOBS],
     # A task's jobs without their status (see TASK_INDEXES).
     TASK_INDEXES,
+    # The running jobs in one index, not two: every read of them reads them all (a recovery,
+    # `jobs --status running`) or a task's (the room under its limit), which jobs_task_running
+    # holds; none reads them in lease order. A claim and a finish each wrote both.
+    ["DROP INDEX jobs_running_lease"],
 ]
 
 
