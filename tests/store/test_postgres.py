@@ -26,7 +26,6 @@ from taskd.store.postgres.dialect import (
     PostgresSql,
     render,
 )
-from taskd.store.postgres.dialect import execute as postgres_execute
 from taskd.store.postgres.schema import MIGRATIONS
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
@@ -264,11 +263,13 @@ async def test_a_lone_unkeyed_insert_is_one_statement_that_writes_only_the_job(
     (with its value), and jobs written together one statement of arrays, as before."""
     statements: list[str] = []
 
-    def recording(db: Any, schema: str, statement: Any) -> Any:
-        statements.append(statement.sql)
-        return postgres_execute(db, schema, statement)
+    run_statement = PostgresStore._execute
 
-    monkeypatch.setattr(postgres_store, "execute", recording)
+    def recording(self: PostgresStore, db: Any, statement: Any) -> Any:
+        statements.append(statement.sql)
+        return run_statement(self, db, statement)
+
+    monkeypatch.setattr(PostgresStore, "_execute", recording)
     store.limit_keys = {"t": "order.customer"}
     due = asyncio.Event()
     store.events.on_due(lambda _: due.set())
@@ -317,6 +318,25 @@ async def test_a_lone_unkeyed_insert_is_one_statement_that_writes_only_the_job(
         ("u", "pending", None),
         ("u", "pending", None),
     ]
+
+
+async def test_a_lone_insert_prepared_before_a_schema_change_is_prepared_again(
+    store: PostgresStore,
+) -> None:
+    """The statement of a lone insert is prepared once on each connection; one that a
+    migration (a newer daemon's) made stale is prepared again, and the insert goes through."""
+    (first,) = await store.insert([new("u")])
+    connection = await asyncpg.connect(postgres_url())
+    try:  # the statement returns `task`: its result's type changes
+        await connection.execute(
+            f"ALTER TABLE {store.schema}.jobs ALTER COLUMN task TYPE varchar(200)"
+        )
+    finally:
+        await connection.close()
+    (second,) = await store.insert([new("u")])
+    assert second.job_id > first.job_id and not second.duplicate
+    (third,) = await store.insert([new("u")])
+    assert third.job_id > second.job_id
 
 
 async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -219,6 +220,39 @@ class _Use:
             self._connections._give_back(self._connection, exc)
         finally:
             self._connections._slots.release()
+
+
+class Prepared:
+    """Statements prepared once on each connection (`prepare`), and run as such: an execution
+    then skips the driver's statement cache and its layers (some 10,000 instructions of the
+    daemon's, at each lone enqueue). A statement the schema has made stale (a migration by a
+    newer daemon) is prepared again."""
+
+    def __init__(self) -> None:
+        self._statements: weakref.WeakKeyDictionary[Any, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def fetch(self, connection: Any, sql: str, arguments: Any) -> list[Any]:
+        """The rows of `sql` with `arguments` (a sequence), on `connection`."""
+        statements = self._statements.get(connection)
+        if statements is None:
+            statements = self._statements[connection] = {}
+        statement = statements.get(sql)
+        if statement is None:
+            statement = statements[sql] = await connection.prepare(sql)
+        try:
+            rows: list[Any] = await statement.fetch(*arguments)
+        except STALE:
+            del statements[sql]
+            if connection.is_in_transaction():  # it failed: the caller rolls back
+                raise
+            return list(await connection.fetch(sql, *arguments))
+        return rows
+
+
+# A prepared statement the schema changed under (its result's type, its tables' columns).
+STALE = (asyncpg.InvalidCachedStatementError, asyncpg.OutdatedSchemaCacheError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -29,10 +29,11 @@ from taskd.store.core.store import SqlStore, store_write
 from taskd.store.postgres.connections import (
     DRIVER_ERRORS,
     Connections,
+    Prepared,
     Unreachable,
     connection_failed,
 )
-from taskd.store.postgres.dialect import PostgresSql, execute
+from taskd.store.postgres.dialect import PREPARED, PostgresSql, execute, rendered
 from taskd.store.postgres.migrate import migrate
 from taskd.store.postgres.notices import MAX_PAYLOAD, Listener
 from taskd.store.postgres.schema import channel
@@ -79,6 +80,7 @@ class PostgresStore(SqlStore):
             clock=clock,
             application=f"taskd {schema}",
         )
+        self._prepared = Prepared()
         self._sender = secrets.token_hex(6)  # our notices are not news to us
         self._sql = PostgresSql(schema, self._sender)
         self._channel = channel(schema)
@@ -147,7 +149,14 @@ class PostgresStore(SqlStore):
             return [await self._run(db, op(tx, items)) for op, items in operations]
 
     def _run(self, db: Any, steps: Steps[T]) -> Awaitable[T]:
-        return run_steps_async(steps, partial(execute, db, self.schema))
+        return run_steps_async(steps, partial(self._execute, db))
+
+    def _execute(self, db: Any, statement: Statement) -> Awaitable[list[Any]]:
+        """Run a statement; those of a lone enqueue as statements prepared on `db`."""
+        if statement.sql in PREPARED:
+            sql, arguments = rendered(statement.sql, self.schema)
+            return self._prepared.fetch(db, sql, arguments(statement.params))
+        return execute(db, self.schema, statement)
 
     def _notify_sql(self, notes: Notes) -> str:
         """The notice to the others, sent with the commit."""
