@@ -19,6 +19,7 @@ from taskd.store import ClaimRequest, NewJob, Outcome, StoreError
 from taskd.store.base import Failure, Inserted
 from taskd.store.core import keys
 from taskd.store.postgres import store as postgres_store
+from taskd.store.postgres.connections import Connections
 from taskd.store.postgres.dialect import (
     CLAIM_SQL,
     NEXT_DUE_SQL,
@@ -337,6 +338,43 @@ async def test_a_lone_insert_prepared_before_a_schema_change_is_prepared_again(
     assert second.job_id > first.job_id and not second.duplicate
     (third,) = await store.insert([new("u")])
     assert third.job_id > second.job_id
+
+
+async def test_uses_beyond_the_pool_size_wait_for_a_slot_and_one_given_up_keeps_none() -> None:
+    """A use waits while `size` are under way and takes the slot of the first to end; one
+    that gives up while waiting takes no slot away (the next still gets one)."""
+    application = f"taskd {unique_schema()}"
+    connections = Connections(
+        postgres_url(), "test", size=1, connect_timeout=5, application=application
+    )
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> int:
+        async with connections.acquire() as db:
+            held.set()
+            await release.wait()
+            return int(await db.fetchval("SELECT pg_backend_pid()"))
+
+    async def use() -> int:
+        async with connections.acquire() as db:
+            return int(await db.fetchval("SELECT pg_backend_pid()"))
+
+    try:
+        holder = asyncio.create_task(hold())
+        await held.wait()
+        given_up, waiting = asyncio.create_task(use()), asyncio.create_task(use())
+        await asyncio.sleep(0.05)
+        assert not given_up.done() and not waiting.done()  # the only slot is taken
+        given_up.cancel()
+        release.set()
+        pid = await holder
+        assert await asyncio.wait_for(waiting, 10) == pid  # the same connection, handed on
+        assert await asyncio.wait_for(use(), 10) == pid  # and its slot free again
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+    finally:
+        await connections.close()
 
 
 async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:
