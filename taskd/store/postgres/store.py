@@ -146,7 +146,12 @@ class PostgresStore(SqlStore):
         """Statements that commit each on their own (and notify the others themselves)."""
         async with self._connections.acquire() as db:
             tx = Tx(self._sql, notes, self.webhooks, self.limit_keys)
-            return [await self._run(db, op(tx, items)) for op, items in operations]
+            execute = partial(self._execute, db)
+            # A loop, not a comprehension: no frame of its own to make at each insert.
+            outputs = []
+            for op, items in operations:
+                outputs.append(await run_steps_async(op(tx, items), execute))
+            return outputs
 
     def _run(self, db: Any, steps: Steps[T]) -> Awaitable[T]:
         return run_steps_async(steps, partial(self._execute, db))
