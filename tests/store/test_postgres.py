@@ -75,6 +75,39 @@ async def test_stores_on_one_schema_hear_each_other(store: PostgresStore) -> Non
         await other.close()
 
 
+async def test_a_store_knows_its_own_notices_without_decoding_them(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store hears its own notices back (it listens on the channel its writes notify):
+    those of its inserts and of its transactions are dropped before they are decoded; the
+    other stores' are read (each notice here decoded once: by the store that did not send
+    it)."""
+    decoded: list[str] = []
+    decode = postgres_store.decode_notice
+
+    def recording(payload: str) -> Any:
+        decoded.append(payload)
+        return decode(payload)
+
+    monkeypatch.setattr(postgres_store, "decode_notice", recording)
+    other = PostgresStore(postgres_url(), schema=store.schema)
+    await other.open()
+    try:
+        heard, told, cancelled = asyncio.Event(), asyncio.Event(), []
+        store.events.on_cancel(lambda job_id: job_id in cancelled and heard.set())
+        other.events.on_cancel(lambda _: told.set())
+        (mine,) = await store.insert([new()])
+        await store.cancel(mine.job_id)  # a transaction's notice
+        await asyncio.wait_for(told.wait(), 10)  # the other heard both
+        (theirs,) = await other.insert([new()])
+        cancelled.append(theirs.job_id)
+        await other.cancel(theirs.job_id)
+        await asyncio.wait_for(heard.wait(), 10)  # after ours: one listener, in commit order
+        assert len(decoded) == len(set(decoded)) == 4, decoded
+    finally:
+        await other.close()
+
+
 async def test_lost_connections_come_back_and_everyone_reads_again(store: PostgresStore) -> None:
     resynced = asyncio.Event()
     store.events.on_resync(resynced.set)

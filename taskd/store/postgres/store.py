@@ -82,6 +82,9 @@ class PostgresStore(SqlStore):
         )
         self._prepared = Prepared()
         self._sender = secrets.token_hex(6)  # our notices are not news to us
+        # How ours begin (an insert's json_build_object, a transaction's `encode_notices`):
+        # recognised before decoding them (the sender's check after decoding stays).
+        self._own_notices = (f'{{"sender" : "{self._sender}"', f'{{"sender":"{self._sender}"')
         self._sql = PostgresSql(schema, self._sender)
         self._channel = channel(schema)
         self._listener = Listener(
@@ -201,6 +204,8 @@ class PostgresStore(SqlStore):
         return StoreError(message + hint, at_start_up=message)
 
     def _on_notice(self, payload: str) -> None:
+        if payload.startswith(self._own_notices):  # ours (each insert's): no news, not read
+            return
         notice = decode_notice(payload)
         if notice is not None and notice.sender != self._sender:
             self._heard(notice.due, notice.finished, notice.cancelled, notice.activity)
