@@ -122,21 +122,19 @@ class GroupCommit(Generic[Context]):
         if self._arrived is not None and not self._arrived.done():
             self._arrived.set_result(None)
 
-    async def _next(self) -> _Write[Any, Any] | None:
-        """The first write not yet taken; waits for one."""
-        while not self._queue:
-            assert self._loop is not None
-            self._arrived = self._loop.create_future()
-            try:
-                await self._arrived
-            finally:
-                self._arrived = None
-        return self._queue.popleft()
-
     async def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = await self._next()
+            # Wait for the first write not yet taken (here, not in a coroutine of its own:
+            # one frame less to make and to run for each lone write).
+            while not self._queue:
+                assert self._loop is not None
+                self._arrived = self._loop.create_future()
+                try:
+                    await self._arrived
+                finally:
+                    self._arrived = None
+            first = self._queue.popleft()
             if first is None:
                 break
             # Let the loop read what else has arrived (other clients' requests that came
@@ -159,7 +157,16 @@ class GroupCommit(Generic[Context]):
 
     async def _commit(self, batch: list[_Write[Any, Any]]) -> None:
         try:
-            results = await self._apply(batch)
+            if len(batch) == 1:  # a lone write (one by one, the common case): nothing to merge
+                (write,) = batch
+                (output,) = await self._runner([(write.operation, list(write.items))])
+                if len(output) != len(write.items):
+                    raise RuntimeError(
+                        f"{write.operation!r} returned {len(output)} of {len(write.items)}"
+                    )
+                results = [output]
+            else:
+                results = await self._merge(batch)
         except Exception as exc:
             if len(batch) == 1 or not self._worth_splitting(exc):
                 for write in batch:
@@ -174,15 +181,8 @@ class GroupCommit(Generic[Context]):
         for write, result in zip(batch, results, strict=True):
             _finish(write, result, None)
 
-    async def _apply(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
-        if len(batch) == 1:  # a lone write (one by one, the common case): nothing to merge
-            (write,) = batch
-            (output,) = await self._runner([(write.operation, list(write.items))])
-            if len(output) != len(write.items):
-                raise RuntimeError(
-                    f"{write.operation!r} returned {len(output)} of {len(write.items)}"
-                )
-            return [output]
+    async def _merge(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
+        """Run a batch of several writes, those of one operation merged; their results."""
         groups: dict[Operation[Context, Any, Any], list[int]] = {}
         for index, write in enumerate(batch):
             groups.setdefault(write.operation, []).append(index)

@@ -19,6 +19,7 @@ from taskd.store import ClaimRequest, NewJob, Outcome, StoreError
 from taskd.store.base import Failure, Inserted
 from taskd.store.core import keys
 from taskd.store.postgres import store as postgres_store
+from taskd.store.postgres.connections import Connections
 from taskd.store.postgres.dialect import (
     CLAIM_SQL,
     NEXT_DUE_SQL,
@@ -26,7 +27,6 @@ from taskd.store.postgres.dialect import (
     PostgresSql,
     render,
 )
-from taskd.store.postgres.dialect import execute as postgres_execute
 from taskd.store.postgres.schema import MIGRATIONS
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
@@ -71,6 +71,39 @@ async def test_stores_on_one_schema_hear_each_other(store: PostgresStore) -> Non
         job = await asyncio.wait_for(waiter, 10)  # read by the other store for its waiter
         assert job is not None and job.status == "cancelled"
         assert finished == [inserted.job_id]
+    finally:
+        await other.close()
+
+
+async def test_a_store_knows_its_own_notices_without_decoding_them(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store hears its own notices back (it listens on the channel its writes notify):
+    those of its inserts and of its transactions are dropped before they are decoded; the
+    other stores' are read (each notice here decoded once: by the store that did not send
+    it)."""
+    decoded: list[str] = []
+    decode = postgres_store.decode_notice
+
+    def recording(payload: str) -> Any:
+        decoded.append(payload)
+        return decode(payload)
+
+    monkeypatch.setattr(postgres_store, "decode_notice", recording)
+    other = PostgresStore(postgres_url(), schema=store.schema)
+    await other.open()
+    try:
+        heard, told, cancelled = asyncio.Event(), asyncio.Event(), []
+        store.events.on_cancel(lambda job_id: job_id in cancelled and heard.set())
+        other.events.on_cancel(lambda _: told.set())
+        (mine,) = await store.insert([new()])
+        await store.cancel(mine.job_id)  # a transaction's notice
+        await asyncio.wait_for(told.wait(), 10)  # the other heard both
+        (theirs,) = await other.insert([new()])
+        cancelled.append(theirs.job_id)
+        await other.cancel(theirs.job_id)
+        await asyncio.wait_for(heard.wait(), 10)  # after ours: one listener, in commit order
+        assert len(decoded) == len(set(decoded)) == 4, decoded
     finally:
         await other.close()
 
@@ -264,11 +297,13 @@ async def test_a_lone_unkeyed_insert_is_one_statement_that_writes_only_the_job(
     (with its value), and jobs written together one statement of arrays, as before."""
     statements: list[str] = []
 
-    def recording(db: Any, schema: str, statement: Any) -> Any:
-        statements.append(statement.sql)
-        return postgres_execute(db, schema, statement)
+    run_statement = PostgresStore._execute
 
-    monkeypatch.setattr(postgres_store, "execute", recording)
+    def recording(self: PostgresStore, db: Any, statement: Any) -> Any:
+        statements.append(statement.sql)
+        return run_statement(self, db, statement)
+
+    monkeypatch.setattr(PostgresStore, "_execute", recording)
     store.limit_keys = {"t": "order.customer"}
     due = asyncio.Event()
     store.events.on_due(lambda _: due.set())
@@ -317,6 +352,62 @@ async def test_a_lone_unkeyed_insert_is_one_statement_that_writes_only_the_job(
         ("u", "pending", None),
         ("u", "pending", None),
     ]
+
+
+async def test_a_lone_insert_prepared_before_a_schema_change_is_prepared_again(
+    store: PostgresStore,
+) -> None:
+    """The statement of a lone insert is prepared once on each connection; one that a
+    migration (a newer daemon's) made stale is prepared again, and the insert goes through."""
+    (first,) = await store.insert([new("u")])
+    connection = await asyncpg.connect(postgres_url())
+    try:  # the statement returns `task`: its result's type changes
+        await connection.execute(
+            f"ALTER TABLE {store.schema}.jobs ALTER COLUMN task TYPE varchar(200)"
+        )
+    finally:
+        await connection.close()
+    (second,) = await store.insert([new("u")])
+    assert second.job_id > first.job_id and not second.duplicate
+    (third,) = await store.insert([new("u")])
+    assert third.job_id > second.job_id
+
+
+async def test_uses_beyond_the_pool_size_wait_for_a_slot_and_one_given_up_keeps_none() -> None:
+    """A use waits while `size` are under way and takes the slot of the first to end; one
+    that gives up while waiting takes no slot away (the next still gets one)."""
+    application = f"taskd {unique_schema()}"
+    connections = Connections(
+        postgres_url(), "test", size=1, connect_timeout=5, application=application
+    )
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> int:
+        async with connections.acquire() as db:
+            held.set()
+            await release.wait()
+            return int(await db.fetchval("SELECT pg_backend_pid()"))
+
+    async def use() -> int:
+        async with connections.acquire() as db:
+            return int(await db.fetchval("SELECT pg_backend_pid()"))
+
+    try:
+        holder = asyncio.create_task(hold())
+        await held.wait()
+        given_up, waiting = asyncio.create_task(use()), asyncio.create_task(use())
+        await asyncio.sleep(0.05)
+        assert not given_up.done() and not waiting.done()  # the only slot is taken
+        given_up.cancel()
+        release.set()
+        pid = await holder
+        assert await asyncio.wait_for(waiting, 10) == pid  # the same connection, handed on
+        assert await asyncio.wait_for(use(), 10) == pid  # and its slot free again
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+    finally:
+        await connections.close()
 
 
 async def test_enqueue_on_psycopg_connections(store: PostgresStore) -> None:

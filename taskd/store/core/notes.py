@@ -42,11 +42,17 @@ class Notes:
 
 def tell(events: JobEvents, notes: Notes) -> None:
     """This daemon's listeners hear of a committed transaction."""
-    events.finished_all(notes.finished)
+    # No call, no list made, for what did not happen: this runs at every write (an enqueue's
+    # notes have one new job, and nothing else).
+    if notes.finished:
+        events.finished_all(notes.finished)
     for job in notes.retrying:
         events.retrying(job)
     for job_id in notes.cancelled:
         events.cancel_requested(job_id)
-    due = [delay for delay in (notes.due, *notes.new.values()) if delay is not None]
-    if due:
-        events.due(min(due))
+    due = notes.due
+    if notes.new:
+        soonest = min(notes.new.values())
+        due = soonest if due is None else min(due, soonest)
+    if due is not None:
+        events.due(due)

@@ -9,8 +9,10 @@ clock, each connection's session carries it (`taskd.now`) before every use.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -71,7 +73,10 @@ class Connections:
         self._description = description
         self._connect_timeout = connect_timeout
         self._clock = clock
-        self._slots = asyncio.Semaphore(size)
+        # The connections not in use, of `size` (a counter and a queue rather than a
+        # Semaphore: a use that finds one free takes it without a coroutine to run).
+        self._free = size
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle: list[Any] = []
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -128,6 +133,36 @@ class Connections:
         statement); one that failed, or was left in a transaction, is closed rather than
         used again."""
         return _Use(self, begin)
+
+    async def _slot(self) -> None:
+        """Wait until a use ends and hands its slot over."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed over as we were cancelled
+                self._release()
+            raise
+
+    def _release(self) -> None:
+        """A use ended: its slot goes to the first caller waiting, else back to the free."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    def _ready(self, begin: str) -> Any:
+        """An idle connection usable as it is (nothing to run first), or None."""
+        if begin or self._clock is not None:
+            return None
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.is_closed():
+                return connection
+        return None
 
     async def _prepared(self, begin: str) -> Any:
         """A connection, in a transaction if asked, with the test clock if there is one. An
@@ -200,12 +235,17 @@ class _Use:
         self._begin = begin
 
     async def __aenter__(self) -> Any:
-        slots = self._connections._slots
-        await slots.acquire()
+        connections = self._connections
+        if connections._free:
+            connections._free -= 1
+        else:
+            await connections._slot()
         try:
-            self._connection = await self._connections._prepared(self._begin)
+            self._connection = connections._ready(self._begin)
+            if self._connection is None:
+                self._connection = await connections._prepared(self._begin)
         except BaseException:
-            slots.release()
+            connections._release()
             raise
         return self._connection
 
@@ -218,7 +258,40 @@ class _Use:
         try:
             self._connections._give_back(self._connection, exc)
         finally:
-            self._connections._slots.release()
+            self._connections._release()
+
+
+class Prepared:
+    """Statements prepared once on each connection (`prepare`), and run as such: an execution
+    then skips the driver's statement cache and its layers (some 10,000 instructions of the
+    daemon's, at each lone enqueue). A statement the schema has made stale (a migration by a
+    newer daemon) is prepared again."""
+
+    def __init__(self) -> None:
+        self._statements: weakref.WeakKeyDictionary[Any, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def fetch(self, connection: Any, sql: str, arguments: Any) -> list[Any]:
+        """The rows of `sql` with `arguments` (a sequence), on `connection`."""
+        statements = self._statements.get(connection)
+        if statements is None:
+            statements = self._statements[connection] = {}
+        statement = statements.get(sql)
+        if statement is None:
+            statement = statements[sql] = await connection.prepare(sql)
+        try:
+            rows: list[Any] = await statement.fetch(*arguments)
+        except STALE:
+            del statements[sql]
+            if connection.is_in_transaction():  # it failed: the caller rolls back
+                raise
+            return list(await connection.fetch(sql, *arguments))
+        return rows
+
+
+# A prepared statement the schema changed under (its result's type, its tables' columns).
+STALE = (asyncpg.InvalidCachedStatementError, asyncpg.OutdatedSchemaCacheError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -161,6 +161,10 @@ KEYLESS = ("    ON CONFLICT DO NOTHING\n", "")
 KEYLESS_INSERT_SQL = _rewritten(INSERT_SQL, KEYLESS)
 KEYLESS_ONE_UNLESS_KEYED_SQL = _rewritten(ONE_UNLESS_KEYED_SQL, KEYLESS)
 
+# The statements a store prepares once on each connection (`connections.Prepared`): those of
+# a lone enqueue, run at every one.
+PREPARED = frozenset({ONE_UNLESS_KEYED_SQL, KEYLESS_ONE_UNLESS_KEYED_SQL})
+
 # The job counters of server processes that are gone, added to this one's (a process reusing
 # a pid in the meantime only has its counts moved, not changed).
 FOLD_COUNTS_SQL = """
@@ -567,7 +571,7 @@ def render(
 
 
 @lru_cache(maxsize=1024)
-def _rendered(sql: str, schema: str) -> tuple[str, Callable[[Mapping[str, Any]], Any]]:
+def rendered(sql: str, schema: str) -> tuple[str, Callable[[Mapping[str, Any]], Any]]:
     """`render` for asyncpg, and what takes the arguments, in order, from the parameters."""
     sql, names = render(sql, schema)
     if len(names) == 1:
@@ -578,7 +582,7 @@ def _rendered(sql: str, schema: str) -> tuple[str, Callable[[Mapping[str, Any]],
 
 async def execute(db: Any, schema: str, statement: Statement) -> list[Row]:
     """Run a statement on an asyncpg connection (or one with its methods)."""
-    sql, arguments = _rendered(statement.sql, schema)
+    sql, arguments = rendered(statement.sql, schema)
     if statement.many:
         await db.executemany(sql, [arguments(params) for params in statement.params])
         return []

@@ -29,10 +29,11 @@ from taskd.store.core.store import SqlStore, store_write
 from taskd.store.postgres.connections import (
     DRIVER_ERRORS,
     Connections,
+    Prepared,
     Unreachable,
     connection_failed,
 )
-from taskd.store.postgres.dialect import PostgresSql, execute
+from taskd.store.postgres.dialect import PREPARED, PostgresSql, execute, rendered
 from taskd.store.postgres.migrate import migrate
 from taskd.store.postgres.notices import MAX_PAYLOAD, Listener
 from taskd.store.postgres.schema import channel
@@ -79,7 +80,11 @@ class PostgresStore(SqlStore):
             clock=clock,
             application=f"taskd {schema}",
         )
+        self._prepared = Prepared()
         self._sender = secrets.token_hex(6)  # our notices are not news to us
+        # How ours begin (an insert's json_build_object, a transaction's `encode_notices`):
+        # recognised before decoding them (the sender's check after decoding stays).
+        self._own_notices = (f'{{"sender" : "{self._sender}"', f'{{"sender":"{self._sender}"')
         self._sql = PostgresSql(schema, self._sender)
         self._channel = channel(schema)
         self._listener = Listener(
@@ -144,10 +149,22 @@ class PostgresStore(SqlStore):
         """Statements that commit each on their own (and notify the others themselves)."""
         async with self._connections.acquire() as db:
             tx = Tx(self._sql, notes, self.webhooks, self.limit_keys)
-            return [await self._run(db, op(tx, items)) for op, items in operations]
+            execute = partial(self._execute, db)
+            # A loop, not a comprehension: no frame of its own to make at each insert.
+            outputs = []
+            for op, items in operations:
+                outputs.append(await run_steps_async(op(tx, items), execute))
+            return outputs
 
     def _run(self, db: Any, steps: Steps[T]) -> Awaitable[T]:
-        return run_steps_async(steps, partial(execute, db, self.schema))
+        return run_steps_async(steps, partial(self._execute, db))
+
+    def _execute(self, db: Any, statement: Statement) -> Awaitable[list[Any]]:
+        """Run a statement; those of a lone enqueue as statements prepared on `db`."""
+        if statement.sql in PREPARED:
+            sql, arguments = rendered(statement.sql, self.schema)
+            return self._prepared.fetch(db, sql, arguments(statement.params))
+        return execute(db, self.schema, statement)
 
     def _notify_sql(self, notes: Notes) -> str:
         """The notice to the others, sent with the commit."""
@@ -187,6 +204,8 @@ class PostgresStore(SqlStore):
         return StoreError(message + hint, at_start_up=message)
 
     def _on_notice(self, payload: str) -> None:
+        if payload.startswith(self._own_notices):  # ours (each insert's): no news, not read
+            return
         notice = decode_notice(payload)
         if notice is not None and notice.sender != self._sender:
             self._heard(notice.due, notice.finished, notice.cancelled, notice.activity)
