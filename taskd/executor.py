@@ -471,6 +471,13 @@ class Executor:
 def _unchanged(fresh: contextvars.Context) -> bool:
     """Whether the current context holds what `fresh` holds, and nothing more."""
     now = contextvars.copy_context()
-    return len(now) == len(fresh) and all(
-        var in fresh and fresh[var] is value for var, value in now.items()
-    )
+    if len(now) != len(fresh):
+        return False
+    # A loop, not all() of a generator: no generator frame a job.
+    for var, value in now.items():  # noqa: SIM110
+        if fresh.get(var, _UNSET) is not value:
+            return False
+    return True
+
+
+_UNSET = object()
