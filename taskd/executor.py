@@ -289,10 +289,8 @@ class Executor:
             try:
                 outcome = await self._attempt(job, running)
             finally:
-                if self._activity.unwritten(job.id):  # most jobs leave nothing: no await
+                if not self._activity.forgot(job.id):  # most jobs leave nothing: no await
                     await self._activity.end(job.id)  # its last progress and lines, first
-                else:
-                    self._activity.forget(job.id)
             running.reporting = True
             if self._on_attempt is not None:
                 cancelled = outcome is None and running.stopped == "cancelled"
