@@ -66,13 +66,18 @@ class ActivityRecorder:
         self._attempts.pop(job_id, None)
 
     def unwritten(self, job_id: int) -> bool:
-        """Whether the attempt has progress or lines to write (else `forget` will do)."""
+        """Whether the attempt has progress or lines to write (else `forgot` will do)."""
         attempt = self._attempts.get(job_id)
         return attempt is not None and bool(attempt.progress or attempt.lines or attempt.dropped)
 
-    def forget(self, job_id: int) -> None:
-        """The attempt ended with nothing to write: record nothing more of it."""
+    def forgot(self, job_id: int) -> bool:
+        """The attempt ended: record nothing more of it if it has nothing to write (one
+        call a job, not `unwritten` then a second); whether so (else `end` writes the rest)."""
+        attempt = self._attempts.get(job_id)
+        if attempt is not None and (attempt.progress or attempt.lines or attempt.dropped):
+            return False
         self._attempts.pop(job_id, None)
+        return True
 
     def pending_lines(self, job_id: int) -> list[LogLine]:
         """The lines of a job running here that are not written yet."""

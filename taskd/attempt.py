@@ -55,6 +55,8 @@ class Attempts:
         task = self._tasks.get(job.task)
         if outcome.status not in ("succeeded", "failed") or task is None or job.origin == "hook":
             return outcome
+        if task.on_success is None and task.on_failure is None:
+            return outcome  # most tasks: no look for a hook in the registry
         hook = self._tasks.hook(task, outcome.status)
         return outcome if hook is None else msgspec.structs.replace(outcome, hook=hook)
 

@@ -302,7 +302,7 @@ class Daemon:
         await self._rekey(store, self._tasks().limit_keys())
         news = DaemonNews()
         store.events.on_change(news.changed)  # the store's changes and ours, on one bus
-        news.on_change(self._status.changed)
+        self._status.follow(news.on_change)
         node = node_id(config, paths)
         worker = self._worker = await self._join(store, node)
         tasks = self._tasks()

@@ -289,10 +289,8 @@ class Executor:
             try:
                 outcome = await self._attempt(job, running)
             finally:
-                if self._activity.unwritten(job.id):  # most jobs leave nothing: no await
+                if not self._activity.forgot(job.id):  # most jobs leave nothing: no await
                     await self._activity.end(job.id)  # its last progress and lines, first
-                else:
-                    self._activity.forget(job.id)
             running.reporting = True
             if self._on_attempt is not None:
                 cancelled = outcome is None and running.stopped == "cancelled"
@@ -471,6 +469,13 @@ class Executor:
 def _unchanged(fresh: contextvars.Context) -> bool:
     """Whether the current context holds what `fresh` holds, and nothing more."""
     now = contextvars.copy_context()
-    return len(now) == len(fresh) and all(
-        var in fresh and fresh[var] is value for var, value in now.items()
-    )
+    if len(now) != len(fresh):
+        return False
+    # A loop, not all() of a generator: no generator frame a job.
+    for var, value in now.items():  # noqa: SIM110
+        if fresh.get(var, _UNSET) is not value:
+            return False
+    return True
+
+
+_UNSET = object()

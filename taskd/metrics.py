@@ -12,6 +12,7 @@ expects of counters.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -52,8 +53,7 @@ class Metrics:
         self._listeners = listeners
         self._tasks = tasks  # their shared limits' use is read at each scrape
         self._clock = clock
-        # Each (task, end)'s histogram, looked up once: `labels` takes a lock and builds a key.
-        self._duration_of: dict[tuple[str, str], Histogram] = {}
+        self._duration_of: dict[tuple[str, str], _Observed] = {}  # by (task, end)
         self._durations = Histogram(
             "taskd_job_duration_seconds",
             "How long attempts took, by task and outcome (succeeded, failed, retry: failed "
@@ -91,10 +91,13 @@ class Metrics:
         if end in ("released", "lost") or job.started_at is None:
             return  # handed back at a stop, or taken over: not an attempt that ended here
         duration = max(0.0, self._clock() - job.started_at)
-        histogram = self._duration_of.get((job.task, end))
-        if histogram is None:
-            histogram = self._duration_of[job.task, end] = self._durations.labels(job.task, end)
-        histogram.observe(duration)
+        observed = self._duration_of.get((job.task, end))
+        if observed is None:
+            child = self._durations.labels(job.task, end)  # its _created: now, as before
+            observed = self._duration_of[job.task, end] = _Observed(child)
+        # Histogram.observe, without its five frames a job: the bucket it counts in, the sum.
+        observed.counts[bisect_left(DURATION_BUCKETS, duration)] += 1
+        observed.total += duration
         if end == "retry":
             self._retries.labels(job.task).inc()
 
@@ -114,12 +117,31 @@ class Metrics:
         if self._tasks is not None:
             limits = await limit_uses(self._store, self._tasks)
             keyed = await keyed_uses(self._store, self._tasks)
+        for observed in self._duration_of.values():
+            observed.write()
         registry = CollectorRegistry(auto_describe=True)
         events = (self._durations, self._retries, self._ticks, self._coalesced, self._lateness)
         http = self._listeners.http() if self._listeners is not None else None
         for collector in (*events, _Queue(counts), _Limits(limits, keyed), _HttpConnections(http)):
             registry.register(collector)
         return generate_latest(registry).decode()
+
+
+class _Observed:
+    """The attempt durations of one (task, end) as counted since start, which a scrape writes
+    into the histogram's child (prometheus_client's own exposition of them, then)."""
+
+    __slots__ = ("_child", "counts", "total")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self.counts = [0] * len(DURATION_BUCKETS)  # not cumulative, as the child keeps them
+        self.total = 0.0  # summed in the order observed, as the child would
+
+    def write(self) -> None:
+        self._child._sum.set(self.total)
+        for value, count in zip(self._child._buckets, self.counts, strict=True):
+            value.set(float(count))
 
 
 class _Queue(Collector):

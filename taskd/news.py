@@ -22,6 +22,10 @@ class DaemonNews:
         self._progress = Listeners("progress")
         self._log = Listeners("log lines")
         self._changed = Listeners("changes")
+        # Told once or twice a job: the listeners themselves, no method of ours in between.
+        self.started: Callable[[Job], None] = self._started  # an attempt of it started here
+        # Jobs were added, started or ended, here or (relayed) in the store.
+        self.changed: Callable[[], None] = self._changed
 
     def on_started(self, listener: Callable[[Job], None]) -> None:
         self._started.add(listener)
@@ -36,10 +40,6 @@ class DaemonNews:
         """Call `listener` whenever jobs are added, started or ended (it must be cheap)."""
         self._changed.add(listener)
 
-    def started(self, job: Job) -> None:
-        """An attempt of the job started here."""
-        self._started(job)
-
     def progress(self, job_id: int, progress: Progress) -> None:
         """A job running here reported progress (before it is written, if it ever is)."""
         self._progress(job_id, progress)
@@ -47,7 +47,3 @@ class DaemonNews:
     def log(self, job_id: int, line: LogLine) -> None:
         """A job running here wrote a line (before it is written)."""
         self._log(job_id, line)
-
-    def changed(self) -> None:
-        """Jobs were added, started or ended, here or (relayed) in the store."""
-        self._changed()

@@ -209,6 +209,12 @@ class StatusUpdates:
         """Something the summary shows may have changed (a job was queued, started, ended)."""
         self._changed.set()
 
+    def follow(self, on_change: Callable[[Callable[[], None]], None]) -> None:
+        """Be told of changes through `on_change`, if there is a systemd to tell: without one,
+        a job's start and end need not call `changed`."""
+        if self._notifier.enabled:
+            on_change(self._changed.set)  # what `changed` does, a frame less at each job's end
+
     def sent(self, text: str) -> None:
         """The summary went out with another message (READY=1): no need to repeat it."""
         self._last = text

@@ -173,6 +173,22 @@ class _Recorder(Notifier):
         self.sent.append((asyncio.get_running_loop().time(), "\n".join(fields)))
 
 
+def test_status_updates_follow_changes_only_for_a_systemd_to_tell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without $NOTIFY_SOCKET nothing is sent: a job's start and end call no listener for it."""
+
+    async def summary() -> str:
+        return "idle"
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    for notifier, listeners in ((Notifier(), 0), (_Recorder(), 1)):
+        followed: list[object] = []
+        StatusUpdates(notifier, summary).follow(followed.append)
+        assert len(followed) == listeners
+        notifier.close()
+
+
 async def test_status_updates_are_sent_on_change_at_most_once_per_interval() -> None:
     notifier = _Recorder()
     state = {"text": "idle", "calls": 0}
