@@ -14,6 +14,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 T = TypeVar("T")
 
 
@@ -25,18 +27,18 @@ def _same(result: Any) -> Any:
     return result
 
 
-class Deferred(Generic[T]):
+class Deferred(msgspec.Struct, Generic[T], eq=False):
     """A result (or an error) that a future gives later, to any number of waiting requests;
-    `shape` makes the result of what the future gives (an enqueue's reply of its rows)."""
+    `shape` makes the result of what the future gives (an enqueue's reply of its rows).
 
-    __slots__ = ("future", "shape", "translate")
+    A Struct (built in C: no Python frame for each enqueue), compared and hashed by
+    identity (eq=False), as the server keys its waiting requests by it."""
 
-    def __init__(self, future: asyncio.Future[Any], shape: Callable[[Any], T] = _same) -> None:
-        self.future = future
-        self.shape = shape
-        # The error reply an exception stands for (None: an internal error), set by the
-        # dispatch that handed this out: the error codes are given there and nowhere else.
-        self.translate: Callable[[BaseException], BaseException | None] = _unchanged
+    future: asyncio.Future[Any]
+    shape: Callable[[Any], T] = _same
+    # The error reply an exception stands for (None: an internal error), set by the
+    # dispatch that handed this out: the error codes are given there and nowhere else.
+    translate: Callable[[BaseException], BaseException | None] = _unchanged
 
     async def result(self) -> T:
         """The result, or the exception standing for its error; cancelling the caller

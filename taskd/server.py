@@ -890,7 +890,7 @@ class ControlServer:
         """Answer the request when `deferred` is known: with every request waiting for it,
         from one callback (`_answer_waiting`)."""
         if deferred.future.done():
-            self._send_frame(connection, self._frames_of(deferred, shared=False)(request_id))
+            self._send_frame(connection, self._frame_of(deferred, request_id))
             return
         waiting = self._waiting.get(deferred)
         if waiting is None:
@@ -913,10 +913,18 @@ class ControlServer:
         waiting = self._waiting.pop(deferred, None)
         if not waiting:  # its connections are gone
             return
-        # One request (an enqueue's) has its result encoded in its reply; more share it
-        # encoded once.
-        shared = len(waiting) > 1 or len(next(iter(waiting.values()))) > 1
-        frame_for = self._frames_of(deferred, shared=shared)
+        if len(waiting) == 1:
+            ((connection, request_ids),) = waiting.items()
+            if len(request_ids) == 1:
+                # One request (an enqueue's): its result encoded in its reply, built here
+                # (no function to build it made first).
+                (request_id,) = request_ids
+                if connection.later.pop(request_id, None) is not None:  # else: stopping
+                    self._send_frame(connection, self._frame_of(deferred, request_id))
+                    self._restart_idle_timer(connection)
+                return
+        # More share the result encoded once.
+        frame_for = self._frames_of(deferred, shared=True)
         for connection, request_ids in waiting.items():
             later = connection.later
             if len(request_ids) == 1:
@@ -931,6 +939,17 @@ class ControlServer:
                 frame = b"".join(built) if len(built) == len(frames) else None
             self._send_frame(connection, frame)
             self._restart_idle_timer(connection)
+
+    def _frame_of(self, deferred: Deferred[Any], request_id: int) -> bytes | None:
+        """The reply frame of the one request waiting for a known Deferred result."""
+        future = deferred.future
+        if future.cancelled() or future.exception() is not None:
+            return self._frames_of(deferred, shared=False)(request_id)
+        try:
+            result = deferred.shape(future.result())
+        except (TypeError, ValueError, OverflowError, RecursionError, MemoryError):
+            return self._frames_of(deferred, shared=False)(request_id)  # logs it, as before
+        return self._frame(Reply(request_id, result=result))
 
     def _frames_of(self, deferred: Deferred[Any], *, shared: bool) -> Callable[[int], bytes | None]:
         """The reply frame of a request, given its id, for a known Deferred result (to be

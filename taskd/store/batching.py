@@ -169,8 +169,7 @@ class GroupCommit(Generic[Context]):
                 results = await self._merge(batch)
         except Exception as exc:
             if len(batch) == 1 or not self._worth_splitting(exc):
-                for write in batch:
-                    _fail(write, exc)
+                _finish(batch, [[] for _ in batch], exc)
                 return
             # One write spoilt the batch: give every write a transaction of its own, so that
             # only the bad one fails.
@@ -178,8 +177,7 @@ class GroupCommit(Generic[Context]):
             for write in batch:
                 await self._commit([write])
             return
-        for write, result in zip(batch, results, strict=True):
-            _finish(write, result, None)
+        _finish(batch, results, None)
 
     async def _merge(self, batch: list[_Write[Any, Any]]) -> list[list[Any]]:
         """Run a batch of several writes, those of one operation merged; their results."""
@@ -205,14 +203,12 @@ class GroupCommit(Generic[Context]):
         return results
 
 
-def _fail(write: _Write[Any, Any], exc: Exception) -> None:
-    _finish(write, [], exc)
-
-
-def _finish(write: _Write[Any, Any], results: list[Any], exc: Exception | None) -> None:
-    """Settle the write's future; a `finish` that fails fails the write, not the writer."""
-    try:
-        write.finish(write.future, results, exc)
-    except Exception as error:
-        logger.exception("settling a write of %r failed", write.operation)
-        settle(write.future, [], error)
+def _finish(batch: list[_Write[Any, Any]], results: list[list[Any]], exc: Exception | None) -> None:
+    """Settle each write's future (in one call for the batch, not one for each write); a
+    `finish` that fails fails its write, not the writer."""
+    for write, result in zip(batch, results, strict=True):
+        try:
+            write.finish(write.future, result, exc)
+        except Exception as error:
+            logger.exception("settling a write of %r failed", write.operation)
+            settle(write.future, [], error)

@@ -23,6 +23,8 @@ class StoreHealth:
         self._store = store
         self._clock = clock
         self._failing: set[str] = set()
+        # The same set, read without a call where each write is settled (an enqueue's).
+        self.failing_kinds: frozenset[str] | set[str] = self._failing
         self._since = 0.0
         self._failures = 0
         self._error = ""

@@ -218,10 +218,10 @@ def test_jobs_without_a_key_are_inserted_without_on_conflict() -> None:
     second WAL record); a statement with a keyed job keeps it (its key may be taken)."""
     sql = PostgresSql("taskd", "me")
     keyed = msgspec.structs.replace(new(), key="k")
-    assert "ON CONFLICT DO NOTHING" not in sql.insert([new()]).sql
-    assert "ON CONFLICT DO NOTHING" not in sql.insert([new(), new("u")]).sql
-    assert "ON CONFLICT DO NOTHING" in sql.insert([keyed]).sql
-    assert "ON CONFLICT DO NOTHING" in sql.insert([new(), keyed]).sql
+    assert "ON CONFLICT DO NOTHING" not in next(sql.insert([new()])).sql
+    assert "ON CONFLICT DO NOTHING" not in next(sql.insert([new(), new("u")])).sql
+    assert "ON CONFLICT DO NOTHING" in next(sql.insert([keyed])).sql
+    assert "ON CONFLICT DO NOTHING" in next(sql.insert([new(), keyed])).sql
     assert "ON CONFLICT DO NOTHING" not in sql.insert_one_unless_keyed(new()).sql
     assert "ON CONFLICT DO NOTHING" in sql.insert_one_unless_keyed(keyed).sql
 

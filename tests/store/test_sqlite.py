@@ -198,11 +198,11 @@ async def test_a_plain_insert_binds_its_clock_once_and_no_null(tmp_path: Path) -
     plain jobs (no key, parents, batch, traceparent or limit_key) bind six values each and
     the clock once; a batch holding another job binds every column, and keeps them."""
     sql = SqliteSql(NOW)
-    plain = sql.insert([new(), new("u")])
+    plain = next(sql.insert([new(), new("u")]))
     assert len(plain.params) == 1 + 6 * 2
     assert None not in plain.params
     keyed = msgspec.structs.replace(new(), key="k", traceparent=f"00-{'1' * 32}-{'2' * 16}-01")
-    mixed = sql.insert([new(), keyed])
+    mixed = next(sql.insert([new(), keyed]))
     assert len(mixed.params) == 1 + 11 * 2
     store = SqliteStore(tmp_path / "jobs.db", clock=lambda: NOW)
     await store.open()
@@ -219,6 +219,32 @@ async def test_a_plain_insert_binds_its_clock_once_and_no_null(tmp_path: Path) -
     await store.close()
     with closing(sqlite3.connect(tmp_path / "jobs.db")) as db:  # payloads are BLOBs, as before
         assert db.execute("SELECT DISTINCT typeof(payload) FROM jobs").fetchall() == [("blob",)]
+
+
+async def test_plain_jobs_are_inserted_without_returning(tmp_path: Path) -> None:
+    """Plain jobs are inserted without RETURNING (sqlite3 reads each returned row back with
+    the GIL let go around each column): their ids are the INSERT's last id counted back, and
+    when each is due is told as RETURNING told it, to the same double."""
+    sql = SqliteSql(NOW)
+    assert "RETURNING" not in next(sql.insert([new(), new("u")])).sql
+    keyed = msgspec.structs.replace(new(), key="k")
+    assert "RETURNING" in next(sql.insert([new(), keyed])).sql
+    store = SqliteStore(tmp_path / "jobs.db", clock=lambda: NOW)
+    await store.open()
+    due: list[float] = []
+    store.events.on_due(due.append)
+    (first,) = await store.insert([new()])
+    later = [msgspec.structs.replace(new("u"), delay=0.1 * n) for n in range(1, 4)]
+    batch = await store.insert([*later, msgspec.structs.replace(new(), run_at=NOW + 7.3)])
+    assert [i.job_id for i in batch] == [first.job_id + n for n in range(1, 5)]
+    assert not any(i.duplicate for i in batch)
+    for inserted, job in zip(batch, [*later, None], strict=True):
+        row = await store.get(inserted.job_id)
+        assert row is not None
+        if job is not None:
+            assert (row.task, row.run_at) == ("u", NOW + job.delay)
+    assert due == [0.0, (NOW + 0.1) - NOW]
+    await store.close()
 
 
 async def test_ids_keep_counting_after_a_reopen(tmp_path: Path) -> None:

@@ -65,8 +65,8 @@ class Dialect(Protocol):
         job is there to see (SQLite: its one writer does; None)."""
         ...
 
-    def insert(self, jobs: Sequence[NewJob]) -> Statement:
-        """Inserts the jobs but those whose key is taken; returns id, task, key, due_in."""
+    def insert(self, jobs: Sequence[NewJob]) -> Steps[list[Row]]:
+        """Inserts the jobs but those whose key is taken; their rows: id, task, key, due_in."""
         ...
 
     def insert_one_unless_keyed(self, job: NewJob) -> Statement | None:

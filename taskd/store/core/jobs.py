@@ -230,7 +230,7 @@ def _insert_round(
     conflicts: list[int] = []
     for start in range(0, len(indexes), tx.sql.insert_chunk):
         chunk = indexes[start : start + tx.sql.insert_chunk]
-        rows = yield tx.sql.insert([jobs[index] for index in chunk])
+        rows = yield from tx.sql.insert([jobs[index] for index in chunk])
         for row in rows:
             tx.notes.new[row["id"]] = row["due_in"]
         conflicts += _match_inserted(jobs, chunk, rows, results)

@@ -480,22 +480,24 @@ class SqlStore:
             error.__cause__ = exc
         return error
 
-    def _finishing(
-        self, operation: str, shape: Callable[[list[Any]], Any] = lambda results: results
-    ) -> Finish:
+    def _finishing(self, operation: str, shape: Callable[[list[Any]], Any] | None = None) -> Finish:
         """How a write submitted without awaiting it settles its future, as `store_write`
         ends an awaited one: its end reported to the store's health, the driver's errors as
-        StoreError; its results given their `shape`."""
+        StoreError; its results given their `shape` (None: as they are)."""
+        health = self.health
+        failing = health.failing_kinds
 
         def finish(future: asyncio.Future[Any], results: list[Any], exc: Exception | None) -> None:
+            # Called for each write (each enqueue): no call that has nothing to do.
             if exc is not None:
                 error = self._write_failed(operation, exc)
                 if not future.done():
                     future.set_exception(error)
                 return
-            self.health.succeeded(operation)
+            if failing:
+                health.succeeded(operation)
             if not future.done():
-                future.set_result(shape(results))
+                future.set_result(results if shape is None else shape(results))
 
         return finish
 

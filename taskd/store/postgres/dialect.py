@@ -452,8 +452,8 @@ class PostgresSql:
     def indexed_by(self, index: str) -> str:
         return ""  # the planner takes it
 
-    def insert(self, jobs: Sequence[NewJob]) -> Statement:
-        return self._insert(jobs, INSERT_SQL, KEYLESS_INSERT_SQL)
+    def insert(self, jobs: Sequence[NewJob]) -> Steps[list[Row]]:
+        return (yield self._insert(jobs, INSERT_SQL, KEYLESS_INSERT_SQL))
 
     def insert_one_unless_keyed(self, job: NewJob) -> Statement:
         """`insert` of one job, unless its task has a `limit_key` path or a turn: then a

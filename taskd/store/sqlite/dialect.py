@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from taskd.models import JobStatus
-from taskd.store.base import ClaimRequest, NewJob, Outcome
+from taskd.store.base import ClaimRequest, NewJob, Outcome, StoreError
 from taskd.store.core.activity import trim_logs_sql
 from taskd.store.core.deps import HELD
 from taskd.store.core.jobs import (
@@ -228,7 +228,7 @@ class SqliteSql:
     def indexed_by(self, index: str) -> str:
         return f" INDEXED BY {index}"
 
-    def insert(self, jobs: Sequence[NewJob]) -> Statement:
+    def insert(self, jobs: Sequence[NewJob]) -> Steps[list[Row]]:
         # The clock is bound once (?1), and the columns that are NULL for every job (a plain
         # enqueue's key, parents, batch, traceparent and limit_key) not at all: each value
         # bound costs the writer thread, and a None is offered to its adapter first.
@@ -247,14 +247,33 @@ class SqliteSql:
                 != _NO_EXTRAS
             ):
                 plain = False
-        if not plain:
-            params = [now]
-            for job in jobs:
-                run_at = job.run_at if job.run_at is not None else now + job.delay
-                params += (job.task, job.origin, bytearray(job.payload), job.priority, run_at,
-                           job.max_attempts, job.key, job.parent_id, job.batch_id,
-                           job.traceparent, job.limit_key)  # fmt: skip
-        return Statement(_insert_sql(len(jobs), plain), params)
+        if plain:
+            return (yield from self._insert_plain(jobs, params))
+        params = [now]
+        for job in jobs:
+            run_at = job.run_at if job.run_at is not None else now + job.delay
+            params += (job.task, job.origin, bytearray(job.payload), job.priority, run_at,
+                       job.max_attempts, job.key, job.parent_id, job.batch_id,
+                       job.traceparent, job.limit_key)  # fmt: skip
+        return (yield Statement(_insert_sql(len(jobs)), params))
+
+    def _insert_plain(self, jobs: Sequence[NewJob], params: list[Any]) -> Steps[list[Row]]:
+        """Jobs without a key, which no unique index can turn away: inserted without
+        RETURNING (which SQLite stores and sqlite3 reads back row by row, converting each
+        column with the GIL let go around it), their rows made here. One writer, and the rows
+        of one INSERT take their ids in order: the last id and the count give them all."""
+        (counted,) = yield _Counted(_plain_insert_sql(len(jobs)), params)
+        last, count = counted[0], counted[1]
+        if count != len(jobs):
+            raise StoreError(f"inserted {count} jobs of {len(jobs)}")
+        now = self.now
+        first = last - count + 1
+        # As RETURNING's `run_at - ?1`: the same subtraction of the same two doubles.
+        return [
+            {"id": first + n, "task": job.task, "key": None,
+             "due_in": (job.run_at if job.run_at is not None else now + job.delay) - now}
+            for n, job in enumerate(jobs)
+        ]  # fmt: skip
 
     def insert_one_unless_keyed(self, job: NewJob) -> None:
         return None  # `insert` is one VALUES row already, and stirs nothing itself
@@ -448,20 +467,28 @@ _ALL_COLUMNS = f"{_PLAIN_COLUMNS}, key, parent_id, batch_id, traceparent, limit_
 
 
 @lru_cache(maxsize=64)
-def _insert_sql(count: int, plain: bool) -> str:
+def _insert_sql(count: int) -> str:
     """The statement that inserts `count` jobs: ?1 is now (created_at, and what due_in is
-    counted from), then each job's values by position; `plain` jobs have no key, parents,
-    batch, traceparent or limit_key (NULL: not bound)."""
-    row = (
-        "(?1, ?, ?, ?, ?, ?, ?, 'pending')"
-        if plain
-        else ("(?1, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)")
-    )
+    counted from), then each job's values by position."""
     return (
-        f"INSERT INTO jobs ({_PLAIN_COLUMNS if plain else _ALL_COLUMNS}) VALUES "
-        + ", ".join([row] * count)
+        f"INSERT INTO jobs ({_ALL_COLUMNS}) VALUES "
+        + ", ".join(["(?1, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"] * count)
         + " ON CONFLICT DO NOTHING RETURNING id, task, key, run_at - ?1 AS due_in"
     )
+
+
+@lru_cache(maxsize=64)
+def _plain_insert_sql(count: int) -> str:
+    """The statement that inserts `count` plain jobs (no key, parents, batch, traceparent or
+    limit_key: NULL, not bound): ?1 is now, then each job's values by position."""
+    return f"INSERT INTO jobs ({_PLAIN_COLUMNS}) VALUES " + ", ".join(
+        ["(?1, ?, ?, ?, ?, ?, ?, 'pending')"] * count
+    )
+
+
+class _Counted(Statement):
+    """An INSERT whose one row is (the last id it inserted, how many rows it inserted), read
+    from its cursor (a trigger's own inserts count in neither)."""
 
 
 _INSERT_ERROR = (
@@ -474,6 +501,9 @@ def execute(db: sqlite3.Connection, now: float, statement: Statement) -> list[Ro
     """Run a statement on SQLite: tables without a schema, `:now` the transaction's clock."""
     sql, reads_now = _render(statement.sql)
     params = statement.params
+    if type(statement) is _Counted:
+        cursor = db.execute(sql, params)
+        return [(cursor.lastrowid, cursor.rowcount)]
     if statement.many:
         db.executemany(sql, [{**p, "now": now} for p in params] if reads_now else params)
         return []
