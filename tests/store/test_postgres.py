@@ -22,6 +22,7 @@ from taskd.store.postgres import store as postgres_store
 from taskd.store.postgres.connections import Connections
 from taskd.store.postgres.dialect import (
     CLAIM_SQL,
+    FOLD_COUNTS_SQL,
     NEXT_DUE_SQL,
     RECOVER_SQL,
     PostgresSql,
@@ -755,8 +756,8 @@ async def test_the_jobs_of_tasks_without_a_limit_key_have_no_value_once_migrated
 
 async def test_the_job_counters_are_filled_by_the_migration_and_kept_by_every_writer() -> None:
     """The migration counts the jobs already there; then the daemons' writes and an
-    application's (the outbox, in its own transaction) keep the counters, each server
-    process in rows of its own, which a prune folds once that process is gone."""
+    application's (the outbox, in its own transaction) each add rows to the counters,
+    which a prune folds into one per task and status."""
     url, schema = postgres_url(), unique_schema()
     connection = await asyncpg.connect(url)
     try:
@@ -781,19 +782,12 @@ async def test_the_job_counters_are_filled_by_the_migration_and_kept_by_every_wr
             assert len(claimed.jobs) == 4
             assert counted(await store.counts()) == {"a": {"running": 2, "failed": 1},
                                                      "b": {"running": 2}}  # fmt: skip
-            writers = f"SELECT count(DISTINCT backend) FROM {schema}.job_counts"
-            assert await connection.fetchval(writers) >= 2  # the migration's, the outbox's...
-            await connection.close()  # a server process gone: its rows are folded
-            connection = await asyncpg.connect(url)
-            await wait_for_backends_gone(connection, schema)
             await store.prune({"succeeded": 3600})
             assert counted(await store.counts()) == {"a": {"running": 2, "failed": 1},
                                                      "b": {"running": 2}}  # fmt: skip
-            alive = await connection.fetchval(
-                f"SELECT count(*) FROM {schema}.job_counts c WHERE NOT EXISTS"
-                " (SELECT 1 FROM pg_stat_activity a WHERE a.pid = c.backend)"
-            )
-            assert alive == 0
+            assert await counter_rows(connection, schema) == {("a", "failed"): 1,
+                                                              ("a", "running"): 1,
+                                                              ("b", "running"): 1}  # fmt: skip
         finally:
             await store.close()
     finally:
@@ -805,17 +799,81 @@ def counted(entries: list[TaskCounts]) -> dict[str, dict[str, int]]:
     return {entry.task: entry.counts for entry in entries}
 
 
-async def wait_for_backends_gone(connection: asyncpg.Connection, schema: str) -> None:
-    """Until pg_stat_activity no longer lists the closed connection's process."""
-    gone = (
-        f"SELECT count(*) FROM {schema}.job_counts c WHERE c.backend <> 0 AND NOT EXISTS"
-        " (SELECT 1 FROM pg_stat_activity a WHERE a.pid = c.backend)"
+async def counter_rows(connection: asyncpg.Connection, schema: str) -> dict[tuple[str, str], int]:
+    """How many rows the counters have of each task and status."""
+    rows = await connection.fetch(
+        f"SELECT task, status, count(*) AS rows FROM {schema}.job_counts GROUP BY task, status"
     )
-    for _ in range(200):
-        if await connection.fetchval(gone):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the closed connection's server process is still listed")
+    return {(row["task"], row["status"]): row["rows"] for row in rows}
+
+
+async def test_the_job_counters_of_each_server_process_become_entries_of_the_ledger() -> None:
+    """The migration to the counters' ledger, on a schema of the version before it whose
+    counters have rows of several server processes: their sums stay; then each statement
+    appends its own rows (a lone insert: one), and a recovery folds them all."""
+    url, schema = postgres_url(), unique_schema()
+    connection = await asyncpg.connect(url)
+    other = await asyncpg.connect(url)
+    try:
+        await connection.execute(f"CREATE SCHEMA {schema}")
+        await migrated_until(
+            connection, schema, lambda m: "DROP CONSTRAINT job_counts_pkey" in m[0]
+        )
+        insert = (
+            f"INSERT INTO {schema}.jobs (task, status, origin, payload, run_at, max_attempts,"
+            " created_at) SELECT 'a', s, 'enqueue', '\\x80', 0, 3, 0 FROM unnest($1::text[]) AS s"
+        )
+        await connection.execute(insert, ["pending", "pending", "failed"])
+        await other.execute(insert, ["pending"])
+        store = PostgresStore(url, schema=schema, pool_size=2)
+        await store.open()
+        try:
+            assert counted(await store.counts()) == {"a": {"pending": 3, "failed": 1}}
+            assert await counter_rows(connection, schema) == {("a", "pending"): 2,
+                                                              ("a", "failed"): 1}  # fmt: skip
+            await store.insert([new("a")])
+            await store.insert([new("a")])
+            assert await counter_rows(connection, schema) == {("a", "pending"): 4,
+                                                              ("a", "failed"): 1}  # fmt: skip
+            await store.recover(3)
+            assert await counter_rows(connection, schema) == {("a", "pending"): 1,
+                                                              ("a", "failed"): 1}  # fmt: skip
+            assert counted(await store.counts()) == {"a": {"pending": 5, "failed": 1}}
+        finally:
+            await store.close()
+    finally:
+        await other.close()
+        await connection.close()
+        await drop_schema(url, schema)
+
+
+async def test_a_fold_of_the_job_counters_waits_for_no_other(store: PostgresStore) -> None:
+    """Two folds at once: the second folds nothing and goes on (a fold may lock jobs after
+    it, in the same transaction), the counts stay exact, and the next fold takes the rows
+    the first could not see."""
+    await store.insert([new("t"), new("t")])
+    await store.insert([new("t")])
+    url, schema = postgres_url(), store.schema
+    fold = FOLD_COUNTS_SQL.replace("{s}", schema)
+    first, second = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        async with first.transaction():
+            await first.execute(fold)
+            async with second.transaction():
+                await asyncio.wait_for(second.execute(fold), 5)
+                await second.execute(
+                    f"INSERT INTO {schema}.jobs (task, status, origin, payload, run_at,"
+                    " max_attempts, created_at) VALUES ('t', 'pending', 'enqueue', '\\x80', 0,"
+                    " 3, 0)"
+                )
+        assert counted(await store.counts()) == {"t": {"pending": 4}}
+        assert await counter_rows(first, schema) == {("t", "pending"): 2}
+        await store.recover(3)
+        assert await counter_rows(first, schema) == {("t", "pending"): 1}
+        assert counted(await store.counts()) == {"t": {"pending": 4}}
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_a_claim_waits_for_a_pause_in_flight_and_leaves_its_jobs(

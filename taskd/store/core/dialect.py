@@ -29,7 +29,7 @@ class Dialect(Protocol):
     next_priority_sql: (
         str  # the next priority of task `:task`'s pending jobs after `levels.priority`
     )
-    fold_counts_sql: str  # merges the job counters a prune may merge ("": none)
+    fold_counts_sql: str  # folds the job counters' rows, at recoveries and prunes ("": none)
     trim_logs_sql: str  # deletes the lines of job `:job_id` past `:bytes` or `:lines`
     lock_rows: str  # ends a SELECT whose rows the transaction writes next (" FOR UPDATE")
     lock_shared: str  # ends a SELECT to lock its rows against writes until the commit

@@ -505,6 +505,7 @@ def recover_jobs(tx: Tx, items: list[tuple[int, dict[str, Hook]]]) -> Steps[list
         yield from enqueue_hooks(tx, hooks)
         yield from jobs_ended(tx, jobs)
         results.append(jobs)
+    yield from fold_counts(tx)
     return results
 
 
@@ -582,6 +583,13 @@ def prune_jobs(tx: Tx, slices: list[tuple[JobStatus, float]]) -> Steps[list[int]
     for status, age in slices:
         counts.append((yield from tx.sql.prune(status, age)))
     yield from keys.forget_idle(PRUNE_SLICE)
+    yield from fold_counts(tx)
+    return counts
+
+
+def fold_counts(tx: Tx) -> Steps[None]:
+    """Fold the job counters' rows, where the backend keeps more than one per task and
+    status (PostgreSQL's ledger): run by each recovery, every lease/3 in each daemon, and
+    each prune, it bounds the rows a read of the counters sums."""
     if tx.sql.fold_counts_sql:
         yield Statement(tx.sql.fold_counts_sql)
-    return counts

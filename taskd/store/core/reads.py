@@ -21,7 +21,7 @@ from taskd.store.rows import (
     schedule_from_row,
 )
 
-# The counters: PostgreSQL keeps a row per server process that wrote (see its schema).
+# The counters: PostgreSQL's are a ledger, rows to sum (see its schema).
 COUNTS_SQL = (
     "SELECT task, status, sum(n) AS n FROM {s}.job_counts GROUP BY task, status HAVING sum(n) <> 0"
 )

@@ -165,18 +165,19 @@ KEYLESS_ONE_UNLESS_KEYED_SQL = _rewritten(ONE_UNLESS_KEYED_SQL, KEYLESS)
 # a lone enqueue, run at every one.
 PREPARED = frozenset({ONE_UNLESS_KEYED_SQL, KEYLESS_ONE_UNLESS_KEYED_SQL})
 
-# The job counters of server processes that are gone, added to this one's (a process reusing
-# a pid in the meantime only has its counts moved, not changed).
+# The job counters' rows folded into one per task and status (the schema's ledger), by one
+# fold at a time: another one, under way, holds the lock, and this one folds nothing. A fold
+# waits for no other, then: it can run in a transaction that goes on to lock jobs. A fold
+# that takes the lock once another committed skips the rows it deleted; a row not yet
+# committed stays for a later fold.
 FOLD_COUNTS_SQL = """
-WITH gone AS (
-    DELETE FROM {s}.job_counts AS c WHERE backend <> pg_backend_pid()
-        AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = c.backend)
+WITH entries AS (
+    DELETE FROM {s}.job_counts
+    WHERE (SELECT pg_try_advisory_xact_lock(hashtextextended('{s}.job_counts', 0)))
     RETURNING task, status, n
 )
-INSERT INTO {s}.job_counts AS c (task, status, backend, n)
-SELECT task, status, pg_backend_pid(), sum(n) FROM gone GROUP BY task, status
-ORDER BY task, status
-ON CONFLICT (task, status, backend) DO UPDATE SET n = c.n + excluded.n
+INSERT INTO {s}.job_counts (task, status, n)
+SELECT task, status, sum(n) FROM entries GROUP BY task, status HAVING sum(n) <> 0
 """
 
 ACTIVE_KEYS_SQL = """
