@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from taskd.store.base import StoreError
+from taskd.store.core import nodes
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.notes import Notes
 from taskd.store.core.notices import decode_notice, encode_notices, notice_of
@@ -35,7 +36,7 @@ from taskd.store.postgres.connections import (
 )
 from taskd.store.postgres.dialect import PREPARED, PostgresSql, execute, rendered
 from taskd.store.postgres.migrate import migrate
-from taskd.store.postgres.notices import MAX_PAYLOAD, Listener
+from taskd.store.postgres.notices import MAX_PAYLOAD, NODES_BARRIER_SQL, Listener
 from taskd.store.postgres.schema import channel
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,9 @@ class PostgresStore(SqlStore):
         """The notice to the others, sent with the commit."""
         if (notice := notice_of(notes, self._sender)) is None:
             return ""
+        node = "NULL" if self._sql.node is None else _literal(self._sql.node)
         return "".join(
-            f"SELECT pg_notify({_literal(self._channel)}, {_literal(payload)}); "
+            f"SELECT {self.schema}.notify({_literal(self._channel)}, {node}, {_literal(payload)}); "
             for payload in encode_notices(notice, MAX_PAYLOAD)
         )
 
@@ -211,6 +213,16 @@ class PostgresStore(SqlStore):
             self._heard(notice.due, notice.finished, notice.cancelled, notice.activity)
 
     # -- nodes: those sharing the store compare the digests of their schedules ------------
+
+    @store_write
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        # Our notices go to the other nodes only, once we are one; and the writes that did
+        # not see us registered have committed before we read anything (NODES_BARRIER_SQL).
+        (worker,) = await self._commits.submit(nodes.register, [(node, ttl, slots)])
+        self._sql.node = node
+        async with self._connections.acquire() as db:
+            await db.execute(NODES_BARRIER_SQL, self._channel)
+        return worker
 
     @store_write
     async def announce_schedules(self, worker: str, digest: str) -> None:
