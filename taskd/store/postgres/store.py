@@ -20,7 +20,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from taskd.store.base import StoreError
-from taskd.store.core import nodes
 from taskd.store.core.dialect import Operation, Tx
 from taskd.store.core.notes import Notes
 from taskd.store.core.notices import decode_notice, encode_notices, notice_of
@@ -214,15 +213,19 @@ class PostgresStore(SqlStore):
 
     # -- nodes: those sharing the store compare the digests of their schedules ------------
 
-    @store_write
     async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
         # Our notices go to the other nodes only, once we are one; and the writes that did
-        # not see us registered have committed before we read anything (NODES_BARRIER_SQL).
-        (worker,) = await self._commits.submit(nodes.register, [(node, ttl, slots)])
+        # not see us registered have committed before we read anything.
+        worker = await super().register_node(node, ttl, slots)
         self._sql.node = node
+        await self._writes_without_us()
+        return worker
+
+    @store_write
+    async def _writes_without_us(self) -> None:
+        """Wait for the writes in flight that may have decided not to notify (NODES_BARRIER_SQL)."""
         async with self._connections.acquire() as db:
             await db.execute(NODES_BARRIER_SQL, self._channel)
-        return worker
 
     @store_write
     async def announce_schedules(self, worker: str, digest: str) -> None:
