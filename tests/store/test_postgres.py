@@ -28,7 +28,7 @@ from taskd.store.postgres.dialect import (
     PostgresSql,
     render,
 )
-from taskd.store.postgres.schema import MIGRATIONS
+from taskd.store.postgres.schema import MIGRATIONS, channel
 from taskd.store.postgres.store import PostgresStore
 from tests.backends import ThrowawayPostgresStore, drop_schema, postgres_url, unique_schema
 from tests.support import Clock
@@ -36,8 +36,13 @@ from tests.unit.test_imports import loaded_modules
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[PostgresStore]:
-    opened = ThrowawayPostgresStore(postgres_url(), Clock(1_000_000.0))
+def clock() -> Clock:
+    return Clock(1_000_000.0)
+
+
+@pytest.fixture
+async def store(clock: Clock) -> AsyncIterator[PostgresStore]:
+    opened = ThrowawayPostgresStore(postgres_url(), clock)
     await opened.open()
     yield opened
     await opened.close()
@@ -58,10 +63,12 @@ async def test_a_password_never_shows() -> None:
     assert store.description == "postgresql://ada:***@db.example:5433/app (schema jobs)"
 
 
-async def test_stores_on_one_schema_hear_each_other(store: PostgresStore) -> None:
-    other = PostgresStore(postgres_url(), schema=store.schema)
+async def test_stores_on_one_schema_hear_each_other(store: PostgresStore, clock: Clock) -> None:
+    other = PostgresStore(postgres_url(), schema=store.schema, clock=clock)
     await other.open()  # the schema exists: nothing to migrate
     try:
+        await store.register_node("a", 60)
+        await other.register_node("b", 60)  # a node alive to hear the first one's notices
         due, finished = asyncio.Event(), []
         other.events.on_due(lambda _: due.set())
         (inserted,) = await store.insert([new()])
@@ -77,7 +84,7 @@ async def test_stores_on_one_schema_hear_each_other(store: PostgresStore) -> Non
 
 
 async def test_a_store_knows_its_own_notices_without_decoding_them(
-    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+    store: PostgresStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A store hears its own notices back (it listens on the channel its writes notify):
     those of its inserts and of its transactions are dropped before they are decoded; the
@@ -91,9 +98,11 @@ async def test_a_store_knows_its_own_notices_without_decoding_them(
         return decode(payload)
 
     monkeypatch.setattr(postgres_store, "decode_notice", recording)
-    other = PostgresStore(postgres_url(), schema=store.schema)
+    other = PostgresStore(postgres_url(), schema=store.schema, clock=clock)
     await other.open()
     try:
+        await store.register_node("a", 60)  # two nodes alive: each notifies the other
+        await other.register_node("b", 60)
         heard, told, cancelled = asyncio.Event(), asyncio.Event(), []
         store.events.on_cancel(lambda job_id: job_id in cancelled and heard.set())
         other.events.on_cancel(lambda _: told.set())
@@ -107,6 +116,93 @@ async def test_a_store_knows_its_own_notices_without_decoding_them(
         assert len(decoded) == len(set(decoded)) == 4, decoded
     finally:
         await other.close()
+
+
+MARKER = '{"sender": "test"}'  # a notice of nothing, from no store
+
+
+async def _notices_until_now(
+    connection: asyncpg.Connection, schema: str, heard: asyncio.Queue[str]
+) -> list[str]:
+    """The notices `connection` heard since the last call, up to a marker it sends now: a
+    listener hears the notices in the order their transactions committed."""
+    await connection.execute("SELECT pg_notify($1, $2)", channel(schema), MARKER)
+    notices = []
+    while (notice := await asyncio.wait_for(heard.get(), 10)) != MARKER:
+        notices.append(notice)
+    return notices
+
+
+async def test_a_lone_daemons_writes_notify_only_once_another_node_is_alive(
+    store: PostgresStore, clock: Clock
+) -> None:
+    """Nobody else hears a lone daemon's notices: its writes send none (its own listeners
+    hear of them from the writes). Once another node is alive, every kind of write notifies
+    it; when that node has left, or its heartbeat has expired, none does again."""
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listening = await asyncpg.connect(postgres_url())
+    await listening.add_listener(channel(store.schema), lambda *args: heard.put_nowait(args[3]))
+    other = PostgresStore(postgres_url(), schema=store.schema, clock=clock)
+    await other.open()
+    due = asyncio.Event()
+    store.events.on_due(lambda _: due.set())
+
+    async def writes() -> int:
+        """An insert alone, a batch's, a transaction's (a cancel); the notices they sent."""
+        due.clear()
+        (alone,) = await store.insert([new()])
+        assert due.is_set()  # the writer's own listeners hear of its writes all the same
+        await store.insert([new(), new()])
+        await store.cancel(alone.job_id)
+        return len(await _notices_until_now(listening, store.schema, heard))
+
+    try:
+        assert await writes() == 0  # no node alive
+        worker = await store.register_node("a", 60)
+        assert await writes() == 0  # alone
+        other_worker = await other.register_node("b", 60)
+        assert await writes() == 3  # b hears each
+        assert (await other.claim(ClaimRequest(other_worker, 10, 60))).jobs  # b heard of them
+        await store.renew(worker, [], 60)
+        clock.now += 61  # b's heartbeat expired (a's renewed)
+        assert await writes() == 0
+        await other.renew(other_worker, [], 60)  # b is back
+        assert await writes() == 3
+        await other.leave(other_worker)
+        assert await writes() == 0
+    finally:
+        await other.close()
+        await listening.close()
+
+
+async def test_a_node_registering_waits_for_the_writes_that_did_not_see_it(
+    store: PostgresStore, clock: Clock
+) -> None:
+    """A write decides whether to notify from the nodes alive; a node that registers while
+    it is in flight waits for it to commit before it reads anything, so that it sees the
+    write's jobs without its notice. Writes after the registration notify the new node."""
+    await store.register_node("a", 60)
+    application = await asyncpg.connect(postgres_url())  # a's write, held open
+    await application.execute(f"SET taskd.now = '{clock.now}'")
+    other = PostgresStore(postgres_url(), schema=store.schema, clock=clock)
+    await other.open()
+    try:
+        async with application.transaction():
+            told = await application.fetchval(
+                f"SELECT {store.schema}.notify($1, 'a', '{{}}')", channel(store.schema)
+            )
+            assert told is False  # a alone: no notice
+            await taskd.outbox.enqueue(application, "t", schema=store.schema)
+            registering = asyncio.ensure_future(other.register_node("b", 60))
+            await _until_waiting(application, store.schema, registering)
+        worker = await registering  # once the write has committed
+        assert len((await other.claim(ClaimRequest(worker, 10, 60))).jobs) == 1
+        assert await application.fetchval(
+            f"SELECT {store.schema}.notify($1, 'a', '{{}}')", channel(store.schema)
+        )  # b is alive now: a notifies
+    finally:
+        await other.close()
+        await application.close()
 
 
 async def test_lost_connections_come_back_and_everyone_reads_again(store: PostgresStore) -> None:
@@ -162,12 +258,14 @@ async def test_a_job_read_sees_one_snapshot_whatever_commits_between_its_stateme
 
 
 async def test_enqueue_in_an_asyncpg_transaction_exists_only_if_it_commits(
-    store: PostgresStore,
+    store: PostgresStore, clock: Clock
 ) -> None:
     due = asyncio.Event()
     store.events.on_due(lambda _: due.set())
+    await store.register_node("n", 60)  # a daemon alive, to hear of the application's jobs
     connection = await asyncpg.connect(postgres_url())
     try:
+        await connection.execute(f"SET taskd.now = '{clock.now}'")  # the daemon's (test) clock
         async with connection.transaction():
             kept = await taskd.outbox.enqueue(connection, "t", {"n": 1}, schema=store.schema)
             assert not due.is_set()  # nobody hears of it before the commit
@@ -258,7 +356,7 @@ async def test_the_outbox_stirs_the_turn_of_a_task_that_has_one(store: PostgresS
 
 
 async def test_the_outbox_enqueues_in_one_statement_when_its_task_has_no_limit_key(
-    store: PostgresStore,
+    store: PostgresStore, clock: Clock
 ) -> None:
     """One round trip, as pgqueuer's enqueue: no read of the task's `limit_key` before it;
     outside a transaction it commits on its own, and the daemons hear of it."""
@@ -267,7 +365,9 @@ async def test_the_outbox_enqueues_in_one_statement_when_its_task_has_no_limit_k
     due = asyncio.Event()
     store.events.on_due(lambda _: due.set())
     statements: list[tuple[Any, ...]] = []  # the store's (not asyncpg's reads of its types)
+    await store.register_node("n", 60)  # a daemon alive, to hear of the application's jobs
     connection = await asyncpg.connect(postgres_url())
+    await connection.execute(f"SET taskd.now = '{clock.now}'")  # the daemon's (test) clock
     connection.add_query_logger(
         lambda record: store.schema in record.query and statements.append(record.args)
     )

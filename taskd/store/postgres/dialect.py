@@ -109,8 +109,8 @@ new AS (
     ON CONFLICT (task) DO UPDATE SET lap_from = NULL, lap_at = NULL, rested_at = NULL,
         rested_wake = NULL
 ), notice AS (
-    SELECT pg_notify(:channel, json_build_object('sender', :sender::text,
-                                                 'due', min(due_in))::text)
+    SELECT {{s}}.notify(:channel, :node::text, json_build_object('sender', :sender::text,
+                                                               'due', min(due_in))::text)
     FROM new HAVING count(*) > 0
 )
 SELECT id, task, key, due_in, (SELECT count(*) FROM notice) AS told FROM new
@@ -149,7 +149,8 @@ WITH paths AS (
     RETURNING id, task, key, run_at - created_at AS due_in
 )
 SELECT id, task, key, due_in, NULL AS path,
-    pg_notify(:channel, json_build_object('sender', :sender::text, 'due', due_in)::text) AS told
+    {{s}}.notify(:channel, :node::text,
+                 json_build_object('sender', :sender::text, 'due', due_in)::text) AS told
 FROM new
 UNION ALL SELECT NULL, task, NULL, NULL, path, NULL FROM paths
 """
@@ -420,6 +421,10 @@ class PostgresSql:
         self.schema = schema
         self.channel = channel(schema)
         self.sender = sender
+        # The node whose writes these are, once registered (`register_node`): its notices go
+        # to the other nodes only. None (an application's insert, a daemon before it
+        # registers): to every node alive.
+        self.node: str | None = None
 
     def flow_lock(self, exclusive: bool) -> Statement | None:
         # A claim reads what holds jobs back before its claim statement: a pause waits for
@@ -461,11 +466,13 @@ class PostgresSql:
         row (task, path) for each instead (ONE_UNLESS_KEYED_SQL)."""
         sql = ONE_UNLESS_KEYED_SQL if job.key is not None else KEYLESS_ONE_UNLESS_KEYED_SQL
         params = dict(zip(INSERT_COLUMNS, _insert_values(job), strict=True))
-        return Statement(sql, {**params, "channel": self.channel, "sender": self.sender})
+        return Statement(
+            sql, {**params, "channel": self.channel, "sender": self.sender, "node": self.node}
+        )
 
     def _insert(self, jobs: Sequence[NewJob], sql: str, keyless_sql: str) -> Statement:
         params: dict[str, Any] = {"count": len(jobs), "channel": self.channel,
-                                  "sender": self.sender}  # fmt: skip
+                                  "sender": self.sender, "node": self.node}  # fmt: skip
         if all(job.key is None for job in jobs):
             sql = keyless_sql
         if len(jobs) == 1:  # each value sent once (the common case: built in few steps)

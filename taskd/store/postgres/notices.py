@@ -6,6 +6,28 @@ delivers it with the commit, and never for a rollback. Every daemon listens on o
 dedicated connection. When that connection is lost, notices may have been missed: once it
 is back the store says `resync` (everyone reads again what they wait for). A slow timer
 checks the connection and resyncs too, the safety net should a notice ever go missing.
+
+A notice is sent only when a node other than the writer's is alive (`schema.NOTIFY_FUNCTION`,
+which every notice goes through: the rule has one source, in the writer's transaction): a
+lone daemon's writes send none, as nobody else would hear them. Who hears what it needs:
+- the writer itself: its own notices were never news to it (they are dropped unread); its
+  listeners hear of its writes from the writes themselves (`notes.tell`): its new jobs
+  wake its claims, its ends its `run` callers, its cancels its running attempts;
+- every other daemon, whatever it waits for (new or retried jobs, ends for its `run`
+  callers and subscribers, cancels of the attempts it runs, the live activity its views
+  follow, a resume or a webhook's job that made work due): it has registered its node
+  before it reads or serves anything (`daemon._join`), and renews it while it runs;
+- a daemon that starts while others write: it listens, registers, then waits for the
+  writes in flight (NODES_BARRIER_SQL) before it reads. A write that did not see it
+  registered held the lock the barrier takes until its commit, so that its reads see what
+  that write did; every write after the barrier sees it, and notifies;
+- `taskd.outbox` (an application's insert, no node of its own): notifies whenever any node
+  is alive. In an application's transaction at REPEATABLE READ or SERIALIZABLE its read of
+  the nodes is that of the transaction's snapshot, which may predate a node's start: that
+  node then runs the job at its next resync (SAFETY_INTERVAL), as the notice was not sent;
+- a node whose row has expired while it still runs (its renewals failed for a lease): it
+  is not sent to until it renews; the resync reads again what it missed. A row of a node
+  gone but not yet expired is sent to, for nothing, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +44,11 @@ MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses notices of 8000 or more
 SAFETY_INTERVAL = 30.0  # seconds between checks of the listening connection (and resyncs)
 PING_TIMEOUT = 10.0
 MAX_BACKOFF = 30.0
+
+# A node's wait, once registered, for the writes that may have decided without it: each
+# took the same lock, shared, before it read the nodes (`schema.NOTIFY_FUNCTION`), and
+# holds it until it commits. A statement alone: granted, then released at once.
+NODES_BARRIER_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || 'nodes', 0))"
 
 
 class Listener:

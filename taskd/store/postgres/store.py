@@ -35,7 +35,7 @@ from taskd.store.postgres.connections import (
 )
 from taskd.store.postgres.dialect import PREPARED, PostgresSql, execute, rendered
 from taskd.store.postgres.migrate import migrate
-from taskd.store.postgres.notices import MAX_PAYLOAD, Listener
+from taskd.store.postgres.notices import MAX_PAYLOAD, NODES_BARRIER_SQL, Listener
 from taskd.store.postgres.schema import channel
 
 logger = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ class PostgresStore(SqlStore):
         """The notice to the others, sent with the commit."""
         if (notice := notice_of(notes, self._sender)) is None:
             return ""
+        node = "NULL" if self._sql.node is None else _literal(self._sql.node)
         return "".join(
-            f"SELECT pg_notify({_literal(self._channel)}, {_literal(payload)}); "
+            f"SELECT {self.schema}.notify({_literal(self._channel)}, {node}, {_literal(payload)}); "
             for payload in encode_notices(notice, MAX_PAYLOAD)
         )
 
@@ -211,6 +212,20 @@ class PostgresStore(SqlStore):
             self._heard(notice.due, notice.finished, notice.cancelled, notice.activity)
 
     # -- nodes: those sharing the store compare the digests of their schedules ------------
+
+    async def register_node(self, node: str, ttl: float, slots: int = 0) -> str:
+        # Our notices go to the other nodes only, once we are one; and the writes that did
+        # not see us registered have committed before we read anything.
+        worker = await super().register_node(node, ttl, slots)
+        self._sql.node = node
+        await self._writes_without_us()
+        return worker
+
+    @store_write
+    async def _writes_without_us(self) -> None:
+        """Wait for the writes in flight that may have decided not to notify (NODES_BARRIER_SQL)."""
+        async with self._connections.acquire() as db:
+            await db.execute(NODES_BARRIER_SQL, self._channel)
 
     @store_write
     async def announce_schedules(self, worker: str, digest: str) -> None:
