@@ -365,6 +365,51 @@ async def test_a_status_change_writes_no_task_index_and_a_task_s_reads_stay_sear
     db.close()
 
 
+async def test_a_job_s_move_is_counted_in_one_statement_and_the_counts_stay_exact(
+    tmp_path: Path,
+) -> None:
+    """A database of the version before, opened: a move of a job (a claim, a finish) is
+    counted by one statement of its trigger, not two; the counts it keeps are the jobs
+    counted, through claims, finishes, a change of a job's task and a delete."""
+    path = tmp_path / "old.db"
+    before = len(MIGRATIONS) - 1
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for migration in MIGRATIONS[:before]:
+            apply(db, migration)
+        db.execute(f"PRAGMA user_version = {before}")
+        db.execute(
+            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at)"
+            " VALUES ('t', 'pending', 'enqueue', x'c0', 3, 0, 0)"
+        )  # counted by the trigger of the version before
+    store = SqliteStore(path, clock=Clock(NOW))
+    await store.open()
+    try:
+        await store.insert([new("t"), new("t"), new("u")])
+        worker = await store.register_node("n", 60)
+        claimed = await store.claim(ClaimRequest(worker, 3, 60))
+        (job, *_) = claimed.jobs
+        await store.finish([Outcome(job.id, job.epoch, worker, "succeeded", job=job)])
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        (trigger,) = db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'jobs_counted_update'"
+        ).fetchone()
+        assert trigger.count("INSERT INTO job_counts") == 1, trigger
+        db.execute("UPDATE jobs SET task = 'v' WHERE status = 'pending'")
+        db.execute("UPDATE jobs SET status = 'failed', task = 'w' WHERE status = 'running'")
+        db.execute("UPDATE jobs SET error = 'x'")  # no move: nothing to count
+        db.execute("DELETE FROM jobs WHERE task = 'v'")
+        counted = db.execute(
+            "SELECT task, status, n FROM job_counts WHERE n <> 0 ORDER BY task, status"
+        ).fetchall()
+        jobs = db.execute(
+            "SELECT task, status, count(*) FROM jobs GROUP BY task, status ORDER BY task, status"
+        ).fetchall()
+    assert counted == jobs
+    assert sum(n for _, _, n in counted) == 3
+
+
 def test_finishes_of_any_size_share_a_few_statements_each_quick_to_prepare() -> None:
     """A drain's finishes come in every size (514, 517, 522 ... outcomes): each runs
     statements of eight sizes at most, already prepared after the first drains, and the
