@@ -15,6 +15,7 @@ import pytest
 
 from taskd.store import (
     ClaimRequest,
+    Failure,
     JobFilter,
     NewJob,
     Outcome,
@@ -391,11 +392,58 @@ async def test_a_status_change_writes_no_task_index_and_a_task_s_reads_stay_sear
     db.close()
 
 
+async def test_a_job_s_move_is_counted_in_one_statement_and_the_counts_stay_exact(
+    tmp_path: Path,
+) -> None:
+    """A database of the version before, opened: a move of a job (a claim, a finish) is
+    counted by one statement of its trigger, not two; the counts it keeps are the jobs
+    counted, through claims, finishes, a change of a job's task and a delete."""
+    path = tmp_path / "old.db"
+    before = len(MIGRATIONS) - 1
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for migration in MIGRATIONS[:before]:
+            apply(db, migration)
+        db.execute(f"PRAGMA user_version = {before}")
+        db.execute(
+            "INSERT INTO jobs (task, status, origin, payload, max_attempts, run_at, created_at)"
+            " VALUES ('t', 'pending', 'enqueue', x'c0', 3, 0, 0)"
+        )  # counted by the trigger of the version before
+    store = SqliteStore(path, clock=Clock(NOW))
+    await store.open()
+    try:
+        await store.insert([new("t"), new("t"), new("u")])
+        worker = await store.register_node("n", 60)
+        claimed = await store.claim(ClaimRequest(worker, 3, 60))
+        (job, *_) = claimed.jobs
+        await store.finish([Outcome(job.id, job.epoch, worker, "succeeded", job=job)])
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        (trigger,) = db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'jobs_counted_update'"
+        ).fetchone()
+        assert trigger.count("INSERT INTO job_counts") == 1, trigger
+        db.execute("UPDATE jobs SET task = 'v' WHERE status = 'pending'")
+        db.execute("UPDATE jobs SET status = 'failed', task = 'w' WHERE status = 'running'")
+        db.execute("UPDATE jobs SET error = 'x'")  # no move: nothing to count
+        db.execute("DELETE FROM jobs WHERE task = 'v'")
+        counted = db.execute(
+            "SELECT task, status, n FROM job_counts WHERE n <> 0 ORDER BY task, status"
+        ).fetchall()
+        jobs = db.execute(
+            "SELECT task, status, count(*) FROM jobs GROUP BY task, status ORDER BY task, status"
+        ).fetchall()
+    assert counted == jobs
+    assert sum(n for _, _, n in counted) == 3
+
+
 def test_finishes_of_any_size_share_a_few_statements_each_quick_to_prepare() -> None:
     """A drain's finishes come in every size (514, 517, 522 ... outcomes): each runs
     statements of eight sizes at most, already prepared after the first drains, and the
     statements number no parameter but ?1 (SQLite codes numbered parameters in quadratic
-    time: 17-25 ms to prepare 528 outcomes' 3,697)."""
+    time: 17-25 ms to prepare 528 outcomes' 3,697). Outcomes without an error bind no
+    message, and no value sqlite3 would offer its adapters first (None, bytes), padding
+    included."""
     sql = SqliteSql(NOW)
     statements: list[Statement] = []
 
@@ -404,19 +452,26 @@ def test_finishes_of_any_size_share_a_few_statements_each_quick_to_prepare() -> 
         return []
 
     for size in range(1, 601):
-        outcomes = [Outcome(n, 1, "w/1", "succeeded") for n in range(size)]
+        outcomes = [Outcome(n, 1, "w/1", "succeeded", result=b"\xc0") for n in range(size)]
         run_steps(sql.finish(outcomes, FINISHED_COLUMNS), execute)
     assert len({statement.sql for statement in statements}) <= 8
     for statement in statements:
         assert re.findall(r"\?\d+", statement.sql) == ["?1"] * statement.sql.count("?1")
         anonymous = statement.sql.count("?") - statement.sql.count("?1")
-        assert 1 + anonymous == len(statement.params)  # ?1 and 7 an outcome, padding too
+        assert 1 + anonymous == len(statement.params)  # ?1 and 6 an outcome, padding too
+        assert not [value for value in statement.params if value is None or type(value) is bytes]
+    failure = Failure("error", "boom")
+    failed = [Outcome(1, 1, "w/1", "failed", error=failure), Outcome(2, 1, "w/1", "succeeded")]
+    run_steps(sql.finish(failed, FINISHED_COLUMNS), execute)
     with closing(sqlite3.connect(":memory:", isolation_level=None)) as db:
         for migration in MIGRATIONS:
             apply(db, migration)
-        last = statements[-1]  # 600 = 4 x 128 + 88 outcomes, padded to 128
-        assert len(last.params) == 1 + 7 * 128
+        last = statements[-2]  # 600 = 4 x 128 + 88 outcomes, padded to 128
+        assert len(last.params) == 1 + 6 * 128
         assert db.execute(last.sql, last.params).fetchall() == []  # it runs, padding bound
+        said = statements[-1]  # with a message: 7 an outcome, padded to 2
+        assert len(said.params) == 1 + 7 * 2 and "boom" in said.params
+        assert db.execute(said.sql, said.params).fetchall() == []
 
 
 async def test_the_reads_of_ended_jobs_search_their_index(tmp_path: Path) -> None:

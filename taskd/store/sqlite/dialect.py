@@ -47,7 +47,11 @@ INSERT_CHUNK = 500  # rows per INSERT statement, well under SQLite's limit of bo
 # batches of 514, 517, 522 ... outcomes were a new statement each, 17-25 ms to prepare; with
 # 128-row chunks its writer's instructions per job are the same for any mix of sizes).
 FINISH_CHUNK = 128
-_NO_OUTCOME = (None,) * 7  # a padding row: its NULL id matches no job
+# A padding row: its id, 0, matches no job (ids start at 1), and none of its values is one
+# sqlite3 offers to its adapters first (None, bytes; see _NONE below). Without its message
+# for the statements of outcomes without one.
+_NO_OUTCOME = (0, 0, "", "", "", "", 0.0)
+_NO_OUTCOME_UNSAID = _NO_OUTCOME[:5] + _NO_OUTCOME[6:]
 # What a finish reads back of the jobs it recorded: FINISHED_COLUMNS but the result (the
 # outcome's, which it set) and the progress but whether there is some (progress_done is
 # not NULL): sqlite3 converts each column of each row, letting go of the GIL around each.
@@ -332,12 +336,26 @@ class SqliteSql:
         for start in range(0, len(outcomes), FINISH_CHUNK):
             chunk = outcomes[start : start + FINISH_CHUNK]
             size = 1 << (len(chunk) - 1).bit_length()
-            params: list[Any] = [self.now]
+            # An outcome's result is bound as a bytearray (the same BLOB, not offered to the
+            # adapters first), and outcomes without an error (a drain's) bind no message,
+            # whose None would be: two adapter lookups an outcome otherwise.
+            said = False
             for o in chunk:
-                message = o.error.message if o.error is not None else None
-                params += (o.job_id, o.epoch, o.worker, o.status, o.result, message, o.retry_in)
-            params += _NO_OUTCOME * (size - len(chunk))
-            rows += yield Statement(_finish_sql(size, returned), params)
+                if o.error is not None:
+                    said = True
+                    break
+            params: list[Any] = [self.now]
+            if said:
+                for o in chunk:
+                    message = o.error.message if o.error is not None else None
+                    result = None if o.result is None else bytearray(o.result)
+                    params += (o.job_id, o.epoch, o.worker, o.status, result, message, o.retry_in)
+            else:
+                for o in chunk:
+                    result = None if o.result is None else bytearray(o.result)
+                    params += (o.job_id, o.epoch, o.worker, o.status, result, o.retry_in)
+            params += (_NO_OUTCOME if said else _NO_OUTCOME_UNSAID) * (size - len(chunk))
+            rows += yield Statement(_finish_sql(size, returned, said), params)
         if any(outcome.error for outcome in outcomes):
             yield from self._record_errors(outcomes, rows)
         if compact:
@@ -444,14 +462,15 @@ def _claim_params(request: ClaimRequest, quotas: Mapping[str, int]) -> dict[str,
 
 
 @lru_cache(maxsize=64)
-def _finish_sql(count: int, columns: str) -> str:
+def _finish_sql(count: int, columns: str, said: bool = True) -> str:
     """The statement that records `count` outcomes, bound by position (quicker than by name,
-    for a statement on the hot path): ?1 is now, then seven values per outcome; it returns
-    `columns` and due_in. The outcomes' parameters are anonymous (`?`, numbered after the ?1
-    ahead of them): SQLite looks up the name of each numbered one (`?9`) in a list of them all
-    as it codes the statement, which made preparing it quadratic (3,697 parameters for 528
-    outcomes: 17-25 ms)."""
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * count)
+    for a statement on the hot path): ?1 is now, then seven values per outcome (six unless
+    `said`: the error's message is NULL); it returns `columns` and due_in. The outcomes'
+    parameters are anonymous (`?`, numbered after the ?1 ahead of them): SQLite looks up the
+    name of each numbered one (`?9`) in a list of them all as it codes the statement, which
+    made preparing it quadratic (3,697 parameters for 528 outcomes: 17-25 ms)."""
+    row = "(?, ?, ?, ?, ?, ?, ?)" if said else "(?, ?, ?, ?, ?, NULL, ?)"
+    values = ", ".join([row] * count)
     return (
         f"UPDATE jobs SET {FINISHED.replace(':now', '?1')} FROM (SELECT column1 AS id,"
         " column2 AS epoch, column3 AS worker, column4 AS outcome, column5 AS result,"
