@@ -237,28 +237,21 @@ class SqliteSql:
         # enqueue's key, parents, batch, traceparent and limit_key) not at all: each value
         # bound costs the writer thread, and a None is offered to its adapter first.
         now = self.now
+        plain = all(
+            (job.key, job.parent_id, job.batch_id, job.traceparent, job.limit_key) == _NO_EXTRAS
+            for job in jobs
+        )
         params: list[Any] = [now]
-        plain = True
         for job in jobs:
             run_at = job.run_at if job.run_at is not None else now + job.delay
             # The payload as a bytearray, bound as the same BLOB: sqlite3 offers bytes to its
             # adapters first (a lookup of a couple of thousand instructions), a bytearray not.
-            payload = bytearray(job.payload)
-            params += (job.task, job.origin, payload, job.priority, run_at, job.max_attempts)
-            if (
-                plain
-                and (job.key, job.parent_id, job.batch_id, job.traceparent, job.limit_key)
-                != _NO_EXTRAS
-            ):
-                plain = False
+            params += (job.task, job.origin, bytearray(job.payload), job.priority, run_at,
+                       job.max_attempts)  # fmt: skip
+            if not plain:
+                params += (job.key, job.parent_id, job.batch_id, job.traceparent, job.limit_key)
         if plain:
             return (yield from self._insert_plain(jobs, params))
-        params = [now]
-        for job in jobs:
-            run_at = job.run_at if job.run_at is not None else now + job.delay
-            params += (job.task, job.origin, bytearray(job.payload), job.priority, run_at,
-                       job.max_attempts, job.key, job.parent_id, job.batch_id,
-                       job.traceparent, job.limit_key)  # fmt: skip
         return (yield Statement(_insert_sql(len(jobs)), params))
 
     def _insert_plain(self, jobs: Sequence[NewJob], params: list[Any]) -> Steps[list[Row]]:
@@ -339,20 +332,14 @@ class SqliteSql:
             # An outcome's result is bound as a bytearray (the same BLOB, not offered to the
             # adapters first), and outcomes without an error (a drain's) bind no message,
             # whose None would be: two adapter lookups an outcome otherwise.
-            said = False
-            for o in chunk:
-                if o.error is not None:
-                    said = True
-                    break
+            said = any(o.error is not None for o in chunk)
             params: list[Any] = [self.now]
-            if said:
-                for o in chunk:
+            for o in chunk:
+                result = None if o.result is None else bytearray(o.result)
+                if said:
                     message = o.error.message if o.error is not None else None
-                    result = None if o.result is None else bytearray(o.result)
                     params += (o.job_id, o.epoch, o.worker, o.status, result, message, o.retry_in)
-            else:
-                for o in chunk:
-                    result = None if o.result is None else bytearray(o.result)
+                else:
                     params += (o.job_id, o.epoch, o.worker, o.status, result, o.retry_in)
             params += (_NO_OUTCOME if said else _NO_OUTCOME_UNSAID) * (size - len(chunk))
             rows += yield Statement(_finish_sql(size, returned, said), params)
